@@ -1,0 +1,1 @@
+"""CLIP zero-shot classification served with BentoML: the library behind service.py."""

@@ -1,0 +1,85 @@
+"""Every tunable of the service, read once from the environment.
+
+BentoML evaluates service decorators at import time, so settings are plain values read when
+the module is first asked for them; the README's configuration table lists each variable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+DEFAULT_HUB_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_TEMPLATE = "a photo of a {name}"
+DEFAULT_TOP_K = 3
+TIE_MARGIN = 0.02
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+    if value <= minimum:
+        raise ValueError(f"{name} must be > {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service settings; see README "Configuration" for what each one does."""
+
+    model_tag: str
+    port: int
+    api_workers: int
+    request_timeout_s: float
+    max_batch_size: int
+    max_latency_ms: int
+    max_images_per_request: int
+    max_image_bytes: int
+    fetch_timeout_s: float
+    text_cache_size: int
+
+    def __post_init__(self) -> None:
+        # The batching window must leave most of the request budget for the work itself.
+        if self.max_latency_ms >= self.request_timeout_s * 1000 / 2:
+            raise ValueError(
+                "CLIP_MAX_LATENCY_MS must be below half of CLIP_REQUEST_TIMEOUT_S "
+                f"({self.max_latency_ms} ms vs {self.request_timeout_s} s)"
+            )
+        if self.fetch_timeout_s >= self.request_timeout_s:
+            raise ValueError("CLIP_FETCH_TIMEOUT_S must be below CLIP_REQUEST_TIMEOUT_S")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings(
+        model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
+        port=_env_int("CLIP_PORT", 8080),
+        api_workers=_env_int("CLIP_API_WORKERS", 1),
+        request_timeout_s=_env_float("CLIP_REQUEST_TIMEOUT_S", 60.0),
+        max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 32),
+        max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),
+        max_images_per_request=_env_int("CLIP_MAX_IMAGES_PER_REQUEST", 32),
+        max_image_bytes=_env_int("CLIP_MAX_IMAGE_BYTES", 10 * 1024 * 1024),
+        fetch_timeout_s=_env_float("CLIP_FETCH_TIMEOUT_S", 10.0),
+        text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
+    )

@@ -1,0 +1,268 @@
+"""Put CLIP checkpoints into the BentoML model store and read them back.
+
+A stored model is the `save_pretrained` output of a transformers `CLIPModel` plus its
+`CLIPProcessor` (tokenizer + image processor), tagged `clip:<version>`, with labels saying where
+it came from and whether its weights are random (tests and benchmarks use random weights, since
+this project's own machines cannot reach the Hugging Face hub).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import httpx
+import torch
+import transformers
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "clip"
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+TINY_SEED = 0
+
+# Words the generated tokenizer gets merges for; anything else falls back to characters.
+TINY_VOCAB_WORDS = (
+    "a photo of an the with and in on person people man woman child bag black white red green "
+    "blue yellow shirt riding horse dog cat car bus bird tree house street food apple banana "
+    "pizza flower sky water beach mountain computer phone book chair table cup bottle boat "
+    "plane train bicycle picture drawing small large"
+).split()
+
+
+OFFLINE_ADVICE = (
+    "Without internet, import a local checkpoint with `--from-dir DIR` (save_pretrained layout) "
+    "or a small random-weight test model with `--tiny` (make serve IMPORT_ARGS=--tiny)."
+)
+
+
+class HubUnavailableError(RuntimeError):
+    """The Hugging Face hub could not be reached (offline, firewalled, or unknown model id)."""
+
+
+@dataclass(frozen=True)
+class LoadedClip:
+    """A CLIP model read back from the store, with the facts the service needs about it."""
+
+    tag: str
+    model: CLIPModel
+    processor: CLIPProcessor
+    random_weights: bool
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable-character map used by its BPE."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {byte: chr(code) for byte, code in zip(printable, codes, strict=True)}
+
+
+def build_tiny_tokenizer(words: tuple[str, ...] | list[str] = TINY_VOCAB_WORDS) -> CLIPTokenizer:
+    """A real byte-level BPE `CLIPTokenizer` over a small generated vocabulary.
+
+    Every byte is a token (so any text tokenizes), and each listed word gets merges that build
+    it up from its letters, so common prompts become shorter, distinct token sequences.
+    """
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_tokens: list[str] = alphabet + [ch + "</w>" for ch in alphabet]
+    merges: list[tuple[str, str]] = []
+    seen_merges: set[tuple[str, str]] = set()
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = symbols[0]
+        for symbol in symbols[1:]:
+            merge = (merged, symbol)
+            merged += symbol
+            if merge not in seen_merges:
+                seen_merges.add(merge)
+                merges.append(merge)
+                vocab_tokens.append(merged)
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_image_processor(image_size: int = 224) -> CLIPImageProcessorPil:
+    """OpenAI CLIP's preprocessing: bicubic resize of the shortest side, center crop, normalise."""
+    return CLIPImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": image_size},
+        resample=3,  # PIL bicubic
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=OPENAI_MEAN,
+        image_std=OPENAI_STD,
+        do_convert_rgb=True,
+    )
+
+
+def build_random_clip(
+    tiny: bool, seed: int = TINY_SEED, logit_scale: float | None = None
+) -> tuple[CLIPModel, CLIPProcessor]:
+    """A CLIP with random weights and a generated tokenizer.
+
+    `tiny=True` gives a model of a few hundred thousand parameters for tests; `tiny=False` gives
+    ViT-B/32's shapes (speed does not depend on weight values) for benchmarks. The text config's
+    bos/eos/pad ids are taken from the tokenizer: CLIP pools text at the eos token, so a mismatch
+    would silently pool the wrong position.
+    """
+    tokenizer = build_tiny_tokenizer()
+    special_ids = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_position_embeddings": 77,
+    }
+    if tiny:
+        text_config = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+        )
+        vision_config = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=32,
+        )
+        projection_dim = 16
+    else:
+        text_config = dict(
+            hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8
+        )
+        vision_config = dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+        )
+        projection_dim = 512
+    extra: dict[str, Any] = {}
+    if logit_scale is not None:
+        extra["logit_scale_init_value"] = math.log(logit_scale)
+    config = CLIPConfig(
+        text_config={**text_config, **special_ids},
+        vision_config=vision_config,
+        projection_dim=projection_dim,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    processor = CLIPProcessor(image_processor=build_image_processor(), tokenizer=tokenizer)
+    return model, processor
+
+
+def check_hub_reachable(model_id: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with advice, when the hub cannot be reached (instead of minutes of retries).
+
+    Skipped under HF_HUB_OFFLINE, where transformers reads the local Hugging Face cache.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        response = httpx.head(f"{endpoint}/api/models/{model_id}", timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise HubUnavailableError(
+            f"cannot reach the Hugging Face hub at {endpoint} ({_first_line(exc)}). "
+            + OFFLINE_ADVICE
+        ) from exc
+    if response.status_code == 404:
+        raise HubUnavailableError(f"model {model_id!r} does not exist on {endpoint}")
+
+
+def load_from_hub(model_id: str) -> tuple[CLIPModel, CLIPProcessor]:
+    """Download a checkpoint from the Hugging Face hub (transformers shows a progress bar)."""
+    check_hub_reachable(model_id)
+    try:
+        model = CLIPModel.from_pretrained(model_id)
+        processor = CLIPProcessor.from_pretrained(model_id)
+    except OSError as exc:
+        raise HubUnavailableError(
+            f"could not download {model_id!r} from the Hugging Face hub ({_first_line(exc)}). "
+            f"{OFFLINE_ADVICE}"
+        ) from exc
+    return model.eval(), processor
+
+
+def load_from_dir(path: Path) -> tuple[CLIPModel, CLIPProcessor]:
+    """Read a checkpoint in `save_pretrained` layout (model + processor files) from disk."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a save_pretrained directory")
+    return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def save_clip(
+    model: CLIPModel, processor: CLIPProcessor, source: str, random_weights: bool
+) -> bentoml.Model:
+    """Save model + processor into the BentoML store as `clip:<new version>`."""
+    config = model.config
+    labels = {"source": source, "random_weights": str(random_weights).lower()}
+    metadata = {
+        "source": source,
+        "random_weights": random_weights,
+        "embedding_dim": int(config.projection_dim),
+        "image_size": int(config.vision_config.image_size),
+        "logit_scale": float(model.logit_scale.exp().item()),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "transformers_version": transformers.__version__,
+    }
+    with bentoml.models.create(MODEL_NAME, labels=labels, metadata=metadata) as stored:
+        model.save_pretrained(stored.path)
+        processor.save_pretrained(stored.path)
+    logger.info("saved %s (%s)", stored.tag, source)
+    return stored
+
+
+def load_clip(stored: bentoml.Model) -> LoadedClip:
+    """Read a stored model back into memory (CPU, fp32; the runner moves it to its device)."""
+    path = Path(stored.path)
+    model = CLIPModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    processor = CLIPProcessor.from_pretrained(path)
+    random_weights = str(stored.info.labels.get("random_weights", "false")) == "true"
+    return LoadedClip(
+        tag=str(stored.tag), model=model, processor=processor, random_weights=random_weights
+    )
+
+
+def has_stored_model(tag: str = f"{MODEL_NAME}:latest") -> bool:
+    """Whether the local model store already holds `tag`."""
+    try:
+        bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        return False
+    return True
