@@ -1,0 +1,113 @@
+"""The runner's tensor math: uint8 pixels / texts -> L2-normalised CLIP embeddings.
+
+Kept free of BentoML so it can be checked against transformers directly. Normalisation
+(mean/std) happens here, on the model's device, so the API service can ship compact uint8 arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import CLIPModel, CLIPProcessor
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA in fp16 when a GPU is visible, else CPU in fp32 (as the original container)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def _as_embedding(output: Any) -> torch.Tensor:
+    """transformers 5 returns output objects from get_*_features; older versions a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _size_value(size: Any, key: str) -> int:
+    """Image-processor sizes are dicts in some transformers versions, SizeDicts in others."""
+    return int(size[key] if isinstance(size, dict) else getattr(size, key))
+
+
+def _l2_normalised_numpy(embeddings: torch.Tensor) -> np.ndarray:
+    embeddings = embeddings.float()
+    embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return embeddings.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the API service needs to know about the served model."""
+
+    tag: str
+    embedding_dim: int
+    logit_scale: float
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    max_text_tokens: int
+    random_weights: bool
+
+
+class ClipEncoder:
+    """Owns one CLIP model on one device; encodes batches of images and texts."""
+
+    def __init__(
+        self,
+        model: CLIPModel,
+        processor: CLIPProcessor,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.tokenizer = processor.tokenizer
+        image_processor = processor.image_processor
+        self.mean = torch.tensor(image_processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_processor.image_std, device=device).view(1, 3, 1, 1)
+        self.rescale = float(getattr(image_processor, "rescale_factor", 1 / 255))
+        self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
+        self.shortest_edge = int(_size_value(image_processor.size, "shortest_edge"))
+        self.crop_height = int(_size_value(image_processor.crop_size, "height"))
+        self.crop_width = int(_size_value(image_processor.crop_size, "width"))
+
+    def facts(self, tag: str, random_weights: bool) -> ModelFacts:
+        return ModelFacts(
+            tag=tag,
+            embedding_dim=int(self.model.config.projection_dim),
+            logit_scale=float(self.model.logit_scale.detach().float().exp().item()),
+            shortest_edge=self.shortest_edge,
+            crop_height=self.crop_height,
+            crop_width=self.crop_width,
+            max_text_tokens=self.max_text_tokens,
+            random_weights=random_weights,
+        )
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, D), unit length."""
+        batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+        batch = batch.permute(0, 3, 1, 2).float() * self.rescale
+        batch = ((batch - self.mean) / self.std).to(self.dtype)
+        return _l2_normalised_numpy(
+            _as_embedding(self.model.get_image_features(pixel_values=batch))
+        )
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> float32 (N, D), unit length; prompts past the token limit are truncated."""
+        tokens = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+        features = self.model.get_text_features(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        )
+        return _l2_normalised_numpy(_as_embedding(features))

@@ -1,0 +1,156 @@
+"""One JSON error shape for every caller mistake: {"error": {"type", "message", "index"?}}.
+
+Handlers raise `RequestError`; the ASGI middleware below also rewrites the errors BentoML and
+Starlette produce themselves (validation, unknown route, wrong method) into the same shape, so a
+client never sees HTML, a bare string, or BentoML's own format.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class RequestError(Exception):
+    """A caller's mistake, answered with a 4xx JSON error naming the field or image index."""
+
+    def __init__(
+        self, status: int, error_type: str, message: str, index: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.index = index
+
+    def to_response(self) -> JSONResponse:
+        return JSONResponse(
+            error_body(self.error_type, self.message, self.index), status_code=self.status
+        )
+
+
+def error_body(error_type: str, message: str, index: int | None = None) -> dict[str, Any]:
+    """The error object every endpoint answers with."""
+    error: dict[str, Any] = {"type": error_type, "message": message}
+    if index is not None:
+        error["index"] = index
+    return {"error": error}
+
+
+def _location(loc: list[Any]) -> str:
+    """`["classes", 0, 1]` -> `classes[0][1]`: the path a user can find in their request."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "body"
+
+
+def from_validation_detail(detail: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """Turn pydantic's error list (as BentoML reports it) into (status, our error body)."""
+    if any(item.get("type") == "json_invalid" for item in detail):
+        reason = next(item.get("msg", "") for item in detail if item.get("type") == "json_invalid")
+        return 400, error_body("malformed_json", f"request body is not valid JSON: {reason}")
+    if any(item.get("type") == "model_type" and not item.get("loc") for item in detail):
+        return 400, error_body("malformed_json", "request body must be a JSON object")
+    messages = [f"{_location(list(item.get('loc', [])))}: {item.get('msg', '')}" for item in detail]
+    first_index = next(
+        (
+            item["loc"][1]
+            for item in detail
+            if len(item.get("loc", [])) > 1
+            and item["loc"][0] == "images"
+            and isinstance(item["loc"][1], int)
+        ),
+        None,
+    )
+    return 422, error_body("invalid_request", "; ".join(messages), first_index)
+
+
+_STATUS_TYPES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "service_unavailable",
+    504: "timeout",
+}
+
+
+def normalise_error(status: int, body: bytes) -> tuple[int, dict[str, Any]]:
+    """Map any error response body to (status, our error body); ours pass through unchanged."""
+    try:
+        parsed: Any = json.loads(body) if body else None
+    except ValueError:
+        parsed = None
+    # BentoML wraps some messages in a one-element list.
+    if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
+        parsed = parsed[0]
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict) and "type" in error and "message" in error:
+            return status, parsed
+        if isinstance(parsed.get("detail"), list):
+            return from_validation_detail(parsed["detail"])
+        if isinstance(error, str):
+            return status, error_body(_STATUS_TYPES.get(status, "error"), error)
+        if isinstance(parsed.get("detail"), str):
+            return status, error_body(_STATUS_TYPES.get(status, "error"), parsed["detail"])
+    text = body.decode("utf-8", "replace").strip() if body else ""
+    if not text or text.lstrip().startswith("<"):
+        text = _STATUS_TYPES.get(status, "error").replace("_", " ")
+    return status, error_body(_STATUS_TYPES.get(status, "error"), text)
+
+
+class JSONErrorMiddleware:
+    """Rewrites every 4xx/5xx response into the project's JSON error shape.
+
+    Only error responses are buffered; successful responses stream through untouched.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def capture(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                if message["status"] < 400:
+                    await send(message)
+                else:
+                    start = message
+                return
+            if message["type"] == "http.response.body" and start is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                status, payload = normalise_error(start["status"], b"".join(chunks))
+                body = json.dumps(payload).encode()
+                headers = [
+                    (name, value)
+                    for name, value in start.get("headers", [])
+                    if name.lower() not in (b"content-length", b"content-type")
+                ]
+                headers += [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.app(scope, receive, capture)

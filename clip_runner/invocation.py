@@ -1,0 +1,89 @@
+"""One `/invocations` request from validated fields to the original's response.
+
+The runner is passed in as two async callables, so this flow is testable without a server:
+images are fetched and decoded concurrently (decode/resize in threads), text embeddings come from
+the cache or one batched runner call, and the math is `zero_shot`'s pure functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from clip_runner.encoding import ModelFacts
+from clip_runner.errors import RequestError
+from clip_runner.images import FetchLimits, ImageGeometry, load_images
+from clip_runner.text_cache import TextEmbeddingCache
+from clip_runner.zero_shot import build_prompts, predict, zero_shot_probabilities
+
+EncodeImages = Callable[[np.ndarray], Awaitable[np.ndarray]]
+EncodeTexts = Callable[[list[str]], Awaitable[np.ndarray]]
+
+
+@dataclass
+class InvocationContext:
+    """Everything a request needs besides its own fields; one per API worker."""
+
+    facts: ModelFacts
+    encode_images: EncodeImages
+    encode_texts: EncodeTexts
+    http_client: httpx.AsyncClient
+    text_cache: TextEmbeddingCache
+    fetch_limits: FetchLimits
+    max_images: int
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        return ImageGeometry(
+            self.facts.shortest_edge, self.facts.crop_height, self.facts.crop_width
+        )
+
+
+async def text_embeddings(context: InvocationContext, prompts: Sequence[str]) -> np.ndarray:
+    """Embeddings of `prompts`, encoding only the distinct ones the cache does not hold."""
+    tag = context.facts.tag
+    cached = context.text_cache.lookup(tag, prompts)
+    missing = list(dict.fromkeys(p for p, e in zip(prompts, cached, strict=True) if e is None))
+    if missing:
+        encoded = np.asarray(await context.encode_texts(missing), dtype=np.float32)
+        context.text_cache.store(tag, missing, encoded)
+        fresh = dict(zip(missing, encoded, strict=True))
+        cached = [e if e is not None else fresh[p] for p, e in zip(prompts, cached, strict=True)]
+    return np.stack(cached)
+
+
+async def image_embeddings(context: InvocationContext, images: Sequence[str]) -> np.ndarray:
+    pixels = await load_images(images, context.http_client, context.geometry, context.fetch_limits)
+    return np.asarray(await context.encode_images(pixels), dtype=np.float32)
+
+
+async def invoke(
+    context: InvocationContext,
+    images: Sequence[str],
+    classes: Sequence[tuple[str, bool]],
+    template: str,
+    top_k: int,
+) -> list[dict[str, Any]]:
+    """The original container's answer for one request: one prediction per image, in order."""
+    if len(images) > context.max_images:
+        raise RequestError(
+            422,
+            "invalid_request",
+            f"images: {len(images)} images given, at most {context.max_images} per request",
+        )
+    names = [name for name, _ in classes]
+    flags = [flag for _, flag in classes]
+    image_task = asyncio.ensure_future(image_embeddings(context, images))
+    try:
+        text = await text_embeddings(context, build_prompts(names, template))
+    except BaseException:
+        image_task.cancel()
+        raise
+    image = await image_task
+    probabilities = zero_shot_probabilities(image, text, context.facts.logit_scale)
+    return [predict(row, names, flags, top_k) for row in probabilities]

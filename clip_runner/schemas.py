@@ -1,0 +1,84 @@
+"""Request and response models of `/invocations` (the original container's contract).
+
+The same annotated types are used by the BentoML API signature in service.py (so they appear in
+the OpenAPI schema and drive validation) and by `InvocationRequest`, which tests validate against.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, Field, PlainValidator, WithJsonSchema
+
+from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K
+
+SEED_IMAGE_URL = (
+    "https://images.unsplash.com/photo-1597308680537-1ba44407ffc0?ixid=MXwxMjA3fDB8MHxwaG90by1w"
+    "YWdlfHx8fGVufDB8fHw%3D&ixlib=rb-1.2.1&auto=format&fit=crop&w=1834&q=80"
+)
+
+
+def _parse_flag(value: Any) -> bool:
+    """Flags are 0, 1, true or false: anything else is a caller mistake, not a truthy guess."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"flag must be 0, 1, true or false, got {value!r}")
+
+
+def _check_template(template: str) -> str:
+    if "{name}" not in template:
+        raise ValueError("template must contain the placeholder {name}")
+    return template
+
+
+Flag = Annotated[
+    bool,
+    PlainValidator(_parse_flag),
+    WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": [0, 1]}]}),
+]
+ClassName = Annotated[str, Field(min_length=1)]
+ClassEntry = tuple[ClassName, Flag]
+
+ImageList = Annotated[
+    list[str],
+    Field(
+        min_length=1,
+        description="Images as http(s) URLs, base64 strings or data: URIs.",
+        examples=[[SEED_IMAGE_URL]],
+    ),
+]
+ClassList = Annotated[
+    list[ClassEntry],
+    Field(
+        min_length=1,
+        description="[name, flag] pairs; flag (0/1/bool) marks the classes that count as positive.",
+        examples=[[["person", 1], ["bag", 0], ["person with a bag", 1]]],
+    ),
+]
+Template = Annotated[
+    str,
+    AfterValidator(_check_template),
+    Field(description="Prompt template; {name} is replaced by each class name."),
+]
+TopK = Annotated[int, Field(ge=1, description="How many classes to return per image (<= N).")]
+
+
+class InvocationRequest(BaseModel):
+    """The body of `POST /invocations`."""
+
+    images: ImageList
+    classes: ClassList
+    template: Template = DEFAULT_TEMPLATE
+    top_k: TopK = DEFAULT_TOP_K
+
+
+class Prediction(BaseModel):
+    """One image's answer, in the original's exact shape and key order."""
+
+    classification: int = Field(description="1 if a flagged class wins (0.02 tie rule), else 0.")
+    confidence: float = Field(description="Probability of the top-1 class.")
+    prompts: tuple[list[int], list[str], list[float]] = Field(
+        description="[indices into classes, class names, probabilities], top-k descending."
+    )

@@ -1,0 +1,44 @@
+"""A bounded LRU of text embeddings, so repeated class lists are not re-encoded every request."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class TextEmbeddingCache:
+    """Maps (model tag, prompt) -> embedding, evicting the least recently used past `capacity`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, model_tag: str, prompts: Sequence[str]) -> list[np.ndarray | None]:
+        """The cached embedding of each prompt, or None where it is not cached."""
+        found: list[np.ndarray | None] = []
+        for prompt in prompts:
+            key = (model_tag, prompt)
+            embedding = self._entries.get(key)
+            if embedding is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._entries.move_to_end(key)
+            found.append(embedding)
+        return found
+
+    def store(self, model_tag: str, prompts: Sequence[str], embeddings: np.ndarray) -> None:
+        if self.capacity == 0:
+            return
+        for prompt, embedding in zip(prompts, embeddings, strict=True):
+            self._entries[(model_tag, prompt)] = embedding
+            self._entries.move_to_end((model_tag, prompt))
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
