@@ -1,0 +1,89 @@
+"""CLIPRunner: the BentoML service that owns the model and batches encoding across requests.
+
+One model copy per worker, loaded from the BentoML model store and warmed up before the worker
+reports ready. Image and text encoding are batchable APIs, so BentoML's adaptive batcher merges
+concurrent requests (from all API workers) into one forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import bentoml
+import numpy as np
+
+from clip_runner.config import get_settings
+from clip_runner.encoding import ClipEncoder, pick_device
+from clip_runner.store import load_clip
+
+logger = logging.getLogger("clip_runner")
+settings = get_settings()
+
+BATCH_IMAGES = bentoml.metrics.Histogram(
+    name="clip_runner_batch_images",
+    documentation="Images per forward pass of the image encoder (cross-request batches)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BATCH_TEXTS = bentoml.metrics.Histogram(
+    name="clip_runner_batch_texts",
+    documentation="Prompts per forward pass of the text encoder",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
+
+@bentoml.service(
+    name="clip_runner",
+    resources={"gpu": 1},
+    workers=1,
+    traffic={"timeout": settings.request_timeout_s},
+)
+class CLIPRunner:
+    """Encodes images (uint8 arrays) and texts into L2-normalised CLIP embeddings."""
+
+    model_ref = bentoml.models.BentoModel(settings.model_tag)
+
+    def __init__(self) -> None:
+        loaded = load_clip(self.model_ref)
+        device, dtype = pick_device()
+        self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype)
+        self.model_facts = self.encoder.facts(loaded.tag, loaded.random_weights)
+        if loaded.random_weights:
+            logger.warning(
+                "!!! SERVING %s, A MODEL WITH RANDOM WEIGHTS: its answers are meaningless. "
+                "Import a real checkpoint with `python scripts/import_model.py` for real use. !!!",
+                loaded.tag,
+            )
+        self._warm_up()
+        logger.info("CLIP model %s ready on %s (%s)", loaded.tag, device, dtype)
+
+    def _warm_up(self) -> None:
+        """One pass of each encoder, so the first request pays no lazy-initialisation cost."""
+        facts = self.model_facts
+        blank = np.zeros((1, facts.crop_height, facts.crop_width, 3), dtype=np.uint8)
+        self.encoder.encode_images(blank)
+        self.encoder.encode_texts(["a photo of a cat"])
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.max_latency_ms,
+    )
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) images, already resized and cropped -> float32 (N, D)."""
+        BATCH_IMAGES.observe(len(pixels))
+        return self.encoder.encode_images(pixels)
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.max_latency_ms,
+    )
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Prompts -> float32 (N, D); prompts beyond the model's token limit are truncated."""
+        BATCH_TEXTS.observe(len(texts))
+        return self.encoder.encode_texts(texts)
+
+    @bentoml.api
+    def describe(self) -> dict:
+        """Facts the API service needs: tag, logit scale, image geometry, embedding size."""
+        return self.model_facts.__dict__.copy()

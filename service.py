@@ -1,0 +1,111 @@
+"""BentoML wiring: the HTTP-facing CLIP service (port 8080) and its runner dependency.
+
+Routes: `GET /ping` (SageMaker health check), `POST /invocations` (the original container's
+contract). The work itself lives in clip_runner/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import bentoml
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
+from clip_runner.encoding import ModelFacts
+from clip_runner.errors import JSONErrorMiddleware, RequestError, error_body
+from clip_runner.images import FetchLimits, new_http_client
+from clip_runner.invocation import InvocationContext, invoke
+from clip_runner.runner import CLIPRunner
+from clip_runner.schemas import ClassList, ImageList, Prediction, Template, TopK
+from clip_runner.text_cache import TextEmbeddingCache
+
+logger = logging.getLogger("clip_service")
+settings = get_settings()
+READY_PROBE_TIMEOUT_S = 1.5  # SageMaker allows 2 s per ping
+
+
+async def ping(_: Request) -> Response:
+    """200 with an empty body once the runner has loaded and warmed the model, else 503."""
+    service = bentoml.get_current_service()
+    if await service.is_ready():
+        return Response(status_code=200)
+    return JSONResponse(
+        error_body("not_ready", "the model is still loading or the runner is unavailable"),
+        status_code=503,
+    )
+
+
+health_app = Starlette(routes=[Route("/ping", ping, methods=["GET"])])
+
+
+@bentoml.asgi_app(health_app, path="/")
+@bentoml.service(
+    name="clip_service",
+    http={"port": settings.port},
+    workers=settings.api_workers,
+    traffic={"timeout": settings.request_timeout_s},
+)
+class ClipService:
+    """Zero-shot image classification with CLIP, answering the original container's API."""
+
+    runner = bentoml.depends(CLIPRunner)
+
+    def __init__(self) -> None:
+        self.http_client = new_http_client(settings.fetch_timeout_s)
+        self.text_cache = TextEmbeddingCache(settings.text_cache_size)
+        self._context: InvocationContext | None = None
+        self._context_lock = asyncio.Lock()
+
+    async def is_ready(self) -> bool:
+        """Whether the runner answers its readiness probe and its model facts are known."""
+        try:
+            ready = await self.runner.to_async.is_ready(READY_PROBE_TIMEOUT_S)
+            if ready:
+                await asyncio.wait_for(self.context(), READY_PROBE_TIMEOUT_S)
+            return ready
+        except (httpx.HTTPError, TimeoutError, bentoml.exceptions.BentoMLException):
+            return False
+
+    async def context(self) -> InvocationContext:
+        """Built once, on first use: it needs the runner's model facts (logit scale, geometry)."""
+        async with self._context_lock:
+            if self._context is None:
+                facts = ModelFacts(**await self.runner.to_async.describe())
+                self._context = InvocationContext(
+                    facts=facts,
+                    encode_images=self.runner.to_async.encode_images,
+                    encode_texts=self.runner.to_async.encode_texts,
+                    http_client=self.http_client,
+                    text_cache=self.text_cache,
+                    fetch_limits=FetchLimits(settings.max_image_bytes, settings.fetch_timeout_s),
+                    max_images=settings.max_images_per_request,
+                )
+                logger.info("serving model %s", facts.tag)
+            return self._context
+
+    @bentoml.api(route="/invocations")
+    async def invocations(
+        self,
+        images: ImageList,
+        classes: ClassList,
+        template: Template = DEFAULT_TEMPLATE,
+        top_k: TopK = DEFAULT_TOP_K,
+    ) -> list[Prediction]:
+        """Classify each image against the classes; the original container's request and answer."""
+        try:
+            return await invoke(await self.context(), images, classes, template, top_k)
+        except RequestError as error:
+            return error.to_response()
+
+    @bentoml.on_shutdown
+    async def close_http_client(self) -> None:
+        await self.http_client.aclose()
+
+
+ClipService.add_asgi_middleware(JSONErrorMiddleware)
