@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Each creates the venv and
+# installs what it needs first.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Where the model comes from when the store has none: empty = openai/clip-vit-base-patch32 from
+# the Hugging Face hub; `--tiny`, `--random-vit-b32`, `--from-dir DIR` or `--hub-id ID` otherwise.
+IMPORT_ARGS ?=
+
+.PHONY: serve test lint format import-model build clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/python scripts/import_model.py --if-missing $(IMPORT_ARGS)
+	$(BIN)/bentoml serve service:ClipService
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+import-model: $(STAMP)
+	$(BIN)/python scripts/import_model.py $(IMPORT_ARGS)
+
+build: $(STAMP)
+	$(BIN)/python scripts/import_model.py --if-missing $(IMPORT_ARGS)
+	$(BIN)/bentoml build
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,62 @@
+"""Fixtures shared by the suite.
+
+BENTOML_HOME points at a temporary store before BentoML is imported anywhere, so tests never
+touch the user's own model store. The tiny random-weight CLIP is saved there once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_STORE = Path(tempfile.mkdtemp(prefix="clip-test-bentoml-"))
+os.environ["BENTOML_HOME"] = str(_STORE)
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+
+from clip_runner.store import LoadedClip, build_random_clip, load_clip, save_clip  # noqa: E402
+from tests.helpers import ServedBento, bentoml_serve, image_host  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bentoml_home() -> Path:
+    return _STORE
+
+
+@pytest.fixture(scope="session")
+def tiny_stored_model(bentoml_home: Path):
+    model, processor = build_random_clip(tiny=True)
+    return save_clip(model, processor, source="random:tiny", random_weights=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_stored_model) -> LoadedClip:
+    return load_clip(tiny_stored_model)
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("images")
+
+
+@pytest.fixture(scope="session")
+def image_server(image_dir: Path) -> Iterator[str]:
+    with image_host(image_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def served(
+    tiny_stored_model, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedBento]:
+    """One real `bentoml serve` of the tiny model for the whole integration suite."""
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with bentoml_serve(
+        bentoml_home,
+        log_path,
+        CLIP_MODEL_TAG=str(tiny_stored_model.tag),
+    ) as server:
+        yield server

@@ -1,0 +1,60 @@
+"""The runner's tensor math against transformers' own CLIP forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clip_runner.encoding import ClipEncoder
+from clip_runner.images import ImageGeometry, resize_and_crop
+from tests.helpers import photo_like
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_clip) -> ClipEncoder:
+    return ClipEncoder(tiny_clip.model, tiny_clip.processor, torch.device("cpu"), torch.float32)
+
+
+def test_facts_come_from_the_checkpoint(encoder, tiny_clip):
+    facts = encoder.facts(tiny_clip.tag, tiny_clip.random_weights)
+    assert facts.logit_scale == pytest.approx(float(tiny_clip.model.logit_scale.detach().exp()))
+    assert facts.logit_scale != pytest.approx(100.0)
+    assert (facts.shortest_edge, facts.crop_height, facts.crop_width) == (224, 224, 224)
+    assert facts.embedding_dim == 16 and facts.max_text_tokens == 77
+
+
+def test_image_embeddings_match_transformers(encoder, tiny_clip):
+    images = [photo_like(320, 240, seed=7), photo_like(200, 410, seed=8)]
+    pixels = np.stack([resize_and_crop(image, ImageGeometry(224, 224, 224)) for image in images])
+    ours = encoder.encode_images(pixels)
+    inputs = tiny_clip.processor(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        reference = tiny_clip.model.get_image_features(**inputs).pooler_output
+    reference = (reference / reference.norm(dim=-1, keepdim=True)).numpy()
+    assert ours.dtype == np.float32 and ours.shape == (2, 16)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_text_embeddings_match_transformers_and_batching_changes_nothing(encoder, tiny_clip):
+    texts = ["a photo of a cat", "a photo of a woman with black shirt and a bag", "a photo of a x"]
+    together = encoder.encode_texts(texts)
+    alone = np.concatenate([encoder.encode_texts([text]) for text in texts])
+    tokens = tiny_clip.processor(text=texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        reference = tiny_clip.model.get_text_features(**tokens).pooler_output
+    reference = (reference / reference.norm(dim=-1, keepdim=True)).numpy()
+    np.testing.assert_allclose(together, reference, atol=1e-5)
+    np.testing.assert_allclose(alone, together, atol=1e-5)
+
+
+def test_prompts_longer_than_the_token_limit_are_truncated_not_fatal(encoder):
+    long_prompt = "a photo of a " + "very " * 200 + "large cat"
+    assert encoder.encode_texts([long_prompt]).shape == (1, 16)
+
+
+def test_input_pixels_are_not_modified(encoder):
+    pixels = np.full((1, 224, 224, 3), 128, dtype=np.uint8)
+    encoder.encode_images(pixels)
+    assert (pixels == 128).all()

@@ -1,0 +1,100 @@
+"""The request flow with the real tiny model in-process (no server): parity and caching."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from clip_runner.encoding import ClipEncoder
+from clip_runner.errors import RequestError
+from clip_runner.images import FetchLimits, new_http_client
+from clip_runner.invocation import InvocationContext, invoke
+from clip_runner.text_cache import TextEmbeddingCache
+from tests.helpers import SEED_CLASSES, as_base64, photo_like
+from tests.reference import assert_matches_reference, reference_probabilities
+
+
+class CountingEncoder:
+    """The real encoder behind the async interface the runner offers, counting calls."""
+
+    def __init__(self, encoder: ClipEncoder) -> None:
+        self.encoder = encoder
+        self.text_calls: list[list[str]] = []
+
+    async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        return self.encoder.encode_images(pixels)
+
+    async def encode_texts(self, texts: list[str]) -> np.ndarray:
+        self.text_calls.append(list(texts))
+        return self.encoder.encode_texts(texts)
+
+
+@pytest.fixture()
+def counting(tiny_clip) -> CountingEncoder:
+    encoder = ClipEncoder(tiny_clip.model, tiny_clip.processor, torch.device("cpu"), torch.float32)
+    return CountingEncoder(encoder)
+
+
+def run_invoke(tiny_clip, counting, images, classes, template="a photo of a {name}", top_k=3):
+    async def go():
+        async with new_http_client(5) as client:
+            context = InvocationContext(
+                facts=counting.encoder.facts(tiny_clip.tag, True),
+                encode_images=counting.encode_images,
+                encode_texts=counting.encode_texts,
+                http_client=client,
+                text_cache=cache,
+                fetch_limits=FetchLimits(5_000_000, 5),
+                max_images=4,
+            )
+            first = await invoke(context, images, classes, template, top_k)
+            second = await invoke(context, images, classes, template, top_k)
+            return first, second
+
+    cache = TextEmbeddingCache(100)
+    return asyncio.run(go())
+
+
+def test_probabilities_equal_transformers_within_1e5(tiny_clip, counting):
+    pictures = [photo_like(640, 480, seed=11), photo_like(300, 500, seed=12)]
+    classes = [(name, bool(flag)) for name, flag in SEED_CLASSES]
+    names = [name for name, _ in classes]
+    answer, _ = run_invoke(tiny_clip, counting, [as_base64(p) for p in pictures], classes)
+    reference = reference_probabilities(tiny_clip, pictures, [f"a photo of a {n}" for n in names])
+    assert_matches_reference(answer, reference, names)
+
+
+def test_repeated_class_lists_are_encoded_once(tiny_clip, counting):
+    classes = [("cat", True), ("dog", False), ("cat", True)]
+    first, second = run_invoke(tiny_clip, counting, [as_base64(photo_like(50, 50, 1))], classes)
+    assert first == second
+    assert counting.text_calls == [["a photo of a cat", "a photo of a dog"]]
+
+
+def test_template_and_top_k_overrides(tiny_clip, counting):
+    classes = [("cat", True), ("dog", False), ("bird", False), ("car", False)]
+    picture = photo_like(80, 60, seed=4)
+    answer, _ = run_invoke(
+        tiny_clip,
+        counting,
+        [as_base64(picture)],
+        classes,
+        template="a drawing of a {name}",
+        top_k=4,
+    )
+    names = [name for name, _ in classes]
+    reference = reference_probabilities(
+        tiny_clip, [picture], [f"a drawing of a {n}" for n in names]
+    )
+    indices, _, probabilities = answer[0]["prompts"]
+    assert len(indices) == 4
+    np.testing.assert_allclose(sum(probabilities), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probabilities, reference[0][indices], atol=1e-5)
+
+
+def test_too_many_images_are_refused(tiny_clip, counting):
+    with pytest.raises(RequestError, match="at most 4 per request"):
+        run_invoke(tiny_clip, counting, ["aGk="] * 5, [("cat", True)])

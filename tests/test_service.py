@@ -1,0 +1,230 @@
+"""Integration: a real `bentoml serve` of the tiny model, spoken to over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import signal
+import time
+
+import bentoml
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from tests.helpers import SEED_CLASSES, as_base64, photo_like
+from tests.reference import assert_matches_reference, reference_probabilities
+
+SEED_NAMES = [name for name, _ in SEED_CLASSES]
+SEED_PROMPTS = [f"a photo of a {name}" for name in SEED_NAMES]
+
+
+def post(served, body=None, content=None, content_type="application/json") -> httpx.Response:
+    return httpx.post(
+        f"{served.url}/invocations",
+        json=body,
+        content=content,
+        headers={"Content-Type": content_type},
+        timeout=30,
+    )
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) <= {"type", "message", "index"} and error["type"] and error["message"]
+    for word in words:
+        assert word in error["message"], error
+    return error
+
+
+def histogram(served, name: str) -> tuple[float, float]:
+    """(count, sum) of a Prometheus histogram on /metrics, summed over its label sets."""
+    text = httpx.get(f"{served.url}/metrics", timeout=10).text
+
+    def value(pattern: str) -> float:
+        found = re.findall(pattern, text, flags=re.MULTILINE)
+        return sum(float(v) for v in found)
+
+    return (
+        value(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$"),
+        value(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$"),
+    )
+
+
+def test_ping_is_200_with_an_empty_body(served):
+    response = httpx.get(f"{served.url}/ping", timeout=5)
+    assert response.status_code == 200 and response.content == b""
+
+
+def test_seed_request_with_local_urls_and_base64_matches_transformers(
+    served, tiny_clip, image_dir, image_server
+):
+    pictures = [photo_like(1834 // 4, 2750 // 4, seed=21), photo_like(500, 300, seed=22)]
+    pictures[0].save(image_dir / "seed-0.jpg", quality=90)
+    served_jpeg = (image_dir / "seed-0.jpg").read_bytes()
+    body = {
+        "images": [f"{image_server}/seed-0.jpg", as_base64(pictures[1])],
+        "classes": SEED_CLASSES,
+    }
+    response = post(served, body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert [list(prediction) for prediction in answer] == [
+        ["classification", "confidence", "prompts"]
+    ] * 2
+    decoded = [Image.open(io.BytesIO(served_jpeg)).convert("RGB"), pictures[1]]
+    reference = reference_probabilities(tiny_clip, decoded, SEED_PROMPTS)
+    assert_matches_reference(answer, reference, SEED_NAMES)
+    for prediction, row in zip(answer, reference, strict=True):
+        indices = prediction["prompts"][0]
+        top = [row[i] for i in indices]
+        flags = [SEED_CLASSES[i][1] for i in indices]
+        expected = int(
+            any(f and top[0] - p <= 0.02 + 1e-6 for p, f in zip(top, flags, strict=True))
+        )
+        assert prediction["classification"] == expected
+
+
+def test_data_uris_and_charset_content_type_are_accepted(served):
+    picture = photo_like(120, 90, seed=5)
+    body = {
+        "images": ["data:image/png;base64," + as_base64(picture), as_base64(picture)],
+        "classes": [["cat", True], ["dog", 0]],
+    }
+    response = post(served, body, content_type="application/json; charset=utf-8")
+    assert response.status_code == 200, response.text
+    first, second = response.json()
+    assert first == second and len(first["prompts"][0]) == 2
+
+
+def test_template_and_top_k_overrides(served, tiny_clip):
+    picture = photo_like(200, 200, seed=6)
+    names = ["cat", "dog", "bird", "car", "tree"]
+    body = {
+        "images": [as_base64(picture)],
+        "classes": [[name, 0] for name in names],
+        "template": "a drawing of a {name}",
+        "top_k": 5,
+    }
+    response = post(served, body)
+    assert response.status_code == 200, response.text
+    prediction = response.json()[0]
+    reference = reference_probabilities(
+        tiny_clip, [picture], [f"a drawing of a {n}" for n in names]
+    )
+    indices, _, probabilities = prediction["prompts"]
+    assert len(indices) == 5 and prediction["classification"] == 0
+    np.testing.assert_allclose(probabilities, reference[0][indices], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "words"),
+    [
+        (b"{not json", 400, ["not valid JSON"]),
+        (b"[1, 2]", 400, ["JSON object"]),
+        (b'{"classes": [["a", 1]]}', 422, ["images", "required"]),
+        (b'{"images": ["aGk="]}', 422, ["classes", "required"]),
+        (b'{"images": [], "classes": [["a", 1]]}', 422, ["images"]),
+        (b'{"images": ["aGk="], "classes": []}', 422, ["classes"]),
+        (
+            b'{"images": ["aGk="], "classes": [["a", 2]]}',
+            422,
+            ["classes[0][1]", "0, 1, true or false"],
+        ),
+        (b'{"images": ["aGk="], "classes": [["a", "yes"]]}', 422, ["classes[0][1]"]),
+        (b'{"images": ["aGk="], "classes": [["a", 1]], "top_k": 0}', 422, ["top_k"]),
+        (b'{"images": ["aGk="], "classes": [["a", 1]], "template": "x"}', 422, ["{name}"]),
+    ],
+)
+def test_malformed_requests_get_json_errors_naming_the_field(served, content, status, words):
+    assert_error(post(served, content=content), status, *words)
+
+
+def test_image_errors_name_the_index(served, image_server):
+    good = as_base64(photo_like(40, 40, seed=1))
+    cases = [
+        ([good, "bm90IGFuIGltYWdl"], 1, "recognised image format"),
+        ([good, good, "file:///etc/passwd"], 2, "unsupported URL scheme"),
+        ([f"{image_server}/status/404", good], 0, "HTTP 404"),
+        ([good, "http://127.0.0.1:9/cat.png"], 1, "could not fetch"),
+        (["%%%"], 0, "valid base64"),
+    ]
+    for images, index, reason in cases:
+        error = assert_error(post(served, {"images": images, "classes": [["a", 1]]}), 422, reason)
+        assert error["index"] == index and f"images[{index}]" in error["message"]
+
+
+def test_wrong_routes_and_methods_are_json_too(served):
+    assert_error(httpx.get(f"{served.url}/nothing-here"), 404)
+    assert_error(httpx.get(f"{served.url}/invocations"), 405)
+
+
+def test_server_keeps_serving_after_errors(served):
+    for _ in range(5):
+        post(served, content=b"{broken")
+        post(served, {"images": ["%%%"], "classes": [["a", 1]]})
+    response = post(served, {"images": [as_base64(photo_like(30, 30, 2))], "classes": [["a", 1]]})
+    assert response.status_code == 200
+    assert "Traceback" not in response.text
+
+
+def test_concurrent_requests_are_batched_across_requests_and_stay_correct(served, tiny_clip):
+    pictures = [photo_like(160 + 8 * i, 120, seed=100 + i) for i in range(24)]
+    bodies = [{"images": [as_base64(p)], "classes": SEED_CLASSES} for p in pictures]
+    post(served, bodies[0])  # prompts cached; the burst below is image-only work
+    count_before, sum_before = histogram(served, "clip_runner_batch_images")
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/invocations", json=b) for b in bodies))
+
+    responses = asyncio.run(burst())
+    count_after, sum_after = histogram(served, "clip_runner_batch_images")
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    assert sum_after - sum_before == len(bodies)  # every image encoded exactly once
+    batches = count_after - count_before
+    # 24 one-image requests encoded in fewer than 24 forward passes: batches spanned requests.
+    assert batches < len(bodies), "no cross-request batching happened"
+    reference = reference_probabilities(tiny_clip, pictures, SEED_PROMPTS)
+    for response, row in zip(responses, reference, strict=True):
+        assert_matches_reference(response.json(), row[None, :], SEED_NAMES)
+
+
+def test_bentoml_python_client(served):
+    picture = as_base64(photo_like(64, 64, seed=9))
+    classes = [["person", 1], ["bag", 0]]
+    with bentoml.SyncHTTPClient(served.url) as client:
+        answer = client.invocations(images=[picture], classes=classes)
+        with pytest.raises(bentoml.exceptions.BentoMLException) as raised:
+            client.invocations(images=[picture], classes=[["person", 5]])
+    assert answer == post(served, {"images": [picture], "classes": classes}).json()
+    assert "classes[0][1]" in str(raised.value)
+
+
+def test_random_weights_warning_is_logged(served):
+    assert "RANDOM WEIGHTS" in served.log()
+
+
+def test_ping_is_503_fast_while_the_runner_does_not_answer(served):
+    server = psutil.Process(served.process.pid)
+    runner = next(
+        child
+        for child in server.children(recursive=True)
+        if "clip_runner" in " ".join(child.cmdline())
+    )
+    os.kill(runner.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        response = httpx.get(f"{served.url}/ping", timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(runner.pid, signal.SIGCONT)
+    assert_error(response, 503, "runner")
+    assert elapsed < 2.5  # SageMaker's ping budget is 2 s; generous margin for a busy CI box
+    assert httpx.get(f"{served.url}/ping", timeout=10).status_code == 200
