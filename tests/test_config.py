@@ -1,0 +1,45 @@
+"""Settings read from the environment, with the batching bound kept under the request timeout."""
+
+from __future__ import annotations
+
+import pytest
+
+from clip_runner.config import get_settings
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_defaults_match_sagemaker(monkeypatch):
+    for name in ("CLIP_PORT", "CLIP_REQUEST_TIMEOUT_S", "CLIP_MAX_LATENCY_MS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = get_settings()
+    assert settings.port == 8080 and settings.request_timeout_s == 60
+    assert settings.max_latency_ms < settings.request_timeout_s * 1000
+
+
+def test_environment_overrides(monkeypatch):
+    monkeypatch.setenv("CLIP_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("CLIP_MODEL_TAG", "clip:abc")
+    settings = get_settings()
+    assert settings.max_batch_size == 8 and settings.model_tag == "clip:abc"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("CLIP_MAX_BATCH_SIZE", "many", "must be an integer"),
+        ("CLIP_MAX_BATCH_SIZE", "0", "must be >= 1"),
+        ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be > 0"),
+        ("CLIP_MAX_LATENCY_MS", "50000", "below half of CLIP_REQUEST_TIMEOUT_S"),
+        ("CLIP_FETCH_TIMEOUT_S", "90", "below CLIP_REQUEST_TIMEOUT_S"),
+    ],
+)
+def test_bad_values_are_refused_with_the_variable_name(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        get_settings()
