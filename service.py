@@ -18,7 +18,12 @@ from starlette.routing import Route
 
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
 from clip_runner.encoding import ModelFacts
-from clip_runner.errors import JSONErrorMiddleware, RequestError, error_body
+from clip_runner.errors import (
+    JSONErrorMiddleware,
+    RequestError,
+    error_body,
+    quiet_caller_error_logs,
+)
 from clip_runner.images import FetchLimits, new_http_client
 from clip_runner.invocation import InvocationContext, invoke
 from clip_runner.runner import CLIPRunner
@@ -109,3 +114,4 @@ class ClipService:
 
 
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
+quiet_caller_error_logs()

@@ -8,8 +8,10 @@ client never sees HTML, a bare string, or BentoML's own format.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -154,3 +156,28 @@ class JSONErrorMiddleware:
             await send(message)
 
         await self.app(scope, receive, capture)
+
+
+class CallerErrorLogFilter(logging.Filter):
+    """Logs a rejected request body as one warning line instead of an ERROR with a traceback.
+
+    BentoML logs every input validation failure as a server exception; under a stream of bad
+    requests that floods the log with tracebacks of the caller's mistakes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc_info = record.exc_info
+        if exc_info and isinstance(exc_info[1], ValidationError):
+            error = exc_info[1]
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "rejected request: %d validation error(s), first at %s: %s"
+            first = error.errors(include_url=False)[0]
+            record.args = (error.error_count(), _location(list(first["loc"])), first["msg"])
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_caller_error_logs() -> None:
+    """Install `CallerErrorLogFilter` on the logger BentoML reports request exceptions with."""
+    logging.getLogger("bentoml._internal.server.http_app").addFilter(CallerErrorLogFilter())

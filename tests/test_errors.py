@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from clip_runner.errors import JSONErrorMiddleware, RequestError, normalise_error
+from clip_runner.errors import (
+    CallerErrorLogFilter,
+    JSONErrorMiddleware,
+    RequestError,
+    normalise_error,
+)
+from clip_runner.schemas import InvocationRequest
 
 
 def test_validation_detail_names_the_field_and_becomes_422():
@@ -84,3 +93,17 @@ def test_middleware_rewrites_errors_and_leaves_success_alone():
     assert client.get("/json").json()["error"]["message"] == "overloaded"
     missing = client.get("/missing")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+
+
+def test_validation_tracebacks_become_one_warning_line():
+    try:
+        InvocationRequest.model_validate({"images": [], "classes": [["a", 9]]})
+    except ValidationError:
+        record = logging.LogRecord(
+            "bentoml", logging.ERROR, __file__, 1, "Exception on %s", ("/x",), sys.exc_info()
+        )
+    assert CallerErrorLogFilter().filter(record)
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage().startswith(
+        "rejected request: 2 validation error(s), first at images"
+    )

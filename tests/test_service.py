@@ -172,6 +172,8 @@ def test_server_keeps_serving_after_errors(served):
     response = post(served, {"images": [as_base64(photo_like(30, 30, 2))], "classes": [["a", 1]]})
     assert response.status_code == 200
     assert "Traceback" not in response.text
+    assert "rejected request: 1 validation error(s), first at body" in served.log()
+    assert "pydantic_core._pydantic_core.ValidationError" not in served.log()
 
 
 def test_concurrent_requests_are_batched_across_requests_and_stay_correct(served, tiny_clip):
