@@ -16,30 +16,27 @@ DEFAULT_TOP_K = 3
 TIE_MARGIN = 0.02
 
 
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
+def _env_number(name: str, default: float, cast: type, minimum: float) -> float:
+    """A number from the environment (blank = default), refused with its name when invalid."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
         return default
     try:
-        value = int(raw)
+        value = cast(raw)
     except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+        kind = "an integer" if cast is int else "a number"
+        raise ValueError(f"{name} must be {kind}, got {raw!r}") from exc
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
-def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
-    if value <= minimum:
-        raise ValueError(f"{name} must be > {minimum}, got {value}")
-    return value
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    return int(_env_number(name, default, int, minimum))
+
+
+def _env_seconds(name: str, default: float) -> float:
+    return _env_number(name, default, float, 0.001)
 
 
 @dataclass(frozen=True)
@@ -75,11 +72,11 @@ def get_settings() -> Settings:
         model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
         port=_env_int("CLIP_PORT", 8080),
         api_workers=_env_int("CLIP_API_WORKERS", 1),
-        request_timeout_s=_env_float("CLIP_REQUEST_TIMEOUT_S", 60.0),
+        request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", 60.0),
         max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 32),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),
         max_images_per_request=_env_int("CLIP_MAX_IMAGES_PER_REQUEST", 32),
         max_image_bytes=_env_int("CLIP_MAX_IMAGE_BYTES", 10 * 1024 * 1024),
-        fetch_timeout_s=_env_float("CLIP_FETCH_TIMEOUT_S", 10.0),
+        fetch_timeout_s=_env_seconds("CLIP_FETCH_TIMEOUT_S", 10.0),
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
     )

@@ -80,7 +80,9 @@ _STATUS_TYPES = {
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    422: "invalid_request",
     429: "too_many_requests",
+    500: "internal_error",
     503: "service_unavailable",
     504: "timeout",
 }

@@ -136,6 +136,10 @@ def decode_image(data: bytes, index: int) -> Image.Image:
             return to_rgb(opened)
     except UnidentifiedImageError:
         raise image_error(index, "data is not in a recognised image format") from None
+    except Image.DecompressionBombError:
+        raise image_error(
+            index, f"image has more than {2 * Image.MAX_IMAGE_PIXELS} pixels (decompression bomb)"
+        ) from None
     except (OSError, ValueError, SyntaxError) as exc:
         reason = str(exc) or type(exc).__name__
         raise image_error(index, f"not a decodable image ({reason})") from None

@@ -9,11 +9,9 @@ this project's own machines cannot reach the Hugging Face hub).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import bentoml
 import httpx
@@ -122,9 +120,17 @@ def build_image_processor(image_size: int = 224) -> CLIPImageProcessorPil:
     )
 
 
-def build_random_clip(
-    tiny: bool, seed: int = TINY_SEED, logit_scale: float | None = None
-) -> tuple[CLIPModel, CLIPProcessor]:
+def _tower(width: int, layers: int, heads: int) -> dict[str, int]:
+    """A transformer tower's shape, with CLIP's 4x MLP expansion."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+    )
+
+
+def build_random_clip(tiny: bool, seed: int = TINY_SEED) -> tuple[CLIPModel, CLIPProcessor]:
     """A CLIP with random weights and a generated tokenizer.
 
     `tiny=True` gives a model of a few hundred thousand parameters for tests; `tiny=False` gives
@@ -141,39 +147,13 @@ def build_random_clip(
         "max_position_embeddings": 77,
     }
     if tiny:
-        text_config = dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
-        )
-        vision_config = dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=224,
-            patch_size=32,
-        )
-        projection_dim = 16
+        text_tower, vision_tower, projection_dim = _tower(32, 2, 2), _tower(32, 2, 2), 16
     else:
-        text_config = dict(
-            hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8
-        )
-        vision_config = dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=32,
-        )
-        projection_dim = 512
-    extra: dict[str, Any] = {}
-    if logit_scale is not None:
-        extra["logit_scale_init_value"] = math.log(logit_scale)
+        text_tower, vision_tower, projection_dim = _tower(512, 12, 8), _tower(768, 12, 12), 512
     config = CLIPConfig(
-        text_config={**text_config, **special_ids},
-        vision_config=vision_config,
+        text_config={**text_tower, **special_ids},
+        vision_config={**vision_tower, "image_size": 224, "patch_size": 32},
         projection_dim=projection_dim,
-        **extra,
     )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()

@@ -34,7 +34,8 @@ def test_environment_overrides(monkeypatch):
     [
         ("CLIP_MAX_BATCH_SIZE", "many", "must be an integer"),
         ("CLIP_MAX_BATCH_SIZE", "0", "must be >= 1"),
-        ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be > 0"),
+        ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be >= 0.001"),
+        ("CLIP_FETCH_TIMEOUT_S", "soon", "must be a number"),
         ("CLIP_MAX_LATENCY_MS", "50000", "below half of CLIP_REQUEST_TIMEOUT_S"),
         ("CLIP_FETCH_TIMEOUT_S", "90", "below CLIP_REQUEST_TIMEOUT_S"),
     ],

@@ -140,6 +140,12 @@ def test_undecodable_bytes_are_a_422(data):
     assert raised.value.index == 2 and "images[2]" in raised.value.message
 
 
+def test_decompression_bombs_are_a_422_not_a_crash():
+    bomb = encode(Image.new("1", (14_000, 14_000)))  # 196 Mpx: past Pillow's hard limit
+    with pytest.raises(RequestError, match="decompression bomb"):
+        decode_image(bomb, index=0)
+
+
 def run(coroutine):
     return asyncio.run(coroutine)
 
