@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from transformers import AutoTokenizer
 
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
 from clip_runner.encoding import ModelFacts
@@ -24,11 +25,13 @@ from clip_runner.errors import (
     error_body,
     quiet_caller_error_logs,
 )
-from clip_runner.images import FetchLimits, new_http_client
+from clip_runner.fetch import AddressPolicy, FetchLimits, new_fetch_client
+from clip_runner.images import ImageLimits
 from clip_runner.invocation import InvocationContext, invoke
 from clip_runner.runner import CLIPRunner
 from clip_runner.schemas import ClassList, ImageList, Prediction, Template, TopK
 from clip_runner.text_cache import TextEmbeddingCache
+from clip_runner.traffic import RequestGuardMiddleware
 
 logger = logging.getLogger("clip_service")
 settings = get_settings()
@@ -54,18 +57,35 @@ health_app = Starlette(routes=[Route("/ping", ping, methods=["GET"])])
     name="clip_service",
     http={"port": settings.port},
     workers=settings.api_workers,
-    traffic={"timeout": settings.request_timeout_s},
+    # RequestGuardMiddleware answers 504 at request_timeout_s; BentoML's own timer is a backstop.
+    traffic={"timeout": settings.request_timeout_s + 5},
 )
 class ClipService:
     """Zero-shot image classification with CLIP, answering the original container's API."""
 
     runner = bentoml.depends(CLIPRunner)
+    model_ref = bentoml.models.BentoModel(settings.model_tag)  # its tokenizer checks prompts
 
     def __init__(self) -> None:
-        self.http_client = new_http_client(settings.fetch_timeout_s)
+        self.image_limits = ImageLimits(
+            fetch=FetchLimits(
+                max_bytes=settings.max_image_bytes,
+                timeout_s=settings.fetch_timeout_s,
+                connect_timeout_s=settings.fetch_connect_timeout_s,
+                max_redirects=settings.fetch_max_redirects,
+            ),
+            max_pixels=settings.max_image_pixels,
+            fetch_concurrency=settings.fetch_concurrency,
+        )
+        policy = AddressPolicy.from_allowlist(settings.fetch_allow)
+        self.http_client = new_fetch_client(policy, self.image_limits.fetch)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
         self.text_cache = TextEmbeddingCache(settings.text_cache_size)
         self._context: InvocationContext | None = None
         self._context_lock = asyncio.Lock()
+
+    def count_tokens(self, prompts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
 
     async def is_ready(self) -> bool:
         """Whether the runner answers its readiness probe and its model facts are known."""
@@ -86,10 +106,10 @@ class ClipService:
                     facts=facts,
                     encode_images=self.runner.to_async.encode_images,
                     encode_texts=self.runner.to_async.encode_texts,
+                    count_tokens=self.count_tokens,
                     http_client=self.http_client,
                     text_cache=self.text_cache,
-                    fetch_limits=FetchLimits(settings.max_image_bytes, settings.fetch_timeout_s),
-                    max_images=settings.max_images_per_request,
+                    image_limits=self.image_limits,
                 )
                 logger.info("serving model %s", facts.tag)
             return self._context
@@ -107,6 +127,15 @@ class ClipService:
             return await invoke(await self.context(), images, classes, template, top_k)
         except RequestError as error:
             return error.to_response()
+        except bentoml.exceptions.ServiceUnavailable:
+            return RequestError(
+                503, "overloaded", "the model's queue is full; retry shortly"
+            ).to_response()
+        except (httpx.HTTPError, bentoml.exceptions.BentoMLException) as exc:
+            logger.warning("runner call failed: %s: %s", type(exc).__name__, exc)
+            return RequestError(
+                503, "runner_unavailable", "the model runner is not answering; retry shortly"
+            ).to_response()
 
     @bentoml.on_shutdown
     async def close_http_client(self) -> None:
@@ -114,4 +143,10 @@ class ClipService:
 
 
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
+ClipService.add_asgi_middleware(
+    RequestGuardMiddleware,
+    max_concurrency=settings.max_concurrency,
+    max_body_bytes=settings.max_body_bytes,
+    timeout_s=settings.request_timeout_s,
+)
 quiet_caller_error_logs()

@@ -39,6 +39,11 @@ def _env_seconds(name: str, default: float) -> float:
     return _env_number(name, default, float, 0.001)
 
 
+def _env_list(name: str) -> tuple[str, ...]:
+    """A comma-separated list from the environment (empty when unset)."""
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service settings; see README "Configuration" for what each one does."""
@@ -49,9 +54,18 @@ class Settings:
     request_timeout_s: float
     max_batch_size: int
     max_latency_ms: int
+    max_concurrency: int
+    max_body_bytes: int
     max_images_per_request: int
+    max_classes_per_request: int
+    max_class_name_chars: int
     max_image_bytes: int
+    max_image_pixels: int
     fetch_timeout_s: float
+    fetch_connect_timeout_s: float
+    fetch_concurrency: int
+    fetch_max_redirects: int
+    fetch_allow: tuple[str, ...]
     text_cache_size: int
 
     def __post_init__(self) -> None:
@@ -63,6 +77,8 @@ class Settings:
             )
         if self.fetch_timeout_s >= self.request_timeout_s:
             raise ValueError("CLIP_FETCH_TIMEOUT_S must be below CLIP_REQUEST_TIMEOUT_S")
+        if self.fetch_connect_timeout_s > self.fetch_timeout_s:
+            raise ValueError("CLIP_FETCH_CONNECT_TIMEOUT_S must not exceed CLIP_FETCH_TIMEOUT_S")
 
 
 @functools.cache
@@ -72,11 +88,20 @@ def get_settings() -> Settings:
         model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
         port=_env_int("CLIP_PORT", 8080),
         api_workers=_env_int("CLIP_API_WORKERS", 1),
-        request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", 60.0),
+        request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", 55.0),
         max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 32),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),
+        max_concurrency=_env_int("CLIP_MAX_CONCURRENCY", 64),
+        max_body_bytes=_env_int("CLIP_MAX_BODY_BYTES", 6 * 1024 * 1024),
         max_images_per_request=_env_int("CLIP_MAX_IMAGES_PER_REQUEST", 32),
+        max_classes_per_request=_env_int("CLIP_MAX_CLASSES_PER_REQUEST", 1000),
+        max_class_name_chars=_env_int("CLIP_MAX_CLASS_NAME_CHARS", 300),
         max_image_bytes=_env_int("CLIP_MAX_IMAGE_BYTES", 10 * 1024 * 1024),
+        max_image_pixels=_env_int("CLIP_MAX_IMAGE_PIXELS", 40_000_000),
         fetch_timeout_s=_env_seconds("CLIP_FETCH_TIMEOUT_S", 10.0),
+        fetch_connect_timeout_s=_env_seconds("CLIP_FETCH_CONNECT_TIMEOUT_S", 3.0),
+        fetch_concurrency=_env_int("CLIP_FETCH_CONCURRENCY", 8),
+        fetch_max_redirects=_env_int("CLIP_FETCH_MAX_REDIRECTS", 5, minimum=0),
+        fetch_allow=_env_list("CLIP_FETCH_ALLOW"),
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
     )

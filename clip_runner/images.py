@@ -1,9 +1,10 @@
 """Image sources -> decoded RGB -> fixed-size uint8 arrays, the way CLIP's processor does it.
 
-Sources are http(s) URLs, base64 strings, or `data:` URIs. Decoding applies EXIF orientation and
-composites transparency onto white (as transformers' `convert_to_rgb` does); resizing matches
-`CLIPImageProcessor` exactly (bicubic resize of the shortest side, then center crop), so the
-service's pixels equal the reference processor's. Normalisation is left to the runner's device.
+Sources are http(s) URLs (see fetch.py), base64 strings, or `data:` URIs. Decoding applies EXIF
+orientation and composites transparency onto white (as transformers' `convert_to_rgb` does);
+resizing matches `CLIPImageProcessor` exactly (bicubic resize of the shortest side, then center
+crop), so the service's pixels equal the reference processor's. Normalisation is left to the
+runner's device.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip_runner.errors import RequestError
+from clip_runner.fetch import FetchLimits, fetch_url
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _DATA_URI = re.compile(r"^data:(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
 _WHITESPACE = re.compile(r"\s+")
-USER_AGENT = "clip-bentoml/0.1 (+image fetcher)"
+
+# Pillow's own bomb check warns below twice its fixed limit and raises above; `decode_image`
+# enforces the configured CLIP_MAX_IMAGE_PIXELS instead, with a message naming the size.
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,12 @@ class ImageGeometry:
 
 
 @dataclass(frozen=True)
-class FetchLimits:
-    """Bounds on downloading one image."""
+class ImageLimits:
+    """Bounds on one image source and on the work per request."""
 
-    max_bytes: int
-    timeout_s: float
+    fetch: FetchLimits
+    max_pixels: int
+    fetch_concurrency: int = 8
 
 
 def image_error(index: int, reason: str) -> RequestError:
@@ -82,35 +88,6 @@ def decode_inline(source: str, index: int, max_bytes: int) -> bytes:
     return data
 
 
-async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: FetchLimits) -> bytes:
-    """Download an image with a total timeout, a status check, and a size cap while streaming."""
-    try:
-        async with asyncio.timeout(limits.timeout_s):
-            async with client.stream("GET", url) as response:
-                if not response.is_success:
-                    raise image_error(index, f"fetching {url} returned HTTP {response.status_code}")
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-                    raise image_error(
-                        index, f"image is larger than the {limits.max_bytes}-byte limit"
-                    )
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limits.max_bytes:
-                        raise image_error(
-                            index, f"image is larger than the {limits.max_bytes}-byte limit"
-                        )
-    except TimeoutError:
-        raise image_error(index, f"fetching {url} timed out after {limits.timeout_s:g} s") from None
-    except httpx.HTTPError as exc:
-        reason = str(exc) or type(exc).__name__
-        raise image_error(index, f"could not fetch {url}: {reason}") from None
-    if not body:
-        raise image_error(index, f"{url} returned an empty body")
-    return bytes(body)
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB with EXIF orientation applied; transparency composited onto white; 16-bit scaled."""
     image = ImageOps.exif_transpose(image)
@@ -127,49 +104,71 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, index: int) -> Image.Image:
-    """Decode bytes into an RGB image, or raise a 422 naming the image."""
+def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
+    """Decode bytes (first frame of animations) into RGB, or raise a 422 naming the image.
+
+    The pixel count is checked from the header, before any pixel is decoded.
+    """
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise image_error(
+                    index, f"image is {width}x{height}, more than the {max_pixels}-pixel limit"
+                )
             opened.seek(0)
             opened.load()
             return to_rgb(opened)
     except UnidentifiedImageError:
         raise image_error(index, "data is not in a recognised image format") from None
-    except Image.DecompressionBombError:
-        raise image_error(
-            index, f"image has more than {2 * Image.MAX_IMAGE_PIXELS} pixels (decompression bomb)"
-        ) from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc) or type(exc).__name__
         raise image_error(index, f"not a decodable image ({reason})") from None
 
 
+# Up to this long/short ratio the whole image is resized, bit-exact with CLIPProcessor; beyond
+# it only the cropped region is (see `resize_and_crop`).
+EXACT_RESIZE_MAX_ASPECT = 4.0
+
+
 def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
-    """Bicubic resize of the shortest side then center crop: uint8 (H, W, 3), as CLIPProcessor."""
+    """Bicubic resize of the shortest side then center crop: uint8 (H, W, 3), as CLIPProcessor.
+
+    For ordinary aspect ratios this is exactly the reference's computation. For extreme ones
+    (panoramas, 10000x1 strips) resizing the whole image would allocate a huge intermediate, so
+    only the cropped region is resampled (Pillow's `box`): same sample positions and kernel
+    support, with at most one grey level of rounding difference in a few pixels.
+    """
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = geometry.shortest_edge, int(geometry.shortest_edge * long / short)
-    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
-    resized = image.resize(new_size, resample=Image.Resampling.BICUBIC)
-    if resized.width < geometry.crop_width or resized.height < geometry.crop_height:
-        canvas = Image.new(
-            "RGB",
-            (max(resized.width, geometry.crop_width), max(resized.height, geometry.crop_height)),
+    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+    out_width = min(geometry.crop_width, new_width)
+    out_height = min(geometry.crop_height, new_height)
+    left, top = (new_width - out_width) // 2, (new_height - out_height) // 2
+    if long / short <= EXACT_RESIZE_MAX_ASPECT:
+        resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+        cropped = resized.crop((left, top, left + out_width, top + out_height))
+    else:
+        scale_x, scale_y = width / new_width, height / new_height
+        box = (
+            left * scale_x,
+            top * scale_y,
+            (left + out_width) * scale_x,
+            (top + out_height) * scale_y,
         )
-        canvas.paste(
-            resized, ((canvas.width - resized.width) // 2, (canvas.height - resized.height) // 2)
-        )
-        resized = canvas
-    top = (resized.height - geometry.crop_height) // 2
-    left = (resized.width - geometry.crop_width) // 2
-    cropped = resized.crop((left, top, left + geometry.crop_width, top + geometry.crop_height))
+        cropped = image.resize((out_width, out_height), Image.Resampling.BICUBIC, box=box)
+    if (out_width, out_height) != (geometry.crop_width, geometry.crop_height):
+        canvas = Image.new("RGB", (geometry.crop_width, geometry.crop_height))
+        offset = ((geometry.crop_width - out_width) // 2, (geometry.crop_height - out_height) // 2)
+        canvas.paste(cropped, offset)
+        cropped = canvas
     return np.asarray(cropped, dtype=np.uint8)
 
 
-def prepare_image(data: bytes, index: int, geometry: ImageGeometry) -> np.ndarray:
+def prepare_image(data: bytes, index: int, geometry: ImageGeometry, max_pixels: int) -> np.ndarray:
     """Bytes -> model-ready uint8 array; CPU-bound, run it in a thread."""
-    return resize_and_crop(decode_image(data, index), geometry)
+    return resize_and_crop(decode_image(data, index, max_pixels), geometry)
 
 
 async def load_image(
@@ -177,50 +176,46 @@ async def load_image(
     index: int,
     client: httpx.AsyncClient,
     geometry: ImageGeometry,
-    limits: FetchLimits,
+    limits: ImageLimits,
+    fetch_slots: asyncio.Semaphore,
 ) -> np.ndarray:
     """One source -> uint8 array, fetching and decoding off the event loop."""
     if is_url(source):
-        data = await fetch_url(client, source, index, limits)
+        async with fetch_slots:
+            data = await fetch_url(client, source, index, limits.fetch)
     else:
-        data = decode_inline(source, index, limits.max_bytes)
-    return await asyncio.to_thread(prepare_image, data, index, geometry)
+        data = decode_inline(source, index, limits.fetch.max_bytes)
+    return await asyncio.to_thread(prepare_image, data, index, geometry, limits.max_pixels)
 
 
 async def load_images(
     sources: Sequence[str],
     client: httpx.AsyncClient,
     geometry: ImageGeometry,
-    limits: FetchLimits,
+    limits: ImageLimits,
 ) -> np.ndarray:
-    """All sources of a request, concurrently, stacked into uint8 (N, H, W, 3).
+    """All sources of a request, concurrently (URL fetches bounded), stacked into (N, H, W, 3).
 
-    The first failing image (by index) fails the whole request, naming that index.
+    The first failing image (by index) fails the whole request, naming that index; the other
+    images' work is cancelled.
     """
+    fetch_slots = asyncio.Semaphore(limits.fetch_concurrency)
     tasks = [
-        asyncio.ensure_future(load_image(source, index, client, geometry, limits))
+        asyncio.ensure_future(load_image(source, index, client, geometry, limits, fetch_slots))
         for index, source in enumerate(sources)
     ]
     try:
         arrays = await asyncio.gather(*tasks)
-    except RequestError:
+    except BaseException:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         errors = [
             task.exception()
             for task in tasks
-            if task.done() and not task.cancelled() and task.exception() is not None
+            if not task.cancelled() and isinstance(task.exception(), RequestError)
         ]
-        raise min(errors, key=lambda error: getattr(error, "index", 0) or 0) from None
+        if errors:
+            raise min(errors, key=lambda error: error.index or 0) from None
+        raise
     return np.stack(arrays)
-
-
-def new_http_client(timeout_s: float) -> httpx.AsyncClient:
-    """The shared connection pool used to fetch image URLs."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-        follow_redirects=True,
-        max_redirects=5,
-        headers={"User-Agent": USER_AGENT},
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-    )

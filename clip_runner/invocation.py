@@ -17,12 +17,13 @@ import numpy as np
 
 from clip_runner.encoding import ModelFacts
 from clip_runner.errors import RequestError
-from clip_runner.images import FetchLimits, ImageGeometry, load_images
+from clip_runner.images import ImageGeometry, ImageLimits, load_images
 from clip_runner.text_cache import TextEmbeddingCache
 from clip_runner.zero_shot import build_prompts, predict, zero_shot_probabilities
 
 EncodeImages = Callable[[np.ndarray], Awaitable[np.ndarray]]
 EncodeTexts = Callable[[list[str]], Awaitable[np.ndarray]]
+CountTokens = Callable[[list[str]], list[int]]
 
 
 @dataclass
@@ -32,16 +33,33 @@ class InvocationContext:
     facts: ModelFacts
     encode_images: EncodeImages
     encode_texts: EncodeTexts
+    count_tokens: CountTokens
     http_client: httpx.AsyncClient
     text_cache: TextEmbeddingCache
-    fetch_limits: FetchLimits
-    max_images: int
+    image_limits: ImageLimits
 
     @property
     def geometry(self) -> ImageGeometry:
         return ImageGeometry(
             self.facts.shortest_edge, self.facts.crop_height, self.facts.crop_width
         )
+
+
+def check_prompt_lengths(context: InvocationContext, prompts: Sequence[str]) -> None:
+    """Refuse prompts over the model's token limit, naming the class.
+
+    Truncating would silently change what is asked, and the original's response shape has no
+    place to say so. A fast tokenizer makes this check cost well under a millisecond.
+    """
+    limit = context.facts.max_text_tokens
+    for index, count in enumerate(context.count_tokens(list(prompts))):
+        if count > limit:
+            raise RequestError(
+                422,
+                "invalid_request",
+                f"classes[{index}][0]: the prompt is {count} tokens long; "
+                f"the model reads at most {limit} (shorten the class name or template)",
+            )
 
 
 async def text_embeddings(context: InvocationContext, prompts: Sequence[str]) -> np.ndarray:
@@ -58,7 +76,7 @@ async def text_embeddings(context: InvocationContext, prompts: Sequence[str]) ->
 
 
 async def image_embeddings(context: InvocationContext, images: Sequence[str]) -> np.ndarray:
-    pixels = await load_images(images, context.http_client, context.geometry, context.fetch_limits)
+    pixels = await load_images(images, context.http_client, context.geometry, context.image_limits)
     return np.asarray(await context.encode_images(pixels), dtype=np.float32)
 
 
@@ -70,19 +88,16 @@ async def invoke(
     top_k: int,
 ) -> list[dict[str, Any]]:
     """The original container's answer for one request: one prediction per image, in order."""
-    if len(images) > context.max_images:
-        raise RequestError(
-            422,
-            "invalid_request",
-            f"images: {len(images)} images given, at most {context.max_images} per request",
-        )
     names = [name for name, _ in classes]
     flags = [flag for _, flag in classes]
+    prompts = build_prompts(names, template)
+    check_prompt_lengths(context, prompts)
     image_task = asyncio.ensure_future(image_embeddings(context, images))
     try:
-        text = await text_embeddings(context, build_prompts(names, template))
+        text = await text_embeddings(context, prompts)
     except BaseException:
         image_task.cancel()
+        await asyncio.gather(image_task, return_exceptions=True)
         raise
     image = await image_task
     probabilities = zero_shot_probabilities(image, text, context.facts.logit_scale)

@@ -10,7 +10,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, PlainValidator, WithJsonSchema
 
-from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K
+from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
+
+_settings = get_settings()
 
 SEED_IMAGE_URL = (
     "https://images.unsplash.com/photo-1597308680537-1ba44407ffc0?ixid=MXwxMjA3fDB8MHxwaG90by1w"
@@ -38,13 +40,14 @@ Flag = Annotated[
     PlainValidator(_parse_flag),
     WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": [0, 1]}]}),
 ]
-ClassName = Annotated[str, Field(min_length=1)]
+ClassName = Annotated[str, Field(min_length=1, max_length=_settings.max_class_name_chars)]
 ClassEntry = tuple[ClassName, Flag]
 
 ImageList = Annotated[
     list[str],
     Field(
         min_length=1,
+        max_length=_settings.max_images_per_request,
         description="Images as http(s) URLs, base64 strings or data: URIs.",
         examples=[[SEED_IMAGE_URL]],
     ),
@@ -53,6 +56,7 @@ ClassList = Annotated[
     list[ClassEntry],
     Field(
         min_length=1,
+        max_length=_settings.max_classes_per_request,
         description="[name, flag] pairs; flag (0/1/bool) marks the classes that count as positive.",
         examples=[[["person", 1], ["bag", 0], ["person with a bag", 1]]],
     ),
@@ -60,7 +64,10 @@ ClassList = Annotated[
 Template = Annotated[
     str,
     AfterValidator(_check_template),
-    Field(description="Prompt template; {name} is replaced by each class name."),
+    Field(
+        max_length=_settings.max_class_name_chars,
+        description="Prompt template; {name} is replaced by each class name.",
+    ),
 ]
 TopK = Annotated[int, Field(ge=1, description="How many classes to return per image (<= N).")]
 

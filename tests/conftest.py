@@ -18,7 +18,13 @@ os.environ["BENTOML_HOME"] = str(_STORE)
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
 from clip_runner.store import LoadedClip, build_random_clip, load_clip, save_clip  # noqa: E402
-from tests.helpers import ServedBento, bentoml_serve, image_host  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    PUBLIC_HOST,
+    ImageHost,
+    ServedBento,
+    bentoml_serve,
+    image_host,
+)
 
 
 @pytest.fixture(scope="session")
@@ -43,9 +49,15 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def image_server(image_dir: Path) -> Iterator[str]:
-    with image_host(image_dir) as url:
-        yield url
+def image_host_server(image_dir: Path) -> Iterator[ImageHost]:
+    """The stand-in for a public image host (on 127.0.0.2, the one address tests allow)."""
+    with image_host(image_dir) as host:
+        yield host
+
+
+@pytest.fixture(scope="session")
+def image_server(image_host_server: ImageHost) -> str:
+    return image_host_server.url
 
 
 @pytest.fixture(scope="session")
@@ -58,5 +70,8 @@ def served(
         bentoml_home,
         log_path,
         CLIP_MODEL_TAG=str(tiny_stored_model.tag),
+        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
+        CLIP_FETCH_TIMEOUT_S="3",
+        CLIP_FETCH_CONNECT_TIMEOUT_S="2",
     ) as server:
         yield server

@@ -60,35 +60,115 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+PUBLIC_HOST = "127.0.0.2"  # plays a public image host; fetch clients in tests allow only it
+
+
+class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files plus `/status/N`, `/redirect?to=URL`, `/loop`, `/hang` and `/endless`."""
+
+    protocol_version = "HTTP/1.1"
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
+        self.server.access_log.append(self.path)  # type: ignore[attr-defined]
 
     def do_GET(self) -> None:  # noqa: N802
-        if self.path.startswith("/status/"):
-            code = int(self.path.rsplit("/", 1)[1])
-            self.send_response(code)
+        path, _, query = self.path.partition("?")
+        if path.startswith("/status/"):
+            self.send_response(int(path.rsplit("/", 1)[1]))
             self.send_header("Content-Length", "0")
             self.end_headers()
-            return
-        super().do_GET()
+        elif path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", query.removeprefix("to="))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/hang":
+            self.log_message("%s", "hang")
+            self.server.hang_released.wait(60)  # type: ignore[attr-defined]
+        elif path == "/endless":
+            self.log_message("%s", "endless")
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            try:
+                for _ in range(100_000):  # bounded: ~6.5 GB at most, never reached in tests
+                    self.wfile.write(b"\x89PNG" + b"\0" * 65_532)
+            except OSError:
+                pass
+        else:
+            super().do_GET()
+
+
+class _ImageHostServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], directory: Path) -> None:
+        self.access_log: list[str] = []
+        self.hang_released = threading.Event()
+
+        def handler(*args: object, **kwargs: object) -> _ImageHostHandler:
+            return _ImageHostHandler(*args, directory=str(directory), **kwargs)
+
+        super().__init__(address, handler)
+
+
+@dataclass
+class ImageHost:
+    url: str
+    server: _ImageHostServer
+
+    @property
+    def access_log(self) -> list[str]:
+        return self.server.access_log
 
 
 @contextmanager
-def image_host(directory: Path) -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1 serving `directory`; `/status/N` answers status N."""
-
-    def handler(*args: object, **kwargs: object) -> _QuietHandler:
-        return _QuietHandler(*args, directory=str(directory), **kwargs)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def image_host(directory: Path, host: str = PUBLIC_HOST) -> Iterator[ImageHost]:
+    """A real HTTP server on a loopback address serving `directory` (see `_ImageHostHandler`)."""
+    server = _ImageHostServer((host, 0), directory)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield ImageHost(f"http://{host}:{server.server_address[1]}", server)
     finally:
+        server.hang_released.set()
         server.shutdown()
         server.server_close()
+
+
+class ConnectionCounter:
+    """A TCP listener that only counts connections: the address SSRF must never reach."""
+
+    def __init__(self, host: str) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            connection.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
 
 
 @dataclass

@@ -18,15 +18,18 @@ def test_defaults_match_sagemaker(monkeypatch):
     for name in ("CLIP_PORT", "CLIP_REQUEST_TIMEOUT_S", "CLIP_MAX_LATENCY_MS"):
         monkeypatch.delenv(name, raising=False)
     settings = get_settings()
-    assert settings.port == 8080 and settings.request_timeout_s == 60
+    assert settings.port == 8080 and settings.request_timeout_s == 55  # under SageMaker's 60
+    assert settings.max_body_bytes == 6 * 1024 * 1024
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
 
 def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_MAX_BATCH_SIZE", "8")
     monkeypatch.setenv("CLIP_MODEL_TAG", "clip:abc")
+    monkeypatch.setenv("CLIP_FETCH_ALLOW", " 10.0.0.0/8, images.lan ,")
     settings = get_settings()
     assert settings.max_batch_size == 8 and settings.model_tag == "clip:abc"
+    assert settings.fetch_allow == ("10.0.0.0/8", "images.lan")
 
 
 @pytest.mark.parametrize(
@@ -38,6 +41,7 @@ def test_environment_overrides(monkeypatch):
         ("CLIP_FETCH_TIMEOUT_S", "soon", "must be a number"),
         ("CLIP_MAX_LATENCY_MS", "50000", "below half of CLIP_REQUEST_TIMEOUT_S"),
         ("CLIP_FETCH_TIMEOUT_S", "90", "below CLIP_REQUEST_TIMEOUT_S"),
+        ("CLIP_FETCH_CONNECT_TIMEOUT_S", "20", "must not exceed CLIP_FETCH_TIMEOUT_S"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_name(monkeypatch, name, value, message):

@@ -10,7 +10,8 @@ import torch
 
 from clip_runner.encoding import ClipEncoder
 from clip_runner.errors import RequestError
-from clip_runner.images import FetchLimits, new_http_client
+from clip_runner.fetch import AddressPolicy, FetchLimits, new_fetch_client
+from clip_runner.images import ImageLimits
 from clip_runner.invocation import InvocationContext, invoke
 from clip_runner.text_cache import TextEmbeddingCache
 from tests.helpers import SEED_CLASSES, as_base64, photo_like
@@ -39,16 +40,21 @@ def counting(tiny_clip) -> CountingEncoder:
 
 
 def run_invoke(tiny_clip, counting, images, classes, template="a photo of a {name}", top_k=3):
+    limits = ImageLimits(FetchLimits(5_000_000, 5), max_pixels=50_000_000)
+
+    def count_tokens(prompts: list[str]) -> list[int]:
+        return [len(ids) for ids in tiny_clip.processor.tokenizer(prompts)["input_ids"]]
+
     async def go():
-        async with new_http_client(5) as client:
+        async with new_fetch_client(AddressPolicy(), limits.fetch) as client:
             context = InvocationContext(
                 facts=counting.encoder.facts(tiny_clip.tag, True),
                 encode_images=counting.encode_images,
                 encode_texts=counting.encode_texts,
+                count_tokens=count_tokens,
                 http_client=client,
                 text_cache=cache,
-                fetch_limits=FetchLimits(5_000_000, 5),
-                max_images=4,
+                image_limits=limits,
             )
             first = await invoke(context, images, classes, template, top_k)
             second = await invoke(context, images, classes, template, top_k)
@@ -95,6 +101,10 @@ def test_template_and_top_k_overrides(tiny_clip, counting):
     np.testing.assert_allclose(probabilities, reference[0][indices], atol=1e-5)
 
 
-def test_too_many_images_are_refused(tiny_clip, counting):
-    with pytest.raises(RequestError, match="at most 4 per request"):
-        run_invoke(tiny_clip, counting, ["aGk="] * 5, [("cat", True)])
+def test_prompts_over_the_token_limit_are_refused_naming_the_class(tiny_clip, counting):
+    classes = [("cat", True), ("very " * 80 + "long cat", False)]
+    with pytest.raises(RequestError) as raised:
+        run_invoke(tiny_clip, counting, [as_base64(photo_like(20, 20, 1))], classes)
+    assert raised.value.status == 422
+    assert "classes[1][0]" in raised.value.message and "at most 77" in raised.value.message
+    assert counting.text_calls == []

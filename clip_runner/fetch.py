@@ -1,0 +1,215 @@
+"""Fetching image URLs that strangers send, without letting them reach what they should not.
+
+Every TCP connection the fetch client makes goes through `GuardedBackend`: it resolves the host
+itself, refuses loopback, private, link-local (the cloud metadata address 169.254.169.254
+included), multicast and reserved addresses unless an allowlist opens them, and then connects to
+the very address it checked. DNS rebinding and redirects (each hop opens its own connection) are
+therefore checked too. Responses are streamed with a size cap and a total deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import httpcore
+import httpx
+
+from clip_runner.errors import RequestError
+
+USER_AGENT = "clip-bentoml/0.1 (zero-shot image classification; image fetcher)"
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which addresses image URLs may reach: public ones, plus an explicit allowlist."""
+
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_allowlist(cls, entries: Iterable[str]) -> AddressPolicy:
+        """Entries are CIDRs / IP addresses (`10.0.0.0/8`, `::1`) or host names (`images.lan`)."""
+        networks: list[IPNetwork] = []
+        hosts: set[str] = set()
+        for entry in (e.strip() for e in entries):
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                hosts.add(entry.lower().rstrip("."))
+        return cls(tuple(networks), frozenset(hosts))
+
+    def refusal(self, host: str, address: IPAddress) -> str | None:
+        """None if connecting to `address` (resolved from `host`) is allowed, else the reason."""
+        if host.lower().rstrip(".") in self.allowed_hosts:
+            return None
+        if any(address in network for network in self.allowed_networks):
+            return None
+        for embedded in _embedded_ipv4(address):
+            if any(embedded in network for network in self.allowed_networks):
+                return None
+            if not embedded.is_global or embedded.is_multicast:
+                return f"{address} embeds the non-public address {embedded}"
+        if address.is_multicast:
+            return f"{address} is a multicast address"
+        if not address.is_global:
+            return f"{address} is not a public address (loopback, private, link-local or reserved)"
+        return None
+
+
+def _embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
+    if isinstance(address, ipaddress.IPv4Address):
+        return []
+    found = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+    return [ip for ip in found if ip is not None]
+
+
+class ForbiddenAddressError(httpcore.ConnectError):
+    """Raised instead of connecting to an address the policy refuses."""
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """A network backend that resolves, checks, then connects to the checked address."""
+
+    def __init__(self, policy: AddressPolicy, inner: httpcore.AsyncNetworkBackend | None = None):
+        self.policy = policy
+        self.inner = inner or httpcore.AnyIOBackend()
+
+    async def resolve(self, host: str, port: int) -> list[IPAddress]:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        return list(dict.fromkeys(addresses))
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            addresses = await self.resolve(host, port)
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        refusals = [self.policy.refusal(host, address) for address in addresses]
+        permitted = [a for a, refusal in zip(addresses, refusals, strict=True) if refusal is None]
+        if not permitted:
+            raise ForbiddenAddressError(f"refusing to connect to {host}: {refusals[0]}")
+        last_error: Exception | None = None
+        for address in permitted:
+            try:
+                return await self.inner.connect_tcp(
+                    str(address), port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last_error = exc
+        raise last_error or httpcore.ConnectError(f"cannot connect to {host}")
+
+    async def connect_unix_socket(self, *args: object, **kwargs: object) -> None:
+        raise ForbiddenAddressError("unix sockets are never used for image URLs")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+class GuardedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over a connection pool whose every connection is policy-checked."""
+
+    def __init__(
+        self,
+        policy: AddressPolicy,
+        max_connections: int = 64,
+        network_backend: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        # Built directly rather than via super().__init__, which offers no network_backend.
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=max_connections,
+            max_keepalive_connections=16,
+            keepalive_expiry=5.0,
+            network_backend=GuardedBackend(policy, network_backend),
+        )
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """Bounds on downloading one image."""
+
+    max_bytes: int
+    timeout_s: float
+    connect_timeout_s: float = 5.0
+    max_redirects: int = 5
+
+
+def new_fetch_client(
+    policy: AddressPolicy,
+    limits: FetchLimits,
+    network_backend: httpcore.AsyncNetworkBackend | None = None,
+) -> httpx.AsyncClient:
+    """The shared, guarded connection pool for image URLs (no proxies from the environment).
+
+    `network_backend` is what the guard connects through once an address passes (default: real
+    sockets); tests pass one that records instead of connecting to non-loopback addresses.
+    """
+    return httpx.AsyncClient(
+        transport=GuardedTransport(policy, network_backend=network_backend),
+        timeout=httpx.Timeout(limits.timeout_s, connect=limits.connect_timeout_s),
+        follow_redirects=True,
+        max_redirects=limits.max_redirects,
+        headers={"User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"},
+        trust_env=False,
+    )
+
+
+def _fetch_error(index: int, message: str, error_type: str = "invalid_image") -> RequestError:
+    return RequestError(422, error_type, f"images[{index}]: {message}", index)
+
+
+async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: FetchLimits) -> bytes:
+    """Download an image with a total deadline, a status check, and a size cap while streaming."""
+    too_large = f"image at {url} is larger than the {limits.max_bytes}-byte limit"
+    try:
+        async with asyncio.timeout(limits.timeout_s):
+            async with client.stream("GET", url) as response:
+                if not response.is_success:
+                    raise _fetch_error(
+                        index, f"fetching {url} returned HTTP {response.status_code}"
+                    )
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limits.max_bytes:
+                    raise _fetch_error(index, too_large)
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > limits.max_bytes:
+                        raise _fetch_error(index, too_large)
+    except TimeoutError:
+        raise _fetch_error(
+            index, f"fetching {url} timed out after {limits.timeout_s:g} s"
+        ) from None
+    except httpx.TooManyRedirects:
+        raise _fetch_error(
+            index, f"{url} redirected more than {limits.max_redirects} times"
+        ) from None
+    except httpx.HTTPError as exc:
+        if isinstance(exc.__cause__, ForbiddenAddressError):
+            raise _fetch_error(
+                index,
+                f"{exc.__cause__} (set CLIP_FETCH_ALLOW to allow private addresses)",
+                "forbidden_url",
+            ) from None
+        reason = str(exc) or type(exc).__name__
+        raise _fetch_error(index, f"could not fetch {url}: {reason}") from None
+    if not body:
+        raise _fetch_error(index, f"{url} returned an empty body")
+    return bytes(body)

@@ -1,0 +1,192 @@
+"""Admission, body limits, deadlines and client disconnects, enforced before any handler runs.
+
+`RequestGuardMiddleware` answers in the project's JSON error shape:
+- 429 when `max_concurrency` requests are already in flight in this worker (fast, no queueing);
+- 415 when a JSON route gets a body that is not JSON;
+- 413 when the body is over `max_body_bytes`: by Content-Length before reading, or while reading;
+- 504 when no response has started after `timeout_s`;
+and cancels the handler when the client disconnects, so abandoned requests stop fetching images
+and waiting on the runner. Health and metrics routes bypass it so `/ping` stays fast under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clip_runner.errors import error_body
+
+EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz"})
+JSON_MEDIA_TYPES = ("application/json", "text/json")
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """`application/json` with any parameters, `application/*+json`, or no type at all."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return not media_type or media_type in JSON_MEDIA_TYPES or media_type.endswith("+json")
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    error_type: str,
+    message: str,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    body = json.dumps(error_body(error_type, message)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra_headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class RequestGuardMiddleware:
+    """See the module docstring; one instance per API worker."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_concurrency: int,
+        max_body_bytes: int,
+        timeout_s: float,
+        json_paths: Iterable[str] = ("/invocations",),
+    ) -> None:
+        self.app = app
+        self.max_concurrency = max_concurrency
+        self.max_body_bytes = max_body_bytes
+        self.timeout_s = timeout_s
+        self.json_paths = frozenset(json_paths)
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_concurrency:
+            await send_error(
+                send,
+                429,
+                "too_many_requests",
+                f"server is at its limit of {self.max_concurrency} concurrent requests; retry",
+                [(b"retry-after", b"1")],
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        if scope["method"] == "POST" and scope["path"] in self.json_paths:
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            if not is_json_media_type(content_type):
+                await send_error(
+                    send,
+                    415,
+                    "unsupported_media_type",
+                    f"Content-Type {content_type!r} is not supported; send application/json",
+                )
+                return
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large(send, int(declared))
+            return
+        try:
+            body = await self._read_body(receive)
+        except _TooLarge:
+            await self._too_large(send, None)
+            return
+        except _Disconnected:
+            return
+        await self._run_app(scope, receive, send, body)
+
+    async def _too_large(self, send: Send, size: int | None) -> None:
+        size_text = f"{size} bytes" if size is not None else "the body"
+        await send_error(
+            send,
+            413,
+            "payload_too_large",
+            f"{size_text} exceeds the {self.max_body_bytes}-byte request limit "
+            "(send image URLs, or smaller images)",
+        )
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _run_app(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        disconnected = asyncio.Event()
+        body_sent = False
+        response_started = False
+
+        async def replay() -> Message:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        async def watch_disconnect() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected.set()
+                    return
+
+        handler = asyncio.ensure_future(self.app(scope, replay, tracking_send))
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            done, _ = await asyncio.wait(
+                {handler, watcher}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if handler in done:
+                handler.result()
+                return
+            handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+            if watcher not in done and not response_started:
+                await send_error(
+                    send,
+                    504,
+                    "timeout",
+                    f"the request was not answered within {self.timeout_s:g} s",
+                )
+        finally:
+            watcher.cancel()
+            handler.cancel()
