@@ -53,6 +53,11 @@ def _location(loc: list[Any]) -> str:
     return text or "body"
 
 
+def _reason(message: str) -> str:
+    """pydantic prefixes custom validator messages with "Value error, "; callers need not see it."""
+    return message.removeprefix("Value error, ")
+
+
 def from_validation_detail(detail: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
     """Turn pydantic's error list (as BentoML reports it) into (status, our error body)."""
     if any(item.get("type") == "json_invalid" for item in detail):
@@ -60,7 +65,9 @@ def from_validation_detail(detail: list[dict[str, Any]]) -> tuple[int, dict[str,
         return 400, error_body("malformed_json", f"request body is not valid JSON: {reason}")
     if any(item.get("type") == "model_type" and not item.get("loc") for item in detail):
         return 400, error_body("malformed_json", "request body must be a JSON object")
-    messages = [f"{_location(list(item.get('loc', [])))}: {item.get('msg', '')}" for item in detail]
+    messages = [
+        f"{_location(list(item.get('loc', [])))}: {_reason(item.get('msg', ''))}" for item in detail
+    ]
     first_index = next(
         (
             item["loc"][1]

@@ -6,6 +6,7 @@ import base64
 import http.server
 import io
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -89,7 +90,7 @@ class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
             self.end_headers()
         elif path == "/hang":
             self.log_message("%s", "hang")
-            self.server.hang_released.wait(60)  # type: ignore[attr-defined]
+            self._wait_for_client_to_leave()
         elif path == "/endless":
             self.log_message("%s", "endless")
             self.send_response(200)
@@ -103,12 +104,22 @@ class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
         else:
             super().do_GET()
 
+    def _wait_for_client_to_leave(self, limit_s: float = 60) -> None:
+        """Never answer; log `hang-closed <monotonic time>` when the client closes the socket."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline and not self.server.hang_released.is_set():  # type: ignore[attr-defined]
+            readable, _, _ = select.select([self.connection], [], [], 0.05)
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                self.server.closed_at.append(time.monotonic())  # type: ignore[attr-defined]
+                return
+
 
 class _ImageHostServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], directory: Path) -> None:
         self.access_log: list[str] = []
+        self.closed_at: list[float] = []
         self.hang_released = threading.Event()
 
         def handler(*args: object, **kwargs: object) -> _ImageHostHandler:

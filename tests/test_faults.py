@@ -1,0 +1,123 @@
+"""Overload, deadlines, abandoned requests and a dying runner, on a deliberately small server.
+
+The server here allows 3 concurrent requests, answers 504 after 5 s, and gives up on image
+hosts after 4 s. The runner is frozen (SIGSTOP) or killed (SIGKILL) to make the faults real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import PUBLIC_HOST, ServedBento, as_base64, bentoml_serve, photo_like
+
+GOOD = {"images": [as_base64(photo_like(40, 40, seed=1))], "classes": [["cat", 1], ["dog", 0]]}
+
+
+@pytest.fixture(scope="module")
+def fragile(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
+    log_path = tmp_path_factory.mktemp("fragile") / "serve.log"
+    with bentoml_serve(
+        bentoml_home,
+        log_path,
+        CLIP_MODEL_TAG=str(tiny_stored_model.tag),
+        CLIP_MAX_CONCURRENCY="3",
+        CLIP_REQUEST_TIMEOUT_S="5",
+        CLIP_FETCH_TIMEOUT_S="4",
+        CLIP_FETCH_CONNECT_TIMEOUT_S="2",
+        CLIP_MAX_LATENCY_MS="2000",
+        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
+    ) as server:
+        yield server
+
+
+def runner_process(served: ServedBento) -> psutil.Process:
+    return next(
+        child
+        for child in psutil.Process(served.process.pid).children(recursive=True)
+        if "clip_runner" in " ".join(child.cmdline())
+    )
+
+
+def timed_get(url: str) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = httpx.get(url, timeout=10)
+    return response, time.monotonic() - started
+
+
+def test_overload_is_refused_fast_and_stuck_requests_time_out(fragile):
+    runner = runner_process(fragile)
+    os.kill(runner.pid, signal.SIGSTOP)
+    try:
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=fragile.url, timeout=30) as client:
+                stuck = [
+                    asyncio.ensure_future(client.post("/invocations", json=GOOD)) for _ in range(3)
+                ]
+                await asyncio.sleep(0.7)
+                started = time.monotonic()
+                extra = await client.post("/invocations", json=GOOD)
+                extra_s = time.monotonic() - started
+                started = time.monotonic()
+                ping = await client.get("/ping")
+                ping_s = time.monotonic() - started
+                return await asyncio.gather(*stuck), extra, extra_s, ping, ping_s
+
+        stuck, extra, extra_s, ping, ping_s = asyncio.run(scenario())
+    finally:
+        os.kill(runner.pid, signal.SIGCONT)
+    assert extra.status_code == 429 and extra.json()["error"]["type"] == "too_many_requests"
+    assert extra.headers["retry-after"] == "1" and extra_s < 1.0
+    assert ping.status_code == 503 and ping_s < 2.0  # the frozen runner is reported, quickly
+    for response in stuck:
+        assert response.status_code == 504, response.text
+        assert response.json()["error"] == {
+            "type": "timeout",
+            "message": "the request was not answered within 5 s",
+        }
+    assert httpx.post(f"{fragile.url}/invocations", json=GOOD, timeout=30).status_code == 200
+
+
+def test_a_client_that_leaves_cancels_its_image_fetch(fragile, image_host_server):
+    host = image_host_server.server
+    closed_before = len(host.closed_at)
+    body = {"images": [f"{image_host_server.url}/hang?leaver"], "classes": [["cat", 1]]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{fragile.url}/invocations", json=body, timeout=1.0)
+    left_at = time.monotonic()
+    deadline = left_at + 3.5  # well before the 4 s fetch timeout would close it anyway
+    while len(host.closed_at) == closed_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(host.closed_at) > closed_before, "the image fetch outlived its client"
+    assert host.closed_at[-1] - left_at < 2.0
+
+
+def test_a_killed_runner_is_reported_then_restarted(fragile):
+    runner = runner_process(fragile)
+    runner.kill()
+    runner.wait(10)
+    response, elapsed = timed_get(f"{fragile.url}/ping")
+    assert response.status_code == 503 and elapsed < 2.0
+    # The runner's listening socket outlives the process (the supervisor holds it), so a request
+    # sent meanwhile waits for the restarted runner: answered, or a 504 at the deadline.
+    started = time.monotonic()
+    during = httpx.post(f"{fragile.url}/invocations", json=GOOD, timeout=30)
+    assert during.status_code in (200, 503, 504), during.text
+    assert time.monotonic() - started < 6.5
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if httpx.get(f"{fragile.url}/ping", timeout=5).status_code == 200:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the runner was not restarted within 90 s")
+    assert runner_process(fragile).pid != runner.pid
+    assert httpx.post(f"{fragile.url}/invocations", json=GOOD, timeout=30).status_code == 200

@@ -1,0 +1,204 @@
+"""Attacks on a real `bentoml serve`: bad bodies, bad images, SSRF, oversize, wrong types.
+
+Every answer must be a JSON 4xx in the project's error shape, never a 5xx, and the server must
+keep answering good requests afterwards.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import ConnectionCounter, as_base64, encode, photo_like
+
+GOOD_IMAGE = as_base64(photo_like(48, 32, seed=1))
+CLASSES = [["cat", 1], ["dog", 0]]
+
+
+def post_raw(served, content: bytes, content_type: str | None = "application/json", **kw):
+    headers = {"Content-Type": content_type} if content_type else {}
+    return httpx.post(
+        f"{served.url}/invocations", content=content, headers=headers, timeout=30, **kw
+    )
+
+
+def post(served, body) -> httpx.Response:
+    return post_raw(served, json.dumps(body).encode())
+
+
+def assert_json_error(response: httpx.Response, status: int | None = None) -> dict:
+    assert response.status_code < 500, response.text
+    assert response.status_code >= 400, response.text
+    if status is not None:
+        assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert isinstance(error["type"], str) and isinstance(error["message"], str)
+    assert set(error) <= {"type", "message", "index"}
+    return error
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def sixteen_bit_png() -> bytes:
+    return encode(Image.fromarray(np.full((30, 30), 50_000, dtype=np.uint16)))
+
+
+def animated_gif() -> bytes:
+    buffer = io.BytesIO()
+    frames = [Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], loop=0)
+    return buffer.getvalue()
+
+
+ACCEPTED_ODD_IMAGES = {
+    "1x1": encode(Image.new("RGB", (1, 1), (1, 2, 3))),
+    "16-bit png": sixteen_bit_png(),
+    "cmyk jpeg": encode(Image.new("CMYK", (20, 20), (0, 255, 255, 0)), "JPEG"),
+    "animated gif": animated_gif(),
+    "animated webp": encode(Image.new("RGB", (16, 16), (0, 0, 255)), "WEBP"),
+    "rgba png": encode(Image.new("RGBA", (20, 20), (9, 9, 9, 0))),
+    "panorama 4000x10": encode(photo_like(4000, 10, seed=2)),
+    "strip 3x2000": encode(photo_like(3, 2000, seed=3)),
+    "greyscale": encode(Image.new("L", (20, 20), 100)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED_ODD_IMAGES))
+def test_odd_but_valid_images_are_classified(served, name):
+    response = post(served, {"images": [b64(ACCEPTED_ODD_IMAGES[name])], "classes": CLASSES})
+    assert response.status_code == 200, response.text
+    assert len(response.json()[0]["prompts"][0]) == 2
+
+
+REFUSED_IMAGES = {
+    "empty": "",
+    "zero bytes as data uri": "data:image/png;base64,",
+    "svg": b64(b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>'),
+    "html": b64(b"<!doctype html><title>x</title>"),
+    "text": b64(b"just some text, honest"),
+    "truncated jpeg": b64(encode(photo_like(200, 200, seed=4), "JPEG")[:700]),
+    "pixel bomb": b64(encode(Image.new("1", (12_000, 12_000)))),
+    "bad base64": "!!!!",
+    "html data uri": "data:text/html;base64," + b64(b"<b>x</b>"),
+    "file url": "file:///etc/passwd",
+    "gopher url": "gopher://127.0.0.1:70/_stats",
+    "ftp url": "ftp://127.0.0.1/cat.png",
+    "javascript": "javascript:alert(1)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_IMAGES))
+def test_bad_images_are_refused_naming_the_index(served, name):
+    response = post(served, {"images": [GOOD_IMAGE, REFUSED_IMAGES[name]], "classes": CLASSES})
+    error = assert_json_error(response, 422)
+    assert error["index"] == 1 and error["message"].startswith("images[1]")
+
+
+BAD_BODIES = {
+    "deeply nested": b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "non-utf8": b'{"images": ["\xff\xfe\xfa"], "classes": [["cat", 1]]}',
+    "null": b"null",
+    "string": b'"images"',
+    "number": b"12",
+    "empty": b"",
+    "trailing garbage": b'{"images": ["x"], "classes": [["a", 1]]} extra',
+    "images is a string": b'{"images": "aGk=", "classes": [["a", 1]]}',
+    "classes is an object": b'{"images": ["aGk="], "classes": {"a": 1}}',
+    "flag is null": b'{"images": ["aGk="], "classes": [["a", null]]}',
+    "name is a number": b'{"images": ["aGk="], "classes": [[3, 1]]}',
+    "top_k is fractional": b'{"images": ["aGk="], "classes": [["a", 1]], "top_k": 1.5}',
+    "template is a list": b'{"images": ["aGk="], "classes": [["a", 1]], "template": ["{name}"]}',
+    "huge image list": json.dumps({"images": ["x"] * 200_000, "classes": CLASSES}).encode(),
+    "huge class list": json.dumps({"images": ["x"], "classes": [["c", 1]] * 5000}).encode(),
+    "long class name": json.dumps({"images": ["x"], "classes": [["n" * 5000, 1]]}).encode(),
+    "prompt over 77 tokens": json.dumps(
+        {"images": [GOOD_IMAGE], "classes": [["word " * 50, 1]]}
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_BODIES))
+def test_bad_bodies_get_a_json_4xx(served, name):
+    assert_json_error(post_raw(served, BAD_BODIES[name]))
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "multipart/form-data; boundary=x",
+        "application/x-www-form-urlencoded",
+        "image/png",
+        "application/xml",
+    ],
+)
+def test_wrong_content_types_are_415(served, content_type):
+    body = json.dumps({"images": [GOOD_IMAGE], "classes": CLASSES}).encode()
+    error = assert_json_error(post_raw(served, body, content_type), 415)
+    assert "application/json" in error["message"]
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8", "text/json"])
+def test_json_content_types_and_none_are_accepted(served, content_type):
+    body = json.dumps({"images": [GOOD_IMAGE], "classes": CLASSES}).encode()
+    assert post_raw(served, body, content_type).status_code == 200
+
+
+def test_oversize_bodies_are_413_declared_or_streamed(served):
+    big = json.dumps({"images": ["A" * (7 * 1024 * 1024)], "classes": CLASSES}).encode()
+    assert "6291456-byte" in assert_json_error(post_raw(served, big), 413)["message"]
+
+    def chunks():
+        for start in range(0, len(big), 256 * 1024):
+            yield big[start : start + 256 * 1024]
+
+    streamed = httpx.post(
+        f"{served.url}/invocations",
+        content=chunks(),
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert_json_error(streamed, 413)
+
+
+def test_ssrf_through_the_service_never_connects(served, image_server):
+    v4, v6 = ConnectionCounter("127.0.0.1"), ConnectionCounter("::1")
+    try:
+        targets = [
+            f"http://127.0.0.1:{v4.port}/admin",
+            f"http://localhost:{v4.port}/admin",
+            f"http://[::1]:{v6.port}/admin",
+            f"{image_server}/redirect?to=http://127.0.0.1:{v4.port}/admin",
+        ]
+        for target in targets:
+            response = post(served, {"images": [GOOD_IMAGE, target], "classes": CLASSES})
+            error = assert_json_error(response, 422)
+            assert error["type"] == "forbidden_url" and error["index"] == 1, error
+        time.sleep(0.3)
+        assert (v4.accepted, v6.accepted) == (0, 0)
+    finally:
+        v4.close()
+        v6.close()
+
+
+def test_unicode_names_and_large_top_k_are_fine(served):
+    classes = [["čerešňa 🍒", 1], ["مرحبا", 0], ["猫", 0]]
+    response = post(served, {"images": [GOOD_IMAGE], "classes": classes, "top_k": 10**9})
+    assert response.status_code == 200, response.text
+    assert sorted(response.json()[0]["prompts"][1]) == sorted(name for name, _ in classes)
+
+
+def test_still_serving_after_the_attacks(served):
+    response = post(served, {"images": [GOOD_IMAGE], "classes": CLASSES})
+    assert response.status_code == 200
+    assert httpx.get(f"{served.url}/ping", timeout=5).status_code == 200
