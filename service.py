@@ -7,8 +7,12 @@ contract). The work itself lives in clip_runner/.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import aiohttp
 import bentoml
 import httpx
 from starlette.applications import Starlette
@@ -35,13 +39,47 @@ from clip_runner.traffic import RequestGuardMiddleware
 
 logger = logging.getLogger("clip_service")
 settings = get_settings()
-READY_PROBE_TIMEOUT_S = 1.5  # SageMaker allows 2 s per ping
+READY_PROBE_TIMEOUT_S = 1.5
+READY_PROBE_INTERVAL_S = 1.0
+# How a runner call fails when the runner is gone, slow, or refuses (BentoML's dependency client
+# speaks aiohttp over a unix socket).
+RUNNER_ERRORS = (
+    aiohttp.ClientError,
+    httpx.HTTPError,
+    TimeoutError,
+    bentoml.exceptions.BentoMLException,
+)
+T = TypeVar("T")
+
+
+def resilient(
+    call: Callable[..., Awaitable[T]], attempt_timeout_s: float
+) -> Callable[..., Awaitable[T]]:
+    """A runner call that is tried twice when its connection fails or its answer never comes.
+
+    BentoML's dependency client (aiohttp over a unix socket) now and then has a pooled
+    connection closed under a request ("Server disconnected"), and in soak tests about one call
+    in several thousand was never answered at all. Encoding is idempotent, so a second attempt
+    is safe; the runner's own queue bound (CLIP_MAX_LATENCY_MS) keeps honest calls well inside
+    `attempt_timeout_s`.
+    """
+
+    async def call_twice(*args: object) -> T:
+        try:
+            return await asyncio.wait_for(call(*args), attempt_timeout_s)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            logger.warning("runner call failed (%s); retrying once", type(exc).__name__)
+            return await asyncio.wait_for(call(*args), attempt_timeout_s)
+
+    return call_twice
 
 
 async def ping(_: Request) -> Response:
-    """200 with an empty body once the runner has loaded and warmed the model, else 503."""
-    service = bentoml.get_current_service()
-    if await service.is_ready():
+    """200 with an empty body once the runner has loaded and warmed the model, else 503.
+
+    Answered from the last background probe, so it costs nothing and stays fast under load.
+    """
+    if bentoml.get_current_service().runner_ready:
         return Response(status_code=200)
     return JSONResponse(
         error_body("not_ready", "the model is still loading or the runner is unavailable"),
@@ -83,29 +121,50 @@ class ClipService:
         self.text_cache = TextEmbeddingCache(settings.text_cache_size)
         self._context: InvocationContext | None = None
         self._context_lock = asyncio.Lock()
+        self.runner_ready = False
+        self._probe_task: asyncio.Task | None = None
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
 
-    async def is_ready(self) -> bool:
-        """Whether the runner answers its readiness probe and its model facts are known."""
+    async def probe_runner(self) -> bool:
+        """Whether the runner answers its readiness probe in time and its model facts are known."""
         try:
             ready = await self.runner.to_async.is_ready(READY_PROBE_TIMEOUT_S)
             if ready:
                 await asyncio.wait_for(self.context(), READY_PROBE_TIMEOUT_S)
             return ready
-        except (httpx.HTTPError, TimeoutError, bentoml.exceptions.BentoMLException):
+        except RUNNER_ERRORS:
             return False
+
+    async def _probe_forever(self) -> None:
+        while True:
+            ready = await self.probe_runner()
+            if ready != self.runner_ready:
+                log = logger.info if ready else logger.warning
+                log("runner %s", "ready" if ready else "NOT answering: /ping reports 503")
+            self.runner_ready = ready
+            await asyncio.sleep(READY_PROBE_INTERVAL_S if ready else 0.2)
+
+    @bentoml.on_startup
+    async def start_runner_probe(self) -> None:
+        self._probe_task = asyncio.create_task(self._probe_forever())
+        # Everything loaded so far (torch, transformers, the tokenizer) lives for the process's
+        # lifetime; freezing it keeps full garbage collections from scanning it on every pass,
+        # which otherwise stalls the event loop (and /ping) for hundreds of ms under load.
+        gc.collect()
+        gc.freeze()
 
     async def context(self) -> InvocationContext:
         """Built once, on first use: it needs the runner's model facts (logit scale, geometry)."""
         async with self._context_lock:
             if self._context is None:
-                facts = ModelFacts(**await self.runner.to_async.describe())
+                attempt_s = (settings.request_timeout_s - 1) / 2
+                facts = ModelFacts(**await resilient(self.runner.to_async.describe, attempt_s)())
                 self._context = InvocationContext(
                     facts=facts,
-                    encode_images=self.runner.to_async.encode_images,
-                    encode_texts=self.runner.to_async.encode_texts,
+                    encode_images=resilient(self.runner.to_async.encode_images, attempt_s),
+                    encode_texts=resilient(self.runner.to_async.encode_texts, attempt_s),
                     count_tokens=self.count_tokens,
                     http_client=self.http_client,
                     text_cache=self.text_cache,
@@ -131,14 +190,16 @@ class ClipService:
             return RequestError(
                 503, "overloaded", "the model's queue is full; retry shortly"
             ).to_response()
-        except (httpx.HTTPError, bentoml.exceptions.BentoMLException) as exc:
+        except RUNNER_ERRORS as exc:
             logger.warning("runner call failed: %s: %s", type(exc).__name__, exc)
             return RequestError(
                 503, "runner_unavailable", "the model runner is not answering; retry shortly"
             ).to_response()
 
     @bentoml.on_shutdown
-    async def close_http_client(self) -> None:
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
         await self.http_client.aclose()
 
 

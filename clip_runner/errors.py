@@ -181,7 +181,11 @@ class CallerErrorLogFilter(logging.Filter):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = "rejected request: %d validation error(s), first at %s: %s"
             first = error.errors(include_url=False)[0]
-            record.args = (error.error_count(), _location(list(first["loc"])), _reason(first["msg"]))
+            record.args = (
+                error.error_count(),
+                _location(list(first["loc"])),
+                _reason(first["msg"]),
+            )
             record.exc_info = None
             record.exc_text = None
         return True

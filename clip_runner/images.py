@@ -183,8 +183,8 @@ async def load_image(
     if is_url(source):
         async with fetch_slots:
             data = await fetch_url(client, source, index, limits.fetch)
-    else:
-        data = decode_inline(source, index, limits.fetch.max_bytes)
+    else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop too
+        data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
     return await asyncio.to_thread(prepare_image, data, index, geometry, limits.max_pixels)
 
 

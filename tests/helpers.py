@@ -243,3 +243,17 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float = 30) -> None
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def wait_for_ping(url: str, status: int, within_s: float) -> list[float]:
+    """Poll /ping until it answers `status`; returns each ping's latency. Fails after `within_s`."""
+    latencies: list[float] = []
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        response = httpx.get(f"{url}/ping", timeout=5)
+        latencies.append(time.monotonic() - started)
+        if response.status_code == status:
+            return latencies
+        time.sleep(0.1)
+    raise AssertionError(f"/ping did not answer {status} within {within_s} s")

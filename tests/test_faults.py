@@ -1,7 +1,8 @@
 """Overload, deadlines, abandoned requests and a dying runner, on a deliberately small server.
 
-The server here allows 3 concurrent requests, answers 504 after 5 s, and gives up on image
-hosts after 4 s. The runner is frozen (SIGSTOP) or killed (SIGKILL) to make the faults real.
+The server here allows 3 concurrent requests, answers 504 after 5 s, gives up on image hosts
+after 4 s and on a runner call after two 2 s attempts. The runner is frozen (SIGSTOP) or
+killed (SIGKILL) to make the faults real.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import PUBLIC_HOST, ServedBento, as_base64, bentoml_serve, photo_like
+from tests.helpers import (
+    PUBLIC_HOST,
+    ServedBento,
+    as_base64,
+    bentoml_serve,
+    photo_like,
+    wait_for_ping,
+)
 
 GOOD = {"images": [as_base64(photo_like(40, 40, seed=1))], "classes": [["cat", 1], ["dog", 0]]}
 
@@ -46,13 +54,7 @@ def runner_process(served: ServedBento) -> psutil.Process:
     )
 
 
-def timed_get(url: str) -> tuple[httpx.Response, float]:
-    started = time.monotonic()
-    response = httpx.get(url, timeout=10)
-    return response, time.monotonic() - started
-
-
-def test_overload_is_refused_fast_and_stuck_requests_time_out(fragile):
+def test_overload_is_refused_fast_and_stuck_requests_fail_cleanly(fragile):
     runner = runner_process(fragile)
     os.kill(runner.pid, signal.SIGSTOP)
     try:
@@ -72,17 +74,16 @@ def test_overload_is_refused_fast_and_stuck_requests_time_out(fragile):
                 return await asyncio.gather(*stuck), extra, extra_s, ping, ping_s
 
         stuck, extra, extra_s, ping, ping_s = asyncio.run(scenario())
+        late_ping_latencies = wait_for_ping(fragile.url, 503, within_s=1)
     finally:
         os.kill(runner.pid, signal.SIGCONT)
     assert extra.status_code == 429 and extra.json()["error"]["type"] == "too_many_requests"
     assert extra.headers["retry-after"] == "1" and extra_s < 1.0
-    assert ping.status_code == 503 and ping_s < 2.0  # the frozen runner is reported, quickly
-    for response in stuck:
-        assert response.status_code == 504, response.text
-        assert response.json()["error"] == {
-            "type": "timeout",
-            "message": "the request was not answered within 5 s",
-        }
+    assert ping.status_code in (200, 503) and ping_s < 0.5  # ping stays fast while stuck
+    assert max(late_ping_latencies) < 0.5  # and the frozen runner is reported by then
+    for response in stuck:  # two 2 s attempts at the frozen runner, then a clear 503
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["type"] == "runner_unavailable"
     assert httpx.post(f"{fragile.url}/invocations", json=GOOD, timeout=30).status_code == 200
 
 
@@ -104,8 +105,7 @@ def test_a_killed_runner_is_reported_then_restarted(fragile):
     runner = runner_process(fragile)
     runner.kill()
     runner.wait(10)
-    response, elapsed = timed_get(f"{fragile.url}/ping")
-    assert response.status_code == 503 and elapsed < 2.0
+    assert max(wait_for_ping(fragile.url, 503, within_s=4)) < 0.5
     # The runner's listening socket outlives the process (the supervisor holds it), so a request
     # sent meanwhile waits for the restarted runner: answered, or a 504 at the deadline.
     started = time.monotonic()
