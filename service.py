@@ -128,14 +128,19 @@ class ClipService:
         return [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
 
     async def probe_runner(self) -> bool:
-        """Whether the runner answers its readiness probe in time and its model facts are known."""
-        try:
-            ready = await self.runner.to_async.is_ready(READY_PROBE_TIMEOUT_S)
-            if ready:
-                await asyncio.wait_for(self.context(), READY_PROBE_TIMEOUT_S)
-            return ready
-        except RUNNER_ERRORS:
-            return False
+        """Whether the runner answers its readiness probe and its model facts are known.
+
+        Two attempts of `READY_PROBE_TIMEOUT_S`: one slow or dropped probe under heavy load must
+        not tell SageMaker the instance is unhealthy.
+        """
+        for _ in range(2):
+            try:
+                if await self.runner.to_async.is_ready(READY_PROBE_TIMEOUT_S):
+                    await asyncio.wait_for(self.context(), READY_PROBE_TIMEOUT_S)
+                    return True
+            except RUNNER_ERRORS:
+                pass
+        return False
 
     async def _probe_forever(self) -> None:
         while True:

@@ -74,7 +74,7 @@ def test_overload_is_refused_fast_and_stuck_requests_fail_cleanly(fragile):
                 return await asyncio.gather(*stuck), extra, extra_s, ping, ping_s
 
         stuck, extra, extra_s, ping, ping_s = asyncio.run(scenario())
-        late_ping_latencies = wait_for_ping(fragile.url, 503, within_s=1)
+        late_ping_latencies = wait_for_ping(fragile.url, 503, within_s=3)
     finally:
         os.kill(runner.pid, signal.SIGCONT)
     assert extra.status_code == 429 and extra.json()["error"]["type"] == "too_many_requests"
@@ -105,7 +105,7 @@ def test_a_killed_runner_is_reported_then_restarted(fragile):
     runner = runner_process(fragile)
     runner.kill()
     runner.wait(10)
-    assert max(wait_for_ping(fragile.url, 503, within_s=4)) < 0.5
+    assert max(wait_for_ping(fragile.url, 503, within_s=6)) < 0.5
     # The runner's listening socket outlives the process (the supervisor holds it), so a request
     # sent meanwhile waits for the restarted runner: answered, or a 504 at the deadline.
     started = time.monotonic()

@@ -81,4 +81,6 @@ def test_soak_mixed_traffic(served, tiny_clip):
     assert report.good_requests > 0 and report.bad_requests > 0
     assert summary["pings_not_200"] == 0, summary
     assert summary["ping_p99_ms"] < 200, summary  # /ping stays fast under load
-    assert summary["rss_growth_mb"] < 150, summary  # reported; this only catches a real leak
+    # Reported, not a target: the API worker grows while warming up (about 350 MB over the first
+    # 4000 requests, then flat; see README). This bound only catches a gross leak.
+    assert summary["rss_growth_mb"] < 400, summary
