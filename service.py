@@ -32,6 +32,7 @@ from clip_runner.errors import (
 from clip_runner.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images import ImageLimits
 from clip_runner.invocation import InvocationContext, invoke
+from clip_runner.metrics import RUNNER_CALL_SECONDS
 from clip_runner.runner import CLIPRunner
 from clip_runner.schemas import ClassList, ImageList, Prediction, Template, TopK
 from clip_runner.text_cache import TextEmbeddingCache
@@ -53,7 +54,7 @@ T = TypeVar("T")
 
 
 def resilient(
-    call: Callable[..., Awaitable[T]], attempt_timeout_s: float
+    call: Callable[..., Awaitable[T]], attempt_timeout_s: float, encoder: str = "other"
 ) -> Callable[..., Awaitable[T]]:
     """A runner call that is tried twice when its connection fails or its answer never comes.
 
@@ -65,11 +66,12 @@ def resilient(
     """
 
     async def call_twice(*args: object) -> T:
-        try:
-            return await asyncio.wait_for(call(*args), attempt_timeout_s)
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            logger.warning("runner call failed (%s); retrying once", type(exc).__name__)
-            return await asyncio.wait_for(call(*args), attempt_timeout_s)
+        with RUNNER_CALL_SECONDS.labels(encoder=encoder).time():
+            try:
+                return await asyncio.wait_for(call(*args), attempt_timeout_s)
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                logger.warning("runner call failed (%s); retrying once", type(exc).__name__)
+                return await asyncio.wait_for(call(*args), attempt_timeout_s)
 
     return call_twice
 
@@ -114,6 +116,7 @@ class ClipService:
             ),
             max_pixels=settings.max_image_pixels,
             fetch_concurrency=settings.fetch_concurrency,
+            fast_preprocessing=settings.fast_preprocessing,
         )
         policy = AddressPolicy.from_allowlist(settings.fetch_allow)
         self.http_client = new_fetch_client(policy, self.image_limits.fetch)
@@ -168,8 +171,8 @@ class ClipService:
                 facts = ModelFacts(**await resilient(self.runner.to_async.describe, attempt_s)())
                 self._context = InvocationContext(
                     facts=facts,
-                    encode_images=resilient(self.runner.to_async.encode_images, attempt_s),
-                    encode_texts=resilient(self.runner.to_async.encode_texts, attempt_s),
+                    encode_images=resilient(self.runner.to_async.encode_images, attempt_s, "image"),
+                    encode_texts=resilient(self.runner.to_async.encode_texts, attempt_s, "text"),
                     count_tokens=self.count_tokens,
                     http_client=self.http_client,
                     text_cache=self.text_cache,

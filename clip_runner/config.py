@@ -44,6 +44,14 @@ def _env_list(name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
 
 
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first is the default), refused with its name otherwise."""
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service settings; see README "Configuration" for what each one does."""
@@ -67,6 +75,7 @@ class Settings:
     fetch_max_redirects: int
     fetch_allow: tuple[str, ...]
     text_cache_size: int
+    fast_preprocessing: bool
 
     def __post_init__(self) -> None:
         # The batching window must leave most of the request budget for the work itself.
@@ -104,4 +113,5 @@ def get_settings() -> Settings:
         fetch_max_redirects=_env_int("CLIP_FETCH_MAX_REDIRECTS", 5, minimum=0),
         fetch_allow=_env_list("CLIP_FETCH_ALLOW"),
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
+        fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("fast", "reference")) == "fast",
     )

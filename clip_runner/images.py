@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import io
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clip_runner.errors import RequestError
 from clip_runner.fetch import FetchLimits, fetch_url
+from clip_runner.metrics import PREPROCESS_SECONDS
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _DATA_URI = re.compile(r"^data:(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
@@ -44,11 +46,17 @@ class ImageGeometry:
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Bounds on one image source and on the work per request."""
+    """Bounds on one image source and on the work per request, and how to preprocess."""
 
     fetch: FetchLimits
     max_pixels: int
     fetch_concurrency: int = 8
+    fast_preprocessing: bool = True
+
+
+# The fast path shrinks big images cheaply down to at least this multiple of the model's size
+# before the final bicubic resize, which then still has real pixels to antialias from.
+FAST_OVERSAMPLING = 2
 
 
 def image_error(index: int, reason: str) -> RequestError:
@@ -104,10 +112,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
+def decode_image(
+    data: bytes, index: int, max_pixels: int, draft_short_side: int | None = None
+) -> Image.Image:
     """Decode bytes (first frame of animations) into RGB, or raise a 422 naming the image.
 
-    The pixel count is checked from the header, before any pixel is decoded.
+    The pixel count is checked from the header, before any pixel is decoded. With
+    `draft_short_side`, JPEGs are decoded at the smallest of 1/2, 1/4, 1/8 scale whose shortest
+    side is still at least that (libjpeg's DCT scaling: most of the decoding work is skipped).
     """
     try:
         with Image.open(io.BytesIO(data)) as opened:
@@ -116,6 +128,10 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
                 raise image_error(
                     index, f"image is {width}x{height}, more than the {max_pixels}-pixel limit"
                 )
+            if draft_short_side and opened.format == "JPEG":
+                scale = draft_short_side / min(width, height)
+                if scale < 1:
+                    opened.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
             opened.seek(0)
             opened.load()
             return to_rgb(opened)
@@ -129,6 +145,12 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
 # Up to this long/short ratio the whole image is resized, bit-exact with CLIPProcessor; beyond
 # it only the cropped region is (see `resize_and_crop`).
 EXACT_RESIZE_MAX_ASPECT = 4.0
+
+
+def reduce_large(image: Image.Image, geometry: ImageGeometry) -> Image.Image:
+    """Box-downscale by an integer factor while the shortest side stays >= 2x the model's."""
+    factor = min(image.size) // (FAST_OVERSAMPLING * geometry.shortest_edge)
+    return image.reduce(factor) if factor >= 2 else image
 
 
 def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
@@ -166,9 +188,21 @@ def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
     return np.asarray(cropped, dtype=np.uint8)
 
 
-def prepare_image(data: bytes, index: int, geometry: ImageGeometry, max_pixels: int) -> np.ndarray:
-    """Bytes -> model-ready uint8 array; CPU-bound, run it in a thread."""
-    return resize_and_crop(decode_image(data, index, max_pixels), geometry)
+def prepare_image(
+    data: bytes, index: int, geometry: ImageGeometry, max_pixels: int, fast: bool = True
+) -> np.ndarray:
+    """Bytes -> model-ready uint8 array; CPU-bound, run it in a thread.
+
+    `fast` (the default, CLIP_PREPROCESS=fast) decodes big JPEGs at reduced scale and
+    box-reduces other big images before the bicubic resize; images whose shortest side is under
+    twice the model's size take the reference path either way. BENCHMARKS.md has its fidelity.
+    """
+    with PREPROCESS_SECONDS.time():
+        if not fast:
+            return resize_and_crop(decode_image(data, index, max_pixels), geometry)
+        draft_side = FAST_OVERSAMPLING * geometry.shortest_edge
+        image = decode_image(data, index, max_pixels, draft_short_side=draft_side)
+        return resize_and_crop(reduce_large(image, geometry), geometry)
 
 
 async def load_image(
@@ -185,7 +219,9 @@ async def load_image(
             data = await fetch_url(client, source, index, limits.fetch)
     else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop too
         data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
-    return await asyncio.to_thread(prepare_image, data, index, geometry, limits.max_pixels)
+    return await asyncio.to_thread(
+        prepare_image, data, index, geometry, limits.max_pixels, limits.fast_preprocessing
+    )
 
 
 async def load_images(

@@ -14,21 +14,11 @@ import numpy as np
 
 from clip_runner.config import get_settings
 from clip_runner.encoding import ClipEncoder, pick_device
+from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_INFERENCE_SECONDS
 from clip_runner.store import load_clip
 
 logger = logging.getLogger("clip_runner")
 settings = get_settings()
-
-BATCH_IMAGES = bentoml.metrics.Histogram(
-    name="clip_runner_batch_images",
-    documentation="Images per forward pass of the image encoder (cross-request batches)",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-)
-BATCH_TEXTS = bentoml.metrics.Histogram(
-    name="clip_runner_batch_texts",
-    documentation="Prompts per forward pass of the text encoder",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-)
 
 
 @bentoml.service(
@@ -70,8 +60,9 @@ class CLIPRunner:
     )
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) images, already resized and cropped -> float32 (N, D)."""
-        BATCH_IMAGES.observe(len(pixels))
-        return self.encoder.encode_images(pixels)
+        RUNNER_BATCH_IMAGES.observe(len(pixels))
+        with RUNNER_INFERENCE_SECONDS.labels(encoder="image").time():
+            return self.encoder.encode_images(pixels)
 
     @bentoml.api(
         batchable=True,
@@ -80,8 +71,9 @@ class CLIPRunner:
     )
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Prompts -> float32 (N, D); prompts beyond the model's token limit are truncated."""
-        BATCH_TEXTS.observe(len(texts))
-        return self.encoder.encode_texts(texts)
+        RUNNER_BATCH_TEXTS.observe(len(texts))
+        with RUNNER_INFERENCE_SECONDS.labels(encoder="text").time():
+            return self.encoder.encode_texts(texts)
 
     @bentoml.api
     def describe(self) -> dict:

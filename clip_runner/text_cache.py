@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from clip_runner.metrics import TEXT_CACHE_LOOKUPS
+
 
 class TextEmbeddingCache:
     """Maps (model tag, prompt) -> embedding, evicting the least recently used past `capacity`."""
@@ -32,6 +34,9 @@ class TextEmbeddingCache:
                 self.hits += 1
                 self._entries.move_to_end(key)
             found.append(embedding)
+        hits = sum(embedding is not None for embedding in found)
+        TEXT_CACHE_LOOKUPS.labels(result="hit").inc(hits)
+        TEXT_CACHE_LOOKUPS.labels(result="miss").inc(len(found) - hits)
         return found
 
     def store(self, model_tag: str, prompts: Sequence[str], embeddings: np.ndarray) -> None:

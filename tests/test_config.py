@@ -20,6 +20,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     settings = get_settings()
     assert settings.port == 8080 and settings.request_timeout_s == 55  # under SageMaker's 60
     assert settings.max_body_bytes == 6 * 1024 * 1024
+    assert settings.fast_preprocessing is True
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
 
@@ -42,6 +43,7 @@ def test_environment_overrides(monkeypatch):
         ("CLIP_MAX_LATENCY_MS", "50000", "below half of CLIP_REQUEST_TIMEOUT_S"),
         ("CLIP_FETCH_TIMEOUT_S", "90", "below CLIP_REQUEST_TIMEOUT_S"),
         ("CLIP_FETCH_CONNECT_TIMEOUT_S", "20", "must not exceed CLIP_FETCH_TIMEOUT_S"),
+        ("CLIP_PREPROCESS", "quick", "must be one of fast, reference"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_name(monkeypatch, name, value, message):

@@ -18,6 +18,8 @@ from clip_runner.images import (
     decode_image,
     decode_inline,
     load_images,
+    prepare_image,
+    reduce_large,
     resize_and_crop,
 )
 from clip_runner.store import OPENAI_STD, build_image_processor
@@ -232,3 +234,27 @@ def test_the_first_failing_index_is_reported():
     with pytest.raises(RequestError) as raised:
         load([good, "%%%", good, "bm90IGFuIGltYWdl"])
     assert raised.value.index == 1
+
+
+def test_fast_preprocessing_leaves_ordinary_sizes_exact():
+    for size in [(640, 480), (447, 800)]:  # shortest side under twice the model's 224
+        data = encode(photo_like(*size, seed=6), "JPEG", quality=92)
+        fast = prepare_image(data, 0, GEOMETRY, MAX_PIXELS, fast=True)
+        reference = prepare_image(data, 0, GEOMETRY, MAX_PIXELS, fast=False)
+        assert (fast == reference).all()
+
+
+def test_fast_preprocessing_drafts_big_jpegs_and_stays_close():
+    data = encode(photo_like(1834, 2750, seed=7), "JPEG", quality=90)
+    drafted = decode_image(data, 0, MAX_PIXELS, draft_short_side=448)
+    assert 448 <= min(drafted.size) < 1834  # decoded at reduced DCT scale
+    fast = prepare_image(data, 0, GEOMETRY, MAX_PIXELS, fast=True).astype(float)
+    reference = prepare_image(data, 0, GEOMETRY, MAX_PIXELS, fast=False).astype(float)
+    assert np.abs(fast - reference).mean() < 6  # grey levels; embedding fidelity: BENCHMARKS.md
+
+
+def test_fast_preprocessing_box_reduces_big_non_jpegs():
+    image = photo_like(2000, 1400, seed=8)
+    reduced = reduce_large(image, GEOMETRY)
+    assert reduced.size == (667, 467)  # factor 3: the shortest side stays >= 2 x 224
+    assert reduce_large(photo_like(800, 600, seed=8), GEOMETRY).size == (800, 600)

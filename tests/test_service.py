@@ -228,3 +228,19 @@ def test_ping_turns_503_fast_when_the_runner_stops_answering(served):
     if response.status_code == 503:
         assert_error(response, 503, "runner")
     wait_for_ping(served.url, 200, within_s=5)
+
+
+def test_metrics_expose_cache_preprocessing_and_runner_timings(served):
+    body = {"images": [as_base64(photo_like(50, 50, seed=3))], "classes": [["metric cat", 1]]}
+    post(served, body)
+    post(served, body)
+    text = httpx.get(f"{served.url}/metrics", timeout=10).text
+    for name in (
+        'clip_service_text_cache_lookups_total{result="hit"}',
+        'clip_service_text_cache_lookups_total{result="miss"}',
+        "clip_service_preprocess_seconds_count",
+        'clip_service_runner_call_seconds_count{encoder="image"}',
+        'clip_runner_inference_seconds_count{encoder="image"}',
+        "clip_runner_batch_texts_count",
+    ):
+        assert name in text, name

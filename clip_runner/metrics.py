@@ -1,0 +1,45 @@
+"""Prometheus metrics of this project, shown on `/metrics` beside BentoML's own.
+
+BentoML aggregates them across the API workers and the runner (multiprocess mode); outside a
+server they are plain in-process metrics, so the library stays importable and testable.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+RUNNER_BATCH_IMAGES = bentoml.metrics.Histogram(
+    name="clip_runner_batch_images",
+    documentation="Images per forward pass of the image encoder (cross-request batches)",
+    buckets=BATCH_BUCKETS,
+)
+RUNNER_BATCH_TEXTS = bentoml.metrics.Histogram(
+    name="clip_runner_batch_texts",
+    documentation="Prompts per forward pass of the text encoder",
+    buckets=BATCH_BUCKETS,
+)
+RUNNER_INFERENCE_SECONDS = bentoml.metrics.Histogram(
+    name="clip_runner_inference_seconds",
+    documentation="Time of one batched forward pass in the runner",
+    labelnames=["encoder"],
+    buckets=SECONDS_BUCKETS,
+)
+RUNNER_CALL_SECONDS = bentoml.metrics.Histogram(
+    name="clip_service_runner_call_seconds",
+    documentation="Time an API worker waits on a runner call: queueing + batch + transfer",
+    labelnames=["encoder"],
+    buckets=SECONDS_BUCKETS,
+)
+PREPROCESS_SECONDS = bentoml.metrics.Histogram(
+    name="clip_service_preprocess_seconds",
+    documentation="Decode + resize + crop time of one image, in a worker thread",
+    buckets=SECONDS_BUCKETS,
+)
+TEXT_CACHE_LOOKUPS = bentoml.metrics.Counter(
+    name="clip_service_text_cache_lookups",
+    documentation="Prompt embedding cache lookups, by result (hit or miss)",
+    labelnames=["result"],
+)
