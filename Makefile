@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # the Hugging Face hub; `--tiny`, `--random-vit-b32`, `--from-dir DIR` or `--hub-id ID` otherwise.
 IMPORT_ARGS ?=
 
-.PHONY: serve test lint format import-model build clean
+.PHONY: serve test lint format import-model build bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ import-model: $(STAMP)
 build: $(STAMP)
 	$(BIN)/python scripts/import_model.py --if-missing $(IMPORT_ARGS)
 	$(BIN)/bentoml build
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -76,6 +76,7 @@ class Settings:
     fetch_allow: tuple[str, ...]
     text_cache_size: int
     fast_preprocessing: bool
+    runner_threads: int
 
     def __post_init__(self) -> None:
         # The batching window must leave most of the request budget for the work itself.
@@ -114,4 +115,5 @@ def get_settings() -> Settings:
         fetch_allow=_env_list("CLIP_FETCH_ALLOW"),
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
         fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("fast", "reference")) == "fast",
+        runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0),
     )

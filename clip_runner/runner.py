@@ -11,6 +11,7 @@ import logging
 
 import bentoml
 import numpy as np
+import torch
 
 from clip_runner.config import get_settings
 from clip_runner.encoding import ClipEncoder, pick_device
@@ -33,6 +34,8 @@ class CLIPRunner:
     model_ref = bentoml.models.BentoModel(settings.model_tag)
 
     def __init__(self) -> None:
+        if settings.runner_threads:
+            torch.set_num_threads(settings.runner_threads)
         loaded = load_clip(self.model_ref)
         device, dtype = pick_device()
         self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype)
@@ -44,7 +47,13 @@ class CLIPRunner:
                 loaded.tag,
             )
         self._warm_up()
-        logger.info("CLIP model %s ready on %s (%s)", loaded.tag, device, dtype)
+        logger.info(
+            "CLIP model %s ready on %s (%s, %d threads)",
+            loaded.tag,
+            device,
+            dtype,
+            torch.get_num_threads(),
+        )
 
     def _warm_up(self) -> None:
         """One pass of each encoder, so the first request pays no lazy-initialisation cost."""

@@ -1,0 +1,541 @@
+"""Benchmark harness: the served bento vs the bare model (the limit) vs the original's design.
+
+    python scripts/bench.py            # everything, ~8 minutes on 2 CPU cores
+    python scripts/bench.py --quick    # fewer requests per scenario, for a smoke run
+
+It imports a `--random-vit-b32` model (ViT-B/32 shapes; speed does not depend on weight values)
+into a temporary BentoML home, serves it with `bentoml serve` on a free loopback port, drives it
+with an async load generator (bounded by request count and time), and measures in the same run:
+the bare model's batched throughput in-process (the limit) and the baseline server in
+`benchmarks/` (per-request model calls, no batching, no caching). Results go to
+`benchmarks/results.json`, `benchmarks/throughput.png` and the table in `BENCHMARKS.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_CLASSES = [
+    ["person", 1],
+    ["bag", 0],
+    ["person with a bag", 1],
+    ["woman riding a horse", 1],
+    ["woman with a bag", 1],
+    ["woman with black shirt and a bag", 1],
+]
+FIFTY_CLASSES = [[f"object number {i}", i % 2] for i in range(50)]
+
+
+# ---------------------------------------------------------------- synthetic test images
+
+
+def synthetic_photo(width: int, height: int, seed: int) -> Image.Image:
+    """A blurred scene of random shapes over a gradient: JPEG-compresses like a photo."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    colors = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    canvas = colors[0] * (1 - ramp) + colors[1] * ramp
+    image = Image.fromarray(np.repeat(canvas, height, axis=0).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x, y = rng.integers(0, width), rng.integers(0, height)
+        r = int(rng.integers(min(width, height) // 40 + 1, min(width, height) // 5 + 2))
+        fill = tuple(int(c) for c in rng.integers(0, 255, 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    return image.filter(ImageFilter.GaussianBlur(radius=max(1, min(width, height) // 300)))
+
+
+def jpeg_base64(width: int, height: int, seed: int) -> str:
+    buffer = io.BytesIO()
+    synthetic_photo(width, height, seed).save(buffer, "JPEG", quality=88)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# ---------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+@contextmanager
+def server(
+    command: list[str], env: dict[str, str], port: int, log: Path
+) -> Iterator[tuple[str, int]]:
+    """Start a server process (own session), yield (url, pid), stop it with SIGTERM."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process)
+        yield url, process.pid
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+
+
+def bento_server(home: Path, tag: str, log: Path, **env: str):
+    port = free_port()
+    bentoml = str(Path(sys.executable).with_name("bentoml"))
+    full_env = {
+        "BENTOML_HOME": str(home),
+        "CLIP_MODEL_TAG": tag,
+        "CLIP_PORT": str(port),
+        "BENTOML_DO_NOT_TRACK": "true",
+        **env,
+    }
+    return server(
+        [bentoml, "serve", "service:ClipService", "--host", "127.0.0.1"], full_env, port, log
+    )
+
+
+def baseline_server(model_dir: Path, log: Path):
+    port = free_port()
+    command = [
+        sys.executable,
+        "benchmarks/baseline_server.py",
+        "--model-dir",
+        str(model_dir),
+        "--port",
+        str(port),
+    ]
+    return server(command, {"PYTHONPATH": str(REPO)}, port, log)
+
+
+# ---------------------------------------------------------------- load generation
+
+
+@dataclass
+class Scenario:
+    name: str
+    bodies: list[bytes]
+    images_per_request: int
+    concurrency: int
+
+
+def metric_sum_count(url: str, name: str) -> tuple[float, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = sum(float(v) for v in re.findall(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    count = sum(float(v) for v in re.findall(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return total, count
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+async def drive(
+    url: str, pid: int, scenario: Scenario, max_requests: int, max_seconds: float, has_metrics: bool
+) -> dict:
+    """Closed-loop load: `concurrency` clients, each sending its next request on an answer."""
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    processes = tree(pid)
+    cpu_before = sum(sum(p.cpu_times()[:2]) for p in processes)
+    peak_rss = 0.0
+    batches_before = metric_sum_count(url, "clip_runner_batch_images") if has_metrics else (0, 0)
+    deadline = time.monotonic() + max_seconds
+
+    async def client_loop(client: httpx.AsyncClient, worker: int) -> None:
+        nonlocal errors, sent
+        index = worker
+        while sent < max_requests and time.monotonic() < deadline:
+            sent += 1
+            body = scenario.bodies[index % len(scenario.bodies)]
+            index += scenario.concurrency
+            started = time.monotonic()
+            response = await client.post(
+                "/invocations", content=body, headers={"Content-Type": "application/json"}
+            )
+            latencies.append(time.monotonic() - started)
+            errors += response.status_code != 200
+
+    async def sample_rss() -> None:
+        nonlocal peak_rss
+        while True:
+            rss = sum(p.memory_info().rss for p in processes if p.is_running()) / 2**20
+            peak_rss = max(peak_rss, rss)
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.ensure_future(sample_rss())
+    started = time.monotonic()
+    limits = httpx.Limits(max_connections=scenario.concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        await asyncio.gather(*(client_loop(client, w) for w in range(scenario.concurrency)))
+    duration = time.monotonic() - started
+    sampler.cancel()
+    cpu = sum(sum(p.cpu_times()[:2]) for p in processes if p.is_running()) - cpu_before
+    quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0] * 99
+    result = {
+        "scenario": scenario.name,
+        "concurrency": scenario.concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "requests_per_s": round(len(latencies) / duration, 2),
+        "images_per_s": round(len(latencies) * scenario.images_per_request / duration, 2),
+        "p50_ms": round(quantiles[49] * 1000),
+        "p95_ms": round(quantiles[94] * 1000),
+        "p99_ms": round(quantiles[98] * 1000),
+        "server_cpu_cores": round(cpu / duration, 2),
+        "server_peak_rss_mb": round(peak_rss),
+    }
+    if has_metrics:
+        total, count = metric_sum_count(url, "clip_runner_batch_images")
+        batches = count - batches_before[1]
+        result["mean_runner_batch"] = (
+            round((total - batches_before[0]) / batches, 2) if batches else 0
+        )
+    return result
+
+
+# ---------------------------------------------------------------- in-process measurements
+
+
+def bare_model_limit(model_dir: Path, seconds: float = 12) -> dict:
+    """The bare image encoder's throughput in this process, batch 1 and batch 32 (uint8 in)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from clip_runner.encoding import ClipEncoder
+
+    model = CLIPModel.from_pretrained(model_dir, attn_implementation="sdpa")
+    encoder = ClipEncoder(
+        model, CLIPProcessor.from_pretrained(model_dir), torch.device("cpu"), torch.float32
+    )
+    pixels = np.random.default_rng(0).integers(0, 255, (32, 224, 224, 3), dtype=np.uint8)
+    result = {"torch_threads": torch.get_num_threads()}
+    for batch in (1, 32):
+        encoder.encode_images(pixels[:batch])
+        images, started = 0, time.monotonic()
+        while time.monotonic() - started < seconds / 2:
+            encoder.encode_images(pixels[:batch])
+            images += batch
+        result[f"batch{batch}_images_per_s"] = round(images / (time.monotonic() - started), 2)
+    return result
+
+
+def preprocessing_fidelity(model_dir: Path) -> dict:
+    """Fast vs reference preprocessing: time, and agreement of embeddings and probabilities."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from clip_runner.encoding import ClipEncoder
+    from clip_runner.images import ImageGeometry, prepare_image
+    from clip_runner.zero_shot import zero_shot_probabilities
+
+    model = CLIPModel.from_pretrained(model_dir)
+    encoder = ClipEncoder(
+        model, CLIPProcessor.from_pretrained(model_dir), torch.device("cpu"), torch.float32
+    )
+    geometry = ImageGeometry(224, 224, 224)
+    sizes = [
+        (1834, 2750),
+        (2750, 1834),
+        (4000, 3000),
+        (1600, 1200),
+        (1024, 768),
+        (3000, 900),
+        (900, 1400),
+        (640, 480),
+        (500, 2600),
+        (2048, 2048),
+    ]
+    blobs = []
+    for seed, (width, height) in enumerate(sizes):
+        for fmt in ("JPEG", "PNG"):
+            buffer = io.BytesIO()
+            synthetic_photo(width, height, seed).save(
+                buffer, fmt, **({"quality": 88} if fmt == "JPEG" else {})
+            )
+            blobs.append(buffer.getvalue())
+    timings = {}
+    arrays = {}
+    for fast in (False, True):
+        started = time.monotonic()
+        arrays[fast] = np.stack([prepare_image(b, 0, geometry, 10**9, fast=fast) for b in blobs])
+        timings[fast] = (time.monotonic() - started) / len(blobs)
+    reference, quick = encoder.encode_images(arrays[False]), encoder.encode_images(arrays[True])
+    cosines = (reference * quick).sum(axis=1)
+    text = encoder.encode_texts([f"a photo of a {name}" for name, _ in SEED_CLASSES])
+    for scale in (float(model.logit_scale.exp()), 100.0):
+        change = np.abs(
+            zero_shot_probabilities(reference, text, scale)
+            - zero_shot_probabilities(quick, text, scale)
+        ).max()
+        timings[f"max_probability_change_scale_{scale:.0f}"] = float(change)
+    return {
+        "images": len(blobs),
+        "reference_ms_per_image": round(timings[False] * 1000, 1),
+        "fast_ms_per_image": round(timings[True] * 1000, 1),
+        "min_cosine": round(float(cosines.min()), 5),
+        "mean_cosine": round(float(cosines.mean()), 5),
+        **{k: round(v, 5) for k, v in timings.items() if isinstance(k, str)},
+    }
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def write_plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, prefix in (("service", "service seed"), ("baseline", "baseline seed")):
+        pattern = re.compile(rf"^{prefix} c\d+$")
+        rows = sorted(
+            (r for r in results if pattern.match(r["name"])), key=lambda r: r["concurrency"]
+        )
+        xs = [r["concurrency"] for r in rows]
+        left.plot(xs, [r["images_per_s"] for r in rows], marker="o", label=label)
+        right.plot(xs, [r["p95_ms"] for r in rows], marker="o", label=label)
+    left.set(xlabel="concurrent clients", ylabel="images/s", title="Throughput (seed request)")
+    right.set(xlabel="concurrent clients", ylabel="p95 latency (ms)", title="p95 latency")
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def markdown_table(results: list[dict]) -> str:
+    header = (
+        "| scenario | clients | requests | errors | images/s | req/s | p50 ms | p95 ms | "
+        "p99 ms | mean runner batch | server CPU cores | server peak RSS MB |"
+    )
+    lines = [header, "|" + "---|" * 12]
+    for r in results:
+        lines.append(
+            f"| {r['name']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
+            f"{r['images_per_s']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
+            f"{r['p99_ms']} | {r.get('mean_runner_batch', '-')} | {r['server_cpu_cores']} | "
+            f"{r['server_peak_rss_mb']} |"
+        )
+    return "\n".join(lines)
+
+
+def update_benchmarks_md(block: str) -> None:
+    path = REPO / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "<!-- bench:start -->\n<!-- bench:end -->\n"
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    path.write_text(f"{before}{start}\n{block}\n{end}{after}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer requests per scenario")
+    parser.add_argument("--max-seconds", type=float, default=20, help="per scenario")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    args = parser.parse_args()
+    max_requests = 60 if args.quick else 400
+    max_seconds = 8 if args.quick else args.max_seconds
+    home = Path(tempfile.mkdtemp(prefix="clip-bench-"))
+    os.environ["BENTOML_HOME"] = str(home)
+    import bentoml
+
+    from clip_runner.store import build_random_clip, save_clip
+
+    print("importing a random-weight ViT-B/32 into", home, flush=True)
+    stored = save_clip(*build_random_clip(tiny=False), source="random:vit-b32", random_weights=True)
+    tag, model_dir = str(stored.tag), Path(bentoml.models.get(stored.tag).path)
+    small = [jpeg_base64(640, 480, seed) for seed in range(4)]
+    large = [jpeg_base64(1834, 2750, seed) for seed in range(4)]
+    tiny = [jpeg_base64(224, 224, seed) for seed in range(4)]
+
+    def bodies(images: list[str], classes: list, per_request: int = 1) -> list[bytes]:
+        return [
+            json.dumps(
+                {"images": images[i : i + per_request] or images[:per_request], "classes": classes}
+            ).encode()
+            for i in range(0, len(images))
+        ]
+
+    seed_bodies = bodies(small, SEED_CLASSES)
+    eight = [json.dumps({"images": (small * 2)[:8], "classes": SEED_CLASSES}).encode()]
+    scenarios = [
+        Scenario("service seed c1", seed_bodies, 1, 1),
+        Scenario("service seed c8", seed_bodies, 1, 8),
+        Scenario("service seed c32", seed_bodies, 1, 32),
+        Scenario("service 8 images/request c8", eight, 8, 8),
+        Scenario("service large JPEG 1834x2750 c32", bodies(large, SEED_CLASSES), 1, 32),
+        Scenario("service small JPEG 224x224 c32", bodies(tiny, SEED_CLASSES), 1, 32),
+        Scenario("service 1 class c8", bodies(small, [["person", 1]]), 1, 8),
+        Scenario("service 50 classes c8", bodies(small, FIFTY_CLASSES), 1, 8),
+    ]
+    results: list[dict] = []
+    logs = args.out
+    logs.mkdir(exist_ok=True)
+
+    def run(url: str, pid: int, scenario: Scenario, metrics: bool) -> None:
+        warm = Scenario(scenario.name, scenario.bodies, scenario.images_per_request, 2)
+        asyncio.run(drive(url, pid, warm, 4, 30, False))  # caches, allocator, batcher training
+        row = asyncio.run(drive(url, pid, scenario, max_requests, max_seconds, metrics))
+        row["name"] = scenario.name
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with bento_server(home, tag, Path(tmp) / "service.log") as (url, pid):
+            for scenario in scenarios:
+                run(url, pid, scenario, True)
+        with bento_server(home, tag, Path(tmp) / "ref.log", CLIP_PREPROCESS="reference") as (
+            url,
+            pid,
+        ):
+            run(
+                url,
+                pid,
+                Scenario(
+                    "service large JPEG c32, CLIP_PREPROCESS=reference",
+                    bodies(large, SEED_CLASSES),
+                    1,
+                    32,
+                ),
+                True,
+            )
+        with bento_server(home, tag, Path(tmp) / "nocache.log", CLIP_TEXT_CACHE_SIZE="0") as (
+            url,
+            pid,
+        ):
+            run(url, pid, Scenario("service seed c32, text cache off", seed_bodies, 1, 32), True)
+        with baseline_server(model_dir, Path(tmp) / "baseline.log") as (url, pid):
+            for concurrency in (1, 8, 32):
+                run(
+                    url,
+                    pid,
+                    Scenario(f"baseline seed c{concurrency}", seed_bodies, 1, concurrency),
+                    False,
+                )
+    print("measuring the bare model (the limit) ...", flush=True)
+    limit = bare_model_limit(model_dir)
+    print(json.dumps(limit), flush=True)
+    fidelity = preprocessing_fidelity(model_dir)
+    print(json.dumps(fidelity), flush=True)
+
+    by_name = {r["name"]: r for r in results}
+    batched_limit = limit["batch32_images_per_s"]
+    ratios = {
+        "service seed c32 / bare model batch 32": by_name["service seed c32"]["images_per_s"]
+        / batched_limit,
+        "service seed c32 / baseline seed c32": by_name["service seed c32"]["images_per_s"]
+        / max(by_name["baseline seed c32"]["images_per_s"], 1e-9),
+        "p95 service seed c32 / baseline seed c32": by_name["service seed c32"]["p95_ms"]
+        / max(by_name["baseline seed c32"]["p95_ms"], 1e-9),
+        "time per request, 50 classes / 1 class (c8)": by_name["service 1 class c8"][
+            "requests_per_s"
+        ]
+        / by_name["service 50 classes c8"]["requests_per_s"],
+        "small-JPEG / large-JPEG throughput (c32)": by_name["service small JPEG 224x224 c32"][
+            "images_per_s"
+        ]
+        / by_name["service large JPEG 1834x2750 c32"]["images_per_s"],
+        "large JPEG: fast / reference preprocessing throughput (c32)": by_name[
+            "service large JPEG 1834x2750 c32"
+        ]["images_per_s"]
+        / by_name["service large JPEG c32, CLIP_PREPROCESS=reference"]["images_per_s"],
+        "seed c32: text cache on / off throughput": by_name["service seed c32"]["images_per_s"]
+        / by_name["service seed c32, text cache off"]["images_per_s"],
+    }
+    ratios = {k: round(v, 3) for k, v in ratios.items()}
+    print(json.dumps(ratios, indent=1), flush=True)
+    payload = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores, torch {torch.__version__}",
+        "limit": limit,
+        "fidelity": fidelity,
+        "ratios": ratios,
+        "scenarios": results,
+    }
+    (args.out / "results.json").write_text(json.dumps(payload, indent=1))
+    write_plot(results, args.out / "throughput.png")
+    block = "\n".join(
+        [
+            f"Run of {payload['date']} on {payload['machine']} (`python scripts/bench.py`), "
+            "random-weight ViT-B/32, all numbers from this one run.",
+            "",
+            markdown_table(results),
+            "",
+            f"Bare model in-process (the limit, {limit['torch_threads']} torch threads): "
+            f"{limit['batch1_images_per_s']} images/s at batch 1, "
+            f"{batched_limit} images/s at batch 32.",
+            "",
+            "| ratio | value |",
+            "|---|---|",
+            *[f"| {k} | {v} |" for k, v in ratios.items()],
+            "",
+            f"Preprocessing fidelity over {fidelity['images']} images (JPEG and PNG, 640x480 to "
+            f"4000x3000): fast {fidelity['fast_ms_per_image']} ms/image vs reference "
+            f"{fidelity['reference_ms_per_image']} ms/image; embedding cosine min "
+            f"{fidelity['min_cosine']}, mean {fidelity['mean_cosine']}; "
+            + ", ".join(
+                f"{k.replace('_', ' ')} {v}" for k, v in fidelity.items() if k.startswith("max_")
+            ),
+            "",
+            "![throughput and p95 vs concurrency](benchmarks/throughput.png)",
+        ]
+    )
+    update_benchmarks_md(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
