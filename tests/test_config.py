@@ -20,7 +20,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     settings = get_settings()
     assert settings.port == 8080 and settings.request_timeout_s == 55  # under SageMaker's 60
     assert settings.max_body_bytes == 6 * 1024 * 1024
-    assert settings.fast_preprocessing is True
+    assert settings.fast_preprocessing is True and settings.runner_threads == 0
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
 
