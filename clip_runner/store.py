@@ -12,8 +12,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import bentoml
 import httpx
 import torch
 import transformers
@@ -24,6 +24,9 @@ from transformers import (
     CLIPProcessor,
     CLIPTokenizer,
 )
+
+if TYPE_CHECKING:
+    import bentoml
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +224,8 @@ def save_clip(
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "transformers_version": transformers.__version__,
     }
+    import bentoml  # only here and below: the random-model builders work without BentoML
+
     with bentoml.models.create(MODEL_NAME, labels=labels, metadata=metadata) as stored:
         model.save_pretrained(stored.path)
         processor.save_pretrained(stored.path)
@@ -241,6 +246,8 @@ def load_clip(stored: bentoml.Model) -> LoadedClip:
 
 def has_stored_model(tag: str = f"{MODEL_NAME}:latest") -> bool:
     """Whether the local model store already holds `tag`."""
+    import bentoml
+
     try:
         bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:

@@ -242,18 +242,23 @@ async def drive(
 # ---------------------------------------------------------------- in-process measurements
 
 
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {os.cpu_count()} cores"
+
+
 def bare_model_limit(model_dir: Path, seconds: float = 12) -> dict:
     """The bare image encoder's throughput in this process, batch 1 and batch 32 (uint8 in)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from clip_runner.encoding import ClipEncoder
+    from clip_runner.encoding import ClipEncoder, pick_device
 
     model = CLIPModel.from_pretrained(model_dir, attn_implementation="sdpa")
-    encoder = ClipEncoder(
-        model, CLIPProcessor.from_pretrained(model_dir), torch.device("cpu"), torch.float32
-    )
+    device, dtype = pick_device()  # as the runner does: CUDA fp16 when present, else CPU fp32
+    encoder = ClipEncoder(model, CLIPProcessor.from_pretrained(model_dir), device, dtype)
     pixels = np.random.default_rng(0).integers(0, 255, (32, 224, 224, 3), dtype=np.uint8)
-    result = {"torch_threads": torch.get_num_threads()}
+    result = {"torch_threads": torch.get_num_threads(), "device": device_name()}
     for batch in (1, 32):
         encoder.encode_images(pixels[:batch])
         images, started = 0, time.monotonic()
@@ -378,6 +383,21 @@ def update_benchmarks_md(block: str) -> None:
 # ---------------------------------------------------------------- main
 
 
+def bare_only(out: Path) -> int:
+    """The bare model's limit and the preprocessing fidelity, without a store or a server."""
+    from clip_runner.store import build_random_clip
+
+    model_dir = Path(tempfile.mkdtemp(prefix="clip-bare-"))
+    model, processor = build_random_clip(tiny=False)
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    payload = {"limit": bare_model_limit(model_dir), "fidelity": preprocessing_fidelity(model_dir)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results-bare.json").write_text(json.dumps(payload, indent=1))
+    print(json.dumps(payload, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -385,7 +405,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests per scenario")
     parser.add_argument("--max-seconds", type=float, default=20, help="per scenario")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument(
+        "--bare-only",
+        action="store_true",
+        help="only the in-process measurements (for a machine without BentoML, e.g. a GPU box)",
+    )
     args = parser.parse_args()
+    if args.bare_only:
+        return bare_only(args.out)
     max_requests = 60 if args.quick else 400
     max_seconds = 8 if args.quick else args.max_seconds
     home = Path(tempfile.mkdtemp(prefix="clip-bench-"))

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The benchmark on a GPU machine, as one prepared run (e.g. through the device tool):
+#   bash scripts/gpu_bench.sh            # results under $OUT (or benchmarks/gpu)
+# With BentoML installed it runs the whole harness (the runner picks CUDA fp16 by itself);
+# without it (a bare GPU image), only the in-process bare-model limit and preprocessing fidelity.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out_dir=${OUT:-benchmarks/gpu}
+mkdir -p "$out_dir"
+python=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out_dir/gpu.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$python" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible"'
+if "$python" -c 'import bentoml' 2>/dev/null; then
+  "$python" scripts/bench.py --out "$out_dir" 2>&1 | tee "$out_dir/bench.log"
+else
+  echo "bentoml is not installed here: measuring the bare model only" | tee "$out_dir/bench.log"
+  "$python" scripts/bench.py --bare-only --out "$out_dir" 2>&1 | tee -a "$out_dir/bench.log"
+fi
