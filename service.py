@@ -9,12 +9,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
-import aiohttp
 import bentoml
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,8 +28,8 @@ from clip_runner.errors import (
 from clip_runner.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images import ImageLimits
 from clip_runner.invocation import InvocationContext, invoke
-from clip_runner.metrics import RUNNER_CALL_SECONDS
 from clip_runner.runner import CLIPRunner
+from clip_runner.runner_calls import RUNNER_ERRORS, resilient
 from clip_runner.schemas import ClassList, ImageList, Prediction, Template, TopK
 from clip_runner.text_cache import TextEmbeddingCache
 from clip_runner.traffic import RequestGuardMiddleware
@@ -42,38 +38,6 @@ logger = logging.getLogger("clip_service")
 settings = get_settings()
 READY_PROBE_TIMEOUT_S = 1.5
 READY_PROBE_INTERVAL_S = 1.0
-# How a runner call fails when the runner is gone, slow, or refuses (BentoML's dependency client
-# speaks aiohttp over a unix socket).
-RUNNER_ERRORS = (
-    aiohttp.ClientError,
-    httpx.HTTPError,
-    TimeoutError,
-    bentoml.exceptions.BentoMLException,
-)
-T = TypeVar("T")
-
-
-def resilient(
-    call: Callable[..., Awaitable[T]], attempt_timeout_s: float, encoder: str = "other"
-) -> Callable[..., Awaitable[T]]:
-    """A runner call that is tried twice when its connection fails or its answer never comes.
-
-    BentoML's dependency client (aiohttp over a unix socket) now and then has a pooled
-    connection closed under a request ("Server disconnected"), and in soak tests about one call
-    in several thousand was never answered at all. Encoding is idempotent, so a second attempt
-    is safe; the runner's own queue bound (CLIP_MAX_LATENCY_MS) keeps honest calls well inside
-    `attempt_timeout_s`.
-    """
-
-    async def call_twice(*args: object) -> T:
-        with RUNNER_CALL_SECONDS.labels(encoder=encoder).time():
-            try:
-                return await asyncio.wait_for(call(*args), attempt_timeout_s)
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                logger.warning("runner call failed (%s); retrying once", type(exc).__name__)
-                return await asyncio.wait_for(call(*args), attempt_timeout_s)
-
-    return call_twice
 
 
 async def ping(_: Request) -> Response:

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import re
 import socket
@@ -398,6 +399,63 @@ def bare_only(out: Path) -> int:
     return 0
 
 
+def import_random_vit_b32() -> tuple[Path, str, Path]:
+    """A temporary BentoML home holding a random-weight ViT-B/32: (home, tag, model dir)."""
+    home = Path(tempfile.mkdtemp(prefix="clip-bench-"))
+    os.environ["BENTOML_HOME"] = str(home)
+    import bentoml
+
+    from clip_runner.store import build_random_clip, save_clip
+
+    print("importing a random-weight ViT-B/32 into", home, flush=True)
+    stored = save_clip(*build_random_clip(tiny=False), source="random:vit-b32", random_weights=True)
+    return home, str(stored.tag), Path(bentoml.models.get(stored.tag).path)
+
+
+def long_run(out: Path, minutes: float) -> int:
+    """Seed-shaped load for `minutes`, with each server process's RSS after every minute."""
+    home, tag, _ = import_random_vit_b32()
+    bodies = [
+        json.dumps({"images": [jpeg_base64(640, 480, seed)], "classes": SEED_CLASSES}).encode()
+        for seed in range(4)
+    ]
+    samples = []
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        bento_server(home, tag, Path(tmp) / "s.log") as (
+            url,
+            pid,
+        ),
+    ):
+        asyncio.run(drive(url, pid, Scenario("warm-up", bodies, 1, 8), 100, 60, False))
+        for minute in range(1, math.ceil(minutes) + 1):
+            row = asyncio.run(drive(url, pid, Scenario("long", bodies, 1, 8), 10**6, 60, True))
+            rss = {}
+            for process in tree(pid):
+                command = " ".join(process.cmdline())
+                role = (
+                    "runner"
+                    if "clip_runner" in command
+                    else "api"
+                    if "clip_service" in command
+                    else "supervisor"
+                )
+                rss[role] = round(process.memory_info().rss / 2**20)
+            samples.append(
+                {
+                    "minute": minute,
+                    "requests": row["requests"],
+                    "errors": row["errors"],
+                    "images_per_s": row["images_per_s"],
+                    "rss_mb": rss,
+                }
+            )
+            print(json.dumps(samples[-1]), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "long-run.json").write_text(json.dumps(samples, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -410,20 +468,20 @@ def main() -> int:
         action="store_true",
         help="only the in-process measurements (for a machine without BentoML, e.g. a GPU box)",
     )
+    parser.add_argument(
+        "--long-run",
+        type=float,
+        metavar="MINUTES",
+        help="only a long run of the seed load (8 clients), sampling each process's RSS a minute",
+    )
     args = parser.parse_args()
     if args.bare_only:
         return bare_only(args.out)
+    if args.long_run:
+        return long_run(args.out, args.long_run)
     max_requests = 60 if args.quick else 400
     max_seconds = 8 if args.quick else args.max_seconds
-    home = Path(tempfile.mkdtemp(prefix="clip-bench-"))
-    os.environ["BENTOML_HOME"] = str(home)
-    import bentoml
-
-    from clip_runner.store import build_random_clip, save_clip
-
-    print("importing a random-weight ViT-B/32 into", home, flush=True)
-    stored = save_clip(*build_random_clip(tiny=False), source="random:vit-b32", random_weights=True)
-    tag, model_dir = str(stored.tag), Path(bentoml.models.get(stored.tag).path)
+    home, tag, model_dir = import_random_vit_b32()
     small = [jpeg_base64(640, 480, seed) for seed in range(4)]
     large = [jpeg_base64(1834, 2750, seed) for seed in range(4)]
     tiny = [jpeg_base64(224, 224, seed) for seed in range(4)]

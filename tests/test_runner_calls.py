@@ -1,0 +1,55 @@
+"""Retrying runner calls: one more attempt after a dropped connection or a lost answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from clip_runner.runner_calls import resilient
+
+
+class FlakyCall:
+    """Fails (or hangs) on the first `bad` calls, then answers with the call count."""
+
+    def __init__(self, bad: int, failure: str) -> None:
+        self.bad, self.failure, self.calls = bad, failure, 0
+
+    async def __call__(self, value: int) -> int:
+        self.calls += 1
+        if self.calls <= self.bad:
+            if self.failure == "hang":
+                await asyncio.sleep(10)
+            raise aiohttp.ServerDisconnectedError()
+        return value * 10
+
+
+@pytest.mark.parametrize("failure", ["disconnect", "hang"])
+def test_one_failure_is_retried(failure):
+    call = FlakyCall(bad=1, failure=failure)
+    assert asyncio.run(resilient(call, attempt_timeout_s=0.2)(4)) == 40
+    assert call.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"), [("disconnect", aiohttp.ServerDisconnectedError), ("hang", TimeoutError)]
+)
+def test_two_failures_are_reported(failure, error):
+    call = FlakyCall(bad=2, failure=failure)
+    with pytest.raises(error):
+        asyncio.run(resilient(call, attempt_timeout_s=0.2)(4))
+    assert call.calls == 2
+
+
+def test_other_errors_are_not_retried():
+    calls = 0
+
+    async def refuses(_: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError):
+        asyncio.run(resilient(refuses, attempt_timeout_s=1)(1))
+    assert calls == 1
