@@ -1,6 +1,7 @@
 """A soak of mixed good and hostile requests: zero 5xx, every good answer right, RSS steady.
 
-`SOAK_REQUESTS` (default 1500) sets the size; the figures print with `pytest -s`.
+`SOAK_REQUESTS` (default 1500) sets the size; the figures (latencies, `/ping` latency under load,
+RSS) print with `pytest -s` and are recorded in the README; timings are reported, not asserted.
 """
 
 from __future__ import annotations
@@ -80,7 +81,6 @@ def test_soak_mixed_traffic(served, tiny_clip):
     assert report.wrong_answers == 0, summary
     assert report.good_requests > 0 and report.bad_requests > 0
     assert summary["pings_not_200"] == 0, summary
-    assert summary["ping_p99_ms"] < 200, summary  # /ping stays fast under load
     # Reported, not a target: the API worker grows while warming up (about 350 MB over the first
     # 4000 requests, then flat; see README). This bound only catches a gross leak.
     assert summary["rss_growth_mb"] < 400, summary
