@@ -34,6 +34,11 @@ class RequestError(Exception):
         )
 
 
+def image_error(index: int, reason: str, error_type: str = "invalid_image") -> RequestError:
+    """A 422 about one image of the request, naming it as `images[index]`."""
+    return RequestError(422, error_type, f"images[{index}]: {reason}", index)
+
+
 def error_body(error_type: str, message: str, index: int | None = None) -> dict[str, Any]:
     """The error object every endpoint answers with."""
     error: dict[str, Any] = {"type": error_type, "message": message}

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clip_runner.errors import RequestError
+from clip_runner.errors import RequestError, image_error
 from clip_runner.fetch import FetchLimits, fetch_url
 from clip_runner.metrics import PREPROCESS_SECONDS
 
@@ -57,10 +57,6 @@ class ImageLimits:
 # The fast path shrinks big images cheaply down to at least this multiple of the model's size
 # before the final bicubic resize, which then still has real pixels to antialias from.
 FAST_OVERSAMPLING = 2
-
-
-def image_error(index: int, reason: str) -> RequestError:
-    return RequestError(422, "invalid_image", f"images[{index}]: {reason}", index)
 
 
 def is_url(source: str) -> bool:

@@ -24,17 +24,13 @@ class TextEmbeddingCache:
 
     def lookup(self, model_tag: str, prompts: Sequence[str]) -> list[np.ndarray | None]:
         """The cached embedding of each prompt, or None where it is not cached."""
-        found: list[np.ndarray | None] = []
-        for prompt in prompts:
-            key = (model_tag, prompt)
-            embedding = self._entries.get(key)
-            if embedding is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-                self._entries.move_to_end(key)
-            found.append(embedding)
+        found = [self._entries.get((model_tag, prompt)) for prompt in prompts]
+        for prompt, embedding in zip(prompts, found, strict=True):
+            if embedding is not None:
+                self._entries.move_to_end((model_tag, prompt))
         hits = sum(embedding is not None for embedding in found)
+        self.hits += hits
+        self.misses += len(found) - hits
         TEXT_CACHE_LOOKUPS.labels(result="hit").inc(hits)
         TEXT_CACHE_LOOKUPS.labels(result="miss").inc(len(found) - hits)
         return found
