@@ -77,6 +77,7 @@ class Settings:
     text_cache_size: int
     fast_preprocessing: bool
     runner_threads: int
+    torch_compile: bool
 
     def __post_init__(self) -> None:
         # The batching window must leave most of the request budget for the work itself.
@@ -116,4 +117,5 @@ def get_settings() -> Settings:
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
         fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("fast", "reference")) == "fast",
         runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0),
+        torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
     )

@@ -40,6 +40,8 @@ class CLIPRunner:
         device, dtype = pick_device()
         self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype)
         self.model_facts = self.encoder.facts(loaded.tag, loaded.random_weights)
+        if settings.torch_compile:
+            self.encoder.compile_towers()
         if loaded.random_weights:
             logger.warning(
                 "!!! SERVING %s, A MODEL WITH RANDOM WEIGHTS: its answers are meaningless. "
@@ -48,19 +50,25 @@ class CLIPRunner:
             )
         self._warm_up()
         logger.info(
-            "CLIP model %s ready on %s (%s, %d threads)",
+            "CLIP model %s ready on %s (%s, %d threads%s)",
             loaded.tag,
             device,
             dtype,
             torch.get_num_threads(),
+            ", torch.compile" if settings.torch_compile else "",
         )
 
     def _warm_up(self) -> None:
-        """One pass of each encoder, so the first request pays no lazy-initialisation cost."""
+        """Passes of each encoder, so the first request pays no lazy-initialisation cost.
+
+        Batches of one and two: a compiled model specialises on size 1 and compiles a second,
+        dynamic graph for larger batches.
+        """
         facts = self.model_facts
-        blank = np.zeros((1, facts.crop_height, facts.crop_width, 3), dtype=np.uint8)
-        self.encoder.encode_images(blank)
-        self.encoder.encode_texts(["a photo of a cat"])
+        for batch in (1, 2):
+            blank = np.zeros((batch, facts.crop_height, facts.crop_width, 3), dtype=np.uint8)
+            self.encoder.encode_images(blank)
+            self.encoder.encode_texts(["a photo of a cat"] * batch)
 
     @bentoml.api(
         batchable=True,

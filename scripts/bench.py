@@ -542,6 +542,16 @@ def main() -> int:
             pid,
         ):
             run(url, pid, Scenario("service seed c32, text cache off", seed_bodies, 1, 32), True)
+        with bento_server(home, tag, Path(tmp) / "compile.log", CLIP_TORCH_COMPILE="on") as (
+            url,
+            pid,
+        ):
+            run(
+                url,
+                pid,
+                Scenario("service seed c32, CLIP_TORCH_COMPILE=on", seed_bodies, 1, 32),
+                True,
+            )
         with baseline_server(model_dir, Path(tmp) / "baseline.log") as (url, pid):
             for concurrency in (1, 8, 32):
                 run(
@@ -579,6 +589,10 @@ def main() -> int:
         / by_name["service large JPEG c32, CLIP_PREPROCESS=reference"]["images_per_s"],
         "seed c32: text cache on / off throughput": by_name["service seed c32"]["images_per_s"]
         / by_name["service seed c32, text cache off"]["images_per_s"],
+        "seed c32: torch.compile on / off throughput": by_name[
+            "service seed c32, CLIP_TORCH_COMPILE=on"
+        ]["images_per_s"]
+        / by_name["service seed c32"]["images_per_s"],
     }
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     print(json.dumps(ratios, indent=1), flush=True)

@@ -21,6 +21,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.port == 8080 and settings.request_timeout_s == 55  # under SageMaker's 60
     assert settings.max_body_bytes == 6 * 1024 * 1024
     assert settings.fast_preprocessing is True and settings.runner_threads == 0
+    assert settings.torch_compile is False
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
 
@@ -28,7 +29,9 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_MAX_BATCH_SIZE", "8")
     monkeypatch.setenv("CLIP_MODEL_TAG", "clip:abc")
     monkeypatch.setenv("CLIP_FETCH_ALLOW", " 10.0.0.0/8, images.lan ,")
+    monkeypatch.setenv("CLIP_TORCH_COMPILE", "ON")
     settings = get_settings()
+    assert settings.torch_compile is True
     assert settings.max_batch_size == 8 and settings.model_tag == "clip:abc"
     assert settings.fetch_allow == ("10.0.0.0/8", "images.lan")
 
@@ -44,6 +47,7 @@ def test_environment_overrides(monkeypatch):
         ("CLIP_FETCH_TIMEOUT_S", "90", "below CLIP_REQUEST_TIMEOUT_S"),
         ("CLIP_FETCH_CONNECT_TIMEOUT_S", "20", "must not exceed CLIP_FETCH_TIMEOUT_S"),
         ("CLIP_PREPROCESS", "quick", "must be one of fast, reference"),
+        ("CLIP_TORCH_COMPILE", "yes", "must be one of off, on"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_name(monkeypatch, name, value, message):

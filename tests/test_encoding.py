@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +60,19 @@ def test_input_pixels_are_not_modified(encoder):
     pixels = np.full((1, 224, 224, 3), 128, dtype=np.uint8)
     encoder.encode_images(pixels)
     assert (pixels == 128).all()
+
+
+def test_compiled_towers_give_the_eager_embeddings(encoder, tiny_clip):
+    compiled = ClipEncoder(
+        copy.deepcopy(tiny_clip.model), tiny_clip.processor, torch.device("cpu"), torch.float32
+    )
+    compiled.compile_towers()
+    assert isinstance(compiled.model.vision_model, torch._dynamo.eval_frame.OptimizedModule)
+    rng = np.random.default_rng(3)
+    for batch in (1, 3, 5):  # size 1 is specialised; 3 and 5 share the dynamic graph
+        pixels = rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+        np.testing.assert_allclose(
+            compiled.encode_images(pixels), encoder.encode_images(pixels), atol=1e-5
+        )
+    texts = ["a photo of a cat", "a photo of a woman with black shirt and a bag"]
+    np.testing.assert_allclose(compiled.encode_texts(texts), encoder.encode_texts(texts), atol=1e-5)
