@@ -1,27 +1,41 @@
-"""`bentoml build` packs the service, the library and the stored model into a bento."""
+"""`bentoml build` packs the service, the library and the stored model into a bento, and the
+bento's own container entrypoint serves it on SageMaker's port."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, stop_process_group
+
+BENTOML_CLI = Path(sys.executable).with_name("bentoml")
 
 
-def test_bento_builds_with_the_model_inside(tiny_stored_model, bentoml_home, tmp_path):
-    bentoml_cli = Path(sys.executable).with_name("bentoml")
+@dataclass(frozen=True)
+class BuiltBento:
+    tag: str
+    path: Path
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def built_bento(tiny_stored_model, bentoml_home) -> BuiltBento:
     env = {
         **os.environ,
         "BENTOML_HOME": str(bentoml_home),
         "CLIP_MODEL_TAG": str(tiny_stored_model.tag),
     }
     result = subprocess.run(
-        [str(bentoml_cli), "build", "--output", "tag"],
+        [str(BENTOML_CLI), "build", "--output", "tag"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -31,7 +45,11 @@ def test_bento_builds_with_the_model_inside(tiny_stored_model, bentoml_home, tmp
     assert result.returncode == 0, result.stdout + result.stderr
     tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
-    bento_dir = bentoml_home / "bentos" / name / version
+    return BuiltBento(tag, bentoml_home / "bentos" / name / version, env)
+
+
+def test_bento_builds_with_the_model_inside(built_bento, tiny_stored_model, tmp_path):
+    tag, bento_dir, env = built_bento.tag, built_bento.path, built_bento.env
     manifest = yaml.safe_load((bento_dir / "bento.yaml").read_text())
     assert manifest["service"] == "service:ClipService"
     runner = next(svc for svc in manifest["services"] if svc["name"] == "clip_runner")
@@ -40,7 +58,7 @@ def test_bento_builds_with_the_model_inside(tiny_stored_model, bentoml_home, tmp
     # The local bento references the model; an exported bento carries its files.
     exported = tmp_path / "bento.tar"
     export = subprocess.run(
-        [str(bentoml_cli), "export", tag, str(exported)],
+        [str(BENTOML_CLI), "export", tag, str(exported)],
         env=env,
         capture_output=True,
         text=True,
@@ -54,3 +72,45 @@ def test_bento_builds_with_the_model_inside(tiny_stored_model, bentoml_home, tmp
     assert (bento_dir / "src" / "clip_runner" / "zero_shot.py").is_file()
     assert (bento_dir / "src" / "service.py").is_file()
     assert "torch==2.13.0" in (bento_dir / "env" / "python" / "requirements.txt").read_text()
+    manifest_envs = {item["name"]: item["value"] for item in manifest["envs"]}
+    assert manifest_envs["BENTOML_PORT"] == "8080" and manifest_envs["HF_HUB_OFFLINE"] == "1"
+    assert manifest_envs["NVIDIA_VISIBLE_DEVICES"] == "all"
+
+
+def test_the_bentos_entrypoint_serves_the_sagemaker_contract_on_8080(built_bento, tmp_path):
+    """What `docker run IMAGE serve` runs, started on this host with the bento's own envs."""
+    manifest = yaml.safe_load((built_bento.path / "bento.yaml").read_text())
+    env = {
+        **built_bento.env,
+        **{item["name"]: item["value"] for item in manifest["envs"]},
+        "BENTO_PATH": str(built_bento.path),
+        "PATH": f"{BENTOML_CLI.parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("CLIP_MODEL_TAG")  # as in the image: the default tag, resolved in the bento
+    entrypoint = built_bento.path / "env" / "docker" / "entrypoint.sh"
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(
+            ["bash", str(entrypoint), "serve"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        checks = subprocess.run(
+            [sys.executable, "scripts/container_checks.py", "http://127.0.0.1:8080"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert checks.returncode == 0, checks.stderr + (tmp_path / "serve.log").read_text()[-3000:]
+        assert '"checks": "passed"' in checks.stdout
+        # SIGTERM, as `docker stop` sends it, ends the whole server well within 30 s.
+        os.killpg(server.pid, signal.SIGTERM)
+        started = time.monotonic()
+        assert server.wait(timeout=30) == 0
+        assert time.monotonic() - started < 30
+    finally:
+        stop_process_group(server)

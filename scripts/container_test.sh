@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Proves the SageMaker image on a real Docker engine, from nothing:
+#   1. Docker engine (installs docker.io and starts dockerd when absent; needs root then);
+#   2. a local Debian base image (debootstrap + docker import; no registry is needed), with the
+#      host's CA bundle so builds behind a TLS-inspecting proxy can reach PyPI;
+#   3. a bento with the tiny model (and a CPU torch wheel when one is at hand, so the image build
+#      does not pull the multi-GB CUDA build), `bentoml containerize`d on that base;
+#   4. `docker run IMAGE serve` on 8080: /ping, the seed's /invocations, bad input, non-root user,
+#      model inside the image; the same checks with no network at all (`--network none`, checked
+#      from inside with `docker exec`); SIGTERM stops it within 30 s.
+# Cleans up the containers (and the test image, unless KEEP_IMAGE=1); exits non-zero on any failure.
+#
+#   sudo scripts/container_test.sh        # about 4 minutes the first time, 2 when cached
+#
+# Settings (environment): BASE_IMAGE (default clip-local/python-base:bookworm, built if missing),
+# TORCH_WHEEL (a CPU torch wheel to bundle; default: the newest /opt/wheels/torch-*+cpu*.whl),
+# KEEP_IMAGE=1, PYTHON (default .venv/bin/python; `make` creates it).
+set -Eeuo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+BASE_IMAGE="${BASE_IMAGE:-clip-local/python-base:bookworm}"
+ROOTFS_IMAGE="clip-local/debian-rootfs:bookworm"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+BENTOML="$(dirname "$PYTHON")/bentoml"
+WORK="$(mktemp -d -t clip-container-test.XXXXXX)"
+RUN_ID="$(date +%s)-$$"
+IMAGE="clip-bentoml-test:$RUN_ID"
+CONTAINERS=()
+STARTED_DOCKERD=""
+export DOCKER_BUILDKIT=0 BENTOML_HOME="$WORK/bentoml" BENTOML_DO_NOT_TRACK=true
+
+log() { printf '[container_test %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+fail() { log "FAILED: $*"; exit 1; }
+
+cleanup() {
+  local status=$?
+  for container in "${CONTAINERS[@]}"; do docker rm -f "$container" >/dev/null 2>&1 || true; done
+  if [[ -z "${KEEP_IMAGE:-}" ]]; then docker rmi -f "$IMAGE" >/dev/null 2>&1 || true; fi
+  if [[ -n "$STARTED_DOCKERD" ]]; then kill "$STARTED_DOCKERD" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+  if [[ $status -eq 0 ]]; then log "all checks passed"; else log "exit status $status"; fi
+}
+trap cleanup EXIT
+
+ensure_docker() {
+  if docker info >/dev/null 2>&1; then return; fi
+  [[ $EUID -eq 0 ]] || fail "no running Docker engine, and installing/starting one needs root"
+  if ! command -v dockerd >/dev/null; then
+    log "installing docker.io"
+    apt-get update -qq && apt-get install -y -qq docker.io >/dev/null
+  fi
+  log "starting dockerd (no bridge, no iptables: containers use host networking)"
+  dockerd --bridge=none --iptables=false >"$WORK/dockerd.log" 2>&1 &
+  STARTED_DOCKERD=$!
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && return; sleep 1; done
+  tail -20 "$WORK/dockerd.log" >&2
+  fail "dockerd did not start"
+}
+
+ensure_base_image() {
+  if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then return; fi
+  [[ "$BASE_IMAGE" == clip-local/* ]] || fail "base image $BASE_IMAGE not found"
+  if ! docker image inspect "$ROOTFS_IMAGE" >/dev/null 2>&1; then
+    [[ $EUID -eq 0 ]] || fail "building the Debian root filesystem (debootstrap) needs root"
+    command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
+    log "debootstrap bookworm (minbase) -> $ROOTFS_IMAGE"
+    debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian \
+      >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; fail "debootstrap"; }
+    tar -C "$WORK/rootfs" -c . | docker import - "$ROOTFS_IMAGE" >/dev/null
+    rm -rf "$WORK/rootfs"
+  fi
+  log "building $BASE_IMAGE (python3 + the host's CA bundle)"
+  mkdir -p "$WORK/base"
+  cp /etc/ssl/certs/ca-certificates.crt "$WORK/base/host-ca-bundle.crt"
+  cat >"$WORK/base/Dockerfile" <<EOF
+FROM $ROOTFS_IMAGE
+ENV DEBIAN_FRONTEND=noninteractive
+# What BentoML's generated Dockerfile expects of a Debian base, installed once here.
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+    python3-pip ca-certificates gnupg2 bash build-essential curl && rm -rf /var/lib/apt/lists/*
+# The host's CA bundle (with any TLS-inspecting proxy's CA) for pip and uv during the build.
+COPY host-ca-bundle.crt /etc/ssl/certs/host-ca-bundle.crt
+ENV SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt \
+    PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt \
+    REQUESTS_CA_BUNDLE=/etc/ssl/certs/host-ca-bundle.crt \
+    PIP_BREAK_SYSTEM_PACKAGES=1
+EOF
+  docker build --network host -q -t "$BASE_IMAGE" "$WORK/base" >/dev/null
+}
+
+build_image() {
+  [[ -x "$PYTHON" ]] || make -s .venv/.installed
+  log "importing the tiny model into a temporary BentoML home"
+  "$PYTHON" scripts/import_model.py --tiny >"$WORK/import.log" 2>&1 ||
+    { cat "$WORK/import.log" >&2; fail "model import"; }
+  local context="$WORK/context"
+  mkdir -p "$context/clip_runner" "$context/wheels"
+  cp service.py README.md requirements.txt "$context/"
+  cp clip_runner/*.py "$context/clip_runner/"
+  local wheel="${TORCH_WHEEL:-$(ls -1 /opt/wheels/torch-*+cpu*.whl 2>/dev/null | sort -V | tail -1)}"
+  "$PYTHON" - "$context" "$BASE_IMAGE" "$wheel" <<'EOF'
+import re, shutil, sys
+from pathlib import Path
+import yaml
+context, base_image, wheel = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+config = yaml.safe_load(Path("bentofile.yaml").read_text())
+config["name"] = "clip-bentoml-test"
+config["docker"]["base_image"] = base_image
+if wheel:  # the CPU build instead of PyPI's CUDA one; bentos install ./wheels/ lines as files
+    shutil.copy2(wheel, context / "wheels")
+    config["python"]["wheels"] = [f"./wheels/{Path(wheel).name}"]
+    requirements = context / "requirements.txt"
+    requirements.write_text(
+        re.sub(r"(?m)^torch==.*$", f"./env/python/wheels/{Path(wheel).name}", requirements.read_text())
+    )
+(context / "bentofile.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+EOF
+  log "bentoml build (torch wheel: ${wheel:-none, torch from PyPI})"
+  local tag
+  tag="$(cd "$context" && "$BENTOML" build --output tag . 2>"$WORK/build.log" | tail -1)" ||
+    { cat "$WORK/build.log" >&2; fail "bentoml build"; }
+  tag="${tag#__tag__:}"
+  log "bentoml containerize $tag -> $IMAGE"
+  "$BENTOML" containerize "$tag" --backend docker --opt network=host -t "$IMAGE" \
+    >"$WORK/containerize.log" 2>&1 || { tail -40 "$WORK/containerize.log" >&2; fail "containerize"; }
+}
+
+start_container() {  # name, docker run options...
+  local name="$1"
+  shift
+  CONTAINERS+=("$name")
+  docker run -d --name "$name" "$@" "$IMAGE" serve >/dev/null
+}
+
+check_served_on_host_network() {
+  local name="clip-ct-host-$RUN_ID"
+  if (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null; then fail "port 8080 is already in use"; fi
+  log "docker run --network host $IMAGE serve"
+  local started=$SECONDS
+  start_container "$name" --network host
+  "$PYTHON" scripts/container_checks.py http://127.0.0.1:8080 ||
+    { docker logs "$name" 2>&1 | tail -40 >&2; fail "checks against the container"; }
+  log "ready and checked $((SECONDS - started)) s after docker run"
+  [[ "$(docker exec "$name" id -u)" != "0" ]] || fail "the server runs as root"
+  log "runs as $(docker exec "$name" id -un) (uid $(docker exec "$name" id -u))"
+  docker exec "$name" sh -c 'ls $BENTO_PATH/models/clip/*/model.safetensors' >/dev/null ||
+    fail "the model is not inside the image"
+  log "SIGTERM"
+  local stop_started=$SECONDS
+  docker kill --signal TERM "$name" >/dev/null
+  timeout 30 docker wait "$name" >"$WORK/exit_code" || fail "still running 30 s after SIGTERM"
+  log "stopped $((SECONDS - stop_started)) s after SIGTERM, exit code $(cat "$WORK/exit_code")"
+  [[ "$(cat "$WORK/exit_code")" == "0" ]] || fail "exit code $(cat "$WORK/exit_code") after SIGTERM"
+}
+
+check_served_without_network() {
+  local name="clip-ct-nonet-$RUN_ID"
+  log "docker run --network none $IMAGE serve (checked from inside the container)"
+  start_container "$name" --network none
+  [[ "$(docker exec "$name" python -c 'import socket; print(len(socket.if_nameindex()))')" == 1 ]] ||
+    fail "the container has a network interface besides loopback"
+  docker exec -i "$name" python - http://127.0.0.1:8080 <scripts/container_checks.py ||
+    { docker logs "$name" 2>&1 | tail -40 >&2; fail "checks without network"; }
+}
+
+ensure_docker
+ensure_base_image
+build_image
+log "image $IMAGE: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+check_served_on_host_network
+check_served_without_network
