@@ -1,0 +1,778 @@
+"""Deploy the containerized CLIP bento to Amazon SageMaker; scale, update, invoke and delete it.
+
+    python scripts/deploy_sagemaker.py push --image clip-bentoml:TAG --repository clip-bentoml
+    python scripts/deploy_sagemaker.py deploy --endpoint clip --image-uri URI --role ROLE --wait
+    python scripts/deploy_sagemaker.py autoscale --endpoint clip --min 1 --max 4 --target 100
+    python scripts/deploy_sagemaker.py invoke --endpoint clip --image photo.jpg --image https://...
+    python scripts/deploy_sagemaker.py delete --endpoint clip
+
+The image built by `bentoml containerize` already speaks SageMaker's contract (`serve`, port
+8080, /ping, /invocations), so deploying is only AWS API calls. `deploy` on an existing endpoint
+creates a new timestamped model and endpoint config and switches with a blue/green update, so
+the old fleet serves until the new one passes /ping. Names of the models and configs this script
+creates are `<endpoint>-YYYYmmdd-HHMMSS-mmm`; `delete` removes exactly those (and the endpoint's
+current ones).
+
+Every subcommand takes --region, --endpoint-url (or AWS_ENDPOINT_URL, e.g. a moto server) and
+--dry-run. A dry run makes no call that changes anything (and no invoke / docker): it prints the
+plan, one `[dry-run] service.operation {params}` line per call, each checked against botocore's
+model of the AWS API. It still makes read-only lookups (iam GetRole, DescribeEndpoint, ...) so
+that the plan is the one a real run would follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, WaiterError
+from botocore.validate import validate_parameters
+
+SEED_CLASSES: list[list[Any]] = [
+    ["person", 1],
+    ["bag", 0],
+    ["person with a bag", 1],
+    ["woman riding a horse", 1],
+    ["woman with a bag", 1],
+    ["woman with black shirt and a bag", 1],
+]
+DEFAULT_INSTANCE_TYPE = "ml.m5.xlarge"
+INSTANCE_TYPE_EXAMPLES = "ml.m5.xlarge, ml.c5.2xlarge (CPU); ml.g4dn.xlarge, ml.g5.xlarge (GPU)"
+INSTANCE_TYPE_RE = re.compile(r"ml\.[a-z][a-z0-9-]*\.(\d*xlarge|large|medium|small|micro)")
+# SageMaker names: alphanumerics and hyphens, at most 63; the timestamp suffix takes 20.
+ENDPOINT_NAME_RE = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,42}")
+ROLE_ARN_RE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/(?:[\w+=,.@-]+/)*([\w+=,.@-]{1,64})")
+PAYLOAD_LIMIT = 6 * 1024 * 1024  # SageMaker real-time request bodies (and CLIP_MAX_BODY_BYTES)
+VARIANT = "AllTraffic"
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+BUSY_STATES = {"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"}
+
+
+class DeployError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+class AwsCallError(Exception):
+    """An AWS API call failed; printed as one line naming the call, exit status 1."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---- pure request builders (unit-tested; no AWS) ----
+
+
+def check_instance_type(value: str) -> str:
+    """SageMaker hosting wants `ml.<family>.<size>`; catch `m5.xlarge` before AWS does."""
+    if not INSTANCE_TYPE_RE.fullmatch(value):
+        raise DeployError(
+            f"instance type {value!r} is not a SageMaker instance type (ml.<family>.<size>), "
+            f"e.g. {INSTANCE_TYPE_EXAMPLES}"
+        )
+    return value
+
+
+def check_endpoint_name(value: str) -> str:
+    if not ENDPOINT_NAME_RE.fullmatch(value):
+        raise DeployError(
+            f"endpoint name {value!r}: use 1-43 letters, digits and hyphens, starting and ending "
+            "with a letter or digit (a 20-character timestamp is appended to model/config names)"
+        )
+    return value
+
+
+def role_name(role: str) -> str:
+    """The IAM role name in a role ARN (paths allowed), or `role` itself when it is a name."""
+    match = ROLE_ARN_RE.fullmatch(role)
+    if match:
+        return match.group(1)
+    if role.startswith("arn:") or not re.fullmatch(r"[\w+=,.@-]{1,64}", role):
+        raise DeployError(f"--role {role!r} is neither an IAM role name nor a role ARN")
+    return role
+
+
+def resource_name(endpoint: str, now: datetime) -> str:
+    """A new model/config name per deploy: endpoint configs are immutable, so updates need one."""
+    return f"{endpoint}-{now:%Y%m%d-%H%M%S}-{now.microsecond // 1000:03d}"
+
+
+def owned_by(endpoint: str, name: str) -> bool:
+    """Whether `name` was made by `resource_name(endpoint, ...)` (not by `clip-staging`'s)."""
+    return re.fullmatch(rf"{re.escape(endpoint)}-\d{{8}}-\d{{6}}-\d{{3}}", name) is not None
+
+
+def model_request(
+    name: str, image_uri: str, role_arn: str, env: dict[str, str], network_isolation: bool
+) -> dict[str, Any]:
+    """The model is only the image: the CLIP weights are baked into it, no ModelDataUrl."""
+    container: dict[str, Any] = {"Image": image_uri, "Mode": "SingleModel"}
+    if env:
+        container["Environment"] = env
+    return {
+        "ModelName": name,
+        "ExecutionRoleArn": role_arn,
+        "PrimaryContainer": container,
+        "EnableNetworkIsolation": network_isolation,
+    }
+
+
+def endpoint_config_request(
+    name: str,
+    model_name: str,
+    instance_type: str,
+    instance_count: int,
+    startup_timeout: int,
+    variant: str = VARIANT,
+) -> dict[str, Any]:
+    """One variant; the start-up timeout covers image pull + model load + warm-up before /ping."""
+    return {
+        "EndpointConfigName": name,
+        "ProductionVariants": [
+            {
+                "VariantName": variant,
+                "ModelName": model_name,
+                "InstanceType": instance_type,
+                "InitialInstanceCount": instance_count,
+                "InitialVariantWeight": 1.0,
+                "ContainerStartupHealthCheckTimeoutInSeconds": startup_timeout,
+            }
+        ],
+    }
+
+
+def blue_green_config(
+    bake_seconds: int, canary_percent: int | None, rollback_alarms: Sequence[str], startup: int
+) -> dict[str, Any]:
+    """Blue/green: the new fleet starts beside the old one, which keeps serving until it is done.
+
+    With `canary_percent`, that share of capacity gets traffic first for `bake_seconds`; the
+    named CloudWatch alarms roll the update back if they fire while it runs.
+    """
+    routing: dict[str, Any] = {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}
+    if canary_percent is not None:
+        routing = {
+            "Type": "CANARY",
+            "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": canary_percent},
+            "WaitIntervalInSeconds": bake_seconds,
+        }
+    policy = {
+        "TrafficRoutingConfiguration": routing,
+        "TerminationWaitInSeconds": bake_seconds,
+        "MaximumExecutionTimeoutInSeconds": min(28800, max(1800, startup + 2 * bake_seconds + 600)),
+    }
+    config: dict[str, Any] = {"BlueGreenUpdatePolicy": policy}
+    if rollback_alarms:
+        config["AutoRollbackConfiguration"] = {
+            "Alarms": [{"AlarmName": a} for a in rollback_alarms]
+        }
+    return config
+
+
+def scaling_resource_id(endpoint: str, variant: str) -> str:
+    return f"endpoint/{endpoint}/variant/{variant}"
+
+
+def scalable_target_request(resource_id: str, min_count: int, max_count: int) -> dict[str, Any]:
+    return {
+        "ServiceNamespace": "sagemaker",
+        "ResourceId": resource_id,
+        "ScalableDimension": SCALABLE_DIMENSION,
+        "MinCapacity": min_count,
+        "MaxCapacity": max_count,
+    }
+
+
+def scaling_policy_name(endpoint: str) -> str:
+    return f"{endpoint}-invocations-per-instance"
+
+
+def scaling_policy_request(
+    resource_id: str, endpoint: str, target: float, scale_in_cooldown: int, scale_out_cooldown: int
+) -> dict[str, Any]:
+    """Target tracking on invocations per instance per minute: add machines as traffic grows."""
+    return {
+        "PolicyName": scaling_policy_name(endpoint),
+        "ServiceNamespace": "sagemaker",
+        "ResourceId": resource_id,
+        "ScalableDimension": SCALABLE_DIMENSION,
+        "PolicyType": "TargetTrackingScaling",
+        "TargetTrackingScalingPolicyConfiguration": {
+            "TargetValue": target,
+            "PredefinedMetricSpecification": {
+                "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"
+            },
+            "ScaleInCooldown": scale_in_cooldown,
+            "ScaleOutCooldown": scale_out_cooldown,
+        },
+    }
+
+
+def image_source(arg: str) -> str:
+    """URLs and data: URIs go as they are; anything else is a local file, sent as base64."""
+    if arg.startswith(("http://", "https://", "data:")):
+        return arg
+    path = Path(arg)
+    if not path.is_file():
+        raise DeployError(f"--image {arg!r} is neither an http(s)/data: URL nor a readable file")
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def parse_class(arg: str) -> list[Any]:
+    """`person=1`, `bag=0` or `cat` (flag 1): the `[name, flag]` pairs of the request."""
+    name, sep, flag = arg.rpartition("=")
+    if not sep:
+        return [arg, 1]
+    if flag not in ("0", "1") or not name:
+        raise DeployError(f"--class {arg!r}: expected NAME=0 or NAME=1")
+    return [name, int(flag)]
+
+
+def invoke_body(
+    images: Sequence[str], classes: Sequence[Sequence[Any]], top_k: int | None = None
+) -> bytes:
+    """The seed's request: {"images": [...], "classes": [[name, flag], ...]}."""
+    request: dict[str, Any] = {"images": [image_source(i) for i in images], "classes": classes}
+    if top_k is not None:
+        request["top_k"] = top_k
+    body = json.dumps(request).encode()
+    if len(body) > PAYLOAD_LIMIT:
+        raise DeployError(
+            f"the request is {len(body) / 2**20:.1f} MiB; SageMaker accepts at most 6 MB: send "
+            "image URLs, or resize images client-side (the model sees 224 px anyway)"
+        )
+    return body
+
+
+def ecr_login(auth: dict[str, Any]) -> tuple[str, str, str]:
+    """(user, password, registry host) from one get_authorization_token entry."""
+    user, _, password = base64.b64decode(auth["authorizationToken"]).decode().partition(":")
+    return user, password, auth["proxyEndpoint"].removeprefix("https://")
+
+
+def docker_commands(
+    docker: str, user: str, registry: str, local: str, remote: str
+) -> list[list[str]]:
+    """Login (password on stdin), tag, push."""
+    return [
+        [docker, "login", "--username", user, "--password-stdin", registry],
+        [docker, "tag", local, remote],
+        [docker, "push", remote],
+    ]
+
+
+# ---- boto3 at the edge ----
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """AWS messages are one line, but proxies and emulators may answer an HTML page."""
+    text = " ".join(re.sub(r"<[^>]*>", " ", message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Aws:
+    """boto3 clients plus the dry-run switch: `lookup` always runs, `act` only when not dry."""
+
+    def __init__(self, region: str | None, endpoint_url: str | None, dry_run: bool) -> None:
+        self.session = boto3.session.Session(region_name=region or os.environ.get("AWS_REGION"))
+        if not self.session.region_name:
+            raise DeployError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
+        self.endpoint_url = endpoint_url or None  # None: boto3 honours AWS_ENDPOINT_URL itself
+        self.dry_run = dry_run
+        self._clients: dict[str, Any] = {}
+
+    def client(self, service: str) -> Any:
+        if service not in self._clients:
+            config = Config(retries={"mode": "standard"}, read_timeout=70)
+            self._clients[service] = self.session.client(
+                service, endpoint_url=self.endpoint_url, config=config
+            )
+        return self._clients[service]
+
+    def _call(self, service: str, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return getattr(self.client(service), operation)(**params)
+        except ClientError as error:
+            info = error.response.get("Error", {})
+            code = str(info.get("Code", ""))
+            message = one_line(info.get("Message") or str(error))
+            raise AwsCallError(
+                f"{service} {error.operation_name} failed: {code}: {message}", code
+            ) from None
+
+    def pages(self, service: str, operation: str, **params: Any) -> list[dict[str, Any]]:
+        """Every page of a read-only list/describe call."""
+        paginator = self.client(service).get_paginator(operation)
+        try:
+            return list(paginator.paginate(**params))
+        except ClientError as error:
+            raise AwsCallError(
+                f"{service} {error.operation_name} failed: {one_line(str(error))}"
+            ) from None
+
+    def lookup(
+        self, service: str, operation: str, missing: Sequence[str] = (), **params: Any
+    ) -> dict[str, Any] | None:
+        """A read-only call; None when AWS answers with one of the `missing` error codes."""
+        try:
+            return self._call(service, operation, params)
+        except AwsCallError as error:
+            if error.code in missing:
+                return None
+            raise
+
+    def act(self, service: str, operation: str, shown: Any = None, **params: Any) -> Any:
+        """A call with effects: made, or printed (after checking it against the API model)."""
+        if self.dry_run:
+            client = self.client(service)
+            api_name = client.meta.method_to_api_mapping[operation]
+            shape = client.meta.service_model.operation_model(api_name).input_shape
+            validate_parameters(params, shape)
+            print(f"[dry-run] {service}.{operation} {json.dumps(shown or params, default=str)}")
+            return None
+        names = {k: v for k, v in params.items() if k.endswith("Name") and isinstance(v, str)}
+        print(f"-> {service}.{operation} {json.dumps(names)}", file=sys.stderr)  # stdout: answers
+        return self._call(service, operation, params)
+
+
+def describe_endpoint(aws: Aws, endpoint: str) -> dict[str, Any] | None:
+    try:
+        return aws.lookup("sagemaker", "describe_endpoint", EndpointName=endpoint)
+    except AwsCallError as error:
+        if error.code == "ValidationException" and "Could not find endpoint" in str(error):
+            return None
+        raise
+
+
+def resolve_role(aws: Aws, role: str) -> str:
+    """The role's ARN, after checking it exists: a missing role otherwise fails much later."""
+    name = role_name(role)
+    try:
+        found = aws.lookup("iam", "get_role", missing=("NoSuchEntity",), RoleName=name)
+    except AwsCallError as error:
+        if error.code.startswith("AccessDenied") and ROLE_ARN_RE.fullmatch(role):
+            print(f"warning: cannot read IAM role {name} ({error}); using {role} as given")
+            return role
+        raise
+    if found is None:
+        raise DeployError(
+            f"IAM role {role!r} not found; create one with AmazonSageMakerFullAccess (or the "
+            "narrower policy in README.md, 'Deploy to SageMaker'), trusted by "
+            "sagemaker.amazonaws.com, and pass its name or ARN with --role"
+        )
+    if "sagemaker.amazonaws.com" not in json.dumps(found["Role"].get("AssumeRolePolicyDocument")):
+        print(
+            f"warning: role {name} does not trust sagemaker.amazonaws.com; SageMaker cannot use it"
+        )
+    return found["Role"]["Arn"]
+
+
+def scaling_targets(aws: Aws, endpoint: str) -> list[dict[str, Any]]:
+    """The endpoint's variants registered with Application Auto Scaling."""
+    prefix = f"endpoint/{endpoint}/variant/"
+    pages = aws.pages(
+        "application-autoscaling", "describe_scalable_targets", ServiceNamespace="sagemaker"
+    )
+    return [
+        target
+        for page in pages
+        for target in page["ScalableTargets"]
+        if target["ResourceId"].startswith(prefix)
+    ]
+
+
+def remove_autoscaling(aws: Aws, endpoint: str) -> None:
+    for target in scaling_targets(aws, endpoint):
+        rid = target["ResourceId"]
+        policies = aws.lookup(
+            "application-autoscaling",
+            "describe_scaling_policies",
+            ServiceNamespace="sagemaker",
+            ResourceId=rid,
+            ScalableDimension=SCALABLE_DIMENSION,
+        )
+        for policy in (policies or {}).get("ScalingPolicies", []):
+            if policy["ResourceId"] == rid:
+                aws.act(
+                    "application-autoscaling",
+                    "delete_scaling_policy",
+                    PolicyName=policy["PolicyName"],
+                    ServiceNamespace="sagemaker",
+                    ResourceId=rid,
+                    ScalableDimension=SCALABLE_DIMENSION,
+                )
+        aws.act(
+            "application-autoscaling",
+            "deregister_scalable_target",
+            ServiceNamespace="sagemaker",
+            ResourceId=rid,
+            ScalableDimension=SCALABLE_DIMENSION,
+        )
+
+
+def wait_in_service(aws: Aws, endpoint: str, config: str, timeout_s: int) -> None:
+    """Wait for InService, then check it runs `config`: a rolled-back update is InService too."""
+    print(f"waiting for {endpoint} to be InService (up to {timeout_s} s)...")
+    waiter = aws.client("sagemaker").get_waiter("endpoint_in_service")
+    try:
+        waiter.wait(
+            EndpointName=endpoint, WaiterConfig={"Delay": 15, "MaxAttempts": timeout_s // 15}
+        )
+    except WaiterError as error:
+        state = describe_endpoint(aws, endpoint) or {}
+        raise AwsCallError(
+            f"endpoint {endpoint} is {state.get('EndpointStatus', 'gone')}: "
+            f"{state.get('FailureReason') or error}; "
+            f"logs: CloudWatch /aws/sagemaker/Endpoints/{endpoint}"
+        ) from None
+    running = (describe_endpoint(aws, endpoint) or {}).get("EndpointConfigName")
+    if running != config:
+        raise AwsCallError(
+            f"endpoint {endpoint} is InService on {running}, not {config}: the "
+            "update was rolled back; see its events and CloudWatch logs"
+        )
+    print(f"{endpoint} is InService on {config}")
+
+
+# ---- subcommands ----
+
+
+def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
+    """Create the endpoint, or update it blue/green (new model + config; old fleet serves on)."""
+    endpoint = check_endpoint_name(args.endpoint)
+    instance_type = check_instance_type(args.instance_type)
+    if args.instance_count < 1:
+        raise DeployError("--instance-count must be at least 1")
+    if not 60 <= args.startup_timeout <= 3600:
+        raise DeployError("--startup-timeout must be 60..3600 seconds (SageMaker's range)")
+    if not 0 <= args.bake_seconds <= 3600:
+        raise DeployError("--bake-seconds must be 0..3600")
+    if args.canary_percent is not None and not 1 <= args.canary_percent <= 50:
+        raise DeployError("--canary-percent must be 1..50")
+    if "/" not in args.image_uri:
+        raise DeployError(
+            f"--image-uri {args.image_uri!r}: give the registry URI `push` printed, "
+            "e.g. ACCOUNT.dkr.ecr.REGION.amazonaws.com/clip-bentoml:TAG"
+        )
+    if any("=" not in item for item in args.env):
+        raise DeployError("--env takes KEY=VALUE")
+    env = dict(item.split("=", 1) for item in args.env)
+    role_arn = resolve_role(aws, args.role)
+    existing = describe_endpoint(aws, endpoint)
+    variant, retain = VARIANT, False
+    if existing is not None:
+        status = existing["EndpointStatus"]
+        if status in BUSY_STATES or status == "Failed":
+            raise DeployError(
+                f"endpoint {endpoint} is {status} "
+                + ("(delete it, then deploy again)" if status == "Failed" else "(wait, then retry)")
+            )
+        variant = existing["ProductionVariants"][0]["VariantName"]  # blue/green needs the same
+        if scaling_targets(aws, endpoint):
+            current = aws.lookup(
+                "sagemaker",
+                "describe_endpoint_config",
+                EndpointConfigName=existing["EndpointConfigName"],
+            )
+            if current and current["ProductionVariants"][0]["InstanceType"] != instance_type:
+                raise DeployError(
+                    f"endpoint {endpoint} autoscales, and SageMaker refuses to change the instance "
+                    f"type of an autoscaled variant: run `autoscale --endpoint {endpoint} "
+                    "--disable`, deploy, then `autoscale` again"
+                )
+            retain = True  # keep the instance count autoscaling chose
+    name = resource_name(endpoint, datetime.now(UTC))
+    aws.act(
+        "sagemaker",
+        "create_model",
+        **model_request(name, args.image_uri, role_arn, env, args.network_isolation),
+    )
+    aws.act(
+        "sagemaker",
+        "create_endpoint_config",
+        **endpoint_config_request(
+            name, name, instance_type, args.instance_count, args.startup_timeout, variant
+        ),
+    )
+    if existing is None:
+        aws.act("sagemaker", "create_endpoint", EndpointName=endpoint, EndpointConfigName=name)
+    else:
+        deployment = blue_green_config(
+            args.bake_seconds, args.canary_percent, args.rollback_alarm, args.startup_timeout
+        )
+        aws.act(
+            "sagemaker",
+            "update_endpoint",
+            EndpointName=endpoint,
+            EndpointConfigName=name,
+            RetainAllVariantProperties=retain,
+            DeploymentConfig=deployment,
+        )
+    if args.wait and not aws.dry_run:
+        wait_in_service(aws, endpoint, name, args.startup_timeout + 1800)
+
+
+def cmd_autoscale(aws: Aws, args: argparse.Namespace) -> None:
+    """One endpoint is one fleet: target tracking adds and removes instances with the traffic."""
+    existing = describe_endpoint(aws, args.endpoint)
+    if existing is None:
+        raise DeployError(f"endpoint {args.endpoint} not found; deploy it first")
+    if args.disable:
+        remove_autoscaling(aws, args.endpoint)
+        return
+    if not 1 <= args.min <= args.max:
+        raise DeployError("need 1 <= --min <= --max")
+    if args.target <= 0:
+        raise DeployError("--target (invocations per instance per minute) must be positive")
+    variant = existing["ProductionVariants"][0]["VariantName"]
+    rid = scaling_resource_id(args.endpoint, variant)
+    aws.act(
+        "application-autoscaling",
+        "register_scalable_target",
+        **scalable_target_request(rid, args.min, args.max),
+    )
+    aws.act(
+        "application-autoscaling",
+        "put_scaling_policy",
+        **scaling_policy_request(
+            rid, args.endpoint, args.target, args.scale_in_cooldown, args.scale_out_cooldown
+        ),
+    )
+
+
+def cmd_delete(aws: Aws, args: argparse.Namespace) -> None:
+    """Remove everything deploy/autoscale made for `endpoint` (endpoints bill by the hour)."""
+    endpoint = args.endpoint
+    remove_autoscaling(aws, endpoint)
+    existing = describe_endpoint(aws, endpoint)
+    configs = set()
+    if existing is not None:
+        aws.act("sagemaker", "delete_endpoint", EndpointName=endpoint)
+        configs.add(existing["EndpointConfigName"])
+        if not aws.dry_run:  # AWS: don't delete a config while its endpoint still uses it
+            waiter = aws.client("sagemaker").get_waiter("endpoint_deleted")
+            try:
+                waiter.wait(EndpointName=endpoint, WaiterConfig={"Delay": 15, "MaxAttempts": 60})
+            except WaiterError as error:
+                raise AwsCallError(f"endpoint {endpoint} was not deleted: {error}") from None
+    for page in aws.pages("sagemaker", "list_endpoint_configs", NameContains=endpoint):
+        configs |= {
+            c["EndpointConfigName"]
+            for c in page["EndpointConfigs"]
+            if owned_by(endpoint, c["EndpointConfigName"])
+        }
+    models = set()
+    for config in sorted(configs):
+        found = aws.lookup(
+            "sagemaker",
+            "describe_endpoint_config",
+            missing=("ValidationException",),
+            EndpointConfigName=config,
+        )
+        models |= {v["ModelName"] for v in (found or {}).get("ProductionVariants", [])}
+        aws.act("sagemaker", "delete_endpoint_config", EndpointConfigName=config)
+    for page in aws.pages("sagemaker", "list_models", NameContains=endpoint):
+        models |= {m["ModelName"] for m in page["Models"] if owned_by(endpoint, m["ModelName"])}
+    for model in sorted(models):
+        aws.act("sagemaker", "delete_model", ModelName=model)
+    if existing is None and not configs and not models:
+        print(f"nothing to delete for endpoint {endpoint}")
+
+
+def cmd_invoke(aws: Aws, args: argparse.Namespace) -> None:
+    """Send the seed's request through sagemaker-runtime and print the service's JSON answer."""
+    classes = [parse_class(c) for c in args.class_] or SEED_CLASSES
+    body = invoke_body(args.image, classes, args.top_k)
+    params = {
+        "EndpointName": args.endpoint,
+        "ContentType": "application/json",
+        "Accept": "application/json",
+        "Body": body,
+    }
+    shown = {
+        **params,
+        "Body": f"<{len(body)} bytes: {len(args.image)} images, {len(classes)} classes>",
+    }
+    answer = aws.act("sagemaker-runtime", "invoke_endpoint", shown=shown, **params)
+    if answer is None:
+        return
+    text = answer["Body"].read().decode("utf-8", "replace")
+    try:
+        print(json.dumps(json.loads(text), indent=2))
+    except ValueError:
+        print(text)
+
+
+def cmd_push(aws: Aws, args: argparse.Namespace) -> None:
+    """SageMaker pulls images from ECR: make sure the repository exists, then docker push."""
+    local = args.image if ":" in args.image.rsplit("/", 1)[-1] else f"{args.image}:latest"
+    tag = args.tag or local.rpartition(":")[2]
+    docker = shutil.which(args.docker)
+    if docker is None and not aws.dry_run:
+        raise DeployError(f"{args.docker!r} not found on PATH; install Docker or pass --docker")
+    found = aws.lookup(
+        "ecr",
+        "describe_repositories",
+        missing=("RepositoryNotFoundException",),
+        repositoryNames=[args.repository],
+    )
+    if found is not None:
+        uri = found["repositories"][0]["repositoryUri"]
+    else:
+        created = aws.act(
+            "ecr",
+            "create_repository",
+            repositoryName=args.repository,
+            imageScanningConfiguration={"scanOnPush": True},
+        )
+        if created is not None:
+            uri = created["repository"]["repositoryUri"]
+        else:  # dry run: the URI the new repository will have
+            account = aws.lookup("sts", "get_caller_identity")["Account"]
+            uri = f"{account}.dkr.ecr.{aws.session.region_name}.amazonaws.com/{args.repository}"
+    remote = f"{uri}:{tag}"
+    if aws.dry_run:
+        print("[dry-run] ecr.get_authorization_token {}")
+        for command in docker_commands(args.docker, "AWS", uri.split("/")[0], local, remote):
+            print(f"[dry-run] {' '.join(command)}")
+        return
+    token = aws.lookup("ecr", "get_authorization_token")["authorizationData"][0]
+    user, password, registry = ecr_login(token)
+    for command in docker_commands(docker, user, registry, local, remote):
+        print("$ " + " ".join(command))
+        stdin = password if command[1] == "login" else None  # never on the command line
+        if subprocess.run(command, input=stdin, text=True).returncode != 0:
+            raise DeployError(f"`docker {command[1]}` failed (see Docker's message above)")
+    print(f"pushed {remote}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--region", default=argparse.SUPPRESS, help="AWS region")
+    common.add_argument(
+        "--endpoint-url",
+        default=argparse.SUPPRESS,
+        help="AWS API endpoint override (default: $AWS_ENDPOINT_URL)",
+    )
+    common.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the plan, change nothing",
+    )
+    # Shared, SUPPRESS-defaulted options: accepted before or after the subcommand.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    push = sub.add_parser("push", parents=[common], help="push the image to ECR")
+    push.add_argument("--image", required=True, help="local image, e.g. clip-bentoml:TAG")
+    push.add_argument("--repository", default="clip-bentoml", help="ECR repository name")
+    push.add_argument("--tag", help="tag in ECR (default: the local tag)")
+    push.add_argument("--docker", default="docker", help="docker executable")
+
+    deploy = sub.add_parser("deploy", parents=[common], help="create or update the endpoint")
+    deploy.add_argument("--endpoint", default="clip")
+    deploy.add_argument("--image-uri", required=True, help="ECR image URI (printed by push)")
+    deploy.add_argument("--role", required=True, help="SageMaker execution role name or ARN")
+    deploy.add_argument(
+        "--instance-type",
+        default=DEFAULT_INSTANCE_TYPE,
+        help=f"default {DEFAULT_INSTANCE_TYPE}; e.g. {INSTANCE_TYPE_EXAMPLES}",
+    )
+    deploy.add_argument("--instance-count", type=int, default=1)
+    deploy.add_argument(
+        "--startup-timeout",
+        type=int,
+        default=600,
+        help="ContainerStartupHealthCheckTimeoutInSeconds (60..3600)",
+    )
+    deploy.add_argument("--env", action="append", default=[], help="KEY=VALUE for the container")
+    deploy.add_argument(
+        "--network-isolation",
+        action="store_true",
+        help="no outbound network: images must be sent as base64",
+    )
+    deploy.add_argument(
+        "--bake-seconds",
+        type=int,
+        default=300,
+        help="update: how long the old fleet stays after the switch",
+    )
+    deploy.add_argument("--canary-percent", type=int, help="update: canary share of capacity")
+    deploy.add_argument(
+        "--rollback-alarm",
+        action="append",
+        default=[],
+        help="update: CloudWatch alarm that rolls the update back",
+    )
+    deploy.add_argument("--wait", action="store_true", help="wait until InService")
+
+    scale = sub.add_parser("autoscale", parents=[common], help="target-tracking autoscaling")
+    scale.add_argument("--endpoint", default="clip")
+    scale.add_argument("--min", type=int, default=1)
+    scale.add_argument("--max", type=int, default=4)
+    scale.add_argument(
+        "--target", type=float, default=100.0, help="invocations per instance per minute to hold"
+    )
+    scale.add_argument("--scale-in-cooldown", type=int, default=300)
+    scale.add_argument("--scale-out-cooldown", type=int, default=60)
+    scale.add_argument("--disable", action="store_true", help="remove the policy and target")
+
+    delete = sub.add_parser("delete", parents=[common], help="delete endpoint, configs, models")
+    delete.add_argument("--endpoint", default="clip")
+
+    invoke = sub.add_parser("invoke", parents=[common], help="send the seed's request")
+    invoke.add_argument("--endpoint", default="clip")
+    invoke.add_argument("--image", action="append", required=True, help="file, URL or data: URI")
+    invoke.add_argument(
+        "--class",
+        dest="class_",
+        action="append",
+        default=[],
+        help="NAME=FLAG (default: the seed's six classes)",
+    )
+    invoke.add_argument("--top-k", type=int)
+    return parser
+
+
+COMMANDS = {
+    "push": cmd_push,
+    "deploy": cmd_deploy,
+    "autoscale": cmd_autoscale,
+    "delete": cmd_delete,
+    "invoke": cmd_invoke,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    endpoint_url = getattr(args, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL")
+    try:
+        aws = Aws(getattr(args, "region", None), endpoint_url, getattr(args, "dry_run", False))
+        COMMANDS[args.command](aws, args)
+    except DeployError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except AwsCallError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except BotoCoreError as error:  # no credentials, endpoint unreachable, bad parameters
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

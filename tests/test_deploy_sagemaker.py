@@ -1,0 +1,605 @@
+"""scripts/deploy_sagemaker.py against moto's server on 127.0.0.1, and deployment_config.yaml.
+
+moto answers with the real AWS API shapes (boto3 validates requests and parses answers with the
+same service models as against AWS) and stores what it is sent, but it cannot run the image.
+What moto 5.2.5 does not model, and how these tests deal with it:
+- sagemaker UpdateEndpoint is not implemented: a second deploy is checked up to the new model and
+  endpoint config, the update call's parameters are checked against botocore's model of the API,
+  and the error the script prints is checked;
+- sagemaker-runtime InvokeEndpoint answers a canned body (or one queued through moto's API):
+  the test queues the service's answer and checks the request moto received;
+- instance types are checked against moto's own (older) list, which lacks e.g. ml.g5.
+Nothing here talks to anything but 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import stat
+import subprocess
+import sys
+import urllib.request
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+from botocore.validate import validate_parameters
+from moto.server import ThreadedMotoServer
+
+from tests.helpers import REPO_ROOT, SEED_CLASSES, encode, photo_like
+
+_SPEC = importlib.util.spec_from_file_location(
+    "deploy_sagemaker", REPO_ROOT / "scripts" / "deploy_sagemaker.py"
+)
+assert _SPEC is not None and _SPEC.loader is not None
+deploy = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(deploy)
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's default account
+IMAGE_URI = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/clip-bentoml:v1"
+ROLE = "clip-sagemaker-execution"
+FAKE_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+UNSET = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Any:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    assert host == "127.0.0.1"
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch, moto_url: str) -> str:
+    """Fake credentials and every AWS client pointed at moto, for the script and the checks."""
+    for name in UNSET:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**FAKE_ENV, "AWS_ENDPOINT_URL": moto_url}.items():
+        monkeypatch.setenv(name, value)
+    return moto_url
+
+
+def aws(service: str) -> Any:
+    return boto3.client(service, region_name=REGION, endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+
+
+@pytest.fixture(scope="module")
+def role_arn(moto_url: str) -> str:
+    iam = boto3.client(
+        "iam",
+        region_name=REGION,
+        endpoint_url=moto_url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": "sagemaker.amazonaws.com"},
+                "Action": "sts:AssumeRole",
+            }
+        ],
+    }
+    return iam.create_role(RoleName=ROLE, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = deploy.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def plan(out: str) -> list[tuple[str, Any]]:
+    """The `[dry-run] service.operation {json}` lines of a dry run."""
+    calls = []
+    for line in out.splitlines():
+        if line.startswith("[dry-run] "):
+            call, _, params = line.removeprefix("[dry-run] ").partition(" ")
+            calls.append((call, json.loads(params) if params.startswith("{") else params))
+    return calls
+
+
+def error_line(err: str) -> str:
+    """The one `error:` line (stderr also carries `-> service.operation` progress lines)."""
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    return line
+
+
+def state() -> dict[str, Any]:
+    """Everything the script can create, as moto stores it."""
+    sagemaker, scaling = aws("sagemaker"), aws("application-autoscaling")
+    return {
+        "models": sorted(m["ModelName"] for m in sagemaker.list_models()["Models"]),
+        "configs": sorted(
+            c["EndpointConfigName"] for c in sagemaker.list_endpoint_configs()["EndpointConfigs"]
+        ),
+        "endpoints": sorted(
+            (e["EndpointName"], e["EndpointStatus"])
+            for e in sagemaker.list_endpoints()["Endpoints"]
+        ),
+        "repositories": sorted(
+            r["repositoryName"] for r in aws("ecr").describe_repositories()["repositories"]
+        ),
+        "targets": sorted(
+            t["ResourceId"]
+            for t in scaling.describe_scalable_targets(ServiceNamespace="sagemaker")[
+                "ScalableTargets"
+            ]
+        ),
+        "policies": sorted(
+            p["PolicyName"]
+            for p in scaling.describe_scaling_policies(ServiceNamespace="sagemaker")[
+                "ScalingPolicies"
+            ]
+        ),
+    }
+
+
+def deploy_args(endpoint: str, *extra: str) -> list[str]:
+    return ["deploy", "--endpoint", endpoint, "--image-uri", IMAGE_URI, "--role", ROLE, *extra]
+
+
+def current_config(endpoint: str) -> dict[str, Any]:
+    sagemaker = aws("sagemaker")
+    name = sagemaker.describe_endpoint(EndpointName=endpoint)["EndpointConfigName"]
+    return sagemaker.describe_endpoint_config(EndpointConfigName=name)
+
+
+# ---- pure parts ----
+
+
+def test_requests_match_the_aws_api_model():
+    """Each request the script builds is valid for botocore's model of the real API."""
+    sagemaker = boto3.session.Session().client("sagemaker", region_name=REGION)
+    scaling = boto3.session.Session().client("application-autoscaling", region_name=REGION)
+
+    def check(client: Any, operation: str, params: dict[str, Any]) -> None:
+        validate_parameters(
+            params, client.meta.service_model.operation_model(operation).input_shape
+        )
+
+    model = deploy.model_request("clip-x", IMAGE_URI, "arn:aws:iam::1:role/r", {"A": "1"}, True)
+    check(sagemaker, "CreateModel", model)
+    assert model["PrimaryContainer"] == {
+        "Image": IMAGE_URI,
+        "Mode": "SingleModel",
+        "Environment": {"A": "1"},
+    }
+    config = deploy.endpoint_config_request("c", "m", "ml.g5.xlarge", 3, 900)
+    check(sagemaker, "CreateEndpointConfig", config)
+    variant = config["ProductionVariants"][0]
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 900
+    assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.g5.xlarge", 3)
+
+    canary = deploy.blue_green_config(600, 10, ["clip-5xx"], 900)
+    check(
+        sagemaker,
+        "UpdateEndpoint",
+        {"EndpointName": "e", "EndpointConfigName": "c", "DeploymentConfig": canary},
+    )
+    policy = canary["BlueGreenUpdatePolicy"]
+    assert policy["TrafficRoutingConfiguration"]["CanarySize"] == {
+        "Type": "CAPACITY_PERCENT",
+        "Value": 10,
+    }
+    assert policy["TerminationWaitInSeconds"] == 600
+    assert 600 <= policy["MaximumExecutionTimeoutInSeconds"] <= 28800
+    assert canary["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "clip-5xx"}]}
+    at_once = deploy.blue_green_config(0, None, [], 3600)
+    assert at_once["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["Type"] == "ALL_AT_ONCE"
+    assert "AutoRollbackConfiguration" not in at_once
+
+    rid = deploy.scaling_resource_id("clip", "AllTraffic")
+    assert rid == "endpoint/clip/variant/AllTraffic"
+    check(scaling, "RegisterScalableTarget", deploy.scalable_target_request(rid, 1, 4))
+    check(scaling, "PutScalingPolicy", deploy.scaling_policy_request(rid, "clip", 70.0, 300, 60))
+
+
+def test_input_checks():
+    for good in ("ml.m5.xlarge", "ml.g5.xlarge", "ml.p4d.24xlarge", "ml.t2.medium", "ml.c5.large"):
+        assert deploy.check_instance_type(good) == good
+    for bad in ("m5.xlarge", "ml.m5", "ml.m5.huge", "", "ml..xlarge", "ML.M5.XLARGE"):
+        with pytest.raises(deploy.DeployError, match="ml.g4dn.xlarge"):
+            deploy.check_instance_type(bad)
+    assert deploy.role_name("arn:aws:iam::123456789012:role/service/clip-exec") == "clip-exec"
+    assert deploy.role_name("clip-exec") == "clip-exec"
+    for bad in ("arn:aws:iam::123:user/bob", "a role"):
+        with pytest.raises(deploy.DeployError):
+            deploy.role_name(bad)
+    for bad in ("-clip", "clip_1", "x" * 44):
+        with pytest.raises(deploy.DeployError):
+            deploy.check_endpoint_name(bad)
+    assert deploy.owned_by("clip", "clip-20260101-120000-007")
+    assert not deploy.owned_by("clip", "clip-staging-20260101-120000-007")
+    assert deploy.parse_class("person with a bag=1") == ["person with a bag", 1]
+    assert deploy.parse_class("bag=0") == ["bag", 0]
+    with pytest.raises(deploy.DeployError):
+        deploy.parse_class("bag=yes")
+
+
+def test_endpoint_url_and_global_options(monkeypatch):
+    """--endpoint-url wins over AWS_ENDPOINT_URL; global options work before or after the verb."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    client = deploy.Aws(None, "http://127.0.0.1:8", False).client("sagemaker")
+    assert client.meta.endpoint_url == "http://127.0.0.1:8"
+    assert deploy.Aws(None, None, False).client("iam").meta.endpoint_url == "http://127.0.0.1:9"
+    parser = deploy.build_parser()
+    for argv in (
+        ["--dry-run", "--region", "eu-west-1", "delete"],
+        ["delete", "--dry-run", "--region", "eu-west-1"],
+    ):
+        args = parser.parse_args(argv)
+        assert args.dry_run is True and args.region == "eu-west-1"
+    assert getattr(parser.parse_args(["delete"]), "dry_run", False) is False
+
+
+# ---- against moto ----
+
+
+def test_deploy_creates_model_config_and_endpoint(capsys, role_arn):
+    code, out, err = run(
+        capsys,
+        *deploy_args("clip-a", "--instance-type", "ml.g4dn.xlarge", "--instance-count", "2"),
+        *("--startup-timeout", "900", "--env", "CLIP_API_WORKERS=2", "--wait"),
+    )
+    assert code == 0, err
+    assert "clip-a is InService on" in out
+    sagemaker = aws("sagemaker")
+    endpoint = sagemaker.describe_endpoint(EndpointName="clip-a")
+    assert endpoint["EndpointStatus"] == "InService"
+    config = current_config("clip-a")
+    assert deploy.owned_by("clip-a", config["EndpointConfigName"])
+    variant = config["ProductionVariants"][0]
+    assert variant["InstanceType"] == "ml.g4dn.xlarge"
+    assert variant["InitialInstanceCount"] == 2
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 900
+    assert variant["VariantName"] == "AllTraffic"
+    model = sagemaker.describe_model(ModelName=variant["ModelName"])
+    assert model["PrimaryContainer"]["Image"] == IMAGE_URI
+    assert model["PrimaryContainer"]["Environment"] == {"CLIP_API_WORKERS": "2"}
+    assert model["ExecutionRoleArn"] == role_arn
+
+
+def test_redeploy_makes_a_new_config_and_asks_for_a_blue_green_update(capsys, role_arn):
+    assert run(capsys, *deploy_args("clip-b"))[0] == 0
+    first = current_config("clip-b")["EndpointConfigName"]
+
+    code, out, _ = run(capsys, "--dry-run", *deploy_args("clip-b", "--canary-percent", "20"))
+    assert code == 0
+    calls = dict(plan(out))
+    assert "sagemaker.create_endpoint" not in calls
+    update = calls["sagemaker.update_endpoint"]
+    assert update["EndpointName"] == "clip-b"
+    assert (
+        update["EndpointConfigName"]
+        == calls["sagemaker.create_endpoint_config"]["EndpointConfigName"]
+    )
+    routing = update["DeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]
+    assert routing["Type"] == "CANARY" and routing["CanarySize"]["Value"] == 20
+
+    code, out, err = run(capsys, *deploy_args("clip-b", "--instance-type", "ml.c5.xlarge"))
+    configs = [c for c in state()["configs"] if deploy.owned_by("clip-b", c)]
+    assert len(configs) == 2 and first in configs
+    new = aws("sagemaker").describe_endpoint_config(EndpointConfigName=max(configs))
+    assert new["ProductionVariants"][0]["InstanceType"] == "ml.c5.xlarge"
+    assert new["ProductionVariants"][0]["VariantName"] == "AllTraffic"
+    # moto 5.2.5 has no UpdateEndpoint: the script reports it as one line naming the call.
+    assert code == 1
+    assert error_line(err).startswith("error: sagemaker UpdateEndpoint failed: 500"), err
+    assert "Traceback" not in err
+    assert current_config("clip-b")["EndpointConfigName"] == first
+
+
+def test_autoscaling_target_and_policy(capsys, role_arn):
+    assert run(capsys, *deploy_args("clip-c"))[0] == 0
+    code, _, err = run(
+        capsys, "autoscale", "--endpoint", "clip-c", "--min", "2", "--max", "6", "--target", "250"
+    )
+    assert code == 0, err
+    scaling = aws("application-autoscaling")
+    rid = "endpoint/clip-c/variant/AllTraffic"
+    (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[rid])[
+        "ScalableTargets"
+    ]
+    assert target["ScalableDimension"] == "sagemaker:variant:DesiredInstanceCount"
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (2, 6)
+    (policy,) = scaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=rid)[
+        "ScalingPolicies"
+    ]
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["TargetValue"] == 250.0
+    assert (
+        tracking["PredefinedMetricSpecification"]["PredefinedMetricType"]
+        == "SageMakerVariantInvocationsPerInstance"
+    )
+    assert (tracking["ScaleInCooldown"], tracking["ScaleOutCooldown"]) == (300, 60)
+
+    # SageMaker refuses to change the instance type of an autoscaled variant: say so up front.
+    before = state()
+    code, _, err = run(capsys, *deploy_args("clip-c", "--instance-type", "ml.c5.xlarge"))
+    assert code == 2 and "autoscale --endpoint clip-c --disable" in err
+    assert state() == before
+
+    assert run(capsys, "autoscale", "--endpoint", "clip-c", "--disable")[0] == 0
+    assert rid not in state()["targets"]
+    assert not scaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=rid)[
+        "ScalingPolicies"
+    ]
+
+
+def test_autoscale_needs_an_endpoint(capsys):
+    code, _, err = run(capsys, "autoscale", "--endpoint", "clip-missing")
+    assert code == 2 and "endpoint clip-missing not found" in err
+
+
+def test_delete_removes_endpoint_configs_models_and_scaling(capsys, role_arn):
+    assert run(capsys, *deploy_args("clip-d"))[0] == 0
+    assert run(capsys, *deploy_args("clip-d-staging"))[0] == 0
+    assert run(capsys, *deploy_args("clip-d", "--instance-type", "ml.c5.xlarge"))[0] == 1  # moto
+    assert run(capsys, "autoscale", "--endpoint", "clip-d")[0] == 0
+    ours = state()
+    assert len([m for m in ours["models"] if deploy.owned_by("clip-d", m)]) == 2
+
+    code, _, err = run(capsys, "delete", "--endpoint", "clip-d")
+    assert code == 0, err
+    after = state()
+    assert not [n for n in after["models"] + after["configs"] if deploy.owned_by("clip-d", n)]
+    assert "clip-d" not in [name for name, _ in after["endpoints"]]
+    assert "endpoint/clip-d/variant/AllTraffic" not in after["targets"]
+    assert "clip-d-invocations-per-instance" not in after["policies"]
+    # A neighbour whose name starts the same is untouched.
+    assert ("clip-d-staging", "InService") in after["endpoints"]
+    assert [m for m in after["models"] if deploy.owned_by("clip-d-staging", m)]
+
+    code, out, _ = run(capsys, "delete", "--endpoint", "clip-d")
+    assert code == 0 and "nothing to delete" in out
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(capsys, role_arn, tmp_path):
+    assert run(capsys, *deploy_args("clip-e"))[0] == 0
+    assert run(capsys, "autoscale", "--endpoint", "clip-e")[0] == 0
+    before = state()
+
+    code, out, _ = run(capsys, "--dry-run", *deploy_args("clip-new", "--instance-count", "3"))
+    assert code == 0
+    calls = plan(out)
+    assert [c for c, _ in calls] == [
+        "sagemaker.create_model",
+        "sagemaker.create_endpoint_config",
+        "sagemaker.create_endpoint",
+    ]
+    params = dict(calls)
+    assert params["sagemaker.create_model"]["ExecutionRoleArn"] == role_arn
+    variant = params["sagemaker.create_endpoint_config"]["ProductionVariants"][0]
+    assert variant["InitialInstanceCount"] == 3 and variant["InstanceType"] == "ml.m5.xlarge"
+
+    code, out, _ = run(capsys, "delete", "--dry-run", "--endpoint", "clip-e")
+    assert code == 0
+    deleted = [c for c, _ in plan(out)]
+    assert deleted[:3] == [
+        "application-autoscaling.delete_scaling_policy",
+        "application-autoscaling.deregister_scalable_target",
+        "sagemaker.delete_endpoint",
+    ]
+    assert {"sagemaker.delete_endpoint_config", "sagemaker.delete_model"} <= set(deleted)
+
+    code, out, _ = run(capsys, "autoscale", "--dry-run", "--endpoint", "clip-e", "--max", "9")
+    assert code == 0
+    assert dict(plan(out))["application-autoscaling.register_scalable_target"]["MaxCapacity"] == 9
+
+    code, out, _ = run(capsys, "push", "--dry-run", "--image", "clip-bentoml:t1")
+    assert code == 0
+    assert "ecr.create_repository" in dict(plan(out))
+    uri = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/clip-bentoml:t1"
+    assert f"[dry-run] docker push {uri}" in out
+
+    image = tmp_path / "cat.png"
+    image.write_bytes(encode(photo_like(64, 48, seed=1)))
+    invoked = moto_invocations()
+    code, out, _ = run(capsys, "invoke", "--dry-run", "--endpoint", "clip-e", "--image", str(image))
+    assert code == 0 and "sagemaker-runtime.invoke_endpoint" in dict(plan(out))
+    assert moto_invocations() == invoked
+
+    assert state() == before
+
+
+def test_missing_role_and_bad_instance_type_fail_clearly(capsys, role_arn):
+    before = state()
+    code, _, err = run(capsys, *deploy_args("clip-f")[:-2], "--role", "no-such-role")
+    assert code == 2
+    assert "IAM role 'no-such-role' not found" in err and "AmazonSageMakerFullAccess" in err
+    code, _, err = run(capsys, *deploy_args("clip-f", "--instance-type", "m5.xlarge"))
+    assert code == 2 and "ml.<family>.<size>" in err and "ml.g4dn.xlarge" in err
+    code, _, err = run(capsys, *deploy_args("clip-f", "--instance-count", "0"))
+    assert code == 2 and "--instance-count" in err
+    code, _, err = run(capsys, *deploy_args("clip-f", "--image-uri", "clip-bentoml:v1"))
+    assert code == 2 and "--image-uri 'clip-bentoml:v1'" in err
+    assert state() == before
+
+    # Well-formed but unknown to SageMaker (here: to moto's list): AWS's message, one line.
+    code, _, err = run(capsys, *deploy_args("clip-f", "--instance-type", "ml.zz9.xlarge"))
+    assert code == 1
+    line = error_line(err)
+    assert line.startswith("error: sagemaker CreateEndpointConfig failed: ValidationException:")
+    assert "Value 'ml.zz9.xlarge' at 'instanceType' failed" in line
+    assert run(capsys, "delete", "--endpoint", "clip-f")[0] == 0  # the model it left
+
+
+def test_cli_in_a_subprocess(role_arn, aws_env):
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "scripts/deploy_sagemaker.py", *args],
+            cwd=REPO_ROOT,
+            env={**os.environ},  # AWS_ENDPOINT_URL and fake credentials from aws_env
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    result = cli(*deploy_args("clip-g", "--instance-type", "ml.c5.2xlarge"))
+    assert result.returncode == 0, result.stderr
+    assert current_config("clip-g")["ProductionVariants"][0]["InstanceType"] == "ml.c5.2xlarge"
+    result = cli(*deploy_args("clip-g2", "--role", "arn:aws:iam::123456789012:role/nope"))
+    assert result.returncode == 2
+    assert "IAM role 'arn:aws:iam::123456789012:role/nope' not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_push_creates_the_repository_and_logs_in_with_stdin(capsys, tmp_path, monkeypatch):
+    log = tmp_path / "docker.log"
+    docker = tmp_path / "docker"
+    docker.write_text(
+        "#!/bin/sh\n"
+        f'echo "ARGS $*" >> {log}\n'
+        f'if [ "$1" = login ]; then echo "STDIN $(cat)" >> {log}; fi\n'
+        'if [ "$1" = push ] && [ -n "$FAIL_PUSH" ]; then exit 1; fi\n'
+    )
+    docker.chmod(docker.stat().st_mode | stat.S_IXUSR)
+
+    push = [
+        "push",
+        "--image",
+        "clip-bentoml:abc",
+        "--repository",
+        "clip-push",
+        "--docker",
+        str(docker),
+    ]
+    code, out, err = run(capsys, *push)
+    assert code == 0, err
+    (repo,) = aws("ecr").describe_repositories(repositoryNames=["clip-push"])["repositories"]
+    assert repo["imageScanningConfiguration"]["scanOnPush"] is True
+    registry = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com"
+    remote = f"{repo['repositoryUri']}:abc"
+    assert remote == f"{registry}/clip-push:abc" and f"pushed {remote}" in out
+    assert log.read_text().splitlines() == [
+        f"ARGS login --username AWS --password-stdin {registry}",
+        f"STDIN {ACCOUNT}-auth-token",  # moto's ECR password, on stdin, never in argv
+        f"ARGS tag clip-bentoml:abc {remote}",
+        f"ARGS push {remote}",
+    ]
+
+    # The repository exists now: reused, not created again; a failing push is one clear line.
+    monkeypatch.setenv("FAIL_PUSH", "1")
+    code, out, err = run(capsys, *push)
+    assert code == 2 and "`docker push` failed" in err
+    assert "ecr.create_repository" not in out
+
+
+def moto_invocations() -> list[dict[str, Any]]:
+    """Every InvokeEndpoint request moto's (in-process) backend has received, oldest first.
+
+    moto keys them by a base64 JSON of the request's Accept, X-Amzn-SageMaker-* headers and
+    body; in server mode 5.2.5 files them all under endpoint name None (it does not read the
+    name from the URL path), so they are collected across names.
+    """
+    from moto.sagemakerruntime.models import sagemakerruntime_backends
+
+    results = sagemakerruntime_backends[ACCOUNT][REGION].results
+    return [json.loads(base64.b64decode(key)) for by_key in results.values() for key in by_key]
+
+
+def queue_moto_result(moto_url: str, body: str) -> None:
+    """moto's documented API for what its InvokeEndpoint answers next (on 127.0.0.1)."""
+    request = urllib.request.Request(
+        f"{moto_url}/moto-api/static/sagemaker/endpoint-results",
+        data=json.dumps(
+            {"results": [{"Body": body, "ContentType": "application/json"}], "region": REGION}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status in (200, 201)
+
+
+def test_invoke_sends_the_seed_request_and_prints_the_answer(capsys, tmp_path, moto_url):
+    answer = [{"classification": 1, "confidence": 0.84, "prompts": [[5], ["woman"], [0.84]]}]
+    queue_moto_result(moto_url, json.dumps(answer))
+    image = tmp_path / "photo.png"
+    image.write_bytes(encode(photo_like(80, 60, seed=2)))
+    url = "https://images.example/cat.jpg"  # passed through, never fetched here
+    before = moto_invocations()
+
+    code, out, err = run(
+        capsys, "invoke", "--endpoint", "clip-h", "--image", str(image), "--image", url
+    )
+    assert code == 0, err
+    assert json.loads(out) == answer
+
+    # What reached moto: the seed's request shape, the file as base64, the URL as is.
+    (received,) = [r for r in moto_invocations() if r not in before]
+    request = json.loads(received["Body"])
+    assert request == {
+        "images": [base64.b64encode(image.read_bytes()).decode(), url],
+        "classes": SEED_CLASSES,
+    }
+    assert received["Accept"] == "application/json"
+
+
+def test_invoke_refuses_bodies_over_the_payload_limit(capsys, tmp_path):
+    before = moto_invocations()
+    big = tmp_path / "big.jpg"
+    big.write_bytes(os.urandom(5 * 1024 * 1024))  # 6.7 MiB once base64-encoded
+    code, _, err = run(capsys, "invoke", "--endpoint", "clip-i", "--image", str(big))
+    assert code == 2 and "6 MB" in err and "URLs" in err
+    assert moto_invocations() == before
+
+
+# ---- bentoctl's config ----
+
+# The aws-sagemaker operator's schema (bentoml/aws-sagemaker-deploy v0.1.4, operator_config.py)
+# and bentoctl 0.4.0's top level (bentoctl/deployment_config.py), copied as facts.
+OPERATOR_REQUIRED = {"region": str, "instance_type": str, "initial_instance_count": int}
+OPERATOR_OPTIONAL = {
+    "timeout": int,
+    "enable_data_capture": bool,
+    "destination_s3_uri": str,
+    "initial_sampling_percentage": int,
+}
+
+
+def test_bentoctl_deployment_config_matches_the_operator_schema():
+    text = (REPO_ROOT / "deployment_config.yaml").read_text()
+    header = text.split("api_version")[0]
+    assert "deprecated" in header.lower() and "scripts/deploy_sagemaker.py" in header
+    config = yaml.safe_load(text)
+    assert config["api_version"] == "v1"  # bentoctl refuses anything else
+    assert set(config) <= {"api_version", "name", "operator", "template", "spec", "env"}
+    assert config["operator"] == {"name": "aws-sagemaker"}
+    assert config["template"] == "terraform"
+    deploy.check_endpoint_name(config["name"])
+    spec = config["spec"]
+    assert set(OPERATOR_REQUIRED) <= set(spec)
+    assert set(spec) <= set(OPERATOR_REQUIRED) | set(OPERATOR_OPTIONAL)
+    for key, value in spec.items():
+        assert type(value) is {**OPERATOR_REQUIRED, **OPERATOR_OPTIONAL}[key], key
+    deploy.check_instance_type(spec["instance_type"])
+    assert spec["initial_instance_count"] >= 1
+    assert 1 <= spec["initial_sampling_percentage"] <= 100
