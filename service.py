@@ -1,7 +1,9 @@
 """BentoML wiring: the HTTP-facing CLIP service (port 8080) and its runner dependency.
 
 Routes: `GET /ping` (SageMaker health check), `POST /invocations` (the original container's
-contract). The work itself lives in clip_runner/.
+contract; also the Hugging Face toolkit's zero-shot shape and raw image bodies), `POST /classify`,
+`POST /embed_images`, `POST /embed_texts`, and the demo page at `/ui`. The work itself lives in
+clip_runner/.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Awaitable
+from typing import Any
 
 import bentoml
 from starlette.applications import Starlette
@@ -18,6 +22,7 @@ from starlette.routing import Route
 from transformers import AutoTokenizer
 
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
+from clip_runner.embedding_format import format_embeddings
 from clip_runner.encoding import ModelFacts
 from clip_runner.errors import (
     JSONErrorMiddleware,
@@ -26,13 +31,33 @@ from clip_runner.errors import (
     quiet_caller_error_logs,
 )
 from clip_runner.fetch import AddressPolicy, FetchLimits, new_fetch_client
+from clip_runner.hf_toolkit import parse_zero_shot_request, toolkit_answer
 from clip_runner.images import ImageLimits
-from clip_runner.invocation import InvocationContext, invoke
+from clip_runner.invocation import InvocationContext, image_embeddings, invoke
+from clip_runner.invocation import classify as classify_images
+from clip_runner.invocation import embed_texts as embed_texts_flow
+from clip_runner.raw_images import RawImageBodyMiddleware
 from clip_runner.runner import CLIPRunner
 from clip_runner.runner_calls import RUNNER_ERRORS, resilient
-from clip_runner.schemas import ClassList, ImageList, Prediction, Template, TopK
+from clip_runner.schemas import (
+    ClassifyResponse,
+    ClassList,
+    EmbeddingResponse,
+    EncodingFormatField,
+    ImageList,
+    LabelList,
+    OptionalTopK,
+    Prediction,
+    Template,
+    TemplateList,
+    TextList,
+    ToolkitInputs,
+    TopK,
+    ZeroShotParameters,
+)
 from clip_runner.text_cache import TextEmbeddingCache
 from clip_runner.traffic import RequestGuardMiddleware
+from clip_runner.ui import demo_page
 
 logger = logging.getLogger("clip_service")
 settings = get_settings()
@@ -53,7 +78,9 @@ async def ping(_: Request) -> Response:
     )
 
 
-health_app = Starlette(routes=[Route("/ping", ping, methods=["GET"])])
+health_app = Starlette(
+    routes=[Route("/ping", ping, methods=["GET"]), Route("/ui", demo_page, methods=["GET"])]
+)
 
 
 @bentoml.asgi_app(health_app, path="/")
@@ -145,17 +172,10 @@ class ClipService:
                 logger.info("serving model %s", facts.tag)
             return self._context
 
-    @bentoml.api(route="/invocations")
-    async def invocations(
-        self,
-        images: ImageList,
-        classes: ClassList,
-        template: Template = DEFAULT_TEMPLATE,
-        top_k: TopK = DEFAULT_TOP_K,
-    ) -> list[Prediction]:
-        """Classify each image against the classes; the original container's request and answer."""
+    async def answer(self, work: Awaitable[Any]) -> Any:
+        """The API's result, or the JSON error a caller's mistake or a runner problem deserves."""
         try:
-            return await invoke(await self.context(), images, classes, template, top_k)
+            return await work
         except RequestError as error:
             return error.to_response()
         except bentoml.exceptions.ServiceUnavailable:
@@ -167,6 +187,125 @@ class ClipService:
             return RequestError(
                 503, "runner_unavailable", "the model runner is not answering; retry shortly"
             ).to_response()
+
+    @bentoml.api(route="/invocations")
+    async def invocations(
+        self,
+        images: ImageList | None = None,
+        classes: ClassList | None = None,
+        template: Template = DEFAULT_TEMPLATE,
+        top_k: TopK = DEFAULT_TOP_K,
+        inputs: ToolkitInputs = None,
+        parameters: ZeroShotParameters | None = None,
+    ) -> list[Prediction] | list[Any]:
+        """Classify each image against the classes: the original container's request and answer.
+
+        Also answers the Hugging Face SageMaker toolkit's zero-shot request (`inputs` +
+        `parameters.candidate_labels`) in that toolkit's shape, chosen by the body's keys, and
+        raw JPEG/PNG/WebP bodies with `labels=...` in `X-Amzn-SageMaker-Custom-Attributes`.
+        """
+        if inputs is not None or parameters is not None:
+            return await self.answer(self._toolkit_invocation(images, classes, inputs, parameters))
+        return await self.answer(self._original_invocation(images, classes, template, top_k))
+
+    async def _original_invocation(
+        self, images: list[str] | None, classes: list | None, template: str, top_k: int
+    ) -> list[dict[str, Any]]:
+        for field, value in (("images", images), ("classes", classes)):
+            if value is None:
+                raise RequestError(
+                    422,
+                    "invalid_request",
+                    f"{field}: Field required (or send the Hugging Face toolkit's shape: "
+                    "inputs + parameters.candidate_labels)",
+                )
+        return await invoke(await self.context(), images, classes, template, top_k)
+
+    async def _toolkit_invocation(
+        self,
+        images: list[str] | None,
+        classes: list | None,
+        inputs: Any,
+        parameters: ZeroShotParameters | None,
+    ) -> list[Any]:
+        if images is not None or classes is not None:
+            raise RequestError(
+                422,
+                "invalid_request",
+                "send either images + classes (the original's shape) or inputs + parameters "
+                "(the Hugging Face toolkit's), not both",
+            )
+        request = parse_zero_shot_request(
+            inputs, parameters.model_dump() if parameters is not None else None
+        )
+        try:
+            ranked = await classify_images(
+                await self.context(),
+                request.images,
+                request.labels,
+                [request.template],
+                None,
+                label_field="parameters.candidate_labels",
+            )
+        except RequestError as error:
+            if error.message.startswith("images["):  # name the field as this caller wrote it
+                error.message = "inputs[" + error.message.removeprefix("images[")
+            raise
+        return toolkit_answer(ranked, request.single_image)
+
+    @bentoml.api(route="/classify")
+    async def classify(
+        self,
+        images: ImageList,
+        labels: LabelList,
+        templates: TemplateList = [DEFAULT_TEMPLATE],  # noqa: B006 (BentoML reads the default)
+        top_k: OptionalTopK = None,
+    ) -> ClassifyResponse:
+        """Per image, the labels sorted by score; several templates are averaged per label."""
+
+        async def work() -> ClassifyResponse:
+            context = await self.context()
+            results = await classify_images(context, images, labels, templates, top_k)
+            return ClassifyResponse(model=context.facts.tag, results=results)
+
+        return await self.answer(work())
+
+    @bentoml.api(route="/embed_images")
+    async def embed_images(
+        self, images: ImageList, encoding_format: EncodingFormatField = "float"
+    ) -> EmbeddingResponse:
+        """L2-normalised image embeddings, one per image, in request order."""
+
+        async def work() -> EmbeddingResponse:
+            context = await self.context()
+            embeddings = await image_embeddings(context, images)
+            return self._embedding_answer(context, embeddings, encoding_format)
+
+        return await self.answer(work())
+
+    @bentoml.api(route="/embed_texts")
+    async def embed_texts(
+        self, texts: TextList, encoding_format: EncodingFormatField = "float"
+    ) -> EmbeddingResponse:
+        """L2-normalised text embeddings (texts as given, no template), in request order."""
+
+        async def work() -> EmbeddingResponse:
+            context = await self.context()
+            embeddings = await embed_texts_flow(context, texts)
+            return self._embedding_answer(context, embeddings, encoding_format)
+
+        return await self.answer(work())
+
+    @staticmethod
+    def _embedding_answer(
+        context: InvocationContext, embeddings: Any, encoding_format: str
+    ) -> EmbeddingResponse:
+        return EmbeddingResponse(
+            model=context.facts.tag,
+            dimension=context.facts.embedding_dim,
+            encoding_format=encoding_format,
+            embeddings=format_embeddings(embeddings, encoding_format),
+        )
 
     @bentoml.on_shutdown
     async def close(self) -> None:
@@ -181,5 +320,8 @@ ClipService.add_asgi_middleware(
     max_concurrency=settings.max_concurrency,
     max_body_bytes=settings.max_body_bytes,
     timeout_s=settings.request_timeout_s,
+    json_paths=("/invocations", "/classify", "/embed_images", "/embed_texts"),
+    raw_image_paths=("/invocations",),
 )
+ClipService.add_asgi_middleware(RawImageBodyMiddleware, path="/invocations")
 quiet_caller_error_logs()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 DEFAULT_HUB_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_TEMPLATE = "a photo of a {name}"
 DEFAULT_TOP_K = 3
+MAX_TEMPLATES = 100  # prompt ensembling: OpenAI's ImageNet list has 80
 TIE_MARGIN = 0.02
 
 

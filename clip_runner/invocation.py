@@ -1,8 +1,9 @@
-"""One `/invocations` request from validated fields to the original's response.
+"""Each API's request, from validated fields to its answer: `/invocations` (the original's
+contract and the Hugging Face toolkit's shape), `/classify`, `/embed_images`, `/embed_texts`.
 
-The runner is passed in as two async callables, so this flow is testable without a server:
+The runner is passed in as two async callables, so these flows are testable without a server:
 images are fetched and decoded concurrently (decode/resize in threads), text embeddings come from
-the cache or one batched runner call, and the math is `zero_shot`'s pure functions.
+the cache or one batched runner call, and the math is `zero_shot`'s and `prompts`' pure functions.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from clip_runner.encoding import ModelFacts
 from clip_runner.errors import RequestError
 from clip_runner.images import ImageGeometry, ImageLimits, load_images
+from clip_runner.prompts import ensemble_embeddings, ensemble_prompts, ranked_labels
 from clip_runner.text_cache import TextEmbeddingCache
 from clip_runner.zero_shot import build_prompts, predict, zero_shot_probabilities
 
@@ -45,8 +47,12 @@ class InvocationContext:
         )
 
 
-def check_prompt_lengths(context: InvocationContext, prompts: Sequence[str]) -> None:
-    """Refuse prompts over the model's token limit, naming the class.
+def check_prompt_lengths(
+    context: InvocationContext,
+    prompts: Sequence[str],
+    locate: Callable[[int], str] = lambda index: f"classes[{index}][0]",
+) -> None:
+    """Refuse prompts over the model's token limit, naming the field (`locate(prompt index)`).
 
     Truncating would silently change what is asked, and the original's response shape has no
     place to say so. A fast tokenizer makes this check cost well under a millisecond.
@@ -57,8 +63,8 @@ def check_prompt_lengths(context: InvocationContext, prompts: Sequence[str]) -> 
             raise RequestError(
                 422,
                 "invalid_request",
-                f"classes[{index}][0]: the prompt is {count} tokens long; "
-                f"the model reads at most {limit} (shorten the class name or template)",
+                f"{locate(index)}: the prompt is {count} tokens long; "
+                f"the model reads at most {limit} (shorten the text or template)",
             )
 
 
@@ -80,6 +86,20 @@ async def image_embeddings(context: InvocationContext, images: Sequence[str]) ->
     return np.asarray(await context.encode_images(pixels), dtype=np.float32)
 
 
+async def images_and_texts(
+    context: InvocationContext, images: Sequence[str], prompts: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image and prompt embeddings, the images loading while the texts are looked up/encoded."""
+    image_task = asyncio.ensure_future(image_embeddings(context, images))
+    try:
+        text = await text_embeddings(context, prompts)
+    except BaseException:
+        image_task.cancel()
+        await asyncio.gather(image_task, return_exceptions=True)
+        raise
+    return await image_task, text
+
+
 async def invoke(
     context: InvocationContext,
     images: Sequence[str],
@@ -92,13 +112,35 @@ async def invoke(
     flags = [flag for _, flag in classes]
     prompts = build_prompts(names, template)
     check_prompt_lengths(context, prompts)
-    image_task = asyncio.ensure_future(image_embeddings(context, images))
-    try:
-        text = await text_embeddings(context, prompts)
-    except BaseException:
-        image_task.cancel()
-        await asyncio.gather(image_task, return_exceptions=True)
-        raise
-    image = await image_task
+    image, text = await images_and_texts(context, images, prompts)
     probabilities = zero_shot_probabilities(image, text, context.facts.logit_scale)
     return [predict(row, names, flags, top_k) for row in probabilities]
+
+
+async def classify(
+    context: InvocationContext,
+    images: Sequence[str],
+    labels: Sequence[str],
+    templates: Sequence[str],
+    top_k: int | None,
+    label_field: str = "labels",
+) -> list[list[dict[str, Any]]]:
+    """Per image, `[{"label", "score"}]` by descending score; several templates are ensembled."""
+    prompts = ensemble_prompts(labels, templates)
+    count = len(templates)
+
+    def locate(index: int) -> str:
+        label = f"{label_field}[{index // count}]"
+        return label if count == 1 else f"{label} with templates[{index % count}]"
+
+    check_prompt_lengths(context, prompts, locate)
+    image, text = await images_and_texts(context, images, prompts)
+    label_embeddings = ensemble_embeddings(text, count)
+    probabilities = zero_shot_probabilities(image, label_embeddings, context.facts.logit_scale)
+    return [ranked_labels(row, labels, top_k) for row in probabilities]
+
+
+async def embed_texts(context: InvocationContext, texts: Sequence[str]) -> np.ndarray:
+    """Unit-length text embeddings (cached like prompts); over-long texts are refused."""
+    check_prompt_lengths(context, texts, lambda index: f"texts[{index}]")
+    return await text_embeddings(context, texts)

@@ -1,4 +1,5 @@
-"""Request and response models of `/invocations` (the original container's contract).
+"""Request and response models of every API: `/invocations` (the original container's contract,
+plus the Hugging Face toolkit's shape), `/classify`, `/embed_images` and `/embed_texts`.
 
 The same annotated types are used by the BentoML API signature in service.py (so they appear in
 the OpenAPI schema and drive validation) and by `InvocationRequest`, which tests validate against.
@@ -10,7 +11,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, PlainValidator, WithJsonSchema
 
-from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
+from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, MAX_TEMPLATES, get_settings
+from clip_runner.embedding_format import EncodingFormat
+from clip_runner.prompts import check_template
 
 _settings = get_settings()
 
@@ -89,3 +92,98 @@ class Prediction(BaseModel):
     prompts: tuple[list[int], list[str], list[float]] = Field(
         description="[indices into classes, class names, probabilities], top-k descending."
     )
+
+
+# ---------------------------------------------------------------- beyond the original
+
+LabelList = Annotated[
+    list[ClassName],
+    Field(
+        min_length=1,
+        max_length=_settings.max_classes_per_request,
+        description="Plain labels to score each image against.",
+        examples=[["cat", "dog", "person with a bag"]],
+    ),
+]
+EnsembleTemplate = Annotated[
+    str,
+    AfterValidator(check_template),
+    Field(max_length=_settings.max_class_name_chars),
+]
+TemplateList = Annotated[
+    list[EnsembleTemplate],
+    Field(
+        min_length=1,
+        max_length=MAX_TEMPLATES,
+        description=(
+            "Prompt templates with {name} or {} for the label; several are averaged per label "
+            "(CLIP's prompt ensembling). The default matches /invocations."
+        ),
+        examples=[["a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}."]],
+    ),
+]
+OptionalTopK = Annotated[
+    int | None,
+    Field(ge=1, description="How many labels to return per image; default all, sorted."),
+]
+TextList = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=_settings.max_class_name_chars)]],
+    Field(
+        min_length=1,
+        max_length=_settings.max_classes_per_request,
+        description="Texts to embed (each at most the model's 77 tokens).",
+        examples=[["a photo of a cat", "a photo of a dog"]],
+    ),
+]
+EncodingFormatField = Annotated[
+    EncodingFormat,
+    Field(
+        description="float: JSON numbers; base64: each embedding as base64 of little-endian "
+        "float32 bytes (np.frombuffer(base64.b64decode(s), '<f4'))."
+    ),
+]
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    """`/classify`: per image, labels by descending score."""
+
+    model: str = Field(description="The served model's BentoML tag.")
+    results: list[list[LabelScore]] = Field(description="One list per image, in request order.")
+
+
+class EmbeddingResponse(BaseModel):
+    """`/embed_images` and `/embed_texts`: L2-normalised embeddings, one per input, in order."""
+
+    model: str = Field(description="The served model's BentoML tag.")
+    dimension: int = Field(description="Length of each embedding.")
+    encoding_format: EncodingFormat
+    embeddings: list[str | list[float]] = Field(
+        description="float: one list of numbers per input; base64: one string per input."
+    )
+
+
+class ZeroShotParameters(BaseModel):
+    """The Hugging Face toolkit's `parameters` for zero-shot image classification."""
+
+    candidate_labels: list[str] | str = Field(
+        description="Labels, as a list or one comma-separated string.",
+        examples=[["cat", "dog"]],
+    )
+    hypothesis_template: str | None = Field(
+        default=None, description='Template with {}; default "This is a photo of {}."'
+    )
+
+
+ToolkitInputs = Annotated[
+    str | list[str] | None,
+    Field(
+        description="Hugging Face toolkit shape: one image (URL, base64, data: URI) or a list. "
+        "Send with `parameters` instead of `images`/`classes`; the answer is then "
+        '[{"score", "label"}] sorted (a list per image for a list).',
+    ),
+]

@@ -123,24 +123,48 @@ def build_image_processor(image_size: int = 224) -> CLIPImageProcessorPil:
     )
 
 
-def _tower(width: int, layers: int, heads: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class Architecture:
+    """A CLIP's shapes: enough to build it with random weights (speed and memory do not depend
+    on weight values, so these stand in for the published checkpoints here)."""
+
+    vision: tuple[int, int, int]  # width, layers, heads
+    patch_size: int
+    image_size: int
+    text: tuple[int, int, int]
+    projection_dim: int
+    hidden_act: str = "quick_gelu"  # OpenAI's; LAION's OpenCLIP models use "gelu"
+
+
+ARCHITECTURES = {
+    "tiny": Architecture((32, 2, 2), 32, 224, (32, 2, 2), 16),
+    "vit-b32": Architecture((768, 12, 12), 32, 224, (512, 12, 8), 512),
+    "vit-b16": Architecture((768, 12, 12), 16, 224, (512, 12, 8), 512),
+    "vit-l14": Architecture((1024, 24, 16), 14, 224, (768, 12, 12), 768),
+    "vit-l14-336": Architecture((1024, 24, 16), 14, 336, (768, 12, 12), 768),
+    "laion-vit-h14": Architecture((1280, 32, 16), 14, 224, (1024, 24, 16), 1024, "gelu"),
+}
+
+
+def _tower(shape: tuple[int, int, int], hidden_act: str) -> dict[str, int | str]:
     """A transformer tower's shape, with CLIP's 4x MLP expansion."""
+    width, layers, heads = shape
     return dict(
         hidden_size=width,
         intermediate_size=4 * width,
         num_hidden_layers=layers,
         num_attention_heads=heads,
+        hidden_act=hidden_act,
     )
 
 
-def build_random_clip(tiny: bool, seed: int = TINY_SEED) -> tuple[CLIPModel, CLIPProcessor]:
-    """A CLIP with random weights and a generated tokenizer.
+def build_random_architecture(name: str, seed: int = TINY_SEED) -> tuple[CLIPModel, CLIPProcessor]:
+    """A CLIP of `ARCHITECTURES[name]`'s shapes with random weights and a generated tokenizer.
 
-    `tiny=True` gives a model of a few hundred thousand parameters for tests; `tiny=False` gives
-    ViT-B/32's shapes (speed does not depend on weight values) for benchmarks. The text config's
-    bos/eos/pad ids are taken from the tokenizer: CLIP pools text at the eos token, so a mismatch
-    would silently pool the wrong position.
+    The text config's bos/eos/pad ids are taken from the tokenizer: CLIP pools text at the eos
+    token, so a mismatch would silently pool the wrong position.
     """
+    architecture = ARCHITECTURES[name]
     tokenizer = build_tiny_tokenizer()
     special_ids = {
         "vocab_size": len(tokenizer),
@@ -149,19 +173,24 @@ def build_random_clip(tiny: bool, seed: int = TINY_SEED) -> tuple[CLIPModel, CLI
         "pad_token_id": tokenizer.pad_token_id,
         "max_position_embeddings": 77,
     }
-    if tiny:
-        text_tower, vision_tower, projection_dim = _tower(32, 2, 2), _tower(32, 2, 2), 16
-    else:
-        text_tower, vision_tower, projection_dim = _tower(512, 12, 8), _tower(768, 12, 12), 512
     config = CLIPConfig(
-        text_config={**text_tower, **special_ids},
-        vision_config={**vision_tower, "image_size": 224, "patch_size": 32},
-        projection_dim=projection_dim,
+        text_config={**_tower(architecture.text, architecture.hidden_act), **special_ids},
+        vision_config={
+            **_tower(architecture.vision, architecture.hidden_act),
+            "image_size": architecture.image_size,
+            "patch_size": architecture.patch_size,
+        },
+        projection_dim=architecture.projection_dim,
     )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    processor = CLIPProcessor(image_processor=build_image_processor(), tokenizer=tokenizer)
-    return model, processor
+    image_processor = build_image_processor(architecture.image_size)
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_random_clip(tiny: bool, seed: int = TINY_SEED) -> tuple[CLIPModel, CLIPProcessor]:
+    """The tiny test model (a few hundred thousand parameters), or ViT-B/32's shapes."""
+    return build_random_architecture("tiny" if tiny else "vit-b32", seed)
 
 
 def check_hub_reachable(model_id: str, timeout_s: float = 5.0) -> None:

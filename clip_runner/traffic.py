@@ -2,7 +2,8 @@
 
 `RequestGuardMiddleware` answers in the project's JSON error shape:
 - 429 when `max_concurrency` requests are already in flight in this worker (fast, no queueing);
-- 415 when a JSON route gets a body that is not JSON;
+- 415 when a JSON route gets a body that is not JSON (raw images are allowed where
+  `raw_image_paths` says, for `raw_images.RawImageBodyMiddleware` to convert);
 - 413 when the body is over `max_body_bytes`: by Content-Length before reading, or while reading;
 - 504 when no response has started after `timeout_s`;
 and cancels the handler when the client disconnects, so abandoned requests stop fetching images
@@ -22,12 +23,18 @@ from clip_runner.errors import error_body
 
 EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz"})
 JSON_MEDIA_TYPES = ("application/json", "text/json")
+RAW_IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
 
 
 def is_json_media_type(content_type: str) -> bool:
     """`application/json` with any parameters, `application/*+json`, or no type at all."""
     media_type = content_type.split(";", 1)[0].strip().lower()
     return not media_type or media_type in JSON_MEDIA_TYPES or media_type.endswith("+json")
+
+
+def is_raw_image_media_type(content_type: str) -> bool:
+    """`image/jpeg`, `image/png` or `image/webp`, any parameters."""
+    return content_type.split(";", 1)[0].strip().lower() in RAW_IMAGE_MEDIA_TYPES
 
 
 async def send_error(
@@ -65,12 +72,14 @@ class RequestGuardMiddleware:
         max_body_bytes: int,
         timeout_s: float,
         json_paths: Iterable[str] = ("/invocations",),
+        raw_image_paths: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.max_concurrency = max_concurrency
         self.max_body_bytes = max_body_bytes
         self.timeout_s = timeout_s
         self.json_paths = frozenset(json_paths)
+        self.raw_image_paths = frozenset(raw_image_paths)
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -96,12 +105,16 @@ class RequestGuardMiddleware:
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
         if scope["method"] == "POST" and scope["path"] in self.json_paths:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
-            if not is_json_media_type(content_type):
+            raw_image_allowed = scope["path"] in self.raw_image_paths
+            if not is_json_media_type(content_type) and not (
+                raw_image_allowed and is_raw_image_media_type(content_type)
+            ):
+                also = f" (or {', '.join(RAW_IMAGE_MEDIA_TYPES)})" if raw_image_allowed else ""
                 await send_error(
                     send,
                     415,
                     "unsupported_media_type",
-                    f"Content-Type {content_type!r} is not supported; send application/json",
+                    f"Content-Type {content_type!r} is not supported; send application/json" + also,
                 )
                 return
         declared = headers.get(b"content-length", b"").decode("latin-1")

@@ -161,6 +161,7 @@ class Scenario:
     bodies: list[bytes]
     images_per_request: int
     concurrency: int
+    route: str = "/invocations"
 
 
 def metric_sum_count(url: str, name: str) -> tuple[float, float]:
@@ -197,7 +198,7 @@ async def drive(
             index += scenario.concurrency
             started = time.monotonic()
             response = await client.post(
-                "/invocations", content=body, headers={"Content-Type": "application/json"}
+                scenario.route, content=body, headers={"Content-Type": "application/json"}
             )
             latencies.append(time.monotonic() - started)
             errors += response.status_code != 200
@@ -505,13 +506,22 @@ def main() -> int:
         Scenario("service small JPEG 224x224 c32", bodies(tiny, SEED_CLASSES), 1, 32),
         Scenario("service 1 class c8", bodies(small, [["person", 1]]), 1, 8),
         Scenario("service 50 classes c8", bodies(small, FIFTY_CLASSES), 1, 8),
+        Scenario(
+            "service embed_images c32",
+            [json.dumps({"images": [image]}).encode() for image in small],
+            1,
+            32,
+            "/embed_images",
+        ),
     ]
     results: list[dict] = []
     logs = args.out
     logs.mkdir(exist_ok=True)
 
     def run(url: str, pid: int, scenario: Scenario, metrics: bool) -> None:
-        warm = Scenario(scenario.name, scenario.bodies, scenario.images_per_request, 2)
+        warm = Scenario(
+            scenario.name, scenario.bodies, scenario.images_per_request, 2, scenario.route
+        )
         asyncio.run(drive(url, pid, warm, 4, 30, False))  # caches, allocator, batcher training
         row = asyncio.run(drive(url, pid, scenario, max_requests, max_seconds, metrics))
         row["name"] = scenario.name
@@ -570,6 +580,10 @@ def main() -> int:
     batched_limit = limit["batch32_images_per_s"]
     ratios = {
         "service seed c32 / bare model batch 32": by_name["service seed c32"]["images_per_s"]
+        / batched_limit,
+        "service embed_images c32 / bare model batch 32": by_name["service embed_images c32"][
+            "images_per_s"
+        ]
         / batched_limit,
         "service seed c32 / baseline seed c32": by_name["service seed c32"]["images_per_s"]
         / max(by_name["baseline seed c32"]["images_per_s"], 1e-9),

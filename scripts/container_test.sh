@@ -97,7 +97,7 @@ build_image() {
   local context="$WORK/context"
   mkdir -p "$context/clip_runner" "$context/wheels"
   cp service.py README.md requirements.txt "$context/"
-  cp clip_runner/*.py "$context/clip_runner/"
+  cp clip_runner/*.py clip_runner/*.html "$context/clip_runner/"
   local wheel="${TORCH_WHEEL:-$(ls -1 /opt/wheels/torch-*+cpu*.whl 2>/dev/null | sort -V | tail -1)}"
   "$PYTHON" - "$context" "$BASE_IMAGE" "$wheel" <<'EOF'
 import re, shutil, sys

@@ -5,6 +5,7 @@
     python scripts/import_model.py --from-dir DIR    # a save_pretrained directory
     python scripts/import_model.py --tiny            # small random-weight model (tests, offline)
     python scripts/import_model.py --random-vit-b32  # ViT-B/32 shapes, random weights (benchmarks)
+    python scripts/import_model.py --random vit-l14  # other architectures' shapes, random weights
 
 `--if-missing` does nothing when the store already has `clip:latest` (used by `make serve`).
 """
@@ -20,8 +21,9 @@ import bentoml
 
 from clip_runner.config import DEFAULT_HUB_MODEL
 from clip_runner.store import (
+    ARCHITECTURES,
     HubUnavailableError,
-    build_random_clip,
+    build_random_architecture,
     has_stored_model,
     load_from_dir,
     load_from_hub,
@@ -40,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument(
         "--random-vit-b32", action="store_true", help="ViT-B/32 shapes with random weights"
     )
+    source.add_argument(
+        "--random",
+        choices=sorted(ARCHITECTURES),
+        help="any listed architecture's shapes with random weights (sizes, memory, speed)",
+    )
     parser.add_argument(
         "--if-missing", action="store_true", help="skip when the store already has clip:latest"
     )
@@ -53,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         print("model store already has clip:latest; nothing to import")
         return 0
     try:
-        if args.tiny or args.random_vit_b32:
-            model, processor = build_random_clip(tiny=args.tiny)
-            source = "random:tiny" if args.tiny else "random:vit-b32"
-            random_weights = True
+        if args.tiny or args.random_vit_b32 or args.random:
+            architecture = args.random or ("tiny" if args.tiny else "vit-b32")
+            model, processor = build_random_architecture(architecture)
+            source, random_weights = f"random:{architecture}", True
         elif args.from_dir is not None:
             model, processor = load_from_dir(args.from_dir)
             source, random_weights = f"dir:{args.from_dir.resolve()}", False

@@ -108,3 +108,39 @@ def test_prompts_over_the_token_limit_are_refused_naming_the_class(tiny_clip, co
     assert raised.value.status == 422
     assert "classes[1][0]" in raised.value.message and "at most 77" in raised.value.message
     assert counting.text_calls == []
+
+
+def test_image_size_normalisation_and_scale_come_from_the_checkpoint(monkeypatch, bentoml_home):
+    """A checkpoint unlike OpenAI's (64 px, patch 16, gelu, its own mean/std and logit scale)
+    goes through the store and the request flow and still equals transformers' own answer."""
+    import math
+
+    from clip_runner.store import (
+        ARCHITECTURES,
+        Architecture,
+        build_random_architecture,
+        load_clip,
+        save_clip,
+    )
+
+    monkeypatch.setitem(
+        ARCHITECTURES, "test-64", Architecture((32, 2, 2), 16, 64, (32, 2, 2), 16, "gelu")
+    )
+    model, processor = build_random_architecture("test-64", seed=5)
+    processor.image_processor.image_mean = [0.5, 0.4, 0.3]
+    processor.image_processor.image_std = [0.2, 0.25, 0.3]
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(50.0))
+    loaded = load_clip(save_clip(model, processor, source="random:test-64", random_weights=True))
+    encoder = ClipEncoder(loaded.model, loaded.processor, torch.device("cpu"), torch.float32)
+    facts = encoder.facts(loaded.tag, True)
+    assert (facts.crop_height, facts.shortest_edge) == (64, 64)
+    assert facts.logit_scale == pytest.approx(50.0)
+    pictures = [photo_like(200, 120, seed=31), photo_like(90, 150, seed=32)]
+    classes = [(name, bool(flag)) for name, flag in SEED_CLASSES]
+    names = [name for name, _ in classes]
+    first, _ = run_invoke(
+        loaded, CountingEncoder(encoder), [as_base64(p) for p in pictures], classes
+    )
+    reference = reference_probabilities(loaded, pictures, [f"a photo of a {n}" for n in names])
+    assert_matches_reference(first, reference, names)

@@ -1,0 +1,297 @@
+"""Integration: `/classify`, `/embed_images`, `/embed_texts`, the Hugging Face toolkit's shape and
+raw image bodies on `/invocations`, against a real `bentoml serve` of the tiny model, checked
+against transformers computed directly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from clip_runner.embedding_format import decode_base64_embedding
+from clip_runner.hf_toolkit import DEFAULT_HYPOTHESIS_TEMPLATE
+from tests.helpers import as_base64, encode, photo_like
+from tests.reference import reference_probabilities
+
+LABELS = ["cat", "dog", "person with a bag", "car"]
+
+
+def post(served, route: str, body=None, **kwargs) -> httpx.Response:
+    return httpx.post(f"{served.url}{route}", json=body, timeout=30, **kwargs)
+
+
+def unit(rows: torch.Tensor) -> np.ndarray:
+    return (rows / rows.norm(dim=-1, keepdim=True)).numpy()
+
+
+def reference_image_embeddings(clip, images) -> np.ndarray:
+    inputs = clip.processor(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        return unit(clip.model.get_image_features(**inputs).pooler_output)
+
+
+def reference_text_embeddings(clip, texts) -> np.ndarray:
+    tokens = clip.processor(text=texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        return unit(clip.model.get_text_features(**tokens).pooler_output)
+
+
+def scores_by_label(ranked: list[dict]) -> dict[str, float]:
+    return {item["label"]: item["score"] for item in ranked}
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    return [photo_like(300, 200, seed=21), photo_like(180, 260, seed=22)]
+
+
+def test_classify_matches_transformers_and_sorts(served, tiny_clip, tiny_stored_model, pictures):
+    response = post(
+        served, "/classify", {"images": [as_base64(p) for p in pictures], "labels": LABELS}
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model"] == str(tiny_stored_model.tag)
+    reference = reference_probabilities(
+        tiny_clip, pictures, [f"a photo of a {label}" for label in LABELS]
+    )
+    assert len(answer["results"]) == 2
+    for ranked, row in zip(answer["results"], reference, strict=True):
+        assert [item["label"] for item in ranked] == [LABELS[i] for i in np.argsort(-row)]
+        scores = scores_by_label(ranked)
+        np.testing.assert_allclose([scores[label] for label in LABELS], row, atol=1e-5)
+
+
+def test_classify_ensembles_templates_and_cuts_at_top_k(served, tiny_clip, pictures):
+    templates = ["a photo of a {}.", "a blurry photo of the {name}", "art of a {}"]
+    body = {"images": [as_base64(pictures[0])], "labels": LABELS, "templates": templates}
+    answer = post(served, "/classify", {**body, "top_k": 2}).json()
+    prompts = [t.replace("{name}", "{}").format(label) for label in LABELS for t in templates]
+    per_prompt = reference_text_embeddings(tiny_clip, prompts).reshape(len(LABELS), 3, -1)
+    per_label = per_prompt.mean(axis=1)
+    per_label /= np.linalg.norm(per_label, axis=1, keepdims=True)
+    image = reference_image_embeddings(tiny_clip, pictures[:1])
+    logits = float(tiny_clip.model.logit_scale.detach().exp()) * image @ per_label.T
+    expected = torch.tensor(logits).softmax(dim=-1).numpy()[0]
+    ranked = answer["results"][0]
+    assert len(ranked) == 2
+    assert [item["label"] for item in ranked] == [LABELS[i] for i in np.argsort(-expected)[:2]]
+    np.testing.assert_allclose(
+        [item["score"] for item in ranked], np.sort(expected)[::-1][:2], atol=1e-5
+    )
+
+
+def test_default_classify_agrees_with_invocations(served, pictures):
+    image = as_base64(pictures[1])
+    ranked = post(served, "/classify", {"images": [image], "labels": LABELS}).json()["results"][0]
+    classes = [[label, 0] for label in LABELS]
+    original = post(served, "/invocations", {"images": [image], "classes": classes, "top_k": 4})
+    indices, names, probabilities = original.json()[0]["prompts"]
+    assert [item["label"] for item in ranked] == names
+    np.testing.assert_allclose([item["score"] for item in ranked], probabilities, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"images": ["aGk="], "labels": []}, 422, ["labels"]),
+        ({"images": ["aGk="], "labels": ["a"], "templates": ["no slot"]}, 422, ["templates[0]"]),
+        ({"images": ["not an image!"], "labels": ["a"]}, 422, ["images[0]"]),
+        ({"images": ["aGk="], "labels": ["a"], "top_k": 0}, 422, ["top_k"]),
+        ({"labels": ["a"]}, 422, ["images"]),
+    ],
+)
+def test_classify_mistakes_are_json_errors_naming_the_field(served, body, status, words):
+    response = post(served, "/classify", body)
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    assert all(word in message for word in words), message
+
+
+def test_long_labels_are_refused_naming_label_and_template(served, pictures):
+    body = {
+        "images": [as_base64(pictures[0])],
+        "labels": ["cat", "very " * 50 + "long"],
+        "templates": ["a {}", "the {}"],
+    }
+    response = post(served, "/classify", body)
+    assert response.status_code == 422
+    assert "labels[1] with templates[0]" in response.json()["error"]["message"]
+
+
+def test_image_embeddings_in_both_formats_match_transformers(served, tiny_clip, pictures):
+    images = [as_base64(p) for p in pictures]
+    as_float = post(served, "/embed_images", {"images": images}).json()
+    as_base64_strings = post(
+        served, "/embed_images", {"images": images, "encoding_format": "base64"}
+    ).json()
+    reference = reference_image_embeddings(tiny_clip, pictures)
+    assert as_float["dimension"] == reference.shape[1] == 16
+    assert (
+        as_float["encoding_format"] == "float" and as_base64_strings["encoding_format"] == "base64"
+    )
+    floats = np.array(as_float["embeddings"], dtype=np.float32)
+    decoded = np.stack([decode_base64_embedding(s) for s in as_base64_strings["embeddings"]])
+    np.testing.assert_allclose(floats, reference, atol=1e-5)
+    assert np.array_equal(decoded, floats)  # same numbers, only the encoding differs
+
+
+def test_text_embeddings_match_transformers_and_long_texts_are_refused(served, tiny_clip):
+    texts = ["a photo of a cat", "a dog", "person with a bag"]
+    answer = post(served, "/embed_texts", {"texts": texts}).json()
+    np.testing.assert_allclose(
+        answer["embeddings"], reference_text_embeddings(tiny_clip, texts), atol=1e-5
+    )
+    too_long = post(served, "/embed_texts", {"texts": ["ok", "word " * 100]})
+    assert too_long.status_code == 422 and "texts[1]" in too_long.json()["error"]["message"]
+    bad_format = post(served, "/embed_texts", {"texts": ["a"], "encoding_format": "hex"})
+    assert bad_format.status_code == 422 and "encoding_format" in bad_format.text
+
+
+def test_hugging_face_toolkit_shape_on_invocations(served, pictures):
+    image = as_base64(pictures[0])
+    single = post(
+        served, "/invocations", {"inputs": image, "parameters": {"candidate_labels": LABELS}}
+    )
+    assert single.status_code == 200, single.text
+    answer = single.json()
+    assert [list(item) for item in answer] == [["score", "label"]] * len(LABELS)
+    assert [item["score"] for item in answer] == sorted((i["score"] for i in answer), reverse=True)
+    expected = post(
+        served,
+        "/classify",
+        {"images": [image], "labels": LABELS, "templates": [DEFAULT_HYPOTHESIS_TEMPLATE]},
+    ).json()["results"][0]
+    assert scores_by_label(answer) == pytest.approx(scores_by_label(expected), abs=1e-6)
+    several = post(
+        served,
+        "/invocations",
+        {
+            "inputs": [image, as_base64(pictures[1])],
+            "parameters": {"candidate_labels": "cat, dog", "hypothesis_template": "a {} photo"},
+        },
+    ).json()
+    assert len(several) == 2 and all(len(ranked) == 2 for ranked in several)
+    assert {item["label"] for item in several[1]} == {"cat", "dog"}
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (
+            {"inputs": "aGk=", "images": ["aGk="], "parameters": {"candidate_labels": ["a"]}},
+            ["not both"],
+        ),
+        ({"inputs": "aGk="}, ["parameters.candidate_labels"]),
+        ({"inputs": "not an image!", "parameters": {"candidate_labels": ["a"]}}, ["inputs[0]"]),
+    ],
+)
+def test_toolkit_shape_mistakes_name_the_field(served, body, words):
+    response = post(served, "/invocations", body)
+    assert 400 <= response.status_code < 500, response.text
+    message = response.json()["error"]["message"]
+    assert all(word in message for word in words), message
+
+
+def test_raw_image_bodies_with_labels_in_the_sagemaker_header(served, pictures):
+    png = encode(pictures[0], "PNG")
+    raw = httpx.post(
+        f"{served.url}/invocations",
+        content=png,
+        headers={
+            "Content-Type": "image/png",
+            "X-Amzn-SageMaker-Custom-Attributes": "labels=cat,dog,person with a bag",
+        },
+        timeout=30,
+    )
+    assert raw.status_code == 200, raw.text
+    as_json = post(
+        served,
+        "/invocations",
+        {"inputs": as_base64(pictures[0]), "parameters": {"candidate_labels": LABELS[:3]}},
+    )
+    assert raw.json() == as_json.json()
+    jpeg = httpx.post(
+        f"{served.url}/invocations",
+        content=encode(pictures[1], "JPEG"),
+        headers={
+            "Content-Type": "image/jpeg",
+            "X-Amzn-SageMaker-Custom-Attributes": "labels=cat,dog;template=art of a {}",
+        },
+        timeout=30,
+    )
+    assert jpeg.status_code == 200 and len(jpeg.json()) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "headers", "status", "words"),
+    [
+        (b"\x89PNG...", "image/png", {}, 400, ["X-Amzn-SageMaker-Custom-Attributes"]),
+        (b"", "image/jpeg", {"X-Amzn-SageMaker-Custom-Attributes": "labels=a"}, 400, ["empty"]),
+        (
+            b"garbage",
+            "image/jpeg",
+            {"X-Amzn-SageMaker-Custom-Attributes": "labels=a"},
+            422,
+            ["inputs[0]"],
+        ),
+        (
+            b"GIF89a",
+            "image/gif",
+            {"X-Amzn-SageMaker-Custom-Attributes": "labels=a"},
+            415,
+            ["image/jpeg"],
+        ),
+    ],
+)
+def test_raw_image_mistakes(served, content, content_type, headers, status, words):
+    response = httpx.post(
+        f"{served.url}/invocations",
+        content=content,
+        headers={"Content-Type": content_type, **headers},
+        timeout=30,
+    )
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    assert all(word in message for word in words), message
+
+
+def test_bentoml_clients_speak_every_api(served, pictures):
+    image = as_base64(pictures[0])
+    with bentoml.SyncHTTPClient(served.url) as client:
+        classified = client.classify(images=[image], labels=LABELS, top_k=2)
+        image_vectors = client.embed_images(images=[image])
+        text_vectors = client.embed_texts(texts=["a cat"], encoding_format="base64")
+        toolkit = client.invocations(inputs=image, parameters={"candidate_labels": LABELS})
+    direct = post(served, "/classify", {"images": [image], "labels": LABELS, "top_k": 2}).json()
+    assert classified == direct
+    assert len(image_vectors["embeddings"][0]) == image_vectors["dimension"]
+    assert decode_base64_embedding(text_vectors["embeddings"][0]).shape == (16,)
+    assert [item["label"] for item in toolkit] == sorted(
+        LABELS, key=lambda label: -scores_by_label(toolkit)[label]
+    )
+
+    async def with_async_client() -> dict:
+        async with bentoml.AsyncHTTPClient(served.url) as client:
+            return await client.classify(images=[image], labels=LABELS, top_k=2)
+
+    assert asyncio.run(with_async_client()) == direct
+
+
+def test_every_api_is_in_the_openapi_schema_with_examples(served):
+    schema = httpx.get(f"{served.url}/docs.json", timeout=10).json()
+    for route in ("/invocations", "/classify", "/embed_images", "/embed_texts"):
+        assert route in schema["paths"], sorted(schema["paths"])
+    text = str(schema)
+    assert "candidate_labels" in text and "encoding_format" in text
+    assert "a blurry photo of a {}." in text  # the templates example
+
+
+def test_the_demo_page_is_served(served):
+    page = httpx.get(f"{served.url}/ui", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Classify" in page.text
