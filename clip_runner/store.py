@@ -134,10 +134,13 @@ class Architecture:
     text: tuple[int, int, int]
     projection_dim: int
     hidden_act: str = "quick_gelu"  # OpenAI's; LAION's OpenCLIP models use "gelu"
+    # CLIP's BPE vocabulary: the published checkpoints' token embeddings (25-50 M parameters).
+    # The generated tokenizer uses only its first few hundred ids; None: just those (tiny).
+    vocab_size: int | None = 49408
 
 
 ARCHITECTURES = {
-    "tiny": Architecture((32, 2, 2), 32, 224, (32, 2, 2), 16),
+    "tiny": Architecture((32, 2, 2), 32, 224, (32, 2, 2), 16, vocab_size=None),
     "vit-b32": Architecture((768, 12, 12), 32, 224, (512, 12, 8), 512),
     "vit-b16": Architecture((768, 12, 12), 16, 224, (512, 12, 8), 512),
     "vit-l14": Architecture((1024, 24, 16), 14, 224, (768, 12, 12), 768),
@@ -167,7 +170,7 @@ def build_random_architecture(name: str, seed: int = TINY_SEED) -> tuple[CLIPMod
     architecture = ARCHITECTURES[name]
     tokenizer = build_tiny_tokenizer()
     special_ids = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": architecture.vocab_size or len(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,

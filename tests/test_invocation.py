@@ -124,7 +124,7 @@ def test_image_size_normalisation_and_scale_come_from_the_checkpoint(monkeypatch
     )
 
     monkeypatch.setitem(
-        ARCHITECTURES, "test-64", Architecture((32, 2, 2), 16, 64, (32, 2, 2), 16, "gelu")
+        ARCHITECTURES, "test-64", Architecture((32, 2, 2), 16, 64, (32, 2, 2), 16, "gelu", None)
     )
     model, processor = build_random_architecture("test-64", seed=5)
     processor.image_processor.image_mean = [0.5, 0.4, 0.3]
