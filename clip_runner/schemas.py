@@ -17,6 +17,15 @@ from clip_runner.prompts import check_template
 
 _settings = get_settings()
 
+# The original container's README example classes (also the benchmarks' and deploy script's).
+SEED_CLASSES: list[list[str | int]] = [
+    ["person", 1],
+    ["bag", 0],
+    ["person with a bag", 1],
+    ["woman riding a horse", 1],
+    ["woman with a bag", 1],
+    ["woman with black shirt and a bag", 1],
+]
 SEED_IMAGE_URL = (
     "https://images.unsplash.com/photo-1597308680537-1ba44407ffc0?ixid=MXwxMjA3fDB8MHxwaG90by1w"
     "YWdlfHx8fGVufDB8fHw%3D&ixlib=rb-1.2.1&auto=format&fit=crop&w=1834&q=80"

@@ -38,15 +38,9 @@ import psutil
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from clip_runner.schemas import SEED_CLASSES
+
 REPO = Path(__file__).resolve().parent.parent
-SEED_CLASSES = [
-    ["person", 1],
-    ["bag", 0],
-    ["person with a bag", 1],
-    ["woman riding a horse", 1],
-    ["woman with a bag", 1],
-    ["woman with black shirt and a bag", 1],
-]
 FIFTY_CLASSES = [[f"object number {i}", i % 2] for i in range(50)]
 
 

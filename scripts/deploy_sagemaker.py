@@ -40,14 +40,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 from botocore.validate import validate_parameters
 
-SEED_CLASSES: list[list[Any]] = [
-    ["person", 1],
-    ["bag", 0],
-    ["person with a bag", 1],
-    ["woman riding a horse", 1],
-    ["woman with a bag", 1],
-    ["woman with black shirt and a bag", 1],
-]
+from clip_runner.schemas import SEED_CLASSES
+
 DEFAULT_INSTANCE_TYPE = "ml.m5.xlarge"
 INSTANCE_TYPE_EXAMPLES = "ml.m5.xlarge, ml.c5.2xlarge (CPU); ml.g4dn.xlarge, ml.g5.xlarge (GPU)"
 INSTANCE_TYPE_RE = re.compile(r"ml\.[a-z][a-z0-9-]*\.(\d*xlarge|large|medium|small|micro)")

@@ -22,16 +22,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from clip_runner.schemas import SEED_CLASSES as SEED_CLASSES  # re-exported for the tests
 
-SEED_CLASSES = [
-    ["person", 1],
-    ["bag", 0],
-    ["person with a bag", 1],
-    ["woman riding a horse", 1],
-    ["woman with a bag", 1],
-    ["woman with black shirt and a bag", 1],
-]
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
