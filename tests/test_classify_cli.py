@@ -1,0 +1,483 @@
+"""scripts/classify.py: its pure functions, its retry/split logic against a scripted transport,
+and the command itself as a subprocess against a real `bentoml serve` of the tiny model.
+
+The CLI's answers are checked against `POST /classify` called directly with the same images, so a
+batching, ordering or encoding mistake in the client shows up as a wrong score or label. Only
+127.0.0.1 (the server) and 127.0.0.2 (the image host) are contacted.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.helpers import REPO_ROOT, encode, free_port, photo_like
+
+SCRIPT = REPO_ROOT / "scripts" / "classify.py"
+_SPEC = importlib.util.spec_from_file_location("classify_cli", SCRIPT)
+assert _SPEC is not None and _SPEC.loader is not None
+cli = importlib.util.module_from_spec(_SPEC)
+sys.modules["classify_cli"] = cli  # dataclasses look their module up while the class is built
+_SPEC.loader.exec_module(cli)
+
+LABELS = ["cat", "dog", "person with a bag"]
+
+
+# ------------------------------------------------------------------------- pure functions
+
+
+def test_parse_labels_splits_trims_and_drops_empties_and_repeats():
+    assert cli.parse_labels([" cat, dog,,cat ", "person with a bag", ","]) == LABELS
+    assert cli.parse_labels([", ,"]) == []
+
+
+@pytest.mark.parametrize("n_bytes", [0, 1, 2, 3, 4, 5, 6, 7, 1000, 1001, 1002])
+def test_base64_length_is_the_encoded_length(n_bytes):
+    assert cli.base64_length(n_bytes) == len(base64.b64encode(bytes(n_bytes)))
+
+
+def test_make_batches_respects_the_item_limit_and_keeps_order():
+    assert cli.make_batches([10] * 5, max_items=2, max_bytes=10_000) == [[0, 1], [2, 3], [4]]
+
+
+def test_make_batches_counts_the_commas_between_items():
+    # two items of 4 bytes make `"..","..` = 4 + 1 + 4 = 9 bytes
+    assert cli.make_batches([4, 4, 4], max_items=8, max_bytes=9) == [[0, 1], [2]]
+    assert cli.make_batches([4, 4, 4], max_items=8, max_bytes=8) == [[0], [1], [2]]
+
+
+def test_make_batches_gives_an_oversized_item_its_own_batch():
+    assert cli.make_batches([3, 50, 3], max_items=8, max_bytes=10) == [[0], [1], [2]]
+    assert cli.make_batches([], max_items=8, max_bytes=10) == []
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=100), max_size=60),
+    max_items=st.integers(min_value=1, max_value=10),
+    max_bytes=st.integers(min_value=100, max_value=400),
+)
+def test_make_batches_fills_each_batch_greedily_within_both_limits(sizes, max_items, max_bytes):
+    batches = cli.make_batches(sizes, max_items, max_bytes)
+    assert [i for batch in batches for i in batch] == list(range(len(sizes)))
+
+    def cost(batch: list[int]) -> int:
+        return sum(sizes[i] for i in batch) + len(batch) - 1
+
+    for batch, following in zip(batches, batches[1:], strict=False):
+        assert len(batch) <= max_items and cost(batch) <= max_bytes
+        # the next item did not fit: batches are as full as the limits allow
+        assert len(batch) == max_items or cost([*batch, following[0]]) > max_bytes
+    if batches:
+        assert len(batches[-1]) <= max_items and cost(batches[-1]) <= max_bytes
+
+
+def test_payload_sizes_add_up_to_the_exact_body_length(tmp_path):
+    """The byte budget is only right if each image's size is what it adds to the real body."""
+    sources = []
+    for n_bytes in (0, 1, 2, 3, 1000, 4097):
+        path = tmp_path / f"f{n_bytes}.bin"
+        path.write_bytes(bytes(range(256)) * (n_bytes // 256) + bytes(n_bytes % 256))
+        sources.append(cli.Source(name=str(path), path=path))
+    sources.append(cli.Source(name="u", url='http://127.0.0.2/a b"c?x=1&y=\u00e9'))
+    base = cli.request_body(LABELS, ["a photo of a {}", "art of a {name}"], 2)
+    overhead = len(cli.encode_body(base))
+    body = cli.encode_body({**base, "images": [source.payload() for source in sources]})
+    sizes = [source.payload_size() for source in sources]
+    assert len(body) == overhead + sum(sizes) + len(sizes) - 1
+    assert json.loads(body)["images"][0] == ""  # an empty file is sent (the server judges it)
+
+
+def test_folder_images_are_sorted_filtered_and_recursive_only_when_asked(tmp_path):
+    for name in ["b.png", "a.JPG", ".hidden.png", "notes.txt", "sub/c.webp", ".git/d.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    flat = cli.folder_images(tmp_path, recursive=False)
+    assert [p.relative_to(tmp_path).as_posix() for p in flat] == ["a.JPG", "b.png"]
+    deep = cli.folder_images(tmp_path, recursive=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in deep] == ["a.JPG", "b.png", "sub/c.webp"]
+
+
+def test_collect_sources_keeps_argument_order_and_kinds(tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "x.png").write_bytes(b"x")
+    odd = tmp_path / "photo.unknown"
+    odd.write_bytes(b"x")
+    sources, folder_given = cli.collect_sources(
+        [str(odd), "HTTPS://127.0.0.2/a.png", str(tmp_path / "dir")]
+    )
+    assert folder_given
+    assert [s.name for s in sources] == [
+        str(odd),
+        "HTTPS://127.0.0.2/a.png",
+        str(tmp_path / "dir" / "x.png"),
+    ]
+    assert sources[0].path == odd and sources[1].url == "HTTPS://127.0.0.2/a.png"
+    assert cli.collect_sources([str(odd)]) == ([cli.Source(name=str(odd), path=odd)], False)
+
+
+def test_collect_sources_refuses_missing_paths_and_imageless_folders(tmp_path):
+    with pytest.raises(cli.UsageError, match="nope.jpg: no such file"):
+        cli.collect_sources([str(tmp_path / "nope.jpg")])
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "a.png").write_bytes(b"x")
+    with pytest.raises(cli.UsageError, match="no image files.*--recursive"):
+        cli.collect_sources([str(tmp_path / "empty")])
+    assert len(cli.collect_sources([str(tmp_path / "empty")], recursive=True)[0]) == 1
+
+
+def test_strip_image_index_only_removes_the_leading_request_index():
+    assert cli.strip_image_index("images[12]: not a decodable image") == "not a decodable image"
+    assert cli.strip_image_index("labels[0]: images[1]: x") == "labels[0]: images[1]: x"
+
+
+def test_retry_delay_honours_retry_after_and_backs_off_otherwise():
+    assert cli.retry_delay("3", attempt=0) == 3
+    assert cli.retry_delay(None, attempt=0) == 1
+    assert cli.retry_delay(None, attempt=2) == 4
+    assert cli.retry_delay("garbage", attempt=1) == 2
+    assert cli.retry_delay("3600", attempt=0) == cli.MAX_RETRY_WAIT_S
+    now = 1_700_000_000.0
+    date = "Tue, 14 Nov 2023 22:13:25 GMT"  # now + 5 s
+    assert cli.retry_delay(date, attempt=0, now=now) == pytest.approx(5)
+    assert cli.retry_delay(date, attempt=0, now=now + 60) == 0
+
+
+def test_format_table_aligns_rows_and_shows_errors_in_place():
+    outcomes = [
+        {
+            "image": "photos/cat.jpg",
+            "results": [{"label": "cat", "score": 0.91234}, {"label": "dog", "score": 0.08766}],
+        },
+        {"image": "b.png", "results": [{"label": "person with a bag", "score": 0.5}]},
+        {"image": "bad.jpg", "error": {"type": "invalid_image", "message": "not an image"}},
+    ]
+    lines = cli.format_table(outcomes).splitlines()
+    assert lines[0].split() == ["image", "label", "score", "others"]
+    assert lines[1].split() == ["photos/cat.jpg", "cat", "0.9123", "dog", "0.0877"]
+    assert lines[2].split()[-1] == "0.5000"
+    assert lines[3] == f"{'bad.jpg':<14}  error: invalid_image: not an image"
+    # the score column starts at the same offset in every row
+    assert lines[1].index("0.9123") == lines[2].index("0.5000") == lines[0].index("score")
+    assert lines[1].index("dog") == lines[0].index("others")
+    single = cli.format_table(outcomes[1:2]).splitlines()
+    assert "others" not in single[0]
+
+
+def test_summary_names_the_failed_images():
+    outcomes = [{"image": "a.png", "results": []}] + [
+        {"image": f"bad{i}.png", "error": {"type": "x", "message": "y"}} for i in range(7)
+    ]
+    line = cli.summary(outcomes, "clip:abc", 1.25)
+    assert line.startswith("classified 1 of 8 images with clip:abc in 1.2 s; 7 failed: ")
+    assert "bad0.png, bad1.png, bad2.png, bad3.png, bad4.png and 2 more" in line
+
+
+# ------------------------------------------------------------------------- retry and split logic
+
+
+class ScriptedServer:
+    """An httpx transport answering from a script: each call pops the next (status, body,
+    headers), or computes a 200 from the request; records every request's images."""
+
+    def __init__(self, *answers: tuple[int, Any, dict[str, str]] | None) -> None:
+        self.answers = list(answers)
+        self.requests: list[list[str]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        images = json.loads(request.content)["images"]
+        self.requests.append(images)
+        answer = self.answers.pop(0) if self.answers else None
+        if answer is None:
+            results = [
+                [{"label": "cat", "score": 1.0}, {"label": image, "score": 0.0}] for image in images
+            ]
+            return httpx.Response(200, json={"model": "clip:test", "results": results})
+        status, body, headers = answer
+        return httpx.Response(status, json=body, headers=headers)
+
+
+def scripted_run(server, sources, batch_size=8, max_body_bytes=10_000, retries=2):
+    sleeps: list[float] = []
+    client = httpx.Client(transport=httpx.MockTransport(server), timeout=5)
+    classifier = cli.Classifier(
+        client, "http://127.0.0.1:1", ["cat"], retries=retries, sleep=sleeps.append
+    )
+    outcomes, stopped = cli.run(classifier, sources, batch_size, max_body_bytes)
+    return outcomes, stopped, sleeps
+
+
+def urls(*names: str) -> list[Any]:
+    return [cli.Source(name=name, url=f"http://127.0.0.2/{name}") for name in names]
+
+
+def classified_as(outcome: dict[str, Any]) -> str:
+    """The scripted server echoes each image as its second label."""
+    return outcome["results"][1]["label"]
+
+
+def test_busy_answers_are_retried_after_retry_after():
+    busy = {"error": {"type": "too_many_requests", "message": "busy"}}
+    server = ScriptedServer((429, busy, {"Retry-After": "2"}), (503, busy, {}))
+    outcomes, stopped, sleeps = scripted_run(server, urls("a", "b"))
+    assert stopped is None and sleeps == [2.0, 2.0]  # Retry-After, then backoff 2^1
+    assert [classified_as(o) for o in outcomes] == ["http://127.0.0.2/a", "http://127.0.0.2/b"]
+    assert len(server.requests) == 3
+
+
+def test_busy_until_retries_run_out_fails_that_batch_only():
+    busy = (503, {"error": {"type": "overloaded", "message": "queue full"}}, {})
+    server = ScriptedServer(busy, busy, busy)
+    outcomes, stopped, sleeps = scripted_run(server, urls("a", "b", "c"), batch_size=2)
+    assert stopped is None and sleeps == [1.0, 2.0]
+    assert outcomes[0]["error"] == {"type": "overloaded", "message": "queue full", "status": 503}
+    assert outcomes[1]["error"]["type"] == "overloaded"
+    assert classified_as(outcomes[2]) == "http://127.0.0.2/c"
+
+
+def test_one_bad_image_fails_alone_and_its_neighbours_are_resent():
+    bad = {"error": {"type": "invalid_image", "message": "images[1]: HTTP 404", "index": 1}}
+    server = ScriptedServer((422, bad, {}))
+    outcomes, stopped, _ = scripted_run(server, urls("a", "b", "c"))
+    assert server.requests == [
+        ["http://127.0.0.2/a", "http://127.0.0.2/b", "http://127.0.0.2/c"],
+        ["http://127.0.0.2/a", "http://127.0.0.2/c"],
+    ]
+    assert outcomes[1] == {
+        "image": "b",
+        "error": {"type": "invalid_image", "message": "HTTP 404", "status": 422},
+    }
+    assert [classified_as(outcomes[i]) for i in (0, 2)] == [
+        "http://127.0.0.2/a",
+        "http://127.0.0.2/c",
+    ]
+
+
+def test_a_413_halves_the_batch_and_a_lone_image_keeps_the_error():
+    too_large = (413, {"error": {"type": "payload_too_large", "message": "too big"}}, {})
+    server = ScriptedServer(too_large, None, too_large, too_large)
+    outcomes, _, _ = scripted_run(server, urls("a", "b", "c", "d"))
+    assert [len(images) for images in server.requests] == [4, 2, 2, 1, 1]
+    assert [("error" in o) for o in outcomes] == [False, False, True, False]
+    assert outcomes[2]["error"]["type"] == "payload_too_large"
+
+
+def test_files_too_large_for_the_body_limit_are_not_sent(tmp_path):
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    small.write_bytes(b"s" * 100)
+    large.write_bytes(b"L" * 3000)
+    server = ScriptedServer()
+    sources = [cli.Source(name=str(p), path=p) for p in (large, small)]
+    outcomes, _, _ = scripted_run(server, sources, max_body_bytes=1000)
+    assert server.requests == [[base64.b64encode(b"s" * 100).decode()]]
+    assert outcomes[0]["error"]["type"] == "too_large" and "results" in outcomes[1]
+
+
+def test_a_request_level_refusal_stops_the_run():
+    refused = {"error": {"type": "invalid_request", "message": "templates[0]: no {name}"}}
+    server = ScriptedServer((422, refused, {}))
+    with pytest.raises(cli.RunRefused) as caught:
+        scripted_run(server, urls("a", "b"))
+    assert caught.value.status == 422 and "templates[0]" in caught.value.error["message"]
+
+
+def test_an_unreachable_server_stops_the_run_and_marks_the_rest_not_sent():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if len(calls) == 1:
+            raise httpx.ConnectError("connection refused", request=request)
+        calls.append(request)
+        return ScriptedServer()(request)
+
+    calls: list[httpx.Request] = []
+    outcomes, stopped, _ = scripted_run(handler, urls("a", "b", "c"), batch_size=1)
+    assert stopped is not None and "cannot reach the server" in stopped
+    assert "results" in outcomes[0]
+    assert [o["error"]["type"] for o in outcomes[1:]] == ["not_sent", "not_sent"]
+
+
+# ------------------------------------------------------------------------- the command, for real
+
+
+def run_cli(*args: object, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def classify_directly(served, images: list[str], **fields: Any) -> list[list[dict[str, Any]]]:
+    body = {"images": images, "labels": LABELS, **fields}
+    response = httpx.post(f"{served.url}/classify", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == len(images)
+    return results
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def assert_same_ranking(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert [item["label"] for item in got] == [item["label"] for item in want]
+    np.testing.assert_allclose(
+        [item["score"] for item in got], [item["score"] for item in want], rtol=0, atol=1e-6
+    )
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """a.png, b.jpg, c.webp at the top, sub/d.png below: different sizes, formats and seeds."""
+    root = tmp_path_factory.mktemp("cli-photos")
+    (root / "sub").mkdir()
+    specs = [("a.png", "PNG", 96), ("b.jpg", "JPEG", 97), ("c.webp", "WEBP", 98)]
+    specs.append(("sub/d.png", "PNG", 99))
+    for name, fmt, seed in specs:
+        (root / name).write_bytes(encode(photo_like(160 + seed, 120, seed=seed), fmt))
+    return root
+
+
+def test_files_folder_and_url_in_json_equal_classify_called_directly(
+    served, photos, tmp_path, image_dir, image_server
+):
+    single = tmp_path / "single.png"
+    single.write_bytes(encode(photo_like(200, 150, seed=95)))
+    (image_dir / "cli-url.png").write_bytes(encode(photo_like(140, 210, seed=94)))
+    url = f"{image_server}/cli-url.png"
+    templates = ["a photo of a {}.", "art of the {name}"]
+    result = run_cli(
+        *("--labels", ",".join(LABELS[:2]), "--labels", LABELS[2]),
+        *("--template", templates[0], "--template", templates[1], "--top-k", "2"),
+        *("--batch-size", "2", "--recursive", "--json", "--url", served.url),
+        single,
+        photos,
+        url,
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)  # nothing else on stdout: the bar went to stderr
+    folder = [photos / name for name in ("a.png", "b.jpg", "c.webp", "sub/d.png")]
+    assert [entry["image"] for entry in document] == [str(single), *map(str, folder), url]
+    direct = classify_directly(
+        served,
+        [b64(single), *map(b64, folder), url],
+        templates=templates,
+        top_k=2,
+    )
+    for entry, want in zip(document, direct, strict=True):
+        assert set(entry) == {"image", "results"}
+        assert len(entry["results"]) == 2
+        assert_same_ranking(entry["results"], want)
+    # a folder turns the progress bar on even though stderr is a pipe
+    assert re.search(r"\d+/6 ", result.stderr), result.stderr
+    assert "classified 6 of 6 images with clip:" in result.stderr
+
+
+def test_table_lists_each_image_with_its_labels_and_scores(served, photos):
+    files = [photos / "a.png", photos / "b.jpg"]
+    result = run_cli("--labels", ",".join(LABELS), "--url", served.url, "--no-progress", *files)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["image", "label", "score", "others"]
+    direct = classify_directly(served, [b64(path) for path in files])
+    for line, path, ranked in zip(lines[1:], files, direct, strict=True):
+        top, *others = ranked
+        expected = f"{top['label']} {top['score']:.4f}   " + ", ".join(
+            f"{item['label']} {item['score']:.4f}" for item in others
+        )
+        assert line.startswith(str(path)) and re.sub(r" +", " ", line).endswith(
+            re.sub(r" +", " ", expected)
+        ), (line, expected)
+    assert len(lines) == 3
+    assert "/2 [" not in result.stderr  # --no-progress
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_a_bad_file_fails_alone_and_is_named(served, photos, tmp_path, as_json):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = [folder / "1.png", folder / "3.png"]
+    good[0].write_bytes((photos / "a.png").read_bytes())
+    good[1].write_bytes((photos / "sub" / "d.png").read_bytes())
+    bad = folder / "2.jpg"
+    bad.write_text("this is not a picture\n")
+    result = run_cli(
+        "--labels", ",".join(LABELS), "--url", served.url, *(["--json"] if as_json else []), folder
+    )
+    assert result.returncode == 1, result.stderr
+    direct = classify_directly(served, [b64(path) for path in good])
+    assert f"1 failed: {bad}" in result.stderr
+    if as_json:
+        first, failed, last = json.loads(result.stdout)
+        assert failed["image"] == str(bad) and "results" not in failed
+        assert failed["error"]["type"] == "invalid_image" and failed["error"]["status"] == 422
+        assert "images[" not in failed["error"]["message"]  # a request index means nothing here
+        for entry, want in zip([first, last], direct, strict=True):
+            assert_same_ranking(entry["results"], want)
+    else:
+        rows = result.stdout.splitlines()[1:]
+        assert [row.split()[0] for row in rows] == [str(good[0]), str(bad), str(good[1])]
+        assert rows[1].split()[1:3] == ["error:", "invalid_image:"]
+        for row, ranked in zip([rows[0], rows[2]], direct, strict=True):
+            assert f"  {ranked[0]['label']}" in row and f"{ranked[0]['score']:.4f}" in row
+
+
+def test_unreachable_server_gives_a_clear_message(photos):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run_cli("--labels", "cat,dog", "--url", url, photos / "a.png", timeout=60)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert f"cannot reach the server at {url}/classify" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_arguments_the_server_refuses_are_a_usage_error(served, photos):
+    result = run_cli(
+        "--labels", "cat,dog", "--template", "no placeholder", "--url", served.url, photos
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "templates[0]" in result.stderr and "placeholder" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["a.png"], "the following arguments are required: --labels"),
+        (["--labels", " , ", "a.png"], "no labels given"),
+        (["--labels", "cat", "{missing}"], "missing: no such file or folder"),
+        (["--labels", "cat", "{empty}"], "no image files"),
+        (["--labels", "cat", "--batch-size", "0", "a.png"], "must be at least 1"),
+        (["--labels", "cat", "--url", "127.0.0.1:8080", "a.png"], "expected http://host:port"),
+        (["--labels", "cat"], "the following arguments are required: PATH_OR_URL"),
+    ],
+)
+def test_usage_errors_exit_2_before_contacting_anything(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a.png").write_bytes(b"x")
+    filled = [
+        arg.format(missing=tmp_path / "missing", empty=tmp_path / "empty")
+        if arg.startswith("{")
+        else str(tmp_path / arg)
+        if arg == "a.png"
+        else arg
+        for arg in args
+    ]
+    # port 9 (discard) on 127.0.0.1: a request would fail, so exit 2 proves none was made
+    result = run_cli(*filled, *([] if "--url" in args else ["--url", "http://127.0.0.1:9"]))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
