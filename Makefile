@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 # Where the model comes from when the store has none: empty = openai/clip-vit-base-patch32 from
 # the Hugging Face hub; `--tiny`, `--random-vit-b32`, `--from-dir DIR` or `--hub-id ID` otherwise.
 IMPORT_ARGS ?=
+# The browser tests/test_ui.py drives: Debian's package, not Playwright's own downloads.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: serve test lint format import-model build bench clean
 
@@ -22,8 +24,15 @@ serve: $(STAMP)
 	$(BIN)/python scripts/import_model.py --if-missing $(IMPORT_ARGS)
 	$(BIN)/bentoml serve service:ClipService
 
-test: $(STAMP) lint
+test: $(STAMP) $(CHROMIUM) lint
 	$(BIN)/python -m pytest
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "tests/test_ui.py needs $(CHROMIUM): run 'sudo apt-get install -y chromium'" >&2; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

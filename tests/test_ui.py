@@ -1,0 +1,265 @@
+"""The demo page at `/ui`, driven in a real headless Chromium against the served tiny model.
+
+Debian's `chromium` package (`make test` installs it when root) is launched by Playwright's sync
+API; Playwright's own browser downloads are never used. Every number the page shows is checked
+against what `POST /classify` answers for the same image and labels. The browser may only talk to
+the loopback addresses of the served model and the stand-in image host; anything else is aborted
+and fails the test. A screenshot of a successful result is saved to docs/ui.png on every run.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.helpers import PUBLIC_HOST, REPO_ROOT, encode, photo_like
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = REPO_ROOT / "docs" / "ui.png"
+LOCAL_HOSTS = {"127.0.0.1", PUBLIC_HOST}
+TYPED_LABELS = ["a red car", "a forest", "a bowl of soup", "a person"]
+
+ROWS_JS = """rows => rows.map(row => {
+    const fill = row.querySelector('.bar-fill').getBoundingClientRect();
+    const track = row.querySelector('.bar').getBoundingClientRect();
+    return {label: row.querySelector('.label').textContent, labelChildren:
+            row.querySelector('.label').childElementCount, dataLabel: row.dataset.label,
+            score: row.dataset.score, text: row.querySelector('.score').textContent,
+            fill: fill.width, track: track.width};
+})"""
+PREVIEW_LOADED_JS = """() => {
+    const img = document.getElementById('preview');
+    return !img.hidden && img.complete && img.naturalWidth > 0;
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as error:
+        pytest.fail(
+            f"playwright is not importable ({error}); `make test` installs it from "
+            "requirements-dev.txt",
+            pytrace=False,
+        )
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install -y chromium`; "
+            "`make test` does this when run as root)",
+            pytrace=False,
+        )
+    with sync_playwright() as playwright:
+        # --no-sandbox: Chromium refuses to start its sandbox as root (CI machines, containers).
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-dev-shm-usage"],
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, served) -> Iterator[Any]:
+    """A fresh page on `/ui`; off-loopback requests and uncaught script errors fail the test."""
+    context = browser.new_context(viewport={"width": 960, "height": 760})
+    outside: list[str] = []
+    script_errors: list[str] = []
+
+    def only_loopback(route) -> None:
+        url = route.request.url
+        if url.startswith("data:") or urlsplit(url).hostname in LOCAL_HOSTS:
+            route.continue_()
+        else:
+            outside.append(url)
+            route.abort()
+
+    context.route("**/*", only_loopback)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.on("pageerror", lambda error: script_errors.append(str(error)))
+    response = page.goto(f"{served.url}/ui")
+    assert response is not None and response.status == 200
+    assert response.headers["content-type"].startswith("text/html")
+    yield page
+    context.close()
+    assert not outside, f"the page reached beyond loopback: {outside}"
+    assert not script_errors, script_errors
+
+
+def data_uri(data: bytes, media_type: str) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def api_classify(served, image: str, labels: list[str], **extra: Any) -> httpx.Response:
+    body = {"images": [image], "labels": labels, **extra}
+    return httpx.post(f"{served.url}/classify", json=body, timeout=30)
+
+
+def classify_in_page(page) -> Any:
+    """Click Classify; returns the page's own `/classify` response once the page has shown it."""
+    with page.expect_response(lambda r: urlsplit(r.url).path == "/classify") as answer:
+        page.click("#classify")
+    response = answer.value
+    page.wait_for_selector("#classify:not([disabled])")
+    return response
+
+
+def choose_file(page, path: Path) -> None:
+    page.set_input_files("#file", str(path))
+    page.wait_for_function(
+        "name => document.getElementById('file-name').textContent === name", arg=path.name
+    )
+
+
+def assert_shows(page, expected: dict) -> None:
+    """The bars, labels, order and numbers on the page are exactly the API's answer."""
+    ranked = expected["results"][0]
+    rows = page.locator(".result-row").evaluate_all(ROWS_JS)
+    assert [row["label"] for row in rows] == [item["label"] for item in ranked]
+    assert [row["dataLabel"] for row in rows] == [item["label"] for item in ranked]
+    assert all(row["labelChildren"] == 0 for row in rows)  # label text, never markup
+    for row, item in zip(rows, ranked, strict=True):
+        assert float(row["score"]) == pytest.approx(item["score"], abs=1e-6), row
+        assert re.fullmatch(r"\d{1,3}\.\d{2}%", row["text"]), row
+        assert float(row["text"][:-1]) == pytest.approx(item["score"] * 100, abs=0.005 + 1e-9)
+        assert row["track"] > 100, row
+        # The bar fills the score's share of its track (to the pixel).
+        assert row["fill"] / row["track"] == pytest.approx(item["score"], abs=1.5 / row["track"])
+    assert page.text_content("#model") == expected["model"]
+    assert page.is_visible("#model-line")
+    assert page.is_hidden("#error")
+
+
+def test_uploaded_image_shows_the_api_scores_as_bars_and_a_bad_file_an_error(
+    page, served, tmp_path: Path
+) -> None:
+    picture = photo_like(320, 240, seed=11)
+    png = encode(picture, "PNG")
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png)
+
+    choose_file(page, photo)
+    page.wait_for_function(PREVIEW_LOADED_JS)
+    size = page.eval_on_selector("#preview", "img => [img.naturalWidth, img.naturalHeight]")
+    assert size == [320, 240]
+    page.fill("#labels", ", ".join(TYPED_LABELS))
+    response = classify_in_page(page)
+    assert response.status == 200
+    sent = response.request.post_data_json
+    assert sent["labels"] == TYPED_LABELS and "templates" not in sent
+    media, _, payload = sent["images"][0].partition(";base64,")
+    assert media == "data:image/png" and base64.b64decode(payload) == png
+
+    expected = api_classify(served, data_uri(png, "image/png"), TYPED_LABELS)
+    assert expected.status_code == 200, expected.text
+    assert len(expected.json()["results"][0]) == len(TYPED_LABELS)
+    assert_shows(page, expected.json())
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.read_bytes().startswith(b"\x89PNG")
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is a text file, not a picture\n" * 20)
+    choose_file(page, bad)
+    response = classify_in_page(page)
+    error = api_classify(served, data_uri(bad.read_bytes(), "image/png"), TYPED_LABELS)
+    assert response.status == error.status_code == 422, error.text
+    assert error.json()["error"]["type"] == "invalid_image"
+    message = error.json()["error"]["message"]
+    assert message.startswith("images[0]:")
+    page.wait_for_selector("#error", state="visible")
+    assert page.text_content("#error") == message
+    assert page.locator(".result-row").count() == 0
+    assert page.is_hidden("#model-line")
+
+
+def test_dropped_jpeg_with_the_default_labels(page, served) -> None:
+    jpeg = encode(photo_like(200, 300, seed=12), "JPEG", quality=90)
+    transfer = page.evaluate_handle(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+            return transfer;
+        }""",
+        [base64.b64encode(jpeg).decode(), "dropped.jpg"],
+    )
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+    page.wait_for_function(PREVIEW_LOADED_JS)
+    assert page.text_content("#file-name") == "dropped.jpg"
+    labels = [label.strip() for label in page.input_value("#labels").split(",")]
+    assert len(labels) >= 2 and all(labels)
+
+    response = classify_in_page(page)
+    assert response.status == 200
+    assert response.request.post_data_json["images"] == [data_uri(jpeg, "image/jpeg")]
+    expected = api_classify(served, data_uri(jpeg, "image/jpeg"), labels)
+    assert expected.status_code == 200, expected.text
+    assert_shows(page, expected.json())
+
+
+def test_image_url_with_templates_and_markup_in_a_label(
+    page, served, image_server: str, image_dir: Path
+) -> None:
+    png = encode(photo_like(256, 256, seed=13), "PNG")
+    (image_dir / "ui-url-photo.png").write_bytes(png)
+    url = f"{image_server}/ui-url-photo.png"
+    labels = ["<b>bold</b> & co", "a tree", "a cat"]
+    templates = ["a photo of a {}", "a drawing of a {}"]
+
+    page.fill("#url", url)
+    page.fill("#labels", ", ".join(labels))
+    page.fill("#templates", "\n".join(templates) + "\n\n")
+    response = classify_in_page(page)
+    assert response.status == 200
+    assert response.request.post_data_json == {
+        "images": [url],
+        "labels": labels,
+        "templates": templates,
+    }
+    expected = api_classify(served, url, labels, templates=templates)
+    assert expected.status_code == 200, expected.text
+    assert_shows(page, expected.json())
+    page.wait_for_function(PREVIEW_LOADED_JS)
+    assert page.eval_on_selector("#preview", "img => img.naturalWidth") == 256
+
+    missing = f"{image_server}/status/404"
+    page.fill("#url", missing)
+    response = classify_in_page(page)
+    error = api_classify(served, missing, labels, templates=templates)
+    assert response.status == error.status_code == 422, error.text
+    assert "404" in error.json()["error"]["message"]
+    assert page.text_content("#error") == error.json()["error"]["message"]
+    assert page.locator(".result-row").count() == 0
+
+
+def test_missing_input_and_network_failures_are_told_in_words(page) -> None:
+    page.click("#classify")
+    assert "image" in page.text_content("#error")
+    assert page.is_visible("#error")
+
+    page.fill("#url", "http://127.0.0.1:9/cat.png")
+    page.fill("#labels", " , ")
+    page.click("#classify")
+    assert "label" in page.text_content("#error")
+
+    page.fill("#labels", "cat, dog")
+    page.route("**/classify", lambda route: route.abort("connectionrefused"))
+    page.click("#classify")
+    page.wait_for_function(
+        "() => document.getElementById('error').textContent.startsWith('Could not reach')"
+    )
+    assert page.locator(".result-row").count() == 0
+    assert page.is_enabled("#classify")
