@@ -1,6 +1,6 @@
 """Benchmark harness: the served bento vs the bare model (the limit) vs the original's design.
 
-    python scripts/bench.py            # everything, ~7 minutes on 2 CPU cores
+    python scripts/bench.py            # everything, ~10 minutes on 2 CPU cores
     python scripts/bench.py --quick    # fewer requests per scenario, for a smoke run
 
 It imports a `--random-vit-b32` model (ViT-B/32 shapes; speed does not depend on weight values)
