@@ -78,16 +78,39 @@ def test_bento_builds_with_the_model_inside(built_bento, tiny_stored_model, tmp_
 
 
 def test_the_bentos_entrypoint_serves_the_sagemaker_contract_on_8080(built_bento, tmp_path):
-    """What `docker run IMAGE serve` runs, started on this host with the bento's own envs."""
-    manifest = yaml.safe_load((built_bento.path / "bento.yaml").read_text())
+    """What `docker run IMAGE serve` runs, started on this host with the bento's own envs.
+
+    The bento is exported and imported into a home of its own, as an image carries it: the
+    model must travel inside it, and the suite's shared server keeps its own metrics directory
+    (BentoML clears `$BENTOML_HOME/prometheus_multiproc_dir` when a server starts).
+    """
+    home = tmp_path / "home"
+    archive = tmp_path / "bento.tar"
+    own_home = {**built_bento.env, "BENTOML_HOME": str(home)}
+    for command, env in (
+        (["export", built_bento.tag, str(archive)], built_bento.env),
+        (["import", str(archive)], own_home),
+    ):
+        moved = subprocess.run(
+            [str(BENTOML_CLI), *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+    name, version = built_bento.tag.split(":")
+    bento_path = home / "bentos" / name / version
+    manifest = yaml.safe_load((bento_path / "bento.yaml").read_text())
     env = {
         **built_bento.env,
         **{item["name"]: item["value"] for item in manifest["envs"]},
-        "BENTO_PATH": str(built_bento.path),
+        "BENTOML_HOME": str(home),
+        "BENTO_PATH": str(bento_path),
         "PATH": f"{BENTOML_CLI.parent}{os.pathsep}{os.environ['PATH']}",
     }
     env.pop("CLIP_MODEL_TAG")  # as in the image: the default tag, resolved in the bento
-    entrypoint = built_bento.path / "env" / "docker" / "entrypoint.sh"
+    entrypoint = bento_path / "env" / "docker" / "entrypoint.sh"
     with open(tmp_path / "serve.log", "wb") as log:
         server = subprocess.Popen(
             ["bash", str(entrypoint), "serve"],
