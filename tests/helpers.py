@@ -201,11 +201,19 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> N
 
 @contextmanager
 def bentoml_serve(bentoml_home: Path, log_path: Path, **env: str) -> Iterator[ServedBento]:
-    """`bentoml serve service:ClipService` as a real subprocess on a free loopback port."""
+    """`bentoml serve service:ClipService` as a real subprocess on a free loopback port.
+
+    Each server gets a BentoML home of its own whose `models` is the suite's store: BentoML clears
+    `$BENTOML_HOME/prometheus_multiproc_dir` when a server starts, which would hide the metrics
+    of a server already running in a shared home.
+    """
     port = free_port()
+    home = log_path.parent / f"bentoml-home-{port}"
+    home.mkdir()
+    (home / "models").symlink_to(bentoml_home / "models", target_is_directory=True)
     full_env = {
         **os.environ,
-        "BENTOML_HOME": str(bentoml_home),
+        "BENTOML_HOME": str(home),
         "CLIP_PORT": str(port),
         "BENTOML_DO_NOT_TRACK": "true",
         **env,
