@@ -188,10 +188,13 @@ def test_concurrent_requests_are_batched_across_requests_and_stay_correct(served
     responses = asyncio.run(burst())
     count_after, sum_after = histogram(served, "clip_runner_batch_images")
     assert [r.status_code for r in responses] == [200] * len(bodies)
-    assert sum_after - sum_before == len(bodies)  # every image encoded exactly once
+    # Every image was encoded. A runner call that lost its connection is retried once (see
+    # runner_calls.py), and the runner may have encoded the first attempt too, so ">=".
+    encoded = sum_after - sum_before
+    assert encoded >= len(bodies)
     batches = count_after - count_before
-    # 24 one-image requests encoded in fewer than 24 forward passes: batches spanned requests.
-    assert batches < len(bodies), "no cross-request batching happened"
+    # One image per request, so fewer forward passes than images means batches spanned requests.
+    assert batches < encoded, "no cross-request batching happened"
     reference = reference_probabilities(tiny_clip, pictures, SEED_PROMPTS)
     for response, row in zip(responses, reference, strict=True):
         assert_matches_reference(response.json(), row[None, :], SEED_NAMES)
