@@ -27,6 +27,12 @@ settings = get_settings()
     resources={"gpu": 1},
     workers=1,
     traffic={"timeout": settings.request_timeout_s},
+    # How API workers connect to this service. BentoML's client replaces its connection pool
+    # every 100 requests / 300 s by default and closes the old pool with its requests still in
+    # flight ("Server disconnected"): under load that cut about one runner call in four, each
+    # then retried (runner_calls.py) after the runner had often encoded it already. One
+    # long-lived pool instead; the retry stays for the rare real disconnect.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 7 * 24 * 3600.0},
 )
 class CLIPRunner:
     """Encodes images (uint8 arrays) and texts into L2-normalised CLIP embeddings."""

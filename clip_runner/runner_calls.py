@@ -45,7 +45,9 @@ def resilient(
             try:
                 return await asyncio.wait_for(call(*args), attempt_timeout_s)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                logger.warning("runner call failed (%s); retrying once", type(exc).__name__)
+                logger.warning(
+                    "runner call failed (%s: %s); retrying once", type(exc).__name__, exc
+                )
                 return await asyncio.wait_for(call(*args), attempt_timeout_s)
 
     return call_twice
