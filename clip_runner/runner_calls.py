@@ -33,11 +33,11 @@ def resilient(
 ) -> Callable[..., Awaitable[T]]:
     """A runner call that is tried twice when its connection fails or its answer never comes.
 
-    BentoML's dependency client (aiohttp over a unix socket) now and then has a pooled
-    connection closed under a request ("Server disconnected"), and in soak tests about one call
-    in several thousand was never answered at all. Encoding is idempotent, so a second attempt
-    is safe; the runner's own queue bound (CLIP_MAX_LATENCY_MS) keeps honest calls well inside
-    `attempt_timeout_s`.
+    BentoML's dependency client (aiohttp over a unix socket) closes its connection pool under
+    in-flight requests when it renews it ("Server disconnected"; runner.py makes that rare by
+    keeping one pool), and in soak tests about one call in several thousand was never answered.
+    Encoding is idempotent, so a second attempt is safe; the runner's own queue bound
+    (CLIP_MAX_LATENCY_MS) keeps honest calls well inside `attempt_timeout_s`.
     """
 
     async def call_twice(*args: object) -> T:
