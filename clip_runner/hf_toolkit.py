@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from clip_runner.errors import RequestError
-from clip_runner.prompts import PLACEHOLDERS
+from clip_runner.prompts import check_template
 
 # transformers' ZeroShotImageClassificationPipeline default.
 DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."
@@ -61,8 +61,10 @@ def parse_zero_shot_request(inputs: Any, parameters: Any) -> ZeroShotRequest:
     if not isinstance(parameters, dict) or "candidate_labels" not in parameters:
         raise _invalid('parameters.candidate_labels: required, e.g. {"candidate_labels": [...]}')
     template = parameters.get("hypothesis_template") or DEFAULT_HYPOTHESIS_TEMPLATE
-    if not isinstance(template, str) or not any(p in template for p in PLACEHOLDERS):
-        raise _invalid("parameters.hypothesis_template: must be a string containing {}")
+    try:
+        check_template(template)
+    except (TypeError, ValueError):
+        raise _invalid("parameters.hypothesis_template: must be a string containing {}") from None
     labels = parse_candidate_labels(parameters["candidate_labels"])
     return ZeroShotRequest(images, labels, template, single_image)
 

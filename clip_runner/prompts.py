@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from clip_runner.zero_shot import top_k_indices
+
 # `{name}` is the original container's placeholder; `{}` is what CLIP's and Hugging Face's
 # template lists use ("a photo of a {}.").
 PLACEHOLDERS = ("{name}", "{}")
@@ -48,7 +50,5 @@ def ranked_labels(
     probabilities: np.ndarray, labels: Sequence[str], top_k: int | None
 ) -> list[dict[str, float | str]]:
     """`[{"label", "score"}]` by descending score (ties keep request order), at most top_k."""
-    order = np.argsort(-np.asarray(probabilities), kind="stable")
-    if top_k is not None:
-        order = order[:top_k]
+    order = top_k_indices(np.asarray(probabilities), top_k or len(labels))
     return [{"label": labels[i], "score": float(probabilities[i])} for i in order]
