@@ -2,7 +2,8 @@
 
 Per request it builds the inputs with `CLIPProcessor` (PIL preprocessing of full-size images),
 re-encodes every prompt, and runs one forward pass of its own: no cross-request batching, no
-text cache, no fast decoding. Same model files, same response rules. `scripts/bench.py` drives
+text cache, no fast decoding. Same model files, same response rules, same device as the original
+(CUDA in fp16 when a GPU is visible, else CPU in fp32). `scripts/bench.py` drives
 it under the same load as the service.
 
     python benchmarks/baseline_server.py --model-dir DIR --port 8090
@@ -23,11 +24,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import CLIPModel, CLIPProcessor
 
+from clip_runner.encoding import pick_device
 from clip_runner.zero_shot import predict
 
 
 def build_app(model_dir: str) -> Starlette:
-    model = CLIPModel.from_pretrained(model_dir).eval()
+    device, dtype = pick_device()
+    model = CLIPModel.from_pretrained(model_dir).to(device=device, dtype=dtype).eval()
     processor = CLIPProcessor.from_pretrained(model_dir)
 
     def invocations_sync(body: dict) -> list[dict]:
@@ -38,8 +41,10 @@ def build_app(model_dir: str) -> Starlette:
         flags = [bool(flag) for _, flag in body["classes"]]
         prompts = [f"a photo of a {name}" for name in names]
         inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         with torch.no_grad():
-            probabilities = model(**inputs).logits_per_image.softmax(dim=-1).numpy()
+            logits = model(**inputs.to(device)).logits_per_image
+            probabilities = logits.float().softmax(dim=-1).cpu().numpy()
         return [predict(row, names, flags, 3) for row in probabilities]
 
     async def invocations(request: Request) -> Response:

@@ -108,7 +108,12 @@ def server(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, process)
+        try:
+            wait_ready(url, process)
+        except (RuntimeError, TimeoutError):
+            # On a remote machine the log is all there is to go on: show why it did not start.
+            print("".join(log.read_text(errors="replace").splitlines(True)[-60:]), flush=True)
+            raise
         yield url, process.pid
     finally:
         os.killpg(process.pid, 15)
@@ -205,6 +210,7 @@ async def drive(
             await asyncio.sleep(0.25)
 
     sampler = asyncio.ensure_future(sample_rss())
+    client_cpu_before = time.process_time()
     started = time.monotonic()
     limits = httpx.Limits(max_connections=scenario.concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
@@ -225,6 +231,8 @@ async def drive(
         "p99_ms": round(quantiles[98] * 1000),
         "server_cpu_cores": round(cpu / duration, 2),
         "server_peak_rss_mb": round(peak_rss),
+        # Near 1.0 the load generator (one Python process) limits the figure, not the server.
+        "client_cpu_cores": round((time.process_time() - client_cpu_before) / duration, 2),
     }
     if has_metrics:
         total, count = metric_sum_count(url, "clip_runner_batch_images")
@@ -241,7 +249,7 @@ async def drive(
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"CPU, {os.cpu_count()} cores"
+    return "CPU"
 
 
 def bare_model_limit(model_dir: Path, seconds: float = 12) -> dict:
@@ -307,7 +315,7 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     reference, quick = encoder.encode_images(arrays[False]), encoder.encode_images(arrays[True])
     cosines = (reference * quick).sum(axis=1)
     text = encoder.encode_texts([f"a photo of a {name}" for name, _ in SEED_CLASSES])
-    for scale in (float(model.logit_scale.exp()), 100.0):
+    for scale in (float(model.logit_scale.detach().exp()), 100.0):
         change = np.abs(
             zero_shot_probabilities(reference, text, scale)
             - zero_shot_probabilities(quick, text, scale)
@@ -367,10 +375,13 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_benchmarks_md(block: str) -> None:
+def update_benchmarks_md(block: str, section: str) -> None:
+    """Replace the text between `<!-- {section}:start -->` and its end marker in BENCHMARKS.md."""
     path = REPO / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "<!-- bench:start -->\n<!-- bench:end -->\n"
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    text = path.read_text() if path.exists() else ""
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
     path.write_text(f"{before}{start}\n{block}\n{end}{after}")
@@ -451,12 +462,117 @@ def long_run(out: Path, minutes: float) -> int:
     return 0
 
 
+RATIOS = {
+    # name: (numerator scenario, numerator field, denominator scenario, denominator field)
+    "service seed c32 / bare model batch 32": (
+        "service seed c32",
+        "images_per_s",
+        "bare model",
+        "batch32_images_per_s",
+    ),
+    "service embed_images c32 / bare model batch 32": (
+        "service embed_images c32",
+        "images_per_s",
+        "bare model",
+        "batch32_images_per_s",
+    ),
+    "service seed c32 / baseline seed c32": (
+        "service seed c32",
+        "images_per_s",
+        "baseline seed c32",
+        "images_per_s",
+    ),
+    "p95 service seed c32 / baseline seed c32": (
+        "service seed c32",
+        "p95_ms",
+        "baseline seed c32",
+        "p95_ms",
+    ),
+    "time per request, 50 classes / 1 class (c8)": (
+        "service 1 class c8",
+        "requests_per_s",
+        "service 50 classes c8",
+        "requests_per_s",
+    ),
+    "small-JPEG / large-JPEG throughput (c32)": (
+        "service small JPEG 224x224 c32",
+        "images_per_s",
+        "service large JPEG 1834x2750 c32",
+        "images_per_s",
+    ),
+    "large JPEG: fast / reference preprocessing throughput (c32)": (
+        "service large JPEG 1834x2750 c32",
+        "images_per_s",
+        "service large JPEG c32, CLIP_PREPROCESS=reference",
+        "images_per_s",
+    ),
+    "seed c32: text cache on / off throughput": (
+        "service seed c32",
+        "images_per_s",
+        "service seed c32, text cache off",
+        "images_per_s",
+    ),
+    "seed c32: torch.compile on / off throughput": (
+        "service seed c32, CLIP_TORCH_COMPILE=on",
+        "images_per_s",
+        "service seed c32",
+        "images_per_s",
+    ),
+}
+
+
+def ratios_of(rows: dict[str, dict]) -> dict[str, float]:
+    """The target ratios whose two sides were both measured (a partial run gives fewer)."""
+    ratios = {}
+    for name, (top, top_field, bottom, bottom_field) in RATIOS.items():
+        if top in rows and bottom in rows:
+            ratios[name] = round(rows[top][top_field] / max(rows[bottom][bottom_field], 1e-9), 3)
+    return ratios
+
+
+def summary_block(payload: dict) -> str:
+    """The BENCHMARKS.md text of one run: table, limit, ratios, fidelity, plot."""
+    limit, fidelity, ratios = payload["limit"], payload["fidelity"], payload["ratios"]
+    return "\n".join(
+        [
+            f"Run of {payload['date']} on {payload['machine']} (`{payload['command']}`), "
+            "random-weight ViT-B/32, all numbers from this one run.",
+            "",
+            markdown_table(payload["scenarios"]),
+            "",
+            f"Bare model in-process (the limit, on {limit['device']}, {limit['torch_threads']} "
+            f"torch threads): {limit['batch1_images_per_s']} images/s at batch 1, "
+            f"{limit['batch32_images_per_s']} images/s at batch 32.",
+            "",
+            "| ratio | value |",
+            "|---|---|",
+            *[f"| {k} | {v} |" for k, v in ratios.items()],
+            "",
+            f"Preprocessing fidelity over {fidelity['images']} images (JPEG and PNG, 640x480 to "
+            f"4000x3000): fast {fidelity['fast_ms_per_image']} ms/image vs reference "
+            f"{fidelity['reference_ms_per_image']} ms/image; embedding cosine min "
+            f"{fidelity['min_cosine']}, mean {fidelity['mean_cosine']}; "
+            + ", ".join(
+                f"{k.replace('_', ' ')} {v}" for k, v in fidelity.items() if k.startswith("max_")
+            ),
+            "",
+            f"![throughput and p95 vs concurrency]({payload['plot']})",
+        ]
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer requests per scenario")
     parser.add_argument("--max-seconds", type=float, default=20, help="per scenario")
+    parser.add_argument(
+        "--max-requests",
+        type=int,
+        default=400,
+        help="per scenario (a GPU answers 400 in about a second: raise it there)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
     parser.add_argument(
         "--bare-only",
@@ -474,9 +590,30 @@ def main() -> int:
         return bare_only(args.out)
     if args.long_run:
         return long_run(args.out, args.long_run)
-    max_requests = 60 if args.quick else 400
+    max_requests = 60 if args.quick else args.max_requests
     max_seconds = 8 if args.quick else args.max_seconds
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     home, tag, model_dir = import_random_vit_b32()
+    # The in-process figures first: a run cut short on a lent machine still has them.
+    print("measuring the bare model (the limit) ...", flush=True)
+    limit = bare_model_limit(model_dir)
+    print(json.dumps(limit), flush=True)
+    fidelity = preprocessing_fidelity(model_dir)
+    print(json.dumps(fidelity), flush=True)
+    gpu = torch.cuda.is_available()
+    payload = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{limit['device']}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "command": "bash scripts/gpu_bench.sh" if gpu else "python scripts/bench.py",
+        "plot": "benchmarks/gpu/throughput.png" if gpu else "benchmarks/throughput.png",
+        "api_workers": os.environ.get("CLIP_API_WORKERS", "1"),
+        "limit": limit,
+        "fidelity": fidelity,
+        "ratios": {},
+        "scenarios": [],
+    }
+
     small = [jpeg_base64(640, 480, seed) for seed in range(4)]
     large = [jpeg_base64(1834, 2750, seed) for seed in range(4)]
     tiny = [jpeg_base64(224, 224, seed) for seed in range(4)]
@@ -490,13 +627,14 @@ def main() -> int:
         ]
 
     seed_bodies = bodies(small, SEED_CLASSES)
+    large_bodies = bodies(large, SEED_CLASSES)
     eight = [json.dumps({"images": (small * 2)[:8], "classes": SEED_CLASSES}).encode()]
     scenarios = [
         Scenario("service seed c1", seed_bodies, 1, 1),
         Scenario("service seed c8", seed_bodies, 1, 8),
         Scenario("service seed c32", seed_bodies, 1, 32),
         Scenario("service 8 images/request c8", eight, 8, 8),
-        Scenario("service large JPEG 1834x2750 c32", bodies(large, SEED_CLASSES), 1, 32),
+        Scenario("service large JPEG 1834x2750 c32", large_bodies, 1, 32),
         Scenario("service small JPEG 224x224 c32", bodies(tiny, SEED_CLASSES), 1, 32),
         Scenario("service 1 class c8", bodies(small, [["person", 1]]), 1, 8),
         Scenario("service 50 classes c8", bodies(small, FIFTY_CLASSES), 1, 8),
@@ -508,9 +646,22 @@ def main() -> int:
             "/embed_images",
         ),
     ]
-    results: list[dict] = []
-    logs = args.out
-    logs.mkdir(exist_ok=True)
+    # One server per variant, each measured on the scenario it changes; compilation last
+    # (its start-up is the longest).
+    variants = [
+        (
+            {"CLIP_PREPROCESS": "reference"},
+            Scenario("service large JPEG c32, CLIP_PREPROCESS=reference", large_bodies, 1, 32),
+        ),
+        (
+            {"CLIP_TEXT_CACHE_SIZE": "0"},
+            Scenario("service seed c32, text cache off", seed_bodies, 1, 32),
+        ),
+    ]
+    compiled = (
+        {"CLIP_TORCH_COMPILE": "on"},
+        Scenario("service seed c32, CLIP_TORCH_COMPILE=on", seed_bodies, 1, 32),
+    )
 
     def run(url: str, pid: int, scenario: Scenario, metrics: bool) -> None:
         warm = Scenario(
@@ -519,43 +670,17 @@ def main() -> int:
         asyncio.run(drive(url, pid, warm, 4, 30, False))  # caches, allocator, batcher training
         row = asyncio.run(drive(url, pid, scenario, max_requests, max_seconds, metrics))
         row["name"] = scenario.name
-        results.append(row)
+        payload["scenarios"].append(row)
+        payload["ratios"] = ratios_of(
+            {"bare model": limit, **{r["name"]: r for r in payload["scenarios"]}}
+        )
         print(json.dumps(row), flush=True)
+        (out / "results.json").write_text(json.dumps(payload, indent=1))  # partial until done
 
     with tempfile.TemporaryDirectory() as tmp:
         with bento_server(home, tag, Path(tmp) / "service.log") as (url, pid):
             for scenario in scenarios:
                 run(url, pid, scenario, True)
-        with bento_server(home, tag, Path(tmp) / "ref.log", CLIP_PREPROCESS="reference") as (
-            url,
-            pid,
-        ):
-            run(
-                url,
-                pid,
-                Scenario(
-                    "service large JPEG c32, CLIP_PREPROCESS=reference",
-                    bodies(large, SEED_CLASSES),
-                    1,
-                    32,
-                ),
-                True,
-            )
-        with bento_server(home, tag, Path(tmp) / "nocache.log", CLIP_TEXT_CACHE_SIZE="0") as (
-            url,
-            pid,
-        ):
-            run(url, pid, Scenario("service seed c32, text cache off", seed_bodies, 1, 32), True)
-        with bento_server(home, tag, Path(tmp) / "compile.log", CLIP_TORCH_COMPILE="on") as (
-            url,
-            pid,
-        ):
-            run(
-                url,
-                pid,
-                Scenario("service seed c32, CLIP_TORCH_COMPILE=on", seed_bodies, 1, 32),
-                True,
-            )
         with baseline_server(model_dir, Path(tmp) / "baseline.log") as (url, pid):
             for concurrency in (1, 8, 32):
                 run(
@@ -564,83 +689,15 @@ def main() -> int:
                     Scenario(f"baseline seed c{concurrency}", seed_bodies, 1, concurrency),
                     False,
                 )
-    print("measuring the bare model (the limit) ...", flush=True)
-    limit = bare_model_limit(model_dir)
-    print(json.dumps(limit), flush=True)
-    fidelity = preprocessing_fidelity(model_dir)
-    print(json.dumps(fidelity), flush=True)
+        for index, (env, scenario) in enumerate([*variants, compiled]):
+            with bento_server(home, tag, Path(tmp) / f"variant{index}.log", **env) as (url, pid):
+                run(url, pid, scenario, True)
 
-    by_name = {r["name"]: r for r in results}
-    batched_limit = limit["batch32_images_per_s"]
-    ratios = {
-        "service seed c32 / bare model batch 32": by_name["service seed c32"]["images_per_s"]
-        / batched_limit,
-        "service embed_images c32 / bare model batch 32": by_name["service embed_images c32"][
-            "images_per_s"
-        ]
-        / batched_limit,
-        "service seed c32 / baseline seed c32": by_name["service seed c32"]["images_per_s"]
-        / max(by_name["baseline seed c32"]["images_per_s"], 1e-9),
-        "p95 service seed c32 / baseline seed c32": by_name["service seed c32"]["p95_ms"]
-        / max(by_name["baseline seed c32"]["p95_ms"], 1e-9),
-        "time per request, 50 classes / 1 class (c8)": by_name["service 1 class c8"][
-            "requests_per_s"
-        ]
-        / by_name["service 50 classes c8"]["requests_per_s"],
-        "small-JPEG / large-JPEG throughput (c32)": by_name["service small JPEG 224x224 c32"][
-            "images_per_s"
-        ]
-        / by_name["service large JPEG 1834x2750 c32"]["images_per_s"],
-        "large JPEG: fast / reference preprocessing throughput (c32)": by_name[
-            "service large JPEG 1834x2750 c32"
-        ]["images_per_s"]
-        / by_name["service large JPEG c32, CLIP_PREPROCESS=reference"]["images_per_s"],
-        "seed c32: text cache on / off throughput": by_name["service seed c32"]["images_per_s"]
-        / by_name["service seed c32, text cache off"]["images_per_s"],
-        "seed c32: torch.compile on / off throughput": by_name[
-            "service seed c32, CLIP_TORCH_COMPILE=on"
-        ]["images_per_s"]
-        / by_name["service seed c32"]["images_per_s"],
-    }
-    ratios = {k: round(v, 3) for k, v in ratios.items()}
-    print(json.dumps(ratios, indent=1), flush=True)
-    payload = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} cores, torch {torch.__version__}",
-        "limit": limit,
-        "fidelity": fidelity,
-        "ratios": ratios,
-        "scenarios": results,
-    }
-    (args.out / "results.json").write_text(json.dumps(payload, indent=1))
-    write_plot(results, args.out / "throughput.png")
-    block = "\n".join(
-        [
-            f"Run of {payload['date']} on {payload['machine']} (`python scripts/bench.py`), "
-            "random-weight ViT-B/32, all numbers from this one run.",
-            "",
-            markdown_table(results),
-            "",
-            f"Bare model in-process (the limit, {limit['torch_threads']} torch threads): "
-            f"{limit['batch1_images_per_s']} images/s at batch 1, "
-            f"{batched_limit} images/s at batch 32.",
-            "",
-            "| ratio | value |",
-            "|---|---|",
-            *[f"| {k} | {v} |" for k, v in ratios.items()],
-            "",
-            f"Preprocessing fidelity over {fidelity['images']} images (JPEG and PNG, 640x480 to "
-            f"4000x3000): fast {fidelity['fast_ms_per_image']} ms/image vs reference "
-            f"{fidelity['reference_ms_per_image']} ms/image; embedding cosine min "
-            f"{fidelity['min_cosine']}, mean {fidelity['mean_cosine']}; "
-            + ", ".join(
-                f"{k.replace('_', ' ')} {v}" for k, v in fidelity.items() if k.startswith("max_")
-            ),
-            "",
-            "![throughput and p95 vs concurrency](benchmarks/throughput.png)",
-        ]
-    )
-    update_benchmarks_md(block)
+    print(json.dumps(payload["ratios"], indent=1), flush=True)
+    write_plot(payload["scenarios"], out / "throughput.png")
+    block = summary_block(payload)
+    (out / "summary.md").write_text(block + "\n")
+    update_benchmarks_md(block, "bench-gpu" if gpu else "bench")
     return 0
 
 
