@@ -9,6 +9,7 @@ clip_runner/.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 from collections.abc import Awaitable
@@ -63,6 +64,9 @@ logger = logging.getLogger("clip_service")
 settings = get_settings()
 READY_PROBE_TIMEOUT_S = 1.5
 READY_PROBE_INTERVAL_S = 1.0
+# Prompts whose token count is remembered (a few MB at most): counting is the tokenizer's work,
+# repeated on every request for the same class list otherwise.
+TOKEN_COUNT_CACHE_SIZE = 16384
 
 
 async def ping(_: Request) -> Response:
@@ -119,7 +123,12 @@ class ClipService:
         self._probe_task: asyncio.Task | None = None
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        """Token counts; the same class lists arrive on every request, so counts are memoised."""
+        return [self._token_count(prompt) for prompt in prompts]
+
+    @functools.lru_cache(maxsize=TOKEN_COUNT_CACHE_SIZE)  # noqa: B019 (one service object)
+    def _token_count(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt)["input_ids"])
 
     async def probe_runner(self) -> bool:
         """Whether the runner answers its readiness probe and its model facts are known.

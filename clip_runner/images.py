@@ -94,7 +94,8 @@ def decode_inline(source: str, index: int, max_bytes: int) -> bytes:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB with EXIF orientation applied; transparency composited onto white; 16-bit scaled."""
-    image = ImageOps.exif_transpose(image)
+    # In place: without an orientation tag the default returns a full copy of the pixels.
+    ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         pixels = np.asarray(image, dtype=np.float64)
         scale = 257.0 if pixels.max(initial=0) > 255 else 1.0
