@@ -78,6 +78,7 @@ class Settings:
     text_cache_size: int
     fast_preprocessing: bool
     runner_threads: int
+    runner_workers: int
     torch_compile: bool
 
     def __post_init__(self) -> None:
@@ -118,5 +119,6 @@ def get_settings() -> Settings:
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
         fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("fast", "reference")) == "fast",
         runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0),
+        runner_workers=_env_int("CLIP_RUNNER_WORKERS", 1),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
     )

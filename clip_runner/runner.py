@@ -25,7 +25,10 @@ settings = get_settings()
 @bentoml.service(
     name="clip_runner",
     resources={"gpu": 1},
-    workers=1,
+    # One process by default. On a GPU the runner's per-call Python work (HTTP, deserialising,
+    # batching) limits throughput long before the GPU does; more workers share the one GPU,
+    # each with its own copy of the model (BENCHMARKS.md, GPU section).
+    workers=settings.runner_workers,
     traffic={"timeout": settings.request_timeout_s},
     # How API workers connect to this service. BentoML's client replaces its connection pool
     # every 100 requests / 300 s by default and closes the old pool with its requests still in

@@ -21,6 +21,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.port == 8080 and settings.request_timeout_s == 55  # under SageMaker's 60
     assert settings.max_body_bytes == 6 * 1024 * 1024
     assert settings.fast_preprocessing is True and settings.runner_threads == 0
+    assert settings.runner_workers == 1
     assert settings.torch_compile is False
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
@@ -30,7 +31,9 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_MODEL_TAG", "clip:abc")
     monkeypatch.setenv("CLIP_FETCH_ALLOW", " 10.0.0.0/8, images.lan ,")
     monkeypatch.setenv("CLIP_TORCH_COMPILE", "ON")
+    monkeypatch.setenv("CLIP_RUNNER_WORKERS", "3")
     settings = get_settings()
+    assert settings.runner_workers == 3
     assert settings.torch_compile is True
     assert settings.max_batch_size == 8 and settings.model_tag == "clip:abc"
     assert settings.fetch_allow == ("10.0.0.0/8", "images.lan")
@@ -41,6 +44,7 @@ def test_environment_overrides(monkeypatch):
     [
         ("CLIP_MAX_BATCH_SIZE", "many", "must be an integer"),
         ("CLIP_MAX_BATCH_SIZE", "0", "must be >= 1"),
+        ("CLIP_RUNNER_WORKERS", "0", "must be >= 1"),
         ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be >= 0.001"),
         ("CLIP_FETCH_TIMEOUT_S", "soon", "must be a number"),
         ("CLIP_MAX_LATENCY_MS", "50000", "below half of CLIP_REQUEST_TIMEOUT_S"),
