@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark on a GPU machine, as one prepared run (e.g. through the device tool):
-#   bash scripts/gpu_bench.sh            # results under $OUT (or benchmarks/gpu)
+#   bash scripts/gpu_bench.sh                        # results under $OUT (or benchmarks/gpu)
+#   bash scripts/gpu_bench.sh --runner-workers 1 2 4 # only the runner-worker sweep
 # With BentoML installed it runs the whole harness (the runner and the baseline pick CUDA fp16 by
 # themselves); without it (a bare GPU image), only the in-process bare-model limit and
 # preprocessing fidelity. Scenarios are time-bound (BENCH_SECONDS each), not count-bound: a GPU
@@ -20,7 +21,7 @@ export CLIP_API_WORKERS=${CLIP_API_WORKERS:-$(($(nproc) / 2))}
 "$python" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible"'
 if "$python" -c 'import bentoml' 2>/dev/null; then
   "$python" scripts/bench.py --out "$out_dir" --max-seconds "${BENCH_SECONDS:-8}" \
-    --max-requests 1000000 2>&1 | tee "$out_dir/bench.log"
+    --max-requests 1000000 "$@" 2>&1 | tee "$out_dir/bench.log"
 else
   echo "bentoml is not installed here: measuring the bare model only" | tee "$out_dir/bench.log"
   "$python" scripts/bench.py --bare-only --out "$out_dir" 2>&1 | tee -a "$out_dir/bench.log"
