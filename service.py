@@ -247,19 +247,15 @@ class ClipService:
         request = parse_zero_shot_request(
             inputs, parameters.model_dump() if parameters is not None else None
         )
-        try:
-            ranked = await classify_images(
-                await self.context(),
-                request.images,
-                request.labels,
-                [request.template],
-                None,
-                label_field="parameters.candidate_labels",
-            )
-        except RequestError as error:
-            if error.message.startswith("images["):  # name the field as this caller wrote it
-                error.message = "inputs[" + error.message.removeprefix("images[")
-            raise
+        ranked = await classify_images(
+            await self.context(),
+            request.images,
+            request.labels,
+            [request.template],
+            None,
+            label_field="parameters.candidate_labels",
+            image_field="inputs",
+        )
         return toolkit_answer(ranked, request.single_image)
 
     @bentoml.api(route="/classify")

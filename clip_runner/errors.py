@@ -34,9 +34,23 @@ class RequestError(Exception):
         )
 
 
-def image_error(index: int, reason: str, error_type: str = "invalid_image") -> RequestError:
+class ImageError(RequestError):
+    """A 422 about one image of the request, named `images[index]` unless the request's images
+    came in another field (`load_images` renames it: the Hugging Face shape's `inputs`)."""
+
+    def __init__(
+        self, index: int, reason: str, error_type: str = "invalid_image", field: str = "images"
+    ) -> None:
+        super().__init__(422, error_type, f"{field}[{index}]: {reason}", index)
+        self.reason = reason
+
+    def in_field(self, field: str) -> ImageError:
+        return ImageError(self.index or 0, self.reason, self.error_type, field)
+
+
+def image_error(index: int, reason: str, error_type: str = "invalid_image") -> ImageError:
     """A 422 about one image of the request, naming it as `images[index]`."""
-    return RequestError(422, error_type, f"images[{index}]: {reason}", index)
+    return ImageError(index, reason, error_type)
 
 
 def error_body(error_type: str, message: str, index: int | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clip_runner.errors import RequestError, image_error
+from clip_runner.errors import ImageError, RequestError, image_error
 from clip_runner.fetch import FetchLimits, fetch_url
 from clip_runner.metrics import PREPROCESS_SECONDS
 
@@ -226,11 +226,12 @@ async def load_images(
     client: httpx.AsyncClient,
     geometry: ImageGeometry,
     limits: ImageLimits,
+    field: str = "images",
 ) -> np.ndarray:
     """All sources of a request, concurrently (URL fetches bounded), stacked into (N, H, W, 3).
 
-    The first failing image (by index) fails the whole request, naming that index; the other
-    images' work is cancelled.
+    The first failing image (by index) fails the whole request, naming it as `field[index]`
+    (the request field the sources came from); the other images' work is cancelled.
     """
     fetch_slots = asyncio.Semaphore(limits.fetch_concurrency)
     tasks = [
@@ -249,6 +250,7 @@ async def load_images(
             if not task.cancelled() and isinstance(task.exception(), RequestError)
         ]
         if errors:
-            raise min(errors, key=lambda error: error.index or 0) from None
+            first = min(errors, key=lambda error: error.index or 0)
+            raise (first.in_field(field) if isinstance(first, ImageError) else first) from None
         raise
     return np.stack(arrays)

@@ -81,16 +81,23 @@ async def text_embeddings(context: InvocationContext, prompts: Sequence[str]) ->
     return np.stack(cached)
 
 
-async def image_embeddings(context: InvocationContext, images: Sequence[str]) -> np.ndarray:
-    pixels = await load_images(images, context.http_client, context.geometry, context.image_limits)
+async def image_embeddings(
+    context: InvocationContext, images: Sequence[str], field: str = "images"
+) -> np.ndarray:
+    pixels = await load_images(
+        images, context.http_client, context.geometry, context.image_limits, field
+    )
     return np.asarray(await context.encode_images(pixels), dtype=np.float32)
 
 
 async def images_and_texts(
-    context: InvocationContext, images: Sequence[str], prompts: Sequence[str]
+    context: InvocationContext,
+    images: Sequence[str],
+    prompts: Sequence[str],
+    image_field: str = "images",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image and prompt embeddings, the images loading while the texts are looked up/encoded."""
-    image_task = asyncio.ensure_future(image_embeddings(context, images))
+    image_task = asyncio.ensure_future(image_embeddings(context, images, image_field))
     try:
         text = await text_embeddings(context, prompts)
     except BaseException:
@@ -124,6 +131,7 @@ async def classify(
     templates: Sequence[str],
     top_k: int | None,
     label_field: str = "labels",
+    image_field: str = "images",
 ) -> list[list[dict[str, Any]]]:
     """Per image, `[{"label", "score"}]` by descending score; several templates are ensembled."""
     prompts = ensemble_prompts(labels, templates)
@@ -134,7 +142,7 @@ async def classify(
         return label if count == 1 else f"{label} with templates[{index % count}]"
 
     check_prompt_lengths(context, prompts, locate)
-    image, text = await images_and_texts(context, images, prompts)
+    image, text = await images_and_texts(context, images, prompts, image_field)
     label_embeddings = ensemble_embeddings(text, count)
     probabilities = zero_shot_probabilities(image, label_embeddings, context.facts.logit_scale)
     return [ranked_labels(row, labels, top_k) for row in probabilities]
