@@ -692,7 +692,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer requests per scenario")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: fewer requests per scenario, results in a temporary folder unless "
+        "--out is given, BENCHMARKS.md left alone",
+    )
     parser.add_argument("--max-seconds", type=float, default=20, help="per scenario")
     parser.add_argument(
         "--max-requests",
@@ -700,7 +705,7 @@ def main() -> int:
         default=400,
         help="per scenario (a GPU answers 400 in about a second: raise it there)",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--out", type=Path, help="where results go (default: benchmarks/)")
     parser.add_argument(
         "--bare-only",
         action="store_true",
@@ -720,6 +725,13 @@ def main() -> int:
         help="only the runner-worker sweep: seed/embedding load with CLIP_RUNNER_WORKERS=N each",
     )
     args = parser.parse_args()
+    if args.out is None:
+        # A smoke run must not overwrite the committed results.
+        args.out = (
+            Path(tempfile.mkdtemp(prefix="clip-bench-quick-"))
+            if args.quick
+            else REPO / "benchmarks"
+        )
     if args.bare_only:
         return bare_only(args.out)
     if args.long_run:
@@ -856,7 +868,10 @@ def main() -> int:
     write_plot(payload["scenarios"], out / "throughput.png")
     block = summary_block(payload)
     (out / "summary.md").write_text(block + "\n")
-    update_benchmarks_md(block, "bench-gpu" if gpu else "bench")
+    if args.quick:
+        print(f"smoke run: results in {out}; BENCHMARKS.md left alone", flush=True)
+    else:
+        update_benchmarks_md(block, "bench-gpu" if gpu else "bench")
     return 0
 
 
