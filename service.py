@@ -39,7 +39,7 @@ from clip_runner.invocation import classify as classify_images
 from clip_runner.invocation import embed_texts as embed_texts_flow
 from clip_runner.raw_images import RawImageBodyMiddleware
 from clip_runner.runner import CLIPRunner
-from clip_runner.runner_calls import RUNNER_ERRORS, resilient
+from clip_runner.runner_calls import RUNNER_ERRORS, resilient, runner_overloaded
 from clip_runner.schemas import (
     ClassifyResponse,
     ClassList,
@@ -187,11 +187,11 @@ class ClipService:
             return await work
         except RequestError as error:
             return error.to_response()
-        except bentoml.exceptions.ServiceUnavailable:
-            return RequestError(
-                503, "overloaded", "the model's queue is full; retry shortly"
-            ).to_response()
         except RUNNER_ERRORS as exc:
+            if runner_overloaded(exc):
+                return RequestError(
+                    503, "overloaded", "the model's queue is full; retry shortly"
+                ).to_response()
             logger.warning("runner call failed: %s: %s", type(exc).__name__, exc)
             return RequestError(
                 503, "runner_unavailable", "the model runner is not answering; retry shortly"

@@ -1,18 +1,22 @@
 """CLIPRunner: the BentoML service that owns the model and batches encoding across requests.
 
 One model copy per worker, loaded from the BentoML model store and warmed up before the worker
-reports ready. Image and text encoding are batchable APIs, so BentoML's adaptive batcher merges
-concurrent requests (from all API workers) into one forward pass.
+reports ready. Concurrent encoding calls (from all API workers) are merged into one forward pass
+by this project's greedy batcher (batching.py) rather than BentoML's: its learned waits added
+up to a second to every request after a burst of load.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 import numpy as np
 import torch
 
+from clip_runner.batching import GreedyBatcher, QueueWaitExceeded
 from clip_runner.config import get_settings
 from clip_runner.encoding import ClipEncoder, pick_device
 from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_INFERENCE_SECONDS
@@ -58,6 +62,15 @@ class CLIPRunner:
                 loaded.tag,
             )
         self._warm_up()
+        # One inference thread for both encoders: one forward pass at a time on the model.
+        inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-inference")
+        max_wait_s = settings.max_latency_ms / 1000
+        self.image_batcher = GreedyBatcher(
+            self._encode_image_batch, inference, settings.max_batch_size, max_wait_s
+        )
+        self.text_batcher = GreedyBatcher(
+            self._encode_text_batch, inference, settings.max_batch_size, max_wait_s
+        )
         logger.info(
             "CLIP model %s ready on %s (%s, %d threads%s)",
             loaded.tag,
@@ -79,29 +92,35 @@ class CLIPRunner:
             self.encoder.encode_images(blank)
             self.encoder.encode_texts(["a photo of a cat"] * batch)
 
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=settings.max_batch_size,
-        max_latency_ms=settings.max_latency_ms,
-    )
-    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) images, already resized and cropped -> float32 (N, D)."""
+    def _encode_image_batch(self, pixels: np.ndarray) -> np.ndarray:
         RUNNER_BATCH_IMAGES.observe(len(pixels))
         with RUNNER_INFERENCE_SECONDS.labels(encoder="image").time():
             return self.encoder.encode_images(pixels)
 
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=settings.max_batch_size,
-        max_latency_ms=settings.max_latency_ms,
-    )
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Prompts -> float32 (N, D); prompts beyond the model's token limit are truncated."""
+    def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
         RUNNER_BATCH_TEXTS.observe(len(texts))
         with RUNNER_INFERENCE_SECONDS.labels(encoder="text").time():
             return self.encoder.encode_texts(texts)
 
     @bentoml.api
+    async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) images, already resized and cropped -> float32 (N, D)."""
+        return await _bounded(self.image_batcher.submit(pixels))
+
+    @bentoml.api
+    async def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Prompts -> float32 (N, D); prompts beyond the model's token limit are truncated."""
+        return await _bounded(self.text_batcher.submit(texts))
+
+    @bentoml.api
     def describe(self) -> dict:
         """Facts the API service needs: tag, logit scale, image geometry, embedding size."""
         return self.model_facts.__dict__.copy()
+
+
+async def _bounded(encoding: Awaitable[np.ndarray]) -> np.ndarray:
+    """A request that queued past CLIP_MAX_LATENCY_MS is refused with 503 ("overloaded")."""
+    try:
+        return await encoding
+    except QueueWaitExceeded as exc:
+        raise bentoml.exceptions.ServiceUnavailable(f"the model's queue is full: {exc}") from exc

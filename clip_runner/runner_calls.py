@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import TypeVar
 
 import aiohttp
@@ -26,6 +27,17 @@ RUNNER_ERRORS = (
     bentoml.exceptions.BentoMLException,
 )
 T = TypeVar("T")
+
+
+def runner_overloaded(error: BaseException) -> bool:
+    """The runner answered 503: its queue bound (CLIP_MAX_LATENCY_MS) refused the call.
+
+    BentoML's client raises its generic exception carrying the runner's status code.
+    """
+    return (
+        isinstance(error, bentoml.exceptions.BentoMLException)
+        and error.error_code == HTTPStatus.SERVICE_UNAVAILABLE
+    )
 
 
 def resilient(

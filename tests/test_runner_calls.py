@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import bentoml
 import pytest
 
-from clip_runner.runner_calls import resilient
+from clip_runner.runner_calls import resilient, runner_overloaded
 
 
 class FlakyCall:
@@ -53,3 +54,18 @@ def test_other_errors_are_not_retried():
     with pytest.raises(ValueError):
         asyncio.run(resilient(refuses, attempt_timeout_s=1)(1))
     assert calls == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "overloaded"),
+    [
+        (bentoml.exceptions.ServiceUnavailable("queue full"), True),
+        # What BentoML's client raises for the runner's 503 answer.
+        (bentoml.exceptions.BentoMLException("Error making request: 503", error_code=503), True),
+        (bentoml.exceptions.BentoMLException("Error making request: 500", error_code=500), False),
+        (aiohttp.ServerDisconnectedError(), False),
+        (TimeoutError(), False),
+    ],
+)
+def test_only_the_runners_503_means_overloaded(error, overloaded):
+    assert runner_overloaded(error) is overloaded

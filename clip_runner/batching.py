@@ -1,0 +1,134 @@
+"""Greedy cross-request batching: the next forward pass takes everything queued, at once.
+
+BentoML 1.4's batcher (CorkDispatcher) holds a batch back while its estimate says waiting for
+more requests pays off, and it learns that wait from how long requests queued. After a burst of
+load the learned wait is seconds long, and it does not decay while traffic stays light: every
+lone request then sat in the queue for it (seed request at 1 client: p50 175 ms before a burst
+of 32 clients, 540-720 ms in the minutes after; BENCHMARKS.md). Here nothing waits on a timer:
+while one batch runs, requests queue; when it ends, all of them (up to the batch limit) go into
+the next one. Batches grow with load and shrink to a single request when traffic is light.
+
+All batchers of a runner share one inference thread: one model, one forward pass at a time, so
+image and text batches never compete for the same cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+Rows = TypeVar("Rows", np.ndarray, list)
+
+
+class QueueWaitExceeded(Exception):
+    """A request waited longer than the batcher's bound before its batch started."""
+
+
+@dataclass
+class _Job(Generic[Rows]):
+    rows: Rows
+    enqueued: float
+    future: asyncio.Future = field(repr=False)
+
+
+def concatenate(parts: Sequence[Rows]) -> Rows:
+    """One batch from many requests' rows: arrays stacked along axis 0, lists joined."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=0)
+    return [row for part in parts for row in part]
+
+
+def split_rows(output: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    """The batch's output rows handed back to each request, in order."""
+    return np.split(output, np.cumsum(sizes)[:-1].tolist(), axis=0)
+
+
+def take_batch(queue: deque[_Job], max_rows: int) -> list[_Job]:
+    """Pop jobs from the front while they fit in `max_rows` (the first job always goes whole)."""
+    batch: list[_Job] = []
+    rows = 0
+    while queue:
+        size = len(queue[0].rows)
+        if batch and rows + size > max_rows:
+            break
+        batch.append(queue.popleft())
+        rows += size
+    return batch
+
+
+class GreedyBatcher(Generic[Rows]):
+    """Merges concurrent `submit` calls into batched calls of `infer` on `executor`."""
+
+    def __init__(
+        self,
+        infer: Callable[[Rows], np.ndarray],
+        executor: Executor,
+        max_rows: int,
+        max_queue_wait_s: float,
+    ) -> None:
+        self.infer = infer
+        self.executor = executor
+        self.max_rows = max_rows
+        self.max_queue_wait_s = max_queue_wait_s
+        self._queue: deque[_Job] = deque()
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, rows: Rows) -> np.ndarray:
+        """Queue one request's rows; returns its output rows once its batch has run."""
+        if len(rows) == 0:
+            raise ValueError("nothing to encode")
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run())
+        job = _Job(rows, time.monotonic(), asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        self._wake.set()
+        return await job.future
+
+    def _drop_stale(self) -> None:
+        """Callers that left are dropped; callers queued past the bound get QueueWaitExceeded."""
+        now = time.monotonic()
+        kept: deque[_Job] = deque()
+        for job in self._queue:
+            if job.future.done():
+                continue
+            waited = now - job.enqueued
+            if waited > self.max_queue_wait_s:
+                job.future.set_exception(
+                    QueueWaitExceeded(
+                        f"queued {waited:.1f} s, over the {self.max_queue_wait_s:g} s bound"
+                    )
+                )
+                continue
+            kept.append(job)
+        self._queue = kept
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                self._drop_stale()
+                batch = take_batch(self._queue, self.max_rows)
+                if not batch:
+                    break
+                sizes = [len(job.rows) for job in batch]
+                rows = concatenate([job.rows for job in batch])
+                try:
+                    output = await loop.run_in_executor(self.executor, self.infer, rows)
+                except Exception as exc:  # this batch's callers get the error; the worker lives
+                    for job in batch:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                for job, part in zip(batch, split_rows(output, sizes), strict=True):
+                    if not job.future.done():
+                        job.future.set_result(part)

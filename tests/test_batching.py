@@ -1,0 +1,173 @@
+"""The greedy batcher: merging, splitting, order, errors and the queue-wait bound."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from clip_runner.batching import (
+    GreedyBatcher,
+    QueueWaitExceeded,
+    concatenate,
+    split_rows,
+    take_batch,
+)
+
+
+class Recorder:
+    """An `infer` that records its batch sizes and can be held until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, rows: np.ndarray | list) -> np.ndarray:
+        self.gate.wait(10)
+        self.batches.append(len(rows))
+        if isinstance(rows, list):
+            return np.array([[float(len(text))] for text in rows])
+        return np.asarray(rows, dtype=np.float64) * 2
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool
+
+
+def test_take_batch_fills_up_to_the_limit_and_keeps_order():
+    queue = deque(type("J", (), {"rows": [0] * n})() for n in (3, 2, 4, 1))
+    first = take_batch(queue, 6)
+    assert [len(job.rows) for job in first] == [3, 2]
+    assert [len(job.rows) for job in take_batch(queue, 6)] == [4, 1]
+    assert take_batch(queue, 6) == []
+
+
+def test_an_oversized_first_request_goes_whole():
+    queue = deque(type("J", (), {"rows": [0] * n})() for n in (9, 1))
+    assert [len(job.rows) for job in take_batch(queue, 4)] == [9]
+
+
+def test_concatenate_and_split_are_inverse():
+    parts = [np.arange(6).reshape(3, 2), np.arange(6, 8).reshape(1, 2)]
+    merged = concatenate(parts)
+    assert merged.shape == (4, 2)
+    back = split_rows(merged, [3, 1])
+    assert all(np.array_equal(a, b) for a, b in zip(parts, back, strict=True))
+    assert concatenate([["a", "b"], ["c"]]) == ["a", "b", "c"]
+
+
+def test_concurrent_requests_share_forward_passes_and_get_their_own_rows(executor):
+    infer = Recorder()
+    infer.gate.clear()  # hold the first pass so the rest queue behind it
+
+    async def scenario():
+        batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=10)
+        calls = [batcher.submit(np.full((1, 2), i)) for i in range(12)]
+        tasks = [asyncio.ensure_future(call) for call in calls]
+        await asyncio.sleep(0.05)
+        infer.gate.set()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(scenario())
+    for i, result in enumerate(results):
+        assert np.array_equal(result, np.full((1, 2), 2 * i))
+    # All twelve arrived before the first pass began: batches of at most 8, in arrival order.
+    assert infer.batches == [8, 4]
+
+
+def test_a_lone_request_runs_at_once_even_after_a_burst(executor):
+    """No learned wait: after a burst, a single request is its own batch, dispatched at once."""
+    infer = Recorder()
+
+    async def scenario():
+        batcher = GreedyBatcher(infer, executor, max_rows=32, max_queue_wait_s=10)
+        await asyncio.gather(*(batcher.submit(np.ones((1, 1))) for _ in range(40)))
+        infer.batches.clear()
+        await batcher.submit(np.ones((1, 1)))
+
+    asyncio.run(scenario())
+    assert infer.batches == [1]
+
+
+def test_text_batches_are_joined_lists(executor):
+    infer = Recorder()
+
+    async def scenario():
+        batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=10)
+        return await asyncio.gather(batcher.submit(["a", "bb"]), batcher.submit(["ccc"]))
+
+    first, second = asyncio.run(scenario())
+    assert first.tolist() == [[1.0], [2.0]]
+    assert second.tolist() == [[3.0]]
+
+
+def test_an_error_reaches_its_batch_and_the_batcher_keeps_serving(executor):
+    calls = []
+
+    def infer(rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("broken batch")
+        return rows
+
+    async def scenario():
+        batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=10)
+        with pytest.raises(RuntimeError, match="broken batch"):
+            await batcher.submit(np.ones((2, 1)))
+        return await batcher.submit(np.zeros((1, 1)))
+
+    assert asyncio.run(scenario()).tolist() == [[0.0]]
+
+
+def test_requests_queued_past_the_bound_are_refused(executor):
+    infer = Recorder()
+    infer.gate.clear()
+
+    async def scenario():
+        batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=0.05)
+        running = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
+        await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
+        await asyncio.sleep(0.2)  # the queued one now waited past the bound
+        infer.gate.set()
+        await running
+        with pytest.raises(QueueWaitExceeded, match="over the 0.05 s bound"):
+            await queued
+
+    asyncio.run(scenario())
+    assert infer.batches == [1]
+
+
+def test_a_caller_that_left_is_not_encoded(executor):
+    infer = Recorder()
+    infer.gate.clear()
+
+    async def scenario():
+        batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=10)
+        running = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
+        await asyncio.sleep(0.01)
+        gone = asyncio.ensure_future(batcher.submit(np.ones((3, 1))))
+        stays = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        infer.gate.set()
+        await asyncio.gather(running, stays)
+
+    asyncio.run(scenario())
+    assert infer.batches == [1, 1]
+
+
+def test_empty_requests_are_refused(executor):
+    async def scenario():
+        batcher = GreedyBatcher(Recorder(), executor, max_rows=8, max_queue_wait_s=10)
+        await batcher.submit(np.zeros((0, 1)))
+
+    with pytest.raises(ValueError, match="nothing to encode"):
+        asyncio.run(scenario())
