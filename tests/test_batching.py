@@ -35,6 +35,17 @@ class Recorder:
         return np.asarray(rows, dtype=np.float64) * 2
 
 
+async def held_first_pass(
+    infer: Recorder, executor: ThreadPoolExecutor, max_queue_wait_s: float
+) -> tuple[GreedyBatcher, asyncio.Future]:
+    """A batcher whose first pass (one row) has started and is held at `infer`'s gate."""
+    infer.gate.clear()
+    batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=max_queue_wait_s)
+    running = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
+    await asyncio.sleep(0.01)
+    return batcher, running
+
+
 @pytest.fixture
 def executor():
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -128,12 +139,9 @@ def test_an_error_reaches_its_batch_and_the_batcher_keeps_serving(executor):
 
 def test_requests_queued_past_the_bound_are_refused(executor):
     infer = Recorder()
-    infer.gate.clear()
 
     async def scenario():
-        batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=0.05)
-        running = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
-        await asyncio.sleep(0.01)
+        batcher, running = await held_first_pass(infer, executor, max_queue_wait_s=0.05)
         queued = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
         await asyncio.sleep(0.2)  # the queued one now waited past the bound
         infer.gate.set()
@@ -147,12 +155,9 @@ def test_requests_queued_past_the_bound_are_refused(executor):
 
 def test_a_caller_that_left_is_not_encoded(executor):
     infer = Recorder()
-    infer.gate.clear()
 
     async def scenario():
-        batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=10)
-        running = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
-        await asyncio.sleep(0.01)
+        batcher, running = await held_first_pass(infer, executor, max_queue_wait_s=10)
         gone = asyncio.ensure_future(batcher.submit(np.ones((3, 1))))
         stays = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
         await asyncio.sleep(0.01)
