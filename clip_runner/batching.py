@@ -121,8 +121,8 @@ class GreedyBatcher(Generic[Rows]):
                 if not batch:
                     break
                 sizes = [len(job.rows) for job in batch]
-                rows = concatenate([job.rows for job in batch])
                 try:
+                    rows = concatenate([job.rows for job in batch])
                     output = await loop.run_in_executor(self.executor, self.infer, rows)
                 except Exception as exc:  # this batch's callers get the error; the worker lives
                     for job in batch:

@@ -176,3 +176,22 @@ def test_empty_requests_are_refused(executor):
 
     with pytest.raises(ValueError, match="nothing to encode"):
         asyncio.run(scenario())
+
+
+def test_requests_that_cannot_be_stacked_fail_alone_and_the_batcher_keeps_serving(executor):
+    infer = Recorder()
+
+    async def scenario():
+        batcher, running = await held_first_pass(infer, executor, max_queue_wait_s=10)
+        mismatched = [
+            asyncio.ensure_future(batcher.submit(np.ones((1, width)))) for width in (1, 2)
+        ]
+        await asyncio.sleep(0.01)
+        infer.gate.set()
+        await running
+        for call in mismatched:
+            with pytest.raises(ValueError):
+                await call
+        return await batcher.submit(np.ones((1, 3)))
+
+    assert asyncio.run(scenario()).tolist() == [[2.0, 2.0, 2.0]]
