@@ -48,11 +48,6 @@ class ImageError(RequestError):
         return ImageError(self.index or 0, self.reason, self.error_type, field)
 
 
-def image_error(index: int, reason: str, error_type: str = "invalid_image") -> ImageError:
-    """A 422 about one image of the request, naming it as `images[index]`."""
-    return ImageError(index, reason, error_type)
-
-
 def error_body(error_type: str, message: str, index: int | None = None) -> dict[str, Any]:
     """The error object every endpoint answers with."""
     error: dict[str, Any] = {"type": error_type, "message": message}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpcore
 import httpx
 
-from clip_runner.errors import image_error
+from clip_runner.errors import ImageError
 
 USER_AGENT = "clip-bentoml/0.1 (zero-shot image classification; image fetcher)"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -178,30 +178,30 @@ async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: Fet
         async with asyncio.timeout(limits.timeout_s):
             async with client.stream("GET", url) as response:
                 if not response.is_success:
-                    raise image_error(index, f"fetching {url} returned HTTP {response.status_code}")
+                    raise ImageError(index, f"fetching {url} returned HTTP {response.status_code}")
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limits.max_bytes:
-                    raise image_error(index, too_large)
+                    raise ImageError(index, too_large)
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) > limits.max_bytes:
-                        raise image_error(index, too_large)
+                        raise ImageError(index, too_large)
     except TimeoutError:
-        raise image_error(index, f"fetching {url} timed out after {limits.timeout_s:g} s") from None
+        raise ImageError(index, f"fetching {url} timed out after {limits.timeout_s:g} s") from None
     except httpx.TooManyRedirects:
-        raise image_error(
+        raise ImageError(
             index, f"{url} redirected more than {limits.max_redirects} times"
         ) from None
     except httpx.HTTPError as exc:
         if isinstance(exc.__cause__, ForbiddenAddressError):
-            raise image_error(
+            raise ImageError(
                 index,
                 f"{exc.__cause__} (set CLIP_FETCH_ALLOW to allow private addresses)",
                 "forbidden_url",
             ) from None
         reason = str(exc) or type(exc).__name__
-        raise image_error(index, f"could not fetch {url}: {reason}") from None
+        raise ImageError(index, f"could not fetch {url}: {reason}") from None
     if not body:
-        raise image_error(index, f"{url} returned an empty body")
+        raise ImageError(index, f"{url} returned an empty body")
     return bytes(body)

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clip_runner.errors import ImageError, RequestError, image_error
+from clip_runner.errors import ImageError, RequestError
 from clip_runner.fetch import FetchLimits, fetch_url
 from clip_runner.metrics import PREPROCESS_SECONDS
 
@@ -69,26 +69,26 @@ def decode_inline(source: str, index: int, max_bytes: int) -> bytes:
     if source[:5].lower() == "data:":
         match = _DATA_URI.match(source)
         if match is None:
-            raise image_error(index, "malformed data: URI (expected data:<type>;base64,<data>)")
+            raise ImageError(index, "malformed data: URI (expected data:<type>;base64,<data>)")
         if ";base64" not in match["params"].lower():
-            raise image_error(index, "data: URIs must be base64-encoded (;base64,)")
+            raise ImageError(index, "data: URIs must be base64-encoded (;base64,)")
         if match["media"] and not match["media"].lower().startswith("image/"):
-            raise image_error(index, f"data: URI media type {match['media']!r} is not an image")
+            raise ImageError(index, f"data: URI media type {match['media']!r} is not an image")
         payload = match["data"]
     elif scheme := _SCHEME.match(source):  # base64 never contains ':'
-        raise image_error(
+        raise ImageError(
             index, f"unsupported URL scheme {scheme.group(1)!r}: use http(s), base64 or data:"
         )
     payload = _WHITESPACE.sub("", payload)
     if len(payload) * 3 // 4 > max_bytes:
-        raise image_error(index, f"image is larger than the {max_bytes}-byte limit")
+        raise ImageError(index, f"image is larger than the {max_bytes}-byte limit")
     payload += "=" * (-len(payload) % 4)
     try:  # the URL-safe alphabet is accepted too; anything outside either is refused
         data = base64.b64decode(payload.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError):
-        raise image_error(index, "not an http(s) URL, data: URI or valid base64") from None
+        raise ImageError(index, "not an http(s) URL, data: URI or valid base64") from None
     if not data:
-        raise image_error(index, "image data is empty")
+        raise ImageError(index, "image data is empty")
     return data
 
 
@@ -122,7 +122,7 @@ def decode_image(
         with Image.open(io.BytesIO(data)) as opened:
             width, height = opened.size
             if width * height > max_pixels:
-                raise image_error(
+                raise ImageError(
                     index, f"image is {width}x{height}, more than the {max_pixels}-pixel limit"
                 )
             if draft_short_side and opened.format == "JPEG":
@@ -133,10 +133,10 @@ def decode_image(
             opened.load()
             return to_rgb(opened)
     except UnidentifiedImageError:
-        raise image_error(index, "data is not in a recognised image format") from None
+        raise ImageError(index, "data is not in a recognised image format") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc) or type(exc).__name__
-        raise image_error(index, f"not a decodable image ({reason})") from None
+        raise ImageError(index, f"not a decodable image ({reason})") from None
 
 
 # Up to this long/short ratio the whole image is resized, bit-exact with CLIPProcessor; beyond
