@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 from PIL import Image
 
 from clip_runner.schemas import SEED_CLASSES as SEED_CLASSES  # re-exported for the tests
@@ -183,6 +184,14 @@ class ServedBento:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def runner_processes(self) -> list[psutil.Process]:
+        """The CLIPRunner worker processes under this server."""
+        return [
+            child
+            for child in psutil.Process(self.process.pid).children(recursive=True)
+            if "clip_runner" in " ".join(child.cmdline())
+        ]
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:

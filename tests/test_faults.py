@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 
 import httpx
-import psutil
 import pytest
 
 from tests.helpers import (
@@ -46,16 +45,8 @@ def fragile(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[Serve
         yield server
 
 
-def runner_process(served: ServedBento) -> psutil.Process:
-    return next(
-        child
-        for child in psutil.Process(served.process.pid).children(recursive=True)
-        if "clip_runner" in " ".join(child.cmdline())
-    )
-
-
 def test_overload_is_refused_fast_and_stuck_requests_fail_cleanly(fragile):
-    runner = runner_process(fragile)
+    runner = fragile.runner_processes()[0]
     os.kill(runner.pid, signal.SIGSTOP)
     try:
 
@@ -96,7 +87,7 @@ def test_a_client_that_leaves_cancels_its_image_fetch(fragile, image_host_server
 
 
 def test_a_killed_runner_is_reported_then_restarted(fragile):
-    runner = runner_process(fragile)
+    runner = fragile.runner_processes()[0]
     runner.kill()
     runner.wait(10)
     wait_for_ping(fragile.url, 503, within_s=6)
@@ -111,5 +102,5 @@ def test_a_killed_runner_is_reported_then_restarted(fragile):
         time.sleep(0.5)
     else:
         pytest.fail("the runner was not restarted within 90 s")
-    assert runner_process(fragile).pid != runner.pid
+    assert fragile.runner_processes()[0].pid != runner.pid
     assert httpx.post(f"{fragile.url}/invocations", json=GOOD, timeout=30).status_code == 200

@@ -10,7 +10,6 @@ import asyncio
 from collections.abc import Iterator
 
 import httpx
-import psutil
 import pytest
 
 from tests.helpers import ServedBento, as_base64, bentoml_serve, photo_like
@@ -30,16 +29,8 @@ def two_runners(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[S
         yield server
 
 
-def runner_processes(served: ServedBento) -> list[psutil.Process]:
-    return [
-        child
-        for child in psutil.Process(served.process.pid).children(recursive=True)
-        if "clip_runner" in " ".join(child.cmdline())
-    ]
-
-
 def test_two_runner_workers_start_and_answer_as_one(two_runners, served):
-    assert len(runner_processes(two_runners)) == 2
+    assert len(two_runners.runner_processes()) == 2
     log = two_runners.log()  # each worker loaded the (random-weight) model and says so
     assert all(f"[service:clip_runner:{worker}] !!! SERVING" in log for worker in (1, 2))
     bodies = [
