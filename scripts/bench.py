@@ -75,6 +75,17 @@ def jpeg_base64(width: int, height: int, seed: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def seed_request_bodies(classes: list | None = SEED_CLASSES) -> list[bytes]:
+    """Four request bodies of the seed's shape: one 640x480 JPEG each and the seed's classes
+    (no classes: the `/embed_images` shape)."""
+    return [
+        json.dumps(
+            {"images": [jpeg_base64(640, 480, seed)], **({"classes": classes} if classes else {})}
+        ).encode()
+        for seed in range(4)
+    ]
+
+
 # ---------------------------------------------------------------- servers
 
 
@@ -494,13 +505,8 @@ def runner_worker_sweep(out: Path, counts: list[int], max_requests: int, max_sec
     home, tag, model_dir = import_random_vit_b32()
     limit = bare_model_limit(model_dir)
     print(json.dumps(limit), flush=True)
-    seed_bodies = [
-        json.dumps({"images": [jpeg_base64(640, 480, seed)], "classes": SEED_CLASSES}).encode()
-        for seed in range(4)
-    ]
-    embed_bodies = [
-        json.dumps({"images": [jpeg_base64(640, 480, seed)]}).encode() for seed in range(4)
-    ]
+    seed_bodies = seed_request_bodies()
+    embed_bodies = seed_request_bodies(classes=None)
     scenarios = [
         *(Scenario(f"seed c{c}", seed_bodies, 1, c) for c in (8, 32, 64)),
         Scenario("embed_images c64", embed_bodies, 1, 64, "/embed_images"),
@@ -523,10 +529,7 @@ def runner_worker_sweep(out: Path, counts: list[int], max_requests: int, max_sec
 def long_run(out: Path, minutes: float) -> int:
     """Seed-shaped load for `minutes`, with each server process's RSS after every minute."""
     home, tag, _ = import_random_vit_b32()
-    bodies = [
-        json.dumps({"images": [jpeg_base64(640, 480, seed)], "classes": SEED_CLASSES}).encode()
-        for seed in range(4)
-    ]
+    bodies = seed_request_bodies()
     samples = []
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -772,7 +775,7 @@ def main() -> int:
             for i in range(0, len(images))
         ]
 
-    seed_bodies = bodies(small, SEED_CLASSES)
+    seed_bodies = seed_request_bodies()
     large_bodies = bodies(large, SEED_CLASSES)
     eight = [json.dumps({"images": (small * 2)[:8], "classes": SEED_CLASSES}).encode()]
     seed_c32 = Scenario("service seed c32", seed_bodies, 1, 32)
@@ -787,7 +790,7 @@ def main() -> int:
         Scenario("service 50 classes c8", bodies(small, FIFTY_CLASSES), 1, 8),
         Scenario(
             "service embed_images c32",
-            [json.dumps({"images": [image]}).encode() for image in small],
+            seed_request_bodies(classes=None),
             1,
             32,
             "/embed_images",
