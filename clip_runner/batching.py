@@ -8,13 +8,17 @@ of 32 clients, 540-720 ms in the minutes after; BENCHMARKS.md). Here nothing wai
 while one batch runs, requests queue; when it ends, all of them (up to the batch limit) go into
 the next one. Batches grow with load and shrink to a single request when traffic is light.
 
-All batchers of a runner share one inference thread: one model, one forward pass at a time, so
-image and text batches never compete for the same cores.
+With `passes` > 1 that many batches run at once (on CPU, each on its own share of the cores;
+pass_layout.py says why), and a worker that finds requests queued takes its fair share of them:
+the rows queued divided among the workers free at that moment, so one pass does not take
+everything while the other idles. All batchers of a runner share one executor with one thread
+per pass, so image and text batches together never run more passes than that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -72,21 +76,25 @@ class GreedyBatcher(Generic[Rows]):
         executor: Executor,
         max_rows: int,
         max_queue_wait_s: float,
+        passes: int = 1,
     ) -> None:
         self.infer = infer
         self.executor = executor
         self.max_rows = max_rows
         self.max_queue_wait_s = max_queue_wait_s
+        self.passes = passes
+        self._free_workers = passes
         self._queue: deque[_Job] = deque()
         self._wake = asyncio.Event()
-        self._worker: asyncio.Task | None = None
+        self._workers: list[asyncio.Task] = []
 
     async def submit(self, rows: Rows) -> np.ndarray:
         """Queue one request's rows; returns its output rows once its batch has run."""
         if len(rows) == 0:
             raise ValueError("nothing to encode")
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._run())
+        if not self._workers or any(worker.done() for worker in self._workers):
+            self._free_workers = self.passes
+            self._workers = [asyncio.create_task(self._run()) for _ in range(self.passes)]
         job = _Job(rows, time.monotonic(), asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._wake.set()
@@ -110,17 +118,23 @@ class GreedyBatcher(Generic[Rows]):
             kept.append(job)
         self._queue = kept
 
+    def _fair_share(self) -> int:
+        """Rows for the next batch: the queued rows split among the free workers, capped."""
+        queued = sum(len(job.rows) for job in self._queue)
+        return max(1, min(self.max_rows, math.ceil(queued / self._free_workers)))
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
-            self._wake.clear()
             while True:
                 self._drop_stale()
-                batch = take_batch(self._queue, self.max_rows)
+                batch = take_batch(self._queue, self._fair_share())
                 if not batch:
+                    self._wake.clear()  # no await since the queue was seen empty: no lost wake-up
                     break
                 sizes = [len(job.rows) for job in batch]
+                self._free_workers -= 1
                 try:
                     rows = concatenate([job.rows for job in batch])
                     output = await loop.run_in_executor(self.executor, self.infer, rows)
@@ -129,6 +143,8 @@ class GreedyBatcher(Generic[Rows]):
                         if not job.future.done():
                             job.future.set_exception(exc)
                     continue
+                finally:
+                    self._free_workers += 1
                 for job, part in zip(batch, split_rows(output, sizes), strict=True):
                     if not job.future.done():
                         job.future.set_result(part)

@@ -78,6 +78,7 @@ class Settings:
     text_cache_size: int
     fast_preprocessing: bool
     runner_threads: int
+    runner_passes: int
     runner_workers: int
     torch_compile: bool
 
@@ -102,7 +103,7 @@ def get_settings() -> Settings:
         port=_env_int("CLIP_PORT", 8080),
         api_workers=_env_int("CLIP_API_WORKERS", 1),
         request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", 55.0),
-        max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 32),
+        max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 0, minimum=0),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),
         max_concurrency=_env_int("CLIP_MAX_CONCURRENCY", 64),
         max_body_bytes=_env_int("CLIP_MAX_BODY_BYTES", 6 * 1024 * 1024),
@@ -119,6 +120,7 @@ def get_settings() -> Settings:
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
         fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("fast", "reference")) == "fast",
         runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0),
+        runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
         runner_workers=_env_int("CLIP_RUNNER_WORKERS", 1),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
     )

@@ -20,6 +20,7 @@ from clip_runner.batching import GreedyBatcher, QueueWaitExceeded
 from clip_runner.config import get_settings
 from clip_runner.encoding import ClipEncoder, pick_device
 from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_INFERENCE_SECONDS
+from clip_runner.pass_layout import pass_layout
 from clip_runner.store import load_clip
 
 logger = logging.getLogger("clip_runner")
@@ -62,21 +63,37 @@ class CLIPRunner:
                 loaded.tag,
             )
         self._warm_up()
-        # One inference thread for both encoders: one forward pass at a time on the model.
-        inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip-inference")
+        layout = pass_layout(
+            device.type == "cuda",
+            torch.get_num_threads(),
+            settings.runner_passes,
+            settings.max_batch_size,
+            compiled=settings.torch_compile,
+        )
+        # One thread per concurrent pass, shared by both encoders. Under OpenMP the torch thread
+        # count is per thread: each inference thread sets its own share once, at its start.
+        inference = ThreadPoolExecutor(
+            max_workers=layout.passes,
+            thread_name_prefix="clip-inference",
+            initializer=torch.set_num_threads,
+            initargs=(layout.threads_per_pass,),
+        )
         max_wait_s = settings.max_latency_ms / 1000
         self.image_batcher = GreedyBatcher(
-            self._encode_image_batch, inference, settings.max_batch_size, max_wait_s
+            self._encode_image_batch, inference, layout.max_batch, max_wait_s, layout.passes
         )
         self.text_batcher = GreedyBatcher(
-            self._encode_text_batch, inference, settings.max_batch_size, max_wait_s
+            self._encode_text_batch, inference, layout.max_batch, max_wait_s, layout.passes
         )
         logger.info(
-            "CLIP model %s ready on %s (%s, %d threads%s)",
+            "CLIP model %s ready on %s (%s, %d pass(es) at once of %d thread(s), batches up to "
+            "%d%s)",
             loaded.tag,
             device,
             dtype,
-            torch.get_num_threads(),
+            layout.passes,
+            layout.threads_per_pass,
+            layout.max_batch,
             ", torch.compile" if settings.torch_compile else "",
         )
 

@@ -288,7 +288,7 @@ async def drive(
             round((total - batches_before[0]) / batches, 2) if batches else 0
         )
         inference_s = metric_sum_count(url, "clip_runner_inference_seconds")[0]
-        # The share of the time the model was in a forward pass (1.0: never idle).
+        # Forward passes in progress on average (1.0: one pass always running).
         result["model_busy"] = round((inference_s - inference_before[0]) / duration, 3)
     return result
 
@@ -777,8 +777,8 @@ def cpu_budget_text(row: dict, limit: dict, cores: int) -> str:
     idle = cores - row["server_cpu_cores"] - client
     text = (
         f"Where the {cores} cores went at seed load, 32 clients (the median round): runner "
-        f"{by_process.get('runner', 0.0):.2f} cores (the model in a forward pass "
-        f"{row.get('model_busy', 0):.0%} of the time), API worker {api:.2f} "
+        f"{by_process.get('runner', 0.0):.2f} cores (forward passes in progress: "
+        f"{row.get('model_busy', 0):.2f} on average), API worker {api:.2f} "
         f"({api * 1000 / max(row['requests_per_s'], 1e-9):.1f} ms of CPU per request), "
         f"supervisor {by_process.get('server', 0.0):.2f}, load generator {client:.2f}, idle "
         f"{max(idle, 0):.2f}."

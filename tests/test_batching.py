@@ -195,3 +195,62 @@ def test_requests_that_cannot_be_stacked_fail_alone_and_the_batcher_keeps_servin
         return await batcher.submit(np.ones((1, 3)))
 
     assert asyncio.run(scenario()).tolist() == [[2.0, 2.0, 2.0]]
+
+
+class ConcurrencyMeter(Recorder):
+    """A Recorder that also counts how many passes run at the same moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = 0
+        self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, rows: np.ndarray | list) -> np.ndarray:
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            return super().__call__(rows)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_two_passes_run_at_once_and_split_the_queue_fairly():
+    infer = ConcurrencyMeter()
+    infer.gate.clear()  # both passes start, then are held together
+
+    async def scenario():
+        batcher = GreedyBatcher(infer, pool, max_rows=8, max_queue_wait_s=10, passes=2)
+        tasks = [asyncio.ensure_future(batcher.submit(np.full((1, 1), i))) for i in range(10)]
+        await asyncio.sleep(0.05)
+        infer.gate.set()
+        return await asyncio.gather(*tasks)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = asyncio.run(scenario())
+    assert [float(result[0, 0]) for result in results] == [2.0 * i for i in range(10)]
+    assert infer.most_at_once == 2
+    # Ten queued, two free workers: five each, not eight for one and two for the other.
+    assert sorted(infer.batches) == [5, 5]
+
+
+def test_a_free_pass_takes_a_new_request_while_the_other_runs():
+    infer = ConcurrencyMeter()
+
+    async def scenario():
+        batcher = GreedyBatcher(infer, pool, max_rows=8, max_queue_wait_s=10, passes=2)
+        infer.gate.clear()
+        first = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
+        await asyncio.sleep(0.05)  # the first pass is running, held at the gate
+        second = asyncio.ensure_future(batcher.submit(np.ones((2, 1))))
+        await asyncio.sleep(0.05)
+        running_while_held = infer.running
+        infer.gate.set()
+        await asyncio.gather(first, second)
+        return running_while_held
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert asyncio.run(scenario()) == 2  # the second did not wait for the first to end
+    assert sorted(infer.batches) == [1, 2]

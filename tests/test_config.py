@@ -22,6 +22,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.max_body_bytes == 6 * 1024 * 1024
     assert settings.fast_preprocessing is True and settings.runner_threads == 0
     assert settings.runner_workers == 1
+    assert settings.runner_passes == 0 and settings.max_batch_size == 0  # 0: chosen per device
     assert settings.torch_compile is False
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
@@ -32,8 +33,9 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_FETCH_ALLOW", " 10.0.0.0/8, images.lan ,")
     monkeypatch.setenv("CLIP_TORCH_COMPILE", "ON")
     monkeypatch.setenv("CLIP_RUNNER_WORKERS", "3")
+    monkeypatch.setenv("CLIP_RUNNER_PASSES", "4")
     settings = get_settings()
-    assert settings.runner_workers == 3
+    assert settings.runner_workers == 3 and settings.runner_passes == 4
     assert settings.torch_compile is True
     assert settings.max_batch_size == 8 and settings.model_tag == "clip:abc"
     assert settings.fetch_allow == ("10.0.0.0/8", "images.lan")
@@ -43,7 +45,8 @@ def test_environment_overrides(monkeypatch):
     ("name", "value", "message"),
     [
         ("CLIP_MAX_BATCH_SIZE", "many", "must be an integer"),
-        ("CLIP_MAX_BATCH_SIZE", "0", "must be >= 1"),
+        ("CLIP_MAX_BATCH_SIZE", "-1", "must be >= 0"),
+        ("CLIP_RUNNER_PASSES", "two", "must be an integer"),
         ("CLIP_RUNNER_WORKERS", "0", "must be >= 1"),
         ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be >= 0.001"),
         ("CLIP_FETCH_TIMEOUT_S", "soon", "must be a number"),

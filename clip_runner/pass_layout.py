@@ -1,0 +1,39 @@
+"""How the runner spreads its forward passes over the machine: passes at once, threads, batch.
+
+On CPU, two passes at once with half the torch threads each beat one pass with all of them: a
+pass on all cores stalls at every OpenMP barrier whenever another process (the API worker, the
+OS) takes one core, and the other core then sits idle. Measured on 2 cores (BENCHMARKS.md): the
+bare encoder 1.08-1.20 x, the service at 32 clients 1.17 x (median of 5 paired rounds). On a GPU
+the passes share one device, so one at a time with large batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Largest batch per pass when CLIP_MAX_BATCH_SIZE is left to the device. On 2 CPU cores batch 8
+# runs as fast per image as 16 or 32, and smaller batches keep both passes fed under load.
+CPU_MAX_BATCH = 8
+GPU_MAX_BATCH = 32
+
+
+@dataclass(frozen=True)
+class PassLayout:
+    passes: int  # forward passes running at once, each on its own thread
+    threads_per_pass: int  # torch threads each pass uses
+    max_batch: int  # most rows (images or prompts) in one pass
+
+
+def pass_layout(
+    on_gpu: bool, torch_threads: int, passes: int, max_batch: int, compiled: bool = False
+) -> PassLayout:
+    """The layout for this device; `passes` or `max_batch` of 0 means "choose for the device".
+
+    A `torch.compile`d model gets one pass at a time unless told otherwise: called from two
+    threads at once it ran at 0.32 x the throughput, with requests timing out (BENCHMARKS.md).
+    """
+    if not passes:
+        passes = 1 if on_gpu or compiled or torch_threads < 2 else 2
+    if not max_batch:
+        max_batch = GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH
+    return PassLayout(passes, max(torch_threads // passes, 1), max_batch)
