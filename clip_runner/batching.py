@@ -11,8 +11,10 @@ the next one. Batches grow with load and shrink to a single request when traffic
 With `passes` > 1 that many batches run at once (on CPU, each on its own share of the cores;
 pass_layout.py says why), and a worker that finds requests queued takes its fair share of them:
 the rows queued divided among the workers free at that moment, so one pass does not take
-everything while the other idles. All batchers of a runner share one executor with one thread
-per pass, so image and text batches together never run more passes than that.
+everything while the other idles. A batch that is alone (no pass running, nothing left queued
+behind it) runs on all the threads instead, and no other pass starts until it ends: a lone
+request is as fast as with one pass, and the cores are never oversubscribed. All batchers of a
+runner share one `PassSlots`, and one executor with a thread per pass.
 """
 
 from __future__ import annotations
@@ -67,25 +69,62 @@ def take_batch(queue: deque[_Job], max_rows: int) -> list[_Job]:
     return batch
 
 
+class PassSlots:
+    """The forward passes in progress across a runner's batchers, and their thread counts.
+
+    A pass is "wide" (every thread) when it starts alone with nothing queued behind it, and
+    then runs alone; otherwise "narrow" (its share of the threads), beside the others.
+    """
+
+    def __init__(self, passes: int, wide_threads: int, narrow_threads: int) -> None:
+        self.passes = passes
+        self.wide_threads = wide_threads
+        self.narrow_threads = narrow_threads
+        self.running = 0
+        self.wide_running = False
+        self._wakes: list[asyncio.Event] = []
+
+    def register(self, wake: asyncio.Event) -> None:
+        """A batcher's wake-up event, set whenever a pass ends (a wide one may have held it)."""
+        self._wakes.append(wake)
+
+    def start(self, alone_after: bool) -> int:
+        """Count a pass in; its torch threads. `alone_after`: nothing is queued behind it."""
+        wide = self.running == 0 and alone_after
+        self.running += 1
+        self.wide_running = wide
+        return self.wide_threads if wide else self.narrow_threads
+
+    def end(self) -> None:
+        self.running -= 1
+        self.wide_running = False
+        for wake in self._wakes:
+            wake.set()
+
+
 class GreedyBatcher(Generic[Rows]):
     """Merges concurrent `submit` calls into batched calls of `infer` on `executor`."""
 
     def __init__(
         self,
-        infer: Callable[[Rows], np.ndarray],
+        infer: Callable[[Rows, int], np.ndarray],
         executor: Executor,
         max_rows: int,
         max_queue_wait_s: float,
-        passes: int = 1,
+        slots: PassSlots | None = None,
     ) -> None:
+        """`infer(rows, threads)` runs one pass on `threads` torch threads; `slots` is shared by
+        every batcher of the runner (default: one pass at a time, one thread)."""
         self.infer = infer
         self.executor = executor
         self.max_rows = max_rows
         self.max_queue_wait_s = max_queue_wait_s
-        self.passes = passes
-        self._free_workers = passes
+        self.slots = slots or PassSlots(passes=1, wide_threads=1, narrow_threads=1)
+        self.passes = self.slots.passes
+        self._free_workers = self.passes
         self._queue: deque[_Job] = deque()
         self._wake = asyncio.Event()
+        self.slots.register(self._wake)
         self._workers: list[asyncio.Task] = []
 
     async def submit(self, rows: Rows) -> np.ndarray:
@@ -129,15 +168,22 @@ class GreedyBatcher(Generic[Rows]):
             await self._wake.wait()
             while True:
                 self._drop_stale()
-                batch = take_batch(self._queue, self._fair_share())
+                batch = (
+                    take_batch(self._queue, self._fair_share())
+                    if not self.slots.wide_running
+                    else []
+                )
                 if not batch:
-                    self._wake.clear()  # no await since the queue was seen empty: no lost wake-up
+                    # Queue empty, or a wide pass runs alone: its end sets the wake again. No
+                    # await since that was seen, so no wake-up is lost.
+                    self._wake.clear()
                     break
                 sizes = [len(job.rows) for job in batch]
                 self._free_workers -= 1
+                threads = self.slots.start(alone_after=not self._queue)
                 try:
                     rows = concatenate([job.rows for job in batch])
-                    output = await loop.run_in_executor(self.executor, self.infer, rows)
+                    output = await loop.run_in_executor(self.executor, self.infer, rows, threads)
                 except Exception as exc:  # this batch's callers get the error; the worker lives
                     for job in batch:
                         if not job.future.done():
@@ -145,6 +191,7 @@ class GreedyBatcher(Generic[Rows]):
                     continue
                 finally:
                     self._free_workers += 1
+                    self.slots.end()
                 for job, part in zip(batch, split_rows(output, sizes), strict=True):
                     if not job.future.done():
                         job.future.set_result(part)

@@ -16,7 +16,7 @@ import bentoml
 import numpy as np
 import torch
 
-from clip_runner.batching import GreedyBatcher, QueueWaitExceeded
+from clip_runner.batching import GreedyBatcher, PassSlots, QueueWaitExceeded
 from clip_runner.config import get_settings
 from clip_runner.encoding import ClipEncoder, pick_device
 from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_INFERENCE_SECONDS
@@ -70,24 +70,21 @@ class CLIPRunner:
             settings.max_batch_size,
             compiled=settings.torch_compile,
         )
-        # One thread per concurrent pass, shared by both encoders. Under OpenMP the torch thread
-        # count is per thread: each inference thread sets its own share once, at its start.
+        # One thread per concurrent pass and one PassSlots, shared by both encoders.
         inference = ThreadPoolExecutor(
-            max_workers=layout.passes,
-            thread_name_prefix="clip-inference",
-            initializer=torch.set_num_threads,
-            initargs=(layout.threads_per_pass,),
+            max_workers=layout.passes, thread_name_prefix="clip-inference"
         )
+        slots = PassSlots(layout.passes, torch.get_num_threads(), layout.threads_per_pass)
         max_wait_s = settings.max_latency_ms / 1000
         self.image_batcher = GreedyBatcher(
-            self._encode_image_batch, inference, layout.max_batch, max_wait_s, layout.passes
+            self._encode_image_batch, inference, layout.max_batch, max_wait_s, slots
         )
         self.text_batcher = GreedyBatcher(
-            self._encode_text_batch, inference, layout.max_batch, max_wait_s, layout.passes
+            self._encode_text_batch, inference, layout.max_batch, max_wait_s, slots
         )
         logger.info(
-            "CLIP model %s ready on %s (%s, %d pass(es) at once of %d thread(s), batches up to "
-            "%d%s)",
+            "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
+            "gets all), batches up to %d%s)",
             loaded.tag,
             device,
             dtype,
@@ -109,12 +106,14 @@ class CLIPRunner:
             self.encoder.encode_images(blank)
             self.encoder.encode_texts(["a photo of a cat"] * batch)
 
-    def _encode_image_batch(self, pixels: np.ndarray) -> np.ndarray:
+    def _encode_image_batch(self, pixels: np.ndarray, threads: int) -> np.ndarray:
+        torch.set_num_threads(threads)  # under OpenMP, for this inference thread only
         RUNNER_BATCH_IMAGES.observe(len(pixels))
         with RUNNER_INFERENCE_SECONDS.labels(encoder="image").time():
             return self.encoder.encode_images(pixels)
 
-    def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
+    def _encode_text_batch(self, texts: list[str], threads: int) -> np.ndarray:
+        torch.set_num_threads(threads)
         RUNNER_BATCH_TEXTS.observe(len(texts))
         with RUNNER_INFERENCE_SECONDS.labels(encoder="text").time():
             return self.encoder.encode_texts(texts)

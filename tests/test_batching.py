@@ -12,6 +12,7 @@ import pytest
 
 from clip_runner.batching import (
     GreedyBatcher,
+    PassSlots,
     QueueWaitExceeded,
     concatenate,
     split_rows,
@@ -24,12 +25,14 @@ class Recorder:
 
     def __init__(self) -> None:
         self.batches: list[int] = []
+        self.threads: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, rows: np.ndarray | list) -> np.ndarray:
+    def __call__(self, rows: np.ndarray | list, threads: int = 1) -> np.ndarray:
         self.gate.wait(10)
         self.batches.append(len(rows))
+        self.threads.append(threads)
         if isinstance(rows, list):
             return np.array([[float(len(text))] for text in rows])
         return np.asarray(rows, dtype=np.float64) * 2
@@ -122,7 +125,7 @@ def test_text_batches_are_joined_lists(executor):
 def test_an_error_reaches_its_batch_and_the_batcher_keeps_serving(executor):
     calls = []
 
-    def infer(rows: np.ndarray) -> np.ndarray:
+    def infer(rows: np.ndarray, threads: int) -> np.ndarray:
         calls.append(len(rows))
         if len(calls) == 1:
             raise RuntimeError("broken batch")
@@ -206,12 +209,12 @@ class ConcurrencyMeter(Recorder):
         self.most_at_once = 0
         self.lock = threading.Lock()
 
-    def __call__(self, rows: np.ndarray | list) -> np.ndarray:
+    def __call__(self, rows: np.ndarray | list, threads: int = 1) -> np.ndarray:
         with self.lock:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
         try:
-            return super().__call__(rows)
+            return super().__call__(rows, threads)
         finally:
             with self.lock:
                 self.running -= 1
@@ -222,7 +225,9 @@ def test_two_passes_run_at_once_and_split_the_queue_fairly():
     infer.gate.clear()  # both passes start, then are held together
 
     async def scenario():
-        batcher = GreedyBatcher(infer, pool, max_rows=8, max_queue_wait_s=10, passes=2)
+        batcher = GreedyBatcher(
+            infer, pool, max_rows=8, max_queue_wait_s=10, slots=PassSlots(2, 2, 1)
+        )
         tasks = [asyncio.ensure_future(batcher.submit(np.full((1, 1), i))) for i in range(10)]
         await asyncio.sleep(0.05)
         infer.gate.set()
@@ -232,15 +237,20 @@ def test_two_passes_run_at_once_and_split_the_queue_fairly():
         results = asyncio.run(scenario())
     assert [float(result[0, 0]) for result in results] == [2.0 * i for i in range(10)]
     assert infer.most_at_once == 2
-    # Ten queued, two free workers: five each, not eight for one and two for the other.
-    assert sorted(infer.batches) == [5, 5]
+    # Ten queued, two free workers: five each, not eight for one and two for the other, each
+    # pass on its share of the threads.
+    assert sorted(infer.batches) == [5, 5] and infer.threads == [1, 1]
 
 
-def test_a_free_pass_takes_a_new_request_while_the_other_runs():
+def test_a_lone_batch_runs_on_every_thread_and_alone():
+    """Nothing running and nothing queued behind it: all threads, and no second pass beside it
+    (that would oversubscribe the cores); the request arriving meanwhile waits its turn."""
     infer = ConcurrencyMeter()
 
     async def scenario():
-        batcher = GreedyBatcher(infer, pool, max_rows=8, max_queue_wait_s=10, passes=2)
+        batcher = GreedyBatcher(
+            infer, pool, max_rows=8, max_queue_wait_s=10, slots=PassSlots(2, 2, 1)
+        )
         infer.gate.clear()
         first = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
         await asyncio.sleep(0.05)  # the first pass is running, held at the gate
@@ -252,5 +262,5 @@ def test_a_free_pass_takes_a_new_request_while_the_other_runs():
         return running_while_held
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        assert asyncio.run(scenario()) == 2  # the second did not wait for the first to end
-    assert sorted(infer.batches) == [1, 2]
+        assert asyncio.run(scenario()) == 1
+    assert infer.batches == [1, 2] and infer.threads == [2, 2]  # each alone in its turn
