@@ -85,7 +85,7 @@ class PassSlots:
         self._wakes: list[asyncio.Event] = []
 
     def register(self, wake: asyncio.Event) -> None:
-        """A batcher's wake-up event, set whenever a pass ends (a wide one may have held it)."""
+        """A batcher's wake-up event, set when a wide pass ends (it held every other pass)."""
         self._wakes.append(wake)
 
     def start(self, alone_after: bool) -> int:
@@ -96,10 +96,12 @@ class PassSlots:
         return self.wide_threads if wide else self.narrow_threads
 
     def end(self) -> None:
+        """Count a pass out. A wide pass ran alone, so the one ending is the wide one if any."""
         self.running -= 1
-        self.wide_running = False
-        for wake in self._wakes:
-            wake.set()
+        if self.wide_running:
+            self.wide_running = False
+            for wake in self._wakes:
+                wake.set()
 
 
 class GreedyBatcher(Generic[Rows]):
@@ -120,8 +122,7 @@ class GreedyBatcher(Generic[Rows]):
         self.max_rows = max_rows
         self.max_queue_wait_s = max_queue_wait_s
         self.slots = slots or PassSlots(passes=1, wide_threads=1, narrow_threads=1)
-        self.passes = self.slots.passes
-        self._free_workers = self.passes
+        self._free_workers = self.slots.passes
         self._queue: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self.slots.register(self._wake)
@@ -132,8 +133,8 @@ class GreedyBatcher(Generic[Rows]):
         if len(rows) == 0:
             raise ValueError("nothing to encode")
         if not self._workers or any(worker.done() for worker in self._workers):
-            self._free_workers = self.passes
-            self._workers = [asyncio.create_task(self._run()) for _ in range(self.passes)]
+            self._free_workers = self.slots.passes
+            self._workers = [asyncio.create_task(self._run()) for _ in range(self.slots.passes)]
         job = _Job(rows, time.monotonic(), asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._wake.set()

@@ -3,8 +3,8 @@
 On CPU, two passes at once with half the torch threads each beat one pass with all of them: a
 pass on all cores stalls at every OpenMP barrier whenever another process (the API worker, the
 OS) takes one core, and the other core then sits idle. Measured on 2 cores (BENCHMARKS.md): the
-bare encoder 1.08-1.20 x, the service at 32 clients 1.17 x (median of 5 paired rounds). On a GPU
-the passes share one device, so one at a time with large batches.
+bare encoder 1.05-1.28 x (batch 8 and 16, 5 rounds), the service at 32 clients 1.17 x (median
+of 5 paired rounds). On a GPU the passes share one device, so one at a time with large batches.
 """
 
 from __future__ import annotations

@@ -304,7 +304,7 @@ def device_name() -> str:
 
 BARE_BATCHES = (1, 8, 16, 32)
 # Two forward passes at once, each with half the torch threads (CPU only): on 2 cores this beat
-# one pass with both threads by 8-20% (no OpenMP barrier shared across the cores), so the limit
+# one pass with both threads by 5-28% (no OpenMP barrier shared across the cores), so the limit
 # has to include it.
 TWO_PASS_BATCHES = (8, 16)
 
