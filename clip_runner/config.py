@@ -53,6 +53,28 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def default_api_workers() -> int:
+    """API workers when CLIP_API_WORKERS is unset: one on CPU, where the model needs the cores
+    (BENCHMARKS.md: a second worker only split them); on a GPU a quarter of the cores (at least
+    two), since there the API workers' per-request Python work is what limits throughput, and
+    the rest stays for the runner and the device's decoding threads."""
+    import torch  # only here: the settings of a CPU-only tool should not need to load CUDA
+
+    if not torch.cuda.is_available():
+        return 1
+    return max(2, (os.cpu_count() or 1) // 4)
+
+
+def default_runner_workers() -> int:
+    """Runner processes when CLIP_RUNNER_WORKERS is unset: one on CPU (a second only splits the
+    cores); two on a GPU, sharing it, so one process's Python work (HTTP, batching, decoding
+    set-up) overlaps the other's forward pass (BENCHMARKS.md, GPU section: 1.5 x at 32 clients
+    before call merging)."""
+    import torch
+
+    return 2 if torch.cuda.is_available() else 1
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service settings; see README "Configuration" for what each one does."""
@@ -77,6 +99,7 @@ class Settings:
     fetch_allow: tuple[str, ...]
     text_cache_size: int
     fast_preprocessing: bool
+    decode_jpegs_on: str  # auto (the runner's device when it has nvJPEG), api or runner
     runner_threads: int
     runner_passes: int
     runner_workers: int
@@ -101,7 +124,7 @@ def get_settings() -> Settings:
     return Settings(
         model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
         port=_env_int("CLIP_PORT", 8080),
-        api_workers=_env_int("CLIP_API_WORKERS", 1),
+        api_workers=_env_int("CLIP_API_WORKERS", 0, minimum=0) or default_api_workers(),
         request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", 55.0),
         max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 0, minimum=0),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),
@@ -118,9 +141,10 @@ def get_settings() -> Settings:
         fetch_max_redirects=_env_int("CLIP_FETCH_MAX_REDIRECTS", 5, minimum=0),
         fetch_allow=_env_list("CLIP_FETCH_ALLOW"),
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
-        fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("fast", "reference")) == "fast",
+        fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("reference", "fast")) == "fast",
+        decode_jpegs_on=_env_choice("CLIP_DECODE", ("auto", "api", "runner")),
         runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0),
         runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
-        runner_workers=_env_int("CLIP_RUNNER_WORKERS", 1),
+        runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0) or default_runner_workers(),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
     )

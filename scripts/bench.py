@@ -532,16 +532,18 @@ def bare_only(out: Path) -> int:
     return 0
 
 
-def import_random_vit_b32() -> tuple[Path, str, Path]:
-    """A temporary BentoML home holding a random-weight ViT-B/32: (home, tag, model dir)."""
+def import_random_model(tiny: bool = False) -> tuple[Path, str, Path]:
+    """A temporary BentoML home holding a random-weight ViT-B/32 (or the tiny test model):
+    (home, tag, model dir)."""
     home = Path(tempfile.mkdtemp(prefix="clip-bench-"))
     os.environ["BENTOML_HOME"] = str(home)
     import bentoml
 
     from clip_runner.store import build_random_clip, save_clip
 
-    print("importing a random-weight ViT-B/32 into", home, flush=True)
-    stored = save_clip(*build_random_clip(tiny=False), source="random:vit-b32", random_weights=True)
+    name = "tiny" if tiny else "vit-b32"
+    print(f"importing a random-weight {name} model into", home, flush=True)
+    stored = save_clip(*build_random_clip(tiny=tiny), source=f"random:{name}", random_weights=True)
     return home, str(stored.tag), Path(bentoml.models.get(stored.tag).path)
 
 
@@ -572,7 +574,7 @@ def runner_worker_sweep(out: Path, counts: list[int], max_requests: int, max_sec
     On a GPU the single runner process's per-call Python work, not the GPU, sets the ceiling;
     this shows how far more runner processes lift it. Rows go to `runner-workers.json`.
     """
-    home, tag, model_dir = import_random_vit_b32()
+    home, tag, model_dir = import_random_model()
     limit = bare_model_limit(model_dir)
     print(json.dumps(limit), flush=True)
     seed_bodies = seed_request_bodies()
@@ -596,9 +598,80 @@ def runner_worker_sweep(out: Path, counts: list[int], max_requests: int, max_sec
     return 0
 
 
+def decode_and_resize(source: str, edge: int = 224) -> np.ndarray:
+    """Plain Pillow, the way CLIPImageProcessor prepares an image: base64 decode, decode, RGB,
+    bicubic resize of the shortest side, center crop."""
+    image = Image.open(io.BytesIO(base64.b64decode(source))).convert("RGB")
+    width, height = image.size
+    scale = edge / min(width, height)
+    size = (
+        (edge, int(edge * height / width))
+        if width <= height
+        else (int(edge * width / height), edge)
+    )
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - edge) // 2, (size[1] - edge) // 2
+    del scale
+    return np.asarray(image.crop((left, top, left + edge, top + edge)))
+
+
+def pillow_rate(sources: list[str], window_s: float = 6) -> float:
+    """Images/s of `decode_and_resize` on one thread per core (Pillow releases the GIL while it
+    decodes and resamples): the image work a server must do, with nothing around it."""
+    threads = os.cpu_count() or 1
+    counts = [0] * threads
+    started = time.monotonic()
+
+    def loop(lane: int) -> None:
+        index = lane
+        while time.monotonic() - started < window_s:
+            decode_and_resize(sources[index % len(sources)])
+            index += threads
+            counts[lane] += 1
+
+    lanes = [threading.Thread(target=loop, args=(lane,)) for lane in range(threads)]
+    for lane in lanes:
+        lane.start()
+    for lane in lanes:
+        lane.join()
+    return sum(counts) / (time.monotonic() - started)
+
+
+def cpu_ms_per_request(row: dict) -> dict[str, float]:
+    """CPU milliseconds per served request, by process role, and the load generator's."""
+    per_request = 1000 / max(row["requests_per_s"], 1e-9)
+    costs = {role: cores * per_request for role, cores in row["cpu_cores_by_process"].items()}
+    costs["load generator"] = row["client_cpu_cores"] * per_request
+    return {role: round(ms, 2) for role, ms in costs.items()}
+
+
+def overhead(out: Path, rounds: int, max_requests: int, max_seconds: float) -> dict:
+    """The work around the model, measured where the model costs nothing: the tiny model, the
+    seed request (one 640x480 JPEG, six classes), 32 clients, against plain Pillow's rate for
+    the same images on the same cores. Rounds take turns (Pillow, service) like the headline."""
+    home, tag, _ = import_random_model(tiny=True)
+    sources = [json.loads(body)["images"][0] for body in seed_request_bodies()]
+    scenario = Scenario("tiny model seed c32", seed_request_bodies(), 1, 32)
+    payload: dict = {"rounds": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        with bento_server(home, tag, Path(tmp) / "tiny.log") as (url, pid):
+            for number in range(1, rounds + 1):
+                rate = pillow_rate(sources)
+                row = measure(url, pid, scenario, max_requests, max_seconds, metrics=True)
+                row["pillow_images_per_s"] = round(rate, 2)
+                row["ratio"] = round(row["requests_per_s"] / rate, 3)
+                row["cpu_ms_per_request"] = cpu_ms_per_request(row)
+                payload["rounds"].append(row)
+                print(f"overhead round {number}:", json.dumps(row), flush=True)
+    payload["median"] = median_row(payload["rounds"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overhead.json").write_text(json.dumps(payload, indent=1))
+    return payload
+
+
 def long_run(out: Path, minutes: float) -> int:
     """Seed-shaped load for `minutes`, with each server process's RSS after every minute."""
-    home, tag, _ = import_random_vit_b32()
+    home, tag, _ = import_random_model()
     bodies = seed_request_bodies()
     samples = []
     with (
@@ -857,6 +930,11 @@ def main() -> int:
         help="only a long run of the seed load (8 clients), sampling each process's RSS a minute",
     )
     parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="only the tiny-model scenario: seed load at 32 clients vs plain Pillow's rate",
+    )
+    parser.add_argument(
         "--runner-workers",
         type=int,
         nargs="+",
@@ -875,13 +953,16 @@ def main() -> int:
         return bare_only(args.out)
     if args.long_run:
         return long_run(args.out, args.long_run)
+    if args.overhead:
+        overhead(args.out, 3, 10**6, 8 if args.quick else args.max_seconds)
+        return 0
     max_requests = 60 if args.quick else args.max_requests
     max_seconds = 8 if args.quick else args.max_seconds
     if args.runner_workers:
         return runner_worker_sweep(args.out, args.runner_workers, max_requests, max_seconds)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    home, tag, model_dir = import_random_vit_b32()
+    home, tag, model_dir = import_random_model()
     fidelity = preprocessing_fidelity(model_dir)
     print(json.dumps(fidelity), flush=True)
     bare = BareModel(model_dir)

@@ -20,8 +20,9 @@ def test_defaults_match_sagemaker(monkeypatch):
     settings = get_settings()
     assert settings.port == 8080 and settings.request_timeout_s == 55  # under SageMaker's 60
     assert settings.max_body_bytes == 6 * 1024 * 1024
-    assert settings.fast_preprocessing is True and settings.runner_threads == 0
-    assert settings.runner_workers == 1
+    assert settings.fast_preprocessing is False and settings.runner_threads == 0  # exact
+    assert settings.decode_jpegs_on == "auto"
+    assert settings.runner_workers == 1 and settings.api_workers == 1  # on CPU
     assert settings.runner_passes == 0 and settings.max_batch_size == 0  # 0: chosen per device
     assert settings.torch_compile is False
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
@@ -47,13 +48,15 @@ def test_environment_overrides(monkeypatch):
         ("CLIP_MAX_BATCH_SIZE", "many", "must be an integer"),
         ("CLIP_MAX_BATCH_SIZE", "-1", "must be >= 0"),
         ("CLIP_RUNNER_PASSES", "two", "must be an integer"),
-        ("CLIP_RUNNER_WORKERS", "0", "must be >= 1"),
+        ("CLIP_RUNNER_WORKERS", "-1", "must be >= 0"),
+        ("CLIP_API_WORKERS", "-2", "must be >= 0"),
+        ("CLIP_DECODE", "gpu", "must be one of auto, api, runner"),
         ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be >= 0.001"),
         ("CLIP_FETCH_TIMEOUT_S", "soon", "must be a number"),
         ("CLIP_MAX_LATENCY_MS", "50000", "below half of CLIP_REQUEST_TIMEOUT_S"),
         ("CLIP_FETCH_TIMEOUT_S", "90", "below CLIP_REQUEST_TIMEOUT_S"),
         ("CLIP_FETCH_CONNECT_TIMEOUT_S", "20", "must not exceed CLIP_FETCH_TIMEOUT_S"),
-        ("CLIP_PREPROCESS", "quick", "must be one of fast, reference"),
+        ("CLIP_PREPROCESS", "quick", "must be one of reference, fast"),
         ("CLIP_TORCH_COMPILE", "yes", "must be one of off, on"),
     ],
 )
