@@ -46,7 +46,7 @@ def pillow_decode(blob: bytes, device: torch.device) -> torch.Tensor:
     """(3, H, W) uint8 on `device`; the API workers forward only baseline RGB or greyscale
     JPEGs without EXIF rotation, for which this is exactly what their own decode gives."""
     with Image.open(io.BytesIO(blob)) as image:
-        pixels = np.asarray(image.convert("RGB"))
+        pixels = np.array(image.convert("RGB"))  # writable, as torch wants
     return torch.from_numpy(pixels).to(device).permute(2, 0, 1)
 
 
