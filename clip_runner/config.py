@@ -62,7 +62,7 @@ def default_api_workers() -> int:
 
     if not torch.cuda.is_available():
         return 1
-    return max(2, (os.cpu_count() or 1) // 4)
+    return max(2, len(os.sched_getaffinity(0)) // 4)  # the cores this process may use
 
 
 def default_runner_workers() -> int:
