@@ -205,7 +205,10 @@ def process_role(process: psutil.Process, root_pid: int) -> str:
     (the model), or an API worker."""
     if process.pid == root_pid:
         return "server"
-    return "runner" if "clip_runner" in " ".join(process.cmdline()) else "api"
+    try:
+        return "runner" if "clip_runner" in " ".join(process.cmdline()) else "api"
+    except psutil.NoSuchProcess:  # a worker that exited (and was restarted) meanwhile
+        return "exited"
 
 
 def cpu_seconds(process: psutil.Process) -> float:
