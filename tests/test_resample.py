@@ -26,7 +26,7 @@ def pillow_resize_and_crop(image: Image.Image, edge: int, crop_h: int, crop_w: i
 
 
 def torch_resize_and_crop(image: Image.Image, edge: int, crop_h: int, crop_w: int) -> np.ndarray:
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
     return resize_and_crop(pixels, edge, crop_h, crop_w).permute(1, 2, 0).numpy()
 
 
