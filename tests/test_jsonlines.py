@@ -23,6 +23,8 @@ from clip_runner.jsonlines import (
     split_lines,
 )
 from tests.helpers import S3_PRIVATE_BUCKET, SEED_CLASSES, as_base64, encode, photo_like
+from tests.reference import assert_matches_reference, reference_probabilities
+from tests.test_service import SEED_NAMES, SEED_PROMPTS, histogram
 
 JSONLINES = "application/jsonlines"
 
@@ -162,6 +164,27 @@ def test_jsonlines_answers_one_line_per_line_like_single_requests(served, s3_sto
     assert answers[2]["error"]["message"].startswith("line 3: ")
     assert answers[3]["error"]["type"] == "invalid_image"
     assert answers[3]["error"]["message"].startswith("line 4: images[0]:")
+
+
+def test_the_lines_images_share_the_runners_batches(served, tiny_clip):
+    """A mini-batch of one-image lines: every image encoded, in fewer forward passes than
+    images (batches spanned lines), and every line's answer matches transformers."""
+    pictures = [photo_like(140 + 8 * i, 110, seed=200 + i) for i in range(24)]
+    body = "\n".join(
+        json.dumps({"images": [as_base64(p)], "classes": SEED_CLASSES}) for p in pictures
+    )
+    post(served, body.encode().split(b"\n", 1)[0])  # prompts cached; then image-only work
+    count_before, sum_before = histogram(served, "clip_runner_batch_images")
+    response = post(served, body.encode())
+    count_after, sum_after = histogram(served, "clip_runner_batch_images")
+    assert response.status_code == 200, response.text
+    answers = [json.loads(line) for line in response.text.split("\n")]
+    encoded, batches = sum_after - sum_before, count_after - count_before
+    assert encoded >= len(pictures)  # ">=": a retried runner call may be encoded twice
+    assert batches < encoded, "the lines' images were not batched together"
+    reference = reference_probabilities(tiny_clip, pictures, SEED_PROMPTS)
+    for answer, row in zip(answers, reference, strict=True):
+        assert_matches_reference(answer, row[None, :], SEED_NAMES)
 
 
 def test_jsonlines_body_limits_and_other_types_still_apply(served):
