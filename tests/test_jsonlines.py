@@ -24,7 +24,7 @@ from clip_runner.jsonlines import (
 )
 from tests.helpers import S3_PRIVATE_BUCKET, SEED_CLASSES, as_base64, encode, photo_like
 from tests.reference import assert_matches_reference, reference_probabilities
-from tests.test_service import SEED_NAMES, SEED_PROMPTS, histogram
+from tests.test_service import SEED_NAMES, SEED_PROMPTS, histogram, post
 
 JSONLINES = "application/jsonlines"
 
@@ -122,14 +122,8 @@ def assert_same_answer(got: Any, expected: Any) -> None:
         assert got == expected
 
 
-def post(served, content: bytes | None = None, body: Any = None, content_type: str = JSONLINES):
-    return httpx.post(
-        f"{served.url}/invocations",
-        content=content,
-        json=body,
-        headers={"Content-Type": content_type},
-        timeout=60,
-    )
+def post_lines(served, content: bytes, content_type: str = JSONLINES) -> httpx.Response:
+    return post(served, content=content, content_type=content_type)
 
 
 def test_execution_parameters_endpoint(served):
@@ -149,14 +143,14 @@ def test_jsonlines_answers_one_line_per_line_like_single_requests(served, s3_sto
         {"images": [s3_image], "classes": SEED_CLASSES, "top_k": 2},
     ]
     lines = [r if isinstance(r, str) else json.dumps(r) for r in requests]
-    response = post(served, ("\n".join(lines) + "\n").encode())
+    response = post_lines(served, ("\n".join(lines) + "\n").encode())
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith(JSONLINES)
     answers = [json.loads(line) for line in response.text.split("\n")]
     assert len(answers) == len(requests)
     # Good lines answer exactly what the same request sent alone as JSON answers.
     for index in (0, 1, 4):
-        alone = post(served, body=requests[index], content_type="application/json")
+        alone = post(served, requests[index])
         assert alone.status_code == 200, alone.text
         assert_same_answer(answers[index], alone.json())
     assert len(answers[4][0]["prompts"][0]) == 2
@@ -173,9 +167,9 @@ def test_the_lines_images_share_the_runners_batches(served, tiny_clip):
     body = "\n".join(
         json.dumps({"images": [as_base64(p)], "classes": SEED_CLASSES}) for p in pictures
     )
-    post(served, body.encode().split(b"\n", 1)[0])  # prompts cached; then image-only work
+    post_lines(served, body.encode().split(b"\n", 1)[0])  # prompts cached; then image-only work
     count_before, sum_before = histogram(served, "clip_runner_batch_images")
-    response = post(served, body.encode())
+    response = post_lines(served, body.encode())
     count_after, sum_after = histogram(served, "clip_runner_batch_images")
     assert response.status_code == 200, response.text
     answers = [json.loads(line) for line in response.text.split("\n")]
@@ -188,10 +182,10 @@ def test_the_lines_images_share_the_runners_batches(served, tiny_clip):
 
 
 def test_jsonlines_body_limits_and_other_types_still_apply(served):
-    assert post(served, b"\n\n").status_code == 400
-    too_big = post(served, b'{"images": ["' + b"A" * (7 * 2**20) + b'"]}')
+    assert post_lines(served, b"\n\n").status_code == 400
+    too_big = post_lines(served, b'{"images": ["' + b"A" * (7 * 2**20) + b'"]}')
     assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "payload_too_large"
-    refused = post(served, b"{}", content_type="text/csv")
+    refused = post_lines(served, b"{}", content_type="text/csv")
     assert refused.status_code == 415
     assert "application/jsonlines" in refused.json()["error"]["message"]
     assert httpx.get(f"{served.url}/ping", timeout=5).status_code == 200
@@ -202,13 +196,13 @@ def test_s3_images_in_a_json_request(served, s3_store):
     url = s3_store.put("service/photo.jpg", encode(picture, "JPEG"))
     inline = "data:image/jpeg;base64," + as_base64(picture, "JPEG")
     body = {"images": [url, inline], "classes": SEED_CLASSES}
-    response = post(served, body=body, content_type="application/json")
+    response = post(served, body)
     assert response.status_code == 200, response.text
     first, second = response.json()
     assert first == second  # the same bytes from S3 and inline
 
     missing = {"images": [inline, "s3://clip-images/service/absent.jpg"], "classes": SEED_CLASSES}
-    response = post(served, body=missing, content_type="application/json")
+    response = post(served, missing)
     assert response.status_code == 422
     assert response.json()["error"] == {
         "type": "image_not_found",
@@ -221,7 +215,7 @@ def test_s3_access_denied_by_the_servers_role(served, s3_store):
     denied = s3_store.put("service/secret.jpg", b"jpeg", bucket=S3_PRIVATE_BUCKET)
     body = {"inputs": [denied], "parameters": {"candidate_labels": ["cat", "dog"]}}
     with s3_store.enforced_auth():
-        response = post(served, body=body, content_type="application/json")
+        response = post(served, body)
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["type"] == "forbidden_url" and error["message"].startswith("inputs[0]: access to")
