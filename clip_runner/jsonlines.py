@@ -5,8 +5,9 @@ input lines with `Content-Type: application/jsonlines`. Each line is one `/invoc
 (the original's `images` + `classes`, or the Hugging Face toolkit's `inputs` + `parameters`);
 the answer holds one JSON line per input line, in order, so `AssembleWith=Line` lines outputs up
 with inputs. A bad line answers the usual error object (its message prefixed with the line
-number) and does not fail the others. All lines run at once, up to `max_in_flight`, so their
-images reach the runner together and share its batches, as concurrent requests do.
+number) and does not fail the others; a server-side failure (5xx) fails the whole mini-batch.
+All lines run at once, up to `max_in_flight`, so their images reach the runner together and
+share its batches, as concurrent requests do.
 
 `GET /execution-parameters` tells a transform job what to send when the job leaves it unset:
 `execution_parameters` computes that from the settings.
@@ -92,7 +93,12 @@ def line_error(number: int, error: RequestError) -> dict[str, Any]:
 
 
 async def answer_lines(body: bytes, handle: LineHandler, max_in_flight: int) -> list[Any]:
-    """One answer (or error object) per line of `body`, in order; lines run concurrently."""
+    """One answer (or error object) per line of `body`, in order; lines run concurrently.
+
+    A caller's mistake in a line (4xx) answers that line; a failure of the server itself (5xx:
+    the runner unavailable or overloaded) fails the whole mini-batch, so that SageMaker retries
+    it rather than writing the outage into the results. The other lines are then cancelled.
+    """
     lines = split_lines(body)
     if not lines:
         raise RequestError(400, "malformed_json", "the application/jsonlines body has no lines")
@@ -104,9 +110,19 @@ async def answer_lines(body: bytes, handle: LineHandler, max_in_flight: int) -> 
             async with slots:
                 return await handle(request)
         except RequestError as error:
+            if error.status >= 500:
+                raise
             return line_error(number, error)
 
-    return await asyncio.gather(*(answer(n, line) for n, line in enumerate(lines, start=1)))
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(answer(n, line)) for n, line in enumerate(lines, start=1)]
+    except BaseExceptionGroup as failures:
+        server_errors = [e for e in failures.exceptions if isinstance(e, RequestError)]
+        if not server_errors:
+            raise
+        raise server_errors[0] from None
+    return [task.result() for task in tasks]
 
 
 def encode_lines(answers: list[Any]) -> bytes:

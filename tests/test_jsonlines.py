@@ -91,6 +91,25 @@ def test_answers_are_in_order_and_bad_lines_do_not_stop_the_others():
         asyncio.run(answer_lines(b"\n", handle, 2))
 
 
+def test_a_server_failure_fails_the_whole_mini_batch_for_sagemaker_to_retry():
+    cancelled = []
+
+    async def handle(line: InvocationLine) -> Any:
+        if line.images == ["down"]:
+            raise RequestError(503, "runner_unavailable", "the model runner is not answering")
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.append(line.images)
+            raise
+
+    body = b'{"images": ["slow"]}\n{"images": ["down"]}\n{nope'
+    with pytest.raises(RequestError) as error:
+        asyncio.run(answer_lines(body, handle, max_in_flight=4))
+    assert (error.value.status, error.value.error_type) == (503, "runner_unavailable")
+    assert cancelled == [["slow"]]  # the other lines stop at once
+
+
 def test_execution_parameters_follow_the_settings():
     settings = dataclasses.replace(get_settings(), api_workers=3, max_body_bytes=20 * 2**20)
     assert execution_parameters(settings) == {
