@@ -634,6 +634,7 @@ def test_transform_and_async_requests_match_the_aws_api_model():
     backlog = deploy.backlog_policy_request(rid, "e", 5.0, 300, 60)
     check_api("application-autoscaling", "PutScalingPolicy", backlog)
     check_api("cloudwatch", "PutMetricAlarm", deploy.wake_alarm_request("e", "arn:aws:x"))
+    assert deploy.image_source("s3://clip-images/a.jpg") == "s3://clip-images/a.jpg"  # as is
 
 
 def upload_requests(key: str, lines: list[dict[str, Any]]) -> None:
