@@ -40,6 +40,7 @@ from clip_runner.images import ImageLimits
 from clip_runner.invocation import InvocationContext, image_embeddings, invoke
 from clip_runner.invocation import classify as classify_images
 from clip_runner.invocation import embed_texts as embed_texts_flow
+from clip_runner.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
 from clip_runner.raw_images import RawImageBodyMiddleware
 from clip_runner.runner import CLIPRunner
 from clip_runner.runner_calls import (
@@ -91,8 +92,22 @@ async def ping(_: Request) -> Response:
     )
 
 
+async def batch_execution_parameters(_: Request) -> Response:
+    """SageMaker Batch Transform asks this once per job when the job leaves them unset."""
+    return JSONResponse(execution_parameters(settings))
+
+
+async def invocation_line(line: InvocationLine) -> Any:
+    """One line of a JSON Lines `/invocations` body, answered by this worker's service."""
+    return await bentoml.get_current_service().invocation_line(line)
+
+
 health_app = Starlette(
-    routes=[Route("/ping", ping, methods=["GET"]), Route("/ui", demo_page, methods=["GET"])]
+    routes=[
+        Route("/ping", ping, methods=["GET"]),
+        Route("/ui", demo_page, methods=["GET"]),
+        Route("/execution-parameters", batch_execution_parameters, methods=["GET"]),
+    ]
 )
 
 
@@ -214,19 +229,27 @@ class ClipService:
         declared return types still give the OpenAPI schema and the Python client's types.
         """
         try:
-            return Response(pydantic_core.to_json(await work), media_type="application/json")
+            return Response(
+                pydantic_core.to_json(await self.checked(work)), media_type="application/json"
+            )
         except RequestError as error:
             return error.to_response()
+
+    @staticmethod
+    async def checked(work: Awaitable[Any]) -> Any:
+        """The result, with runner failures turned into the RequestError (503) they answer."""
+        try:
+            return await work
         except (QueueWaitExceeded, *RUNNER_ERRORS) as exc:
             # Queued too long in this worker (call merging) or in the runner: the same answer.
             if isinstance(exc, QueueWaitExceeded) or runner_overloaded(exc):
-                return RequestError(
+                raise RequestError(
                     503, "overloaded", "the model's queue is full; retry shortly"
-                ).to_response()
+                ) from None
             logger.warning("runner call failed: %s: %s", type(exc).__name__, exc)
-            return RequestError(
+            raise RequestError(
                 503, "runner_unavailable", "the model runner is not answering; retry shortly"
-            ).to_response()
+            ) from None
 
     @bentoml.api(route="/invocations")
     async def invocations(
@@ -244,9 +267,29 @@ class ClipService:
         `parameters.candidate_labels`) in that toolkit's shape, chosen by the body's keys, and
         raw JPEG/PNG/WebP bodies with `labels=...` in `X-Amzn-SageMaker-Custom-Attributes`.
         """
+        return await self.answer(
+            self._invocation(images, classes, template, top_k, inputs, parameters)
+        )
+
+    async def invocation_line(self, line: InvocationLine) -> Any:
+        """One JSON Lines record, as `invocations` answers it; errors raise RequestError."""
+        work = self._invocation(
+            line.images, line.classes, line.template, line.top_k, line.inputs, line.parameters
+        )
+        return await self.checked(work)
+
+    async def _invocation(
+        self,
+        images: list[str] | None,
+        classes: list | None,
+        template: str,
+        top_k: int,
+        inputs: Any,
+        parameters: ZeroShotParameters | None,
+    ) -> list[Any]:
         if inputs is not None or parameters is not None:
-            return await self.answer(self._toolkit_invocation(images, classes, inputs, parameters))
-        return await self.answer(self._original_invocation(images, classes, template, top_k))
+            return await self._toolkit_invocation(images, classes, inputs, parameters)
+        return await self._original_invocation(images, classes, template, top_k)
 
     async def _original_invocation(
         self, images: list[str] | None, classes: list | None, template: str, top_k: int
@@ -360,4 +403,10 @@ ClipService.add_asgi_middleware(
     raw_image_paths=("/invocations",),
 )
 ClipService.add_asgi_middleware(RawImageBodyMiddleware, path="/invocations")
+ClipService.add_asgi_middleware(
+    JsonLinesMiddleware,
+    handler=invocation_line,
+    path="/invocations",
+    max_in_flight=settings.max_concurrency,
+)
 quiet_caller_error_logs()

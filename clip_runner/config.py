@@ -15,6 +15,18 @@ DEFAULT_TEMPLATE = "a photo of a {name}"
 DEFAULT_TOP_K = 3
 MAX_TEMPLATES = 100  # prompt ensembling: OpenAI's ImageNet list has 80
 TIE_MARGIN = 0.02
+MIB = 1024 * 1024
+# CLIP_ENDPOINT_KIND -> default (CLIP_REQUEST_TIMEOUT_S, CLIP_MAX_BODY_BYTES), from SageMaker's
+# limits: real-time invocations answer within 60 s and carry at most 6 MB; asynchronous ones run
+# up to 15 minutes (InvokeEndpointAsync's default InvocationTimeoutSeconds) on payloads of up to
+# 1 GB read from S3; a Batch Transform mini-batch may take up to an hour
+# (ModelClientConfig.InvocationsTimeoutInSeconds, which deploy_sagemaker.py sets to 3600) and is
+# 6 MB by default (MaxPayloadInMB). Each timeout leaves SageMaker's own 5 s to spare.
+ENDPOINT_KINDS = {
+    "realtime": (55.0, 6 * MIB),
+    "async": (895.0, 1024 * MIB),
+    "batch": (3595.0, 6 * MIB),
+}
 
 
 def _env_number(name: str, default: float, cast: type, minimum: float) -> float:
@@ -104,6 +116,7 @@ class Settings:
     runner_passes: int
     runner_workers: int
     torch_compile: bool
+    endpoint_kind: str
 
     def __post_init__(self) -> None:
         # The batching window must leave most of the request budget for the work itself.
@@ -121,15 +134,17 @@ class Settings:
 @functools.cache
 def get_settings() -> Settings:
     """The process-wide settings, read from the environment on first use."""
+    endpoint_kind = _env_choice("CLIP_ENDPOINT_KIND", tuple(ENDPOINT_KINDS))
+    kind_timeout_s, kind_body_bytes = ENDPOINT_KINDS[endpoint_kind]
     return Settings(
         model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
         port=_env_int("CLIP_PORT", 8080),
         api_workers=_env_int("CLIP_API_WORKERS", 0, minimum=0) or default_api_workers(),
-        request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", 55.0),
+        request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", kind_timeout_s),
         max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 0, minimum=0),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),
         max_concurrency=_env_int("CLIP_MAX_CONCURRENCY", 64),
-        max_body_bytes=_env_int("CLIP_MAX_BODY_BYTES", 6 * 1024 * 1024),
+        max_body_bytes=_env_int("CLIP_MAX_BODY_BYTES", kind_body_bytes),
         max_images_per_request=_env_int("CLIP_MAX_IMAGES_PER_REQUEST", 32),
         max_classes_per_request=_env_int("CLIP_MAX_CLASSES_PER_REQUEST", 1000),
         max_class_name_chars=_env_int("CLIP_MAX_CLASS_NAME_CHARS", 300),
@@ -147,4 +162,5 @@ def get_settings() -> Settings:
         runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
         runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0) or default_runner_workers(),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
+        endpoint_kind=endpoint_kind,
     )

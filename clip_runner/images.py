@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.fetch import FetchLimits, fetch_url
 from clip_runner.metrics import PREPROCESS_SECONDS
+from clip_runner.s3_images import fetch_s3, is_s3_url
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _DATA_URI = re.compile(r"^data:(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
@@ -263,6 +264,9 @@ async def load_image(
     if is_url(source):
         async with fetch_slots:
             data = await fetch_url(client, source, index, limits.fetch)
+    elif is_s3_url(source):
+        async with fetch_slots:
+            data = await fetch_s3(source, index, limits.fetch)
     else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop too
         data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
     if limits.forward_jpegs and device_decodable_jpeg(data, index, limits.max_pixels):

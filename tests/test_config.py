@@ -64,3 +64,32 @@ def test_bad_values_are_refused_with_the_variable_name(monkeypatch, name, value,
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
         get_settings()
+
+
+@pytest.mark.parametrize(
+    ("kind", "timeout_s", "body_mib"),
+    [("realtime", 55, 6), ("async", 895, 1024), ("batch", 3595, 6)],
+)
+def test_request_timeout_and_body_limit_follow_the_endpoint_kind(
+    monkeypatch, kind, timeout_s, body_mib
+):
+    """SageMaker waits 60 s on a real-time call, 15 min on an async one and up to an hour on a
+    Batch Transform mini-batch; async payloads come from S3 and may reach 1 GB."""
+    for name in ("CLIP_REQUEST_TIMEOUT_S", "CLIP_MAX_BODY_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLIP_ENDPOINT_KIND", kind.upper())
+    settings = get_settings()
+    assert settings.endpoint_kind == kind
+    assert settings.request_timeout_s == timeout_s
+    assert settings.max_body_bytes == body_mib * 1024 * 1024
+    get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_REQUEST_TIMEOUT_S", "120")  # an explicit value still wins
+    assert get_settings().request_timeout_s == 120
+
+
+def test_unknown_endpoint_kind_is_refused(monkeypatch):
+    monkeypatch.setenv("CLIP_ENDPOINT_KIND", "serverless")
+    with pytest.raises(
+        ValueError, match="CLIP_ENDPOINT_KIND must be one of realtime, async, batch"
+    ):
+        get_settings()
