@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,13 +58,22 @@ def fixed_point_weights(in_size: int, out_size: int, start: int, count: int) -> 
     return weights
 
 
+@dataclass(frozen=True)
+class _Weights:
+    matrix: torch.Tensor  # (count, in_size) float64 on the device
+    first: int  # the source span any row reads: [first, last)
+    last: int
+
+
 @functools.lru_cache(maxsize=WEIGHT_CACHE_SIZE)
-def _device_weights(
-    in_size: int, out_size: int, start: int, count: int, device: str
-) -> torch.Tensor:
-    """The weights as float64 on `device`, kept: the same image sizes recur across requests."""
+def _device_weights(in_size: int, out_size: int, start: int, count: int, device: str) -> _Weights:
+    """The weights on `device` and the span they read, kept: the same image sizes recur across
+    requests, and the span is found here, on the CPU, so resizing never waits on the device."""
     weights = fixed_point_weights(in_size, out_size, start, count)
-    return torch.from_numpy(weights).to(device=device, dtype=torch.float64)
+    used = np.flatnonzero(np.abs(weights).sum(axis=0))
+    first, last = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
+    matrix = torch.from_numpy(weights).to(device=device, dtype=torch.float64)
+    return _Weights(matrix, first, last)
 
 
 def _round_to_uint8(sums: torch.Tensor) -> torch.Tensor:
@@ -86,12 +96,6 @@ def vertical_first(width: int, height: int, new_height: int) -> bool:
     return new_height < height and height > 2 * width
 
 
-def _used_span(weights: torch.Tensor) -> tuple[int, int]:
-    """The first and one-past-last source index that any row of `weights` reads."""
-    used = torch.nonzero(weights.abs().sum(dim=0)).flatten()
-    return (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
-
-
 def resize_and_crop(
     image: torch.Tensor, shortest_edge: int, crop_height: int, crop_width: int
 ) -> torch.Tensor:
@@ -107,15 +111,13 @@ def resize_and_crop(
     rows = _device_weights(height, new_height, top, out_height, device)  # (out_h, H)
     # Only the source rows (columns) that the kept output reads go through the first pass.
     if vertical_first(width, height, new_height):
-        first, last = _used_span(columns)
-        pixels = image[:, :, first:last].to(torch.float64)
-        vertical = _round_to_uint8(rows @ pixels)  # (3, out_h, last - first)
-        cropped = _round_to_uint8(vertical @ columns[:, first:last].T)
+        pixels = image[:, :, columns.first : columns.last].to(torch.float64)
+        vertical = _round_to_uint8(rows.matrix @ pixels)  # (3, out_h, span)
+        cropped = _round_to_uint8(vertical @ columns.matrix[:, columns.first : columns.last].T)
     else:
-        first, last = _used_span(rows)
-        pixels = image[:, first:last, :].to(torch.float64)
-        horizontal = _round_to_uint8(pixels @ columns.T)  # (3, last - first, out_w)
-        cropped = _round_to_uint8(rows[:, first:last] @ horizontal)
+        pixels = image[:, rows.first : rows.last, :].to(torch.float64)
+        horizontal = _round_to_uint8(pixels @ columns.matrix.T)  # (3, span, out_w)
+        cropped = _round_to_uint8(rows.matrix[:, rows.first : rows.last] @ horizontal)
     cropped = cropped.to(torch.uint8)
     if (out_height, out_width) == (crop_height, crop_width):
         return cropped
