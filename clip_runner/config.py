@@ -67,14 +67,16 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
 
 def default_api_workers() -> int:
     """API workers when CLIP_API_WORKERS is unset: one on CPU, where the model needs the cores
-    (BENCHMARKS.md: a second worker only split them); on a GPU a quarter of the cores (at least
-    two), since there the API workers' per-request Python work is what limits throughput, and
-    the rest stays for the runner and the device's decoding threads."""
+    (BENCHMARKS.md: a second worker only split them); on a GPU half the cores this process may
+    use (at least two). There the API workers' per-request Python work is the limit: with JPEGs
+    forwarded to the GPU one costs about 2.2 ms of CPU per request (2 CPU cores, BENCHMARKS.md),
+    so one worker tops out near 450 requests/s; the other half of the cores is left to the
+    runner processes (HTTP, nvJPEG set-up, kernel launches) and the OS."""
     import torch  # only here: the settings of a CPU-only tool should not need to load CUDA
 
     if not torch.cuda.is_available():
         return 1
-    return max(2, len(os.sched_getaffinity(0)) // 4)  # the cores this process may use
+    return max(2, len(os.sched_getaffinity(0)) // 2)  # the cores this process may use
 
 
 def default_runner_workers() -> int:
