@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from clip_runner.config import get_settings
@@ -93,3 +95,18 @@ def test_unknown_endpoint_kind_is_refused(monkeypatch):
         ValueError, match="CLIP_ENDPOINT_KIND must be one of realtime, async, batch"
     ):
         get_settings()
+
+
+def test_workers_by_machine(monkeypatch):
+    """On CPU one API and one runner worker; where torch sees a GPU, half the usable cores (at
+    least two) of API workers and two runner workers (CUDA's presence is what is stubbed here)."""
+    import torch
+
+    from clip_runner.config import default_api_workers, default_runner_workers
+
+    assert (default_api_workers(), default_runner_workers()) == (1, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cores, api_workers in ((16, 8), (12, 6), (4, 2), (2, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert default_api_workers() == api_workers
+    assert default_runner_workers() == 2
