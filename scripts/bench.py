@@ -42,13 +42,15 @@ import httpx
 import numpy as np
 import psutil
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 from clip_runner.resample import resized_size
 from clip_runner.schemas import SEED_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.hard_images: the fidelity set the tests use too
+from tests.hard_images import photo  # noqa: E402 (needs the line above)
+
 FIFTY_CLASSES = [[f"object number {i}", i % 2] for i in range(50)]
 # Rounds of bare model / service / baseline, taking turns, behind the headline ratios.
 HEADLINE_ROUNDS = 3
@@ -57,25 +59,9 @@ HEADLINE_ROUNDS = 3
 # ---------------------------------------------------------------- synthetic test images
 
 
-def synthetic_photo(width: int, height: int, seed: int) -> Image.Image:
-    """A blurred scene of random shapes over a gradient: JPEG-compresses like a photo."""
-    rng = np.random.default_rng(seed)
-    ramp = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
-    colors = rng.uniform(0, 255, (2, 3)).astype(np.float32)
-    canvas = colors[0] * (1 - ramp) + colors[1] * ramp
-    image = Image.fromarray(np.repeat(canvas, height, axis=0).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
-    for _ in range(40):
-        x, y = rng.integers(0, width), rng.integers(0, height)
-        r = int(rng.integers(min(width, height) // 40 + 1, min(width, height) // 5 + 2))
-        fill = tuple(int(c) for c in rng.integers(0, 255, 3))
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-    return image.filter(ImageFilter.GaussianBlur(radius=max(1, min(width, height) // 300)))
-
-
 def jpeg_base64(width: int, height: int, seed: int) -> str:
     buffer = io.BytesIO()
-    synthetic_photo(width, height, seed).save(buffer, "JPEG", quality=88)
+    photo(width, height, seed).save(buffer, "JPEG", quality=88)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
