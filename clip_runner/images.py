@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.fetch import FetchLimits, fetch_url
 from clip_runner.metrics import PREPROCESS_SECONDS
+from clip_runner.pixel_budget import PixelBudget
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _DATA_URI = re.compile(r"^data:(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
@@ -52,6 +53,7 @@ class ImageLimits:
     max_pixels: int
     fetch_concurrency: int = 8
     fast_preprocessing: bool = True
+    max_request_pixels: int = 200_000_000
 
 
 # The fast path shrinks big images cheaply down to at least this multiple of the model's size
@@ -209,6 +211,7 @@ async def load_image(
     geometry: ImageGeometry,
     limits: ImageLimits,
     fetch_slots: asyncio.Semaphore,
+    budget: PixelBudget,
 ) -> np.ndarray:
     """One source -> uint8 array, fetching and decoding off the event loop."""
     if is_url(source):
@@ -216,6 +219,7 @@ async def load_image(
             data = await fetch_url(client, source, index, limits.fetch)
     else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop too
         data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
+    budget.charge(data)  # from the header, before decoding: 413 past CLIP_MAX_REQUEST_PIXELS
     return await asyncio.to_thread(
         prepare_image, data, index, geometry, limits.max_pixels, limits.fast_preprocessing
     )
@@ -234,8 +238,11 @@ async def load_images(
     (the request field the sources came from); the other images' work is cancelled.
     """
     fetch_slots = asyncio.Semaphore(limits.fetch_concurrency)
+    budget = PixelBudget(limits.max_request_pixels, field)
     tasks = [
-        asyncio.ensure_future(load_image(source, index, client, geometry, limits, fetch_slots))
+        asyncio.ensure_future(
+            load_image(source, index, client, geometry, limits, fetch_slots, budget)
+        )
         for index, source in enumerate(sources)
     ]
     try:
