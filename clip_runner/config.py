@@ -81,6 +81,12 @@ class Settings:
     runner_passes: int
     runner_workers: int
     torch_compile: bool
+    # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
+    body_timeout_s: float
+    max_waiting_bodies: int
+    max_waiting_body_bytes: int
+    max_request_pixels: int
+    api_key: str | None
 
     def __post_init__(self) -> None:
         # The batching window must leave most of the request budget for the work itself.
@@ -93,6 +99,9 @@ class Settings:
             raise ValueError("CLIP_FETCH_TIMEOUT_S must be below CLIP_REQUEST_TIMEOUT_S")
         if self.fetch_connect_timeout_s > self.fetch_timeout_s:
             raise ValueError("CLIP_FETCH_CONNECT_TIMEOUT_S must not exceed CLIP_FETCH_TIMEOUT_S")
+        # One largest body must fit, or no request of that size could ever be admitted.
+        if self.max_waiting_body_bytes < self.max_body_bytes:
+            raise ValueError("CLIP_MAX_WAITING_BODY_BYTES must be at least CLIP_MAX_BODY_BYTES")
 
 
 @functools.cache
@@ -123,4 +132,9 @@ def get_settings() -> Settings:
         runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
         runner_workers=_env_int("CLIP_RUNNER_WORKERS", 1),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
+        body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", 10.0),
+        max_waiting_bodies=_env_int("CLIP_MAX_WAITING_BODIES", 512),
+        max_waiting_body_bytes=_env_int("CLIP_MAX_WAITING_BODY_BYTES", 256 * 1024 * 1024),
+        max_request_pixels=_env_int("CLIP_MAX_REQUEST_PIXELS", 200_000_000),
+        api_key=os.environ.get("CLIP_API_KEY", "").strip() or None,
     )
