@@ -19,6 +19,7 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
 from clip_runner.store import LoadedClip, build_random_clip, load_clip, save_clip  # noqa: E402
 from tests.helpers import (  # noqa: E402
+    GUARD_SETTINGS,
     PUBLIC_HOST,
     ImageHost,
     ServedBento,
@@ -73,5 +74,22 @@ def served(
         CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
         CLIP_FETCH_TIMEOUT_S="3",
         CLIP_FETCH_CONNECT_TIMEOUT_S="2",
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def guarded(
+    tiny_stored_model, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedBento]:
+    """A second real server with an API key and small abuse bounds (`GUARD_SETTINGS`), shared by
+    the suites of traffic, auth, the pixel budget, the CLI and the demo page."""
+    log_path = tmp_path_factory.mktemp("guarded") / "serve.log"
+    with bentoml_serve(
+        bentoml_home,
+        log_path,
+        CLIP_MODEL_TAG=str(tiny_stored_model.tag),
+        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
+        **GUARD_SETTINGS,
     ) as server:
         yield server
