@@ -33,15 +33,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from clip_runner.schemas import SEED_CLASSES
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-SEED_CLASSES = [
-    ["person", 1],
-    ["bag", 0],
-    ["person with a bag", 1],
-    ["woman riding a horse", 1],
-    ["woman with a bag", 1],
-    ["woman with black shirt and a bag", 1],
-]
 
 
 def small_jpeg(seed: int, size: int = 320) -> str:

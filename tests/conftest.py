@@ -61,17 +61,28 @@ def image_server(image_host_server: ImageHost) -> str:
     return image_host_server.url
 
 
+def _serve_tiny(model, home: Path, factory: pytest.TempPathFactory, name: str, **env: str):
+    """`bentoml serve` of the tiny model, image URLs allowed to the stand-in public host."""
+    log_path = factory.mktemp(name) / "serve.log"
+    return bentoml_serve(
+        home,
+        log_path,
+        CLIP_MODEL_TAG=str(model.tag),
+        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
+        **env,
+    )
+
+
 @pytest.fixture(scope="session")
 def served(
     tiny_stored_model, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServedBento]:
     """One real `bentoml serve` of the tiny model for the whole integration suite."""
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with bentoml_serve(
+    with _serve_tiny(
+        tiny_stored_model,
         bentoml_home,
-        log_path,
-        CLIP_MODEL_TAG=str(tiny_stored_model.tag),
-        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
+        tmp_path_factory,
+        "serve",
         CLIP_FETCH_TIMEOUT_S="3",
         CLIP_FETCH_CONNECT_TIMEOUT_S="2",
     ) as server:
@@ -84,12 +95,7 @@ def guarded(
 ) -> Iterator[ServedBento]:
     """A second real server with an API key and small abuse bounds (`GUARD_SETTINGS`), shared by
     the suites of traffic, auth, the pixel budget, the CLI and the demo page."""
-    log_path = tmp_path_factory.mktemp("guarded") / "serve.log"
-    with bentoml_serve(
-        bentoml_home,
-        log_path,
-        CLIP_MODEL_TAG=str(tiny_stored_model.tag),
-        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
-        **GUARD_SETTINGS,
+    with _serve_tiny(
+        tiny_stored_model, bentoml_home, tmp_path_factory, "guarded", **GUARD_SETTINGS
     ) as server:
         yield server
