@@ -11,7 +11,8 @@
   cannot hold the slots (nginx in front of the original container did this by buffering);
 - 504 when no response has started after `timeout_s` (counted from admission);
 and cancels the handler when the client disconnects, so abandoned requests stop fetching images
-and waiting on the runner. Health and metrics routes bypass it so `/ping` stays fast under load.
+and waiting on the runner. Health and metrics routes bypass it so `/ping` stays fast under load
+(unless they carry a body, which is then read under the same deadline).
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def is_json_media_type(content_type: str) -> bool:
 def is_raw_image_media_type(content_type: str) -> bool:
     """`image/jpeg`, `image/png` or `image/webp`, any parameters."""
     return content_type.split(";", 1)[0].strip().lower() in RAW_IMAGE_MEDIA_TYPES
+
+
+def has_body(scope: Scope) -> bool:
+    """Whether the request declares a body (a non-zero Content-Length, or Transfer-Encoding)."""
+    for name, value in scope.get("headers", []):
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
 
 
 async def send_error(
@@ -100,7 +110,9 @@ class RequestGuardMiddleware:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
+        # Health checks bypass the guard, but only without a body: a body the route never reads
+        # would otherwise be drained by uvicorn for as long as a slow client keeps sending it.
+        if scope["type"] != "http" or (scope["path"] in EXEMPT_PATHS and not has_body(scope)):
             await self.app(scope, receive, send)
             return
         if await self._refused_by_headers(scope, send):

@@ -155,6 +155,18 @@ def test_a_body_that_stalls_gets_408_and_the_connection_is_closed():
     assert response.headers["connection"] == "close"
 
 
+def test_health_checks_bypass_the_guard_only_without_a_body():
+    async def go():
+        async with client(guarded_app({}, body_timeout_s=0.3, max_concurrency=0)) as c:
+            plain = await c.get("/ping")  # no slot needed: 0 slots would refuse anything else
+            stalled = await c.request("GET", "/ping", content=stalled_body(b"x", 5))
+            return plain, stalled
+
+    plain, stalled = asyncio.run(go())
+    assert plain.status_code == 200
+    assert stalled.status_code == 408 and stalled.headers["connection"] == "close"
+
+
 def test_a_slow_upload_takes_no_admission_slot():
     """With one slot, a request whose body is still arriving does not refuse a complete one."""
 
@@ -195,11 +207,13 @@ def test_past_the_waiting_bound_the_oldest_upload_makes_room():
 # ---------------------------------------------------------------- against a real server
 
 
-def open_slow_upload(url: str, headers: dict[str, str], declared: int = 100_000) -> socket.socket:
+def open_slow_upload(
+    url: str, headers: dict[str, str], declared: int = 100_000, request: str = "POST /invocations"
+) -> socket.socket:
     """A connection that sends its headers and one byte of a `declared`-byte body, then stalls."""
     parts = urlsplit(url)
     sock = socket.create_connection((parts.hostname, parts.port), timeout=15)
-    head = f"POST /invocations HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+    head = f"{request} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
     head += f"Content-Type: application/json\r\nContent-Length: {declared}\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     sock.sendall(head.encode() + b"\r\n{")
@@ -249,6 +263,13 @@ def test_slow_uploads_beyond_the_slot_limit_leave_good_requests_answered(guarded
             "type": "body_timeout",
             "message": f"the request body did not arrive within {deadline_s} s",
         }
+
+
+def test_a_health_check_with_a_stalled_body_is_not_held_open(guarded):
+    """/ping bypasses the guard only without a body; with one, the body deadline applies."""
+    status, body, closed = read_answer(open_slow_upload(guarded.url, {}, request="GET /ping"))
+    assert status == 408 and closed and body["error"]["type"] == "body_timeout"
+    assert httpx.get(f"{guarded.url}/ping", timeout=10).status_code == 200
 
 
 def test_a_flood_past_the_waiting_bound_cannot_lock_good_requests_out(guarded):
