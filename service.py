@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import AutoTokenizer
 
+from clip_runner.auth import ApiKeyMiddleware
 from clip_runner.batching import QueueWaitExceeded
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
 from clip_runner.embedding_format import format_embeddings
@@ -116,8 +117,9 @@ health_app = Starlette(
     name="clip_service",
     http={"port": settings.port},
     workers=settings.api_workers,
-    # RequestGuardMiddleware answers 504 at request_timeout_s; BentoML's own timer is a backstop.
-    traffic={"timeout": settings.request_timeout_s + 5},
+    # RequestGuardMiddleware answers 408 at body_timeout_s and then 504 at request_timeout_s;
+    # BentoML's own timer (around both) is a backstop.
+    traffic={"timeout": settings.body_timeout_s + settings.request_timeout_s + 5},
 )
 class ClipService:
     """Zero-shot image classification with CLIP, answering the original container's API."""
@@ -136,6 +138,7 @@ class ClipService:
             max_pixels=settings.max_image_pixels,
             fetch_concurrency=settings.fetch_concurrency,
             fast_preprocessing=settings.fast_preprocessing,
+            max_request_pixels=settings.max_request_pixels,
         )
         policy = AddressPolicy.from_allowlist(settings.fetch_allow)
         self.http_client = new_fetch_client(policy, self.image_limits.fetch)
@@ -394,6 +397,7 @@ class ClipService:
 
 
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
+ClipService.add_asgi_middleware(ApiKeyMiddleware, key=settings.api_key)  # before any body is read
 ClipService.add_asgi_middleware(
     RequestGuardMiddleware,
     max_concurrency=settings.max_concurrency,
@@ -401,6 +405,9 @@ ClipService.add_asgi_middleware(
     timeout_s=settings.request_timeout_s,
     json_paths=("/invocations", "/classify", "/embed_images", "/embed_texts"),
     raw_image_paths=("/invocations",),
+    body_timeout_s=settings.body_timeout_s,
+    max_waiting_bodies=settings.max_waiting_bodies,
+    max_waiting_body_bytes=settings.max_waiting_body_bytes,
 )
 ClipService.add_asgi_middleware(RawImageBodyMiddleware, path="/invocations")
 ClipService.add_asgi_middleware(

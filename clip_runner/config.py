@@ -119,6 +119,12 @@ class Settings:
     runner_workers: int
     torch_compile: bool
     endpoint_kind: str
+    # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
+    body_timeout_s: float
+    max_waiting_bodies: int
+    max_waiting_body_bytes: int
+    max_request_pixels: int
+    api_key: str | None
 
     def __post_init__(self) -> None:
         # The batching window must leave most of the request budget for the work itself.
@@ -131,6 +137,9 @@ class Settings:
             raise ValueError("CLIP_FETCH_TIMEOUT_S must be below CLIP_REQUEST_TIMEOUT_S")
         if self.fetch_connect_timeout_s > self.fetch_timeout_s:
             raise ValueError("CLIP_FETCH_CONNECT_TIMEOUT_S must not exceed CLIP_FETCH_TIMEOUT_S")
+        # One largest body must fit, or no request of that size could ever be admitted.
+        if self.max_waiting_body_bytes < self.max_body_bytes:
+            raise ValueError("CLIP_MAX_WAITING_BODY_BYTES must be at least CLIP_MAX_BODY_BYTES")
 
 
 @functools.cache
@@ -138,6 +147,10 @@ def get_settings() -> Settings:
     """The process-wide settings, read from the environment on first use."""
     endpoint_kind = _env_choice("CLIP_ENDPOINT_KIND", tuple(ENDPOINT_KINDS))
     kind_timeout_s, kind_body_bytes = ENDPOINT_KINDS[endpoint_kind]
+    max_body_bytes = _env_int("CLIP_MAX_BODY_BYTES", kind_body_bytes)
+    # An async endpoint's payload (up to 1 GB, from S3 through SageMaker's own network) gets two
+    # minutes to arrive; a real-time or batch body (6 MB) ten seconds.
+    body_timeout_s = 120.0 if endpoint_kind == "async" else 10.0
     return Settings(
         model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
         port=_env_int("CLIP_PORT", 8080),
@@ -146,7 +159,7 @@ def get_settings() -> Settings:
         max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 0, minimum=0),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),
         max_concurrency=_env_int("CLIP_MAX_CONCURRENCY", 64),
-        max_body_bytes=_env_int("CLIP_MAX_BODY_BYTES", kind_body_bytes),
+        max_body_bytes=max_body_bytes,
         max_images_per_request=_env_int("CLIP_MAX_IMAGES_PER_REQUEST", 32),
         max_classes_per_request=_env_int("CLIP_MAX_CLASSES_PER_REQUEST", 1000),
         max_class_name_chars=_env_int("CLIP_MAX_CLASS_NAME_CHARS", 300),
@@ -165,4 +178,11 @@ def get_settings() -> Settings:
         runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0) or default_runner_workers(),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
         endpoint_kind=endpoint_kind,
+        body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", body_timeout_s),
+        max_waiting_bodies=_env_int("CLIP_MAX_WAITING_BODIES", 512),
+        max_waiting_body_bytes=_env_int(
+            "CLIP_MAX_WAITING_BODY_BYTES", max(256 * 1024 * 1024, max_body_bytes)
+        ),
+        max_request_pixels=_env_int("CLIP_MAX_REQUEST_PIXELS", 200_000_000),
+        api_key=os.environ.get("CLIP_API_KEY", "").strip() or None,
     )

@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.fetch import FetchLimits, fetch_url
 from clip_runner.metrics import PREPROCESS_SECONDS
+from clip_runner.pixel_budget import PixelBudget
 from clip_runner.s3_images import fetch_s3, is_s3_url
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
@@ -59,6 +60,7 @@ class ImageLimits:
     fetch_concurrency: int = 8
     fast_preprocessing: bool = False
     forward_jpegs: bool = False
+    max_request_pixels: int = 200_000_000
 
 
 # What `load_image` gives: decoded model-ready pixels, or JPEG bytes for the runner's device.
@@ -258,6 +260,7 @@ async def load_image(
     geometry: ImageGeometry,
     limits: ImageLimits,
     fetch_slots: asyncio.Semaphore,
+    budget: PixelBudget,
 ) -> LoadedImage:
     """One source -> uint8 array (or, with `forward_jpegs`, the bytes of a JPEG the runner's
     device decodes), fetching and decoding off the event loop."""
@@ -269,6 +272,7 @@ async def load_image(
             data = await fetch_s3(source, index, limits.fetch)
     else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop too
         data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
+    budget.charge(data)  # from the header, before decoding: 413 past CLIP_MAX_REQUEST_PIXELS
     if limits.forward_jpegs and device_decodable_jpeg(data, index, limits.max_pixels):
         return data
     return await asyncio.to_thread(
@@ -289,8 +293,11 @@ async def load_images(
     (the request field the sources came from); the other images' work is cancelled.
     """
     fetch_slots = asyncio.Semaphore(limits.fetch_concurrency)
+    budget = PixelBudget(limits.max_request_pixels, field)
     tasks = [
-        asyncio.ensure_future(load_image(source, index, client, geometry, limits, fetch_slots))
+        asyncio.ensure_future(
+            load_image(source, index, client, geometry, limits, fetch_slots, budget)
+        )
         for index, source in enumerate(sources)
     ]
     try:

@@ -526,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", "-k", type=positive_int, help="labels to return per image (default: all)"
     )
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("CLIP_API_KEY") or None,
+        help="sent as 'Authorization: Bearer <key>' to a server that sets CLIP_API_KEY "
+        "(default: $CLIP_API_KEY)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document, not a table")
     parser.add_argument(
         "--recursive", "-r", action="store_true", help="also take images from subfolders"
@@ -593,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeout = httpx.Timeout(args.timeout, connect=min(args.timeout, 10.0))
     progress = make_progress(show_bar, len(sources))
     try:
-        with httpx.Client(timeout=timeout) as client:
+        auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        with httpx.Client(timeout=timeout, headers=auth) as client:
             classifier = Classifier(
                 client, args.url, labels, args.template, args.top_k, args.retries
             )
@@ -609,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if exc.status == 404:
             print(f"is {args.url} this project's CLIP server (with /classify)?", file=sys.stderr)
+        if exc.status == 401:
+            print("the server needs its API key: --api-key or CLIP_API_KEY", file=sys.stderr)
         return EXIT_USAGE if exc.status == 422 else EXIT_FAILED
     if progress is not None:
         progress.close()

@@ -19,6 +19,7 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
 from clip_runner.store import LoadedClip, build_random_clip, load_clip, save_clip  # noqa: E402
 from tests.helpers import (  # noqa: E402
+    GUARD_SETTINGS,
     PUBLIC_HOST,
     ImageHost,
     MotoS3,
@@ -62,6 +63,18 @@ def image_server(image_host_server: ImageHost) -> str:
     return image_host_server.url
 
 
+def _serve_tiny(model, home: Path, factory: pytest.TempPathFactory, name: str, **env: str):
+    """`bentoml serve` of the tiny model, image URLs allowed to the stand-in public host."""
+    log_path = factory.mktemp(name) / "serve.log"
+    return bentoml_serve(
+        home,
+        log_path,
+        CLIP_MODEL_TAG=str(model.tag),
+        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
+        **env,
+    )
+
+
 @pytest.fixture(scope="session")
 def s3_store() -> Iterator[MotoS3]:
     """moto's S3 on loopback, which the served bento reads s3:// images from."""
@@ -77,14 +90,25 @@ def served(
     s3_store: MotoS3,
 ) -> Iterator[ServedBento]:
     """One real `bentoml serve` of the tiny model for the whole integration suite."""
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with bentoml_serve(
+    with _serve_tiny(
+        tiny_stored_model,
         bentoml_home,
-        log_path,
-        CLIP_MODEL_TAG=str(tiny_stored_model.tag),
-        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
+        tmp_path_factory,
+        "serve",
         CLIP_FETCH_TIMEOUT_S="3",
         CLIP_FETCH_CONNECT_TIMEOUT_S="2",
         **s3_store.server_env(),
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def guarded(
+    tiny_stored_model, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedBento]:
+    """A second real server with an API key and small abuse bounds (`GUARD_SETTINGS`), shared by
+    the suites of traffic, auth, the pixel budget, the CLI and the demo page."""
+    with _serve_tiny(
+        tiny_stored_model, bentoml_home, tmp_path_factory, "guarded", **GUARD_SETTINGS
     ) as server:
         yield server

@@ -58,6 +58,17 @@ def free_port() -> int:
 
 PUBLIC_HOST = "127.0.0.2"  # plays a public image host; fetch clients in tests allow only it
 
+# The `guarded` server (conftest): an API key, and small abuse bounds the tests can reach.
+GUARD_KEY = "test-key-0123456789abcdef"
+GUARD_SETTINGS = {
+    "CLIP_API_KEY": GUARD_KEY,
+    "CLIP_MAX_CONCURRENCY": "4",
+    "CLIP_BODY_TIMEOUT_S": "2",
+    "CLIP_MAX_WAITING_BODIES": "12",
+    "CLIP_MAX_REQUEST_PIXELS": "1000000",
+}
+GUARD_AUTH = {"Authorization": f"Bearer {GUARD_KEY}"}
+
 
 class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
     """Static files plus `/status/N`, `/redirect?to=URL`, `/loop`, `/hang` and `/endless`."""

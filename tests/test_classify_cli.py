@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import REPO_ROOT, encode, free_port, photo_like
+from tests.helpers import GUARD_KEY, REPO_ROOT, encode, free_port, photo_like
 
 SCRIPT = REPO_ROOT / "scripts" / "classify.py"
 _SPEC = importlib.util.spec_from_file_location("classify_cli", SCRIPT)
@@ -481,3 +481,23 @@ def test_usage_errors_exit_2_before_contacting_anything(tmp_path, args, message)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert result.stdout == "" and "Traceback" not in result.stderr
+
+
+def test_the_api_key_is_sent_and_an_over_budget_batch_is_split(guarded, tmp_path):
+    """On the `guarded` server (an API key, a 1,000,000-pixel budget per request): three
+    600x600 images in one batch are over the budget; the 413 halves the batch and all pass."""
+    files = []
+    for seed in range(3):
+        files.append(tmp_path / f"{seed}.png")
+        files[-1].write_bytes(encode(photo_like(600, 600, seed=seed)))
+    whole = {"images": [b64(path) for path in files], "labels": LABELS}
+    auth = {"Authorization": f"Bearer {GUARD_KEY}"}
+    direct = httpx.post(f"{guarded.url}/classify", json=whole, headers=auth, timeout=60)
+    assert direct.status_code == 413 and direct.json()["error"]["type"] == "too_many_pixels"
+    args = ("--labels", ",".join(LABELS), "--url", guarded.url, "--batch-size", "3", "--json")
+    result = run_cli(*args, "--api-key", GUARD_KEY, *files)
+    assert result.returncode == 0, result.stderr
+    assert all("results" in entry for entry in json.loads(result.stdout))
+    refused = run_cli(*args, *files)
+    assert refused.returncode == 1
+    assert "HTTP 401" in refused.stderr and "--api-key or CLIP_API_KEY" in refused.stderr

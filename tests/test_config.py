@@ -60,6 +60,10 @@ def test_environment_overrides(monkeypatch):
         ("CLIP_FETCH_CONNECT_TIMEOUT_S", "20", "must not exceed CLIP_FETCH_TIMEOUT_S"),
         ("CLIP_PREPROCESS", "quick", "must be one of reference, fast"),
         ("CLIP_TORCH_COMPILE", "yes", "must be one of off, on"),
+        ("CLIP_BODY_TIMEOUT_S", "0", "must be >= 0.001"),
+        ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
+        ("CLIP_MAX_WAITING_BODY_BYTES", "1000", "at least CLIP_MAX_BODY_BYTES"),
+        ("CLIP_MAX_REQUEST_PIXELS", "lots", "must be an integer"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_name(monkeypatch, name, value, message):
@@ -110,3 +114,17 @@ def test_workers_by_machine(monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
         assert default_api_workers() == api_workers
     assert default_runner_workers() == 2
+
+
+def test_abuse_bounds_default_and_the_api_key_is_off_unless_set(monkeypatch):
+    for name in ("CLIP_BODY_TIMEOUT_S", "CLIP_MAX_WAITING_BODIES", "CLIP_MAX_REQUEST_PIXELS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLIP_API_KEY", "  ")
+    settings = get_settings()
+    assert settings.api_key is None  # blank is unset: SageMaker endpoints rely on IAM
+    assert settings.body_timeout_s == 10 and settings.max_waiting_bodies == 512
+    assert settings.max_waiting_body_bytes >= settings.max_body_bytes
+    assert settings.max_request_pixels == 200_000_000  # 32 photos of 5 Mpx, the seed's size
+    get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_API_KEY", " s3cret ")
+    assert get_settings().api_key == "s3cret"

@@ -1,9 +1,15 @@
-"""RequestGuardMiddleware on a real ASGI app served by uvicorn-free Starlette test transport."""
+"""RequestGuardMiddleware on a Starlette app through httpx's ASGI transport, then slow uploads
+against a real `bentoml serve` (the `guarded` server: 4 slots, a 2 s body deadline, 12 waiting
+bodies at most)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
+import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -13,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from clip_runner.traffic import RequestGuardMiddleware, is_json_media_type
+from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, photo_like
 
 
 def guarded_app(state: dict, **options) -> RequestGuardMiddleware:
@@ -126,3 +133,155 @@ def test_concurrency_cap_answers_429_and_ping_is_exempt():
     assert ping.status_code == 200
     assert after.status_code == 200  # the slots were given back
     assert state["started"] == 2
+
+
+async def stalled_body(first: bytes, stall_s: float, rest: bytes = b""):
+    yield first
+    await asyncio.sleep(stall_s)
+    yield rest
+
+
+def test_a_body_that_stalls_gets_408_and_the_connection_is_closed():
+    async def go():
+        async with client(guarded_app({}, body_timeout_s=0.3)) as c:
+            return await c.post("/invocations", content=stalled_body(b"{", 5))
+
+    response = asyncio.run(go())
+    assert response.status_code == 408
+    assert response.json()["error"] == {
+        "type": "body_timeout",
+        "message": "the request body did not arrive within 0.3 s",
+    }
+    assert response.headers["connection"] == "close"
+
+
+def test_health_checks_bypass_the_guard_only_without_a_body():
+    async def go():
+        async with client(guarded_app({}, body_timeout_s=0.3, max_concurrency=0)) as c:
+            plain = await c.get("/ping")  # no slot needed: 0 slots would refuse anything else
+            stalled = await c.request("GET", "/ping", content=stalled_body(b"x", 5))
+            return plain, stalled
+
+    plain, stalled = asyncio.run(go())
+    assert plain.status_code == 200
+    assert stalled.status_code == 408 and stalled.headers["connection"] == "close"
+
+
+def test_a_slow_upload_takes_no_admission_slot():
+    """With one slot, a request whose body is still arriving does not refuse a complete one."""
+
+    async def go():
+        async with client(guarded_app({}, max_concurrency=1, body_timeout_s=5)) as c:
+            slow = asyncio.ensure_future(
+                c.post("/invocations", content=stalled_body(b"{", 0.5, b"}"))
+            )
+            await asyncio.sleep(0.1)
+            quick = await c.post("/invocations", content=b"{}")
+            return quick, await slow
+
+    quick, slow = asyncio.run(go())
+    assert quick.status_code == 200 and quick.json() == {"size": 2}
+    assert slow.status_code == 200 and slow.json() == {"size": 2}
+
+
+def test_past_the_waiting_bound_the_oldest_upload_makes_room():
+    async def go():
+        app = guarded_app({}, body_timeout_s=5, max_waiting_bodies=2)
+        async with client(app) as c:
+            stalled = []
+            for _ in range(2):
+                stalled.append(
+                    asyncio.ensure_future(c.post("/slow", content=stalled_body(b"{", 2)))
+                )
+                await asyncio.sleep(0.05)
+            quick = await c.post("/invocations", content=b"{}")
+            return quick, await asyncio.gather(*stalled)
+
+    quick, (oldest, newer) = asyncio.run(go())
+    assert quick.status_code == 200
+    assert oldest.status_code == 408 and "the one waiting longest made room" in oldest.text
+    assert "CLIP_MAX_WAITING_BODIES" in oldest.json()["error"]["message"]
+    assert newer.status_code == 504  # its body arrived; then /slow ran into the deadline
+
+
+# ---------------------------------------------------------------- against a real server
+
+
+def open_slow_upload(
+    url: str, headers: dict[str, str], declared: int = 100_000, request: str = "POST /invocations"
+) -> socket.socket:
+    """A connection that sends its headers and one byte of a `declared`-byte body, then stalls."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=15)
+    head = f"{request} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {declared}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    sock.sendall(head.encode() + b"\r\n{")
+    return sock
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict, bool]:
+    """(status, JSON body, whether the server then closed the connection), from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before an answer: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    closed = sock.recv(1) == b""
+    sock.close()
+    return int(head.split(b" ", 2)[1]), json.loads(body), closed
+
+
+def good_requests(url: str, count: int) -> list[httpx.Response]:
+    body = {"images": [as_base64(photo_like(40, 40, seed=3))], "classes": [["cat", 1], ["dog", 0]]}
+
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers=GUARD_AUTH, timeout=30) as c:
+            return await asyncio.gather(*(c.post("/invocations", json=body) for _ in range(count)))
+
+    return asyncio.run(go())
+
+
+def test_slow_uploads_beyond_the_slot_limit_leave_good_requests_answered(guarded):
+    """8 stalled uploads on a server with 4 slots: 4 good requests at once are all answered,
+    and every stalled upload ends with a 408 and a closed connection."""
+    slots = int(GUARD_SETTINGS["CLIP_MAX_CONCURRENCY"])
+    stalled = [open_slow_upload(guarded.url, GUARD_AUTH) for _ in range(2 * slots)]
+    time.sleep(0.3)  # every header has been read: before this change each held a slot
+    answers = good_requests(guarded.url, slots)
+    assert [response.status_code for response in answers] == [200] * slots, answers[0].text
+    for sock in stalled:
+        status, body, closed = read_answer(sock)
+        assert status == 408 and closed
+        deadline_s = GUARD_SETTINGS["CLIP_BODY_TIMEOUT_S"]
+        assert body["error"] == {
+            "type": "body_timeout",
+            "message": f"the request body did not arrive within {deadline_s} s",
+        }
+
+
+def test_a_health_check_with_a_stalled_body_is_not_held_open(guarded):
+    """/ping bypasses the guard only without a body; with one, the body deadline applies."""
+    status, body, closed = read_answer(open_slow_upload(guarded.url, {}, request="GET /ping"))
+    assert status == 408 and closed and body["error"]["type"] == "body_timeout"
+    assert httpx.get(f"{guarded.url}/ping", timeout=10).status_code == 200
+
+
+def test_a_flood_past_the_waiting_bound_cannot_lock_good_requests_out(guarded):
+    bound = int(GUARD_SETTINGS["CLIP_MAX_WAITING_BODIES"])
+    flood = [open_slow_upload(guarded.url, GUARD_AUTH) for _ in range(bound + 6)]
+    time.sleep(0.3)
+    answers = good_requests(guarded.url, 2)  # each makes room for itself
+    assert [response.status_code for response in answers] == [200, 200], answers[0].text
+    endings = [read_answer(sock) for sock in flood]
+    made_room = [body for status, body, _ in endings if "made room" in body["error"]["message"]]
+    assert all(status == 408 and closed for status, _, closed in endings)
+    # The oldest made room for the 6 newer uploads and for the first good request (the second
+    # may find the room the first left behind).
+    assert 6 + 1 <= len(made_room) <= 6 + 2
+    assert "12 requests were waiting" in made_room[0]["error"]["message"]

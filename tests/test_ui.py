@@ -13,6 +13,7 @@ import base64
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.helpers import PUBLIC_HOST, REPO_ROOT, encode, photo_like
+from tests.helpers import GUARD_AUTH, GUARD_KEY, PUBLIC_HOST, REPO_ROOT, encode, photo_like
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = REPO_ROOT / "docs" / "ui.png"
@@ -70,9 +71,9 @@ def browser() -> Iterator[Any]:
             browser.close()
 
 
-@pytest.fixture
-def page(browser, served) -> Iterator[Any]:
-    """A fresh page on `/ui`; off-loopback requests and uncaught script errors fail the test."""
+@contextmanager
+def open_page(browser, url: str) -> Iterator[Any]:
+    """A fresh page on `url`/ui; off-loopback requests and uncaught script errors fail the test."""
     context = browser.new_context(viewport={"width": 960, "height": 760})
     outside: list[str] = []
     script_errors: list[str] = []
@@ -89,13 +90,19 @@ def page(browser, served) -> Iterator[Any]:
     page = context.new_page()
     page.set_default_timeout(30_000)
     page.on("pageerror", lambda error: script_errors.append(str(error)))
-    response = page.goto(f"{served.url}/ui")
+    response = page.goto(f"{url}/ui")
     assert response is not None and response.status == 200
     assert response.headers["content-type"].startswith("text/html")
     yield page
     context.close()
     assert not outside, f"the page reached beyond loopback: {outside}"
     assert not script_errors, script_errors
+
+
+@pytest.fixture
+def page(browser, served) -> Iterator[Any]:
+    with open_page(browser, served.url) as page:
+        yield page
 
 
 def data_uri(data: bytes, media_type: str) -> str:
@@ -263,3 +270,26 @@ def test_missing_input_and_network_failures_are_told_in_words(page) -> None:
     )
     assert page.locator(".result-row").count() == 0
     assert page.is_enabled("#classify")
+
+
+def test_the_api_key_typed_into_the_page_is_sent(browser, guarded, tmp_path: Path) -> None:
+    """On the `guarded` server the page loads without a key; classifying needs the one typed."""
+    photo = tmp_path / "keyed.png"
+    photo.write_bytes(encode(photo_like(120, 90, seed=14), "PNG"))
+    with open_page(browser, guarded.url) as page:
+        choose_file(page, photo)
+        page.fill("#labels", "a cat, a dog")
+        refused = classify_in_page(page)
+        assert refused.status == 401
+        page.wait_for_selector("#error", state="visible")
+        assert "Authorization header is missing" in page.text_content("#error")
+
+        page.fill("#api-key", GUARD_KEY)
+        response = classify_in_page(page)
+        assert response.status == 200
+        assert response.request.headers["authorization"] == f"Bearer {GUARD_KEY}"
+        image = response.request.post_data_json["images"][0]
+        body = {"images": [image], "labels": ["a cat", "a dog"]}
+        expected = httpx.post(f"{guarded.url}/classify", json=body, headers=GUARD_AUTH, timeout=30)
+        assert expected.status_code == 200, expected.text
+        assert_shows(page, expected.json())
