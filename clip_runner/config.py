@@ -81,6 +81,7 @@ class Settings:
     runner_passes: int
     runner_workers: int
     torch_compile: bool
+    model_dir: str  # blank: always the baked-in model
 
     def __post_init__(self) -> None:
         # The batching window must leave most of the request budget for the work itself.
@@ -123,4 +124,5 @@ def get_settings() -> Settings:
         runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
         runner_workers=_env_int("CLIP_RUNNER_WORKERS", 1),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
+        model_dir=os.environ.get("CLIP_MODEL_DIR", "/opt/ml/model").strip(),
     )

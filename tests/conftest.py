@@ -64,12 +64,17 @@ def image_server(image_host_server: ImageHost) -> str:
 def served(
     tiny_stored_model, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServedBento]:
-    """One real `bentoml serve` of the tiny model for the whole integration suite."""
+    """One real `bentoml serve` of the tiny model for the whole integration suite.
+
+    Its CLIP_MODEL_DIR is an empty directory, as the SageMaker SDK's local mode mounts at
+    /opt/ml/model: the baked-in (store) model must still be served.
+    """
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     with bentoml_serve(
         bentoml_home,
         log_path,
         CLIP_MODEL_TAG=str(tiny_stored_model.tag),
+        CLIP_MODEL_DIR=str(tmp_path_factory.mktemp("empty-model-dir")),
         CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
         CLIP_FETCH_TIMEOUT_S="3",
         CLIP_FETCH_CONNECT_TIMEOUT_S="2",

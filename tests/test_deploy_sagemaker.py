@@ -285,6 +285,22 @@ def test_deploy_creates_model_config_and_endpoint(capsys, role_arn):
     assert model["ExecutionRoleArn"] == role_arn
 
 
+def test_deploy_with_model_data_gives_the_model_a_checkpoint_for_opt_ml_model(capsys, role_arn):
+    url = "s3://clip-models/fine-tuned/model.tar.gz"
+    code, _, err = run(capsys, *deploy_args("clip-md", "--model-data", url))
+    assert code == 0, err
+    variant = current_config("clip-md")["ProductionVariants"][0]
+    container = aws("sagemaker").describe_model(ModelName=variant["ModelName"])["PrimaryContainer"]
+    assert container["ModelDataUrl"] == url and container["Image"] == IMAGE_URI
+    without = deploy.model_request("m", IMAGE_URI, role_arn, {}, False)["PrimaryContainer"]
+    assert "ModelDataUrl" not in without  # the baked-in model unless asked
+    for bad in ("https://clip-models.s3.amazonaws.com/model.tar.gz", "s3://clip-models/model.zip"):
+        before = state()
+        code, _, err = run(capsys, *deploy_args("clip-md2", "--model-data", bad))
+        assert code == 2 and f"--model-data {bad!r}" in error_line(err)
+        assert state() == before
+
+
 def test_redeploy_makes_a_new_config_and_asks_for_a_blue_green_update(capsys, role_arn):
     assert run(capsys, *deploy_args("clip-b"))[0] == 0
     first = current_config("clip-b")["EndpointConfigName"]
