@@ -124,8 +124,8 @@ def load_served_clip(stored: bentoml.Model, model_dir: str) -> LoadedClip:
     """
     checkpoint = find_checkpoint(model_dir)
     if checkpoint is None:
-        if model_dir.strip() and Path(model_dir).is_dir():
-            logger.info("%s is empty: serving the baked-in model %s", model_dir, stored.tag)
+        if model_dir.strip() and Path(model_dir).is_dir():  # a warning: BentoML hides info
+            logger.warning("%s is empty: serving the baked-in model %s", model_dir, stored.tag)
         return load_clip(stored)
     try:
         model, processor = load_checkpoint(checkpoint)

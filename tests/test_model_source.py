@@ -157,7 +157,9 @@ def test_the_shared_server_with_an_empty_model_dir_serves_the_baked_in_model(
 ):
     answer = httpx.post(f"{served.url}/embed_texts", json={"texts": ["a cat"]}, timeout=30)
     assert answer.json()["model"] == str(tiny_stored_model.tag)
-    assert "serving the CLIP checkpoint in" not in served.log()
+    log = served.log()
+    assert "is empty: serving the baked-in model" in log
+    assert "serving the CLIP checkpoint in" not in log
 
 
 def test_a_server_serves_the_checkpoint_in_its_model_dir(
