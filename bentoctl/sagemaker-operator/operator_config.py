@@ -7,7 +7,7 @@ Every key mirrors an option of scripts/deploy_sagemaker.py, so both paths make t
 endpoint (README, "bentoctl").
 """
 
-from clip_sagemaker.bentoml_compat import restore_bento_from_fs
+from clip_sagemaker.bentoml_compat import read_bentoml_14_bentos
 
 OPERATOR_NAME = "clip-sagemaker"
 OPERATOR_MODULE = "clip_sagemaker"
@@ -73,6 +73,6 @@ OPERATOR_SCHEMA = {
     },
 }
 
-# bentoctl 0.4.0 reads bentos through an API BentoML 1.4 removed; this file is the first part of
-# the operator bentoctl imports, so the shim goes in before bentoctl needs it.
-restore_bento_from_fs()
+# bentoctl 0.4.0 reads bentos the way BentoML 1.0 wrote them; this file is the first part of the
+# operator bentoctl imports (before it reads a bento), so the BentoML 1.4 reader goes in here.
+read_bentoml_14_bentos()
