@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import bentoml
-from bentoml._internal.bento.bento import Bento
 from bentoml._internal.container import (
     BUILDER_REGISTRY,
     construct_containerfile,
@@ -70,14 +69,18 @@ def create_deployable(
     overwrite_deployable: bool = True,
 ) -> str:
     """Copy the build context `bentoml containerize` uses for this bento into `destination_dir`
-    (its Dockerfile at env/docker/Dockerfile, where bentoctl looks); return its path."""
+    (its Dockerfile at env/docker/Dockerfile, where bentoctl looks); return its path.
+
+    `bento_path` (bentoctl's copy of the bento) is not used; see below."""
     use_classic_docker_build_without_buildx()
     deployable = Path(destination_dir) / "deployable"
     if deployable.exists():
         if not overwrite_deployable:
             return str(deployable)
         shutil.rmtree(deployable)
-    bento = Bento.from_path(bento_path)
+    # The store's bento, not bentoctl's copy of it at `bento_path`: PyFilesystem's copy drops
+    # file modes (entrypoint.sh's x bit among them), and the image would then differ.
+    bento = bentoml.get(bento_metadata["tag"])
     buildkit = enable_buildkit(builder=get_backend("buildx"))
     with construct_containerfile(bento, enable_buildkit=buildkit) as (context, _):
         shutil.copytree(context, deployable)
