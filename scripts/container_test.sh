@@ -164,7 +164,8 @@ EOF
 }
 
 expect_logged() {  # container, text its log must hold, what that line says
-  docker logs "$1" 2>&1 | grep -q "$2" || fail "no log line saying $3"
+  # Not grep -q: it stops reading at the first match, and pipefail then sees docker's SIGPIPE.
+  docker logs "$1" 2>&1 | grep "$2" >/dev/null || fail "no log line saying $3"
 }
 
 start_container() {  # name, docker run options...
