@@ -9,6 +9,7 @@ clip_runner/.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import gc
 import logging
@@ -16,12 +17,14 @@ from collections.abc import Awaitable
 from typing import Any
 
 import bentoml
+import pydantic_core
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import AutoTokenizer
 
+from clip_runner.batching import QueueWaitExceeded
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
 from clip_runner.embedding_format import format_embeddings
 from clip_runner.encoding import ModelFacts
@@ -37,10 +40,17 @@ from clip_runner.images import ImageLimits
 from clip_runner.invocation import InvocationContext, image_embeddings, invoke
 from clip_runner.invocation import classify as classify_images
 from clip_runner.invocation import embed_texts as embed_texts_flow
+from clip_runner.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
 from clip_runner.model_source import find_checkpoint, tokenizer_path
 from clip_runner.raw_images import RawImageBodyMiddleware
 from clip_runner.runner import CLIPRunner
-from clip_runner.runner_calls import RUNNER_ERRORS, resilient, runner_overloaded
+from clip_runner.runner_calls import (
+    RUNNER_ERRORS,
+    forwards_jpegs,
+    resilient,
+    runner_calls,
+    runner_overloaded,
+)
 from clip_runner.schemas import (
     ClassifyResponse,
     ClassList,
@@ -86,8 +96,22 @@ async def ping(_: Request) -> Response:
     )
 
 
+async def batch_execution_parameters(_: Request) -> Response:
+    """SageMaker Batch Transform asks this once per job when the job leaves them unset."""
+    return JSONResponse(execution_parameters(settings))
+
+
+async def invocation_line(line: InvocationLine) -> Any:
+    """One line of a JSON Lines `/invocations` body, answered by this worker's service."""
+    return await bentoml.get_current_service().invocation_line(line)
+
+
 health_app = Starlette(
-    routes=[Route("/ping", ping, methods=["GET"]), Route("/ui", demo_page, methods=["GET"])]
+    routes=[
+        Route("/ping", ping, methods=["GET"]),
+        Route("/ui", demo_page, methods=["GET"]),
+        Route("/execution-parameters", batch_execution_parameters, methods=["GET"]),
+    ]
 )
 
 
@@ -175,33 +199,63 @@ class ClipService:
             if self._context is None:
                 attempt_s = (settings.request_timeout_s - 1) / 2
                 facts = ModelFacts(**await resilient(self.runner.to_async.describe, attempt_s)())
+                calls = runner_calls(
+                    self.runner.to_async,
+                    facts,
+                    attempt_s,
+                    settings.runner_workers,
+                    settings.max_latency_ms / 1000,
+                )
+                forward = forwards_jpegs(settings.decode_jpegs_on, facts)
                 self._context = InvocationContext(
                     facts=facts,
-                    encode_images=resilient(self.runner.to_async.encode_images, attempt_s, "image"),
-                    encode_texts=resilient(self.runner.to_async.encode_texts, attempt_s, "text"),
+                    encode_images=calls.encode_images,
+                    encode_texts=calls.encode_texts,
                     count_tokens=self.count_tokens,
                     http_client=self.http_client,
                     text_cache=self.text_cache,
-                    image_limits=self.image_limits,
+                    image_limits=dataclasses.replace(self.image_limits, forward_jpegs=forward),
+                    encode_jpegs=calls.encode_jpegs,
                 )
-                logger.info("serving model %s", facts.tag)
+                logger.info(
+                    "serving model %s on %s; JPEGs decoded %s",
+                    facts.tag,
+                    facts.device,
+                    f"on the runner ({facts.jpeg_decoder})" if forward else "in the API workers",
+                )
             return self._context
 
-    async def answer(self, work: Awaitable[Any]) -> Any:
-        """The API's result, or the JSON error a caller's mistake or a runner problem deserves."""
+    async def answer(self, work: Awaitable[Any]) -> Response:
+        """The API's result as JSON, or the JSON error a caller's mistake or a runner problem
+        deserves.
+
+        The result is serialised here (pydantic's serialiser, as BentoML's would) rather than
+        by BentoML's output layer, which rebuilt the return type's JSON schema on every response
+        to find its media type: 11% of the API worker's event loop at load (py-spy). The
+        declared return types still give the OpenAPI schema and the Python client's types.
+        """
         try:
-            return await work
+            return Response(
+                pydantic_core.to_json(await self.checked(work)), media_type="application/json"
+            )
         except RequestError as error:
             return error.to_response()
-        except RUNNER_ERRORS as exc:
-            if runner_overloaded(exc):
-                return RequestError(
+
+    @staticmethod
+    async def checked(work: Awaitable[Any]) -> Any:
+        """The result, with runner failures turned into the RequestError (503) they answer."""
+        try:
+            return await work
+        except (QueueWaitExceeded, *RUNNER_ERRORS) as exc:
+            # Queued too long in this worker (call merging) or in the runner: the same answer.
+            if isinstance(exc, QueueWaitExceeded) or runner_overloaded(exc):
+                raise RequestError(
                     503, "overloaded", "the model's queue is full; retry shortly"
-                ).to_response()
+                ) from None
             logger.warning("runner call failed: %s: %s", type(exc).__name__, exc)
-            return RequestError(
+            raise RequestError(
                 503, "runner_unavailable", "the model runner is not answering; retry shortly"
-            ).to_response()
+            ) from None
 
     @bentoml.api(route="/invocations")
     async def invocations(
@@ -219,9 +273,29 @@ class ClipService:
         `parameters.candidate_labels`) in that toolkit's shape, chosen by the body's keys, and
         raw JPEG/PNG/WebP bodies with `labels=...` in `X-Amzn-SageMaker-Custom-Attributes`.
         """
+        return await self.answer(
+            self._invocation(images, classes, template, top_k, inputs, parameters)
+        )
+
+    async def invocation_line(self, line: InvocationLine) -> Any:
+        """One JSON Lines record, as `invocations` answers it; errors raise RequestError."""
+        work = self._invocation(
+            line.images, line.classes, line.template, line.top_k, line.inputs, line.parameters
+        )
+        return await self.checked(work)
+
+    async def _invocation(
+        self,
+        images: list[str] | None,
+        classes: list | None,
+        template: str,
+        top_k: int,
+        inputs: Any,
+        parameters: ZeroShotParameters | None,
+    ) -> list[Any]:
         if inputs is not None or parameters is not None:
-            return await self.answer(self._toolkit_invocation(images, classes, inputs, parameters))
-        return await self.answer(self._original_invocation(images, classes, template, top_k))
+            return await self._toolkit_invocation(images, classes, inputs, parameters)
+        return await self._original_invocation(images, classes, template, top_k)
 
     async def _original_invocation(
         self, images: list[str] | None, classes: list | None, template: str, top_k: int
@@ -335,4 +409,10 @@ ClipService.add_asgi_middleware(
     raw_image_paths=("/invocations",),
 )
 ClipService.add_asgi_middleware(RawImageBodyMiddleware, path="/invocations")
+ClipService.add_asgi_middleware(
+    JsonLinesMiddleware,
+    handler=invocation_line,
+    path="/invocations",
+    max_in_flight=settings.max_concurrency,
+)
 quiet_caller_error_logs()

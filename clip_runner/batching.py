@@ -23,7 +23,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -31,6 +31,8 @@ from typing import Generic, TypeVar
 import numpy as np
 
 Rows = TypeVar("Rows", np.ndarray, list)
+# One batched call: (rows, torch threads for it) -> output rows, in order.
+RunBatch = Callable[[Rows, int], Awaitable[np.ndarray]]
 
 
 class QueueWaitExceeded(Exception):
@@ -89,8 +91,10 @@ class PassSlots:
         self._wakes.append(wake)
 
     def start(self, alone_after: bool) -> int:
-        """Count a pass in; its torch threads. `alone_after`: nothing is queued behind it."""
-        wide = self.running == 0 and alone_after
+        """Count a pass in; its torch threads. `alone_after`: nothing is queued behind it.
+
+        A pass only goes wide (and alone) when that gives it more threads than a narrow one."""
+        wide = self.running == 0 and alone_after and self.wide_threads > self.narrow_threads
         self.running += 1
         self.wide_running = wide
         return self.wide_threads if wide else self.narrow_threads
@@ -104,21 +108,32 @@ class PassSlots:
                 wake.set()
 
 
+def in_executor(infer: Callable[[Rows, int], np.ndarray], executor: Executor) -> RunBatch:
+    """A blocking `infer(rows, threads)` (a forward pass) run on `executor`'s threads."""
+
+    async def run(rows: Rows, threads: int) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(executor, infer, rows, threads)
+
+    return run
+
+
 class GreedyBatcher(Generic[Rows]):
-    """Merges concurrent `submit` calls into batched calls of `infer` on `executor`."""
+    """Merges concurrent `submit` calls into batched calls of `run`.
+
+    The runner's `run` is a forward pass on an inference thread (`in_executor`); an API
+    worker's is a call to the runner (runner_calls.py), so many requests share one call.
+    """
 
     def __init__(
         self,
-        infer: Callable[[Rows, int], np.ndarray],
-        executor: Executor,
+        run: RunBatch,
         max_rows: int,
         max_queue_wait_s: float,
         slots: PassSlots | None = None,
     ) -> None:
-        """`infer(rows, threads)` runs one pass on `threads` torch threads; `slots` is shared by
-        every batcher of the runner (default: one pass at a time, one thread)."""
-        self.infer = infer
-        self.executor = executor
+        """`run(rows, threads)` runs one batch on `threads` torch threads; `slots` is shared by
+        every batcher of the runner (default: one batch at a time, one thread)."""
+        self.run = run
         self.max_rows = max_rows
         self.max_queue_wait_s = max_queue_wait_s
         self.slots = slots or PassSlots(passes=1, wide_threads=1, narrow_threads=1)
@@ -134,7 +149,7 @@ class GreedyBatcher(Generic[Rows]):
             raise ValueError("nothing to encode")
         if not self._workers or any(worker.done() for worker in self._workers):
             self._free_workers = self.slots.passes
-            self._workers = [asyncio.create_task(self._run()) for _ in range(self.slots.passes)]
+            self._workers = [asyncio.create_task(self._work()) for _ in range(self.slots.passes)]
         job = _Job(rows, time.monotonic(), asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._wake.set()
@@ -163,8 +178,7 @@ class GreedyBatcher(Generic[Rows]):
         queued = sum(len(job.rows) for job in self._queue)
         return max(1, min(self.max_rows, math.ceil(queued / self._free_workers)))
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _work(self) -> None:
         while True:
             await self._wake.wait()
             while True:
@@ -183,8 +197,7 @@ class GreedyBatcher(Generic[Rows]):
                 self._free_workers -= 1
                 threads = self.slots.start(alone_after=not self._queue)
                 try:
-                    rows = concatenate([job.rows for job in batch])
-                    output = await loop.run_in_executor(self.executor, self.infer, rows, threads)
+                    output = await self.run(concatenate([job.rows for job in batch]), threads)
                 except Exception as exc:  # this batch's callers get the error; the worker lives
                     for job in batch:
                         if not job.future.done():

@@ -15,6 +15,18 @@ DEFAULT_TEMPLATE = "a photo of a {name}"
 DEFAULT_TOP_K = 3
 MAX_TEMPLATES = 100  # prompt ensembling: OpenAI's ImageNet list has 80
 TIE_MARGIN = 0.02
+MIB = 1024 * 1024
+# CLIP_ENDPOINT_KIND -> default (CLIP_REQUEST_TIMEOUT_S, CLIP_MAX_BODY_BYTES), from SageMaker's
+# limits: real-time invocations answer within 60 s and carry at most 6 MB; asynchronous ones run
+# up to 15 minutes (InvokeEndpointAsync's default InvocationTimeoutSeconds) on payloads of up to
+# 1 GB read from S3; a Batch Transform mini-batch may take up to an hour
+# (ModelClientConfig.InvocationsTimeoutInSeconds, which deploy_sagemaker.py sets to 3600) and is
+# 6 MB by default (MaxPayloadInMB). Each timeout leaves SageMaker's own 5 s to spare.
+ENDPOINT_KINDS = {
+    "realtime": (55.0, 6 * MIB),
+    "async": (895.0, 1024 * MIB),
+    "batch": (3595.0, 6 * MIB),
+}
 
 
 def _env_number(name: str, default: float, cast: type, minimum: float) -> float:
@@ -53,6 +65,30 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def default_api_workers() -> int:
+    """API workers when CLIP_API_WORKERS is unset: one on CPU, where the model needs the cores
+    (BENCHMARKS.md: a second worker only split them); on a GPU half the cores this process may
+    use (at least two). There the API workers' per-request Python work is the limit: with JPEGs
+    forwarded to the GPU one costs about 2.2 ms of CPU per request (2 CPU cores, BENCHMARKS.md),
+    so one worker tops out near 450 requests/s; the other half of the cores is left to the
+    runner processes (HTTP, nvJPEG set-up, kernel launches) and the OS."""
+    import torch  # only here: the settings of a CPU-only tool should not need to load CUDA
+
+    if not torch.cuda.is_available():
+        return 1
+    return max(2, len(os.sched_getaffinity(0)) // 2)  # the cores this process may use
+
+
+def default_runner_workers() -> int:
+    """Runner processes when CLIP_RUNNER_WORKERS is unset: one on CPU (a second only splits the
+    cores); two on a GPU, sharing it, so one process's Python work (HTTP, batching, decoding
+    set-up) overlaps the other's forward pass (BENCHMARKS.md, GPU section: 1.5 x at 32 clients
+    before call merging)."""
+    import torch
+
+    return 2 if torch.cuda.is_available() else 1
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service settings; see README "Configuration" for what each one does."""
@@ -77,10 +113,12 @@ class Settings:
     fetch_allow: tuple[str, ...]
     text_cache_size: int
     fast_preprocessing: bool
+    decode_jpegs_on: str  # auto (the runner's device when it has nvJPEG), api or runner
     runner_threads: int
     runner_passes: int
     runner_workers: int
     torch_compile: bool
+    endpoint_kind: str
     model_dir: str  # blank: always the baked-in model
 
     def __post_init__(self) -> None:
@@ -99,15 +137,17 @@ class Settings:
 @functools.cache
 def get_settings() -> Settings:
     """The process-wide settings, read from the environment on first use."""
+    endpoint_kind = _env_choice("CLIP_ENDPOINT_KIND", tuple(ENDPOINT_KINDS))
+    kind_timeout_s, kind_body_bytes = ENDPOINT_KINDS[endpoint_kind]
     return Settings(
         model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
         port=_env_int("CLIP_PORT", 8080),
-        api_workers=_env_int("CLIP_API_WORKERS", 1),
-        request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", 55.0),
+        api_workers=_env_int("CLIP_API_WORKERS", 0, minimum=0) or default_api_workers(),
+        request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", kind_timeout_s),
         max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 0, minimum=0),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),
         max_concurrency=_env_int("CLIP_MAX_CONCURRENCY", 64),
-        max_body_bytes=_env_int("CLIP_MAX_BODY_BYTES", 6 * 1024 * 1024),
+        max_body_bytes=_env_int("CLIP_MAX_BODY_BYTES", kind_body_bytes),
         max_images_per_request=_env_int("CLIP_MAX_IMAGES_PER_REQUEST", 32),
         max_classes_per_request=_env_int("CLIP_MAX_CLASSES_PER_REQUEST", 1000),
         max_class_name_chars=_env_int("CLIP_MAX_CLASS_NAME_CHARS", 300),
@@ -119,10 +159,12 @@ def get_settings() -> Settings:
         fetch_max_redirects=_env_int("CLIP_FETCH_MAX_REDIRECTS", 5, minimum=0),
         fetch_allow=_env_list("CLIP_FETCH_ALLOW"),
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
-        fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("fast", "reference")) == "fast",
+        fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("reference", "fast")) == "fast",
+        decode_jpegs_on=_env_choice("CLIP_DECODE", ("auto", "api", "runner")),
         runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0),
         runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
-        runner_workers=_env_int("CLIP_RUNNER_WORKERS", 1),
+        runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0) or default_runner_workers(),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
+        endpoint_kind=endpoint_kind,
         model_dir=os.environ.get("CLIP_MODEL_DIR", "/opt/ml/model").strip(),
     )

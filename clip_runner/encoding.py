@@ -50,6 +50,12 @@ class ModelFacts:
     crop_width: int
     max_text_tokens: int
     random_weights: bool
+    # How the runner works (runner.py fills these in): where the model runs, how many forward
+    # passes it runs at once and how large, and what decodes forwarded JPEGs there.
+    device: str = "cpu"
+    passes: int = 1
+    max_batch: int = 32
+    jpeg_decoder: str = "pillow"
 
 
 class ClipEncoder:
@@ -97,11 +103,15 @@ class ClipEncoder:
         self.model.vision_model = torch.compile(self.model.vision_model, dynamic=True)
         self.model.text_model = torch.compile(self.model.text_model, dynamic=True)
 
-    @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, D), unit length."""
         batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
-        batch = batch.permute(0, 3, 1, 2).float() * self.rescale
+        return self.encode_pixels(batch.permute(0, 3, 1, 2))
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 (N, 3, H, W) already on the model's device -> float32 (N, D), unit length."""
+        batch = pixels.float() * self.rescale
         batch = ((batch - self.mean) / self.std).to(self.dtype)
         return _l2_normalised_numpy(
             _as_embedding(self.model.get_image_features(pixel_values=batch))

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -25,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.fetch import FetchLimits, fetch_url
 from clip_runner.metrics import PREPROCESS_SECONDS
+from clip_runner.s3_images import fetch_s3, is_s3_url
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _DATA_URI = re.compile(r"^data:(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
@@ -46,12 +48,21 @@ class ImageGeometry:
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Bounds on one image source and on the work per request, and how to preprocess."""
+    """Bounds on one image source and on the work per request, and how to preprocess.
+
+    `fast_preprocessing`: CLIP_PREPROCESS=fast (opt-in; BENCHMARKS.md has its worst case).
+    `forward_jpegs`: JPEGs the runner can decode on its device are sent as bytes, not pixels.
+    """
 
     fetch: FetchLimits
     max_pixels: int
     fetch_concurrency: int = 8
-    fast_preprocessing: bool = True
+    fast_preprocessing: bool = False
+    forward_jpegs: bool = False
+
+
+# What `load_image` gives: decoded model-ready pixels, or JPEG bytes for the runner's device.
+LoadedImage = np.ndarray | bytes
 
 
 # The fast path shrinks big images cheaply down to at least this multiple of the model's size
@@ -79,17 +90,28 @@ def decode_inline(source: str, index: int, max_bytes: int) -> bytes:
         raise ImageError(
             index, f"unsupported URL scheme {scheme.group(1)!r}: use http(s), base64 or data:"
         )
-    payload = _WHITESPACE.sub("", payload)
-    if len(payload) * 3 // 4 > max_bytes:
-        raise ImageError(index, f"image is larger than the {max_bytes}-byte limit")
-    payload += "=" * (-len(payload) % 4)
-    try:  # the URL-safe alphabet is accepted too; anything outside either is refused
-        data = base64.b64decode(payload.replace("-", "+").replace("_", "/"), validate=True)
+    if len(payload) * 3 // 4 > max_bytes:  # line breaks count here: look again without them
+        payload = _WHITESPACE.sub("", payload)
+        if len(payload) * 3 // 4 > max_bytes:
+            raise ImageError(index, f"image is larger than the {max_bytes}-byte limit")
+    try:  # standard, padded, unbroken base64 (what clients send): 4.5x faster than the rest
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError(index, "not an http(s) URL, data: URI or valid base64") from None
+        data = _lenient_base64(payload, index)
     if not data:
         raise ImageError(index, "image data is empty")
     return data
+
+
+def _lenient_base64(payload: str, index: int) -> bytes:
+    """Base64 with line breaks or other whitespace, missing padding, or the URL-safe alphabet;
+    anything outside both alphabets is refused."""
+    payload = _WHITESPACE.sub("", payload)
+    payload += "=" * (-len(payload) % 4)
+    try:
+        return base64.b64decode(payload.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(index, "not an http(s) URL, data: URI or valid base64") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -109,6 +131,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@contextlib.contextmanager
+def opened_image(data: bytes, index: int, max_pixels: int) -> Iterator[Image.Image]:
+    """The image with only its header read, its pixel count checked; decoding errors inside the
+    block become a 422 naming the image."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    index, f"image is {width}x{height}, more than the {max_pixels}-pixel limit"
+                )
+            yield opened
+    except UnidentifiedImageError:
+        raise ImageError(index, "data is not in a recognised image format") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ImageError(index, f"not a decodable image ({reason})") from None
+
+
 def decode_image(
     data: bytes, index: int, max_pixels: int, draft_short_side: int | None = None
 ) -> Image.Image:
@@ -118,25 +159,31 @@ def decode_image(
     `draft_short_side`, JPEGs are decoded at the smallest of 1/2, 1/4, 1/8 scale whose shortest
     side is still at least that (libjpeg's DCT scaling: most of the decoding work is skipped).
     """
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            width, height = opened.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    index, f"image is {width}x{height}, more than the {max_pixels}-pixel limit"
-                )
-            if draft_short_side and opened.format == "JPEG":
-                scale = draft_short_side / min(width, height)
-                if scale < 1:
-                    opened.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
-            opened.seek(0)
-            opened.load()
-            return to_rgb(opened)
-    except UnidentifiedImageError:
-        raise ImageError(index, "data is not in a recognised image format") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise ImageError(index, f"not a decodable image ({reason})") from None
+    with opened_image(data, index, max_pixels) as opened:
+        width, height = opened.size
+        if draft_short_side and opened.format == "JPEG":
+            scale = draft_short_side / min(width, height)
+            if scale < 1:
+                opened.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+        opened.seek(0)
+        opened.load()
+        return to_rgb(opened)
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def device_decodable_jpeg(data: bytes, index: int, max_pixels: int) -> bool:
+    """Whether the runner's device decoder gives exactly this JPEG's pixels: a baseline JPEG in
+    RGB or greyscale without EXIF rotation. Progressive, CMYK and rotated JPEGs (and every other
+    format) are decoded here instead. Reads the header only; limits apply as for decoding."""
+    with opened_image(data, index, max_pixels) as opened:
+        return (
+            opened.format == "JPEG"
+            and opened.mode in ("RGB", "L")
+            and not opened.info.get("progressive")
+            and opened.getexif().get(EXIF_ORIENTATION, 1) == 1
+        )
 
 
 # Up to this long/short ratio the whole image is resized, bit-exact with CLIPProcessor; beyond
@@ -186,13 +233,15 @@ def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
 
 
 def prepare_image(
-    data: bytes, index: int, geometry: ImageGeometry, max_pixels: int, fast: bool = True
+    data: bytes, index: int, geometry: ImageGeometry, max_pixels: int, fast: bool = False
 ) -> np.ndarray:
     """Bytes -> model-ready uint8 array; CPU-bound, run it in a thread.
 
-    `fast` (the default, CLIP_PREPROCESS=fast) decodes big JPEGs at reduced scale and
-    box-reduces other big images before the bicubic resize; images whose shortest side is under
-    twice the model's size take the reference path either way. BENCHMARKS.md has its fidelity.
+    By default CLIPImageProcessor's own computation. `fast` (CLIP_PREPROCESS=fast, opt-in)
+    decodes big JPEGs at reduced scale and box-reduces other big images before the bicubic
+    resize: several times faster on large photos, but fine textures alias differently
+    (BENCHMARKS.md gives its worst case on the hard-image set); images whose shortest side is
+    under twice the model's size take the reference path either way.
     """
     with PREPROCESS_SECONDS.time():
         if not fast:
@@ -209,13 +258,19 @@ async def load_image(
     geometry: ImageGeometry,
     limits: ImageLimits,
     fetch_slots: asyncio.Semaphore,
-) -> np.ndarray:
-    """One source -> uint8 array, fetching and decoding off the event loop."""
+) -> LoadedImage:
+    """One source -> uint8 array (or, with `forward_jpegs`, the bytes of a JPEG the runner's
+    device decodes), fetching and decoding off the event loop."""
     if is_url(source):
         async with fetch_slots:
             data = await fetch_url(client, source, index, limits.fetch)
+    elif is_s3_url(source):
+        async with fetch_slots:
+            data = await fetch_s3(source, index, limits.fetch)
     else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop too
         data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
+    if limits.forward_jpegs and device_decodable_jpeg(data, index, limits.max_pixels):
+        return data
     return await asyncio.to_thread(
         prepare_image, data, index, geometry, limits.max_pixels, limits.fast_preprocessing
     )
@@ -227,8 +282,8 @@ async def load_images(
     geometry: ImageGeometry,
     limits: ImageLimits,
     field: str = "images",
-) -> np.ndarray:
-    """All sources of a request, concurrently (URL fetches bounded), stacked into (N, H, W, 3).
+) -> list[LoadedImage]:
+    """All sources of a request, concurrently (URL fetches bounded), in order.
 
     The first failing image (by index) fails the whole request, naming it as `field[index]`
     (the request field the sources came from); the other images' work is cancelled.
@@ -253,4 +308,4 @@ async def load_images(
             first = min(errors, key=lambda error: error.index or 0)
             raise (first.in_field(field) if isinstance(first, ImageError) else first) from None
         raise
-    return np.stack(arrays)
+    return list(arrays)

@@ -17,13 +17,14 @@ import httpx
 import numpy as np
 
 from clip_runner.encoding import ModelFacts
-from clip_runner.errors import RequestError
+from clip_runner.errors import ImageError, RequestError
 from clip_runner.images import ImageGeometry, ImageLimits, load_images
 from clip_runner.prompts import ensemble_embeddings, ensemble_prompts, ranked_labels
 from clip_runner.text_cache import TextEmbeddingCache
 from clip_runner.zero_shot import build_prompts, predict, zero_shot_probabilities
 
 EncodeImages = Callable[[np.ndarray], Awaitable[np.ndarray]]
+EncodeJpegs = Callable[[list[bytes]], Awaitable[np.ndarray]]
 EncodeTexts = Callable[[list[str]], Awaitable[np.ndarray]]
 CountTokens = Callable[[list[str]], list[int]]
 
@@ -39,6 +40,8 @@ class InvocationContext:
     http_client: httpx.AsyncClient
     text_cache: TextEmbeddingCache
     image_limits: ImageLimits
+    # Where JPEGs are forwarded as bytes (image_limits.forward_jpegs), the runner's device decodes.
+    encode_jpegs: EncodeJpegs | None = None
 
     @property
     def geometry(self) -> ImageGeometry:
@@ -84,10 +87,29 @@ async def text_embeddings(context: InvocationContext, prompts: Sequence[str]) ->
 async def image_embeddings(
     context: InvocationContext, images: Sequence[str], field: str = "images"
 ) -> np.ndarray:
-    pixels = await load_images(
+    """One embedding per image, in order: decoded pixels and forwarded JPEGs are encoded by
+    their own runner calls, at the same time."""
+    loaded = await load_images(
         images, context.http_client, context.geometry, context.image_limits, field
     )
-    return np.asarray(await context.encode_images(pixels), dtype=np.float32)
+    pixel_rows = [i for i, item in enumerate(loaded) if isinstance(item, np.ndarray)]
+    jpeg_rows = [i for i, item in enumerate(loaded) if isinstance(item, bytes)]
+    calls = []
+    if pixel_rows:
+        calls.append(context.encode_images(np.stack([loaded[i] for i in pixel_rows])))
+    if jpeg_rows:
+        if context.encode_jpegs is None:
+            raise RuntimeError("JPEGs were forwarded but the context has no encode_jpegs")
+        calls.append(context.encode_jpegs([loaded[i] for i in jpeg_rows]))
+    outputs = await asyncio.gather(*calls)
+    embeddings = np.empty((len(loaded), outputs[0].shape[1]), dtype=np.float32)
+    for rows, output in zip([r for r in (pixel_rows, jpeg_rows) if r], outputs, strict=True):
+        embeddings[rows] = output
+    for row in jpeg_rows:
+        if np.isnan(embeddings[row]).any():
+            reason = "not a decodable image (the JPEG decoder refused it)"
+            raise ImageError(row, reason, field=field)
+    return embeddings
 
 
 async def images_and_texts(

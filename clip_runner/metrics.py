@@ -33,6 +33,18 @@ RUNNER_CALL_SECONDS = bentoml.metrics.Histogram(
     labelnames=["encoder"],
     buckets=SECONDS_BUCKETS,
 )
+RUNNER_CALL_IMAGES = bentoml.metrics.Histogram(
+    name="clip_service_runner_call_images",
+    documentation="Images one runner call carried (an API worker merges concurrent requests "
+    "into one call), by what was sent: decoded pixels, or JPEG bytes for the device to decode",
+    labelnames=["sent_as"],
+    buckets=BATCH_BUCKETS,
+)
+RUNNER_CALL_TEXTS = bentoml.metrics.Histogram(
+    name="clip_service_runner_call_texts",
+    documentation="Prompts one runner call carried (after the text cache and merging)",
+    buckets=BATCH_BUCKETS,
+)
 PREPROCESS_SECONDS = bentoml.metrics.Histogram(
     name="clip_service_preprocess_seconds",
     documentation="Decode + resize + crop time of one image, in a worker thread",

@@ -8,16 +8,22 @@ up to a second to every request after a burst of load.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
 import bentoml
 import numpy as np
 import torch
+from bentoml.validators import ContentType
+from PIL import Image
 
-from clip_runner.batching import GreedyBatcher, PassSlots, QueueWaitExceeded
+from clip_runner.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.config import get_settings
+from clip_runner.device_decode import DeviceJpegDecoder
 from clip_runner.encoding import ClipEncoder, pick_device
 from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_INFERENCE_SECONDS
 from clip_runner.model_source import load_served_clip
@@ -25,6 +31,10 @@ from clip_runner.pass_layout import pass_layout
 
 logger = logging.getLogger("clip_runner")
 settings = get_settings()
+# The encoders' answer, with its media type stated: otherwise BentoML derives it from the
+# return type's JSON schema, generated anew for every response (8.7% of the runner's CPU at
+# load, py-spy). The type is the one BentoML derived.
+Embeddings = Annotated[np.ndarray, ContentType("application/json")]
 
 
 @bentoml.service(
@@ -53,7 +63,10 @@ class CLIPRunner:
         loaded = load_served_clip(self.model_ref, settings.model_dir)  # CLIP_MODEL_DIR or store
         device, dtype = pick_device()
         self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype)
-        self.model_facts = self.encoder.facts(loaded.tag, loaded.random_weights)
+        facts = self.encoder.facts(loaded.tag, loaded.random_weights)
+        self.jpeg_decoder = DeviceJpegDecoder(
+            device, facts.shortest_edge, facts.crop_height, facts.crop_width
+        )
         if settings.torch_compile:
             self.encoder.compile_towers()
         if loaded.random_weights:
@@ -70,21 +83,31 @@ class CLIPRunner:
             settings.max_batch_size,
             compiled=settings.torch_compile,
         )
-        # One thread per concurrent pass and one PassSlots, shared by both encoders.
+        self.model_facts = dataclasses.replace(
+            facts,
+            device=device.type,
+            passes=layout.passes,
+            max_batch=layout.max_batch,
+            jpeg_decoder=self.jpeg_decoder.name,
+        )
+        # One thread per concurrent pass and one PassSlots, shared by the three batchers.
         inference = ThreadPoolExecutor(
             max_workers=layout.passes, thread_name_prefix="clip-inference"
         )
         slots = PassSlots(layout.passes, torch.get_num_threads(), layout.threads_per_pass)
         max_wait_s = settings.max_latency_ms / 1000
         self.image_batcher = GreedyBatcher(
-            self._encode_image_batch, inference, layout.max_batch, max_wait_s, slots
+            in_executor(self._encode_image_batch, inference), layout.max_batch, max_wait_s, slots
         )
         self.text_batcher = GreedyBatcher(
-            self._encode_text_batch, inference, layout.max_batch, max_wait_s, slots
+            in_executor(self._encode_text_batch, inference), layout.max_batch, max_wait_s, slots
+        )
+        self.jpeg_batcher = GreedyBatcher(
+            in_executor(self._encode_jpeg_batch, inference), layout.max_batch, max_wait_s, slots
         )
         logger.info(
             "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
-            "gets all), batches up to %d%s)",
+            "gets all), batches up to %d%s, forwarded JPEGs decoded by %s)",
             loaded.tag,
             device,
             dtype,
@@ -92,25 +115,42 @@ class CLIPRunner:
             layout.threads_per_pass,
             layout.max_batch,
             ", torch.compile" if settings.torch_compile else "",
+            self.jpeg_decoder.name,
         )
 
     def _warm_up(self) -> None:
-        """Passes of each encoder, so the first request pays no lazy-initialisation cost.
+        """Passes of each encoder and a JPEG decode, so the first request pays no lazy
+        initialisation (nvJPEG's included).
 
         A compiled model also gets a batch of two: it specialises on size 1 and compiles a
         second, dynamic graph for larger batches.
         """
-        facts = self.model_facts
+        height, width = self.encoder.crop_height, self.encoder.crop_width
         for batch in (1, 2) if settings.torch_compile else (1,):
-            blank = np.zeros((batch, facts.crop_height, facts.crop_width, 3), dtype=np.uint8)
+            blank = np.zeros((batch, height, width, 3), dtype=np.uint8)
             self.encoder.encode_images(blank)
             self.encoder.encode_texts(["a photo of a cat"] * batch)
+        jpeg = io.BytesIO()
+        Image.new("RGB", (width, height)).save(jpeg, "JPEG")
+        self.jpeg_decoder([jpeg.getvalue()])
 
     def _encode_image_batch(self, pixels: np.ndarray, threads: int) -> np.ndarray:
         torch.set_num_threads(threads)  # under OpenMP, for this inference thread only
         RUNNER_BATCH_IMAGES.observe(len(pixels))
         with RUNNER_INFERENCE_SECONDS.labels(encoder="image").time():
             return self.encoder.encode_images(pixels)
+
+    def _encode_jpeg_batch(self, jpegs: list[bytes], threads: int) -> np.ndarray:
+        """Decoded and resized on the device, then encoded; a JPEG that did not decode gets a
+        row of NaN (the API answers that image with a 422) and its batch goes on."""
+        torch.set_num_threads(threads)
+        RUNNER_BATCH_IMAGES.observe(len(jpegs))
+        with RUNNER_INFERENCE_SECONDS.labels(encoder="image").time():
+            crops, decoded = self.jpeg_decoder(jpegs)
+            output = np.full((len(jpegs), self.model_facts.embedding_dim), np.nan, np.float32)
+            if len(crops):
+                output[np.flatnonzero(decoded)] = self.encoder.encode_pixels(crops)
+            return output
 
     def _encode_text_batch(self, texts: list[str], threads: int) -> np.ndarray:
         torch.set_num_threads(threads)
@@ -119,12 +159,18 @@ class CLIPRunner:
             return self.encoder.encode_texts(texts)
 
     @bentoml.api
-    async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+    async def encode_images(self, pixels: np.ndarray) -> Embeddings:
         """uint8 (N, H, W, 3) images, already resized and cropped -> float32 (N, D)."""
         return await _bounded(self.image_batcher.submit(pixels))
 
     @bentoml.api
-    async def encode_texts(self, texts: list[str]) -> np.ndarray:
+    async def encode_jpegs(self, jpegs: list[bytes]) -> Embeddings:
+        """JPEG files -> float32 (N, D), decoded and resized on the model's device
+        (device_decode.py); rows of NaN for JPEGs that did not decode."""
+        return await _bounded(self.jpeg_batcher.submit(jpegs))
+
+    @bentoml.api
+    async def encode_texts(self, texts: list[str]) -> Embeddings:
         """Prompts -> float32 (N, D); prompts beyond the model's token limit are truncated."""
         return await _bounded(self.text_batcher.submit(texts))
 

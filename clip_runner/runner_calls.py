@@ -8,14 +8,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import bentoml
 import httpx
+import numpy as np
 
-from clip_runner.metrics import RUNNER_CALL_SECONDS
+from clip_runner.batching import GreedyBatcher, PassSlots, Rows
+from clip_runner.device_decode import NVJPEG
+from clip_runner.encoding import ModelFacts
+from clip_runner.metrics import RUNNER_CALL_IMAGES, RUNNER_CALL_SECONDS, RUNNER_CALL_TEXTS
 
 logger = logging.getLogger(__name__)
 
@@ -63,3 +68,67 @@ def resilient(
                 return await asyncio.wait_for(call(*args), attempt_timeout_s)
 
     return call_twice
+
+
+def merged(
+    call: Callable[[Rows], Awaitable[np.ndarray]],
+    in_flight: int,
+    max_rows: int,
+    max_queue_wait_s: float,
+    observe_rows: Callable[[int], None],
+) -> Callable[[Rows], Awaitable[np.ndarray]]:
+    """`call` (a runner method) shared by this API worker's concurrent requests.
+
+    Every runner call costs both processes an HTTP exchange, (de)serialisation and BentoML's
+    per-call layers: about 8 ms of CPU with the tiny model, more than its forward pass. So
+    requests do what the runner's own batcher does: up to `in_flight` calls are under way at
+    once (the runner's concurrent passes, plus one waiting there so it never idles between
+    calls); requests arriving meanwhile queue, and the next call takes the queued rows, split
+    among the free call slots and at most `max_rows` (the runner's batch) each. One client
+    alone is never held back; under load a call carries many requests.
+    """
+
+    async def run(rows: Rows, _threads: int) -> np.ndarray:
+        observe_rows(len(rows))
+        return await call(rows)
+
+    slots = PassSlots(passes=in_flight, wide_threads=1, narrow_threads=1)
+    return GreedyBatcher(run, max_rows, max_queue_wait_s, slots).submit
+
+
+@dataclass(frozen=True)
+class RunnerCalls:
+    """The runner's encoders as one API worker calls them: retried once, and merged across
+    the worker's concurrent requests."""
+
+    encode_images: Callable[[np.ndarray], Awaitable[np.ndarray]]
+    encode_jpegs: Callable[[list[bytes]], Awaitable[np.ndarray]]
+    encode_texts: Callable[[list[str]], Awaitable[np.ndarray]]
+
+
+def runner_calls(
+    runner: Any, facts: ModelFacts, attempt_s: float, runner_workers: int, max_queue_wait_s: float
+) -> RunnerCalls:
+    """`runner` is BentoML's async client of CLIPRunner; `facts` its `describe()`."""
+    in_flight = facts.passes * runner_workers + 1
+    images = RUNNER_CALL_IMAGES.labels(sent_as="pixels").observe
+    jpegs = RUNNER_CALL_IMAGES.labels(sent_as="jpeg").observe
+
+    def merge(method: Callable, encoder: str, observe: Callable[[int], None]) -> Callable:
+        call = resilient(method, attempt_s, encoder)
+        return merged(call, in_flight, facts.max_batch, max_queue_wait_s, observe)
+
+    return RunnerCalls(
+        encode_images=merge(runner.encode_images, "image", images),
+        encode_jpegs=merge(runner.encode_jpegs, "image", jpegs),
+        encode_texts=merge(runner.encode_texts, "text", RUNNER_CALL_TEXTS.observe),
+    )
+
+
+def forwards_jpegs(decode_jpegs_on: str, facts: ModelFacts) -> bool:
+    """CLIP_DECODE: `runner` always forwards JPEG bytes, `api` never, `auto` when the runner
+    decodes them on a GPU (on CPU, decoding in the API workers keeps the runner's cores for the
+    model; the forwarded path is exactly as faithful either way)."""
+    if decode_jpegs_on == "auto":
+        return facts.jpeg_decoder == NVJPEG
+    return decode_jpegs_on == "runner"

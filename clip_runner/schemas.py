@@ -60,7 +60,7 @@ ImageList = Annotated[
     Field(
         min_length=1,
         max_length=_settings.max_images_per_request,
-        description="Images as http(s) URLs, base64 strings or data: URIs.",
+        description="Images as http(s) or s3://bucket/key URLs, base64 strings or data: URIs.",
         examples=[[SEED_IMAGE_URL]],
     ),
 ]

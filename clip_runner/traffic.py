@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.errors import error_body
+from clip_runner.jsonlines import is_jsonlines_media_type
 
 EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz"})
 JSON_MEDIA_TYPES = ("application/json", "text/json")
@@ -107,9 +108,11 @@ class RequestGuardMiddleware:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             raw_image_allowed = scope["path"] in self.raw_image_paths
             if not is_json_media_type(content_type) and not (
-                raw_image_allowed and is_raw_image_media_type(content_type)
+                raw_image_allowed
+                and (is_raw_image_media_type(content_type) or is_jsonlines_media_type(content_type))
             ):
-                also = f" (or {', '.join(RAW_IMAGE_MEDIA_TYPES)})" if raw_image_allowed else ""
+                raw = ", ".join(RAW_IMAGE_MEDIA_TYPES)
+                also = f" (or {raw}, application/jsonlines)" if raw_image_allowed else ""
                 await send_error(
                     send,
                     415,

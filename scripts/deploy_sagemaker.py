@@ -5,6 +5,10 @@
     python scripts/deploy_sagemaker.py autoscale --endpoint clip --min 1 --max 4 --target 100
     python scripts/deploy_sagemaker.py invoke --endpoint clip --image photo.jpg --image https://...
     python scripts/deploy_sagemaker.py delete --endpoint clip
+    python scripts/deploy_sagemaker.py deploy --endpoint clip-async --async \
+        --output s3://BUCKET/answers/ --image-uri URI --role ROLE --wait
+    python scripts/deploy_sagemaker.py batch-transform --model MODEL \
+        --input s3://BUCKET/requests/ --output s3://BUCKET/answers/ --wait
 
 The image built by `bentoml containerize` already speaks SageMaker's contract (`serve`, port
 8080, /ping, /invocations), so deploying is only AWS API calls. `deploy` on an existing endpoint
@@ -239,11 +243,11 @@ def with_model_data(request: dict[str, Any], url: str) -> dict[str, Any]:
 
 def image_source(arg: str) -> str:
     """URLs and data: URIs go as they are; anything else is a local file, sent as base64."""
-    if arg.startswith(("http://", "https://", "data:")):
+    if arg.startswith(("http://", "https://", "data:", "s3://")):
         return arg
     path = Path(arg)
     if not path.is_file():
-        raise DeployError(f"--image {arg!r} is neither an http(s)/data: URL nor a readable file")
+        raise DeployError(f"--image {arg!r} is neither an http(s)/s3/data: URL nor a readable file")
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
@@ -487,6 +491,14 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
         raise DeployError("--env takes KEY=VALUE")
     env = dict(item.split("=", 1) for item in args.env)
     model_data = check_model_data(args.model_data) if args.model_data else None
+    async_config = None
+    if args.async_:  # results to S3, requests queued: issue 14's asynchronous inference
+        async_config = async_inference_config(
+            check_s3_uri(args.output or "", "--output"),
+            args.failure_output and check_s3_uri(args.failure_output, "--failure-output"),
+            args.max_concurrent_invocations,
+        )
+        env = {**async_environment(), **env}
     role_arn = resolve_role(aws, args.role)
     existing = describe_endpoint(aws, endpoint)
     variant, retain = VARIANT, False
@@ -516,13 +528,12 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
     if model_data:
         model = with_model_data(model, model_data)
     aws.act("sagemaker", "create_model", **model)
-    aws.act(
-        "sagemaker",
-        "create_endpoint_config",
-        **endpoint_config_request(
-            name, name, instance_type, args.instance_count, args.startup_timeout, variant
-        ),
+    config_request = endpoint_config_request(
+        name, name, instance_type, args.instance_count, args.startup_timeout, variant
     )
+    if async_config is not None:
+        config_request["AsyncInferenceConfig"] = async_config
+    aws.act("sagemaker", "create_endpoint_config", **config_request)
     if existing is None:
         aws.act("sagemaker", "create_endpoint", EndpointName=endpoint, EndpointConfigName=name)
     else:
@@ -539,6 +550,14 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
         )
     if args.wait and not aws.dry_run:
         wait_in_service(aws, endpoint, name, args.startup_timeout + 1800)
+    if async_config is not None and not retain:
+        if args.wait or aws.dry_run:  # scaling needs an endpoint InService
+            autoscale_async(aws, endpoint, variant, 0, args.max_instances, args.backlog_target)
+        else:
+            print(
+                f"once {endpoint} is InService, scale it to zero when idle: autoscale "
+                f"--endpoint {endpoint} --min 0 --max {args.max_instances}"
+            )
 
 
 def cmd_autoscale(aws: Aws, args: argparse.Namespace) -> None:
@@ -548,6 +567,14 @@ def cmd_autoscale(aws: Aws, args: argparse.Namespace) -> None:
         raise DeployError(f"endpoint {args.endpoint} not found; deploy it first")
     if args.disable:
         remove_autoscaling(aws, args.endpoint)
+        remove_wake_alarm(aws, args.endpoint)
+        return
+    if is_async_endpoint(aws, existing):
+        variant = existing["ProductionVariants"][0]["VariantName"]
+        cooldowns = (args.scale_in_cooldown, args.scale_out_cooldown)
+        autoscale_async(
+            aws, args.endpoint, variant, args.min, args.max, args.backlog_target, cooldowns
+        )
         return
     if not 1 <= args.min <= args.max:
         raise DeployError("need 1 <= --min <= --max")
@@ -573,6 +600,7 @@ def cmd_delete(aws: Aws, args: argparse.Namespace) -> None:
     """Remove everything deploy/autoscale made for `endpoint` (endpoints bill by the hour)."""
     endpoint = args.endpoint
     remove_autoscaling(aws, endpoint)
+    remove_wake_alarm(aws, endpoint)
     existing = describe_endpoint(aws, endpoint)
     configs = set()
     if existing is not None:
@@ -675,6 +703,331 @@ def cmd_push(aws: Aws, args: argparse.Namespace) -> None:
     print(f"pushed {remote}")
 
 
+# ---- Batch Transform and asynchronous inference (issue 14) ----
+
+JOB_NAME_RE = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
+S3_URI_RE = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?")
+JSONLINES = "application/jsonlines"
+MIB = 1024 * 1024
+# Seconds SageMaker gives the container beyond its own request deadline (see config.py).
+DEADLINE_MARGIN_S = 5
+BACKLOG_METRIC = "ApproximateBacklogSizePerInstance"
+NO_CAPACITY_METRIC = "HasBacklogWithoutCapacity"
+
+
+def check_s3_uri(value: str, option: str) -> str:
+    if not S3_URI_RE.fullmatch(value):
+        raise DeployError(f"{option} {value!r} is not an s3://bucket/prefix URI")
+    return value
+
+
+def check_job_name(value: str) -> str:
+    if not JOB_NAME_RE.fullmatch(value):
+        raise DeployError(
+            f"job name {value!r}: use 1-63 letters, digits and hyphens, starting and ending with a "
+            "letter or digit"
+        )
+    return value
+
+
+def batch_environment(invocation_timeout_s: int, max_payload_mb: int | None) -> dict[str, str]:
+    """The container's settings for a transform job: its deadline and body limit must cover
+    what the job sends (a mini-batch of up to MaxPayloadInMB, answered within the timeout)."""
+    env = {
+        "CLIP_ENDPOINT_KIND": "batch",
+        "CLIP_REQUEST_TIMEOUT_S": str(invocation_timeout_s - DEADLINE_MARGIN_S),
+    }
+    if max_payload_mb is not None:
+        env["CLIP_MAX_BODY_BYTES"] = str(max_payload_mb * MIB)
+    return env
+
+
+def transform_job_request(
+    name: str,
+    model_name: str,
+    input_uri: str,
+    output_uri: str,
+    instance_type: str,
+    instance_count: int,
+    invocation_timeout_s: int,
+    retries: int,
+    max_concurrent: int | None,
+    max_payload_mb: int | None,
+) -> dict[str, Any]:
+    """One JSON Lines request per input line, mini-batched (MultiRecord), one answer line each.
+
+    MaxConcurrentTransforms and MaxPayloadInMB are left out unless given: SageMaker then asks the
+    container's GET /execution-parameters, which knows its workers and body limit.
+    """
+    request: dict[str, Any] = {
+        "TransformJobName": name,
+        "ModelName": model_name,
+        "BatchStrategy": "MultiRecord",
+        "ModelClientConfig": {
+            "InvocationsTimeoutInSeconds": invocation_timeout_s,
+            "InvocationsMaxRetries": retries,
+        },
+        "Environment": batch_environment(invocation_timeout_s, max_payload_mb),
+        "TransformInput": {
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": input_uri}},
+            "ContentType": JSONLINES,
+            "CompressionType": "None",
+            "SplitType": "Line",
+        },
+        "TransformOutput": {
+            "S3OutputPath": output_uri,
+            "Accept": JSONLINES,
+            "AssembleWith": "Line",
+        },
+        "TransformResources": {"InstanceType": instance_type, "InstanceCount": instance_count},
+    }
+    if max_concurrent is not None:
+        request["MaxConcurrentTransforms"] = max_concurrent
+    if max_payload_mb is not None:
+        request["MaxPayloadInMB"] = max_payload_mb
+    return request
+
+
+def async_inference_config(
+    output_uri: str, failure_uri: str | None, max_concurrent: int | None
+) -> dict[str, Any]:
+    """Results (and failures) go to S3; the endpoint queues requests, so it can scale to zero."""
+    output: dict[str, Any] = {"S3OutputPath": output_uri}
+    if failure_uri:
+        output["S3FailurePath"] = failure_uri
+    config: dict[str, Any] = {"OutputConfig": output}
+    if max_concurrent is not None:
+        config["ClientConfig"] = {"MaxConcurrentInvocationsPerInstance": max_concurrent}
+    return config
+
+
+def async_environment() -> dict[str, str]:
+    """Async invocations may run 15 minutes and carry up to 1 GB: config.py's `async` kind."""
+    return {"CLIP_ENDPOINT_KIND": "async"}
+
+
+def backlog_policy_request(
+    resource_id: str, endpoint: str, target: float, scale_in_cooldown: int, scale_out_cooldown: int
+) -> dict[str, Any]:
+    """Async endpoints scale on their queue: keep ~`target` queued requests per instance."""
+    return {
+        "PolicyName": f"{endpoint}-backlog-per-instance",
+        "ServiceNamespace": "sagemaker",
+        "ResourceId": resource_id,
+        "ScalableDimension": SCALABLE_DIMENSION,
+        "PolicyType": "TargetTrackingScaling",
+        "TargetTrackingScalingPolicyConfiguration": {
+            "TargetValue": target,
+            "CustomizedMetricSpecification": {
+                "MetricName": BACKLOG_METRIC,
+                "Namespace": "AWS/SageMaker",
+                "Dimensions": [{"Name": "EndpointName", "Value": endpoint}],
+                "Statistic": "Average",
+            },
+            "ScaleInCooldown": scale_in_cooldown,
+            "ScaleOutCooldown": scale_out_cooldown,
+        },
+    }
+
+
+def wake_policy_request(resource_id: str, endpoint: str) -> dict[str, Any]:
+    """At zero instances there is no per-instance backlog to track: one step adds an instance
+    when requests wait with no capacity (the alarm below triggers it)."""
+    return {
+        "PolicyName": f"{endpoint}-wake-from-zero",
+        "ServiceNamespace": "sagemaker",
+        "ResourceId": resource_id,
+        "ScalableDimension": SCALABLE_DIMENSION,
+        "PolicyType": "StepScaling",
+        "StepScalingPolicyConfiguration": {
+            "AdjustmentType": "ChangeInCapacity",
+            "MetricAggregationType": "Average",
+            "Cooldown": 300,
+            "StepAdjustments": [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}],
+        },
+    }
+
+
+def wake_alarm_name(endpoint: str) -> str:
+    return f"{endpoint}-has-backlog-without-capacity"
+
+
+def wake_alarm_request(endpoint: str, policy_arn: str) -> dict[str, Any]:
+    return {
+        "AlarmName": wake_alarm_name(endpoint),
+        "AlarmDescription": f"requests queue on {endpoint} while it has no instance",
+        "Namespace": "AWS/SageMaker",
+        "MetricName": NO_CAPACITY_METRIC,
+        "Dimensions": [{"Name": "EndpointName", "Value": endpoint}],
+        "Statistic": "Average",
+        "Period": 60,
+        "EvaluationPeriods": 2,
+        "DatapointsToAlarm": 2,
+        "Threshold": 1.0,
+        "ComparisonOperator": "GreaterThanOrEqualToThreshold",
+        "TreatMissingData": "missing",
+        "AlarmActions": [policy_arn],
+    }
+
+
+def is_async_endpoint(aws: Aws, existing: dict[str, Any]) -> bool:
+    config = aws.lookup(
+        "sagemaker", "describe_endpoint_config", EndpointConfigName=existing["EndpointConfigName"]
+    )
+    return bool((config or {}).get("AsyncInferenceConfig"))
+
+
+def autoscale_async(
+    aws: Aws,
+    endpoint: str,
+    variant: str,
+    min_count: int,
+    max_count: int,
+    backlog_target: float,
+    cooldowns: tuple[int, int] = (300, 60),
+) -> None:
+    """Scale to zero: min may be 0; the backlog per instance drives scaling, an alarm wakes it."""
+    if not 0 <= min_count <= max_count or max_count < 1:
+        raise DeployError("need 0 <= --min <= --max and --max >= 1")
+    if backlog_target <= 0:
+        raise DeployError("--backlog-target (queued requests per instance) must be positive")
+    rid = scaling_resource_id(endpoint, variant)
+    aws.act(
+        "application-autoscaling",
+        "register_scalable_target",
+        **scalable_target_request(rid, min_count, max_count),
+    )
+    aws.act(
+        "application-autoscaling",
+        "put_scaling_policy",
+        **backlog_policy_request(rid, endpoint, backlog_target, *cooldowns),
+    )
+    wake = aws.act(
+        "application-autoscaling", "put_scaling_policy", **wake_policy_request(rid, endpoint)
+    )
+    arn = wake["PolicyARN"] if wake else f"<PolicyARN of {endpoint}-wake-from-zero>"
+    aws.act("cloudwatch", "put_metric_alarm", **wake_alarm_request(endpoint, arn))
+
+
+def remove_wake_alarm(aws: Aws, endpoint: str) -> None:
+    found = aws.lookup("cloudwatch", "describe_alarms", AlarmNames=[wake_alarm_name(endpoint)])
+    if found and found.get("MetricAlarms"):
+        aws.act("cloudwatch", "delete_alarms", AlarmNames=[wake_alarm_name(endpoint)])
+
+
+def s3_has_objects(aws: Aws, uri: str) -> bool:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    found = aws.lookup("s3", "list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    return bool((found or {}).get("KeyCount"))
+
+
+def cmd_batch_transform(aws: Aws, args: argparse.Namespace) -> None:
+    """Classify every line of the JSON Lines files under --input into --output (a transform job).
+
+    The model is an existing SageMaker model (--model, e.g. one `deploy` made) or a new one
+    made from --image-uri and --role, named after the job.
+    """
+    now = datetime.now(UTC)
+    job = check_job_name(args.job or f"clip-batch-{now:%Y%m%d-%H%M%S}")
+    input_uri = check_s3_uri(args.input, "--input")
+    output_uri = check_s3_uri(args.output, "--output")
+    instance_type = check_instance_type(args.instance_type)
+    if args.instance_count < 1:
+        raise DeployError("--instance-count must be at least 1")
+    if not 60 <= args.invocation_timeout <= 3600:
+        raise DeployError("--invocation-timeout must be 60..3600 seconds (SageMaker's range)")
+    if args.max_payload_mb is not None and not 1 <= args.max_payload_mb <= 100:
+        raise DeployError("--max-payload-mb must be 1..100 (SageMaker's range)")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise DeployError("--max-concurrent must be at least 1")
+    if not 0 <= args.retries <= 3:
+        raise DeployError("--retries must be 0..3")
+    if bool(args.model) == bool(args.image_uri):
+        raise DeployError("give either --model NAME or --image-uri URI with --role")
+    if args.image_uri and not args.role:
+        raise DeployError("--image-uri needs --role (the model's execution role)")
+    if not s3_has_objects(aws, input_uri):
+        raise DeployError(f"no objects under {input_uri}: upload the .jsonl files first")
+    model = args.model
+    if args.image_uri:
+        role_arn = resolve_role(aws, args.role)
+        model = job
+        aws.act(
+            "sagemaker",
+            "create_model",
+            **model_request(model, args.image_uri, role_arn, {}, args.network_isolation),
+        )
+    request = transform_job_request(
+        job,
+        model,
+        input_uri,
+        output_uri,
+        instance_type,
+        args.instance_count,
+        args.invocation_timeout,
+        args.retries,
+        args.max_concurrent,
+        args.max_payload_mb,
+    )
+    aws.act("sagemaker", "create_transform_job", **request)
+    print(f"transform job {job}: {input_uri} -> {output_uri.rstrip('/')}/<file>.out")
+    if args.wait and not aws.dry_run:
+        wait_transform_job(aws, job)
+
+
+def wait_transform_job(aws: Aws, job: str) -> None:
+    waiter = aws.client("sagemaker").get_waiter("transform_job_completed_or_stopped")
+    try:
+        waiter.wait(TransformJobName=job, WaiterConfig={"Delay": 30, "MaxAttempts": 2880})
+    except WaiterError:
+        pass  # Failed: reported below with its reason
+    state = aws.lookup("sagemaker", "describe_transform_job", TransformJobName=job) or {}
+    status = state.get("TransformJobStatus", "gone")
+    if status != "Completed":
+        raise AwsCallError(
+            f"transform job {job} is {status}: {state.get('FailureReason', '')}; "
+            f"logs: CloudWatch /aws/sagemaker/TransformJobs/{job}"
+        )
+    print(f"transform job {job} completed")
+
+
+def add_batch_transform_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    batch = sub.add_parser(
+        "batch-transform", parents=[common], help="classify JSON Lines files in S3 (transform job)"
+    )
+    batch.add_argument("--job", help="transform job name (default clip-batch-<timestamp>)")
+    batch.add_argument("--input", required=True, help="s3:// prefix of the .jsonl files")
+    batch.add_argument("--output", required=True, help="s3:// prefix for the .out files")
+    batch.add_argument("--model", help="existing SageMaker model (e.g. one `deploy` created)")
+    batch.add_argument("--image-uri", help="or: make a model of this image (needs --role)")
+    batch.add_argument("--role", help="execution role for the model made from --image-uri")
+    batch.add_argument("--network-isolation", action="store_true")
+    batch.add_argument(
+        "--instance-type",
+        default=DEFAULT_INSTANCE_TYPE,
+        help=f"default {DEFAULT_INSTANCE_TYPE}; e.g. {INSTANCE_TYPE_EXAMPLES}",
+    )
+    batch.add_argument("--instance-count", type=int, default=1)
+    batch.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="MaxConcurrentTransforms (default: the container's /execution-parameters)",
+    )
+    batch.add_argument(
+        "--max-payload-mb",
+        type=int,
+        help="MaxPayloadInMB, 1..100 (default: the container's /execution-parameters)",
+    )
+    batch.add_argument(
+        "--invocation-timeout",
+        type=int,
+        default=3600,
+        help="seconds per mini-batch, 60..3600 (the container's deadline follows)",
+    )
+    batch.add_argument("--retries", type=int, default=1, help="retries of a failed mini-batch")
+    batch.add_argument("--wait", action="store_true", help="wait until the job ends")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--region", default=argparse.SUPPRESS, help="AWS region")
@@ -740,6 +1093,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="update: CloudWatch alarm that rolls the update back",
     )
     deploy.add_argument("--wait", action="store_true", help="wait until InService")
+    deploy.add_argument(
+        "--async",
+        dest="async_",
+        action="store_true",
+        help="asynchronous endpoint: answers go to --output in S3; scales to zero",
+    )
+    deploy.add_argument("--output", help="async: s3:// prefix for the answers")
+    deploy.add_argument("--failure-output", help="async: s3:// prefix for failed requests")
+    deploy.add_argument(
+        "--max-concurrent-invocations", type=int, help="async: requests per instance at once"
+    )
+    deploy.add_argument(
+        "--max-instances", type=int, default=2, help="async: autoscaling maximum (minimum 0)"
+    )
+    deploy.add_argument(
+        "--backlog-target", type=float, default=5.0, help="async: queued requests per instance"
+    )
 
     scale = sub.add_parser("autoscale", parents=[common], help="target-tracking autoscaling")
     scale.add_argument("--endpoint", default="clip")
@@ -751,6 +1121,12 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--scale-in-cooldown", type=int, default=300)
     scale.add_argument("--scale-out-cooldown", type=int, default=60)
     scale.add_argument("--disable", action="store_true", help="remove the policy and target")
+    scale.add_argument(
+        "--backlog-target",
+        type=float,
+        default=5.0,
+        help="async endpoints (--min may be 0): queued requests per instance to hold",
+    )
 
     delete = sub.add_parser("delete", parents=[common], help="delete endpoint, configs, models")
     delete.add_argument("--endpoint", default="clip")
@@ -766,6 +1142,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="NAME=FLAG (default: the seed's six classes)",
     )
     invoke.add_argument("--top-k", type=int)
+    add_batch_transform_parser(sub, common)
     return parser
 
 
@@ -775,6 +1152,7 @@ COMMANDS = {
     "autoscale": cmd_autoscale,
     "delete": cmd_delete,
     "invoke": cmd_invoke,
+    "batch-transform": cmd_batch_transform,
 }
 
 

@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
-# The benchmark on a GPU machine, as one prepared run (e.g. through the device tool):
-#   bash scripts/gpu_bench.sh                        # results under $OUT (or benchmarks/gpu)
-#   bash scripts/gpu_bench.sh --runner-workers 1 2 4 # only the runner-worker sweep
-# With BentoML installed it runs the whole harness (the runner and the baseline pick CUDA fp16 by
-# themselves); without it (a bare GPU image), only the in-process bare-model limit and
-# preprocessing fidelity. Scenarios are time-bound (BENCH_SECONDS each), not count-bound: a GPU
-# answers the CPU run's 400 requests in about a second.
+# The GPU targets as one prepared run on a GPU machine (through the device tool), ~5 minutes:
+#   bash scripts/gpu_wheels.sh                      # here, once: wheels for the GPU image (.whl)
+#   bash scripts/gpu_bench.sh                       # there (carry .whl): every GPU target
+#   bash scripts/gpu_bench.sh --runner-workers 1 2  # or any other scripts/bench.py mode
+# With no arguments it runs `scripts/bench.py --gpu-targets` with the DEFAULT settings (the
+# service picks API workers, runner workers and batch limits from the machine): the seed request
+# at 1, 32 and 64 clients and uncached /embed_texts on all cores but the load generator's four,
+# the seed request at 64 clients with the whole server on 4 cores, the bare fp16 image and text
+# encoders, and every preprocessing path's fidelity (nvJPEG included). Results go to $OUT (or
+# benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${OUT:-benchmarks/gpu}
 mkdir -p "$out_dir"
 python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out_dir/gpu.txt"
+if [[ -d .whl ]]; then  # carried wheels: install beside the image's own torch
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Nothing is downloaded: the harness builds its own random-weight model.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 BENTOML_DO_NOT_TRACK=true PYTHONUNBUFFERED=1
-# Decoding and resizing happen in the API workers: give them the machine's cores (the GPU does
-# the model), leaving some for the runner and the load generator.
-export CLIP_API_WORKERS=${CLIP_API_WORKERS:-$(($(nproc) / 2))}
 "$python" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible"'
-if "$python" -c 'import bentoml' 2>/dev/null; then
-  "$python" scripts/bench.py --out "$out_dir" --max-seconds "${BENCH_SECONDS:-8}" \
-    --max-requests 1000000 "$@" 2>&1 | tee "$out_dir/bench.log"
-else
-  echo "bentoml is not installed here: measuring the bare model only" | tee "$out_dir/bench.log"
-  "$python" scripts/bench.py --bare-only --out "$out_dir" 2>&1 | tee -a "$out_dir/bench.log"
-fi
+"$python" -c 'import torchvision.io' || echo "torchvision missing: the device path decodes with Pillow"
+args=("$@")
+[[ ${#args[@]} -gt 0 ]] || args=(--gpu-targets)
+"$python" scripts/bench.py --out "$out_dir" --max-seconds "${BENCH_SECONDS:-8}" \
+  --max-requests 1000000 "${args[@]}" 2>&1 | tee "$out_dir/bench.log"

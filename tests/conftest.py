@@ -21,9 +21,11 @@ from clip_runner.store import LoadedClip, build_random_clip, load_clip, save_cli
 from tests.helpers import (  # noqa: E402
     PUBLIC_HOST,
     ImageHost,
+    MotoS3,
     ServedBento,
     bentoml_serve,
     image_host,
+    moto_s3,
 )
 
 
@@ -61,8 +63,18 @@ def image_server(image_host_server: ImageHost) -> str:
 
 
 @pytest.fixture(scope="session")
+def s3_store() -> Iterator[MotoS3]:
+    """moto's S3 on loopback, which the served bento reads s3:// images from."""
+    with moto_s3() as store:
+        yield store
+
+
+@pytest.fixture(scope="session")
 def served(
-    tiny_stored_model, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_stored_model,
+    bentoml_home: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    s3_store: MotoS3,
 ) -> Iterator[ServedBento]:
     """One real `bentoml serve` of the tiny model for the whole integration suite.
 
@@ -78,5 +90,6 @@ def served(
         CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
         CLIP_FETCH_TIMEOUT_S="3",
         CLIP_FETCH_CONNECT_TIMEOUT_S="2",
+        **s3_store.server_env(),
     ) as server:
         yield server

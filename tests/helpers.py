@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import json
 import os
 import select
 import signal
@@ -267,3 +268,92 @@ def wait_for_ping(url: str, status: int, within_s: float) -> list[float]:
             return latencies
         time.sleep(0.1)
     raise AssertionError(f"/ping did not answer {status} within {within_s} s")
+
+
+# ---- AWS S3 (moto's server on loopback) ----
+
+S3_BUCKET = "clip-images"  # the endpoint's role may read it
+S3_PRIVATE_BUCKET = "clip-private"  # it may not
+S3_REGION = "us-east-1"
+
+
+@dataclass
+class MotoS3:
+    """moto's S3 + IAM server on 127.0.0.1, with an IAM user standing in for an endpoint role.
+
+    The user may `s3:GetObject` in `S3_BUCKET` only. moto checks signatures and IAM policies only
+    while `enforced_auth()` is active (it is process-wide, so it is switched on per test).
+    """
+
+    url: str
+    access_key_id: str
+    secret_access_key: str
+
+    def client(self, service: str = "s3") -> object:
+        import boto3
+
+        return boto3.client(
+            service,
+            region_name=S3_REGION,
+            endpoint_url=self.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    def put(self, key: str, data: bytes, bucket: str = S3_BUCKET) -> str:
+        self.client().put_object(Bucket=bucket, Key=key, Body=data)  # type: ignore[attr-defined]
+        return f"s3://{bucket}/{key}"
+
+    def server_env(self) -> dict[str, str]:
+        """What a service needs to read S3 here: the user's keys and the endpoint override."""
+        return {
+            "AWS_ENDPOINT_URL_S3": self.url,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_DEFAULT_REGION": S3_REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+
+    @contextmanager
+    def enforced_auth(self) -> Iterator[None]:
+        """moto's documented switch: from now on, requests are authenticated and authorised."""
+        httpx.post(f"{self.url}/moto-api/reset-auth", content=b"0").raise_for_status()
+        try:
+            yield
+        finally:
+            httpx.post(f"{self.url}/moto-api/reset-auth", content=b"inf").raise_for_status()
+
+
+@contextmanager
+def moto_s3() -> Iterator[MotoS3]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    store = MotoS3(f"http://{host}:{port}", "", "")
+    try:
+        iam = store.client("iam")
+        iam.create_user(UserName="clip-endpoint")  # type: ignore[attr-defined]
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Action": "s3:GetObject",
+                    "Resource": f"arn:aws:s3:::{S3_BUCKET}/*",
+                }
+            ],
+        }
+        iam.put_user_policy(  # type: ignore[attr-defined]
+            UserName="clip-endpoint", PolicyName="read-images", PolicyDocument=json.dumps(policy)
+        )
+        key = iam.create_access_key(UserName="clip-endpoint")["AccessKey"]  # type: ignore[attr-defined]
+        store.access_key_id, store.secret_access_key = key["AccessKeyId"], key["SecretAccessKey"]
+        for bucket in (S3_BUCKET, S3_PRIVATE_BUCKET):
+            store.client().create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+        yield store
+    finally:
+        server.stop()

@@ -15,6 +15,7 @@ from clip_runner.batching import (
     PassSlots,
     QueueWaitExceeded,
     concatenate,
+    in_executor,
     split_rows,
     take_batch,
 )
@@ -43,7 +44,9 @@ async def held_first_pass(
 ) -> tuple[GreedyBatcher, asyncio.Future]:
     """A batcher whose first pass (one row) has started and is held at `infer`'s gate."""
     infer.gate.clear()
-    batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=max_queue_wait_s)
+    batcher = GreedyBatcher(
+        in_executor(infer, executor), max_rows=8, max_queue_wait_s=max_queue_wait_s
+    )
     running = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
     await asyncio.sleep(0.01)
     return batcher, running
@@ -82,7 +85,7 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_rows(executo
     infer.gate.clear()  # hold the first pass so the rest queue behind it
 
     async def scenario():
-        batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=10)
+        batcher = GreedyBatcher(in_executor(infer, executor), max_rows=8, max_queue_wait_s=10)
         calls = [batcher.submit(np.full((1, 2), i)) for i in range(12)]
         tasks = [asyncio.ensure_future(call) for call in calls]
         await asyncio.sleep(0.05)
@@ -101,7 +104,7 @@ def test_a_lone_request_runs_at_once_even_after_a_burst(executor):
     infer = Recorder()
 
     async def scenario():
-        batcher = GreedyBatcher(infer, executor, max_rows=32, max_queue_wait_s=10)
+        batcher = GreedyBatcher(in_executor(infer, executor), max_rows=32, max_queue_wait_s=10)
         await asyncio.gather(*(batcher.submit(np.ones((1, 1))) for _ in range(40)))
         infer.batches.clear()
         await batcher.submit(np.ones((1, 1)))
@@ -114,7 +117,7 @@ def test_text_batches_are_joined_lists(executor):
     infer = Recorder()
 
     async def scenario():
-        batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=10)
+        batcher = GreedyBatcher(in_executor(infer, executor), max_rows=8, max_queue_wait_s=10)
         return await asyncio.gather(batcher.submit(["a", "bb"]), batcher.submit(["ccc"]))
 
     first, second = asyncio.run(scenario())
@@ -132,7 +135,7 @@ def test_an_error_reaches_its_batch_and_the_batcher_keeps_serving(executor):
         return rows
 
     async def scenario():
-        batcher = GreedyBatcher(infer, executor, max_rows=8, max_queue_wait_s=10)
+        batcher = GreedyBatcher(in_executor(infer, executor), max_rows=8, max_queue_wait_s=10)
         with pytest.raises(RuntimeError, match="broken batch"):
             await batcher.submit(np.ones((2, 1)))
         return await batcher.submit(np.zeros((1, 1)))
@@ -174,7 +177,7 @@ def test_a_caller_that_left_is_not_encoded(executor):
 
 def test_empty_requests_are_refused(executor):
     async def scenario():
-        batcher = GreedyBatcher(Recorder(), executor, max_rows=8, max_queue_wait_s=10)
+        batcher = GreedyBatcher(in_executor(Recorder(), executor), max_rows=8, max_queue_wait_s=10)
         await batcher.submit(np.zeros((0, 1)))
 
     with pytest.raises(ValueError, match="nothing to encode"):
@@ -226,7 +229,7 @@ def test_two_passes_run_at_once_and_split_the_queue_fairly():
 
     async def scenario():
         batcher = GreedyBatcher(
-            infer, pool, max_rows=8, max_queue_wait_s=10, slots=PassSlots(2, 2, 1)
+            in_executor(infer, pool), max_rows=8, max_queue_wait_s=10, slots=PassSlots(2, 2, 1)
         )
         tasks = [asyncio.ensure_future(batcher.submit(np.full((1, 1), i))) for i in range(10)]
         await asyncio.sleep(0.05)
@@ -249,7 +252,7 @@ def test_a_lone_batch_runs_on_every_thread_and_alone():
 
     async def scenario():
         batcher = GreedyBatcher(
-            infer, pool, max_rows=8, max_queue_wait_s=10, slots=PassSlots(2, 2, 1)
+            in_executor(infer, pool), max_rows=8, max_queue_wait_s=10, slots=PassSlots(2, 2, 1)
         )
         infer.gate.clear()
         first = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))

@@ -215,17 +215,18 @@ def test_the_ecr_repository_calls_against_moto(home, tmp_path):
         script = (
             "import sys; from clip_sagemaker import create_repository, delete_repository\n"
             "spec = {'region': 'us-east-1'}\n"
-            "uri, user, password = create_repository('clip', spec)\n"
+            "uri, user, password = create_repository('clip-bentoctl', spec)\n"
             "print(uri, user, bool(password))\n"
-            "assert create_repository('clip', spec)[0] == uri  # found the second time\n"
-            "if sys.argv[1:] == ['delete']: delete_repository('clip', spec)\n"
+            "assert create_repository('clip-bentoctl', spec)[0] == uri  # found the second time\n"
+            "if sys.argv[1:] == ['delete']: delete_repository('clip-bentoctl', spec)\n"
         )
         python = str(BENTOCTL_VENV / "bin" / "python")
         run = {"cwd": OPERATOR, "env": env, "capture_output": True, "text": True, "timeout": 60}
         created = subprocess.run([python, "-c", script], **run)
         assert created.returncode == 0, created.stderr
         uri, user, has_password = created.stdout.split()
-        assert uri.endswith(".amazonaws.com/clip") and user == "AWS" and has_password == "True"
+        assert uri.endswith(".amazonaws.com/clip-bentoctl") and user == "AWS"
+        assert has_password == "True"
         ecr = boto3.client(
             "ecr",
             region_name="us-east-1",
@@ -233,11 +234,13 @@ def test_the_ecr_repository_calls_against_moto(home, tmp_path):
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
         )
-        (repository,) = ecr.describe_repositories()["repositories"]
+        # moto's state is per process, shared with test_deploy_sagemaker's server: by name.
+        (repository,) = ecr.describe_repositories(repositoryNames=["clip-bentoctl"])["repositories"]
         assert repository["repositoryUri"] == uri
         assert repository["imageScanningConfiguration"] == {"scanOnPush": True}
         deleted = subprocess.run([python, "-c", script, "delete"], **run)
         assert deleted.returncode == 0, deleted.stderr
-        assert ecr.describe_repositories()["repositories"] == []
+        names = [r["repositoryName"] for r in ecr.describe_repositories()["repositories"]]
+        assert "clip-bentoctl" not in names
     finally:
         server.stop()

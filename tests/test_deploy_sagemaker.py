@@ -585,3 +585,198 @@ def test_invoke_refuses_bodies_over_the_payload_limit(capsys, tmp_path):
     code, _, err = run(capsys, "invoke", "--endpoint", "clip-i", "--image", str(big))
     assert code == 2 and "6 MB" in err and "URLs" in err
     assert moto_invocations() == before
+
+
+# ---- Batch Transform and asynchronous inference ----
+
+BUCKET = "clip-batch"
+
+
+def check_api(service: str, operation: str, params: dict[str, Any]) -> None:
+    client = boto3.session.Session().client(service, region_name=REGION)
+    validate_parameters(params, client.meta.service_model.operation_model(operation).input_shape)
+
+
+def test_transform_and_async_requests_match_the_aws_api_model():
+    job = deploy.transform_job_request(
+        "j", "m", "s3://b/in/", "s3://b/out/", "ml.g5.xlarge", 2, 600, 1, None, 20
+    )
+    check_api("sagemaker", "CreateTransformJob", job)
+    assert job["Environment"] == {
+        "CLIP_ENDPOINT_KIND": "batch",
+        "CLIP_REQUEST_TIMEOUT_S": "595",  # inside the job's 600 s per mini-batch
+        "CLIP_MAX_BODY_BYTES": str(20 * 1024 * 1024),  # a 20 MB mini-batch fits
+    }
+    assert job["MaxPayloadInMB"] == 20 and "MaxConcurrentTransforms" not in job
+    config = deploy.endpoint_config_request("c", "m", "ml.m5.xlarge", 1, 600)
+    config["AsyncInferenceConfig"] = deploy.async_inference_config("s3://b/out/", "s3://b/f/", 4)
+    check_api("sagemaker", "CreateEndpointConfig", config)
+    rid = deploy.scaling_resource_id("e", "AllTraffic")
+    check_api("application-autoscaling", "PutScalingPolicy", deploy.wake_policy_request(rid, "e"))
+    backlog = deploy.backlog_policy_request(rid, "e", 5.0, 300, 60)
+    check_api("application-autoscaling", "PutScalingPolicy", backlog)
+    check_api("cloudwatch", "PutMetricAlarm", deploy.wake_alarm_request("e", "arn:aws:x"))
+    assert deploy.image_source("s3://clip-images/a.jpg") == "s3://clip-images/a.jpg"  # as is
+
+
+def upload_requests(key: str, lines: list[dict[str, Any]]) -> None:
+    s3 = aws("s3")
+    if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket=BUCKET)
+    body = "\n".join(json.dumps(line) for line in lines).encode()
+    s3.put_object(Bucket=BUCKET, Key=key, Body=body)
+
+
+def batch_args(job: str, *extra: str) -> list[str]:
+    return [
+        "batch-transform",
+        "--job",
+        job,
+        "--input",
+        f"s3://{BUCKET}/requests/",
+        "--output",
+        f"s3://{BUCKET}/answers/",
+        *extra,
+    ]
+
+
+def test_batch_transform_creates_the_model_and_a_line_by_line_job(capsys, role_arn):
+    upload_requests("requests/part-0.jsonl", [{"images": ["s3://x/y.jpg"], "classes": [["a", 1]]}])
+    code, out, err = run(
+        capsys,
+        *batch_args("clip-batch-1", "--image-uri", IMAGE_URI, "--role", ROLE),
+        "--instance-type",
+        "ml.c5.2xlarge",
+        "--instance-count",
+        "2",
+        "--wait",
+    )
+    assert code == 0, err
+    assert "transform job clip-batch-1 completed" in out  # moto completes jobs at once
+    sagemaker = aws("sagemaker")
+    model = sagemaker.describe_model(ModelName="clip-batch-1")
+    assert model["PrimaryContainer"]["Image"] == IMAGE_URI and model["ExecutionRoleArn"] == role_arn
+    job = sagemaker.describe_transform_job(TransformJobName="clip-batch-1")
+    assert job["ModelName"] == "clip-batch-1" and job["BatchStrategy"] == "MultiRecord"
+    assert job["TransformInput"]["ContentType"] == "application/jsonlines"
+    assert job["TransformInput"]["SplitType"] == "Line"
+    assert job["TransformInput"]["DataSource"]["S3DataSource"] == {
+        "S3DataType": "S3Prefix",
+        "S3Uri": f"s3://{BUCKET}/requests/",
+    }
+    assert job["TransformOutput"] == {
+        "S3OutputPath": f"s3://{BUCKET}/answers/",
+        "Accept": "application/jsonlines",
+        "AssembleWith": "Line",
+    }
+    assert job["TransformResources"] == {"InstanceType": "ml.c5.2xlarge", "InstanceCount": 2}
+    assert job["ModelClientConfig"] == {
+        "InvocationsTimeoutInSeconds": 3600,
+        "InvocationsMaxRetries": 1,
+    }
+    assert job["Environment"]["CLIP_ENDPOINT_KIND"] == "batch"
+    # Unset, so SageMaker asks the container's GET /execution-parameters.
+    assert "MaxPayloadInMB" not in job and "MaxConcurrentTransforms" not in job
+
+
+def test_batch_transform_on_an_existing_model_and_its_checks(capsys, role_arn):
+    upload_requests("requests/part-1.jsonl", [{"inputs": "s3://x/y.jpg"}])
+    code, out, err = run(
+        capsys, "--dry-run", *batch_args("clip-batch-2", "--model", "clip-20260101-000000-000")
+    )
+    assert code == 0, err
+    ((call, params),) = plan(out)  # no new model: only the job
+    assert call == "sagemaker.create_transform_job"
+    assert params["ModelName"] == "clip-20260101-000000-000"
+    jobs = aws("sagemaker").list_transform_jobs()["TransformJobSummaries"]
+    assert "clip-batch-2" not in [j["TransformJobName"] for j in jobs]
+
+    for extra, words in [
+        (("--model", "m", "--image-uri", IMAGE_URI), "either --model"),
+        (("--image-uri", IMAGE_URI), "needs --role"),
+        (("--model", "m", "--max-payload-mb", "101"), "1..100"),
+        (("--model", "m", "--invocation-timeout", "7200"), "60..3600"),
+        (("--model", "m", "--instance-type", "c5.xlarge"), "ml.<family>.<size>"),
+    ]:
+        code, _, err = run(capsys, *batch_args("clip-batch-3", *extra))
+        assert code == 2 and words in err, err
+    empty = batch_args("clip-batch-3", "--model", "m")
+    empty[4] = f"s3://{BUCKET}/nothing-here/"  # the --input value
+    code, _, err = run(capsys, *empty)
+    assert code == 2 and f"no objects under s3://{BUCKET}/nothing-here/" in err
+
+
+def test_async_deploy_writes_to_s3_and_scales_to_zero(capsys, role_arn):
+    output = f"s3://{BUCKET}/async-answers/"
+    code, _, err = run(
+        capsys,
+        *deploy_args("clip-async", "--async", "--output", output, "--max-instances", "3"),
+        "--max-concurrent-invocations",
+        "4",
+        "--wait",
+    )
+    assert code == 0, err
+    config = current_config("clip-async")
+    assert config["AsyncInferenceConfig"] == {
+        "OutputConfig": {"S3OutputPath": output},
+        "ClientConfig": {"MaxConcurrentInvocationsPerInstance": 4},
+    }
+    model = aws("sagemaker").describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+    # The container's deadline and body limit follow the endpoint kind (config.py).
+    assert model["PrimaryContainer"]["Environment"] == {"CLIP_ENDPOINT_KIND": "async"}
+    scaling, rid = aws("application-autoscaling"), "endpoint/clip-async/variant/AllTraffic"
+    (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[rid])[
+        "ScalableTargets"
+    ]
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (0, 3)
+    policies = {
+        p["PolicyName"]: p
+        for p in scaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=rid)[
+            "ScalingPolicies"
+        ]
+    }
+    backlog = policies["clip-async-backlog-per-instance"][
+        "TargetTrackingScalingPolicyConfiguration"
+    ]
+    assert (
+        backlog["CustomizedMetricSpecification"]["MetricName"]
+        == "ApproximateBacklogSizePerInstance"
+    )
+    assert backlog["TargetValue"] == 5.0
+    wake = policies["clip-async-wake-from-zero"]
+    (alarm,) = aws("cloudwatch").describe_alarms(
+        AlarmNames=["clip-async-has-backlog-without-capacity"]
+    )["MetricAlarms"]
+    assert alarm["MetricName"] == "HasBacklogWithoutCapacity"
+    assert alarm["AlarmActions"] == [wake["PolicyARN"]]
+
+    # A real-time endpoint cannot go to zero; an async one can be re-scaled with --min 0.
+    assert run(capsys, "autoscale", "--endpoint", "clip-async", "--min", "0", "--max", "5")[0] == 0
+    (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[rid])[
+        "ScalableTargets"
+    ]
+    assert target["MaxCapacity"] == 5
+
+    assert run(capsys, "delete", "--endpoint", "clip-async")[0] == 0
+    assert rid not in state()["targets"]
+    assert not aws("cloudwatch").describe_alarms(
+        AlarmNames=["clip-async-has-backlog-without-capacity"]
+    )["MetricAlarms"]
+
+
+def test_async_deploy_needs_an_s3_output_and_realtime_keeps_min_one(capsys, role_arn):
+    before = state()
+    code, _, err = run(capsys, *deploy_args("clip-async2", "--async"))
+    assert code == 2 and "--output '' is not an s3://bucket/prefix URI" in err
+    code, _, err = run(capsys, *deploy_args("clip-async2", "--async", "--output", "/tmp/x"))
+    assert code == 2 and "--output '/tmp/x'" in err
+    assert state() == before
+    code, out, _ = run(
+        capsys, *deploy_args("clip-async2", "--async", "--output", f"s3://{BUCKET}/o/")
+    )
+    assert code == 0 and "autoscale --endpoint clip-async2 --min 0" in out  # not InService yet
+    assert run(capsys, *deploy_args("clip-rt"))[0] == 0
+    code, _, err = run(capsys, "autoscale", "--endpoint", "clip-rt", "--min", "0")
+    assert code == 2 and "need 1 <= --min <= --max" in err
+    for endpoint in ("clip-async2", "clip-rt"):
+        assert run(capsys, "delete", "--endpoint", endpoint)[0] == 0

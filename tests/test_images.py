@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from clip_runner.errors import RequestError
 from clip_runner.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images import (
+    EXACT_RESIZE_MAX_ASPECT,
     ImageGeometry,
     ImageLimits,
     decode_image,
@@ -23,6 +25,7 @@ from clip_runner.images import (
     resize_and_crop,
 )
 from clip_runner.store import OPENAI_STD, build_image_processor
+from tests.hard_images import encoded, hard_images
 from tests.helpers import PUBLIC_HOST, as_base64, encode, photo_like
 
 GEOMETRY = ImageGeometry(shortest_edge=224, crop_height=224, crop_width=224)
@@ -225,8 +228,51 @@ def test_load_images_mixes_urls_base64_and_data_uris(image_dir, image_server):
             "data:image/png;base64," + as_base64(photo),
         ]
     )
-    assert pixels.shape == (3, 224, 224, 3)
+    assert [item.shape for item in pixels] == [(224, 224, 3)] * 3
     assert (pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all()
+
+
+def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image_server):
+    """Baseline RGB/greyscale JPEGs go as their own bytes; progressive, CMYK, rotated JPEGs
+    and PNGs are decoded here as before."""
+    photo = photo_like(320, 240, seed=4)
+    baseline = encode(photo, "JPEG", quality=90)
+    grey = encode(photo.convert("L"), "JPEG", quality=90)
+    progressive = encode(photo, "JPEG", quality=90, progressive=True)
+    cmyk = encode(photo.convert("CMYK"), "JPEG", quality=90)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated = encode(photo, "JPEG", quality=90, exif=exif.tobytes())
+    sources = [base64.b64encode(data).decode() for data in (baseline, grey, progressive, cmyk)]
+    sources += [base64.b64encode(rotated).decode(), as_base64(photo)]
+    loaded = load(sources, dataclasses.replace(LIMITS, forward_jpegs=True))
+    assert loaded[0] == baseline and loaded[1] == grey
+    assert all(isinstance(item, np.ndarray) for item in loaded[2:])
+    assert loaded[4].shape == (224, 224, 3)
+
+
+def test_forwarding_still_checks_the_pixel_limit_from_the_header():
+    big = base64.b64encode(encode(photo_like(400, 300, seed=1), "JPEG")).decode()
+    limits = dataclasses.replace(LIMITS, forward_jpegs=True, max_pixels=100_000)
+    with pytest.raises(RequestError, match="more than the 100000-pixel limit"):
+        load([big], limits)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_the_default_path_is_clip_image_processors_on_the_hard_set(fmt):
+    """Fine stripes, checkerboards, fabric, noise, text, photos and extreme aspect ratios: the
+    default preprocessing gives CLIPImageProcessor's pixels (aspect ratios past 4:1 resample
+    only the crop: at most one grey level apart)."""
+    processor = build_image_processor()
+    for name, image in hard_images(scale=0.25):
+        data = encoded(image, fmt)
+        ours = prepare_image(data, 0, GEOMETRY, MAX_PIXELS).astype(int)
+        decoded = Image.open(io.BytesIO(data)).convert("RGB")
+        theirs = processor(
+            images=decoded, do_normalize=False, do_rescale=False, return_tensors="np"
+        )["pixel_values"][0].transpose(1, 2, 0)
+        tolerance = 1 if max(image.size) / min(image.size) > EXACT_RESIZE_MAX_ASPECT else 0
+        assert np.abs(ours - theirs.round().astype(int)).max() <= tolerance, name
 
 
 def test_the_first_failing_index_is_reported():
@@ -258,3 +304,9 @@ def test_fast_preprocessing_box_reduces_big_non_jpegs():
     reduced = reduce_large(image, GEOMETRY)
     assert reduced.size == (667, 467)  # factor 3: the shortest side stays >= 2 x 224
     assert reduce_large(photo_like(800, 600, seed=8), GEOMETRY).size == (800, 600)
+
+
+def test_fast_preprocessing_is_opt_in():
+    data = encode(photo_like(1834, 2750, seed=7), "JPEG", quality=90)
+    default = prepare_image(data, 0, GEOMETRY, MAX_PIXELS)
+    assert (default == prepare_image(data, 0, GEOMETRY, MAX_PIXELS, fast=False)).all()

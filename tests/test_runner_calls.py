@@ -6,9 +6,10 @@ import asyncio
 
 import aiohttp
 import bentoml
+import numpy as np
 import pytest
 
-from clip_runner.runner_calls import resilient, runner_overloaded
+from clip_runner.runner_calls import merged, resilient, runner_overloaded
 
 
 class FlakyCall:
@@ -69,3 +70,40 @@ def test_other_errors_are_not_retried():
 )
 def test_only_the_runners_503_means_overloaded(error, overloaded):
     assert runner_overloaded(error) is overloaded
+
+
+def test_merged_calls_carry_concurrent_requests_and_hand_back_each_its_rows():
+    calls: list[int] = []
+    observed: list[int] = []
+
+    async def runner_call(rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        await asyncio.sleep(0.05)  # one call in flight while the others queue
+        return rows * 10
+
+    async def scenario() -> list[np.ndarray]:
+        encode = merged(runner_call, 1, 64, 10, observed.append)
+        return await asyncio.gather(*(encode(np.full((1, 2), i)) for i in range(12)))
+
+    results = asyncio.run(scenario())
+    assert [int(r[0, 0]) for r in results] == [i * 10 for i in range(12)]
+    assert sum(calls) == 12 and len(calls) < 12 and calls == observed
+
+
+def test_merged_calls_keep_up_to_in_flight_calls_going():
+    active, peak = 0, 0
+
+    async def runner_call(rows: list) -> np.ndarray:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.05)
+        active -= 1
+        return np.zeros((len(rows), 1))
+
+    async def scenario() -> None:
+        encode = merged(runner_call, 3, 2, 10, lambda rows: None)
+        await asyncio.gather(*(encode(["text"]) for _ in range(12)))
+
+    asyncio.run(scenario())
+    assert peak == 3

@@ -180,6 +180,7 @@ def test_concurrent_requests_are_batched_across_requests_and_stay_correct(served
     bodies = [{"images": [as_base64(p)], "classes": SEED_CLASSES} for p in pictures]
     post(served, bodies[0])  # prompts cached; the burst below is image-only work
     count_before, sum_before = histogram(served, "clip_runner_batch_images")
+    calls_before, sent_before = histogram(served, "clip_service_runner_call_images")
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
@@ -187,7 +188,11 @@ def test_concurrent_requests_are_batched_across_requests_and_stay_correct(served
 
     responses = asyncio.run(burst())
     count_after, sum_after = histogram(served, "clip_runner_batch_images")
+    calls_after, sent_after = histogram(served, "clip_service_runner_call_images")
     assert [r.status_code for r in responses] == [200] * len(bodies)
+    # The API worker merged concurrent requests: fewer runner calls than images sent.
+    assert sent_after - sent_before == len(bodies)
+    assert calls_after - calls_before < len(bodies), "no runner call carried two requests"
     # Every image was encoded. A runner call that lost its connection is retried once (see
     # runner_calls.py), and the runner may have encoded the first attempt too, so ">=".
     encoded = sum_after - sum_before
@@ -244,5 +249,7 @@ def test_metrics_expose_cache_preprocessing_and_runner_timings(served):
         'clip_service_runner_call_seconds_count{encoder="image"}',
         'clip_runner_inference_seconds_count{encoder="image"}',
         "clip_runner_batch_texts_count",
+        'clip_service_runner_call_images_count{sent_as="pixels"}',
+        "clip_service_runner_call_texts_count",
     ):
         assert name in text, name

@@ -1,0 +1,90 @@
+"""JPEG bytes -> model-ready uint8 crops on the model's device, a whole batch at once.
+
+On a GPU the API workers forward JPEG bytes instead of decoding them (images.py decides which),
+and the runner decodes the batch with nvJPEG (`torchvision.io.decode_jpeg` on CUDA) and resizes
+it on the device with Pillow's exact arithmetic (resample.py), so the CPUs only parse JSON and
+check headers. Its CPU twin decodes with Pillow (libjpeg-turbo, as the API path does) and runs
+the same device resize on the CPU: that is what the tests exercise without a GPU.
+
+An image that fails to decode here does not fail its batch: its row is reported as failed and
+the API answers that one image with a 422.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clip_runner.resample import resize_and_crop
+
+logger = logging.getLogger(__name__)
+
+NVJPEG = "nvjpeg"
+PILLOW = "pillow"
+
+
+def _torchvision_decoder() -> Callable | None:
+    """torchvision's batched nvJPEG decoder, or None where torchvision is absent or built for
+    another torch (a CUDA torchvision beside a CPU torch does not load)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except (ImportError, RuntimeError, OSError):
+        return None
+
+    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    return decode
+
+
+def pillow_decode(blob: bytes, device: torch.device) -> torch.Tensor:
+    """(3, H, W) uint8 on `device`; the API workers forward only baseline RGB or greyscale
+    JPEGs without EXIF rotation, for which this is exactly what their own decode gives."""
+    with Image.open(io.BytesIO(blob)) as image:
+        pixels = np.array(image.convert("RGB"))  # writable, as torch wants
+    return torch.from_numpy(pixels).to(device).permute(2, 0, 1)
+
+
+class DeviceJpegDecoder:
+    """Decodes and resizes forwarded JPEGs where the model runs (see the module docstring)."""
+
+    def __init__(
+        self, device: torch.device, shortest_edge: int, crop_height: int, crop_width: int
+    ) -> None:
+        self.device = device
+        self.geometry = (shortest_edge, crop_height, crop_width)
+        self._nvjpeg = _torchvision_decoder() if device.type == "cuda" else None
+        self.name = NVJPEG if self._nvjpeg is not None else PILLOW
+
+    def __call__(self, blobs: Sequence[bytes]) -> tuple[torch.Tensor, list[bool]]:
+        """uint8 (N_ok, 3, crop_h, crop_w) on the device for the images that decoded, and
+        which of `blobs` did (in order)."""
+        decoded = self._decode_all(blobs)
+        ok = [image is not None for image in decoded]
+        crops = [resize_and_crop(image, *self.geometry) for image in decoded if image is not None]
+        if not crops:
+            empty = torch.empty((0, 3, self.geometry[1], self.geometry[2]), dtype=torch.uint8)
+            return empty.to(self.device), ok
+        return torch.stack(crops), ok
+
+    def _decode_all(self, blobs: Sequence[bytes]) -> list[torch.Tensor | None]:
+        if self._nvjpeg is not None:
+            data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
+            try:
+                return list(self._nvjpeg(data, self.device))
+            except RuntimeError:  # one bad image fails the batch call: find it one at a time
+                return [self._one(lambda d=d: self._nvjpeg([d], self.device)[0]) for d in data]
+        return [self._one(lambda b=blob: pillow_decode(b, self.device)) for blob in blobs]
+
+    @staticmethod
+    def _one(decode: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        try:
+            return decode()
+        except (OSError, ValueError, RuntimeError, SyntaxError) as exc:
+            logger.info("a forwarded JPEG did not decode: %s", exc)
+            return None

@@ -1,0 +1,90 @@
+"""The device path (CLIP_DECODE=runner): JPEG bytes decoded and resized where the model runs.
+
+On a GPU the runner decodes with nvJPEG; here its CPU twin (Pillow's decode, the torch resize
+of resample.py) runs the same code around it, so the path is proven without a GPU: the crops
+equal the API path's pixels, a bad JPEG fails alone, and a real server forwarding JPEGs answers
+exactly as the suite's server that decodes in the API worker.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from clip_runner.device_decode import PILLOW, DeviceJpegDecoder
+from clip_runner.images import ImageGeometry, prepare_image
+from tests.hard_images import encoded, hard_images
+from tests.helpers import SEED_CLASSES, ServedBento, bentoml_serve, encode, photo_like
+
+GEOMETRY = ImageGeometry(224, 224, 224)
+
+
+def jpeg_set() -> list[bytes]:
+    return [encoded(image, "JPEG") for _, image in hard_images(scale=0.25)]
+
+
+def test_cpu_twin_equals_the_api_path_on_the_hard_set():
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)
+    assert decoder.name == PILLOW  # no CUDA here
+    blobs = jpeg_set()
+    crops, decoded = decoder(blobs)
+    assert decoded == [True] * len(blobs)
+    expected = np.stack([prepare_image(blob, 0, GEOMETRY, 10**9) for blob in blobs])
+    np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
+
+
+def test_a_jpeg_that_does_not_decode_fails_alone():
+    good = encode(photo_like(300, 200, seed=1), "JPEG")
+    crops, decoded = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)(
+        [good, good[: len(good) // 3], good]
+    )
+    assert decoded == [True, False, True] and tuple(crops.shape) == (2, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def forwarding(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
+    log_path = tmp_path_factory.mktemp("forwarding") / "serve.log"
+    with bentoml_serve(
+        bentoml_home, log_path, CLIP_MODEL_TAG=str(tiny_stored_model.tag), CLIP_DECODE="runner"
+    ) as server:
+        yield server
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_forwarding_server_answers_as_the_api_path(forwarding, served):
+    pictures = [photo_like(200 + 10 * i, 150, seed=40 + i) for i in range(4)]
+    images = [b64(encode(p, "JPEG", quality=90)) for p in pictures]
+    images.append(b64(encode(pictures[0], "JPEG", quality=90, progressive=True)))  # API-decoded
+    images.append(b64(encode(pictures[1], "PNG")))
+    body = {"images": images, "classes": SEED_CLASSES}
+    forwarded = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
+    decoded_here = httpx.post(f"{served.url}/invocations", json=body, timeout=60)
+    assert forwarded.status_code == decoded_here.status_code == 200
+    for ours, theirs in zip(forwarded.json(), decoded_here.json(), strict=True):
+        assert ours["prompts"][0] == theirs["prompts"][0]
+        np.testing.assert_allclose(ours["prompts"][2], theirs["prompts"][2], atol=1e-6)
+    metrics = httpx.get(f"{forwarding.url}/metrics", timeout=10).text
+    assert 'clip_service_runner_call_images_sum{sent_as="jpeg"} 4.0' in metrics
+
+
+def test_a_forwarded_jpeg_that_does_not_decode_is_a_422_naming_it(forwarding):
+    good = encode(photo_like(120, 90, seed=3), "JPEG")
+    body = {"images": [b64(good), b64(good[: len(good) // 3])], "classes": SEED_CLASSES}
+    response = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["index"] == 1 and "images[1]" in error["message"]
+    ok = httpx.post(
+        f"{forwarding.url}/invocations",
+        json={"images": [b64(good)], "classes": SEED_CLASSES},
+        timeout=60,
+    )
+    assert ok.status_code == 200
