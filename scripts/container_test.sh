@@ -67,7 +67,9 @@ ensure_docker() {
     apt-get update -qq && apt-get install -y -qq docker.io >/dev/null
   fi
   log "starting dockerd (no bridge, no iptables: containers use host networking)"
-  dockerd --bridge=none --iptables=false >"$WORK/dockerd.log" 2>&1 &
+  # TMPDIR=/tmp: the engine outlives this run when another run uses it, and runc keeps files in
+  # the engine's TMPDIR (a test's temporary folder, deleted later, would break `docker exec`).
+  TMPDIR=/tmp dockerd --bridge=none --iptables=false >"$WORK/dockerd.log" 2>&1 &
   STARTED_DOCKERD=$!
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && return; sleep 1; done
   tail -20 "$WORK/dockerd.log" >&2
