@@ -10,8 +10,11 @@ STAMP := $(VENV)/.installed
 IMPORT_ARGS ?=
 # The browser tests/test_ui.py drives: Debian's package, not Playwright's own downloads.
 CHROMIUM := /usr/bin/chromium
+# bentoctl (bentoctl/sagemaker-operator) in its own venv: its pins clash with BentoML 1.4's.
+BENTOCTL_VENV ?= .venv-bentoctl
+BENTOCTL_STAMP := $(BENTOCTL_VENV)/.installed
 
-.PHONY: serve test lint format import-model build bench clean
+.PHONY: serve test lint format import-model build bench clean bentoctl
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +27,17 @@ serve: $(STAMP)
 	$(BIN)/python scripts/import_model.py --if-missing $(IMPORT_ARGS)
 	$(BIN)/bentoml serve service:ClipService
 
-test: $(STAMP) $(CHROMIUM) lint
+test: $(STAMP) $(BENTOCTL_STAMP) $(CHROMIUM) lint
 	$(BIN)/python -m pytest
+
+$(BENTOCTL_STAMP): requirements-bentoctl.txt
+	test -x $(BENTOCTL_VENV)/bin/python || $(PYTHON) -m venv $(BENTOCTL_VENV)
+	$(BENTOCTL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENTOCTL_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-bentoctl.txt
+	touch $(BENTOCTL_STAMP)
+
+bentoctl: $(BENTOCTL_STAMP)
+	@echo "bentoctl: $(BENTOCTL_VENV)/bin/bentoctl (README, 'bentoctl')"
 
 $(CHROMIUM):
 	@if [ "$$(id -u)" = 0 ]; then \
@@ -53,4 +65,4 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(BENTOCTL_VENV) .pytest_cache .ruff_cache

@@ -42,6 +42,7 @@ from clip_runner.invocation import InvocationContext, image_embeddings, invoke
 from clip_runner.invocation import classify as classify_images
 from clip_runner.invocation import embed_texts as embed_texts_flow
 from clip_runner.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
+from clip_runner.model_source import find_checkpoint, tokenizer_path
 from clip_runner.raw_images import RawImageBodyMiddleware
 from clip_runner.runner import CLIPRunner
 from clip_runner.runner_calls import (
@@ -73,6 +74,9 @@ from clip_runner.ui import demo_page
 
 logger = logging.getLogger("clip_service")
 settings = get_settings()
+# A CLIP_MODEL_DIR (/opt/ml/model) holding something that is not a CLIP checkpoint stops the start
+# here, before any worker spawns, with a message saying what is wrong (clip_runner/model_source.py).
+find_checkpoint(settings.model_dir)
 READY_PROBE_TIMEOUT_S = 1.5
 READY_PROBE_INTERVAL_S = 1.0
 # Prompts whose token count is remembered (a few MB at most): counting is the tokenizer's work,
@@ -142,7 +146,9 @@ class ClipService:
         )
         policy = AddressPolicy.from_allowlist(settings.fetch_allow)
         self.http_client = new_fetch_client(policy, self.image_limits.fetch)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path(self.model_ref.path, settings.model_dir)  # the runner's checkpoint
+        )
         self.text_cache = TextEmbeddingCache(settings.text_cache_size)
         self._context: InvocationContext | None = None
         self._context_lock = asyncio.Lock()

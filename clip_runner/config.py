@@ -125,6 +125,7 @@ class Settings:
     max_waiting_body_bytes: int
     max_request_pixels: int
     api_key: str | None
+    model_dir: str  # blank: always the baked-in model
 
     def __post_init__(self) -> None:
         # The batching window must leave most of the request budget for the work itself.
@@ -185,4 +186,5 @@ def get_settings() -> Settings:
         ),
         max_request_pixels=_env_int("CLIP_MAX_REQUEST_PIXELS", 200_000_000),
         api_key=os.environ.get("CLIP_API_KEY", "").strip() or None,
+        model_dir=os.environ.get("CLIP_MODEL_DIR", "/opt/ml/model").strip(),
     )

@@ -26,8 +26,8 @@ from clip_runner.config import get_settings
 from clip_runner.device_decode import DeviceJpegDecoder
 from clip_runner.encoding import ClipEncoder, pick_device
 from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_INFERENCE_SECONDS
+from clip_runner.model_source import load_served_clip
 from clip_runner.pass_layout import pass_layout
-from clip_runner.store import load_clip
 
 logger = logging.getLogger("clip_runner")
 settings = get_settings()
@@ -60,7 +60,7 @@ class CLIPRunner:
     def __init__(self) -> None:
         if settings.runner_threads:
             torch.set_num_threads(settings.runner_threads)
-        loaded = load_clip(self.model_ref)
+        loaded = load_served_clip(self.model_ref, settings.model_dir)  # CLIP_MODEL_DIR or store
         device, dtype = pick_device()
         self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype)
         facts = self.encoder.facts(loaded.tag, loaded.random_weights)

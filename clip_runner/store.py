@@ -265,11 +265,15 @@ def save_clip(
     return stored
 
 
+def load_checkpoint(path: Path) -> tuple[CLIPModel, CLIPProcessor]:
+    """A checkpoint in `save_pretrained` layout, as the runner serves it (CPU, fp32, sdpa)."""
+    model = CLIPModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    return model, CLIPProcessor.from_pretrained(path)
+
+
 def load_clip(stored: bentoml.Model) -> LoadedClip:
     """Read a stored model back into memory (CPU, fp32; the runner moves it to its device)."""
-    path = Path(stored.path)
-    model = CLIPModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    processor = CLIPProcessor.from_pretrained(path)
+    model, processor = load_checkpoint(Path(stored.path))
     random_weights = str(stored.info.labels.get("random_weights", "false")) == "true"
     return LoadedClip(
         tag=str(stored.tag), model=model, processor=processor, random_weights=random_weights

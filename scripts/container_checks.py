@@ -1,6 +1,7 @@
 """Black-box checks of a running CLIP server the way SageMaker uses it: /ping, then /invocations.
 
     python scripts/container_checks.py http://127.0.0.1:8080 [--ready-timeout 300]
+        [--expect-model model-dir:/opt/ml/model] [--expect-embedding '[0.1, ...]']
 
 Used by `scripts/container_test.sh` twice: from the host against the container on host
 networking, and piped into the container's own Python (`docker exec -i C python - URL`) when the
@@ -23,6 +24,7 @@ from PIL import Image
 
 SEED_CLASSES = [["person", 1], ["woman", 1], ["man", 1], ["cat", 0], ["dog", 0], ["car", 0]]
 PING_BUDGET_S = 2.0  # SageMaker fails a ping that takes longer
+EMBEDDING_TEXT = "a photo of a cat"
 
 
 class CheckFailed(Exception):
@@ -121,10 +123,37 @@ def check_bad_requests(client: httpx.Client) -> None:
     expect(client.get("/ping", timeout=PING_BUDGET_S).status_code == 200, "down after bad input")
 
 
+def check_model(
+    client: httpx.Client, expect_model: str | None, expect_embedding: list[float] | None
+) -> str:
+    """Which model answers (`/embed_texts`' `model` field), checked against the expected tag
+    prefix and, when given, the expected embedding of EMBEDDING_TEXT. Returns the tag."""
+    response = client.post("/embed_texts", json={"texts": [EMBEDDING_TEXT]}, timeout=30)
+    expect(response.status_code == 200, f"/embed_texts: {response.status_code} {response.text}")
+    answer = response.json()
+    tag = answer["model"]
+    if expect_model is not None:
+        expect(tag.startswith(expect_model), f"serving {tag!r}, expected {expect_model}...")
+    if expect_embedding is not None:
+        served = np.array(answer["embeddings"][0])
+        expected = np.array(expect_embedding)
+        expect(
+            served.shape == expected.shape and np.allclose(served, expected, atol=1e-4),
+            f"the embedding of {EMBEDDING_TEXT!r} is not the expected checkpoint's",
+        )
+    return tag
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url", nargs="?", default="http://127.0.0.1:8080")
     parser.add_argument("--ready-timeout", type=float, default=300)
+    parser.add_argument("--expect-model", help="the served model's tag starts with this")
+    parser.add_argument(
+        "--expect-embedding",
+        type=json.loads,
+        help=f"JSON list: the expected embedding of {EMBEDDING_TEXT!r} (within 1e-4)",
+    )
     args = parser.parse_args()
     with httpx.Client(base_url=args.url, trust_env=False) as client:
         try:
@@ -132,6 +161,7 @@ def main() -> int:
             figures["slowest_ping_ms"] = round(check_ping(client), 1)
             figures["seed_request_ms"] = round(check_seed_request(client))
             check_bad_requests(client)
+            figures["model"] = check_model(client, args.expect_model, args.expect_embedding)
         except (CheckFailed, httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
             print(f"FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1

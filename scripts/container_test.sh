@@ -7,7 +7,14 @@
 #      does not pull the multi-GB CUDA build), `bentoml containerize`d on that base;
 #   4. `docker run IMAGE serve` on 8080: /ping, the seed's /invocations, bad input, non-root user,
 #      model inside the image; the same checks with no network at all (`--network none`, checked
-#      from inside with `docker exec`); SIGTERM stops it within 30 s.
+#      from inside with `docker exec`); SIGTERM stops it within 30 s;
+#   5. /opt/ml/model (what SageMaker extracts ModelDataUrl's model.tar.gz into): a mounted CLIP
+#      checkpoint is served instead of the baked-in model (its embedding checked against
+#      transformers on the host), an empty mount (SageMaker SDK local mode) keeps the baked-in
+#      one, and a directory holding something else stops the start with a clear message;
+#   6. `bentoctl build` of the same bento with this project's operator (bentoctl/sagemaker-operator,
+#      bentoctl from .venv-bentoctl: `make bentoctl`), stopped before the ECR push (--dry-run:
+#      no AWS here); its image must be the one `bentoml containerize` built (same image ID).
 # Cleans up the containers (and the test image, unless KEEP_IMAGE=1); exits non-zero on any failure.
 #
 #   sudo scripts/container_test.sh        # about 4 minutes the first time, 2 when cached
@@ -27,6 +34,8 @@ WORK="$(mktemp -d -t clip-container-test.XXXXXX)"
 RUN_ID="$(date +%s)-$$"
 IMAGE="clip-bentoml-test:$RUN_ID"
 CONTAINERS=()
+BENTO_TAG=""
+BENTOCTL="${BENTOCTL:-$REPO/.venv-bentoctl/bin/bentoctl}"
 STARTED_DOCKERD=""
 export DOCKER_BUILDKIT=0 BENTOML_HOME="$WORK/bentoml" BENTOML_DO_NOT_TRACK=true
 
@@ -37,7 +46,14 @@ cleanup() {
   local status=$?
   for container in "${CONTAINERS[@]}"; do docker rm -f "$container" >/dev/null 2>&1 || true; done
   if [[ -z "${KEEP_IMAGE:-}" ]]; then docker rmi -f "$IMAGE" >/dev/null 2>&1 || true; fi
-  if [[ -n "$STARTED_DOCKERD" ]]; then kill "$STARTED_DOCKERD" 2>/dev/null || true; fi
+  if [[ -n "$BENTO_TAG" ]]; then
+    docker rmi "clip-sagemaker-$BENTO_TAG" >/dev/null 2>&1 || true  # what bentoctl tagged
+  fi
+  if [[ -n "$STARTED_DOCKERD" ]]; then
+    # Another run on this machine may have found this engine and be using it: leave it then.
+    if [[ -z "$(docker ps -aq 2>/dev/null)" ]]; then kill "$STARTED_DOCKERD" 2>/dev/null || true
+    else log "leaving dockerd running: other containers use it"; fi
+  fi
   rm -rf "$WORK"
   if [[ $status -eq 0 ]]; then log "all checks passed"; else log "exit status $status"; fi
 }
@@ -51,7 +67,9 @@ ensure_docker() {
     apt-get update -qq && apt-get install -y -qq docker.io >/dev/null
   fi
   log "starting dockerd (no bridge, no iptables: containers use host networking)"
-  dockerd --bridge=none --iptables=false >"$WORK/dockerd.log" 2>&1 &
+  # TMPDIR=/tmp: the engine outlives this run when another run uses it, and runc keeps files in
+  # the engine's TMPDIR (a test's temporary folder, deleted later, would break `docker exec`).
+  TMPDIR=/tmp dockerd --bridge=none --iptables=false >"$WORK/dockerd.log" 2>&1 &
   STARTED_DOCKERD=$!
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && return; sleep 1; done
   tail -20 "$WORK/dockerd.log" >&2
@@ -121,9 +139,35 @@ EOF
   tag="$(cd "$context" && "$BENTOML" build --output tag . 2>"$WORK/build.log" | tail -1)" ||
     { cat "$WORK/build.log" >&2; fail "bentoml build"; }
   tag="${tag#__tag__:}"
+  BENTO_TAG="$tag"
   log "bentoml containerize $tag -> $IMAGE"
   "$BENTOML" containerize "$tag" --backend docker --opt network=host -t "$IMAGE" \
     >"$WORK/containerize.log" 2>&1 || { tail -40 "$WORK/containerize.log" >&2; fail "containerize"; }
+}
+
+write_model_dirs() {  # what SageMaker would extract into /opt/ml/model, three ways
+  mkdir -p "$WORK/model-dir/empty" "$WORK/model-dir/not-clip"
+  printf 'not a CLIP checkpoint' >"$WORK/model-dir/not-clip/classifier.pkl"
+  # A tiny CLIP with other weights than the baked-in one, and its embedding of the checks' text.
+  "$PYTHON" - "$WORK/model-dir/clip" >"$WORK/expected-embedding.json" <<'EOF'
+import json, sys
+import torch
+from clip_runner.store import build_random_clip
+model, processor = build_random_clip(tiny=True, seed=7)
+model.save_pretrained(sys.argv[1])
+processor.save_pretrained(sys.argv[1])
+with torch.inference_mode():
+    tokens = processor.tokenizer(["a photo of a cat"], return_tensors="pt")
+    features = model.get_text_features(**tokens)
+    features = getattr(features, "pooler_output", features)
+print(json.dumps((features / features.norm(dim=-1, keepdim=True))[0].tolist()))
+EOF
+  chmod -R a+rX "$WORK/model-dir"
+}
+
+expect_logged() {  # container, text its log must hold, what that line says
+  # Not grep -q: it stops reading at the first match, and pipefail then sees docker's SIGPIPE.
+  docker logs "$1" 2>&1 | grep "$2" >/dev/null || fail "no log line saying $3"
 }
 
 start_container() {  # name, docker run options...
@@ -139,7 +183,7 @@ check_served_on_host_network() {
   log "docker run --network host $IMAGE serve"
   local started=$SECONDS
   start_container "$name" --network host
-  "$PYTHON" scripts/container_checks.py http://127.0.0.1:8080 ||
+  "$PYTHON" scripts/container_checks.py http://127.0.0.1:8080 --expect-model clip: ||
     { docker logs "$name" 2>&1 | tail -40 >&2; fail "checks against the container"; }
   log "ready and checked $((SECONDS - started)) s after docker run"
   [[ "$(docker exec "$name" id -u)" != "0" ]] || fail "the server runs as root"
@@ -156,17 +200,79 @@ check_served_on_host_network() {
 
 check_served_without_network() {
   local name="clip-ct-nonet-$RUN_ID"
-  log "docker run --network none $IMAGE serve (checked from inside the container)"
-  start_container "$name" --network none
+  log "docker run --network none, empty /opt/ml/model mount, $IMAGE serve (checked from inside)"
+  start_container "$name" --network none -v "$WORK/model-dir/empty:/opt/ml/model:ro"
   [[ "$(docker exec "$name" python -c 'import socket; print(len(socket.if_nameindex()))')" == 1 ]] ||
     fail "the container has a network interface besides loopback"
-  docker exec -i "$name" python - http://127.0.0.1:8080 <scripts/container_checks.py ||
+  docker exec -i "$name" python - http://127.0.0.1:8080 --expect-model clip: \
+    <scripts/container_checks.py ||
     { docker logs "$name" 2>&1 | tail -40 >&2; fail "checks without network"; }
+  expect_logged "$name" "/opt/ml/model is empty: serving the baked-in model" \
+    "the empty /opt/ml/model keeps the baked-in model"
+  log "empty /opt/ml/model: the baked-in model served"
+  docker rm -f "$name" >/dev/null
+}
+
+check_model_dir_checkpoint() {
+  local name="clip-ct-modeldir-$RUN_ID"
+  log "docker run -v CHECKPOINT:/opt/ml/model $IMAGE serve (a model from ModelDataUrl)"
+  # No network (checked from inside, like the run above): the host's 8080 may be someone else's.
+  start_container "$name" --network none -v "$WORK/model-dir/clip:/opt/ml/model:ro"
+  docker exec -i "$name" python - http://127.0.0.1:8080 --expect-model model-dir:/opt/ml/model \
+    --expect-embedding "$(cat "$WORK/expected-embedding.json")" <scripts/container_checks.py ||
+    { docker logs "$name" 2>&1 | tail -40 >&2; fail "checks with a checkpoint in /opt/ml/model"; }
+  expect_logged "$name" "serving the CLIP checkpoint in /opt/ml/model" \
+    "the /opt/ml/model checkpoint is served"
+  log "/opt/ml/model checkpoint served (its embedding matches transformers on the host)"
+  docker rm -f "$name" >/dev/null
+}
+
+check_model_dir_refused() {
+  local name="clip-ct-badmodel-$RUN_ID"
+  log "docker run -v NOT-A-CHECKPOINT:/opt/ml/model $IMAGE serve (must not start)"
+  start_container "$name" --network none -v "$WORK/model-dir/not-clip:/opt/ml/model:ro"
+  timeout 120 docker wait "$name" >"$WORK/bad_exit_code" || fail "still running 120 s later"
+  [[ "$(cat "$WORK/bad_exit_code")" != "0" ]] || fail "exit code 0 with no checkpoint"
+  docker logs "$name" 2>&1 | grep "holds no CLIP checkpoint" >"$WORK/refusal" ||
+    { docker logs "$name" 2>&1 | tail -20 >&2; fail "no clear message for a bad /opt/ml/model"; }
+  log "refused, exit code $(cat "$WORK/bad_exit_code"): $(tail -1 "$WORK/refusal" | cut -c1-300)"
+}
+
+check_bentoctl_build() {
+  if [[ ! -x "$BENTOCTL" ]]; then log "bentoctl build skipped: no $BENTOCTL (make bentoctl)"; return; fi
+  local home="$WORK/bentoctl" config="$WORK/deployment_config.yaml" built="clip-sagemaker-$BENTO_TAG"
+  BENTOCTL_HOME="$home" COLUMNS=200 "$BENTOCTL" operator install bentoctl/sagemaker-operator \
+    >"$WORK/bentoctl.log" 2>&1 || { cat "$WORK/bentoctl.log" >&2; fail "bentoctl operator install"; }
+  sed 's/^name: clip$/name: clip-bentoctl-test/' deployment_config.yaml >"$config"
+  log "bentoctl build -b $BENTO_TAG --dry-run: stops before the ECR repository and push, which" \
+    "need AWS (unreachable here)"
+  # bentoctl exits 0 on its own errors: its output says whether the image was built.
+  BENTOCTL_HOME="$home" COLUMNS=200 "$BENTOCTL" build -b "$BENTO_TAG" -f "$config" --dry-run \
+    >>"$WORK/bentoctl.log" 2>&1 || true
+  grep -q "Created docker image: $built" "$WORK/bentoctl.log" ||
+    { tail -30 "$WORK/bentoctl.log" >&2; fail "bentoctl build"; }
+  grep -E "build context:|buildx is not installed" "$WORK/bentoctl.log" | while read -r line; do
+    log "bentoctl: $line"
+  done
+  local ours theirs
+  ours="$(docker image inspect "$built" --format '{{.Id}}')"
+  theirs="$(docker image inspect "$IMAGE" --format '{{.Id}}')"
+  if [[ "$ours" != "$theirs" ]]; then
+    docker history --no-trunc --format '{{.ID}} {{.CreatedBy}}' "$built" | cut -c1-200 >&2
+    docker history --no-trunc --format '{{.ID}} {{.CreatedBy}}' "$IMAGE" | cut -c1-200 >&2
+    fail "bentoctl's image $built ($ours) is not bentoml containerize's $IMAGE ($theirs)"
+  fi
+  log "bentoctl build: $built is the image bentoml containerize built (${ours:7:12})"
 }
 
 ensure_docker
 ensure_base_image
 build_image
 log "image $IMAGE: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+
+write_model_dirs
+check_bentoctl_build
 check_served_on_host_network
 check_served_without_network
+check_model_dir_checkpoint
+check_model_dir_refused

@@ -115,7 +115,8 @@ def owned_by(endpoint: str, name: str) -> bool:
 def model_request(
     name: str, image_uri: str, role_arn: str, env: dict[str, str], network_isolation: bool
 ) -> dict[str, Any]:
-    """The model is only the image: the CLIP weights are baked into it, no ModelDataUrl."""
+    """The model is the image, whose CLIP weights are baked in (`with_model_data` adds a
+    ModelDataUrl that replaces them)."""
     container: dict[str, Any] = {"Image": image_uri, "Mode": "SingleModel"}
     if env:
         container["Environment"] = env
@@ -216,6 +217,28 @@ def scaling_policy_request(
             "ScaleOutCooldown": scale_out_cooldown,
         },
     }
+
+
+# ---- --model-data: a CLIP checkpoint SageMaker extracts into /opt/ml/model ----
+
+MODEL_DATA_RE = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+\.tar\.gz")
+
+
+def check_model_data(url: str) -> str:
+    """SageMaker downloads `ModelDataUrl` from S3 and extracts it into /opt/ml/model."""
+    if not MODEL_DATA_RE.fullmatch(url):
+        raise DeployError(
+            f"--model-data {url!r}: give the S3 URL of a model.tar.gz holding a CLIP checkpoint "
+            "in transformers' format, e.g. s3://my-bucket/clip/model.tar.gz (README, 'A model "
+            "from /opt/ml/model')"
+        )
+    return url
+
+
+def with_model_data(request: dict[str, Any], url: str) -> dict[str, Any]:
+    """The model request with `ModelDataUrl`: the service then serves that checkpoint instead of
+    the one baked into the image (clip_runner/model_source.py)."""
+    return {**request, "PrimaryContainer": {**request["PrimaryContainer"], "ModelDataUrl": url}}
 
 
 def image_source(arg: str) -> str:
@@ -467,6 +490,7 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
     if any("=" not in item for item in args.env):
         raise DeployError("--env takes KEY=VALUE")
     env = dict(item.split("=", 1) for item in args.env)
+    model_data = check_model_data(args.model_data) if args.model_data else None
     async_config = None
     if args.async_:  # results to S3, requests queued: issue 14's asynchronous inference
         async_config = async_inference_config(
@@ -500,11 +524,10 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
                 )
             retain = True  # keep the instance count autoscaling chose
     name = resource_name(endpoint, datetime.now(UTC))
-    aws.act(
-        "sagemaker",
-        "create_model",
-        **model_request(name, args.image_uri, role_arn, env, args.network_isolation),
-    )
+    model = model_request(name, args.image_uri, role_arn, env, args.network_isolation)
+    if model_data:
+        model = with_model_data(model, model_data)
+    aws.act("sagemaker", "create_model", **model)
     config_request = endpoint_config_request(
         name, name, instance_type, args.instance_count, args.startup_timeout, variant
     )
@@ -1046,6 +1069,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ContainerStartupHealthCheckTimeoutInSeconds (60..3600)",
     )
     deploy.add_argument("--env", action="append", default=[], help="KEY=VALUE for the container")
+    deploy.add_argument(
+        "--model-data",
+        help="s3://BUCKET/KEY/model.tar.gz: a CLIP checkpoint (save_pretrained) to serve "
+        "instead of the image's model; SageMaker extracts it into /opt/ml/model",
+    )
     deploy.add_argument(
         "--network-isolation",
         action="store_true",

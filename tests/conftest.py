@@ -89,12 +89,17 @@ def served(
     tmp_path_factory: pytest.TempPathFactory,
     s3_store: MotoS3,
 ) -> Iterator[ServedBento]:
-    """One real `bentoml serve` of the tiny model for the whole integration suite."""
+    """One real `bentoml serve` of the tiny model for the whole integration suite.
+
+    Its CLIP_MODEL_DIR is an empty directory, as the SageMaker SDK's local mode mounts at
+    /opt/ml/model: the baked-in (store) model must still be served.
+    """
     with _serve_tiny(
         tiny_stored_model,
         bentoml_home,
         tmp_path_factory,
         "serve",
+        CLIP_MODEL_DIR=str(tmp_path_factory.mktemp("empty-model-dir")),
         CLIP_FETCH_TIMEOUT_S="3",
         CLIP_FETCH_CONNECT_TIMEOUT_S="2",
         **s3_store.server_env(),

@@ -1,5 +1,7 @@
 """The SageMaker image itself: `scripts/container_test.sh` builds it on a real Docker engine and
-checks it (serve on 8080, /ping, /invocations, bad input, non-root, no network, SIGTERM)."""
+checks it (serve on 8080, /ping, /invocations, bad input, non-root, no network, SIGTERM, and a
+model from /opt/ml/model: mounted checkpoint, empty mount, refused contents), and builds the same
+bento with `bentoctl build` and this project's operator (bentoctl/sagemaker-operator)."""
 
 from __future__ import annotations
 
@@ -36,5 +38,14 @@ def test_the_containerized_bento_serves_as_sagemaker_runs_it(tmp_path):
     assert result.returncode == 0, report[-6000:]
     assert "all checks passed" in report
     assert "exit code 0" in report and "runs as bentoml" in report
-    # Both the host-network run and the network-less run printed their passed checks.
-    assert report.count('"checks": "passed"') == 2, report[-6000:]
+    # The host-network run, the network-less run (with an empty /opt/ml/model, as the SageMaker
+    # SDK's local mode mounts it) and the run with a checkpoint in /opt/ml/model passed.
+    assert report.count('"checks": "passed"') == 3, report[-6000:]
+    assert '"model": "model-dir:/opt/ml/model"' in report
+    assert "empty /opt/ml/model: the baked-in model served" in report
+    assert "/opt/ml/model checkpoint served" in report
+    assert "holds no CLIP checkpoint in transformers' format" in report
+    # `bentoctl build` with this project's operator: the image `bentoml containerize` built,
+    # stopped before the ECR push with the reason printed.
+    assert "is the image bentoml containerize built" in report, report[-6000:]
+    assert "stops before the ECR repository and push" in report

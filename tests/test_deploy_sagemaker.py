@@ -1,4 +1,4 @@
-"""scripts/deploy_sagemaker.py against moto's server on 127.0.0.1, and deployment_config.yaml.
+"""scripts/deploy_sagemaker.py against moto's server on 127.0.0.1.
 
 moto answers with the real AWS API shapes (boto3 validates requests and parses answers with the
 same service models as against AWS) and stores what it is sent, but it cannot run the image.
@@ -26,7 +26,6 @@ from typing import Any
 
 import boto3
 import pytest
-import yaml
 from botocore.validate import validate_parameters
 from moto.server import ThreadedMotoServer
 
@@ -283,6 +282,22 @@ def test_deploy_creates_model_config_and_endpoint(capsys, role_arn):
     assert model["PrimaryContainer"]["Image"] == IMAGE_URI
     assert model["PrimaryContainer"]["Environment"] == {"CLIP_API_WORKERS": "2"}
     assert model["ExecutionRoleArn"] == role_arn
+
+
+def test_deploy_with_model_data_gives_the_model_a_checkpoint_for_opt_ml_model(capsys, role_arn):
+    url = "s3://clip-models/fine-tuned/model.tar.gz"
+    code, _, err = run(capsys, *deploy_args("clip-md", "--model-data", url))
+    assert code == 0, err
+    variant = current_config("clip-md")["ProductionVariants"][0]
+    container = aws("sagemaker").describe_model(ModelName=variant["ModelName"])["PrimaryContainer"]
+    assert container["ModelDataUrl"] == url and container["Image"] == IMAGE_URI
+    without = deploy.model_request("m", IMAGE_URI, role_arn, {}, False)["PrimaryContainer"]
+    assert "ModelDataUrl" not in without  # the baked-in model unless asked
+    for bad in ("https://clip-models.s3.amazonaws.com/model.tar.gz", "s3://clip-models/model.zip"):
+        before = state()
+        code, _, err = run(capsys, *deploy_args("clip-md2", "--model-data", bad))
+        assert code == 2 and f"--model-data {bad!r}" in error_line(err)
+        assert state() == before
 
 
 def test_redeploy_makes_a_new_config_and_asks_for_a_blue_green_update(capsys, role_arn):
@@ -570,39 +585,6 @@ def test_invoke_refuses_bodies_over_the_payload_limit(capsys, tmp_path):
     code, _, err = run(capsys, "invoke", "--endpoint", "clip-i", "--image", str(big))
     assert code == 2 and "6 MB" in err and "URLs" in err
     assert moto_invocations() == before
-
-
-# ---- bentoctl's config ----
-
-# The aws-sagemaker operator's schema (bentoml/aws-sagemaker-deploy v0.1.4, operator_config.py)
-# and bentoctl 0.4.0's top level (bentoctl/deployment_config.py), copied as facts.
-OPERATOR_REQUIRED = {"region": str, "instance_type": str, "initial_instance_count": int}
-OPERATOR_OPTIONAL = {
-    "timeout": int,
-    "enable_data_capture": bool,
-    "destination_s3_uri": str,
-    "initial_sampling_percentage": int,
-}
-
-
-def test_bentoctl_deployment_config_matches_the_operator_schema():
-    text = (REPO_ROOT / "deployment_config.yaml").read_text()
-    header = text.split("api_version")[0]
-    assert "deprecated" in header.lower() and "scripts/deploy_sagemaker.py" in header
-    config = yaml.safe_load(text)
-    assert config["api_version"] == "v1"  # bentoctl refuses anything else
-    assert set(config) <= {"api_version", "name", "operator", "template", "spec", "env"}
-    assert config["operator"] == {"name": "aws-sagemaker"}
-    assert config["template"] == "terraform"
-    deploy.check_endpoint_name(config["name"])
-    spec = config["spec"]
-    assert set(OPERATOR_REQUIRED) <= set(spec)
-    assert set(spec) <= set(OPERATOR_REQUIRED) | set(OPERATOR_OPTIONAL)
-    for key, value in spec.items():
-        assert type(value) is {**OPERATOR_REQUIRED, **OPERATOR_OPTIONAL}[key], key
-    deploy.check_instance_type(spec["instance_type"])
-    assert spec["initial_instance_count"] >= 1
-    assert 1 <= spec["initial_sampling_percentage"] <= 100
 
 
 # ---- Batch Transform and asynchronous inference ----
