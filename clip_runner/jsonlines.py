@@ -35,21 +35,11 @@ from clip_runner.schemas import (
     TopK,
     ZeroShotParameters,
 )
+from clip_runner.traffic import is_jsonlines_media_type, posted_content_type
 
-JSONLINES_MEDIA_TYPES = (
-    "application/jsonlines",
-    "application/jsonl",
-    "application/x-jsonlines",
-    "application/json-lines",
-)
 # SageMaker's bounds for a transform job's mini-batch size (MaxPayloadInMB).
 MAX_PAYLOAD_MB_RANGE = (1, 100)
 MIB = 1024 * 1024
-
-
-def is_jsonlines_media_type(content_type: str) -> bool:
-    """`application/jsonlines` (SageMaker's name) or a common alias, any parameters."""
-    return content_type.split(";", 1)[0].strip().lower() in JSONLINES_MEDIA_TYPES
 
 
 class InvocationLine(BaseModel):
@@ -166,14 +156,8 @@ class JsonLinesMiddleware:
         self.max_in_flight = max_in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {name.lower(): value for name, value in scope.get("headers", [])}
-        content_type = headers.get(b"content-type", b"").decode("latin-1")
-        if not (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"] == self.path
-            and is_jsonlines_media_type(content_type)
-        ):
+        content_type = posted_content_type(scope, self.path)
+        if content_type is None or not is_jsonlines_media_type(content_type):
             await self.app(scope, receive, send)
             return
         body = await Request(scope, receive).body()

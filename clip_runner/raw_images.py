@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.errors import RequestError
 from clip_runner.hf_toolkit import CUSTOM_ATTRIBUTES_HEADER, labels_from_custom_attributes
-from clip_runner.traffic import is_raw_image_media_type, send_error
+from clip_runner.traffic import is_raw_image_media_type, posted_content_type, send_error
 
 
 def toolkit_body(image: bytes, labels: list[str], template: str | None) -> bytes:
@@ -36,16 +36,11 @@ class RawImageBodyMiddleware:
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {name.lower(): value for name, value in scope.get("headers", [])}
-        content_type = headers.get(b"content-type", b"").decode("latin-1")
-        if not (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"] == self.path
-            and is_raw_image_media_type(content_type)
-        ):
+        content_type = posted_content_type(scope, self.path)
+        if content_type is None or not is_raw_image_media_type(content_type):
             await self.app(scope, receive, send)
             return
+        headers = {name.lower(): value for name, value in scope.get("headers", [])}
         image = await self._read_body(receive)
         attributes = headers.get(CUSTOM_ATTRIBUTES_HEADER.lower().encode(), b"").decode("latin-1")
         try:

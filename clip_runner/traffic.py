@@ -25,12 +25,18 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.errors import error_body
-from clip_runner.jsonlines import is_jsonlines_media_type
 from clip_runner.waiting_bodies import Waiter, WaitingBodies
 
 EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz"})
 JSON_MEDIA_TYPES = ("application/json", "text/json")
 RAW_IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
+# Batch Transform's SplitType=Line bodies (jsonlines.py): SageMaker's name and common aliases.
+JSONLINES_MEDIA_TYPES = (
+    "application/jsonlines",
+    "application/jsonl",
+    "application/x-jsonlines",
+    "application/json-lines",
+)
 # Sent when the request's body was not (fully) read: the connection cannot carry another request.
 CLOSE = (b"connection", b"close")
 
@@ -39,6 +45,22 @@ def is_json_media_type(content_type: str) -> bool:
     """`application/json` with any parameters, `application/*+json`, or no type at all."""
     media_type = content_type.split(";", 1)[0].strip().lower()
     return not media_type or media_type in JSON_MEDIA_TYPES or media_type.endswith("+json")
+
+
+def is_jsonlines_media_type(content_type: str) -> bool:
+    """`application/jsonlines` (SageMaker's name) or a common alias, any parameters."""
+    return content_type.split(";", 1)[0].strip().lower() in JSONLINES_MEDIA_TYPES
+
+
+def posted_content_type(scope: Scope, path: str) -> str | None:
+    """The Content-Type of an HTTP POST to `path` ("" when it has none), None for any other
+    request: what the body-rewriting middlewares (raw images, JSON Lines) check first."""
+    if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != path:
+        return None
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-type":
+            return value.decode("latin-1")
+    return ""
 
 
 def is_raw_image_media_type(content_type: str) -> bool:
