@@ -15,6 +15,7 @@ for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux
 done
 python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl -r .whl/requirements.txt
-# Already in the GPU image (and large): keep its own builds.
-rm -f .whl/{torch,triton,numpy,pillow,nvidia_*,sympy,networkx,setuptools}-*.whl
+# Already in the GPU image, where any recent version does (and some large): keep its own builds,
+# so the wheels and the working tree stay inside the device tool's 64 MiB.
+rm -f .whl/{torch,triton,numpy,pillow,nvidia_*,sympy,networkx,setuptools,hf_xet,pygments,pyyaml,regex}-*.whl
 du -sh .whl
