@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU targets as one prepared run on a GPU machine (through the device tool), ~5 minutes:
+# The GPU targets as one prepared run on a GPU machine (through the device tool), sized for ~5 minutes
+# (an estimate from the CPU smoke run; not yet run on a GPU):
 #   bash scripts/gpu_wheels.sh                      # here, once: wheels for the GPU image (.whl)
 #   bash scripts/gpu_bench.sh                       # there (carry .whl): every GPU target
 #   bash scripts/gpu_bench.sh --runner-workers 1 2  # or any other scripts/bench.py mode
