@@ -206,7 +206,7 @@ class ClipService:
                     self.runner.to_async,
                     facts,
                     attempt_s,
-                    settings.runner_workers,
+                    (settings.api_workers, settings.runner_workers),
                     settings.max_latency_ms / 1000,
                 )
                 forward = forwards_jpegs(settings.decode_jpegs_on, facts)

@@ -27,6 +27,7 @@ from clip_runner.errors import ImageError, RequestError
 from clip_runner.fetch import FetchLimits, fetch_url
 from clip_runner.metrics import PREPROCESS_SECONDS
 from clip_runner.pixel_budget import PixelBudget
+from clip_runner.resample import COMPILED, crop_plan, resize_and_crop_array
 from clip_runner.s3_images import fetch_s3, is_s3_url
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
@@ -202,34 +203,35 @@ def reduce_large(image: Image.Image, geometry: ImageGeometry) -> Image.Image:
 def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
     """Bicubic resize of the shortest side then center crop: uint8 (H, W, 3), as CLIPProcessor.
 
-    For ordinary aspect ratios this is exactly the reference's computation. For extreme ones
-    (panoramas, 10000x1 strips) resizing the whole image would allocate a huge intermediate, so
-    only the cropped region is resampled (Pillow's `box`): same sample positions and kernel
-    support, with at most one grey level of rounding difference in a few pixels.
+    With numba (requirements.txt), Pillow's arithmetic runs on the cropped region only
+    (resample.py): the reference's pixels at any aspect ratio, about 3 x faster than Pillow.
+    Without it, Pillow itself: for ordinary aspect ratios exactly the reference's computation;
+    for extreme ones (panoramas, 10000x1 strips) resizing the whole image would allocate a huge
+    intermediate, so only the cropped region is resampled (Pillow's `box`): same sample
+    positions and kernel support, with at most one grey level of rounding difference in a few
+    pixels.
     """
+    edge, crop_height, crop_width = (
+        geometry.shortest_edge,
+        geometry.crop_height,
+        geometry.crop_width,
+    )
+    if COMPILED:
+        return resize_and_crop_array(np.asarray(image), edge, crop_height, crop_width)
     width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = geometry.shortest_edge, int(geometry.shortest_edge * long / short)
-    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
-    out_width = min(geometry.crop_width, new_width)
-    out_height = min(geometry.crop_height, new_height)
-    left, top = (new_width - out_width) // 2, (new_height - out_height) // 2
-    if long / short <= EXACT_RESIZE_MAX_ASPECT:
-        resized = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
-        cropped = resized.crop((left, top, left + out_width, top + out_height))
+    plan = crop_plan(width, height, edge, crop_height, crop_width)
+    kept = (plan.left, plan.top, plan.left + plan.out_width, plan.top + plan.out_height)
+    if max(width, height) / min(width, height) <= EXACT_RESIZE_MAX_ASPECT:
+        resized = image.resize((plan.new_width, plan.new_height), Image.Resampling.BICUBIC)
+        cropped = resized.crop(kept)
     else:
-        scale_x, scale_y = width / new_width, height / new_height
-        box = (
-            left * scale_x,
-            top * scale_y,
-            (left + out_width) * scale_x,
-            (top + out_height) * scale_y,
-        )
-        cropped = image.resize((out_width, out_height), Image.Resampling.BICUBIC, box=box)
-    if (out_width, out_height) != (geometry.crop_width, geometry.crop_height):
-        canvas = Image.new("RGB", (geometry.crop_width, geometry.crop_height))
-        offset = ((geometry.crop_width - out_width) // 2, (geometry.crop_height - out_height) // 2)
-        canvas.paste(cropped, offset)
+        scale_x, scale_y = width / plan.new_width, height / plan.new_height
+        box = (kept[0] * scale_x, kept[1] * scale_y, kept[2] * scale_x, kept[3] * scale_y)
+        size = (plan.out_width, plan.out_height)
+        cropped = image.resize(size, Image.Resampling.BICUBIC, box=box)
+    if plan.padded:
+        canvas = Image.new("RGB", (crop_width, crop_height))
+        canvas.paste(cropped, (plan.pad_left, plan.pad_top))
         cropped = canvas
     return np.asarray(cropped, dtype=np.uint8)
 

@@ -51,6 +51,9 @@ Embeddings = Annotated[np.ndarray, ContentType("application/json")]
     # then retried (runner_calls.py) after the runner had often encoded it already. One
     # long-lived pool instead; the retry stays for the rare real disconnect.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 7 * 24 * 3600.0},
+    # No access log line per runner call: the API service logs every request; these internal
+    # calls (several per request under load) were noise in the log and CPU in the runner.
+    logging={"access": {"enabled": False}},
 )
 class CLIPRunner:
     """Encodes images (uint8 arrays) and texts into L2-normalised CLIP embeddings."""

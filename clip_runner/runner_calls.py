@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -80,10 +81,10 @@ def merged(
     """`call` (a runner method) shared by this API worker's concurrent requests.
 
     Every runner call costs both processes an HTTP exchange, (de)serialisation and BentoML's
-    per-call layers: about 8 ms of CPU with the tiny model, more than its forward pass. So
-    requests do what the runner's own batcher does: up to `in_flight` calls are under way at
-    once (the runner's concurrent passes, plus one waiting there so it never idles between
-    calls); requests arriving meanwhile queue, and the next call takes the queued rows, split
+    per-call layers: several ms of CPU, more than the tiny model's forward pass. So requests do
+    what the runner's own batcher does: up to `in_flight` calls are under way at once
+    (`calls_in_flight`); requests arriving meanwhile queue, and the next call takes the queued
+    rows, split
     among the free call slots and at most `max_rows` (the runner's batch) each. One client
     alone is never held back; under load a call carries many requests.
     """
@@ -106,11 +107,32 @@ class RunnerCalls:
     encode_texts: Callable[[list[str]], Awaitable[np.ndarray]]
 
 
+def calls_in_flight(facts: ModelFacts, runner_workers: int, api_workers: int) -> int:
+    """Runner calls one API worker keeps under way at once.
+
+    On a GPU: one per runner pass, plus one waiting there so the device never idles between
+    calls. On CPU: the API workers together fill the runner's passes and no more, because each
+    call costs the runner about 4 ms of CPU beyond its images (HTTP, BentoML's layers, a thread
+    hop), taken from the cores the model needs. Measured with the tiny model on 2 cores (two
+    API workers): 2.4 ms of runner CPU per request at three calls in flight per worker, 1.6 ms
+    at one (BENCHMARKS.md).
+    """
+    passes = facts.passes * runner_workers
+    if facts.device == "cuda":
+        return passes + 1
+    return max(1, math.ceil(passes / api_workers))
+
+
 def runner_calls(
-    runner: Any, facts: ModelFacts, attempt_s: float, runner_workers: int, max_queue_wait_s: float
+    runner: Any,
+    facts: ModelFacts,
+    attempt_s: float,
+    workers: tuple[int, int],
+    max_queue_wait_s: float,
 ) -> RunnerCalls:
-    """`runner` is BentoML's async client of CLIPRunner; `facts` its `describe()`."""
-    in_flight = facts.passes * runner_workers + 1
+    """`runner` is BentoML's async client of CLIPRunner; `facts` its `describe()`; `workers`
+    the (API, runner) worker counts."""
+    in_flight = calls_in_flight(facts, workers[1], workers[0])
     images = RUNNER_CALL_IMAGES.labels(sent_as="pixels").observe
     jpegs = RUNNER_CALL_IMAGES.labels(sent_as="jpeg").observe
 

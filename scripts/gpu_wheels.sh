@@ -2,13 +2,15 @@
 # Wheels for a lent GPU machine that has PyTorch but not this project's other dependencies and
 # cannot download: run here, then carry `.whl` with the device tool (gpu_bench.sh installs it).
 #   bash scripts/gpu_wheels.sh            # -> .whl/ (git-ignored through .git/info/exclude)
-# Everything in requirements.txt except torch (the GPU image brings its CUDA build), for
+# Everything in requirements.txt except torch (the GPU image brings its CUDA build) and numba, for
 # CPython 3.12 on manylinux x86-64; packages that image already has are dropped to stay small.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl
-grep -v -E '^(torch|#)' requirements.txt | grep . > .whl/requirements.txt
+# Not numba either: its LLVM alone is 60 MB. Without it the API workers resize with Pillow (the
+# same pixels, slower); on a GPU the seed's JPEGs are decoded and resized by the runner anyway.
+grep -v -E '^(torch|numba|#)' requirements.txt | grep . > .whl/requirements.txt
 platforms=()
 for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   platforms+=(--platform "${tag}_x86_64")

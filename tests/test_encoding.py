@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from clip_runner.encoding import ClipEncoder
+from clip_runner.encoding import ClipEncoder, raw_pixel_patch_embedding
 from clip_runner.images import ImageGeometry, resize_and_crop
+from clip_runner.store import OPENAI_MEAN, OPENAI_STD
 from tests.helpers import photo_like
 
 
 @pytest.fixture(scope="module")
 def encoder(tiny_clip) -> ClipEncoder:
-    return ClipEncoder(tiny_clip.model, tiny_clip.processor, torch.device("cpu"), torch.float32)
+    """An encoder on a copy of the model: it changes its model's first layer, and the tests
+    compare it with the unchanged one."""
+    model = copy.deepcopy(tiny_clip.model)
+    return ClipEncoder(model, tiny_clip.processor, torch.device("cpu"), torch.float32)
 
 
 def test_facts_come_from_the_checkpoint(encoder, tiny_clip):
@@ -76,3 +80,34 @@ def test_compiled_towers_give_the_eager_embeddings(encoder, tiny_clip):
         )
     texts = ["a photo of a cat", "a photo of a woman with black shirt and a bag"]
     np.testing.assert_allclose(compiled.encode_texts(texts), encoder.encode_texts(texts), atol=1e-5)
+
+
+def test_the_raw_pixel_patch_embedding_is_the_normalised_one(tiny_clip):
+    conv = tiny_clip.model.vision_model.embeddings.patch_embedding
+    mean, std = torch.tensor(OPENAI_MEAN), torch.tensor(OPENAI_STD)
+    scale, offset = 1 / 255 / std, -mean / std
+    folded = raw_pixel_patch_embedding(conv, scale, offset)
+    pixels = torch.randint(0, 256, (2, 3, 224, 224)).float()
+    with torch.inference_mode():
+        expected = conv(pixels * scale.view(1, 3, 1, 1) + offset.view(1, 3, 1, 1))
+        difference = (folded(pixels) - expected).abs().max()
+    # float rounding of 3,072-term sums (about 3e-6 of the largest output), not another layer
+    assert difference <= 1e-5 * expected.abs().max()
+    assert conv.bias is None and folded.bias is not None  # the original is left as it was
+
+
+def test_a_padded_patch_embedding_cannot_take_raw_pixels():
+    padded = torch.nn.Conv2d(3, 8, 4, stride=4, padding=1, bias=False)
+    with pytest.raises(ValueError, match="unpadded"):
+        raw_pixel_patch_embedding(padded, torch.ones(3), torch.zeros(3))
+
+
+def test_explicit_normalisation_gives_the_folded_embeddings(encoder, tiny_clip):
+    """Other dtypes (fp16 on a GPU) normalise the pixels instead of folding: the same
+    embeddings (float64 here, so the CPU can run it)."""
+    wide = ClipEncoder(
+        copy.deepcopy(tiny_clip.model), tiny_clip.processor, torch.device("cpu"), torch.float64
+    )
+    assert encoder.raw_pixels and not wide.raw_pixels
+    pixels = np.random.default_rng(4).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    np.testing.assert_allclose(encoder.encode_images(pixels), wide.encode_images(pixels), atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import numpy as np
 import pytest
@@ -35,7 +36,8 @@ class CountingEncoder:
 
 @pytest.fixture()
 def counting(tiny_clip) -> CountingEncoder:
-    encoder = ClipEncoder(tiny_clip.model, tiny_clip.processor, torch.device("cpu"), torch.float32)
+    model = copy.deepcopy(tiny_clip.model)  # the encoder changes its model's first layer
+    encoder = ClipEncoder(model, tiny_clip.processor, torch.device("cpu"), torch.float32)
     return CountingEncoder(encoder)
 
 
@@ -132,7 +134,8 @@ def test_image_size_normalisation_and_scale_come_from_the_checkpoint(monkeypatch
     with torch.no_grad():
         model.logit_scale.fill_(math.log(50.0))
     loaded = load_clip(save_clip(model, processor, source="random:test-64", random_weights=True))
-    encoder = ClipEncoder(loaded.model, loaded.processor, torch.device("cpu"), torch.float32)
+    model = copy.deepcopy(loaded.model)  # the reference below runs the unchanged one
+    encoder = ClipEncoder(model, loaded.processor, torch.device("cpu"), torch.float32)
     facts = encoder.facts(loaded.tag, True)
     assert (facts.crop_height, facts.shortest_edge) == (64, 64)
     assert facts.logit_scale == pytest.approx(50.0)

@@ -1,4 +1,5 @@
-"""The torch resampler against Pillow itself: every pixel equal, on the hardest inputs."""
+"""Both resamplers (torch, compiled) against Pillow itself: every pixel equal, on the hardest
+inputs, at every pass order, direction and aspect ratio."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_runner.resample import fixed_point_weights, resize_and_crop, resized_size
+from clip_runner.resample import (
+    COMPILED,
+    fixed_point_weights,
+    resize_and_crop,
+    resize_and_crop_array,
+    resized_size,
+)
 from tests.hard_images import hard_images, noise, stripes
 
 
@@ -30,12 +37,20 @@ def torch_resize_and_crop(image: Image.Image, edge: int, crop_h: int, crop_w: in
     return resize_and_crop(pixels, edge, crop_h, crop_w).permute(1, 2, 0).numpy()
 
 
+def compiled_resize_and_crop(image: Image.Image, edge: int, crop_h: int, crop_w: int) -> np.ndarray:
+    return resize_and_crop_array(np.asarray(image), edge, crop_h, crop_w)  # a read-only array
+
+
+RESAMPLERS = [torch_resize_and_crop, compiled_resize_and_crop]
+
+
 @pytest.mark.parametrize(
     "image", [image for _, image in hard_images(scale=0.25)], ids=[n for n, _ in hard_images(0.25)]
 )
-def test_equals_pillow_on_the_hard_set(image: Image.Image):
+@pytest.mark.parametrize("resample", RESAMPLERS)
+def test_equals_pillow_on_the_hard_set(image: Image.Image, resample):
     np.testing.assert_array_equal(
-        torch_resize_and_crop(image, 224, 224, 224), pillow_resize_and_crop(image, 224, 224, 224)
+        resample(image, 224, 224, 224), pillow_resize_and_crop(image, 224, 224, 224)
     )
 
 
@@ -54,18 +69,51 @@ def test_equals_pillow_on_the_hard_set(image: Image.Image):
         (90, 400),  # upscaling a tall image: horizontal first
     ],
 )
-def test_equals_pillow_at_every_pass_order_and_direction(size: tuple[int, int]):
+@pytest.mark.parametrize("resample", RESAMPLERS)
+def test_equals_pillow_at_every_pass_order_and_direction(size: tuple[int, int], resample):
     image = noise(*size, seed=size[0] * 7 + size[1])
     np.testing.assert_array_equal(
-        torch_resize_and_crop(image, 224, 224, 224), pillow_resize_and_crop(image, 224, 224, 224)
+        resample(image, 224, 224, 224), pillow_resize_and_crop(image, 224, 224, 224)
     )
 
 
-def test_crop_larger_than_the_resized_image_is_zero_padded_like_the_cpu_path():
+@pytest.mark.parametrize("resample", RESAMPLERS)
+def test_crop_larger_than_the_resized_image_is_zero_padded_like_the_cpu_path(resample):
     image = stripes(300, 200, period=3)
     np.testing.assert_array_equal(
-        torch_resize_and_crop(image, 100, 120, 160), pillow_resize_and_crop(image, 100, 120, 160)
+        resample(image, 100, 120, 160), pillow_resize_and_crop(image, 100, 120, 160)
     )
+
+
+def test_numba_is_there_to_compile_the_cpu_resampler():
+    assert COMPILED  # requirements.txt has numba; without it images.py falls back to Pillow
+
+
+def test_compiled_equals_pillow_over_random_sizes_and_geometries():
+    """Sizes from 1 px to 1500 px each way (so both pass orders, up- and downscaling, and
+    aspect ratios up to 1500:1) at three model geometries, one of them padded."""
+    rng = np.random.default_rng(11)
+    sizes = [(1, 1), (2000, 5), (5, 2000)] + [tuple(rng.integers(1, 1500, 2)) for _ in range(40)]
+    for width, height in sizes:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for geometry in ((224, 224, 224), (336, 336, 336), (100, 120, 160)):
+            np.testing.assert_array_equal(
+                compiled_resize_and_crop(image, *geometry),
+                pillow_resize_and_crop(image, *geometry),
+                err_msg=f"{width}x{height} at {geometry}",
+            )
+
+
+def test_compiled_takes_views_and_leaves_its_input_alone():
+    pixels = np.asarray(noise(700, 500, seed=5))
+    frame = np.zeros((520, 740, 3), dtype=np.uint8)
+    frame[10:510, 20:720] = pixels
+    before = frame.copy()
+    view = frame[10:510, 20:720]  # not contiguous
+    np.testing.assert_array_equal(
+        resize_and_crop_array(view, 224, 224, 224), resize_and_crop_array(pixels, 224, 224, 224)
+    )
+    np.testing.assert_array_equal(frame, before)
 
 
 def test_weights_are_pillows_fixed_point_and_sum_to_one():

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import aiohttp
 import bentoml
 import numpy as np
 import pytest
 
-from clip_runner.runner_calls import merged, resilient, runner_overloaded
+from clip_runner.encoding import ModelFacts
+from clip_runner.runner_calls import calls_in_flight, merged, resilient, runner_overloaded
 
 
 class FlakyCall:
@@ -107,3 +109,12 @@ def test_merged_calls_keep_up_to_in_flight_calls_going():
 
     asyncio.run(scenario())
     assert peak == 3
+
+
+def test_calls_in_flight_fill_the_runners_passes_on_cpu_and_keep_a_gpu_fed():
+    cpu = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, "cpu", passes=2)
+    assert calls_in_flight(cpu, runner_workers=1, api_workers=1) == 2
+    assert calls_in_flight(cpu, runner_workers=1, api_workers=2) == 1
+    assert calls_in_flight(cpu, runner_workers=1, api_workers=8) == 1  # never none
+    gpu = dataclasses.replace(cpu, device="cuda", passes=1)
+    assert calls_in_flight(gpu, runner_workers=2, api_workers=8) == 3
