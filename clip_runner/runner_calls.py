@@ -110,17 +110,18 @@ class RunnerCalls:
 def calls_in_flight(facts: ModelFacts, runner_workers: int, api_workers: int) -> int:
     """Runner calls one API worker keeps under way at once.
 
-    On a GPU: one per runner pass, plus one waiting there so the device never idles between
-    calls. On CPU: the API workers together fill the runner's passes and no more, because each
-    call costs the runner about 4 ms of CPU beyond its images (HTTP, BentoML's layers, a thread
-    hop), taken from the cores the model needs. Measured with the tiny model on 2 cores (two
-    API workers): 2.4 ms of runner CPU per request at three calls in flight per worker, 1.6 ms
-    at one (BENCHMARKS.md).
+    The runner should always have one call more than it has passes, so a pass that ends finds
+    the next batch there: with exactly one call per pass, ViT-B/32 on CPU fell from 0.9 to 0.79
+    x the bare model (a lone call runs wide, on every thread, and holds the other back). On a
+    GPU each API worker keeps that many going by itself. On CPU the API workers share the
+    count: each call costs the runner several ms of CPU beyond its images (HTTP, BentoML's
+    layers, a thread hop), taken from the cores the model needs, so fewer and larger calls
+    are better there (BENCHMARKS.md).
     """
-    passes = facts.passes * runner_workers
+    wanted = facts.passes * runner_workers + 1
     if facts.device == "cuda":
-        return passes + 1
-    return max(1, math.ceil(passes / api_workers))
+        return wanted
+    return max(1, math.ceil(wanted / api_workers))
 
 
 def runner_calls(

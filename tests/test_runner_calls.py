@@ -111,10 +111,10 @@ def test_merged_calls_keep_up_to_in_flight_calls_going():
     assert peak == 3
 
 
-def test_calls_in_flight_fill_the_runners_passes_on_cpu_and_keep_a_gpu_fed():
+def test_calls_in_flight_keep_one_call_waiting_at_the_runner_shared_on_cpu():
     cpu = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, "cpu", passes=2)
-    assert calls_in_flight(cpu, runner_workers=1, api_workers=1) == 2
-    assert calls_in_flight(cpu, runner_workers=1, api_workers=2) == 1
+    assert calls_in_flight(cpu, runner_workers=1, api_workers=1) == 3
+    assert calls_in_flight(cpu, runner_workers=1, api_workers=2) == 2
     assert calls_in_flight(cpu, runner_workers=1, api_workers=8) == 1  # never none
     gpu = dataclasses.replace(cpu, device="cuda", passes=1)
-    assert calls_in_flight(gpu, runner_workers=2, api_workers=8) == 3
+    assert calls_in_flight(gpu, runner_workers=2, api_workers=8) == 3  # per API worker
