@@ -61,6 +61,8 @@ PUBLIC_HOST = "127.0.0.2"  # plays a public image host; fetch clients in tests a
 # The `guarded` server (conftest): an API key, and small abuse bounds the tests can reach.
 GUARD_KEY = "test-key-0123456789abcdef"
 GUARD_SETTINGS = {
+    # The bounds are per API worker: with one, a test's requests all meet the same bound.
+    "CLIP_API_WORKERS": "1",
     "CLIP_API_KEY": GUARD_KEY,
     "CLIP_MAX_CONCURRENCY": "4",
     "CLIP_BODY_TIMEOUT_S": "2",

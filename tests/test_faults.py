@@ -35,6 +35,7 @@ def fragile(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[Serve
         bentoml_home,
         log_path,
         CLIP_MODEL_TAG=str(tiny_stored_model.tag),
+        CLIP_API_WORKERS="1",  # CLIP_MAX_CONCURRENCY is per API worker: one makes it exact
         CLIP_MAX_CONCURRENCY="3",
         CLIP_REQUEST_TIMEOUT_S="5",
         CLIP_FETCH_TIMEOUT_S="4",
