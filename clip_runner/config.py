@@ -66,18 +66,22 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
 
 
 def default_api_workers() -> int:
-    """API workers when CLIP_API_WORKERS is unset: half the cores this process may use, and at
-    least two where there are two.
+    """API workers when CLIP_API_WORKERS is unset: one on CPU; on a GPU half the cores this
+    process may use (at least two).
 
-    Each worker's event loop runs its requests' Python work (HTTP, JSON, BentoML's layers,
-    runner calls) under one GIL, beside the threads decoding and resizing its images; the
-    other half of the cores is left to the runner. On 2 CPU cores with the tiny model a second
-    worker raised the seed load from about 0.51 to 0.62 x plain Pillow's rate, and ViT-B/32
-    kept its 0.9 x of the bare model (BENCHMARKS.md). On a GPU with JPEGs forwarded one worker
-    costs about 2.2 ms of CPU per request, so one tops out near 450 requests/s.
+    On CPU a second worker helps only when the model is cheap: with the tiny model on 2 cores
+    it raised the seed load from about 0.51 to 0.6 x plain Pillow's rate (each worker's event
+    loop holds its own GIL), but with ViT-B/32 the runner's calls got smaller and the service
+    fell to 0.86 x the bare model in a full run, under the 0.9 x it keeps with one
+    (BENCHMARKS.md). On a GPU the API workers' per-request Python work is the limit: with JPEGs
+    forwarded one costs about 2.2 ms of CPU per request, so one tops out near 450 requests/s;
+    the other half of the cores is left to the runner processes and the OS.
     """
-    cores = len(os.sched_getaffinity(0))  # the cores this process may use
-    return max(min(2, cores), cores // 2)
+    import torch  # only here: the settings of a CPU-only tool should not need to load CUDA
+
+    if not torch.cuda.is_available():
+        return 1
+    return max(2, len(os.sched_getaffinity(0)) // 2)  # the cores this process may use
 
 
 def default_runner_workers() -> int:

@@ -24,9 +24,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.max_body_bytes == 6 * 1024 * 1024
     assert settings.fast_preprocessing is False and settings.runner_threads == 0  # exact
     assert settings.decode_jpegs_on == "auto"
-    assert settings.runner_workers == 1  # on CPU
-    cores = len(os.sched_getaffinity(0))
-    assert settings.api_workers == max(min(2, cores), cores // 2)
+    assert settings.runner_workers == 1 and settings.api_workers == 1  # on CPU
     assert settings.runner_passes == 0 and settings.max_batch_size == 0  # 0: chosen per device
     assert settings.torch_compile is False
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
@@ -104,17 +102,17 @@ def test_unknown_endpoint_kind_is_refused(monkeypatch):
 
 
 def test_workers_by_machine(monkeypatch):
-    """API workers: half the usable cores, at least two where there are two (CPU or GPU alike).
-    Runner workers: one on CPU, two where torch sees a GPU (CUDA's presence is stubbed here)."""
+    """On CPU one API and one runner worker; where torch sees a GPU, half the usable cores (at
+    least two) of API workers and two runner workers (CUDA's presence is what is stubbed here)."""
     import torch
 
     from clip_runner.config import default_api_workers, default_runner_workers
 
-    assert default_runner_workers() == 1
-    for cores, api_workers in ((16, 8), (12, 6), (4, 2), (2, 2), (1, 1)):
+    assert (default_api_workers(), default_runner_workers()) == (1, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for cores, api_workers in ((16, 8), (12, 6), (4, 2), (2, 2)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
         assert default_api_workers() == api_workers
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_runner_workers() == 2
 
 
