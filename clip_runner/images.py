@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import math
 import re
@@ -216,11 +217,7 @@ def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
     positions and kernel support, with at most one grey level of rounding difference in a few
     pixels.
     """
-    edge, crop_height, crop_width = (
-        geometry.shortest_edge,
-        geometry.crop_height,
-        geometry.crop_width,
-    )
+    edge, crop_height, crop_width = dataclasses.astuple(geometry)
     if COMPILED:
         return resize_and_crop_array(np.asarray(image), edge, crop_height, crop_width)
     width, height = image.size
