@@ -27,6 +27,7 @@ from transformers import AutoTokenizer
 from clip_runner.auth import ApiKeyMiddleware
 from clip_runner.batching import QueueWaitExceeded
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
+from clip_runner.connection_recycling import ConnectionRecyclingMiddleware
 from clip_runner.embedding_format import format_embeddings
 from clip_runner.encoding import ModelFacts
 from clip_runner.errors import (
@@ -120,7 +121,7 @@ health_app = Starlette(
 @bentoml.service(
     name="clip_service",
     http={"port": settings.port},
-    workers=settings.api_workers,
+    workers=settings.api_worker_count,
     # RequestGuardMiddleware answers 408 at body_timeout_s and then 504 at request_timeout_s;
     # BentoML's own timer (around both) is a backstop.
     traffic={"timeout": settings.body_timeout_s + settings.request_timeout_s + 5},
@@ -206,8 +207,9 @@ class ClipService:
                     self.runner.to_async,
                     facts,
                     attempt_s,
-                    (settings.api_workers, settings.runner_workers),
+                    (settings.api_worker_count, settings.runner_workers),
                     settings.max_latency_ms / 1000,
+                    bentoml.server_context.worker_index or 1,
                 )
                 forward = forwards_jpegs(settings.decode_jpegs_on, facts)
                 self._context = InvocationContext(
@@ -403,6 +405,9 @@ class ClipService:
 
 
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
+ClipService.add_asgi_middleware(
+    ConnectionRecyclingMiddleware, every=settings.answers_per_connection
+)
 ClipService.add_asgi_middleware(ApiKeyMiddleware, key=settings.api_key)  # before any body is read
 ClipService.add_asgi_middleware(
     RequestGuardMiddleware,

@@ -7,6 +7,7 @@ the module is first asked for them; the README's configuration table lists each 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ DEFAULT_TOP_K = 3
 MAX_TEMPLATES = 100  # prompt ensembling: OpenAI's ImageNet list has 80
 TIE_MARGIN = 0.02
 MIB = 1024 * 1024
+# With several API workers, about one answer in this many closes its connection, so keep-alive
+# clients spread over the workers (connection_recycling.py).
+KEEPALIVE_REQUESTS_WITH_SEVERAL_WORKERS = 20
 # CLIP_ENDPOINT_KIND -> default (CLIP_REQUEST_TIMEOUT_S, CLIP_MAX_BODY_BYTES), from SageMaker's
 # limits: real-time invocations answer within 60 s and carry at most 6 MB; asynchronous ones run
 # up to 15 minutes (InvokeEndpointAsync's default InvocationTimeoutSeconds) on payloads of up to
@@ -65,23 +69,49 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def default_api_workers() -> int:
-    """API workers when CLIP_API_WORKERS is unset: one on CPU; on a GPU half the cores this
-    process may use (at least two).
+# Rates of this project's 2-core development machine (BENCHMARKS.md), used only to tell a model
+# that outruns one API worker by far from one that does not: one core runs ViT-B/32's vision
+# tower at about 35 GMAC/s (15.6 images/s at 4.4 GMAC on two), and one API worker decodes,
+# resizes and answers about 250 seed requests/s when nothing else limits it.
+CPU_CORE_GMACS_PER_S = 35.0
+API_WORKER_IMAGES_PER_S = 250.0
 
-    On CPU a second worker helps only when the model is cheap: with the tiny model on 2 cores
-    it raised the seed load from about 0.51 to 0.6 x plain Pillow's rate (each worker's event
-    loop holds its own GIL), but with ViT-B/32 the runner's calls got smaller and the service
-    fell to 0.86 x the bare model in a full run, under the 0.9 x it keeps with one
-    (BENCHMARKS.md). On a GPU the API workers' per-request Python work is the limit: with JPEGs
-    forwarded one costs about 2.2 ms of CPU per request, so one tops out near 450 requests/s;
-    the other half of the cores is left to the runner processes and the OS.
+
+def cpu_api_workers(cores: int, image_gmacs: float | None) -> int:
+    """API workers on CPU: as many as the model's image rate on these cores needs, at most one
+    per core; one when the model's cost is unknown.
+
+    An API worker's event loop holds its own GIL, so one serves at most about 250 requests/s.
+    Any real CLIP costs far more than that on a CPU (ViT-B/32 runs about 16 images/s on 2
+    cores), and a second worker there only took CPU from the model and shrank the runner's
+    calls: 0.86 x the bare model against 0.96 x with one (BENCHMARKS.md). A cheap model (the
+    tiny test model, 0.006 GMAC) is limited by the image work instead, and two workers on 2
+    cores served it about 1.2 x the requests.
+    """
+    if image_gmacs is None or image_gmacs <= 0:
+        return 1
+    model_images_per_s = cores * CPU_CORE_GMACS_PER_S / image_gmacs
+    return max(1, min(cores, math.ceil(model_images_per_s / API_WORKER_IMAGES_PER_S)))
+
+
+def default_api_workers(model_tag: str, model_dir: str) -> int:
+    """API workers when CLIP_API_WORKERS is unset: on CPU by the served model's cost
+    (`cpu_api_workers`); on a GPU half the cores this process may use (at least two).
+
+    On a GPU the API workers' per-request Python work is the limit: with JPEGs forwarded one
+    costs about 2.2 ms of CPU per request, so one tops out near 450 requests/s; the other half of
+    the cores is left to the runner processes and the OS.
     """
     import torch  # only here: the settings of a CPU-only tool should not need to load CUDA
 
-    if not torch.cuda.is_available():
-        return 1
-    return max(2, len(os.sched_getaffinity(0)) // 2)  # the cores this process may use
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use
+    if torch.cuda.is_available():
+        return max(2, cores // 2)
+    from clip_runner.model_cost import checkpoint_image_gmacs
+    from clip_runner.model_source import served_checkpoint
+
+    checkpoint = served_checkpoint(model_tag, model_dir)
+    return cpu_api_workers(cores, checkpoint_image_gmacs(checkpoint) if checkpoint else None)
 
 
 def default_runner_workers() -> int:
@@ -100,7 +130,8 @@ class Settings:
 
     model_tag: str
     port: int
-    api_workers: int
+    api_workers: int  # 0: by machine and model (api_worker_count)
+    keepalive_requests: int  # -1: by API workers (answers_per_connection); 0: never close
     request_timeout_s: float
     max_batch_size: int
     max_latency_ms: int
@@ -132,6 +163,24 @@ class Settings:
     api_key: str | None
     model_dir: str  # blank: always the baked-in model
 
+    @functools.cached_property
+    def api_worker_count(self) -> int:
+        """CLIP_API_WORKERS, or the default for this machine and model.
+
+        Looked up on first use, not with the other settings: sizing by the model reads the model
+        store, which must not happen as a side effect of importing a module that reads settings.
+        """
+        return self.api_workers or default_api_workers(self.model_tag, self.model_dir)
+
+    @functools.cached_property
+    def answers_per_connection(self) -> int:
+        """About how many answers a keep-alive connection carries before it is closed (0: no
+        bound): CLIP_KEEPALIVE_REQUESTS, or a bound only where several API workers share the
+        port (one worker gains nothing from reconnects)."""
+        if self.keepalive_requests >= 0:
+            return self.keepalive_requests
+        return KEEPALIVE_REQUESTS_WITH_SEVERAL_WORKERS if self.api_worker_count > 1 else 0
+
     def __post_init__(self) -> None:
         # The batching window must leave most of the request budget for the work itself.
         if self.max_latency_ms >= self.request_timeout_s * 1000 / 2:
@@ -160,7 +209,8 @@ def get_settings() -> Settings:
     return Settings(
         model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
         port=_env_int("CLIP_PORT", 8080),
-        api_workers=_env_int("CLIP_API_WORKERS", 0, minimum=0) or default_api_workers(),
+        api_workers=_env_int("CLIP_API_WORKERS", 0, minimum=0),
+        keepalive_requests=_env_int("CLIP_KEEPALIVE_REQUESTS", -1, minimum=0),
         request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", kind_timeout_s),
         max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 0, minimum=0),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),

@@ -130,7 +130,7 @@ def execution_parameters(settings: Settings) -> dict[str, Any]:
     """
     low, high = MAX_PAYLOAD_MB_RANGE
     return {
-        "MaxConcurrentTransforms": min(settings.max_concurrency, 2 * settings.api_workers),
+        "MaxConcurrentTransforms": min(settings.max_concurrency, 2 * settings.api_worker_count),
         "BatchStrategy": "MULTI_RECORD",
         "MaxPayloadInMB": max(low, min(high, settings.max_body_bytes // MIB)),
     }

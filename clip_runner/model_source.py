@@ -145,6 +145,17 @@ def load_served_clip(stored: bentoml.Model, model_dir: str) -> LoadedClip:
     return LoadedClip(tag=tag, model=model, processor=processor, random_weights=False)
 
 
+def served_checkpoint(model_tag: str, model_dir: str) -> Path | None:
+    """The directory of the checkpoint the runner will serve, before it loads it: None when
+    there is none yet (an empty store, or a model directory the runner will refuse)."""
+    import bentoml
+
+    try:
+        return find_checkpoint(model_dir) or Path(bentoml.models.get(model_tag).path)
+    except (ModelDirError, bentoml.exceptions.NotFound):
+        return None
+
+
 def tokenizer_path(stored_path: str, model_dir: str) -> Path:
     """Where the API service loads its tokenizer from: the same checkpoint the runner serves."""
     return find_checkpoint(model_dir) or Path(stored_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -24,7 +25,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.max_body_bytes == 6 * 1024 * 1024
     assert settings.fast_preprocessing is False and settings.runner_threads == 0  # exact
     assert settings.decode_jpegs_on == "auto"
-    assert settings.runner_workers == 1 and settings.api_workers == 1  # on CPU
+    assert settings.runner_workers == 1  # on CPU; API workers: test_workers_by_machine
     assert settings.runner_passes == 0 and settings.max_batch_size == 0  # 0: chosen per device
     assert settings.torch_compile is False
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
@@ -52,6 +53,7 @@ def test_environment_overrides(monkeypatch):
         ("CLIP_RUNNER_PASSES", "two", "must be an integer"),
         ("CLIP_RUNNER_WORKERS", "-1", "must be >= 0"),
         ("CLIP_API_WORKERS", "-2", "must be >= 0"),
+        ("CLIP_KEEPALIVE_REQUESTS", "-1", "must be >= 0"),
         ("CLIP_DECODE", "gpu", "must be one of auto, api, runner"),
         ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be >= 0.001"),
         ("CLIP_FETCH_TIMEOUT_S", "soon", "must be a number"),
@@ -101,19 +103,63 @@ def test_unknown_endpoint_kind_is_refused(monkeypatch):
         get_settings()
 
 
-def test_workers_by_machine(monkeypatch):
-    """On CPU one API and one runner worker; where torch sees a GPU, half the usable cores (at
-    least two) of API workers and two runner workers (CUDA's presence is what is stubbed here)."""
+def test_workers_by_machine(monkeypatch, tiny_stored_model):
+    """On CPU one runner worker and API workers by the model's cost: every core for the tiny
+    model (the image work is its limit), one for ViT-B/32 or an unknown model. Where torch sees
+    a GPU, half the usable cores (at least two) of API workers and two runner workers (CUDA's
+    presence is what is stubbed here)."""
     import torch
 
     from clip_runner.config import default_api_workers, default_runner_workers
 
-    assert (default_api_workers(), default_runner_workers()) == (1, 1)
+    def use_cores(cores: int) -> None:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
+
+    tag = str(tiny_stored_model.tag)
+    assert default_runner_workers() == 1
+    for cores in (1, 2, 4):
+        use_cores(cores)
+        assert default_api_workers(tag, "") == cores
+    assert default_api_workers("clip:not-in-the-store", "") == 1
+    unset = dataclasses.replace(get_settings(), api_workers=0, model_tag=tag, model_dir="")
+    assert unset.api_worker_count == 4  # the cores above
+    assert dataclasses.replace(unset, api_workers=3).api_worker_count == 3  # CLIP_API_WORKERS
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for cores, api_workers in ((16, 8), (12, 6), (4, 2), (2, 2)):
-        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
-        assert default_api_workers() == api_workers
+        use_cores(cores)
+        assert default_api_workers(tag, "") == api_workers
     assert default_runner_workers() == 2
+
+
+def test_connections_are_recycled_only_where_several_api_workers_share_the_port(monkeypatch):
+    from clip_runner.config import KEEPALIVE_REQUESTS_WITH_SEVERAL_WORKERS
+
+    monkeypatch.delenv("CLIP_KEEPALIVE_REQUESTS", raising=False)
+    settings = get_settings()
+    assert settings.keepalive_requests == -1  # unset: by API workers
+    one, two = (dataclasses.replace(settings, api_workers=n) for n in (1, 2))
+    assert one.answers_per_connection == 0
+    assert two.answers_per_connection == KEEPALIVE_REQUESTS_WITH_SEVERAL_WORKERS
+    assert dataclasses.replace(two, keepalive_requests=0).answers_per_connection == 0
+    assert dataclasses.replace(one, keepalive_requests=50).answers_per_connection == 50
+    get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_KEEPALIVE_REQUESTS", "7")
+    assert get_settings().answers_per_connection == 7
+
+
+@pytest.mark.parametrize("cores", [1, 2, 8, 16, 64])
+def test_api_workers_on_cpu_follow_the_models_rate(cores):
+    """ViT-B/32 (4.4 GMAC an image) runs slower than one API worker's image work on up to 16
+    cores (about 35 GMAC/s a core); on 64 its rate needs more. A free model would want a worker
+    per core, never more; a cheaper model never gets fewer."""
+    from clip_runner.config import cpu_api_workers
+
+    assert (cpu_api_workers(cores, 4.4) == 1) == (cores <= 16)
+    assert cpu_api_workers(cores, 1e-6) == cores
+    assert cpu_api_workers(cores, None) == 1
+    by_cost = [cpu_api_workers(cores, gmacs) for gmacs in (1e-3, 1e-2, 0.1, 1.0, 10.0)]
+    assert by_cost == sorted(by_cost, reverse=True)
+    assert all(1 <= workers <= cores for workers in by_cost)
 
 
 def test_abuse_bounds_default_and_the_api_key_is_off_unless_set(monkeypatch):

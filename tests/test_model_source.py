@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bentoml
 import httpx
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from clip_runner.model_source import (
     ModelDirError,
     find_checkpoint,
     load_served_clip,
+    served_checkpoint,
     tokenizer_path,
 )
 from clip_runner.store import LoadedClip, build_random_clip
@@ -139,6 +141,20 @@ def test_the_served_checkpoint_and_the_tokenizer_come_from_the_same_place(
     baked = load_served_clip(tiny_stored_model, str(tmp_path))  # empty: the store's model
     assert baked.tag == str(tiny_stored_model.tag)
     assert tokenizer_path(tiny_stored_model.path, str(tmp_path)) == Path(tiny_stored_model.path)
+
+
+def test_the_served_checkpoint_is_known_before_it_loads(
+    checkpoint_dir, tmp_path, tiny_stored_model
+):
+    """What sizes the API workers: the model directory's checkpoint, else the store's; None
+    when neither is there yet or the directory will be refused."""
+    tag = str(tiny_stored_model.tag)
+    assert served_checkpoint(tag, str(checkpoint_dir)) == checkpoint_dir
+    stored_path = Path(bentoml.models.get(tag).path)  # where the store keeps it now
+    assert served_checkpoint(tag, str(tmp_path)) == stored_path
+    assert served_checkpoint("clip:not-in-the-store", str(tmp_path)) is None
+    broken = broken_copy(checkpoint_dir, tmp_path / "broken", "config.json")
+    assert served_checkpoint(tag, str(broken)) is None
 
 
 # ---- real servers ----
