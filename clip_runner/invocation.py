@@ -96,7 +96,11 @@ async def image_embeddings(
     jpeg_rows = [i for i, item in enumerate(loaded) if isinstance(item, bytes)]
     calls = []
     if pixel_rows:
-        calls.append(context.encode_images(np.stack([loaded[i] for i in pixel_rows])))
+        pixels = [loaded[i] for i in pixel_rows]
+        # one image (the common request) goes as a view: the runner call copies it anyway
+        calls.append(
+            context.encode_images(pixels[0][None] if len(pixels) == 1 else np.stack(pixels))
+        )
     if jpeg_rows:
         if context.encode_jpegs is None:
             raise RuntimeError("JPEGs were forwarded but the context has no encode_jpegs")

@@ -54,6 +54,10 @@ Embeddings = Annotated[np.ndarray, ContentType("application/json")]
     # No access log line per runner call: the API service logs every request; these internal
     # calls (several per request under load) were noise in the log and CPU in the runner.
     logging={"access": {"enabled": False}},
+    # Nor BentoML's HTTP metrics per internal call: the API service records each runner call's
+    # duration and rows (clip_service_runner_call_*), and this project's runner metrics
+    # (batches, inference time) are written by the code itself, so they stay on /metrics.
+    metrics={"enabled": False},
 )
 class CLIPRunner:
     """Encodes images (uint8 arrays) and texts into L2-normalised CLIP embeddings."""
