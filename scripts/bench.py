@@ -261,10 +261,13 @@ async def drive(
     duration = time.monotonic() - started
     sampler.cancel()
     cores_by_role: dict[str, float] = {}
+    api_worker_cores = []
     for process in processes:
         role = process_role(process, pid)
         used = (cpu_seconds(process) - cpu_before[process.pid]) / duration
         cores_by_role[role] = cores_by_role.get(role, 0.0) + used
+        if role == "api":
+            api_worker_cores.append(round(used, 3))
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0] * 99
     result = {
         "scenario": scenario.name,
@@ -279,6 +282,8 @@ async def drive(
         "server_cpu_cores": round(sum(cores_by_role.values()), 2),
         # Where the server's CPU went: supervisor ("server"), API workers, runner.
         "cpu_cores_by_process": {role: round(cores, 3) for role, cores in cores_by_role.items()},
+        # One entry per API worker: near-equal when connections spread over them.
+        "api_worker_cores": sorted(api_worker_cores),
         "server_peak_rss_mb": round(peak_rss),
         # Near 1.0 the load generator (one Python process) limits the figure, not the server.
         "client_cpu_cores": round((time.process_time() - client_cpu_before) / duration, 3),
@@ -399,6 +404,7 @@ def drive_parallel(
         "p99_ms": round(quantiles[98] * 1000, 1),
         "server_cpu_cores": round(sum(cores_by_role.values()), 2),
         "cpu_cores_by_process": {role: round(cores, 3) for role, cores in cores_by_role.items()},
+        "api_workers": sum(process_role(process, pid) == "api" for process in server_processes),
         "load_generator_processes": processes,
         "client_cpu_cores": round(sum(outcome[2] for outcome in outcomes) / duration, 3),
         "images_per_runner_call": round((calls_after[0] - calls_before[0]) / calls, 2)
@@ -728,7 +734,11 @@ def runner_worker_sweep(out: Path, counts: list[int], max_requests: int, max_sec
         *(Scenario(f"seed c{c}", seed_bodies, 1, c) for c in (8, 32, 64)),
         Scenario("embed_images c64", embed_bodies, 1, 64, "/embed_images"),
     ]
-    payload = {"limit": limit, "api_workers": os.environ.get("CLIP_API_WORKERS", "1"), "rows": []}
+    payload = {
+        "limit": limit,
+        "api_workers": os.environ.get("CLIP_API_WORKERS", "default"),
+        "rows": [],
+    }
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for count in counts:
@@ -1328,7 +1338,7 @@ def main() -> int:
         "machine": f"{device_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "command": "bash scripts/gpu_bench.sh" if gpu else "python scripts/bench.py",
         "plot": "benchmarks/gpu/throughput.png" if gpu else "benchmarks/throughput.png",
-        "api_workers": os.environ.get("CLIP_API_WORKERS", "1"),
+        "api_workers": os.environ.get("CLIP_API_WORKERS", "default"),
         "cpu_cores": os.cpu_count(),
         "limit": {},
         "headline_rounds": [],
