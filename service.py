@@ -209,7 +209,6 @@ class ClipService:
                     attempt_s,
                     (settings.api_worker_count, settings.runner_workers),
                     settings.max_latency_ms / 1000,
-                    bentoml.server_context.worker_index or 1,
                 )
                 forward = forwards_jpegs(settings.decode_jpegs_on, facts)
                 self._context = InvocationContext(

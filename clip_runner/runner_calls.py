@@ -106,24 +106,23 @@ class RunnerCalls:
     encode_texts: Callable[[list[str]], Awaitable[np.ndarray]]
 
 
-def calls_in_flight(
-    facts: ModelFacts, runner_workers: int, api_workers: int, worker_index: int = 1
-) -> int:
-    """Runner calls API worker number `worker_index` (1-based) keeps under way at once.
+def calls_in_flight(facts: ModelFacts, runner_workers: int, api_workers: int) -> int:
+    """Runner calls one API worker keeps under way at once.
 
     The runner should always have one call more than it has passes, so a pass that ends finds
     the next batch there: with exactly one call per pass, ViT-B/32 on CPU fell from 0.9 to 0.79
     x the bare model (a lone call runs wide, on every thread, and holds the other back). On a
-    GPU each API worker keeps that many going by itself. On CPU the API workers split the count
-    between them (the first ones take the remainder; each keeps at least one): each call costs
-    the runner several ms of CPU beyond its images (HTTP, BentoML's layers, a thread hop), taken
-    from the cores the model needs, so fewer and larger calls are better there (BENCHMARKS.md).
+    GPU each API worker keeps that many going by itself. On CPU the API workers share that
+    count, rounding down (each keeps at least one): every call costs the runner and the API
+    worker several ms of CPU beyond its images (HTTP, pickling, BentoML's layers, a thread hop),
+    taken from the cores the model needs, so fewer and larger calls are better there. With two
+    API workers on 2 cores (the tiny model), one call each served about 1.2 x the requests of
+    two and one (BENCHMARKS.md).
     """
     wanted = facts.passes * runner_workers + 1
     if facts.device == "cuda":
         return wanted
-    share, remainder = divmod(wanted, api_workers)
-    return max(1, share + (worker_index <= remainder))
+    return max(1, wanted // api_workers)
 
 
 def runner_calls(
@@ -132,11 +131,10 @@ def runner_calls(
     attempt_s: float,
     workers: tuple[int, int],
     max_queue_wait_s: float,
-    worker_index: int = 1,
 ) -> RunnerCalls:
     """`runner` is BentoML's async client of CLIPRunner; `facts` its `describe()`; `workers`
-    the (API, runner) worker counts; `worker_index` this API worker's number (1-based)."""
-    in_flight = calls_in_flight(facts, workers[1], workers[0], worker_index)
+    the (API, runner) worker counts."""
+    in_flight = calls_in_flight(facts, workers[1], workers[0])
     images = RUNNER_CALL_IMAGES.labels(sent_as="pixels").observe
     jpegs = RUNNER_CALL_IMAGES.labels(sent_as="jpeg").observe
 
