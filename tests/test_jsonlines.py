@@ -22,7 +22,14 @@ from clip_runner.jsonlines import (
     parse_line,
     split_lines,
 )
-from tests.helpers import S3_PRIVATE_BUCKET, SEED_CLASSES, as_base64, encode, photo_like
+from tests.helpers import (
+    S3_PRIVATE_BUCKET,
+    SEED_CLASSES,
+    as_base64,
+    assert_same_answer,
+    encode,
+    photo_like,
+)
 from tests.reference import assert_matches_reference, reference_probabilities
 from tests.test_service import SEED_NAMES, SEED_PROMPTS, histogram, post
 
@@ -123,22 +130,6 @@ def test_execution_parameters_follow_the_settings():
 
 
 # ---- against the served bento ----
-
-
-def assert_same_answer(got: Any, expected: Any) -> None:
-    """Equal structure and values; probabilities to float32 rounding (batches differ)."""
-    if isinstance(expected, float):
-        assert got == pytest.approx(expected, abs=1e-5)
-    elif isinstance(expected, dict):
-        assert list(got) == list(expected)
-        for key, value in expected.items():
-            assert_same_answer(got[key], value)
-    elif isinstance(expected, list):
-        assert isinstance(got, list) and len(got) == len(expected)
-        for value, expected_value in zip(got, expected, strict=True):
-            assert_same_answer(value, expected_value)
-    else:
-        assert got == expected
 
 
 def post_lines(served, content: bytes, content_type: str = JSONLINES) -> httpx.Response:

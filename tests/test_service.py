@@ -15,7 +15,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.helpers import SEED_CLASSES, as_base64, photo_like, wait_for_ping
+from tests.helpers import SEED_CLASSES, as_base64, assert_same_answer, photo_like, wait_for_ping
 from tests.reference import assert_matches_reference, reference_probabilities
 
 SEED_NAMES = [name for name, _ in SEED_CLASSES]
@@ -212,7 +212,7 @@ def test_bentoml_python_client(served):
         answer = client.invocations(images=[picture], classes=classes)
         with pytest.raises(bentoml.exceptions.BentoMLException) as raised:
             client.invocations(images=[picture], classes=[["person", 5]])
-    assert answer == post(served, {"images": [picture], "classes": classes}).json()
+    assert_same_answer(answer, post(served, {"images": [picture], "classes": classes}).json())
     assert "classes[0][1]" in str(raised.value)
 
 
