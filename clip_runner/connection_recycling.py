@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-CLOSE = (b"connection", b"close")
+from clip_runner.traffic import CLOSE
 
 
 class ConnectionRecyclingMiddleware:

@@ -116,8 +116,8 @@ def calls_in_flight(facts: ModelFacts, runner_workers: int, api_workers: int) ->
     count, rounding down (each keeps at least one): every call costs the runner and the API
     worker several ms of CPU beyond its images (HTTP, pickling, BentoML's layers, a thread hop),
     taken from the cores the model needs, so fewer and larger calls are better there. With two
-    API workers on 2 cores (the tiny model), one call each served about 1.2 x the requests of
-    two and one (BENCHMARKS.md).
+    API workers on 2 cores (the tiny model), one call each served 262-334 requests/s against
+    248-259 with two and one (quick runs, BENCHMARKS.md).
     """
     wanted = facts.passes * runner_workers + 1
     if facts.device == "cuda":
