@@ -37,9 +37,11 @@ class PixelBudget:
         self.field = field
         self.used = 0
 
-    def charge(self, data: bytes) -> None:
-        """Count the image's pixels; a 413 when the request's images pass the budget."""
-        self.used += image_pixels(data)
+    def charge(self, data: bytes) -> int:
+        """Count the image's pixels and return them; a 413 when the request's images pass the
+        budget."""
+        pixels = image_pixels(data)
+        self.used += pixels
         if self.used > self.limit:
             raise RequestError(
                 413,
@@ -48,3 +50,4 @@ class PixelBudget:
                 f"(CLIP_MAX_REQUEST_PIXELS, the budget per request; {self.used} counted so far); "
                 "send fewer or smaller images per request",
             )
+        return pixels

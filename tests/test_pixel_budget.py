@@ -39,7 +39,7 @@ def test_image_pixels_of_an_unreadable_header_is_zero(data):
 
 def test_the_budget_refuses_the_image_that_passes_it_naming_the_budget():
     budget = PixelBudget(limit=1000, field="inputs")
-    budget.charge(encode(photo_like(20, 25, seed=1)))
+    assert budget.charge(encode(photo_like(20, 25, seed=1))) == 500  # each image's own pixels
     budget.charge(encode(photo_like(20, 25, seed=2)))  # exactly 1000: still within
     with pytest.raises(RequestError) as refused:
         budget.charge(encode(photo_like(1, 1, seed=3)))
