@@ -69,11 +69,12 @@ class ImageLimits:
 # photo, less than handing it to a thread and back (which also holds the GIL: base64 decoding
 # does not release it).
 INLINE_ON_LOOP_CHARS = 256 * 1024
-# Images up to this many pixels are decoded and resized on the event loop too (about 2.3 ms for
-# the seed's 640x480 photo): handing each to a thread and back cost more than it saved. With the
-# tiny model, 32 clients, two API workers: 322-369 requests/s against 263-300 through threads,
-# and 3.8 against 4.5 ms of API CPU per request (BENCHMARKS.md). Larger images (up to 40 MP,
-# seconds of work) still go to a thread, so the loop (and /ping) never waits long.
+# Baseline JPEGs up to this many pixels are decoded and resized on the event loop too (about
+# 2.3 ms for the seed's 640x480 photo): handing each to a thread and back cost more than it
+# saved. With the tiny model, 32 clients, two API workers: 322-369 requests/s against 263-300
+# through threads, and 3.8 against 4.5 ms of API CPU per request (BENCHMARKS.md). Larger images
+# and every other kind (a small progressive JPEG can hold thousands of scans) still go to a
+# thread, so the loop (and /ping) never waits long, whatever a request sends.
 ON_LOOP_MAX_PIXELS = 500_000
 
 # What `load_image` gives: decoded model-ready pixels, or JPEG bytes for the runner's device.
@@ -273,8 +274,8 @@ async def load_image(
     budget: PixelBudget,
 ) -> LoadedImage:
     """One source -> uint8 array (or, with `forward_jpegs`, the bytes of a JPEG the runner's
-    device decodes). Fetches never block the event loop; small images are decoded on it, large
-    ones in a thread (`ON_LOOP_MAX_PIXELS`)."""
+    device decodes). Fetches never block the event loop; small baseline JPEGs are decoded on it,
+    every other image in a thread (`ON_LOOP_MAX_PIXELS`)."""
     if is_url(source):
         async with fetch_slots:
             data = await fetch_url(client, source, index, limits.fetch)
@@ -285,11 +286,11 @@ async def load_image(
         data = decode_inline(source, index, limits.fetch.max_bytes)
     else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop
         data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
-    pixels = budget.charge(data)  # from the header, before decoding: 413 past the budget
+    header = budget.charge(data)  # from the header, before decoding: 413 past the budget
     if limits.forward_jpegs and device_decodable_jpeg(data, index, limits.max_pixels):
         return data
     args = (data, index, geometry, limits.max_pixels, limits.fast_preprocessing)
-    if pixels <= ON_LOOP_MAX_PIXELS:  # 0 too: an unreadable header fails at once
+    if header.baseline_jpeg and header.pixels <= ON_LOOP_MAX_PIXELS:
         return prepare_image(*args)
     return await asyncio.to_thread(prepare_image, *args)
 

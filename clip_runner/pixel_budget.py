@@ -12,21 +12,38 @@ decoded for any request, accepted or refused, never exceed the budget.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 from PIL import Image
 
 from clip_runner.errors import RequestError
 
 
-def image_pixels(data: bytes) -> int:
-    """Width x height from the image's header; 0 when Pillow cannot read a header (decoding then
-    refuses the image with a 422 naming it)."""
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header tells before any pixel is decoded."""
+
+    pixels: int  # width x height; 0 when Pillow cannot read a header
+    # A baseline JPEG: one scan per component, so its decoding time is bounded by its pixels (a
+    # progressive JPEG may carry thousands of scans, and other formats have their own costs).
+    baseline_jpeg: bool
+
+
+def image_header(data: bytes) -> ImageHeader:
+    """The image's pixel count and kind from its header (decoding refuses an unreadable one
+    later, naming the image)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
+            baseline_jpeg = image.format == "JPEG" and not image.info.get("progressive")
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError):
-        return 0  # OSError includes UnidentifiedImageError; the others are malformed headers
-    return width * height
+        return ImageHeader(0, False)  # OSError includes UnidentifiedImageError
+    return ImageHeader(width * height, baseline_jpeg)
+
+
+def image_pixels(data: bytes) -> int:
+    """Width x height from the image's header; 0 when Pillow cannot read a header."""
+    return image_header(data).pixels
 
 
 class PixelBudget:
@@ -37,11 +54,11 @@ class PixelBudget:
         self.field = field
         self.used = 0
 
-    def charge(self, data: bytes) -> int:
-        """Count the image's pixels and return them; a 413 when the request's images pass the
-        budget."""
-        pixels = image_pixels(data)
-        self.used += pixels
+    def charge(self, data: bytes) -> ImageHeader:
+        """Count the image's pixels and return the header read; a 413 when the request's
+        images pass the budget."""
+        header = image_header(data)
+        self.used += header.pixels
         if self.used > self.limit:
             raise RequestError(
                 413,
@@ -50,4 +67,4 @@ class PixelBudget:
                 f"(CLIP_MAX_REQUEST_PIXELS, the budget per request; {self.used} counted so far); "
                 "send fewer or smaller images per request",
             )
-        return pixels
+        return header

@@ -247,25 +247,27 @@ def test_load_images_mixes_urls_base64_and_data_uris(image_dir, image_server):
     assert (pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all()
 
 
-def test_small_images_are_decoded_on_the_event_loop_large_ones_in_a_thread(monkeypatch):
-    """The same pixels either way; a thread only above ON_LOOP_MAX_PIXELS."""
+def test_small_baseline_jpegs_are_decoded_on_the_event_loop_the_rest_in_a_thread(monkeypatch):
+    """The same pixels either way; a thread for JPEGs above ON_LOOP_MAX_PIXELS and for every
+    progressive JPEG or other format, whatever its size."""
     threaded: list[object] = []
     real_to_thread = asyncio.to_thread
 
     async def counting_to_thread(function, *args):
         if function is clip_runner.images.prepare_image:  # (big base64 is decoded in one too)
-            threaded.append(function)
+            threaded.append(args[1])  # the image's index
         return await real_to_thread(function, *args)
 
     monkeypatch.setattr(clip_runner.images.asyncio, "to_thread", counting_to_thread)
     small, large = photo_like(640, 480, seed=6), photo_like(1000, 600, seed=7)
     assert 640 * 480 <= clip_runner.images.ON_LOOP_MAX_PIXELS < 1000 * 600
-    on_loop, in_thread = load([as_base64(small), as_base64(large)])
-    assert threaded == [clip_runner.images.prepare_image]  # the large one only
+    progressive = base64.b64encode(encode(small, "JPEG", progressive=True)).decode()
+    sources = [as_base64(small, "JPEG"), as_base64(large, "JPEG"), progressive, as_base64(small)]
+    loaded = load(sources)
+    assert threaded == [1, 2, 3]  # all but the small baseline JPEG
     monkeypatch.setattr(clip_runner.images, "ON_LOOP_MAX_PIXELS", 0)  # everything to threads
-    assert (load([as_base64(small)])[0] == on_loop).all()
-    assert (load([as_base64(large)])[0] == in_thread).all()
-    assert len(threaded) == 3  # the large one's, then both
+    assert (load(sources[:1])[0] == loaded[0]).all()
+    assert threaded[3:] == [0]
 
 
 def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image_server):

@@ -15,7 +15,7 @@ import clip_runner.images as images
 from clip_runner.errors import RequestError
 from clip_runner.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images import ImageGeometry, ImageLimits, load_images
-from clip_runner.pixel_budget import PixelBudget, image_pixels
+from clip_runner.pixel_budget import PixelBudget, image_header, image_pixels
 from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, encode, photo_like
 
 GEOMETRY = ImageGeometry(shortest_edge=224, crop_height=224, crop_width=224)
@@ -26,6 +26,15 @@ BIG_FLAT_PNG = encode(Image.new("RGB", (6000, 6000), (200, 30, 90)))
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
 def test_image_pixels_reads_the_header(fmt):
     assert image_pixels(encode(photo_like(37, 23, seed=1), fmt)) == 37 * 23
+
+
+def test_the_header_tells_a_baseline_jpeg_from_every_other_kind():
+    photo = photo_like(40, 30, seed=4)
+    assert image_header(encode(photo, "JPEG")).baseline_jpeg
+    assert not image_header(encode(photo, "JPEG", progressive=True)).baseline_jpeg
+    assert not image_header(encode(photo, "PNG")).baseline_jpeg
+    assert image_header(b"not an image") == image_header(b"")  # 0 pixels, not a JPEG
+    assert image_header(b"").pixels == 0 and not image_header(b"").baseline_jpeg
 
 
 def test_image_pixels_of_a_huge_image_needs_no_decoding():
@@ -39,7 +48,7 @@ def test_image_pixels_of_an_unreadable_header_is_zero(data):
 
 def test_the_budget_refuses_the_image_that_passes_it_naming_the_budget():
     budget = PixelBudget(limit=1000, field="inputs")
-    assert budget.charge(encode(photo_like(20, 25, seed=1))) == 500  # each image's own pixels
+    assert budget.charge(encode(photo_like(20, 25, seed=1))).pixels == 500  # this image's own
     budget.charge(encode(photo_like(20, 25, seed=2)))  # exactly 1000: still within
     with pytest.raises(RequestError) as refused:
         budget.charge(encode(photo_like(1, 1, seed=3)))
