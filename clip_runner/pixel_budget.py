@@ -41,11 +41,6 @@ def image_header(data: bytes) -> ImageHeader:
     return ImageHeader(width * height, baseline_jpeg)
 
 
-def image_pixels(data: bytes) -> int:
-    """Width x height from the image's header; 0 when Pillow cannot read a header."""
-    return image_header(data).pixels
-
-
 class PixelBudget:
     """The pixels one request may decode; `charge` each image's bytes before decoding it."""
 

@@ -15,7 +15,7 @@ import clip_runner.images as images
 from clip_runner.errors import RequestError
 from clip_runner.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images import ImageGeometry, ImageLimits, load_images
-from clip_runner.pixel_budget import PixelBudget, image_header, image_pixels
+from clip_runner.pixel_budget import PixelBudget, image_header
 from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, encode, photo_like
 
 GEOMETRY = ImageGeometry(shortest_edge=224, crop_height=224, crop_width=224)
@@ -25,7 +25,7 @@ BIG_FLAT_PNG = encode(Image.new("RGB", (6000, 6000), (200, 30, 90)))
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
 def test_image_pixels_reads_the_header(fmt):
-    assert image_pixels(encode(photo_like(37, 23, seed=1), fmt)) == 37 * 23
+    assert image_header(encode(photo_like(37, 23, seed=1), fmt)).pixels == 37 * 23
 
 
 def test_the_header_tells_a_baseline_jpeg_from_every_other_kind():
@@ -38,12 +38,12 @@ def test_the_header_tells_a_baseline_jpeg_from_every_other_kind():
 
 
 def test_image_pixels_of_a_huge_image_needs_no_decoding():
-    assert len(BIG_FLAT_PNG) < 200_000 and image_pixels(BIG_FLAT_PNG) == 36_000_000
+    assert len(BIG_FLAT_PNG) < 200_000 and image_header(BIG_FLAT_PNG).pixels == 36_000_000
 
 
 @pytest.mark.parametrize("data", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 8])
 def test_image_pixels_of_an_unreadable_header_is_zero(data):
-    assert image_pixels(data) == 0  # decoding refuses it later, naming the image
+    assert image_header(data).pixels == 0  # decoding refuses it later, naming the image
 
 
 def test_the_budget_refuses_the_image_that_passes_it_naming_the_budget():
