@@ -58,6 +58,10 @@ Embeddings = Annotated[np.ndarray, ContentType("application/json")]
     # duration and rows (clip_service_runner_call_*), and this project's runner metrics
     # (batches, inference time) are written by the code itself, so they stay on /metrics.
     metrics={"enabled": False},
+    # Nor an OpenTelemetry span per internal call: BentoML's tracing middleware took 15% of the
+    # runner's event loop at load (py-spy), spans that go nowhere unless an exporter is set. The
+    # API service's span still covers each request, runner call included.
+    tracing={"excluded_urls": ["/encode_images", "/encode_jpegs", "/encode_texts", "/describe"]},
 )
 class CLIPRunner:
     """Encodes images (uint8 arrays) and texts into L2-normalised CLIP embeddings."""
