@@ -209,6 +209,7 @@ class ClipService:
                     attempt_s,
                     (settings.api_worker_count, settings.runner_workers),
                     settings.max_latency_ms / 1000,
+                    settings.runner_calls,
                 )
                 forward = forwards_jpegs(settings.decode_jpegs_on, facts)
                 self._context = InvocationContext(

@@ -153,6 +153,7 @@ class Settings:
     runner_threads: int
     runner_passes: int
     runner_workers: int
+    runner_calls: int  # per API worker; 0: by device and worker counts (calls_in_flight)
     torch_compile: bool
     endpoint_kind: str
     # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
@@ -232,6 +233,7 @@ def get_settings() -> Settings:
         runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0),
         runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
         runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0) or default_runner_workers(),
+        runner_calls=_env_int("CLIP_RUNNER_CALLS", 0, minimum=0),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
         endpoint_kind=endpoint_kind,
         body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", body_timeout_s),

@@ -106,22 +106,31 @@ class RunnerCalls:
     encode_texts: Callable[[list[str]], Awaitable[np.ndarray]]
 
 
-def calls_in_flight(facts: ModelFacts, runner_workers: int, api_workers: int) -> int:
-    """Runner calls one API worker keeps under way at once.
+def calls_in_flight(
+    facts: ModelFacts, runner_workers: int, api_workers: int, configured: int = 0
+) -> int:
+    """Runner calls one API worker keeps under way at once: `configured` (CLIP_RUNNER_CALLS)
+    when set, else the API workers' share of what the runner wants.
 
     The runner should always have one call more than it has passes, so a pass that ends finds
     the next batch there: with exactly one call per pass, ViT-B/32 on CPU fell from 0.9 to 0.79
-    x the bare model (a lone call runs wide, on every thread, and holds the other back). On a
-    GPU each API worker keeps that many going by itself. On CPU the API workers share that
-    count, rounding down (each keeps at least one): every call costs the runner and the API
-    worker several ms of CPU beyond its images (HTTP, pickling, BentoML's layers, a thread hop),
-    taken from the cores the model needs, so fewer and larger calls are better there. With two
-    API workers on 2 cores (the tiny model), one call each served 262-334 requests/s against
-    248-259 with two and one (quick runs, BENCHMARKS.md).
+    x the bare model (a lone call runs wide, on every thread, and holds the other back). Every
+    call beyond that costs the runner and the API worker CPU beyond its images (HTTP, pickling,
+    BentoML's layers, a thread hop: about 2.3 ms of the runner's per call here), so the API
+    workers share that count rather than each keeping it:
+    - on CPU rounding down (each keeps at least one), since the calls' CPU comes from the cores
+      the model needs: with two API workers on 2 cores (the tiny model), one call each served
+      262-334 requests/s against 248-259 with two and one (quick runs, BENCHMARKS.md);
+    - on a GPU rounding up, so together they keep at least that many. There the runner
+      processes' Python work is the limit: with each of 8 API workers keeping 3 calls, 64
+      clients would make calls of about 3 images, each costing a runner's event loop a whole
+      call; with one each, calls of about 8.
     """
+    if configured:
+        return configured
     wanted = facts.passes * runner_workers + 1
     if facts.device == "cuda":
-        return wanted
+        return -(-wanted // api_workers)
     return max(1, wanted // api_workers)
 
 
@@ -131,10 +140,11 @@ def runner_calls(
     attempt_s: float,
     workers: tuple[int, int],
     max_queue_wait_s: float,
+    configured_in_flight: int = 0,
 ) -> RunnerCalls:
     """`runner` is BentoML's async client of CLIPRunner; `facts` its `describe()`; `workers`
-    the (API, runner) worker counts."""
-    in_flight = calls_in_flight(facts, workers[1], workers[0])
+    the (API, runner) worker counts; `configured_in_flight` CLIP_RUNNER_CALLS (0: by them)."""
+    in_flight = calls_in_flight(facts, workers[1], workers[0], configured_in_flight)
     images = RUNNER_CALL_IMAGES.labels(sent_as="pixels").observe
     jpegs = RUNNER_CALL_IMAGES.labels(sent_as="jpeg").observe
 

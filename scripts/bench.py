@@ -920,6 +920,9 @@ def uncached_text_bodies(requests: int, per_request: int = 8) -> list[bytes]:
     ]
 
 
+RUNNER_CALLS_ABLATION = "all server cores, CLIP_RUNNER_CALLS=3"
+
+
 def gpu_targets(out: Path, seconds: float) -> dict:
     """Every GPU target of the serving-speed issue in one run, with the default settings: the
     seed request at 1, 32 and 64 clients on all but the load generator's cores, at 64 clients
@@ -971,6 +974,7 @@ def gpu_targets(out: Path, seconds: float) -> dict:
             (
                 "all server cores",
                 server_cpus,
+                {},
                 [
                     Scenario("seed c1", seed, 1, 1),
                     Scenario("seed c32", seed, 1, 32),
@@ -984,12 +988,20 @@ def gpu_targets(out: Path, seconds: float) -> dict:
                     ),
                 ],
             ),
-            ("server on 4 cores", confined_cpus, [Scenario("seed c64", seed, 1, 64)]),
+            ("server on 4 cores", confined_cpus, {}, [Scenario("seed c64", seed, 1, 64)]),
+            # The ablation of the GPU's calls-in-flight rule: each API worker keeping the
+            # runner's passes + 1 (3 with the GPU defaults) instead of sharing them.
+            (
+                RUNNER_CALLS_ABLATION,
+                server_cpus,
+                {"CLIP_RUNNER_CALLS": "3"},
+                [Scenario("seed c64", seed, 1, 64)],
+            ),
         ]
-        for label, cpus, scenarios in runs:
-            log = Path(tmp) / f"{len(cpus)}.log"
+        for index, (label, cpus, env, scenarios) in enumerate(runs):
+            log = Path(tmp) / f"server-{index}.log"
             try:
-                with bento_server(home, tag, log, cpus=cpus) as (url, pid):
+                with bento_server(home, tag, log, cpus=cpus, **env) as (url, pid):
                     for scenario in scenarios:
                         warm = Scenario(scenario.name, scenario.bodies, 1, 8, scenario.route)
                         drive_parallel(url, pid, warm, 2, client_cpus)
@@ -1023,6 +1035,10 @@ def gpu_target_checks(payload: dict) -> dict[str, str]:
         ).get("images_per_s"),
         "p50 at 1 client <= 10 ms": rows.get(("all server cores", "seed c1"), {}).get("p50_ms"),
         "p95 at 32 clients <= 100 ms": rows.get(("all server cores", "seed c32"), {}).get("p95_ms"),
+        "seed c64 images/s, runner calls shared / 3 per API worker (ablation)": (
+            f"{full.get('images_per_s')} / "
+            f"{rows.get((RUNNER_CALLS_ABLATION, 'seed c64'), {}).get('images_per_s')}"
+        ),
         "/embed_texts uncached, prompts/s (bare text encoder, batch 256)": (
             f"{texts.get('images_per_s')} ({payload['bare_text'].get('batch256_prompts_per_s')})"
         ),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU targets as one prepared run on a GPU machine (through the device tool), sized for ~5 minutes
+# The GPU targets as one prepared run on a GPU machine (through the device tool), sized for ~6 minutes
 # (an estimate from the CPU smoke run; not yet run on a GPU):
 #   bash scripts/gpu_wheels.sh                      # here, once: wheels for the GPU image (.whl)
 #   bash scripts/gpu_bench.sh                       # there (carry .whl): every GPU target
@@ -8,7 +8,8 @@
 # service picks API workers, runner workers and batch limits from the machine): the seed request
 # at 1, 32 and 64 clients and uncached /embed_texts on all cores but the load generator's four,
 # the seed request at 64 clients with the whole server on 4 cores, the bare fp16 image and text
-# encoders, and every preprocessing path's fidelity (nvJPEG included). Results go to $OUT (or
+# encoders, every preprocessing path's fidelity (nvJPEG included), and the seed request at 64
+# clients with CLIP_RUNNER_CALLS=3 (the calls-in-flight ablation). Results go to $OUT (or
 # benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -27,6 +27,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.decode_jpegs_on == "auto"
     assert settings.runner_workers == 1  # on CPU; API workers: test_workers_by_machine
     assert settings.runner_passes == 0 and settings.max_batch_size == 0  # 0: chosen per device
+    assert settings.runner_calls == 0
     assert settings.torch_compile is False
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
@@ -38,8 +39,10 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_TORCH_COMPILE", "ON")
     monkeypatch.setenv("CLIP_RUNNER_WORKERS", "3")
     monkeypatch.setenv("CLIP_RUNNER_PASSES", "4")
+    monkeypatch.setenv("CLIP_RUNNER_CALLS", "5")
     settings = get_settings()
     assert settings.runner_workers == 3 and settings.runner_passes == 4
+    assert settings.runner_calls == 5
     assert settings.torch_compile is True
     assert settings.max_batch_size == 8 and settings.model_tag == "clip:abc"
     assert settings.fetch_allow == ("10.0.0.0/8", "images.lan")
@@ -52,6 +55,7 @@ def test_environment_overrides(monkeypatch):
         ("CLIP_MAX_BATCH_SIZE", "-1", "must be >= 0"),
         ("CLIP_RUNNER_PASSES", "two", "must be an integer"),
         ("CLIP_RUNNER_WORKERS", "-1", "must be >= 0"),
+        ("CLIP_RUNNER_CALLS", "-1", "must be >= 0"),
         ("CLIP_API_WORKERS", "-2", "must be >= 0"),
         ("CLIP_KEEPALIVE_REQUESTS", "-1", "must be >= 0"),
         ("CLIP_DECODE", "gpu", "must be one of auto, api, runner"),

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from clip_runner.encoding import ModelFacts
-from clip_runner.runner_calls import calls_in_flight, merged, resilient, runner_overloaded
+from clip_runner.runner_calls import (
+    calls_in_flight,
+    merged,
+    resilient,
+    runner_calls,
+    runner_overloaded,
+)
 
 
 class FlakyCall:
@@ -111,13 +117,47 @@ def test_merged_calls_keep_up_to_in_flight_calls_going():
     assert peak == 3
 
 
-def test_calls_in_flight_keep_one_call_waiting_at_the_runner_shared_on_cpu():
-    """On CPU the API workers share the runner's passes plus one, rounding down (at least one
-    each); on a GPU each API worker keeps that many."""
+class SlowRunner:
+    """A runner's encoders that take a while and record how many calls overlap."""
+
+    def __init__(self) -> None:
+        self.active, self.peak = 0, 0
+
+    async def encode(self, rows: list) -> np.ndarray:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0.05)
+        self.active -= 1
+        return np.zeros((len(rows), 1))
+
+    encode_images = encode_jpegs = encode_texts = encode
+
+
+@pytest.mark.parametrize(("configured", "peak"), [(0, 1), (2, 2)])
+def test_runner_calls_in_flight_follow_clip_runner_calls(configured, peak):
+    """Two API workers and one runner on CPU keep one call each; CLIP_RUNNER_CALLS=2, two."""
+    facts = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, "cpu", passes=2)
+    runner = SlowRunner()
+    calls = runner_calls(runner, facts, 5.0, (2, 1), 10.0, configured_in_flight=configured)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(calls.encode_texts([f"text {i}"]) for i in range(8)))
+
+    asyncio.run(scenario())
+    assert runner.peak == peak
+
+
+def test_calls_in_flight_keep_one_call_waiting_at_the_runner_shared_by_the_api_workers():
+    """The API workers share the runner's passes plus one: on CPU rounding down (at least one
+    each), on a GPU rounding up (together at least that many); CLIP_RUNNER_CALLS overrides."""
     cpu = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, "cpu", passes=2)
     assert calls_in_flight(cpu, runner_workers=1, api_workers=1) == 3
     assert calls_in_flight(cpu, runner_workers=1, api_workers=2) == 1
     assert calls_in_flight(cpu, runner_workers=2, api_workers=2) == 2
     assert calls_in_flight(cpu, runner_workers=1, api_workers=8) == 1  # never none
     gpu = dataclasses.replace(cpu, device="cuda", passes=1)
-    assert calls_in_flight(gpu, runner_workers=2, api_workers=8) == 3  # per API worker
+    assert calls_in_flight(gpu, runner_workers=2, api_workers=1) == 3
+    assert calls_in_flight(gpu, runner_workers=2, api_workers=2) == 2  # 4 in all, >= 3
+    assert calls_in_flight(gpu, runner_workers=2, api_workers=8) == 1  # 8 in all
+    for facts in (cpu, gpu):
+        assert calls_in_flight(facts, runner_workers=2, api_workers=8, configured=4) == 4
