@@ -74,6 +74,11 @@ from clip_runner.traffic import RequestGuardMiddleware
 from clip_runner.ui import demo_page
 
 logger = logging.getLogger("clip_service")
+# BentoML shows its own loggers' INFO lines but leaves other loggers at the root's WARNING. This
+# project's loggers get BentoML's level, so the log says which model, device and JPEG decoder
+# each process serves with (and follows `--quiet` / `--debug` as BentoML's own lines do).
+for _project_logger in ("clip_service", "clip_runner"):
+    logging.getLogger(_project_logger).setLevel(logging.getLogger("bentoml").getEffectiveLevel())
 settings = get_settings()
 # A CLIP_MODEL_DIR (/opt/ml/model) holding something that is not a CLIP checkpoint stops the start
 # here, before any worker spawns, with a message saying what is wrong (clip_runner/model_source.py).

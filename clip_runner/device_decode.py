@@ -77,14 +77,24 @@ class DeviceJpegDecoder:
             data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
             try:
                 return list(self._nvjpeg(data, self.device))
-            except RuntimeError:  # one bad image fails the batch call: find it one at a time
-                return [self._one(lambda d=d: self._nvjpeg([d], self.device)[0]) for d in data]
-        return [self._one(lambda b=blob: pillow_decode(b, self.device)) for blob in blobs]
+            except RuntimeError:  # one image it refuses fails the batch call: one at a time
+                pairs = zip(blobs, data, strict=True)
+                return [self._nvjpeg_or_pillow(blob, datum) for blob, datum in pairs]
+        return [self._pillow_or_none(blob) for blob in blobs]
 
-    @staticmethod
-    def _one(decode: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    def _nvjpeg_or_pillow(self, blob: bytes, data: torch.Tensor) -> torch.Tensor | None:
+        """nvJPEG refuses some JPEGs that libjpeg decodes; Pillow then decides, so such an
+        image gets the answer (or the 422) it would get from the API workers' own decode."""
         try:
-            return decode()
+            return self._nvjpeg([data], self.device)[0]
+        except RuntimeError as exc:
+            logger.debug("nvJPEG refused a forwarded JPEG (%s); decoding it with Pillow", exc)
+            return self._pillow_or_none(blob)
+
+    def _pillow_or_none(self, blob: bytes) -> torch.Tensor | None:
+        try:
+            return pillow_decode(blob, self.device)
         except (OSError, ValueError, RuntimeError, SyntaxError) as exc:
-            logger.info("a forwarded JPEG did not decode: %s", exc)
+            # The caller's mistake, answered with a 422 for that image: not worth a log line.
+            logger.debug("a forwarded JPEG did not decode: %s", exc)
             return None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from clip_runner.device_decode import PILLOW, DeviceJpegDecoder
+from clip_runner.device_decode import PILLOW, DeviceJpegDecoder, pillow_decode
 from clip_runner.images import ImageGeometry, prepare_image
 from tests.hard_images import encoded, hard_images
 from tests.helpers import SEED_CLASSES, ServedBento, bentoml_serve, encode, photo_like
@@ -44,6 +44,31 @@ def test_a_jpeg_that_does_not_decode_fails_alone():
         [good, good[: len(good) // 3], good]
     )
     assert decoded == [True, False, True] and tuple(crops.shape) == (2, 3, 64, 64)
+
+
+def test_a_jpeg_nvjpeg_refuses_is_decoded_by_pillow_as_on_the_api_path():
+    """nvJPEG refuses some JPEGs that libjpeg decodes, failing its whole batch call. Its stand-in
+    here (nvJPEG cannot run without a GPU) refuses one photo and, like nvJPEG, raises
+    RuntimeError on a truncated file: the photo still gets the API path's pixels, the broken
+    file alone fails."""
+    good = encode(photo_like(300, 200, seed=1), "JPEG")
+    refused = encode(photo_like(200, 300, seed=2), "JPEG")
+
+    def strict_nvjpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        blobs = [bytes(datum.numpy()) for datum in data]
+        if refused in blobs:
+            raise RuntimeError("nvjpegDecode failed: unsupported JPEG")
+        try:
+            return [pillow_decode(blob, device) for blob in blobs]
+        except OSError as exc:
+            raise RuntimeError(str(exc)) from exc
+
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)
+    decoder._nvjpeg = strict_nvjpeg
+    crops, decoded = decoder([good, refused, good[: len(good) // 3]])
+    assert decoded == [True, True, False]
+    expected = np.stack([prepare_image(blob, 0, GEOMETRY, 10**9) for blob in (good, refused)])
+    np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
 
 
 @pytest.fixture(scope="module")

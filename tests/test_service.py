@@ -220,6 +220,14 @@ def test_random_weights_warning_is_logged(served):
     assert "RANDOM WEIGHTS" in served.log()
 
 
+def test_the_log_says_what_each_process_serves_with(served):
+    """The project's INFO lines show at BentoML's level: the runner's model, device and JPEG
+    decoder, and each API worker's view of it."""
+    log = served.log()
+    assert re.search(r"\[INFO\].*CLIP model clip:\w+ ready on cpu .*decoded by pillow", log)
+    assert re.search(r"\[INFO\].*serving model clip:\w+ on cpu; JPEGs decoded in the API", log)
+
+
 def test_ping_turns_503_fast_when_the_runner_stops_answering(served):
     runner = next(
         child
