@@ -98,25 +98,6 @@ def test_merged_calls_carry_concurrent_requests_and_hand_back_each_its_rows():
     assert sum(calls) == 12 and len(calls) < 12 and calls == observed
 
 
-def test_merged_calls_keep_up_to_in_flight_calls_going():
-    active, peak = 0, 0
-
-    async def runner_call(rows: list) -> np.ndarray:
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
-        await asyncio.sleep(0.05)
-        active -= 1
-        return np.zeros((len(rows), 1))
-
-    async def scenario() -> None:
-        encode = merged(runner_call, 3, 2, 10, lambda rows: None)
-        await asyncio.gather(*(encode(["text"]) for _ in range(12)))
-
-    asyncio.run(scenario())
-    assert peak == 3
-
-
 class SlowRunner:
     """A runner's encoders that take a while and record how many calls overlap."""
 
@@ -131,6 +112,17 @@ class SlowRunner:
         return np.zeros((len(rows), 1))
 
     encode_images = encode_jpegs = encode_texts = encode
+
+
+def test_merged_calls_keep_up_to_in_flight_calls_going():
+    runner = SlowRunner()
+
+    async def scenario() -> None:
+        encode = merged(runner.encode, 3, 2, 10, lambda rows: None)
+        await asyncio.gather(*(encode(["text"]) for _ in range(12)))
+
+    asyncio.run(scenario())
+    assert runner.peak == 3
 
 
 @pytest.mark.parametrize(("configured", "peak"), [(0, 1), (2, 2)])
