@@ -155,6 +155,7 @@ class Settings:
     runner_workers: int
     runner_calls: int  # per API worker; 0: by device and worker counts (calls_in_flight)
     torch_compile: bool
+    cuda_graphs: bool
     endpoint_kind: str
     # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
     body_timeout_s: float
@@ -188,6 +189,11 @@ class Settings:
             raise ValueError(
                 "CLIP_MAX_LATENCY_MS must be below half of CLIP_REQUEST_TIMEOUT_S "
                 f"({self.max_latency_ms} ms vs {self.request_timeout_s} s)"
+            )
+        if self.torch_compile and self.cuda_graphs:
+            raise ValueError(
+                "CLIP_TORCH_COMPILE and CLIP_CUDA_GRAPHS both replace the image tower's forward "
+                "pass: turn one of them on, not both"
             )
         if self.fetch_timeout_s >= self.request_timeout_s:
             raise ValueError("CLIP_FETCH_TIMEOUT_S must be below CLIP_REQUEST_TIMEOUT_S")
@@ -235,6 +241,7 @@ def get_settings() -> Settings:
         runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0) or default_runner_workers(),
         runner_calls=_env_int("CLIP_RUNNER_CALLS", 0, minimum=0),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
+        cuda_graphs=_env_choice("CLIP_CUDA_GRAPHS", ("off", "on")) == "on",
         endpoint_kind=endpoint_kind,
         body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", body_timeout_s),
         max_waiting_bodies=_env_int("CLIP_MAX_WAITING_BODIES", 512),

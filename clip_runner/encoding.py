@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import CLIPModel, CLIPProcessor
 
+from clip_runner.cuda_graphs import ReplayedForward, batch_buckets
+
 
 def pick_device() -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 when a GPU is visible, else CPU in fp32 (as the original container)."""
@@ -34,10 +36,9 @@ def _size_value(size: Any, key: str) -> int:
     return int(size[key] if isinstance(size, dict) else getattr(size, key))
 
 
-def _l2_normalised_numpy(embeddings: torch.Tensor) -> np.ndarray:
+def _unit_rows(embeddings: torch.Tensor) -> torch.Tensor:
     embeddings = embeddings.float()
-    embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return embeddings.cpu().numpy()
+    return embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def raw_pixel_patch_embedding(
@@ -124,6 +125,7 @@ class ClipEncoder:
         self.shortest_edge = int(_size_value(image_processor.size, "shortest_edge"))
         self.crop_height = int(_size_value(image_processor.crop_size, "height"))
         self.crop_width = int(_size_value(image_processor.crop_size, "width"))
+        self.replayed: ReplayedForward | None = None
 
     def facts(self, tag: str, random_weights: bool) -> ModelFacts:
         return ModelFacts(
@@ -147,6 +149,16 @@ class ClipEncoder:
         self.model.vision_model = torch.compile(self.model.vision_model, dynamic=True)
         self.model.text_model = torch.compile(self.model.text_model, dynamic=True)
 
+    @torch.inference_mode()
+    def replay_image_passes(self, max_batch: int) -> None:
+        """Run the image tower from CUDA graphs, one per batch bucket up to `max_batch`
+        (cuda_graphs.py; on CPU the same staging, run eagerly). Opt-in (`CLIP_CUDA_GRAPHS=on`)
+        until a GPU run measures it; recording raises if the model cannot be captured."""
+        shape = (3, self.crop_height, self.crop_width)
+        self.replayed = ReplayedForward(
+            self._image_features, shape, self.device, batch_buckets(max_batch)
+        )
+
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, D), unit length."""
         batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
@@ -155,13 +167,18 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """uint8 (N, 3, H, W) already on the model's device -> float32 (N, D), unit length."""
+        if self.replayed is not None:
+            return self.replayed(pixels)
+        return self._image_features(pixels).cpu().numpy()
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The forward pass on the device, normalisation to unit length included (so that a
+        CUDA graph holds all of it)."""
         if self.raw_pixels:
             batch = pixels.to(self.dtype)
         else:
             batch = (pixels.float() * self.scale + self.offset).to(self.dtype)
-        return _l2_normalised_numpy(
-            _as_embedding(self.model.get_image_features(pixel_values=batch))
-        )
+        return _unit_rows(_as_embedding(self.model.get_image_features(pixel_values=batch)))
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -176,4 +193,4 @@ class ClipEncoder:
         features = self.model.get_text_features(
             input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
         )
-        return _l2_normalised_numpy(_as_embedding(features))
+        return _unit_rows(_as_embedding(features)).cpu().numpy()

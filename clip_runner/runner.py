@@ -23,6 +23,7 @@ from PIL import Image
 
 from clip_runner.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.config import get_settings
+from clip_runner.cuda_graphs import ReplayedForward
 from clip_runner.device_decode import DeviceJpegDecoder
 from clip_runner.encoding import ClipEncoder, pick_device
 from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_INFERENCE_SECONDS
@@ -94,6 +95,8 @@ class CLIPRunner:
             settings.max_batch_size,
             compiled=settings.torch_compile,
         )
+        if settings.cuda_graphs:
+            self._replay_image_passes(layout.max_batch)
         self.model_facts = dataclasses.replace(
             facts,
             device=device.type,
@@ -118,7 +121,7 @@ class CLIPRunner:
         )
         logger.info(
             "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
-            "gets all), batches up to %d%s, forwarded JPEGs decoded by %s)",
+            "gets all), batches up to %d%s%s, forwarded JPEGs decoded by %s)",
             loaded.tag,
             device,
             dtype,
@@ -126,6 +129,7 @@ class CLIPRunner:
             layout.threads_per_pass,
             layout.max_batch,
             ", torch.compile" if settings.torch_compile else "",
+            _replay_note(self.encoder.replayed),
             self.jpeg_decoder.name,
         )
 
@@ -144,6 +148,20 @@ class CLIPRunner:
         jpeg = io.BytesIO()
         Image.new("RGB", (width, height)).save(jpeg, "JPEG")
         self.jpeg_decoder([jpeg.getvalue()])
+
+    def _replay_image_passes(self, max_batch: int) -> None:
+        """CLIP_CUDA_GRAPHS=on: record the image tower per batch bucket (cuda_graphs.py). A
+        model that cannot be recorded is served as it is, with a warning, not refused."""
+        try:
+            self.encoder.replay_image_passes(max_batch)
+        except RuntimeError as exc:
+            logger.warning("CUDA graphs could not be recorded (%s): passes run eagerly", exc)
+            return
+        if not self.encoder.replayed.recorded:
+            logger.warning(
+                "CLIP_CUDA_GRAPHS=on without a GPU: nothing to record, image passes run eagerly "
+                "through the same per-bucket staging (as the tests run it)"
+            )
 
     def _encode_image_batch(self, pixels: np.ndarray, threads: int) -> np.ndarray:
         torch.set_num_threads(threads)  # under OpenMP, for this inference thread only
@@ -189,6 +207,13 @@ class CLIPRunner:
     def describe(self) -> dict:
         """Facts the API service needs: tag, logit scale, image geometry, embedding size."""
         return self.model_facts.__dict__.copy()
+
+
+def _replay_note(replayed: ReplayedForward | None) -> str:
+    if replayed is None:
+        return ""
+    how = "CUDA graphs" if replayed.recorded else "eager passes (no GPU)"
+    return f", image passes per batch bucket {list(replayed.buckets)} from {how}"
 
 
 async def _bounded(encoding: Awaitable[np.ndarray]) -> np.ndarray:

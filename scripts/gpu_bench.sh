@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU targets as one prepared run on a GPU machine (through the device tool), sized for ~6 minutes
+# The GPU targets as one prepared run on a GPU machine (through the device tool), sized for ~7 minutes
 # (an estimate from the CPU smoke run; not yet run on a GPU):
 #   bash scripts/gpu_wheels.sh                      # here, once: wheels for the GPU image (.whl)
 #   bash scripts/gpu_bench.sh                       # there (carry .whl): every GPU target
@@ -9,8 +9,9 @@
 # at 1, 32 and 64 clients and uncached /embed_texts on all cores but the load generator's four,
 # the seed request at 64 clients with the whole server on 4 cores, the bare fp16 image and text
 # encoders, every preprocessing path's fidelity (nvJPEG included), and the seed request at 64
-# clients with CLIP_RUNNER_CALLS=3 (the calls-in-flight ablation). Results go to $OUT (or
-# benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt.
+# clients with CLIP_RUNNER_CALLS=3 (the calls-in-flight ablation), and with CLIP_CUDA_GRAPHS=on
+# (the seed request at 1 and 64 clients, the bare encoder replayed, its cosine to the plain
+# passes). Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${OUT:-benchmarks/gpu}

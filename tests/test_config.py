@@ -28,7 +28,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.runner_workers == 1  # on CPU; API workers: test_workers_by_machine
     assert settings.runner_passes == 0 and settings.max_batch_size == 0  # 0: chosen per device
     assert settings.runner_calls == 0
-    assert settings.torch_compile is False
+    assert settings.torch_compile is False and settings.cuda_graphs is False
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
 
@@ -46,6 +46,15 @@ def test_environment_overrides(monkeypatch):
     assert settings.torch_compile is True
     assert settings.max_batch_size == 8 and settings.model_tag == "clip:abc"
     assert settings.fetch_allow == ("10.0.0.0/8", "images.lan")
+
+
+def test_cuda_graphs_are_an_opt_in_that_excludes_torch_compile(monkeypatch):
+    monkeypatch.setenv("CLIP_CUDA_GRAPHS", "on")
+    assert get_settings().cuda_graphs is True
+    get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_TORCH_COMPILE", "on")
+    with pytest.raises(ValueError, match="CLIP_TORCH_COMPILE and CLIP_CUDA_GRAPHS"):
+        get_settings()
 
 
 @pytest.mark.parametrize(
@@ -66,6 +75,7 @@ def test_environment_overrides(monkeypatch):
         ("CLIP_FETCH_CONNECT_TIMEOUT_S", "20", "must not exceed CLIP_FETCH_TIMEOUT_S"),
         ("CLIP_PREPROCESS", "quick", "must be one of reference, fast"),
         ("CLIP_TORCH_COMPILE", "yes", "must be one of off, on"),
+        ("CLIP_CUDA_GRAPHS", "auto", "must be one of off, on"),
         ("CLIP_BODY_TIMEOUT_S", "0", "must be >= 0.001"),
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
         ("CLIP_MAX_WAITING_BODY_BYTES", "1000", "at least CLIP_MAX_BODY_BYTES"),
