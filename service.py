@@ -38,6 +38,7 @@ from clip_runner.errors import (
 )
 from clip_runner.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.hf_toolkit import parse_zero_shot_request, toolkit_answer
+from clip_runner.http_spans import one_span_per_request
 from clip_runner.images import ImageLimits
 from clip_runner.invocation import InvocationContext, image_embeddings, invoke
 from clip_runner.invocation import classify as classify_images
@@ -409,6 +410,7 @@ class ClipService:
         await self.http_client.aclose()
 
 
+one_span_per_request()  # before BentoML builds the app: no per-message spans
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
 ClipService.add_asgi_middleware(
     ConnectionRecyclingMiddleware, every=settings.answers_per_connection
