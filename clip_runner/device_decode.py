@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -50,6 +51,35 @@ def pillow_decode(blob: bytes, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(pixels).to(device).permute(2, 0, 1)
 
 
+# Most pixels resized in one go (as float32, 12 bytes a pixel): bounds the device memory a
+# batch of large photos takes to about 400 MB.
+GROUP_MAX_PIXELS = 32_000_000
+
+
+def resized_by_size(
+    images: Sequence[torch.Tensor], shortest_edge: int, crop_height: int, crop_width: int
+) -> torch.Tensor:
+    """uint8 (N, 3, crop_height, crop_width) of each (3, H, W) image, resized and cropped.
+
+    Images of one size are resized together (`resize_and_crop` on a stack of them, up to
+    GROUP_MAX_PIXELS at a time): on a GPU each operation is a kernel launch the CPU issues under
+    the GIL, so a batch of same-size photos costs the launches of one image, not one set each.
+    """
+    by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, image in enumerate(images):
+        by_size[tuple(image.shape)].append(index)
+    crops: list[torch.Tensor | None] = [None] * len(images)
+    for (_, height, width), indices in by_size.items():
+        per_group = max(1, GROUP_MAX_PIXELS // (height * width))
+        for start in range(0, len(indices), per_group):
+            group = indices[start : start + per_group]
+            stacked = torch.stack([images[index] for index in group])
+            resized = resize_and_crop(stacked, shortest_edge, crop_height, crop_width)
+            for index, crop in zip(group, resized, strict=True):
+                crops[index] = crop
+    return torch.stack(crops)
+
+
 class DeviceJpegDecoder:
     """Decodes and resizes forwarded JPEGs where the model runs (see the module docstring)."""
 
@@ -60,17 +90,21 @@ class DeviceJpegDecoder:
         self.geometry = (shortest_edge, crop_height, crop_width)
         self._nvjpeg = _torchvision_decoder() if device.type == "cuda" else None
         self.name = NVJPEG if self._nvjpeg is not None else PILLOW
+        if device.type == "cuda":
+            # The resize's float32 products are exact only in IEEE float32 (torch's default);
+            # TF32 would round them. The model runs in fp16, which this does not touch.
+            torch.backends.cuda.matmul.allow_tf32 = False
 
     def __call__(self, blobs: Sequence[bytes]) -> tuple[torch.Tensor, list[bool]]:
         """uint8 (N_ok, 3, crop_h, crop_w) on the device for the images that decoded, and
         which of `blobs` did (in order)."""
         decoded = self._decode_all(blobs)
         ok = [image is not None for image in decoded]
-        crops = [resize_and_crop(image, *self.geometry) for image in decoded if image is not None]
-        if not crops:
+        images = [image for image in decoded if image is not None]
+        if not images:
             empty = torch.empty((0, 3, self.geometry[1], self.geometry[2]), dtype=torch.uint8)
             return empty.to(self.device), ok
-        return torch.stack(crops), ok
+        return resized_by_size(images, *self.geometry), ok
 
     def _decode_all(self, blobs: Sequence[bytes]) -> list[torch.Tensor | None]:
         if self._nvjpeg is not None:

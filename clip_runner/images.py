@@ -28,7 +28,12 @@ from clip_runner.errors import ImageError, RequestError
 from clip_runner.fetch import FetchLimits, fetch_url
 from clip_runner.metrics import PREPROCESS_SECONDS
 from clip_runner.pixel_budget import PixelBudget
-from clip_runner.resample import COMPILED, crop_plan, resize_and_crop_array
+from clip_runner.resample import (
+    COMPILED,
+    DEVICE_MAX_DOWNSCALE,
+    crop_plan,
+    resize_and_crop_array,
+)
 from clip_runner.s3_images import fetch_s3, is_s3_url
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
@@ -189,15 +194,18 @@ def decode_image(
 EXIF_ORIENTATION = 0x0112
 
 
-def device_decodable_jpeg(data: bytes, index: int, max_pixels: int) -> bool:
+def device_decodable_jpeg(data: bytes, index: int, max_pixels: int, shortest_edge: int) -> bool:
     """Whether the runner's device decoder gives exactly this JPEG's pixels: a baseline JPEG in
-    RGB or greyscale without EXIF rotation. Progressive, CMYK and rotated JPEGs (and every other
-    format) are decoded here instead. Reads the header only; limits apply as for decoding."""
+    RGB or greyscale without EXIF rotation, whose shortest side the device resize shrinks
+    exactly (`DEVICE_MAX_DOWNSCALE`). Progressive, CMYK, rotated and giant JPEGs (and every
+    other format) are decoded here instead. Reads the header only; limits apply as for
+    decoding."""
     with opened_image(data, index, max_pixels) as opened:
         return (
             opened.format == "JPEG"
             and opened.mode in ("RGB", "L")
             and not opened.info.get("progressive")
+            and min(opened.size) <= DEVICE_MAX_DOWNSCALE * shortest_edge
             and opened.getexif().get(EXIF_ORIENTATION, 1) == 1
         )
 
@@ -287,7 +295,9 @@ async def load_image(
     else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop
         data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
     header = budget.charge(data)  # from the header, before decoding: 413 past the budget
-    if limits.forward_jpegs and device_decodable_jpeg(data, index, limits.max_pixels):
+    if limits.forward_jpegs and device_decodable_jpeg(
+        data, index, limits.max_pixels, geometry.shortest_edge
+    ):
         return data
     args = (data, index, geometry, limits.max_pixels, limits.fast_preprocessing)
     if header.baseline_jpeg and header.pixels <= ON_LOOP_MAX_PIXELS:

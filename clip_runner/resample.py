@@ -7,9 +7,14 @@ output rows and columns inside the crop (Pillow resizes the whole image, then cr
 of a 4:3 photo's work is thrown away, and a 10000x1 strip allocates a 224 x 2.2 M image first).
 
 - `resize_and_crop` (torch, any device): the runner's resize of JPEGs decoded on its device
-  (device_decode.py). Each pass is one float64 matrix product with the integer weights: every
-  product and partial sum is an integer below 2^53, so float64 holds them exactly and the
-  result does not depend on the order of summation.
+  (device_decode.py), for one image or a batch of same-size images. Each pass is one float32
+  matrix product: float32 holds integers below 2^24 exactly, whatever the order of summation,
+  but a 22-bit weight times an 8-bit pixel needs 30 bits. So each weight is split into its
+  three bytes (the top one signed), the product runs on the three byte planes at once, and the
+  three sums are recombined in float64 (exact below 2^53). A row of byte x pixel products
+  stays below 2^24 up to a downscale of `DEVICE_MAX_DOWNSCALE` (checked when the weights are
+  made); larger images are decoded by the API workers (images.py). float32, not float64,
+  because most GPUs SageMaker users pick (A10G, L4, T4) run float64 at 1/32-1/64 of float32.
 - `resize_and_crop_array` (numpy in, numba-compiled loops): the API workers' CPU path
   (images.py). Pillow's loops are scalar; these run each pass as sums of whole rows that the
   compiler vectorises, about 3 x faster than Pillow on the seed's 640x480 photos. numba is an
@@ -69,9 +74,35 @@ def fixed_point_weights(in_size: int, out_size: int, start: int, count: int) -> 
     return weights
 
 
+# The byte planes of a weight, high (signed) to low: weight = high * 2^16 + middle * 2^8 + low.
+BYTE_SHIFTS = (16, 8, 0)
+_FLOAT32_EXACT = 1 << 24
+# Largest shortest-side downscale the device resize takes (a 10,752-px side for 224): about
+# 4 x 48 + 2 taps per output pixel, each plane's row sum below 255 * 255 * 194 < 2^24.
+DEVICE_MAX_DOWNSCALE = 48
+
+
+def byte_planes(weights: np.ndarray) -> np.ndarray:
+    """(count, in) fixed-point weights -> (3, count, in) float32 byte planes (`BYTE_SHIFTS`).
+
+    Raises ValueError where a plane's row could sum past 2^24 with 8-bit pixels (a downscale
+    beyond `DEVICE_MAX_DOWNSCALE`): float32 would then round."""
+    integers = weights.astype(np.int64)
+    high, middle, low = integers >> 16, (integers >> 8) & 255, integers & 255  # >>: floor
+    planes = np.stack([high, middle, low])
+    largest_sum = int(np.abs(planes).sum(axis=2).max(initial=0)) * 255
+    if largest_sum >= _FLOAT32_EXACT:
+        raise ValueError(
+            f"resizing {weights.shape[1]} pixels to this size needs more taps than float32 sums "
+            "exactly: decode such an image on the CPU"
+        )
+    return planes.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class _Weights:
-    matrix: torch.Tensor  # (count, in_size) float64 on the device
+    planes: torch.Tensor  # (3, count, in_size) float32 byte planes on the device
+    scales: torch.Tensor  # (3,) float64 on the device: 2^16, 2^8, 1
     first: int  # the source span any row reads: [first, last)
     last: int
 
@@ -83,8 +114,20 @@ def _device_weights(in_size: int, out_size: int, start: int, count: int, device:
     weights = fixed_point_weights(in_size, out_size, start, count)
     used = np.flatnonzero(np.abs(weights).sum(axis=0))
     first, last = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
-    matrix = torch.from_numpy(weights).to(device=device, dtype=torch.float64)
-    return _Weights(matrix, first, last)
+    planes = torch.from_numpy(byte_planes(weights)).to(device)
+    scales = torch.tensor([float(1 << shift) for shift in BYTE_SHIFTS], dtype=torch.float64)
+    return _Weights(planes, scales.to(device), first, last)
+
+
+def _planes_for(planes: torch.Tensor, leading: int) -> torch.Tensor:
+    """(3, a, b) planes viewed to broadcast against pixels with `leading` batch dimensions."""
+    return planes.view(3, *([1] * leading), *planes.shape[1:])
+
+
+def _pass_sums(products: torch.Tensor, weights: _Weights) -> torch.Tensor:
+    """(3, ...) byte-plane products -> Pillow's rounded pass output, 0..255 as float32."""
+    sums = torch.tensordot(weights.scales, products.to(torch.float64), dims=1)
+    return _round_to_uint8(sums).to(torch.float32)
 
 
 def _round_to_uint8(sums: torch.Tensor) -> torch.Tensor:
@@ -146,29 +189,35 @@ def crop_plan(
 def resize_and_crop(
     image: torch.Tensor, shortest_edge: int, crop_height: int, crop_width: int
 ) -> torch.Tensor:
-    """uint8 (3, H, W) on any device -> uint8 (3, crop_height, crop_width), equal to Pillow's
-    bicubic resize of the shortest side to `shortest_edge` followed by a center crop (zero
-    padding where the crop is larger than the resized image)."""
-    _, height, width = image.shape
+    """uint8 (..., 3, H, W) on any device -> uint8 (..., 3, crop_height, crop_width), equal to
+    Pillow's bicubic resize of the shortest side to `shortest_edge` followed by a center crop
+    (zero padding where the crop is larger than the resized image). Leading dimensions are a
+    batch of same-size images, resized by the same operations (on a GPU: the same launches)."""
+    height, width = image.shape[-2:]
+    leading = image.dim() - 2
     plan = crop_plan(width, height, shortest_edge, crop_height, crop_width)
     device = str(image.device)
     columns = _device_weights(width, plan.new_width, plan.left, plan.out_width, device)
     rows = _device_weights(height, plan.new_height, plan.top, plan.out_height, device)
     # Only the source rows (columns) that the kept output reads go through the first pass.
     if vertical_first(width, height, plan.new_height):
-        pixels = image[:, :, columns.first : columns.last].to(torch.float64)
-        vertical = _round_to_uint8(rows.matrix @ pixels)  # (3, out_h, span)
-        cropped = _round_to_uint8(vertical @ columns.matrix[:, columns.first : columns.last].T)
+        pixels = image[..., columns.first : columns.last].to(torch.float32)
+        row_planes = _planes_for(rows.planes, leading)
+        vertical = _pass_sums(row_planes @ pixels.unsqueeze(0), rows)  # (..., out_h, span)
+        column_planes = columns.planes[:, :, columns.first : columns.last].transpose(1, 2)
+        cropped = _pass_sums(vertical.unsqueeze(0) @ _planes_for(column_planes, leading), columns)
     else:
-        pixels = image[:, rows.first : rows.last, :].to(torch.float64)
-        horizontal = _round_to_uint8(pixels @ columns.matrix.T)  # (3, span, out_w)
-        cropped = _round_to_uint8(rows.matrix[:, rows.first : rows.last] @ horizontal)
+        pixels = image[..., rows.first : rows.last, :].to(torch.float32)
+        column_planes = _planes_for(columns.planes.transpose(1, 2), leading)
+        horizontal = _pass_sums(pixels.unsqueeze(0) @ column_planes, columns)  # (..., span, out_w)
+        row_planes = _planes_for(rows.planes[:, :, rows.first : rows.last], leading)
+        cropped = _pass_sums(row_planes @ horizontal.unsqueeze(0), rows)
     cropped = cropped.to(torch.uint8)
     if not plan.padded:
         return cropped
-    canvas = torch.zeros((3, crop_height, crop_width), dtype=torch.uint8, device=image.device)
+    canvas = image.new_zeros((*image.shape[:-2], crop_height, crop_width))
     canvas[
-        :,
+        ...,
         plan.pad_top : plan.pad_top + plan.out_height,
         plan.pad_left : plan.pad_left + plan.out_width,
     ] = cropped

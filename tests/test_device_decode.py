@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from clip_runner import device_decode
 from clip_runner.device_decode import PILLOW, DeviceJpegDecoder, pillow_decode
 from clip_runner.images import ImageGeometry, prepare_image
+from clip_runner.resample import resize_and_crop
 from tests.hard_images import encoded, hard_images
 from tests.helpers import SEED_CLASSES, ServedBento, bentoml_serve, encode, photo_like
 
@@ -36,6 +38,27 @@ def test_cpu_twin_equals_the_api_path_on_the_hard_set():
     assert decoded == [True] * len(blobs)
     expected = np.stack([prepare_image(blob, 0, GEOMETRY, 10**9) for blob in blobs])
     np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
+
+
+def test_images_of_one_size_resized_together_keep_their_order_and_pixels(monkeypatch):
+    """Same-size images share one resize (in groups of GROUP_MAX_PIXELS, here two images)."""
+    monkeypatch.setattr(device_decode, "GROUP_MAX_PIXELS", 2 * 320 * 240)
+    sizes = [(320, 240), (200, 300), (320, 240), (320, 240), (200, 300), (64, 48), (320, 240)]
+    images = [
+        torch.from_numpy(np.array(photo_like(w, h, seed=i))).permute(2, 0, 1)
+        for i, (w, h) in enumerate(sizes)
+    ]
+    batches: list[int] = []
+
+    def counted(stacked: torch.Tensor, *geometry: int) -> torch.Tensor:
+        batches.append(len(stacked))
+        return resize_and_crop(stacked, *geometry)
+
+    monkeypatch.setattr(device_decode, "resize_and_crop", counted)
+    together = device_decode.resized_by_size(images, 224, 224, 224)
+    assert sorted(batches) == [1, 2, 2, 2]  # 4 x 320x240 in twos, 2 x 200x300, 1 x 64x48
+    alone = torch.stack([resize_and_crop(image, 224, 224, 224) for image in images])
+    torch.testing.assert_close(together, alone, rtol=0, atol=0)
 
 
 def test_a_jpeg_that_does_not_decode_fails_alone():

@@ -20,11 +20,13 @@ from clip_runner.images import (
     ImageLimits,
     decode_image,
     decode_inline,
+    device_decodable_jpeg,
     load_images,
     prepare_image,
     reduce_large,
     resize_and_crop,
 )
+from clip_runner.resample import DEVICE_MAX_DOWNSCALE
 from clip_runner.store import OPENAI_STD, build_image_processor
 from tests.hard_images import encoded, hard_images
 from tests.helpers import PUBLIC_HOST, as_base64, encode, photo_like
@@ -287,6 +289,15 @@ def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image
     assert loaded[0] == baseline and loaded[1] == grey
     assert all(isinstance(item, np.ndarray) for item in loaded[2:])
     assert loaded[4].shape == (224, 224, 3)
+
+
+def test_a_jpeg_past_the_device_resizes_exact_downscale_is_decoded_here():
+    """The device resize is exact up to a shortest-side downscale of DEVICE_MAX_DOWNSCALE; a
+    larger JPEG (a 10,752-px side for 224; here a small model edge stands in) is not forwarded."""
+    data = encode(photo_like(500, 400, seed=2), "JPEG")
+    edge = 400 // DEVICE_MAX_DOWNSCALE  # 400 px is more than DEVICE_MAX_DOWNSCALE x edge
+    assert not device_decodable_jpeg(data, 0, MAX_PIXELS, shortest_edge=edge)
+    assert device_decodable_jpeg(data, 0, MAX_PIXELS, shortest_edge=edge + 1)
 
 
 def test_forwarding_still_checks_the_pixel_limit_from_the_header():

@@ -9,7 +9,10 @@ import torch
 from PIL import Image
 
 from clip_runner.resample import (
+    BYTE_SHIFTS,
     COMPILED,
+    DEVICE_MAX_DOWNSCALE,
+    byte_planes,
     fixed_point_weights,
     resize_and_crop,
     resize_and_crop_array,
@@ -121,3 +124,31 @@ def test_weights_are_pillows_fixed_point_and_sum_to_one():
     assert np.array_equal(weights, np.round(weights))  # integers
     sums = weights.sum(axis=1) / 2**22
     np.testing.assert_allclose(sums, 1.0, atol=2e-6)  # each row rounds to ~1.0 in fixed point
+
+
+@pytest.mark.parametrize("out_size", [1, 77, 224, 336, 448])
+def test_byte_planes_recombine_to_the_weights_and_stay_float32_exact(out_size):
+    """Up to DEVICE_MAX_DOWNSCALE every plane's row of byte x 255 sums below 2^24 (else
+    byte_planes raises), and the planes give back the fixed-point weights exactly."""
+    weights = fixed_point_weights(out_size * DEVICE_MAX_DOWNSCALE, out_size, 0, out_size)
+    planes = byte_planes(weights).astype(np.int64)
+    shifts = np.array([1 << shift for shift in BYTE_SHIFTS]).reshape(3, 1, 1)
+    np.testing.assert_array_equal((planes * shifts).sum(axis=0), weights.astype(np.int64))
+
+
+def test_a_downscale_float32_cannot_sum_exactly_is_refused():
+    weights = fixed_point_weights(224 * 4 * DEVICE_MAX_DOWNSCALE, 224, 0, 224)
+    with pytest.raises(ValueError, match="decode such an image on the CPU"):
+        byte_planes(weights)
+
+
+@pytest.mark.parametrize("geometry", [(224, 224, 224), (100, 120, 160)])
+@pytest.mark.parametrize("size", [(640, 480), (300, 900), (90, 60)])
+def test_a_batch_of_same_size_images_equals_each_resized_alone(size, geometry):
+    images = torch.stack(
+        [torch.from_numpy(np.array(noise(*size, seed=s))).permute(2, 0, 1) for s in range(3)]
+    )
+    together = resize_and_crop(images, *geometry)
+    alone = torch.stack([resize_and_crop(image, *geometry) for image in images])
+    assert together.shape == (3, 3, geometry[1], geometry[2])
+    torch.testing.assert_close(together, alone, rtol=0, atol=0)
