@@ -603,6 +603,32 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     return results
 
 
+def device_resize_exactness(model_dir: Path) -> dict:
+    """The torch resize on the model's device (float32 byte planes, resample.py) against
+    CLIPImageProcessor's Pillow resize, pixel for pixel, on the hard-image set decoded by
+    Pillow, so that only the resize differs: no pixel may differ, on a GPU as on the CPU."""
+    from transformers import CLIPProcessor
+
+    from clip_runner.encoding import pick_device
+    from clip_runner.resample import resize_and_crop
+    from tests.hard_images import hard_images
+
+    image_processor = CLIPProcessor.from_pretrained(model_dir).image_processor
+    device = pick_device()[0]
+    differing, pixels, worst = 0, 0, None
+    for name, image in hard_images():
+        rgb = image.convert("RGB")
+        theirs = image_processor(
+            images=rgb, do_rescale=False, do_normalize=False, return_tensors="np"
+        )["pixel_values"][0]
+        on_device = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).to(device)
+        ours = resize_and_crop(on_device, 224, *theirs.shape[1:]).cpu().numpy()
+        wrong = int((ours != theirs.round().astype(np.uint8)).sum())
+        differing, pixels = differing + wrong, pixels + ours.size
+        worst = name if wrong and worst is None else worst
+    return {"device": str(device), "pixels": pixels, "differing": differing, "first_off": worst}
+
+
 # ---------------------------------------------------------------- reporting
 
 
@@ -991,6 +1017,7 @@ def gpu_targets(out: Path, seconds: float) -> dict:
     save()
     print(json.dumps(payload), flush=True)
     print("fidelity ...", flush=True)
+    payload["device_resize"] = device_resize_exactness(model_dir)
     payload["fidelity"] = preprocessing_fidelity(model_dir)
     save()
     seed = seed_request_bodies()
@@ -1081,6 +1108,9 @@ def gpu_target_checks(payload: dict) -> dict[str, str]:
         ),
         "bare image encoder, best batch images/s, plain / CUDA graphs": (
             f"{bare} / {graphed_bare.get('batched_limit_images_per_s')}"
+        ),
+        "device resize: pixels differing from Pillow's (must be 0)": (
+            payload.get("device_resize", {}).get("differing")
         ),
         "/embed_texts uncached, prompts/s (bare text encoder, batch 256)": (
             f"{texts.get('images_per_s')} ({payload['bare_text'].get('batch256_prompts_per_s')})"
