@@ -9,10 +9,10 @@
 # at 1, 32 and 64 clients and uncached /embed_texts on all cores but the load generator's four,
 # the seed request at 64 clients with the whole server on 4 cores, the bare fp16 image and text
 # encoders, the device resize against Pillow pixel for pixel, every preprocessing path's
-# fidelity (nvJPEG included), and the seed request at 64
-# clients with CLIP_RUNNER_CALLS=3 (the calls-in-flight ablation), and with CLIP_CUDA_GRAPHS=on
-# (the seed request at 1 and 64 clients, the bare encoder replayed, its cosine to the plain
-# passes). Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt.
+# fidelity (nvJPEG included), the seed request at 64 clients with CLIP_RUNNER_CALLS=3 (the
+# calls-in-flight ablation), and with CLIP_CUDA_GRAPHS=on (the seed request at 1 and 64
+# clients, the bare encoder replayed, its cosine to the plain passes). Results go to $OUT (or
+# benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${OUT:-benchmarks/gpu}
