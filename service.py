@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 
 from clip_runner.auth import ApiKeyMiddleware
 from clip_runner.batching import QueueWaitExceeded
+from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
 from clip_runner.connection_recycling import ConnectionRecyclingMiddleware
 from clip_runner.embedding_format import format_embeddings
@@ -161,6 +162,7 @@ class ClipService:
         self._context_lock = asyncio.Lock()
         self.runner_ready = False
         self._probe_task: asyncio.Task | None = None
+        bind_apis_once(self)  # BentoML looks each API up per request (bound_apis.py)
 
     def count_tokens(self, prompts: list[str]) -> list[int]:
         """Token counts; the same class lists arrive on every request, so counts are memoised."""

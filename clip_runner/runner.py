@@ -22,6 +22,7 @@ from bentoml.validators import ContentType
 from PIL import Image
 
 from clip_runner.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
+from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import get_settings
 from clip_runner.cuda_graphs import ReplayedForward
 from clip_runner.device_decode import DeviceJpegDecoder
@@ -132,6 +133,7 @@ class CLIPRunner:
             _replay_note(self.encoder.replayed),
             self.jpeg_decoder.name,
         )
+        bind_apis_once(self)  # BentoML looks each API up per call (bound_apis.py)
 
     def _warm_up(self) -> None:
         """Passes of each encoder and a JPEG decode, so the first request pays no lazy
