@@ -24,6 +24,12 @@ import httpx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:  # SIMD: 5 us instead of 220 for a 73-kB base64 image. Stricter than the standard library
+    # on surplus padding, which the lenient path then accepts as before (the tests hold both).
+    from pybase64 import b64decode as strict_b64decode
+except ImportError:  # an accelerator, not a requirement: the same bytes, slower
+    from base64 import b64decode as strict_b64decode
+
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.fetch import FetchLimits, fetch_url
 from clip_runner.metrics import PREPROCESS_SECONDS
@@ -116,7 +122,7 @@ def decode_inline(source: str, index: int, max_bytes: int) -> bytes:
         if len(payload) * 3 // 4 > max_bytes:
             raise ImageError(index, f"image is larger than the {max_bytes}-byte limit")
     try:  # standard, padded, unbroken base64 (what clients send): 4.5x faster than the rest
-        data = base64.b64decode(payload, validate=True)
+        data = strict_b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         data = _lenient_base64(payload, index)
     if not data:
