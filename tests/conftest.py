@@ -20,13 +20,12 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 from clip_runner.store import LoadedClip, build_random_clip, load_clip, save_clip  # noqa: E402
 from tests.helpers import (  # noqa: E402
     GUARD_SETTINGS,
-    PUBLIC_HOST,
     ImageHost,
     MotoS3,
     ServedBento,
-    bentoml_serve,
     image_host,
     moto_s3,
+    serve_tiny,
 )
 
 
@@ -63,18 +62,6 @@ def image_server(image_host_server: ImageHost) -> str:
     return image_host_server.url
 
 
-def _serve_tiny(model, home: Path, factory: pytest.TempPathFactory, name: str, **env: str):
-    """`bentoml serve` of the tiny model, image URLs allowed to the stand-in public host."""
-    log_path = factory.mktemp(name) / "serve.log"
-    return bentoml_serve(
-        home,
-        log_path,
-        CLIP_MODEL_TAG=str(model.tag),
-        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
-        **env,
-    )
-
-
 @pytest.fixture(scope="session")
 def s3_store() -> Iterator[MotoS3]:
     """moto's S3 on loopback, which the served bento reads s3:// images from."""
@@ -94,7 +81,7 @@ def served(
     Its CLIP_MODEL_DIR is an empty directory, as the SageMaker SDK's local mode mounts at
     /opt/ml/model: the baked-in (store) model must still be served.
     """
-    with _serve_tiny(
+    with serve_tiny(
         tiny_stored_model,
         bentoml_home,
         tmp_path_factory,
@@ -113,7 +100,7 @@ def guarded(
 ) -> Iterator[ServedBento]:
     """A second real server with an API key and small abuse bounds (`GUARD_SETTINGS`), shared by
     the suites of traffic, auth, the pixel budget, the CLI and the demo page."""
-    with _serve_tiny(
+    with serve_tiny(
         tiny_stored_model, bentoml_home, tmp_path_factory, "guarded", **GUARD_SETTINGS
     ) as server:
         yield server

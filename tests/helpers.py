@@ -15,13 +15,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import psutil
+import pytest
 from PIL import Image
 
 from clip_runner.schemas import SEED_CLASSES as SEED_CLASSES  # re-exported for the tests
@@ -276,6 +278,20 @@ def bentoml_serve(bentoml_home: Path, log_path: Path, **env: str) -> Iterator[Se
         yield ServedBento(url=url, process=process, log_path=log_path)
     finally:
         stop_process_group(process)
+
+
+def serve_tiny(
+    model: Any, bentoml_home: Path, factory: pytest.TempPathFactory, name: str, **env: str
+) -> AbstractContextManager[ServedBento]:
+    """`bentoml serve` of the suite's tiny model with these settings, image URLs allowed to the
+    stand-in public host; its log in a temporary folder called `name`."""
+    return bentoml_serve(
+        bentoml_home,
+        factory.mktemp(name) / "serve.log",
+        CLIP_MODEL_TAG=str(model.tag),
+        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
+        **env,
+    )
 
 
 def stop_process_group(process: subprocess.Popen, timeout_s: float = 30) -> None:

@@ -19,7 +19,14 @@ import torch
 
 from clip_runner.cuda_graphs import ReplayedForward, batch_buckets, bucket_for
 from clip_runner.encoding import ClipEncoder
-from tests.helpers import SEED_CLASSES, ServedBento, bentoml_serve, encode, photo_like
+from tests.helpers import (
+    SEED_CLASSES,
+    ServedBento,
+    assert_same_answer,
+    encode,
+    photo_like,
+    serve_tiny,
+)
 
 
 def channel_means(pixels: torch.Tensor) -> torch.Tensor:
@@ -115,12 +122,8 @@ def test_concurrent_callers_each_get_their_own_rows(encoders):
 
 @pytest.fixture(scope="module")
 def replaying_server(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
-    log_path = tmp_path_factory.mktemp("replaying") / "serve.log"
-    with bentoml_serve(
-        bentoml_home,
-        log_path,
-        CLIP_MODEL_TAG=str(tiny_stored_model.tag),
-        CLIP_CUDA_GRAPHS="on",
+    with serve_tiny(
+        tiny_stored_model, bentoml_home, tmp_path_factory, "replaying", CLIP_CUDA_GRAPHS="on"
     ) as server:
         yield server
 
@@ -132,8 +135,6 @@ def test_a_server_replaying_image_passes_answers_as_the_default_one(replaying_se
     replayed = httpx.post(f"{replaying_server.url}/invocations", json=body, timeout=60)
     default = httpx.post(f"{served.url}/invocations", json=body, timeout=60)
     assert replayed.status_code == default.status_code == 200
-    for ours, theirs in zip(replayed.json(), default.json(), strict=True):
-        assert ours["prompts"][0] == theirs["prompts"][0]
-        np.testing.assert_allclose(ours["prompts"][2], theirs["prompts"][2], atol=1e-6)
+    assert_same_answer(replayed.json(), default.json(), tolerance=1e-6)
     log = replaying_server.log()
     assert "image passes per batch bucket [1, 2, 4, 8] from eager passes (no GPU)" in log

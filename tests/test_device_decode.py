@@ -21,7 +21,14 @@ from clip_runner.device_decode import PILLOW, DeviceJpegDecoder, pillow_decode
 from clip_runner.images import ImageGeometry, prepare_image
 from clip_runner.resample import resize_and_crop
 from tests.hard_images import encoded, hard_images
-from tests.helpers import SEED_CLASSES, ServedBento, bentoml_serve, encode, photo_like
+from tests.helpers import (
+    SEED_CLASSES,
+    ServedBento,
+    assert_same_answer,
+    encode,
+    photo_like,
+    serve_tiny,
+)
 
 GEOMETRY = ImageGeometry(224, 224, 224)
 
@@ -96,9 +103,8 @@ def test_a_jpeg_nvjpeg_refuses_is_decoded_by_pillow_as_on_the_api_path():
 
 @pytest.fixture(scope="module")
 def forwarding(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
-    log_path = tmp_path_factory.mktemp("forwarding") / "serve.log"
-    with bentoml_serve(
-        bentoml_home, log_path, CLIP_MODEL_TAG=str(tiny_stored_model.tag), CLIP_DECODE="runner"
+    with serve_tiny(
+        tiny_stored_model, bentoml_home, tmp_path_factory, "forwarding", CLIP_DECODE="runner"
     ) as server:
         yield server
 
@@ -116,9 +122,7 @@ def test_forwarding_server_answers_as_the_api_path(forwarding, served):
     forwarded = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
     decoded_here = httpx.post(f"{served.url}/invocations", json=body, timeout=60)
     assert forwarded.status_code == decoded_here.status_code == 200
-    for ours, theirs in zip(forwarded.json(), decoded_here.json(), strict=True):
-        assert ours["prompts"][0] == theirs["prompts"][0]
-        np.testing.assert_allclose(ours["prompts"][2], theirs["prompts"][2], atol=1e-6)
+    assert_same_answer(forwarded.json(), decoded_here.json(), tolerance=1e-6)
     metrics = httpx.get(f"{forwarding.url}/metrics", timeout=10).text
     assert 'clip_service_runner_call_images_sum{sent_as="jpeg"} 4.0' in metrics
 

@@ -16,32 +16,24 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers import (
-    PUBLIC_HOST,
-    ServedBento,
-    as_base64,
-    bentoml_serve,
-    photo_like,
-    wait_for_ping,
-)
+from tests.helpers import ServedBento, as_base64, photo_like, serve_tiny, wait_for_ping
 
 GOOD = {"images": [as_base64(photo_like(40, 40, seed=1))], "classes": [["cat", 1], ["dog", 0]]}
 
 
 @pytest.fixture(scope="module")
 def fragile(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
-    log_path = tmp_path_factory.mktemp("fragile") / "serve.log"
-    with bentoml_serve(
+    with serve_tiny(
+        tiny_stored_model,
         bentoml_home,
-        log_path,
-        CLIP_MODEL_TAG=str(tiny_stored_model.tag),
+        tmp_path_factory,
+        "fragile",
         CLIP_API_WORKERS="1",  # CLIP_MAX_CONCURRENCY is per API worker: one makes it exact
         CLIP_MAX_CONCURRENCY="3",
         CLIP_REQUEST_TIMEOUT_S="5",
         CLIP_FETCH_TIMEOUT_S="4",
         CLIP_FETCH_CONNECT_TIMEOUT_S="2",
         CLIP_MAX_LATENCY_MS="2000",
-        CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
     ) as server:
         yield server
 

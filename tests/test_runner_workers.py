@@ -12,19 +12,15 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers import ServedBento, as_base64, bentoml_serve, photo_like
+from tests.helpers import ServedBento, as_base64, photo_like, serve_tiny
 
 CLASSES = [["cat", 1], ["dog", 0], ["a red car", 1], ["tree", 0]]
 
 
 @pytest.fixture(scope="module")
 def two_runners(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
-    log_path = tmp_path_factory.mktemp("two-runners") / "serve.log"
-    with bentoml_serve(
-        bentoml_home,
-        log_path,
-        CLIP_MODEL_TAG=str(tiny_stored_model.tag),
-        CLIP_RUNNER_WORKERS="2",
+    with serve_tiny(
+        tiny_stored_model, bentoml_home, tmp_path_factory, "two-runners", CLIP_RUNNER_WORKERS="2"
     ) as server:
         yield server
 
