@@ -31,7 +31,7 @@ def _as_embedding(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def _size_value(size: Any, key: str) -> int:
+def size_value(size: Any, key: str) -> int:
     """Image-processor sizes are dicts in some transformers versions, SizeDicts in others."""
     return int(size[key] if isinstance(size, dict) else getattr(size, key))
 
@@ -122,9 +122,9 @@ class ClipEncoder:
                 embeddings.patch_embedding, self.scale.flatten(), self.offset.flatten()
             )
         self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
-        self.shortest_edge = int(_size_value(image_processor.size, "shortest_edge"))
-        self.crop_height = int(_size_value(image_processor.crop_size, "height"))
-        self.crop_width = int(_size_value(image_processor.crop_size, "width"))
+        self.shortest_edge = int(size_value(image_processor.size, "shortest_edge"))
+        self.crop_height = int(size_value(image_processor.crop_size, "height"))
+        self.crop_width = int(size_value(image_processor.crop_size, "width"))
         self.replayed: ReplayedForward | None = None
 
     def facts(self, tag: str, random_weights: bool) -> ModelFacts:

@@ -609,11 +609,12 @@ def device_resize_exactness(model_dir: Path) -> dict:
     Pillow, so that only the resize differs: no pixel may differ, on a GPU as on the CPU."""
     from transformers import CLIPProcessor
 
-    from clip_runner.encoding import pick_device
+    from clip_runner.encoding import pick_device, size_value
     from clip_runner.resample import resize_and_crop
     from tests.hard_images import hard_images
 
     image_processor = CLIPProcessor.from_pretrained(model_dir).image_processor
+    shortest_edge = size_value(image_processor.size, "shortest_edge")
     device = pick_device()[0]
     differing, pixels, worst = 0, 0, None
     for name, image in hard_images():
@@ -622,7 +623,7 @@ def device_resize_exactness(model_dir: Path) -> dict:
             images=rgb, do_rescale=False, do_normalize=False, return_tensors="np"
         )["pixel_values"][0]
         on_device = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).to(device)
-        ours = resize_and_crop(on_device, 224, *theirs.shape[1:]).cpu().numpy()
+        ours = resize_and_crop(on_device, shortest_edge, *theirs.shape[1:]).cpu().numpy()
         wrong = int((ours != theirs.round().astype(np.uint8)).sum())
         differing, pixels = differing + wrong, pixels + ours.size
         worst = name if wrong and worst is None else worst
