@@ -1,11 +1,12 @@
-"""One OpenTelemetry span per HTTP request in the API service, not four.
+"""One OpenTelemetry span per HTTP request in the API service, not five or more.
 
 BentoML wraps the API service in OpenTelemetry's ASGI middleware, which by default opens an
-"http receive" span for each body read and an "http send" span for each message sent beside the
-request's own span: four spans for a plain JSON request, and BentoML records every span, sampled
-or not (its sampler always records). OpenTelemetry lets them be left out (`exclude_spans`), but
-BentoML does not pass it. This module gives BentoML's middleware that default, so each request
-keeps its span (its `X-BentoML-Request-ID`, an exporter's trace) without the per-message ones.
+"http receive" span for each call to `receive` and an "http send" span for each message sent,
+beside the request's own span: five spans for a small JSON request (tests/test_http_spans.py),
+and BentoML records every span, sampled or not (its sampler always records). OpenTelemetry lets
+the per-message ones be left out (`exclude_spans`), but BentoML does not pass it. This module
+gives BentoML's middleware that default, so each request keeps its span (its
+`X-BentoML-Request-ID`, an exporter's trace) without the per-message ones.
 
 With JPEGs forwarded to the runner (the GPU path) those spans cost about a tenth of an API
 worker's CPU per request (BENCHMARKS.md).

@@ -49,7 +49,7 @@ def test_plain_middleware_opens_spans_per_message_and_ours_only_the_request_span
     plain = spans_of_one_request(OPEN_TELEMETRY_MIDDLEWARE)
     ours = spans_of_one_request(RequestSpanMiddleware)
     assert len(ours) == 1 and ours[0].startswith("POST")
-    assert len(plain) > len(ours) and any("send" in name for name in plain)
+    assert len(plain) >= 5 and any("send" in name for name in plain)
 
 
 def test_an_explicit_choice_of_spans_is_kept():
