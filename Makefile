@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Where the model comes from when the store has none: empty = openai/clip-vit-base-patch32 from
 # the Hugging Face hub; `--tiny`, `--random-vit-b32`, `--from-dir DIR` or `--hub-id ID` otherwise.
 IMPORT_ARGS ?=
-# The browser tests/test_ui.py drives: Debian's package, not Playwright's own downloads.
+# The browser tests/web/test_ui.py drives: Debian's package, not Playwright's own downloads.
 CHROMIUM := /usr/bin/chromium
 # bentoctl (bentoctl/sagemaker-operator) in its own venv: its pins clash with BentoML 1.4's.
 BENTOCTL_VENV ?= .venv-bentoctl
@@ -43,7 +43,7 @@ $(CHROMIUM):
 	@if [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else \
-		echo "tests/test_ui.py needs $(CHROMIUM): run 'sudo apt-get install -y chromium'" >&2; \
+		echo "tests/web/test_ui.py needs $(CHROMIUM): run 'sudo apt-get install -y chromium'" >&2; \
 	fi
 
 lint: $(STAMP)

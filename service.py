@@ -24,38 +24,35 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import AutoTokenizer
 
-from clip_runner.auth import ApiKeyMiddleware
-from clip_runner.batching import QueueWaitExceeded
-from clip_runner.bound_apis import bind_apis_once
-from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
-from clip_runner.connection_recycling import ConnectionRecyclingMiddleware
-from clip_runner.embedding_format import format_embeddings
-from clip_runner.encoding import ModelFacts
-from clip_runner.errors import (
-    JSONErrorMiddleware,
-    RequestError,
-    error_body,
-    quiet_caller_error_logs,
-)
-from clip_runner.fetch import AddressPolicy, FetchLimits, new_fetch_client
-from clip_runner.hf_toolkit import parse_zero_shot_request, toolkit_answer
-from clip_runner.http_spans import one_span_per_request
-from clip_runner.images import ImageLimits
-from clip_runner.invocation import InvocationContext, image_embeddings, invoke
-from clip_runner.invocation import classify as classify_images
-from clip_runner.invocation import embed_texts as embed_texts_flow
-from clip_runner.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
-from clip_runner.model_source import find_checkpoint, tokenizer_path
-from clip_runner.raw_images import RawImageBodyMiddleware
-from clip_runner.runner import CLIPRunner
-from clip_runner.runner_calls import (
+from clip_runner.answers.embedding_format import format_embeddings
+from clip_runner.answers.hf_toolkit import parse_zero_shot_request, toolkit_answer
+from clip_runner.answers.invocation import InvocationContext, image_embeddings, invoke
+from clip_runner.answers.invocation import classify as classify_images
+from clip_runner.answers.invocation import embed_texts as embed_texts_flow
+from clip_runner.answers.runner_calls import (
     RUNNER_ERRORS,
     forwards_jpegs,
     resilient,
     runner_calls,
     runner_overloaded,
 )
-from clip_runner.schemas import (
+from clip_runner.answers.text_cache import TextEmbeddingCache
+from clip_runner.bound_apis import bind_apis_once
+from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
+from clip_runner.errors import RequestError, error_body
+from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
+from clip_runner.images.loading import ImageLimits
+from clip_runner.model.batching import QueueWaitExceeded
+from clip_runner.model.encoding import ModelFacts
+from clip_runner.model.model_source import find_checkpoint, tokenizer_path
+from clip_runner.model.runner import CLIPRunner
+from clip_runner.web.auth import ApiKeyMiddleware
+from clip_runner.web.connection_recycling import ConnectionRecyclingMiddleware
+from clip_runner.web.error_responses import JSONErrorMiddleware, quiet_caller_error_logs
+from clip_runner.web.http_spans import one_span_per_request
+from clip_runner.web.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
+from clip_runner.web.raw_images import RawImageBodyMiddleware
+from clip_runner.web.schemas import (
     ClassifyResponse,
     ClassList,
     EmbeddingResponse,
@@ -71,9 +68,8 @@ from clip_runner.schemas import (
     TopK,
     ZeroShotParameters,
 )
-from clip_runner.text_cache import TextEmbeddingCache
-from clip_runner.traffic import RequestGuardMiddleware
-from clip_runner.ui import demo_page
+from clip_runner.web.traffic import RequestGuardMiddleware
+from clip_runner.web.ui import demo_page
 
 logger = logging.getLogger("clip_service")
 # BentoML shows its own loggers' INFO lines but leaves other loggers at the root's WARNING. This
@@ -83,7 +79,8 @@ for _project_logger in ("clip_service", "clip_runner"):
     logging.getLogger(_project_logger).setLevel(logging.getLogger("bentoml").getEffectiveLevel())
 settings = get_settings()
 # A CLIP_MODEL_DIR (/opt/ml/model) holding something that is not a CLIP checkpoint stops the start
-# here, before any worker spawns, with a message saying what is wrong (clip_runner/model_source.py).
+# here, before any worker spawns, with a message saying what is wrong
+# (clip_runner/model/model_source.py).
 find_checkpoint(settings.model_dir)
 READY_PROBE_TIMEOUT_S = 1.5
 READY_PROBE_INTERVAL_S = 1.0

@@ -24,8 +24,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import CLIPModel, CLIPProcessor
 
-from clip_runner.encoding import pick_device
-from clip_runner.zero_shot import predict
+from clip_runner.answers.zero_shot import predict
+from clip_runner.model.encoding import pick_device
 
 
 def build_app(model_dir: str) -> Starlette:

@@ -107,8 +107,8 @@ def default_api_workers(model_tag: str, model_dir: str) -> int:
     cores = len(os.sched_getaffinity(0))  # the cores this process may use
     if torch.cuda.is_available():
         return max(2, cores // 2)
-    from clip_runner.model_cost import checkpoint_image_gmacs
-    from clip_runner.model_source import served_checkpoint
+    from clip_runner.model.model_cost import checkpoint_image_gmacs
+    from clip_runner.model.model_source import served_checkpoint
 
     checkpoint = served_checkpoint(model_tag, model_dir)
     return cpu_api_workers(cores, checkpoint_image_gmacs(checkpoint) if checkpoint else None)

@@ -1,19 +1,15 @@
 """One JSON error shape for every caller mistake: {"error": {"type", "message", "index"?}}.
 
-Handlers raise `RequestError`; the ASGI middleware below also rewrites the errors BentoML and
-Starlette produce themselves (validation, unknown route, wrong method) into the same shape, so a
-client never sees HTML, a bare string, or BentoML's own format.
+Every layer that can refuse a request (image sources, answers, the HTTP side) raises
+`RequestError`; `clip_runner.web.error_responses` rewrites the errors BentoML and Starlette
+produce themselves into the same shape.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class RequestError(Exception):
@@ -54,157 +50,3 @@ def error_body(error_type: str, message: str, index: int | None = None) -> dict[
     if index is not None:
         error["index"] = index
     return {"error": error}
-
-
-def _location(loc: list[Any]) -> str:
-    """`["classes", 0, 1]` -> `classes[0][1]`: the path a user can find in their request."""
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text or "body"
-
-
-def _reason(message: str) -> str:
-    """pydantic prefixes custom validator messages with "Value error, "; callers need not see it."""
-    return message.removeprefix("Value error, ")
-
-
-def from_validation_detail(detail: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
-    """Turn pydantic's error list (as BentoML reports it) into (status, our error body)."""
-    if any(item.get("type") == "json_invalid" for item in detail):
-        reason = next(item.get("msg", "") for item in detail if item.get("type") == "json_invalid")
-        return 400, error_body("malformed_json", f"request body is not valid JSON: {reason}")
-    if any(item.get("type") == "model_type" and not item.get("loc") for item in detail):
-        return 400, error_body("malformed_json", "request body must be a JSON object")
-    messages = [
-        f"{_location(list(item.get('loc', [])))}: {_reason(item.get('msg', ''))}" for item in detail
-    ]
-    first_index = next(
-        (
-            item["loc"][1]
-            for item in detail
-            if len(item.get("loc", [])) > 1
-            and item["loc"][0] == "images"
-            and isinstance(item["loc"][1], int)
-        ),
-        None,
-    )
-    return 422, error_body("invalid_request", "; ".join(messages), first_index)
-
-
-_STATUS_TYPES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_request",
-    429: "too_many_requests",
-    500: "internal_error",
-    503: "service_unavailable",
-    504: "timeout",
-}
-
-
-def normalise_error(status: int, body: bytes) -> tuple[int, dict[str, Any]]:
-    """Map any error response body to (status, our error body); ours pass through unchanged."""
-    try:
-        parsed: Any = json.loads(body) if body else None
-    except ValueError:
-        parsed = None
-    # BentoML wraps some messages in a one-element list.
-    if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
-        parsed = parsed[0]
-    if isinstance(parsed, dict):
-        error = parsed.get("error")
-        if isinstance(error, dict) and "type" in error and "message" in error:
-            return status, parsed
-        if isinstance(parsed.get("detail"), list):
-            return from_validation_detail(parsed["detail"])
-        if isinstance(error, str):
-            return status, error_body(_STATUS_TYPES.get(status, "error"), error)
-        if isinstance(parsed.get("detail"), str):
-            return status, error_body(_STATUS_TYPES.get(status, "error"), parsed["detail"])
-    text = body.decode("utf-8", "replace").strip() if body else ""
-    if not text or text.lstrip().startswith("<"):
-        text = _STATUS_TYPES.get(status, "error").replace("_", " ")
-    return status, error_body(_STATUS_TYPES.get(status, "error"), text)
-
-
-class JSONErrorMiddleware:
-    """Rewrites every 4xx/5xx response into the project's JSON error shape.
-
-    Only error responses are buffered; successful responses stream through untouched.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        chunks: list[bytes] = []
-
-        async def capture(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                if message["status"] < 400:
-                    await send(message)
-                else:
-                    start = message
-                return
-            if message["type"] == "http.response.body" and start is not None:
-                chunks.append(message.get("body", b""))
-                if message.get("more_body", False):
-                    return
-                status, payload = normalise_error(start["status"], b"".join(chunks))
-                body = json.dumps(payload).encode()
-                headers = [
-                    (name, value)
-                    for name, value in start.get("headers", [])
-                    if name.lower() not in (b"content-length", b"content-type")
-                ]
-                headers += [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ]
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
-            await send(message)
-
-        await self.app(scope, receive, capture)
-
-
-class CallerErrorLogFilter(logging.Filter):
-    """Logs a rejected request body as one warning line instead of an ERROR with a traceback.
-
-    BentoML logs every input validation failure as a server exception; under a stream of bad
-    requests that floods the log with tracebacks of the caller's mistakes.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc_info = record.exc_info
-        if exc_info and isinstance(exc_info[1], ValidationError):
-            error = exc_info[1]
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = "rejected request: %d validation error(s), first at %s: %s"
-            first = error.errors(include_url=False)[0]
-            record.args = (
-                error.error_count(),
-                _location(list(first["loc"])),
-                _reason(first["msg"]),
-            )
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def quiet_caller_error_logs() -> None:
-    """Install `CallerErrorLogFilter` on the logger BentoML reports request exceptions with."""
-    logging.getLogger("bentoml._internal.server.http_app").addFilter(CallerErrorLogFilter())

@@ -46,8 +46,8 @@ import psutil
 import torch
 from PIL import Image
 
-from clip_runner.resample import resized_size
-from clip_runner.schemas import SEED_CLASSES
+from clip_runner.model.resample import resized_size
+from clip_runner.web.schemas import SEED_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.hard_images: the fidelity set the tests use too
@@ -459,7 +459,7 @@ class BareModel:
     def __init__(self, model_dir: Path, replayed: bool = False) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        from clip_runner.encoding import ClipEncoder, pick_device
+        from clip_runner.model.encoding import ClipEncoder, pick_device
 
         model = CLIPModel.from_pretrained(model_dir, attn_implementation="sdpa")
         device, dtype = pick_device()  # as the runner does: CUDA fp16 when present, else CPU fp32
@@ -535,10 +535,10 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     Every path's pixels go through the same encoder, so only the preprocessing differs."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from clip_runner.device_decode import DeviceJpegDecoder
-    from clip_runner.encoding import ClipEncoder, pick_device
-    from clip_runner.images import ImageGeometry, prepare_image
-    from clip_runner.zero_shot import zero_shot_probabilities
+    from clip_runner.answers.zero_shot import zero_shot_probabilities
+    from clip_runner.images.loading import ImageGeometry, prepare_image
+    from clip_runner.model.device_decode import DeviceJpegDecoder
+    from clip_runner.model.encoding import ClipEncoder, pick_device
     from tests.hard_images import encoded, hard_images
 
     processor = CLIPProcessor.from_pretrained(model_dir)
@@ -609,8 +609,8 @@ def device_resize_exactness(model_dir: Path) -> dict:
     Pillow, so that only the resize differs: no pixel may differ, on a GPU as on the CPU."""
     from transformers import CLIPProcessor
 
-    from clip_runner.encoding import pick_device, size_value
-    from clip_runner.resample import resize_and_crop
+    from clip_runner.model.encoding import pick_device, size_value
+    from clip_runner.model.resample import resize_and_crop
     from tests.hard_images import hard_images
 
     image_processor = CLIPProcessor.from_pretrained(model_dir).image_processor
@@ -691,7 +691,7 @@ def update_benchmarks_md(block: str, section: str) -> None:
 
 def bare_only(out: Path) -> int:
     """The bare model's limit and the preprocessing fidelity, without a store or a server."""
-    from clip_runner.store import build_random_clip
+    from clip_runner.model.store import build_random_clip
 
     model_dir = Path(tempfile.mkdtemp(prefix="clip-bare-"))
     model, processor = build_random_clip(tiny=False)
@@ -719,7 +719,7 @@ def import_random_model(tiny: bool = False) -> tuple[Path, str, Path]:
     home = bench_home()
     import bentoml
 
-    from clip_runner.store import build_random_clip, save_clip
+    from clip_runner.model.store import build_random_clip, save_clip
 
     name = "tiny" if tiny else "vit-b32"
     print(f"importing a random-weight {name} model into", home, flush=True)
@@ -820,7 +820,7 @@ def cpu_ms_per_image(model_dir: Path, sources: list[str], window_s: float = 2) -
     ratio to Pillow's rate a server could reach with nothing else to do."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from clip_runner.encoding import ClipEncoder
+    from clip_runner.model.encoding import ClipEncoder
 
     encoder = ClipEncoder(
         CLIPModel.from_pretrained(model_dir),
@@ -982,7 +982,7 @@ def gpu_targets(out: Path, seconds: float) -> dict:
     process per core of its own (4 cores), never on the server's."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from clip_runner.encoding import ClipEncoder, pick_device
+    from clip_runner.model.encoding import ClipEncoder, pick_device
 
     cuda = torch.cuda.is_available()
     home, tag, model_dir = import_random_model(tiny=not cuda)  # on CPU: a smoke run only

@@ -113,9 +113,9 @@ build_image() {
   "$PYTHON" scripts/import_model.py --tiny >"$WORK/import.log" 2>&1 ||
     { cat "$WORK/import.log" >&2; fail "model import"; }
   local context="$WORK/context"
-  mkdir -p "$context/clip_runner" "$context/wheels"
+  mkdir -p "$context/wheels"
   cp service.py README.md requirements.txt "$context/"
-  cp clip_runner/*.py clip_runner/*.html "$context/clip_runner/"
+  tar --exclude=__pycache__ -cf - clip_runner | tar -xf - -C "$context"
   local wheel="${TORCH_WHEEL:-$(ls -1 /opt/wheels/torch-*+cpu*.whl 2>/dev/null | sort -V | tail -1)}"
   "$PYTHON" - "$context" "$BASE_IMAGE" "$wheel" <<'EOF'
 import re, shutil, sys
@@ -152,7 +152,7 @@ write_model_dirs() {  # what SageMaker would extract into /opt/ml/model, three w
   "$PYTHON" - "$WORK/model-dir/clip" >"$WORK/expected-embedding.json" <<'EOF'
 import json, sys
 import torch
-from clip_runner.store import build_random_clip
+from clip_runner.model.store import build_random_clip
 model, processor = build_random_clip(tiny=True, seed=7)
 model.save_pretrained(sys.argv[1])
 processor.save_pretrained(sys.argv[1])

@@ -44,7 +44,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 from botocore.validate import validate_parameters
 
-from clip_runner.schemas import SEED_CLASSES
+from clip_runner.web.schemas import SEED_CLASSES
 
 DEFAULT_INSTANCE_TYPE = "ml.m5.xlarge"
 INSTANCE_TYPE_EXAMPLES = "ml.m5.xlarge, ml.c5.2xlarge (CPU); ml.g4dn.xlarge, ml.g5.xlarge (GPU)"
@@ -237,7 +237,7 @@ def check_model_data(url: str) -> str:
 
 def with_model_data(request: dict[str, Any], url: str) -> dict[str, Any]:
     """The model request with `ModelDataUrl`: the service then serves that checkpoint instead of
-    the one baked into the image (clip_runner/model_source.py)."""
+    the one baked into the image (clip_runner/model/model_source.py)."""
     return {**request, "PrimaryContainer": {**request["PrimaryContainer"], "ModelDataUrl": url}}
 
 

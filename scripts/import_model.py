@@ -20,7 +20,7 @@ from pathlib import Path
 import bentoml
 
 from clip_runner.config import DEFAULT_HUB_MODEL
-from clip_runner.store import (
+from clip_runner.model.store import (
     ARCHITECTURES,
     HubUnavailableError,
     build_random_architecture,

@@ -1,6 +1,6 @@
 """Memory and CPU speed of the CLIP architectures the service serves, for README "Models".
 
-    python scripts/model_sizes.py                 # every architecture in clip_runner.store
+    python scripts/model_sizes.py                 # every architecture in clip_runner.model.store
     python scripts/model_sizes.py vit-b32 vit-l14
 
 Each architecture is measured in its own subprocess (so one's memory does not hide another's):
@@ -27,8 +27,8 @@ def measure(name: str) -> dict:
     import psutil
     import torch
 
-    from clip_runner.encoding import ClipEncoder
-    from clip_runner.store import build_random_architecture
+    from clip_runner.model.encoding import ClipEncoder
+    from clip_runner.model.store import build_random_architecture
 
     process = psutil.Process()
     base_rss = process.memory_info().rss
@@ -63,7 +63,7 @@ def main() -> int:
     if sys.argv[1:2] == ["--child"]:
         print(json.dumps(measure(sys.argv[2])))
         return 0
-    from clip_runner.store import ARCHITECTURES
+    from clip_runner.model.store import ARCHITECTURES
 
     names = sys.argv[1:] or [name for name in ARCHITECTURES if name != "tiny"]
     rows = []

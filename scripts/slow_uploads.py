@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from clip_runner.schemas import SEED_CLASSES
+from clip_runner.web.schemas import SEED_CLASSES
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -17,7 +17,7 @@ _STORE = Path(tempfile.mkdtemp(prefix="clip-test-bentoml-"))
 os.environ["BENTOML_HOME"] = str(_STORE)
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
-from clip_runner.store import LoadedClip, build_random_clip, load_clip, save_clip  # noqa: E402
+from clip_runner.model.store import LoadedClip, build_random_clip, load_clip, save_clip  # noqa: E402
 from tests.helpers import (  # noqa: E402
     GUARD_SETTINGS,
     ImageHost,

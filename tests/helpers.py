@@ -26,7 +26,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from clip_runner.schemas import SEED_CLASSES as SEED_CLASSES  # re-exported for the tests
+from clip_runner.web.schemas import SEED_CLASSES as SEED_CLASSES  # re-exported for the tests
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clip_runner.store import LoadedClip
+from clip_runner.model.store import LoadedClip
 
 
 def reference_probabilities(

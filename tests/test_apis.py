@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from clip_runner.embedding_format import decode_base64_embedding
-from clip_runner.hf_toolkit import DEFAULT_HYPOTHESIS_TEMPLATE
+from clip_runner.answers.embedding_format import decode_base64_embedding
+from clip_runner.answers.hf_toolkit import DEFAULT_HYPOTHESIS_TEMPLATE
 from tests.helpers import as_base64, assert_same_answer, encode, photo_like
 from tests.reference import reference_probabilities
 

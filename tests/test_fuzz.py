@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clip_runner.errors import RequestError
-from clip_runner.images import ImageGeometry, decode_image, decode_inline, resize_and_crop
+from clip_runner.images.loading import ImageGeometry, decode_image, decode_inline, resize_and_crop
 from tests.helpers import encode, photo_like
 
 GEOMETRY = ImageGeometry(224, 224, 224)

@@ -1,0 +1,110 @@
+"""The Hugging Face SageMaker toolkit's zero-shot image classification shape, mapped to ours.
+
+Clients written for `sagemaker-huggingface-inference-toolkit` send
+`{"inputs": <image or list of images>, "parameters": {"candidate_labels": [...],
+"hypothesis_template": "This is a photo of {}."}}` and read `[{"score", "label"}]` sorted by
+score (a list of such lists for a list of images), the transformers pipeline's output. SageMaker
+clients that send raw image bytes pass the labels in the `X-Amzn-SageMaker-Custom-Attributes`
+header instead (`labels=cat,dog`), which `parse_custom_attributes` reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from clip_runner.answers.prompts import check_template
+from clip_runner.errors import RequestError
+
+# transformers' ZeroShotImageClassificationPipeline default.
+DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+
+
+@dataclass(frozen=True)
+class ZeroShotRequest:
+    """A toolkit request in our terms: images, labels and the one template."""
+
+    images: list[str]
+    labels: list[str]
+    template: str
+    single_image: bool  # `inputs` was one image: the answer is one list, not a list of lists
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(422, "invalid_request", message)
+
+
+def parse_candidate_labels(value: Any) -> list[str]:
+    """A list of label strings, or one comma-separated string (as the pipeline also accepts)."""
+    if isinstance(value, str):
+        value = [label.strip() for label in value.split(",")]
+    if not isinstance(value, list) or not value:
+        raise _invalid("parameters.candidate_labels: give a non-empty list of labels")
+    for index, label in enumerate(value):
+        if not isinstance(label, str) or not label.strip():
+            raise _invalid(f"parameters.candidate_labels[{index}]: must be a non-empty string")
+    return list(value)
+
+
+def parse_zero_shot_request(inputs: Any, parameters: Any) -> ZeroShotRequest:
+    """Validate the toolkit's body; errors name the field as the caller wrote it."""
+    single_image = isinstance(inputs, str)
+    images = [inputs] if single_image else inputs
+    if not isinstance(images, list) or not images:
+        raise _invalid("inputs: give an image (URL, base64 or data: URI) or a list of them")
+    for index, image in enumerate(images):
+        if not isinstance(image, str):
+            raise _invalid(f"inputs[{index}]: must be a string (URL, base64 or data: URI)")
+    if not isinstance(parameters, dict) or "candidate_labels" not in parameters:
+        raise _invalid('parameters.candidate_labels: required, e.g. {"candidate_labels": [...]}')
+    template = parameters.get("hypothesis_template") or DEFAULT_HYPOTHESIS_TEMPLATE
+    try:
+        check_template(template)
+    except (TypeError, ValueError):
+        raise _invalid("parameters.hypothesis_template: must be a string containing {}") from None
+    labels = parse_candidate_labels(parameters["candidate_labels"])
+    return ZeroShotRequest(images, labels, template, single_image)
+
+
+def toolkit_answer(
+    ranked_per_image: Sequence[Sequence[dict[str, Any]]], single_image: bool
+) -> list[Any]:
+    """The pipeline's output shape: `[{"score", "label"}]`, or one such list per image."""
+    answers = [
+        [{"score": item["score"], "label": item["label"]} for item in ranked]
+        for ranked in ranked_per_image
+    ]
+    return answers[0] if single_image else answers
+
+
+def parse_custom_attributes(header: str) -> dict[str, str]:
+    """`labels=cat,dog;template=a photo of a {}` -> {"labels": "cat,dog", "template": ...}.
+
+    Pairs are separated by `;`; values may be percent-encoded (`%2C` for a comma inside a label,
+    `%3B` for a semicolon). Keys are case-insensitive.
+    """
+    attributes: dict[str, str] = {}
+    for pair in header.split(";"):
+        key, separator, value = pair.partition("=")
+        if separator and key.strip():
+            attributes[key.strip().lower()] = value.strip()
+    return attributes
+
+
+def labels_from_custom_attributes(header: str | None) -> tuple[list[str], str | None]:
+    """The labels (required) and optional template a raw-image request carries in its header."""
+    attributes = parse_custom_attributes(header or "")
+    raw_labels = attributes.get("labels", "")
+    labels = [unquote(label).strip() for label in raw_labels.split(",") if label.strip()]
+    if not labels:
+        raise RequestError(
+            400,
+            "missing_labels",
+            f"a raw image body needs its labels in the {CUSTOM_ATTRIBUTES_HEADER} header, "
+            "e.g. 'labels=cat,dog' (optionally ';template=a photo of a {}')",
+        )
+    template = attributes.get("template")
+    return labels, unquote(template) if template else None

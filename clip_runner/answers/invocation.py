@@ -1,0 +1,180 @@
+"""Each API's request, from validated fields to its answer: `/invocations` (the original's
+contract and the Hugging Face toolkit's shape), `/classify`, `/embed_images`, `/embed_texts`.
+
+The runner is passed in as two async callables, so these flows are testable without a server:
+images are fetched and decoded concurrently (decode/resize in threads), text embeddings come from
+the cache or one batched runner call, and the math is `zero_shot`'s and `prompts`' pure functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from clip_runner.answers.prompts import ensemble_embeddings, ensemble_prompts, ranked_labels
+from clip_runner.answers.text_cache import TextEmbeddingCache
+from clip_runner.answers.zero_shot import build_prompts, predict, zero_shot_probabilities
+from clip_runner.errors import ImageError, RequestError
+from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
+from clip_runner.model.encoding import ModelFacts
+
+EncodeImages = Callable[[np.ndarray], Awaitable[np.ndarray]]
+EncodeJpegs = Callable[[list[bytes]], Awaitable[np.ndarray]]
+EncodeTexts = Callable[[list[str]], Awaitable[np.ndarray]]
+CountTokens = Callable[[list[str]], list[int]]
+
+
+@dataclass
+class InvocationContext:
+    """Everything a request needs besides its own fields; one per API worker."""
+
+    facts: ModelFacts
+    encode_images: EncodeImages
+    encode_texts: EncodeTexts
+    count_tokens: CountTokens
+    http_client: httpx.AsyncClient
+    text_cache: TextEmbeddingCache
+    image_limits: ImageLimits
+    # Where JPEGs are forwarded as bytes (image_limits.forward_jpegs), the runner's device decodes.
+    encode_jpegs: EncodeJpegs | None = None
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        return ImageGeometry(
+            self.facts.shortest_edge, self.facts.crop_height, self.facts.crop_width
+        )
+
+
+def check_prompt_lengths(
+    context: InvocationContext,
+    prompts: Sequence[str],
+    locate: Callable[[int], str] = lambda index: f"classes[{index}][0]",
+) -> None:
+    """Refuse prompts over the model's token limit, naming the field (`locate(prompt index)`).
+
+    Truncating would silently change what is asked, and the original's response shape has no
+    place to say so. A fast tokenizer makes this check cost well under a millisecond.
+    """
+    limit = context.facts.max_text_tokens
+    for index, count in enumerate(context.count_tokens(list(prompts))):
+        if count > limit:
+            raise RequestError(
+                422,
+                "invalid_request",
+                f"{locate(index)}: the prompt is {count} tokens long; "
+                f"the model reads at most {limit} (shorten the text or template)",
+            )
+
+
+async def text_embeddings(context: InvocationContext, prompts: Sequence[str]) -> np.ndarray:
+    """Embeddings of `prompts`, encoding only the distinct ones the cache does not hold."""
+    tag = context.facts.tag
+    cached = context.text_cache.lookup(tag, prompts)
+    missing = list(dict.fromkeys(p for p, e in zip(prompts, cached, strict=True) if e is None))
+    if missing:
+        encoded = np.asarray(await context.encode_texts(missing), dtype=np.float32)
+        context.text_cache.store(tag, missing, encoded)
+        fresh = dict(zip(missing, encoded, strict=True))
+        cached = [e if e is not None else fresh[p] for p, e in zip(prompts, cached, strict=True)]
+    return np.stack(cached)
+
+
+async def image_embeddings(
+    context: InvocationContext, images: Sequence[str], field: str = "images"
+) -> np.ndarray:
+    """One embedding per image, in order: decoded pixels and forwarded JPEGs are encoded by
+    their own runner calls, at the same time."""
+    loaded = await load_images(
+        images, context.http_client, context.geometry, context.image_limits, field
+    )
+    pixel_rows = [i for i, item in enumerate(loaded) if isinstance(item, np.ndarray)]
+    jpeg_rows = [i for i, item in enumerate(loaded) if isinstance(item, bytes)]
+    calls = []
+    if pixel_rows:
+        pixels = [loaded[i] for i in pixel_rows]
+        # one image (the common request) goes as a view: the runner call copies it anyway
+        calls.append(
+            context.encode_images(pixels[0][None] if len(pixels) == 1 else np.stack(pixels))
+        )
+    if jpeg_rows:
+        if context.encode_jpegs is None:
+            raise RuntimeError("JPEGs were forwarded but the context has no encode_jpegs")
+        calls.append(context.encode_jpegs([loaded[i] for i in jpeg_rows]))
+    outputs = await asyncio.gather(*calls)
+    embeddings = np.empty((len(loaded), outputs[0].shape[1]), dtype=np.float32)
+    for rows, output in zip([r for r in (pixel_rows, jpeg_rows) if r], outputs, strict=True):
+        embeddings[rows] = output
+    for row in jpeg_rows:
+        if np.isnan(embeddings[row]).any():
+            reason = "not a decodable image (the JPEG decoder refused it)"
+            raise ImageError(row, reason, field=field)
+    return embeddings
+
+
+async def images_and_texts(
+    context: InvocationContext,
+    images: Sequence[str],
+    prompts: Sequence[str],
+    image_field: str = "images",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image and prompt embeddings, the images loading while the texts are looked up/encoded."""
+    image_task = asyncio.ensure_future(image_embeddings(context, images, image_field))
+    try:
+        text = await text_embeddings(context, prompts)
+    except BaseException:
+        image_task.cancel()
+        await asyncio.gather(image_task, return_exceptions=True)
+        raise
+    return await image_task, text
+
+
+async def invoke(
+    context: InvocationContext,
+    images: Sequence[str],
+    classes: Sequence[tuple[str, bool]],
+    template: str,
+    top_k: int,
+) -> list[dict[str, Any]]:
+    """The original container's answer for one request: one prediction per image, in order."""
+    names = [name for name, _ in classes]
+    flags = [flag for _, flag in classes]
+    prompts = build_prompts(names, template)
+    check_prompt_lengths(context, prompts)
+    image, text = await images_and_texts(context, images, prompts)
+    probabilities = zero_shot_probabilities(image, text, context.facts.logit_scale)
+    return [predict(row, names, flags, top_k) for row in probabilities]
+
+
+async def classify(
+    context: InvocationContext,
+    images: Sequence[str],
+    labels: Sequence[str],
+    templates: Sequence[str],
+    top_k: int | None,
+    label_field: str = "labels",
+    image_field: str = "images",
+) -> list[list[dict[str, Any]]]:
+    """Per image, `[{"label", "score"}]` by descending score; several templates are ensembled."""
+    prompts = ensemble_prompts(labels, templates)
+    count = len(templates)
+
+    def locate(index: int) -> str:
+        label = f"{label_field}[{index // count}]"
+        return label if count == 1 else f"{label} with templates[{index % count}]"
+
+    check_prompt_lengths(context, prompts, locate)
+    image, text = await images_and_texts(context, images, prompts, image_field)
+    label_embeddings = ensemble_embeddings(text, count)
+    probabilities = zero_shot_probabilities(image, label_embeddings, context.facts.logit_scale)
+    return [ranked_labels(row, labels, top_k) for row in probabilities]
+
+
+async def embed_texts(context: InvocationContext, texts: Sequence[str]) -> np.ndarray:
+    """Unit-length text embeddings (cached like prompts); over-long texts are refused."""
+    check_prompt_lengths(context, texts, lambda index: f"texts[{index}]")
+    return await text_embeddings(context, texts)

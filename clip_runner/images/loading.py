@@ -1,0 +1,349 @@
+"""Image sources -> decoded RGB -> fixed-size uint8 arrays, the way CLIP's processor does it.
+
+Sources are http(s) URLs (see fetch.py), base64 strings, or `data:` URIs. Decoding applies EXIF
+orientation and composites transparency onto white (as transformers' `convert_to_rgb` does);
+resizing matches `CLIPImageProcessor` exactly (bicubic resize of the shortest side, then center
+crop), so the service's pixels equal the reference processor's. Normalisation is left to the
+runner's device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import io
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # SIMD: 5 us instead of 220 for a 73-kB base64 image. Stricter than the standard library
+    # on surplus padding, which the lenient path then accepts as before (the tests hold both).
+    from pybase64 import b64decode as strict_b64decode
+except ImportError:  # an accelerator, not a requirement: the same bytes, slower
+    from base64 import b64decode as strict_b64decode
+
+from clip_runner.errors import ImageError, RequestError
+from clip_runner.images.fetch import FetchLimits, fetch_url
+from clip_runner.images.pixel_budget import PixelBudget
+from clip_runner.images.s3_images import fetch_s3, is_s3_url
+from clip_runner.metrics import PREPROCESS_SECONDS
+from clip_runner.model.resample import (
+    COMPILED,
+    DEVICE_MAX_DOWNSCALE,
+    crop_plan,
+    resize_and_crop_array,
+)
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+_DATA_URI = re.compile(r"^data:(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
+_WHITESPACE = re.compile(r"\s+")
+
+# Pillow's own bomb check warns below twice its fixed limit and raises above; `decode_image`
+# enforces the configured CLIP_MAX_IMAGE_PIXELS instead, with a message naming the size.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How the model wants its pixels: shortest side resized to `shortest_edge`, then cropped."""
+
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Bounds on one image source and on the work per request, and how to preprocess.
+
+    `fast_preprocessing`: CLIP_PREPROCESS=fast (opt-in; BENCHMARKS.md has its worst case).
+    `forward_jpegs`: JPEGs the runner can decode on its device are sent as bytes, not pixels.
+    """
+
+    fetch: FetchLimits
+    max_pixels: int
+    fetch_concurrency: int = 8
+    fast_preprocessing: bool = False
+    forward_jpegs: bool = False
+    max_request_pixels: int = 200_000_000
+
+
+# Base64 sources up to this long are decoded on the event loop: about 0.1 ms for the seed's
+# photo, less than handing it to a thread and back (which also holds the GIL: base64 decoding
+# does not release it).
+INLINE_ON_LOOP_CHARS = 256 * 1024
+# Baseline JPEGs up to this many pixels are decoded and resized on the event loop too (about
+# 2.3 ms for the seed's 640x480 photo): handing each to a thread and back cost more than it
+# saved. With the tiny model, 32 clients, two API workers: 322-369 requests/s against 263-300
+# through threads, and 3.8 against 4.5 ms of API CPU per request (BENCHMARKS.md). Larger images
+# and every other kind (a small progressive JPEG can hold thousands of scans) still go to a
+# thread, so the loop (and /ping) never waits long, whatever a request sends.
+ON_LOOP_MAX_PIXELS = 500_000
+
+# What `load_image` gives: decoded model-ready pixels, or JPEG bytes for the runner's device.
+LoadedImage = np.ndarray | bytes
+
+
+# The fast path shrinks big images cheaply down to at least this multiple of the model's size
+# before the final bicubic resize, which then still has real pixels to antialias from.
+FAST_OVERSAMPLING = 2
+
+
+def is_url(source: str) -> bool:
+    return source[:8].lower().startswith(("http://", "https://"))
+
+
+def decode_inline(source: str, index: int, max_bytes: int) -> bytes:
+    """Bytes of a base64 string or a base64 `data:` URI; anything with another scheme is refused."""
+    payload = source
+    if source[:5].lower() == "data:":
+        match = _DATA_URI.match(source)
+        if match is None:
+            raise ImageError(index, "malformed data: URI (expected data:<type>;base64,<data>)")
+        if ";base64" not in match["params"].lower():
+            raise ImageError(index, "data: URIs must be base64-encoded (;base64,)")
+        if match["media"] and not match["media"].lower().startswith("image/"):
+            raise ImageError(index, f"data: URI media type {match['media']!r} is not an image")
+        payload = match["data"]
+    elif scheme := _SCHEME.match(source):  # base64 never contains ':'
+        raise ImageError(
+            index, f"unsupported URL scheme {scheme.group(1)!r}: use http(s), base64 or data:"
+        )
+    if len(payload) * 3 // 4 > max_bytes:  # line breaks count here: look again without them
+        payload = _WHITESPACE.sub("", payload)
+        if len(payload) * 3 // 4 > max_bytes:
+            raise ImageError(index, f"image is larger than the {max_bytes}-byte limit")
+    try:  # standard, padded, unbroken base64 (what clients send): 4.5x faster than the rest
+        data = strict_b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        data = _lenient_base64(payload, index)
+    if not data:
+        raise ImageError(index, "image data is empty")
+    return data
+
+
+def _lenient_base64(payload: str, index: int) -> bytes:
+    """Base64 with line breaks or other whitespace, missing padding, or the URL-safe alphabet;
+    anything outside both alphabets is refused."""
+    payload = _WHITESPACE.sub("", payload)
+    payload += "=" * (-len(payload) % 4)
+    try:
+        return base64.b64decode(payload.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError(index, "not an http(s) URL, data: URI or valid base64") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with EXIF orientation applied; transparency composited onto white; 16-bit scaled."""
+    # In place: without an orientation tag the default returns a full copy of the pixels.
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 257.0 if pixels.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(pixels / scale, 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@contextlib.contextmanager
+def opened_image(data: bytes, index: int, max_pixels: int) -> Iterator[Image.Image]:
+    """The image with only its header read, its pixel count checked; decoding errors inside the
+    block become a 422 naming the image."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    index, f"image is {width}x{height}, more than the {max_pixels}-pixel limit"
+                )
+            yield opened
+    except UnidentifiedImageError:
+        raise ImageError(index, "data is not in a recognised image format") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ImageError(index, f"not a decodable image ({reason})") from None
+
+
+def decode_image(
+    data: bytes, index: int, max_pixels: int, draft_short_side: int | None = None
+) -> Image.Image:
+    """Decode bytes (first frame of animations) into RGB, or raise a 422 naming the image.
+
+    The pixel count is checked from the header, before any pixel is decoded. With
+    `draft_short_side`, JPEGs are decoded at the smallest of 1/2, 1/4, 1/8 scale whose shortest
+    side is still at least that (libjpeg's DCT scaling: most of the decoding work is skipped).
+    """
+    with opened_image(data, index, max_pixels) as opened:
+        width, height = opened.size
+        if draft_short_side and opened.format == "JPEG":
+            scale = draft_short_side / min(width, height)
+            if scale < 1:
+                opened.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+        opened.seek(0)
+        opened.load()
+        return to_rgb(opened)
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def device_decodable_jpeg(data: bytes, index: int, max_pixels: int, shortest_edge: int) -> bool:
+    """Whether the runner's device decoder gives exactly this JPEG's pixels: a baseline JPEG in
+    RGB or greyscale without EXIF rotation, whose shortest side the device resize shrinks
+    exactly (`DEVICE_MAX_DOWNSCALE`). Progressive, CMYK, rotated and giant JPEGs (and every
+    other format) are decoded here instead. Reads the header only; limits apply as for
+    decoding."""
+    with opened_image(data, index, max_pixels) as opened:
+        return (
+            opened.format == "JPEG"
+            and opened.mode in ("RGB", "L")
+            and not opened.info.get("progressive")
+            and min(opened.size) <= DEVICE_MAX_DOWNSCALE * shortest_edge
+            and opened.getexif().get(EXIF_ORIENTATION, 1) == 1
+        )
+
+
+# Up to this long/short ratio the whole image is resized, bit-exact with CLIPProcessor; beyond
+# it only the cropped region is (see `resize_and_crop`).
+EXACT_RESIZE_MAX_ASPECT = 4.0
+
+
+def reduce_large(image: Image.Image, geometry: ImageGeometry) -> Image.Image:
+    """Box-downscale by an integer factor while the shortest side stays >= 2x the model's."""
+    factor = min(image.size) // (FAST_OVERSAMPLING * geometry.shortest_edge)
+    return image.reduce(factor) if factor >= 2 else image
+
+
+def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
+    """Bicubic resize of the shortest side then center crop: uint8 (H, W, 3), as CLIPProcessor.
+
+    With numba (requirements.txt), Pillow's arithmetic runs on the cropped region only
+    (resample.py): the reference's pixels at any aspect ratio, about 3 x faster than Pillow.
+    Without it, Pillow itself: for ordinary aspect ratios exactly the reference's computation;
+    for extreme ones (panoramas, 10000x1 strips) resizing the whole image would allocate a huge
+    intermediate, so only the cropped region is resampled (Pillow's `box`): same sample
+    positions and kernel support, with at most one grey level of rounding difference in a few
+    pixels.
+    """
+    edge, crop_height, crop_width = dataclasses.astuple(geometry)
+    if COMPILED:
+        return resize_and_crop_array(np.asarray(image), edge, crop_height, crop_width)
+    width, height = image.size
+    plan = crop_plan(width, height, edge, crop_height, crop_width)
+    kept = (plan.left, plan.top, plan.left + plan.out_width, plan.top + plan.out_height)
+    if max(width, height) / min(width, height) <= EXACT_RESIZE_MAX_ASPECT:
+        resized = image.resize((plan.new_width, plan.new_height), Image.Resampling.BICUBIC)
+        cropped = resized.crop(kept)
+    else:
+        scale_x, scale_y = width / plan.new_width, height / plan.new_height
+        box = (kept[0] * scale_x, kept[1] * scale_y, kept[2] * scale_x, kept[3] * scale_y)
+        size = (plan.out_width, plan.out_height)
+        cropped = image.resize(size, Image.Resampling.BICUBIC, box=box)
+    if plan.padded:
+        canvas = Image.new("RGB", (crop_width, crop_height))
+        canvas.paste(cropped, (plan.pad_left, plan.pad_top))
+        cropped = canvas
+    return np.asarray(cropped, dtype=np.uint8)
+
+
+def prepare_image(
+    data: bytes, index: int, geometry: ImageGeometry, max_pixels: int, fast: bool = False
+) -> np.ndarray:
+    """Bytes -> model-ready uint8 array; CPU-bound, run it in a thread.
+
+    By default CLIPImageProcessor's own computation. `fast` (CLIP_PREPROCESS=fast, opt-in)
+    decodes big JPEGs at reduced scale and box-reduces other big images before the bicubic
+    resize: several times faster on large photos, but fine textures alias differently
+    (BENCHMARKS.md gives its worst case on the hard-image set); images whose shortest side is
+    under twice the model's size take the reference path either way.
+    """
+    with PREPROCESS_SECONDS.time():
+        if not fast:
+            return resize_and_crop(decode_image(data, index, max_pixels), geometry)
+        draft_side = FAST_OVERSAMPLING * geometry.shortest_edge
+        image = decode_image(data, index, max_pixels, draft_short_side=draft_side)
+        return resize_and_crop(reduce_large(image, geometry), geometry)
+
+
+async def load_image(
+    source: str,
+    index: int,
+    client: httpx.AsyncClient,
+    geometry: ImageGeometry,
+    limits: ImageLimits,
+    fetch_slots: asyncio.Semaphore,
+    budget: PixelBudget,
+) -> LoadedImage:
+    """One source -> uint8 array (or, with `forward_jpegs`, the bytes of a JPEG the runner's
+    device decodes). Fetches never block the event loop; small baseline JPEGs are decoded on it,
+    every other image in a thread (`ON_LOOP_MAX_PIXELS`)."""
+    if is_url(source):
+        async with fetch_slots:
+            data = await fetch_url(client, source, index, limits.fetch)
+    elif is_s3_url(source):
+        async with fetch_slots:
+            data = await fetch_s3(source, index, limits.fetch)
+    elif len(source) <= INLINE_ON_LOOP_CHARS:  # a thread hop would cost more than decoding
+        data = decode_inline(source, index, limits.fetch.max_bytes)
+    else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop
+        data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
+    header = budget.charge(data)  # from the header, before decoding: 413 past the budget
+    if limits.forward_jpegs and device_decodable_jpeg(
+        data, index, limits.max_pixels, geometry.shortest_edge
+    ):
+        return data
+    args = (data, index, geometry, limits.max_pixels, limits.fast_preprocessing)
+    if header.baseline_jpeg and header.pixels <= ON_LOOP_MAX_PIXELS:
+        return prepare_image(*args)
+    return await asyncio.to_thread(prepare_image, *args)
+
+
+async def load_images(
+    sources: Sequence[str],
+    client: httpx.AsyncClient,
+    geometry: ImageGeometry,
+    limits: ImageLimits,
+    field: str = "images",
+) -> list[LoadedImage]:
+    """All sources of a request, concurrently (URL fetches bounded), in order.
+
+    The first failing image (by index) fails the whole request, naming it as `field[index]`
+    (the request field the sources came from); the other images' work is cancelled.
+    """
+    fetch_slots = asyncio.Semaphore(limits.fetch_concurrency)
+    budget = PixelBudget(limits.max_request_pixels, field)
+    tasks = [
+        asyncio.ensure_future(
+            load_image(source, index, client, geometry, limits, fetch_slots, budget)
+        )
+        for index, source in enumerate(sources)
+    ]
+    try:
+        arrays = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [
+            task.exception()
+            for task in tasks
+            if not task.cancelled() and isinstance(task.exception(), RequestError)
+        ]
+        if errors:
+            first = min(errors, key=lambda error: error.index or 0)
+            raise (first.in_field(field) if isinstance(first, ImageError) else first) from None
+        raise
+    return list(arrays)

@@ -1,0 +1,134 @@
+"""JPEG bytes -> model-ready uint8 crops on the model's device, a whole batch at once.
+
+On a GPU the API workers forward JPEG bytes instead of decoding them (images.py decides which),
+and the runner decodes the batch with nvJPEG (`torchvision.io.decode_jpeg` on CUDA) and resizes
+it on the device with Pillow's exact arithmetic (resample.py), so the CPUs only parse JSON and
+check headers. Its CPU twin decodes with Pillow (libjpeg-turbo, as the API path does) and runs
+the same device resize on the CPU: that is what the tests exercise without a GPU.
+
+An image that fails to decode here does not fail its batch: its row is reported as failed and
+the API answers that one image with a 422.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clip_runner.model.resample import resize_and_crop
+
+logger = logging.getLogger(__name__)
+
+NVJPEG = "nvjpeg"
+PILLOW = "pillow"
+
+
+def _torchvision_decoder() -> Callable | None:
+    """torchvision's batched nvJPEG decoder, or None where torchvision is absent or built for
+    another torch (a CUDA torchvision beside a CPU torch does not load)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except (ImportError, RuntimeError, OSError):
+        return None
+
+    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    return decode
+
+
+def pillow_decode(blob: bytes, device: torch.device) -> torch.Tensor:
+    """(3, H, W) uint8 on `device`; the API workers forward only baseline RGB or greyscale
+    JPEGs without EXIF rotation, for which this is exactly what their own decode gives."""
+    with Image.open(io.BytesIO(blob)) as image:
+        pixels = np.array(image.convert("RGB"))  # writable, as torch wants
+    return torch.from_numpy(pixels).to(device).permute(2, 0, 1)
+
+
+# Most pixels resized in one go (as float32, 12 bytes a pixel): bounds the device memory a
+# batch of large photos takes to about 400 MB.
+GROUP_MAX_PIXELS = 32_000_000
+
+
+def resized_by_size(
+    images: Sequence[torch.Tensor], shortest_edge: int, crop_height: int, crop_width: int
+) -> torch.Tensor:
+    """uint8 (N, 3, crop_height, crop_width) of each (3, H, W) image, resized and cropped.
+
+    Images of one size are resized together (`resize_and_crop` on a stack of them, up to
+    GROUP_MAX_PIXELS at a time): on a GPU each operation is a kernel launch the CPU issues under
+    the GIL, so a batch of same-size photos costs the launches of one image, not one set each.
+    """
+    by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, image in enumerate(images):
+        by_size[tuple(image.shape)].append(index)
+    crops: list[torch.Tensor | None] = [None] * len(images)
+    for (_, height, width), indices in by_size.items():
+        per_group = max(1, GROUP_MAX_PIXELS // (height * width))
+        for start in range(0, len(indices), per_group):
+            group = indices[start : start + per_group]
+            stacked = torch.stack([images[index] for index in group])
+            resized = resize_and_crop(stacked, shortest_edge, crop_height, crop_width)
+            for index, crop in zip(group, resized, strict=True):
+                crops[index] = crop
+    return torch.stack(crops)
+
+
+class DeviceJpegDecoder:
+    """Decodes and resizes forwarded JPEGs where the model runs (see the module docstring)."""
+
+    def __init__(
+        self, device: torch.device, shortest_edge: int, crop_height: int, crop_width: int
+    ) -> None:
+        self.device = device
+        self.geometry = (shortest_edge, crop_height, crop_width)
+        self._nvjpeg = _torchvision_decoder() if device.type == "cuda" else None
+        self.name = NVJPEG if self._nvjpeg is not None else PILLOW
+        if device.type == "cuda":
+            # The resize's float32 products are exact only in IEEE float32 (torch's default);
+            # TF32 would round them. The model runs in fp16, which this does not touch.
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __call__(self, blobs: Sequence[bytes]) -> tuple[torch.Tensor, list[bool]]:
+        """uint8 (N_ok, 3, crop_h, crop_w) on the device for the images that decoded, and
+        which of `blobs` did (in order)."""
+        decoded = self._decode_all(blobs)
+        ok = [image is not None for image in decoded]
+        images = [image for image in decoded if image is not None]
+        if not images:
+            empty = torch.empty((0, 3, self.geometry[1], self.geometry[2]), dtype=torch.uint8)
+            return empty.to(self.device), ok
+        return resized_by_size(images, *self.geometry), ok
+
+    def _decode_all(self, blobs: Sequence[bytes]) -> list[torch.Tensor | None]:
+        if self._nvjpeg is not None:
+            data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
+            try:
+                return list(self._nvjpeg(data, self.device))
+            except RuntimeError:  # one image it refuses fails the batch call: one at a time
+                pairs = zip(blobs, data, strict=True)
+                return [self._nvjpeg_or_pillow(blob, datum) for blob, datum in pairs]
+        return [self._pillow_or_none(blob) for blob in blobs]
+
+    def _nvjpeg_or_pillow(self, blob: bytes, data: torch.Tensor) -> torch.Tensor | None:
+        """nvJPEG refuses some JPEGs that libjpeg decodes; Pillow then decides, so such an
+        image gets the answer (or the 422) it would get from the API workers' own decode."""
+        try:
+            return self._nvjpeg([data], self.device)[0]
+        except RuntimeError as exc:
+            logger.debug("nvJPEG refused a forwarded JPEG (%s); decoding it with Pillow", exc)
+            return self._pillow_or_none(blob)
+
+    def _pillow_or_none(self, blob: bytes) -> torch.Tensor | None:
+        try:
+            return pillow_decode(blob, self.device)
+        except (OSError, ValueError, RuntimeError, SyntaxError) as exc:
+            # The caller's mistake, answered with a 422 for that image: not worth a log line.
+            logger.debug("a forwarded JPEG did not decode: %s", exc)
+            return None

@@ -1,0 +1,196 @@
+"""The runner's tensor math: uint8 pixels / texts -> L2-normalised CLIP embeddings.
+
+Kept free of BentoML so it can be checked against transformers directly. Normalisation
+(mean/std) happens here, on the model's device, so the API service can ship compact uint8 arrays.
+In fp32 it is folded into the patch embedding's weights (`raw_pixel_patch_embedding`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import CLIPModel, CLIPProcessor
+
+from clip_runner.model.cuda_graphs import ReplayedForward, batch_buckets
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA in fp16 when a GPU is visible, else CPU in fp32 (as the original container)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def _as_embedding(output: Any) -> torch.Tensor:
+    """transformers 5 returns output objects from get_*_features; older versions a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def size_value(size: Any, key: str) -> int:
+    """Image-processor sizes are dicts in some transformers versions, SizeDicts in others."""
+    return int(size[key] if isinstance(size, dict) else getattr(size, key))
+
+
+def _unit_rows(embeddings: torch.Tensor) -> torch.Tensor:
+    embeddings = embeddings.float()
+    return embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def raw_pixel_patch_embedding(
+    conv: nn.Conv2d, scale: torch.Tensor, offset: torch.Tensor
+) -> nn.Conv2d:
+    """`conv` for raw pixels: the new layer gives conv(x * scale + offset) (per channel) for x
+    in 0..255, with the scale folded into its weights and the offset into a bias.
+
+    The vision tower's first layer is linear and unpadded, so this is exact up to float
+    rounding. It saves normalising every image (a pass over the batch that cost the tiny model
+    more than its whole forward pass). Only for fp32: in fp16 the folded weights, about 1/70 of
+    the originals, would lose precision.
+    """
+    if conv.padding not in ((0, 0), "valid") or conv.groups != 1:
+        raise ValueError("only an unpadded, ungrouped patch embedding can take raw pixels")
+    weight = conv.weight.detach()
+    folded = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        bias=True,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        folded.weight.copy_(weight * scale.view(1, -1, 1, 1))
+        bias = (weight * offset.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+        folded.bias.copy_(bias if conv.bias is None else bias + conv.bias.detach())
+    return folded.requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the API service needs to know about the served model."""
+
+    tag: str
+    embedding_dim: int
+    logit_scale: float
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    max_text_tokens: int
+    random_weights: bool
+    # How the runner works (runner.py fills these in): where the model runs, how many forward
+    # passes it runs at once and how large, and what decodes forwarded JPEGs there.
+    device: str = "cpu"
+    passes: int = 1
+    max_batch: int = 32
+    jpeg_decoder: str = "pillow"
+
+
+class ClipEncoder:
+    """Owns one CLIP model on one device; encodes batches of images and texts.
+
+    It takes the model over: moves it to `device` and `dtype` and, in fp32, gives its vision
+    tower a first layer that takes raw 0-255 pixels (pass a copy to keep the original).
+    """
+
+    def __init__(
+        self,
+        model: CLIPModel,
+        processor: CLIPProcessor,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.tokenizer = processor.tokenizer
+        image_processor = processor.image_processor
+        mean = torch.tensor(image_processor.image_mean, device=device, dtype=torch.float32)
+        std = torch.tensor(image_processor.image_std, device=device, dtype=torch.float32)
+        rescale = float(getattr(image_processor, "rescale_factor", 1 / 255))
+        # Normalising is x * scale + offset, per channel.
+        self.scale, self.offset = (rescale / std).view(1, 3, 1, 1), (-mean / std).view(1, 3, 1, 1)
+        self.raw_pixels = dtype == torch.float32
+        if self.raw_pixels:
+            embeddings = self.model.vision_model.embeddings
+            embeddings.patch_embedding = raw_pixel_patch_embedding(
+                embeddings.patch_embedding, self.scale.flatten(), self.offset.flatten()
+            )
+        self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
+        self.shortest_edge = int(size_value(image_processor.size, "shortest_edge"))
+        self.crop_height = int(size_value(image_processor.crop_size, "height"))
+        self.crop_width = int(size_value(image_processor.crop_size, "width"))
+        self.replayed: ReplayedForward | None = None
+
+    def facts(self, tag: str, random_weights: bool) -> ModelFacts:
+        return ModelFacts(
+            tag=tag,
+            embedding_dim=int(self.model.config.projection_dim),
+            logit_scale=float(self.model.logit_scale.detach().float().exp().item()),
+            shortest_edge=self.shortest_edge,
+            crop_height=self.crop_height,
+            crop_width=self.crop_width,
+            max_text_tokens=self.max_text_tokens,
+            random_weights=random_weights,
+        )
+
+    def compile_towers(self) -> None:
+        """`torch.compile` both towers, dynamic shapes: batch sizes and prompt lengths vary.
+
+        Opt-in (`CLIP_TORCH_COMPILE=on`): on 2 CPU cores it made the bare image encoder about 7%
+        faster for about 45 s more start-up (BENCHMARKS.md); compilation happens on first use,
+        which the runner's warm-up pays before the service reports ready.
+        """
+        self.model.vision_model = torch.compile(self.model.vision_model, dynamic=True)
+        self.model.text_model = torch.compile(self.model.text_model, dynamic=True)
+
+    @torch.inference_mode()
+    def replay_image_passes(self, max_batch: int) -> None:
+        """Run the image tower from CUDA graphs, one per batch bucket up to `max_batch`
+        (cuda_graphs.py; on CPU the same staging, run eagerly). Opt-in (`CLIP_CUDA_GRAPHS=on`)
+        until a GPU run measures it; recording raises if the model cannot be captured."""
+        shape = (3, self.crop_height, self.crop_width)
+        self.replayed = ReplayedForward(
+            self._image_features, shape, self.device, batch_buckets(max_batch)
+        )
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, D), unit length."""
+        batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+        return self.encode_pixels(batch.permute(0, 3, 1, 2))
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """uint8 (N, 3, H, W) already on the model's device -> float32 (N, D), unit length."""
+        if self.replayed is not None:
+            return self.replayed(pixels)
+        return self._image_features(pixels).cpu().numpy()
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The forward pass on the device, normalisation to unit length included (so that a
+        CUDA graph holds all of it)."""
+        if self.raw_pixels:
+            batch = pixels.to(self.dtype)
+        else:
+            batch = (pixels.float() * self.scale + self.offset).to(self.dtype)
+        return _unit_rows(_as_embedding(self.model.get_image_features(pixel_values=batch)))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> float32 (N, D), unit length; prompts past the token limit are truncated."""
+        tokens = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+        ).to(self.device)
+        features = self.model.get_text_features(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        )
+        return _unit_rows(_as_embedding(features)).cpu().numpy()

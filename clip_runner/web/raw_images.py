@@ -1,0 +1,83 @@
+"""Raw image bodies on `/invocations`, as SageMaker clients often send them.
+
+`invoke_endpoint(Body=jpeg_bytes, ContentType="image/jpeg", CustomAttributes="labels=cat,dog")`
+arrives as an image body with the labels in `X-Amzn-SageMaker-Custom-Attributes`. This middleware
+turns it into the Hugging Face toolkit's JSON request (`inputs` = the image as base64), so it
+goes through the same validation, batching and answer shape as every other request. It sits
+inside `RequestGuardMiddleware`, which has already bounded the body's size.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clip_runner.answers.hf_toolkit import CUSTOM_ATTRIBUTES_HEADER, labels_from_custom_attributes
+from clip_runner.errors import RequestError
+from clip_runner.web.traffic import is_raw_image_media_type, posted_content_type, send_error
+
+
+def toolkit_body(image: bytes, labels: list[str], template: str | None) -> bytes:
+    """The JSON request an image body and its header labels stand for."""
+    parameters: dict[str, object] = {"candidate_labels": labels}
+    if template:
+        parameters["hypothesis_template"] = template
+    inputs = base64.b64encode(image).decode("ascii")
+    return json.dumps({"inputs": inputs, "parameters": parameters}).encode()
+
+
+class RawImageBodyMiddleware:
+    """See the module docstring."""
+
+    def __init__(self, app: ASGIApp, path: str = "/invocations") -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        content_type = posted_content_type(scope, self.path)
+        if content_type is None or not is_raw_image_media_type(content_type):
+            await self.app(scope, receive, send)
+            return
+        headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        image = await self._read_body(receive)
+        attributes = headers.get(CUSTOM_ATTRIBUTES_HEADER.lower().encode(), b"").decode("latin-1")
+        try:
+            if not image:
+                raise RequestError(400, "invalid_image", f"the {content_type} body is empty")
+            labels, template = labels_from_custom_attributes(attributes)
+        except RequestError as error:
+            await send_error(send, error.status, error.error_type, error.message)
+            return
+        body = toolkit_body(image, labels, template)
+        rewritten = [
+            (name, value)
+            for name, value in scope["headers"]
+            if name.lower() not in (b"content-type", b"content-length")
+        ]
+        rewritten += [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # disconnects still reach the handler
+
+        await self.app({**scope, "headers": rewritten}, replay, send)
+
+    @staticmethod
+    async def _read_body(receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b""
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)

@@ -1,0 +1,288 @@
+"""Admission, body limits, deadlines and client disconnects, enforced before any handler runs.
+
+`RequestGuardMiddleware` answers in the project's JSON error shape:
+- 415 when a JSON route gets a body that is not JSON (raw images are allowed where
+  `raw_image_paths` says, for `raw_images.RawImageBodyMiddleware` to convert);
+- 413 when the body is over `max_body_bytes`: by Content-Length before reading, or while reading;
+- 408 when the body has not arrived within `body_timeout_s`, or when the request was the oldest
+  of too many waiting for their bodies (`waiting_bodies.WaitingBodies`); the connection is closed;
+- 429 when `max_concurrency` requests are already in flight in this worker (fast, no queueing).
+  A request takes one of these slots only once its whole body has arrived, so slow uploads
+  cannot hold the slots (nginx in front of the original container did this by buffering);
+- 504 when no response has started after `timeout_s` (counted from admission);
+and cancels the handler when the client disconnects, so abandoned requests stop fetching images
+and waiting on the runner. Health and metrics routes bypass it so `/ping` stays fast under load
+(unless they carry a body, which is then read under the same deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clip_runner.errors import error_body
+from clip_runner.web.waiting_bodies import Waiter, WaitingBodies
+
+EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz"})
+JSON_MEDIA_TYPES = ("application/json", "text/json")
+RAW_IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
+# Batch Transform's SplitType=Line bodies (jsonlines.py): SageMaker's name and common aliases.
+JSONLINES_MEDIA_TYPES = (
+    "application/jsonlines",
+    "application/jsonl",
+    "application/x-jsonlines",
+    "application/json-lines",
+)
+# Sent when the request's body was not (fully) read: the connection cannot carry another request.
+CLOSE = (b"connection", b"close")
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """`application/json` with any parameters, `application/*+json`, or no type at all."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return not media_type or media_type in JSON_MEDIA_TYPES or media_type.endswith("+json")
+
+
+def is_jsonlines_media_type(content_type: str) -> bool:
+    """`application/jsonlines` (SageMaker's name) or a common alias, any parameters."""
+    return content_type.split(";", 1)[0].strip().lower() in JSONLINES_MEDIA_TYPES
+
+
+def posted_content_type(scope: Scope, path: str) -> str | None:
+    """The Content-Type of an HTTP POST to `path` ("" when it has none), None for any other
+    request: what the body-rewriting middlewares (raw images, JSON Lines) check first."""
+    if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != path:
+        return None
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-type":
+            return value.decode("latin-1")
+    return ""
+
+
+def is_raw_image_media_type(content_type: str) -> bool:
+    """`image/jpeg`, `image/png` or `image/webp`, any parameters."""
+    return content_type.split(";", 1)[0].strip().lower() in RAW_IMAGE_MEDIA_TYPES
+
+
+def has_body(scope: Scope) -> bool:
+    """Whether the request declares a body (a non-zero Content-Length, or Transfer-Encoding)."""
+    for name, value in scope.get("headers", []):
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    error_type: str,
+    message: str,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    body = json.dumps(error_body(error_type, message)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra_headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class _BodyTimeout(Exception):
+    def __init__(self, evicted_because: str | None) -> None:
+        self.evicted_because = evicted_because
+
+
+class RequestGuardMiddleware:
+    """See the module docstring; one instance per API worker."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_concurrency: int,
+        max_body_bytes: int,
+        timeout_s: float,
+        json_paths: Iterable[str] = ("/invocations",),
+        raw_image_paths: Iterable[str] = (),
+        body_timeout_s: float = 10.0,
+        max_waiting_bodies: int = 512,
+        max_waiting_body_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        self.app = app
+        self.max_concurrency = max_concurrency
+        self.max_body_bytes = max_body_bytes
+        self.timeout_s = timeout_s
+        self.json_paths = frozenset(json_paths)
+        self.raw_image_paths = frozenset(raw_image_paths)
+        self.body_timeout_s = body_timeout_s
+        self.waiting = WaitingBodies(max_waiting_bodies, max_waiting_body_bytes)
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Health checks bypass the guard, but only without a body: a body the route never reads
+        # would otherwise be drained by uvicorn for as long as a slow client keeps sending it.
+        if scope["type"] != "http" or (scope["path"] in EXEMPT_PATHS and not has_body(scope)):
+            await self.app(scope, receive, send)
+            return
+        if await self._refused_by_headers(scope, send):
+            return
+        try:
+            body = await self._read_body(receive)
+        except _TooLarge:
+            await self._too_large(send, None)
+            return
+        except _BodyTimeout as timeout:
+            await self._body_timeout(send, timeout.evicted_because)
+            return
+        except _Disconnected:
+            return
+        if self.in_flight >= self.max_concurrency:
+            await send_error(
+                send,
+                429,
+                "too_many_requests",
+                f"server is at its limit of {self.max_concurrency} concurrent requests; retry",
+                [(b"retry-after", b"1")],
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self._run_app(scope, receive, send, body)
+        finally:
+            self.in_flight -= 1
+
+    async def _refused_by_headers(self, scope: Scope, send: Send) -> bool:
+        """415 for a wrong Content-Type, 413 for a declared size over the limit: before reading."""
+        headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        if scope["method"] == "POST" and scope["path"] in self.json_paths:
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            raw_image_allowed = scope["path"] in self.raw_image_paths
+            if not is_json_media_type(content_type) and not (
+                raw_image_allowed
+                and (is_raw_image_media_type(content_type) or is_jsonlines_media_type(content_type))
+            ):
+                raw = ", ".join(RAW_IMAGE_MEDIA_TYPES)
+                also = f" (or {raw}, application/jsonlines)" if raw_image_allowed else ""
+                await send_error(
+                    send,
+                    415,
+                    "unsupported_media_type",
+                    f"Content-Type {content_type!r} is not supported; send application/json" + also,
+                    [CLOSE],
+                )
+                return True
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large(send, int(declared))
+            return True
+        return False
+
+    async def _too_large(self, send: Send, size: int | None) -> None:
+        size_text = f"{size} bytes" if size is not None else "the body"
+        await send_error(
+            send,
+            413,
+            "payload_too_large",
+            f"{size_text} exceeds the {self.max_body_bytes}-byte request limit "
+            "(send image URLs, or smaller images)",
+            [CLOSE],
+        )
+
+    async def _body_timeout(self, send: Send, evicted_because: str | None) -> None:
+        if evicted_because:
+            reason = (
+                f"the request body had not arrived when {evicted_because}; "
+                "the one waiting longest made room"
+            )
+        else:
+            reason = f"the request body did not arrive within {self.body_timeout_s:g} s"
+        await send_error(send, 408, "body_timeout", reason, [CLOSE])
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, within `body_timeout_s`, counted among the waiting bodies meanwhile."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s) as deadline:
+                waiter = Waiter(cut_short=lambda: deadline.reschedule(0))
+                self.waiting.enter(waiter)
+                try:
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            raise _Disconnected
+                        chunk = message.get("body", b"")
+                        size += len(chunk)
+                        if size > self.max_body_bytes:
+                            raise _TooLarge
+                        self.waiting.received(waiter, len(chunk))
+                        chunks.append(chunk)
+                        if not message.get("more_body", False):
+                            return b"".join(chunks)
+                finally:
+                    self.waiting.leave(waiter)
+        except TimeoutError:
+            raise _BodyTimeout(waiter.evicted_because) from None
+
+    async def _run_app(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        disconnected = asyncio.Event()
+        body_sent = False
+        response_started = False
+
+        async def replay() -> Message:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        async def watch_disconnect() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected.set()
+                    return
+
+        handler = asyncio.ensure_future(self.app(scope, replay, tracking_send))
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            done, _ = await asyncio.wait(
+                {handler, watcher}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if handler in done:
+                handler.result()
+                return
+            handler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handler
+            if watcher not in done and not response_started:
+                await send_error(
+                    send,
+                    504,
+                    "timeout",
+                    f"the request was not answered within {self.timeout_s:g} s",
+                )
+        finally:
+            watcher.cancel()
+            handler.cancel()

@@ -1,0 +1,73 @@
+"""The Hugging Face SageMaker toolkit's zero-shot shape and the custom-attributes header."""
+
+from __future__ import annotations
+
+import pytest
+
+from clip_runner.answers.hf_toolkit import (
+    DEFAULT_HYPOTHESIS_TEMPLATE,
+    labels_from_custom_attributes,
+    parse_custom_attributes,
+    parse_zero_shot_request,
+    toolkit_answer,
+)
+from clip_runner.errors import RequestError
+
+
+def test_one_image_and_defaults():
+    request = parse_zero_shot_request("aGk=", {"candidate_labels": ["cat", "dog"]})
+    assert request.images == ["aGk="] and request.single_image
+    assert request.labels == ["cat", "dog"] and request.template == DEFAULT_HYPOTHESIS_TEMPLATE
+
+
+def test_a_list_of_images_comma_separated_labels_and_a_template():
+    request = parse_zero_shot_request(
+        ["a", "b"], {"candidate_labels": "cat, dog", "hypothesis_template": "a {} here"}
+    )
+    assert request.images == ["a", "b"] and not request.single_image
+    assert request.labels == ["cat", "dog"] and request.template == "a {} here"
+
+
+@pytest.mark.parametrize(
+    ("inputs", "parameters", "field"),
+    [
+        ([], {"candidate_labels": ["a"]}, "inputs"),
+        ([3], {"candidate_labels": ["a"]}, "inputs[0]"),
+        ("x", None, "parameters.candidate_labels"),
+        ("x", {"candidate_labels": []}, "parameters.candidate_labels"),
+        ("x", {"candidate_labels": ["a", " "]}, "parameters.candidate_labels[1]"),
+        ("x", {"candidate_labels": ["a"], "hypothesis_template": "no slot"}, "hypothesis_template"),
+    ],
+)
+def test_mistakes_name_the_field(inputs, parameters, field):
+    with pytest.raises(RequestError) as raised:
+        parse_zero_shot_request(inputs, parameters)
+    assert raised.value.status == 422 and field in raised.value.message
+
+
+def test_answers_take_the_pipelines_shape():
+    ranked = [[{"label": "dog", "score": 0.7}, {"label": "cat", "score": 0.3}]]
+    assert toolkit_answer(ranked, single_image=True) == [
+        {"score": 0.7, "label": "dog"},
+        {"score": 0.3, "label": "cat"},
+    ]
+    assert toolkit_answer(ranked * 2, single_image=False) == [ranked[0]] * 2
+    assert list(toolkit_answer(ranked, single_image=True)[0]) == ["score", "label"]
+
+
+def test_custom_attributes():
+    assert parse_custom_attributes("labels=cat,dog; Template=a {} ;junk;=x") == {
+        "labels": "cat,dog",
+        "template": "a {}",
+    }
+    labels, template = labels_from_custom_attributes("labels=cat, hot%2C dog;template=a%3B{}")
+    assert labels == ["cat", "hot, dog"] and template == "a;{}"
+    assert labels_from_custom_attributes("labels=cat") == (["cat"], None)
+
+
+@pytest.mark.parametrize("header", [None, "", "template=a {}", "labels=", "labels= , "])
+def test_missing_labels_are_a_400_naming_the_header(header):
+    with pytest.raises(RequestError) as raised:
+        labels_from_custom_attributes(header)
+    assert raised.value.status == 400
+    assert "X-Amzn-SageMaker-Custom-Attributes" in raised.value.message

@@ -1,0 +1,149 @@
+"""The request flow with the real tiny model in-process (no server): parity and caching."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from clip_runner.answers.invocation import InvocationContext, invoke
+from clip_runner.answers.text_cache import TextEmbeddingCache
+from clip_runner.errors import RequestError
+from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
+from clip_runner.images.loading import ImageLimits
+from clip_runner.model.encoding import ClipEncoder
+from tests.helpers import SEED_CLASSES, as_base64, photo_like
+from tests.reference import assert_matches_reference, reference_probabilities
+
+
+class CountingEncoder:
+    """The real encoder behind the async interface the runner offers, counting calls."""
+
+    def __init__(self, encoder: ClipEncoder) -> None:
+        self.encoder = encoder
+        self.text_calls: list[list[str]] = []
+
+    async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        return self.encoder.encode_images(pixels)
+
+    async def encode_texts(self, texts: list[str]) -> np.ndarray:
+        self.text_calls.append(list(texts))
+        return self.encoder.encode_texts(texts)
+
+
+@pytest.fixture()
+def counting(tiny_clip) -> CountingEncoder:
+    model = copy.deepcopy(tiny_clip.model)  # the encoder changes its model's first layer
+    encoder = ClipEncoder(model, tiny_clip.processor, torch.device("cpu"), torch.float32)
+    return CountingEncoder(encoder)
+
+
+def run_invoke(tiny_clip, counting, images, classes, template="a photo of a {name}", top_k=3):
+    limits = ImageLimits(FetchLimits(5_000_000, 5), max_pixels=50_000_000)
+
+    def count_tokens(prompts: list[str]) -> list[int]:
+        return [len(ids) for ids in tiny_clip.processor.tokenizer(prompts)["input_ids"]]
+
+    async def go():
+        async with new_fetch_client(AddressPolicy(), limits.fetch) as client:
+            context = InvocationContext(
+                facts=counting.encoder.facts(tiny_clip.tag, True),
+                encode_images=counting.encode_images,
+                encode_texts=counting.encode_texts,
+                count_tokens=count_tokens,
+                http_client=client,
+                text_cache=cache,
+                image_limits=limits,
+            )
+            first = await invoke(context, images, classes, template, top_k)
+            second = await invoke(context, images, classes, template, top_k)
+            return first, second
+
+    cache = TextEmbeddingCache(100)
+    return asyncio.run(go())
+
+
+def test_probabilities_equal_transformers_within_1e5(tiny_clip, counting):
+    pictures = [photo_like(640, 480, seed=11), photo_like(300, 500, seed=12)]
+    classes = [(name, bool(flag)) for name, flag in SEED_CLASSES]
+    names = [name for name, _ in classes]
+    answer, _ = run_invoke(tiny_clip, counting, [as_base64(p) for p in pictures], classes)
+    reference = reference_probabilities(tiny_clip, pictures, [f"a photo of a {n}" for n in names])
+    assert_matches_reference(answer, reference, names)
+
+
+def test_repeated_class_lists_are_encoded_once(tiny_clip, counting):
+    classes = [("cat", True), ("dog", False), ("cat", True)]
+    first, second = run_invoke(tiny_clip, counting, [as_base64(photo_like(50, 50, 1))], classes)
+    assert first == second
+    assert counting.text_calls == [["a photo of a cat", "a photo of a dog"]]
+
+
+def test_template_and_top_k_overrides(tiny_clip, counting):
+    classes = [("cat", True), ("dog", False), ("bird", False), ("car", False)]
+    picture = photo_like(80, 60, seed=4)
+    answer, _ = run_invoke(
+        tiny_clip,
+        counting,
+        [as_base64(picture)],
+        classes,
+        template="a drawing of a {name}",
+        top_k=4,
+    )
+    names = [name for name, _ in classes]
+    reference = reference_probabilities(
+        tiny_clip, [picture], [f"a drawing of a {n}" for n in names]
+    )
+    indices, _, probabilities = answer[0]["prompts"]
+    assert len(indices) == 4
+    np.testing.assert_allclose(sum(probabilities), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probabilities, reference[0][indices], atol=1e-5)
+
+
+def test_prompts_over_the_token_limit_are_refused_naming_the_class(tiny_clip, counting):
+    classes = [("cat", True), ("very " * 80 + "long cat", False)]
+    with pytest.raises(RequestError) as raised:
+        run_invoke(tiny_clip, counting, [as_base64(photo_like(20, 20, 1))], classes)
+    assert raised.value.status == 422
+    assert "classes[1][0]" in raised.value.message and "at most 77" in raised.value.message
+    assert counting.text_calls == []
+
+
+def test_image_size_normalisation_and_scale_come_from_the_checkpoint(monkeypatch, bentoml_home):
+    """A checkpoint unlike OpenAI's (64 px, patch 16, gelu, its own mean/std and logit scale)
+    goes through the store and the request flow and still equals transformers' own answer."""
+    import math
+
+    from clip_runner.model.store import (
+        ARCHITECTURES,
+        Architecture,
+        build_random_architecture,
+        load_clip,
+        save_clip,
+    )
+
+    monkeypatch.setitem(
+        ARCHITECTURES, "test-64", Architecture((32, 2, 2), 16, 64, (32, 2, 2), 16, "gelu", None)
+    )
+    model, processor = build_random_architecture("test-64", seed=5)
+    processor.image_processor.image_mean = [0.5, 0.4, 0.3]
+    processor.image_processor.image_std = [0.2, 0.25, 0.3]
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(50.0))
+    loaded = load_clip(save_clip(model, processor, source="random:test-64", random_weights=True))
+    model = copy.deepcopy(loaded.model)  # the reference below runs the unchanged one
+    encoder = ClipEncoder(model, loaded.processor, torch.device("cpu"), torch.float32)
+    facts = encoder.facts(loaded.tag, True)
+    assert (facts.crop_height, facts.shortest_edge) == (64, 64)
+    assert facts.logit_scale == pytest.approx(50.0)
+    pictures = [photo_like(200, 120, seed=31), photo_like(90, 150, seed=32)]
+    classes = [(name, bool(flag)) for name, flag in SEED_CLASSES]
+    names = [name for name, _ in classes]
+    first, _ = run_invoke(
+        loaded, CountingEncoder(encoder), [as_base64(p) for p in pictures], classes
+    )
+    reference = reference_probabilities(loaded, pictures, [f"a photo of a {n}" for n in names])
+    assert_matches_reference(first, reference, names)

@@ -1,0 +1,155 @@
+"""Retrying runner calls: one more attempt after a dropped connection or a lost answer."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import aiohttp
+import bentoml
+import numpy as np
+import pytest
+
+from clip_runner.answers.runner_calls import (
+    calls_in_flight,
+    merged,
+    resilient,
+    runner_calls,
+    runner_overloaded,
+)
+from clip_runner.model.encoding import ModelFacts
+
+
+class FlakyCall:
+    """Fails (or hangs) on the first `bad` calls, then answers with the call count."""
+
+    def __init__(self, bad: int, failure: str) -> None:
+        self.bad, self.failure, self.calls = bad, failure, 0
+
+    async def __call__(self, value: int) -> int:
+        self.calls += 1
+        if self.calls <= self.bad:
+            if self.failure == "hang":
+                await asyncio.sleep(10)
+            raise aiohttp.ServerDisconnectedError()
+        return value * 10
+
+
+@pytest.mark.parametrize("failure", ["disconnect", "hang"])
+def test_one_failure_is_retried(failure):
+    call = FlakyCall(bad=1, failure=failure)
+    assert asyncio.run(resilient(call, attempt_timeout_s=0.2)(4)) == 40
+    assert call.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"), [("disconnect", aiohttp.ServerDisconnectedError), ("hang", TimeoutError)]
+)
+def test_two_failures_are_reported(failure, error):
+    call = FlakyCall(bad=2, failure=failure)
+    with pytest.raises(error):
+        asyncio.run(resilient(call, attempt_timeout_s=0.2)(4))
+    assert call.calls == 2
+
+
+def test_other_errors_are_not_retried():
+    calls = 0
+
+    async def refuses(_: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError):
+        asyncio.run(resilient(refuses, attempt_timeout_s=1)(1))
+    assert calls == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "overloaded"),
+    [
+        (bentoml.exceptions.ServiceUnavailable("queue full"), True),
+        # What BentoML's client raises for the runner's 503 answer.
+        (bentoml.exceptions.BentoMLException("Error making request: 503", error_code=503), True),
+        (bentoml.exceptions.BentoMLException("Error making request: 500", error_code=500), False),
+        (aiohttp.ServerDisconnectedError(), False),
+        (TimeoutError(), False),
+    ],
+)
+def test_only_the_runners_503_means_overloaded(error, overloaded):
+    assert runner_overloaded(error) is overloaded
+
+
+def test_merged_calls_carry_concurrent_requests_and_hand_back_each_its_rows():
+    calls: list[int] = []
+    observed: list[int] = []
+
+    async def runner_call(rows: np.ndarray) -> np.ndarray:
+        calls.append(len(rows))
+        await asyncio.sleep(0.05)  # one call in flight while the others queue
+        return rows * 10
+
+    async def scenario() -> list[np.ndarray]:
+        encode = merged(runner_call, 1, 64, 10, observed.append)
+        return await asyncio.gather(*(encode(np.full((1, 2), i)) for i in range(12)))
+
+    results = asyncio.run(scenario())
+    assert [int(r[0, 0]) for r in results] == [i * 10 for i in range(12)]
+    assert sum(calls) == 12 and len(calls) < 12 and calls == observed
+
+
+class SlowRunner:
+    """A runner's encoders that take a while and record how many calls overlap."""
+
+    def __init__(self) -> None:
+        self.active, self.peak = 0, 0
+
+    async def encode(self, rows: list) -> np.ndarray:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await asyncio.sleep(0.05)
+        self.active -= 1
+        return np.zeros((len(rows), 1))
+
+    encode_images = encode_jpegs = encode_texts = encode
+
+
+def test_merged_calls_keep_up_to_in_flight_calls_going():
+    runner = SlowRunner()
+
+    async def scenario() -> None:
+        encode = merged(runner.encode, 3, 2, 10, lambda rows: None)
+        await asyncio.gather(*(encode(["text"]) for _ in range(12)))
+
+    asyncio.run(scenario())
+    assert runner.peak == 3
+
+
+@pytest.mark.parametrize(("configured", "peak"), [(0, 1), (2, 2)])
+def test_runner_calls_in_flight_follow_clip_runner_calls(configured, peak):
+    """Two API workers and one runner on CPU keep one call each; CLIP_RUNNER_CALLS=2, two."""
+    facts = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, "cpu", passes=2)
+    runner = SlowRunner()
+    calls = runner_calls(runner, facts, 5.0, (2, 1), 10.0, configured_in_flight=configured)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(calls.encode_texts([f"text {i}"]) for i in range(8)))
+
+    asyncio.run(scenario())
+    assert runner.peak == peak
+
+
+def test_calls_in_flight_keep_one_call_waiting_at_the_runner_shared_by_the_api_workers():
+    """The API workers share the runner's passes plus one: on CPU rounding down (at least one
+    each), on a GPU rounding up (together at least that many); CLIP_RUNNER_CALLS overrides."""
+    cpu = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, "cpu", passes=2)
+    assert calls_in_flight(cpu, runner_workers=1, api_workers=1) == 3
+    assert calls_in_flight(cpu, runner_workers=1, api_workers=2) == 1
+    assert calls_in_flight(cpu, runner_workers=2, api_workers=2) == 2
+    assert calls_in_flight(cpu, runner_workers=1, api_workers=8) == 1  # never none
+    gpu = dataclasses.replace(cpu, device="cuda", passes=1)
+    assert calls_in_flight(gpu, runner_workers=2, api_workers=1) == 3
+    assert calls_in_flight(gpu, runner_workers=2, api_workers=2) == 2  # 4 in all, >= 3
+    assert calls_in_flight(gpu, runner_workers=2, api_workers=8) == 1  # 8 in all
+    for facts in (cpu, gpu):
+        assert calls_in_flight(facts, runner_workers=2, api_workers=8, configured=4) == 4

@@ -1,0 +1,36 @@
+"""The text-embedding LRU."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clip_runner.answers.text_cache import TextEmbeddingCache
+
+
+def vector(value: float) -> np.ndarray:
+    return np.full(4, value, dtype=np.float32)
+
+
+def test_hits_misses_and_model_separation():
+    cache = TextEmbeddingCache(capacity=10)
+    cache.store("clip:a", ["cat", "dog"], np.stack([vector(1), vector(2)]))
+    found = cache.lookup("clip:a", ["dog", "bird"])
+    assert found[0][0] == 2 and found[1] is None
+    assert cache.lookup("clip:b", ["cat"]) == [None]
+    assert (cache.hits, cache.misses) == (1, 2)
+
+
+def test_least_recently_used_is_evicted():
+    cache = TextEmbeddingCache(capacity=2)
+    cache.store("m", ["a", "b"], np.stack([vector(1), vector(2)]))
+    cache.lookup("m", ["a"])
+    cache.store("m", ["c"], np.stack([vector(3)]))
+    assert len(cache) == 2
+    assert cache.lookup("m", ["b"]) == [None]
+    assert cache.lookup("m", ["a", "c"])[1][0] == 3
+
+
+def test_zero_capacity_disables_caching():
+    cache = TextEmbeddingCache(capacity=0)
+    cache.store("m", ["a"], np.stack([vector(1)]))
+    assert len(cache) == 0 and cache.lookup("m", ["a"]) == [None]

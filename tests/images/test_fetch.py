@@ -1,0 +1,204 @@
+"""URL fetching under attack: SSRF attempts, redirects, slow and endless hosts, size caps.
+
+Forbidden loopback targets are real listeners on 127.0.0.1 / ::1 that count connections (they
+must see none). Forbidden non-loopback targets (10.x, 169.254.169.254, ...) are never dialled,
+even if the guard broke: the backend behind the guard there only records what it was asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+
+import httpcore
+import pytest
+
+from clip_runner.errors import RequestError
+from clip_runner.images.fetch import AddressPolicy, FetchLimits, fetch_url, new_fetch_client
+from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
+from tests.helpers import PUBLIC_HOST, ConnectionCounter, photo_like
+
+PUBLIC_ONLY = AddressPolicy.from_allowlist([f"{PUBLIC_HOST}/32"])
+LIMITS = FetchLimits(max_bytes=1_000_000, timeout_s=2, connect_timeout_s=1)
+
+
+class RecordingBackend(httpcore.AsyncNetworkBackend):
+    """Records connection attempts and makes none."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[str, int]] = []
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        self.attempts.append((host, port))
+        raise httpcore.ConnectError("recording backend: no connection made")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def fetch(url: str, policy=PUBLIC_ONLY, limits=LIMITS, backend=None) -> bytes:
+    async def go():
+        async with new_fetch_client(policy, limits, backend) as client:
+            return await fetch_url(client, url, 0, limits)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.9.9.9",
+        "::1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.0.10",
+        "169.254.169.254",
+        "fe80::1",
+        "fc00::1",
+        "224.0.0.1",
+        "ff02::1",
+        "0.0.0.0",
+        "100.64.0.1",
+        "240.0.0.1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "2002:7f00:1::1",
+    ],
+)
+def test_policy_refuses_non_public_addresses(address):
+    assert AddressPolicy().refusal("example.com", ipaddress.ip_address(address)) is not None
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888"])
+def test_policy_allows_public_addresses(address):
+    assert AddressPolicy().refusal("example.com", ipaddress.ip_address(address)) is None
+
+
+def test_allowlist_opens_networks_and_host_names():
+    policy = AddressPolicy.from_allowlist(["10.0.0.0/8", " images.lan. ", "::1", ""])
+    assert policy.refusal("x", ipaddress.ip_address("10.20.30.40")) is None
+    assert policy.refusal("x", ipaddress.ip_address("::1")) is None
+    assert policy.refusal("IMAGES.LAN", ipaddress.ip_address("192.168.1.1")) is None
+    assert policy.refusal("x", ipaddress.ip_address("192.168.1.1")) is not None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1/cat.png",
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "http://[fd00::1]/cat.png",
+        "http://192.168.1.1:8080/cat.png",
+        "https://172.31.255.255/cat.png",
+    ],
+)
+def test_private_and_metadata_urls_are_refused_without_dialling(url):
+    recorder = RecordingBackend()
+    with pytest.raises(RequestError) as raised:
+        fetch(url, backend=recorder)
+    assert raised.value.error_type == "forbidden_url" and raised.value.index == 0
+    assert "CLIP_FETCH_ALLOW" in raised.value.message
+    assert recorder.attempts == []
+
+
+@pytest.fixture()
+def loopback_v4():
+    counter = ConnectionCounter("127.0.0.1")
+    yield counter
+    counter.close()
+
+
+@pytest.fixture()
+def loopback_v6():
+    counter = ConnectionCounter("::1")
+    yield counter
+    counter.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "LocalHost", "2130706433", "0x7f.1"])
+def test_loopback_urls_are_refused_without_a_connection(loopback_v4, host):
+    with pytest.raises(RequestError) as raised:
+        fetch(f"http://{host}:{loopback_v4.port}/secret")
+    assert raised.value.error_type == "forbidden_url"
+    time.sleep(0.3)
+    assert loopback_v4.accepted == 0
+
+
+def test_ipv6_loopback_is_refused_without_a_connection(loopback_v6):
+    with pytest.raises(RequestError, match="forbidden|refusing"):
+        fetch(f"http://[::1]:{loopback_v6.port}/secret")
+    time.sleep(0.3)
+    assert loopback_v6.accepted == 0
+
+
+def test_public_url_redirecting_to_loopback_is_refused(loopback_v4, image_host_server):
+    target = f"http://127.0.0.1:{loopback_v4.port}/secret"
+    with pytest.raises(RequestError) as raised:
+        fetch(f"{image_host_server.url}/redirect?to={target}")
+    assert raised.value.error_type == "forbidden_url"
+    assert f"/redirect?to={target}" in image_host_server.access_log  # the first hop happened
+    time.sleep(0.3)
+    assert loopback_v4.accepted == 0
+
+
+@pytest.mark.parametrize("target", ["file:///etc/passwd", "gopher://127.0.0.1:70/_x"])
+def test_redirects_to_other_schemes_are_refused(image_host_server, target):
+    with pytest.raises(RequestError, match="could not fetch"):
+        fetch(f"{image_host_server.url}/redirect?to={target}")
+
+
+def test_redirect_loops_stop_at_the_limit(image_host_server):
+    before = image_host_server.access_log.count("/loop")
+    with pytest.raises(RequestError, match="redirected more than 5 times"):
+        fetch(f"{image_host_server.url}/loop")
+    assert image_host_server.access_log.count("/loop") - before == 6
+
+
+def test_a_host_that_never_answers_is_cut_off_at_the_deadline(image_host_server):
+    with pytest.raises(RequestError, match="timed out after 2 s"):
+        fetch(f"{image_host_server.url}/hang")
+
+
+def test_an_endless_body_is_cut_off_at_the_size_cap(image_host_server):
+    with pytest.raises(RequestError, match="larger than the 1000000-byte limit"):
+        fetch(f"{image_host_server.url}/endless")
+
+
+def test_declared_oversize_is_refused_before_reading(image_dir, image_host_server):
+    (image_dir / "large.bin").write_bytes(b"\0" * 2_000_000)
+    with pytest.raises(RequestError, match="larger than the 1000000-byte limit"):
+        fetch(f"{image_host_server.url}/large.bin")
+
+
+@pytest.mark.parametrize("status", [404, 500, 503])
+def test_non_2xx_statuses_are_named(image_host_server, status):
+    with pytest.raises(RequestError, match=f"returned HTTP {status}"):
+        fetch(f"{image_host_server.url}/status/{status}")
+
+
+def test_a_good_image_from_an_allowed_host_is_fetched(image_dir, image_host_server):
+    photo_like(64, 48, seed=1).save(image_dir / "good.png")
+    assert fetch(f"{image_host_server.url}/good.png")[:4] == b"\x89PNG"
+
+
+def hang_count(host) -> int:
+    return sum(path.startswith("/hang") for path in host.access_log)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_fetches_within_a_request_are_bounded(image_host_server, concurrency):
+    limits = ImageLimits(FetchLimits(1_000_000, 1, 1), 50_000_000, fetch_concurrency=concurrency)
+    before = hang_count(image_host_server)
+
+    async def go():
+        async with new_fetch_client(PUBLIC_ONLY, limits.fetch) as client:
+            urls = [f"{image_host_server.url}/hang?{i}" for i in range(4)]
+            return await load_images(urls, client, ImageGeometry(224, 224, 224), limits)
+
+    with pytest.raises(RequestError, match="timed out"):
+        asyncio.run(go())
+    time.sleep(0.2)
+    # the first timeout fails the request and cancels the rest: only `concurrency` ever started
+    assert hang_count(image_host_server) - before == concurrency

@@ -1,0 +1,398 @@
+"""Image sources, decoding and the resize/crop that must equal CLIPProcessor's."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import clip_runner.images.loading
+from clip_runner.errors import RequestError
+from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
+from clip_runner.images.loading import (
+    EXACT_RESIZE_MAX_ASPECT,
+    ImageGeometry,
+    ImageLimits,
+    decode_image,
+    decode_inline,
+    device_decodable_jpeg,
+    load_images,
+    prepare_image,
+    reduce_large,
+    resize_and_crop,
+)
+from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE
+from clip_runner.model.store import OPENAI_STD, build_image_processor
+from tests.hard_images import encoded, hard_images
+from tests.helpers import PUBLIC_HOST, as_base64, encode, photo_like
+
+GEOMETRY = ImageGeometry(shortest_edge=224, crop_height=224, crop_width=224)
+LIMITS = ImageLimits(FetchLimits(max_bytes=2_000_000, timeout_s=5), max_pixels=50_000_000)
+MAX_PIXELS = LIMITS.max_pixels
+PUBLIC_ONLY = AddressPolicy.from_allowlist([PUBLIC_HOST])
+
+
+@pytest.fixture(params=["compiled", "pillow"])
+def resize_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both resizers: the compiled one (numba, the default) and Pillow's (without numba)."""
+    if request.param == "pillow":
+        monkeypatch.setattr(clip_runner.images.loading, "COMPILED", False)
+    else:
+        assert clip_runner.images.loading.COMPILED, "numba is in requirements.txt"
+    return request.param
+
+
+def reference_pixels(image: Image.Image) -> np.ndarray:
+    """What transformers' CLIP image processor feeds the model."""
+    return build_image_processor()(images=image, return_tensors="np")["pixel_values"][0]
+
+
+def normalised(pixels: np.ndarray) -> np.ndarray:
+    processor = build_image_processor()
+    mean = np.asarray(processor.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(processor.image_std, dtype=np.float32)[:, None, None]
+    return (pixels.transpose(2, 0, 1).astype(np.float32) / 255 - mean) / std
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (224, 224), (900, 225), (301, 999)])
+def test_resize_and_crop_matches_clip_processor(size, resize_path):
+    image = photo_like(*size, seed=sum(size))
+    pixels = resize_and_crop(image, GEOMETRY)
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
+    np.testing.assert_allclose(normalised(pixels), reference_pixels(image), atol=1e-5)
+
+
+def test_small_images_are_upscaled_to_the_crop():
+    assert resize_and_crop(Image.new("RGB", (1, 1), (9, 9, 9)), GEOMETRY).shape == (224, 224, 3)
+
+
+def test_rgba_transparency_becomes_white_like_the_processor():
+    image = Image.new("RGBA", (50, 40), (255, 0, 0, 0))
+    image.paste((0, 0, 255, 255), (0, 0, 25, 40))
+    decoded = decode_image(encode(image), index=0, max_pixels=MAX_PIXELS)
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((40, 20)) == (255, 255, 255)
+    assert decoded.getpixel((5, 20)) == (0, 0, 255)
+    np.testing.assert_allclose(
+        normalised(resize_and_crop(decoded, GEOMETRY)), reference_pixels(image), atol=1e-5
+    )
+
+
+def test_greyscale_and_palette_become_rgb():
+    grey = decode_image(encode(Image.new("L", (20, 20), 77)), index=0, max_pixels=MAX_PIXELS)
+    assert grey.mode == "RGB" and grey.getpixel((3, 3)) == (77, 77, 77)
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    decoded = decode_image(encode(palette), index=0, max_pixels=MAX_PIXELS)
+    assert decoded.getpixel((3, 3)) == (10, 200, 30)
+
+
+def test_palette_transparency_becomes_white():
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.info["transparency"] = 1
+    assert decode_image(encode(palette), index=0, max_pixels=MAX_PIXELS).getpixel((3, 3)) == (
+        255,
+        255,
+        255,
+    )
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    cmyk = Image.new("CMYK", (32, 32), (0, 255, 255, 0))  # pure red in CMYK
+    red, green, blue = decode_image(
+        encode(cmyk, "JPEG", quality=95), index=0, max_pixels=MAX_PIXELS
+    ).getpixel((10, 10))
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    deep = Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16))
+    value = decode_image(encode(deep), index=0, max_pixels=MAX_PIXELS).getpixel((2, 2))
+    assert value == (round(40000 / 257),) * 3
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (60, 30), (255, 0, 0))
+    image.paste((0, 255, 0), (0, 0, 30, 30))  # left half green
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    decoded = decode_image(
+        encode(image, "JPEG", exif=exif, quality=95), index=0, max_pixels=MAX_PIXELS
+    )
+    assert decoded.size == (30, 60)
+    top_red, top_green, _ = decoded.getpixel((15, 5))
+    assert top_green > 200 and top_red < 60  # the green left half is now on top
+
+
+def test_base64_and_data_uri_decode_to_the_same_bytes():
+    raw = encode(photo_like(20, 10, seed=1))
+    text = base64.b64encode(raw).decode()
+    assert decode_inline(text, 0, 10_000) == raw
+    assert decode_inline(f"data:image/png;base64,{text}", 0, 10_000) == raw
+    wrapped = "\n".join(text[i : i + 60] for i in range(0, len(text), 60))
+    assert decode_inline(wrapped, 0, 10_000) == raw
+
+
+def standard_library_decode(payload: str) -> bytes | None:
+    """What inline base64 meant before the SIMD decoder: the standard library, strict first,
+    then without whitespace, padded, URL-safe alphabet mapped; None where both refuse."""
+    for candidate in (payload, None):
+        if candidate is None:
+            candidate = "".join(payload.split())
+            candidate += "=" * (-len(candidate) % 4)
+            candidate = candidate.replace("-", "+").replace("_", "/")
+        try:
+            return base64.b64decode(candidate, validate=True)
+        except ValueError:  # binascii.Error included
+            continue
+    return None
+
+
+def test_inline_base64_means_what_the_standard_library_decodes():
+    """The SIMD decoder (pybase64) refuses surplus padding that the standard library accepts;
+    the lenient path must then give the same bytes. Random short strings over both alphabets,
+    padding and whitespace, and a real image's base64 cut and broken in several ways."""
+    rng = np.random.default_rng(7)
+    alphabet = list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_ \n")
+    text = base64.b64encode(encode(photo_like(20, 10, seed=2))).decode()
+    sources = [text, text + "=", text + "==", text[:-1], text[:-2], text.replace("+", "-")]
+    sources += [text[:40] + " " + text[40:], text[:41] + "=" + text[41:], "IsEf=", "QUI", "Q==="]
+    sources += ["".join(rng.choice(alphabet, size=int(rng.integers(1, 14)))) for _ in range(3000)]
+    for source in sources:
+        expected = standard_library_decode(source)
+        try:
+            ours = decode_inline(source, 0, 10_000)
+        except RequestError:
+            ours = None
+        assert ours == (expected or None), source
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        ("file:///etc/passwd", "unsupported URL scheme 'file'"),
+        ("ftp://example/x.png", "unsupported URL scheme 'ftp'"),
+        ("data:image/png,rawbytes", "must be base64"),
+        ("data:text/html;base64,aGk=", "not an image"),
+        ("not base64 at all!", "not an http(s) URL, data: URI or valid base64"),
+        ("", "empty"),
+    ],
+)
+def test_bad_inline_sources_name_the_index_and_reason(source, reason):
+    with pytest.raises(RequestError) as raised:
+        decode_inline(source, 4, 10_000)
+    assert raised.value.status == 422 and raised.value.index == 4
+    assert reason in raised.value.message and "images[4]" in raised.value.message
+
+
+def test_inline_size_limit_is_checked_before_decoding():
+    with pytest.raises(RequestError, match="larger than the 100-byte limit"):
+        decode_inline("A" * 1000, 0, 100)
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, not an image", encode(photo_like(64, 64, 2))[:200]])
+def test_undecodable_bytes_are_a_422(data):
+    with pytest.raises(RequestError) as raised:
+        decode_image(data, index=2, max_pixels=MAX_PIXELS)
+    assert raised.value.index == 2 and "images[2]" in raised.value.message
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding():
+    big = encode(Image.new("1", (14_000, 14_000)))  # 196 Mpx, a few kB of PNG
+    with pytest.raises(RequestError, match="14000x14000, more than the 50000000-pixel limit"):
+        decode_image(big, index=0, max_pixels=MAX_PIXELS)
+    with pytest.raises(RequestError, match="more than the 100-pixel limit"):
+        decode_image(encode(Image.new("RGB", (11, 10))), index=0, max_pixels=100)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 5000), (9000, 2), (3000, 40)])
+def test_tiny_and_extreme_aspect_ratio_images_are_classifiable(size, resize_path):
+    image = photo_like(*size, seed=3)
+    assert resize_and_crop(image, GEOMETRY).shape == (224, 224, 3)
+
+
+def test_extreme_aspect_ratios_are_exact_compiled_and_within_a_grey_level_with_pillow(
+    resize_path,
+):
+    image = photo_like(5000, 230, seed=4)
+    ours = normalised(resize_and_crop(image, GEOMETRY))
+    grey_levels = 0 if resize_path == "compiled" else 1
+    tolerance = grey_levels / 255 / min(OPENAI_STD) + 1e-5
+    assert np.abs(ours - reference_pixels(image)).max() <= tolerance
+
+
+def test_animated_images_use_the_first_frame():
+    frames = [Image.new("RGB", (20, 20), color) for color in [(255, 0, 0), (0, 0, 255)]]
+    for fmt in ("GIF", "WEBP"):
+        buffer = io.BytesIO()
+        frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=50, loop=0)
+        red, _, blue = decode_image(buffer.getvalue(), 0, MAX_PIXELS).getpixel((10, 10))
+        assert red > 200 and blue < 60, fmt
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>',
+        b"<!doctype html><html><body>not an image</body></html>",
+        b"GIF89a" + b"\0" * 10,
+        b"\xff\xd8\xff\xe0" + b"\0" * 64,
+    ],
+)
+def test_things_pretending_to_be_images_are_refused(data):
+    with pytest.raises(RequestError) as raised:
+        decode_image(data, index=0, max_pixels=MAX_PIXELS)
+    assert raised.value.status == 422
+
+
+def test_truncated_jpeg_is_refused():
+    jpeg = encode(photo_like(300, 300, seed=5), "JPEG", quality=90)
+    with pytest.raises(RequestError, match="not a decodable image"):
+        decode_image(jpeg[: len(jpeg) // 2], index=0, max_pixels=MAX_PIXELS)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def load(sources, limits=LIMITS):
+    async def go():
+        async with new_fetch_client(PUBLIC_ONLY, limits.fetch) as client:
+            return await load_images(sources, client, GEOMETRY, limits)
+
+    return run(go())
+
+
+def test_load_images_mixes_urls_base64_and_data_uris(image_dir, image_server):
+    photo = photo_like(300, 200, seed=3)
+    photo.save(image_dir / "mixed.png")
+    pixels = load(
+        [
+            f"{image_server}/mixed.png",
+            as_base64(photo),
+            "data:image/png;base64," + as_base64(photo),
+        ]
+    )
+    assert [item.shape for item in pixels] == [(224, 224, 3)] * 3
+    assert (pixels[0] == pixels[1]).all() and (pixels[1] == pixels[2]).all()
+
+
+def test_small_baseline_jpegs_are_decoded_on_the_event_loop_the_rest_in_a_thread(monkeypatch):
+    """The same pixels either way; a thread for JPEGs above ON_LOOP_MAX_PIXELS and for every
+    progressive JPEG or other format, whatever its size."""
+    threaded: list[object] = []
+    real_to_thread = asyncio.to_thread
+
+    async def counting_to_thread(function, *args):
+        # (big base64 is decoded in a thread too)
+        if function is clip_runner.images.loading.prepare_image:
+            threaded.append(args[1])  # the image's index
+        return await real_to_thread(function, *args)
+
+    monkeypatch.setattr(clip_runner.images.loading.asyncio, "to_thread", counting_to_thread)
+    small, large = photo_like(640, 480, seed=6), photo_like(1000, 600, seed=7)
+    assert 640 * 480 <= clip_runner.images.loading.ON_LOOP_MAX_PIXELS < 1000 * 600
+    progressive = base64.b64encode(encode(small, "JPEG", progressive=True)).decode()
+    sources = [as_base64(small, "JPEG"), as_base64(large, "JPEG"), progressive, as_base64(small)]
+    loaded = load(sources)
+    assert threaded == [1, 2, 3]  # all but the small baseline JPEG
+    # everything to threads
+    monkeypatch.setattr(clip_runner.images.loading, "ON_LOOP_MAX_PIXELS", 0)
+    assert (load(sources[:1])[0] == loaded[0]).all()
+    assert threaded[3:] == [0]
+
+
+def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image_server):
+    """Baseline RGB/greyscale JPEGs go as their own bytes; progressive, CMYK, rotated JPEGs
+    and PNGs are decoded here as before."""
+    photo = photo_like(320, 240, seed=4)
+    baseline = encode(photo, "JPEG", quality=90)
+    grey = encode(photo.convert("L"), "JPEG", quality=90)
+    progressive = encode(photo, "JPEG", quality=90, progressive=True)
+    cmyk = encode(photo.convert("CMYK"), "JPEG", quality=90)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated = encode(photo, "JPEG", quality=90, exif=exif.tobytes())
+    sources = [base64.b64encode(data).decode() for data in (baseline, grey, progressive, cmyk)]
+    sources += [base64.b64encode(rotated).decode(), as_base64(photo)]
+    loaded = load(sources, dataclasses.replace(LIMITS, forward_jpegs=True))
+    assert loaded[0] == baseline and loaded[1] == grey
+    assert all(isinstance(item, np.ndarray) for item in loaded[2:])
+    assert loaded[4].shape == (224, 224, 3)
+
+
+def test_a_jpeg_past_the_device_resizes_exact_downscale_is_decoded_here():
+    """The device resize is exact up to a shortest-side downscale of DEVICE_MAX_DOWNSCALE; a
+    larger JPEG (a 10,752-px side for 224; here a small model edge stands in) is not forwarded."""
+    data = encode(photo_like(500, 400, seed=2), "JPEG")
+    edge = 400 // DEVICE_MAX_DOWNSCALE  # 400 px is more than DEVICE_MAX_DOWNSCALE x edge
+    assert not device_decodable_jpeg(data, 0, MAX_PIXELS, shortest_edge=edge)
+    assert device_decodable_jpeg(data, 0, MAX_PIXELS, shortest_edge=edge + 1)
+
+
+def test_forwarding_still_checks_the_pixel_limit_from_the_header():
+    big = base64.b64encode(encode(photo_like(400, 300, seed=1), "JPEG")).decode()
+    limits = dataclasses.replace(LIMITS, forward_jpegs=True, max_pixels=100_000)
+    with pytest.raises(RequestError, match="more than the 100000-pixel limit"):
+        load([big], limits)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_the_default_path_is_clip_image_processors_on_the_hard_set(fmt, resize_path):
+    """Fine stripes, checkerboards, fabric, noise, text, photos and extreme aspect ratios: the
+    default preprocessing gives CLIPImageProcessor's pixels (without numba, aspect ratios past
+    4:1 resample only the crop with Pillow: at most one grey level apart)."""
+    processor = build_image_processor()
+    for name, image in hard_images(scale=0.25):
+        data = encoded(image, fmt)
+        ours = prepare_image(data, 0, GEOMETRY, MAX_PIXELS).astype(int)
+        decoded = Image.open(io.BytesIO(data)).convert("RGB")
+        theirs = processor(
+            images=decoded, do_normalize=False, do_rescale=False, return_tensors="np"
+        )["pixel_values"][0].transpose(1, 2, 0)
+        extreme = max(image.size) / min(image.size) > EXACT_RESIZE_MAX_ASPECT
+        tolerance = 1 if extreme and resize_path == "pillow" else 0
+        assert np.abs(ours - theirs.round().astype(int)).max() <= tolerance, name
+
+
+def test_the_first_failing_index_is_reported():
+    good = as_base64(photo_like(10, 10, 1))
+    with pytest.raises(RequestError) as raised:
+        load([good, "%%%", good, "bm90IGFuIGltYWdl"])
+    assert raised.value.index == 1
+
+
+def test_fast_preprocessing_leaves_ordinary_sizes_exact():
+    for size in [(640, 480), (447, 800)]:  # shortest side under twice the model's 224
+        data = encode(photo_like(*size, seed=6), "JPEG", quality=92)
+        fast = prepare_image(data, 0, GEOMETRY, MAX_PIXELS, fast=True)
+        reference = prepare_image(data, 0, GEOMETRY, MAX_PIXELS, fast=False)
+        assert (fast == reference).all()
+
+
+def test_fast_preprocessing_drafts_big_jpegs_and_stays_close():
+    data = encode(photo_like(1834, 2750, seed=7), "JPEG", quality=90)
+    drafted = decode_image(data, 0, MAX_PIXELS, draft_short_side=448)
+    assert 448 <= min(drafted.size) < 1834  # decoded at reduced DCT scale
+    fast = prepare_image(data, 0, GEOMETRY, MAX_PIXELS, fast=True).astype(float)
+    reference = prepare_image(data, 0, GEOMETRY, MAX_PIXELS, fast=False).astype(float)
+    assert np.abs(fast - reference).mean() < 6  # grey levels; embedding fidelity: BENCHMARKS.md
+
+
+def test_fast_preprocessing_box_reduces_big_non_jpegs():
+    image = photo_like(2000, 1400, seed=8)
+    reduced = reduce_large(image, GEOMETRY)
+    assert reduced.size == (667, 467)  # factor 3: the shortest side stays >= 2 x 224
+    assert reduce_large(photo_like(800, 600, seed=8), GEOMETRY).size == (800, 600)
+
+
+def test_fast_preprocessing_is_opt_in():
+    data = encode(photo_like(1834, 2750, seed=7), "JPEG", quality=90)
+    default = prepare_image(data, 0, GEOMETRY, MAX_PIXELS)
+    assert (default == prepare_image(data, 0, GEOMETRY, MAX_PIXELS, fast=False)).all()

@@ -1,0 +1,131 @@
+"""The per-request pixel budget: header sizes, the 413, decodes it spares, and the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+import clip_runner.images.loading as images
+from clip_runner.errors import RequestError
+from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
+from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
+from clip_runner.images.pixel_budget import PixelBudget, image_header
+from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, encode, photo_like
+
+GEOMETRY = ImageGeometry(shortest_edge=224, crop_height=224, crop_width=224)
+# The issue's attack: a 6000x6000 PNG of one colour is 150 kB; 32 fit in one request.
+BIG_FLAT_PNG = encode(Image.new("RGB", (6000, 6000), (200, 30, 90)))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_image_pixels_reads_the_header(fmt):
+    assert image_header(encode(photo_like(37, 23, seed=1), fmt)).pixels == 37 * 23
+
+
+def test_the_header_tells_a_baseline_jpeg_from_every_other_kind():
+    photo = photo_like(40, 30, seed=4)
+    assert image_header(encode(photo, "JPEG")).baseline_jpeg
+    assert not image_header(encode(photo, "JPEG", progressive=True)).baseline_jpeg
+    assert not image_header(encode(photo, "PNG")).baseline_jpeg
+    assert image_header(b"not an image") == image_header(b"")  # 0 pixels, not a JPEG
+    assert image_header(b"").pixels == 0 and not image_header(b"").baseline_jpeg
+
+
+def test_image_pixels_of_a_huge_image_needs_no_decoding():
+    assert len(BIG_FLAT_PNG) < 200_000 and image_header(BIG_FLAT_PNG).pixels == 36_000_000
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 8])
+def test_image_pixels_of_an_unreadable_header_is_zero(data):
+    assert image_header(data).pixels == 0  # decoding refuses it later, naming the image
+
+
+def test_the_budget_refuses_the_image_that_passes_it_naming_the_budget():
+    budget = PixelBudget(limit=1000, field="inputs")
+    assert budget.charge(encode(photo_like(20, 25, seed=1))).pixels == 500  # this image's own
+    budget.charge(encode(photo_like(20, 25, seed=2)))  # exactly 1000: still within
+    with pytest.raises(RequestError) as refused:
+        budget.charge(encode(photo_like(1, 1, seed=3)))
+    error = refused.value
+    assert (error.status, error.error_type) == (413, "too_many_pixels")
+    assert error.message.startswith("inputs: ")
+    assert "1000 pixels" in error.message and "CLIP_MAX_REQUEST_PIXELS" in error.message
+
+
+def count_decodes(monkeypatch) -> list[int]:
+    """Record each image `load_images` starts decoding (the real `prepare_image` still runs)."""
+    started: list[int] = []
+    lock = threading.Lock()
+    real = images.prepare_image
+
+    def counted(data, index, *args, **kwargs):
+        with lock:
+            started.append(index)
+        return real(data, index, *args, **kwargs)
+
+    monkeypatch.setattr(images, "prepare_image", counted)
+    return started
+
+
+def run_load(sources: list[str], limits: ImageLimits, cancel_once: list | None = None):
+    async def go():
+        # Two decoding threads, as on the 2-core CI machine, whatever this machine has.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
+        async with new_fetch_client(AddressPolicy(), limits.fetch) as client:
+            task = asyncio.ensure_future(load_images(sources, client, GEOMETRY, limits))
+            if cancel_once is not None:  # cancel as soon as `cancel_once` has an item
+                while not cancel_once:
+                    await asyncio.sleep(0.005)
+                task.cancel()
+            return await task
+
+    return asyncio.run(go())
+
+
+def test_an_over_budget_request_decodes_no_more_than_the_budget(monkeypatch):
+    started = count_decodes(monkeypatch)
+    limits = ImageLimits(FetchLimits(1_000_000, 5), 40_000_000, max_request_pixels=50_000_000)
+    with pytest.raises(RequestError) as refused:
+        run_load([base64.b64encode(BIG_FLAT_PNG).decode()] * 32, limits)
+    assert refused.value.status == 413 and "50000000 pixels" in refused.value.message
+    assert len(started) <= 50_000_000 // 36_000_000  # 1 of the 32, at most
+
+
+def test_a_cancelled_request_starts_no_new_decodes(monkeypatch):
+    started = count_decodes(monkeypatch)
+    limits = ImageLimits(FetchLimits(1_000_000, 5), 40_000_000, max_request_pixels=10**10)
+    flat = as_base64(Image.new("RGB", (3000, 3000), (10, 200, 10)))
+    with pytest.raises(asyncio.CancelledError):
+        run_load([flat] * 32, limits, cancel_once=started)
+    assert 1 <= len(started) <= 4  # the two threads' images, not the other 30
+
+
+def post(url: str, path: str, images_: list[str]) -> httpx.Response:
+    body = {"images": images_, "labels": ["cat", "dog"]}
+    return httpx.post(f"{url}{path}", json=body, headers=GUARD_AUTH, timeout=30)
+
+
+def test_the_served_budget_answers_413_naming_it(guarded):
+    budget = int(GUARD_SETTINGS["CLIP_MAX_REQUEST_PIXELS"])
+    side = 600  # 360,000 pixels each: two fit the 1,000,000-pixel budget, three do not
+    image = as_base64(photo_like(side, side, seed=7))
+    assert post(guarded.url, "/classify", [image, image]).status_code == 200
+    for path in ("/classify", "/embed_images"):
+        refused = post(guarded.url, path, [image, image, image])
+        assert refused.status_code == 413, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "too_many_pixels"
+        assert (
+            f"{budget} pixels" in error["message"] and "CLIP_MAX_REQUEST_PIXELS" in error["message"]
+        )
+    seed_shaped = {"images": [image, image, image], "classes": [["cat", 1], ["dog", 0]]}
+    refused = httpx.post(
+        f"{guarded.url}/invocations", json=seed_shaped, headers=GUARD_AUTH, timeout=30
+    )
+    assert refused.status_code == 413 and refused.json()["error"]["type"] == "too_many_pixels"

@@ -1,0 +1,142 @@
+"""The device path (CLIP_DECODE=runner): JPEG bytes decoded and resized where the model runs.
+
+On a GPU the runner decodes with nvJPEG; here its CPU twin (Pillow's decode, the torch resize
+of resample.py) runs the same code around it, so the path is proven without a GPU: the crops
+equal the API path's pixels, a bad JPEG fails alone, and a real server forwarding JPEGs answers
+exactly as the suite's server that decodes in the API worker.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from clip_runner.images.loading import ImageGeometry, prepare_image
+from clip_runner.model import device_decode
+from clip_runner.model.device_decode import PILLOW, DeviceJpegDecoder, pillow_decode
+from clip_runner.model.resample import resize_and_crop
+from tests.hard_images import encoded, hard_images
+from tests.helpers import (
+    SEED_CLASSES,
+    ServedBento,
+    assert_same_answer,
+    encode,
+    photo_like,
+    serve_tiny,
+)
+
+GEOMETRY = ImageGeometry(224, 224, 224)
+
+
+def jpeg_set() -> list[bytes]:
+    return [encoded(image, "JPEG") for _, image in hard_images(scale=0.25)]
+
+
+def test_cpu_twin_equals_the_api_path_on_the_hard_set():
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)
+    assert decoder.name == PILLOW  # no CUDA here
+    blobs = jpeg_set()
+    crops, decoded = decoder(blobs)
+    assert decoded == [True] * len(blobs)
+    expected = np.stack([prepare_image(blob, 0, GEOMETRY, 10**9) for blob in blobs])
+    np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
+
+
+def test_images_of_one_size_resized_together_keep_their_order_and_pixels(monkeypatch):
+    """Same-size images share one resize (in groups of GROUP_MAX_PIXELS, here two images)."""
+    monkeypatch.setattr(device_decode, "GROUP_MAX_PIXELS", 2 * 320 * 240)
+    sizes = [(320, 240), (200, 300), (320, 240), (320, 240), (200, 300), (64, 48), (320, 240)]
+    images = [
+        torch.from_numpy(np.array(photo_like(w, h, seed=i))).permute(2, 0, 1)
+        for i, (w, h) in enumerate(sizes)
+    ]
+    batches: list[int] = []
+
+    def counted(stacked: torch.Tensor, *geometry: int) -> torch.Tensor:
+        batches.append(len(stacked))
+        return resize_and_crop(stacked, *geometry)
+
+    monkeypatch.setattr(device_decode, "resize_and_crop", counted)
+    together = device_decode.resized_by_size(images, 224, 224, 224)
+    assert sorted(batches) == [1, 2, 2, 2]  # 4 x 320x240 in twos, 2 x 200x300, 1 x 64x48
+    alone = torch.stack([resize_and_crop(image, 224, 224, 224) for image in images])
+    torch.testing.assert_close(together, alone, rtol=0, atol=0)
+
+
+def test_a_jpeg_that_does_not_decode_fails_alone():
+    good = encode(photo_like(300, 200, seed=1), "JPEG")
+    crops, decoded = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)(
+        [good, good[: len(good) // 3], good]
+    )
+    assert decoded == [True, False, True] and tuple(crops.shape) == (2, 3, 64, 64)
+
+
+def test_a_jpeg_nvjpeg_refuses_is_decoded_by_pillow_as_on_the_api_path():
+    """nvJPEG refuses some JPEGs that libjpeg decodes, failing its whole batch call. Its stand-in
+    here (nvJPEG cannot run without a GPU) refuses one photo and, like nvJPEG, raises
+    RuntimeError on a truncated file: the photo still gets the API path's pixels, the broken
+    file alone fails."""
+    good = encode(photo_like(300, 200, seed=1), "JPEG")
+    refused = encode(photo_like(200, 300, seed=2), "JPEG")
+
+    def strict_nvjpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        blobs = [bytes(datum.numpy()) for datum in data]
+        if refused in blobs:
+            raise RuntimeError("nvjpegDecode failed: unsupported JPEG")
+        try:
+            return [pillow_decode(blob, device) for blob in blobs]
+        except OSError as exc:
+            raise RuntimeError(str(exc)) from exc
+
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)
+    decoder._nvjpeg = strict_nvjpeg
+    crops, decoded = decoder([good, refused, good[: len(good) // 3]])
+    assert decoded == [True, True, False]
+    expected = np.stack([prepare_image(blob, 0, GEOMETRY, 10**9) for blob in (good, refused)])
+    np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
+
+
+@pytest.fixture(scope="module")
+def forwarding(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
+    with serve_tiny(
+        tiny_stored_model, bentoml_home, tmp_path_factory, "forwarding", CLIP_DECODE="runner"
+    ) as server:
+        yield server
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_forwarding_server_answers_as_the_api_path(forwarding, served):
+    pictures = [photo_like(200 + 10 * i, 150, seed=40 + i) for i in range(4)]
+    images = [b64(encode(p, "JPEG", quality=90)) for p in pictures]
+    images.append(b64(encode(pictures[0], "JPEG", quality=90, progressive=True)))  # API-decoded
+    images.append(b64(encode(pictures[1], "PNG")))
+    body = {"images": images, "classes": SEED_CLASSES}
+    forwarded = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
+    decoded_here = httpx.post(f"{served.url}/invocations", json=body, timeout=60)
+    assert forwarded.status_code == decoded_here.status_code == 200
+    assert_same_answer(forwarded.json(), decoded_here.json(), tolerance=1e-6)
+    metrics = httpx.get(f"{forwarding.url}/metrics", timeout=10).text
+    assert 'clip_service_runner_call_images_sum{sent_as="jpeg"} 4.0' in metrics
+
+
+def test_a_forwarded_jpeg_that_does_not_decode_is_a_422_naming_it(forwarding):
+    good = encode(photo_like(120, 90, seed=3), "JPEG")
+    body = {"images": [b64(good), b64(good[: len(good) // 3])], "classes": SEED_CLASSES}
+    response = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["index"] == 1 and "images[1]" in error["message"]
+    ok = httpx.post(
+        f"{forwarding.url}/invocations",
+        json={"images": [b64(good)], "classes": SEED_CLASSES},
+        timeout=60,
+    )
+    assert ok.status_code == 200

@@ -1,0 +1,113 @@
+"""The runner's tensor math against transformers' own CLIP forward pass."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from clip_runner.images.loading import ImageGeometry, resize_and_crop
+from clip_runner.model.encoding import ClipEncoder, raw_pixel_patch_embedding
+from clip_runner.model.store import OPENAI_MEAN, OPENAI_STD
+from tests.helpers import photo_like
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_clip) -> ClipEncoder:
+    """An encoder on a copy of the model: it changes its model's first layer, and the tests
+    compare it with the unchanged one."""
+    model = copy.deepcopy(tiny_clip.model)
+    return ClipEncoder(model, tiny_clip.processor, torch.device("cpu"), torch.float32)
+
+
+def test_facts_come_from_the_checkpoint(encoder, tiny_clip):
+    facts = encoder.facts(tiny_clip.tag, tiny_clip.random_weights)
+    assert facts.logit_scale == pytest.approx(float(tiny_clip.model.logit_scale.detach().exp()))
+    assert facts.logit_scale != pytest.approx(100.0)
+    assert (facts.shortest_edge, facts.crop_height, facts.crop_width) == (224, 224, 224)
+    assert facts.embedding_dim == 16 and facts.max_text_tokens == 77
+
+
+def test_image_embeddings_match_transformers(encoder, tiny_clip):
+    images = [photo_like(320, 240, seed=7), photo_like(200, 410, seed=8)]
+    pixels = np.stack([resize_and_crop(image, ImageGeometry(224, 224, 224)) for image in images])
+    ours = encoder.encode_images(pixels)
+    inputs = tiny_clip.processor(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        reference = tiny_clip.model.get_image_features(**inputs).pooler_output
+    reference = (reference / reference.norm(dim=-1, keepdim=True)).numpy()
+    assert ours.dtype == np.float32 and ours.shape == (2, 16)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_text_embeddings_match_transformers_and_batching_changes_nothing(encoder, tiny_clip):
+    texts = ["a photo of a cat", "a photo of a woman with black shirt and a bag", "a photo of a x"]
+    together = encoder.encode_texts(texts)
+    alone = np.concatenate([encoder.encode_texts([text]) for text in texts])
+    tokens = tiny_clip.processor(text=texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        reference = tiny_clip.model.get_text_features(**tokens).pooler_output
+    reference = (reference / reference.norm(dim=-1, keepdim=True)).numpy()
+    np.testing.assert_allclose(together, reference, atol=1e-5)
+    np.testing.assert_allclose(alone, together, atol=1e-5)
+
+
+def test_prompts_longer_than_the_token_limit_are_truncated_not_fatal(encoder):
+    long_prompt = "a photo of a " + "very " * 200 + "large cat"
+    assert encoder.encode_texts([long_prompt]).shape == (1, 16)
+
+
+def test_input_pixels_are_not_modified(encoder):
+    pixels = np.full((1, 224, 224, 3), 128, dtype=np.uint8)
+    encoder.encode_images(pixels)
+    assert (pixels == 128).all()
+
+
+def test_compiled_towers_give_the_eager_embeddings(encoder, tiny_clip):
+    compiled = ClipEncoder(
+        copy.deepcopy(tiny_clip.model), tiny_clip.processor, torch.device("cpu"), torch.float32
+    )
+    compiled.compile_towers()
+    assert isinstance(compiled.model.vision_model, torch._dynamo.eval_frame.OptimizedModule)
+    rng = np.random.default_rng(3)
+    for batch in (1, 3, 5):  # size 1 is specialised; 3 and 5 share the dynamic graph
+        pixels = rng.integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+        np.testing.assert_allclose(
+            compiled.encode_images(pixels), encoder.encode_images(pixels), atol=1e-5
+        )
+    texts = ["a photo of a cat", "a photo of a woman with black shirt and a bag"]
+    np.testing.assert_allclose(compiled.encode_texts(texts), encoder.encode_texts(texts), atol=1e-5)
+
+
+def test_the_raw_pixel_patch_embedding_is_the_normalised_one(tiny_clip):
+    conv = tiny_clip.model.vision_model.embeddings.patch_embedding
+    mean, std = torch.tensor(OPENAI_MEAN), torch.tensor(OPENAI_STD)
+    scale, offset = 1 / 255 / std, -mean / std
+    folded = raw_pixel_patch_embedding(conv, scale, offset)
+    pixels = torch.randint(0, 256, (2, 3, 224, 224)).float()
+    with torch.inference_mode():
+        expected = conv(pixels * scale.view(1, 3, 1, 1) + offset.view(1, 3, 1, 1))
+        difference = (folded(pixels) - expected).abs().max()
+    # float rounding of 3,072-term sums (about 3e-6 of the largest output), not another layer
+    assert difference <= 1e-5 * expected.abs().max()
+    assert conv.bias is None and folded.bias is not None  # the original is left as it was
+
+
+def test_a_padded_patch_embedding_cannot_take_raw_pixels():
+    padded = torch.nn.Conv2d(3, 8, 4, stride=4, padding=1, bias=False)
+    with pytest.raises(ValueError, match="unpadded"):
+        raw_pixel_patch_embedding(padded, torch.ones(3), torch.zeros(3))
+
+
+def test_explicit_normalisation_gives_the_folded_embeddings(encoder, tiny_clip):
+    """Other dtypes (fp16 on a GPU) normalise the pixels instead of folding: the same
+    embeddings (float64 here, so the CPU can run it)."""
+    wide = ClipEncoder(
+        copy.deepcopy(tiny_clip.model), tiny_clip.processor, torch.device("cpu"), torch.float64
+    )
+    assert encoder.raw_pixels and not wide.raw_pixels
+    pixels = np.random.default_rng(4).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    np.testing.assert_allclose(encoder.encode_images(pixels), wide.encode_images(pixels), atol=1e-5)

@@ -1,0 +1,234 @@
+"""CLIP_MODEL_DIR (SageMaker's /opt/ml/model): which checkpoint is served, and what stops a start.
+
+Unit tests of the directory rules, then real `bentoml serve` processes: one serving a checkpoint
+from a model directory (answers checked against transformers on that checkpoint), one refusing
+to start on a directory that holds no CLIP checkpoint. The empty directory SageMaker's local mode
+mounts is the suite's shared server's own setting (conftest.py), checked here too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import bentoml
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from clip_runner.model.model_source import (
+    MODEL_DIR_TAG_PREFIX,
+    ModelDirError,
+    find_checkpoint,
+    load_served_clip,
+    served_checkpoint,
+    tokenizer_path,
+)
+from clip_runner.model.store import LoadedClip, build_random_clip
+from tests.helpers import (
+    REPO_ROOT,
+    SEED_CLASSES,
+    ServedBento,
+    as_base64,
+    bentoml_serve,
+    free_port,
+    photo_like,
+)
+from tests.reference import assert_matches_reference, reference_probabilities
+
+MODEL_DIR_SEED = 7  # not the store model's seed: its answers differ from the baked-in model's
+
+
+def save_checkpoint(path: Path, seed: int = MODEL_DIR_SEED) -> Path:
+    """What a user puts in model.tar.gz: save_pretrained of a CLIPModel and its CLIPProcessor."""
+    model, processor = build_random_clip(tiny=True, seed=seed)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("opt-ml-model"))
+
+
+def broken_copy(checkpoint_dir: Path, tmp_path: Path, *without: str) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(checkpoint_dir, target)
+    for name in without:
+        (target / name).unlink(missing_ok=True)
+    return target
+
+
+# ---- the directory rules ----
+
+
+def test_absent_empty_or_blank_keeps_the_baked_in_model(tmp_path):
+    assert find_checkpoint(str(tmp_path / "absent")) is None
+    assert find_checkpoint(str(tmp_path)) is None
+    (tmp_path / "lost+found").mkdir()  # an empty volume's folder holds no file either
+    assert find_checkpoint(str(tmp_path)) is None
+    assert find_checkpoint("") is None
+
+
+def test_a_checkpoint_is_found_at_the_top_or_in_a_lone_folder(checkpoint_dir, tmp_path):
+    assert find_checkpoint(str(checkpoint_dir)) == checkpoint_dir
+    shutil.copytree(checkpoint_dir, tmp_path / "my-clip")  # tar czf model.tar.gz my-clip/
+    assert find_checkpoint(str(tmp_path)) == tmp_path / "my-clip"
+
+
+@pytest.mark.parametrize(
+    ("without", "says"),
+    [
+        ("config.json", "there is no config.json"),
+        ("model.safetensors", "there are no weights"),
+        ("tokenizer.json vocab.json merges.txt", "there is no tokenizer"),
+        ("processor_config.json preprocessor_config.json", "no image processor config"),
+    ],
+)
+def test_an_incomplete_checkpoint_stops_the_start_saying_what_is_missing(
+    checkpoint_dir, tmp_path, without, says
+):
+    broken = broken_copy(checkpoint_dir, tmp_path, *without.split())
+    with pytest.raises(ModelDirError) as raised:
+        find_checkpoint(str(broken))
+    message = str(raised.value)
+    assert says in message and str(broken) in message
+    assert "save_pretrained" in message and "empty" in message  # and what to do instead
+
+
+def test_other_contents_are_refused_with_what_the_directory_holds(checkpoint_dir, tmp_path):
+    (tmp_path / "weights.pt").write_bytes(b"\0" * 16)
+    with pytest.raises(ModelDirError, match=r"no config\.json.*It holds: weights\.pt"):
+        find_checkpoint(str(tmp_path))
+    (tmp_path / "weights.pt").unlink()
+    (tmp_path / "model.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(ModelDirError, match="archive model.tar.gz instead of its contents"):
+        find_checkpoint(str(tmp_path))
+    bert = broken_copy(checkpoint_dir, tmp_path / "bert", "merges.txt")
+    config = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    with pytest.raises(ModelDirError, match="model_type 'bert', not 'clip'"):
+        find_checkpoint(str(bert))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ModelDirError, match="is not a directory"):
+        find_checkpoint(str(a_file))
+
+
+def test_unloadable_weights_stop_the_start(checkpoint_dir, tmp_path, tiny_stored_model):
+    broken = tmp_path / "model"
+    shutil.copytree(checkpoint_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelDirError, match="does not load"):
+        load_served_clip(tiny_stored_model, str(broken))
+
+
+def test_the_served_checkpoint_and_the_tokenizer_come_from_the_same_place(
+    checkpoint_dir, tmp_path, tiny_stored_model
+):
+    from_dir = load_served_clip(tiny_stored_model, str(checkpoint_dir))
+    assert from_dir.tag == MODEL_DIR_TAG_PREFIX + str(checkpoint_dir)
+    expected, _ = build_random_clip(tiny=True, seed=MODEL_DIR_SEED)
+    for served, saved in zip(from_dir.model.parameters(), expected.parameters(), strict=True):
+        assert torch.equal(served, saved)
+    assert tokenizer_path(tiny_stored_model.path, str(checkpoint_dir)) == checkpoint_dir
+    baked = load_served_clip(tiny_stored_model, str(tmp_path))  # empty: the store's model
+    assert baked.tag == str(tiny_stored_model.tag)
+    assert tokenizer_path(tiny_stored_model.path, str(tmp_path)) == Path(tiny_stored_model.path)
+
+
+def test_the_served_checkpoint_is_known_before_it_loads(
+    checkpoint_dir, tmp_path, tiny_stored_model
+):
+    """What sizes the API workers: the model directory's checkpoint, else the store's; None
+    when neither is there yet or the directory will be refused."""
+    tag = str(tiny_stored_model.tag)
+    assert served_checkpoint(tag, str(checkpoint_dir)) == checkpoint_dir
+    stored_path = Path(bentoml.models.get(tag).path)  # where the store keeps it now
+    assert served_checkpoint(tag, str(tmp_path)) == stored_path
+    assert served_checkpoint("clip:not-in-the-store", str(tmp_path)) is None
+    broken = broken_copy(checkpoint_dir, tmp_path / "broken", "config.json")
+    assert served_checkpoint(tag, str(broken)) is None
+
+
+# ---- real servers ----
+
+
+def seed_request(served: ServedBento) -> tuple[list, list[str]]:
+    images = [photo_like(320, 240, seed) for seed in (1, 2)]
+    body = {"images": [as_base64(image) for image in images], "classes": SEED_CLASSES}
+    answer = httpx.post(f"{served.url}/invocations", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json(), images
+
+
+def test_the_shared_server_with_an_empty_model_dir_serves_the_baked_in_model(
+    served, tiny_stored_model
+):
+    answer = httpx.post(f"{served.url}/embed_texts", json={"texts": ["a cat"]}, timeout=30)
+    assert answer.json()["model"] == str(tiny_stored_model.tag)
+    log = served.log()
+    assert "is empty: serving the baked-in model" in log
+    assert "serving the CLIP checkpoint in" not in log
+
+
+def test_a_server_serves_the_checkpoint_in_its_model_dir(
+    checkpoint_dir, bentoml_home, tiny_stored_model, tiny_clip, tmp_path
+):
+    with bentoml_serve(
+        bentoml_home,
+        tmp_path / "serve.log",
+        CLIP_MODEL_TAG=str(tiny_stored_model.tag),
+        CLIP_MODEL_DIR=str(checkpoint_dir),
+    ) as server:
+        texts = httpx.post(f"{server.url}/embed_texts", json={"texts": ["a cat"]}, timeout=30)
+        assert texts.json()["model"] == MODEL_DIR_TAG_PREFIX + str(checkpoint_dir)
+        answer, images = seed_request(server)
+        log = server.log()
+    model, processor = build_random_clip(tiny=True, seed=MODEL_DIR_SEED)
+    from_dir = LoadedClip("dir", model, processor, random_weights=True)
+    names = [name for name, _ in SEED_CLASSES]
+    prompts = [f"a photo of a {name}" for name in names]
+    expected = reference_probabilities(from_dir, images, prompts)
+    assert_matches_reference(answer, expected, names)
+    baked = reference_probabilities(tiny_clip, images, prompts)
+    assert not np.allclose(expected, baked, atol=1e-3)  # so the answers prove which model ran
+    assert f"serving the CLIP checkpoint in {checkpoint_dir}" in log
+    assert f"instead of the baked-in model {tiny_stored_model.tag}" in log
+
+
+def test_a_model_dir_without_a_checkpoint_stops_bentoml_serve(
+    bentoml_home, tiny_stored_model, tmp_path
+):
+    model_dir = tmp_path / "opt-ml-model"
+    model_dir.mkdir()
+    (model_dir / "classifier.pkl").write_bytes(b"\x80\x04")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(bentoml_home / "models", target_is_directory=True)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "CLIP_PORT": str(free_port()),
+        "CLIP_MODEL_TAG": str(tiny_stored_model.tag),
+        "CLIP_MODEL_DIR": str(model_dir),
+    }
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("bentoml")), "serve", "service:ClipService"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"CLIP_MODEL_DIR {model_dir} holds no CLIP checkpoint" in output, output[-3000:]
+    assert "It holds: classifier.pkl" in output

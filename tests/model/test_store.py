@@ -1,0 +1,93 @@
+"""The model store: generated tokenizer, random models, save and load round trip."""
+
+from __future__ import annotations
+
+import bentoml
+import pytest
+import torch
+
+from clip_runner.model.store import (
+    HubUnavailableError,
+    build_random_clip,
+    build_tiny_tokenizer,
+    has_stored_model,
+    load_from_dir,
+    load_from_hub,
+)
+
+
+def test_tokenizer_special_ids_match_the_text_config():
+    model, processor = build_random_clip(tiny=True)
+    tokenizer, text_config = processor.tokenizer, model.config.text_config
+    assert tokenizer.eos_token_id == text_config.eos_token_id
+    assert tokenizer.bos_token_id == text_config.bos_token_id
+    assert tokenizer.pad_token_id == text_config.pad_token_id
+    assert len(tokenizer) == text_config.vocab_size
+    ids = tokenizer("a photo of a person")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+
+
+def test_tokenizer_merges_listed_words_and_still_spells_unknown_ones():
+    tokenizer = build_tiny_tokenizer()
+    assert len(tokenizer("photo")["input_ids"]) - 2 < len("photo")
+    assert len(tokenizer("zebra")["input_ids"]) - 2 == len("zebra")
+    assert tokenizer("Zebra!")["input_ids"] != tokenizer("zebra")["input_ids"]
+
+
+def test_different_prompts_get_different_text_embeddings():
+    """Guards the eos-pooling pitfall: a wrong eos id makes every prompt embed alike."""
+    model, processor = build_random_clip(tiny=True)
+    tokens = processor.tokenizer(
+        ["a photo of a cat", "a photo of a woman riding a horse"], padding=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        features = model.get_text_features(**tokens).pooler_output
+    features = features / features.norm(dim=-1, keepdim=True)
+    assert float(features[0] @ features[1]) < 0.999
+
+
+def test_random_models_are_deterministic_and_vit_b32_has_its_shapes():
+    first, _ = build_random_clip(tiny=True)
+    second, _ = build_random_clip(tiny=True)
+    for a, b in zip(first.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
+    big, _ = build_random_clip(tiny=False)
+    vision = big.config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size) == (768, 12, 32)
+    assert big.config.projection_dim == 512 and big.config.text_config.hidden_size == 512
+
+
+def test_saved_model_has_labels_metadata_and_loads_back(tiny_stored_model, tiny_clip):
+    stored = bentoml.models.get(tiny_stored_model.tag)
+    assert stored.info.labels == {"source": "random:tiny", "random_weights": "true"}
+    metadata = stored.info.metadata
+    assert metadata["embedding_dim"] == 16 and metadata["image_size"] == 224
+    assert metadata["random_weights"] is True
+    assert metadata["logit_scale"] == pytest.approx(
+        float(tiny_clip.model.logit_scale.detach().exp())
+    )
+    assert tiny_clip.random_weights and tiny_clip.tag == str(stored.tag)
+    assert has_stored_model(str(stored.tag))
+    assert not has_stored_model("clip:doesnotexist")
+
+
+def test_local_directory_import_round_trips(tmp_path):
+    model, processor = build_random_clip(tiny=True, seed=5)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_from_dir(tmp_path)
+    assert torch.equal(loaded.logit_scale, model.logit_scale)
+    assert (
+        loaded_processor.tokenizer("a cat")["input_ids"]
+        == processor.tokenizer("a cat")["input_ids"]
+    )
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_from_dir(tmp_path / "empty")
+
+
+def test_unreachable_hub_fails_fast_with_advice(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(HubUnavailableError) as raised:
+        load_from_hub("openai/clip-vit-base-patch32")
+    assert "--tiny" in str(raised.value) and "--from-dir" in str(raised.value)

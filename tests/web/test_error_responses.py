@@ -1,0 +1,109 @@
+"""BentoML's and Starlette's own errors rewritten into the one JSON error shape; ours kept."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from clip_runner.errors import RequestError
+from clip_runner.web.error_responses import (
+    CallerErrorLogFilter,
+    JSONErrorMiddleware,
+    normalise_error,
+)
+from clip_runner.web.schemas import InvocationRequest
+
+
+def test_validation_detail_names_the_field_and_becomes_422():
+    body = json.dumps(
+        {
+            "error": "1 validation error for Input",
+            "detail": [{"type": "value_error", "loc": ["classes", 2, 1], "msg": "bad flag"}],
+        }
+    ).encode()
+    assert normalise_error(400, body) == (
+        422,
+        {"error": {"type": "invalid_request", "message": "classes[2][1]: bad flag"}},
+    )
+
+
+def test_image_validation_errors_carry_the_index():
+    body = json.dumps({"detail": [{"type": "string_type", "loc": ["images", 3], "msg": "x"}]})
+    status, payload = normalise_error(400, body.encode())
+    assert status == 422 and payload["error"]["index"] == 3
+
+
+def test_invalid_json_stays_400():
+    body = json.dumps({"detail": [{"type": "json_invalid", "loc": [], "msg": "EOF"}]}).encode()
+    status, payload = normalise_error(400, body)
+    assert status == 400 and payload["error"]["type"] == "malformed_json"
+
+
+def test_bentoml_list_wrapped_and_plain_errors_are_reshaped():
+    assert normalise_error(415, b'[{"error": "bad type"}]')[1] == {
+        "error": {"type": "unsupported_media_type", "message": "bad type"}
+    }
+    assert normalise_error(404, b"Not Found")[1]["error"]["type"] == "not_found"
+    html = normalise_error(500, b"<html>Internal Server Error</html>")[1]
+    assert "<" not in html["error"]["message"]
+
+
+def test_our_own_errors_pass_through():
+    ours = RequestError(422, "invalid_image", "images[1]: broken", 1)
+    body = ours.to_response().body
+    assert normalise_error(422, body) == (422, json.loads(body))
+
+
+def test_middleware_rewrites_errors_and_leaves_success_alone():
+    async def ok(_):
+        return PlainTextResponse("fine")
+
+    async def html_error(_):
+        return HTMLResponse("<h1>boom</h1>", status_code=503)
+
+    async def ours(_):
+        return RequestError(422, "invalid_image", "images[0]: no", 0).to_response()
+
+    async def json_error(_):
+        return JSONResponse({"error": "overloaded"}, status_code=503)
+
+    app = Starlette(
+        routes=[
+            Route("/ok", ok),
+            Route("/html", html_error),
+            Route("/ours", ours),
+            Route("/json", json_error),
+        ]
+    )
+    client = TestClient(JSONErrorMiddleware(app))
+    assert client.get("/ok").text == "fine"
+    html = client.get("/html")
+    assert html.status_code == 503 and html.headers["content-type"] == "application/json"
+    assert html.json()["error"]["type"] == "service_unavailable"
+    assert client.get("/ours").json() == {
+        "error": {"type": "invalid_image", "message": "images[0]: no", "index": 0}
+    }
+    assert client.get("/json").json()["error"]["message"] == "overloaded"
+    missing = client.get("/missing")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
+
+
+def test_validation_tracebacks_become_one_warning_line():
+    try:
+        InvocationRequest.model_validate({"images": [], "classes": [["a", 9]]})
+    except ValidationError:
+        record = logging.LogRecord(
+            "bentoml", logging.ERROR, __file__, 1, "Exception on %s", ("/x",), sys.exc_info()
+        )
+    assert CallerErrorLogFilter().filter(record)
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage().startswith(
+        "rejected request: 2 validation error(s), first at images"
+    )

@@ -1,0 +1,231 @@
+"""Batch Transform's JSON Lines on /invocations and GET /execution-parameters, and s3:// images
+through a real `bentoml serve` (reading moto's S3 on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from clip_runner.config import get_settings
+from clip_runner.errors import RequestError
+from clip_runner.web.jsonlines import (
+    InvocationLine,
+    answer_lines,
+    encode_lines,
+    execution_parameters,
+    is_jsonlines_media_type,
+    parse_line,
+    split_lines,
+)
+from tests.helpers import (
+    S3_PRIVATE_BUCKET,
+    SEED_CLASSES,
+    as_base64,
+    assert_same_answer,
+    encode,
+    photo_like,
+)
+from tests.reference import assert_matches_reference, reference_probabilities
+from tests.test_service import SEED_NAMES, SEED_PROMPTS, histogram, post
+
+JSONLINES = "application/jsonlines"
+
+
+# ---- pure parts ----
+
+
+def test_media_types():
+    for ok in (
+        "application/jsonlines",
+        "Application/JSONLines; charset=utf-8",
+        "application/jsonl",
+    ):
+        assert is_jsonlines_media_type(ok)
+    for other in ("application/json", "text/plain", ""):
+        assert not is_jsonlines_media_type(other)
+
+
+def test_split_lines_keeps_positions():
+    assert split_lines(b'{"a":1}\r\n\n{"b":2}\n\n') == [b'{"a":1}', b"", b'{"b":2}']
+    assert split_lines(b"") == [] and split_lines(b"\n \n") == []
+
+
+@pytest.mark.parametrize(
+    ("line", "status", "error_type", "words"),
+    [
+        (b"", 400, "malformed_json", "the line is empty"),
+        (b"{nope", 400, "malformed_json", "not valid JSON"),
+        (b"[1, 2]", 400, "malformed_json", "must be a JSON object"),
+        (b'{"images": [], "classes": [["a", 1]]}', 422, "invalid_request", "images:"),
+        (b'{"images": ["x"], "classes": [["a", 7]]}', 422, "invalid_request", "classes[0][1]"),
+    ],
+)
+def test_bad_lines_get_the_usual_errors(line, status, error_type, words):
+    with pytest.raises(RequestError) as error:
+        parse_line(line)
+    assert (error.value.status, error.value.error_type) == (status, error_type)
+    assert words in error.value.message
+
+
+def test_answers_are_in_order_and_bad_lines_do_not_stop_the_others():
+    async def handle(line: InvocationLine) -> Any:
+        await asyncio.sleep(0.01 * (3 - len(line.images or [])))  # later lines finish first
+        if line.images == ["boom"]:
+            raise RequestError(422, "invalid_image", "images[0]: boom", 0)
+        return {"n": len(line.images or [])}
+
+    lines = [
+        {"images": ["a"], "classes": [["x", 1]]},
+        "not json",
+        {"images": ["boom"], "classes": [["x", 1]]},
+        {"images": ["a", "b", "c"], "classes": [["x", 1]]},
+    ]
+    body = "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines)
+    answers = asyncio.run(answer_lines(body.encode(), handle, max_in_flight=2))
+    assert answers[0] == {"n": 1} and answers[3] == {"n": 3}
+    assert answers[1]["error"]["type"] == "malformed_json"
+    assert answers[1]["error"]["message"].startswith("line 2: ")
+    assert answers[2] == {
+        "error": {"type": "invalid_image", "message": "line 3: images[0]: boom", "index": 0}
+    }
+    assert encode_lines(answers).count(b"\n") == 3
+    with pytest.raises(RequestError, match="no lines"):
+        asyncio.run(answer_lines(b"\n", handle, 2))
+
+
+def test_a_server_failure_fails_the_whole_mini_batch_for_sagemaker_to_retry():
+    cancelled = []
+
+    async def handle(line: InvocationLine) -> Any:
+        if line.images == ["down"]:
+            raise RequestError(503, "runner_unavailable", "the model runner is not answering")
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.append(line.images)
+            raise
+
+    body = b'{"images": ["slow"]}\n{"images": ["down"]}\n{nope'
+    with pytest.raises(RequestError) as error:
+        asyncio.run(answer_lines(body, handle, max_in_flight=4))
+    assert (error.value.status, error.value.error_type) == (503, "runner_unavailable")
+    assert cancelled == [["slow"]]  # the other lines stop at once
+
+
+def test_execution_parameters_follow_the_settings():
+    settings = dataclasses.replace(get_settings(), api_workers=3, max_body_bytes=20 * 2**20)
+    assert execution_parameters(settings) == {
+        "MaxConcurrentTransforms": 6,
+        "BatchStrategy": "MULTI_RECORD",
+        "MaxPayloadInMB": 20,
+    }
+    tiny = dataclasses.replace(settings, max_body_bytes=1000, max_concurrency=1)
+    assert execution_parameters(tiny)["MaxPayloadInMB"] == 1
+    assert execution_parameters(tiny)["MaxConcurrentTransforms"] == 1
+
+
+# ---- against the served bento ----
+
+
+def post_lines(served, content: bytes, content_type: str = JSONLINES) -> httpx.Response:
+    return post(served, content=content, content_type=content_type)
+
+
+def test_execution_parameters_endpoint(served):
+    response = httpx.get(f"{served.url}/execution-parameters", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == execution_parameters(get_settings())  # the suite's defaults
+
+
+def test_jsonlines_answers_one_line_per_line_like_single_requests(served, s3_store):
+    pictures = [photo_like(150 + 20 * i, 120, seed=40 + i) for i in range(3)]
+    s3_image = s3_store.put("batch/line-4.png", encode(pictures[2]))
+    requests: list[Any] = [
+        {"images": [as_base64(pictures[0]), as_base64(pictures[1])], "classes": SEED_CLASSES},
+        {"inputs": as_base64(pictures[1]), "parameters": {"candidate_labels": ["cat", "dog"]}},
+        '{"images": [',
+        {"images": ["not base64!"], "classes": SEED_CLASSES},
+        {"images": [s3_image], "classes": SEED_CLASSES, "top_k": 2},
+    ]
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in requests]
+    response = post_lines(served, ("\n".join(lines) + "\n").encode())
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith(JSONLINES)
+    answers = [json.loads(line) for line in response.text.split("\n")]
+    assert len(answers) == len(requests)
+    # Good lines answer exactly what the same request sent alone as JSON answers.
+    for index in (0, 1, 4):
+        alone = post(served, requests[index])
+        assert alone.status_code == 200, alone.text
+        assert_same_answer(answers[index], alone.json())
+    assert len(answers[4][0]["prompts"][0]) == 2
+    assert answers[2]["error"]["type"] == "malformed_json"
+    assert answers[2]["error"]["message"].startswith("line 3: ")
+    assert answers[3]["error"]["type"] == "invalid_image"
+    assert answers[3]["error"]["message"].startswith("line 4: images[0]:")
+
+
+def test_the_lines_images_share_the_runners_batches(served, tiny_clip):
+    """A mini-batch of one-image lines: every image encoded, in fewer forward passes than
+    images (batches spanned lines), and every line's answer matches transformers."""
+    pictures = [photo_like(140 + 8 * i, 110, seed=200 + i) for i in range(24)]
+    body = "\n".join(
+        json.dumps({"images": [as_base64(p)], "classes": SEED_CLASSES}) for p in pictures
+    )
+    post_lines(served, body.encode().split(b"\n", 1)[0])  # prompts cached; then image-only work
+    count_before, sum_before = histogram(served, "clip_runner_batch_images")
+    response = post_lines(served, body.encode())
+    count_after, sum_after = histogram(served, "clip_runner_batch_images")
+    assert response.status_code == 200, response.text
+    answers = [json.loads(line) for line in response.text.split("\n")]
+    encoded, batches = sum_after - sum_before, count_after - count_before
+    assert encoded >= len(pictures)  # ">=": a retried runner call may be encoded twice
+    assert batches < encoded, "the lines' images were not batched together"
+    reference = reference_probabilities(tiny_clip, pictures, SEED_PROMPTS)
+    for answer, row in zip(answers, reference, strict=True):
+        assert_matches_reference(answer, row[None, :], SEED_NAMES)
+
+
+def test_jsonlines_body_limits_and_other_types_still_apply(served):
+    assert post_lines(served, b"\n\n").status_code == 400
+    too_big = post_lines(served, b'{"images": ["' + b"A" * (7 * 2**20) + b'"]}')
+    assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "payload_too_large"
+    refused = post_lines(served, b"{}", content_type="text/csv")
+    assert refused.status_code == 415
+    assert "application/jsonlines" in refused.json()["error"]["message"]
+    assert httpx.get(f"{served.url}/ping", timeout=5).status_code == 200
+
+
+def test_s3_images_in_a_json_request(served, s3_store):
+    picture = photo_like(300, 200, seed=77)
+    url = s3_store.put("service/photo.jpg", encode(picture, "JPEG"))
+    inline = "data:image/jpeg;base64," + as_base64(picture, "JPEG")
+    body = {"images": [url, inline], "classes": SEED_CLASSES}
+    response = post(served, body)
+    assert response.status_code == 200, response.text
+    first, second = response.json()
+    assert first == second  # the same bytes from S3 and inline
+
+    missing = {"images": [inline, "s3://clip-images/service/absent.jpg"], "classes": SEED_CLASSES}
+    response = post(served, missing)
+    assert response.status_code == 422
+    assert response.json()["error"] == {
+        "type": "image_not_found",
+        "message": "images[1]: s3://clip-images/service/absent.jpg does not exist (NoSuchKey)",
+        "index": 1,
+    }
+
+
+def test_s3_access_denied_by_the_servers_role(served, s3_store):
+    denied = s3_store.put("service/secret.jpg", b"jpeg", bucket=S3_PRIVATE_BUCKET)
+    body = {"inputs": [denied], "parameters": {"candidate_labels": ["cat", "dog"]}}
+    with s3_store.enforced_auth():
+        response = post(served, body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "forbidden_url" and error["message"].startswith("inputs[0]: access to")

@@ -1,0 +1,287 @@
+"""RequestGuardMiddleware on a Starlette app through httpx's ASGI transport, then slow uploads
+against a real `bentoml serve` (the `guarded` server: 4 slots, a 2 s body deadline, 12 waiting
+bodies at most)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from clip_runner.web.traffic import RequestGuardMiddleware, is_json_media_type
+from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, photo_like
+
+
+def guarded_app(state: dict, **options) -> RequestGuardMiddleware:
+    async def echo(request: Request) -> Response:
+        body = await request.body()
+        return JSONResponse({"size": len(body)})
+
+    async def slow(_: Request) -> Response:
+        state["started"] = state.get("started", 0) + 1
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            state["cancelled"] = state.get("cancelled", 0) + 1
+            raise
+        return Response("late")
+
+    async def ping(_: Request) -> Response:
+        return Response(status_code=200)
+
+    app = Starlette(
+        routes=[
+            Route("/invocations", echo, methods=["POST"]),
+            Route("/slow", slow, methods=["POST"]),
+            Route("/ping", ping),
+        ]
+    )
+    settings = {"max_concurrency": 2, "max_body_bytes": 1000, "timeout_s": 0.5, **options}
+    return RequestGuardMiddleware(app, **settings)
+
+
+def client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "json_like"),
+    [
+        ("application/json", True),
+        ("application/json; charset=utf-8", True),
+        ("Application/JSON", True),
+        ("application/vnd.api+json", True),
+        ("", True),
+        ("text/plain", False),
+        ("multipart/form-data; boundary=x", False),
+    ],
+)
+def test_json_media_types(content_type, json_like):
+    assert is_json_media_type(content_type) is json_like
+
+
+def test_body_limits_and_content_types():
+    async def go():
+        async with client(guarded_app({})) as c:
+            small = await c.post("/invocations", content=b"x" * 1000)
+            big = await c.post("/invocations", content=b"x" * 1001)
+            text = await c.post(
+                "/invocations", content=b"{}", headers={"content-type": "text/plain"}
+            )
+            return small, big, text
+
+    small, big, text = asyncio.run(go())
+    assert small.json() == {"size": 1000}
+    assert big.status_code == 413 and big.json()["error"]["type"] == "payload_too_large"
+    assert text.status_code == 415 and "application/json" in text.json()["error"]["message"]
+
+
+def test_streamed_body_over_the_limit_is_413_without_content_length():
+    async def chunks():
+        for _ in range(5):
+            yield b"x" * 400
+
+    async def go():
+        async with client(guarded_app({})) as c:
+            return await c.post("/invocations", content=chunks())
+
+    response = asyncio.run(go())
+    assert response.status_code == 413
+
+
+def test_deadline_answers_504_and_cancels_the_handler():
+    state: dict = {}
+
+    async def go():
+        async with client(guarded_app(state)) as c:
+            return await c.post("/slow", content=b"{}")
+
+    response = asyncio.run(go())
+    assert response.status_code == 504
+    assert json.loads(response.text)["error"] == {
+        "type": "timeout",
+        "message": "the request was not answered within 0.5 s",
+    }
+    assert state == {"started": 1, "cancelled": 1}
+
+
+def test_concurrency_cap_answers_429_and_ping_is_exempt():
+    state: dict = {}
+
+    async def go():
+        async with client(guarded_app(state, timeout_s=2)) as c:
+            stuck = [asyncio.ensure_future(c.post("/slow", content=b"{}")) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            refused = await c.post("/slow", content=b"{}")
+            ping = await c.get("/ping")
+            await asyncio.gather(*stuck)
+            after = await c.post("/invocations", content=b"{}")
+            return refused, ping, after
+
+    refused, ping, after = asyncio.run(go())
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert ping.status_code == 200
+    assert after.status_code == 200  # the slots were given back
+    assert state["started"] == 2
+
+
+async def stalled_body(first: bytes, stall_s: float, rest: bytes = b""):
+    yield first
+    await asyncio.sleep(stall_s)
+    yield rest
+
+
+def test_a_body_that_stalls_gets_408_and_the_connection_is_closed():
+    async def go():
+        async with client(guarded_app({}, body_timeout_s=0.3)) as c:
+            return await c.post("/invocations", content=stalled_body(b"{", 5))
+
+    response = asyncio.run(go())
+    assert response.status_code == 408
+    assert response.json()["error"] == {
+        "type": "body_timeout",
+        "message": "the request body did not arrive within 0.3 s",
+    }
+    assert response.headers["connection"] == "close"
+
+
+def test_health_checks_bypass_the_guard_only_without_a_body():
+    async def go():
+        async with client(guarded_app({}, body_timeout_s=0.3, max_concurrency=0)) as c:
+            plain = await c.get("/ping")  # no slot needed: 0 slots would refuse anything else
+            stalled = await c.request("GET", "/ping", content=stalled_body(b"x", 5))
+            return plain, stalled
+
+    plain, stalled = asyncio.run(go())
+    assert plain.status_code == 200
+    assert stalled.status_code == 408 and stalled.headers["connection"] == "close"
+
+
+def test_a_slow_upload_takes_no_admission_slot():
+    """With one slot, a request whose body is still arriving does not refuse a complete one."""
+
+    async def go():
+        async with client(guarded_app({}, max_concurrency=1, body_timeout_s=5)) as c:
+            slow = asyncio.ensure_future(
+                c.post("/invocations", content=stalled_body(b"{", 0.5, b"}"))
+            )
+            await asyncio.sleep(0.1)
+            quick = await c.post("/invocations", content=b"{}")
+            return quick, await slow
+
+    quick, slow = asyncio.run(go())
+    assert quick.status_code == 200 and quick.json() == {"size": 2}
+    assert slow.status_code == 200 and slow.json() == {"size": 2}
+
+
+def test_past_the_waiting_bound_the_oldest_upload_makes_room():
+    async def go():
+        app = guarded_app({}, body_timeout_s=5, max_waiting_bodies=2)
+        async with client(app) as c:
+            stalled = []
+            for _ in range(2):
+                stalled.append(
+                    asyncio.ensure_future(c.post("/slow", content=stalled_body(b"{", 2)))
+                )
+                await asyncio.sleep(0.05)
+            quick = await c.post("/invocations", content=b"{}")
+            return quick, await asyncio.gather(*stalled)
+
+    quick, (oldest, newer) = asyncio.run(go())
+    assert quick.status_code == 200
+    assert oldest.status_code == 408 and "the one waiting longest made room" in oldest.text
+    assert "CLIP_MAX_WAITING_BODIES" in oldest.json()["error"]["message"]
+    assert newer.status_code == 504  # its body arrived; then /slow ran into the deadline
+
+
+# ---------------------------------------------------------------- against a real server
+
+
+def open_slow_upload(
+    url: str, headers: dict[str, str], declared: int = 100_000, request: str = "POST /invocations"
+) -> socket.socket:
+    """A connection that sends its headers and one byte of a `declared`-byte body, then stalls."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=15)
+    head = f"{request} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {declared}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    sock.sendall(head.encode() + b"\r\n{")
+    return sock
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict, bool]:
+    """(status, JSON body, whether the server then closed the connection), from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before an answer: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    closed = sock.recv(1) == b""
+    sock.close()
+    return int(head.split(b" ", 2)[1]), json.loads(body), closed
+
+
+def good_requests(url: str, count: int) -> list[httpx.Response]:
+    body = {"images": [as_base64(photo_like(40, 40, seed=3))], "classes": [["cat", 1], ["dog", 0]]}
+
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers=GUARD_AUTH, timeout=30) as c:
+            return await asyncio.gather(*(c.post("/invocations", json=body) for _ in range(count)))
+
+    return asyncio.run(go())
+
+
+def test_slow_uploads_beyond_the_slot_limit_leave_good_requests_answered(guarded):
+    """8 stalled uploads on a server with 4 slots: 4 good requests at once are all answered,
+    and every stalled upload ends with a 408 and a closed connection."""
+    slots = int(GUARD_SETTINGS["CLIP_MAX_CONCURRENCY"])
+    stalled = [open_slow_upload(guarded.url, GUARD_AUTH) for _ in range(2 * slots)]
+    time.sleep(0.3)  # every header has been read: before this change each held a slot
+    answers = good_requests(guarded.url, slots)
+    assert [response.status_code for response in answers] == [200] * slots, answers[0].text
+    for sock in stalled:
+        status, body, closed = read_answer(sock)
+        assert status == 408 and closed
+        deadline_s = GUARD_SETTINGS["CLIP_BODY_TIMEOUT_S"]
+        assert body["error"] == {
+            "type": "body_timeout",
+            "message": f"the request body did not arrive within {deadline_s} s",
+        }
+
+
+def test_a_health_check_with_a_stalled_body_is_not_held_open(guarded):
+    """/ping bypasses the guard only without a body; with one, the body deadline applies."""
+    status, body, closed = read_answer(open_slow_upload(guarded.url, {}, request="GET /ping"))
+    assert status == 408 and closed and body["error"]["type"] == "body_timeout"
+    assert httpx.get(f"{guarded.url}/ping", timeout=10).status_code == 200
+
+
+def test_a_flood_past_the_waiting_bound_cannot_lock_good_requests_out(guarded):
+    bound = int(GUARD_SETTINGS["CLIP_MAX_WAITING_BODIES"])
+    flood = [open_slow_upload(guarded.url, GUARD_AUTH) for _ in range(bound + 6)]
+    time.sleep(0.3)
+    answers = good_requests(guarded.url, 2)  # each makes room for itself
+    assert [response.status_code for response in answers] == [200, 200], answers[0].text
+    endings = [read_answer(sock) for sock in flood]
+    made_room = [body for status, body, _ in endings if "made room" in body["error"]["message"]]
+    assert all(status == 408 and closed for status, _, closed in endings)
+    # The oldest made room for the 6 newer uploads and for the first good request (the second
+    # may find the room the first left behind).
+    assert 6 + 1 <= len(made_room) <= 6 + 2
+    assert "12 requests were waiting" in made_room[0]["error"]["message"]
