@@ -1,0 +1,95 @@
+"""Raw image bodies on /invocations become the toolkit's JSON request; everything else passes.
+
+Unit tests on the ASGI layer with an app that echoes what reached it; tests/test_apis.py drives
+the same bodies through a real server to the model's answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from clip_runner.web.raw_images import RawImageBodyMiddleware, toolkit_body
+
+ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+
+
+async def echo(request: Request) -> JSONResponse:
+    body = await request.body()
+    return JSONResponse(
+        {
+            "content_type": request.headers.get("content-type"),
+            "content_length": request.headers.get("content-length"),
+            "length": len(body),
+            "body": body.decode("latin-1"),
+        }
+    )
+
+
+def client() -> TestClient:
+    app = Starlette(routes=[Route("/invocations", echo, methods=["POST"])])
+    app.add_route("/other", echo, methods=["POST"])
+    return TestClient(RawImageBodyMiddleware(app))
+
+
+def test_toolkit_body_carries_the_image_labels_and_template():
+    body = json.loads(toolkit_body(b"\xff\xd8jpeg", ["cat", "dog"], "art of a {}"))
+    assert base64.b64decode(body["inputs"]) == b"\xff\xd8jpeg"
+    assert body["parameters"] == {
+        "candidate_labels": ["cat", "dog"],
+        "hypothesis_template": "art of a {}",
+    }
+    assert "hypothesis_template" not in json.loads(toolkit_body(b"x", ["a"], None))["parameters"]
+
+
+def test_an_image_body_reaches_the_app_as_json_with_matching_length():
+    image = bytes(range(256)) * 40
+    seen = (
+        client()
+        .post(
+            "/invocations",
+            content=image,
+            headers={"Content-Type": "image/jpeg", ATTRIBUTES: "labels=cat,a%20dog;template=a {}"},
+        )
+        .json()
+    )
+    assert seen["content_type"] == "application/json"
+    assert int(seen["content_length"]) == seen["length"]
+    request = json.loads(seen["body"])
+    assert base64.b64decode(request["inputs"]) == image
+    assert request["parameters"]["candidate_labels"] == ["cat", "a dog"]
+    assert request["parameters"]["hypothesis_template"] == "a {}"
+
+
+def test_json_bodies_and_other_paths_pass_untouched():
+    raw = client()
+    sent = json.dumps({"images": ["x"], "classes": [["a", 0]]})
+    seen = raw.post("/invocations", content=sent, headers={"Content-Type": "application/json"})
+    assert seen.json()["body"] == sent
+    other = raw.post(
+        "/other",
+        content=b"\xff\xd8",
+        headers={"Content-Type": "image/jpeg", ATTRIBUTES: "labels=a"},
+    )
+    assert other.json()["body"] == "\xff\xd8" and other.json()["content_type"] == "image/jpeg"
+
+
+def test_missing_labels_or_an_empty_image_are_json_400s_naming_the_fault():
+    raw = client()
+    unlabelled = raw.post(
+        "/invocations", content=b"\xff\xd8", headers={"Content-Type": "image/png"}
+    )
+    assert unlabelled.status_code == 400
+    assert unlabelled.json()["error"]["type"] == "missing_labels"
+    assert ATTRIBUTES in unlabelled.json()["error"]["message"]
+    empty = raw.post(
+        "/invocations", content=b"", headers={"Content-Type": "image/webp", ATTRIBUTES: "labels=a"}
+    )
+    assert empty.status_code == 400
+    assert "image/webp body is empty" in empty.json()["error"]["message"]
