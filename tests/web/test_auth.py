@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from clip_runner.web.auth import ApiKeyMiddleware, bearer_token, key_matches
 from tests.helpers import GUARD_AUTH, GUARD_KEY, as_base64, photo_like
-from tests.test_traffic import open_slow_upload, read_answer
+from tests.web.test_traffic import open_slow_upload, read_answer
 
 IMAGE = as_base64(photo_like(32, 32, seed=5))
 # Every route the service answers, with a body each accepts.
