@@ -69,7 +69,19 @@ def test_bento_builds_with_the_model_inside(built_bento, tiny_stored_model, tmp_
         names = archive.getnames()
     model_path = f"models/clip/{tiny_stored_model.tag.version}/model.safetensors"
     assert any(name.lstrip("./") == model_path for name in names), names[:20]
-    assert (bento_dir / "src" / "clip_runner" / "zero_shot.py").is_file()
+    # Every library file, in every layer's package, and the demo page.
+    library = REPO_ROOT / "clip_runner"
+    expected = {
+        path.relative_to(REPO_ROOT).as_posix()
+        for path in [*library.rglob("*.py"), *library.rglob("*.html")]
+        if "__pycache__" not in path.parts
+    }
+    packed = {
+        path.relative_to(bento_dir / "src").as_posix()
+        for path in (bento_dir / "src" / "clip_runner").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert "clip_runner/web/ui.html" in expected and expected <= packed, expected - packed
     assert (bento_dir / "src" / "service.py").is_file()
     assert "torch==2.13.0" in (bento_dir / "env" / "python" / "requirements.txt").read_text()
     manifest_envs = {item["name"]: item["value"] for item in manifest["envs"]}
