@@ -1,10 +1,10 @@
 """JPEG bytes -> model-ready uint8 crops on the model's device, a whole batch at once.
 
-On a GPU the API workers forward JPEG bytes instead of decoding them (images.py decides which),
-and the runner decodes the batch with nvJPEG (`torchvision.io.decode_jpeg` on CUDA) and resizes
-it on the device with Pillow's exact arithmetic (resample.py), so the CPUs only parse JSON and
-check headers. Its CPU twin decodes with Pillow (libjpeg-turbo, as the API path does) and runs
-the same device resize on the CPU: that is what the tests exercise without a GPU.
+On a GPU the API workers forward JPEG bytes instead of decoding them (images/loading.py decides
+which), and the runner decodes the batch with nvJPEG (`torchvision.io.decode_jpeg` on CUDA) and
+resizes it on the device with Pillow's exact arithmetic (resample.py), so the CPUs only parse
+JSON and check headers. Its CPU twin decodes with Pillow (libjpeg-turbo, as the API path does)
+and runs the same device resize on the CPU: that is what the tests exercise without a GPU.
 
 An image that fails to decode here does not fail its batch: its row is reported as failed and
 the API answers that one image with a 422.

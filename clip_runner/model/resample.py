@@ -13,12 +13,12 @@ of a 4:3 photo's work is thrown away, and a 10000x1 strip allocates a 224 x 2.2 
   three bytes (the top one signed), the product runs on the three byte planes at once, and the
   three sums are recombined in float64 (exact below 2^53). A row of byte x pixel products
   stays below 2^24 up to a downscale of `DEVICE_MAX_DOWNSCALE` (checked when the weights are
-  made); larger images are decoded by the API workers (images.py). float32, not float64,
+  made); larger images are decoded by the API workers (images/loading.py). float32, not float64,
   because most GPUs SageMaker users pick (A10G, L4, T4) run float64 at 1/32-1/64 of float32.
 - `resize_and_crop_array` (numpy in, numba-compiled loops): the API workers' CPU path
-  (images.py). Pillow's loops are scalar; these run each pass as sums of whole rows that the
-  compiler vectorises, about 3 x faster than Pillow on the seed's 640x480 photos. numba is an
-  accelerator, not a requirement: without it (`COMPILED` is False) images.py resizes with
+  (images/loading.py). Pillow's loops are scalar; these run each pass as sums of whole rows that
+  the compiler vectorises, about 3 x faster than Pillow on the seed's 640x480 photos. numba is an
+  accelerator, not a requirement: without it (`COMPILED` is False) images/loading.py resizes with
   Pillow itself, to the same pixels.
 """
 
@@ -33,7 +33,7 @@ import torch
 
 try:
     import numba
-except ImportError:  # see the module docstring: images.py then resizes with Pillow
+except ImportError:  # see the module docstring: images/loading.py then resizes with Pillow
     numba = None
 
 # Pillow's fixed point for 8-bit images: 32 bits - 8 for the value - 2 for overshoot.

@@ -89,7 +89,7 @@ def test_crop_larger_than_the_resized_image_is_zero_padded_like_the_cpu_path(res
 
 
 def test_numba_is_there_to_compile_the_cpu_resampler():
-    assert COMPILED  # requirements.txt has numba; without it images.py falls back to Pillow
+    assert COMPILED  # requirements.txt has numba; without it images/loading.py falls back to Pillow
 
 
 def test_compiled_equals_pillow_over_random_sizes_and_geometries():
