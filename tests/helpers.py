@@ -220,6 +220,21 @@ class ServedBento:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, *lines: str, within_s: float = 60) -> str:
+        """The log once it holds every one of `lines`; fails after `within_s`.
+
+        /ping turns 200 once one runner worker answers, so a second worker may still be loading.
+        """
+        deadline = time.monotonic() + within_s
+        while True:
+            log = self.log()
+            missing = [line for line in lines if line not in log]
+            if not missing:
+                return log
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not in the server log after {within_s} s: {missing}")
+            time.sleep(0.2)
+
     def runner_processes(self) -> list[psutil.Process]:
         """The CLIPRunner worker processes under this server."""
         return [
