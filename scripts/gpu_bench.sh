@@ -5,14 +5,16 @@
 #   bash scripts/gpu_bench.sh                       # there (carry .whl): every GPU target
 #   bash scripts/gpu_bench.sh --runner-workers 1 2  # or any other scripts/bench.py mode
 # With no arguments it runs `scripts/bench.py --gpu-targets` with the DEFAULT settings (the
-# service picks API workers, runner workers and batch limits from the machine): the seed request
-# at 1, 32 and 64 clients and uncached /embed_texts on all cores but the load generator's four,
-# the seed request at 64 clients with the whole server on 4 cores, the bare fp16 image and text
-# encoders, the device resize against Pillow pixel for pixel, every preprocessing path's
-# fidelity (nvJPEG included), the seed request at 64 clients with CLIP_RUNNER_CALLS=3 (the
-# calls-in-flight ablation), and with CLIP_CUDA_GRAPHS=on (the seed request at 1 and 64
-# clients, the bare encoder replayed, its cosine to the plain passes). Results go to $OUT (or
-# benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt.
+# service picks API workers, runner workers and batch limits from the machine), targets first:
+# the bare fp16 image and text encoders; the seed request at 1, 32 and 64 clients and uncached
+# /embed_texts on all cores but the load generator's four; the seed request at 64 clients with
+# the whole server on 4 cores; the device resize against Pillow pixel for pixel and every
+# preprocessing path's fidelity (nvJPEG included). Then the ablations: CLIP_RUNNER_CALLS=3 (the
+# calls-in-flight rule), CLIP_API_WORKERS=3 on the 4 cores, and CLIP_CUDA_GRAPHS=on (the seed
+# request at 1 and 64 clients, the bare encoder replayed, its cosine to the plain passes). Each
+# stage is saved as it ends, with its duration, so a run cut short keeps what it measured; a
+# failed stage is recorded and the next one runs. Results go to $OUT (or benchmarks/gpu):
+# gpu-targets.json, bench.log, gpu.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${OUT:-benchmarks/gpu}
