@@ -216,7 +216,9 @@ class ClipService:
                     settings.max_latency_ms / 1000,
                     settings.runner_calls,
                 )
-                forward = forwards_jpegs(settings.decode_jpegs_on, facts)
+                forward = forwards_jpegs(
+                    settings.decode_jpegs_on, settings.runner_jpeg_decoder, facts
+                )
                 self._context = InvocationContext(
                     facts=facts,
                     encode_images=calls.encode_images,

@@ -124,6 +124,13 @@ def default_runner_workers() -> int:
     return 2 if torch.cuda.is_available() else 1
 
 
+def runner_decode_threads(cores: int, runner_workers: int) -> int:
+    """Threads each runner process decodes forwarded JPEGs with when Pillow does it (on CPU, or
+    CLIP_RUNNER_JPEG_DECODER=pillow on a GPU): its share of the cores, at most 8. Pillow lets go
+    of the GIL while it decodes, so a batch's JPEGs decode side by side."""
+    return max(1, min(8, cores // max(1, runner_workers)))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service settings; see README "Configuration" for what each one does."""
@@ -150,6 +157,7 @@ class Settings:
     text_cache_size: int
     fast_preprocessing: bool
     decode_jpegs_on: str  # auto (the runner's device when it has nvJPEG), api or runner
+    runner_jpeg_decoder: str  # auto (nvJPEG where the runner has CUDA and torchvision) or pillow
     runner_threads: int
     runner_passes: int
     runner_workers: int
@@ -236,6 +244,7 @@ def get_settings() -> Settings:
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
         fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("reference", "fast")) == "fast",
         decode_jpegs_on=_env_choice("CLIP_DECODE", ("auto", "api", "runner")),
+        runner_jpeg_decoder=_env_choice("CLIP_RUNNER_JPEG_DECODER", ("auto", "pillow")),
         runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0),
         runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
         runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0) or default_runner_workers(),

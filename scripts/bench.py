@@ -577,12 +577,15 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
         return prepare
 
     decoder = DeviceJpegDecoder(device, *dataclasses.astuple(geometry))
+    pillow = DeviceJpegDecoder(device, *dataclasses.astuple(geometry), use_nvjpeg=False)
     paths = {
         "CLIPImageProcessor": (clip_processor, False),
         "default (reference)": (lambda b: prepare_image(b, 0, geometry, 10**9), False),
         "CLIP_PREPROCESS=fast": (lambda b: prepare_image(b, 0, geometry, 10**9, fast=True), False),
         f"device path ({decoder.name} on {device.type}, JPEG only)": (on_device(decoder), True),
     }
+    if decoder.name != pillow.name:  # on a GPU with nvJPEG: CLIP_RUNNER_JPEG_DECODER=pillow too
+        paths[f"device path (pillow on {device.type}, JPEG only)"] = (on_device(pillow), True)
     text = encoder.encode_texts([f"a photo of a {name}" for name, _ in SEED_CLASSES])
     results: dict = {"images": len(blobs), "paths": {}}
     reference = None
@@ -963,6 +966,7 @@ def uncached_text_bodies(requests: int, per_request: int = 8) -> list[bytes]:
 RUNNER_CALLS_ABLATION = "all server cores, CLIP_RUNNER_CALLS=3"
 CUDA_GRAPHS_ABLATION = "all server cores, CLIP_CUDA_GRAPHS=on"
 CONFINED_WORKERS_ABLATION = "server on 4 cores, CLIP_API_WORKERS=3"
+PILLOW_DECODER_ABLATION = "all server cores, CLIP_RUNNER_JPEG_DECODER=pillow"
 
 
 def replayed_passes(model_dir: Path, plain: BareModel) -> dict:
@@ -1061,6 +1065,14 @@ def gpu_targets(out: Path, seconds: float) -> dict:
                 {"CLIP_RUNNER_CALLS": "3"},
                 [Scenario("seed c64", seed, 1, 64)],
             ),
+            # The exact device path, should nvJPEG's fidelity fail: Pillow in the runner's
+            # threads, the resize on the GPU.
+            (
+                PILLOW_DECODER_ABLATION,
+                server_cpus,
+                {"CLIP_RUNNER_JPEG_DECODER": "pillow"},
+                [Scenario("seed c64", seed, 1, 64)],
+            ),
             # On 4 cores the default is 2 API workers (half the cores): is a third worth the
             # core it takes from the runners?
             (
@@ -1147,6 +1159,10 @@ def gpu_target_checks(payload: dict) -> dict[str, str]:
         "seed c64 images/s, runner calls shared / 3 per API worker (ablation)": (
             f"{full.get('images_per_s')} / "
             f"{rows.get((RUNNER_CALLS_ABLATION, 'seed c64'), {}).get('images_per_s')}"
+        ),
+        "seed c64 images/s, nvJPEG / Pillow in the runner (ablation)": (
+            f"{full.get('images_per_s')} / "
+            f"{rows.get((PILLOW_DECODER_ABLATION, 'seed c64'), {}).get('images_per_s')}"
         ),
         "server on 4 cores, seed c64 images/s, default / 3 API workers (ablation)": (
             f"{rows.get(('server on 4 cores', 'seed c64'), {}).get('images_per_s')} / "

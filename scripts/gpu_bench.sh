@@ -9,8 +9,9 @@
 # the bare fp16 image and text encoders; the seed request at 1, 32 and 64 clients and uncached
 # /embed_texts on all cores but the load generator's four; the seed request at 64 clients with
 # the whole server on 4 cores; the device resize against Pillow pixel for pixel and every
-# preprocessing path's fidelity (nvJPEG included). Then the ablations: CLIP_RUNNER_CALLS=3 (the
-# calls-in-flight rule), CLIP_API_WORKERS=3 on the 4 cores, and CLIP_CUDA_GRAPHS=on (the seed
+# preprocessing path's fidelity (nvJPEG and Pillow in the runner included). Then the ablations:
+# CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_RUNNER_JPEG_DECODER=pillow (the exact
+# device path), CLIP_API_WORKERS=3 on the 4 cores, and CLIP_CUDA_GRAPHS=on (the seed
 # request at 1 and 64 clients, the bare encoder replayed, its cosine to the plain passes). Each
 # stage is saved as it ends, with its duration, so a run cut short keeps what it measured; a
 # failed stage is recorded and the next one runs. Results go to $OUT (or benchmarks/gpu):

@@ -24,7 +24,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.port == 8080 and settings.request_timeout_s == 55  # under SageMaker's 60
     assert settings.max_body_bytes == 6 * 1024 * 1024
     assert settings.fast_preprocessing is False and settings.runner_threads == 0  # exact
-    assert settings.decode_jpegs_on == "auto"
+    assert settings.decode_jpegs_on == "auto" and settings.runner_jpeg_decoder == "auto"
     assert settings.runner_workers == 1  # on CPU; API workers: test_workers_by_machine
     assert settings.runner_passes == 0 and settings.max_batch_size == 0  # 0: chosen per device
     assert settings.runner_calls == 0
@@ -40,8 +40,10 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_RUNNER_WORKERS", "3")
     monkeypatch.setenv("CLIP_RUNNER_PASSES", "4")
     monkeypatch.setenv("CLIP_RUNNER_CALLS", "5")
+    monkeypatch.setenv("CLIP_RUNNER_JPEG_DECODER", "Pillow")
     settings = get_settings()
     assert settings.runner_workers == 3 and settings.runner_passes == 4
+    assert settings.runner_jpeg_decoder == "pillow"
     assert settings.runner_calls == 5
     assert settings.torch_compile is True
     assert settings.max_batch_size == 8 and settings.model_tag == "clip:abc"
@@ -68,6 +70,7 @@ def test_cuda_graphs_are_an_opt_in_that_excludes_torch_compile(monkeypatch):
         ("CLIP_API_WORKERS", "-2", "must be >= 0"),
         ("CLIP_KEEPALIVE_REQUESTS", "-1", "must be >= 0"),
         ("CLIP_DECODE", "gpu", "must be one of auto, api, runner"),
+        ("CLIP_RUNNER_JPEG_DECODER", "nvjpeg", "must be one of auto, pillow"),
         ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be >= 0.001"),
         ("CLIP_FETCH_TIMEOUT_S", "soon", "must be a number"),
         ("CLIP_MAX_LATENCY_MS", "50000", "below half of CLIP_REQUEST_TIMEOUT_S"),
@@ -174,6 +177,16 @@ def test_api_workers_on_cpu_follow_the_models_rate(cores):
     by_cost = [cpu_api_workers(cores, gmacs) for gmacs in (1e-3, 1e-2, 0.1, 1.0, 10.0)]
     assert by_cost == sorted(by_cost, reverse=True)
     assert all(1 <= workers <= cores for workers in by_cost)
+
+
+@pytest.mark.parametrize(
+    ("cores", "runner_workers", "threads"),
+    [(1, 1, 1), (2, 1, 2), (4, 2, 2), (12, 2, 6), (16, 1, 8), (64, 2, 8), (3, 4, 1)],
+)
+def test_each_runner_decodes_with_its_share_of_the_cores(cores, runner_workers, threads):
+    from clip_runner.config import runner_decode_threads
+
+    assert runner_decode_threads(cores, runner_workers) == threads
 
 
 def test_abuse_bounds_default_and_the_api_key_is_off_unless_set(monkeypatch):

@@ -159,10 +159,13 @@ def runner_calls(
     )
 
 
-def forwards_jpegs(decode_jpegs_on: str, facts: ModelFacts) -> bool:
+def forwards_jpegs(decode_jpegs_on: str, runner_jpeg_decoder: str, facts: ModelFacts) -> bool:
     """CLIP_DECODE: `runner` always forwards JPEG bytes, `api` never, `auto` when the runner
-    decodes them on a GPU (on CPU, decoding in the API workers keeps the runner's cores for the
-    model; the forwarded path is exactly as faithful either way)."""
+    decodes them on a GPU: with nvJPEG, or with Pillow where CLIP_RUNNER_JPEG_DECODER says so
+    (then the runner's CPU threads decode and the GPU resizes). On CPU, decoding in the API
+    workers keeps the runner's cores for the model; the forwarded path is exactly as faithful
+    with Pillow either way."""
     if decode_jpegs_on == "auto":
-        return facts.jpeg_decoder == NVJPEG
+        chose_pillow = facts.device == "cuda" and runner_jpeg_decoder == "pillow"
+        return facts.jpeg_decoder == NVJPEG or chose_pillow
     return decode_jpegs_on == "runner"

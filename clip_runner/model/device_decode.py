@@ -16,6 +16,7 @@ import io
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -81,15 +82,30 @@ def resized_by_size(
 
 
 class DeviceJpegDecoder:
-    """Decodes and resizes forwarded JPEGs where the model runs (see the module docstring)."""
+    """Decodes and resizes forwarded JPEGs where the model runs (see the module docstring).
+
+    `use_nvjpeg=False` decodes with Pillow even on a GPU: libjpeg-turbo's pixels, exactly the
+    API path's, at the cost of the runner's CPU (in `threads` threads per batch); nvJPEG's
+    pixels differ from libjpeg's by its own IDCT and upsampling (BENCHMARKS.md, fidelity).
+    """
 
     def __init__(
-        self, device: torch.device, shortest_edge: int, crop_height: int, crop_width: int
+        self,
+        device: torch.device,
+        shortest_edge: int,
+        crop_height: int,
+        crop_width: int,
+        use_nvjpeg: bool = True,
+        threads: int = 1,
     ) -> None:
         self.device = device
         self.geometry = (shortest_edge, crop_height, crop_width)
-        self._nvjpeg = _torchvision_decoder() if device.type == "cuda" else None
+        wants_nvjpeg = use_nvjpeg and device.type == "cuda"
+        self._nvjpeg = _torchvision_decoder() if wants_nvjpeg else None
         self.name = NVJPEG if self._nvjpeg is not None else PILLOW
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="clip-jpeg") if threads > 1 else None
+        )
         if device.type == "cuda":
             # The resize's float32 products are exact only in IEEE float32 (torch's default);
             # TF32 would round them. The model runs in fp16, which this does not touch.
@@ -114,6 +130,8 @@ class DeviceJpegDecoder:
             except RuntimeError:  # one image it refuses fails the batch call: one at a time
                 pairs = zip(blobs, data, strict=True)
                 return [self._nvjpeg_or_pillow(blob, datum) for blob, datum in pairs]
+        if self._pool is not None and len(blobs) > 1:
+            return list(self._pool.map(self._pillow_or_none, blobs))
         return [self._pillow_or_none(blob) for blob in blobs]
 
     def _nvjpeg_or_pillow(self, blob: bytes, data: torch.Tensor) -> torch.Tensor | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
@@ -22,7 +23,7 @@ from bentoml.validators import ContentType
 from PIL import Image
 
 from clip_runner.bound_apis import bind_apis_once
-from clip_runner.config import get_settings
+from clip_runner.config import get_settings, runner_decode_threads
 from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_INFERENCE_SECONDS
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.model.cuda_graphs import ReplayedForward
@@ -78,7 +79,12 @@ class CLIPRunner:
         self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype)
         facts = self.encoder.facts(loaded.tag, loaded.random_weights)
         self.jpeg_decoder = DeviceJpegDecoder(
-            device, facts.shortest_edge, facts.crop_height, facts.crop_width
+            device,
+            facts.shortest_edge,
+            facts.crop_height,
+            facts.crop_width,
+            use_nvjpeg=settings.runner_jpeg_decoder == "auto",
+            threads=runner_decode_threads(len(os.sched_getaffinity(0)), settings.runner_workers),
         )
         if settings.torch_compile:
             self.encoder.compile_towers()

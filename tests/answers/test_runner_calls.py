@@ -12,11 +12,13 @@ import pytest
 
 from clip_runner.answers.runner_calls import (
     calls_in_flight,
+    forwards_jpegs,
     merged,
     resilient,
     runner_calls,
     runner_overloaded,
 )
+from clip_runner.model.device_decode import NVJPEG, PILLOW
 from clip_runner.model.encoding import ModelFacts
 
 
@@ -153,3 +155,22 @@ def test_calls_in_flight_keep_one_call_waiting_at_the_runner_shared_by_the_api_w
     assert calls_in_flight(gpu, runner_workers=2, api_workers=8) == 1  # 8 in all
     for facts in (cpu, gpu):
         assert calls_in_flight(facts, runner_workers=2, api_workers=8, configured=4) == 4
+
+
+@pytest.mark.parametrize(
+    ("device", "decoder", "runner_jpeg_decoder", "auto_forwards"),
+    [
+        ("cuda", NVJPEG, "auto", True),  # nvJPEG on the GPU
+        ("cuda", PILLOW, "pillow", True),  # Pillow chosen: the runner's threads, the GPU resize
+        ("cuda", PILLOW, "auto", False),  # no torchvision there: the API workers decode
+        ("cpu", PILLOW, "auto", False),  # the runner's cores are the model's
+        ("cpu", PILLOW, "pillow", False),
+    ],
+)
+def test_jpegs_are_forwarded_where_the_runner_decodes_them_on_a_gpu(
+    device, decoder, runner_jpeg_decoder, auto_forwards
+):
+    facts = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, device, jpeg_decoder=decoder)
+    assert forwards_jpegs("auto", runner_jpeg_decoder, facts) is auto_forwards
+    assert forwards_jpegs("runner", runner_jpeg_decoder, facts) is True
+    assert forwards_jpegs("api", runner_jpeg_decoder, facts) is False

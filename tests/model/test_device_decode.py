@@ -9,6 +9,7 @@ exactly as the suite's server that decodes in the API worker.
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Iterator
 
 import httpx
@@ -18,7 +19,7 @@ import torch
 
 from clip_runner.images.loading import ImageGeometry, prepare_image
 from clip_runner.model import device_decode
-from clip_runner.model.device_decode import PILLOW, DeviceJpegDecoder, pillow_decode
+from clip_runner.model.device_decode import NVJPEG, PILLOW, DeviceJpegDecoder, pillow_decode
 from clip_runner.model.resample import resize_and_crop
 from tests.hard_images import encoded, hard_images
 from tests.helpers import (
@@ -66,6 +67,42 @@ def test_images_of_one_size_resized_together_keep_their_order_and_pixels(monkeyp
     assert sorted(batches) == [1, 2, 2, 2]  # 4 x 320x240 in twos, 2 x 200x300, 1 x 64x48
     alone = torch.stack([resize_and_crop(image, 224, 224, 224) for image in images])
     torch.testing.assert_close(together, alone, rtol=0, atol=0)
+
+
+def test_pillow_decodes_a_batch_in_threads_to_the_same_crops_in_order(monkeypatch):
+    blobs = jpeg_set()
+    blobs.insert(3, blobs[0][: len(blobs[0]) // 3])  # a broken one fails alone, in its place
+    one_thread, _ = DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)(blobs[:1])
+    threads: set[str] = set()
+    pillow_or_none = DeviceJpegDecoder._pillow_or_none
+
+    def recorded(decoder: DeviceJpegDecoder, blob: bytes) -> torch.Tensor | None:
+        threads.add(threading.current_thread().name)
+        return pillow_or_none(decoder, blob)
+
+    monkeypatch.setattr(DeviceJpegDecoder, "_pillow_or_none", recorded)
+    single = DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)(blobs)
+    assert threads == {threading.current_thread().name}
+    threads.clear()
+    pooled = DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224, threads=4)(blobs)
+    assert threads and all(name.startswith("clip-jpeg") for name in threads)
+    assert pooled[1] == single[1] == [index != 3 for index in range(len(blobs))]
+    torch.testing.assert_close(pooled[0], single[0], rtol=0, atol=0)
+    torch.testing.assert_close(pooled[0][:1], one_thread, rtol=0, atol=0)
+
+
+def test_pillow_can_be_chosen_over_nvjpeg_on_a_gpu(monkeypatch):
+    """CLIP_RUNNER_JPEG_DECODER=pillow: libjpeg's exact pixels even where nvJPEG is there. Only
+    the choice is checked here (no GPU): the decoder is not even looked up."""
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32  # a CUDA decoder turns it off
+    cuda = torch.device("cuda")
+    try:
+        monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: pillow_decode)
+        assert DeviceJpegDecoder(cuda, 224, 224, 224).name == NVJPEG
+        monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: pytest.fail("looked"))
+        assert DeviceJpegDecoder(cuda, 224, 224, 224, use_nvjpeg=False).name == PILLOW
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
 
 def test_a_jpeg_that_does_not_decode_fails_alone():
