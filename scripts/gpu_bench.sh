@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU targets as one prepared run on a GPU machine (through the device tool), sized for ~7 minutes
+# The GPU targets as one prepared run on a GPU machine (through the device tool), sized for ~8 minutes
 # (an estimate from the CPU smoke run; not yet run on a GPU):
 #   bash scripts/gpu_wheels.sh                      # here, once: wheels for the GPU image (.whl)
 #   bash scripts/gpu_bench.sh                       # there (carry .whl): every GPU target
