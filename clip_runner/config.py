@@ -156,7 +156,7 @@ class Settings:
     fetch_allow: tuple[str, ...]
     text_cache_size: int
     fast_preprocessing: bool
-    decode_jpegs_on: str  # auto (the runner's device when it has nvJPEG), api or runner
+    decode_jpegs_on: str  # auto (the runner where it decodes on a GPU: forwards_jpegs), api, runner
     runner_jpeg_decoder: str  # auto (nvJPEG where the runner has CUDA and torchvision) or pillow
     runner_threads: int
     runner_passes: int
