@@ -1103,23 +1103,21 @@ def gpu_targets(out: Path, seconds: float) -> dict:
             payload["stage_seconds"][name] = round(time.monotonic() - started, 1)
             save()
 
-        def serve(runs: list[tuple[str, set[int], dict[str, str], list[Scenario]]]) -> None:
-            for label, cpus, env, scenarios in runs:
-                log = Path(tmp) / f"server-{len(payload['server_logs'])}.log"
-                try:
-                    with bento_server(home, tag, log, cpus=cpus, **env) as (url, pid):
-                        for scenario in scenarios:
-                            warm = Scenario(scenario.name, scenario.bodies, 1, 8, scenario.route)
-                            drive_parallel(url, pid, warm, 2, client_cpus)
-                            row = drive_parallel(url, pid, scenario, seconds, client_cpus)
-                            row["server"] = label
-                            payload["rows"].append(row)
-                            print(json.dumps(row), flush=True)
-                            save()
-                finally:  # on a lent machine the log is all there is to go on
-                    tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
-                    payload["server_logs"][label] = tail
-                    save()
+        def serve(label: str, cpus: set[int], env: dict[str, str], scenarios: list) -> None:
+            log = Path(tmp) / f"server-{len(payload['server_logs'])}.log"
+            try:
+                with bento_server(home, tag, log, cpus=cpus, **env) as (url, pid):
+                    for scenario in scenarios:
+                        warm = Scenario(scenario.name, scenario.bodies, 1, 8, scenario.route)
+                        drive_parallel(url, pid, warm, 2, client_cpus)
+                        row = drive_parallel(url, pid, scenario, seconds, client_cpus)
+                        row["server"] = label
+                        payload["rows"].append(row)
+                        print(json.dumps(row), flush=True)
+                        save()
+            finally:  # on a lent machine the log is all there is to go on
+                tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+                payload["server_logs"][label] = tail
 
         def fidelity() -> None:
             payload["device_resize"] = device_resize_exactness(model_dir)
@@ -1129,9 +1127,11 @@ def gpu_targets(out: Path, seconds: float) -> dict:
             payload["cuda_graphs"] = replayed_passes(model_dir, plain)
 
         payload["server_logs"] = {}
-        stage("serving targets", lambda: serve(targets))
+        for run in targets:  # each server a stage of its own: one failing costs only its rows
+            stage(run[0], functools.partial(serve, *run))
         stage("fidelity", fidelity)
-        stage("serving ablations", lambda: serve(ablations))
+        for run in ablations:
+            stage(run[0], functools.partial(serve, *run))
         stage("bare model, CUDA graphs", replayed)
     payload["targets"] = gpu_target_checks(payload)
     save()
