@@ -952,6 +952,35 @@ def bare_text_rate(encoder, window_s: float = 4) -> dict[str, float]:
     return rates
 
 
+def host_copy_ms(device: torch.device, batch: int = 32, rounds: int = 20) -> dict[str, float]:
+    """A batch of uint8 crops to `device` as the runner copies it (a pageable tensor over
+    numpy's memory) against a pinned staging tensor and a non-blocking copy, the issue's
+    candidate: medians in ms, each until the copy has landed. On CPU there is nothing to copy."""
+    if device.type != "cuda":
+        return {}
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    pinned = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+
+    def pageable() -> None:
+        torch.from_numpy(pixels).to(device)
+
+    def staged() -> None:
+        pinned.numpy()[...] = pixels
+        pinned.to(device, non_blocking=True)
+
+    times: dict[str, float] = {}
+    for name, copy in (("pageable", pageable), ("pinned_non_blocking", staged)):
+        samples = []
+        for _ in range(rounds):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            copy()
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter() - started) * 1000)
+        times[f"{name}_ms"] = round(statistics.median(samples), 3)
+    return {"batch": batch, **times}
+
+
 def uncached_text_bodies(requests: int, per_request: int = 8) -> list[bytes]:
     """`/embed_texts` bodies whose prompts never repeat: every one misses the text cache."""
     words = ["red", "small", "old", "shiny", "wooden", "striped", "broken", "tiny", "huge"]
@@ -1133,6 +1162,7 @@ def gpu_targets(out: Path, seconds: float) -> dict:
         for run in ablations:
             stage(run[0], functools.partial(serve, *run))
         stage("bare model, CUDA graphs", replayed)
+        stage("host copy", lambda: payload.update(host_copy=host_copy_ms(device)))
     payload["targets"] = gpu_target_checks(payload)
     save()
     return payload
@@ -1175,6 +1205,10 @@ def gpu_target_checks(payload: dict) -> dict[str, str]:
         ),
         "bare image encoder, best batch images/s, plain / CUDA graphs": (
             f"{bare} / {graphed_bare.get('batched_limit_images_per_s')}"
+        ),
+        "a batch of 32 crops to the GPU, ms: pageable / pinned + non-blocking": (
+            f"{payload.get('host_copy', {}).get('pageable_ms')} / "
+            f"{payload.get('host_copy', {}).get('pinned_non_blocking_ms')}"
         ),
         "device resize: pixels differing from Pillow's (must be 0)": (
             payload.get("device_resize", {}).get("differing")
