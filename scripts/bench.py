@@ -1023,8 +1023,9 @@ def gpu_targets(out: Path, seconds: float) -> dict:
     seed request at 1, 32 and 64 clients on all but the load generator's cores, at 64 clients
     with the whole server on 4 cores (`sched_setaffinity`, as `taskset -c 0-3`), uncached
     `/embed_texts`; against the bare fp16 image encoder's best batch and the bare text encoder,
-    and the device path's fidelity, measured in the same run. The load generator runs in one
-    process per core of its own (4 cores), never on the server's."""
+    and the device path's fidelity, measured in the same run; then the ablations (the servers
+    in `ablations`, CUDA graphs on the bare encoder, the pinned copy). The load generator runs
+    in one process per core of its own (4 cores), never on the server's."""
     from transformers import CLIPModel, CLIPProcessor
 
     from clip_runner.model.encoding import ClipEncoder, pick_device
