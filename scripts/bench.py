@@ -1018,14 +1018,37 @@ def replayed_passes(model_dir: Path, plain: BareModel) -> dict:
     }
 
 
-def gpu_targets(out: Path, seconds: float) -> dict:
+def resumed_payload(previous: dict, fresh: dict) -> tuple[dict, set[str]]:
+    """A cut-short or partly failed `--gpu-targets` run's results, to finish in a second run on
+    the same machine: (the results to build on, the stages done there). A failed stage counts
+    as not done, so its rows and error are dropped and it runs again."""
+    for key in ("machine", "server_cpus", "client_cpus", "confined_cpus"):
+        if previous.get(key) != fresh[key]:
+            raise SystemExit(
+                f"--resume: those results were measured with {key} {previous.get(key)!r}, this "
+                f"run has {fresh[key]!r}; figures from two machines do not mix: start afresh"
+            )
+    failed = previous.get("stage_errors", {})
+    done = {name for name in previous.get("stage_seconds", {}) if name not in failed}
+    payload = {
+        key: value for key, value in previous.items() if key not in ("stage_errors", "targets")
+    }
+    payload["rows"] = [row for row in previous.get("rows", []) if row.get("server") in done]
+    payload["resumed_on"] = [*previous.get("resumed_on", []), fresh["date"]]
+    return payload, done
+
+
+def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     """Every GPU target of the serving-speed issue in one run, with the default settings: the
     seed request at 1, 32 and 64 clients on all but the load generator's cores, at 64 clients
     with the whole server on 4 cores (`sched_setaffinity`, as `taskset -c 0-3`), uncached
     `/embed_texts`; against the bare fp16 image encoder's best batch and the bare text encoder,
     and the device path's fidelity, measured in the same run; then the ablations (the servers
     in `ablations`, CUDA graphs on the bare encoder, the pinned copy). The load generator runs
-    in one process per core of its own (4 cores), never on the server's."""
+    in one process per core of its own (4 cores), never on the server's.
+
+    With `resume` (an earlier run's gpu-targets.json from this machine) only the stages that
+    run did not finish run: a device lent for minutes may not give a second whole run."""
     from transformers import CLIPModel, CLIPProcessor
 
     from clip_runner.model.encoding import ClipEncoder, pick_device
@@ -1043,26 +1066,34 @@ def gpu_targets(out: Path, seconds: float) -> dict:
         "client_cpus": sorted(client_cpus),
         "confined_cpus": sorted(confined_cpus),
     }
+    done: set[str] = set()
+    if resume is not None:
+        payload, done = resumed_payload(json.loads(resume.read_text()), payload)
+        print(f"resuming {resume}: kept {sorted(done)}", flush=True)
+    payload.setdefault("rows", [])
+    payload.setdefault("stage_seconds", {})
+    payload.setdefault("server_logs", {})
     out.mkdir(parents=True, exist_ok=True)
+    device, dtype = pick_device()
 
     def save() -> None:
         (out / "gpu-targets.json").write_text(json.dumps(payload, indent=1))
 
-    print("bare model ...", flush=True)
-    plain = BareModel(model_dir)
-    payload["bare_image"] = limit_of([plain.round(3) for _ in range(2)])
-    device, dtype = pick_device()
-    encoder = ClipEncoder(
-        CLIPModel.from_pretrained(model_dir),
-        CLIPProcessor.from_pretrained(model_dir),
-        device,
-        dtype,
-    )
-    payload["bare_text"] = bare_text_rate(encoder)
-    save()
+    @functools.cache
+    def plain() -> BareModel:
+        return BareModel(model_dir)
+
+    def bare_encoders() -> None:
+        payload["bare_image"] = limit_of([plain().round(3) for _ in range(2)])
+        encoder = ClipEncoder(
+            CLIPModel.from_pretrained(model_dir),
+            CLIPProcessor.from_pretrained(model_dir),
+            device,
+            dtype,
+        )
+        payload["bare_text"] = bare_text_rate(encoder)
+
     seed = seed_request_bodies()
-    payload["rows"] = []
-    payload["stage_seconds"] = {}
     # The targets first and the ablations last, so a run cut short by the device's time limit
     # still holds the targets (each stage is saved as it ends, with how long it took).
     with tempfile.TemporaryDirectory() as tmp:
@@ -1123,6 +1154,9 @@ def gpu_targets(out: Path, seconds: float) -> dict:
         def stage(name: str, measure: Callable[[], object]) -> None:
             """One stage; a failure is recorded and the next stage still runs (one device run
             is all there is: a failed ablation must not cost the targets after it)."""
+            if name in done:
+                print(f"{name}: kept from {resume}", flush=True)
+                return
             print(f"{name} ...", flush=True)
             started = time.monotonic()
             try:
@@ -1154,9 +1188,9 @@ def gpu_targets(out: Path, seconds: float) -> dict:
             payload["fidelity"] = preprocessing_fidelity(model_dir)
 
         def replayed() -> None:
-            payload["cuda_graphs"] = replayed_passes(model_dir, plain)
+            payload["cuda_graphs"] = replayed_passes(model_dir, plain())
 
-        payload["server_logs"] = {}
+        stage("bare encoders", bare_encoders)
         for run in targets:  # each server a stage of its own: one failing costs only its rows
             stage(run[0], functools.partial(serve, *run))
         stage("fidelity", fidelity)
@@ -1173,14 +1207,14 @@ def gpu_target_checks(payload: dict) -> dict[str, str]:
     """Each target with its measured figure (text, for the summary)."""
     rows = {(row["server"], row["name"]): row for row in payload["rows"]}
     full = rows.get(("all server cores", "seed c64"), {})
-    bare = payload["bare_image"]["batched_limit_images_per_s"]
     texts = rows.get(("all server cores", "embed_texts uncached c32"), {})
     graphs = {name: row for (server, name), row in rows.items() if server == CUDA_GRAPHS_ABLATION}
+    bare = payload.get("bare_image", {}).get("batched_limit_images_per_s")
     graphed_bare = payload.get("cuda_graphs", {}).get("bare_image", {})
     checks = {
         ">= 2000 images/s at 64 clients": full.get("images_per_s"),
-        ">= 0.3 x the bare fp16 image encoder's best batch": round(
-            full.get("images_per_s", 0) / bare, 3
+        ">= 0.3 x the bare fp16 image encoder's best batch": (
+            round(full["images_per_s"] / bare, 3) if bare and "images_per_s" in full else None
         ),
         ">= 1000 images/s at 64 clients, server on 4 cores": rows.get(
             ("server on 4 cores", "seed c64"), {}
@@ -1215,7 +1249,8 @@ def gpu_target_checks(payload: dict) -> dict[str, str]:
             payload.get("device_resize", {}).get("differing")
         ),
         "/embed_texts uncached, prompts/s (bare text encoder, batch 256)": (
-            f"{texts.get('images_per_s')} ({payload['bare_text'].get('batch256_prompts_per_s')})"
+            f"{texts.get('images_per_s')} "
+            f"({payload.get('bare_text', {}).get('batch256_prompts_per_s')})"
         ),
     }
     return {name: str(value) for name, value in checks.items()}
@@ -1487,6 +1522,13 @@ def main() -> int:
         "clients, on 4 cores, uncached /embed_texts, bare encoders, fidelity",
     )
     parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="GPU_TARGETS_JSON",
+        help="with --gpu-targets: an earlier run's gpu-targets.json from this machine; only the "
+        "stages it did not finish (cut short or failed) run, and the results are merged",
+    )
+    parser.add_argument(
         "--overhead",
         action="store_true",
         help="only the tiny-model scenario: seed load at 32 clients vs plain Pillow's rate",
@@ -1510,8 +1552,10 @@ def main() -> int:
         return bare_only(args.out)
     if args.long_run:
         return long_run(args.out, args.long_run)
+    if args.resume and not args.gpu_targets:
+        parser.error("--resume goes with --gpu-targets")
     if args.gpu_targets:
-        payload = gpu_targets(args.out, 3 if args.quick else args.max_seconds)
+        payload = gpu_targets(args.out, 3 if args.quick else args.max_seconds, args.resume)
         print(json.dumps(payload["targets"], indent=1), flush=True)
         return 1 if payload.get("stage_errors") else 0
     if args.overhead:

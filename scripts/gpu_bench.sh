@@ -17,6 +17,10 @@
 # server and each in-process measurement is a stage, saved as it ends with its duration, so a
 # run cut short keeps what it measured; a failed stage is recorded and the next one runs.
 # Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt.
+# A run cut short or with failed stages is finished on a machine of its kind by a second run that
+# measures only those stages and merges its results (copy the first gpu-targets.json into the
+# tree so that it travels with it):
+#   bash scripts/gpu_bench.sh --gpu-targets --resume benchmarks/gpu/gpu-targets.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${OUT:-benchmarks/gpu}
