@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import socket
 import statistics
@@ -51,6 +52,7 @@ from clip_runner.model.resample import resized_size
 from clip_runner.web.schemas import SEED_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
+LOAD_GENERATOR = REPO / "scripts" / "load_generator.py"
 sys.path.insert(0, str(REPO))  # tests.hard_images: the fidelity set the tests use too
 from tests.hard_images import photo  # noqa: E402 (needs the line above)
 
@@ -307,47 +309,6 @@ async def drive(
     return result
 
 
-async def closed_loop(
-    url: str, route: str, bodies: list[bytes], concurrency: int, seconds: float, offset: int
-) -> tuple[list[float], int]:
-    """`concurrency` clients sending back to back for `seconds`: (latencies, errors)."""
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.monotonic() + seconds
-
-    async def client(session: aiohttp.ClientSession, index: int) -> None:
-        nonlocal errors
-        while time.monotonic() < deadline:
-            started = time.monotonic()
-            body = bodies[index % len(bodies)]
-            index += concurrency
-            async with session.post(
-                route, data=body, headers={"Content-Type": "application/json"}
-            ) as response:
-                await response.read()
-            latencies.append(time.monotonic() - started)
-            errors += response.status != 200
-
-    async with aiohttp.ClientSession(
-        base_url=url,
-        connector=aiohttp.TCPConnector(limit=concurrency + 4),
-        timeout=aiohttp.ClientTimeout(total=120),
-    ) as session:
-        await asyncio.gather(*(client(session, offset + i) for i in range(concurrency)))
-    return latencies, errors
-
-
-def load_process(url, route, bodies, concurrency, seconds, offset, cpus, start, results) -> None:
-    """One load-generator process (spawned) on `cpus`. It waits at `start` until every load
-    process has imported and pinned itself, so the window excludes their start-up (a second or
-    more each: this module imports torch); puts (latencies, errors, CPU s, end time)."""
-    os.sched_setaffinity(0, cpus)
-    start.wait()
-    cpu_before = time.process_time()
-    latencies, errors = asyncio.run(closed_loop(url, route, bodies, concurrency, seconds, offset))
-    results.put((latencies, errors, time.process_time() - cpu_before, time.monotonic()))
-
-
 def drive_parallel(
     url: str, pid: int, scenario: Scenario, seconds: float, client_cpus: set[int]
 ) -> dict:
@@ -355,46 +316,46 @@ def drive_parallel(
     load generator is not the limit at GPU rates; reports its own CPU too. The window runs from
     the moment every load process is ready to the last one's end (`time.monotonic` is one clock
     for all processes on Linux)."""
-    import multiprocessing
-
     processes = max(1, min(len(client_cpus), scenario.concurrency))
     shares = [
         scenario.concurrency // processes + (i < scenario.concurrency % processes)
         for i in range(processes)
     ]
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    start = context.Barrier(processes + 1)
-    workers = [
-        context.Process(
-            target=load_process,
-            args=(
-                url,
-                scenario.route,
-                scenario.bodies,
-                share,
-                seconds,
-                sum(shares[:i]),
-                client_cpus,
-                start,
-                results,
-            ),
-        )
-        for i, share in enumerate(shares)
-    ]
-    for worker in workers:
-        worker.start()
-    server_processes = tree(pid)
-    cpu_before = {p.pid: cpu_seconds(p) for p in server_processes}
-    calls_before = metric_sum_count(url, "clip_service_runner_call_images")
-    start.wait(timeout=180)
-    started = time.monotonic()
-    outcomes = [results.get(timeout=seconds + 180) for _ in workers]
-    duration = max(outcome[3] for outcome in outcomes) - started
+    cpus = ",".join(str(cpu) for cpu in sorted(client_cpus))
+    with tempfile.NamedTemporaryFile(suffix=".pickle") as bodies:
+        pickle.dump(scenario.bodies, bodies)
+        bodies.flush()
+        workers = [
+            subprocess.Popen(
+                [sys.executable, str(LOAD_GENERATOR), url, scenario.route, bodies.name]
+                + [str(share), str(seconds), str(sum(shares[:i])), cpus],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i, share in enumerate(shares)
+        ]
+        try:
+            for worker in workers:
+                if worker.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"a load process failed to start (exit {worker.wait()})")
+            server_processes = tree(pid)
+            cpu_before = {p.pid: cpu_seconds(p) for p in server_processes}
+            calls_before = metric_sum_count(url, "clip_service_runner_call_images")
+            started = time.monotonic()
+            for worker in workers:
+                worker.stdin.write("go\n")
+                worker.stdin.flush()
+            outcomes = [
+                json.loads(worker.communicate(timeout=seconds + 180)[0]) for worker in workers
+            ]
+        finally:  # on an error, no load process is left behind
+            for worker in workers:
+                worker.kill()
+                worker.wait()
+    duration = max(outcome["ended"] for outcome in outcomes) - started
     cpu_after = {p.pid: cpu_seconds(p) for p in server_processes}
-    for worker in workers:
-        worker.join(30)
-    latencies = [latency for outcome in outcomes for latency in outcome[0]]
+    latencies = [latency for outcome in outcomes for latency in outcome["latencies"]]
     cores_by_role: dict[str, float] = {}
     for process in server_processes:
         role = process_role(process, pid)
@@ -407,7 +368,7 @@ def drive_parallel(
         "name": scenario.name,
         "concurrency": scenario.concurrency,
         "requests": len(latencies),
-        "errors": sum(outcome[1] for outcome in outcomes),
+        "errors": sum(outcome["errors"] for outcome in outcomes),
         "requests_per_s": round(len(latencies) / duration, 2),
         "images_per_s": round(len(latencies) * scenario.images_per_request / duration, 2),
         "p50_ms": round(quantiles[49] * 1000, 1),
@@ -417,7 +378,7 @@ def drive_parallel(
         "cpu_cores_by_process": {role: round(cores, 3) for role, cores in cores_by_role.items()},
         "api_workers": sum(process_role(process, pid) == "api" for process in server_processes),
         "load_generator_processes": processes,
-        "client_cpu_cores": round(sum(outcome[2] for outcome in outcomes) / duration, 3),
+        "client_cpu_cores": round(sum(outcome["cpu_s"] for outcome in outcomes) / duration, 3),
         "images_per_runner_call": round((calls_after[0] - calls_before[0]) / calls, 2)
         if calls
         else 0,

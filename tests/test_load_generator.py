@@ -1,0 +1,67 @@
+"""scripts/load_generator.py as bench.py runs it: a subprocess that waits for its go, loads a
+real loopback HTTP server for its window, and reports every answer and every non-200 one."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.helpers import REPO_ROOT
+
+
+class CountingHandler(BaseHTTPRequestHandler):
+    """Answers 200, or 500 to a body that asks for it; counts what it answered."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as the service
+    answered: list[bytes] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.answered.append(body)
+        status = 500 if body == b'{"fail": true}' else 200
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+def test_a_load_process_waits_for_its_go_then_reports_its_window(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bodies = [b'{"ok": 1}', b'{"fail": true}', b'{"ok": 2}']
+    (tmp_path / "bodies.pickle").write_bytes(pickle.dumps(bodies))
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    process = subprocess.Popen(
+        [sys.executable, "scripts/load_generator.py", url, "/invocations"]
+        + [str(tmp_path / "bodies.pickle"), "3", "1", "0", "0"],
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        assert CountingHandler.answered == []  # nothing is sent before the go
+        started = time.monotonic()
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        outcome = json.loads(process.communicate(timeout=60)[0])
+    finally:
+        process.kill()
+        server.shutdown()
+    answered = len(CountingHandler.answered)
+    assert len(outcome["latencies"]) == answered > 3
+    # Three clients from offset 0, each every third body: one of them sends only the failing one.
+    failed = CountingHandler.answered.count(b'{"fail": true}')
+    assert outcome["errors"] == failed > 0
+    assert started + 1 <= outcome["ended"] <= time.monotonic()  # one clock with the parent's
+    assert outcome["cpu_s"] > 0
