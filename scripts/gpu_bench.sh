@@ -21,6 +21,8 @@
 # measures only those stages and merges its results (copy the first gpu-targets.json into the
 # tree so that it travels with it):
 #   bash scripts/gpu_bench.sh --gpu-targets --resume benchmarks/gpu/gpu-targets.json
+# Back on the development machine, with the results in benchmarks/gpu/gpu-targets.json:
+#   .venv/bin/python scripts/bench.py --gpu-report benchmarks/gpu/gpu-targets.json  # BENCHMARKS.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${OUT:-benchmarks/gpu}
