@@ -121,10 +121,15 @@ def a_full_run(**changes: float) -> dict:
         "rows": rows,
         "device_resize": {"differing": 0},
         "fidelity": {
+            "same_pixels_batched": {
+                "images": 40,
+                "max_probability_change_scale_100": 0.0002,
+                "min_cosine": 0.99999,
+            },
             "paths": {
                 bench.OPT_IN_APPROXIMATION: fast,
                 "device path (nvjpeg on cuda, JPEG only)": fidelity,
-            }
+            },
         },
         "stage_seconds": {"bare encoders": 40.0},
     }
@@ -175,3 +180,4 @@ def test_the_report_states_every_verdict_every_row_and_the_failed_stages():
     assert "Failed stages (their tracebacks are in the JSON): server on 4 cores, CLIP_API" in report
     assert "finished by resumed runs on 2026-12-02" in report
     assert "CLIP_PREPROCESS=fast (opt-in, no bound): largest probability change 0.05" in report
+    assert "one batch of 40 against one at a time (what batching alone moves): largest " in report
