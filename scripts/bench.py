@@ -995,7 +995,8 @@ def replayed_passes(model_dir: Path, plain: BareModel) -> dict:
 
 def resumed_payload(previous: dict, fresh: dict) -> tuple[dict, set[str]]:
     """A cut-short or partly failed `--gpu-targets` run's results, to finish in a second run on
-    the same machine: (the results to build on, the stages done there). A failed stage counts
+    a machine of the same kind (card, cores, torch): (the results to build on, the stages done
+    there). A failed stage counts
     as not done, so its rows and error are dropped and it runs again."""
     for key in ("machine", "server_cpus", "client_cpus", "confined_cpus"):
         if previous.get(key) != fresh[key]:
@@ -1022,8 +1023,9 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     in `ablations`, CUDA graphs on the bare encoder, the pinned copy). The load generator runs
     in one process per core of its own (4 cores), never on the server's.
 
-    With `resume` (an earlier run's gpu-targets.json from this machine) only the stages that
-    run did not finish run: a device lent for minutes may not give a second whole run."""
+    With `resume` (an earlier run's gpu-targets.json from a machine of this kind) only the
+    stages that run did not finish run: a device lent for minutes may not give a second whole
+    run."""
     from transformers import CLIPModel, CLIPProcessor
 
     from clip_runner.model.encoding import ClipEncoder, pick_device
@@ -1640,8 +1642,8 @@ def main() -> int:
         "--resume",
         type=Path,
         metavar="GPU_TARGETS_JSON",
-        help="with --gpu-targets: an earlier run's gpu-targets.json from this machine; only the "
-        "stages it did not finish (cut short or failed) run, and the results are merged",
+        help="with --gpu-targets: an earlier run's gpu-targets.json from a machine of this kind; "
+        "only the stages it did not finish (cut short or failed) run, and the results are merged",
     )
     parser.add_argument(
         "--gpu-report",
