@@ -1192,13 +1192,20 @@ def figure_text(value: object) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+def scenario_figure(
+    payload: dict, server: str, scenario: str, field: str = "images_per_s"
+) -> float | None:
+    """One served scenario's figure from a `--gpu-targets` run; None where it was not measured."""
+    for row in payload.get("rows", []):
+        if (row["server"], row["name"]) == (server, scenario):
+            return row.get(field)
+    return None
+
+
 def gpu_verdicts(payload: dict) -> list[tuple[str, object, str]]:
     """Each GPU target as (target, measured figure, "met" / "not met" / "unmeasured")."""
-    rows = {(row["server"], row["name"]): row for row in payload.get("rows", [])}
-
-    def figure(server: str, scenario: str, field: str) -> float | None:
-        return rows.get((server, scenario), {}).get(field)
-
+    figure = functools.partial(scenario_figure, payload)
+    rows = payload.get("rows", [])
     full = figure("all server cores", "seed c64", "images_per_s")
     bare = payload.get("bare_image", {}).get("batched_limit_images_per_s")
     checks: list[tuple[str, object, float, str]] = [
@@ -1224,7 +1231,7 @@ def gpu_verdicts(payload: dict) -> list[tuple[str, object, str]]:
         ),
         (
             "every request of every scenario answered 200 (errors)",
-            sum(row["errors"] for row in rows.values()) if rows else None,
+            sum(row["errors"] for row in rows) if rows else None,
             0,
             "<=",
         ),
@@ -1265,11 +1272,7 @@ def gpu_verdicts(payload: dict) -> list[tuple[str, object, str]]:
 def gpu_ablations(payload: dict) -> dict[str, str]:
     """Each ablation against the default it would replace, and the figures reported beside the
     targets (text, for the summary)."""
-    rows = {(row["server"], row["name"]): row for row in payload.get("rows", [])}
-
-    def figure(server: str, scenario: str, field: str = "images_per_s") -> float | None:
-        return rows.get((server, scenario), {}).get(field)
-
+    figure = functools.partial(scenario_figure, payload)
     full = figure("all server cores", "seed c64")
     graphed_bare = payload.get("cuda_graphs", {}).get("bare_image", {})
     copies = payload.get("host_copy", {})
