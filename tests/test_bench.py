@@ -1,5 +1,7 @@
-"""The GPU run's resume rule (scripts/bench.py `--gpu-targets --resume`): a lent GPU gives
-minutes, so a second run must measure exactly what the first did not, and never mix machines."""
+"""The GPU run's bookkeeping in scripts/bench.py: its resume rule (`--gpu-targets --resume`) and
+its verdicts and report (`--gpu-report`). A lent GPU gives minutes, so a second run must measure
+exactly what the first did not and never mix machines, and each target's verdict must come from
+its own figure."""
 
 from __future__ import annotations
 
