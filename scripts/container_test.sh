@@ -4,7 +4,9 @@
 #   2. a local Debian base image (debootstrap + docker import; no registry is needed), with the
 #      host's CA bundle so builds behind a TLS-inspecting proxy can reach PyPI;
 #   3. a bento with the tiny model (and a CPU torch wheel when one is at hand, so the image build
-#      does not pull the multi-GB CUDA build), `bentoml containerize`d on that base;
+#      does not pull the multi-GB CUDA build; torchvision is then left out, as PyPI's is built for
+#      CUDA torch), `bentoml containerize`d on that base; torch (and torchvision, where the image
+#      carries it) must load in the image and decode a JPEG;
 #   4. `docker run IMAGE serve` on 8080: /ping, the seed's /invocations, bad input, non-root user,
 #      model inside the image; the same checks with no network at all (`--network none`, checked
 #      from inside with `docker exec`); SIGTERM stops it within 30 s;
@@ -20,7 +22,8 @@
 #   sudo scripts/container_test.sh        # about 4 minutes the first time, 2 when cached
 #
 # Settings (environment): BASE_IMAGE (default clip-local/python-base:bookworm, built if missing),
-# TORCH_WHEEL (a CPU torch wheel to bundle; default: the newest /opt/wheels/torch-*+cpu*.whl),
+# TORCH_WHEEL (a CPU torch wheel to bundle; default: the newest /opt/wheels/torch-*+cpu*.whl;
+# `pypi`: none, the release requirements as they are: CUDA torch and torchvision from PyPI, GBs),
 # KEEP_IMAGE=1, PYTHON (default .venv/bin/python; `make` creates it).
 set -Eeuo pipefail
 
@@ -117,6 +120,7 @@ build_image() {
   cp service.py README.md requirements.txt "$context/"
   tar --exclude=__pycache__ -cf - clip_runner | tar -xf - -C "$context"
   local wheel="${TORCH_WHEEL:-$(ls -1 /opt/wheels/torch-*+cpu*.whl 2>/dev/null | sort -V | tail -1)}"
+  [[ "$wheel" != pypi ]] || wheel=""
   "$PYTHON" - "$context" "$BASE_IMAGE" "$wheel" <<'EOF'
 import re, shutil, sys
 from pathlib import Path
@@ -129,9 +133,9 @@ if wheel:  # the CPU build instead of PyPI's CUDA one; bentos install ./wheels/ 
     shutil.copy2(wheel, context / "wheels")
     config["python"]["wheels"] = [f"./wheels/{Path(wheel).name}"]
     requirements = context / "requirements.txt"
-    requirements.write_text(
-        re.sub(r"(?m)^torch==.*$", f"./env/python/wheels/{Path(wheel).name}", requirements.read_text())
-    )
+    pinned = re.sub(r"(?m)^torch==.*$", f"./env/python/wheels/{Path(wheel).name}", requirements.read_text())
+    # No torchvision then: PyPI's is a CUDA build, which does not load beside the CPU torch.
+    requirements.write_text(re.sub(r"(?m)^torchvision==.*\n", "", pinned))
 (context / "bentofile.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 EOF
   log "bentoml build (torch wheel: ${wheel:-none, torch from PyPI})"
@@ -265,10 +269,38 @@ check_bentoctl_build() {
   log "bentoctl build: $built is the image bentoml containerize built (${ours:7:12})"
 }
 
+check_torch_in_image() {
+  # The bento's own requirements say whether the image must carry torchvision (nvJPEG on a GPU).
+  local requirements wants_torchvision=0
+  requirements="$BENTOML_HOME/bentos/${BENTO_TAG%%:*}/${BENTO_TAG#*:}/env/python/requirements.txt"
+  [[ -f "$requirements" ]] || fail "no $requirements"
+  if grep '^torchvision' "$requirements" >/dev/null; then wants_torchvision=1; fi
+  docker run --rm -i --network none --entrypoint python "$IMAGE" - "$wants_torchvision" \
+    >"$WORK/torch-check" 2>&1 <<'EOF' || { cat "$WORK/torch-check" >&2; fail "torch in the image"; }
+import io, sys
+import torch
+from PIL import Image
+buffer = io.BytesIO()
+Image.new("RGB", (40, 30), (200, 30, 90)).save(buffer, "JPEG")
+found = f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})"
+if sys.argv[1] == "1":
+    import torchvision
+    from torchvision.io import decode_jpeg
+    pixels = decode_jpeg(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8))
+    assert tuple(pixels.shape) == (3, 30, 40), pixels.shape
+    found += f", torchvision {torchvision.__version__} decodes a JPEG"
+from transformers import CLIPModel, CLIPProcessor  # they import torchvision where it is installed
+print(found + ", transformers loads CLIP")
+EOF
+  grep '^torch ' "$WORK/torch-check" >/dev/null || { cat "$WORK/torch-check" >&2; fail "torch check"; }
+  log "in the image: $(grep '^torch ' "$WORK/torch-check")"
+}
+
 ensure_docker
 ensure_base_image
 build_image
 log "image $IMAGE: $(docker image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+check_torch_in_image
 
 write_model_dirs
 check_bentoctl_build

@@ -2,8 +2,9 @@
 # Wheels for a lent GPU machine that has PyTorch but not this project's other dependencies and
 # cannot download: run here, then carry `.whl` with the device tool (gpu_bench.sh installs it).
 #   bash scripts/gpu_wheels.sh            # -> .whl/ (git-ignored through .git/info/exclude)
-# Everything in requirements.txt except torch (the GPU image brings its CUDA build) and numba, for
-# CPython 3.12 on manylinux x86-64; packages that image already has are dropped to stay small.
+# Everything in requirements.txt except torch and torchvision (the GPU image brings its CUDA
+# builds) and numba, for CPython 3.12 on manylinux x86-64; packages that image already has are
+# dropped to stay small.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

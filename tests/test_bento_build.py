@@ -89,6 +89,17 @@ def test_bento_builds_with_the_model_inside(built_bento, tiny_stored_model, tmp_
     assert manifest_envs["NVIDIA_VISIBLE_DEVICES"] == "all"
 
 
+def test_the_bento_carries_the_torchvision_built_for_its_torch(built_bento):
+    """The image decodes JPEGs on a GPU with nvJPEG only if it installs torchvision, and only the
+    release built for the pinned torch: 0.(N+15).P for torch 2.N.P, as every torchvision release
+    since 0.15 / torch 2.0 pairs them (0.28.0's wheel requires torch==2.13.0). Another release
+    makes pip fetch another torch, or fails to load beside this one."""
+    lines = (built_bento.path / "env" / "python" / "requirements.txt").read_text().splitlines()
+    pins = dict(line.split("==", 1) for line in lines if "==" in line and line[0] != "#")
+    major, minor, patch = (int(part) for part in pins["torch"].split("."))
+    assert major == 2 and pins["torchvision"] == f"0.{minor + 15}.{patch}"
+
+
 def test_the_bentos_entrypoint_serves_the_sagemaker_contract_on_8080(built_bento, tmp_path):
     """What `docker run IMAGE serve` runs, started on this host with the bento's own envs.
 

@@ -102,6 +102,12 @@ class DeviceJpegDecoder:
         self.geometry = (shortest_edge, crop_height, crop_width)
         wants_nvjpeg = use_nvjpeg and device.type == "cuda"
         self._nvjpeg = _torchvision_decoder() if wants_nvjpeg else None
+        if wants_nvjpeg and self._nvjpeg is None:
+            logger.warning(
+                "no torchvision built for torch %s: JPEGs are decoded on the CPU, not with "
+                "nvJPEG (requirements-bento.txt pins the matching release)",
+                torch.__version__,
+            )
         self.name = NVJPEG if self._nvjpeg is not None else PILLOW
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="clip-jpeg") if threads > 1 else None

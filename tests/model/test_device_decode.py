@@ -9,6 +9,8 @@ exactly as the suite's server that decodes in the API worker.
 from __future__ import annotations
 
 import base64
+import logging
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -103,6 +105,23 @@ def test_pillow_can_be_chosen_over_nvjpeg_on_a_gpu(monkeypatch):
         assert DeviceJpegDecoder(cuda, 224, 224, 224, use_nvjpeg=False).name == PILLOW
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
+def test_a_gpu_without_a_loadable_torchvision_says_so(monkeypatch, caplog):
+    """A GPU image built without torchvision (or with one built for another torch) still
+    serves, decoding on the CPU; the log says why nvJPEG is not used."""
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)  # as if absent: import fails
+    try:
+        with caplog.at_level(logging.WARNING, logger=device_decode.__name__):
+            decoder = DeviceJpegDecoder(torch.device("cuda"), 224, 224, 224)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    assert decoder.name == PILLOW
+    assert "no torchvision built for torch" in caplog.text
+    caplog.clear()
+    DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)  # on CPU nvJPEG is not wanted
+    assert "torchvision" not in caplog.text
 
 
 def test_a_jpeg_that_does_not_decode_fails_alone():
