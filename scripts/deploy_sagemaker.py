@@ -56,6 +56,20 @@ PAYLOAD_LIMIT = 6 * 1024 * 1024  # SageMaker real-time request bodies (and CLIP_
 VARIANT = "AllTraffic"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 BUSY_STATES = {"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"}
+# GPU instance families: ml.g4dn, ml.g5, ml.g6, ml.g6e, ml.p4d, ml.p5, ...
+GPU_INSTANCE_RE = re.compile(r"ml\.[gp]\d")
+# The image's torch (PyPI's 2.13.0) is a CUDA 13.0 build: it needs an NVIDIA driver of the 580
+# series or newer, and on an older one it sees no GPU, so the service runs on the CPUs. Of the
+# AMI versions SageMaker hosting offers (botocore's ProductionVariant.InferenceAmiVersion),
+# this is the one with driver 580 / CUDA 13.0; the others carry 535 or 550.
+GPU_AMI_VERSION = "al2023-ami-sagemaker-inference-gpu-4-1"
+# Batch transform hosts (TransformResources.TransformAmiVersion) carry drivers 470 or 535 only.
+BATCH_GPU_WARNING = (
+    "warning: {instance_type} is a GPU instance, but SageMaker's batch transform hosts carry "
+    "NVIDIA drivers up to 535 (CUDA 12.2), and the image's PyPI torch is a CUDA 13.0 build "
+    "that needs 580: the job will run on the CPUs unless the image's torch is built for CUDA 12 "
+    "(README, 'Deploy to SageMaker')"
+)
 
 
 class DeployError(Exception):
@@ -81,6 +95,25 @@ def check_instance_type(value: str) -> str:
             f"e.g. {INSTANCE_TYPE_EXAMPLES}"
         )
     return value
+
+
+def is_gpu_instance(instance_type: str) -> bool:
+    return GPU_INSTANCE_RE.match(instance_type) is not None
+
+
+def inference_ami_version(instance_type: str, choice: str, known: Sequence[str]) -> str | None:
+    """The endpoint's InferenceAmiVersion: `auto` names GPU_AMI_VERSION on GPU instance types
+    and nothing on others; `default` names nothing (SageMaker's default AMI); anything else
+    must be one of the `known` versions (botocore's list)."""
+    if choice == "auto":
+        return GPU_AMI_VERSION if is_gpu_instance(instance_type) else None
+    if choice == "default":
+        return None
+    if choice not in known:
+        raise DeployError(
+            f"--inference-ami-version {choice!r}: use auto, default or one of {', '.join(known)}"
+        )
+    return choice
 
 
 def check_endpoint_name(value: str) -> str:
@@ -135,21 +168,21 @@ def endpoint_config_request(
     instance_count: int,
     startup_timeout: int,
     variant: str = VARIANT,
+    ami_version: str | None = None,
 ) -> dict[str, Any]:
-    """One variant; the start-up timeout covers image pull + model load + warm-up before /ping."""
-    return {
-        "EndpointConfigName": name,
-        "ProductionVariants": [
-            {
-                "VariantName": variant,
-                "ModelName": model_name,
-                "InstanceType": instance_type,
-                "InitialInstanceCount": instance_count,
-                "InitialVariantWeight": 1.0,
-                "ContainerStartupHealthCheckTimeoutInSeconds": startup_timeout,
-            }
-        ],
+    """One variant; the start-up timeout covers image pull + model load + warm-up before /ping.
+    `ami_version` picks the host's NVIDIA driver (see GPU_AMI_VERSION)."""
+    production_variant: dict[str, Any] = {
+        "VariantName": variant,
+        "ModelName": model_name,
+        "InstanceType": instance_type,
+        "InitialInstanceCount": instance_count,
+        "InitialVariantWeight": 1.0,
+        "ContainerStartupHealthCheckTimeoutInSeconds": startup_timeout,
     }
+    if ami_version is not None:
+        production_variant["InferenceAmiVersion"] = ami_version
+    return {"EndpointConfigName": name, "ProductionVariants": [production_variant]}
 
 
 def blue_green_config(
@@ -313,6 +346,10 @@ class Aws:
         self.endpoint_url = endpoint_url or None  # None: boto3 honours AWS_ENDPOINT_URL itself
         self.dry_run = dry_run
         self._clients: dict[str, Any] = {}
+
+    def enum(self, service: str, shape: str) -> list[str]:
+        """The values botocore's model of `service` allows for the string shape `shape`."""
+        return list(self.client(service).meta.service_model.shape_for(shape).enum)
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
@@ -491,6 +528,11 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
         raise DeployError("--env takes KEY=VALUE")
     env = dict(item.split("=", 1) for item in args.env)
     model_data = check_model_data(args.model_data) if args.model_data else None
+    ami_version = inference_ami_version(
+        instance_type,
+        args.inference_ami_version,
+        aws.enum("sagemaker", "ProductionVariantInferenceAmiVersion"),
+    )
     async_config = None
     if args.async_:  # results to S3, requests queued: issue 14's asynchronous inference
         async_config = async_inference_config(
@@ -529,7 +571,7 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
         model = with_model_data(model, model_data)
     aws.act("sagemaker", "create_model", **model)
     config_request = endpoint_config_request(
-        name, name, instance_type, args.instance_count, args.startup_timeout, variant
+        name, name, instance_type, args.instance_count, args.startup_timeout, variant, ami_version
     )
     if async_config is not None:
         config_request["AsyncInferenceConfig"] = async_config
@@ -948,6 +990,8 @@ def cmd_batch_transform(aws: Aws, args: argparse.Namespace) -> None:
         raise DeployError("--image-uri needs --role (the model's execution role)")
     if not s3_has_objects(aws, input_uri):
         raise DeployError(f"no objects under {input_uri}: upload the .jsonl files first")
+    if is_gpu_instance(instance_type):
+        print(BATCH_GPU_WARNING.format(instance_type=instance_type), file=sys.stderr)
     model = args.model
     if args.image_uri:
         role_arn = resolve_role(aws, args.role)
@@ -1062,6 +1106,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"default {DEFAULT_INSTANCE_TYPE}; e.g. {INSTANCE_TYPE_EXAMPLES}",
     )
     deploy.add_argument("--instance-count", type=int, default=1)
+    deploy.add_argument(
+        "--inference-ami-version",
+        default="auto",
+        help=f"the hosts' AMI, which sets their NVIDIA driver. auto (default): {GPU_AMI_VERSION} "
+        "(driver 580, which the image's CUDA 13.0 torch needs) on GPU instance types, "
+        "SageMaker's default on others; default: SageMaker's default; or a version by name",
+    )
     deploy.add_argument(
         "--startup-timeout",
         type=int,

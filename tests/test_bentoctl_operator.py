@@ -128,6 +128,9 @@ def test_generate_writes_the_terraform_of_deploy_sagemaker_py(home, tmp_path):
     assert locals_["variant"] == expected_variant["VariantName"]
     assert variant["initial_variant_weight"] == expected_variant["InitialVariantWeight"]
     assert variant["container_startup_health_check_timeout_in_seconds"] == "${var.startup_timeout}"
+    assert variant["inference_ami_version"] == "${var.inference_ami_version}"
+    assert values["inference_ami_version"] is None  # a CPU instance type, as deploy's request
+    assert "InferenceAmiVersion" not in expected_variant
     policy = block(found["aws_sagemaker_endpoint"], "deployment_config", "blue_green_update_policy")
     expected = deploy.blue_green_config(300, None, [], 600)["BlueGreenUpdatePolicy"]
     assert block(policy, "traffic_routing_configuration")["type"] == "ALL_AT_ONCE"
@@ -164,6 +167,7 @@ def test_generate_carries_model_data_image_and_no_autoscaling(home, tmp_path):
         image_tag="123456789012.dkr.ecr.us-east-1.amazonaws.com/clip:v2",
         autoscaling_min_instances=0,
         network_isolation=True,
+        instance_type="ml.g5.xlarge",
     )
     config["env"] = {"CLIP_TEMPLATE_NOTE": "${not interpolated}"}
     path = tmp_path / "deployment_config.yaml"
@@ -173,6 +177,11 @@ def test_generate_carries_model_data_image_and_no_autoscaling(home, tmp_path):
     assert values["image_tag"] == config["spec"]["image_tag"]
     assert values["autoscaling_min_instances"] == 0  # main.tf: count = 0, no scaling resources
     assert values["network_isolation"] is True
+    known = deploy.Aws("us-east-1", None, True).enum(
+        "sagemaker", "ProductionVariantInferenceAmiVersion"
+    )
+    expected_ami = deploy.inference_ami_version("ml.g5.xlarge", "auto", known)
+    assert values["inference_ami_version"] == expected_ami == deploy.GPU_AMI_VERSION
     text = (tmp_path / "out" / "bentoctl.tfvars").read_text()
     assert '"$${not interpolated}"' in text  # a literal for Terraform, not an expression
 
@@ -183,6 +192,7 @@ def test_generate_carries_model_data_image_and_no_autoscaling(home, tmp_path):
         ({"instance_type": "m5.xlarge"}, "instance_type"),
         ({"execution_role_arn": "SageMakerClipRole"}, "execution_role_arn"),
         ({"model_data_url": "https://example.com/model.tar.gz"}, "model_data_url"),
+        ({"inference_ami_version": "AL2 GPU 4"}, "inference_ami_version"),
         ({"autoscaling_min_instances": 5, "autoscaling_max_instances": 2}, "must not exceed"),
     ],
 )

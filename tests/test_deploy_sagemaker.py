@@ -189,11 +189,15 @@ def test_requests_match_the_aws_api_model():
         "Mode": "SingleModel",
         "Environment": {"A": "1"},
     }
-    config = deploy.endpoint_config_request("c", "m", "ml.g5.xlarge", 3, 900)
+    config = deploy.endpoint_config_request(
+        "c", "m", "ml.g5.xlarge", 3, 900, ami_version=deploy.GPU_AMI_VERSION
+    )
     check(sagemaker, "CreateEndpointConfig", config)
     variant = config["ProductionVariants"][0]
     assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 900
     assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.g5.xlarge", 3)
+    assert variant["InferenceAmiVersion"] == deploy.GPU_AMI_VERSION
+    assert "InferenceAmiVersion" not in deploy.endpoint_config_request("c", "m", "t", 1, 600)
 
     canary = deploy.blue_green_config(600, 10, ["clip-5xx"], 900)
     check(
@@ -241,6 +245,28 @@ def test_input_checks():
         deploy.parse_class("bag=yes")
 
 
+def test_gpu_endpoints_get_the_ami_whose_driver_the_images_torch_needs():
+    """PyPI's torch 2.13.0 is a CUDA 13.0 build (driver 580 or newer): on SageMaker's default
+    GPU hosts it would see no GPU. The AMI version is botocore's, so AWS knows it."""
+    known = deploy.Aws(REGION, None, True).enum("sagemaker", "ProductionVariantInferenceAmiVersion")
+    assert deploy.GPU_AMI_VERSION in known
+    for gpu in (
+        "ml.g4dn.xlarge",
+        "ml.g5.xlarge",
+        "ml.g6.xlarge",
+        "ml.g6e.2xlarge",
+        "ml.p4d.24xlarge",
+    ):
+        assert deploy.inference_ami_version(gpu, "auto", known) == deploy.GPU_AMI_VERSION
+        assert deploy.inference_ami_version(gpu, "default", known) is None
+    for cpu in ("ml.m5.xlarge", "ml.c5.2xlarge", "ml.t2.medium", "ml.inf2.xlarge"):
+        assert deploy.inference_ami_version(cpu, "auto", known) is None
+    chosen = "al2-ami-sagemaker-inference-gpu-3-1"
+    assert deploy.inference_ami_version("ml.g5.xlarge", chosen, known) == chosen
+    with pytest.raises(deploy.DeployError, match="auto, default or one of al2-ami"):
+        deploy.inference_ami_version("ml.g5.xlarge", "al2-ami-gpu-9", known)
+
+
 def test_endpoint_url_and_global_options(monkeypatch):
     """--endpoint-url wins over AWS_ENDPOINT_URL; global options work before or after the verb."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
@@ -278,6 +304,7 @@ def test_deploy_creates_model_config_and_endpoint(capsys, role_arn):
     assert variant["InitialInstanceCount"] == 2
     assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 900
     assert variant["VariantName"] == "AllTraffic"
+    assert variant["InferenceAmiVersion"] == deploy.GPU_AMI_VERSION  # a GPU instance type
     model = sagemaker.describe_model(ModelName=variant["ModelName"])
     assert model["PrimaryContainer"]["Image"] == IMAGE_URI
     assert model["PrimaryContainer"]["Environment"] == {"CLIP_API_WORKERS": "2"}
@@ -289,6 +316,7 @@ def test_deploy_with_model_data_gives_the_model_a_checkpoint_for_opt_ml_model(ca
     code, _, err = run(capsys, *deploy_args("clip-md", "--model-data", url))
     assert code == 0, err
     variant = current_config("clip-md")["ProductionVariants"][0]
+    assert "InferenceAmiVersion" not in variant  # a CPU instance type: SageMaker's default AMI
     container = aws("sagemaker").describe_model(ModelName=variant["ModelName"])["PrimaryContainer"]
     assert container["ModelDataUrl"] == url and container["Image"] == IMAGE_URI
     without = deploy.model_request("m", IMAGE_URI, role_arn, {}, False)["PrimaryContainer"]
@@ -653,6 +681,7 @@ def test_batch_transform_creates_the_model_and_a_line_by_line_job(capsys, role_a
     )
     assert code == 0, err
     assert "transform job clip-batch-1 completed" in out  # moto completes jobs at once
+    assert "warning" not in err  # a CPU instance type
     sagemaker = aws("sagemaker")
     model = sagemaker.describe_model(ModelName="clip-batch-1")
     assert model["PrimaryContainer"]["Image"] == IMAGE_URI and model["ExecutionRoleArn"] == role_arn
@@ -690,6 +719,10 @@ def test_batch_transform_on_an_existing_model_and_its_checks(capsys, role_arn):
     assert params["ModelName"] == "clip-20260101-000000-000"
     jobs = aws("sagemaker").list_transform_jobs()["TransformJobSummaries"]
     assert "clip-batch-2" not in [j["TransformJobName"] for j in jobs]
+    gpu = batch_args("clip-batch-2", "--model", "m", "--instance-type", "ml.g5.xlarge")
+    code, _, err = run(capsys, "--dry-run", *gpu)
+    assert code == 0 and "ml.g5.xlarge is a GPU instance" in err, err
+    assert "NVIDIA drivers up to 535" in err and "CUDA 13.0" in err
 
     for extra, words in [
         (("--model", "m", "--image-uri", IMAGE_URI), "either --model"),

@@ -34,6 +34,13 @@ OPERATOR_SCHEMA = {
         "help_message": "e.g. ml.m5.xlarge, ml.c5.2xlarge (CPU); ml.g4dn.xlarge, ml.g5.xlarge",
     },
     "initial_instance_count": {"type": "integer", "default": 1, "min": 1},
+    "inference_ami_version": {
+        "type": "string",
+        "default": "auto",
+        "regex": r"auto|default|[a-z0-9][a-z0-9-]+",
+        "help_message": "the hosts' AMI (their NVIDIA driver): auto picks the driver-580 one the "
+        "image's CUDA 13.0 torch needs on GPU instance types; default: SageMaker's; or a name",
+    },
     "startup_timeout": {
         "type": "integer",
         "default": 600,

@@ -18,6 +18,18 @@ TEMPLATE = Path(__file__).parent / "templates" / "main.tf"
 VALUES_FILE = "bentoctl.tfvars"
 # The endpoint name, and models/configs named `<name>-<12 hex>` (SageMaker allows 63 characters).
 NAME_RE = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,49}")
+# As scripts/deploy_sagemaker.py picks it (the tests hold the two to the same answers): on GPU
+# instance types the AMI whose NVIDIA driver (580) the image's CUDA 13.0 torch needs.
+GPU_INSTANCE_RE = re.compile(r"ml\.[gp]\d")
+GPU_AMI_VERSION = "al2023-ami-sagemaker-inference-gpu-4-1"
+
+
+def inference_ami_version(instance_type: str, choice: str) -> str | None:
+    """`auto`: GPU_AMI_VERSION on GPU instance types, none (SageMaker's default) on others;
+    `default`: none; else the name as given (AWS checks it at apply)."""
+    if choice == "auto":
+        return GPU_AMI_VERSION if GPU_INSTANCE_RE.match(instance_type) else None
+    return None if choice == "default" else choice
 
 
 def hcl_value(value: Any) -> str:
@@ -58,6 +70,9 @@ def terraform_values(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         "execution_role_arn": spec["execution_role_arn"],
         "instance_type": spec["instance_type"],
         "initial_instance_count": spec["initial_instance_count"],
+        "inference_ami_version": inference_ami_version(
+            spec["instance_type"], spec["inference_ami_version"]
+        ),
         "startup_timeout": spec["startup_timeout"],
         "network_isolation": spec["network_isolation"],
         "model_data_url": spec.get("model_data_url"),

@@ -43,6 +43,12 @@ variable "initial_instance_count" {
   type = number
 }
 
+variable "inference_ami_version" {
+  type        = string
+  default     = null
+  description = "the hosts' AMI, which sets their NVIDIA driver; null: SageMaker's default"
+}
+
 variable "startup_timeout" {
   type        = number
   description = "ContainerStartupHealthCheckTimeoutInSeconds: pull + model load + warm-up"
@@ -95,7 +101,7 @@ locals {
   # Endpoint configs are immutable: a new one (and model) per change, named by its content.
   revision = substr(sha1(jsonencode([
     var.image_tag, var.execution_role_arn, var.network_isolation, var.model_data_url, var.env,
-    var.instance_type, var.initial_instance_count, var.startup_timeout,
+    var.instance_type, var.initial_instance_count, var.startup_timeout, var.inference_ami_version,
   ])), 0, 12)
   autoscaling = var.autoscaling_min_instances > 0 ? 1 : 0
 }
@@ -127,6 +133,7 @@ resource "aws_sagemaker_endpoint_configuration" "clip" {
     initial_instance_count                            = var.initial_instance_count
     initial_variant_weight                            = 1
     container_startup_health_check_timeout_in_seconds = var.startup_timeout
+    inference_ami_version                             = var.inference_ami_version
   }
 
   lifecycle {
