@@ -7,8 +7,10 @@ In fp32 it is folded into the patch embedding's weights (`raw_pixel_patch_embedd
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,11 +20,31 @@ from transformers import CLIPModel, CLIPProcessor
 
 from clip_runner.model.cuda_graphs import ReplayedForward, batch_buckets
 
+logger = logging.getLogger(__name__)
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA in fp16 when a GPU is visible, else CPU in fp32 (as the original container)."""
+# Present wherever the NVIDIA kernel driver is loaded (inside containers too).
+NVIDIA_DRIVER_VERSION = Path("/proc/driver/nvidia/version")
+
+
+def pick_device(driver_version: Path = NVIDIA_DRIVER_VERSION) -> tuple[torch.device, torch.dtype]:
+    """CUDA in fp16 when a GPU is visible, else CPU in fp32 (as the original container).
+
+    A host with an NVIDIA driver whose GPU torch cannot use (a driver older than torch's CUDA
+    build needs, or a CPU build of torch) is served on the CPU with a warning: such an endpoint
+    would otherwise be slow with only "ready on cpu" in its log.
+    """
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16
+    if driver_version.exists():
+        found = driver_version.read_text(errors="replace").splitlines()[:1] or ["unknown"]
+        logger.warning(
+            "an NVIDIA driver is loaded (%s) but torch %s (CUDA build: %s) can use no GPU: "
+            "serving on the CPU. A CUDA 13 torch needs driver 580 or newer (README, 'Deploy to "
+            "SageMaker')",
+            found[0].strip(),
+            torch.__version__,
+            torch.version.cuda or "none",
+        )
     return torch.device("cpu"), torch.float32
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pytest
 import torch
 
 from clip_runner.images.loading import ImageGeometry, resize_and_crop
-from clip_runner.model.encoding import ClipEncoder, raw_pixel_patch_embedding
+from clip_runner.model.encoding import ClipEncoder, pick_device, raw_pixel_patch_embedding
 from clip_runner.model.store import OPENAI_MEAN, OPENAI_STD
 from tests.helpers import photo_like
 
@@ -111,3 +112,16 @@ def test_explicit_normalisation_gives_the_folded_embeddings(encoder, tiny_clip):
     assert encoder.raw_pixels and not wide.raw_pixels
     pixels = np.random.default_rng(4).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
     np.testing.assert_allclose(encoder.encode_images(pixels), wide.encode_images(pixels), atol=1e-5)
+
+
+def test_a_driver_torch_cannot_use_is_named_and_the_cpu_serves(tmp_path, caplog):
+    """No GPU that torch can use (as on this machine): the CPU in fp32. Where an NVIDIA driver
+    is loaded all the same (its /proc file, here a stand-in), the log says why it goes unused."""
+    assert not torch.cuda.is_available()  # the suite runs on a CPU torch
+    driver = tmp_path / "version"
+    with caplog.at_level(logging.WARNING, logger="clip_runner.model.encoding"):
+        assert pick_device(driver) == (torch.device("cpu"), torch.float32)
+        assert caplog.text == ""  # no driver: nothing to say
+        driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.54.03\nGCC ...\n")
+        assert pick_device(driver) == (torch.device("cpu"), torch.float32)
+    assert "Kernel Module  535.54.03" in caplog.text and "serving on the CPU" in caplog.text
