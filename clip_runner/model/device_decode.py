@@ -105,7 +105,7 @@ class DeviceJpegDecoder:
         if wants_nvjpeg and self._nvjpeg is None:
             logger.warning(
                 "no torchvision built for torch %s: JPEGs are decoded on the CPU, not with "
-                "nvJPEG (requirements-bento.txt pins the matching release)",
+                "nvJPEG (requirements.txt pins the release built for the pinned torch)",
                 torch.__version__,
             )
         self.name = NVJPEG if self._nvjpeg is not None else PILLOW
