@@ -16,14 +16,16 @@ BENTOCTL_STAMP := $(BENTOCTL_VENV)/.installed
 
 .PHONY: serve test lint format import-model build bench clean bentoctl
 
-# The venv gets requirements.txt without torchvision: development and CI run the CPU torch wheel
-# (pip's find-links here), beside which PyPI's torchvision, a CUDA build, does not load. The
-# tests need no GPU; the bento and its image install torchvision (nvJPEG on a GPU).
+# torchvision (nvJPEG on a GPU) only beside a CUDA torch: development and CI run the CPU torch
+# wheel (pip's find-links here), beside which PyPI's torchvision, a CUDA build, does not load.
+# The bento and its image install requirements.txt as it is.
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	grep -v '^torchvision==' requirements.txt > $(VENV)/requirements-cpu.txt
 	$(BIN)/python -m pip install --quiet -r $(VENV)/requirements-cpu.txt -r requirements-dev.txt
+	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then \
+		$(BIN)/python -m pip install --quiet "$$(grep '^torchvision==' requirements.txt)"; fi
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
