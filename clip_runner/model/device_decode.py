@@ -44,6 +44,21 @@ def _torchvision_decoder() -> Callable | None:
     return decode
 
 
+def drain_queued_work(device: torch.device) -> None:
+    """Waits until the work queued on `device`'s current stream has run; nothing on CPU.
+
+    Called before every nvJPEG decode. torchvision (0.28 included) allocates the decode's output
+    from the caller's stream but has nvJPEG write it from a stream of its own that does not wait
+    for the caller's: a block freed while queued kernels still read it can be handed to the
+    decode and overwritten before they run, silently corrupting another pass's numbers
+    (pytorch/vision#9606, reproduced on H100s, not on an A100). With one pass at a time (the
+    GPU default) nothing is queued here, as each pass ends by copying its answer to the CPU, so
+    this waits for nothing; with CLIP_RUNNER_PASSES > 1 the decode waits for the other pass.
+    """
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def pillow_decode(blob: bytes, device: torch.device) -> torch.Tensor:
     """(3, H, W) uint8 on `device`; the API workers forward only baseline RGB or greyscale
     JPEGs without EXIF rotation, for which this is exactly what their own decode gives."""
@@ -132,7 +147,7 @@ class DeviceJpegDecoder:
         if self._nvjpeg is not None:
             data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
             try:
-                return list(self._nvjpeg(data, self.device))
+                return self._nvjpeg_decode(data)
             except RuntimeError:  # one image it refuses fails the batch call: one at a time
                 pairs = zip(blobs, data, strict=True)
                 return [self._nvjpeg_or_pillow(blob, datum) for blob, datum in pairs]
@@ -140,11 +155,15 @@ class DeviceJpegDecoder:
             return list(self._pool.map(self._pillow_or_none, blobs))
         return [self._pillow_or_none(blob) for blob in blobs]
 
+    def _nvjpeg_decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
+        drain_queued_work(self.device)  # see its docstring: nvJPEG must not overtake it
+        return list(self._nvjpeg(data, self.device))
+
     def _nvjpeg_or_pillow(self, blob: bytes, data: torch.Tensor) -> torch.Tensor | None:
         """nvJPEG refuses some JPEGs that libjpeg decodes; Pillow then decides, so such an
         image gets the answer (or the 422) it would get from the API workers' own decode."""
         try:
-            return self._nvjpeg([data], self.device)[0]
+            return self._nvjpeg_decode([data])[0]
         except RuntimeError as exc:
             logger.debug("nvJPEG refused a forwarded JPEG (%s); decoding it with Pillow", exc)
             return self._pillow_or_none(blob)

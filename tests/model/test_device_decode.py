@@ -157,6 +157,31 @@ def test_a_jpeg_nvjpeg_refuses_is_decoded_by_pillow_as_on_the_api_path():
     np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
 
 
+def test_every_nvjpeg_call_waits_for_the_work_already_queued(monkeypatch):
+    """nvJPEG may overwrite memory that queued kernels still read (drain_queued_work says why),
+    so the device's queue is drained before each of its calls: the batch call and, after it
+    refuses the batch, each one-image call. The stand-in records the order of the two."""
+    events: list[str] = []
+    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device: events.append("drain"))
+    good = encode(photo_like(300, 200, seed=1), "JPEG")
+
+    def refusing_batches(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        events.append(f"decode {len(data)}")
+        if len(data) > 1:
+            raise RuntimeError("nvjpegDecodeBatched failed")
+        return [pillow_decode(bytes(data[0].numpy()), device)]
+
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)
+    decoder._nvjpeg = refusing_batches
+    _, decoded = decoder([good, good])
+    assert decoded == [True, True]
+    assert events == ["drain", "decode 2", "drain", "decode 1", "drain", "decode 1"]
+
+
+def test_draining_the_queue_needs_no_gpu():
+    device_decode.drain_queued_work(torch.device("cpu"))  # a no-op, not a CUDA call
+
+
 @pytest.fixture(scope="module")
 def forwarding(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
     with serve_tiny(
