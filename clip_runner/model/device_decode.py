@@ -156,7 +156,7 @@ class DeviceJpegDecoder:
         return [self._pillow_or_none(blob) for blob in blobs]
 
     def _nvjpeg_decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
-        drain_queued_work(self.device)  # see its docstring: nvJPEG must not overtake it
+        drain_queued_work(self.device)  # nvJPEG must not overtake queued work (its docstring)
         return list(self._nvjpeg(data, self.device))
 
     def _nvjpeg_or_pillow(self, blob: bytes, data: torch.Tensor) -> torch.Tensor | None:

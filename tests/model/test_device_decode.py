@@ -178,10 +178,6 @@ def test_every_nvjpeg_call_waits_for_the_work_already_queued(monkeypatch):
     assert events == ["drain", "decode 2", "drain", "decode 1", "drain", "decode 1"]
 
 
-def test_draining_the_queue_needs_no_gpu():
-    device_decode.drain_queued_work(torch.device("cpu"))  # a no-op, not a CUDA call
-
-
 @pytest.fixture(scope="module")
 def forwarding(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
     with serve_tiny(
