@@ -22,16 +22,17 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from transformers import CLIPModel, CLIPProcessor
+from transformers import CLIPModel
 
 from clip_runner.answers.zero_shot import predict
 from clip_runner.model.encoding import pick_device
+from clip_runner.model.store import load_processor
 
 
 def build_app(model_dir: str) -> Starlette:
     device, dtype = pick_device()
     model = CLIPModel.from_pretrained(model_dir).to(device=device, dtype=dtype).eval()
-    processor = CLIPProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
 
     def invocations_sync(body: dict) -> list[dict]:
         images = [

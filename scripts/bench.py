@@ -429,13 +429,14 @@ class BareModel:
     """
 
     def __init__(self, model_dir: Path, replayed: bool = False) -> None:
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import CLIPModel
 
         from clip_runner.model.encoding import ClipEncoder, pick_device
+        from clip_runner.model.store import load_processor
 
         model = CLIPModel.from_pretrained(model_dir, attn_implementation="sdpa")
         device, dtype = pick_device()  # as the runner does: CUDA fp16 when present, else CPU fp32
-        self.encoder = ClipEncoder(model, CLIPProcessor.from_pretrained(model_dir), device, dtype)
+        self.encoder = ClipEncoder(model, load_processor(model_dir), device, dtype)
         # A GPU's best batch is larger than a CPU's: try up to 256 there.
         self.batches = BARE_BATCHES + (GPU_BATCHES if device.type == "cuda" else ())
         if replayed:  # CLIP_CUDA_GRAPHS=on, as the runner runs it
@@ -508,15 +509,16 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     preprocessing differs: on a GPU the fp16 kernels cuBLAS picks can change with the batch
     size, and at logit scale 100 their rounding alone could approach the 1e-3 bound (so the
     JPEG-only device paths, 20 images, were not comparable with a reference batch of 40)."""
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel
 
     from clip_runner.answers.zero_shot import zero_shot_probabilities
     from clip_runner.images.loading import ImageGeometry, prepare_image
     from clip_runner.model.device_decode import DeviceJpegDecoder
     from clip_runner.model.encoding import ClipEncoder, pick_device
+    from clip_runner.model.store import load_processor
     from tests.hard_images import encoded, hard_images
 
-    processor = CLIPProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     device, dtype = pick_device()
     encoder = ClipEncoder(CLIPModel.from_pretrained(model_dir), processor, device, dtype)
     geometry = ImageGeometry(encoder.shortest_edge, encoder.crop_height, encoder.crop_width)
@@ -596,13 +598,12 @@ def device_resize_exactness(model_dir: Path) -> dict:
     """The torch resize on the model's device (float32 byte planes, resample.py) against
     CLIPImageProcessor's Pillow resize, pixel for pixel, on the hard-image set decoded by
     Pillow, so that only the resize differs: no pixel may differ, on a GPU as on the CPU."""
-    from transformers import CLIPProcessor
-
     from clip_runner.model.encoding import pick_device, size_value
     from clip_runner.model.resample import resize_and_crop
+    from clip_runner.model.store import load_processor
     from tests.hard_images import hard_images
 
-    image_processor = CLIPProcessor.from_pretrained(model_dir).image_processor
+    image_processor = load_processor(model_dir).image_processor
     shortest_edge = size_value(image_processor.size, "shortest_edge")
     device = pick_device()[0]
     differing, pixels, worst = 0, 0, None
@@ -807,13 +808,14 @@ def cpu_ms_per_image(model_dir: Path, sources: list[str], window_s: float = 2) -
     """CPU ms per image, on one thread, of plain Pillow's work and of the model's (normalising
     the pixels and the forward pass, batch 8): the work no server can avoid, and so the highest
     ratio to Pillow's rate a server could reach with nothing else to do."""
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel
 
     from clip_runner.model.encoding import ClipEncoder
+    from clip_runner.model.store import load_processor
 
     encoder = ClipEncoder(
         CLIPModel.from_pretrained(model_dir),
-        CLIPProcessor.from_pretrained(model_dir),
+        load_processor(model_dir),
         torch.device("cpu"),
         torch.float32,
     )
@@ -1026,9 +1028,10 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     With `resume` (an earlier run's gpu-targets.json from a machine of this kind) only the
     stages that run did not finish run: a device lent for minutes may not give a second whole
     run."""
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel
 
     from clip_runner.model.encoding import ClipEncoder, pick_device
+    from clip_runner.model.store import load_processor
 
     cuda = torch.cuda.is_available()
     home, tag, model_dir = import_random_model(tiny=not cuda)  # on CPU: a smoke run only
@@ -1065,7 +1068,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
         payload["bare_image"] = limit_of([plain().round(3) for _ in range(2)])
         encoder = ClipEncoder(
             CLIPModel.from_pretrained(model_dir),
-            CLIPProcessor.from_pretrained(model_dir),
+            load_processor(model_dir),
             device,
             dtype,
         )

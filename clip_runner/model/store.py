@@ -215,12 +215,24 @@ def check_hub_reachable(model_id: str, timeout_s: float = 5.0) -> None:
         raise HubUnavailableError(f"model {model_id!r} does not exist on {endpoint}")
 
 
+def load_processor(source: str | Path) -> CLIPProcessor:
+    """The checkpoint's `CLIPProcessor`, with the Pillow image processor whatever is installed.
+
+    Why: transformers 5 picks its torchvision image processor whenever torchvision is
+    installed (as on every GPU host, for nvJPEG), even for a checkpoint saved with the Pillow
+    one, and its resize gives other pixels (632 of 150,528 differed on a 640x480 noise image,
+    some by 255). The original container's pixels, and so this service's and its fidelity
+    reference's, are Pillow's.
+    """
+    return CLIPProcessor.from_pretrained(source, backend="pil")
+
+
 def load_from_hub(model_id: str) -> tuple[CLIPModel, CLIPProcessor]:
     """Download a checkpoint from the Hugging Face hub (transformers shows a progress bar)."""
     check_hub_reachable(model_id)
     try:
         model = CLIPModel.from_pretrained(model_id)
-        processor = CLIPProcessor.from_pretrained(model_id)
+        processor = load_processor(model_id)
     except OSError as exc:
         raise HubUnavailableError(
             f"could not download {model_id!r} from the Hugging Face hub ({_first_line(exc)}). "
@@ -233,7 +245,7 @@ def load_from_dir(path: Path) -> tuple[CLIPModel, CLIPProcessor]:
     """Read a checkpoint in `save_pretrained` layout (model + processor files) from disk."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a save_pretrained directory")
-    return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+    return CLIPModel.from_pretrained(path).eval(), load_processor(path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -268,7 +280,7 @@ def save_clip(
 def load_checkpoint(path: Path) -> tuple[CLIPModel, CLIPProcessor]:
     """A checkpoint in `save_pretrained` layout, as the runner serves it (CPU, fp32, sdpa)."""
     model = CLIPModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    return model, CLIPProcessor.from_pretrained(path)
+    return model, load_processor(path)
 
 
 def load_clip(stored: bentoml.Model) -> LoadedClip:

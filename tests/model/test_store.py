@@ -5,6 +5,7 @@ from __future__ import annotations
 import bentoml
 import pytest
 import torch
+from transformers import CLIPImageProcessorPil
 
 from clip_runner.model.store import (
     HubUnavailableError,
@@ -13,6 +14,7 @@ from clip_runner.model.store import (
     has_stored_model,
     load_from_dir,
     load_from_hub,
+    load_processor,
 )
 
 
@@ -91,3 +93,24 @@ def test_unreachable_hub_fails_fast_with_advice(monkeypatch):
     with pytest.raises(HubUnavailableError) as raised:
         load_from_hub("openai/clip-vit-base-patch32")
     assert "--tiny" in str(raised.value) and "--from-dir" in str(raised.value)
+
+
+def test_processor_comes_back_with_pillows_resize_even_beside_torchvision(
+    tiny_stored_model, monkeypatch
+):
+    """transformers 5 picks its torchvision image processor (other pixels) whenever torchvision
+    is installed, as on every GPU host: the stored processor must still load as Pillow's."""
+    from transformers.models.auto import image_processing_auto
+
+    resolve = image_processing_auto._resolve_backend
+    chosen = []
+
+    def recording_resolve(*args):
+        chosen.append(resolve(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(image_processing_auto, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(image_processing_auto, "_resolve_backend", recording_resolve)
+    processor = load_processor(tiny_stored_model.path)
+    assert chosen == ["pil"]
+    assert isinstance(processor.image_processor, CLIPImageProcessorPil)
