@@ -328,7 +328,8 @@ def drive_parallel(
         workers = [
             subprocess.Popen(
                 [sys.executable, str(LOAD_GENERATOR), url, scenario.route, bodies.name]
-                + [str(share), str(seconds), str(sum(shares[:i])), cpus],
+                + [str(share), str(seconds), str(sum(shares[:i])), str(scenario.concurrency)]
+                + [cpus],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,

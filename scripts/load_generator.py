@@ -1,15 +1,20 @@
 """One closed-loop load-generator process for scripts/bench.py's GPU runs (`drive_parallel`).
 
-    python scripts/load_generator.py URL ROUTE BODIES_PICKLE CONCURRENCY SECONDS OFFSET CPUS
+    python scripts/load_generator.py URL ROUTE BODIES_PICKLE CONCURRENCY SECONDS OFFSET STRIDE CPUS
 
 A process of its own per client core, so the load generator is not the limit at GPU rates, and
 a script of its own that imports only aiohttp: started as a child of bench.py through
 multiprocessing, each one imported bench.py (torch included) twice a scenario, seconds of a
 device lent for minutes. It pins itself to CPUS (comma-separated), loads the bodies, prints
 `ready`, waits for a line on stdin, then runs CONCURRENCY clients for SECONDS, each sending its
-next body (from OFFSET on, every CONCURRENCY-th) on an answer, and prints one JSON line:
-latencies (s), errors (non-200 answers), its CPU seconds, and when it ended
-(`time.monotonic`, one clock for every process on Linux, so the parent times the window).
+next body on an answer, and prints one JSON line: latencies (s), errors (non-200 answers), its
+CPU seconds, and when it ended (`time.monotonic`, one clock for every process on Linux, so the
+parent times the window).
+
+Client i of this process sends bodies OFFSET + i, then every STRIDE-th after it. With OFFSET the
+clients before this process's and STRIDE all processes' clients together, no two clients of a
+run send the same body until the list wraps: the uncached-prompt scenario must not hit the
+text cache because four processes stepped through the same bodies.
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ import aiohttp
 
 
 async def closed_loop(
-    url: str, route: str, bodies: list[bytes], concurrency: int, seconds: float, offset: int
+    url: str,
+    route: str,
+    bodies: list[bytes],
+    concurrency: int,
+    seconds: float,
+    offset: int,
+    stride: int,
 ) -> tuple[list[float], int]:
     """`concurrency` clients sending back to back for `seconds`: (latencies, errors)."""
     latencies: list[float] = []
@@ -37,7 +48,7 @@ async def closed_loop(
         while time.monotonic() < deadline:
             started = time.monotonic()
             body = bodies[index % len(bodies)]
-            index += concurrency
+            index += stride
             async with session.post(
                 route, data=body, headers={"Content-Type": "application/json"}
             ) as response:
@@ -55,7 +66,7 @@ async def closed_loop(
 
 
 def main(argv: list[str]) -> int:
-    url, route, bodies_path, concurrency, seconds, offset, cpus = argv
+    url, route, bodies_path, concurrency, seconds, offset, stride, cpus = argv
     os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
     with open(bodies_path, "rb") as file:
         bodies = pickle.load(file)  # written by bench.py for this run
@@ -63,7 +74,7 @@ def main(argv: list[str]) -> int:
     sys.stdin.readline()  # the go: every load process is ready
     cpu_before = time.process_time()
     latencies, errors = asyncio.run(
-        closed_loop(url, route, bodies, int(concurrency), float(seconds), int(offset))
+        closed_loop(url, route, bodies, int(concurrency), float(seconds), int(offset), int(stride))
     )
     outcome = {
         "latencies": latencies,

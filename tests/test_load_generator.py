@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from tests.helpers import REPO_ROOT
 
@@ -33,20 +34,32 @@ class CountingHandler(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_load_process_waits_for_its_go_then_reports_its_window(tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    bodies = [b'{"ok": 1}', b'{"fail": true}', b'{"ok": 2}']
-    (tmp_path / "bodies.pickle").write_bytes(pickle.dumps(bodies))
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    process = subprocess.Popen(
-        [sys.executable, "scripts/load_generator.py", url, "/invocations"]
-        + [str(tmp_path / "bodies.pickle"), "3", "1", "0", "0"],
+def start_load_process(
+    url: str, bodies: Path, concurrency: int, offset: int, stride: int
+) -> subprocess.Popen:
+    """One load process for one second, as bench.py's drive_parallel starts it."""
+    return subprocess.Popen(
+        [sys.executable, "scripts/load_generator.py", url, "/invocations", str(bodies)]
+        + [str(concurrency), "1", str(offset), str(stride), "0"],
         cwd=REPO_ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+def start_counting_server() -> tuple[ThreadingHTTPServer, str]:
+    CountingHandler.answered = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_a_load_process_waits_for_its_go_then_reports_its_window(tmp_path):
+    server, url = start_counting_server()
+    bodies = [b'{"ok": 1}', b'{"fail": true}', b'{"ok": 2}']
+    (tmp_path / "bodies.pickle").write_bytes(pickle.dumps(bodies))
+    process = start_load_process(url, tmp_path / "bodies.pickle", 3, offset=0, stride=3)
     try:
         assert process.stdout.readline().strip() == "ready"
         time.sleep(0.3)
@@ -65,3 +78,30 @@ def test_a_load_process_waits_for_its_go_then_reports_its_window(tmp_path):
     assert outcome["errors"] == failed > 0
     assert started + 1 <= outcome["ended"] <= time.monotonic()  # one clock with the parent's
     assert outcome["cpu_s"] > 0
+
+
+def test_the_load_processes_of_a_run_never_send_the_same_body_twice(tmp_path):
+    """Two processes of two clients each, as drive_parallel splits four clients: every body
+    goes out once (uncached prompts must stay uncached), and both processes' clients send."""
+    server, url = start_counting_server()
+    bodies = [json.dumps({"n": n}).encode() for n in range(200_000)]
+    (tmp_path / "bodies.pickle").write_bytes(pickle.dumps(bodies))
+    processes = [
+        start_load_process(url, tmp_path / "bodies.pickle", 2, offset, stride=4)
+        for offset in (0, 2)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout.readline().strip() == "ready"
+        for process in processes:
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        sent = sum(len(json.loads(p.communicate(timeout=60)[0])["latencies"]) for p in processes)
+    finally:
+        for process in processes:
+            process.kill()
+        server.shutdown()
+    answered = [json.loads(body)["n"] for body in CountingHandler.answered]
+    assert len(answered) == sent < len(bodies)
+    assert len(set(answered)) == len(answered)
+    assert {n % 4 for n in answered} == {0, 1, 2, 3}  # every client sent
