@@ -123,7 +123,10 @@ class DeviceJpegDecoder:
                 "nvJPEG (requirements.txt pins the release built for the pinned torch)",
                 torch.__version__,
             )
+        if self._nvjpeg is not None and not self._nvjpeg_decodes_a_plain_jpeg():
+            self._nvjpeg = None
         self.name = NVJPEG if self._nvjpeg is not None else PILLOW
+        self.refused_by_nvjpeg = 0  # JPEGs nvJPEG refused and Pillow then decoded (or not)
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="clip-jpeg") if threads > 1 else None
         )
@@ -131,6 +134,24 @@ class DeviceJpegDecoder:
             # The resize's float32 products are exact only in IEEE float32 (torch's default);
             # TF32 would round them. The model runs in fp16, which this does not touch.
             torch.backends.cuda.matmul.allow_tf32 = False
+
+    def _nvjpeg_decodes_a_plain_jpeg(self) -> bool:
+        """Whether nvJPEG works here at all. Where it cannot start (a driver or container
+        without its hardware path), every batch call would fail and every image be retried
+        alone before Pillow decoded it: twice the work, unseen, under the name "nvjpeg"."""
+        plain = io.BytesIO()
+        Image.new("RGB", (16, 16), (90, 140, 200)).save(plain, "JPEG")
+        try:
+            self._nvjpeg_decode([torch.frombuffer(bytearray(plain.getvalue()), dtype=torch.uint8)])
+        except RuntimeError as exc:
+            logger.warning(
+                "nvJPEG could not decode a plain JPEG on %s (%s): JPEGs are decoded on the CPU "
+                "with Pillow",
+                self.device,
+                exc,
+            )
+            return False
+        return True
 
     def __call__(self, blobs: Sequence[bytes]) -> tuple[torch.Tensor, list[bool]]:
         """uint8 (N_ok, 3, crop_h, crop_w) on the device for the images that decoded, and
@@ -166,6 +187,7 @@ class DeviceJpegDecoder:
             return self._nvjpeg_decode([data])[0]
         except RuntimeError as exc:
             logger.debug("nvJPEG refused a forwarded JPEG (%s); decoding it with Pillow", exc)
+            self.refused_by_nvjpeg += 1
             return self._pillow_or_none(blob)
 
     def _pillow_or_none(self, blob: bytes) -> torch.Tensor | None:

@@ -93,13 +93,19 @@ def test_pillow_decodes_a_batch_in_threads_to_the_same_crops_in_order(monkeypatc
     torch.testing.assert_close(pooled[0][:1], one_thread, rtol=0, atol=0)
 
 
+def nvjpeg_on_the_cpu(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """A stand-in for nvJPEG on a GPU that is not there: Pillow's pixels, on the CPU."""
+    return [pillow_decode(bytes(datum.numpy()), torch.device("cpu")) for datum in data]
+
+
 def test_pillow_can_be_chosen_over_nvjpeg_on_a_gpu(monkeypatch):
     """CLIP_RUNNER_JPEG_DECODER=pillow: libjpeg's exact pixels even where nvJPEG is there. Only
     the choice is checked here (no GPU): the decoder is not even looked up."""
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32  # a CUDA decoder turns it off
     cuda = torch.device("cuda")
+    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device: None)
     try:
-        monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: pillow_decode)
+        monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: nvjpeg_on_the_cpu)
         assert DeviceJpegDecoder(cuda, 224, 224, 224).name == NVJPEG
         monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: pytest.fail("looked"))
         assert DeviceJpegDecoder(cuda, 224, 224, 224, use_nvjpeg=False).name == PILLOW
@@ -122,6 +128,28 @@ def test_a_gpu_without_a_loadable_torchvision_says_so(monkeypatch, caplog):
     caplog.clear()
     DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)  # on CPU nvJPEG is not wanted
     assert "torchvision" not in caplog.text
+
+
+def test_an_nvjpeg_that_cannot_decode_at_all_is_not_used_and_the_log_says_so(monkeypatch, caplog):
+    """Where nvJPEG cannot start, every batch would fail and be retried image by image before
+    Pillow decoded it, under the name nvjpeg: the decoder finds out once, and says so."""
+    calls: list[int] = []
+
+    def broken_nvjpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        calls.append(len(data))
+        raise RuntimeError("nvjpegCreateEx failed: 7")
+
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device: None)
+    monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: broken_nvjpeg)
+    try:
+        with caplog.at_level(logging.WARNING, logger=device_decode.__name__):
+            decoder = DeviceJpegDecoder(torch.device("cuda"), 224, 224, 224)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    assert decoder.name == PILLOW and calls == [1]
+    assert "nvJPEG could not decode a plain JPEG" in caplog.text
+    assert "nvjpegCreateEx failed" in caplog.text
 
 
 def test_a_jpeg_that_does_not_decode_fails_alone():
@@ -153,6 +181,7 @@ def test_a_jpeg_nvjpeg_refuses_is_decoded_by_pillow_as_on_the_api_path():
     decoder._nvjpeg = strict_nvjpeg
     crops, decoded = decoder([good, refused, good[: len(good) // 3]])
     assert decoded == [True, True, False]
+    assert decoder.refused_by_nvjpeg == 2  # the photo and the broken file
     expected = np.stack([prepare_image(blob, 0, GEOMETRY, 10**9) for blob in (good, refused)])
     np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
 
