@@ -88,7 +88,11 @@ def a_full_run(**changes: float) -> dict:
         ("all server cores", "seed c1", {"images_per_s": 120.0, "p50_ms": figures["c1_p50"]}),
         ("all server cores", "seed c32", {"images_per_s": 2000.0, "p95_ms": figures["c32_p95"]}),
         ("all server cores", "seed c64", {"images_per_s": figures["c64"]}),
-        ("server on 4 cores", "seed c64", {"images_per_s": figures["confined"]}),
+        (
+            "server on 4 cores",
+            "seed c64",
+            {"images_per_s": figures["confined"], "server_cpu_cores": 3.9},
+        ),
     ]
     rows = [
         {
@@ -132,6 +136,7 @@ def a_full_run(**changes: float) -> dict:
                 bench.OPT_IN_APPROXIMATION: fast,
                 "device path (nvjpeg on cuda, JPEG only)": fidelity,
             },
+            "jpegs_refused_by_nvjpeg": 2,
         },
         "stage_seconds": {"bare encoders": 40.0},
     }
@@ -183,3 +188,18 @@ def test_the_report_states_every_verdict_every_row_and_the_failed_stages():
     assert "finished by resumed runs on 2026-12-02" in report
     assert "CLIP_PREPROCESS=fast (opt-in, no bound): largest probability change 0.05" in report
     assert "one batch of 40 against one at a time (what batching alone moves): largest " in report
+    assert "nvJPEG refused 2 of the hard set's JPEGs" in report
+
+
+def test_a_server_that_used_more_cores_than_it_was_pinned_to_fails_the_pinning_check():
+    """Under gVisor CPU affinity is recorded, not enforced: the 4-core figures would then be
+    figures of the whole machine, and the report must say so rather than count them."""
+    target = "every server and load generator stayed on its cores (most CPU used / cores given)"
+    assert verdicts_of(a_full_run())[target] == "met"  # 9.5 of 12 cores, 1.2 of 4
+    payload = a_full_run()
+    payload["rows"][3]["server_cpu_cores"] = 6.3  # the 4-core server
+    assert dict((t, v) for t, v, _ in bench.gpu_verdicts(payload))[target] == 1.575
+    assert verdicts_of(payload)[target] == "not met"
+    payload = a_full_run()
+    payload["rows"][0]["client_cpu_cores"] = 4.6  # the load generator's 4 cores
+    assert verdicts_of(payload)[target] == "not met"
