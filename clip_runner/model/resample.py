@@ -25,6 +25,7 @@ of a 4:3 photo's work is thrown away, and a 10000x1 strip allocates a 224 x 2.2 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -317,8 +318,17 @@ if COMPILED:  # compiled once, cached on disk; nogil: the API workers' image thr
         numba.types.Array(numba.int64, 1, "C"),
         numba.types.Array(numba.int32, 2, "C"),
     )
-    _vertical_pass = numba.njit(_SIGNATURE, nogil=True, cache=True)(_vertical_pass)
-    _horizontal_pass = numba.njit(_SIGNATURE, nogil=True, cache=True)(_horizontal_pass)
+    try:
+        _vertical_pass = numba.njit(_SIGNATURE, nogil=True, cache=True)(_vertical_pass)
+        _horizontal_pass = numba.njit(_SIGNATURE, nogil=True, cache=True)(_horizontal_pass)
+    except (numba.core.errors.NumbaError, RuntimeError) as exc:
+        # Compiled at import, in every API worker: a numba other than the pinned one (a GPU
+        # image's own) that cannot type these loops, or nowhere writable for its cache (a
+        # RuntimeError), must cost speed, not the service. Pillow then resizes, same pixels.
+        logging.getLogger(__name__).warning(
+            "numba could not compile the resize (%s): images are resized with Pillow", exc
+        )
+        COMPILED = False
 
 
 def resize_and_crop_array(

@@ -3,6 +3,9 @@ inputs, at every pass order, direction and aspect ratio."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +22,7 @@ from clip_runner.model.resample import (
     resized_size,
 )
 from tests.hard_images import hard_images, noise, stripes
+from tests.helpers import REPO_ROOT
 
 
 def pillow_resize_and_crop(image: Image.Image, edge: int, crop_h: int, crop_w: int) -> np.ndarray:
@@ -152,3 +156,33 @@ def test_a_batch_of_same_size_images_equals_each_resized_alone(size, geometry):
     alone = torch.stack([resize_and_crop(image, *geometry) for image in images])
     assert together.shape == (3, 3, geometry[1], geometry[2])
     torch.testing.assert_close(together, alone, rtol=0, atol=0)
+
+
+def test_a_numba_that_cannot_compile_the_resize_leaves_pillow_resizing():
+    """Compiled at import in every API worker: a numba that fails there (another version than
+    the pinned one, nowhere to write its cache) must cost speed, not the service. A fresh
+    interpreter whose numba refuses to compile still prepares an image, to Pillow's pixels."""
+    script = """
+import io, logging, numba, numpy as np
+from PIL import Image
+def refuse(*args, **kwargs):
+    raise numba.core.errors.TypingError("no typing for these loops")
+numba.njit = refuse
+logging.basicConfig()
+from clip_runner.images import loading
+from clip_runner.model import resample
+image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400, 3), np.uint8))
+blob = io.BytesIO(); image.save(blob, "PNG")
+geometry = loading.ImageGeometry(224, 224, 224)
+ours = loading.prepare_image(blob.getvalue(), 0, geometry, 10**9)
+print(resample.COMPILED, loading.COMPILED, ours.tobytes().hex())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    compiled_in_resample, compiled_in_loading, pixels = done.stdout.split()
+    assert compiled_in_resample == compiled_in_loading == "False"
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400, 3), np.uint8))
+    assert bytes.fromhex(pixels) == pillow_resize_and_crop(image, 224, 224, 224).tobytes()
+    assert "numba could not compile the resize (no typing for these loops)" in done.stderr
