@@ -91,6 +91,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class NeverReady(TimeoutError):
+    """A server that was still starting when wait_ready gave up on it."""
+
+
 def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -102,7 +106,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 240) -> N
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+    raise NeverReady(f"{url} not ready after {timeout_s} s")
 
 
 @contextmanager
@@ -135,12 +139,26 @@ def server(
             raise
         yield url, process.pid
     finally:
-        with contextlib.suppress(ProcessLookupError):  # it may have exited (a failed start)
-            os.killpg(process.pid, 15)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
+        stop_tree(process)
+
+
+def stop_tree(process: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM to the server's process group, then SIGKILL to every process of its tree still
+    there after `grace_s`. BentoML starts its workers in process groups of their own, and a
+    server stopped while starting up (a run interrupted by gpu_bench.sh's timeout) ignored
+    SIGTERM, workers and all: left running, they would skew a resumed run on the same machine.
+    """
+    try:
+        processes = tree(process.pid)
+    except psutil.NoSuchProcess:  # it exited (a failed start)
+        processes = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, 15)
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for survivor in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            survivor.kill()
+    process.wait()
 
 
 def bento_server(home: Path, tag: str, log: Path, cpus: set[int] | None = None, **env: str):
@@ -1154,7 +1172,14 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
             payload["stage_seconds"][name] = round(time.monotonic() - started, 1)
             save()
 
+        never_ready: list[str] = []  # servers that hung in start-up, each costing wait_ready's
+
         def serve(label: str, cpus: set[int], env: dict[str, str], scenarios: list) -> None:
+            if never_ready:  # the next would most likely hang as long: keep the time for the rest
+                raise RuntimeError(
+                    f"skipped: the server of {never_ready[0]!r} never became ready (its log is in "
+                    "server_logs); a --resume run retries this stage"
+                )
             log = Path(tmp) / f"server-{len(payload['server_logs'])}.log"
             try:
                 with bento_server(home, tag, log, cpus=cpus, **env) as (url, pid):
@@ -1166,6 +1191,9 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                         payload["rows"].append(row)
                         print(json.dumps(row), flush=True)
                         save()
+            except NeverReady:
+                never_ready.append(label)
+                raise
             finally:  # on a lent machine the log is all there is to go on
                 tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
                 payload["server_logs"][label] = tail

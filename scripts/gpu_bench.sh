@@ -39,7 +39,31 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 BENTOML_DO_NOT_TRACK=true PYTHONUNBUFFERED=1
 "$python" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible"'
 "$python" -c 'import torchvision.io' || echo "torchvision missing: the device path decodes with Pillow"
+# What the figures were measured with (the image's own numba and numpy among them), and whether
+# the API workers' resize compiles with that numba (if not they resize with Pillow: same pixels,
+# more CPU per request). gVisor reports kernel 4.4.0 and does not enforce CPU affinity.
+{
+  echo "kernel $(uname -r)"
+  "$python" - <<'EOF'
+import importlib
+import platform
+
+print("python", platform.python_version())
+for name in ("torch", "torchvision", "numpy", "numba", "PIL", "transformers", "bentoml"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        print(name, "not importable:", type(exc).__name__, exc)
+from clip_runner.model import resample
+
+print("numba resize compiled:", resample.COMPILED)
+EOF
+} 2>&1 | tee -a "$out_dir/gpu.txt"
 args=("$@")
 [[ ${#args[@]} -gt 0 ]] || args=(--gpu-targets)
-"$python" scripts/bench.py --out "$out_dir" --max-seconds "${BENCH_SECONDS:-8}" \
+# SIGINT before the device tool's own limit: the bench then stops its servers (their own
+# sessions would outlive a kill and skew a resumed run on the same machine) and keeps every
+# stage it finished. Give the device tool's timeout_s about 30 s more than this.
+timeout -s INT -k 30 "${BENCH_TIMEOUT_S:-540}" \
+  "$python" scripts/bench.py --out "$out_dir" --max-seconds "${BENCH_SECONDS:-8}" \
   --max-requests 1000000 "${args[@]}" 2>&1 | tee "$out_dir/bench.log"

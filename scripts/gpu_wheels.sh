@@ -19,6 +19,7 @@ done
 python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl -r .whl/requirements.txt
 # Already in the GPU image, where any recent version does (and some large): keep its own builds,
-# so the wheels and the working tree stay inside the device tool's 64 MiB.
-rm -f .whl/{torch,triton,numpy,pillow,nvidia_*,sympy,networkx,setuptools,hf_xet,pygments,pyyaml,regex}-*.whl
+# so the wheels and the working tree stay inside the device tool's 64 MiB. Not Pillow: the
+# resizes reproduce the pinned Pillow's pass order (resample.py), which older releases lack.
+rm -f .whl/{torch,triton,numpy,nvidia_*,sympy,networkx,setuptools,hf_xet,pygments,pyyaml,regex}-*.whl
 du -sh .whl

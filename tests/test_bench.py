@@ -6,8 +6,11 @@ its own figure."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
 from tests.helpers import REPO_ROOT
@@ -203,3 +206,23 @@ def test_a_server_that_used_more_cores_than_it_was_pinned_to_fails_the_pinning_c
     payload = a_full_run()
     payload["rows"][0]["client_cpu_cores"] = 4.6  # the load generator's 4 cores
     assert verdicts_of(payload)[target] == "not met"
+
+
+def test_stopping_a_server_leaves_no_process_of_its_tree_even_one_ignoring_sigterm():
+    """As a BentoML server stopped while starting: the supervisor and a worker in a process
+    group of its own both ignore SIGTERM. Left running, they would skew a resumed run."""
+    worker = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    supervisor = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); "
+        "time.sleep(120)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", supervisor], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while len(bench.tree(process.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    processes = bench.tree(process.pid)
+    assert len(processes) == 2
+    bench.stop_tree(process, grace_s=1)
+    assert process.returncode is not None
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
