@@ -129,6 +129,9 @@ class ClipEncoder:
     ) -> None:
         self.device = device
         self.dtype = dtype
+        # Read before the cast: in fp16, ln(100) rounds to 4.6055 and exp() gives 100.03, so a
+        # GPU would answer with another logit scale than the checkpoint's (and the CPU's).
+        self.logit_scale = float(model.logit_scale.detach().float().exp().item())
         self.model = model.to(device=device, dtype=dtype).eval()
         self.tokenizer = processor.tokenizer
         image_processor = processor.image_processor
@@ -153,7 +156,7 @@ class ClipEncoder:
         return ModelFacts(
             tag=tag,
             embedding_dim=int(self.model.config.projection_dim),
-            logit_scale=float(self.model.logit_scale.detach().float().exp().item()),
+            logit_scale=self.logit_scale,
             shortest_edge=self.shortest_edge,
             crop_height=self.crop_height,
             crop_width=self.crop_width,

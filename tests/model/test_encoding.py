@@ -31,6 +31,18 @@ def test_facts_come_from_the_checkpoint(encoder, tiny_clip):
     assert facts.embedding_dim == 16 and facts.max_text_tokens == 77
 
 
+def test_an_fp16_model_answers_with_the_checkpoints_logit_scale(tiny_clip):
+    """On a GPU the model runs in fp16, where its stored ln(scale) rounds (ln 100 to 4.6055,
+    whose exp is 100.03): the scale the API multiplies by must stay the checkpoint's."""
+    half = ClipEncoder(
+        copy.deepcopy(tiny_clip.model), tiny_clip.processor, torch.device("cpu"), torch.float16
+    )
+    checkpoint = float(tiny_clip.model.logit_scale.detach().exp().item())
+    assert half.model.logit_scale.dtype == torch.float16
+    assert float(half.model.logit_scale.float().exp()) != checkpoint  # it does round
+    assert half.facts(tiny_clip.tag, tiny_clip.random_weights).logit_scale == checkpoint
+
+
 def test_image_embeddings_match_transformers(encoder, tiny_clip):
     images = [photo_like(320, 240, seed=7), photo_like(200, 410, seed=8)]
     pixels = np.stack([resize_and_crop(image, ImageGeometry(224, 224, 224)) for image in images])
