@@ -2,55 +2,61 @@
 
 BentoML aggregates them across the API workers and the runner (multiprocess mode); outside a
 server they are plain in-process metrics, so the library stays importable and testable.
+
+prometheus_client itself, as BentoML now asks (its `bentoml.metrics` wrapper is deprecated). Its
+only difference was importing prometheus_client on first use, so that a worker that sets
+PROMETHEUS_MULTIPROC_DIR while starting sees it; BentoML's supervisor puts that variable in each
+worker's environment before starting it, so importing it here, with the service, is as early
+as the wrapper's first use was.
 """
 
 from __future__ import annotations
 
-import bentoml
+from prometheus_client import Counter, Histogram
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-RUNNER_BATCH_IMAGES = bentoml.metrics.Histogram(
+RUNNER_BATCH_IMAGES = Histogram(
     name="clip_runner_batch_images",
     documentation="Images per forward pass of the image encoder (cross-request batches)",
     buckets=BATCH_BUCKETS,
 )
-RUNNER_BATCH_TEXTS = bentoml.metrics.Histogram(
+RUNNER_BATCH_TEXTS = Histogram(
     name="clip_runner_batch_texts",
     documentation="Prompts per forward pass of the text encoder",
     buckets=BATCH_BUCKETS,
 )
-RUNNER_INFERENCE_SECONDS = bentoml.metrics.Histogram(
+RUNNER_INFERENCE_SECONDS = Histogram(
     name="clip_runner_inference_seconds",
     documentation="Time of one batched forward pass in the runner",
     labelnames=["encoder"],
     buckets=SECONDS_BUCKETS,
 )
-RUNNER_CALL_SECONDS = bentoml.metrics.Histogram(
+RUNNER_CALL_SECONDS = Histogram(
     name="clip_service_runner_call_seconds",
     documentation="Time an API worker waits on a runner call: queueing + batch + transfer",
     labelnames=["encoder"],
     buckets=SECONDS_BUCKETS,
 )
-RUNNER_CALL_IMAGES = bentoml.metrics.Histogram(
+RUNNER_CALL_IMAGES = Histogram(
     name="clip_service_runner_call_images",
     documentation="Images one runner call carried (an API worker merges concurrent requests "
     "into one call), by what was sent: decoded pixels, or JPEG bytes for the device to decode",
     labelnames=["sent_as"],
     buckets=BATCH_BUCKETS,
 )
-RUNNER_CALL_TEXTS = bentoml.metrics.Histogram(
+RUNNER_CALL_TEXTS = Histogram(
     name="clip_service_runner_call_texts",
     documentation="Prompts one runner call carried (after the text cache and merging)",
     buckets=BATCH_BUCKETS,
 )
-PREPROCESS_SECONDS = bentoml.metrics.Histogram(
+PREPROCESS_SECONDS = Histogram(
     name="clip_service_preprocess_seconds",
     documentation="Decode + resize + crop time of one image, in a worker thread",
     buckets=SECONDS_BUCKETS,
 )
-TEXT_CACHE_LOOKUPS = bentoml.metrics.Counter(
+TEXT_CACHE_LOOKUPS = Counter(
     name="clip_service_text_cache_lookups",
     documentation="Prompt embedding cache lookups, by result (hit or miss)",
     labelnames=["result"],
