@@ -51,9 +51,11 @@ def drain_queued_work(device: torch.device) -> None:
     from the caller's stream but has nvJPEG write it from a stream of its own that does not wait
     for the caller's: a block freed while queued kernels still read it can be handed to the
     decode and overwritten before they run, silently corrupting another pass's numbers
-    (pytorch/vision#9606, reproduced on H100s, not on an A100). With one pass at a time (the
-    GPU default) nothing is queued here, as each pass ends by copying its answer to the CPU, so
-    this waits for nothing; with CLIP_RUNNER_PASSES > 1 the decode waits for the other pass.
+    (pytorch/vision#9606, reproduced on H100s, not on an A100). nvJPEG is only used with one
+    pass at a time (DeviceJpegDecoder's `passes`), and each pass ends by copying its answer to
+    the CPU, so nothing should be queued here: this makes sure. With passes running beside the
+    decode it would not be enough: another pass could queue work and free memory between this
+    wait and the decode's allocation.
     """
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
@@ -102,6 +104,8 @@ class DeviceJpegDecoder:
     `use_nvjpeg=False` decodes with Pillow even on a GPU: libjpeg-turbo's pixels, exactly the
     API path's, at the cost of the runner's CPU (in `threads` threads per batch); nvJPEG's
     pixels differ from libjpeg's by its own IDCT and upsampling (BENCHMARKS.md, fidelity).
+    So does `passes` > 1 (forward passes that may run beside a decode): nvJPEG can overwrite
+    memory another pass's queued kernels still read (drain_queued_work).
     """
 
     def __init__(
@@ -112,10 +116,19 @@ class DeviceJpegDecoder:
         crop_width: int,
         use_nvjpeg: bool = True,
         threads: int = 1,
+        passes: int = 1,
     ) -> None:
         self.device = device
         self.geometry = (shortest_edge, crop_height, crop_width)
         wants_nvjpeg = use_nvjpeg and device.type == "cuda"
+        if wants_nvjpeg and passes > 1:
+            logger.warning(
+                "%d forward passes at once (CLIP_RUNNER_PASSES): JPEGs are decoded with Pillow, "
+                "not nvJPEG, which is only safe on a GPU with one pass at a time "
+                "(pytorch/vision#9606)",
+                passes,
+            )
+            wants_nvjpeg = False
         self._nvjpeg = _torchvision_decoder() if wants_nvjpeg else None
         if wants_nvjpeg and self._nvjpeg is None:
             logger.warning(

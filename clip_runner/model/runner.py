@@ -78,6 +78,13 @@ class CLIPRunner:
         device, dtype = pick_device()
         self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype)
         facts = self.encoder.facts(loaded.tag, loaded.random_weights)
+        layout = pass_layout(
+            device.type == "cuda",
+            torch.get_num_threads(),
+            settings.runner_passes,
+            settings.max_batch_size,
+            compiled=settings.torch_compile,
+        )
         self.jpeg_decoder = DeviceJpegDecoder(
             device,
             facts.shortest_edge,
@@ -85,6 +92,7 @@ class CLIPRunner:
             facts.crop_width,
             use_nvjpeg=settings.runner_jpeg_decoder == "auto",
             threads=runner_decode_threads(len(os.sched_getaffinity(0)), settings.runner_workers),
+            passes=layout.passes,
         )
         if settings.torch_compile:
             self.encoder.compile_towers()
@@ -95,13 +103,6 @@ class CLIPRunner:
                 loaded.tag,
             )
         self._warm_up()
-        layout = pass_layout(
-            device.type == "cuda",
-            torch.get_num_threads(),
-            settings.runner_passes,
-            settings.max_batch_size,
-            compiled=settings.torch_compile,
-        )
         if settings.cuda_graphs:
             self._replay_image_passes(layout.max_batch)
         self.model_facts = dataclasses.replace(

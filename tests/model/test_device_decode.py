@@ -246,3 +246,21 @@ def test_a_forwarded_jpeg_that_does_not_decode_is_a_422_naming_it(forwarding):
         timeout=60,
     )
     assert ok.status_code == 200
+
+
+def test_nvjpeg_is_not_used_beside_other_passes(monkeypatch, caplog):
+    """With forward passes running beside a decode, the drain before it cannot stop another
+    pass from queueing work and freeing memory that nvJPEG then overwrites: Pillow decodes."""
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device: None)
+    monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: nvjpeg_on_the_cpu)
+    try:
+        with caplog.at_level(logging.WARNING, logger=device_decode.__name__):
+            assert DeviceJpegDecoder(torch.device("cuda"), 224, 224, 224, passes=2).name == PILLOW
+            assert "2 forward passes at once (CLIP_RUNNER_PASSES)" in caplog.text
+            caplog.clear()
+            assert DeviceJpegDecoder(torch.device("cuda"), 224, 224, 224, passes=1).name == NVJPEG
+            assert DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224, passes=2).name == PILLOW
+            assert caplog.text == ""  # on CPU nvJPEG is not wanted: nothing to warn about
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
