@@ -21,6 +21,9 @@
 # measures only those stages and merges its results (copy the first gpu-targets.json into the
 # tree so that it travels with it):
 #   bash scripts/gpu_bench.sh --gpu-targets --resume benchmarks/gpu/gpu-targets.json
+# The bench stops itself after BENCH_TIMEOUT_S seconds (540; set it to what the device has left
+# for a resume), servers shut down and finished stages kept; BENCH_SECONDS (8) is each
+# scenario's measuring window.
 # Back on the development machine, with the results in benchmarks/gpu/gpu-targets.json:
 #   .venv/bin/python scripts/bench.py --gpu-report benchmarks/gpu/gpu-targets.json  # BENCHMARKS.md
 set -euo pipefail
