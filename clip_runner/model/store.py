@@ -18,6 +18,7 @@ import httpx
 import torch
 import transformers
 from transformers import (
+    AutoTokenizer,
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
@@ -222,9 +223,13 @@ def load_processor(source: str | Path) -> CLIPProcessor:
     installed (as on every GPU host, for nvJPEG), even for a checkpoint saved with the Pillow
     one, and its resize gives other pixels (632 of 150,528 differed on a 640x480 noise image,
     some by 255). The original container's pixels, and so this service's and its fidelity
-    reference's, are Pillow's.
+    reference's, are Pillow's. Built from its parts: `from_pretrained(backend="pil")` would
+    hand `backend` to the tokenizer too, which would then save it in its config.
     """
-    return CLIPProcessor.from_pretrained(source, backend="pil")
+    return CLIPProcessor(
+        image_processor=CLIPImageProcessorPil.from_pretrained(source),
+        tokenizer=AutoTokenizer.from_pretrained(source),
+    )
 
 
 def load_from_hub(model_id: str) -> tuple[CLIPModel, CLIPProcessor]:

@@ -96,7 +96,7 @@ def test_unreachable_hub_fails_fast_with_advice(monkeypatch):
 
 
 def test_processor_comes_back_with_pillows_resize_even_beside_torchvision(
-    tiny_stored_model, monkeypatch
+    tiny_stored_model, monkeypatch, tmp_path
 ):
     """transformers 5 picks its torchvision image processor (other pixels) whenever torchvision
     is installed, as on every GPU host: the stored processor must still load as Pillow's."""
@@ -112,5 +112,8 @@ def test_processor_comes_back_with_pillows_resize_even_beside_torchvision(
     monkeypatch.setattr(image_processing_auto, "is_torchvision_available", lambda: True)
     monkeypatch.setattr(image_processing_auto, "_resolve_backend", recording_resolve)
     processor = load_processor(tiny_stored_model.path)
-    assert chosen == ["pil"]
+    assert "torchvision" not in chosen  # transformers' own choice was never asked for
     assert isinstance(processor.image_processor, CLIPImageProcessorPil)
+    # and nothing about the image backend reaches the tokenizer's saved config
+    processor.save_pretrained(tmp_path)
+    assert '"pil"' not in (tmp_path / "tokenizer_config.json").read_text()
