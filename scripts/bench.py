@@ -158,6 +158,9 @@ def stop_tree(process: subprocess.Popen, grace_s: float = 10) -> None:
     for survivor in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             survivor.kill()
+    with contextlib.suppress(ProcessLookupError):  # and any it started after the snapshot
+        os.killpg(process.pid, 9)
+    psutil.wait_procs(alive, timeout=grace_s)  # SIGKILL lands asynchronously
     process.wait()
 
 

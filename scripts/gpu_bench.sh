@@ -21,8 +21,10 @@
 # measures only those stages and merges its results (copy the first gpu-targets.json into the
 # tree so that it travels with it):
 #   bash scripts/gpu_bench.sh --gpu-targets --resume benchmarks/gpu/gpu-targets.json
-# The bench stops itself after BENCH_TIMEOUT_S seconds (540; set it to what the device has left
-# for a resume), servers shut down and finished stages kept; BENCH_SECONDS (8) is each
+# The bench stops itself after BENCH_TIMEOUT_S seconds (480), servers shut down and finished
+# stages kept; give the device tool's timeout_s BENCH_TIMEOUT_S + about 120 (the wheels' install
+# and the version check before it, up to 30 s of shutdown after it): 600 for the default. For a
+# resume set it to what the device has left, less those 120. BENCH_SECONDS (8) is each
 # scenario's measuring window.
 # Back on the development machine, with the results in benchmarks/gpu/gpu-targets.json:
 #   .venv/bin/python scripts/bench.py --gpu-report benchmarks/gpu/gpu-targets.json  # BENCHMARKS.md
@@ -66,7 +68,7 @@ args=("$@")
 [[ ${#args[@]} -gt 0 ]] || args=(--gpu-targets)
 # SIGINT before the device tool's own limit: the bench then stops its servers (their own
 # sessions would outlive a kill and skew a resumed run on the same machine) and keeps every
-# stage it finished. Give the device tool's timeout_s about 30 s more than this.
-timeout -s INT -k 30 "${BENCH_TIMEOUT_S:-540}" \
+# stage it finished (see BENCH_TIMEOUT_S above).
+timeout -s INT -k 30 "${BENCH_TIMEOUT_S:-480}" \
   "$python" scripts/bench.py --out "$out_dir" --max-seconds "${BENCH_SECONDS:-8}" \
   --max-requests 1000000 "${args[@]}" 2>&1 | tee "$out_dir/bench.log"
