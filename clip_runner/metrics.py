@@ -3,11 +3,9 @@
 BentoML aggregates them across the API workers and the runner (multiprocess mode); outside a
 server they are plain in-process metrics, so the library stays importable and testable.
 
-prometheus_client itself, as BentoML now asks (its `bentoml.metrics` wrapper is deprecated). Its
-only difference was importing prometheus_client on first use, so that a worker that sets
-PROMETHEUS_MULTIPROC_DIR while starting sees it; BentoML's supervisor puts that variable in each
-worker's environment before starting it, so importing it here, with the service, is as early
-as the wrapper's first use was.
+prometheus_client itself: BentoML deprecated its `bentoml.metrics` wrapper, which only put off
+importing prometheus_client until first use, so that it saw PROMETHEUS_MULTIPROC_DIR. BentoML
+puts that variable in each worker's environment before starting it, so this import sees it too.
 """
 
 from __future__ import annotations

@@ -221,8 +221,8 @@ def load_processor(source: str | Path) -> CLIPProcessor:
 
     Why: transformers 5 picks its torchvision image processor whenever torchvision is
     installed (as on every GPU host, for nvJPEG), even for a checkpoint saved with the Pillow
-    one, and its resize gives other pixels (632 of 150,528 differed on a 640x480 noise image,
-    some by 255). The original container's pixels, and so this service's and its fidelity
+    one, and its resize gives other pixels (632 of 150,528 differed on a 640x480 noise image;
+    README, Fidelity). The original container's pixels, and so this service's and its fidelity
     reference's, are Pillow's. Built from its parts: `from_pretrained(backend="pil")` would
     hand `backend` to the tokenizer too, which would then save it in its config.
     """
