@@ -1175,7 +1175,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
             payload["stage_seconds"][name] = round(time.monotonic() - started, 1)
             save()
 
-        never_ready: list[str] = []  # servers that hung in start-up, each costing wait_ready's
+        never_ready: list[str] = []  # servers that hung in start-up (each cost wait_ready's 240 s)
 
         def serve(label: str, cpus: set[int], env: dict[str, str], scenarios: list) -> None:
             if never_ready:  # the next would most likely hang as long: keep the time for the rest
