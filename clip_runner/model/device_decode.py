@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clip_runner.model.device_health import device_works
 from clip_runner.model.resample import resize_and_crop
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,16 @@ def drain_queued_work(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def pillow_decode(blob: bytes, device: torch.device) -> torch.Tensor:
-    """(3, H, W) uint8 on `device`; the API workers forward only baseline RGB or greyscale
-    JPEGs without EXIF rotation, for which this is exactly what their own decode gives."""
+# How Pillow fails on a JPEG it cannot decode (as on the API path, which answers a 422).
+PILLOW_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def pillow_pixels(blob: bytes) -> torch.Tensor:
+    """(3, H, W) uint8 on the CPU; the API workers forward only baseline RGB or greyscale JPEGs
+    without EXIF rotation, for which this is exactly what their own decode gives."""
     with Image.open(io.BytesIO(blob)) as image:
         pixels = np.array(image.convert("RGB"))  # writable, as torch wants
-    return torch.from_numpy(pixels).to(device).permute(2, 0, 1)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 # Most pixels resized in one go (as float32, 12 bytes a pixel): bounds the device memory a
@@ -183,6 +188,8 @@ class DeviceJpegDecoder:
             try:
                 return self._nvjpeg_decode(data)
             except RuntimeError:  # one image it refuses fails the batch call: one at a time
+                if not device_works(self.device):
+                    raise  # not the images' fault: the runner restarts (device_health.py)
                 pairs = zip(blobs, data, strict=True)
                 return [self._nvjpeg_or_pillow(blob, datum) for blob, datum in pairs]
         if self._pool is not None and len(blobs) > 1:
@@ -204,9 +211,13 @@ class DeviceJpegDecoder:
             return self._pillow_or_none(blob)
 
     def _pillow_or_none(self, blob: bytes) -> torch.Tensor | None:
+        """The image on the device, or None when Pillow cannot decode it. A failing copy to the
+        device (out of memory, a broken CUDA context) is the server's fault, not the image's:
+        it fails the batch rather than become a 422."""
         try:
-            return pillow_decode(blob, self.device)
-        except (OSError, ValueError, RuntimeError, SyntaxError) as exc:
+            pixels = pillow_pixels(blob)
+        except PILLOW_DECODE_ERRORS as exc:
             # The caller's mistake, answered with a 422 for that image: not worth a log line.
             logger.debug("a forwarded JPEG did not decode: %s", exc)
             return None
+        return pixels.to(self.device)

@@ -12,7 +12,7 @@ import dataclasses
 import io
 import logging
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
@@ -28,6 +28,7 @@ from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.model.cuda_graphs import ReplayedForward
 from clip_runner.model.device_decode import DeviceJpegDecoder
+from clip_runner.model.device_health import exits_when_device_breaks
 from clip_runner.model.encoding import ClipEncoder, pick_device
 from clip_runner.model.model_source import load_served_clip
 from clip_runner.model.pass_layout import pass_layout
@@ -118,15 +119,18 @@ class CLIPRunner:
         )
         slots = PassSlots(layout.passes, torch.get_num_threads(), layout.threads_per_pass)
         max_wait_s = settings.max_latency_ms / 1000
-        self.image_batcher = GreedyBatcher(
-            in_executor(self._encode_image_batch, inference), layout.max_batch, max_wait_s, slots
-        )
-        self.text_batcher = GreedyBatcher(
-            in_executor(self._encode_text_batch, inference), layout.max_batch, max_wait_s, slots
-        )
-        self.jpeg_batcher = GreedyBatcher(
-            in_executor(self._encode_jpeg_batch, inference), layout.max_batch, max_wait_s, slots
-        )
+
+        def batcher(encode: Callable[..., np.ndarray]) -> GreedyBatcher:
+            # A CUDA context broken by one batch would fail every later one: the process then
+            # exits to be restarted (device_health.py).
+            guarded = exits_when_device_breaks(encode, device)
+            return GreedyBatcher(
+                in_executor(guarded, inference), layout.max_batch, max_wait_s, slots
+            )
+
+        self.image_batcher = batcher(self._encode_image_batch)
+        self.text_batcher = batcher(self._encode_text_batch)
+        self.jpeg_batcher = batcher(self._encode_jpeg_batch)
         logger.info(
             "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
             "gets all), batches up to %d%s%s, forwarded JPEGs decoded by %s)",

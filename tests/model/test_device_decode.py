@@ -21,7 +21,7 @@ import torch
 
 from clip_runner.images.loading import ImageGeometry, prepare_image
 from clip_runner.model import device_decode
-from clip_runner.model.device_decode import NVJPEG, PILLOW, DeviceJpegDecoder, pillow_decode
+from clip_runner.model.device_decode import NVJPEG, PILLOW, DeviceJpegDecoder, pillow_pixels
 from clip_runner.model.resample import resize_and_crop
 from tests.hard_images import encoded, hard_images
 from tests.helpers import (
@@ -95,7 +95,7 @@ def test_pillow_decodes_a_batch_in_threads_to_the_same_crops_in_order(monkeypatc
 
 def nvjpeg_on_the_cpu(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """A stand-in for nvJPEG on a GPU that is not there: Pillow's pixels, on the CPU."""
-    return [pillow_decode(bytes(datum.numpy()), torch.device("cpu")) for datum in data]
+    return [pillow_pixels(bytes(datum.numpy())) for datum in data]
 
 
 def test_pillow_can_be_chosen_over_nvjpeg_on_a_gpu(monkeypatch):
@@ -173,7 +173,7 @@ def test_a_jpeg_nvjpeg_refuses_is_decoded_by_pillow_as_on_the_api_path():
         if refused in blobs:
             raise RuntimeError("nvjpegDecode failed: unsupported JPEG")
         try:
-            return [pillow_decode(blob, device) for blob in blobs]
+            return [pillow_pixels(blob) for blob in blobs]
         except OSError as exc:
             raise RuntimeError(str(exc)) from exc
 
@@ -198,13 +198,50 @@ def test_every_nvjpeg_call_waits_for_the_work_already_queued(monkeypatch):
         events.append(f"decode {len(data)}")
         if len(data) > 1:
             raise RuntimeError("nvjpegDecodeBatched failed")
-        return [pillow_decode(bytes(data[0].numpy()), device)]
+        return [pillow_pixels(bytes(data[0].numpy()))]
 
     decoder = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)
     decoder._nvjpeg = refusing_batches
     _, decoded = decoder([good, good])
     assert decoded == [True, True]
     assert events == ["drain", "decode 2", "drain", "decode 1", "drain", "decode 1"]
+
+
+def test_an_nvjpeg_error_that_broke_the_device_fails_the_batch_not_each_image(monkeypatch):
+    """After a batch call fails, the images are retried one at a time only while the device
+    still works (its stand-in here says it does not): otherwise every image would be retried,
+    then decoded by Pillow, then answered with a 422 for the server's fault."""
+    good = encode(photo_like(300, 200, seed=1), "JPEG")
+    calls: list[int] = []
+
+    def illegal_access(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        calls.append(len(data))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)
+    decoder._nvjpeg = illegal_access
+    monkeypatch.setattr(device_decode, "device_works", lambda device: False)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        decoder([good, good])
+    assert calls == [2] and decoder.refused_by_nvjpeg == 0
+
+
+def test_a_failing_copy_to_the_device_is_not_blamed_on_the_image(monkeypatch):
+    """Pillow decoded the JPEG; the device then could not take its pixels (out of memory, as
+    stood in for here). That fails the batch (the API answers 503), not the image (a 422)."""
+    good = encode(photo_like(300, 200, seed=1), "JPEG")
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)
+
+    to_device = torch.Tensor.to
+
+    def out_of_memory_for_images(self: torch.Tensor, *args: object, **kwargs: object):
+        if self.dim() == 3:  # one image's (3, H, W) pixels
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return to_device(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", out_of_memory_for_images)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        decoder([good])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,79 @@
+"""Whether the model's device still works after an error, and what the runner does when not.
+
+Most errors in a forward pass or a decode leave the device usable: out of memory, a JPEG that
+nvJPEG refuses. Some leave the process's CUDA context broken for good: an illegal memory access
+(CUDA error 700, which nvJPEG users have reported after decodes), a launch failure, an
+uncorrectable ECC error. Every later CUDA call in that process fails too, and CUDA's own
+documentation says the process must be restarted. A runner left like that would answer every
+request with an error while its readiness probe (plain HTTP) still passed, so a load balancer
+or SageMaker would keep sending traffic to an instance that can serve nothing. So after an
+error the runner asks the device for a trivial result; when it cannot give one, the process
+exits and BentoML's supervisor starts a fresh one (with a new CUDA context), as after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# EX_SOFTWARE: the exit status of a runner process that left because its device broke.
+EXIT_DEVICE_BROKEN = 70
+
+Rows = TypeVar("Rows")
+Output = TypeVar("Output")
+
+
+def device_works(device: torch.device) -> bool:
+    """Whether `device` still computes: waits for its queued work, then adds two numbers on it.
+
+    The CPU always does. A CUDA context broken by a sticky error raises on both steps; one that
+    is only out of memory is not broken."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.cuda.synchronize(device)
+        probe = torch.ones(1, device=device)
+        return (probe + probe).item() == 2.0
+    except torch.cuda.OutOfMemoryError:  # full, not broken: the failed batch's memory comes back
+        return True
+    except RuntimeError:  # torch.AcceleratorError and the CUDA errors of older releases
+        return False
+
+
+def exits_when_device_breaks(
+    infer: Callable[[Rows, int], Output],
+    device: torch.device,
+    exit_process: Callable[[int], object] = os._exit,
+) -> Callable[[Rows, int], Output]:
+    """`infer(rows, threads)` (one batch on `device`), re-raising its errors while the device
+    still works, and ending the process (EXIT_DEVICE_BROKEN) when it no longer does.
+
+    The batch's callers and any others in flight then lose their connection; the API workers
+    retry each runner call once and answer 503 if that fails too, until the supervisor's fresh
+    runner process is ready.
+    """
+
+    def run(rows: Rows, threads: int) -> Output:
+        try:
+            return infer(rows, threads)
+        except RuntimeError as exc:
+            if device_works(device):
+                raise
+            logger.critical(
+                "the %s device no longer works after %s: %s. This runner process exits "
+                "(status %d) so that BentoML starts a fresh one with a new CUDA context",
+                device,
+                type(exc).__name__,
+                exc,
+                EXIT_DEVICE_BROKEN,
+            )
+            exit_process(EXIT_DEVICE_BROKEN)
+            raise  # reached only where `exit_process` returns (the tests' stand-in)
+
+    return run
