@@ -198,19 +198,35 @@ def decode_image(
 
 
 EXIF_ORIENTATION = 0x0112
+# Component ids "R", "G", "B": with neither a JFIF nor an Adobe marker, libjpeg reads them as a
+# JPEG stored in RGB rather than YCbCr.
+RGB_COMPONENT_IDS = (82, 71, 66)
+
+
+def stored_as_rgb(opened: Image.Image) -> bool:
+    """Whether a three-component JPEG holds RGB rather than YCbCr, by libjpeg's own rule: a JFIF
+    marker means YCbCr, else an Adobe marker's transform 0 means RGB, else component ids R, G, B
+    do. Such files (some Adobe exports, `keep_rgb` in Pillow) are rare, and many decoders take
+    them for YCbCr and get every colour wrong; nvJPEG's handling of them is unmeasured."""
+    if len(getattr(opened, "layer", ())) != 3 or "jfif" in opened.info:
+        return False
+    if "adobe" in opened.info:
+        return opened.info.get("adobe_transform") == 0
+    return tuple(component[0] for component in opened.layer) == RGB_COMPONENT_IDS
 
 
 def device_decodable_jpeg(data: bytes, index: int, max_pixels: int, shortest_edge: int) -> bool:
     """Whether the runner's device decoder gives exactly this JPEG's pixels: a baseline JPEG in
-    RGB or greyscale without EXIF rotation, whose shortest side the device resize shrinks
-    exactly (`DEVICE_MAX_DOWNSCALE`). Progressive, CMYK, rotated and giant JPEGs (and every
-    other format) are decoded here instead. Reads the header only; limits apply as for
-    decoding."""
+    YCbCr or greyscale without EXIF rotation, whose shortest side the device resize shrinks
+    exactly (`DEVICE_MAX_DOWNSCALE`). Progressive, CMYK, RGB-stored (`stored_as_rgb`), rotated
+    and giant JPEGs (and every other format) are decoded here instead. Reads the header only;
+    limits apply as for decoding."""
     with opened_image(data, index, max_pixels) as opened:
         return (
             opened.format == "JPEG"
             and opened.mode in ("RGB", "L")
             and not opened.info.get("progressive")
+            and not stored_as_rgb(opened)
             and min(opened.size) <= DEVICE_MAX_DOWNSCALE * shortest_edge
             and opened.getexif().get(EXIF_ORIENTATION, 1) == 1
         )

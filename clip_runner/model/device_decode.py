@@ -67,8 +67,8 @@ PILLOW_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decomp
 
 
 def pillow_pixels(blob: bytes) -> torch.Tensor:
-    """(3, H, W) uint8 on the CPU; the API workers forward only baseline RGB or greyscale JPEGs
-    without EXIF rotation, for which this is exactly what their own decode gives."""
+    """(3, H, W) uint8 on the CPU; the API workers forward only baseline YCbCr or greyscale
+    JPEGs without EXIF rotation, for which this is exactly what their own decode gives."""
     with Image.open(io.BytesIO(blob)) as image:
         pixels = np.array(image.convert("RGB"))  # writable, as torch wants
     return torch.from_numpy(pixels).permute(2, 0, 1)

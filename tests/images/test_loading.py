@@ -25,6 +25,7 @@ from clip_runner.images.loading import (
     prepare_image,
     reduce_large,
     resize_and_crop,
+    stored_as_rgb,
 )
 from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE
 from clip_runner.model.store import OPENAI_STD, build_image_processor
@@ -309,22 +310,79 @@ def test_small_baseline_jpegs_are_decoded_on_the_event_loop_the_rest_in_a_thread
 
 
 def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image_server):
-    """Baseline RGB/greyscale JPEGs go as their own bytes; progressive, CMYK, rotated JPEGs
-    and PNGs are decoded here as before."""
+    """Baseline YCbCr/greyscale JPEGs go as their own bytes; progressive, CMYK, RGB-stored and
+    rotated JPEGs and PNGs are decoded here as before."""
     photo = photo_like(320, 240, seed=4)
     baseline = encode(photo, "JPEG", quality=90)
     grey = encode(photo.convert("L"), "JPEG", quality=90)
     progressive = encode(photo, "JPEG", quality=90, progressive=True)
     cmyk = encode(photo.convert("CMYK"), "JPEG", quality=90)
+    rgb = encode(photo, "JPEG", quality=90, keep_rgb=True)  # no YCbCr: an Adobe marker says so
     exif = photo.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     rotated = encode(photo, "JPEG", quality=90, exif=exif.tobytes())
     sources = [base64.b64encode(data).decode() for data in (baseline, grey, progressive, cmyk)]
-    sources += [base64.b64encode(rotated).decode(), as_base64(photo)]
+    sources += [base64.b64encode(data).decode() for data in (rgb, rotated)]
+    sources += [as_base64(photo)]
     loaded = load(sources, dataclasses.replace(LIMITS, forward_jpegs=True))
     assert loaded[0] == baseline and loaded[1] == grey
     assert all(isinstance(item, np.ndarray) for item in loaded[2:])
-    assert loaded[4].shape == (224, 224, 3)
+    assert loaded[5].shape == (224, 224, 3)
+    assert (loaded[4] == prepare_image(rgb, 0, GEOMETRY, MAX_PIXELS)).all()
+
+
+def jpeg_with_markers(jfif: bool, adobe_transform: int | None, component_ids: bytes) -> bytes:
+    """A baseline 3-component JPEG whose JFIF and Adobe markers and component ids are set by
+    hand, the three things libjpeg reads its colour space from."""
+    data = bytearray(encode(photo_like(32, 24, seed=9), "JPEG", quality=90, keep_rgb=True))
+    segments, position = [], 2  # after SOI: every marker segment up to the scan
+    while data[position + 1] != 0xDA:
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        segments.append(bytes(data[position : position + 2 + length]))
+        position += 2 + length
+    kept = [segment for segment in segments if segment[1] not in (0xE0, 0xEE)]
+    for number, segment in enumerate(kept):
+        if segment[1] == 0xC0:  # SOF0: each component's id, then sampling and table
+            frame = bytearray(segment)
+            for component in range(3):
+                frame[10 + 3 * component] = component_ids[component]
+            kept[number] = bytes(frame)
+    markers = []
+    if jfif:
+        markers.append(b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+    if adobe_transform is not None:
+        markers.append(b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + bytes([adobe_transform]))
+    scan = bytearray(data[position:])
+    for component in range(3):  # the scan names its components by the frame's ids
+        scan[5 + 2 * component] = component_ids[component]
+    return b"\xff\xd8" + b"".join(markers) + b"".join(kept) + bytes(scan)
+
+
+@pytest.mark.parametrize(
+    ("jfif", "adobe_transform", "component_ids", "as_rgb"),
+    [
+        (True, None, b"\x01\x02\x03", False),  # what cameras and Pillow write
+        (False, 0, b"RGB", True),  # Pillow's keep_rgb, Adobe's RGB exports
+        (False, 1, b"RGB", False),  # the Adobe marker says YCbCr whatever the ids
+        (True, 0, b"RGB", False),  # JFIF comes first in libjpeg's rule
+        (False, None, b"RGB", True),  # no marker: the ids decide
+        (False, None, b"\x01\x02\x03", False),
+        (False, None, b"\x07\x08\x09", False),  # unknown ids: libjpeg assumes YCbCr
+    ],
+)
+def test_jpegs_stored_as_rgb_are_found_by_libjpegs_rule(
+    jfif, adobe_transform, component_ids, as_rgb
+):
+    """Each case decodes with Pillow (libjpeg), and its colours tell which colour space libjpeg
+    read: the header rule must agree with them."""
+    data = jpeg_with_markers(jfif, adobe_transform, component_ids)
+    with Image.open(io.BytesIO(data)) as opened:
+        assert stored_as_rgb(opened) is as_rgb
+        decoded = np.asarray(opened.convert("RGB"), dtype=np.int16)
+    original = np.asarray(photo_like(32, 24, seed=9), dtype=np.int16)
+    # The file holds RGB samples: read as RGB they are the photo, read as YCbCr they are not.
+    assert bool(np.abs(decoded - original).mean() < 12) is as_rgb
+    assert device_decodable_jpeg(data, 0, MAX_PIXELS, shortest_edge=224) is not as_rgb
 
 
 def test_a_jpeg_past_the_device_resizes_exact_downscale_is_decoded_here():
