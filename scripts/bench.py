@@ -1165,7 +1165,8 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
             if name in done:
                 print(f"{name}: kept from {resume}", flush=True)
                 return
-            print(f"{name} ...", flush=True)
+            # The clock time lines the stage up with gpu_bench.sh's GPU samples (gpu-util.csv).
+            print(f"{time.strftime('%H:%M:%S')} {name} ...", flush=True)
             started = time.monotonic()
             try:
                 measure()

@@ -16,7 +16,7 @@
 # batch's copy to the GPU, pageable against pinned + non-blocking. Each
 # server and each in-process measurement is a stage, saved as it ends with its duration, so a
 # run cut short keeps what it measured; a failed stage is recorded and the next one runs.
-# Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt.
+# Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt, gpu-util.csv.
 # A run cut short or with failed stages is finished on a machine of its kind by a second run that
 # measures only those stages and merges its results (copy the first gpu-targets.json into the
 # tree so that it travels with it):
@@ -66,6 +66,12 @@ EOF
 } 2>&1 | tee -a "$out_dir/gpu.txt"
 args=("$@")
 [[ ${#args[@]} -gt 0 ]] || args=(--gpu-targets)
+# The GPU's utilisation and memory once a second while the bench runs, to tell a server the
+# CPUs hold back (the GPU idle) from one the GPU does; bench.log gives each stage's start time.
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 \
+  > "$out_dir/gpu-util.csv" 2>&1 &
+sampler=$!
+trap 'kill "$sampler" 2>/dev/null || true' EXIT
 # SIGINT before the device tool's own limit: the bench then stops its servers (their own
 # sessions would outlive a kill and skew a resumed run on the same machine) and keeps every
 # stage it finished (see BENCH_TIMEOUT_S above).
