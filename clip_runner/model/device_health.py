@@ -1,4 +1,6 @@
-"""Whether the model's device still works after an error, and what the runner does when not.
+"""What the runner does when its device fails a batch: out of memory, or broken for good.
+
+A batch the device has no memory for is encoded in halves (`halves_when_out_of_memory`).
 
 Most errors in a forward pass or a decode leave the device usable: out of memory, a JPEG that
 nvJPEG refuses. Some leave the process's CUDA context broken for good: an illegal memory access
@@ -18,6 +20,7 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -25,8 +28,35 @@ logger = logging.getLogger(__name__)
 # EX_SOFTWARE: the exit status of a runner process that left because its device broke.
 EXIT_DEVICE_BROKEN = 70
 
-Rows = TypeVar("Rows")
+Rows = TypeVar("Rows", np.ndarray, list)
 Output = TypeVar("Output")
+
+
+def halves_when_out_of_memory(encode: Callable[[Rows], np.ndarray]) -> Callable[[Rows], np.ndarray]:
+    """`encode(rows)`, run on each half of the rows (and each half's halves, as far as needed)
+    when the device runs out of memory for all of them at once, the output rows in order.
+
+    The GPU batch limit is one number for every card: a small card, a large model, large JPEGs
+    or another process on the same GPU can leave too little memory for a whole batch, and the
+    batch's every request would get a 503. A single row that does not fit still fails.
+    (PyTorch's allocator has already returned its cached memory before it raises.)
+    """
+
+    def run(rows: Rows) -> np.ndarray:
+        try:
+            return encode(rows)
+        except torch.cuda.OutOfMemoryError:
+            if len(rows) < 2:
+                raise
+        # Not inside the except clause: its traceback holds the failed pass's frames, and with
+        # them the tensors that filled the memory.
+        logger.warning(
+            "out of device memory for %d rows at once: encoding them in halves", len(rows)
+        )
+        middle = len(rows) // 2
+        return np.concatenate([run(rows[:middle]), run(rows[middle:])])
+
+    return run
 
 
 def device_works(device: torch.device) -> bool:

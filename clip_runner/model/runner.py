@@ -28,7 +28,7 @@ from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.model.cuda_graphs import ReplayedForward
 from clip_runner.model.device_decode import DeviceJpegDecoder
-from clip_runner.model.device_health import exits_when_device_breaks
+from clip_runner.model.device_health import exits_when_device_breaks, halves_when_out_of_memory
 from clip_runner.model.encoding import ClipEncoder, pick_device
 from clip_runner.model.model_source import load_served_clip
 from clip_runner.model.pass_layout import pass_layout
@@ -180,25 +180,28 @@ class CLIPRunner:
         torch.set_num_threads(threads)  # under OpenMP, for this inference thread only
         RUNNER_BATCH_IMAGES.observe(len(pixels))
         with RUNNER_INFERENCE_SECONDS.labels(encoder="image").time():
-            return self.encoder.encode_images(pixels)
+            return halves_when_out_of_memory(self.encoder.encode_images)(pixels)
 
     def _encode_jpeg_batch(self, jpegs: list[bytes], threads: int) -> np.ndarray:
-        """Decoded and resized on the device, then encoded; a JPEG that did not decode gets a
-        row of NaN (the API answers that image with a 422) and its batch goes on."""
         torch.set_num_threads(threads)
         RUNNER_BATCH_IMAGES.observe(len(jpegs))
         with RUNNER_INFERENCE_SECONDS.labels(encoder="image").time():
-            crops, decoded = self.jpeg_decoder(jpegs)
-            output = np.full((len(jpegs), self.model_facts.embedding_dim), np.nan, np.float32)
-            if len(crops):
-                output[np.flatnonzero(decoded)] = self.encoder.encode_pixels(crops)
-            return output
+            return halves_when_out_of_memory(self._decode_and_encode_jpegs)(jpegs)
+
+    def _decode_and_encode_jpegs(self, jpegs: list[bytes]) -> np.ndarray:
+        """Decoded and resized on the device, then encoded; a JPEG that did not decode gets a
+        row of NaN (the API answers that image with a 422) and its batch goes on."""
+        crops, decoded = self.jpeg_decoder(jpegs)
+        output = np.full((len(jpegs), self.model_facts.embedding_dim), np.nan, np.float32)
+        if len(crops):
+            output[np.flatnonzero(decoded)] = self.encoder.encode_pixels(crops)
+        return output
 
     def _encode_text_batch(self, texts: list[str], threads: int) -> np.ndarray:
         torch.set_num_threads(threads)
         RUNNER_BATCH_TEXTS.observe(len(texts))
         with RUNNER_INFERENCE_SECONDS.labels(encoder="text").time():
-            return self.encoder.encode_texts(texts)
+            return halves_when_out_of_memory(self.encoder.encode_texts)(texts)
 
     @bentoml.api
     async def encode_images(self, pixels: np.ndarray) -> Embeddings:

@@ -1,8 +1,10 @@
-"""A runner whose device broke exits to be restarted; one whose device works passes errors on.
+"""A batch the device has no memory for is encoded in halves; a runner whose device broke exits
+to be restarted; one whose device works passes errors on.
 
-A broken CUDA context cannot be made without a GPU: its stand-in here is `device_works`
-answering False. Everything around it is real: a real forward pass that fails, and a real
-process that exits with the runner's status.
+Neither a full GPU nor a broken CUDA context can be made without a GPU: their stand-ins here
+are an encoder that refuses passes above a row count and `device_works` answering False.
+Everything around them is real: the tiny model's forward passes, a real failing pass, and a
+real process that exits with the runner's status.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from clip_runner.model.device_health import (
     EXIT_DEVICE_BROKEN,
     device_works,
     exits_when_device_breaks,
+    halves_when_out_of_memory,
 )
 from clip_runner.model.encoding import ClipEncoder
 from tests.helpers import REPO_ROOT
@@ -26,14 +30,70 @@ from tests.helpers import REPO_ROOT
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module")
+def encoder(tiny_clip) -> ClipEncoder:
+    return ClipEncoder(copy.deepcopy(tiny_clip.model), tiny_clip.processor, CPU, torch.float32)
+
+
+def memory_for(rows: int, encode, passes: list[int]):
+    """`encode` on a device with memory for at most `rows` rows at once; records each pass."""
+
+    def limited(batch):
+        passes.append(len(batch))
+        if len(batch) > rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 MiB")
+        return encode(batch)
+
+    return limited
+
+
+def test_a_batch_the_device_has_no_memory_for_is_encoded_in_halves_in_order(encoder):
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (7, 224, 224, 3), dtype=np.uint8)
+    passes: list[int] = []
+    halved = halves_when_out_of_memory(memory_for(2, encoder.encode_images, passes))(pixels)
+    assert passes == [7, 3, 1, 2, 4, 2, 2]  # 7 -> 3 + 4 -> (1 + 2) + (2 + 2)
+    np.testing.assert_allclose(halved, encoder.encode_images(pixels), atol=1e-6)
+    texts = [f"a photo of a thing number {number}" for number in range(5)]
+    passes.clear()
+    halved = halves_when_out_of_memory(memory_for(3, encoder.encode_texts, passes))(texts)
+    assert passes == [5, 2, 3]
+    np.testing.assert_allclose(halved, encoder.encode_texts(texts), atol=1e-6)
+
+
+def test_the_memory_of_the_pass_that_ran_out_is_free_before_the_halves_run():
+    """The error's traceback holds the failed pass's frame, and the tensors that filled the
+    memory: the halves must not run while it is alive."""
+    made: list[weakref.ref] = []
+    alive_at_each_pass: list[list[bool]] = []
+
+    def encode(rows: list[int]) -> np.ndarray:
+        activations = torch.empty((len(rows), 1000))  # what a pass holds on the device
+        alive_at_each_pass.append([ref() is not None for ref in made])
+        made.append(weakref.ref(activations))
+        if len(rows) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 MiB")
+        return np.zeros((1, 4), np.float32)
+
+    assert halves_when_out_of_memory(encode)([1, 2]).shape == (2, 4)
+    assert alive_at_each_pass == [[], [False], [False, False]]
+
+
+def test_a_single_row_the_device_has_no_memory_for_still_fails(encoder):
+    passes: list[int] = []
+    encode = halves_when_out_of_memory(memory_for(0, encoder.encode_texts, passes))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        encode(["a photo of a cat", "a photo of a dog"])
+    assert passes == [2, 1]  # the first half alone already failed
+
+
 def test_the_cpu_always_works():
     assert device_works(CPU)
 
 
-def test_a_failing_pass_on_a_working_device_reaches_its_callers_and_the_process_stays(tiny_clip):
+def test_a_failing_pass_on_a_working_device_reaches_its_callers_and_the_process_stays(encoder):
     """A real forward pass that fails (four-channel pixels for a three-channel model): its
     callers get the error (the API answers 503), and nothing exits."""
-    encoder = ClipEncoder(copy.deepcopy(tiny_clip.model), tiny_clip.processor, CPU, torch.float32)
     exits: list[int] = []
     encode = exits_when_device_breaks(
         lambda pixels, _threads: encoder.encode_pixels(pixels), CPU, exits.append
