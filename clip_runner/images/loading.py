@@ -215,12 +215,42 @@ def stored_as_rgb(opened: Image.Image) -> bool:
     return tuple(component[0] for component in opened.layer) == RGB_COMPONENT_IDS
 
 
+START_OF_SCAN, END_OF_IMAGE = 0xDA, b"\xff\xd9"
+# Markers without a length field (TEM, RST0-7): nothing follows them but the next marker.
+STANDALONE_MARKERS = frozenset((0x01, *range(0xD0, 0xD8)))
+
+
+def ends_after_its_scan(data: bytes) -> bool:
+    """Whether an end-of-image marker follows the JPEG's first scan: the file is complete.
+
+    Pillow refuses a truncated JPEG (even one missing only its last two bytes), so the API path
+    answers a 422; what nvJPEG does with one is unmeasured (it may decode what is there). The
+    walk goes marker to marker by their lengths up to the scan, past any thumbnail in the EXIF
+    data; inside the scan's coded data a 0xFF byte is always followed by 0x00 or a restart
+    marker, so an FF D9 after the scan's start can only be the end. Data after that end (some
+    phones append their own) is allowed, as Pillow allows it."""
+    position = 2  # after the start-of-image marker
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker in STANDALONE_MARKERS:
+            position += 2
+        elif marker == START_OF_SCAN:
+            # From the end: a complete file ends with the marker, so this reads two bytes.
+            return data.rfind(END_OF_IMAGE, position + 2) != -1
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return False
+
+
 def device_decodable_jpeg(data: bytes, index: int, max_pixels: int, shortest_edge: int) -> bool:
-    """Whether the runner's device decoder gives exactly this JPEG's pixels: a baseline JPEG in
-    YCbCr or greyscale without EXIF rotation, whose shortest side the device resize shrinks
-    exactly (`DEVICE_MAX_DOWNSCALE`). Progressive, CMYK, RGB-stored (`stored_as_rgb`), rotated
-    and giant JPEGs (and every other format) are decoded here instead. Reads the header only;
-    limits apply as for decoding."""
+    """Whether the runner's device decoder gives exactly this JPEG's pixels (or, for a broken
+    one, this path's 422): a complete (`ends_after_its_scan`) baseline JPEG in YCbCr or
+    greyscale without EXIF rotation, whose shortest side the device resize shrinks exactly
+    (`DEVICE_MAX_DOWNSCALE`). Truncated, progressive, CMYK, RGB-stored (`stored_as_rgb`),
+    rotated and giant JPEGs (and every other format) are decoded here instead. Reads the header
+    and looks for the end marker; limits apply as for decoding."""
     with opened_image(data, index, max_pixels) as opened:
         return (
             opened.format == "JPEG"
@@ -229,6 +259,7 @@ def device_decodable_jpeg(data: bytes, index: int, max_pixels: int, shortest_edg
             and not stored_as_rgb(opened)
             and min(opened.size) <= DEVICE_MAX_DOWNSCALE * shortest_edge
             and opened.getexif().get(EXIF_ORIENTATION, 1) == 1
+            and ends_after_its_scan(data)
         )
 
 

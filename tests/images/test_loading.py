@@ -21,6 +21,7 @@ from clip_runner.images.loading import (
     decode_image,
     decode_inline,
     device_decodable_jpeg,
+    ends_after_its_scan,
     load_images,
     prepare_image,
     reduce_large,
@@ -329,6 +330,29 @@ def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image
     assert all(isinstance(item, np.ndarray) for item in loaded[2:])
     assert loaded[5].shape == (224, 224, 3)
     assert (loaded[4] == prepare_image(rgb, 0, GEOMETRY, MAX_PIXELS)).all()
+
+
+def test_truncated_jpegs_are_decoded_here_and_refused_as_on_the_cpu():
+    """Pillow refuses a JPEG that stops before its end marker, even by two bytes (a 422 on the
+    API path); nvJPEG might decode what is there. So only complete JPEGs are forwarded: an end
+    marker in the EXIF data, before the scan, does not count; data after the end does not
+    matter (some phones append their own)."""
+    photo = photo_like(320, 240, seed=5)
+    exif = photo.getexif()
+    exif[0x010F] = "camera"
+    with_thumbnail_end = encode(photo, "JPEG", quality=90, exif=exif.tobytes() + b"\xff\xd9")
+    complete = encode(photo, "JPEG", quality=90)
+    limits = dataclasses.replace(LIMITS, forward_jpegs=True)
+    for whole in (complete, with_thumbnail_end):
+        assert ends_after_its_scan(whole)
+        assert load([base64.b64encode(whole).decode()], limits)[0] == whole
+        trailer = whole + b"SEFH" + bytes(100)
+        assert load([base64.b64encode(trailer).decode()], limits)[0] == trailer
+        for truncated in (whole[:-2], whole[: len(whole) // 2]):
+            assert not ends_after_its_scan(truncated)
+            with pytest.raises(RequestError, match="image file is truncated") as refused:
+                load([as_base64(photo), base64.b64encode(truncated).decode()], limits)
+            assert refused.value.status == 422 and "images[1]" in str(refused.value)
 
 
 def jpeg_with_markers(jfif: bool, adobe_transform: int | None, component_ids: bytes) -> bytes:

@@ -271,12 +271,19 @@ def test_forwarding_server_answers_as_the_api_path(forwarding, served):
 
 
 def test_a_forwarded_jpeg_that_does_not_decode_is_a_422_naming_it(forwarding):
+    """A complete JPEG (so it is forwarded) whose coded data is garbage: the runner's decode
+    fails, that image alone."""
     good = encode(photo_like(120, 90, seed=3), "JPEG")
-    body = {"images": [b64(good), b64(good[: len(good) // 3])], "classes": SEED_CLASSES}
+    scan = good.find(b"\xff\xda")
+    garbled = bytearray(good)
+    for position in range(scan + 20, len(good) - 2, 7):  # stray 0xFF bytes: markers it cannot be
+        garbled[position] = 0xFF if garbled[position - 1] != 0xFF else 0x00
+    body = {"images": [b64(good), b64(bytes(garbled))], "classes": SEED_CLASSES}
     response = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["index"] == 1 and "images[1]" in error["message"]
+    assert "the JPEG decoder refused it" in error["message"]  # the runner's, not the API's
     ok = httpx.post(
         f"{forwarding.url}/invocations",
         json={"images": [b64(good)], "classes": SEED_CLASSES},
