@@ -245,12 +245,12 @@ def ends_after_its_scan(data: bytes) -> bool:
 
 
 def device_decodable_jpeg(data: bytes, index: int, max_pixels: int, shortest_edge: int) -> bool:
-    """Whether the runner's device decoder gives exactly this JPEG's pixels (or, for a broken
-    one, this path's 422): a complete (`ends_after_its_scan`) baseline JPEG in YCbCr or
-    greyscale without EXIF rotation, whose shortest side the device resize shrinks exactly
-    (`DEVICE_MAX_DOWNSCALE`). Truncated, progressive, CMYK, RGB-stored (`stored_as_rgb`),
-    rotated and giant JPEGs (and every other format) are decoded here instead. Reads the header
-    and looks for the end marker; limits apply as for decoding."""
+    """Whether the runner's device decoder gives exactly this JPEG's pixels: a complete
+    (`ends_after_its_scan`) baseline JPEG in YCbCr or greyscale without EXIF rotation, whose
+    shortest side the device resize shrinks exactly (`DEVICE_MAX_DOWNSCALE`). Truncated,
+    progressive, CMYK, RGB-stored (`stored_as_rgb`), rotated and giant JPEGs (and every other
+    format) are decoded here instead. Reads the header and looks for the end marker; limits
+    apply as for decoding."""
     with opened_image(data, index, max_pixels) as opened:
         return (
             opened.format == "JPEG"
