@@ -526,8 +526,9 @@ def bare_model_limit(model_dir: Path, rounds: int = 3) -> dict:
 def preprocessing_fidelity(model_dir: Path) -> dict:
     """Each preprocessing path against CLIPImageProcessor on the hard-image set (tests/
     hard_images.py: stripes of 2-11 px both ways, checkerboards, fabric, noise, text, photos,
-    extreme aspect ratios; JPEG and PNG): the largest change of any probability over the seed's
-    six prompts at logit scale 100, the lowest embedding cosine, which image, and ms per image.
+    extreme aspect ratios; PNG, and JPEG at 4:2:0, with the colour images at 4:2:2 and 4:4:4
+    too): the largest change of any probability over the seed's six prompts at logit scale 100,
+    the lowest embedding cosine, which image, and ms per image.
     Every path's pixels go through the same encoder one image at a time, so only the
     preprocessing differs: on a GPU the fp16 kernels cuBLAS picks can change with the batch
     size, and at logit scale 100 their rounding alone could approach the 1e-3 bound (so the
@@ -539,17 +540,13 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     from clip_runner.model.device_decode import NVJPEG, DeviceJpegDecoder
     from clip_runner.model.encoding import ClipEncoder, pick_device
     from clip_runner.model.store import load_processor
-    from tests.hard_images import encoded, hard_images
+    from tests.hard_images import encoded_set
 
     processor = load_processor(model_dir)
     device, dtype = pick_device()
     encoder = ClipEncoder(CLIPModel.from_pretrained(model_dir), processor, device, dtype)
     geometry = ImageGeometry(encoder.shortest_edge, encoder.crop_height, encoder.crop_width)
-    blobs = [
-        (f"{name} ({fmt})", encoded(image, fmt))
-        for name, image in hard_images()
-        for fmt in ("JPEG", "PNG")
-    ]
+    blobs = encoded_set()
 
     def clip_processor(blob: bytes) -> np.ndarray:
         image = Image.open(io.BytesIO(blob)).convert("RGB")
@@ -594,7 +591,7 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     results: dict = {"images": len(blobs), "paths": {}}
     reference = None
     for path, (prepare, jpeg_only) in paths.items():
-        chosen = [(name, blob) for name, blob in blobs if not jpeg_only or "(JPEG)" in name]
+        chosen = [(name, blob) for name, blob in blobs if not jpeg_only or "(JPEG" in name]
         names = [name for name, _ in chosen]
         started = time.monotonic()
         pixels = np.stack([prepare(blob) for _, blob in chosen])
@@ -1632,7 +1629,8 @@ def fidelity_text(fidelity: dict) -> str:
     lines = [
         f"Preprocessing fidelity against CLIPImageProcessor over the hard-image set "
         f"({fidelity['images']} images: stripes, checkerboards, fabric, noise, text, photos, "
-        f"extreme aspect ratios; JPEG and PNG; CLIPImageProcessor "
+        f"extreme aspect ratios; PNG, and JPEG at 4:2:0 with the colour ones at 4:2:2 and "
+        f"4:4:4 too; CLIPImageProcessor "
         f"{fidelity['clip_processor_ms_per_image']} ms/image):",
         "",
         "| path | images | ms/image | max probability change (logit scale 100) | worst image "

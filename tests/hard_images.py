@@ -104,8 +104,31 @@ def hard_images(scale: float = 1.0) -> list[tuple[str, Image.Image]]:
     return images
 
 
-def encoded(image: Image.Image, fmt: str) -> bytes:
-    """The image as JPEG (quality 90, 4:2:0 as cameras save) or PNG bytes."""
+def encoded(image: Image.Image, fmt: str, subsampling: str = "4:2:0") -> bytes:
+    """The image as JPEG (quality 90, chroma `subsampling`: 4:2:0 as cameras save) or PNG."""
     buffer = io.BytesIO()
-    image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    options = {"quality": 90, "subsampling": subsampling} if fmt == "JPEG" else {}
+    image.save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+def has_colour(image: Image.Image) -> bool:
+    """Whether any pixel is not grey: only then does chroma subsampling change a JPEG."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return bool((pixels != pixels[..., :1]).any())
+
+
+def encoded_set(scale: float = 1.0) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the fidelity set: every hard image as a 4:2:0 JPEG and as a PNG, and the
+    colour ones also as 4:2:2 and 4:4:4 JPEGs. Decoders upsample chroma in their own ways
+    (libjpeg's fancy upsampling against nvJPEG's), and each subsampling upsamples differently:
+    4:2:0 both ways, 4:2:2 across only, 4:4:4 not at all."""
+    blobs: list[tuple[str, bytes]] = []
+    for name, image in hard_images(scale):
+        blobs.append((f"{name} (JPEG)", encoded(image, "JPEG")))
+        blobs.append((f"{name} (PNG)", encoded(image, "PNG")))
+        if has_colour(image):
+            for subsampling in ("4:2:2", "4:4:4"):
+                blob = encoded(image, "JPEG", subsampling)
+                blobs.append((f"{name} (JPEG {subsampling})", blob))
+    return blobs
