@@ -417,6 +417,26 @@ def device_name() -> str:
     return "CPU"
 
 
+def cpu_name() -> str:
+    """The host CPU as /proc/cpuinfo names it (family and model too: cloud hosts often say only
+    "AMD EPYC") and the vector instructions torch uses on it. Hosts of the same name differ:
+    two runs a day apart on "AMD EPYC" found Pillow's decode + resize and the bare model 1.1 to
+    1.7 x as fast in the second while the server's Python work sped up less, so a ratio from
+    one host does not carry to another (BENCHMARKS.md)."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first processor's block is enough
+    return (
+        f"{fields.get('model name', platform.processor() or 'unknown CPU')}, family "
+        f"{fields.get('cpu family', '?')} model {fields.get('model', '?')}, torch on "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
+
+
 BARE_BATCHES = (1, 8, 16, 32)
 GPU_BATCHES = (64, 128, 256)
 # Two forward passes at once, each with half the torch threads (CPU only): on 2 cores this beat
@@ -1064,7 +1084,8 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     payload: dict = {
         "date": time.strftime("%Y-%m-%d"),
         # The kernel too: under gVisor (4.4.0) CPU affinity is only recorded, not enforced.
-        "machine": f"{device_name()}, {len(cores)} CPU cores, torch {torch.__version__}, "
+        "machine": f"{device_name()}, {len(cores)} CPU cores ({cpu_name()}), "
+        f"torch {torch.__version__}, "
         f"kernel {platform.release()}",
         "model": "random-weight ViT-B/32" if cuda else "random-weight tiny CLIP (a smoke run)",
         "server_cpus": sorted(server_cpus),
@@ -1776,7 +1797,8 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     payload = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{device_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": f"{device_name()}, {os.cpu_count()} CPU cores ({cpu_name()}), "
+        f"torch {torch.__version__}",
         "command": "bash scripts/gpu_bench.sh" if gpu else "python scripts/bench.py",
         "plot": "benchmarks/gpu/throughput.png" if gpu else "benchmarks/throughput.png",
         "api_workers": os.environ.get("CLIP_API_WORKERS", "default"),
