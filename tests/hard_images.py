@@ -122,7 +122,7 @@ def encoded_set(scale: float = 1.0) -> list[tuple[str, bytes]]:
     """(name, bytes) of the fidelity set: every hard image as a 4:2:0 JPEG and as a PNG, and the
     colour ones also as 4:2:2 and 4:4:4 JPEGs. Decoders upsample chroma in their own ways
     (libjpeg's fancy upsampling against nvJPEG's), and each subsampling upsamples differently:
-    4:2:0 both ways, 4:2:2 across only, 4:4:4 not at all."""
+    4:2:0 both ways, 4:2:2 horizontally only, 4:4:4 not at all."""
     blobs: list[tuple[str, bytes]] = []
     for name, image in hard_images(scale):
         blobs.append((f"{name} (JPEG)", encoded(image, "JPEG")))
