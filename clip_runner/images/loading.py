@@ -274,11 +274,21 @@ def reduce_large(image: Image.Image, geometry: ImageGeometry) -> Image.Image:
     return image.reduce(factor) if factor >= 2 else image
 
 
+def stored_pixels(image: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as Pillow stores them: uint8 (H, W, 4), the fourth byte padding.
+
+    Copied out as they are, a straight copy per row; `np.asarray(image)` repacks them into
+    three bytes first (for a 640x480 photo about 70 against 180 us)."""
+    width, height = image.size
+    return np.frombuffer(image.tobytes("raw", "RGBX"), np.uint8).reshape(height, width, 4)
+
+
 def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
     """Bicubic resize of the shortest side then center crop: uint8 (H, W, 3), as CLIPProcessor.
 
     With numba (requirements.txt), Pillow's arithmetic runs on the cropped region only
-    (resample.py): the reference's pixels at any aspect ratio, about 3 x faster than Pillow.
+    (resample.py): the reference's pixels at any aspect ratio, about 4.5 x faster than Pillow on
+    the seed's photos.
     Without it, Pillow itself: for ordinary aspect ratios exactly the reference's computation;
     for extreme ones (panoramas, 10000x1 strips) resizing the whole image would allocate a huge
     intermediate, so only the cropped region is resampled (Pillow's `box`): same sample
@@ -287,7 +297,7 @@ def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
     """
     edge, crop_height, crop_width = dataclasses.astuple(geometry)
     if COMPILED:
-        return resize_and_crop_array(np.asarray(image), edge, crop_height, crop_width)
+        return resize_and_crop_array(stored_pixels(image), edge, crop_height, crop_width)
     width, height = image.size
     plan = crop_plan(width, height, edge, crop_height, crop_width)
     kept = (plan.left, plan.top, plan.left + plan.out_width, plan.top + plan.out_height)

@@ -17,7 +17,7 @@ of a 4:3 photo's work is thrown away, and a 10000x1 strip allocates a 224 x 2.2 
   because most GPUs SageMaker users pick (A10G, L4, T4) run float64 at 1/32-1/64 of float32.
 - `resize_and_crop_array` (numpy in, numba-compiled loops): the API workers' CPU path
   (images/loading.py). Pillow's loops are scalar; these run each pass as sums of whole rows that
-  the compiler vectorises, about 3 x faster than Pillow on the seed's 640x480 photos. numba is an
+  the compiler vectorises, about 4.5 x faster than Pillow on the seed's 640x480 photos. numba is an
   accelerator, not a requirement: without it (`COMPILED` is False) images/loading.py resizes with
   Pillow itself, to the same pixels.
 """
@@ -228,9 +228,12 @@ def resize_and_crop(
 # ---------------------------------------------------------------- the compiled CPU version
 
 COMPILED = numba is not None
-# Rows the horizontal pass turns on their side at a time: (span x ROW_BLOCK x 3) int32 stays in
-# cache, and its columns are then whole-row sums, like the vertical pass.
-ROW_BLOCK = 16
+# Rows the horizontal pass turns on their side at a time: span x ROW_BLOCK x 3 bytes (94 kB for
+# a 640x480 photo). Timed against 16, 32, 48 and 96 on photos from 224x224 to 4000x3000: 64 was
+# fastest or within 10% everywhere (BENCHMARKS.md).
+ROW_BLOCK = 64
+# The compiled passes take RGBX pixels (R, G, B, padding), Pillow's own layout for RGB.
+PIXEL_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -282,14 +285,22 @@ def _vertical_pass(source: np.ndarray, first: np.ndarray, weights: np.ndarray) -
 
 
 def _horizontal_pass(source: np.ndarray, first: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(rows, span * 3) uint8 RGB -> (rows, len(first) * 3): each output column a weighted sum
-    of source columns. A block of rows is transposed first, so that the sums run over rows of
-    contiguous memory (vectorised) instead of strided pixels."""
-    rows, span, columns_out = source.shape[0], source.shape[1] // 3, first.shape[0]
+    """(rows, span * 4) uint8 RGBX -> (rows, len(first) * 3) RGB: each output column a
+    weighted sum of source columns (the fourth byte of each pixel is skipped).
+
+    Summing along a row would run over strided pixels, which does not vectorise. So a block of
+    `ROW_BLOCK` rows is turned on its side first (column-major, still uint8: the block stays in
+    cache), each output column is then a sum of whole block rows like the vertical pass, its
+    rounded bytes land in a column-major block too, and that block is turned back into rows.
+    Writing each rounded value straight to its output row instead cost more than the sums.
+    The pixel size is a constant, not a parameter: with a variable stride the compiled
+    transposition took twice as long."""
+    rows, span, columns_out = source.shape[0], source.shape[1] // PIXEL_BYTES, first.shape[0]
     taps = weights.shape[1]
     out = np.empty((rows, columns_out * 3), np.uint8)
-    block = np.empty((span, ROW_BLOCK * 3), np.int32)
+    block = np.empty((span, ROW_BLOCK * 3), np.uint8)
     sums = np.empty(ROW_BLOCK * 3, np.int32)
+    done = np.empty((columns_out, ROW_BLOCK * 3), np.uint8)
     for block_start in range(0, rows, ROW_BLOCK):
         height = min(ROW_BLOCK, rows - block_start)
         width = height * 3
@@ -297,18 +308,22 @@ def _horizontal_pass(source: np.ndarray, first: np.ndarray, weights: np.ndarray)
             line = source[block_start + row]
             for column in range(span):
                 for channel in range(3):
-                    block[column, row * 3 + channel] = line[column * 3 + channel]
+                    block[column, row * 3 + channel] = line[column * PIXEL_BYTES + channel]
         for column in range(columns_out):
             sums[:width] = 1 << (PRECISION_BITS - 1)
             for tap in range(taps):
                 weight = weights[column, tap]
                 values = block[first[column] + tap]
                 for index in range(width):
-                    sums[index] += values[index] * weight
-            for row in range(height):
+                    sums[index] += np.int32(values[index]) * weight
+            rounded = done[column]
+            for index in range(width):
+                rounded[index] = min(max(sums[index] >> PRECISION_BITS, 0), 255)
+        for row in range(height):
+            line = out[block_start + row]
+            for column in range(columns_out):
                 for channel in range(3):
-                    value = sums[row * 3 + channel] >> PRECISION_BITS
-                    out[block_start + row, column * 3 + channel] = min(max(value, 0), 255)
+                    line[column * 3 + channel] = done[column, row * 3 + channel]
     return out
 
 
@@ -334,16 +349,22 @@ if COMPILED:  # compiled once, cached on disk; nogil: the API workers' image thr
 def resize_and_crop_array(
     pixels: np.ndarray, shortest_edge: int, crop_height: int, crop_width: int
 ) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 (crop_height, crop_width, 3), equal to Pillow's bicubic resize
-    of the shortest side followed by a center crop (zero padding where the crop is larger),
-    for images of any aspect ratio. Needs numba (`COMPILED`)."""
+    """uint8 (H, W, 4) RGBX or (H, W, 3) RGB -> uint8 (crop_height, crop_width, 3), equal to
+    Pillow's bicubic resize of the shortest side followed by a center crop (zero padding where
+    the crop is larger), for images of any aspect ratio. Needs numba (`COMPILED`).
+
+    RGBX (the fourth byte ignored) is the compiled passes' layout: it is how Pillow keeps RGB
+    pixels, so images/loading.py copies them out as they are, cheaper than repacking them into
+    three bytes. RGB input is padded to it first (a copy)."""
+    if pixels.shape[2] == 3:
+        pixels = np.concatenate([pixels, np.zeros_like(pixels[..., :1])], axis=2)
     height, width, _ = pixels.shape
     plan = crop_plan(width, height, shortest_edge, crop_height, crop_width)
     columns = _band(width, plan.new_width, plan.left, plan.out_width)
     rows = _band(height, plan.new_height, plan.top, plan.out_height)
-    flat = np.ascontiguousarray(pixels).reshape(height, width * 3)
+    flat = np.ascontiguousarray(pixels).reshape(height, width * PIXEL_BYTES)
     # Only the source rows and columns that the crop reads.
-    region = flat[rows.start : rows.stop, 3 * columns.start : 3 * columns.stop]
+    region = flat[rows.start : rows.stop, PIXEL_BYTES * columns.start : PIXEL_BYTES * columns.stop]
     if vertical_first(width, height, plan.new_height):
         vertical = _vertical_pass(region, rows.first, rows.weights)
         cropped = _horizontal_pass(vertical, columns.first, columns.weights)

@@ -27,6 +27,7 @@ from clip_runner.images.loading import (
     reduce_large,
     resize_and_crop,
     stored_as_rgb,
+    stored_pixels,
 )
 from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE
 from clip_runner.model.store import OPENAI_STD, build_image_processor
@@ -67,6 +68,14 @@ def test_resize_and_crop_matches_clip_processor(size, resize_path):
     pixels = resize_and_crop(image, GEOMETRY)
     assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
     np.testing.assert_allclose(normalised(pixels), reference_pixels(image), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1, 1), (3, 1000)])
+def test_stored_pixels_are_the_rgb_pixels_and_a_padding_byte(size):
+    image = decode_image(encode(photo_like(*size, seed=3), "PNG"), index=0, max_pixels=MAX_PIXELS)
+    pixels = stored_pixels(image)
+    assert pixels.shape == (size[1], size[0], 4) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[..., :3], np.asarray(image))
 
 
 def test_small_images_are_upscaled_to_the_crop():

@@ -15,6 +15,7 @@ from clip_runner.model.resample import (
     BYTE_SHIFTS,
     COMPILED,
     DEVICE_MAX_DOWNSCALE,
+    ROW_BLOCK,
     byte_planes,
     fixed_point_weights,
     resize_and_crop,
@@ -96,16 +97,27 @@ def test_numba_is_there_to_compile_the_cpu_resampler():
     assert COMPILED  # requirements.txt has numba; without it images/loading.py falls back to Pillow
 
 
-def test_compiled_equals_pillow_over_random_sizes_and_geometries():
-    """Sizes from 1 px to 1500 px each way (so both pass orders, up- and downscaling, and
-    aspect ratios up to 1500:1) at three model geometries, one of them padded."""
+def with_padding_byte(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) -> (H, W, 4) RGBX, the fourth byte random: the resize must not read it."""
+    padding = rng.integers(0, 256, (*pixels.shape[:2], 1), dtype=np.uint8)
+    return np.concatenate([pixels, padding], axis=2)
+
+
+@pytest.mark.parametrize("layout", ["RGB", "RGBX"])
+def test_compiled_equals_pillow_over_random_sizes_and_geometries(layout: str):
+    """Sizes from 1 px to 1500 px each way (so both pass orders, up- and downscaling, aspect
+    ratios up to 1500:1, and row counts on and off the horizontal pass's block) at three model
+    geometries, one of them padded; pixels as three bytes or as Pillow stores them (RGBX)."""
     rng = np.random.default_rng(11)
-    sizes = [(1, 1), (2000, 5), (5, 2000)] + [tuple(rng.integers(1, 1500, 2)) for _ in range(40)]
+    sizes = [(1, 1), (2000, 5), (5, 2000), (300, ROW_BLOCK), (300, ROW_BLOCK + 1)]
+    sizes += [tuple(rng.integers(1, 1500, 2)) for _ in range(40)]
     for width, height in sizes:
-        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        given = with_padding_byte(pixels, rng) if layout == "RGBX" else pixels
+        image = Image.fromarray(pixels)
         for geometry in ((224, 224, 224), (336, 336, 336), (100, 120, 160)):
             np.testing.assert_array_equal(
-                compiled_resize_and_crop(image, *geometry),
+                resize_and_crop_array(given, *geometry),
                 pillow_resize_and_crop(image, *geometry),
                 err_msg=f"{width}x{height} at {geometry}",
             )
