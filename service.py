@@ -48,6 +48,7 @@ from clip_runner.model.model_source import find_checkpoint, tokenizer_path
 from clip_runner.model.runner import CLIPRunner
 from clip_runner.web.auth import ApiKeyMiddleware
 from clip_runner.web.connection_recycling import ConnectionRecyclingMiddleware
+from clip_runner.web.direct_json import DirectJsonMiddleware
 from clip_runner.web.error_responses import JSONErrorMiddleware, quiet_caller_error_logs
 from clip_runner.web.http_spans import one_span_per_request
 from clip_runner.web.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
@@ -82,6 +83,7 @@ settings = get_settings()
 # here, before any worker spawns, with a message saying what is wrong
 # (clip_runner/model/model_source.py).
 find_checkpoint(settings.model_dir)
+SERVICE_NAME = "clip_service"
 READY_PROBE_TIMEOUT_S = 1.5
 READY_PROBE_INTERVAL_S = 1.0
 # Prompts whose token count is remembered (a few MB at most): counting is the tokenizer's work,
@@ -123,7 +125,7 @@ health_app = Starlette(
 
 @bentoml.asgi_app(health_app, path="/")
 @bentoml.service(
-    name="clip_service",
+    name=SERVICE_NAME,
     http={"port": settings.port},
     workers=settings.api_worker_count,
     # RequestGuardMiddleware answers 408 at body_timeout_s and then 504 at request_timeout_s;
@@ -434,5 +436,8 @@ ClipService.add_asgi_middleware(
     handler=invocation_line,
     path="/invocations",
     max_in_flight=settings.max_concurrency,
+)
+ClipService.add_asgi_middleware(
+    DirectJsonMiddleware, handler=invocation_line, service_name=SERVICE_NAME
 )
 quiet_caller_error_logs()

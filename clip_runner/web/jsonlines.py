@@ -65,17 +65,23 @@ def split_lines(body: bytes) -> list[bytes]:
     return lines
 
 
+def parse_invocation(body: bytes) -> InvocationLine:
+    """A JSON `/invocations` body -> the validated request, or the RequestError (400 for bad
+    JSON, 422 for bad fields) that BentoML's endpoint and `JSONErrorMiddleware` give it."""
+    try:
+        return InvocationLine.model_validate_json(body)
+    except ValidationError as error:
+        status, answer = from_validation_detail(
+            error.errors(include_url=False, include_context=False)
+        )
+        raise RequestError(status, answer["error"]["type"], answer["error"]["message"]) from None
+
+
 def parse_line(line: bytes) -> InvocationLine:
     """One record -> the validated request, or the RequestError its body would get."""
     if not line.strip():
         raise RequestError(400, "malformed_json", "the line is empty")
-    try:
-        return InvocationLine.model_validate_json(line)
-    except ValidationError as error:
-        status, body = from_validation_detail(
-            error.errors(include_url=False, include_context=False)
-        )
-        raise RequestError(status, body["error"]["type"], body["error"]["message"]) from None
+    return parse_invocation(line)
 
 
 def line_error(number: int, error: RequestError) -> dict[str, Any]:

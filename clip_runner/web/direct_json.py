@@ -1,0 +1,92 @@
+"""`POST /invocations` with a JSON body, answered here instead of by BentoML's endpoint.
+
+Between this project's middlewares and the API method, BentoML runs its request context,
+Starlette's exception middleware and router, and its endpoint, which parses the body into the
+API's input model, calls the method and adds its response headers. With the tiny model at the
+seed load, skipping those layers cut about 8% of an API worker's CPU per request (BENCHMARKS.md).
+Everything outside this middleware still wraps these requests: BentoML's tracing (each request
+keeps its span and request id), HTTP metrics, access log and timeout, and the project's own
+middlewares. The API stays declared to BentoML, so its schema, docs and Python client are
+unchanged, and BentoML still answers the route's other JSON media types (`text/json`,
+`...+json`, none at all: what `traffic.RequestGuardMiddleware` lets through).
+
+The body is validated by the model a JSON Lines record uses (`jsonlines.InvocationLine`, the
+API's own fields and types) and turned into the same errors; a served test holds both paths to
+the same status and body over good and bad requests.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pydantic_core
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.context import trace_context
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from clip_runner.errors import RequestError
+from clip_runner.web.jsonlines import LineHandler, parse_invocation
+from clip_runner.web.traffic import posted_content_type
+
+JSON_MEDIA_TYPE = "application/json"
+# BentoML's endpoint's answer to an exception it did not expect.
+UNEXPECTED_ERROR = "An unexpected error has occurred, please check the server log."
+logger = logging.getLogger(__name__)
+
+
+def is_application_json(content_type: str) -> bool:
+    """`application/json`, any parameters (`; charset=utf-8`), any case."""
+    return content_type.split(";", 1)[0].strip().lower() == JSON_MEDIA_TYPE
+
+
+class DirectJsonMiddleware:
+    """Answers `POST path` with a JSON body through `handler` (see the module docstring).
+
+    It sits inside `raw_images.RawImageBodyMiddleware`, so image bodies, rewritten there into
+    JSON requests, are answered here too.
+    """
+
+    def __init__(
+        self, app: ASGIApp, handler: LineHandler, service_name: str, path: str = "/invocations"
+    ) -> None:
+        self.app = app
+        self.handler = handler
+        self.path = path
+        self.server_header = f"BentoML Service/{service_name}"
+        formats = BentoMLContainer.logging_formatting.get()
+        self.request_id_format = formats["span_id"]
+        trace_id_header = bool(BentoMLContainer.http.response.trace_id.get())
+        self.trace_id_format = formats["trace_id"] if trace_id_header else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        content_type = posted_content_type(scope, self.path)
+        if content_type is None or not is_application_json(content_type):
+            await self.app(scope, receive, send)
+            return
+        body = await Request(scope, receive).body()
+        try:
+            # An empty body is BentoML's `{}`: every field takes its default.
+            answer = await self.handler(parse_invocation(body or b"{}"))
+            response = Response(pydantic_core.to_json(answer), media_type=JSON_MEDIA_TYPE)
+        except RequestError as error:
+            response = error.to_response()
+        except Exception:  # a bug of ours: logged, and answered as BentoML's endpoint would
+            logger.exception("unexpected error answering %s", self.path)
+            response = RequestError(500, "internal_error", UNEXPECTED_ERROR).to_response()
+        response.headers.update(self.bentoml_headers())
+        await response(scope, receive, send)
+
+    def bentoml_headers(self) -> dict[str, str]:
+        """The headers BentoML's endpoint adds to every answer: its Server line, the request id
+        (which BentoML's tracing middleware took from the request's span) and, when BentoML's
+        `http.response.trace_id` setting is on, the trace id."""
+        headers = {"Server": self.server_header}
+        if trace_context.request_id is not None:
+            headers["X-BentoML-Request-ID"] = format(
+                trace_context.request_id, self.request_id_format
+            )
+        if self.trace_id_format is not None and trace_context.trace_id is not None:
+            headers["X-BentoML-Trace-ID"] = format(trace_context.trace_id, self.trace_id_format)
+        return headers

@@ -1,0 +1,155 @@
+"""`POST /invocations` with `application/json`, answered by DirectJsonMiddleware: in process
+around a stand-in for BentoML's app, and through a real `bentoml serve` against BentoML's own
+endpoint (which still answers `text/json`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import httpx
+import pytest
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from clip_runner.config import DEFAULT_TOP_K
+from clip_runner.errors import RequestError
+from clip_runner.web.direct_json import DirectJsonMiddleware, is_application_json
+from clip_runner.web.jsonlines import InvocationLine
+from tests.helpers import SEED_CLASSES, as_base64, assert_same_answer, photo_like
+from tests.test_service import post
+
+# ---- in process ----
+
+
+def test_media_types():
+    assert is_application_json("application/json")
+    assert is_application_json("Application/JSON; charset=utf-8")
+    for other in ("", "text/json", "application/vnd.api+json", "application/jsonlines"):
+        assert not is_application_json(other), other
+
+
+async def bentoml_stand_in(scope: Scope, receive: Receive, send: Send) -> None:
+    """What BentoML's app would answer: here a 299, so a test sees who answered."""
+    await Response(b"bentoml", status_code=299)(scope, receive, send)
+
+
+def client_around(handler) -> httpx.AsyncClient:
+    app = DirectJsonMiddleware(bentoml_stand_in, handler=handler, service_name="clip_service")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def answer_images(request: InvocationLine) -> Any:
+    return {"images": request.images, "top_k": request.top_k}
+
+
+def test_application_json_on_the_route_is_answered_here_the_rest_passes_through():
+    asyncio.run(_test_application_json_on_the_route_is_answered_here_the_rest_passes_through())
+
+
+async def _test_application_json_on_the_route_is_answered_here_the_rest_passes_through():
+    async with client_around(answer_images) as client:
+        body = {"images": ["a", "b"], "classes": SEED_CLASSES, "top_k": 2}
+        here = await client.post("/invocations", json=body)
+        assert here.status_code == 200
+        assert here.json() == {"images": ["a", "b"], "top_k": 2}
+        assert here.headers["server"] == "BentoML Service/clip_service"
+        for content_type in ("text/json", ""):
+            passed = await client.post(
+                "/invocations", content=json.dumps(body), headers={"content-type": content_type}
+            )
+            assert passed.status_code == 299, content_type
+        assert (await client.post("/classify", json=body)).status_code == 299
+        assert (await client.get("/invocations")).status_code == 299
+
+
+def test_bad_bodies_get_the_request_errors_and_an_empty_one_means_no_fields():
+    asyncio.run(_test_bad_bodies_get_the_request_errors_and_an_empty_one_means_no_fields())
+
+
+async def _test_bad_bodies_get_the_request_errors_and_an_empty_one_means_no_fields():
+    async with client_around(answer_images) as client:
+        broken = await client.post(
+            "/invocations", content=b'{"images": [', headers={"content-type": "application/json"}
+        )
+        assert broken.status_code == 400
+        assert broken.json()["error"]["type"] == "malformed_json"
+        wrong = await client.post("/invocations", json={"images": "x", "classes": SEED_CLASSES})
+        assert wrong.status_code == 422
+        assert wrong.json()["error"]["message"].startswith("images: ")
+        empty = await client.post(
+            "/invocations", content=b"", headers={"content-type": "application/json"}
+        )
+        assert empty.status_code == 200
+        assert empty.json() == {"images": None, "top_k": DEFAULT_TOP_K}
+
+
+def test_handler_errors_answer_json_and_a_bug_is_a_logged_500(caplog):
+    async def overloaded(_: InvocationLine) -> Any:
+        raise RequestError(503, "overloaded", "the model's queue is full; retry shortly")
+
+    async def buggy(_: InvocationLine) -> Any:
+        raise KeyError("oops")
+
+    async def post_empty(handler) -> httpx.Response:
+        async with client_around(handler) as client:
+            return await client.post("/invocations", json={})
+
+    answer = asyncio.run(post_empty(overloaded))
+    assert answer.status_code == 503 and answer.json()["error"]["type"] == "overloaded"
+    with caplog.at_level(logging.ERROR, logger="clip_runner.web.direct_json"):
+        answer = asyncio.run(post_empty(buggy))
+    assert answer.status_code == 500
+    assert answer.json()["error"]["type"] == "internal_error"
+    assert "oops" not in answer.text  # no traceback for the caller
+    assert any("KeyError" in (record.exc_text or "") for record in caplog.records)
+
+
+# ---- served: the same answers as BentoML's endpoint ----
+
+
+def photo(seed: int) -> str:
+    return as_base64(photo_like(120, 90, seed=seed), "JPEG")
+
+
+def requests_to_compare() -> list[tuple[str, bytes]]:
+    """Good and bad bodies, each as sent (bytes): what a caller may get wrong."""
+    good = {"images": [photo(1), photo(2)], "classes": SEED_CLASSES, "top_k": 3}
+    toolkit = {"inputs": photo(3), "parameters": {"candidate_labels": ["a cat", "a dog"]}}
+    bodies: list[tuple[str, Any]] = [
+        ("the seed's shape", good),
+        ("the toolkit's shape", toolkit),
+        ("an unknown field too", {**good, "colour": "blue"}),
+        ("empty", b""),
+        ("broken JSON", b'{"images": ['),
+        ("not UTF-8", b'{"images": ["\xff"]}'),
+        ("an array", []),
+        ("null", None),
+        ("images not a list", {"images": "x", "classes": SEED_CLASSES}),
+        ("no classes", {"images": [photo(4)]}),
+        ("bad base64", {"images": [photo(5), "not base64!"], "classes": SEED_CLASSES}),
+        ("top_k zero", {**good, "top_k": 0}),
+        ("a bad class entry", {"images": [photo(6)], "classes": [["cat"], ["dog", 1]]}),
+        ("a prompt too long", {"images": [photo(7)], "classes": [["word " * 90, 1]]}),
+        ("both shapes", {**good, **toolkit}),
+    ]
+    return [
+        (name, body if isinstance(body, bytes) else json.dumps(body).encode())
+        for name, body in bodies
+    ]
+
+
+@pytest.mark.parametrize(("name", "body"), requests_to_compare(), ids=lambda v: str(v)[:24])
+def test_direct_answers_equal_bentomls(served, name: str, body: bytes):
+    direct = post(served, content=body, content_type="application/json")
+    bentoml_endpoint = post(served, content=body, content_type="text/json")
+    assert direct.status_code == bentoml_endpoint.status_code, (name, direct.text)
+    assert direct.headers["content-type"] == bentoml_endpoint.headers["content-type"]
+    assert direct.headers["server"] == bentoml_endpoint.headers["server"]
+    assert "x-bentoml-request-id" in direct.headers
+    if direct.status_code == 200:
+        assert_same_answer(direct.json(), bentoml_endpoint.json())
+    else:
+        assert direct.json() == bentoml_endpoint.json(), name
