@@ -22,12 +22,14 @@ import logging
 import pydantic_core
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.context import trace_context
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clip_runner.errors import RequestError
-from clip_runner.web.jsonlines import LineHandler, parse_invocation
+from clip_runner.web.error_responses import rejection_line
+from clip_runner.web.jsonlines import InvocationLine, LineHandler, request_error
 from clip_runner.web.traffic import posted_content_type
 
 JSON_MEDIA_TYPE = "application/json"
@@ -39,6 +41,18 @@ logger = logging.getLogger(__name__)
 def is_application_json(content_type: str) -> bool:
     """`application/json`, any parameters (`; charset=utf-8`), any case."""
     return content_type.split(";", 1)[0].strip().lower() == JSON_MEDIA_TYPE
+
+
+def parsed(body: bytes) -> InvocationLine:
+    """The validated request, or the RequestError BentoML's endpoint would answer, with the
+    warning line it would log (`error_responses.CallerErrorLogFilter`). An empty body is
+    BentoML's `{}`: every field takes its default."""
+    try:
+        return InvocationLine.model_validate_json(body or b"{}")
+    except ValidationError as error:
+        line, args = rejection_line(error)
+        logger.warning(line, *args)
+        raise request_error(error) from None
 
 
 class DirectJsonMiddleware:
@@ -67,8 +81,7 @@ class DirectJsonMiddleware:
             return
         body = await Request(scope, receive).body()
         try:
-            # An empty body is BentoML's `{}`: every field takes its default.
-            answer = await self.handler(parse_invocation(body or b"{}"))
+            answer = await self.handler(parsed(body))
             response = Response(pydantic_core.to_json(answer), media_type=JSON_MEDIA_TYPE)
         except RequestError as error:
             response = error.to_response()

@@ -152,18 +152,24 @@ class CallerErrorLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc_info = record.exc_info
         if exc_info and isinstance(exc_info[1], ValidationError):
-            error = exc_info[1]
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = "rejected request: %d validation error(s), first at %s: %s"
-            first = error.errors(include_url=False)[0]
-            record.args = (
-                error.error_count(),
-                _location(list(first["loc"])),
-                _reason(first["msg"]),
-            )
+            record.msg, record.args = rejection_line(exc_info[1])
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+REJECTION_FORMAT = "rejected request: %d validation error(s), first at %s: %s"
+
+
+def rejection_line(error: ValidationError) -> tuple[str, tuple[Any, ...]]:
+    """The warning a rejected request body gets in the log: (format, args), for logging."""
+    first = error.errors(include_url=False)[0]
+    return REJECTION_FORMAT, (
+        error.error_count(),
+        _location(list(first["loc"])),
+        _reason(first["msg"]),
+    )
 
 
 def quiet_caller_error_logs() -> None:

@@ -65,23 +65,21 @@ def split_lines(body: bytes) -> list[bytes]:
     return lines
 
 
-def parse_invocation(body: bytes) -> InvocationLine:
-    """A JSON `/invocations` body -> the validated request, or the RequestError (400 for bad
-    JSON, 422 for bad fields) that BentoML's endpoint and `JSONErrorMiddleware` give it."""
-    try:
-        return InvocationLine.model_validate_json(body)
-    except ValidationError as error:
-        status, answer = from_validation_detail(
-            error.errors(include_url=False, include_context=False)
-        )
-        raise RequestError(status, answer["error"]["type"], answer["error"]["message"]) from None
+def request_error(error: ValidationError) -> RequestError:
+    """The RequestError (400 for bad JSON, 422 for bad fields) that BentoML's endpoint and
+    `JSONErrorMiddleware` give a body failing the API's validation."""
+    status, answer = from_validation_detail(error.errors(include_url=False, include_context=False))
+    return RequestError(status, answer["error"]["type"], answer["error"]["message"])
 
 
 def parse_line(line: bytes) -> InvocationLine:
     """One record -> the validated request, or the RequestError its body would get."""
     if not line.strip():
         raise RequestError(400, "malformed_json", "the line is empty")
-    return parse_invocation(line)
+    try:
+        return InvocationLine.model_validate_json(line)
+    except ValidationError as error:
+        raise request_error(error) from None
 
 
 def line_error(number: int, error: RequestError) -> dict[str, Any]:

@@ -65,8 +65,12 @@ async def _test_application_json_on_the_route_is_answered_here_the_rest_passes_t
         assert (await client.get("/invocations")).status_code == 299
 
 
-def test_bad_bodies_get_the_request_errors_and_an_empty_one_means_no_fields():
-    asyncio.run(_test_bad_bodies_get_the_request_errors_and_an_empty_one_means_no_fields())
+def test_bad_bodies_get_the_request_errors_and_an_empty_one_means_no_fields(caplog):
+    with caplog.at_level(logging.WARNING, logger="clip_runner.web.direct_json"):
+        asyncio.run(_test_bad_bodies_get_the_request_errors_and_an_empty_one_means_no_fields())
+    # One warning line per rejected body, as BentoML's endpoint logs them (CallerErrorLogFilter).
+    rejections = [r.getMessage() for r in caplog.records if "rejected request" in r.getMessage()]
+    assert len(rejections) == 2 and "first at images: " in rejections[1]
 
 
 async def _test_bad_bodies_get_the_request_errors_and_an_empty_one_means_no_fields():
