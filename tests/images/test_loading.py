@@ -71,7 +71,10 @@ def test_resize_and_crop_matches_clip_processor(size, resize_path):
 
 
 @pytest.mark.parametrize("size", [(640, 480), (1, 1), (3, 1000)])
-def test_stored_pixels_are_the_rgb_pixels_and_a_padding_byte(size):
+@pytest.mark.parametrize("copy", ["whole", "in strips"])
+def test_stored_pixels_are_the_rgb_pixels_and_a_padding_byte(size, copy, monkeypatch):
+    if copy == "in strips":  # as for images over 32 MB; 1000 rows are not a multiple of a strip
+        monkeypatch.setattr(clip_runner.images.loading, "WHOLE_COPY_MAX_BYTES", 0)
     image = decode_image(encode(photo_like(*size, seed=3), "PNG"), index=0, max_pixels=MAX_PIXELS)
     pixels = stored_pixels(image)
     assert pixels.shape == (size[1], size[0], 4) and pixels.dtype == np.uint8
