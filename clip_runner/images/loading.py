@@ -289,13 +289,17 @@ def stored_pixels(image: Image.Image) -> np.ndarray:
     strips of rows (`WHOLE_COPY_MAX_BYTES`)."""
     width, height = image.size
     if width * height * 4 <= WHOLE_COPY_MAX_BYTES:
-        return np.frombuffer(image.tobytes("raw", "RGBX"), np.uint8).reshape(height, width, 4)
+        return _copied_rgbx(image)
     pixels = np.empty((height, width, 4), np.uint8)
     for top in range(0, height, STRIP_ROWS):
         strip = image.crop((0, top, width, min(height, top + STRIP_ROWS)))
-        rows = np.frombuffer(strip.tobytes("raw", "RGBX"), np.uint8)
-        pixels[top : top + strip.height] = rows.reshape(strip.height, width, 4)
+        pixels[top : top + strip.height] = _copied_rgbx(strip)
     return pixels
+
+
+def _copied_rgbx(image: Image.Image) -> np.ndarray:
+    width, height = image.size
+    return np.frombuffer(image.tobytes("raw", "RGBX"), np.uint8).reshape(height, width, 4)
 
 
 def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:

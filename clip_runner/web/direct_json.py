@@ -30,17 +30,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from clip_runner.errors import RequestError
 from clip_runner.web.error_responses import rejection_line
 from clip_runner.web.jsonlines import InvocationLine, LineHandler, request_error
-from clip_runner.web.traffic import posted_content_type
+from clip_runner.web.traffic import is_application_json, posted_content_type
 
 JSON_MEDIA_TYPE = "application/json"
 # BentoML's endpoint's answer to an exception it did not expect.
 UNEXPECTED_ERROR = "An unexpected error has occurred, please check the server log."
 logger = logging.getLogger(__name__)
-
-
-def is_application_json(content_type: str) -> bool:
-    """`application/json`, any parameters (`; charset=utf-8`), any case."""
-    return content_type.split(";", 1)[0].strip().lower() == JSON_MEDIA_TYPE
 
 
 def parsed(body: bytes) -> InvocationLine:

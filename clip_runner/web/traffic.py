@@ -41,20 +41,31 @@ JSONLINES_MEDIA_TYPES = (
 CLOSE = (b"connection", b"close")
 
 
+def media_type(content_type: str) -> str:
+    """A Content-Type's media type, lower case, without its parameters (`; charset=...`)."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
 def is_json_media_type(content_type: str) -> bool:
     """`application/json` with any parameters, `application/*+json`, or no type at all."""
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    return not media_type or media_type in JSON_MEDIA_TYPES or media_type.endswith("+json")
+    posted = media_type(content_type)
+    return not posted or posted in JSON_MEDIA_TYPES or posted.endswith("+json")
+
+
+def is_application_json(content_type: str) -> bool:
+    """`application/json` itself, any parameters: what `direct_json.py` answers."""
+    return media_type(content_type) == "application/json"
 
 
 def is_jsonlines_media_type(content_type: str) -> bool:
     """`application/jsonlines` (SageMaker's name) or a common alias, any parameters."""
-    return content_type.split(";", 1)[0].strip().lower() in JSONLINES_MEDIA_TYPES
+    return media_type(content_type) in JSONLINES_MEDIA_TYPES
 
 
 def posted_content_type(scope: Scope, path: str) -> str | None:
     """The Content-Type of an HTTP POST to `path` ("" when it has none), None for any other
-    request: what the body-rewriting middlewares (raw images, JSON Lines) check first."""
+    request: what the middlewares that answer or rewrite a route's bodies (raw images, JSON
+    Lines, direct JSON) check first."""
     if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != path:
         return None
     for name, value in scope.get("headers", []):
@@ -65,7 +76,7 @@ def posted_content_type(scope: Scope, path: str) -> str | None:
 
 def is_raw_image_media_type(content_type: str) -> bool:
     """`image/jpeg`, `image/png` or `image/webp`, any parameters."""
-    return content_type.split(";", 1)[0].strip().lower() in RAW_IMAGE_MEDIA_TYPES
+    return media_type(content_type) in RAW_IMAGE_MEDIA_TYPES
 
 
 def has_body(scope: Scope) -> bool:

@@ -16,8 +16,9 @@ from starlette.types import Receive, Scope, Send
 
 from clip_runner.config import DEFAULT_TOP_K
 from clip_runner.errors import RequestError
-from clip_runner.web.direct_json import DirectJsonMiddleware, is_application_json
+from clip_runner.web.direct_json import DirectJsonMiddleware
 from clip_runner.web.jsonlines import InvocationLine
+from clip_runner.web.traffic import is_application_json
 from tests.helpers import SEED_CLASSES, as_base64, assert_same_answer, photo_like
 from tests.test_service import post
 
