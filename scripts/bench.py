@@ -560,7 +560,7 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     from clip_runner.model.device_decode import NVJPEG, DeviceJpegDecoder
     from clip_runner.model.encoding import ClipEncoder, pick_device
     from clip_runner.model.store import load_processor
-    from tests.hard_images import encoded_set
+    from tests.hard_images import encoded_set, is_jpeg
 
     processor = load_processor(model_dir)
     device, dtype = pick_device()
@@ -611,7 +611,7 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     results: dict = {"images": len(blobs), "paths": {}}
     reference = None
     for path, (prepare, jpeg_only) in paths.items():
-        chosen = [(name, blob) for name, blob in blobs if not jpeg_only or "(JPEG" in name]
+        chosen = [(name, blob) for name, blob in blobs if not jpeg_only or is_jpeg(blob)]
         names = [name for name, _ in chosen]
         started = time.monotonic()
         pixels = np.stack([prepare(blob) for _, blob in chosen])

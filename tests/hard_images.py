@@ -118,6 +118,11 @@ def has_colour(image: Image.Image) -> bool:
     return bool((pixels != pixels[..., :1]).any())
 
 
+def is_jpeg(blob: bytes) -> bool:
+    """Whether the bytes are a JPEG (its start-of-image marker): the set's device-path share."""
+    return blob[:2] == b"\xff\xd8"
+
+
 def encoded_set(scale: float = 1.0) -> list[tuple[str, bytes]]:
     """(name, bytes) of the fidelity set: every hard image as a 4:2:0 JPEG and as a PNG, and the
     colour ones also as 4:2:2 and 4:4:4 JPEGs. Decoders upsample chroma in their own ways

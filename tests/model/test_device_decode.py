@@ -23,7 +23,7 @@ from clip_runner.images.loading import ImageGeometry, prepare_image
 from clip_runner.model import device_decode
 from clip_runner.model.device_decode import NVJPEG, PILLOW, DeviceJpegDecoder, pillow_pixels
 from clip_runner.model.resample import resize_and_crop
-from tests.hard_images import encoded_set
+from tests.hard_images import encoded_set, is_jpeg
 from tests.helpers import (
     SEED_CLASSES,
     ServedBento,
@@ -38,7 +38,7 @@ GEOMETRY = ImageGeometry(224, 224, 224)
 
 def jpeg_set() -> list[bytes]:
     """The fidelity set's JPEGs (every chroma subsampling), shrunk for speed."""
-    return [blob for name, blob in encoded_set(scale=0.25) if "(JPEG" in name]
+    return [blob for _, blob in encoded_set(scale=0.25) if is_jpeg(blob)]
 
 
 def test_cpu_twin_equals_the_api_path_on_the_hard_set():
