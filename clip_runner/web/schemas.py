@@ -2,7 +2,8 @@
 plus the Hugging Face toolkit's shape), `/classify`, `/embed_images` and `/embed_texts`.
 
 The same annotated types are used by the BentoML API signature in service.py (so they appear in
-the OpenAPI schema and drive validation) and by `InvocationRequest`, which tests validate against.
+the OpenAPI schema and drive validation) and by `web/jsonlines.InvocationLine`, which parses
+`/invocations` JSON on the direct path and each JSON Lines record.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, Field, PlainValidator, WithJsonS
 
 from clip_runner.answers.embedding_format import EncodingFormat
 from clip_runner.answers.prompts import check_template
-from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, MAX_TEMPLATES, get_settings
+from clip_runner.config import MAX_TEMPLATES, get_settings
 
 _settings = get_settings()
 
@@ -82,15 +83,6 @@ Template = Annotated[
     ),
 ]
 TopK = Annotated[int, Field(ge=1, description="How many classes to return per image (<= N).")]
-
-
-class InvocationRequest(BaseModel):
-    """The body of `POST /invocations`."""
-
-    images: ImageList
-    classes: ClassList
-    template: Template = DEFAULT_TEMPLATE
-    top_k: TopK = DEFAULT_TOP_K
 
 
 class Prediction(BaseModel):

@@ -18,7 +18,7 @@ from clip_runner.web.error_responses import (
     JSONErrorMiddleware,
     normalise_error,
 )
-from clip_runner.web.schemas import InvocationRequest
+from clip_runner.web.jsonlines import InvocationLine
 
 
 def test_validation_detail_names_the_field_and_becomes_422():
@@ -97,7 +97,7 @@ def test_middleware_rewrites_errors_and_leaves_success_alone():
 
 def test_validation_tracebacks_become_one_warning_line():
     try:
-        InvocationRequest.model_validate({"images": [], "classes": [["a", 9]]})
+        InvocationLine.model_validate({"images": [], "classes": [["a", 9]]})
     except ValidationError:
         record = logging.LogRecord(
             "bentoml", logging.ERROR, __file__, 1, "Exception on %s", ("/x",), sys.exc_info()
