@@ -21,7 +21,13 @@ import torch
 
 from clip_runner.images.loading import ImageGeometry, prepare_image
 from clip_runner.model import device_decode
-from clip_runner.model.device_decode import NVJPEG, PILLOW, DeviceJpegDecoder, pillow_pixels
+from clip_runner.model.device_decode import (
+    NVJPEG,
+    PILLOW,
+    DeviceJpegDecoder,
+    pillow_rgbx,
+    rgb_planes,
+)
 from clip_runner.model.resample import resize_and_crop
 from tests.hard_images import encoded_set, is_jpeg
 from tests.helpers import (
@@ -92,6 +98,11 @@ def test_pillow_decodes_a_batch_in_threads_to_the_same_crops_in_order(monkeypatc
     assert pooled[1] == single[1] == [index != 3 for index in range(len(blobs))]
     torch.testing.assert_close(pooled[0], single[0], rtol=0, atol=0)
     torch.testing.assert_close(pooled[0][:1], one_thread, rtol=0, atol=0)
+
+
+def pillow_pixels(blob: bytes) -> torch.Tensor:
+    """(3, H, W) uint8, as nvJPEG gives them: the stand-ins' decode."""
+    return rgb_planes(pillow_rgbx(blob))
 
 
 def nvjpeg_on_the_cpu(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
