@@ -141,6 +141,7 @@ class Settings:
     keepalive_requests: int  # -1: by API workers (answers_per_connection); 0: never close
     request_timeout_s: float
     max_batch_size: int
+    max_text_batch_size: int
     max_latency_ms: int
     max_concurrency: int
     max_body_bytes: int
@@ -228,6 +229,7 @@ def get_settings() -> Settings:
         keepalive_requests=_env_int("CLIP_KEEPALIVE_REQUESTS", -1, minimum=0),
         request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", kind_timeout_s),
         max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 0, minimum=0),
+        max_text_batch_size=_env_int("CLIP_MAX_TEXT_BATCH_SIZE", 0, minimum=0),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),
         max_concurrency=_env_int("CLIP_MAX_CONCURRENCY", 64),
         max_body_bytes=max_body_bytes,

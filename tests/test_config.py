@@ -27,6 +27,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.decode_jpegs_on == "auto" and settings.runner_jpeg_decoder == "auto"
     assert settings.runner_workers == 1  # on CPU; API workers: test_workers_by_machine
     assert settings.runner_passes == 0 and settings.max_batch_size == 0  # 0: chosen per device
+    assert settings.max_text_batch_size == 0  # 0: a multiple of the image batch
     assert settings.runner_calls == 0
     assert settings.torch_compile is False and settings.cuda_graphs is False
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
@@ -34,6 +35,7 @@ def test_defaults_match_sagemaker(monkeypatch):
 
 def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("CLIP_MAX_TEXT_BATCH_SIZE", "40")
     monkeypatch.setenv("CLIP_MODEL_TAG", "clip:abc")
     monkeypatch.setenv("CLIP_FETCH_ALLOW", " 10.0.0.0/8, images.lan ,")
     monkeypatch.setenv("CLIP_TORCH_COMPILE", "ON")
@@ -47,6 +49,7 @@ def test_environment_overrides(monkeypatch):
     assert settings.runner_calls == 5
     assert settings.torch_compile is True
     assert settings.max_batch_size == 8 and settings.model_tag == "clip:abc"
+    assert settings.max_text_batch_size == 40
     assert settings.fetch_allow == ("10.0.0.0/8", "images.lan")
 
 
@@ -64,6 +67,7 @@ def test_cuda_graphs_are_an_opt_in_that_excludes_torch_compile(monkeypatch):
     [
         ("CLIP_MAX_BATCH_SIZE", "many", "must be an integer"),
         ("CLIP_MAX_BATCH_SIZE", "-1", "must be >= 0"),
+        ("CLIP_MAX_TEXT_BATCH_SIZE", "-1", "must be >= 0"),
         ("CLIP_RUNNER_PASSES", "two", "must be an integer"),
         ("CLIP_RUNNER_WORKERS", "-1", "must be >= 0"),
         ("CLIP_RUNNER_CALLS", "-1", "must be >= 0"),

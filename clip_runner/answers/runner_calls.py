@@ -148,14 +148,17 @@ def runner_calls(
     images = RUNNER_CALL_IMAGES.labels(sent_as="pixels").observe
     jpegs = RUNNER_CALL_IMAGES.labels(sent_as="jpeg").observe
 
-    def merge(method: Callable, encoder: str, observe: Callable[[int], None]) -> Callable:
+    def merge(
+        method: Callable, encoder: str, max_rows: int, observe: Callable[[int], None]
+    ) -> Callable:
         call = resilient(method, attempt_s, encoder)
-        return merged(call, in_flight, facts.max_batch, max_queue_wait_s, observe)
+        return merged(call, in_flight, max_rows, max_queue_wait_s, observe)
 
+    texts = RUNNER_CALL_TEXTS.observe
     return RunnerCalls(
-        encode_images=merge(runner.encode_images, "image", images),
-        encode_jpegs=merge(runner.encode_jpegs, "image", jpegs),
-        encode_texts=merge(runner.encode_texts, "text", RUNNER_CALL_TEXTS.observe),
+        encode_images=merge(runner.encode_images, "image", facts.max_batch, images),
+        encode_jpegs=merge(runner.encode_jpegs, "image", facts.max_batch, jpegs),
+        encode_texts=merge(runner.encode_texts, "text", facts.max_text_batch, texts),
     )
 
 

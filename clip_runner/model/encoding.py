@@ -110,6 +110,7 @@ class ModelFacts:
     device: str = "cpu"
     passes: int = 1
     max_batch: int = 32
+    max_text_batch: int = 128
     jpeg_decoder: str = "pillow"
 
 

@@ -84,6 +84,7 @@ class CLIPRunner:
             torch.get_num_threads(),
             settings.runner_passes,
             settings.max_batch_size,
+            settings.max_text_batch_size,
             compiled=settings.torch_compile,
         )
         self.jpeg_decoder = DeviceJpegDecoder(
@@ -111,6 +112,7 @@ class CLIPRunner:
             device=device.type,
             passes=layout.passes,
             max_batch=layout.max_batch,
+            max_text_batch=layout.max_text_batch,
             jpeg_decoder=self.jpeg_decoder.name,
         )
         # One thread per concurrent pass and one PassSlots, shared by the three batchers.
@@ -120,26 +122,26 @@ class CLIPRunner:
         slots = PassSlots(layout.passes, torch.get_num_threads(), layout.threads_per_pass)
         max_wait_s = settings.max_latency_ms / 1000
 
-        def batcher(encode: Callable[..., np.ndarray]) -> GreedyBatcher:
+        def batcher(encode: Callable[..., np.ndarray], max_rows: int) -> GreedyBatcher:
             # A CUDA context broken by one batch would fail every later one: the process then
             # exits to be restarted (device_health.py).
             guarded = exits_when_device_breaks(encode, device)
-            return GreedyBatcher(
-                in_executor(guarded, inference), layout.max_batch, max_wait_s, slots
-            )
+            return GreedyBatcher(in_executor(guarded, inference), max_rows, max_wait_s, slots)
 
-        self.image_batcher = batcher(self._encode_image_batch)
-        self.text_batcher = batcher(self._encode_text_batch)
-        self.jpeg_batcher = batcher(self._encode_jpeg_batch)
+        self.image_batcher = batcher(self._encode_image_batch, layout.max_batch)
+        self.text_batcher = batcher(self._encode_text_batch, layout.max_text_batch)
+        self.jpeg_batcher = batcher(self._encode_jpeg_batch, layout.max_batch)
         logger.info(
             "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
-            "gets all), batches up to %d%s%s, forwarded JPEGs decoded by %s)",
+            "gets all), batches up to %d images or %d prompts%s%s, forwarded JPEGs decoded by "
+            "%s)",
             loaded.tag,
             device,
             dtype,
             layout.passes,
             layout.threads_per_pass,
             layout.max_batch,
+            layout.max_text_batch,
             ", torch.compile" if settings.torch_compile else "",
             _replay_note(self.encoder.replayed),
             self.jpeg_decoder.name,

@@ -141,6 +141,37 @@ def test_runner_calls_in_flight_follow_clip_runner_calls(configured, peak):
     assert runner.peak == peak
 
 
+def test_text_calls_merge_up_to_the_text_batch_and_image_calls_up_to_the_image_batch():
+    """Prompts cost a fraction of an image, so merged text calls take more rows (the runner's
+    `max_text_batch`) than image calls (`max_batch`)."""
+    facts = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, max_batch=2, max_text_batch=6)
+    sizes: dict[str, list[int]] = {"texts": [], "images": []}
+
+    class RecordingRunner:
+        async def encode_texts(self, texts: list[str]) -> np.ndarray:
+            sizes["texts"].append(len(texts))
+            await asyncio.sleep(0.05)
+            return np.zeros((len(texts), 1))
+
+        async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+            sizes["images"].append(len(pixels))
+            await asyncio.sleep(0.05)
+            return np.zeros((len(pixels), 1))
+
+        encode_jpegs = encode_images
+
+    calls = runner_calls(RecordingRunner(), facts, 5.0, (1, 1), 10.0, configured_in_flight=1)
+
+    async def scenario() -> None:
+        texts = (calls.encode_texts([f"text {i}"]) for i in range(13))
+        images = (calls.encode_images(np.zeros((1, 2, 2, 3), np.uint8)) for _ in range(7))
+        await asyncio.gather(*texts, *images)
+
+    asyncio.run(scenario())
+    assert sum(sizes["texts"]) == 13 and max(sizes["texts"]) == 6
+    assert sum(sizes["images"]) == 7 and max(sizes["images"]) == 2
+
+
 def test_calls_in_flight_keep_one_call_waiting_at_the_runner_shared_by_the_api_workers():
     """The API workers share the runner's passes plus one: on CPU rounding down (at least one
     each), on a GPU rounding up (together at least that many); CLIP_RUNNER_CALLS overrides."""
