@@ -86,9 +86,9 @@ find_checkpoint(settings.model_dir)
 SERVICE_NAME = "clip_service"
 READY_PROBE_TIMEOUT_S = 1.5
 READY_PROBE_INTERVAL_S = 1.0
-# Prompts whose token count is remembered (a few MB at most): counting is the tokenizer's work,
+# Prompts whose token ids are remembered (a few MB at most): tokenizing is the tokenizer's work,
 # repeated on every request for the same class list otherwise.
-TOKEN_COUNT_CACHE_SIZE = 16384
+TOKEN_CACHE_SIZE = 16384
 
 
 async def ping(_: Request) -> Response:
@@ -163,13 +163,14 @@ class ClipService:
         self._probe_task: asyncio.Task | None = None
         bind_apis_once(self)  # BentoML looks each API up per request (bound_apis.py)
 
-    def count_tokens(self, prompts: list[str]) -> list[int]:
-        """Token counts; the same class lists arrive on every request, so counts are memoised."""
-        return [self._token_count(prompt) for prompt in prompts]
+    def tokenize(self, prompts: list[str]) -> list[tuple[int, ...]]:
+        """Each prompt's token ids, untruncated: the length check counts them and the runner
+        encodes them. The same class lists arrive on every request, so they are memoised."""
+        return [self._token_ids(prompt) for prompt in prompts]
 
-    @functools.lru_cache(maxsize=TOKEN_COUNT_CACHE_SIZE)  # noqa: B019 (one service object)
-    def _token_count(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt)["input_ids"])
+    @functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)  # noqa: B019 (one service object)
+    def _token_ids(self, prompt: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(prompt)["input_ids"])
 
     async def probe_runner(self) -> bool:
         """Whether the runner answers its readiness probe and its model facts are known.
@@ -224,8 +225,8 @@ class ClipService:
                 self._context = InvocationContext(
                     facts=facts,
                     encode_images=calls.encode_images,
-                    encode_texts=calls.encode_texts,
-                    count_tokens=self.count_tokens,
+                    encode_tokens=calls.encode_tokens,
+                    tokenize=self.tokenize,
                     http_client=self.http_client,
                     text_cache=self.text_cache,
                     image_limits=dataclasses.replace(self.image_limits, forward_jpegs=forward),

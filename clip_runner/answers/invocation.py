@@ -1,9 +1,10 @@
 """Each API's request, from validated fields to its answer: `/invocations` (the original's
 contract and the Hugging Face toolkit's shape), `/classify`, `/embed_images`, `/embed_texts`.
 
-The runner is passed in as two async callables, so these flows are testable without a server:
-images are fetched and decoded concurrently (decode/resize in threads), text embeddings come from
-the cache or one batched runner call, and the math is `zero_shot`'s and `prompts`' pure functions.
+The runner is passed in as async callables, so these flows are testable without a server: images
+are fetched and decoded concurrently (decode/resize in threads), text embeddings come from the
+cache or one batched runner call (of token ids: prompts are tokenized here, where their lengths
+are checked), and the math is `zero_shot`'s and `prompts`' pure functions.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from clip_runner.model.encoding import ModelFacts
 
 EncodeImages = Callable[[np.ndarray], Awaitable[np.ndarray]]
 EncodeJpegs = Callable[[list[bytes]], Awaitable[np.ndarray]]
-EncodeTexts = Callable[[list[str]], Awaitable[np.ndarray]]
-CountTokens = Callable[[list[str]], list[int]]
+# Prompts' token ids (special tokens included) -> their embeddings, by the runner.
+EncodeTokens = Callable[[list[tuple[int, ...]]], Awaitable[np.ndarray]]
+# Prompts -> their token ids, by the served model's tokenizer, untruncated.
+Tokenize = Callable[[list[str]], list[tuple[int, ...]]]
 
 
 @dataclass
@@ -35,8 +38,8 @@ class InvocationContext:
 
     facts: ModelFacts
     encode_images: EncodeImages
-    encode_texts: EncodeTexts
-    count_tokens: CountTokens
+    encode_tokens: EncodeTokens
+    tokenize: Tokenize
     http_client: httpx.AsyncClient
     text_cache: TextEmbeddingCache
     image_limits: ImageLimits
@@ -61,8 +64,8 @@ def check_prompt_lengths(
     place to say so. A fast tokenizer makes this check cost well under a millisecond.
     """
     limit = context.facts.max_text_tokens
-    for index, count in enumerate(context.count_tokens(list(prompts))):
-        if count > limit:
+    for index, token_ids in enumerate(context.tokenize(list(prompts))):
+        if (count := len(token_ids)) > limit:
             raise RequestError(
                 422,
                 "invalid_request",
@@ -77,7 +80,8 @@ async def text_embeddings(context: InvocationContext, prompts: Sequence[str]) ->
     cached = context.text_cache.lookup(tag, prompts)
     missing = list(dict.fromkeys(p for p, e in zip(prompts, cached, strict=True) if e is None))
     if missing:
-        encoded = np.asarray(await context.encode_texts(missing), dtype=np.float32)
+        token_ids = context.tokenize(missing)
+        encoded = np.asarray(await context.encode_tokens(token_ids), dtype=np.float32)
         context.text_cache.store(tag, missing, encoded)
         fresh = dict(zip(missing, encoded, strict=True))
         cached = [e if e is not None else fresh[p] for p, e in zip(prompts, cached, strict=True)]

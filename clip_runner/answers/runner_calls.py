@@ -103,7 +103,7 @@ class RunnerCalls:
 
     encode_images: Callable[[np.ndarray], Awaitable[np.ndarray]]
     encode_jpegs: Callable[[list[bytes]], Awaitable[np.ndarray]]
-    encode_texts: Callable[[list[str]], Awaitable[np.ndarray]]
+    encode_tokens: Callable[[list[tuple[int, ...]]], Awaitable[np.ndarray]]
 
 
 def calls_in_flight(
@@ -158,7 +158,7 @@ def runner_calls(
     return RunnerCalls(
         encode_images=merge(runner.encode_images, "image", facts.max_batch, images),
         encode_jpegs=merge(runner.encode_jpegs, "image", facts.max_batch, jpegs),
-        encode_texts=merge(runner.encode_texts, "text", facts.max_text_batch, texts),
+        encode_tokens=merge(runner.encode_tokens, "text", facts.max_text_batch, texts),
     )
 
 

@@ -93,6 +93,24 @@ def raw_pixel_patch_embedding(
     return folded.requires_grad_(False)
 
 
+def padded_batch(
+    token_ids: Sequence[Sequence[int]], pad_id: int, side: str, max_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 (N, longest) input ids and attention mask of prompts' token ids, padded with
+    `pad_id` on `side` ("right" or "left"): what the tokenizer's `padding=True` gives."""
+    lengths = [len(ids) for ids in token_ids]
+    longest = max(lengths)
+    if longest > max_tokens:
+        raise ValueError(f"a prompt of {longest} tokens; the model reads at most {max_tokens}")
+    input_ids = np.full((len(token_ids), longest), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)
+    for row, (ids, length) in enumerate(zip(token_ids, lengths, strict=True)):
+        columns = slice(longest - length, longest) if side == "left" else slice(0, length)
+        input_ids[row, columns] = ids
+        attention_mask[row, columns] = 1
+    return input_ids, attention_mask
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What the API service needs to know about the served model."""
@@ -206,17 +224,24 @@ class ClipEncoder:
             batch = (pixels.float() * self.scale + self.offset).to(self.dtype)
         return _unit_rows(_as_embedding(self.model.get_image_features(pixel_values=batch)))
 
-    @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> float32 (N, D), unit length; prompts past the token limit are truncated."""
-        tokens = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=self.max_text_tokens,
-            return_tensors="pt",
-        ).to(self.device)
+        tokens = self.tokenizer(list(texts), truncation=True, max_length=self.max_text_tokens)
+        return self.encode_token_ids(tokens["input_ids"])
+
+    @torch.inference_mode()
+    def encode_token_ids(self, token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Prompts' token ids as this model's tokenizer gives them (special tokens included, at
+        most `max_text_tokens` each) -> float32 (N, D), unit length.
+
+        The runner takes token ids, not texts: the API workers tokenize every prompt anyway to
+        check its length, and tokenizing in the runner too cost its inference thread about a
+        quarter of its time on uncached prompts (tiny model; BENCHMARKS.md), a process that
+        does not scale with cores as the API workers do."""
+        pad_id, side = self.tokenizer.pad_token_id, self.tokenizer.padding_side
+        input_ids, attention_mask = padded_batch(token_ids, pad_id, side, self.max_text_tokens)
         features = self.model.get_text_features(
-            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            input_ids=torch.from_numpy(input_ids).to(self.device),
+            attention_mask=torch.from_numpy(attention_mask).to(self.device),
         )
         return _unit_rows(_as_embedding(features)).cpu().numpy()

@@ -65,7 +65,7 @@ Embeddings = Annotated[np.ndarray, ContentType("application/json")]
     # Nor an OpenTelemetry span per internal call: BentoML's tracing middleware took 15% of the
     # runner's event loop at load (py-spy), spans that go nowhere unless an exporter is set. The
     # API service's span still covers each request, runner call included.
-    tracing={"excluded_urls": ["/encode_images", "/encode_jpegs", "/encode_texts", "/describe"]},
+    tracing={"excluded_urls": ["/encode_images", "/encode_jpegs", "/encode_tokens", "/describe"]},
 )
 class CLIPRunner:
     """Encodes images (uint8 arrays) and texts into L2-normalised CLIP embeddings."""
@@ -129,7 +129,7 @@ class CLIPRunner:
             return GreedyBatcher(in_executor(guarded, inference), max_rows, max_wait_s, slots)
 
         self.image_batcher = batcher(self._encode_image_batch, layout.max_batch)
-        self.text_batcher = batcher(self._encode_text_batch, layout.max_text_batch)
+        self.text_batcher = batcher(self._encode_token_batch, layout.max_text_batch)
         self.jpeg_batcher = batcher(self._encode_jpeg_batch, layout.max_batch)
         logger.info(
             "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
@@ -199,11 +199,11 @@ class CLIPRunner:
             output[np.flatnonzero(decoded)] = self.encoder.encode_pixels(crops)
         return output
 
-    def _encode_text_batch(self, texts: list[str], threads: int) -> np.ndarray:
+    def _encode_token_batch(self, token_ids: list[list[int]], threads: int) -> np.ndarray:
         torch.set_num_threads(threads)
-        RUNNER_BATCH_TEXTS.observe(len(texts))
+        RUNNER_BATCH_TEXTS.observe(len(token_ids))
         with RUNNER_INFERENCE_SECONDS.labels(encoder="text").time():
-            return halves_when_out_of_memory(self.encoder.encode_texts)(texts)
+            return halves_when_out_of_memory(self.encoder.encode_token_ids)(token_ids)
 
     @bentoml.api
     async def encode_images(self, pixels: np.ndarray) -> Embeddings:
@@ -217,9 +217,10 @@ class CLIPRunner:
         return await _bounded(self.jpeg_batcher.submit(jpegs))
 
     @bentoml.api
-    async def encode_texts(self, texts: list[str]) -> Embeddings:
-        """Prompts -> float32 (N, D); prompts beyond the model's token limit are truncated."""
-        return await _bounded(self.text_batcher.submit(texts))
+    async def encode_tokens(self, token_ids: list[list[int]]) -> Embeddings:
+        """Prompts' token ids (this model's tokenizer's, special tokens included, at most its
+        token limit each; the API workers tokenize) -> float32 (N, D)."""
+        return await _bounded(self.text_batcher.submit(token_ids))
 
     @bentoml.api
     def describe(self) -> dict:

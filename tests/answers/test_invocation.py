@@ -24,14 +24,19 @@ class CountingEncoder:
 
     def __init__(self, encoder: ClipEncoder) -> None:
         self.encoder = encoder
-        self.text_calls: list[list[str]] = []
+        self.token_calls: list[list[tuple[int, ...]]] = []
 
     async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         return self.encoder.encode_images(pixels)
 
-    async def encode_texts(self, texts: list[str]) -> np.ndarray:
-        self.text_calls.append(list(texts))
-        return self.encoder.encode_texts(texts)
+    async def encode_tokens(self, token_ids: list[tuple[int, ...]]) -> np.ndarray:
+        self.token_calls.append(list(token_ids))
+        return self.encoder.encode_token_ids(token_ids)
+
+
+def tokenized(tiny_clip, prompts: list[str]) -> list[tuple[int, ...]]:
+    """Each prompt's token ids, untruncated, as the API service's tokenizer gives them."""
+    return [tuple(ids) for ids in tiny_clip.processor.tokenizer(prompts)["input_ids"]]
 
 
 @pytest.fixture()
@@ -44,16 +49,13 @@ def counting(tiny_clip) -> CountingEncoder:
 def run_invoke(tiny_clip, counting, images, classes, template="a photo of a {name}", top_k=3):
     limits = ImageLimits(FetchLimits(5_000_000, 5), max_pixels=50_000_000)
 
-    def count_tokens(prompts: list[str]) -> list[int]:
-        return [len(ids) for ids in tiny_clip.processor.tokenizer(prompts)["input_ids"]]
-
     async def go():
         async with new_fetch_client(AddressPolicy(), limits.fetch) as client:
             context = InvocationContext(
                 facts=counting.encoder.facts(tiny_clip.tag, True),
                 encode_images=counting.encode_images,
-                encode_texts=counting.encode_texts,
-                count_tokens=count_tokens,
+                encode_tokens=counting.encode_tokens,
+                tokenize=lambda prompts: tokenized(tiny_clip, prompts),
                 http_client=client,
                 text_cache=cache,
                 image_limits=limits,
@@ -79,7 +81,7 @@ def test_repeated_class_lists_are_encoded_once(tiny_clip, counting):
     classes = [("cat", True), ("dog", False), ("cat", True)]
     first, second = run_invoke(tiny_clip, counting, [as_base64(photo_like(50, 50, 1))], classes)
     assert first == second
-    assert counting.text_calls == [["a photo of a cat", "a photo of a dog"]]
+    assert counting.token_calls == [tokenized(tiny_clip, ["a photo of a cat", "a photo of a dog"])]
 
 
 def test_template_and_top_k_overrides(tiny_clip, counting):
@@ -109,7 +111,7 @@ def test_prompts_over_the_token_limit_are_refused_naming_the_class(tiny_clip, co
         run_invoke(tiny_clip, counting, [as_base64(photo_like(20, 20, 1))], classes)
     assert raised.value.status == 422
     assert "classes[1][0]" in raised.value.message and "at most 77" in raised.value.message
-    assert counting.text_calls == []
+    assert counting.token_calls == []
 
 
 def test_image_size_normalisation_and_scale_come_from_the_checkpoint(monkeypatch, bentoml_home):

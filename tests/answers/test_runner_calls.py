@@ -113,7 +113,7 @@ class SlowRunner:
         self.active -= 1
         return np.zeros((len(rows), 1))
 
-    encode_images = encode_jpegs = encode_texts = encode
+    encode_images = encode_jpegs = encode_tokens = encode
 
 
 def test_merged_calls_keep_up_to_in_flight_calls_going():
@@ -135,7 +135,7 @@ def test_runner_calls_in_flight_follow_clip_runner_calls(configured, peak):
     calls = runner_calls(runner, facts, 5.0, (2, 1), 10.0, configured_in_flight=configured)
 
     async def scenario() -> None:
-        await asyncio.gather(*(calls.encode_texts([f"text {i}"]) for i in range(8)))
+        await asyncio.gather(*(calls.encode_tokens([(49406, i, 49407)]) for i in range(8)))
 
     asyncio.run(scenario())
     assert runner.peak == peak
@@ -148,10 +148,10 @@ def test_text_calls_merge_up_to_the_text_batch_and_image_calls_up_to_the_image_b
     sizes: dict[str, list[int]] = {"texts": [], "images": []}
 
     class RecordingRunner:
-        async def encode_texts(self, texts: list[str]) -> np.ndarray:
-            sizes["texts"].append(len(texts))
+        async def encode_tokens(self, token_ids: list[tuple[int, ...]]) -> np.ndarray:
+            sizes["texts"].append(len(token_ids))
             await asyncio.sleep(0.05)
-            return np.zeros((len(texts), 1))
+            return np.zeros((len(token_ids), 1))
 
         async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
             sizes["images"].append(len(pixels))
@@ -163,7 +163,7 @@ def test_text_calls_merge_up_to_the_text_batch_and_image_calls_up_to_the_image_b
     calls = runner_calls(RecordingRunner(), facts, 5.0, (1, 1), 10.0, configured_in_flight=1)
 
     async def scenario() -> None:
-        texts = (calls.encode_texts([f"text {i}"]) for i in range(13))
+        texts = (calls.encode_tokens([(49406, i, 49407)]) for i in range(13))
         images = (calls.encode_images(np.zeros((1, 2, 2, 3), np.uint8)) for _ in range(7))
         await asyncio.gather(*texts, *images)
 

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from clip_runner.images.loading import ImageGeometry, resize_and_crop
-from clip_runner.model.encoding import ClipEncoder, pick_device, raw_pixel_patch_embedding
+from clip_runner.model.encoding import (
+    ClipEncoder,
+    padded_batch,
+    pick_device,
+    raw_pixel_patch_embedding,
+)
 from clip_runner.model.store import OPENAI_MEAN, OPENAI_STD
 from tests.helpers import photo_like
 
@@ -66,6 +71,35 @@ def test_text_embeddings_match_transformers_and_batching_changes_nothing(encoder
     reference = (reference / reference.norm(dim=-1, keepdim=True)).numpy()
     np.testing.assert_allclose(together, reference, atol=1e-5)
     np.testing.assert_allclose(alone, together, atol=1e-5)
+
+
+TEXTS = ["a photo of a cat", "", "a photo of a woman with black shirt and a bag", "ünïcödé 🙂"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_ids_are_padded_exactly_as_the_tokenizer_pads_a_batch(tiny_clip, side):
+    tokenizer = copy.deepcopy(tiny_clip.processor.tokenizer)
+    tokenizer.padding_side = side
+    theirs = tokenizer(TEXTS, padding=True, return_tensors="np")
+    ids = tokenizer(TEXTS)["input_ids"]
+    input_ids, attention_mask = padded_batch(ids, tokenizer.pad_token_id, side, 77)
+    np.testing.assert_array_equal(input_ids, theirs["input_ids"])
+    np.testing.assert_array_equal(attention_mask, theirs["attention_mask"])
+    assert input_ids.dtype == attention_mask.dtype == np.int64
+    with pytest.raises(ValueError, match="at most 5"):
+        padded_batch(ids, tokenizer.pad_token_id, side, 5)
+
+
+def test_token_ids_encode_to_the_texts_embeddings(encoder, tiny_clip):
+    """What the runner gets from the API workers (token ids) gives what texts would."""
+    ids = tiny_clip.processor.tokenizer(TEXTS)["input_ids"]
+    from_ids = encoder.encode_token_ids([tuple(row) for row in ids])
+    tokens = tiny_clip.processor(text=TEXTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        reference = tiny_clip.model.get_text_features(**tokens).pooler_output
+    reference = (reference / reference.norm(dim=-1, keepdim=True)).numpy()
+    np.testing.assert_allclose(from_ids, reference, atol=1e-5)
+    np.testing.assert_array_equal(from_ids, encoder.encode_texts(TEXTS))
 
 
 def test_prompts_longer_than_the_token_limit_are_truncated_not_fatal(encoder):
