@@ -27,9 +27,9 @@ from clip_runner.model.encoding import ModelFacts
 EncodeImages = Callable[[np.ndarray], Awaitable[np.ndarray]]
 EncodeJpegs = Callable[[list[bytes]], Awaitable[np.ndarray]]
 # Prompts' token ids (special tokens included) -> their embeddings, by the runner.
-EncodeTokens = Callable[[list[tuple[int, ...]]], Awaitable[np.ndarray]]
+EncodeTokens = Callable[[list[list[int]]], Awaitable[np.ndarray]]
 # Prompts -> their token ids, by the served model's tokenizer, untruncated.
-Tokenize = Callable[[list[str]], list[tuple[int, ...]]]
+Tokenize = Callable[[list[str]], list[Sequence[int]]]
 
 
 @dataclass
@@ -80,7 +80,7 @@ async def text_embeddings(context: InvocationContext, prompts: Sequence[str]) ->
     cached = context.text_cache.lookup(tag, prompts)
     missing = list(dict.fromkeys(p for p, e in zip(prompts, cached, strict=True) if e is None))
     if missing:
-        token_ids = context.tokenize(missing)
+        token_ids = [list(ids) for ids in context.tokenize(missing)]
         encoded = np.asarray(await context.encode_tokens(token_ids), dtype=np.float32)
         context.text_cache.store(tag, missing, encoded)
         fresh = dict(zip(missing, encoded, strict=True))

@@ -103,7 +103,7 @@ class RunnerCalls:
 
     encode_images: Callable[[np.ndarray], Awaitable[np.ndarray]]
     encode_jpegs: Callable[[list[bytes]], Awaitable[np.ndarray]]
-    encode_tokens: Callable[[list[tuple[int, ...]]], Awaitable[np.ndarray]]
+    encode_tokens: Callable[[list[list[int]]], Awaitable[np.ndarray]]
 
 
 def calls_in_flight(

@@ -24,19 +24,19 @@ class CountingEncoder:
 
     def __init__(self, encoder: ClipEncoder) -> None:
         self.encoder = encoder
-        self.token_calls: list[list[tuple[int, ...]]] = []
+        self.token_calls: list[list[list[int]]] = []
 
     async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         return self.encoder.encode_images(pixels)
 
-    async def encode_tokens(self, token_ids: list[tuple[int, ...]]) -> np.ndarray:
+    async def encode_tokens(self, token_ids: list[list[int]]) -> np.ndarray:
         self.token_calls.append(list(token_ids))
         return self.encoder.encode_token_ids(token_ids)
 
 
-def tokenized(tiny_clip, prompts: list[str]) -> list[tuple[int, ...]]:
+def tokenized(tiny_clip, prompts: list[str]) -> list[list[int]]:
     """Each prompt's token ids, untruncated, as the API service's tokenizer gives them."""
-    return [tuple(ids) for ids in tiny_clip.processor.tokenizer(prompts)["input_ids"]]
+    return tiny_clip.processor.tokenizer(prompts)["input_ids"]
 
 
 @pytest.fixture()

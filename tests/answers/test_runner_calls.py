@@ -135,7 +135,7 @@ def test_runner_calls_in_flight_follow_clip_runner_calls(configured, peak):
     calls = runner_calls(runner, facts, 5.0, (2, 1), 10.0, configured_in_flight=configured)
 
     async def scenario() -> None:
-        await asyncio.gather(*(calls.encode_tokens([(49406, i, 49407)]) for i in range(8)))
+        await asyncio.gather(*(calls.encode_tokens([[49406, i, 49407]]) for i in range(8)))
 
     asyncio.run(scenario())
     assert runner.peak == peak
@@ -148,7 +148,7 @@ def test_text_calls_merge_up_to_the_text_batch_and_image_calls_up_to_the_image_b
     sizes: dict[str, list[int]] = {"texts": [], "images": []}
 
     class RecordingRunner:
-        async def encode_tokens(self, token_ids: list[tuple[int, ...]]) -> np.ndarray:
+        async def encode_tokens(self, token_ids: list[list[int]]) -> np.ndarray:
             sizes["texts"].append(len(token_ids))
             await asyncio.sleep(0.05)
             return np.zeros((len(token_ids), 1))
@@ -163,7 +163,7 @@ def test_text_calls_merge_up_to_the_text_batch_and_image_calls_up_to_the_image_b
     calls = runner_calls(RecordingRunner(), facts, 5.0, (1, 1), 10.0, configured_in_flight=1)
 
     async def scenario() -> None:
-        texts = (calls.encode_tokens([(49406, i, 49407)]) for i in range(13))
+        texts = (calls.encode_tokens([[49406, i, 49407]]) for i in range(13))
         images = (calls.encode_images(np.zeros((1, 2, 2, 3), np.uint8)) for _ in range(7))
         await asyncio.gather(*texts, *images)
 

@@ -93,7 +93,7 @@ def test_token_ids_are_padded_exactly_as_the_tokenizer_pads_a_batch(tiny_clip, s
 def test_token_ids_encode_to_the_texts_embeddings(encoder, tiny_clip):
     """What the runner gets from the API workers (token ids) gives what texts would."""
     ids = tiny_clip.processor.tokenizer(TEXTS)["input_ids"]
-    from_ids = encoder.encode_token_ids([tuple(row) for row in ids])
+    from_ids = encoder.encode_token_ids(ids)
     tokens = tiny_clip.processor(text=TEXTS, return_tensors="pt", padding=True)
     with torch.inference_mode():
         reference = tiny_clip.model.get_text_features(**tokens).pooler_output
