@@ -1122,6 +1122,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
         payload["bare_text"] = bare_text_rate(encoder)
 
     seed = seed_request_bodies()
+    texts = uncached_text_bodies(200_000)  # each server has its own text cache: all uncached
     # The targets first and the ablations last, so a run cut short by the device's time limit
     # still holds the targets (each stage is saved as it ends, with how long it took).
     with tempfile.TemporaryDirectory() as tmp:
@@ -1134,7 +1135,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                     Scenario("seed c1", seed, 1, 1),
                     Scenario("seed c32", seed, 1, 32),
                     Scenario("seed c64", seed, 1, 64),
-                    Scenario(UNCACHED_TEXTS, uncached_text_bodies(200_000), 8, 32, "/embed_texts"),
+                    Scenario(UNCACHED_TEXTS, texts, 8, 32, "/embed_texts"),
                 ],
             ),
             ("server on 4 cores", confined_cpus, {}, [Scenario("seed c64", seed, 1, 64)]),
@@ -1178,7 +1179,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 TEXT_BATCH_ABLATION,
                 server_cpus,
                 {"CLIP_MAX_TEXT_BATCH_SIZE": "32"},
-                [Scenario(UNCACHED_TEXTS, uncached_text_bodies(200_000), 8, 32, "/embed_texts")],
+                [Scenario(UNCACHED_TEXTS, texts, 8, 32, "/embed_texts")],
             ),
         ]
 

@@ -11,7 +11,7 @@
 # the whole server on 4 cores; the device resize against Pillow pixel for pixel and every
 # preprocessing path's fidelity (nvJPEG and Pillow in the runner included). Then the ablations:
 # CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_RUNNER_JPEG_DECODER=pillow (the exact
-# device path), CLIP_API_WORKERS=3 on the 4 cores, and CLIP_CUDA_GRAPHS=on (the seed
+# device path), CLIP_API_WORKERS=3 on the 4 cores, CLIP_CUDA_GRAPHS=on (the seed
 # request at 1 and 64 clients, the bare encoder replayed, its cosine to the plain passes),
 # CLIP_MAX_TEXT_BATCH_SIZE=32 (uncached /embed_texts with text batches at the image batch), and a
 # batch's copy to the GPU, pageable against pinned + non-blocking. Each
