@@ -68,7 +68,8 @@ Embeddings = Annotated[np.ndarray, ContentType("application/json")]
     tracing={"excluded_urls": ["/encode_images", "/encode_jpegs", "/encode_tokens", "/describe"]},
 )
 class CLIPRunner:
-    """Encodes images (uint8 arrays) and texts into L2-normalised CLIP embeddings."""
+    """Encodes images (uint8 arrays or forwarded JPEGs) and prompts (token ids) into L2-normalised
+    CLIP embeddings."""
 
     model_ref = bentoml.models.BentoModel(settings.model_tag)
 
