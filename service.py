@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import gc
 import logging
-from array import array
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import Any
 
 import bentoml
@@ -38,6 +36,7 @@ from clip_runner.answers.runner_calls import (
     runner_overloaded,
 )
 from clip_runner.answers.text_cache import TextEmbeddingCache
+from clip_runner.answers.token_ids import PromptTokenizer
 from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
 from clip_runner.errors import RequestError, error_body
@@ -87,9 +86,7 @@ find_checkpoint(settings.model_dir)
 SERVICE_NAME = "clip_service"
 READY_PROBE_TIMEOUT_S = 1.5
 READY_PROBE_INTERVAL_S = 1.0
-# Prompts whose token ids are remembered, as 4-byte integers (about 6 MB at most with 77-token
-# prompts; as tuples of ints 2.8 KB a prompt): tokenizing is the tokenizer's work, repeated on
-# every request for the same class list otherwise.
+# Prompts whose token ids each API worker remembers (token_ids.py).
 TOKEN_CACHE_SIZE = 16384
 
 
@@ -155,8 +152,13 @@ class ClipService:
         )
         policy = AddressPolicy.from_allowlist(settings.fetch_allow)
         self.http_client = new_fetch_client(policy, self.image_limits.fetch)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_path(self.model_ref.path, settings.model_dir)  # the runner's checkpoint
+        # Each prompt's token ids, untruncated: the length check counts them and the runner
+        # encodes them.
+        self.tokenize = PromptTokenizer(
+            AutoTokenizer.from_pretrained(
+                tokenizer_path(self.model_ref.path, settings.model_dir)  # the runner's checkpoint
+            ),
+            TOKEN_CACHE_SIZE,
         )
         self.text_cache = TextEmbeddingCache(settings.text_cache_size)
         self._context: InvocationContext | None = None
@@ -164,15 +166,6 @@ class ClipService:
         self.runner_ready = False
         self._probe_task: asyncio.Task | None = None
         bind_apis_once(self)  # BentoML looks each API up per request (bound_apis.py)
-
-    def tokenize(self, prompts: list[str]) -> list[Sequence[int]]:
-        """Each prompt's token ids, untruncated: the length check counts them and the runner
-        encodes them. The same class lists arrive on every request, so they are memoised."""
-        return [self._token_ids(prompt) for prompt in prompts]
-
-    @functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)  # noqa: B019 (one service object)
-    def _token_ids(self, prompt: str) -> array:
-        return array("i", self.tokenizer(prompt)["input_ids"])
 
     async def probe_runner(self) -> bool:
         """Whether the runner answers its readiness probe and its model facts are known.

@@ -11,6 +11,7 @@ import torch
 
 from clip_runner.answers.invocation import InvocationContext, invoke
 from clip_runner.answers.text_cache import TextEmbeddingCache
+from clip_runner.answers.token_ids import PromptTokenizer
 from clip_runner.errors import RequestError
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits
@@ -55,7 +56,7 @@ def run_invoke(tiny_clip, counting, images, classes, template="a photo of a {nam
                 facts=counting.encoder.facts(tiny_clip.tag, True),
                 encode_images=counting.encode_images,
                 encode_tokens=counting.encode_tokens,
-                tokenize=lambda prompts: tokenized(tiny_clip, prompts),
+                tokenize=PromptTokenizer(tiny_clip.processor.tokenizer, 64),
                 http_client=client,
                 text_cache=cache,
                 image_limits=limits,
