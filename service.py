@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -40,6 +39,7 @@ from clip_runner.answers.token_ids import PromptTokenizer
 from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
 from clip_runner.errors import RequestError, error_body
+from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits
 from clip_runner.model.batching import QueueWaitExceeded
@@ -195,10 +195,10 @@ class ClipService:
     async def start_runner_probe(self) -> None:
         self._probe_task = asyncio.create_task(self._probe_forever())
         # Everything loaded so far (torch, transformers, the tokenizer) lives for the process's
-        # lifetime; freezing it keeps full garbage collections from scanning it on every pass,
-        # which otherwise stalls the event loop (and /ping) for hundreds of ms under load.
-        gc.collect()
-        gc.freeze()
+        # lifetime: kept out of garbage collections, which otherwise stall the event loop (and
+        # /ping) for hundreds of ms under load (gc_tuning.py).
+        frozen = settle_after_loading()
+        logger.info("API worker: %d objects loaded at start kept out of garbage collection", frozen)
 
     async def context(self) -> InvocationContext:
         """Built once, on first use: it needs the runner's model facts (logit scale, geometry)."""

@@ -228,6 +228,18 @@ def test_the_log_says_what_each_process_serves_with(served):
     assert re.search(r"\[INFO\].*serving model clip:\w+ on cpu; JPEGs decoded in the API", log)
 
 
+def test_each_process_keeps_what_it_loaded_out_of_garbage_collection(served):
+    """The runner (model, torch) and every API worker freeze what they loaded (gc_tuning.py):
+    hundreds of thousands of objects that full collections no longer walk."""
+    log = served.wait_for_log("runner:", "API worker:")
+    for process in ("runner", "API worker"):
+        counts = re.findall(
+            rf"{process}: (\d+) objects loaded at start kept out of garbage collection", log
+        )
+        assert counts, process
+        assert all(int(count) > 100_000 for count in counts), (process, counts)
+
+
 def test_ping_turns_503_fast_when_the_runner_stops_answering(served):
     runner = next(
         child

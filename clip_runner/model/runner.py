@@ -24,6 +24,7 @@ from PIL import Image
 
 from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import get_settings, runner_decode_threads
+from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_INFERENCE_SECONDS
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.model.cuda_graphs import ReplayedForward
@@ -148,6 +149,10 @@ class CLIPRunner:
             self.jpeg_decoder.name,
         )
         bind_apis_once(self)  # BentoML looks each API up per call (bound_apis.py)
+        # The model, torch and transformers stay for the process's lifetime: kept out of garbage
+        # collections, whose full passes otherwise stalled every call (gc_tuning.py).
+        frozen = settle_after_loading()
+        logger.info("runner: %d objects loaded at start kept out of garbage collection", frozen)
 
     def _warm_up(self) -> None:
         """Passes of each encoder and a JPEG decode, so the first request pays no lazy
