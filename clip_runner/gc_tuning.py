@@ -1,10 +1,9 @@
 """The garbage collector, set for a long-running server process once it has loaded what it keeps.
 
 A process that imported torch, transformers and BentoML tracks about 500,000 objects, and a full
-(oldest-generation) collection walks all of them: 250-400 ms on this project's development
-machine, during which the process does nothing else. Under load the runner ran one about every
-30 s (every in-flight request waited for it), and an API worker's full collections still took
-75-94 ms of CPU each (BENCHMARKS.md).
+(oldest-generation) collection walks all of them: 250-400 ms of CPU on this project's
+development machine, during which the process does nothing else. Under load the runner ran one
+about every 30 s, and every request in flight waited for it (BENCHMARKS.md).
 
 So, once loaded:
 - everything alive is frozen (`gc.freeze`): kept out of every later collection, which then walks
@@ -12,8 +11,8 @@ So, once loaded:
 - young collections run after 10,000 net new container objects instead of 700. Under load each
   request keeps a few hundred objects alive for tens of ms; at 700 a collection ran every few
   requests, found them still alive and promoted them, so they reached the oldest generation and
-  their cycles waited for the costly full collections. The API workers' collector CPU per request
-  fell to about a quarter (BENCHMARKS.md); the extra memory is at most that many small objects.
+  their cycles waited for its costly collections. The API workers' collector CPU per request
+  fell to about a fifth (BENCHMARKS.md); the extra memory is at most that many small objects.
 """
 
 from __future__ import annotations
