@@ -1,8 +1,8 @@
 """The garbage collector, set for a long-running server process once it has loaded what it keeps.
 
 A process that imported torch, transformers and BentoML tracks about 500,000 objects, and a full
-(oldest-generation) collection walks all of them: 250-400 ms of CPU on this project's
-development machine, during which the process does nothing else. Under load the runner ran one
+(oldest-generation) collection walks all of them: 250-400 ms on this project's development
+machine, during which the process does nothing else. Under load the runner ran one
 about every 30 s, and every request in flight waited for it (BENCHMARKS.md).
 
 So, once loaded:
