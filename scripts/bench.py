@@ -202,11 +202,60 @@ class Scenario:
     route: str = "/invocations"
 
 
-def metric_sum_count(url: str, name: str) -> tuple[float, float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    total = sum(float(v) for v in re.findall(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M))
-    count = sum(float(v) for v in re.findall(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$", text, re.M))
-    return total, count
+# The service's histograms behind a window's "where the time went" figures, by short name.
+HISTOGRAMS = {
+    "request": "bentoml_service_request_duration_seconds",  # in the API, per request
+    "preprocess": "clip_service_preprocess_seconds",  # the API's image work, per image
+    "call": "clip_service_runner_call_seconds",  # a runner call as the API waits for it
+    "call_images": "clip_service_runner_call_images",
+    "pass": "clip_runner_inference_seconds",  # a runner batch (device decode included)
+    "pass_images": "clip_runner_batch_images",
+}
+
+
+def histogram_totals(metrics_text: str, route: str) -> dict[str, tuple[float, float]]:
+    """Each of `HISTOGRAMS`' (sum, count) over all its labels in a /metrics page; the request
+    time only for `route` (not /ping or /metrics)."""
+    totals = {}
+    for short, name in HISTOGRAMS.items():
+        labels = f'{{[^}}]*endpoint="{re.escape(route)}"[^}}]*}}' if short == "request" else ""
+        labels = labels or "(?:{[^}]*})?"
+        sums, counts = (
+            sum(float(v) for v in re.findall(rf"^{name}_{part}{labels} (\S+)$", metrics_text, re.M))
+            for part in ("sum", "count")
+        )
+        totals[short] = (sums, counts)
+    return totals
+
+
+def metric_totals(url: str, route: str) -> dict[str, tuple[float, float]]:
+    return histogram_totals(httpx.get(f"{url}/metrics", timeout=10).text, route)
+
+
+def where_time_went(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], seconds: float
+) -> dict[str, float | None]:
+    """A window's means from two `histogram_totals`: what a request spent in the API, its
+    images' preprocessing there, a runner call as the API waited for it and the forward pass
+    inside (with the device decode of forwarded JPEGs), so a slow figure says where to look.
+    None where the window had none of that (no preprocessing when JPEGs go to the device)."""
+
+    def mean(short: str, scale: float = 1000.0) -> float | None:
+        total = after[short][0] - before[short][0]
+        count = after[short][1] - before[short][1]
+        return round(scale * total / count, 2) if count else None
+
+    return {
+        "api_ms_per_request": mean("request"),
+        "preprocess_ms_per_image": mean("preprocess"),
+        "runner_call_ms": mean("call"),
+        "forward_pass_ms": mean("pass"),
+        # Merging in the API worker: how many requests' images one runner call carried.
+        "images_per_runner_call": mean("call_images", 1.0),
+        "mean_runner_batch": mean("pass_images", 1.0),
+        # Forward passes in progress on average (1.0: one pass always running).
+        "model_busy": round((after["pass"][0] - before["pass"][0]) / seconds, 3),
+    }
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -242,13 +291,7 @@ async def drive(
     processes = tree(pid)
     cpu_before = {p.pid: cpu_seconds(p) for p in processes}
     peak_rss = 0.0
-    batches_before = metric_sum_count(url, "clip_runner_batch_images") if has_metrics else (0, 0)
-    inference_before = (
-        metric_sum_count(url, "clip_runner_inference_seconds") if has_metrics else (0, 0)
-    )
-    calls_before = (
-        metric_sum_count(url, "clip_service_runner_call_images") if has_metrics else (0, 0)
-    )
+    totals_before = metric_totals(url, scenario.route) if has_metrics else {}
     deadline = time.monotonic() + max_seconds
 
     async def client_loop(session: aiohttp.ClientSession, worker: int) -> None:
@@ -314,20 +357,8 @@ async def drive(
         "client_cpu_cores": round((time.process_time() - client_cpu_before) / duration, 3),
     }
     if has_metrics:
-        total, count = metric_sum_count(url, "clip_runner_batch_images")
-        batches = count - batches_before[1]
-        result["mean_runner_batch"] = (
-            round((total - batches_before[0]) / batches, 2) if batches else 0
-        )
-        inference_s = metric_sum_count(url, "clip_runner_inference_seconds")[0]
-        # Forward passes in progress on average (1.0: one pass always running).
-        result["model_busy"] = round((inference_s - inference_before[0]) / duration, 3)
-        images, calls = metric_sum_count(url, "clip_service_runner_call_images")
-        calls -= calls_before[1]
-        # Merging in the API worker: how many requests' images one runner call carried.
-        result["images_per_runner_call"] = (
-            round((images - calls_before[0]) / calls, 2) if calls else 0
-        )
+        totals_after = metric_totals(url, scenario.route)
+        result |= where_time_went(totals_before, totals_after, duration)
     return result
 
 
@@ -364,7 +395,7 @@ def drive_parallel(
                     raise RuntimeError(f"a load process failed to start (exit {worker.wait()})")
             server_processes = tree(pid)
             cpu_before = {p.pid: cpu_seconds(p) for p in server_processes}
-            calls_before = metric_sum_count(url, "clip_service_runner_call_images")
+            totals_before = metric_totals(url, scenario.route)
             started = time.monotonic()
             for worker in workers:
                 worker.stdin.write("go\n")
@@ -384,9 +415,8 @@ def drive_parallel(
         role = process_role(process, pid)
         used = (cpu_after[process.pid] - cpu_before[process.pid]) / duration
         cores_by_role[role] = cores_by_role.get(role, 0.0) + used
-    calls_after = metric_sum_count(url, "clip_service_runner_call_images")
+    totals_after = metric_totals(url, scenario.route)
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0] * 99
-    calls = calls_after[1] - calls_before[1]
     return {
         "name": scenario.name,
         "concurrency": scenario.concurrency,
@@ -402,10 +432,7 @@ def drive_parallel(
         "api_workers": sum(process_role(process, pid) == "api" for process in server_processes),
         "load_generator_processes": processes,
         "client_cpu_cores": round(sum(outcome["cpu_s"] for outcome in outcomes) / duration, 3),
-        "images_per_runner_call": round((calls_after[0] - calls_before[0]) / calls, 2)
-        if calls
-        else 0,
-    }
+    } | where_time_went(totals_before, totals_after, duration)
 
 
 # ---------------------------------------------------------------- in-process measurements
@@ -700,7 +727,7 @@ def markdown_table(results: list[dict]) -> str:
         lines.append(
             f"| {r['name']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
             f"{r['images_per_s']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
-            f"{r['p99_ms']} | {r.get('mean_runner_batch', '-')} | {r['server_cpu_cores']} | "
+            f"{r['p99_ms']} | {shown(r.get('mean_runner_batch'))} | {r['server_cpu_cores']} | "
             f"{r['server_peak_rss_mb']} |"
         )
     return "\n".join(lines)
@@ -1252,6 +1279,11 @@ FIDELITY_MIN_COSINE = 0.9999
 OPT_IN_APPROXIMATION = "CLIP_PREPROCESS=fast"
 
 
+def shown(value: object) -> str:
+    """A table cell: "-" where a run did not record the figure (older runs, or none to take)."""
+    return "-" if value is None else str(value)
+
+
 def figure_text(value: object) -> str:
     """A measured figure as text: six significant digits (a ratio of 0.29983 is not 0.3)."""
     return f"{value:.6g}" if isinstance(value, float) else str(value)
@@ -1439,9 +1471,27 @@ def gpu_report(payload: dict) -> str:
             f"| {row['server']} | {row['name']} | {row['images_per_s']} | {row['p50_ms']} | "
             f"{row['p95_ms']} | {row['p99_ms']} | {row['errors']} | {row['server_cpu_cores']} "
             f"({by_process.get('api', 0)} / {by_process.get('runner', 0)}) | "
-            f"{row['api_workers']} | {row['images_per_runner_call']} | "
+            f"{row['api_workers']} | {shown(row.get('images_per_runner_call'))} | "
             f"{row['client_cpu_cores']} ({row['load_generator_processes']}) |"
         )
+    lines += [
+        "",
+        "Where the time went (means over each window, from the service's /metrics): a request "
+        "in the API; its image work there (none when JPEGs go to the device); a runner call as "
+        "the API waited for it; a forward pass inside it (the device decode of forwarded JPEGs "
+        "included); images per pass; forward passes in progress on average.",
+        "",
+        "| server | scenario | API ms per request | image work ms per image | runner call ms | "
+        "forward pass ms | images per pass | model busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['server']} | {row['name']} | {shown(row.get('api_ms_per_request'))} | "
+        f"{shown(row.get('preprocess_ms_per_image'))} | {shown(row.get('runner_call_ms'))} | "
+        f"{shown(row.get('forward_pass_ms'))} | {shown(row.get('mean_runner_batch'))} | "
+        f"{shown(row.get('model_busy'))} |"
+        for row in payload.get("rows", [])
+    ]
     lines += ["", "Ablations and reported figures:", ""]
     lines += [f"- {name}: {text}" for name, text in gpu_ablations(payload).items()]
     fidelity = payload.get("fidelity", {}).get("paths", {})

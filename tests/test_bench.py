@@ -194,6 +194,53 @@ def test_the_report_states_every_verdict_every_row_and_the_failed_stages():
     assert "nvJPEG refused 2 of the hard set's JPEGs" in report
 
 
+METRICS_PAGE = """\
+# HELP bentoml_service_request_duration_seconds ...
+bentoml_service_request_duration_seconds_sum{endpoint="/ping",http_response_code="200"} 0.5
+bentoml_service_request_duration_seconds_count{endpoint="/ping",http_response_code="200"} 50.0
+bentoml_service_request_duration_seconds_sum{endpoint="/invocations",http_response_code="200"} 3.0
+bentoml_service_request_duration_seconds_count{endpoint="/invocations",http_response_code="200"} 400
+bentoml_service_request_duration_seconds_sum{endpoint="/invocations",http_response_code="422"} 0.2
+bentoml_service_request_duration_seconds_count{endpoint="/invocations",http_response_code="422"} 100
+clip_service_runner_call_seconds_sum{encoder="image"} 1.5
+clip_service_runner_call_seconds_count{encoder="image"} 100.0
+clip_service_runner_call_seconds_sum{encoder="text"} 0.5
+clip_service_runner_call_seconds_count{encoder="text"} 10.0
+clip_service_runner_call_images_sum{sent_as="jpeg"} 500.0
+clip_service_runner_call_images_count{sent_as="jpeg"} 100.0
+clip_runner_inference_seconds_sum{encoder="image"} 0.8
+clip_runner_inference_seconds_count{encoder="image"} 100.0
+clip_runner_batch_images_sum 500.0
+clip_runner_batch_images_count 100.0
+"""
+
+
+def test_a_window_says_where_a_request_spent_its_time_on_its_own_route():
+    before = bench.histogram_totals("", "/invocations")
+    after = bench.histogram_totals(METRICS_PAGE, "/invocations")
+    assert after["request"] == (3.2, 500.0)  # every answer of the route, not /ping's
+    assert after["call"] == (2.0, 110.0)  # image and text calls alike
+    figures = bench.where_time_went(before, after, seconds=2.0)
+    assert figures == {
+        "api_ms_per_request": 6.4,
+        "preprocess_ms_per_image": None,  # JPEGs went to the device: no image work in the API
+        "runner_call_ms": 18.18,
+        "forward_pass_ms": 8.0,
+        "images_per_runner_call": 5.0,
+        "mean_runner_batch": 5.0,
+        "model_busy": 0.4,
+    }
+    assert bench.where_time_went(after, after, 2.0)["api_ms_per_request"] is None
+
+
+def test_the_report_says_where_each_scenario_spent_its_time():
+    payload = a_full_run()
+    payload["rows"][0] |= {"api_ms_per_request": 6.4, "runner_call_ms": 4.1, "model_busy": 0.3}
+    report = bench.gpu_report(payload)
+    assert "| all server cores | seed c1 | 6.4 | - | 4.1 | - | - | 0.3 |" in report
+    assert "| all server cores | seed c32 | - | - | - | - | - | - |" in report  # not recorded
+
+
 def test_a_server_that_used_more_cores_than_it_was_pinned_to_fails_the_pinning_check():
     """Under gVisor CPU affinity is recorded, not enforced: the 4-core figures would then be
     figures of the whole machine, and the report must say so rather than count them."""
