@@ -210,6 +210,7 @@ HISTOGRAMS = {
     "call_images": "clip_service_runner_call_images",
     "pass": "clip_runner_inference_seconds",  # a runner batch (device decode included)
     "pass_images": "clip_runner_batch_images",
+    "pass_texts": "clip_runner_batch_texts",
 }
 
 
@@ -253,6 +254,7 @@ def where_time_went(
         # Merging in the API worker: how many requests' images one runner call carried.
         "images_per_runner_call": mean("call_images", 1.0),
         "mean_runner_batch": mean("pass_images", 1.0),
+        "mean_text_batch": mean("pass_texts", 1.0),
         # Forward passes in progress on average (1.0: one pass always running).
         "model_busy": round((after["pass"][0] - before["pass"][0]) / seconds, 3),
     }
@@ -1279,6 +1281,13 @@ FIDELITY_MIN_COSINE = 0.9999
 OPT_IN_APPROXIMATION = "CLIP_PREPROCESS=fast"
 
 
+def rows_per_pass(row: dict) -> str:
+    """Images per forward pass, or "(prompts)" where a window's passes encoded only texts."""
+    if row.get("mean_runner_batch") is None and row.get("mean_text_batch") is not None:
+        return f"({row['mean_text_batch']})"
+    return shown(row.get("mean_runner_batch"))
+
+
 def shown(value: object) -> str:
     """A table cell: "-" where a run did not record the figure (older runs, or none to take)."""
     return "-" if value is None else str(value)
@@ -1479,16 +1488,16 @@ def gpu_report(payload: dict) -> str:
         "Where the time went (means over each window, from the service's /metrics): a request "
         "in the API; its image work there (none when JPEGs go to the device); a runner call as "
         "the API waited for it; a forward pass inside it (the device decode of forwarded JPEGs "
-        "included); images per pass; forward passes in progress on average.",
+        "included); images (or prompts) per pass; forward passes in progress on average.",
         "",
         "| server | scenario | API ms per request | image work ms per image | runner call ms | "
-        "forward pass ms | images per pass | model busy |",
+        "forward pass ms | images (prompts) per pass | model busy |",
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {row['server']} | {row['name']} | {shown(row.get('api_ms_per_request'))} | "
         f"{shown(row.get('preprocess_ms_per_image'))} | {shown(row.get('runner_call_ms'))} | "
-        f"{shown(row.get('forward_pass_ms'))} | {shown(row.get('mean_runner_batch'))} | "
+        f"{shown(row.get('forward_pass_ms'))} | {rows_per_pass(row)} | "
         f"{shown(row.get('model_busy'))} |"
         for row in payload.get("rows", [])
     ]

@@ -212,6 +212,8 @@ clip_runner_inference_seconds_sum{encoder="image"} 0.8
 clip_runner_inference_seconds_count{encoder="image"} 100.0
 clip_runner_batch_images_sum 500.0
 clip_runner_batch_images_count 100.0
+clip_runner_batch_texts_sum 80.0
+clip_runner_batch_texts_count 10.0
 """
 
 
@@ -228,6 +230,7 @@ def test_a_window_says_where_a_request_spent_its_time_on_its_own_route():
         "forward_pass_ms": 8.0,
         "images_per_runner_call": 5.0,
         "mean_runner_batch": 5.0,
+        "mean_text_batch": 8.0,
         "model_busy": 0.4,
     }
     assert bench.where_time_went(after, after, 2.0)["api_ms_per_request"] is None
@@ -239,6 +242,10 @@ def test_the_report_says_where_each_scenario_spent_its_time():
     report = bench.gpu_report(payload)
     assert "| all server cores | seed c1 | 6.4 | - | 4.1 | - | - | 0.3 |" in report
     assert "| all server cores | seed c32 | - | - | - | - | - | - |" in report  # not recorded
+    payload["rows"][1] |= {"mean_runner_batch": None, "mean_text_batch": 12.5}
+    assert "| all server cores | seed c32 | - | - | - | - | (12.5) | - |" in bench.gpu_report(
+        payload
+    )
 
 
 def test_a_server_that_used_more_cores_than_it_was_pinned_to_fails_the_pinning_check():
