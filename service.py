@@ -127,6 +127,10 @@ health_app = Starlette(
     name=SERVICE_NAME,
     http={"port": settings.port},
     workers=settings.api_worker_count,
+    # A line per request costs an API worker about a sixth of its CPU per request where JPEGs
+    # go to the device (BENCHMARKS.md), and at GPU rates gigabytes of logs a day:
+    # CLIP_ACCESS_LOG=off leaves it out.
+    logging={"access": {"enabled": settings.access_log}},
     # RequestGuardMiddleware answers 408 at body_timeout_s and then 504 at request_timeout_s;
     # BentoML's own timer (around both) is a backstop.
     traffic={"timeout": settings.body_timeout_s + settings.request_timeout_s + 5},

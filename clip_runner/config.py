@@ -165,6 +165,7 @@ class Settings:
     runner_calls: int  # per API worker; 0: by device and worker counts (calls_in_flight)
     torch_compile: bool
     cuda_graphs: bool
+    access_log: bool  # BentoML's access log: one line per request the API service answers
     endpoint_kind: str
     # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
     body_timeout_s: float
@@ -253,6 +254,7 @@ def get_settings() -> Settings:
         runner_calls=_env_int("CLIP_RUNNER_CALLS", 0, minimum=0),
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
         cuda_graphs=_env_choice("CLIP_CUDA_GRAPHS", ("off", "on")) == "on",
+        access_log=_env_choice("CLIP_ACCESS_LOG", ("on", "off")) == "on",
         endpoint_kind=endpoint_kind,
         body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", body_timeout_s),
         max_waiting_bodies=_env_int("CLIP_MAX_WAITING_BODIES", 512),

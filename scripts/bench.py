@@ -1045,6 +1045,7 @@ CUDA_GRAPHS_ABLATION = "all server cores, CLIP_CUDA_GRAPHS=on"
 CONFINED_WORKERS_ABLATION = "server on 4 cores, CLIP_API_WORKERS=3"
 PILLOW_DECODER_ABLATION = "all server cores, CLIP_RUNNER_JPEG_DECODER=pillow"
 TEXT_BATCH_ABLATION = "all server cores, CLIP_MAX_TEXT_BATCH_SIZE=32"
+ACCESS_LOG_ABLATION = "server on 4 cores, CLIP_ACCESS_LOG=off"
 UNCACHED_TEXTS = "embed_texts uncached c32"
 
 
@@ -1202,13 +1203,21 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 [Scenario("seed c1", seed, 1, 1), Scenario("seed c64", seed, 1, 64)],
             ),
             # Text batches of 4 x the image batch (128 on a GPU) against the image batch (32),
-            # what texts had before they got their own limit. The last server: a run cut short
-            # loses it before the others.
+            # what texts had before they got their own limit.
             (
                 TEXT_BATCH_ABLATION,
                 server_cpus,
                 {"CLIP_MAX_TEXT_BATCH_SIZE": "32"},
                 [Scenario(UNCACHED_TEXTS, texts, 8, 32, "/embed_texts")],
+            ),
+            # Where the CPUs are the limit, is BentoML's access-log line per request (on by
+            # default) worth turning off by default? The last server: a run cut short loses it
+            # before the others.
+            (
+                ACCESS_LOG_ABLATION,
+                confined_cpus,
+                {"CLIP_ACCESS_LOG": "off"},
+                [Scenario("seed c64", seed, 1, 64)],
             ),
         ]
 
@@ -1437,6 +1446,9 @@ def gpu_ablations(payload: dict) -> dict[str, str]:
         "/embed_texts uncached c32, prompts/s, text batches of 4 x the image batch / of it": (
             f"{figure('all server cores', UNCACHED_TEXTS)} / "
             f"{figure(TEXT_BATCH_ABLATION, UNCACHED_TEXTS)}"
+        ),
+        "server on 4 cores, seed c64 images/s, access log on (default) / off": (
+            f"{figure('server on 4 cores', 'seed c64')} / {figure(ACCESS_LOG_ABLATION, 'seed c64')}"
         ),
     }
 

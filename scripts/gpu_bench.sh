@@ -13,7 +13,8 @@
 # CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_RUNNER_JPEG_DECODER=pillow (the exact
 # device path), CLIP_API_WORKERS=3 on the 4 cores, CLIP_CUDA_GRAPHS=on (the seed
 # request at 1 and 64 clients, the bare encoder replayed, its cosine to the plain passes),
-# CLIP_MAX_TEXT_BATCH_SIZE=32 (uncached /embed_texts with text batches at the image batch), and a
+# CLIP_MAX_TEXT_BATCH_SIZE=32 (uncached /embed_texts with text batches at the image batch),
+# CLIP_ACCESS_LOG=off on the 4 cores (no access-log line per request), and a
 # batch's copy to the GPU, pageable against pinned + non-blocking. Each
 # server and each in-process measurement is a stage, saved as it ends with its duration, so a
 # run cut short keeps what it measured; a failed stage is recorded and the next one runs.

@@ -89,6 +89,7 @@ GUARD_SETTINGS = {
     "CLIP_BODY_TIMEOUT_S": "2",
     "CLIP_MAX_WAITING_BODIES": "12",
     "CLIP_MAX_REQUEST_PIXELS": "1000000",
+    "CLIP_ACCESS_LOG": "off",
 }
 GUARD_AUTH = {"Authorization": f"Bearer {GUARD_KEY}"}
 

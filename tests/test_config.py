@@ -30,6 +30,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.max_text_batch_size == 0  # 0: a multiple of the image batch
     assert settings.runner_calls == 0
     assert settings.torch_compile is False and settings.cuda_graphs is False
+    assert settings.access_log is True
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
 
@@ -43,7 +44,9 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_RUNNER_PASSES", "4")
     monkeypatch.setenv("CLIP_RUNNER_CALLS", "5")
     monkeypatch.setenv("CLIP_RUNNER_JPEG_DECODER", "Pillow")
+    monkeypatch.setenv("CLIP_ACCESS_LOG", "off")
     settings = get_settings()
+    assert settings.access_log is False
     assert settings.runner_workers == 3 and settings.runner_passes == 4
     assert settings.runner_jpeg_decoder == "pillow"
     assert settings.runner_calls == 5
@@ -83,6 +86,7 @@ def test_cuda_graphs_are_an_opt_in_that_excludes_torch_compile(monkeypatch):
         ("CLIP_PREPROCESS", "quick", "must be one of reference, fast"),
         ("CLIP_TORCH_COMPILE", "yes", "must be one of off, on"),
         ("CLIP_CUDA_GRAPHS", "auto", "must be one of off, on"),
+        ("CLIP_ACCESS_LOG", "false", "must be one of on, off"),
         ("CLIP_BODY_TIMEOUT_S", "0", "must be >= 0.001"),
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
         ("CLIP_MAX_WAITING_BODY_BYTES", "1000", "at least CLIP_MAX_BODY_BYTES"),

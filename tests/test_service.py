@@ -7,6 +7,8 @@ import io
 import os
 import re
 import signal
+import time
+import uuid
 
 import bentoml
 import httpx
@@ -15,7 +17,14 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.helpers import SEED_CLASSES, as_base64, assert_same_answer, photo_like, wait_for_ping
+from tests.helpers import (
+    GUARD_AUTH,
+    SEED_CLASSES,
+    as_base64,
+    assert_same_answer,
+    photo_like,
+    wait_for_ping,
+)
 from tests.reference import assert_matches_reference, reference_probabilities
 
 SEED_NAMES = [name for name, _ in SEED_CLASSES]
@@ -226,6 +235,16 @@ def test_the_log_says_what_each_process_serves_with(served):
     log = served.log()
     assert re.search(r"\[INFO\].*CLIP model clip:\w+ ready on cpu .*decoded by pillow", log)
     assert re.search(r"\[INFO\].*serving model clip:\w+ on cpu; JPEGs decoded in the API", log)
+
+
+def test_the_access_log_has_a_line_per_request_unless_turned_off(served, guarded):
+    """BentoML's access log by default; `guarded` runs with CLIP_ACCESS_LOG=off."""
+    path = f"/access-log-probe-{uuid.uuid4().hex}"
+    for server in (served, guarded):
+        assert httpx.get(f"{server.url}{path}", headers=GUARD_AUTH).status_code == 404
+    served.wait_for_log(f"path={path}")
+    time.sleep(1)  # both lines would have been written by now
+    assert path not in guarded.log()
 
 
 def test_each_process_keeps_what_it_loaded_out_of_garbage_collection(served):
