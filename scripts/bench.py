@@ -219,8 +219,8 @@ def histogram_totals(metrics_text: str, route: str) -> dict[str, tuple[float, fl
     time only for `route` (not /ping or /metrics)."""
     totals = {}
     for short, name in HISTOGRAMS.items():
-        labels = f'{{[^}}]*endpoint="{re.escape(route)}"[^}}]*}}' if short == "request" else ""
-        labels = labels or "(?:{[^}]*})?"
+        route_only = f'{{[^}}]*endpoint="{re.escape(route)}"[^}}]*}}'
+        labels = route_only if short == "request" else "(?:{[^}]*})?"
         sums, counts = (
             sum(float(v) for v in re.findall(rf"^{name}_{part}{labels} (\S+)$", metrics_text, re.M))
             for part in ("sum", "count")
