@@ -12,7 +12,8 @@ So, once loaded:
   request keeps a few hundred objects alive for tens of ms; at 700 a collection ran every few
   requests, found them still alive and promoted them, so they reached the oldest generation and
   their cycles waited for its costly collections. The API workers' collector CPU per request
-  fell to about a fifth (BENCHMARKS.md); the extra memory is at most that many small objects.
+  fell from 0.08-0.17 to 0.01-0.03 ms (BENCHMARKS.md); the extra memory is at most that many
+  small objects.
 """
 
 from __future__ import annotations
