@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from transformers import AutoTokenizer
 
+from clip_runner.answers.direct_runner import DirectRunnerClient
 from clip_runner.answers.embedding_format import format_embeddings
 from clip_runner.answers.hf_toolkit import parse_zero_shot_request, toolkit_answer
 from clip_runner.answers.invocation import InvocationContext, image_embeddings, invoke
@@ -169,6 +170,7 @@ class ClipService:
         self._context_lock = asyncio.Lock()
         self.runner_ready = False
         self._probe_task: asyncio.Task | None = None
+        self._direct_runner: DirectRunnerClient | None = None  # made with the context
         bind_apis_once(self)  # BentoML looks each API up per request (bound_apis.py)
 
     async def probe_runner(self) -> bool:
@@ -210,8 +212,10 @@ class ClipService:
             if self._context is None:
                 attempt_s = (settings.request_timeout_s - 1) / 2
                 facts = ModelFacts(**await resilient(self.runner.to_async.describe, attempt_s)())
+                if settings.direct_runner_calls:
+                    self._direct_runner = DirectRunnerClient(self.runner.to_async.url)
                 calls = runner_calls(
-                    self.runner.to_async,
+                    self._direct_runner or self.runner.to_async,
                     facts,
                     attempt_s,
                     (settings.api_worker_count, settings.runner_workers),
@@ -232,10 +236,11 @@ class ClipService:
                     encode_jpegs=calls.encode_jpegs,
                 )
                 logger.info(
-                    "serving model %s on %s; JPEGs decoded %s",
+                    "serving model %s on %s; JPEGs decoded %s; runner called %s",
                     facts.tag,
                     facts.device,
                     f"on the runner ({facts.jpeg_decoder})" if forward else "in the API workers",
+                    "in its wire format" if self._direct_runner else "through BentoML's client",
                 )
             return self._context
 
@@ -410,6 +415,8 @@ class ClipService:
     async def close(self) -> None:
         if self._probe_task is not None:
             self._probe_task.cancel()
+        if self._direct_runner is not None:
+            await self._direct_runner.close()
         await self.http_client.aclose()
 
 

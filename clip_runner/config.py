@@ -163,6 +163,7 @@ class Settings:
     runner_passes: int
     runner_workers: int
     runner_calls: int  # per API worker; 0: by device and worker counts (calls_in_flight)
+    direct_runner_calls: bool  # the runner's wire format (answers/direct_runner.py), not BentoML's
     torch_compile: bool
     cuda_graphs: bool
     access_log: bool  # BentoML's access log: one line per request the API service answers
@@ -252,6 +253,7 @@ def get_settings() -> Settings:
         runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
         runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0) or default_runner_workers(),
         runner_calls=_env_int("CLIP_RUNNER_CALLS", 0, minimum=0),
+        direct_runner_calls=_env_choice("CLIP_DIRECT_RUNNER_CALLS", ("on", "off")) == "on",
         torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
         cuda_graphs=_env_choice("CLIP_CUDA_GRAPHS", ("off", "on")) == "on",
         access_log=_env_choice("CLIP_ACCESS_LOG", ("on", "off")) == "on",

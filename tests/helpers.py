@@ -90,6 +90,9 @@ GUARD_SETTINGS = {
     "CLIP_MAX_WAITING_BODIES": "12",
     "CLIP_MAX_REQUEST_PIXELS": "1000000",
     "CLIP_ACCESS_LOG": "off",
+    # The API workers call the runner through BentoML's client here, in the wire format on
+    # `served`: both paths stay under the served tests.
+    "CLIP_DIRECT_RUNNER_CALLS": "off",
 }
 GUARD_AUTH = {"Authorization": f"Bearer {GUARD_KEY}"}
 

@@ -31,6 +31,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.runner_calls == 0
     assert settings.torch_compile is False and settings.cuda_graphs is False
     assert settings.access_log is True
+    assert settings.direct_runner_calls is True
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
 
@@ -45,8 +46,10 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_RUNNER_CALLS", "5")
     monkeypatch.setenv("CLIP_RUNNER_JPEG_DECODER", "Pillow")
     monkeypatch.setenv("CLIP_ACCESS_LOG", "off")
+    monkeypatch.setenv("CLIP_DIRECT_RUNNER_CALLS", "off")
     settings = get_settings()
     assert settings.access_log is False
+    assert settings.direct_runner_calls is False
     assert settings.runner_workers == 3 and settings.runner_passes == 4
     assert settings.runner_jpeg_decoder == "pillow"
     assert settings.runner_calls == 5
@@ -87,6 +90,7 @@ def test_cuda_graphs_are_an_opt_in_that_excludes_torch_compile(monkeypatch):
         ("CLIP_TORCH_COMPILE", "yes", "must be one of off, on"),
         ("CLIP_CUDA_GRAPHS", "auto", "must be one of off, on"),
         ("CLIP_ACCESS_LOG", "false", "must be one of on, off"),
+        ("CLIP_DIRECT_RUNNER_CALLS", "bentoml", "must be one of on, off"),
         ("CLIP_BODY_TIMEOUT_S", "0", "must be >= 0.001"),
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
         ("CLIP_MAX_WAITING_BODY_BYTES", "1000", "at least CLIP_MAX_BODY_BYTES"),

@@ -247,6 +247,28 @@ def test_the_access_log_has_a_line_per_request_unless_turned_off(served, guarded
     assert path not in guarded.log()
 
 
+def test_both_ways_of_calling_the_runner_give_the_same_numbers(served, guarded):
+    """`served` calls the runner in its own wire format, `guarded` through BentoML's client
+    (CLIP_DIRECT_RUNNER_CALLS=off): the same requests get the same answers. New prompts, so the
+    texts go to the runner too."""
+    prompts = [f"a photo of a {uuid.uuid4().hex[:8]}", f"a drawing of a {uuid.uuid4().hex[:8]}"]
+    images = [as_base64(photo_like(64, 48, seed=11), "JPEG"), as_base64(photo_like(30, 70, 12))]
+    requests = [
+        ("/invocations", {"images": images, "classes": [[prompt, 1] for prompt in prompts]}),
+        ("/embed_images", {"images": images}),
+        ("/embed_texts", {"texts": prompts}),
+    ]
+    for path, body in requests:
+        answers = [
+            httpx.post(f"{server.url}{path}", json=body, headers=GUARD_AUTH, timeout=30)
+            for server in (served, guarded)
+        ]
+        assert [answer.status_code for answer in answers] == [200, 200], path
+        assert_same_answer(answers[0].json(), answers[1].json())
+    assert "; runner called in its wire format" in served.log()
+    assert "; runner called through BentoML's client" in guarded.log()
+
+
 def test_each_process_keeps_what_it_loaded_out_of_garbage_collection(served):
     """The runner (model, torch) and every API worker freeze what they loaded (gc_tuning.py):
     hundreds of thousands of objects that full collections no longer walk."""

@@ -30,6 +30,7 @@ from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceed
 from clip_runner.model.cuda_graphs import ReplayedForward
 from clip_runner.model.device_decode import DeviceJpegDecoder
 from clip_runner.model.device_health import exits_when_device_breaks, halves_when_out_of_memory
+from clip_runner.model.direct_calls import DirectCallsMiddleware
 from clip_runner.model.encoding import ClipEncoder, pick_device
 from clip_runner.model.model_source import load_served_clip
 from clip_runner.model.pass_layout import pass_layout
@@ -239,6 +240,15 @@ def _replay_note(replayed: ReplayedForward | None) -> str:
         return ""
     how = "CUDA graphs" if replayed.recorded else "eager passes (no GPU)"
     return f", image passes per batch bucket {list(replayed.buckets)} from {how}"
+
+
+async def direct_call(method: str, rows: np.ndarray | list) -> np.ndarray:
+    """An API worker's call in the wire format (direct_calls.py), answered by the API method of
+    that name on this worker's runner: the method BentoML's endpoint calls for other callers."""
+    return await getattr(bentoml.get_current_service(), method)(rows)
+
+
+CLIPRunner.add_asgi_middleware(DirectCallsMiddleware, handler=direct_call)
 
 
 async def _bounded(encoding: Awaitable[np.ndarray]) -> np.ndarray:
