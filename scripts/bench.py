@@ -945,6 +945,108 @@ def overhead(out: Path, rounds: int, max_requests: int, max_seconds: float) -> d
     return payload
 
 
+async def alternate_runner_calls(
+    runner_url: str, runner: psutil.Process, rounds: int, calls: int
+) -> dict:
+    """One runner process called both ways, alternating blocks of `calls` sequential calls:
+    BentoML's dependency client (as `CLIP_DIRECT_RUNNER_CALLS=off` calls it: pickle) and the
+    wire format. Per case and way, medians over the rounds of the block's median wall time
+    per call and of the runner's and this process's CPU per call."""
+    from _bentoml_impl.client.proxy2 import AsyncClient
+
+    from clip_runner.answers.direct_runner import DirectRunnerClient
+    from clip_runner.model.runner import CLIPRunner
+
+    pickled = AsyncClient(
+        runner_url,
+        media_type="application/vnd.bentoml+pickle",
+        service=CLIPRunner,
+        server_ready_timeout=0,
+        max_age=1e9,
+        max_requests=2**31,
+    )
+    direct = DirectRunnerClient(runner_url)
+    facts = await pickled.call("describe")
+    rng = np.random.default_rng(0)
+    shape = (facts["crop_height"], facts["crop_width"], 3)
+    cases = {
+        "1 image": ("encode_images", rng.integers(0, 256, (1, *shape), dtype=np.uint8)),
+        "8 images": ("encode_images", rng.integers(0, 256, (8, *shape), dtype=np.uint8)),
+        "8 prompts": ("encode_tokens", [list(range(1, 14))] * 8),
+    }
+    results: dict = {}
+    try:
+        for case, (method, rows) in cases.items():
+            ways = {
+                "bentoml": functools.partial(pickled.call, method, rows),
+                "wire": functools.partial(getattr(direct, method), rows),
+            }
+            answers = [await call() for call in ways.values()]
+            samples: dict = {
+                way: {"ms": [], "runner_cpu_ms": [], "client_cpu_ms": []} for way in ways
+            }
+            for number in range(rounds):
+                for way in sorted(ways, reverse=number % 2 == 1):
+                    runner_cpu, client_cpu = cpu_seconds(runner), time.process_time()
+                    walls = []
+                    for _ in range(calls):
+                        started = time.perf_counter()
+                        await ways[way]()
+                        walls.append(time.perf_counter() - started)
+                    block = samples[way]
+                    block["ms"].append(1000 * statistics.median(walls))
+                    block["runner_cpu_ms"].append(1000 * (cpu_seconds(runner) - runner_cpu) / calls)
+                    block["client_cpu_ms"].append(1000 * (time.process_time() - client_cpu) / calls)
+            results[case] = {
+                way: {name: round(statistics.median(values), 3) for name, values in block.items()}
+                for way, block in samples.items()
+            }
+            results[case]["same_answers"] = bool(np.array_equal(*answers))
+            print(f"runner calls, {case}:", json.dumps(results[case]), flush=True)
+    finally:
+        await direct.close()
+        await pickled.close()
+    return results
+
+
+def runner_calls_served(home: Path, tag: str, log: Path, rounds: int, calls: int, **env) -> dict:
+    """A server of `tag` with one runner process, its runner called both ways (above)."""
+    with bento_server(home, tag, log, CLIP_RUNNER_WORKERS="1", **env) as (_, pid):
+        runner = next(p for p in tree(pid) if process_role(p, pid) == "runner")
+        runner_url = json.loads(runner.environ()["BENTOML_RUNNER_MAP"])["clip_runner"]
+        cases = asyncio.run(alternate_runner_calls(runner_url, runner, rounds, calls))
+    return {"rounds": rounds, "calls_per_block": calls, "cases": cases}
+
+
+def runner_calls_text(comparison: dict) -> str:
+    """One line per case: the wire format against BentoML's client."""
+    parts = []
+    for case, ways in comparison["cases"].items():
+        wire, pickled = ways["wire"], ways["bentoml"]
+        parts.append(
+            f"{case}: {wire['ms']} against {pickled['ms']} ms a call, the runner's CPU "
+            f"{wire['runner_cpu_ms']} against {pickled['runner_cpu_ms']} ms, the caller's "
+            f"{wire['client_cpu_ms']} against {pickled['client_cpu_ms']} ms"
+            + ("" if ways["same_answers"] else " (ANSWERS DIFFER)")
+        )
+    return (
+        f"the wire format against BentoML's client, one runner, alternating blocks of "
+        f"{comparison['calls_per_block']} calls, medians of {comparison['rounds']} rounds: "
+        + "; ".join(parts)
+    )
+
+
+def runner_calls_comparison(out: Path, rounds: int, calls: int) -> dict:
+    """`--runner-calls`: the tiny model's runner, served as usual, called both ways."""
+    home, tag, _ = import_random_model(tiny=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        payload = runner_calls_served(home, tag, Path(tmp) / "runner-calls.log", rounds, calls)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runner-calls.json").write_text(json.dumps(payload, indent=1))
+    print(runner_calls_text(payload), flush=True)
+    return payload
+
+
 def long_run(out: Path, minutes: float) -> int:
     """Seed-shaped load for `minutes`, with each server process's RSS after every minute."""
     home, tag, _ = import_random_model()
@@ -1046,6 +1148,7 @@ CONFINED_WORKERS_ABLATION = "server on 4 cores, CLIP_API_WORKERS=3"
 PILLOW_DECODER_ABLATION = "all server cores, CLIP_RUNNER_JPEG_DECODER=pillow"
 TEXT_BATCH_ABLATION = "all server cores, CLIP_MAX_TEXT_BATCH_SIZE=32"
 ACCESS_LOG_ABLATION = "server on 4 cores, CLIP_ACCESS_LOG=off"
+RUNNER_CALLS_BOTH_WAYS = "runner calls, both ways"
 UNCACHED_TEXTS = "embed_texts uncached c32"
 
 
@@ -1279,6 +1382,14 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
             stage(run[0], functools.partial(serve, *run))
         stage("bare model, CUDA graphs", replayed)
         stage("host copy", lambda: payload.update(host_copy=host_copy_ms(device)))
+
+        def runner_calls() -> None:
+            log = Path(tmp) / "server-runner-calls.log"
+            compared = runner_calls_served(home, tag, log, 8, 30, cpus=server_cpus)
+            payload["runner_calls"] = compared
+
+        # Last: what the wire format saves per call where the forward pass is short.
+        stage(RUNNER_CALLS_BOTH_WAYS, runner_calls)
     payload["targets"] = gpu_target_checks(payload)
     save()
     return payload
@@ -1524,6 +1635,8 @@ def gpu_report(payload: dict) -> str:
             f"probability change {batched['max_probability_change_scale_100']}, cosine "
             f"{batched['min_cosine']}"
         )
+    if "runner_calls" in payload:
+        lines.append(f"- {RUNNER_CALLS_BOTH_WAYS}: {runner_calls_text(payload['runner_calls'])}")
     refused = payload.get("fidelity", {}).get("jpegs_refused_by_nvjpeg")
     if refused is not None:
         lines.append(
@@ -1833,6 +1946,12 @@ def main() -> int:
         help="only the tiny-model scenario: seed load at 32 clients vs plain Pillow's rate",
     )
     parser.add_argument(
+        "--runner-calls",
+        action="store_true",
+        help="only the runner-call comparison: one runner called through BentoML's client and "
+        "in the wire format, alternating (tiny model)",
+    )
+    parser.add_argument(
         "--runner-workers",
         type=int,
         nargs="+",
@@ -1864,6 +1983,9 @@ def main() -> int:
         return 1 if payload.get("stage_errors") else 0
     if args.overhead:
         overhead(args.out, 3, 10**6, 8 if args.quick else args.max_seconds)
+        return 0
+    if args.runner_calls:
+        runner_calls_comparison(args.out, 4 if args.quick else 16, 50)
         return 0
     max_requests = 60 if args.quick else args.max_requests
     max_seconds = 8 if args.quick else args.max_seconds

@@ -14,8 +14,9 @@
 # device path), CLIP_API_WORKERS=3 on the 4 cores, CLIP_CUDA_GRAPHS=on (the seed
 # request at 1 and 64 clients, the bare encoder replayed, its cosine to the plain passes),
 # CLIP_MAX_TEXT_BATCH_SIZE=32 (uncached /embed_texts with text batches at the image batch),
-# CLIP_ACCESS_LOG=off on the 4 cores (no access-log line per request), and a
-# batch's copy to the GPU, pageable against pinned + non-blocking. Each
+# CLIP_ACCESS_LOG=off on the 4 cores (no access-log line per request), a
+# batch's copy to the GPU, pageable against pinned + non-blocking, and last one runner called
+# both ways, alternating (the wire format of CLIP_DIRECT_RUNNER_CALLS against BentoML's client). Each
 # server and each in-process measurement is a stage, saved as it ends with its duration, so a
 # run cut short keeps what it measured; a failed stage is recorded and the next one runs.
 # Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt, gpu-util.csv.

@@ -248,6 +248,30 @@ def test_the_report_says_where_each_scenario_spent_its_time():
     )
 
 
+def test_the_report_compares_the_two_ways_of_calling_the_runner_case_by_case():
+    payload = a_full_run()
+    assert "runner calls, both ways" not in bench.gpu_report(payload)  # not measured: not shown
+    ways = {
+        "wire": {"ms": 4.1, "runner_cpu_ms": 3.6, "client_cpu_ms": 0.7},
+        "bentoml": {"ms": 5.5, "runner_cpu_ms": 4.6, "client_cpu_ms": 1.1},
+    }
+    payload["runner_calls"] = {
+        "rounds": 8,
+        "calls_per_block": 30,
+        "cases": {
+            "1 image": {**ways, "same_answers": True},
+            "8 prompts": {**ways, "same_answers": False},
+        },
+    }
+    report = bench.gpu_report(payload)
+    assert (
+        "- runner calls, both ways: the wire format against BentoML's client, one runner, "
+        "alternating blocks of 30 calls, medians of 8 rounds: 1 image: 4.1 against 5.5 ms a "
+        "call, the runner's CPU 3.6 against 4.6 ms, the caller's 0.7 against 1.1 ms; 8 prompts:"
+    ) in report
+    assert report.count("(ANSWERS DIFFER)") == 1
+
+
 def test_a_server_that_used_more_cores_than_it_was_pinned_to_fails_the_pinning_check():
     """Under gVisor CPU affinity is recorded, not enforced: the 4-core figures would then be
     figures of the whole machine, and the report must say so rather than count them."""
