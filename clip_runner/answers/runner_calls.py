@@ -1,6 +1,8 @@
 """Calling the runner from an API worker: which failures mean "runner unavailable", and retries.
 
-BentoML's dependency client speaks aiohttp over a unix socket to the runner service.
+Both ways of calling it speak aiohttp over the runner's unix socket: the runner's wire format
+(direct_runner.py, the default) and BentoML's dependency client (`CLIP_DIRECT_RUNNER_CALLS=off`,
+and `describe`); both fail with the same exceptions.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def resilient(
 ) -> Callable[..., Awaitable[T]]:
     """A runner call that is tried twice when its connection fails or its answer never comes.
 
-    BentoML's dependency client (aiohttp over a unix socket) closes its connection pool under
-    in-flight requests when it renews it ("Server disconnected"; runner.py makes that rare by
-    keeping one pool), and in soak tests about one call in several thousand was never answered.
+    A pooled connection can be gone when a call takes it (the runner restarted, or closed it
+    idle), BentoML's client closes its pool under in-flight requests when it renews it
+    ("Server disconnected"; runner.py makes that rare by keeping one pool), and in soak tests
+    about one call in several thousand was never answered.
     Encoding is idempotent, so a second attempt is safe; the runner's own queue bound
     (CLIP_MAX_LATENCY_MS) keeps honest calls well inside `attempt_timeout_s`.
     """
