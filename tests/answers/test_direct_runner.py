@@ -61,10 +61,8 @@ def jpeg_decoder(encoder) -> DeviceJpegDecoder:
 @pytest.fixture(scope="module")
 def runner_socket(tmp_path_factory, encoder, jpeg_decoder) -> Iterator[Path]:
     """The runner's route, its methods doing what the runner's do (runner.py) with the model."""
-    calls: list[str] = []
 
     async def handler(method: str, rows) -> np.ndarray:
-        calls.append(method)
         if method == "encode_images":  # the runner's batcher stacks requests into a new array
             return encoder.encode_images(rows.copy())
         if method == "encode_tokens":
@@ -76,7 +74,6 @@ def runner_socket(tmp_path_factory, encoder, jpeg_decoder) -> Iterator[Path]:
     socket_path = tmp_path_factory.mktemp("runner") / "runner.sock"
     with serving(app, socket_path):
         yield socket_path
-    assert set(calls) == {"encode_images", "encode_jpegs", "encode_tokens"}
 
 
 def call(socket_path: Path, method: str, rows):
