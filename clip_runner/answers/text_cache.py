@@ -16,8 +16,6 @@ class TextEmbeddingCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -29,8 +27,6 @@ class TextEmbeddingCache:
             if embedding is not None:
                 self._entries.move_to_end((model_tag, prompt))
         hits = sum(embedding is not None for embedding in found)
-        self.hits += hits
-        self.misses += len(found) - hits
         # Only counts that moved: each increment is a write to a shared memory map (BentoML's
         # multiprocess metrics), 6% of the API worker's event loop when both were written.
         for result, count in (("hit", hits), ("miss", len(found) - hits)):

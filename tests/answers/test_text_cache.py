@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import prometheus_client
 
 from clip_runner.answers.text_cache import TextEmbeddingCache
+
+
+def lookups(result: str) -> float:
+    """The text cache's lookup counter (what /metrics shows) in this process."""
+    sample = "clip_service_text_cache_lookups_total"
+    return prometheus_client.REGISTRY.get_sample_value(sample, {"result": result}) or 0.0
 
 
 def vector(value: float) -> np.ndarray:
@@ -12,12 +19,13 @@ def vector(value: float) -> np.ndarray:
 
 
 def test_hits_misses_and_model_separation():
+    before = lookups("hit"), lookups("miss")
     cache = TextEmbeddingCache(capacity=10)
     cache.store("clip:a", ["cat", "dog"], np.stack([vector(1), vector(2)]))
     found = cache.lookup("clip:a", ["dog", "bird"])
     assert found[0][0] == 2 and found[1] is None
     assert cache.lookup("clip:b", ["cat"]) == [None]
-    assert (cache.hits, cache.misses) == (1, 2)
+    assert (lookups("hit") - before[0], lookups("miss") - before[1]) == (1, 2)
 
 
 def test_least_recently_used_is_evicted():
