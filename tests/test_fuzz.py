@@ -5,19 +5,39 @@ Both are bounded (example counts, deadlines) and talk only to 127.0.0.1.
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import numpy as np
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+import torch
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from clip_runner.errors import RequestError
-from clip_runner.images.loading import ImageGeometry, decode_image, decode_inline, resize_and_crop
+from clip_runner.images.loading import (
+    ImageGeometry,
+    decode_image,
+    decode_inline,
+    device_decodable_jpeg,
+    resize_and_crop,
+)
+from clip_runner.model.device_decode import DeviceJpegDecoder
 from tests.helpers import encode, photo_like
 
 GEOMETRY = ImageGeometry(224, 224, 224)
 SEED_PNG = encode(photo_like(24, 16, seed=1))
 SEED_JPEG = encode(photo_like(24, 16, seed=1), "JPEG")
+# Baseline JPEGs the API workers forward to the runner (CLIP_DECODE=runner): 4:2:0 and 4:4:4
+# colour, and greyscale.
+FORWARDED_JPEGS = [
+    encode(photo_like(40, 30, seed=2), "JPEG", quality=90),
+    encode(photo_like(33, 64, seed=3), "JPEG", quality=50, subsampling=0),
+    encode(photo_like(40, 30, seed=4).convert("L"), "JPEG"),
+]
+SMALL_GEOMETRY = ImageGeometry(32, 32, 32)
+# The runner's decoder as it runs without a GPU: Pillow's decode, the device resize on the CPU.
+RUNNER_DECODER = DeviceJpegDecoder(torch.device("cpu"), *dataclasses.astuple(SMALL_GEOMETRY))
 
 
 def decode_or_refuse(data: bytes) -> None:
@@ -38,15 +58,52 @@ def test_arbitrary_bytes_decode_or_are_refused(data):
     decode_or_refuse(data)
 
 
+def mutated(original: bytes, data: st.DataObject) -> bytearray:
+    """Up to eight bytes of `original` overwritten at random places."""
+    changed = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 8))):
+        position = data.draw(st.integers(0, len(changed) - 1))
+        changed[position] = data.draw(st.integers(0, 255))
+    return changed
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from([SEED_PNG, SEED_JPEG]), st.data())
 def test_mutated_real_images_decode_or_are_refused(original, data):
-    mutated = bytearray(original)
-    for _ in range(data.draw(st.integers(1, 8))):
-        position = data.draw(st.integers(0, len(mutated) - 1))
-        mutated[position] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(mutated)))
-    decode_or_refuse(bytes(mutated[:cut]))
+    changed = mutated(original, data)
+    cut = data.draw(st.integers(0, len(changed)))
+    decode_or_refuse(bytes(changed[:cut]))
+
+
+def api_crop_or_none(data: bytes) -> np.ndarray | None:
+    """What the API workers' own decode makes of `data`: its crop, or None for a 422."""
+    try:
+        return resize_and_crop(decode_image(data, index=0, max_pixels=4_000_000), SMALL_GEOMETRY)
+    except RequestError:
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(FORWARDED_JPEGS), st.data())
+def test_a_forwarded_broken_jpeg_gets_what_the_api_path_gives(original, data):
+    """A JPEG the API workers forward untouched (its header and end marker check out, its coded
+    data may be garbage) is decoded by the runner's CPU twin to exactly the API path's crop, or
+    refused by both: without nvJPEG, the caller's answer does not depend on where the image was
+    decoded."""
+    changed = mutated(original, data)
+    if data.draw(st.booleans()):  # cut short, with the end marker the forwarding check wants
+        changed = changed[: data.draw(st.integers(2, len(changed)))] + b"\xff\xd9"
+    blob = bytes(changed)
+    try:
+        forwarded = device_decodable_jpeg(blob, 0, 4_000_000, SMALL_GEOMETRY.shortest_edge)
+    except RequestError:  # its header does not parse: refused before any forwarding
+        forwarded = False
+    assume(forwarded)
+    crops, decoded = RUNNER_DECODER([blob])
+    expected = api_crop_or_none(blob)
+    assert decoded == [expected is not None]
+    if expected is not None:
+        np.testing.assert_array_equal(crops[0].permute(1, 2, 0).numpy(), expected)
 
 
 @settings(max_examples=300, deadline=None)
