@@ -1149,6 +1149,7 @@ PILLOW_DECODER_ABLATION = "all server cores, CLIP_RUNNER_JPEG_DECODER=pillow"
 TEXT_BATCH_ABLATION = "all server cores, CLIP_MAX_TEXT_BATCH_SIZE=32"
 ACCESS_LOG_ABLATION = "server on 4 cores, CLIP_ACCESS_LOG=off"
 RUNNER_CALLS_BOTH_WAYS = "runner calls, both ways"
+BROKEN_JPEGS = "forwarded broken JPEGs"
 UNCACHED_TEXTS = "embed_texts uncached c32"
 
 
@@ -1170,6 +1171,30 @@ def replayed_passes(model_dir: Path, plain: BareModel) -> dict:
         "bare_image": limit_of([replayed.round(2)]),
         "min_cosine_to_plain_passes": round(min(cosines), 6),
     }
+
+
+def broken_jpegs_decoded(tmp: Path, mutations: int, timeout_s: float = 120) -> dict:
+    """scripts/broken_jpegs.py in a process of its own: what nvJPEG makes of forwarded JPEGs
+    with broken coded data. A JPEG that kills that process or leaves its CUDA context broken
+    costs only this stage, and the lines it wrote name the JPEG. Its summary, with how the
+    process ended where it did not end well."""
+    from scripts.broken_jpegs import read_lines, summary
+
+    lines = tmp / "broken-jpegs.jsonl"
+    lines.unlink(missing_ok=True)  # a resumed or repeated stage reads only its own lines
+    command = [sys.executable, str(REPO / "scripts" / "broken_jpegs.py")]
+    command += ["--count", str(mutations), "--lines", str(lines)]
+    started = time.monotonic()
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        ended, stderr = completed.returncode, completed.stderr
+    except subprocess.TimeoutExpired as expired:
+        ended, stderr = f"timed out after {timeout_s} s", expired.stderr or ""
+    result = summary(read_lines(lines), time.monotonic() - started)
+    if ended != 0:
+        stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+        result |= {"exit": ended, "stderr": stderr[-2000:]}
+    return result
 
 
 def resumed_payload(previous: dict, fresh: dict) -> tuple[dict, set[str]]:
@@ -1388,8 +1413,14 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
             compared = runner_calls_served(home, tag, log, 8, 30, cpus=server_cpus)
             payload["runner_calls"] = compared
 
-        # Last: what the wire format saves per call where the forward pass is short.
+        # What the wire format saves per call where the forward pass is short.
         stage(RUNNER_CALLS_BOTH_WAYS, runner_calls)
+        # Last, as a JPEG that breaks the device could take what came after it with it.
+        mutations = 1000 if cuda else 40  # on a CPU about 0.2 s each: a smoke run's share
+        stage(
+            BROKEN_JPEGS,
+            lambda: payload.update(broken_jpegs=broken_jpegs_decoded(Path(tmp), mutations)),
+        )
     payload["targets"] = gpu_target_checks(payload)
     save()
     return payload
@@ -1493,6 +1524,21 @@ def gpu_verdicts(payload: dict) -> list[tuple[str, object, str]]:
             "<=",
         ),
     ]
+    broken = payload.get("broken_jpegs")
+    checks += [
+        (
+            "forwarded broken JPEGs: intact images' pixels changed by one in their batch",
+            broken.get("batch_changed_neighbours") if broken else None,
+            0,
+            "<=",
+        ),
+        (
+            "forwarded broken JPEGs: device errors, crashes or hangs",
+            len(BROKEN_JPEG_FAILURES & broken.keys()) if broken else None,
+            0,
+            "<=",
+        ),
+    ]
     for path, measured in payload.get("fidelity", {}).get("paths", {}).items():
         if path == OPT_IN_APPROXIMATION:
             continue
@@ -1562,6 +1608,41 @@ def gpu_ablations(payload: dict) -> dict[str, str]:
             f"{figure('server on 4 cores', 'seed c64')} / {figure(ACCESS_LOG_ABLATION, 'seed c64')}"
         ),
     }
+
+
+# How the broken-JPEG stage's process can end badly (scripts/broken_jpegs.py's summary).
+BROKEN_JPEG_FAILURES = {"device_error", "stopped_at", "exit", "error"}
+
+
+def broken_jpegs_text(result: dict) -> str:
+    """The broken-JPEG stage as sentences: what happened to the forwarded JPEGs, then how the
+    run ended where it ended badly (a JPEG's bytes stay in the JSON)."""
+    if "outcomes" not in result:
+        return f"no results: {result.get('error')}; exit {result.get('exit')} (stderr in the JSON)"
+    sentences = [
+        f"{result['decoder']} on {result['device']}, {result['mutations']} mutated JPEGs; of "
+        f"those the API workers forward, {result['tried']} tried",
+        "; ".join(f"{name}: {count}" for name, count in result["outcomes"].items()),
+    ]
+    if result["decoder"] == "nvjpeg":
+        sentences.append(f"nvJPEG refused {result['refused_by_nvjpeg']} (Pillow decided those)")
+    sentences += [
+        f"Decoded by both, {result['differ_more_than_intact']} differ from Pillow's pixels by "
+        f"more than the intact JPEGs do (largest mean difference "
+        f"{result['largest_mean_abs_difference']} grey levels, intact "
+        f"{result['intact_largest_mean_abs_difference']})",
+        f"In a batch beside intact JPEGs the broken JPEG's own result changed "
+        f"{result['batch_changed_the_broken_jpeg']} times, the intact ones' pixels "
+        f"{result['batch_changed_neighbours']} times; the intact JPEGs as one batch against "
+        f"alone: {result['intact_batch_differs_from_solo']} differ",
+        f"{result.get('seconds')} s",
+    ]
+    for failure in sorted(BROKEN_JPEG_FAILURES & result.keys()):
+        shown_failure = result[failure]
+        if isinstance(shown_failure, dict):
+            shown_failure = {key: value for key, value in shown_failure.items() if key != "bytes"}
+        sentences.append(f"{failure}: {shown_failure}")
+    return ". ".join(sentences)
 
 
 def gpu_target_checks(payload: dict) -> dict[str, str]:
@@ -1637,6 +1718,8 @@ def gpu_report(payload: dict) -> str:
         )
     if "runner_calls" in payload:
         lines.append(f"- {RUNNER_CALLS_BOTH_WAYS}: {runner_calls_text(payload['runner_calls'])}")
+    if "broken_jpegs" in payload:
+        lines.append(f"- {BROKEN_JPEGS}: {broken_jpegs_text(payload['broken_jpegs'])}")
     refused = payload.get("fidelity", {}).get("jpegs_refused_by_nvjpeg")
     if refused is not None:
         lines.append(

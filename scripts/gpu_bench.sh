@@ -15,10 +15,13 @@
 # request at 1 and 64 clients, the bare encoder replayed, its cosine to the plain passes),
 # CLIP_MAX_TEXT_BATCH_SIZE=32 (uncached /embed_texts with text batches at the image batch),
 # CLIP_ACCESS_LOG=off on the 4 cores (no access-log line per request), a
-# batch's copy to the GPU, pageable against pinned + non-blocking, and last one runner called
-# both ways, alternating (the wire format of CLIP_DIRECT_RUNNER_CALLS against BentoML's client). Each
-# server and each in-process measurement is a stage, saved as it ends with its duration, so a
-# run cut short keeps what it measured; a failed stage is recorded and the next one runs.
+# batch's copy to the GPU, pageable against pinned + non-blocking, one runner called both ways,
+# alternating (the wire format of CLIP_DIRECT_RUNNER_CALLS against BentoML's client), and last,
+# in a process of its own, what nvJPEG makes of forwarded JPEGs with broken coded data
+# (scripts/broken_jpegs.py: an answer where Pillow refuses, other pixels, a broken device, an
+# intact neighbour's pixels changed in its batch). Each server and each in-process measurement
+# is a stage, saved as it ends with its duration, so a run cut short keeps what it measured; a
+# failed stage is recorded and the next one runs.
 # Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt, gpu-util.csv.
 # A run cut short or with failed stages is finished on a machine of its kind by a second run that
 # measures only those stages and merges its results (copy the first gpu-targets.json into the

@@ -141,6 +141,21 @@ def a_full_run(**changes: float) -> dict:
             },
             "jpegs_refused_by_nvjpeg": 2,
         },
+        "broken_jpegs": {
+            "decoder": "nvjpeg",
+            "device": "cuda",
+            "mutations": 1000,
+            "tried": 990,
+            "outcomes": {"both decoded, pixels differ": 900, "both refused": 90},
+            "refused_by_nvjpeg": 12,
+            "intact_largest_mean_abs_difference": 0.4,
+            "intact_batch_differs_from_solo": 0,
+            "largest_mean_abs_difference": 31.5,
+            "differ_more_than_intact": 70,
+            "batch_changed_the_broken_jpeg": 0,
+            "batch_changed_neighbours": changes.get("neighbours_changed", 0),
+            "seconds": 14.2,
+        },
         "stage_seconds": {"bare encoders": 40.0},
     }
 
@@ -159,6 +174,10 @@ def test_every_target_gets_a_verdict_from_its_own_figure():
         (
             {"nvjpeg_change": 0.0011},
             "fidelity, device path (nvjpeg on cuda, JPEG only): largest probability change <= 1e-3",
+        ),
+        (
+            {"neighbours_changed": 1},
+            "forwarded broken JPEGs: intact images' pixels changed by one in their batch",
         ),
     ]:
         assert verdicts_of(a_full_run(**change))[target] == "not met", change
@@ -192,6 +211,31 @@ def test_the_report_states_every_verdict_every_row_and_the_failed_stages():
     assert "CLIP_PREPROCESS=fast (opt-in, no bound): largest probability change 0.05" in report
     assert "one batch of 40 against one at a time (what batching alone moves): largest " in report
     assert "nvJPEG refused 2 of the hard set's JPEGs" in report
+    assert "tried. both decoded, pixels differ: 900; both refused: 90. nvJPEG refused 12" in report
+
+
+def test_the_broken_jpeg_stage_runs_apart_and_a_run_that_did_not_end_well_fails_its_check(
+    tmp_path,
+):
+    """scripts/broken_jpegs.py runs in a process of its own (a JPEG that breaks the device
+    must cost only that stage): on the CPU it ends well and its figures reach the report; one
+    that is stopped (a hang, a crash) fails the check and says how it ended."""
+    target = "forwarded broken JPEGs: device errors, crashes or hangs"
+    result = bench.broken_jpegs_decoded(tmp_path, 4)
+    assert "exit" not in result and result["tried"] > 0, result
+    assert set(result["outcomes"]) <= {"same crop", "both refused"}
+    payload = a_full_run() | {"broken_jpegs": result}
+    assert verdicts_of(payload)[target] == "met"
+    assert "- forwarded broken JPEGs: pillow on cpu, 4 mutated JPEGs; of those" in (
+        bench.gpu_report(payload)
+    )
+    stopped = bench.broken_jpegs_decoded(tmp_path, 4, timeout_s=0.5)  # before its first line
+    assert stopped["exit"] == "timed out after 0.5 s" and "error" in stopped
+    payload["broken_jpegs"] = stopped
+    assert verdicts_of(payload)[target] == "not met"
+    assert "- forwarded broken JPEGs: no results: " in bench.gpu_report(payload)
+    del payload["broken_jpegs"]
+    assert verdicts_of(payload)[target] == "unmeasured"
 
 
 METRICS_PAGE = """\
