@@ -26,6 +26,7 @@ from clip_runner.model.device_decode import DeviceJpegDecoder
 from tests.helpers import encode, photo_like
 
 GEOMETRY = ImageGeometry(224, 224, 224)
+MAX_PIXELS = 4_000_000  # the decoders' pixel limit here: a header claiming more is a 422 too
 SEED_PNG = encode(photo_like(24, 16, seed=1))
 SEED_JPEG = encode(photo_like(24, 16, seed=1), "JPEG")
 # Baseline JPEGs the API workers forward to the runner (CLIP_DECODE=runner): 4:2:0 and 4:4:4
@@ -43,7 +44,7 @@ RUNNER_DECODER = DeviceJpegDecoder(torch.device("cpu"), *dataclasses.astuple(SMA
 def decode_or_refuse(data: bytes) -> None:
     """The decoder's contract: an RGB image, or a 422 naming the image; nothing else escapes."""
     try:
-        image = decode_image(data, index=3, max_pixels=4_000_000)
+        image = decode_image(data, index=3, max_pixels=MAX_PIXELS)
     except RequestError as error:
         assert error.status == 422 and error.index == 3 and error.message.startswith("images[3]")
         return
@@ -78,7 +79,7 @@ def test_mutated_real_images_decode_or_are_refused(original, data):
 def api_crop_or_none(data: bytes) -> np.ndarray | None:
     """What the API workers' own decode makes of `data`: its crop, or None for a 422."""
     try:
-        return resize_and_crop(decode_image(data, index=0, max_pixels=4_000_000), SMALL_GEOMETRY)
+        return resize_and_crop(decode_image(data, index=0, max_pixels=MAX_PIXELS), SMALL_GEOMETRY)
     except RequestError:
         return None
 
@@ -95,7 +96,7 @@ def test_a_forwarded_broken_jpeg_gets_what_the_api_path_gives(original, data):
         changed = changed[: data.draw(st.integers(2, len(changed)))] + b"\xff\xd9"
     blob = bytes(changed)
     try:
-        forwarded = device_decodable_jpeg(blob, 0, 4_000_000, SMALL_GEOMETRY.shortest_edge)
+        forwarded = device_decodable_jpeg(blob, 0, MAX_PIXELS, SMALL_GEOMETRY.shortest_edge)
     except RequestError:  # its header does not parse: refused before any forwarding
         forwarded = False
     assume(forwarded)
