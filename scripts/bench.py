@@ -581,13 +581,16 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     Every path's pixels go through the same encoder one image at a time, so only the
     preprocessing differs: on a GPU the fp16 kernels cuBLAS picks can change with the batch
     size, and at logit scale 100 their rounding alone could approach the 1e-3 bound (so the
-    JPEG-only device paths, 20 images, were not comparable with a reference batch of 40)."""
+    JPEG-only device paths, 20 images, were not comparable with a reference batch of 40).
+    The device path is measured twice: its decoder called for one JPEG at a time, and for
+    batches as the runner calls it (one nvJPEG call decodes a whole batch)."""
     from transformers import CLIPModel
 
     from clip_runner.answers.zero_shot import zero_shot_probabilities
     from clip_runner.images.loading import ImageGeometry, prepare_image
     from clip_runner.model.device_decode import NVJPEG, DeviceJpegDecoder
     from clip_runner.model.encoding import ClipEncoder, pick_device
+    from clip_runner.model.pass_layout import GPU_MAX_BATCH
     from clip_runner.model.store import load_processor
     from tests.hard_images import encoded_set, is_jpeg
 
@@ -604,20 +607,41 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
         )["pixel_values"][0]
         return values.transpose(1, 2, 0).round().astype(np.uint8)
 
-    def on_device(decoder: DeviceJpegDecoder) -> object:
-        def prepare(blob: bytes) -> np.ndarray:
-            crops, _ = decoder([blob])
-            return crops[0].permute(1, 2, 0).cpu().numpy()
+    def one_at_a_time(prepare: Callable[[bytes], np.ndarray]) -> Callable:
+        return lambda chosen: np.stack([prepare(blob) for blob in chosen])
+
+    def on_device(decoder: DeviceJpegDecoder, batch: int = 1) -> Callable:
+        """The decoder's crops, `batch` JPEGs per call: the runner decodes its batches (up
+        to GPU_MAX_BATCH) in one call, one nvJPEG batch call, which may not give the pixels
+        that a call for one JPEG gives."""
+
+        def prepare(chosen: list[bytes]) -> np.ndarray:
+            crops = []
+            for start in range(0, len(chosen), batch):
+                decoded, ok = decoder(chosen[start : start + batch])
+                assert all(ok), "a JPEG of the hard set did not decode"
+                crops.append(decoded.permute(0, 2, 3, 1).cpu().numpy())
+            return np.concatenate(crops)
 
         return prepare
 
     decoder = DeviceJpegDecoder(device, *dataclasses.astuple(geometry))
+    # A decoder of its own, so that jpegs_refused_by_nvjpeg counts the one-at-a-time path's.
+    batched = DeviceJpegDecoder(device, *dataclasses.astuple(geometry))
     pillow = DeviceJpegDecoder(device, *dataclasses.astuple(geometry), use_nvjpeg=False)
+    device_path = f"device path ({decoder.name} on {device.type}, JPEG only"
     paths = {
-        "CLIPImageProcessor": (clip_processor, False),
-        "default (reference)": (lambda b: prepare_image(b, 0, geometry, 10**9), False),
-        "CLIP_PREPROCESS=fast": (lambda b: prepare_image(b, 0, geometry, 10**9, fast=True), False),
-        f"device path ({decoder.name} on {device.type}, JPEG only)": (on_device(decoder), True),
+        "CLIPImageProcessor": (one_at_a_time(clip_processor), False),
+        "default (reference)": (
+            one_at_a_time(lambda b: prepare_image(b, 0, geometry, 10**9)),
+            False,
+        ),
+        "CLIP_PREPROCESS=fast": (
+            one_at_a_time(lambda b: prepare_image(b, 0, geometry, 10**9, fast=True)),
+            False,
+        ),
+        f"{device_path})": (on_device(decoder), True),
+        f"{device_path}, batches of {GPU_MAX_BATCH})": (on_device(batched, GPU_MAX_BATCH), True),
     }
     if decoder.name != pillow.name:  # on a GPU with nvJPEG: CLIP_RUNNER_JPEG_DECODER=pillow too
         paths[f"device path (pillow on {device.type}, JPEG only)"] = (on_device(pillow), True)
@@ -643,7 +667,7 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
         chosen = [(name, blob) for name, blob in blobs if not jpeg_only or is_jpeg(blob)]
         names = [name for name, _ in chosen]
         started = time.monotonic()
-        pixels = np.stack([prepare(blob) for _, blob in chosen])
+        pixels = prepare([blob for _, blob in chosen])
         elapsed_ms = (time.monotonic() - started) * 1000 / len(chosen)
         embeddings = np.concatenate([encoder.encode_images(row[None]) for row in pixels])
         if reference is None:
