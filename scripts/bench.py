@@ -1557,7 +1557,7 @@ def gpu_verdicts(payload: dict) -> list[tuple[str, object, str]]:
             "<=",
         ),
         (
-            "forwarded broken JPEGs: device errors, crashes or hangs",
+            "forwarded broken JPEGs: exceptions, crashes or hangs",
             len(BROKEN_JPEG_FAILURES & broken.keys()) if broken else None,
             0,
             "<=",
@@ -1635,7 +1635,7 @@ def gpu_ablations(payload: dict) -> dict[str, str]:
 
 
 # How the broken-JPEG stage's process can end badly (scripts/broken_jpegs.py's summary).
-BROKEN_JPEG_FAILURES = {"device_error", "stopped_at", "exit", "error"}
+BROKEN_JPEG_FAILURES = {"raised", "stopped_at", "exit", "error"}
 
 
 def broken_jpegs_text(result: dict) -> str:

@@ -220,7 +220,7 @@ def test_the_broken_jpeg_stage_runs_apart_and_a_run_that_did_not_end_well_fails_
     """scripts/broken_jpegs.py runs in a process of its own (a JPEG that breaks the device
     must cost only that stage): on the CPU it ends well and its figures reach the report; one
     that is stopped (a hang, a crash) fails the check and says how it ended."""
-    target = "forwarded broken JPEGs: device errors, crashes or hangs"
+    target = "forwarded broken JPEGs: exceptions, crashes or hangs"
     result = bench.broken_jpegs_decoded(tmp_path, 4)
     assert "exit" not in result and result["tried"] > 0, result
     assert set(result["outcomes"]) <= {"same crop", "both refused"}

@@ -12,7 +12,7 @@ import torch
 
 from scripts.broken_jpegs import (
     BOTH_REFUSED,
-    DEVICE_ERROR,
+    RAISED,
     SAME,
     RunnerDecode,
     api_crop,
@@ -45,7 +45,7 @@ def test_on_the_cpu_a_forwarded_broken_jpeg_gets_the_api_paths_answer_alone_and_
     assert result["intact_largest_mean_abs_difference"] == 0.0
     assert result["intact_batch_differs_from_solo"] == 0
     assert result["batch_changed_the_broken_jpeg"] == result["batch_changed_neighbours"] == 0
-    assert not {"device_error", "stopped_at"} & result.keys()
+    assert not {"raised", "stopped_at"} & result.keys()
 
 
 def test_only_jpegs_the_api_workers_forward_are_tried(lines):
@@ -67,14 +67,14 @@ def test_a_run_that_died_on_a_jpeg_names_it_with_bytes_that_reproduce_its_outcom
     assert outcome(ours, api_crop(blob)) == lines[last_outcome]["outcome"]
 
 
-def test_a_device_error_is_reported_with_the_jpeg_that_caused_it(lines):
+def test_an_exception_is_reported_with_the_jpeg_that_raised_it(lines):
     name = lines[-1]["name"]
-    failed = [*lines[:-1], {"name": name, "outcome": DEVICE_ERROR, "error": "RuntimeError()"}]
+    failed = [*lines[:-1], {"name": name, "outcome": RAISED, "error": "RuntimeError()"}]
     result = summary(failed)
-    assert result["device_error"]["name"] == name
-    assert result["device_error"]["error"] == "RuntimeError()"
-    assert forwarded(base64.b64decode(result["device_error"]["bytes"]))
-    assert result["outcomes"][DEVICE_ERROR] == 1
+    assert result["raised"]["name"] == name
+    assert result["raised"]["error"] == "RuntimeError()"
+    assert forwarded(base64.b64decode(result["raised"]["bytes"]))
+    assert result["outcomes"][RAISED] == 1
 
 
 def test_a_run_that_never_decoded_says_so():
