@@ -151,9 +151,8 @@ def outcome(ours: np.ndarray | None, theirs: np.ndarray | None) -> str:
 
 
 def same_result(first: np.ndarray | None, second: np.ndarray | None) -> bool:
-    if first is None or second is None:
-        return first is None and second is None
-    return bool(np.array_equal(first, second))
+    """The same crop, or refused both times."""
+    return outcome(first, second) in (SAME, BOTH_REFUSED)
 
 
 def intact_line(runner: RunnerDecode, sources: list[tuple[str, bytes]]) -> tuple[dict, list]:
