@@ -1676,9 +1676,10 @@ def gpu_target_checks(payload: dict) -> dict[str, str]:
     return checks | {f"{name} (ablation)": text for name, text in gpu_ablations(payload).items()}
 
 
-def gpu_report(payload: dict) -> str:
+def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -> str:
     """A `--gpu-targets` run as BENCHMARKS.md text: the verdicts, every served scenario with
-    where the server's CPU went, the ablations, the stages' durations and failures."""
+    where the server's CPU went, the ablations, the stages' durations and failures. `source`:
+    where the raw results are kept in the repository."""
     resumed = payload.get("resumed_on")
     lines = [
         f"Run of {payload['date']} on {payload['machine']} (`bash scripts/gpu_bench.sh`, default "
@@ -1686,7 +1687,7 @@ def gpu_report(payload: dict) -> str:
         f"{payload['server_cpus']}, the 4-core server on {payload['confined_cpus']}, the load "
         f"generator on {payload['client_cpus']}"
         + (f"; finished by resumed runs on {', '.join(resumed)}" if resumed else "")
-        + ". Raw results: `benchmarks/gpu/gpu-targets.json`.",
+        + f". Raw results: `{source}`.",
         "",
         "| target | measured | verdict |",
         "|---|---|---|",
@@ -2079,7 +2080,8 @@ def main() -> int:
         return long_run(args.out, args.long_run)
     if args.gpu_report:
         update_benchmarks_md(
-            gpu_report(json.loads(args.gpu_report.read_text())), "bench-gpu-targets"
+            gpu_report(json.loads(args.gpu_report.read_text()), args.gpu_report.as_posix()),
+            "bench-gpu-targets",
         )
         return 0
     if args.resume and not args.gpu_targets:
