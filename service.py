@@ -129,8 +129,8 @@ health_app = Starlette(
     http={"port": settings.port},
     workers=settings.api_worker_count,
     # A line per request costs an API worker about a sixth of its CPU per request where JPEGs
-    # go to the device (BENCHMARKS.md), and at GPU rates gigabytes of logs a day:
-    # CLIP_ACCESS_LOG=off leaves it out.
+    # go to the device, and at GPU rates gigabytes of logs a day: on a GPU it is off by default
+    # (CLIP_ACCESS_LOG=auto; the 4-core server served 1.47 x without it, BENCHMARKS.md).
     logging={"access": {"enabled": settings.access_log}},
     # RequestGuardMiddleware answers 408 at body_timeout_s and then 504 at request_timeout_s;
     # BentoML's own timer (around both) is a backstop.
@@ -222,9 +222,7 @@ class ClipService:
                     settings.max_latency_ms / 1000,
                     settings.runner_calls,
                 )
-                forward = forwards_jpegs(
-                    settings.decode_jpegs_on, settings.runner_jpeg_decoder, facts
-                )
+                forward = forwards_jpegs(settings.decode_jpegs_on, facts)
                 self._context = InvocationContext(
                     facts=facts,
                     encode_images=calls.encode_images,

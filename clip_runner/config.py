@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 DEFAULT_HUB_MODEL = "openai/clip-vit-base-patch32"
@@ -69,6 +70,20 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _env_switch(name: str, auto: Callable[[], bool]) -> bool:
+    """`on`, `off`, or `auto` (the default): then `auto()` decides, from the machine."""
+    choice = _env_choice(name, ("auto", "on", "off"))
+    return auto() if choice == "auto" else choice == "on"
+
+
+def cuda_available() -> bool:
+    """Whether this process sees a GPU: the API workers and the runner run on the same machine,
+    so the API side sizes itself by what the runner will use."""
+    import torch  # only here: the settings of a CPU-only tool should not need to load CUDA
+
+    return torch.cuda.is_available()
+
+
 # Rates of this project's 2-core development machine (BENCHMARKS.md), used only to tell a model
 # that outruns one API worker by far from one that does not: one core runs ViT-B/32's vision
 # tower at about 35 GMAC/s (15.6 images/s at 4.4 GMAC on two), and one API worker decodes,
@@ -102,10 +117,8 @@ def default_api_workers(model_tag: str, model_dir: str) -> int:
     costs about 2.2 ms of CPU per request, so one tops out near 450 requests/s; the other half of
     the cores is left to the runner processes and the OS.
     """
-    import torch  # only here: the settings of a CPU-only tool should not need to load CUDA
-
     cores = len(os.sched_getaffinity(0))  # the cores this process may use
-    if torch.cuda.is_available():
+    if cuda_available():
         return max(2, cores // 2)
     from clip_runner.model.model_cost import checkpoint_image_gmacs
     from clip_runner.model.model_source import served_checkpoint
@@ -119,9 +132,7 @@ def default_runner_workers() -> int:
     cores); two on a GPU, sharing it, so one process's Python work (HTTP, batching, decoding
     set-up) overlaps the other's forward pass (BENCHMARKS.md, GPU section: 1.5 x at 32 clients
     before call merging)."""
-    import torch
-
-    return 2 if torch.cuda.is_available() else 1
+    return 2 if cuda_available() else 1
 
 
 def runner_decode_threads(cores: int, runner_workers: int) -> int:
@@ -158,15 +169,15 @@ class Settings:
     text_cache_size: int
     fast_preprocessing: bool
     decode_jpegs_on: str  # auto (the runner where it decodes on a GPU: forwards_jpegs), api, runner
-    runner_jpeg_decoder: str  # auto (nvJPEG where the runner has CUDA and torchvision) or pillow
+    runner_jpeg_decoder: str  # pillow (libjpeg's exact pixels) or nvjpeg (opt-in: faster, inexact)
     runner_threads: int
     runner_passes: int
     runner_workers: int
     runner_calls: int  # per API worker; 0: by device and worker counts (calls_in_flight)
     direct_runner_calls: bool  # the runner's wire format (answers/direct_runner.py), not BentoML's
     torch_compile: bool
-    cuda_graphs: bool
-    access_log: bool  # BentoML's access log: one line per request the API service answers
+    cuda_graphs: bool  # auto: on a GPU, unless torch_compile
+    access_log: bool  # BentoML's access log, a line per request; auto: on CPU only
     endpoint_kind: str
     # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
     body_timeout_s: float
@@ -224,6 +235,7 @@ def get_settings() -> Settings:
     # An async endpoint's payload (up to 1 GB, from S3 through SageMaker's own network) gets two
     # minutes to arrive; a real-time or batch body (6 MB) ten seconds.
     body_timeout_s = 120.0 if endpoint_kind == "async" else 10.0
+    torch_compile = _env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on"
     return Settings(
         model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
         port=_env_int("CLIP_PORT", 8080),
@@ -248,15 +260,19 @@ def get_settings() -> Settings:
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
         fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("reference", "fast")) == "fast",
         decode_jpegs_on=_env_choice("CLIP_DECODE", ("auto", "api", "runner")),
-        runner_jpeg_decoder=_env_choice("CLIP_RUNNER_JPEG_DECODER", ("auto", "pillow")),
+        runner_jpeg_decoder=_env_choice("CLIP_RUNNER_JPEG_DECODER", ("pillow", "nvjpeg")),
         runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0),
         runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
         runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0) or default_runner_workers(),
         runner_calls=_env_int("CLIP_RUNNER_CALLS", 0, minimum=0),
         direct_runner_calls=_env_choice("CLIP_DIRECT_RUNNER_CALLS", ("on", "off")) == "on",
-        torch_compile=_env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on",
-        cuda_graphs=_env_choice("CLIP_CUDA_GRAPHS", ("off", "on")) == "on",
-        access_log=_env_choice("CLIP_ACCESS_LOG", ("on", "off")) == "on",
+        torch_compile=torch_compile,
+        # On an H200 graphs doubled the seed load at 64 clients and halved one client's p50
+        # (BENCHMARKS.md, GPU); torch.compile replaces the same forward pass, so not with it.
+        cuda_graphs=_env_switch("CLIP_CUDA_GRAPHS", lambda: cuda_available() and not torch_compile),
+        # On a GPU the line's CPU is what the API workers run out of: without it the 4-core
+        # server served 1.47 x the seed load (BENCHMARKS.md, GPU).
+        access_log=_env_switch("CLIP_ACCESS_LOG", lambda: not cuda_available()),
         endpoint_kind=endpoint_kind,
         body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", body_timeout_s),
         max_waiting_bodies=_env_int("CLIP_MAX_WAITING_BODIES", 512),

@@ -24,13 +24,13 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.port == 8080 and settings.request_timeout_s == 55  # under SageMaker's 60
     assert settings.max_body_bytes == 6 * 1024 * 1024
     assert settings.fast_preprocessing is False and settings.runner_threads == 0  # exact
-    assert settings.decode_jpegs_on == "auto" and settings.runner_jpeg_decoder == "auto"
+    assert settings.decode_jpegs_on == "auto" and settings.runner_jpeg_decoder == "pillow"
     assert settings.runner_workers == 1  # on CPU; API workers: test_workers_by_machine
     assert settings.runner_passes == 0 and settings.max_batch_size == 0  # 0: chosen per device
     assert settings.max_text_batch_size == 0  # 0: a multiple of the image batch
     assert settings.runner_calls == 0
-    assert settings.torch_compile is False and settings.cuda_graphs is False
-    assert settings.access_log is True
+    assert settings.torch_compile is False and settings.cuda_graphs is False  # on CPU
+    assert settings.access_log is True  # on CPU
     assert settings.direct_runner_calls is True
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
@@ -44,14 +44,14 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_RUNNER_WORKERS", "3")
     monkeypatch.setenv("CLIP_RUNNER_PASSES", "4")
     monkeypatch.setenv("CLIP_RUNNER_CALLS", "5")
-    monkeypatch.setenv("CLIP_RUNNER_JPEG_DECODER", "Pillow")
+    monkeypatch.setenv("CLIP_RUNNER_JPEG_DECODER", "NVJPEG")
     monkeypatch.setenv("CLIP_ACCESS_LOG", "off")
     monkeypatch.setenv("CLIP_DIRECT_RUNNER_CALLS", "off")
     settings = get_settings()
     assert settings.access_log is False
     assert settings.direct_runner_calls is False
     assert settings.runner_workers == 3 and settings.runner_passes == 4
-    assert settings.runner_jpeg_decoder == "pillow"
+    assert settings.runner_jpeg_decoder == "nvjpeg"
     assert settings.runner_calls == 5
     assert settings.torch_compile is True
     assert settings.max_batch_size == 8 and settings.model_tag == "clip:abc"
@@ -59,13 +59,31 @@ def test_environment_overrides(monkeypatch):
     assert settings.fetch_allow == ("10.0.0.0/8", "images.lan")
 
 
-def test_cuda_graphs_are_an_opt_in_that_excludes_torch_compile(monkeypatch):
+def test_cuda_graphs_can_be_asked_for_on_cpu_but_not_with_torch_compile(monkeypatch):
     monkeypatch.setenv("CLIP_CUDA_GRAPHS", "on")
     assert get_settings().cuda_graphs is True
     get_settings.cache_clear()
     monkeypatch.setenv("CLIP_TORCH_COMPILE", "on")
     with pytest.raises(ValueError, match="CLIP_TORCH_COMPILE and CLIP_CUDA_GRAPHS"):
         get_settings()
+
+
+def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings = get_settings()
+    assert settings.cuda_graphs is True and settings.access_log is False
+    assert settings.runner_jpeg_decoder == "pillow"  # exact on a GPU too; nvJPEG is an opt-in
+    get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_TORCH_COMPILE", "on")  # replaces the same forward pass: no graphs
+    monkeypatch.setenv("CLIP_ACCESS_LOG", "on")
+    settings = get_settings()
+    assert settings.cuda_graphs is False and settings.access_log is True
+    get_settings.cache_clear()
+    monkeypatch.delenv("CLIP_TORCH_COMPILE")
+    monkeypatch.setenv("CLIP_CUDA_GRAPHS", "off")
+    assert get_settings().cuda_graphs is False
 
 
 @pytest.mark.parametrize(
@@ -80,7 +98,7 @@ def test_cuda_graphs_are_an_opt_in_that_excludes_torch_compile(monkeypatch):
         ("CLIP_API_WORKERS", "-2", "must be >= 0"),
         ("CLIP_KEEPALIVE_REQUESTS", "-1", "must be >= 0"),
         ("CLIP_DECODE", "gpu", "must be one of auto, api, runner"),
-        ("CLIP_RUNNER_JPEG_DECODER", "nvjpeg", "must be one of auto, pillow"),
+        ("CLIP_RUNNER_JPEG_DECODER", "auto", "must be one of pillow, nvjpeg"),  # the old default
         ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be >= 0.001"),
         ("CLIP_FETCH_TIMEOUT_S", "soon", "must be a number"),
         ("CLIP_MAX_LATENCY_MS", "50000", "below half of CLIP_REQUEST_TIMEOUT_S"),
@@ -88,8 +106,8 @@ def test_cuda_graphs_are_an_opt_in_that_excludes_torch_compile(monkeypatch):
         ("CLIP_FETCH_CONNECT_TIMEOUT_S", "20", "must not exceed CLIP_FETCH_TIMEOUT_S"),
         ("CLIP_PREPROCESS", "quick", "must be one of reference, fast"),
         ("CLIP_TORCH_COMPILE", "yes", "must be one of off, on"),
-        ("CLIP_CUDA_GRAPHS", "auto", "must be one of off, on"),
-        ("CLIP_ACCESS_LOG", "false", "must be one of on, off"),
+        ("CLIP_CUDA_GRAPHS", "yes", "must be one of auto, on, off"),
+        ("CLIP_ACCESS_LOG", "false", "must be one of auto, on, off"),
         ("CLIP_DIRECT_RUNNER_CALLS", "bentoml", "must be one of on, off"),
         ("CLIP_BODY_TIMEOUT_S", "0", "must be >= 0.001"),
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),

@@ -21,7 +21,6 @@ import numpy as np
 
 from clip_runner.metrics import RUNNER_CALL_IMAGES, RUNNER_CALL_SECONDS, RUNNER_CALL_TEXTS
 from clip_runner.model.batching import GreedyBatcher, PassSlots, Rows
-from clip_runner.model.device_decode import NVJPEG
 from clip_runner.model.encoding import ModelFacts
 
 logger = logging.getLogger(__name__)
@@ -165,13 +164,12 @@ def runner_calls(
     )
 
 
-def forwards_jpegs(decode_jpegs_on: str, runner_jpeg_decoder: str, facts: ModelFacts) -> bool:
-    """CLIP_DECODE: `runner` always forwards JPEG bytes, `api` never, `auto` when the runner
-    decodes them on a GPU: with nvJPEG, or with Pillow where CLIP_RUNNER_JPEG_DECODER says so
-    (then the runner's CPU threads decode and the GPU resizes). On CPU, decoding in the API
-    workers keeps the runner's cores for the model; the forwarded path is exactly as faithful
-    with Pillow either way."""
+def forwards_jpegs(decode_jpegs_on: str, facts: ModelFacts) -> bool:
+    """CLIP_DECODE: `runner` always forwards JPEG bytes, `api` never, `auto` where the runner
+    has a GPU: its CPU threads decode (Pillow, or nvJPEG on the GPU where
+    CLIP_RUNNER_JPEG_DECODER=nvjpeg) and the GPU resizes, so the API workers only parse JSON
+    and check headers. On CPU, decoding in the API workers keeps the runner's cores for the
+    model; with Pillow the forwarded path is exactly as faithful either way."""
     if decode_jpegs_on == "auto":
-        chose_pillow = facts.device == "cuda" and runner_jpeg_decoder == "pillow"
-        return facts.jpeg_decoder == NVJPEG or chose_pillow
+        return facts.device == "cuda"
     return decode_jpegs_on == "runner"

@@ -3,7 +3,9 @@
 Why: on a GPU the image encoder is launch-bound. ViT-B/32 in fp16 took about 5 ms on an H200 at
 batch 1 and at batch 32 alike: that time is the CPU issuing a few hundred kernels one by one,
 holding the GIL the runner's event loop needs to take the next call. A CUDA graph records the
-kernels once and issues them all with one call (`CLIP_CUDA_GRAPHS=on`).
+kernels once and issues them all with one call: on an H200 that doubled the seed load at 64
+clients and halved one client's p50 (BENCHMARKS.md, GPU), so it is the default on a GPU
+(`CLIP_CUDA_GRAPHS=auto`).
 
 A graph has fixed shapes, so a batch is padded up to the next bucket (1, 2, 4, ... up to the
 largest batch) and a batch larger than the largest bucket goes in several replays. The padding

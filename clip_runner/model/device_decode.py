@@ -1,10 +1,14 @@
 """JPEG bytes -> model-ready uint8 crops on the model's device, a whole batch at once.
 
 On a GPU the API workers forward JPEG bytes instead of decoding them (images/loading.py decides
-which), and the runner decodes the batch with nvJPEG (`torchvision.io.decode_jpeg` on CUDA) and
-resizes it on the device with Pillow's exact arithmetic (resample.py), so the CPUs only parse
-JSON and check headers. Its CPU twin decodes with Pillow (libjpeg-turbo, as the API path does)
-and runs the same device resize on the CPU: that is what the tests exercise without a GPU.
+which), and the runner decodes the batch and resizes it on the device with Pillow's exact
+arithmetic (resample.py), so the API workers only parse JSON and check headers. The runner
+decodes with Pillow (libjpeg-turbo, the API path's and CLIPImageProcessor's exact pixels) in
+threads, or, opted in (CLIP_RUNNER_JPEG_DECODER=nvjpeg), with nvJPEG on the GPU
+(`torchvision.io.decode_jpeg` on CUDA): faster, but its pixels differ, and on an H200 they moved
+a probability by 0.0062 on the hard-image set, beyond the 1e-3 bound (BENCHMARKS.md, GPU). On
+CPU the same code decodes with Pillow and resizes on the CPU: that is what the tests exercise
+without a GPU.
 
 An image that fails to decode here does not fail its batch: its row is reported as failed and
 the API answers that one image with a 422.
@@ -118,11 +122,11 @@ def resized_by_size(
 class DeviceJpegDecoder:
     """Decodes and resizes forwarded JPEGs where the model runs (see the module docstring).
 
-    `use_nvjpeg=False` decodes with Pillow even on a GPU: libjpeg-turbo's pixels, exactly the
-    API path's, at the cost of the runner's CPU (in `threads` threads per batch); nvJPEG's
-    pixels differ from libjpeg's by its own IDCT and upsampling (BENCHMARKS.md, fidelity).
-    So does `passes` > 1 (forward passes that may run beside a decode): nvJPEG can overwrite
-    memory another pass's queued kernels still read (drain_queued_work).
+    `use_nvjpeg=False` (the service's default) decodes with Pillow even on a GPU: libjpeg-turbo's
+    pixels, exactly the API path's, at the cost of the runner's CPU (in `threads` threads per
+    batch); nvJPEG's pixels differ from libjpeg's by its own IDCT and upsampling (BENCHMARKS.md,
+    fidelity). So does `passes` > 1 (forward passes that may run beside a decode): nvJPEG can
+    overwrite memory another pass's queued kernels still read (drain_queued_work).
     """
 
     def __init__(

@@ -196,8 +196,8 @@ class ClipEncoder:
     @torch.inference_mode()
     def replay_image_passes(self, max_batch: int) -> None:
         """Run the image tower from CUDA graphs, one per batch bucket up to `max_batch`
-        (cuda_graphs.py; on CPU the same staging, run eagerly). Opt-in (`CLIP_CUDA_GRAPHS=on`)
-        until a GPU run measures it; recording raises if the model cannot be captured."""
+        (cuda_graphs.py; on CPU the same staging, run eagerly). On a GPU by default
+        (`CLIP_CUDA_GRAPHS=auto`); recording raises if the model cannot be captured."""
         shape = (3, self.crop_height, self.crop_width)
         self.replayed = ReplayedForward(
             self._image_features, shape, self.device, batch_buckets(max_batch)

@@ -95,7 +95,7 @@ class CLIPRunner:
             facts.shortest_edge,
             facts.crop_height,
             facts.crop_width,
-            use_nvjpeg=settings.runner_jpeg_decoder == "auto",
+            use_nvjpeg=settings.runner_jpeg_decoder == "nvjpeg",
             threads=runner_decode_threads(len(os.sched_getaffinity(0)), settings.runner_workers),
             passes=layout.passes,
         )
@@ -172,8 +172,9 @@ class CLIPRunner:
         self.jpeg_decoder([jpeg.getvalue()])
 
     def _replay_image_passes(self, max_batch: int) -> None:
-        """CLIP_CUDA_GRAPHS=on: record the image tower per batch bucket (cuda_graphs.py). A
-        model that cannot be recorded is served as it is, with a warning, not refused."""
+        """CLIP_CUDA_GRAPHS (on a GPU by default): record the image tower per batch bucket
+        (cuda_graphs.py). A model that cannot be recorded is served as it is, with a warning,
+        not refused."""
         try:
             self.encoder.replay_image_passes(max_batch)
         except RuntimeError as exc:

@@ -189,19 +189,15 @@ def test_calls_in_flight_keep_one_call_waiting_at_the_runner_shared_by_the_api_w
 
 
 @pytest.mark.parametrize(
-    ("device", "decoder", "runner_jpeg_decoder", "auto_forwards"),
+    ("device", "decoder", "auto_forwards"),
     [
-        ("cuda", NVJPEG, "auto", True),  # nvJPEG on the GPU
-        ("cuda", PILLOW, "pillow", True),  # Pillow chosen: the runner's threads, the GPU resize
-        ("cuda", PILLOW, "auto", False),  # no torchvision there: the API workers decode
-        ("cpu", PILLOW, "auto", False),  # the runner's cores are the model's
-        ("cpu", PILLOW, "pillow", False),
+        ("cuda", PILLOW, True),  # the default on a GPU: the runner's threads, the GPU resize
+        ("cuda", NVJPEG, True),  # CLIP_RUNNER_JPEG_DECODER=nvjpeg
+        ("cpu", PILLOW, False),  # the runner's cores are the model's
     ],
 )
-def test_jpegs_are_forwarded_where_the_runner_decodes_them_on_a_gpu(
-    device, decoder, runner_jpeg_decoder, auto_forwards
-):
+def test_jpegs_are_forwarded_where_the_runner_has_a_gpu(device, decoder, auto_forwards):
     facts = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, device, jpeg_decoder=decoder)
-    assert forwards_jpegs("auto", runner_jpeg_decoder, facts) is auto_forwards
-    assert forwards_jpegs("runner", runner_jpeg_decoder, facts) is True
-    assert forwards_jpegs("api", runner_jpeg_decoder, facts) is False
+    assert forwards_jpegs("auto", facts) is auto_forwards
+    assert forwards_jpegs("runner", facts) is True
+    assert forwards_jpegs("api", facts) is False
