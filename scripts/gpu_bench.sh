@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU targets as one prepared run on a GPU machine (through the device tool), sized for ~8 minutes
-# (an estimate from the CPU smoke run; not yet run on a GPU):
+# The GPU targets as one prepared run on a GPU machine (through the device tool). On an H200
+# (2026-12-04) its stages took about 10 minutes: a first run of 480 s and a resumed one (below).
 #   bash scripts/gpu_wheels.sh                      # here, once: wheels for the GPU image (.whl)
 #   bash scripts/gpu_bench.sh                       # there (carry .whl): every GPU target
 #   bash scripts/gpu_bench.sh --runner-workers 1 2  # or any other scripts/bench.py mode
@@ -8,18 +8,17 @@
 # service picks API workers, runner workers and batch limits from the machine), targets first:
 # the bare fp16 image and text encoders; the seed request at 1, 32 and 64 clients and uncached
 # /embed_texts on all cores but the load generator's four; the seed request at 64 clients with
-# the whole server on 4 cores; the device resize against Pillow pixel for pixel and every
-# preprocessing path's fidelity (nvJPEG and Pillow in the runner included). Then the ablations:
-# CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_RUNNER_JPEG_DECODER=pillow (the exact
-# device path), CLIP_API_WORKERS=3 on the 4 cores, CLIP_CUDA_GRAPHS=on (the seed
-# request at 1 and 64 clients, the bare encoder replayed, its cosine to the plain passes),
-# CLIP_MAX_TEXT_BATCH_SIZE=32 (uncached /embed_texts with text batches at the image batch),
-# CLIP_ACCESS_LOG=off on the 4 cores (no access-log line per request), a
-# batch's copy to the GPU, pageable against pinned + non-blocking, one runner called both ways,
-# alternating (the wire format of CLIP_DIRECT_RUNNER_CALLS against BentoML's client), and last,
-# in a process of its own, what nvJPEG makes of forwarded JPEGs with broken coded data
-# (scripts/broken_jpegs.py: an answer where Pillow refuses, other pixels, a broken device, an
-# intact neighbour's pixels changed in its batch). Each server and each in-process measurement
+# the whole server on 4 cores; the device resize against Pillow pixel for pixel, every
+# preprocessing path's fidelity (Pillow in the runner, the default, and the opt-in nvJPEG
+# included) and the bare encoder replayed from CUDA graphs against plain passes. Then the
+# ablations, each the seed request at 64 clients: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
+# CLIP_DECODE=api (the other exact path), CLIP_CUDA_GRAPHS=off (at 1 client too),
+# CLIP_API_WORKERS=3 and CLIP_ACCESS_LOG=on on the 4 cores, CLIP_RUNNER_CALLS=3 (the
+# calls-in-flight rule); one runner called both ways, alternating (the wire format of
+# CLIP_DIRECT_RUNNER_CALLS against BentoML's client), and last, in a process of its own, what
+# nvJPEG makes of forwarded JPEGs with broken coded data (scripts/broken_jpegs.py: an answer
+# where Pillow refuses, other pixels, a broken device, an intact neighbour's pixels changed in
+# its batch). Each server and each in-process measurement
 # is a stage, saved as it ends with its duration, so a run cut short keeps what it measured; a
 # failed stage is recorded and the next one runs.
 # Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt, gpu-util.csv.
