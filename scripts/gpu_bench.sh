@@ -12,15 +12,15 @@
 # preprocessing path's fidelity (Pillow in the runner, the default, and the opt-in nvJPEG
 # included) and the bare encoder replayed from CUDA graphs against plain passes. Then the
 # ablations, each the seed request at 64 clients: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
-# CLIP_DECODE=api (the other exact path), CLIP_CUDA_GRAPHS=off (at 1 client too),
-# CLIP_API_WORKERS=3 and CLIP_ACCESS_LOG=on on the 4 cores, CLIP_RUNNER_CALLS=3 (the
-# calls-in-flight rule); one runner called both ways, alternating (the wire format of
-# CLIP_DIRECT_RUNNER_CALLS against BentoML's client), and last, in a process of its own, what
-# nvJPEG makes of forwarded JPEGs with broken coded data (scripts/broken_jpegs.py: an answer
-# where Pillow refuses, other pixels, a broken device, an intact neighbour's pixels changed in
-# its batch). Each server and each in-process measurement
-# is a stage, saved as it ends with its duration, so a run cut short keeps what it measured; a
-# failed stage is recorded and the next one runs.
+# CLIP_DECODE=api (the other exact path), CLIP_RUNNER_PASSES=2 (one pass's Pillow decode
+# beside the other's forward pass), CLIP_API_WORKERS=3 and CLIP_ACCESS_LOG=on on the 4 cores,
+# CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_CUDA_GRAPHS=off (at 1 client too); one
+# runner called both ways, alternating (the wire format of CLIP_DIRECT_RUNNER_CALLS against
+# BentoML's client), and last, in a process of its own, what nvJPEG makes of forwarded JPEGs
+# with broken coded data (scripts/broken_jpegs.py: an answer where Pillow refuses, other
+# pixels, a broken device, an intact neighbour's pixels changed in its batch). Each server and
+# each in-process measurement is a stage, saved as it ends with its duration, so a run cut
+# short keeps what it measured; a failed stage is recorded and the next one runs.
 # Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt, gpu-util.csv.
 # A run cut short or with failed stages is finished on a machine of its kind by a second run that
 # measures only those stages and merges its results (copy the first gpu-targets.json into the
