@@ -168,7 +168,7 @@ class Settings:
     fetch_allow: tuple[str, ...]
     text_cache_size: int
     fast_preprocessing: bool
-    decode_jpegs_on: str  # auto (the runner where it decodes on a GPU: forwards_jpegs), api, runner
+    decode_jpegs_on: str  # auto (the runner where it has a GPU: forwards_jpegs), api, runner
     runner_jpeg_decoder: str  # pillow (libjpeg's exact pixels) or nvjpeg (opt-in: faster, inexact)
     runner_threads: int
     runner_passes: int

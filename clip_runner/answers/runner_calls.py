@@ -166,9 +166,9 @@ def runner_calls(
 
 def forwards_jpegs(decode_jpegs_on: str, facts: ModelFacts) -> bool:
     """CLIP_DECODE: `runner` always forwards JPEG bytes, `api` never, `auto` where the runner
-    has a GPU: its CPU threads decode (Pillow, or nvJPEG on the GPU where
-    CLIP_RUNNER_JPEG_DECODER=nvjpeg) and the GPU resizes, so the API workers only parse JSON
-    and check headers. On CPU, decoding in the API workers keeps the runner's cores for the
+    has a GPU: the runner decodes them (Pillow in its threads, or nvJPEG where
+    CLIP_RUNNER_JPEG_DECODER=nvjpeg) and the GPU resizes them, so the API workers only parse
+    JSON and check headers. On CPU, decoding in the API workers keeps the runner's cores for the
     model; with Pillow the forwarded path is exactly as faithful either way."""
     if decode_jpegs_on == "auto":
         return facts.device == "cuda"
