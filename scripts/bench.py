@@ -644,7 +644,12 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
         f"{device_path}, batches of {GPU_MAX_BATCH})": (on_device(batched, GPU_MAX_BATCH), True),
     }
     if decoder.name != pillow.name:  # on a GPU: the default (Pillow) beside the opt-in nvJPEG
-        paths[f"device path (pillow on {device.type}, JPEG only)"] = (on_device(pillow), True)
+        pillow_path = f"device path (pillow on {device.type}, JPEG only"
+        paths[f"{pillow_path})"] = (on_device(pillow), True)
+        paths[f"{pillow_path}, batches of {GPU_MAX_BATCH})"] = (
+            on_device(pillow, GPU_MAX_BATCH),
+            True,
+        )
     text = encoder.encode_texts([f"a photo of a {name}" for name, _ in SEED_CLASSES])
 
     def compared(embeddings: np.ndarray, theirs: np.ndarray, names: list[str]) -> dict:
