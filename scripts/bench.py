@@ -49,6 +49,7 @@ import psutil
 import torch
 from PIL import Image
 
+from clip_runner.answers.zero_shot import zero_shot_probabilities
 from clip_runner.model.resample import resized_size
 from clip_runner.web.schemas import SEED_CLASSES
 
@@ -572,6 +573,22 @@ def bare_model_limit(model_dir: Path, rounds: int = 3) -> dict:
     return limit_of([bare.round() for _ in range(rounds)])
 
 
+def seed_prompt_embeddings(encoder) -> np.ndarray:
+    """The seed request's six prompts, encoded: what the probabilities are taken over."""
+    return encoder.encode_texts([f"a photo of a {name}" for name, _ in SEED_CLASSES])
+
+
+def embedding_distances(
+    ours: np.ndarray, theirs: np.ndarray, text: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of two sets of unit image embeddings: the largest change of any probability over
+    `text` at logit scale 100 (the issue's measure), and the cosine."""
+    moved = zero_shot_probabilities(ours, text, 100.0) - zero_shot_probabilities(
+        theirs, text, 100.0
+    )
+    return np.abs(moved).max(axis=1), (ours * theirs).sum(axis=1)
+
+
 def preprocessing_fidelity(model_dir: Path) -> dict:
     """Each preprocessing path against CLIPImageProcessor on the hard-image set (tests/
     hard_images.py: stripes of 2-11 px both ways, checkerboards, fabric, noise, text, photos,
@@ -586,7 +603,6 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     batches as the runner calls it (one nvJPEG call decodes a whole batch)."""
     from transformers import CLIPModel
 
-    from clip_runner.answers.zero_shot import zero_shot_probabilities
     from clip_runner.images.loading import ImageGeometry, prepare_image
     from clip_runner.model.device_decode import NVJPEG, DeviceJpegDecoder
     from clip_runner.model.encoding import ClipEncoder, pick_device
@@ -650,14 +666,10 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
             on_device(pillow, GPU_MAX_BATCH),
             True,
         )
-    text = encoder.encode_texts([f"a photo of a {name}" for name, _ in SEED_CLASSES])
+    text = seed_prompt_embeddings(encoder)
 
     def compared(embeddings: np.ndarray, theirs: np.ndarray, names: list[str]) -> dict:
-        cosines = (embeddings * theirs).sum(axis=1)
-        changes = np.abs(
-            zero_shot_probabilities(embeddings, text, 100.0)
-            - zero_shot_probabilities(theirs, text, 100.0)
-        ).max(axis=1)
+        changes, cosines = embedding_distances(embeddings, theirs, text)
         return {
             "images": len(names),
             "max_probability_change_scale_100": round(float(changes.max()), 5),
@@ -1159,22 +1171,19 @@ def replayed_passes(model_dir: Path, plain: BareModel) -> dict:
     rate at each batch (one round), and how far its embeddings are from the `plain` passes' at
     the same batch sizes (padding to a bucket may change which kernels run): the lowest cosine,
     and the largest change of a probability over the seed's prompts at logit scale 100."""
-    from clip_runner.answers.zero_shot import zero_shot_probabilities
-
     try:
         replayed = BareModel(model_dir, replayed=True)
     except RuntimeError as exc:  # a model that cannot be recorded: reported, not fatal
         return {"error": str(exc)[:2000]}
-    text = plain.encoder.encode_texts([f"a photo of a {name}" for name, _ in SEED_CLASSES])
+    text = seed_prompt_embeddings(plain.encoder)
     cosines, changes = [], []
     for rows in (1, 3, 8, 13, 32):
         pixels = plain.pixels[:rows]
-        ours, theirs = replayed.encoder.encode_images(pixels), plain.encoder.encode_images(pixels)
-        cosines.append(float((ours * theirs).sum(axis=1).min()))
-        moved = zero_shot_probabilities(ours, text, 100.0) - zero_shot_probabilities(
-            theirs, text, 100.0
+        moved, cosine = embedding_distances(
+            replayed.encoder.encode_images(pixels), plain.encoder.encode_images(pixels), text
         )
-        changes.append(float(np.abs(moved).max()))
+        changes.append(float(moved.max()))
+        cosines.append(float(cosine.min()))
     return {
         "recorded": bool(replayed.encoder.replayed and replayed.encoder.replayed.recorded),
         "bare_image": limit_of([replayed.round(2)]),
