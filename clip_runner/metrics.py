@@ -31,6 +31,13 @@ RUNNER_INFERENCE_SECONDS = Histogram(
     labelnames=["encoder"],
     buckets=SECONDS_BUCKETS,
 )
+RUNNER_JPEG_DECODE_SECONDS = Histogram(
+    name="clip_runner_jpeg_decode_seconds",
+    documentation="Time one image pass of forwarded JPEGs spent decoding them and putting them "
+    "on the device resized (part of clip_runner_inference_seconds; on a GPU the resize's "
+    "kernels are only issued here and run in the forward pass's time)",
+    buckets=SECONDS_BUCKETS,
+)
 RUNNER_CALL_SECONDS = Histogram(
     name="clip_service_runner_call_seconds",
     documentation="Time an API worker waits on a runner call: queueing + batch + transfer",

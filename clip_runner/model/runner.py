@@ -25,7 +25,12 @@ from PIL import Image
 from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import get_settings, runner_decode_threads
 from clip_runner.gc_tuning import settle_after_loading
-from clip_runner.metrics import RUNNER_BATCH_IMAGES, RUNNER_BATCH_TEXTS, RUNNER_INFERENCE_SECONDS
+from clip_runner.metrics import (
+    RUNNER_BATCH_IMAGES,
+    RUNNER_BATCH_TEXTS,
+    RUNNER_INFERENCE_SECONDS,
+    RUNNER_JPEG_DECODE_SECONDS,
+)
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.model.cuda_graphs import ReplayedForward
 from clip_runner.model.device_decode import DeviceJpegDecoder
@@ -201,7 +206,8 @@ class CLIPRunner:
     def _decode_and_encode_jpegs(self, jpegs: list[bytes]) -> np.ndarray:
         """Decoded and resized on the device, then encoded; a JPEG that did not decode gets a
         row of NaN (the API answers that image with a 422) and its batch goes on."""
-        crops, decoded = self.jpeg_decoder(jpegs)
+        with RUNNER_JPEG_DECODE_SECONDS.time():
+            crops, decoded = self.jpeg_decoder(jpegs)
         output = np.full((len(jpegs), self.model_facts.embedding_dim), np.nan, np.float32)
         if len(crops):
             output[np.flatnonzero(decoded)] = self.encoder.encode_pixels(crops)

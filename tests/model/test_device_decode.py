@@ -38,6 +38,7 @@ from tests.helpers import (
     photo_like,
     serve_tiny,
 )
+from tests.test_service import histogram
 
 GEOMETRY = ImageGeometry(224, 224, 224)
 
@@ -274,12 +275,18 @@ def test_forwarding_server_answers_as_the_api_path(forwarding, served):
     images.append(b64(encode(pictures[0], "JPEG", quality=90, progressive=True)))  # API-decoded
     images.append(b64(encode(pictures[1], "PNG")))
     body = {"images": images, "classes": SEED_CLASSES}
+    decodes_before, decode_s_before = histogram(forwarding, "clip_runner_jpeg_decode_seconds")
     forwarded = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
     decoded_here = httpx.post(f"{served.url}/invocations", json=body, timeout=60)
     assert forwarded.status_code == decoded_here.status_code == 200
     assert_same_answer(forwarded.json(), decoded_here.json(), tolerance=1e-6)
     metrics = httpx.get(f"{forwarding.url}/metrics", timeout=10).text
     assert 'clip_service_runner_call_images_sum{sent_as="jpeg"} 4.0' in metrics
+    # The runner timed its decode of the forwarded four, a part of its image passes' time.
+    decodes, decode_s = histogram(forwarding, "clip_runner_jpeg_decode_seconds")
+    _, pass_s = histogram(forwarding, "clip_runner_inference_seconds")
+    assert decodes > decodes_before and decode_s > decode_s_before
+    assert decode_s <= pass_s
 
 
 def test_a_forwarded_jpeg_that_does_not_decode_is_a_422_naming_it(forwarding):
