@@ -201,6 +201,7 @@ class Scenario:
     images_per_request: int
     concurrency: int
     route: str = "/invocations"
+    profile_gil: bool = False  # py-spy over the window (drive_parallel's `gil_profile_to`)
 
 
 # The service's histograms behind a window's "where the time went" figures, by short name.
@@ -210,6 +211,7 @@ HISTOGRAMS = {
     "call": "clip_service_runner_call_seconds",  # a runner call as the API waits for it
     "call_images": "clip_service_runner_call_images",
     "pass": "clip_runner_inference_seconds",  # a runner batch (device decode included)
+    "decode": "clip_runner_jpeg_decode_seconds",  # the device decode's part of a JPEG batch
     "pass_images": "clip_runner_batch_images",
     "pass_texts": "clip_runner_batch_texts",
 }
@@ -239,8 +241,9 @@ def where_time_went(
 ) -> dict[str, float | None]:
     """A window's means from two `histogram_totals`: what a request spent in the API, its
     images' preprocessing there, a runner call as the API waited for it and the forward pass
-    inside (with the device decode of forwarded JPEGs), so a slow figure says where to look.
-    None where the window had none of that (no preprocessing when JPEGs go to the device)."""
+    inside (with the device decode of forwarded JPEGs, also given alone), so a slow figure says
+    where to look. None where the window had none of that (no preprocessing when JPEGs go to
+    the device, no device decode when they do not)."""
 
     def mean(short: str, scale: float = 1000.0) -> float | None:
         total = after[short][0] - before[short][0]
@@ -252,6 +255,7 @@ def where_time_went(
         "preprocess_ms_per_image": mean("preprocess"),
         "runner_call_ms": mean("call"),
         "forward_pass_ms": mean("pass"),
+        "decode_ms_per_pass": mean("decode"),
         # Merging in the API worker: how many requests' images one runner call carried.
         "images_per_runner_call": mean("call_images", 1.0),
         "mean_runner_batch": mean("pass_images", 1.0),
@@ -366,12 +370,20 @@ async def drive(
 
 
 def drive_parallel(
-    url: str, pid: int, scenario: Scenario, seconds: float, client_cpus: set[int]
+    url: str,
+    pid: int,
+    scenario: Scenario,
+    seconds: float,
+    client_cpus: set[int],
+    gil_profile_to: Path | None = None,
 ) -> dict:
     """Like `drive`, from one load-generator process per client core (pinned there), so the
     load generator is not the limit at GPU rates; reports its own CPU too. The window runs from
     the moment every load process is ready to the last one's end (`time.monotonic` is one clock
-    for all processes on Linux)."""
+    for all processes on Linux). With `gil_profile_to`, py-spy samples the server over the
+    window (scripts/gil_profile.py) into that file, and the row says where its GIL was held."""
+    from scripts import gil_profile
+
     processes = max(1, min(len(client_cpus), scenario.concurrency))
     shares = [
         scenario.concurrency // processes + (i < scenario.concurrency % processes)
@@ -403,9 +415,24 @@ def drive_parallel(
             for worker in workers:
                 worker.stdin.write("go\n")
                 worker.stdin.flush()
+            profiled: dict = {}
+            spy = None
+            if gil_profile_to is not None:
+                try:
+                    spy = gil_profile.start(pid, seconds, gil_profile_to, client_cpus)
+                except FileNotFoundError as exc:
+                    profiled["gil_profile_error"] = str(exc)
             outcomes = [
                 json.loads(worker.communicate(timeout=seconds + 180)[0]) for worker in workers
             ]
+            if spy is not None:
+                roles = {process.pid: process_role(process, pid) for process in server_processes}
+                try:
+                    profiled["gil_profile"] = gil_profile.finish(
+                        spy, gil_profile_to, seconds, roles
+                    )
+                except RuntimeError as exc:
+                    profiled["gil_profile_error"] = str(exc)
         finally:  # on an error, no load process is left behind
             for worker in workers:
                 worker.kill()
@@ -420,22 +447,28 @@ def drive_parallel(
         cores_by_role[role] = cores_by_role.get(role, 0.0) + used
     totals_after = metric_totals(url, scenario.route)
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0] * 99
-    return {
-        "name": scenario.name,
-        "concurrency": scenario.concurrency,
-        "requests": len(latencies),
-        "errors": sum(outcome["errors"] for outcome in outcomes),
-        "requests_per_s": round(len(latencies) / duration, 2),
-        "images_per_s": round(len(latencies) * scenario.images_per_request / duration, 2),
-        "p50_ms": round(quantiles[49] * 1000, 1),
-        "p95_ms": round(quantiles[94] * 1000, 1),
-        "p99_ms": round(quantiles[98] * 1000, 1),
-        "server_cpu_cores": round(sum(cores_by_role.values()), 2),
-        "cpu_cores_by_process": {role: round(cores, 3) for role, cores in cores_by_role.items()},
-        "api_workers": sum(process_role(process, pid) == "api" for process in server_processes),
-        "load_generator_processes": processes,
-        "client_cpu_cores": round(sum(outcome["cpu_s"] for outcome in outcomes) / duration, 3),
-    } | where_time_went(totals_before, totals_after, duration)
+    return (
+        {
+            "name": scenario.name,
+            "concurrency": scenario.concurrency,
+            "requests": len(latencies),
+            "errors": sum(outcome["errors"] for outcome in outcomes),
+            "requests_per_s": round(len(latencies) / duration, 2),
+            "images_per_s": round(len(latencies) * scenario.images_per_request / duration, 2),
+            "p50_ms": round(quantiles[49] * 1000, 1),
+            "p95_ms": round(quantiles[94] * 1000, 1),
+            "p99_ms": round(quantiles[98] * 1000, 1),
+            "server_cpu_cores": round(sum(cores_by_role.values()), 2),
+            "cpu_cores_by_process": {
+                role: round(cores, 3) for role, cores in cores_by_role.items()
+            },
+            "api_workers": sum(process_role(process, pid) == "api" for process in server_processes),
+            "load_generator_processes": processes,
+            "client_cpu_cores": round(sum(outcome["cpu_s"] for outcome in outcomes) / duration, 3),
+        }
+        | where_time_went(totals_before, totals_after, duration)
+        | profiled
+    )
 
 
 # ---------------------------------------------------------------- in-process measurements
@@ -1164,6 +1197,7 @@ ACCESS_LOG_ABLATION = "server on 4 cores, CLIP_ACCESS_LOG=on"
 RUNNER_CALLS_BOTH_WAYS = "runner calls, both ways"
 BROKEN_JPEGS = "forwarded broken JPEGs"
 UNCACHED_TEXTS = "embed_texts uncached c32"
+GIL_PROFILED = "seed c64, py-spy"
 
 
 def replayed_passes(model_dir: Path, plain: BareModel) -> dict:
@@ -1314,9 +1348,18 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                     Scenario("seed c32", seed, 1, 32),
                     Scenario("seed c64", seed, 1, 64),
                     Scenario(UNCACHED_TEXTS, texts, 8, 32, "/embed_texts"),
+                    Scenario(GIL_PROFILED, seed, 1, 64, profile_gil=True),
                 ],
             ),
-            ("server on 4 cores", confined_cpus, {}, [Scenario("seed c64", seed, 1, 64)]),
+            (
+                "server on 4 cores",
+                confined_cpus,
+                {},
+                [
+                    Scenario("seed c64", seed, 1, 64),
+                    Scenario(GIL_PROFILED, seed, 1, 64, profile_gil=True),
+                ],
+            ),
         ]
         ablations = [
             # The opt-in nvJPEG: what its inexact pixels buy (the default decodes with Pillow in
@@ -1407,7 +1450,10 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                     for scenario in scenarios:
                         warm = Scenario(scenario.name, scenario.bodies, 1, 8, scenario.route)
                         drive_parallel(url, pid, warm, 2, client_cpus)
-                        row = drive_parallel(url, pid, scenario, seconds, client_cpus)
+                        # py-spy's raw stacks beside the results, for a flame graph later.
+                        slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+                        spied = out / f"py-spy-{slug}.txt" if scenario.profile_gil else None
+                        row = drive_parallel(url, pid, scenario, seconds, client_cpus, spied)
                         row["server"] = label
                         payload["rows"].append(row)
                         print(json.dumps(row), flush=True)
@@ -1732,19 +1778,21 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
         "Where the time went (means over each window, from the service's /metrics): a request "
         "in the API; its image work there (none when JPEGs go to the device); a runner call as "
         "the API waited for it; a forward pass inside it (the device decode of forwarded JPEGs "
-        "included); images (or prompts) per pass; forward passes in progress on average.",
+        "included), and of it the decode (Pillow or nvJPEG, the copy to the device and issuing "
+        "the resize); images (or prompts) per pass; forward passes in progress on average.",
         "",
         "| server | scenario | API ms per request | image work ms per image | runner call ms | "
-        "forward pass ms | images (prompts) per pass | model busy |",
-        "|---|---|---|---|---|---|---|---|",
+        "forward pass ms | of it, device decode ms | images (prompts) per pass | model busy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {row['server']} | {row['name']} | {shown(row.get('api_ms_per_request'))} | "
         f"{shown(row.get('preprocess_ms_per_image'))} | {shown(row.get('runner_call_ms'))} | "
-        f"{shown(row.get('forward_pass_ms'))} | {rows_per_pass(row)} | "
-        f"{shown(row.get('model_busy'))} |"
+        f"{shown(row.get('forward_pass_ms'))} | {shown(row.get('decode_ms_per_pass'))} | "
+        f"{rows_per_pass(row)} | {shown(row.get('model_busy'))} |"
         for row in payload.get("rows", [])
     ]
+    lines += gil_profile_text(payload)
     lines += ["", "Ablations and reported figures:", ""]
     lines += [f"- {name}: {text}" for name, text in gpu_ablations(payload).items()]
     fidelity = payload.get("fidelity", {}).get("paths", {})
@@ -1781,6 +1829,39 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
         failed = ", ".join(payload["stage_errors"])
         lines.append(f"Failed stages (their tracebacks are in the JSON): {failed}.")
     return "\n".join(lines)
+
+
+def gil_profile_text(payload: dict, functions: int = 6) -> list[str]:
+    """The py-spy windows (GIL_PROFILED) as report lines: per server and role, the share of the
+    window each process held its GIL (near 1: that process is the limit), and the functions
+    that held it most (gil_profile.summary)."""
+    lines = []
+    for row in payload.get("rows", []):
+        if "gil_profile_error" in row:
+            lines.append(f"- {row['server']}: not profiled ({row['gil_profile_error']})")
+        for role, seen in row.get("gil_profile", {}).items():
+            held = ", ".join(f"{share:.2f}" for share in seen["gil_held_share"])
+            own = "; ".join(
+                f"{name} {share:.0%}" for name, share in list(seen["own_code"].items())[:functions]
+            )
+            innermost = "; ".join(
+                f"{name} {share:.0%}" for name, share in list(seen["self"].items())[:functions]
+            )
+            lines.append(
+                f"- {row['server']}, {role} ({seen['processes']} process(es)): GIL held {held} "
+                f"of the window; the project's: {own or 'none'}; innermost: {innermost}"
+            )
+    if not lines:
+        return []
+    return [
+        "",
+        f'Where the GIL was held (the rows "{GIL_PROFILED}": py-spy sampling every server '
+        "process over the window, scripts/gil_profile.py). Functions as shares of each role's "
+        "GIL samples: the project's innermost (what called the code holding it), and the "
+        "innermost of all:",
+        "",
+        *lines,
+    ]
 
 
 RATIOS = {

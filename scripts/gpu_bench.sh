@@ -8,7 +8,8 @@
 # service picks API workers, runner workers and batch limits from the machine), targets first:
 # the bare fp16 image and text encoders; the seed request at 1, 32 and 64 clients and uncached
 # /embed_texts on all cores but the load generator's four; the seed request at 64 clients with
-# the whole server on 4 cores; the device resize against Pillow pixel for pixel, every
+# the whole server on 4 cores; each of those two servers' 64 clients once more under py-spy
+# (scripts/gil_profile.py: the share of time each process held its GIL, and where); the device resize against Pillow pixel for pixel, every
 # preprocessing path's fidelity (Pillow in the runner, the default, and the opt-in nvJPEG
 # included) and the bare encoder replayed from CUDA graphs against plain passes. Then the
 # ablations, each the seed request at 64 clients: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
@@ -21,7 +22,8 @@
 # pixels, a broken device, an intact neighbour's pixels changed in its batch). Each server and
 # each in-process measurement is a stage, saved as it ends with its duration, so a run cut
 # short keeps what it measured; a failed stage is recorded and the next one runs.
-# Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt, gpu-util.csv.
+# Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt, gpu-util.csv,
+# and py-spy's raw stacks (py-spy-all-server-cores.txt, py-spy-server-on-4-cores.txt).
 # A run cut short or with failed stages is finished on a machine of its kind by a second run that
 # measures only those stages and merges its results (copy the first gpu-targets.json into the
 # tree so that it travels with it):
@@ -42,7 +44,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 if [[ -d .whl ]]; then  # carried wheels: install beside the image's own torch
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"  # py-spy
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Nothing is downloaded: the harness builds its own random-weight model.

@@ -3,8 +3,8 @@
 # cannot download: run here, then carry `.whl` with the device tool (gpu_bench.sh installs it).
 #   bash scripts/gpu_wheels.sh            # -> .whl/ (git-ignored through .git/info/exclude)
 # Everything in requirements.txt except torch and torchvision (the GPU image brings its CUDA
-# builds) and numba, for CPython 3.12 on manylinux x86-64; packages that image already has are
-# dropped to stay small.
+# builds) and numba, and py-spy, for CPython 3.12 on manylinux x86-64; packages that image
+# already has are dropped to stay small.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -12,6 +12,8 @@ rm -rf .whl && mkdir -p .whl
 # Not numba either: its LLVM alone is 60 MB. Without it the API workers resize with Pillow (the
 # same pixels, slower); on a GPU the seed's JPEGs are decoded and resized by the runner anyway.
 grep -v -E '^(torch|numba|#)' requirements.txt | grep . > .whl/requirements.txt
+# And py-spy (3 MB), for the bench's GIL profiles (scripts/gil_profile.py).
+grep '^py-spy==' requirements-dev.txt >> .whl/requirements.txt
 platforms=()
 for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   platforms+=(--platform "${tag}_x86_64")
@@ -22,4 +24,7 @@ python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 --impl
 # so the wheels and the working tree stay inside the device tool's 64 MiB. Not Pillow: the
 # resizes reproduce the pinned Pillow's pass order (resample.py), which older releases lack.
 rm -f .whl/{torch,triton,numpy,nvidia_*,sympy,networkx,setuptools,hf_xet,pygments,pyyaml,regex}-*.whl
+# Nor boto3 and botocore (17 MB, the largest): only s3:// image URLs need them, imported on first
+# use (images/s3_images.py), and the bench sends none.
+rm -f .whl/{boto3,botocore,s3transfer,jmespath}-*.whl
 du -sh .whl

@@ -260,6 +260,8 @@ clip_service_runner_call_images_sum{sent_as="jpeg"} 500.0
 clip_service_runner_call_images_count{sent_as="jpeg"} 100.0
 clip_runner_inference_seconds_sum{encoder="image"} 0.8
 clip_runner_inference_seconds_count{encoder="image"} 100.0
+clip_runner_jpeg_decode_seconds_sum 0.5
+clip_runner_jpeg_decode_seconds_count 100.0
 clip_runner_batch_images_sum 500.0
 clip_runner_batch_images_count 100.0
 clip_runner_batch_texts_sum 80.0
@@ -278,6 +280,7 @@ def test_a_window_says_where_a_request_spent_its_time_on_its_own_route():
         "preprocess_ms_per_image": None,  # JPEGs went to the device: no image work in the API
         "runner_call_ms": 18.18,
         "forward_pass_ms": 8.0,
+        "decode_ms_per_pass": 5.0,
         "images_per_runner_call": 5.0,
         "mean_runner_batch": 5.0,
         "mean_text_batch": 8.0,
@@ -290,12 +293,39 @@ def test_the_report_says_where_each_scenario_spent_its_time():
     payload = a_full_run()
     payload["rows"][0] |= {"api_ms_per_request": 6.4, "runner_call_ms": 4.1, "model_busy": 0.3}
     report = bench.gpu_report(payload)
-    assert "| all server cores | seed c1 | 6.4 | - | 4.1 | - | - | 0.3 |" in report
-    assert "| all server cores | seed c32 | - | - | - | - | - | - |" in report  # not recorded
+    assert "| all server cores | seed c1 | 6.4 | - | 4.1 | - | - | - | 0.3 |" in report
+    assert "| all server cores | seed c32 | - | - | - | - | - | - | - |" in report  # not recorded
     payload["rows"][1] |= {"mean_runner_batch": None, "mean_text_batch": 12.5}
-    assert "| all server cores | seed c32 | - | - | - | - | (12.5) | - |" in bench.gpu_report(
-        payload
+    payload["rows"][0] |= {"forward_pass_ms": 3.2, "decode_ms_per_pass": 2.5}
+    report = bench.gpu_report(payload)
+    assert "| all server cores | seed c32 | - | - | - | - | - | (12.5) | - |" in report
+    assert "| all server cores | seed c1 | 6.4 | - | 4.1 | 3.2 | 2.5 | - | 0.3 |" in report
+
+
+def test_the_report_says_where_each_profiled_server_held_its_gil():
+    payload = a_full_run()
+    assert "Where the GIL was held" not in bench.gpu_report(payload)  # nothing profiled
+    profiled = dict(payload["rows"][2], name=bench.GIL_PROFILED)
+    profiled["gil_profile"] = {
+        "runner": {
+            "processes": 2,
+            "gil_held_share": [0.97, 0.4],
+            "own_code": {"decode (clip_runner/model/device_decode.py)": 0.61},
+            "self": {"load (PIL/ImageFile.py)": 0.3},
+        }
+    }
+    failed = dict(payload["rows"][3], name=bench.GIL_PROFILED, gil_profile_error="py-spy failed")
+    payload["rows"] += [profiled, failed]
+    report = bench.gpu_report(payload)
+    assert "Where the GIL was held" in report
+    assert (
+        "- all server cores, runner (2 process(es)): GIL held 0.97, 0.40 of the window; the "
+        "project's: decode (clip_runner/model/device_decode.py) 61%; innermost: "
+        "load (PIL/ImageFile.py) 30%" in report
     )
+    assert "- server on 4 cores: not profiled (py-spy failed)" in report
+    # A profiled window is a row of its own: the targets are read from the unprofiled ones.
+    assert bench.gpu_verdicts(payload) == bench.gpu_verdicts(a_full_run())
 
 
 def test_the_report_compares_the_two_ways_of_calling_the_runner_case_by_case():
