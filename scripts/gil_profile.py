@@ -57,7 +57,12 @@ def finish(spy: subprocess.Popen, output: Path, seconds: float, roles: dict[int,
     """Waits for `spy` and summarises what it wrote (`roles`: each server process's role, by
     pid); RuntimeError with py-spy's own words where it wrote nothing (no permission to read
     the server's memory, a Python it does not know)."""
-    said = spy.communicate(timeout=seconds + 60)[0]
+    try:
+        said = spy.communicate(timeout=seconds + 60)[0]
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+        raise RuntimeError(f"py-spy did not end within {seconds + 60:.0f} s") from None
     if spy.returncode != 0 or not output.exists():
         raise RuntimeError(f"py-spy failed (exit {spy.returncode}): {said.strip()[-1000:]}")
     return summary(output.read_text(), max(1, round(seconds)), roles)
