@@ -9,8 +9,8 @@
 # the bare fp16 image and text encoders; the seed request at 1, 32 and 64 clients and uncached
 # /embed_texts on all cores but the load generator's four; the seed request at 64 clients with
 # the whole server on 4 cores; each of those two servers' 64 clients once more under py-spy
-# (scripts/gil_profile.py: the share of time each process held its GIL, and where); the device resize against Pillow pixel for pixel, every
-# preprocessing path's fidelity (Pillow in the runner, the default, and the opt-in nvJPEG
+# (scripts/gil_profile.py: the share of time each process held its GIL, and where); the device
+# resize against Pillow pixel for pixel, every preprocessing path's fidelity (Pillow in the runner, the default, and the opt-in nvJPEG
 # included) and the bare encoder replayed from CUDA graphs against plain passes. Then the
 # ablations, each the seed request at 64 clients: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
 # CLIP_DECODE=api (the other exact path), CLIP_RUNNER_PASSES=2 (one pass's Pillow decode

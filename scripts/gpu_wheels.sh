@@ -3,7 +3,7 @@
 # cannot download: run here, then carry `.whl` with the device tool (gpu_bench.sh installs it).
 #   bash scripts/gpu_wheels.sh            # -> .whl/ (git-ignored through .git/info/exclude)
 # Everything in requirements.txt except torch and torchvision (the GPU image brings its CUDA
-# builds) and numba, and py-spy, for CPython 3.12 on manylinux x86-64; packages that image
+# builds) and numba, plus py-spy, for CPython 3.12 on manylinux x86-64; packages that image
 # already has are dropped to stay small.
 set -euo pipefail
 cd "$(dirname "$0")/.."
