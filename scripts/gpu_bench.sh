@@ -4,24 +4,24 @@
 #   bash scripts/gpu_wheels.sh                      # here, once: wheels for the GPU image (.whl)
 #   bash scripts/gpu_bench.sh                       # there (carry .whl): every GPU target
 #   bash scripts/gpu_bench.sh --runner-workers 1 2  # or any other scripts/bench.py mode
-# With no arguments it runs `scripts/bench.py --gpu-targets` with the DEFAULT settings (the
-# service picks API workers, runner workers and batch limits from the machine), targets first:
-# the bare fp16 image and text encoders; the seed request at 1, 32 and 64 clients and uncached
-# /embed_texts on all cores but the load generator's four; the seed request at 64 clients with
-# the whole server on 4 cores; each of those two servers' 64 clients once more under py-spy
-# (scripts/gil_profile.py: the share of time each process held its GIL, and where); the device
-# resize against Pillow pixel for pixel, every preprocessing path's fidelity (Pillow in the
-# runner, the default, and the opt-in nvJPEG included) and the bare encoder replayed from CUDA
-# graphs against plain passes. Then the ablations, each the seed request at 64 clients: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
-# CLIP_DECODE=api (the other exact path), CLIP_RUNNER_PASSES=2 (one pass's Pillow decode
-# beside the other's forward pass), CLIP_API_WORKERS=3 and CLIP_ACCESS_LOG=on on the 4 cores,
-# CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_CUDA_GRAPHS=off (at 1 client too); one
-# runner called both ways, alternating (the wire format of CLIP_DIRECT_RUNNER_CALLS against
-# BentoML's client), and last, in a process of its own, what nvJPEG makes of forwarded JPEGs
-# with broken coded data (scripts/broken_jpegs.py: an answer where Pillow refuses, other
-# pixels, a broken device, an intact neighbour's pixels changed in its batch). Each server and
-# each in-process measurement is a stage, saved as it ends with its duration, so a run cut
-# short keeps what it measured; a failed stage is recorded and the next one runs.
+# With no arguments it runs `scripts/bench.py --gpu-targets` with the DEFAULT settings (the service
+# picks API workers, runner workers and batch limits from the machine), targets first: the bare fp16
+# image and text encoders; the seed request at 1, 32 and 64 clients and uncached /embed_texts on all
+# cores but the load generator's four; the seed request at 64 clients with the whole server on 4
+# cores; each of those two servers' 64 clients once more under py-spy (scripts/gil_profile.py: the
+# share of time each process held its GIL, and where); the device resize against Pillow pixel for
+# pixel, every preprocessing path's fidelity (Pillow in the runner, the default, and the opt-in
+# nvJPEG included) and the bare encoder replayed from CUDA graphs against plain passes. Then the
+# ablations, each the seed request at 64 clients: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
+# CLIP_DECODE=api (the other exact path), CLIP_RUNNER_PASSES=2 (one pass's Pillow decode beside the
+# other's forward pass), CLIP_API_WORKERS=3 and CLIP_ACCESS_LOG=on on the 4 cores,
+# CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_CUDA_GRAPHS=off (at 1 client too); one runner
+# called both ways, alternating (the wire format of CLIP_DIRECT_RUNNER_CALLS against BentoML's
+# client), and last, in a process of its own, what nvJPEG makes of forwarded JPEGs with broken coded
+# data (scripts/broken_jpegs.py: an answer where Pillow refuses, other pixels, a broken device, an
+# intact neighbour's pixels changed in its batch). Each server and each in-process measurement is a
+# stage, saved as it ends with its duration, so a run cut short keeps what it measured; a failed
+# stage is recorded and the next one runs.
 # Results go to $OUT (or benchmarks/gpu): gpu-targets.json, bench.log, gpu.txt, gpu-util.csv,
 # and py-spy's raw stacks (py-spy-all-server-cores.txt, py-spy-server-on-4-cores.txt).
 # A run cut short or with failed stages is finished on a machine of its kind by a second run that
