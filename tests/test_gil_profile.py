@@ -5,6 +5,7 @@ checked against real processes whose share is known, through py-spy itself."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,26 +15,32 @@ import pytest
 from scripts import gil_profile
 
 # A parent and two children: one spins in Python all the time, the other half of the time.
-SPINNERS = """
-import multiprocessing, sys, time
+# Each stops by itself after LIFETIME_S, and the fixture kills their process group: a child
+# left spinning would take a core from every test after it.
+LIFETIME_S = 20
+SPINNERS = f"""
+import multiprocessing, time
+
+END = time.monotonic() + {LIFETIME_S}
 
 def spin():
-    while True:
+    while time.monotonic() < END:
         pass
 
 def half():
-    while True:
-        end = time.perf_counter() + 0.01
-        while time.perf_counter() < end:
+    while time.monotonic() < END:
+        busy_until = time.perf_counter() + 0.01
+        while time.perf_counter() < busy_until:
             pass
         time.sleep(0.01)
 
 if __name__ == "__main__":
-    children = [multiprocessing.Process(target=f, daemon=True) for f in (spin, half)]
+    children = [multiprocessing.Process(target=f) for f in (spin, half)]
     for child in children:
         child.start()
     print(*(child.pid for child in children), flush=True)
-    time.sleep(30)
+    for child in children:
+        child.join()
 """
 
 
@@ -41,12 +48,14 @@ if __name__ == "__main__":
 def spinners(tmp_path):
     script = tmp_path / "spinners.py"
     script.write_text(SPINNERS)
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         spinning, halving = (int(pid) for pid in parent.stdout.readline().split())
         yield parent.pid, spinning, halving
     finally:
-        parent.kill()
+        os.killpg(parent.pid, signal.SIGKILL)  # the children are in the parent's group
         parent.wait()
 
 
