@@ -38,11 +38,16 @@ def py_spy() -> str:
     return found
 
 
+def whole_seconds(seconds: float) -> int:
+    """py-spy records whole seconds: its window, and so the shares' denominator."""
+    return max(1, round(seconds))
+
+
 def start(pid: int, seconds: float, output: Path, cpus: set[int]) -> subprocess.Popen:
     """py-spy recording `pid` and its children for `seconds`, GIL holders only, raw stacks to
     `output`; on `cpus` (the load generator's), so the sampling takes no core from the server."""
     command = [py_spy(), "record", "--gil", "--nonblocking", "--subprocesses"]
-    command += ["--rate", str(SAMPLES_PER_S), "--duration", str(max(1, round(seconds)))]
+    command += ["--rate", str(SAMPLES_PER_S), "--duration", str(whole_seconds(seconds))]
     command += ["--format", "raw", "--output", str(output), "--pid", str(pid)]
     return subprocess.Popen(
         command,
@@ -65,7 +70,7 @@ def finish(spy: subprocess.Popen, output: Path, seconds: float, roles: dict[int,
         raise RuntimeError(f"py-spy did not end within {seconds + 60:.0f} s") from None
     if spy.returncode != 0 or not output.exists():
         raise RuntimeError(f"py-spy failed (exit {spy.returncode}): {said.strip()[-1000:]}")
-    return summary(output.read_text(), max(1, round(seconds)), roles)
+    return summary(output.read_text(), whole_seconds(seconds), roles)
 
 
 def _pid_of(frames: list[str]) -> int:
@@ -91,6 +96,7 @@ def summary(raw: str, seconds: int, roles: dict[int, str], rate: int = SAMPLES_P
     `own_code`, the innermost of the project's own frames (the code that called it: what to
     change). A process missing from `roles` (restarted meanwhile) counts as "exited"."""
     by_process: Counter[int] = Counter()
+    sampled: dict[int, str] = {}  # each sampled process's role
     leaves: dict[str, Counter[str]] = defaultdict(Counter)
     own: dict[str, Counter[str]] = defaultdict(Counter)
     for line in raw.splitlines():
@@ -99,7 +105,7 @@ def summary(raw: str, seconds: int, roles: dict[int, str], rate: int = SAMPLES_P
             continue
         frames = stack.split(";")
         pid = _pid_of(frames)
-        role = roles.get(pid, "exited")
+        role = sampled.setdefault(pid, roles.get(pid, "exited"))
         samples = int(count)
         by_process[pid] += samples
         python = [frame for frame in frames if not frame.startswith("process ")]
@@ -109,7 +115,6 @@ def summary(raw: str, seconds: int, roles: dict[int, str], rate: int = SAMPLES_P
         for frame in innermost_own:
             own[role][_function(frame)] += samples
     result = {}
-    sampled = {pid: roles.get(pid, "exited") for pid in by_process}
     for role in sorted(set(sampled.values())):
         pids = sorted(pid for pid, named in sampled.items() if named == role)
         total = sum(by_process[pid] for pid in pids)
