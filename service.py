@@ -41,6 +41,7 @@ from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
 from clip_runner.errors import RequestError, error_body
 from clip_runner.gc_tuning import settle_after_loading
+from clip_runner.gil_handover import hand_over_gil_after
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits
 from clip_runner.model.batching import QueueWaitExceeded
@@ -205,6 +206,7 @@ class ClipService:
         # /ping) for hundreds of ms under load (gc_tuning.py).
         frozen = settle_after_loading()
         logger.info("API worker: %d objects loaded at start kept out of garbage collection", frozen)
+        hand_over_gil_after(settings.switch_interval_ms, "API worker")
 
     async def context(self) -> InvocationContext:
         """Built once, on first use: it needs the runner's model facts (logit scale, geometry)."""

@@ -178,6 +178,7 @@ class Settings:
     torch_compile: bool
     cuda_graphs: bool  # auto: on a GPU, unless torch_compile
     access_log: bool  # BentoML's access log, a line per request; auto: on CPU only
+    switch_interval_ms: float  # how long Python runs before a waiting thread gets the GIL
     endpoint_kind: str
     # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
     body_timeout_s: float
@@ -273,6 +274,7 @@ def get_settings() -> Settings:
         # On a GPU the line's CPU is what the API workers run out of: without it the 4-core
         # server served 1.47 x the seed load (BENCHMARKS.md, GPU).
         access_log=_env_switch("CLIP_ACCESS_LOG", lambda: not cuda_available()),
+        switch_interval_ms=_env_number("CLIP_SWITCH_INTERVAL_MS", 5.0, float, 0.01),
         endpoint_kind=endpoint_kind,
         body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", body_timeout_s),
         max_waiting_bodies=_env_int("CLIP_MAX_WAITING_BODIES", 512),

@@ -1193,6 +1193,7 @@ CONFINED_WORKERS_ABLATION = "server on 4 cores, CLIP_API_WORKERS=3"
 NVJPEG_ABLATION = "all server cores, CLIP_RUNNER_JPEG_DECODER=nvjpeg"
 API_DECODE_ABLATION = "all server cores, CLIP_DECODE=api"
 PASSES_ABLATION = "all server cores, CLIP_RUNNER_PASSES=2"
+SWITCH_INTERVAL_ABLATION = "all server cores, CLIP_SWITCH_INTERVAL_MS=0.2"
 ACCESS_LOG_ABLATION = "server on 4 cores, CLIP_ACCESS_LOG=on"
 RUNNER_CALLS_BOTH_WAYS = "runner calls, both ways"
 BROKEN_JPEGS = "forwarded broken JPEGs"
@@ -1383,6 +1384,14 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 PASSES_ABLATION,
                 server_cpus,
                 {"CLIP_RUNNER_PASSES": "2"},
+                [Scenario("seed c64", seed, 1, 64)],
+            ),
+            # Threads back from C code (Pillow's decode, torch calls) getting the GIL within
+            # 0.2 ms instead of Python's 5 ms: mixed on 2 busy CPU cores (gil_handover.py).
+            (
+                SWITCH_INTERVAL_ABLATION,
+                server_cpus,
+                {"CLIP_SWITCH_INTERVAL_MS": "0.2"},
                 [Scenario("seed c64", seed, 1, 64)],
             ),
             # On 4 cores the default is 2 API workers (half the cores): is a third worth the
@@ -1661,6 +1670,9 @@ def gpu_ablations(payload: dict) -> dict[str, str]:
         ),
         "seed c64 images/s, one pass at a time per runner (default) / two": (
             f"{full} / {figure(PASSES_ABLATION, 'seed c64')}"
+        ),
+        "seed c64 images/s, the GIL handed over after 5 ms (default) / 0.2 ms": (
+            f"{full} / {figure(SWITCH_INTERVAL_ABLATION, 'seed c64')}"
         ),
         "seed c64 images/s, JPEGs decoded by Pillow in the runner (default, exact) / nvJPEG "
         "(opt-in) / Pillow in the API workers (CLIP_DECODE=api)": (

@@ -32,6 +32,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.torch_compile is False and settings.cuda_graphs is False  # on CPU
     assert settings.access_log is True  # on CPU
     assert settings.direct_runner_calls is True
+    assert settings.switch_interval_ms == 5.0  # Python's own
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
 
@@ -47,7 +48,9 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_RUNNER_JPEG_DECODER", "NVJPEG")
     monkeypatch.setenv("CLIP_ACCESS_LOG", "off")
     monkeypatch.setenv("CLIP_DIRECT_RUNNER_CALLS", "off")
+    monkeypatch.setenv("CLIP_SWITCH_INTERVAL_MS", "0.2")
     settings = get_settings()
+    assert settings.switch_interval_ms == 0.2
     assert settings.access_log is False
     assert settings.direct_runner_calls is False
     assert settings.runner_workers == 3 and settings.runner_passes == 4
@@ -110,6 +113,8 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_ACCESS_LOG", "false", "must be one of auto, on, off"),
         ("CLIP_DIRECT_RUNNER_CALLS", "bentoml", "must be one of on, off"),
         ("CLIP_BODY_TIMEOUT_S", "0", "must be >= 0.001"),
+        ("CLIP_SWITCH_INTERVAL_MS", "0", "must be >= 0.01"),
+        ("CLIP_SWITCH_INTERVAL_MS", "fast", "must be a number"),
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
         ("CLIP_MAX_WAITING_BODY_BYTES", "1000", "at least CLIP_MAX_BODY_BYTES"),
         ("CLIP_MAX_REQUEST_PIXELS", "lots", "must be an integer"),

@@ -3,8 +3,8 @@
 The model side (store, encoders, runner, batching, device decode) must never import the HTTP
 side, and each layer only what lies below it, so that the runner process loads no HTTP code and
 each layer is testable on its own. The shared modules at the top of `clip_runner/` (config,
-metrics, errors, bound_apis, gc_tuning) may be imported by any layer. Every import counts,
-including those inside functions.
+metrics, errors, bound_apis, gc_tuning, gil_handover) may be imported by any layer. Every import
+counts, including those inside functions.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.helpers import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "clip_runner"
 LAYERS = ("model", "images", "answers", "web")
-SHARED = {"config", "metrics", "errors", "bound_apis", "gc_tuning"}
+SHARED = {"config", "metrics", "errors", "bound_apis", "gc_tuning", "gil_handover"}
 
 
 def project_imports(path: Path) -> set[str]:

@@ -25,6 +25,7 @@ from PIL import Image
 from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import get_settings, runner_decode_threads
 from clip_runner.gc_tuning import settle_after_loading
+from clip_runner.gil_handover import hand_over_gil_after
 from clip_runner.metrics import (
     RUNNER_BATCH_IMAGES,
     RUNNER_BATCH_TEXTS,
@@ -159,6 +160,7 @@ class CLIPRunner:
         # collections, whose full passes otherwise stalled every call (gc_tuning.py).
         frozen = settle_after_loading()
         logger.info("runner: %d objects loaded at start kept out of garbage collection", frozen)
+        hand_over_gil_after(settings.switch_interval_ms, "runner")
 
     def _warm_up(self) -> None:
         """Passes of each encoder and a JPEG decode, so the first request pays no lazy

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -259,8 +260,14 @@ def test_a_failing_copy_to_the_device_is_not_blamed_on_the_image(monkeypatch):
 
 @pytest.fixture(scope="module")
 def forwarding(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
+    """The GPU's path on CPU, with the switch interval a GPU run compares with Python's."""
     with serve_tiny(
-        tiny_stored_model, bentoml_home, tmp_path_factory, "forwarding", CLIP_DECODE="runner"
+        tiny_stored_model,
+        bentoml_home,
+        tmp_path_factory,
+        "forwarding",
+        CLIP_DECODE="runner",
+        CLIP_SWITCH_INTERVAL_MS="0.2",
     ) as server:
         yield server
 
@@ -287,6 +294,16 @@ def test_forwarding_server_answers_as_the_api_path(forwarding, served):
     _, pass_s = histogram(forwarding, "clip_runner_inference_seconds")
     assert decodes > decodes_before and decode_s > decode_s_before
     assert decode_s <= pass_s
+
+
+def test_every_process_hands_the_gil_over_as_set(forwarding, served):
+    """CLIP_SWITCH_INTERVAL_MS reaches the runner and each API worker (gil_handover.py);
+    without it they keep Python's 5 ms."""
+    for server, interval in ((forwarding, "0.2"), (served, "5")):
+        for process in ("runner", "API worker"):
+            line = f"{process}: a thread running Python yields the GIL to a waiting one after"
+            log = server.wait_for_log(f"{line} {interval} ms")
+            assert re.findall(rf"{line} (\S+) ms", log) == [interval] * log.count(line), process
 
 
 def test_a_forwarded_jpeg_that_does_not_decode_is_a_422_naming_it(forwarding):
