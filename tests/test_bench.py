@@ -230,6 +230,13 @@ def test_the_report_sets_each_ablation_beside_the_default_it_would_replace():
     assert ran in lines and not_run in lines
 
 
+def test_the_report_says_how_much_of_each_server_stage_its_start_up_took():
+    payload = a_full_run() | {"stage_seconds": {"bare encoders": 40.0, "all server cores": 80.0}}
+    payload["server_start_seconds"] = {"all server cores": 38.2}
+    stages = "Stages, seconds each (a server's start-up included): bare encoders: 40.0; all server"
+    assert f"{stages} cores: 80.0 (start-up 38.2)." in bench.gpu_report(payload)
+
+
 def test_the_broken_jpeg_stage_runs_apart_and_a_run_that_did_not_end_well_fails_its_check(
     tmp_path,
 ):
