@@ -14,9 +14,9 @@
 # nvJPEG included) and the bare encoder replayed from CUDA graphs against plain passes. Then the
 # ablations, each the seed request at 64 clients: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
 # CLIP_DECODE=api (the other exact path), CLIP_RUNNER_PASSES=2 (one pass's Pillow decode beside the
-# other's forward pass), CLIP_SWITCH_INTERVAL_MS=0.2 (the GIL handed over after 0.2 ms, not 5),
-# CLIP_API_WORKERS=3 and CLIP_ACCESS_LOG=on on the 4 cores, CLIP_RUNNER_CALLS=3 (the
-# calls-in-flight rule), CLIP_CUDA_GRAPHS=off (at 1 client too); one runner
+# other's forward pass), CLIP_API_WORKERS=3 and CLIP_ACCESS_LOG=on on the 4 cores,
+# CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_SWITCH_INTERVAL_MS=0.2 (the GIL handed over
+# after 0.2 ms, not 5), CLIP_CUDA_GRAPHS=off (at 1 client too); one runner
 # called both ways, alternating (the wire format of CLIP_DIRECT_RUNNER_CALLS against BentoML's
 # client), and last, in a process of its own, what nvJPEG makes of forwarded JPEGs with broken coded
 # data (scripts/broken_jpegs.py: an answer where Pillow refuses, other pixels, a broken device, an
