@@ -740,11 +740,11 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
 
 
 def device_resize_exactness(model_dir: Path) -> dict:
-    """The torch resize on the model's device (float32 byte planes, resample.py) against
+    """The torch resize on the model's device (float32 byte planes, device_resample.py) against
     CLIPImageProcessor's Pillow resize, pixel for pixel, on the hard-image set decoded by
     Pillow, so that only the resize differs: no pixel may differ, on a GPU as on the CPU."""
+    from clip_runner.model.device_resample import resize_and_crop
     from clip_runner.model.encoding import pick_device, size_value
-    from clip_runner.model.resample import resize_and_crop
     from clip_runner.model.store import load_processor
     from tests.hard_images import hard_images
 

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from clip_runner.model.device_health import device_works
-from clip_runner.model.resample import resize_and_crop
+from clip_runner.model.device_resample import resize_and_crop
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from clip_runner.model.device_decode import (
     pillow_rgbx,
     rgb_planes,
 )
-from clip_runner.model.resample import resize_and_crop
+from clip_runner.model.device_resample import resize_and_crop
 from tests.hard_images import encoded_set, is_jpeg
 from tests.helpers import (
     SEED_CLASSES,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_runner.model.device_resample import resize_and_crop
 from clip_runner.model.resample import (
     BYTE_SHIFTS,
     COMPILED,
@@ -18,7 +19,6 @@ from clip_runner.model.resample import (
     ROW_BLOCK,
     byte_planes,
     fixed_point_weights,
-    resize_and_crop,
     resize_and_crop_array,
     resized_size,
 )
