@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from clip_runner.cuda_check import cuda_available
+
 DEFAULT_HUB_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_TEMPLATE = "a photo of a {name}"
 DEFAULT_TOP_K = 3
@@ -74,14 +76,6 @@ def _env_switch(name: str, auto: Callable[[], bool]) -> bool:
     """`on`, `off`, or `auto` (the default): then `auto()` decides, from the machine."""
     choice = _env_choice(name, ("auto", "on", "off"))
     return auto() if choice == "auto" else choice == "on"
-
-
-def cuda_available() -> bool:
-    """Whether this process sees a GPU: the API workers and the runner run on the same machine,
-    so the API side sizes itself by what the runner will use."""
-    import torch  # only here: the settings of a CPU-only tool should not need to load CUDA
-
-    return torch.cuda.is_available()
 
 
 # Rates of this project's 2-core development machine (BENCHMARKS.md), used only to tell a model

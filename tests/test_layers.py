@@ -18,7 +18,7 @@ from tests.helpers import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "clip_runner"
 LAYERS = ("model", "images", "answers", "web")
-SHARED = {"config", "metrics", "errors", "bound_apis", "gc_tuning", "gil_handover"}
+SHARED = {"config", "cuda_check", "metrics", "errors", "bound_apis", "gc_tuning", "gil_handover"}
 
 
 def project_imports(path: Path) -> set[str]:

@@ -22,7 +22,7 @@ from clip_runner.answers.text_cache import TextEmbeddingCache
 from clip_runner.answers.zero_shot import build_prompts, predict, zero_shot_probabilities
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
-from clip_runner.model.encoding import ModelFacts
+from clip_runner.model.model_facts import ModelFacts
 
 EncodeImages = Callable[[np.ndarray], Awaitable[np.ndarray]]
 EncodeJpegs = Callable[[list[bytes]], Awaitable[np.ndarray]]

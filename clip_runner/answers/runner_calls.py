@@ -21,7 +21,7 @@ import numpy as np
 
 from clip_runner.metrics import RUNNER_CALL_IMAGES, RUNNER_CALL_SECONDS, RUNNER_CALL_TEXTS
 from clip_runner.model.batching import GreedyBatcher, PassSlots, Rows
-from clip_runner.model.encoding import ModelFacts
+from clip_runner.model.model_facts import ModelFacts
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 from transformers import CLIPModel, CLIPProcessor
 
 from clip_runner.model.cuda_graphs import ReplayedForward, batch_buckets
+from clip_runner.model.model_facts import ModelFacts
 
 logger = logging.getLogger(__name__)
 
@@ -111,27 +111,6 @@ def padded_batch(
     return input_ids, attention_mask
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the API service needs to know about the served model."""
-
-    tag: str
-    embedding_dim: int
-    logit_scale: float
-    shortest_edge: int
-    crop_height: int
-    crop_width: int
-    max_text_tokens: int
-    random_weights: bool
-    # How the runner works (runner.py fills these in): where the model runs, how many forward
-    # passes it runs at once and how large, and what decodes forwarded JPEGs there.
-    device: str = "cpu"
-    passes: int = 1
-    max_batch: int = 32
-    max_text_batch: int = 128
-    jpeg_decoder: str = "pillow"
-
-
 class ClipEncoder:
     """Owns one CLIP model on one device; encodes batches of images and texts.
 
@@ -182,6 +161,19 @@ class ClipEncoder:
             max_text_tokens=self.max_text_tokens,
             random_weights=random_weights,
         )
+
+    def tokenizer_json(self) -> str:
+        """The model's Rust tokenizer as JSON, for the API workers to tokenize prompts with
+        (answers/token_ids.py) without loading transformers. Every CLIP tokenizer in
+        transformers 5 has one; a checkpoint whose tokenizer has none is refused here."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(
+                f"the model's tokenizer ({type(self.tokenizer).__name__}) is not backed by the "
+                "Rust `tokenizers` library, which the API workers tokenize prompts with: save "
+                "the checkpoint with its fast tokenizer (tokenizer.json)"
+            )
+        return backend.to_str()
 
     def compile_towers(self) -> None:
         """`torch.compile` both towers, dynamic shapes: batch sizes and prompt lengths vary.

@@ -19,7 +19,7 @@ from clip_runner.answers.runner_calls import (
     runner_overloaded,
 )
 from clip_runner.model.device_decode import NVJPEG, PILLOW
-from clip_runner.model.encoding import ModelFacts
+from clip_runner.model.model_facts import ModelFacts
 
 
 class FlakyCall:

@@ -36,6 +36,26 @@ def test_facts_come_from_the_checkpoint(encoder, tiny_clip):
     assert facts.embedding_dim == 16 and facts.max_text_tokens == 77
 
 
+def test_the_tokenizer_travels_as_json_and_tokenizes_as_the_model_does(encoder, tiny_clip):
+    """What the runner sends the API workers (its `tokenizer` API): a copy that gives the same
+    ids as the model's own tokenizer."""
+    from tokenizers import Tokenizer
+
+    copied = Tokenizer.from_str(encoder.tokenizer_json())
+    prompts = ["a photo of a cat", "it's a dog's life, café!"]
+    ids = [copied.encode(prompt).ids for prompt in prompts]
+    assert ids == tiny_clip.processor.tokenizer(prompts)["input_ids"]
+
+
+def test_a_tokenizer_without_a_rust_backend_is_refused_by_name(tiny_clip):
+    processor = copy.copy(tiny_clip.processor)
+    processor.tokenizer = object()  # no backend_tokenizer: what a Python tokenizer lacks
+    model = copy.deepcopy(tiny_clip.model)
+    encoder = ClipEncoder(model, processor, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="not backed by the Rust `tokenizers` library"):
+        encoder.tokenizer_json()
+
+
 def test_an_fp16_model_answers_with_the_checkpoints_logit_scale(tiny_clip):
     """On a GPU the model runs in fp16, where its stored ln(scale) rounds (ln 100 to 4.6055,
     whose exp is 100.03): the scale the API multiplies by must stay the checkpoint's."""

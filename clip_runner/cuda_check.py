@@ -1,0 +1,88 @@
+"""Whether the runner's torch will find a GPU here, answered without importing torch.
+
+Every server process reads the settings, and several defaults depend on a GPU (API and runner
+workers, CUDA graphs, the access log). `torch.cuda.is_available()` answers that, but importing
+torch, and transformers' model code after it, was most of the start of the supervisor and of
+every API worker, which never run the model (BENCHMARKS.md, "Start-up"). So this module asks the
+two things torch's own check depends on:
+
+- whether the installed torch is a CUDA build, and for which CUDA: `torch/version.py`, read as
+  text (a CPU build says `cuda = None`);
+- whether the NVIDIA driver sees a device, and which CUDA it supports: the driver API that
+  torch's check calls underneath (`cuInit`, `cuDeviceGetCount`, `cuDriverGetVersion` in
+  libcuda), which honours `CUDA_VISIBLE_DEVICES` as torch does.
+
+A CUDA 13 torch needs a driver for CUDA 13 or later (minor versions are compatible within a
+major); below that torch finds no GPU, and neither does this. The runner still asks torch
+itself (encoding.pick_device). The tests hold both answers equal on this CPU machine, and the
+GPU harness on its GPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import functools
+import importlib.util
+from pathlib import Path
+
+CUDA_SUCCESS = 0
+DRIVER_LIBRARY = "libcuda.so.1"
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """What `torch.cuda.is_available()` will answer in the runner, asked once per process."""
+    torch_cuda = torch_cuda_version(torch_version_file())
+    if torch_cuda is None:
+        return False  # a CPU build: the driver is not even asked
+    return gpu_usable(torch_cuda, *driver_devices(DRIVER_LIBRARY))
+
+
+def gpu_usable(torch_cuda: str | None, devices: int, driver_cuda: tuple[int, int]) -> bool:
+    """A CUDA build of torch, a visible device, and a driver for that CUDA major version (minor
+    versions are compatible within a major)."""
+    if torch_cuda is None or devices < 1:
+        return False
+    return driver_cuda >= (int(torch_cuda.split(".")[0]), 0)
+
+
+def torch_version_file() -> Path | None:
+    """torch's generated `version.py`, found without importing torch (None without torch)."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).with_name("version.py")
+
+
+def torch_cuda_version(version_file: Path | None) -> str | None:
+    """The `cuda = '13.0'` line of torch's version.py; None for a CPU build (or no torch)."""
+    if version_file is None or not version_file.is_file():
+        return None
+    for node in ast.parse(version_file.read_text(encoding="utf-8")).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        if isinstance(target, ast.Name) and target.id == "cuda" and node.value is not None:
+            value = node.value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                return value.value
+            return None
+    return None
+
+
+def driver_devices(library: str) -> tuple[int, tuple[int, int]]:
+    """(visible devices, (major, minor) CUDA version the driver supports); (0, (0, 0)) where no
+    NVIDIA driver is installed or it reports no device."""
+    try:
+        cuda = ctypes.CDLL(library)
+    except OSError:
+        return 0, (0, 0)
+    count, version = ctypes.c_int(0), ctypes.c_int(0)
+    if (
+        cuda.cuInit(0) != CUDA_SUCCESS
+        or cuda.cuDeviceGetCount(ctypes.byref(count)) != CUDA_SUCCESS
+        or cuda.cuDriverGetVersion(ctypes.byref(version)) != CUDA_SUCCESS
+    ):
+        return 0, (0, 0)
+    return count.value, (version.value // 1000, version.value % 1000 // 10)

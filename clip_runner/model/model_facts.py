@@ -1,0 +1,30 @@
+"""What the API service needs to know about the served model: the runner's `describe` answer.
+
+Its own module, free of torch: the API workers build it from that answer and never load the
+model's libraries (encoding.py fills it in on the runner).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the API service needs to know about the served model."""
+
+    tag: str
+    embedding_dim: int
+    logit_scale: float
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    max_text_tokens: int
+    random_weights: bool
+    # How the runner works (runner.py fills these in): where the model runs, how many forward
+    # passes it runs at once and how large, and what decodes forwarded JPEGs there.
+    device: str = "cpu"
+    passes: int = 1
+    max_batch: int = 32
+    max_text_batch: int = 128
+    jpeg_decoder: str = "pillow"
