@@ -20,7 +20,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from transformers import AutoTokenizer
 
 from clip_runner.answers.direct_runner import DirectRunnerClient
 from clip_runner.answers.embedding_format import format_embeddings
@@ -45,8 +44,8 @@ from clip_runner.gil_handover import hand_over_gil_after
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits
 from clip_runner.model.batching import QueueWaitExceeded
-from clip_runner.model.encoding import ModelFacts
-from clip_runner.model.model_source import find_checkpoint, tokenizer_path
+from clip_runner.model.model_facts import ModelFacts
+from clip_runner.model.model_source import find_checkpoint
 from clip_runner.model.runner import CLIPRunner
 from clip_runner.web.auth import ApiKeyMiddleware
 from clip_runner.web.connection_recycling import ConnectionRecyclingMiddleware
@@ -141,7 +140,6 @@ class ClipService:
     """Zero-shot image classification with CLIP, answering the original container's API."""
 
     runner = bentoml.depends(CLIPRunner)
-    model_ref = bentoml.models.BentoModel(settings.model_tag)  # its tokenizer checks prompts
 
     def __init__(self) -> None:
         self.image_limits = ImageLimits(
@@ -158,14 +156,6 @@ class ClipService:
         )
         policy = AddressPolicy.from_allowlist(settings.fetch_allow)
         self.http_client = new_fetch_client(policy, self.image_limits.fetch)
-        # Each prompt's token ids, untruncated: the length check counts them and the runner
-        # encodes them.
-        self.tokenize = PromptTokenizer(
-            AutoTokenizer.from_pretrained(
-                tokenizer_path(self.model_ref.path, settings.model_dir)  # the runner's checkpoint
-            ),
-            TOKEN_CACHE_SIZE,
-        )
         self.text_cache = TextEmbeddingCache(settings.text_cache_size)
         self._context: InvocationContext | None = None
         self._context_lock = asyncio.Lock()
@@ -201,19 +191,25 @@ class ClipService:
     @bentoml.on_startup
     async def start_runner_probe(self) -> None:
         self._probe_task = asyncio.create_task(self._probe_forever())
-        # Everything loaded so far (torch, transformers, the tokenizer) lives for the process's
-        # lifetime: kept out of garbage collections, which otherwise stall the event loop (and
-        # /ping) for hundreds of ms under load (gc_tuning.py).
+        # Everything loaded so far (BentoML, pydantic, this service's modules) lives for the
+        # process's lifetime: kept out of garbage collections, which otherwise stall the event
+        # loop (and /ping) for hundreds of ms under load (gc_tuning.py).
         frozen = settle_after_loading()
         logger.info("API worker: %d objects loaded at start kept out of garbage collection", frozen)
         hand_over_gil_after(settings.switch_interval_ms, "API worker")
 
     async def context(self) -> InvocationContext:
-        """Built once, on first use: it needs the runner's model facts (logit scale, geometry)."""
+        """Built once, on first use: it needs the runner's model facts (logit scale, geometry)
+        and its tokenizer."""
         async with self._context_lock:
             if self._context is None:
                 attempt_s = (settings.request_timeout_s - 1) / 2
                 facts = ModelFacts(**await resilient(self.runner.to_async.describe, attempt_s)())
+                # Each prompt's token ids, untruncated: the length check counts them and the
+                # runner encodes them.
+                tokenize = PromptTokenizer(
+                    await resilient(self.runner.to_async.tokenizer, attempt_s)(), TOKEN_CACHE_SIZE
+                )
                 if settings.direct_runner_calls:
                     self._direct_runner = DirectRunnerClient(self.runner.to_async.url)
                 calls = runner_calls(
@@ -229,7 +225,7 @@ class ClipService:
                     facts=facts,
                     encode_images=calls.encode_images,
                     encode_tokens=calls.encode_tokens,
-                    tokenize=self.tokenize,
+                    tokenize=tokenize,
                     http_client=self.http_client,
                     text_cache=self.text_cache,
                     image_limits=dataclasses.replace(self.image_limits, forward_jpegs=forward),

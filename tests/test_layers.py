@@ -3,13 +3,16 @@
 The model side (store, encoders, runner, batching, device decode) must never import the HTTP
 side, and each layer only what lies below it, so that the runner process loads no HTTP code and
 each layer is testable on its own. The shared modules at the top of `clip_runner/` (config,
-metrics, errors, bound_apis, gc_tuning, gil_handover) may be imported by any layer. Every import
-counts, including those inside functions.
+cuda_check, metrics, errors, bound_apis, gc_tuning, gil_handover) may be imported by any layer.
+Every import counts, including those inside functions.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,20 @@ def test_the_check_sees_a_violation(tmp_path: Path):
     )
     names = project_imports(sample)
     assert {layer_of(name) for name in names} == {"model", "web"}
+
+
+def test_the_api_side_imports_neither_torch_nor_transformers(bentoml_home):
+    """`import service` is what the supervisor and every API worker run first: it must not load
+    the model's libraries, which only the runner's worker needs (model/engine.py)."""
+    code = "import sys, service\nprint(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -281,6 +281,22 @@ def test_each_process_keeps_what_it_loaded_out_of_garbage_collection(served):
         assert all(int(count) > 100_000 for count in counts), (process, counts)
 
 
+def test_only_the_runner_loads_torch(served):
+    """The supervisor and the API workers import the service without torch and transformers
+    (model/engine.py): a few seconds less to start each, a third of the memory. The runner,
+    which holds the model, does load them."""
+    supervisor = psutil.Process(served.process.pid)
+    loads_torch = {}
+    for process in [supervisor, *supervisor.children(recursive=True)]:
+        command = process.cmdline()
+        role = command[command.index("--service-name") + 1] if "--service-name" in command else ""
+        mapped = any("libtorch" in region.path for region in process.memory_maps())
+        loads_torch.setdefault(role or "supervisor", []).append(mapped)
+    api_workers = loads_torch.pop("clip_service")
+    assert api_workers and not any(api_workers)
+    assert loads_torch == {"supervisor": [False], "clip_runner": [True]}
+
+
 def test_ping_turns_503_fast_when_the_runner_stops_answering(served):
     runner = next(
         child

@@ -7,8 +7,9 @@ directory keeps the model baked into the image. Anything else there must be a CL
 transformers' `save_pretrained` layout, or the service refuses to start: silently serving the
 baked-in model when the user asked for theirs would be worse than not starting.
 
-The runner (which loads the model) and the API service (which loads its tokenizer to count
-prompt tokens) both ask this module, so both sides always use the same checkpoint.
+The supervisor checks the directory before any worker starts (and sizes the API workers by its
+checkpoint, config.py); the runner loads it. The API workers tokenize with the tokenizer the
+runner sends them, so both sides always use the same checkpoint.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clip_runner.model.store import LoadedClip, load_checkpoint, load_clip
-
 if TYPE_CHECKING:
     import bentoml
+
+    from clip_runner.model.store import LoadedClip
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,10 @@ def load_served_clip(stored: bentoml.Model, model_dir: str) -> LoadedClip:
     A checkpoint from the model directory is tagged `model-dir:<path>`: that tag is what
     `describe` and every answer's `model` field report.
     """
+    # Here, not at the top: the directory rules above run in the supervisor and the API workers,
+    # which never load the model, nor torch and transformers with it (store.py).
+    from clip_runner.model.store import LoadedClip, load_checkpoint, load_clip
+
     checkpoint = find_checkpoint(model_dir)
     if checkpoint is None:
         if model_dir.strip() and Path(model_dir).is_dir():  # a warning: BentoML hides info
@@ -154,8 +159,3 @@ def served_checkpoint(model_tag: str, model_dir: str) -> Path | None:
         return find_checkpoint(model_dir) or Path(bentoml.models.get(model_tag).path)
     except (ModelDirError, bentoml.exceptions.NotFound):
         return None
-
-
-def tokenizer_path(stored_path: str, model_dir: str) -> Path:
-    """Where the API service loads its tokenizer from: the same checkpoint the runner serves."""
-    return find_checkpoint(model_dir) or Path(stored_path)

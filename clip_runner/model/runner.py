@@ -8,38 +8,21 @@ up to a second to every request after a burst of load.
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import bentoml
 import numpy as np
-import torch
 from bentoml.validators import ContentType
-from PIL import Image
 
 from clip_runner.bound_apis import bind_apis_once
-from clip_runner.config import get_settings, runner_decode_threads
+from clip_runner.config import get_settings
 from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.gil_handover import hand_over_gil_after
-from clip_runner.metrics import (
-    RUNNER_BATCH_IMAGES,
-    RUNNER_BATCH_TEXTS,
-    RUNNER_INFERENCE_SECONDS,
-    RUNNER_JPEG_DECODE_SECONDS,
-)
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
-from clip_runner.model.cuda_graphs import ReplayedForward
-from clip_runner.model.device_decode import DeviceJpegDecoder
-from clip_runner.model.device_health import exits_when_device_breaks, halves_when_out_of_memory
 from clip_runner.model.direct_calls import DirectCallsMiddleware
-from clip_runner.model.encoding import ClipEncoder, pick_device
-from clip_runner.model.model_source import load_served_clip
-from clip_runner.model.pass_layout import pass_layout
 
 logger = logging.getLogger("clip_runner")
 settings = get_settings()
@@ -73,7 +56,15 @@ Embeddings = Annotated[np.ndarray, ContentType("application/json")]
     # Nor an OpenTelemetry span per internal call: BentoML's tracing middleware took 15% of the
     # runner's event loop at load (py-spy), spans that go nowhere unless an exporter is set. The
     # API service's span still covers each request, runner call included.
-    tracing={"excluded_urls": ["/encode_images", "/encode_jpegs", "/encode_tokens", "/describe"]},
+    tracing={
+        "excluded_urls": [
+            "/encode_images",
+            "/encode_jpegs",
+            "/encode_tokens",
+            "/describe",
+            "/tokenizer",
+        ]
+    },
 )
 class CLIPRunner:
     """Encodes images (uint8 arrays or forwarded JPEGs) and prompts (token ids) into L2-normalised
@@ -82,144 +73,31 @@ class CLIPRunner:
     model_ref = bentoml.models.BentoModel(settings.model_tag)
 
     def __init__(self) -> None:
-        if settings.runner_threads:
-            torch.set_num_threads(settings.runner_threads)
-        loaded = load_served_clip(self.model_ref, settings.model_dir)  # CLIP_MODEL_DIR or store
-        device, dtype = pick_device()
-        self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype)
-        facts = self.encoder.facts(loaded.tag, loaded.random_weights)
-        layout = pass_layout(
-            device.type == "cuda",
-            torch.get_num_threads(),
-            settings.runner_passes,
-            settings.max_batch_size,
-            settings.max_text_batch_size,
-            compiled=settings.torch_compile,
-        )
-        self.jpeg_decoder = DeviceJpegDecoder(
-            device,
-            facts.shortest_edge,
-            facts.crop_height,
-            facts.crop_width,
-            use_nvjpeg=settings.runner_jpeg_decoder == "nvjpeg",
-            threads=runner_decode_threads(len(os.sched_getaffinity(0)), settings.runner_workers),
-            passes=layout.passes,
-        )
-        if settings.torch_compile:
-            self.encoder.compile_towers()
-        if loaded.random_weights:
-            logger.warning(
-                "!!! SERVING %s, A MODEL WITH RANDOM WEIGHTS: its answers are meaningless. "
-                "Import a real checkpoint with `python scripts/import_model.py` for real use. !!!",
-                loaded.tag,
-            )
-        self._warm_up()
-        if settings.cuda_graphs:
-            self._replay_image_passes(layout.max_batch)
-        self.model_facts = dataclasses.replace(
-            facts,
-            device=device.type,
-            passes=layout.passes,
-            max_batch=layout.max_batch,
-            max_text_batch=layout.max_text_batch,
-            jpeg_decoder=self.jpeg_decoder.name,
-        )
+        # Here, not at the top: the supervisor and the API workers import this class to reach
+        # the runner, and never load torch and transformers (engine.py).
+        from clip_runner.model.engine import ServedModel
+
+        self.model = ServedModel(self.model_ref)
+        layout = self.model.layout
         # One thread per concurrent pass and one PassSlots, shared by the three batchers.
         inference = ThreadPoolExecutor(
             max_workers=layout.passes, thread_name_prefix="clip-inference"
         )
-        slots = PassSlots(layout.passes, torch.get_num_threads(), layout.threads_per_pass)
+        slots = PassSlots(layout.passes, self.model.torch_threads, layout.threads_per_pass)
         max_wait_s = settings.max_latency_ms / 1000
 
         def batcher(encode: Callable[..., np.ndarray], max_rows: int) -> GreedyBatcher:
-            # A CUDA context broken by one batch would fail every later one: the process then
-            # exits to be restarted (device_health.py).
-            guarded = exits_when_device_breaks(encode, device)
-            return GreedyBatcher(in_executor(guarded, inference), max_rows, max_wait_s, slots)
+            return GreedyBatcher(in_executor(encode, inference), max_rows, max_wait_s, slots)
 
-        self.image_batcher = batcher(self._encode_image_batch, layout.max_batch)
-        self.text_batcher = batcher(self._encode_token_batch, layout.max_text_batch)
-        self.jpeg_batcher = batcher(self._encode_jpeg_batch, layout.max_batch)
-        logger.info(
-            "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
-            "gets all), batches up to %d images or %d prompts%s%s, forwarded JPEGs decoded by "
-            "%s)",
-            loaded.tag,
-            device,
-            dtype,
-            layout.passes,
-            layout.threads_per_pass,
-            layout.max_batch,
-            layout.max_text_batch,
-            ", torch.compile" if settings.torch_compile else "",
-            _replay_note(self.encoder.replayed),
-            self.jpeg_decoder.name,
-        )
+        self.image_batcher = batcher(self.model.encode_images, layout.max_batch)
+        self.text_batcher = batcher(self.model.encode_tokens, layout.max_text_batch)
+        self.jpeg_batcher = batcher(self.model.encode_jpegs, layout.max_batch)
         bind_apis_once(self)  # BentoML looks each API up per call (bound_apis.py)
         # The model, torch and transformers stay for the process's lifetime: kept out of garbage
         # collections, whose full passes otherwise stalled every call (gc_tuning.py).
         frozen = settle_after_loading()
         logger.info("runner: %d objects loaded at start kept out of garbage collection", frozen)
         hand_over_gil_after(settings.switch_interval_ms, "runner")
-
-    def _warm_up(self) -> None:
-        """Passes of each encoder and a JPEG decode, so the first request pays no lazy
-        initialisation (nvJPEG's included).
-
-        A compiled model also gets a batch of two: it specialises on size 1 and compiles a
-        second, dynamic graph for larger batches.
-        """
-        height, width = self.encoder.crop_height, self.encoder.crop_width
-        for batch in (1, 2) if settings.torch_compile else (1,):
-            blank = np.zeros((batch, height, width, 3), dtype=np.uint8)
-            self.encoder.encode_images(blank)
-            self.encoder.encode_texts(["a photo of a cat"] * batch)
-        jpeg = io.BytesIO()
-        Image.new("RGB", (width, height)).save(jpeg, "JPEG")
-        self.jpeg_decoder([jpeg.getvalue()])
-
-    def _replay_image_passes(self, max_batch: int) -> None:
-        """CLIP_CUDA_GRAPHS (on a GPU by default): record the image tower per batch bucket
-        (cuda_graphs.py). A model that cannot be recorded is served as it is, with a warning,
-        not refused."""
-        try:
-            self.encoder.replay_image_passes(max_batch)
-        except RuntimeError as exc:
-            logger.warning("CUDA graphs could not be recorded (%s): passes run eagerly", exc)
-            return
-        if not self.encoder.replayed.recorded:
-            logger.warning(
-                "CLIP_CUDA_GRAPHS=on without a GPU: nothing to record, image passes run eagerly "
-                "through the same per-bucket staging (as the tests run it)"
-            )
-
-    def _encode_image_batch(self, pixels: np.ndarray, threads: int) -> np.ndarray:
-        torch.set_num_threads(threads)  # under OpenMP, for this inference thread only
-        RUNNER_BATCH_IMAGES.observe(len(pixels))
-        with RUNNER_INFERENCE_SECONDS.labels(encoder="image").time():
-            return halves_when_out_of_memory(self.encoder.encode_images)(pixels)
-
-    def _encode_jpeg_batch(self, jpegs: list[bytes], threads: int) -> np.ndarray:
-        torch.set_num_threads(threads)
-        RUNNER_BATCH_IMAGES.observe(len(jpegs))
-        with RUNNER_INFERENCE_SECONDS.labels(encoder="image").time():
-            return halves_when_out_of_memory(self._decode_and_encode_jpegs)(jpegs)
-
-    def _decode_and_encode_jpegs(self, jpegs: list[bytes]) -> np.ndarray:
-        """Decoded and resized on the device, then encoded; a JPEG that did not decode gets a
-        row of NaN (the API answers that image with a 422) and its batch goes on."""
-        with RUNNER_JPEG_DECODE_SECONDS.time():
-            crops, decoded = self.jpeg_decoder(jpegs)
-        output = np.full((len(jpegs), self.model_facts.embedding_dim), np.nan, np.float32)
-        if len(crops):
-            output[np.flatnonzero(decoded)] = self.encoder.encode_pixels(crops)
-        return output
-
-    def _encode_token_batch(self, token_ids: list[list[int]], threads: int) -> np.ndarray:
-        torch.set_num_threads(threads)
-        RUNNER_BATCH_TEXTS.observe(len(token_ids))
-        with RUNNER_INFERENCE_SECONDS.labels(encoder="text").time():
-            return halves_when_out_of_memory(self.encoder.encode_token_ids)(token_ids)
 
     @bentoml.api
     async def encode_images(self, pixels: np.ndarray) -> Embeddings:
@@ -241,14 +119,13 @@ class CLIPRunner:
     @bentoml.api
     def describe(self) -> dict:
         """Facts the API service needs: tag, logit scale, image geometry, embedding size."""
-        return self.model_facts.__dict__.copy()
+        return self.model.facts.__dict__.copy()
 
-
-def _replay_note(replayed: ReplayedForward | None) -> str:
-    if replayed is None:
-        return ""
-    how = "CUDA graphs" if replayed.recorded else "eager passes (no GPU)"
-    return f", image passes per batch bucket {list(replayed.buckets)} from {how}"
+    @bentoml.api
+    def tokenizer(self) -> str:
+        """The served model's Rust tokenizer, as its JSON: each API worker tokenizes prompts
+        with a copy of it (answers/token_ids.py), and so never loads transformers."""
+        return self.model.tokenizer_json
 
 
 async def direct_call(method: str, rows: np.ndarray | list) -> np.ndarray:

@@ -1,5 +1,3 @@
-from transformers import PythonBackend
-
 from clip_runner.answers.token_ids import PromptTokenizer
 
 # Over the tiny model's 77-token limit: 5 tokens a word or more in its small vocabulary.
@@ -19,7 +17,7 @@ PROMPTS = [
 
 def test_ids_equal_the_tokenizers_own_call_untruncated(tiny_clip):
     tokenizer = tiny_clip.processor.tokenizer
-    ids = PromptTokenizer(tokenizer, 64)(PROMPTS)
+    ids = PromptTokenizer(tokenizer.backend_tokenizer.to_str(), 64)(PROMPTS)
     assert [list(prompt_ids) for prompt_ids in ids] == tokenizer(PROMPTS)["input_ids"]
     assert len(ids[-1]) > tokenizer.model_max_length  # counted whole, so refused as too long
 
@@ -30,48 +28,18 @@ def test_truncation_set_on_the_wrapped_tokenizer_does_not_cut_the_count(tiny_cli
     tokenizer = tiny_clip.processor.tokenizer
     cut = tokenizer(LONG_PROMPT, truncation=True, max_length=77)["input_ids"]
     assert len(cut) == 77
-    prompt_tokenizer = PromptTokenizer(tokenizer, 64)  # copied while truncation is set
+    # The runner's JSON, taken while truncation is set (as after its warm-up's call)
+    prompt_tokenizer = PromptTokenizer(tokenizer.backend_tokenizer.to_str(), 64)
     assert len(prompt_tokenizer([LONG_PROMPT])[0]) == len(tokenizer(LONG_PROMPT)["input_ids"]) > 77
     tokenizer(LONG_PROMPT, truncation=True, max_length=77)
     assert len(prompt_tokenizer(["another " + LONG_PROMPT])[0]) > 77
 
 
 def test_ids_are_memoised_up_to_the_cache_size(tiny_clip):
-    prompt_tokenizer = PromptTokenizer(tiny_clip.processor.tokenizer, 2)
+    prompt_tokenizer = PromptTokenizer(tiny_clip.processor.tokenizer.backend_tokenizer.to_str(), 2)
     first = prompt_tokenizer(["a cat"])[0]
     assert prompt_tokenizer(["a cat"])[0] is first
     prompt_tokenizer(["a dog", "a bird"])  # "a cat" is now the least recently used: evicted
     again = prompt_tokenizer(["a cat"])[0]
     assert again is not first
     assert again == first
-
-
-class SpaceSplitTokenizer(PythonBackend):
-    """A tokenizer with no Rust backend: whitespace-separated words of a three-word vocabulary."""
-
-    def __init__(self) -> None:
-        self.vocab = {"<unk>": 0, "a": 1, "photo": 2}
-        super().__init__(unk_token="<unk>")
-
-    def get_vocab(self) -> dict[str, int]:
-        return dict(self.vocab)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def _tokenize(self, text: str, **_: object) -> list[str]:
-        return text.split()
-
-    def _convert_token_to_id(self, token: str) -> int:
-        return self.vocab.get(token, 0)
-
-    def _convert_id_to_token(self, index: int) -> str:
-        return list(self.vocab)[index]
-
-
-def test_a_tokenizer_without_a_rust_backend_is_called_as_it_is():
-    tokenizer = SpaceSplitTokenizer()
-    assert not hasattr(tokenizer, "backend_tokenizer")
-    ids = PromptTokenizer(tokenizer, 8)(["a photo of x", "photo"])
-    assert [list(prompt_ids) for prompt_ids in ids] == [[1, 2, 0, 0], [2]]

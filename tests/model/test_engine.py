@@ -1,0 +1,46 @@
+"""The runner's model, loaded as its worker loads it: facts, tokenizer and the three batch
+encoders, against the encoder underneath."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from clip_runner.model.engine import ServedModel
+from tests.helpers import photo_like
+
+
+@pytest.fixture(scope="module")
+def served_model(tiny_stored_model) -> ServedModel:
+    return ServedModel(tiny_stored_model)
+
+
+def test_the_facts_name_the_model_and_how_it_is_served(served_model, tiny_stored_model):
+    facts = served_model.facts
+    assert facts.tag == str(tiny_stored_model.tag) and facts.random_weights
+    assert facts.device == "cpu" and facts.jpeg_decoder == "pillow"
+    assert (facts.passes, facts.max_batch) == (
+        served_model.layout.passes,
+        served_model.layout.max_batch,
+    )
+
+
+def test_the_three_encoders_agree_with_the_encoder_underneath(served_model):
+    image = photo_like(224, 224, seed=3)
+    pixels = np.array(image)[None]
+    jpeg = io.BytesIO()
+    image.save(jpeg, "JPEG", quality=95)
+    expected = served_model.encoder.encode_images(pixels)
+    np.testing.assert_allclose(served_model.encode_images(pixels, 1), expected, atol=1e-6)
+    decoded = served_model.encode_jpegs([jpeg.getvalue(), b"not a jpeg"], 1)
+    assert np.isnan(decoded[1]).all()  # a JPEG that does not decode: a row of NaN, no error
+    assert float(decoded[0] @ expected[0]) > 0.99  # the same photo, through JPEG
+    tokens = Tokenizer.from_str(served_model.tokenizer_json).encode("a photo of a cat").ids
+    np.testing.assert_allclose(
+        served_model.encode_tokens([tokens], 1),
+        served_model.encoder.encode_texts(["a photo of a cat"]),
+        atol=1e-6,
+    )
