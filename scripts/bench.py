@@ -117,13 +117,14 @@ def server(
     port: int,
     log: Path,
     cpus: set[int] | None = None,
+    cwd: Path = REPO,
 ) -> Iterator[tuple[str, int]]:
-    """Start a server process (own session; on `cpus` only, its children too), yield
-    (url, pid), stop it with SIGTERM."""
+    """Start a server process (own session; on `cpus` only, its children too) in `cwd` (a
+    checkout of this repository), yield (url, pid), stop it with SIGTERM."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command,
-            cwd=REPO,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -165,17 +166,27 @@ def stop_tree(process: subprocess.Popen, grace_s: float = 10) -> None:
     process.wait()
 
 
-def bento_server(home: Path, tag: str, log: Path, cpus: set[int] | None = None, **env: str):
+def bento_server(
+    home: Path,
+    tag: str,
+    log: Path,
+    cpus: set[int] | None = None,
+    checkout: Path = REPO,
+    **env: str,
+):
+    """`bentoml serve` of the service in `checkout` (this repository, or another commit's
+    worktree: its own modules first on the path, whatever this venv installed)."""
     port = free_port()
     full_env = {
         "BENTOML_HOME": str(home),
         "CLIP_MODEL_TAG": tag,
         "CLIP_PORT": str(port),
         "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONPATH": str(checkout),
         **env,
     }
     command = [sys.executable, "-m", "bentoml", "serve", "service:ClipService"]
-    return server([*command, "--host", "127.0.0.1"], full_env, port, log, cpus)
+    return server([*command, "--host", "127.0.0.1"], full_env, port, log, cpus, checkout)
 
 
 def baseline_server(model_dir: Path, log: Path):

@@ -70,6 +70,13 @@ for name in ("torch", "torchvision", "numpy", "numba", "PIL", "transformers", "b
 from clip_runner.model import resample
 
 print("numba resize compiled:", resample.COMPILED)
+# The supervisor and the API workers pick the GPU defaults by this check, without torch.
+import torch
+from clip_runner.cuda_check import cuda_available
+
+agree = cuda_available() == torch.cuda.is_available()
+print("GPU seen without torch (cuda_check):", cuda_available(), "" if agree else
+      "- DISAGREES with torch: the API workers run with the CPU defaults")
 EOF
 } 2>&1 | tee -a "$out_dir/gpu.txt"
 args=("$@")
