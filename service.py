@@ -43,6 +43,7 @@ from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.gil_handover import hand_over_gil_after
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits
+from clip_runner.malloc_tuning import reuse_freed_memory
 from clip_runner.model.batching import QueueWaitExceeded
 from clip_runner.model.model_facts import ModelFacts
 from clip_runner.model.model_source import find_checkpoint
@@ -197,6 +198,7 @@ class ClipService:
         frozen = settle_after_loading()
         logger.info("API worker: %d objects loaded at start kept out of garbage collection", frozen)
         hand_over_gil_after(settings.switch_interval_ms, "API worker")
+        reuse_freed_memory()  # each request's image buffers, not page faults (malloc_tuning.py)
 
     async def context(self) -> InvocationContext:
         """Built once, on first use: it needs the runner's model facts (logit scale, geometry)

@@ -21,6 +21,7 @@ from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import get_settings
 from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.gil_handover import hand_over_gil_after
+from clip_runner.malloc_tuning import reuse_freed_memory
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.model.direct_calls import DirectCallsMiddleware
 
@@ -98,6 +99,7 @@ class CLIPRunner:
         frozen = settle_after_loading()
         logger.info("runner: %d objects loaded at start kept out of garbage collection", frozen)
         hand_over_gil_after(settings.switch_interval_ms, "runner")
+        reuse_freed_memory()  # each batch's buffers, not page faults (malloc_tuning.py)
 
     @bentoml.api
     async def encode_images(self, pixels: np.ndarray) -> Embeddings:
