@@ -1,9 +1,11 @@
 """CLIPRunner: the BentoML service that owns the model and batches encoding across requests.
 
 One model copy per worker, loaded from the BentoML model store and warmed up before the worker
-reports ready. Concurrent encoding calls (from all API workers) are merged into one forward pass
-by this project's greedy batcher (batching.py) rather than BentoML's: its learned waits added
-up to a second to every request after a burst of load.
+reports ready (model/engine.py: imported only when a runner worker starts, so this module, which
+the supervisor and the API workers import to reach the runner, loads no torch). Concurrent
+encoding calls (from all API workers) are merged into one forward pass by this project's greedy
+batcher (batching.py) rather than BentoML's: its learned waits added up to a second to every
+request after a burst of load.
 """
 
 from __future__ import annotations
