@@ -12,13 +12,15 @@ leaves glibc's thresholds raised, and the API workers no longer import it.
 
 So every server process sets both thresholds once (`mallopt`): blocks above `MMAP_THRESHOLD`
 still get their own mapping, returned when freed (a 12-megapixel photo's pixels), and up to
-`TRIM_THRESHOLD` of freed memory stays in the heap for the next request. Elsewhere than glibc
-(no `mallopt`) nothing changes.
+`TRIM_THRESHOLD` of freed memory stays in the heap for the next request. A threshold set in
+glibc's own environment variable (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) is the
+operator's choice and is left as it is. Elsewhere than glibc (no `mallopt`) nothing changes.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 
 MIB = 1024 * 1024
 # glibc's <malloc.h> parameter numbers.
@@ -26,15 +28,23 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 16 * MIB
 TRIM_THRESHOLD = 64 * MIB
+# Each parameter: (its number, this module's value, glibc's environment variable for it).
+THRESHOLDS = (
+    (M_MMAP_THRESHOLD, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"),
+    (M_TRIM_THRESHOLD, TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"),
+)
 
 
-def reuse_freed_memory() -> bool:
-    """Set glibc's thresholds for this process; False where the C library has no `mallopt`."""
+def reuse_freed_memory() -> list[str]:
+    """Set glibc's thresholds in this process, except those its environment sets; returns the
+    variables set here (none where the C library has no `mallopt`)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
+        return []
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
+    return [
+        variable
+        for parameter, value, variable in THRESHOLDS
+        if variable not in os.environ and mallopt(parameter, value) == 1
+    ]

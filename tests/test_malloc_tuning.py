@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -13,7 +14,9 @@ import numpy as np
 from clip_runner.malloc_tuning import reuse_freed_memory
 
 if sys.argv[1] == "tuned":
-    assert reuse_freed_memory()
+    assert reuse_freed_memory() == ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
+elif sys.argv[1] == "operator's":
+    assert reuse_freed_memory() == []
 for _ in range(20):  # the first requests map what later ones reuse
     buffers = [np.ones(1_300_000, np.uint8) for _ in range(4)]
     del buffers
@@ -25,9 +28,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def page_faults(mode: str) -> int:
+def page_faults(mode: str, **env: str) -> int:
     result = subprocess.run(
-        [sys.executable, "-c", REQUESTS, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", REQUESTS, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
     )
     return int(result.stdout)
 
@@ -37,3 +44,11 @@ def test_freed_buffers_are_reused_not_faulted_in_again():
     # glibc's defaults hand the freed blocks back: each loop faults about 1,270 pages again
     assert default > 200 * 1000
     assert tuned < default / 20
+
+
+def test_thresholds_set_in_glibcs_environment_variables_are_left_alone():
+    """An operator's MALLOC_*_THRESHOLD_ wins: here glibc's defaults, asked for explicitly."""
+    operators = page_faults(
+        "operator's", MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072"
+    )
+    assert operators > 200 * 1000
