@@ -166,6 +166,12 @@ def stop_tree(process: subprocess.Popen, grace_s: float = 10) -> None:
     process.wait()
 
 
+def checkout_first(checkout: Path, python_path: str) -> str:
+    """PYTHONPATH with `checkout` ahead of what it held: on the GPU machine that holds the
+    carried wheels (gpu_bench.sh), which the server needs too."""
+    return os.pathsep.join([str(checkout), *filter(None, python_path.split(os.pathsep))])
+
+
 def bento_server(
     home: Path,
     tag: str,
@@ -182,7 +188,7 @@ def bento_server(
         "CLIP_MODEL_TAG": tag,
         "CLIP_PORT": str(port),
         "BENTOML_DO_NOT_TRACK": "true",
-        "PYTHONPATH": str(checkout),
+        "PYTHONPATH": checkout_first(checkout, os.environ.get("PYTHONPATH", "")),
         **env,
     }
     command = [sys.executable, "-m", "bentoml", "serve", "service:ClipService"]

@@ -6,9 +6,11 @@ its own figure."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -401,3 +403,11 @@ def test_stopping_a_server_leaves_no_process_of_its_tree_even_one_ignoring_sigte
     bench.stop_tree(process, grace_s=1)
     assert process.returncode is not None
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes)
+
+
+def test_a_server_finds_its_checkout_first_and_keeps_the_carried_wheels_on_its_path():
+    """gpu_bench.sh puts the carried wheels (BentoML among them) on PYTHONPATH: a server started
+    from another checkout must still find them, after that checkout's own modules."""
+    path = bench.checkout_first(Path("/tmp/other-commit"), f"/work/main{os.pathsep}/tmp/site")
+    assert path.split(os.pathsep) == ["/tmp/other-commit", "/work/main", "/tmp/site"]
+    assert bench.checkout_first(Path("/repo"), "") == "/repo"
