@@ -53,6 +53,7 @@ class ServedModel:
         device, dtype = pick_device()
         self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype)
         facts = self.encoder.facts(loaded.tag, loaded.random_weights)
+        self.tokenizer_json = self.encoder.tokenizer_json()  # before the warm-up: may refuse
         self.torch_threads = torch.get_num_threads()
         self.layout = pass_layout(
             device.type == "cuda",
@@ -90,7 +91,6 @@ class ServedModel:
             max_text_batch=self.layout.max_text_batch,
             jpeg_decoder=self.jpeg_decoder.name,
         )
-        self.tokenizer_json = self.encoder.tokenizer_json()
         self.encode_images = exits_when_device_breaks(self._encode_image_batch, device)
         self.encode_jpegs = exits_when_device_breaks(self._encode_jpeg_batch, device)
         self.encode_tokens = exits_when_device_breaks(self._encode_token_batch, device)

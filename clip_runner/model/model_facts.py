@@ -21,7 +21,7 @@ class ModelFacts:
     crop_width: int
     max_text_tokens: int
     random_weights: bool
-    # How the runner works (runner.py fills these in): where the model runs, how many forward
+    # How the runner works (engine.py fills these in): where the model runs, how many forward
     # passes it runs at once and how large, and what decodes forwarded JPEGs there.
     device: str = "cpu"
     passes: int = 1
