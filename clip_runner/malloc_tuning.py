@@ -22,7 +22,8 @@ from __future__ import annotations
 import ctypes
 import os
 
-MIB = 1024 * 1024
+from clip_runner.config import MIB
+
 # glibc's <malloc.h> parameter numbers.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3

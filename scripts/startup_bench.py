@@ -77,7 +77,7 @@ def medians(runs: list[dict]) -> dict:
     roles = sorted({role for run in runs for role in run["rss_mb"]})
     return {
         "ready_s": statistics.median(run["ready_s"] for run in runs),
-        "ready_s_range": [min(run["ready_s"] for run in runs), max(r["ready_s"] for r in runs)],
+        "ready_s_range": [min(run["ready_s"] for run in runs), max(run["ready_s"] for run in runs)],
         "first_answer_s": statistics.median(run["first_answer_s"] for run in runs),
         "rss_mb": {
             role: statistics.median(run["rss_mb"][role] for run in runs if role in run["rss_mb"])
