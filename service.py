@@ -88,6 +88,9 @@ find_checkpoint(settings.model_dir)
 SERVICE_NAME = "clip_service"
 READY_PROBE_TIMEOUT_S = 1.5
 READY_PROBE_INTERVAL_S = 1.0
+# A /ping that finds its worker not ready asks the runner once more, within this (SageMaker
+# allows 2 s a ping).
+PING_PROBE_TIMEOUT_S = 1.0
 # Prompts whose token ids each API worker remembers (token_ids.py).
 TOKEN_CACHE_SIZE = 16384
 
@@ -95,9 +98,10 @@ TOKEN_CACHE_SIZE = 16384
 async def ping(_: Request) -> Response:
     """200 with an empty body once the runner has loaded and warmed the model, else 503.
 
-    Answered from the last background probe, so it costs nothing and stays fast under load.
+    While ready, answered from the last background probe, so it costs nothing and stays fast
+    under load; while not, after one more probe (`ClipService.ready_for_ping`).
     """
-    if bentoml.get_current_service().runner_ready:
+    if await bentoml.get_current_service().ready_for_ping():
         return Response(status_code=200)
     return JSONResponse(
         error_body("not_ready", "the model is still loading or the runner is unavailable"),
@@ -162,6 +166,7 @@ class ClipService:
         self._context_lock = asyncio.Lock()
         self.runner_ready = False
         self._probe_task: asyncio.Task | None = None
+        self._ping_probe: asyncio.Future[bool] | None = None
         self._direct_runner: DirectRunnerClient | None = None  # made with the context
         bind_apis_once(self)  # BentoML looks each API up per request (bound_apis.py)
 
@@ -172,13 +177,37 @@ class ClipService:
         not tell SageMaker the instance is unhealthy.
         """
         for _ in range(2):
-            try:
-                if await self.runner.to_async.is_ready(READY_PROBE_TIMEOUT_S):
-                    await asyncio.wait_for(self.context(), READY_PROBE_TIMEOUT_S)
-                    return True
-            except RUNNER_ERRORS:
-                pass
+            if await self._probe_once(READY_PROBE_TIMEOUT_S):
+                return True
         return False
+
+    async def _probe_once(self, timeout_s: float) -> bool:
+        try:
+            if await self.runner.to_async.is_ready(timeout_s):
+                await asyncio.wait_for(self.context(), timeout_s)
+                return True
+        except RUNNER_ERRORS:
+            pass
+        return False
+
+    async def ready_for_ping(self) -> bool:
+        """Ready by the last background probe; if not, by one more probe now (within
+        `PING_PROBE_TIMEOUT_S`), shared by the pings that arrive meanwhile.
+
+        Each API worker learns that the runner is up at its own moment of the probe loop. Without
+        asking again, a ping reaching a worker that had not asked yet read 503 just after another
+        worker's 200 (the container test saw it once the API workers started seconds before the
+        runner), and SageMaker counts a failed ping against the instance.
+        """
+        if self.runner_ready:
+            return True
+        if self._ping_probe is None or self._ping_probe.done():
+            probe = asyncio.wait_for(self._probe_once(PING_PROBE_TIMEOUT_S), PING_PROBE_TIMEOUT_S)
+            self._ping_probe = asyncio.ensure_future(probe)
+        try:
+            return await asyncio.shield(self._ping_probe)  # one ping's disconnect cancels no other
+        except TimeoutError:
+            return False
 
     async def _probe_forever(self) -> None:
         while True:

@@ -23,6 +23,7 @@ from tests.helpers import (
     as_base64,
     assert_same_answer,
     photo_like,
+    serve_tiny,
     wait_for_ping,
 )
 from tests.reference import assert_matches_reference, reference_probabilities
@@ -295,6 +296,19 @@ def test_only_the_runner_loads_torch(served):
     api_workers = loads_torch.pop("clip_service")
     assert api_workers and not any(api_workers)
     assert loads_torch == {"supervisor": [False], "clip_runner": [True]}
+
+
+def test_once_ping_answers_200_every_api_worker_does(
+    tiny_stored_model, bentoml_home, tmp_path_factory
+):
+    """The API workers start before the runner and each probes it on its own clock: right after
+    the first 200, pings on fresh connections (spread over both workers) must be 200 too, as
+    SageMaker's are. A worker that has not seen the runner yet asks it once more."""
+    with serve_tiny(
+        tiny_stored_model, bentoml_home, tmp_path_factory, "ping-together", CLIP_API_WORKERS="2"
+    ) as server:
+        statuses = [httpx.get(f"{server.url}/ping", timeout=5).status_code for _ in range(30)]
+    assert statuses == [200] * 30
 
 
 def test_ping_turns_503_fast_when_the_runner_stops_answering(served):
