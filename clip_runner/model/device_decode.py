@@ -27,6 +27,7 @@ from PIL import Image
 
 from clip_runner.model.device_health import device_works
 from clip_runner.model.device_resample import resize_and_crop
+from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +71,21 @@ PILLOW_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decomp
 
 
 def pillow_rgbx(blob: bytes) -> torch.Tensor:
-    """uint8 (H, W, 4) on the CPU: the pixels as Pillow stores them, RGB and a padding byte (a
-    straight copy per row). The API workers forward only baseline YCbCr or greyscale JPEGs
-    without EXIF rotation, for which these are exactly what their own decode gives.
+    """uint8 (H, W, 4) on the CPU: the pixels as Pillow stores them, RGB and a padding byte.
+    The API workers forward only baseline YCbCr or greyscale JPEGs without EXIF rotation, for
+    which these are exactly what their own decode gives.
+
+    A colour JPEG is decoded straight into the array (pillow_pixels.py): copying Pillow's
+    pixels out afterwards had cost about a third of the decode's CPU, holding the GIL that the
+    runner's event loop and its other decoding threads wait for. A greyscale one is converted
+    and copied (rare), as is every image where this Pillow cannot decode into an array.
 
     Moved to the device as they are and viewed there as planes (`rgb_planes`): repacking them
-    into three bytes on the CPU first (`np.array(image)`) cost the runner's CPU more than the
-    extra third of bytes to copy (on the seed's photo 690-780 against 600-650 us per image,
-    decode included, on CPU)."""
+    into three bytes on the CPU first (`np.array(image)`) cost more than the extra third of
+    bytes to copy."""
     with Image.open(io.BytesIO(blob)) as opened:
+        if decodes_into_array(opened):
+            return torch.from_numpy(decode_into_array(opened))
         image = opened if opened.mode == "RGB" else opened.convert("RGB")
         width, height = image.size
         stored = bytearray(image.tobytes("raw", "RGBX"))  # writable, as torch wants

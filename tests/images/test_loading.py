@@ -20,6 +20,7 @@ from clip_runner.images.loading import (
     ImageLimits,
     decode_image,
     decode_inline,
+    decoded_rgbx,
     device_decodable_jpeg,
     ends_after_its_scan,
     load_images,
@@ -79,6 +80,40 @@ def test_stored_pixels_are_the_rgb_pixels_and_a_padding_byte(size, copy, monkeyp
     pixels = stored_pixels(image)
     assert pixels.shape == (size[1], size[0], 4) and pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels[..., :3], np.asarray(image))
+
+
+def rotated_jpeg(image: Image.Image) -> bytes:
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    return encode(image, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def test_an_upright_colour_jpeg_is_decoded_into_the_array_and_other_images_copied(monkeypatch):
+    copied = []
+    copy = clip_runner.images.loading.stored_pixels
+    monkeypatch.setattr(
+        clip_runner.images.loading, "stored_pixels", lambda image: copied.append(1) or copy(image)
+    )
+    photo = photo_like(64, 48, seed=2)
+    sources = {
+        "upright JPEG": (encode(photo, "JPEG", quality=90), 0),
+        "rotated JPEG": (rotated_jpeg(photo), 1),
+        "greyscale JPEG": (encode(photo.convert("L"), "JPEG"), 1),
+        "PNG": (encode(photo, "PNG"), 1),
+    }
+    for name, (blob, copies) in sources.items():
+        copied.clear()
+        pixels = decoded_rgbx(blob, 0, MAX_PIXELS)
+        assert len(copied) == copies, name
+        expected = np.asarray(decode_image(blob, 0, MAX_PIXELS))
+        np.testing.assert_array_equal(pixels[..., :3], expected, err_msg=name)
+
+
+def test_a_broken_jpeg_decoded_into_an_array_is_a_422_naming_it():
+    blob = encode(photo_like(64, 48, seed=2), "JPEG")
+    with pytest.raises(RequestError, match=r"images\[3\]: not a decodable image") as raised:
+        decoded_rgbx(blob[: len(blob) // 2], 3, MAX_PIXELS)
+    assert raised.value.status == 422
 
 
 def test_small_images_are_upscaled_to_the_crop():

@@ -9,6 +9,7 @@ exactly as the suite's server that decodes in the API worker.
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import re
 import sys
@@ -19,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clip_runner.images.loading import ImageGeometry, prepare_image
 from clip_runner.model import device_decode
@@ -164,6 +166,26 @@ def test_an_nvjpeg_that_cannot_decode_at_all_is_not_used_and_the_log_says_so(mon
     assert decoder.name == PILLOW and calls == [1]
     assert "nvJPEG could not decode a plain JPEG" in caplog.text
     assert "nvjpegCreateEx failed" in caplog.text
+
+
+def test_a_colour_jpeg_is_decoded_into_the_tensor_not_copied_out(monkeypatch):
+    photo = photo_like(64, 48, seed=1)
+    expected = {
+        "colour": np.asarray(Image.open(io.BytesIO(encode(photo, "JPEG"))).convert("RGB")),
+        "greyscale": np.asarray(
+            Image.open(io.BytesIO(encode(photo.convert("L"), "JPEG"))).convert("RGB")
+        ),
+    }
+    copies = []
+    copy = Image.Image.tobytes
+    monkeypatch.setattr(Image.Image, "tobytes", lambda *a: copies.append(1) or copy(*a))
+    colour = pillow_rgbx(encode(photo, "JPEG"))
+    assert not copies
+    greyscale = pillow_rgbx(encode(photo.convert("L"), "JPEG"))  # converted, then copied
+    assert copies
+    for name, rgbx in (("colour", colour), ("greyscale", greyscale)):
+        assert rgbx.shape == (48, 64, 4) and rgbx.dtype == torch.uint8
+        np.testing.assert_array_equal(rgb_planes(rgbx).permute(1, 2, 0), expected[name])
 
 
 def test_a_jpeg_that_does_not_decode_fails_alone():

@@ -1,0 +1,136 @@
+"""A JPEG decoded straight into an array: Pillow's own pixels, every one written, the same
+refusals, and only where it applies."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_runner.model import pillow_pixels
+from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
+from tests.hard_images import encoded_set, is_jpeg
+from tests.helpers import encode, photo_like
+
+
+def pillows_own(blob: bytes) -> np.ndarray:
+    """(H, W, 3): Pillow decoding into its own memory, its pixels copied out."""
+    with Image.open(io.BytesIO(blob)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def into_array(blob: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(blob)) as opened:
+        assert decodes_into_array(opened)
+        return decode_into_array(opened)
+
+
+def arrays_start_as(filler: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The arrays decoded into start filled with `filler`, not as whatever memory held (and
+    so does every `np.empty` meanwhile: harmless, its contents are undefined anyway)."""
+
+    def filled(shape, dtype=float, order="C", **kwargs):
+        return np.full(shape, filler, dtype, order)
+
+    monkeypatch.setattr(pillow_pixels.np, "empty", filled)
+
+
+def colour_jpegs() -> list[tuple[str, bytes]]:
+    """The fidelity set's JPEGs (4:2:0, 4:2:2, 4:4:4; stripes, text, noise, odd sizes), shrunk
+    for speed, with one at full size and restart markers."""
+    shrunk = [(name, blob) for name, blob in encoded_set(scale=0.25) if is_jpeg(blob)]
+    photo = photo_like(641, 479, seed=5)
+    return [
+        *shrunk,
+        ("photo 641x479", encode(photo, "JPEG", quality=95)),
+        ("restart markers", encode(photo, "JPEG", restart_marker_rows=1)),
+    ]
+
+
+def test_this_pillow_decodes_into_arrays():
+    assert pillow_pixels.DIRECT
+
+
+COLOUR_JPEGS = colour_jpegs()
+
+
+@pytest.mark.parametrize(("name", "blob"), COLOUR_JPEGS, ids=[name for name, _ in COLOUR_JPEGS])
+def test_the_pixels_are_pillows_own_and_every_one_is_written(name, blob, monkeypatch):
+    expected = pillows_own(blob)
+    # The array starts as all 0 bytes, then as all 255: a pixel the decode left alone would
+    # keep each in turn, and could not equal Pillow's pixel both times.
+    for filler in (0, 255):
+        arrays_start_as(filler, monkeypatch)
+        decoded = into_array(blob)
+        assert decoded.shape == (*expected.shape[:2], 4) and decoded.dtype == np.uint8
+        np.testing.assert_array_equal(decoded[..., :3], expected, err_msg=name)
+
+
+def outcome(decode, blob: bytes) -> tuple[str, np.ndarray | None]:
+    try:
+        return "decoded", decode(blob)[..., :3]
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        return f"{type(exc).__name__}: {exc}", None
+
+
+@pytest.mark.parametrize("filler", [0, 255])
+def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, monkeypatch):
+    """Bytes overwritten (libjpeg may warn and go on) and files cut short, 300 of them; those
+    that decode have every pixel written (as in the test above, with each `filler`)."""
+    arrays_start_as(filler, monkeypatch)
+    rng = np.random.default_rng(7)
+    original = encode(photo_like(160, 120, seed=3), "JPEG", quality=90)
+    outcomes: list[bool] = []
+    for _ in range(300):
+        changed = bytearray(original)
+        for _ in range(int(rng.integers(1, 6))):
+            changed[int(rng.integers(200, len(changed)))] = int(rng.integers(256))
+        if rng.random() < 0.5:
+            changed = changed[: int(rng.integers(200, len(changed)))]
+        blob = bytes(changed)
+        try:
+            with Image.open(io.BytesIO(blob)) as opened:
+                applies = decodes_into_array(opened)
+        except (OSError, ValueError, SyntaxError, EOFError):  # the header itself is broken
+            applies = False
+        if not applies:
+            continue
+        ours, theirs = outcome(into_array, blob), outcome(pillows_own, blob)
+        assert ours[0] == theirs[0]
+        if ours[1] is not None:
+            np.testing.assert_array_equal(ours[1], theirs[1])
+        outcomes.append(ours[0] == "decoded")
+    assert 30 < sum(outcomes) < len(outcomes) - 30  # both kinds, many of each
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        encode(photo_like(40, 30, seed=1), "PNG"),
+        encode(photo_like(40, 30, seed=1).convert("L"), "JPEG"),
+        encode(photo_like(40, 30, seed=1).convert("CMYK"), "JPEG"),
+    ],
+    ids=["PNG", "greyscale JPEG", "CMYK JPEG"],
+)
+def test_other_images_are_left_to_pillow(blob):
+    with Image.open(io.BytesIO(blob)) as opened:
+        assert not decodes_into_array(opened)
+
+
+def test_an_image_already_decoded_is_not_decoded_again():
+    with Image.open(io.BytesIO(encode(photo_like(40, 30, seed=1), "JPEG"))) as opened:
+        opened.load()
+        assert not decodes_into_array(opened)
+
+
+def test_where_pillow_cannot_map_an_array_it_says_so_and_callers_copy(monkeypatch, caplog):
+    monkeypatch.delattr(Image.core, "map_buffer")
+    with caplog.at_level(logging.WARNING, logger=pillow_pixels.__name__):
+        assert not pillow_pixels._direct_decoding_works()
+    assert "cannot decode into an array" in caplog.text
+    monkeypatch.setattr(pillow_pixels, "DIRECT", False)
+    with Image.open(io.BytesIO(encode(photo_like(40, 30, seed=1), "JPEG"))) as opened:
+        assert not decodes_into_array(opened)
