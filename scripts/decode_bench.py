@@ -1,0 +1,139 @@
+"""JPEG decoding in the service's processes: into the array (the service) against Pillow's own
+memory copied out (the way before it), one thread, and beside a thread running Python.
+
+    python scripts/decode_bench.py --out benchmarks/decode-bench.json
+
+Two figures per image, each the best of `--repeats` timed loops, the two ways taking turns:
+- milliseconds per image of the API workers' exact path (`prepare_image`: decode, compiled
+  resize and crop) and of the runner's decode of forwarded JPEGs (`pillow_rgbx`);
+- the runner's decode rate (the seed's photo) alone and beside one thread spinning in Python,
+  at Python's switch interval (5 ms) and at 0.2 ms. A thread back from C code (Pillow's decode
+  lets go of the GIL) waits for the GIL until the spinning thread lets go, up to an interval:
+  every such return costs the decode a wait, which is what the runner's threads meet beside its
+  event loop on a GPU.
+Both ways give the same pixels (checked before timing). malloc is set as in the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from bench import REPO, seed_request_bodies
+from PIL import Image
+
+from clip_runner.images.loading import (
+    ImageGeometry,
+    decode_image,
+    prepare_image,
+    resize_and_crop,
+)
+from clip_runner.malloc_tuning import reuse_freed_memory
+from clip_runner.model.device_decode import pillow_rgbx
+from tests.helpers import encode, photo_like
+
+GEOMETRY = ImageGeometry(224, 224, 224)
+
+
+def copied_api(blob: bytes):
+    """The API path before: Pillow decodes into its own memory, the pixels are copied out."""
+    return resize_and_crop(decode_image(blob, 0, 10**9), GEOMETRY)
+
+
+def into_array_api(blob: bytes):
+    return prepare_image(blob, 0, GEOMETRY, 10**9)
+
+
+def copied_runner(blob: bytes) -> torch.Tensor:
+    """The runner's decode before: Pillow's RGBX bytes copied out, then wrapped for torch."""
+    with Image.open(io.BytesIO(blob)) as image:
+        width, height = image.size
+        stored = bytearray(image.tobytes("raw", "RGBX"))
+    return torch.frombuffer(stored, dtype=torch.uint8).view(height, width, 4)
+
+
+WAYS = {
+    "api": {"copied out": copied_api, "into the array": into_array_api},
+    "runner": {"copied out": copied_runner, "into the array": pillow_rgbx},
+}
+
+
+def ms_per_image(decode, blob: bytes, loops: int) -> float:
+    decode(blob)
+    started = time.perf_counter()
+    for _ in range(loops):
+        decode(blob)
+    return (time.perf_counter() - started) / loops * 1000
+
+
+def rate_beside_spinner(decode, blob: bytes, spinners: int, seconds: float) -> float:
+    """Images/s of `decode` in this thread while `spinners` threads run a Python loop."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    threads = [threading.Thread(target=spin) for _ in range(spinners)]
+    for thread in threads:
+        thread.start()
+    count, started = 0, time.monotonic()
+    while time.monotonic() - started < seconds:
+        decode(blob)
+        count += 1
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return count / (time.monotonic() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "decode-bench.json")
+    args = parser.parse_args()
+    reuse_freed_memory()
+    torch.set_num_threads(1)
+    seed = base64.b64decode(json.loads(seed_request_bodies()[0])["images"][0])
+    images = {
+        "seed photo 640x480": (seed, 300),
+        "photo 1200x900, quality 90": (encode(photo_like(1200, 900, 1), "JPEG", quality=90), 60),
+        "photo 4000x3000, quality 90": (encode(photo_like(4000, 3000, 2), "JPEG", quality=90), 5),
+    }
+    result: dict = {"ms_per_image": {}, "runner_decodes_per_s": {}}
+    for name, (blob, loops) in images.items():
+        for role, ways in WAYS.items():
+            first, second = (way(blob) for way in ways.values())
+            assert torch.equal(torch.as_tensor(first)[..., :3], torch.as_tensor(second)[..., :3])
+            timings = {way: [] for way in ways}
+            for _ in range(args.repeats):
+                for way, decode in ways.items():
+                    timings[way].append(ms_per_image(decode, blob, loops))
+            best = {way: round(min(times), 3) for way, times in timings.items()}
+            result["ms_per_image"][f"{role}, {name}"] = best
+            print(role, name, best, flush=True)
+    for interval_ms in (5.0, 0.2):
+        sys.setswitchinterval(interval_ms / 1000)
+        for spinners in (0, 1):
+            rates = {
+                way: round(max(rate_beside_spinner(decode, seed, spinners, 2) for _ in range(2)))
+                for way, decode in WAYS["runner"].items()
+            }
+            key = f"switch interval {interval_ms:g} ms, {spinners} thread(s) running Python"
+            result["runner_decodes_per_s"][key] = rates
+            print(key, rates, flush=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

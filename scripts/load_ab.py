@@ -1,0 +1,115 @@
+"""The tiny model's seed load: this checkout against another commit's, in alternating windows.
+
+    python scripts/load_ab.py --baseline-rev 79914d3 --rounds 6
+    python scripts/load_ab.py --baseline-rev 79914d3 CLIP_DECODE=runner   # settings for both
+
+What a change to the work around the model buys, measured where the model costs nothing (the
+`--overhead` scenario of bench.py: one 640x480 JPEG per request, six classes, 32 clients). Both
+servers are up side by side for the whole run, each with its own BentoML home (two servers in
+one home share their metrics' files), and the load windows take turns, so that this host's
+drift over minutes falls on both alike. Per window: requests/s, p50, and each process's CPU per
+request by role. Results: `--out` (JSON, every window), and the medians to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import (
+    REPO,
+    Scenario,
+    bento_server,
+    cpu_ms_per_request,
+    import_random_model,
+    measure,
+    seed_request_bodies,
+)
+from startup_bench import worktree
+
+SCENARIO = Scenario("tiny model seed c32", seed_request_bodies(), 1, 32)
+
+
+def window(url: str, pid: int, seconds: float) -> dict:
+    """One load window's figures."""
+    row = measure(url, pid, SCENARIO, 1_000_000, seconds, metrics=True)
+    return {
+        "requests_per_s": row["requests_per_s"],
+        "p50_ms": row["p50_ms"],
+        "errors": row["errors"],
+        "cpu_ms_per_request": cpu_ms_per_request(row),
+    }
+
+
+def medians(windows: list[dict]) -> dict:
+    roles = windows[0]["cpu_ms_per_request"]
+    return {
+        "requests_per_s": statistics.median(w["requests_per_s"] for w in windows),
+        "p50_ms": statistics.median(w["p50_ms"] for w in windows),
+        "errors": sum(w["errors"] for w in windows),
+        "cpu_ms_per_request": {
+            role: statistics.median(w["cpu_ms_per_request"][role] for w in windows)
+            for role in roles
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--baseline-rev", required=True, help="the commit to compare against")
+    parser.add_argument("--rounds", type=int, default=6, help="windows of each server")
+    parser.add_argument("--seconds", type=float, default=15, help="each window")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "load-ab.json")
+    parser.add_argument("settings", nargs="*", help="NAME=VALUE for both servers' environment")
+    args = parser.parse_args()
+    settings = dict(setting.split("=", 1) for setting in args.settings)
+    scratch = Path(tempfile.mkdtemp(prefix="clip-load-ab-"))
+    checkouts = {"baseline": worktree(args.baseline_rev, scratch), "current": REPO}
+    windows: dict[str, list[dict]] = {name: [] for name in checkouts}
+    try:
+        with contextlib.ExitStack() as servers:
+            urls = {}
+            for name, checkout in checkouts.items():
+                home, tag, _ = import_random_model(tiny=True)
+                log = scratch / f"{name}.log"
+                urls[name] = servers.enter_context(
+                    bento_server(home, tag, log, checkout=checkout, **settings)
+                )
+            for round_index in range(args.rounds):
+                order = ["baseline", "current"] if round_index % 2 == 0 else ["current", "baseline"]
+                for name in order:
+                    figures = window(*urls[name], args.seconds)
+                    windows[name].append(figures)
+                    print(name, round_index, json.dumps(figures), flush=True)
+    finally:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkouts["baseline"])],
+            check=False,
+        )
+    result = {
+        "baseline_rev": args.baseline_rev,
+        "current_rev": subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip(),
+        "settings": settings,
+        "seconds_per_window": args.seconds,
+        "medians": {name: medians(runs) for name, runs in windows.items()},
+        "windows": windows,
+    }
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["medians"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
