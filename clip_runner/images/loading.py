@@ -215,7 +215,8 @@ def decoded_rgbx(data: bytes, index: int, max_pixels: int) -> np.ndarray:
     other image is decoded, converted (`to_rgb`) and copied out (`stored_pixels`). The same
     pixels either way."""
     with opened_image(data, index, max_pixels) as opened:
-        if decodes_into_array(opened) and upright(opened):
+        # The EXIF check first: for some formats (PNG) reading EXIF decodes the pixels.
+        if upright(opened) and decodes_into_array(opened):
             return decode_into_array(opened)
         return stored_pixels(loaded_rgb(opened))
 

@@ -44,6 +44,8 @@ def decode_into_array(opened: Image.Image) -> np.ndarray:
     """uint8 (H, W, 4): the image's pixels as Pillow stores RGB (the fourth byte padding),
     decoded into a new array. Raises what `load` raises on a broken JPEG. Only for images
     `decodes_into_array` accepts."""
+    if not opened.tile:  # decoded already (a check that loaded it): the array would stay empty
+        raise ValueError("the image's pixels are already decoded")
     width, height = opened.size
     pixels = np.empty((height, width, 4), np.uint8)
     # The mapped image keeps a reference to the array (and the buffer exported) while it lives.

@@ -124,6 +124,8 @@ def test_an_image_already_decoded_is_not_decoded_again():
     with Image.open(io.BytesIO(encode(photo_like(40, 30, seed=1), "JPEG"))) as opened:
         opened.load()
         assert not decodes_into_array(opened)
+        with pytest.raises(ValueError, match="already decoded"):  # not an array left empty
+            decode_into_array(opened)
 
 
 def test_where_pillow_cannot_map_an_array_it_says_so_and_callers_copy(monkeypatch, caplog):
