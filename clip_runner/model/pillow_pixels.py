@@ -36,7 +36,7 @@ def decodes_into_array(opened: Image.Image) -> bool:
         and opened.format == "JPEG"
         and opened.mode == "RGB"
         and len(tiles) == 1
-        and tuple(tiles[0].extents) == (0, 0, *opened.size)
+        and tuple(tiles[0][1]) == (0, 0, *opened.size)  # its extents
     )
 
 
@@ -68,7 +68,10 @@ def _direct_decoding_works() -> bool:
     except (AttributeError, TypeError, ValueError, OSError) as exc:
         logger.warning("Pillow cannot decode into an array here (%s): pixels are copied", exc)
         return False
-    return bool(np.array_equal(decoded.reshape(-1, 4)[:, :3], expected.reshape(-1, 4)[:, :3]))
+    if not np.array_equal(decoded.reshape(-1, 4)[:, :3], expected.reshape(-1, 4)[:, :3]):
+        logger.warning("Pillow decodes into an array to other pixels here: pixels are copied")
+        return False
+    return True
 
 
 DIRECT = _direct_decoding_works()

@@ -128,11 +128,21 @@ def test_an_image_already_decoded_is_not_decoded_again():
             decode_into_array(opened)
 
 
-def test_where_pillow_cannot_map_an_array_it_says_so_and_callers_copy(monkeypatch, caplog):
+def test_a_pillow_that_cannot_decode_into_arrays_is_noticed_and_callers_copy(monkeypatch, caplog):
     monkeypatch.delattr(Image.core, "map_buffer")
     with caplog.at_level(logging.WARNING, logger=pillow_pixels.__name__):
         assert not pillow_pixels._direct_decoding_works()
     assert "cannot decode into an array" in caplog.text
+    monkeypatch.undo()
+    # A Pillow whose mapping does not reach the array: the check sees other pixels (none).
+    map_buffer = Image.core.map_buffer
+    elsewhere = lambda target, *args: map_buffer(np.zeros_like(target), *args)  # noqa: E731
+    monkeypatch.setattr(Image.core, "map_buffer", elsewhere)
+    arrays_start_as(0, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger=pillow_pixels.__name__):
+        assert not pillow_pixels._direct_decoding_works()
+    assert "to other pixels" in caplog.text
+    monkeypatch.undo()
     monkeypatch.setattr(pillow_pixels, "DIRECT", False)
     with Image.open(io.BytesIO(encode(photo_like(40, 30, seed=1), "JPEG"))) as opened:
         assert not decodes_into_array(opened)
