@@ -211,9 +211,9 @@ def upright(opened: Image.Image) -> bool:
 def decoded_rgbx(data: bytes, index: int, max_pixels: int) -> np.ndarray:
     """The image in RGB as Pillow stores it, uint8 (H, W, 4) (the fourth byte padding): what
     the compiled resize reads. An upright RGB JPEG is decoded straight into the array
-    (model/pillow_pixels.py: no copy afterwards, a quarter less CPU on the seed's photo); any
-    other image is decoded, converted (`to_rgb`) and copied out (`stored_pixels`). The same
-    pixels either way."""
+    (model/pillow_pixels.py: no copy afterwards; the seed's photo 1.57 against 1.79 ms,
+    decode, resize and crop); any other image is decoded, converted (`to_rgb`) and copied out
+    (`stored_pixels`). The same pixels either way."""
     with opened_image(data, index, max_pixels) as opened:
         # The EXIF check first: for some formats (PNG) reading EXIF decodes the pixels.
         if upright(opened) and decodes_into_array(opened):

@@ -1,10 +1,11 @@
 """A JPEG decoded by Pillow straight into a numpy array: no copy of its pixels afterwards.
 
 Pillow decodes into memory of its own, and reading the pixels out (`tobytes`, `np.asarray`)
-copies every one of them once more, holding the GIL, in 64-kB pieces joined at the end. On the
-seed's 640x480 photo that copy was about a third of the decode's CPU (1.07 against 0.72 ms here,
-with the server's malloc settings); on a 12-MP photo, 97 against 74 ms with the copy in strips.
-Both the API workers (their exact CPU path) and the runner (forwarded JPEGs on a GPU) paid it.
+copies every one of them once more, holding the GIL, in 64-kB pieces joined at the end. The
+runner's decode of the seed's 640x480 photo took 1.06 ms with that copy against 0.73 without,
+of a 12-MP photo 162 against 79 ms (`scripts/decode_bench.py`, one thread, the server's malloc
+settings). Both the API workers (their exact CPU path) and the runner (forwarded JPEGs on a
+GPU) paid it.
 
 Pillow can decode into memory it did not allocate: an image may be backed by a buffer
 (`Image.core.map_buffer`, what `Image.frombuffer` and `ImageFile.load`'s memory-mapping of raw
