@@ -1,10 +1,12 @@
-"""The tiny model's seed load: this checkout against another commit's, in alternating windows.
+"""The seed load: this checkout against another commit's, in alternating windows.
 
     python scripts/load_ab.py --baseline-rev 79914d3 --rounds 6
     python scripts/load_ab.py --baseline-rev 79914d3 CLIP_DECODE=runner   # settings for both
+    python scripts/load_ab.py --baseline-rev 79914d3 --vit-b32 --seconds 25  # no regression?
 
 What a change to the work around the model buys, measured where the model costs nothing (the
-`--overhead` scenario of bench.py: one 640x480 JPEG per request, six classes, 32 clients). Both
+`--overhead` scenario of bench.py: one 640x480 JPEG per request, six classes, 32 clients), or,
+with `--vit-b32`, that it costs nothing where the model is the limit (random weights). Both
 servers are up side by side for the whole run, each with its own BentoML home (two servers in
 one home share their metrics' files), and the load windows take turns, so that this host's
 drift over minutes falls on both alike. Per window: requests/s, p50, and each process's CPU per
@@ -33,7 +35,7 @@ from bench import (
 )
 from startup_bench import worktree
 
-SCENARIO = Scenario("tiny model seed c32", seed_request_bodies(), 1, 32)
+SCENARIO = Scenario("seed c32", seed_request_bodies(), 1, 32)
 
 
 def window(url: str, pid: int, seconds: float) -> dict:
@@ -67,6 +69,7 @@ def main() -> int:
     parser.add_argument("--baseline-rev", required=True, help="the commit to compare against")
     parser.add_argument("--rounds", type=int, default=6, help="windows of each server")
     parser.add_argument("--seconds", type=float, default=15, help="each window")
+    parser.add_argument("--vit-b32", action="store_true", help="ViT-B/32 instead of the tiny model")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "load-ab.json")
     parser.add_argument("settings", nargs="*", help="NAME=VALUE for both servers' environment")
     args = parser.parse_args()
@@ -78,7 +81,7 @@ def main() -> int:
         with contextlib.ExitStack() as servers:
             urls = {}
             for name, checkout in checkouts.items():
-                home, tag, _ = import_random_model(tiny=True)
+                home, tag, _ = import_random_model(tiny=not args.vit_b32)
                 log = scratch / f"{name}.log"
                 urls[name] = servers.enter_context(
                     bento_server(home, tag, log, checkout=checkout, **settings)
@@ -101,6 +104,7 @@ def main() -> int:
             capture_output=True,
             text=True,
         ).stdout.strip(),
+        "model": "random-weight ViT-B/32" if args.vit_b32 else "random-weight tiny CLIP",
         "settings": settings,
         "seconds_per_window": args.seconds,
         "medians": {name: medians(runs) for name, runs in windows.items()},
