@@ -40,13 +40,16 @@ def arrays_start_as(filler: int, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def colour_jpegs() -> list[tuple[str, bytes]]:
     """The fidelity set's JPEGs (4:2:0, 4:2:2, 4:4:4; stripes, text, noise, odd sizes), shrunk
-    for speed, with one at full size and restart markers."""
+    for speed, and a photo of odd size: plain, with restart markers, progressive (common on the
+    web; the API workers decode those themselves), with optimised Huffman tables."""
     shrunk = [(name, blob) for name, blob in encoded_set(scale=0.25) if is_jpeg(blob)]
     photo = photo_like(641, 479, seed=5)
     return [
         *shrunk,
         ("photo 641x479", encode(photo, "JPEG", quality=95)),
         ("restart markers", encode(photo, "JPEG", restart_marker_rows=1)),
+        ("progressive", encode(photo, "JPEG", quality=85, progressive=True)),
+        ("optimised Huffman tables", encode(photo, "JPEG", optimize=True)),
     ]
 
 
@@ -78,14 +81,19 @@ def outcome(decode, blob: bytes) -> tuple[str, np.ndarray | None]:
 
 @pytest.mark.parametrize("filler", [0, 255])
 def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, monkeypatch):
-    """Bytes overwritten (libjpeg may warn and go on) and files cut short, 300 of them; those
-    that decode have every pixel written (as in the test above, with each `filler`)."""
+    """Bytes overwritten (libjpeg may warn and go on) and files cut short, 300 of them, of a
+    baseline and a progressive JPEG; those that decode have every pixel written (as in the
+    test above, with each `filler`)."""
     arrays_start_as(filler, monkeypatch)
     rng = np.random.default_rng(7)
-    original = encode(photo_like(160, 120, seed=3), "JPEG", quality=90)
+    photo = photo_like(160, 120, seed=3)
+    originals = [
+        encode(photo, "JPEG", quality=90),
+        encode(photo, "JPEG", quality=90, progressive=True),
+    ]
     outcomes: list[bool] = []
-    for _ in range(300):
-        changed = bytearray(original)
+    for number in range(300):
+        changed = bytearray(originals[number % 2])
         for _ in range(int(rng.integers(1, 6))):
             changed[int(rng.integers(200, len(changed)))] = int(rng.integers(256))
         if rng.random() < 0.5:
