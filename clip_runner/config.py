@@ -173,6 +173,7 @@ class Settings:
     cuda_graphs: bool  # auto: on a GPU, unless torch_compile
     access_log: bool  # BentoML's access log, a line per request; auto: on CPU only
     switch_interval_ms: float  # how long Python runs before a waiting thread gets the GIL
+    cuda_wait: str  # block (a thread waiting for the GPU sleeps) or spin (it polls, a core busy)
     endpoint_kind: str
     # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
     body_timeout_s: float
@@ -269,6 +270,7 @@ def get_settings() -> Settings:
         # server served 1.47 x the seed load (BENCHMARKS.md, GPU).
         access_log=_env_switch("CLIP_ACCESS_LOG", lambda: not cuda_available()),
         switch_interval_ms=_env_number("CLIP_SWITCH_INTERVAL_MS", 5.0, float, 0.01),
+        cuda_wait=_env_choice("CLIP_CUDA_WAIT", ("block", "spin")),
         endpoint_kind=endpoint_kind,
         body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", body_timeout_s),
         max_waiting_bodies=_env_int("CLIP_MAX_WAITING_BODIES", 512),

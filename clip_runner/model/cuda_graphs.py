@@ -25,6 +25,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from clip_runner.model.device_wait import to_host
+
 # Passes run before recording, on a side stream, as torch's documentation asks: the first
 # passes allocate workspaces (cuBLAS, SDPA) that must not be allocated inside the capture.
 WARM_UP_PASSES = 3
@@ -78,8 +80,10 @@ class ReplayedForward:
         sample_shape: tuple[int, ...],
         device: torch.device,
         buckets: tuple[int, ...],
+        spin_waits: bool = False,
     ) -> None:
         self.buckets = buckets
+        self.spin_waits = spin_waits  # how the answers' copy waits for the GPU (device_wait.py)
         self.recorded = device.type == "cuda"
         self._lock = threading.Lock()
         self._inputs: dict[int, torch.Tensor] = {}
@@ -115,7 +119,7 @@ class ReplayedForward:
                 self._inputs[bucket][: len(chunk)].copy_(chunk)
                 self._replays[bucket]()
                 # A copy, also on CPU (where .cpu() would return the buffer itself).
-                rows.append(self._outputs[bucket][: len(chunk)].to("cpu", copy=True).numpy())
+                rows.append(to_host(self._outputs[bucket][: len(chunk)], self.spin_waits))
         if not rows:
             return np.empty((0, self._outputs[largest].shape[-1]), dtype=np.float32)
         return np.concatenate(rows) if len(rows) > 1 else rows[0]

@@ -27,6 +27,7 @@ from PIL import Image
 
 from clip_runner.model.device_health import device_works
 from clip_runner.model.device_resample import resize_and_crop
+from clip_runner.model.device_wait import wait_for_queued_work
 from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ def _torchvision_decoder() -> Callable | None:
     return decode
 
 
-def drain_queued_work(device: torch.device) -> None:
-    """Waits until the work queued on `device`'s current stream has run; nothing on CPU.
+def drain_queued_work(device: torch.device, spin: bool = False) -> None:
+    """Waits until the work queued on `device`'s current stream has run (asleep unless `spin`:
+    device_wait.py); nothing on CPU.
 
     Called before every nvJPEG decode. torchvision (0.28 included) allocates the decode's output
     from the caller's stream but has nvJPEG write it from a stream of its own that does not wait
@@ -62,8 +64,7 @@ def drain_queued_work(device: torch.device) -> None:
     decode it would not be enough: another pass could queue work and free memory between this
     wait and the decode's allocation.
     """
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+    wait_for_queued_work(device, spin)
 
 
 # How Pillow fails on a JPEG it cannot decode (as on the API path, which answers a 422).
@@ -145,8 +146,10 @@ class DeviceJpegDecoder:
         use_nvjpeg: bool = True,
         threads: int = 1,
         passes: int = 1,
+        spin_waits: bool = False,
     ) -> None:
         self.device = device
+        self.spin_waits = spin_waits  # how the nvJPEG path waits for queued work
         self.geometry = (shortest_edge, crop_height, crop_width)
         wants_nvjpeg = use_nvjpeg and device.type == "cuda"
         if wants_nvjpeg and passes > 1:
@@ -220,7 +223,9 @@ class DeviceJpegDecoder:
         return [self._pillow_or_none(blob) for blob in blobs]
 
     def _nvjpeg_decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
-        drain_queued_work(self.device)  # nvJPEG must not overtake queued work (its docstring)
+        drain_queued_work(
+            self.device, self.spin_waits
+        )  # nvJPEG must not overtake queued work (its docstring)
         return list(self._nvjpeg(data, self.device))
 
     def _nvjpeg_or_pillow(self, blob: bytes, data: torch.Tensor) -> torch.Tensor | None:

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import CLIPModel, CLIPProcessor
 
 from clip_runner.model.cuda_graphs import ReplayedForward, batch_buckets
+from clip_runner.model.device_wait import to_host
 from clip_runner.model.model_facts import ModelFacts
 
 logger = logging.getLogger(__name__)
@@ -124,9 +125,13 @@ class ClipEncoder:
         processor: CLIPProcessor,
         device: torch.device,
         dtype: torch.dtype,
+        spin_waits: bool = False,
     ) -> None:
+        """`spin_waits`: wait for the GPU's answers by polling (CLIP_CUDA_WAIT=spin) rather
+        than asleep (device_wait.py)."""
         self.device = device
         self.dtype = dtype
+        self.spin_waits = spin_waits
         # Read before the cast: in fp16, ln(100) rounds to 4.6055 and exp() gives 100.03, so a
         # GPU would answer with another logit scale than the checkpoint's (and the CPU's).
         self.logit_scale = float(model.logit_scale.detach().float().exp().item())
@@ -192,7 +197,7 @@ class ClipEncoder:
         (`CLIP_CUDA_GRAPHS=auto`); recording raises if the model cannot be captured."""
         shape = (3, self.crop_height, self.crop_width)
         self.replayed = ReplayedForward(
-            self._image_features, shape, self.device, batch_buckets(max_batch)
+            self._image_features, shape, self.device, batch_buckets(max_batch), self.spin_waits
         )
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -205,7 +210,7 @@ class ClipEncoder:
         """uint8 (N, 3, H, W) already on the model's device -> float32 (N, D), unit length."""
         if self.replayed is not None:
             return self.replayed(pixels)
-        return self._image_features(pixels).cpu().numpy()
+        return to_host(self._image_features(pixels), self.spin_waits)
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The forward pass on the device, normalisation to unit length included (so that a
@@ -236,4 +241,4 @@ class ClipEncoder:
             input_ids=torch.from_numpy(input_ids).to(self.device),
             attention_mask=torch.from_numpy(attention_mask).to(self.device),
         )
-        return _unit_rows(_as_embedding(features)).cpu().numpy()
+        return to_host(_unit_rows(_as_embedding(features)), self.spin_waits)

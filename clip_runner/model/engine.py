@@ -51,7 +51,9 @@ class ServedModel:
             torch.set_num_threads(settings.runner_threads)
         loaded = load_served_clip(stored, settings.model_dir)  # CLIP_MODEL_DIR or the store
         device, dtype = pick_device()
-        self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype)
+        # How the runner's threads wait for the GPU: asleep by default (device_wait.py).
+        spin_waits = settings.cuda_wait == "spin"
+        self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype, spin_waits)
         facts = self.encoder.facts(loaded.tag, loaded.random_weights)
         self.tokenizer_json = self.encoder.tokenizer_json()  # before the warm-up: may refuse
         self.torch_threads = torch.get_num_threads()
@@ -71,6 +73,7 @@ class ServedModel:
             use_nvjpeg=settings.runner_jpeg_decoder == "nvjpeg",
             threads=runner_decode_threads(len(os.sched_getaffinity(0)), settings.runner_workers),
             passes=self.layout.passes,
+            spin_waits=spin_waits,
         )
         if settings.torch_compile:
             self.encoder.compile_towers()
@@ -97,7 +100,7 @@ class ServedModel:
         logger.info(
             "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
             "gets all), batches up to %d images or %d prompts%s%s, forwarded JPEGs decoded by "
-            "%s)",
+            "%s%s)",
             loaded.tag,
             device,
             dtype,
@@ -108,6 +111,7 @@ class ServedModel:
             ", torch.compile" if settings.torch_compile else "",
             _replay_note(self.encoder.replayed),
             self.jpeg_decoder.name,
+            _wait_note(device, spin_waits),
         )
 
     def _warm_up(self, compiled: bool) -> None:
@@ -168,6 +172,16 @@ class ServedModel:
         RUNNER_BATCH_TEXTS.observe(len(token_ids))
         with RUNNER_INFERENCE_SECONDS.labels(encoder="text").time():
             return halves_when_out_of_memory(self.encoder.encode_token_ids)(token_ids)
+
+
+def _wait_note(device: torch.device, spin_waits: bool) -> str:
+    if device.type != "cuda":
+        return ""
+    return (
+        ", GPU waited for by polling (CLIP_CUDA_WAIT=spin)"
+        if spin_waits
+        else ", GPU waited for asleep"
+    )
 
 
 def _replay_note(replayed: ReplayedForward | None) -> str:

@@ -119,7 +119,7 @@ def test_pillow_can_be_chosen_over_nvjpeg_on_a_gpu(monkeypatch):
     the choice is checked here (no GPU): the decoder is not even looked up."""
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32  # a CUDA decoder turns it off
     cuda = torch.device("cuda")
-    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device: None)
+    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device, spin: None)
     try:
         monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: nvjpeg_on_the_cpu)
         assert DeviceJpegDecoder(cuda, 224, 224, 224).name == NVJPEG
@@ -156,7 +156,7 @@ def test_an_nvjpeg_that_cannot_decode_at_all_is_not_used_and_the_log_says_so(mon
         raise RuntimeError("nvjpegCreateEx failed: 7")
 
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device: None)
+    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device, spin: None)
     monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: broken_nvjpeg)
     try:
         with caplog.at_level(logging.WARNING, logger=device_decode.__name__):
@@ -225,9 +225,14 @@ def test_a_jpeg_nvjpeg_refuses_is_decoded_by_pillow_as_on_the_api_path():
 def test_every_nvjpeg_call_waits_for_the_work_already_queued(monkeypatch):
     """nvJPEG may overwrite memory that queued kernels still read (drain_queued_work says why),
     so the device's queue is drained before each of its calls: the batch call and, after it
-    refuses the batch, each one-image call. The stand-in records the order of the two."""
+    refuses the batch, each one-image call, each the way CLIP_CUDA_WAIT says (device_wait.py).
+    The stand-in records the order of the two."""
     events: list[str] = []
-    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device: events.append("drain"))
+
+    def drain(device: torch.device, spin: bool) -> None:
+        events.append("drain, spinning" if spin else "drain")
+
+    monkeypatch.setattr(device_decode, "drain_queued_work", drain)
     good = encode(photo_like(300, 200, seed=1), "JPEG")
 
     def refusing_batches(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -241,6 +246,10 @@ def test_every_nvjpeg_call_waits_for_the_work_already_queued(monkeypatch):
     _, decoded = decoder([good, good])
     assert decoded == [True, True]
     assert events == ["drain", "decode 2", "drain", "decode 1", "drain", "decode 1"]
+    events.clear()
+    decoder.spin_waits = True
+    decoder([good])
+    assert events == ["drain, spinning", "decode 1"]
 
 
 def test_an_nvjpeg_error_that_broke_the_device_fails_the_batch_not_each_image(monkeypatch):
@@ -354,7 +363,7 @@ def test_nvjpeg_is_not_used_beside_other_passes(monkeypatch, caplog):
     """With forward passes running beside a decode, the drain before it cannot stop another
     pass from queueing work and freeing memory that nvJPEG then overwrites: Pillow decodes."""
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device: None)
+    monkeypatch.setattr(device_decode, "drain_queued_work", lambda device, spin: None)
     monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: nvjpeg_on_the_cpu)
     try:
         with caplog.at_level(logging.WARNING, logger=device_decode.__name__):

@@ -44,3 +44,27 @@ def test_the_three_encoders_agree_with_the_encoder_underneath(served_model):
         served_model.encoder.encode_texts(["a photo of a cat"]),
         atol=1e-6,
     )
+
+
+def test_how_the_gpu_is_waited_for_reaches_every_waiting_part(tiny_stored_model, monkeypatch):
+    """CLIP_CUDA_WAIT (device_wait.py): the encoder's answers, the CUDA graphs' copies and the
+    nvJPEG drain all wait the same way; asleep unless told to spin."""
+    from clip_runner.config import get_settings
+
+    assert served_model_waits(tiny_stored_model) == {False}
+    monkeypatch.setenv("CLIP_CUDA_WAIT", "spin")
+    monkeypatch.setenv("CLIP_CUDA_GRAPHS", "on")  # on CPU: the same staging, run eagerly
+    get_settings.cache_clear()
+    try:
+        assert served_model_waits(tiny_stored_model) == {True}
+    finally:
+        get_settings.cache_clear()
+
+
+def served_model_waits(stored) -> set[bool]:
+    """How each part that waits for the device was told to wait."""
+    model = ServedModel(stored)
+    parts = [model.encoder, model.jpeg_decoder]
+    if model.encoder.replayed is not None:
+        parts.append(model.encoder.replayed)
+    return {part.spin_waits for part in parts}

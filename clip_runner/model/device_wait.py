@@ -1,0 +1,44 @@
+"""Waiting for the GPU without holding a CPU core: the runner's answers brought to the host.
+
+A host thread that waits for a CUDA device (a `.cpu()` copy after a forward pass, a stream's
+`synchronize`) spins by default: with fewer CUDA contexts than CPU cores, which is any one-GPU
+machine, CUDA's automatic scheduling polls the device from that thread for as long as the GPU
+works. The runner's inference thread waits for every forward pass, so each runner process kept
+about one core busy doing nothing whenever a pass was in progress: on the first H200 run the
+runners' CPU followed the passes in progress (2.15 cores for 1.83 passes in progress at 64
+clients with CUDA graphs; BENCHMARKS.md, GPU), on a machine where the API workers and the
+runner's JPEG decode need those cores. PyTorch has no setting for the device's scheduling
+flags (pytorch/pytorch#28224), but an event created with `cudaEventBlockingSync`
+(`torch.cuda.Event(blocking=True)`) lets the waiting thread sleep in the driver until the GPU
+reaches the event, and torch lets go of the GIL while it waits. The copy after it then finds
+the work done. `spin=True` (CLIP_CUDA_WAIT=spin) keeps CUDA's polling: the lowest wake-up
+latency, one core per waiting thread.
+
+On CPU there is nothing to wait for: the same calls copy and return (the tests run them so).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def wait_for_queued_work(device: torch.device, spin: bool = False) -> None:
+    """Returns once the work queued so far on `device`'s current stream has run; at once on
+    CPU. The thread sleeps while it waits unless `spin`."""
+    if device.type != "cuda":
+        return
+    stream = torch.cuda.current_stream(device)
+    if spin:
+        stream.synchronize()
+        return
+    reached = torch.cuda.Event(blocking=True)
+    reached.record(stream)
+    reached.synchronize()  # GIL released inside
+
+
+def to_host(rows: torch.Tensor, spin: bool = False) -> np.ndarray:
+    """A host copy of `rows` (any device) as numpy, once the work that computes them has run;
+    never a view of `rows`' memory, which a later pass may overwrite (cuda_graphs.py)."""
+    wait_for_queued_work(rows.device, spin)
+    return rows.to("cpu", copy=True).numpy()

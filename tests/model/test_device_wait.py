@@ -1,0 +1,79 @@
+"""Answers brought to the host, and how a thread waits for the GPU first (asleep by default)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clip_runner.model import device_wait
+from clip_runner.model.device_wait import to_host, wait_for_queued_work
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_an_answer_is_a_host_copy_that_later_writes_do_not_change(spin):
+    rows = torch.arange(12, dtype=torch.float32).view(4, 3)
+    copied = to_host(rows[1:3], spin)  # a slice, as the graphs' output buffers are read
+    assert isinstance(copied, np.ndarray) and copied.dtype == np.float32
+    np.testing.assert_array_equal(copied, rows[1:3].numpy())
+    rows.fill_(-1.0)  # the next replay overwrites its buffer
+    np.testing.assert_array_equal(copied, [[3.0, 4.0, 5.0], [6.0, 7.0, 8.0]])
+
+
+class RecordingStream:
+    """Stands in for a CUDA stream, which cannot exist without a GPU."""
+
+    def __init__(self) -> None:
+        self.synchronized = 0
+
+    def synchronize(self) -> None:
+        self.synchronized += 1
+
+
+class RecordingEvent:
+    """Stands in for `torch.cuda.Event`: what it was created with and what was done with it."""
+
+    made: list[RecordingEvent] = []
+
+    def __init__(self, blocking: bool = False) -> None:
+        self.blocking = blocking
+        self.recorded_on: RecordingStream | None = None
+        self.synchronized = False
+        RecordingEvent.made.append(self)
+
+    def record(self, stream: RecordingStream) -> None:
+        self.recorded_on = stream
+
+    def synchronize(self) -> None:
+        assert self.recorded_on is not None, "waited on an event never recorded"
+        self.synchronized = True
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch) -> RecordingStream:
+    stream = RecordingStream()
+    RecordingEvent.made = []
+    monkeypatch.setattr(device_wait.torch.cuda, "current_stream", lambda device: stream)
+    monkeypatch.setattr(device_wait.torch.cuda, "Event", RecordingEvent)
+    return stream
+
+
+def test_a_thread_waits_for_the_gpu_asleep_on_a_blocking_event(fake_cuda):
+    """CUDA's default wait polls the device from the waiting thread (a core at 100%); an event
+    created with blocking sync lets it sleep. The wait covers the stream's queued work."""
+    wait_for_queued_work(torch.device("cuda"))
+    (event,) = RecordingEvent.made
+    assert event.blocking and event.recorded_on is fake_cuda and event.synchronized
+    assert fake_cuda.synchronized == 0  # not the stream's own (polling) synchronize
+
+
+def test_spinning_waits_on_the_stream_itself(fake_cuda):
+    wait_for_queued_work(torch.device("cuda"), spin=True)
+    assert fake_cuda.synchronized == 1 and RecordingEvent.made == []
+
+
+def test_on_cpu_there_is_nothing_to_wait_for(fake_cuda):
+    for spin in (False, True):
+        wait_for_queued_work(torch.device("cpu"), spin)
+        to_host(torch.ones(2, 2), spin)
+    assert fake_cuda.synchronized == 0 and RecordingEvent.made == []
