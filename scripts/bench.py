@@ -559,7 +559,9 @@ class BareModel:
 
         model = CLIPModel.from_pretrained(model_dir, attn_implementation="sdpa")
         device, dtype = pick_device()  # as the runner does: CUDA fp16 when present, else CPU fp32
-        self.encoder = ClipEncoder(model, load_processor(model_dir), device, dtype)
+        # Waiting for the GPU by polling (CUDA's default), not asleep as the runner waits
+        # (device_wait.py): the limit at its fastest, a few microseconds sooner per pass.
+        self.encoder = ClipEncoder(model, load_processor(model_dir), device, dtype, spin_waits=True)
         # A GPU's best batch is larger than a CPU's: try up to 256 there.
         self.batches = BARE_BATCHES + (GPU_BATCHES if device.type == "cuda" else ())
         if replayed:  # CLIP_CUDA_GRAPHS=on, as the runner runs it
@@ -1212,21 +1214,19 @@ API_DECODE_ABLATION = "all server cores, CLIP_DECODE=api"
 PASSES_ABLATION = "all server cores, CLIP_RUNNER_PASSES=2"
 SWITCH_INTERVAL_ABLATION = "all server cores, CLIP_SWITCH_INTERVAL_MS=0.2"
 ACCESS_LOG_ABLATION = "server on 4 cores, CLIP_ACCESS_LOG=on"
+CUDA_WAIT_ABLATION = "server on 4 cores, CLIP_CUDA_WAIT=spin"
+DEVICE_WAITS = "bare model, waiting asleep and polling"
 RUNNER_CALLS_BOTH_WAYS = "runner calls, both ways"
 BROKEN_JPEGS = "forwarded broken JPEGs"
 UNCACHED_TEXTS = "embed_texts uncached c32"
 GIL_PROFILED = "seed c64, py-spy"
 
 
-def replayed_passes(model_dir: Path, plain: BareModel) -> dict:
-    """The bare image encoder with its passes replayed from CUDA graphs (the GPU default): its
+def replayed_passes(replayed: BareModel, plain: BareModel) -> dict:
+    """The bare image encoder with its passes `replayed` from CUDA graphs (the GPU default): its
     rate at each batch (one round), and how far its embeddings are from the `plain` passes' at
     the same batch sizes (padding to a bucket may change which kernels run): the lowest cosine,
     and the largest change of a probability over the seed's prompts at logit scale 100."""
-    try:
-        replayed = BareModel(model_dir, replayed=True)
-    except RuntimeError as exc:  # a model that cannot be recorded: reported, not fatal
-        return {"error": str(exc)[:2000]}
     text = seed_prompt_embeddings(plain.encoder)
     cosines, changes = [], []
     for rows in (1, 3, 8, 13, 32):
@@ -1241,6 +1241,48 @@ def replayed_passes(model_dir: Path, plain: BareModel) -> dict:
         "bare_image": limit_of([replayed.round(2)]),
         "min_cosine_to_plain_passes": round(min(cosines), 6),
         "max_probability_change_to_plain_passes": round(max(changes), 5),
+    }
+
+
+WAIT_BATCHES = (1, 32)
+
+
+def device_waits(model: BareModel, passes: int = 200, rounds: int = 2) -> dict:
+    """What the thread that waits for each answer costs the CPU, waiting asleep (the runner's
+    default, CLIP_CUDA_WAIT=block) and by polling (CUDA's default, `spin`): per replayed pass
+    of the bare encoder at batch 1 and 32, the pass's wall time and that thread's CPU time
+    (`time.thread_time`), best of `rounds`, the two ways taking turns on the same graphs.
+    Polling should cost about the pass's whole wall time; asleep, only the launches."""
+    encoder = model.encoder
+    waited_for = [encoder, *([encoder.replayed] if encoder.replayed else [])]
+    best: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for batch in WAIT_BATCHES:
+            pixels = model.pixels[:batch]
+            for _ in range(rounds):
+                for way, spin in (("asleep", False), ("polling", True)):
+                    for part in waited_for:
+                        part.spin_waits = spin
+                    encoder.encode_images(pixels)  # the first wait of the new way
+                    wall, cpu = time.perf_counter(), time.thread_time()
+                    for _ in range(passes):
+                        encoder.encode_images(pixels)
+                    figures = {
+                        "wall_ms_per_pass": (time.perf_counter() - wall) / passes * 1000,
+                        "thread_cpu_ms_per_pass": (time.thread_time() - cpu) / passes * 1000,
+                    }
+                    kept = best.setdefault(f"batch{batch}", {}).get(way)
+                    if kept is None or figures["wall_ms_per_pass"] < kept["wall_ms_per_pass"]:
+                        best[f"batch{batch}"][way] = figures
+    finally:
+        for part in waited_for:
+            part.spin_waits = True  # as the BareModel was made
+    return {
+        "replayed": bool(encoder.replayed and encoder.replayed.recorded),
+        **{
+            batch: {way: {k: round(v, 3) for k, v in f.items()} for way, f in ways.items()}
+            for batch, ways in best.items()
+        },
     }
 
 
@@ -1390,6 +1432,14 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 {"CLIP_RUNNER_JPEG_DECODER": "nvjpeg"},
                 [Scenario("seed c64", seed, 1, 64)],
             ),
+            # A runner thread waiting for the GPU asleep (the default) or polling it, on the 4
+            # cores where a core spent polling is a quarter of the machine (device_wait.py).
+            (
+                CUDA_WAIT_ABLATION,
+                confined_cpus,
+                {"CLIP_CUDA_WAIT": "spin"},
+                [Scenario("seed c64", seed, 1, 64)],
+            ),
             # The other exact path: the API workers decode and resize, the runner gets crops.
             (
                 API_DECODE_ABLATION,
@@ -1502,8 +1552,20 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
             payload["device_resize"] = device_resize_exactness(model_dir)
             payload["fidelity"] = preprocessing_fidelity(model_dir)
 
+        @functools.cache
+        def graphed() -> BareModel:
+            return BareModel(model_dir, replayed=True)
+
         def replayed() -> None:
-            payload["cuda_graphs"] = replayed_passes(model_dir, plain())
+            try:
+                model = graphed()
+            except RuntimeError as exc:  # a model that cannot be recorded: reported, not fatal
+                payload["cuda_graphs"] = {"error": str(exc)[:2000]}
+                return
+            payload["cuda_graphs"] = replayed_passes(model, plain())
+
+        def waits() -> None:
+            payload["device_waits"] = device_waits(graphed())
 
         stage("bare encoders", bare_encoders)
         for run in targets:  # each server a stage of its own: one failing costs only its rows
@@ -1511,6 +1573,8 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
         stage("fidelity", fidelity)
         # The default forward pass on a GPU: how far its numbers are from plain passes.
         stage("bare model, CUDA graphs", replayed)
+        # What a thread waiting for the GPU costs the CPU, asleep (the default) and polling.
+        stage(DEVICE_WAITS, waits)
         for run in ablations:
             stage(run[0], functools.partial(serve, *run))
 
@@ -1703,6 +1767,13 @@ def gpu_ablations(payload: dict) -> dict[str, str]:
             f"{full} / {figure(NVJPEG_ABLATION, 'seed c64')} / "
             f"{figure(API_DECODE_ABLATION, 'seed c64')}"
         ),
+        "server on 4 cores, seed c64 images/s, the GPU waited for asleep (default) / polling "
+        "(CLIP_CUDA_WAIT=spin)": (
+            f"{figure('server on 4 cores', 'seed c64')} / {figure(CUDA_WAIT_ABLATION, 'seed c64')}"
+        ),
+        "the waiting thread per replayed pass of the bare encoder, asleep / polling": (
+            waits_text(payload.get("device_waits"))
+        ),
         "server on 4 cores, seed c64 images/s, default / 3 API workers": (
             f"{figure('server on 4 cores', 'seed c64')} / "
             f"{figure(CONFINED_WORKERS_ABLATION, 'seed c64')}"
@@ -1729,6 +1800,22 @@ def gpu_ablations(payload: dict) -> dict[str, str]:
             f"{figure('server on 4 cores', 'seed c64')} / {figure(ACCESS_LOG_ABLATION, 'seed c64')}"
         ),
     }
+
+
+def waits_text(waits: dict | None) -> str:
+    """The device-waits stage as text: per batch, wall and thread CPU ms per pass each way."""
+    if not waits:
+        return "None"
+    parts = []
+    for batch in WAIT_BATCHES:
+        ways = waits.get(f"batch{batch}", {})
+        asleep, polling = ways.get("asleep", {}), ways.get("polling", {})
+        parts.append(
+            f"batch {batch}: thread CPU {asleep.get('thread_cpu_ms_per_pass')} / "
+            f"{polling.get('thread_cpu_ms_per_pass')} ms of a pass of "
+            f"{asleep.get('wall_ms_per_pass')} / {polling.get('wall_ms_per_pass')} ms"
+        )
+    return "; ".join(parts) + ("" if waits.get("replayed") else " (no GPU: nothing to wait for)")
 
 
 # How the broken-JPEG stage's process can end badly (scripts/broken_jpegs.py's summary).

@@ -11,9 +11,10 @@
 # cores; each of those two servers' 64 clients once more under py-spy (scripts/gil_profile.py: the
 # share of time each process held its GIL, and where); the device resize against Pillow pixel for
 # pixel, every preprocessing path's fidelity (Pillow in the runner, the default, and the opt-in
-# nvJPEG included) and the bare encoder replayed from CUDA graphs against plain passes. Then the
+# nvJPEG included), the bare encoder replayed from CUDA graphs against plain passes, and what the
+# thread waiting for each replayed pass costs the CPU asleep (the default) and polling. Then the
 # ablations, each the seed request at 64 clients: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
-# CLIP_DECODE=api (the other exact path), CLIP_RUNNER_PASSES=2 (one pass's Pillow decode beside the
+# CLIP_CUDA_WAIT=spin on the 4 cores (the runner's threads polling the GPU), CLIP_DECODE=api (the other exact path), CLIP_RUNNER_PASSES=2 (one pass's Pillow decode beside the
 # other's forward pass), CLIP_API_WORKERS=3 and CLIP_ACCESS_LOG=on on the 4 cores,
 # CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_SWITCH_INTERVAL_MS=0.2 (the GIL handed over
 # after 0.2 ms, not 5), CLIP_CUDA_GRAPHS=off (at 1 client too); one runner

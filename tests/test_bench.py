@@ -411,3 +411,30 @@ def test_a_server_finds_its_checkout_first_and_keeps_the_carried_wheels_on_its_p
     path = bench.checkout_first(Path("/tmp/other-commit"), f"/work/main{os.pathsep}/tmp/site")
     assert path.split(os.pathsep) == ["/tmp/other-commit", "/work/main", "/tmp/site"]
     assert bench.checkout_first(Path("/repo"), "") == "/repo"
+
+
+def test_the_device_waits_stage_times_the_waiting_thread_both_ways(tiny_stored_model):
+    """On CPU there is nothing to wait for, but the stage runs the runner's own calls both ways
+    on the same (eager) graphs' staging, leaves the model as it found it, and its figures
+    reach the report."""
+    model = bench.BareModel(Path(tiny_stored_model.path), replayed=True)
+    waits = bench.device_waits(model, passes=3, rounds=1)
+    assert waits["replayed"] is False  # no GPU: nothing recorded
+    for batch in bench.WAIT_BATCHES:
+        for way in ("asleep", "polling"):
+            figures = waits[f"batch{batch}"][way]
+            assert figures["wall_ms_per_pass"] > 0 and figures["thread_cpu_ms_per_pass"] >= 0
+    assert model.encoder.spin_waits and model.encoder.replayed.spin_waits  # as it was made
+    payload = a_full_run() | {"device_waits": waits}
+    spin = dict(payload["rows"][3], server=bench.CUDA_WAIT_ABLATION, images_per_s=900.0)
+    payload["rows"].append(spin)
+    lines = bench.gpu_report(payload).splitlines()
+    asleep = waits["batch1"]["asleep"]["thread_cpu_ms_per_pass"]
+    assert any(
+        line.startswith("- the waiting thread per replayed pass of the bare encoder, asleep / ")
+        and f"batch 1: thread CPU {asleep} / " in line
+        and line.endswith("(no GPU: nothing to wait for)")
+        for line in lines
+    )
+    ablation = "the GPU waited for asleep (default) / polling (CLIP_CUDA_WAIT=spin): 1100.0 / 900.0"
+    assert any(line.endswith(ablation) for line in lines)
