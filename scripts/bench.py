@@ -1252,7 +1252,8 @@ def device_waits(model: BareModel, passes: int = 200, rounds: int = 2) -> dict:
     default, CLIP_CUDA_WAIT=block) and by polling (CUDA's default, `spin`): per replayed pass
     of the bare encoder at batch 1 and 32, the pass's wall time and that thread's CPU time
     (`time.thread_time`), best of `rounds`, the two ways taking turns on the same graphs.
-    Polling should cost about the pass's whole wall time; asleep, only the launches."""
+    Polling should cost about the pass's whole wall time; asleep, only the launches and the
+    copy of the pixels to the GPU (a pageable copy, which CUDA waits for by polling either way)."""
     encoder = model.encoder
     waited_for = [encoder, *([encoder.replayed] if encoder.replayed else [])]
     best: dict[str, dict[str, dict[str, float]]] = {}

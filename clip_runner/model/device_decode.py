@@ -223,9 +223,8 @@ class DeviceJpegDecoder:
         return [self._pillow_or_none(blob) for blob in blobs]
 
     def _nvjpeg_decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
-        drain_queued_work(
-            self.device, self.spin_waits
-        )  # nvJPEG must not overtake queued work (its docstring)
+        # nvJPEG must not overtake queued work (drain_queued_work's docstring).
+        drain_queued_work(self.device, self.spin_waits)
         return list(self._nvjpeg(data, self.device))
 
     def _nvjpeg_or_pillow(self, blob: bytes, data: torch.Tensor) -> torch.Tensor | None:
