@@ -1566,7 +1566,11 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
             payload["cuda_graphs"] = replayed_passes(model, plain())
 
         def waits() -> None:
-            payload["device_waits"] = device_waits(graphed())
+            try:
+                model = graphed()
+            except RuntimeError:  # not recordable: the runner then waits for plain passes
+                model = plain()
+            payload["device_waits"] = device_waits(model)
 
         stage("bare encoders", bare_encoders)
         for run in targets:  # each server a stage of its own: one failing costs only its rows
@@ -1816,7 +1820,9 @@ def waits_text(waits: dict | None) -> str:
             f"{polling.get('thread_cpu_ms_per_pass')} ms of a pass of "
             f"{asleep.get('wall_ms_per_pass')} / {polling.get('wall_ms_per_pass')} ms"
         )
-    return "; ".join(parts) + ("" if waits.get("replayed") else " (no GPU: nothing to wait for)")
+    if waits.get("replayed"):
+        return "; ".join(parts)
+    return "; ".join(parts) + " (plain passes: no graphs recorded, or no GPU to wait for)"
 
 
 # How the broken-JPEG stage's process can end badly (scripts/broken_jpegs.py's summary).
