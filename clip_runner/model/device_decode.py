@@ -27,7 +27,7 @@ from PIL import Image
 
 from clip_runner.model.device_health import device_works
 from clip_runner.model.device_resample import resize_and_crop
-from clip_runner.model.device_wait import wait_for_queued_work
+from clip_runner.model.device_wait import to_device, wait_for_queued_work
 from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
 
 logger = logging.getLogger(__name__)
@@ -71,22 +71,51 @@ def drain_queued_work(device: torch.device, spin: bool = False) -> None:
 PILLOW_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def pillow_rgbx(blob: bytes) -> torch.Tensor:
+# Largest decode (RGBX bytes) put in pinned memory: 1 MP, so 1280x720 and the seed's 640x480
+# photo are, a 12-MP phone photo (80 ms of decode, against a 0.5-ms pageable copy) is not.
+# torch's caching host allocator rounds each block up to a power of two and keeps every block
+# it ever handed out for reuse (pinned memory is slow to get). A block is in use from its
+# image's decode until its copy to the GPU has run, within its batch's pass, so a runner
+# process keeps at most max_batch x passes blocks of each size, 2 x max_batch x passes x 4 MiB
+# over all sizes (256 MiB at the GPU defaults, one pass of 32), for photos of one size far less.
+PINNED_MAX_BYTES = 4 << 20
+
+
+def host_pixels(height: int, width: int, pinned: bool) -> torch.Tensor:
+    """An empty uint8 (height, width, 4) CPU tensor, in pinned memory when `pinned` and it is
+    at most PINNED_MAX_BYTES, and where pinned memory can be had: a host whose pinned memory
+    has run out (or a torch without CUDA) gets pageable memory, as every image had before."""
+    shape = (height, width, 4)
+    if pinned and height * width * 4 <= PINNED_MAX_BYTES:
+        try:
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as exc:
+            logger.debug("no pinned memory for a decode (%s): pageable memory instead", exc)
+    return torch.empty(shape, dtype=torch.uint8)
+
+
+def pillow_rgbx(blob: bytes, pinned: bool = False) -> torch.Tensor:
     """uint8 (H, W, 4) on the CPU: the pixels as Pillow stores them, RGB and a padding byte.
     The API workers forward only baseline YCbCr or greyscale JPEGs without EXIF rotation, for
     which these are exactly what their own decode gives.
 
-    A colour JPEG is decoded straight into the array (pillow_pixels.py): copying Pillow's
+    A colour JPEG is decoded straight into the tensor (pillow_pixels.py): copying Pillow's
     pixels out afterwards had cost about a third of the decode's CPU, holding the GIL that the
-    runner's event loop and its other decoding threads wait for. A greyscale one is converted
-    and copied (rare), as is every image where this Pillow cannot decode into an array.
+    runner's event loop and its other decoding threads wait for. With `pinned` (the runner on
+    a GPU) that tensor is in pinned memory (`host_pixels`), which the GPU copies from directly
+    while the decoding thread goes on: from pageable memory CUDA first copies the bytes into a
+    staging buffer of its own, on the decoding thread. A greyscale one is converted and copied
+    (rare), as is every image where this Pillow cannot decode into an array.
 
     Moved to the device as they are and viewed there as planes (`rgb_planes`): repacking them
     into three bytes on the CPU first (`np.array(image)`) cost more than the extra third of
     bytes to copy."""
     with Image.open(io.BytesIO(blob)) as opened:
         if decodes_into_array(opened):
-            return torch.from_numpy(decode_into_array(opened))
+            width, height = opened.size
+            pixels = host_pixels(height, width, pinned)
+            decode_into_array(opened, pixels.numpy())
+            return pixels
         image = opened if opened.mode == "RGB" else opened.convert("RGB")
         width, height = image.size
         stored = bytearray(image.tobytes("raw", "RGBX"))  # writable, as torch wants
@@ -147,8 +176,12 @@ class DeviceJpegDecoder:
         threads: int = 1,
         passes: int = 1,
         spin_waits: bool = False,
+        pinned: bool = True,
     ) -> None:
         self.device = device
+        # Pillow decodes into pinned memory on a GPU (pillow_rgbx); `pinned=False` is the
+        # benchmark's comparison (scripts/bench.py, "runner decode").
+        self.pinned = pinned and device.type == "cuda"
         self.spin_waits = spin_waits  # how the nvJPEG path waits for queued work
         self.geometry = (shortest_edge, crop_height, crop_width)
         wants_nvjpeg = use_nvjpeg and device.type == "cuda"
@@ -242,9 +275,11 @@ class DeviceJpegDecoder:
         device (out of memory, a broken CUDA context) is the server's fault, not the image's:
         it fails the batch rather than become a 422."""
         try:
-            rgbx = pillow_rgbx(blob)
+            rgbx = pillow_rgbx(blob, self.pinned)
         except PILLOW_DECODE_ERRORS as exc:
             # The caller's mistake, answered with a 422 for that image: not worth a log line.
             logger.debug("a forwarded JPEG did not decode: %s", exc)
             return None
-        return rgb_planes(rgbx.to(self.device))
+        # Queued, not waited for: a blocking copy polled until all work queued before it on
+        # the stream had run, another pass's forward pass included (device_wait.py).
+        return rgb_planes(to_device(rgbx, self.device))

@@ -14,6 +14,11 @@ reaches the event, and torch lets go of the GIL while it waits. The copy after i
 the work done. `spin=True` (CLIP_CUDA_WAIT=spin) keeps CUDA's polling: the lowest wake-up
 latency, one core per waiting thread.
 
+The copies the other way, to the GPU, are queued without waiting (`to_device`): torch's
+blocking copy is a `cudaMemcpyAsync` followed by a `cudaStreamSynchronize`, which polls until
+everything queued on the stream before it has run, another pass's forward pass included, only
+for the copy's source to be free again. The waits that remain are the answers' copies back.
+
 On CPU there is nothing to wait for: the same calls copy and return (the tests run them so).
 """
 
@@ -42,3 +47,16 @@ def to_host(rows: torch.Tensor, spin: bool = False) -> np.ndarray:
     never a view of `rows`' memory, which a later pass may overwrite (cuda_graphs.py)."""
     wait_for_queued_work(rows.device, spin)
     return rows.to("cpu", copy=True).numpy()
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device`, the copy queued on the current stream without waiting for it.
+
+    Safe for every host tensor, so the caller may free or reuse `host` at once: from pageable
+    memory CUDA returns only once the bytes are in a staging buffer of its own (its "API
+    synchronization behavior"; the driver may still wait for the stream first); from pinned
+    memory, which the GPU reads while the copy runs, it returns at once, and torch's caching
+    host allocator records the copy on the stream and hands the block out again only after it
+    has run. Work queued later on the same stream (the resize, the forward pass)
+    runs after the copy. On CPU `host` itself, as `.to` gives it."""
+    return host.to(device, non_blocking=True)

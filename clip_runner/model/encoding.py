@@ -18,7 +18,7 @@ from torch import nn
 from transformers import CLIPModel, CLIPProcessor
 
 from clip_runner.model.cuda_graphs import ReplayedForward, batch_buckets
-from clip_runner.model.device_wait import to_host
+from clip_runner.model.device_wait import to_device, to_host
 from clip_runner.model.model_facts import ModelFacts
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class ClipEncoder:
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, D), unit length."""
-        batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+        batch = to_device(torch.from_numpy(np.ascontiguousarray(pixels)), self.device)
         return self.encode_pixels(batch.permute(0, 3, 1, 2))
 
     @torch.inference_mode()
@@ -238,7 +238,7 @@ class ClipEncoder:
         pad_id, side = self.tokenizer.pad_token_id, self.tokenizer.padding_side
         input_ids, attention_mask = padded_batch(token_ids, pad_id, side, self.max_text_tokens)
         features = self.model.get_text_features(
-            input_ids=torch.from_numpy(input_ids).to(self.device),
-            attention_mask=torch.from_numpy(attention_mask).to(self.device),
+            input_ids=to_device(torch.from_numpy(input_ids), self.device),
+            attention_mask=to_device(torch.from_numpy(attention_mask), self.device),
         )
         return to_host(_unit_rows(_as_embedding(features)), self.spin_waits)

@@ -41,14 +41,19 @@ def decodes_into_array(opened: Image.Image) -> bool:
     )
 
 
-def decode_into_array(opened: Image.Image) -> np.ndarray:
+def decode_into_array(opened: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 (H, W, 4): the image's pixels as Pillow stores RGB (the fourth byte padding),
-    decoded into a new array. Raises what `load` raises on a broken JPEG. Only for images
-    `decodes_into_array` accepts."""
+    decoded into `out` (a C-contiguous uint8 (H, W, 4) array: the runner passes pinned memory
+    on a GPU, device_decode.py) or a new array. Raises what `load` raises on a broken JPEG.
+    Only for images `decodes_into_array` accepts."""
     if not opened.tile:  # decoded already (a check that loaded it): the array would stay empty
         raise ValueError("the image's pixels are already decoded")
     width, height = opened.size
-    pixels = np.empty((height, width, 4), np.uint8)
+    pixels = np.empty((height, width, 4), np.uint8) if out is None else out
+    if pixels.shape != (height, width, 4) or pixels.dtype != np.uint8:
+        raise ValueError(f"out is {pixels.dtype} {pixels.shape}, not uint8 {(height, width, 4)}")
+    if not pixels.flags.c_contiguous:
+        raise ValueError("out is not C-contiguous: Pillow writes its rows back to back")
     # The mapped image keeps a reference to the array (and the buffer exported) while it lives.
     opened.im = Image.core.map_buffer(pixels, opened.size, "raw", 0, ("RGB", 0, 1))
     opened.load()

@@ -188,6 +188,81 @@ def test_a_colour_jpeg_is_decoded_into_the_tensor_not_copied_out(monkeypatch):
         np.testing.assert_array_equal(rgb_planes(rgbx).permute(1, 2, 0), expected[name])
 
 
+def test_without_cuda_pinned_memory_is_not_had_and_the_decode_gets_pageable_memory():
+    """torch without CUDA refuses pinned memory (as a host whose pinned memory ran out does):
+    the buffer is pageable, of the shape asked for, and nothing fails."""
+    pixels = device_decode.host_pixels(48, 64, pinned=True)
+    assert pixels.shape == (48, 64, 4) and pixels.dtype == torch.uint8 and not pixels.is_pinned()
+
+
+@pytest.fixture
+def pinned_requests(monkeypatch) -> list[tuple[tuple[int, ...], bool]]:
+    """Stands in for pinned memory, which needs CUDA: each buffer the decode asks torch for, its
+    shape and whether pinned, answered with pageable memory."""
+    requests: list[tuple[tuple[int, ...], bool]] = []
+    empty = torch.empty
+
+    def recorded(shape, *, dtype, pin_memory=False):
+        requests.append((tuple(shape), pin_memory))
+        return empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(device_decode.torch, "empty", recorded)
+    return requests
+
+
+def test_pinned_decodes_are_colour_jpegs_up_to_the_size_limit(pinned_requests):
+    small = encode(photo_like(64, 48, seed=1), "JPEG")
+    side = int((device_decode.PINNED_MAX_BYTES // 4) ** 0.5)
+    at_the_limit = encode(photo_like(side, side, seed=2), "JPEG")
+    past_it = encode(photo_like(side + 1, side, seed=3), "JPEG")
+    for blob in (small, at_the_limit, past_it):
+        np.testing.assert_array_equal(pillow_rgbx(blob, pinned=True), pillow_rgbx(blob))
+    assert pinned_requests == [
+        ((48, 64, 4), True),
+        ((48, 64, 4), False),
+        ((side, side, 4), True),
+        ((side, side, 4), False),
+        ((side, side + 1, 4), False),
+        ((side, side + 1, 4), False),
+    ]
+    pinned_requests.clear()
+    greyscale = encode(photo_like(64, 48, seed=1).convert("L"), "JPEG")
+    pillow_rgbx(greyscale, pinned=True)  # converted and copied by Pillow: no buffer of ours
+    assert pinned_requests == []
+
+
+def test_on_a_gpu_the_decoder_pins_and_queues_its_copies(pinned_requests, monkeypatch):
+    """The decoder asks for pinned memory only on a GPU (unless told not to), and copies each
+    image to the device without waiting (device_wait.to_device): the same crops either way."""
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32  # a CUDA decoder turns it off
+    try:
+        cuda = torch.device("cuda")
+        assert DeviceJpegDecoder(cuda, 64, 64, 64, use_nvjpeg=False).pinned
+        assert not DeviceJpegDecoder(cuda, 64, 64, 64, use_nvjpeg=False, pinned=False).pinned
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)
+    assert not decoder.pinned
+    blobs = jpeg_set()[:4]
+    pageable, _ = decoder(blobs)
+    assert pinned_requests and not any(pinned for _, pinned in pinned_requests)
+    pinned_requests.clear()
+    copies: list[bool] = []
+    to_device = torch.Tensor.to
+
+    def recorded(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if isinstance(args[0] if args else kwargs.get("device"), torch.device):  # not a cast
+            copies.append(kwargs.get("non_blocking", False))
+        return to_device(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recorded)
+    decoder.pinned = True  # as on a GPU
+    pinned, _ = decoder(blobs)
+    assert [pinned for _, pinned in pinned_requests] == [True] * len(blobs)
+    assert copies == [True] * len(blobs)
+    torch.testing.assert_close(pinned, pageable, rtol=0, atol=0)
+
+
 def test_a_jpeg_that_does_not_decode_fails_alone():
     good = encode(photo_like(300, 200, seed=1), "JPEG")
     crops, decoded = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)(

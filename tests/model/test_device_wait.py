@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clip_runner.model import device_wait
-from clip_runner.model.device_wait import to_host, wait_for_queued_work
+from clip_runner.model.device_wait import to_device, to_host, wait_for_queued_work
 
 
 @pytest.mark.parametrize("spin", [False, True])
@@ -77,3 +77,27 @@ def test_on_cpu_there_is_nothing_to_wait_for(fake_cuda):
         wait_for_queued_work(torch.device("cpu"), spin)
         to_host(torch.ones(2, 2), spin)
     assert fake_cuda.synchronized == 0 and RecordingEvent.made == []
+
+
+class RecordingHostTensor:
+    """Stands in for a host tensor copied to a GPU that is not there: how it was copied."""
+
+    def __init__(self) -> None:
+        self.copies: list[tuple[torch.device, bool]] = []
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> RecordingHostTensor:
+        self.copies.append((device, non_blocking))
+        return self
+
+
+def test_a_copy_to_the_gpu_is_queued_not_waited_for(fake_cuda):
+    """torch's blocking copy waits (polling) for everything queued on the stream before it."""
+    host = RecordingHostTensor()
+    to_device(host, torch.device("cuda"))
+    assert host.copies == [(torch.device("cuda"), True)]
+    assert fake_cuda.synchronized == 0 and RecordingEvent.made == []
+
+
+def test_on_cpu_a_copy_to_the_device_is_the_tensor_itself():
+    host = torch.arange(6).view(2, 3)
+    assert to_device(host, torch.device("cpu")) is host

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from clip_runner.images.loading import ImageGeometry, resize_and_crop
+from clip_runner.model import encoding
+from clip_runner.model.device_wait import to_device
 from clip_runner.model.encoding import (
     ClipEncoder,
     padded_batch,
@@ -131,6 +133,24 @@ def test_input_pixels_are_not_modified(encoder):
     pixels = np.full((1, 224, 224, 3), 128, dtype=np.uint8)
     encoder.encode_images(pixels)
     assert (pixels == 128).all()
+
+
+def test_pixels_and_token_ids_go_to_the_device_without_waiting(encoder, monkeypatch):
+    """Each of the encoder's copies to the device is queued (device_wait.to_device, tested
+    there): a blocking one would poll on a GPU until every pass queued before it had run."""
+    copied: list[tuple[int, ...]] = []
+
+    def recorded(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        copied.append(tuple(host.shape))
+        return to_device(host, device)
+
+    monkeypatch.setattr(encoding, "to_device", recorded)
+    encoder.encode_images(np.zeros((2, 224, 224, 3), dtype=np.uint8))
+    assert copied == [(2, 224, 224, 3)]
+    token_ids = encoder.tokenizer(["a photo of a cat", "a dog"])["input_ids"]
+    encoder.encode_token_ids(token_ids)
+    width = max(len(ids) for ids in token_ids)
+    assert copied[1:] == [(2, width), (2, width)]  # the ids and their attention mask
 
 
 def test_compiled_towers_give_the_eager_embeddings(encoder, tiny_clip):

@@ -154,3 +154,29 @@ def test_a_pillow_that_cannot_decode_into_arrays_is_noticed_and_callers_copy(mon
     monkeypatch.setattr(pillow_pixels, "DIRECT", False)
     with Image.open(io.BytesIO(encode(photo_like(40, 30, seed=1), "JPEG"))) as opened:
         assert not decodes_into_array(opened)
+
+
+def test_a_jpeg_decodes_into_the_array_it_is_given():
+    """The runner passes memory of its own (pinned, on a GPU): the pixels land in it."""
+    name, blob = COLOUR_JPEGS[-4]  # the 641x479 photo
+    with Image.open(io.BytesIO(blob)) as opened:
+        given = np.full((479, 641, 4), 7, np.uint8)
+        assert decode_into_array(opened, given) is given
+    np.testing.assert_array_equal(given[..., :3], pillows_own(blob), err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("given", "refusal"),
+    [
+        (np.empty((479, 640, 4), np.uint8), "not uint8"),  # a size too small
+        (np.empty((479, 641, 3), np.uint8), "not uint8"),  # RGB without the padding byte
+        (np.empty((479, 641, 4), np.int16), "not uint8"),
+        (np.empty((479, 641 * 2, 4), np.uint8)[:, ::2], "not C-contiguous"),
+    ],
+)
+def test_an_array_of_another_layout_is_refused_before_anything_is_written(given, refusal):
+    _, blob = COLOUR_JPEGS[-4]
+    with Image.open(io.BytesIO(blob)) as opened:
+        with pytest.raises(ValueError, match=refusal):
+            decode_into_array(opened, given)
+        assert opened.tile  # still to decode: nothing was written anywhere
