@@ -1216,6 +1216,7 @@ SWITCH_INTERVAL_ABLATION = "all server cores, CLIP_SWITCH_INTERVAL_MS=0.2"
 ACCESS_LOG_ABLATION = "server on 4 cores, CLIP_ACCESS_LOG=on"
 CUDA_WAIT_ABLATION = "server on 4 cores, CLIP_CUDA_WAIT=spin"
 DEVICE_WAITS = "bare model, waiting asleep and polling"
+RUNNER_DECODE = "runner decode, pinned and pageable"
 RUNNER_CALLS_BOTH_WAYS = "runner calls, both ways"
 BROKEN_JPEGS = "forwarded broken JPEGs"
 UNCACHED_TEXTS = "embed_texts uncached c32"
@@ -1253,7 +1254,7 @@ def device_waits(model: BareModel, passes: int = 200, rounds: int = 2) -> dict:
     of the bare encoder at batch 1 and 32, the pass's wall time and that thread's CPU time
     (`time.thread_time`), best of `rounds`, the two ways taking turns on the same graphs.
     Polling should cost about the pass's whole wall time; asleep, only the launches and the
-    copy of the pixels to the GPU (a pageable copy, which CUDA waits for by polling either way)."""
+    copy of the pixels to the GPU (from pageable memory: CUDA's copy into its staging buffer)."""
     encoder = model.encoder
     waited_for = [encoder, *([encoder.replayed] if encoder.replayed else [])]
     best: dict[str, dict[str, dict[str, float]]] = {}
@@ -1284,6 +1285,62 @@ def device_waits(model: BareModel, passes: int = 200, rounds: int = 2) -> dict:
             batch: {way: {k: round(v, 3) for k, v in f.items()} for way, f in ways.items()}
             for batch, ways in best.items()
         },
+    }
+
+
+# The runner's three ways to put a decoded JPEG on the GPU: (pinned memory, copy waited for).
+DECODE_WAYS = {
+    "pinned, queued": (True, False),  # the default on a GPU (device_decode.pillow_rgbx)
+    "pageable, queued": (False, False),
+    "pageable, waited for": (False, True),  # as before: torch's blocking copy
+}
+
+
+def runner_decodes(threads: int, batches: int = 40, rounds: int = 3) -> dict:
+    """The runner's decode of a batch of forwarded JPEGs (32 of the seed's 640x480 photos,
+    Pillow in `threads` threads, the exact resize on the device) each of DECODE_WAYS, taking
+    turns: per batch, the wall time until its crops are on the device and the process's CPU
+    time (every thread's), best of `rounds`. The blocking copy is put back for its turn by
+    this benchmark only. On CPU the three are one path (a smoke run)."""
+    from clip_runner.model import device_decode
+    from clip_runner.model.device_wait import wait_for_queued_work
+    from clip_runner.model.encoding import pick_device
+
+    device, _ = pick_device()
+    blobs = [base64.b64decode(jpeg_base64(640, 480, seed)) for seed in range(4)] * 8
+    decoders = {
+        pinned: device_decode.DeviceJpegDecoder(
+            device, 224, 224, 224, use_nvjpeg=False, threads=threads, pinned=pinned
+        )
+        for pinned in (True, False)
+    }
+    queued = device_decode.to_device
+    best: dict[str, dict[str, float]] = {}
+    try:
+        for _ in range(rounds):
+            for way, (pinned, waited_for) in DECODE_WAYS.items():
+                device_decode.to_device = (lambda host, to: host.to(to)) if waited_for else queued
+                decoder = decoders[pinned]
+                decoder(blobs)  # warm: pinned blocks, the resize's weights
+                wait_for_queued_work(device)
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(batches):
+                    decoder(blobs)
+                    wait_for_queued_work(device)  # asleep: the crops are on the device
+                figures = {
+                    "wall_ms_per_batch": (time.perf_counter() - wall) / batches * 1000,
+                    "cpu_ms_per_image": (time.process_time() - cpu) / batches / len(blobs) * 1000,
+                }
+                kept = best.get(way)
+                if kept is None or figures["wall_ms_per_batch"] < kept["wall_ms_per_batch"]:
+                    best[way] = figures
+    finally:
+        device_decode.to_device = queued
+    return {
+        "device": device.type,
+        "threads": threads,
+        "images_per_batch": len(blobs),
+        **{way: {k: round(v, 3) for k, v in f.items()} for way, f in best.items()},
     }
 
 
@@ -1572,6 +1629,12 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 model = plain()
             payload["device_waits"] = device_waits(model)
 
+        def decodes() -> None:
+            from clip_runner.config import default_runner_workers, runner_decode_threads
+
+            threads = runner_decode_threads(len(server_cpus), default_runner_workers())
+            payload["runner_decode"] = runner_decodes(threads)
+
         stage("bare encoders", bare_encoders)
         for run in targets:  # each server a stage of its own: one failing costs only its rows
             stage(run[0], functools.partial(serve, *run))
@@ -1580,6 +1643,8 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
         stage("bare model, CUDA graphs", replayed)
         # What a thread waiting for the GPU costs the CPU, asleep (the default) and polling.
         stage(DEVICE_WAITS, waits)
+        # What decoding into pinned memory and queueing the copies saves the decoding threads.
+        stage(RUNNER_DECODE, decodes)
         for run in ablations:
             stage(run[0], functools.partial(serve, *run))
 
@@ -1779,6 +1844,9 @@ def gpu_ablations(payload: dict) -> dict[str, str]:
         "the waiting thread per replayed pass of the bare encoder, asleep / polling": (
             waits_text(payload.get("device_waits"))
         ),
+        "the runner's decode of a batch of forwarded JPEGs, each way": (
+            decodes_text(payload.get("runner_decode"))
+        ),
         "server on 4 cores, seed c64 images/s, default / 3 API workers": (
             f"{figure('server on 4 cores', 'seed c64')} / "
             f"{figure(CONFINED_WORKERS_ABLATION, 'seed c64')}"
@@ -1823,6 +1891,21 @@ def waits_text(waits: dict | None) -> str:
     if waits.get("replayed"):
         return "; ".join(parts)
     return "; ".join(parts) + " (plain passes: no graphs recorded, or no GPU to wait for)"
+
+
+def decodes_text(decodes: dict | None) -> str:
+    """The runner-decode stage as text: CPU per image and wall per batch, each way."""
+    if not decodes:
+        return "None"
+    parts = [
+        f"{way}{' (the default)' if way == next(iter(DECODE_WAYS)) else ''}: "
+        f"{decodes.get(way, {}).get('cpu_ms_per_image')} ms of CPU per image, "
+        f"{decodes.get(way, {}).get('wall_ms_per_batch')} ms per batch"
+        for way in DECODE_WAYS
+    ]
+    head = f"{decodes.get('images_per_batch')} 640x480 JPEGs in {decodes.get('threads')} threads"
+    tail = "" if decodes.get("device") == "cuda" else " (no GPU: one path three times)"
+    return f"{head}: " + "; ".join(parts) + tail
 
 
 # How the broken-JPEG stage's process can end badly (scripts/broken_jpegs.py's summary).

@@ -11,8 +11,10 @@
 # cores; each of those two servers' 64 clients once more under py-spy (scripts/gil_profile.py: the
 # share of time each process held its GIL, and where); the device resize against Pillow pixel for
 # pixel, every preprocessing path's fidelity (Pillow in the runner, the default, and the opt-in
-# nvJPEG included), the bare encoder replayed from CUDA graphs against plain passes, and what the
-# thread waiting for each replayed pass costs the CPU asleep (the default) and polling. Then the
+# nvJPEG included), the bare encoder replayed from CUDA graphs against plain passes, what the
+# thread waiting for each replayed pass costs the CPU asleep (the default) and polling, and the
+# runner's decode of a batch of forwarded JPEGs into pinned memory with queued copies (the
+# default) against pageable memory, queued and waited for (CPU per image, wall per batch). Then the
 # ablations, each the seed request at 64 clients: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
 # CLIP_CUDA_WAIT=spin on the 4 cores (the runner's threads polling the GPU), CLIP_DECODE=api (the other exact path), CLIP_RUNNER_PASSES=2 (one pass's Pillow decode beside the
 # other's forward pass), CLIP_API_WORKERS=3 and CLIP_ACCESS_LOG=on on the 4 cores,

@@ -438,3 +438,25 @@ def test_the_device_waits_stage_times_the_waiting_thread_both_ways(tiny_stored_m
     )
     ablation = "the GPU waited for asleep (default) / polling (CLIP_CUDA_WAIT=spin): 1100.0 / 900.0"
     assert any(line.endswith(ablation) for line in lines)
+
+
+def test_the_runner_decode_stage_times_each_way_and_puts_the_queued_copy_back():
+    """On CPU the three ways are one path, but the stage runs the runner's own decoder each
+    way, restores the queued copy it swaps out for the blocking one, and its figures reach the
+    report."""
+    from clip_runner.model import device_decode
+
+    queued = device_decode.to_device
+    decodes = bench.runner_decodes(threads=2, batches=2, rounds=1)
+    assert device_decode.to_device is queued
+    assert decodes["device"] == "cpu" and decodes["images_per_batch"] == 32
+    for way in bench.DECODE_WAYS:
+        assert decodes[way]["wall_ms_per_batch"] > 0 and decodes[way]["cpu_ms_per_image"] > 0
+    lines = bench.gpu_report(a_full_run() | {"runner_decode": decodes}).splitlines()
+    pinned = decodes["pinned, queued"]["cpu_ms_per_image"]
+    assert any(
+        line.startswith("- the runner's decode of a batch of forwarded JPEGs, each way: ")
+        and f"32 640x480 JPEGs in 2 threads: pinned, queued (the default): {pinned} ms" in line
+        and line.endswith("(no GPU: one path three times)")
+        for line in lines
+    )
