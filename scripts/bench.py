@@ -1633,7 +1633,9 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
             from clip_runner.config import default_runner_workers, runner_decode_threads
 
             threads = runner_decode_threads(len(server_cpus), default_runner_workers())
-            payload["runner_decode"] = runner_decodes(threads)
+            # On CPU the resize is the slow torch twin (25 ms an image here): a smoke run only.
+            repeats = {"batches": 40, "rounds": 3} if cuda else {"batches": 1, "rounds": 1}
+            payload["runner_decode"] = runner_decodes(threads, **repeats)
 
         stage("bare encoders", bare_encoders)
         for run in targets:  # each server a stage of its own: one failing costs only its rows
@@ -1903,7 +1905,8 @@ def decodes_text(decodes: dict | None) -> str:
         f"{decodes.get(way, {}).get('wall_ms_per_batch')} ms per batch"
         for way in DECODE_WAYS
     ]
-    head = f"{decodes.get('images_per_batch')} 640x480 JPEGs in {decodes.get('threads')} threads"
+    threads = decodes.get("threads")
+    head = f"{decodes.get('images_per_batch')} 640x480 JPEGs in {threads} thread(s)"
     tail = "" if decodes.get("device") == "cuda" else " (no GPU: one path three times)"
     return f"{head}: " + "; ".join(parts) + tail
 

@@ -456,7 +456,7 @@ def test_the_runner_decode_stage_times_each_way_and_puts_the_queued_copy_back():
     pinned = decodes["pinned, queued"]["cpu_ms_per_image"]
     assert any(
         line.startswith("- the runner's decode of a batch of forwarded JPEGs, each way: ")
-        and f"32 640x480 JPEGs in 2 threads: pinned, queued (the default): {pinned} ms" in line
+        and f"32 640x480 JPEGs in 2 thread(s): pinned, queued (the default): {pinned} ms" in line
         and line.endswith("(no GPU: one path three times)")
         for line in lines
     )
