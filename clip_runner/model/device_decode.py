@@ -94,6 +94,19 @@ def host_pixels(height: int, width: int, pinned: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.uint8)
 
 
+def _pinned_memory_works() -> bool:
+    """Whether this host gives pinned memory at all; if not, the log says so once, at start,
+    rather than every image falling back to pageable memory unseen."""
+    try:
+        torch.empty((16,), dtype=torch.uint8, pin_memory=True)
+    except RuntimeError as exc:
+        logger.warning(
+            "no pinned host memory here (%s): JPEGs are decoded into pageable memory", exc
+        )
+        return False
+    return True
+
+
 def pillow_rgbx(blob: bytes, pinned: bool = False) -> torch.Tensor:
     """uint8 (H, W, 4) on the CPU: the pixels as Pillow stores them, RGB and a padding byte.
     The API workers forward only baseline YCbCr or greyscale JPEGs without EXIF rotation, for
@@ -179,9 +192,6 @@ class DeviceJpegDecoder:
         pinned: bool = True,
     ) -> None:
         self.device = device
-        # Pillow decodes into pinned memory on a GPU (pillow_rgbx); `pinned=False` is the
-        # benchmark's comparison (scripts/bench.py, "runner decode").
-        self.pinned = pinned and device.type == "cuda"
         self.spin_waits = spin_waits  # how the nvJPEG path waits for queued work
         self.geometry = (shortest_edge, crop_height, crop_width)
         wants_nvjpeg = use_nvjpeg and device.type == "cuda"
@@ -203,6 +213,12 @@ class DeviceJpegDecoder:
         if self._nvjpeg is not None and not self._nvjpeg_decodes_a_plain_jpeg():
             self._nvjpeg = None
         self.name = NVJPEG if self._nvjpeg is not None else PILLOW
+        # Pillow decodes into pinned memory on a GPU (pillow_rgbx); `pinned=False` is the
+        # benchmark's comparison (scripts/bench.py, "runner decode"). Not with nvJPEG, whose
+        # input is the JPEG bytes: its refusals, decoded by Pillow, are few.
+        self.pinned = (
+            pinned and self.name == PILLOW and device.type == "cuda" and _pinned_memory_works()
+        )
         self.refused_by_nvjpeg = 0  # JPEGs nvJPEG refused and Pillow then decoded (or not)
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="clip-jpeg") if threads > 1 else None

@@ -100,7 +100,7 @@ class ServedModel:
         logger.info(
             "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
             "gets all), batches up to %d images or %d prompts%s%s, forwarded JPEGs decoded by "
-            "%s%s)",
+            "%s%s%s)",
             loaded.tag,
             device,
             dtype,
@@ -111,6 +111,7 @@ class ServedModel:
             ", torch.compile" if settings.torch_compile else "",
             _replay_note(self.encoder.replayed),
             self.jpeg_decoder.name,
+            " into pinned memory" if self.jpeg_decoder.pinned else "",
             _wait_note(device, spin_waits),
         )
 

@@ -231,6 +231,19 @@ def test_pinned_decodes_are_colour_jpegs_up_to_the_size_limit(pinned_requests):
     assert pinned_requests == []
 
 
+def test_a_gpu_host_without_pinned_memory_says_so_at_start(monkeypatch, caplog):
+    """This torch (no CUDA) refuses pinned memory, as a host without any would: a decoder for a
+    GPU then decodes into pageable memory, and the log says why, once."""
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32  # a CUDA decoder turns it off
+    try:
+        with caplog.at_level(logging.WARNING, logger=device_decode.__name__):
+            decoder = DeviceJpegDecoder(torch.device("cuda"), 64, 64, 64, use_nvjpeg=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    assert not decoder.pinned
+    assert caplog.text.count("no pinned host memory here") == 1
+
+
 def test_on_a_gpu_the_decoder_pins_and_queues_its_copies(pinned_requests, monkeypatch):
     """The decoder asks for pinned memory only on a GPU (unless told not to), and copies each
     image to the device without waiting (device_wait.to_device): the same crops either way."""
@@ -241,6 +254,7 @@ def test_on_a_gpu_the_decoder_pins_and_queues_its_copies(pinned_requests, monkey
         assert not DeviceJpegDecoder(cuda, 64, 64, 64, use_nvjpeg=False, pinned=False).pinned
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    pinned_requests.clear()  # the start-up check's
     decoder = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)
     assert not decoder.pinned
     blobs = jpeg_set()[:4]
