@@ -1,4 +1,5 @@
-"""Waiting for the GPU without holding a CPU core: the runner's answers brought to the host.
+"""Waiting for the GPU without holding a CPU core: the runner's answers brought to the host,
+and its inputs sent to the GPU without waiting at all.
 
 A host thread that waits for a CUDA device (a `.cpu()` copy after a forward pass, a stream's
 `synchronize`) spins by default: with fewer CUDA contexts than CPU cores, which is any one-GPU
@@ -57,6 +58,6 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     synchronization behavior"; the driver may still wait for the stream first); from pinned
     memory, which the GPU reads while the copy runs, it returns at once, and torch's caching
     host allocator records the copy on the stream and hands the block out again only after it
-    has run. Work queued later on the same stream (the resize, the forward pass)
-    runs after the copy. On CPU `host` itself, as `.to` gives it."""
+    has run. Work queued later on the same stream (the resize, the forward pass) runs after
+    the copy. On CPU `host` itself, as `.to` gives it."""
     return host.to(device, non_blocking=True)
