@@ -840,6 +840,18 @@ def update_benchmarks_md(block: str, section: str) -> None:
     path.write_text(f"{before}{start}\n{block}\n{end}{after}")
 
 
+def write_gpu_report(results: Path) -> None:
+    """`--gpu-report`: BENCHMARKS.md's GPU section from a GPU run's gpu-targets.json. A smoke
+    run's (no GPU) is printed instead: written, its CPU figures would replace the GPU results."""
+    payload = json.loads(results.read_text())
+    report = gpu_report(payload, results.as_posix())
+    if payload.get("model") == SMOKE_RUN_MODEL:
+        print(report)
+        print(f"{results} is a smoke run: BENCHMARKS.md is left as it is", file=sys.stderr)
+        return
+    update_benchmarks_md(report, "bench-gpu-targets")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1389,6 +1401,10 @@ def resumed_payload(previous: dict, fresh: dict) -> tuple[dict, set[str]]:
     return payload, done
 
 
+# What a run without a GPU measures: its figures smoke-test the harness, they are no GPU results.
+SMOKE_RUN_MODEL = "random-weight tiny CLIP (a smoke run)"
+
+
 def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     """Every GPU target of the serving-speed issue in one run, with the default settings: the
     seed request at 1, 32 and 64 clients on all but the load generator's cores, at 64 clients
@@ -1419,7 +1435,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
         "machine": f"{device_name()}, {len(cores)} CPU cores ({cpu_name()}), "
         f"torch {torch.__version__}, "
         f"kernel {platform.release()}",
-        "model": "random-weight ViT-B/32" if cuda else "random-weight tiny CLIP (a smoke run)",
+        "model": "random-weight ViT-B/32" if cuda else SMOKE_RUN_MODEL,
         "server_cpus": sorted(server_cpus),
         "client_cpus": sorted(client_cpus),
         "confined_cpus": sorted(confined_cpus),
@@ -2393,10 +2409,7 @@ def main() -> int:
     if args.long_run:
         return long_run(args.out, args.long_run)
     if args.gpu_report:
-        update_benchmarks_md(
-            gpu_report(json.loads(args.gpu_report.read_text()), args.gpu_report.as_posix()),
-            "bench-gpu-targets",
-        )
+        write_gpu_report(args.gpu_report)
         return 0
     if args.resume and not args.gpu_targets:
         parser.error("--resume goes with --gpu-targets")

@@ -6,6 +6,7 @@ its own figure."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -460,3 +461,17 @@ def test_the_runner_decode_stage_times_each_way_and_puts_the_queued_copy_back():
         and line.endswith("(no GPU: one path three times)")
         for line in lines
     )
+
+
+def test_a_smoke_runs_report_is_printed_and_leaves_benchmarks_md_alone(tmp_path, capsys):
+    """A run without a GPU smoke-tests the harness; its CPU figures written into BENCHMARKS.md
+    would replace the GPU section's results."""
+    benchmarks = bench.REPO / "BENCHMARKS.md"
+    before = benchmarks.read_text()
+    results = tmp_path / "gpu-targets.json"
+    results.write_text(json.dumps(a_full_run() | {"model": bench.SMOKE_RUN_MODEL}))
+    bench.write_gpu_report(results)
+    assert benchmarks.read_text() == before
+    printed = capsys.readouterr()
+    assert "- the runner's decode of a batch of forwarded JPEGs, each way: None" in printed.out
+    assert "is a smoke run: BENCHMARKS.md is left as it is" in printed.err
