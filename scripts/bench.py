@@ -1449,6 +1449,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     payload.setdefault("server_logs", {})
     payload.setdefault("server_log_heads", {})
     payload.setdefault("server_start_seconds", {})
+    payload.setdefault("server_stop_seconds", {})
     out.mkdir(parents=True, exist_ok=True)
     device, dtype = pick_device()
 
@@ -1613,6 +1614,9 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                         payload["rows"].append(row)
                         print(json.dumps(row), flush=True)
                         save()
+                    stopping = time.monotonic()
+                # The rest of a stage's overhead: every process of the server gone.
+                payload["server_stop_seconds"][label] = round(time.monotonic() - stopping, 1)
             except NeverReady:
                 never_ready.append(label)
                 raise
@@ -2054,11 +2058,15 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
         if is_opt_in_approximation(path)
     ]
     starts = payload.get("server_start_seconds", {})
+    stops = payload.get("server_stop_seconds", {})
     stages = "; ".join(
-        f"{name}: {seconds}" + (f" (start-up {starts[name]})" if name in starts else "")
+        f"{name}: {seconds}"
+        + (f" (start-up {starts[name]}" if name in starts else "")
+        + (f", stop {stops[name]}" if name in starts and name in stops else "")
+        + (")" if name in starts else "")
         for name, seconds in payload.get("stage_seconds", {}).items()
     )
-    lines += ["", f"Stages, seconds each (a server's start-up included): {stages}."]
+    lines += ["", f"Stages, seconds each (a server's start-up and stop included): {stages}."]
     if payload.get("stage_errors"):
         failed = ", ".join(payload["stage_errors"])
         lines.append(f"Failed stages (their tracebacks are in the JSON): {failed}.")

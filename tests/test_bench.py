@@ -233,11 +233,15 @@ def test_the_report_sets_each_ablation_beside_the_default_it_would_replace():
     assert ran in lines and not_run in lines
 
 
-def test_the_report_says_how_much_of_each_server_stage_its_start_up_took():
-    payload = a_full_run() | {"stage_seconds": {"bare encoders": 40.0, "all server cores": 80.0}}
-    payload["server_start_seconds"] = {"all server cores": 38.2}
-    stages = "Stages, seconds each (a server's start-up included): bare encoders: 40.0; all server"
-    assert f"{stages} cores: 80.0 (start-up 38.2)." in bench.gpu_report(payload)
+def test_the_report_says_how_much_of_each_server_stage_its_start_up_and_stop_took():
+    stages = {"bare encoders": 40.0, "all server cores": 80.0, "server on 4 cores": 50.0}
+    payload = a_full_run() | {"stage_seconds": stages}
+    payload["server_start_seconds"] = {"all server cores": 38.2, "server on 4 cores": 30.0}
+    payload["server_stop_seconds"] = {"all server cores": 4.1}  # the other's run was cut short
+    assert (
+        "Stages, seconds each (a server's start-up and stop included): bare encoders: 40.0; "
+        "all server cores: 80.0 (start-up 38.2, stop 4.1); server on 4 cores: 50.0 (start-up 30.0)."
+    ) in bench.gpu_report(payload)
 
 
 def test_the_broken_jpeg_stage_runs_apart_and_a_run_that_did_not_end_well_fails_its_check(
