@@ -2059,11 +2059,15 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
     ]
     starts = payload.get("server_start_seconds", {})
     stops = payload.get("server_stop_seconds", {})
+
+    def server_overhead(name: str) -> str:
+        if name not in starts:  # not a server's stage
+            return ""
+        stop = f", stop {stops[name]}" if name in stops else ""
+        return f" (start-up {starts[name]}{stop})"
+
     stages = "; ".join(
-        f"{name}: {seconds}"
-        + (f" (start-up {starts[name]}" if name in starts else "")
-        + (f", stop {stops[name]}" if name in starts and name in stops else "")
-        + (")" if name in starts else "")
+        f"{name}: {seconds}{server_overhead(name)}"
         for name, seconds in payload.get("stage_seconds", {}).items()
     )
     lines += ["", f"Stages, seconds each (a server's start-up and stop included): {stages}."]
