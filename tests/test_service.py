@@ -238,6 +238,30 @@ def test_the_log_says_what_each_process_serves_with(served):
     assert re.search(r"\[INFO\].*serving model clip:\w+ on cpu; JPEGs decoded in the API", log)
 
 
+def test_the_runner_logs_where_its_start_up_went(served):
+    """One line per runner worker, each step timed, the whole no shorter than its steps: what
+    scripts/bench.py reads from a GPU server's log."""
+    line = re.search(
+        r"\[INFO\].*runner start-up: ([\d.]+) s since the process began \((.*)\)", served.log()
+    )
+    assert line, "no start-up line in the runner's log"
+    total, details = float(line[1]), line[2]
+    before = re.match(r"before the runner: ([\d.]+); ", details)
+    steps = dict(re.findall(r"([a-zA-Z -]+) ([\d.]+)(?:, |$)", details[before.end() :]))
+    assert list(steps) == [
+        "torch and transformers imported",
+        "model read",
+        "placed on the device",
+        "JPEG decoder",
+        "warm-up",
+        "garbage collector settled",
+    ]
+    timed = float(before[1]) + sum(float(seconds) for seconds in steps.values())
+    # Each figure is rounded to 0.1 s on its own.
+    assert total >= timed - 0.05 * (len(steps) + 2)
+    assert float(steps["torch and transformers imported"]) > 0
+
+
 def test_the_access_log_has_a_line_per_request_unless_turned_off(served, guarded):
     """BentoML's access log by default; `guarded` runs with CLIP_ACCESS_LOG=off."""
     path = f"/access-log-probe-{uuid.uuid4().hex}"

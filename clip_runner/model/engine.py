@@ -32,6 +32,7 @@ from clip_runner.model.device_health import exits_when_device_breaks, halves_whe
 from clip_runner.model.encoding import ClipEncoder, pick_device
 from clip_runner.model.model_source import load_served_clip
 from clip_runner.model.pass_layout import pass_layout
+from clip_runner.model.startup_phases import StartupPhases
 
 logger = logging.getLogger("clip_runner")
 
@@ -45,15 +46,19 @@ class ServedModel:
     each ends the process then, to be restarted (device_health.py).
     """
 
-    def __init__(self, stored: bentoml.Model) -> None:
+    def __init__(self, stored: bentoml.Model, phases: StartupPhases | None = None) -> None:
+        """`phases` times each step of the start (startup_phases.py: the runner logs them)."""
+        phases = phases or StartupPhases()
         settings = get_settings()
         if settings.runner_threads:
             torch.set_num_threads(settings.runner_threads)
-        loaded = load_served_clip(stored, settings.model_dir)  # CLIP_MODEL_DIR or the store
-        device, dtype = pick_device()
+        with phases.phase("model read"):
+            loaded = load_served_clip(stored, settings.model_dir)  # CLIP_MODEL_DIR or the store
         # How the runner's threads wait for the GPU: asleep by default (device_wait.py).
         spin_waits = settings.cuda_wait == "spin"
-        self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype, spin_waits)
+        with phases.phase("placed on the device"):  # a GPU's CUDA context is made here
+            device, dtype = pick_device()
+            self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype, spin_waits)
         facts = self.encoder.facts(loaded.tag, loaded.random_weights)
         self.tokenizer_json = self.encoder.tokenizer_json()  # before the warm-up: may refuse
         self.torch_threads = torch.get_num_threads()
@@ -65,16 +70,19 @@ class ServedModel:
             settings.max_text_batch_size,
             compiled=settings.torch_compile,
         )
-        self.jpeg_decoder = DeviceJpegDecoder(
-            device,
-            facts.shortest_edge,
-            facts.crop_height,
-            facts.crop_width,
-            use_nvjpeg=settings.runner_jpeg_decoder == "nvjpeg",
-            threads=runner_decode_threads(len(os.sched_getaffinity(0)), settings.runner_workers),
-            passes=self.layout.passes,
-            spin_waits=spin_waits,
-        )
+        with phases.phase("JPEG decoder"):
+            self.jpeg_decoder = DeviceJpegDecoder(
+                device,
+                facts.shortest_edge,
+                facts.crop_height,
+                facts.crop_width,
+                use_nvjpeg=settings.runner_jpeg_decoder == "nvjpeg",
+                threads=runner_decode_threads(
+                    len(os.sched_getaffinity(0)), settings.runner_workers
+                ),
+                passes=self.layout.passes,
+                spin_waits=spin_waits,
+            )
         if settings.torch_compile:
             self.encoder.compile_towers()
         if loaded.random_weights:
@@ -83,9 +91,11 @@ class ServedModel:
                 "Import a real checkpoint with `python scripts/import_model.py` for real use. !!!",
                 loaded.tag,
             )
-        self._warm_up(settings.torch_compile)
+        with phases.phase("warm-up"):  # with torch.compile: its compilation
+            self._warm_up(settings.torch_compile)
         if settings.cuda_graphs:
-            self._replay_image_passes(self.layout.max_batch)
+            with phases.phase("CUDA graphs"):
+                self._replay_image_passes(self.layout.max_batch)
         self.facts = dataclasses.replace(
             facts,
             device=device.type,

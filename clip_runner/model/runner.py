@@ -26,6 +26,7 @@ from clip_runner.gil_handover import hand_over_gil_after
 from clip_runner.malloc_tuning import reuse_freed_memory
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.model.direct_calls import DirectCallsMiddleware
+from clip_runner.model.startup_phases import StartupPhases
 
 logger = logging.getLogger("clip_runner")
 settings = get_settings()
@@ -76,11 +77,13 @@ class CLIPRunner:
     model_ref = bentoml.models.BentoModel(settings.model_tag)
 
     def __init__(self) -> None:
-        # Here, not at the top: the supervisor and the API workers import this class to reach
-        # the runner, and never load torch and transformers (engine.py).
-        from clip_runner.model.engine import ServedModel
+        phases = StartupPhases()  # each step's time, logged once ready (startup_phases.py)
+        with phases.phase("torch and transformers imported"):
+            # Here, not at the top: the supervisor and the API workers import this class to
+            # reach the runner, and never load torch and transformers (engine.py).
+            from clip_runner.model.engine import ServedModel
 
-        self.model = ServedModel(self.model_ref)
+        self.model = ServedModel(self.model_ref, phases)
         layout = self.model.layout
         # One thread per concurrent pass and one PassSlots, shared by the three batchers.
         inference = ThreadPoolExecutor(
@@ -98,10 +101,12 @@ class CLIPRunner:
         bind_apis_once(self)  # BentoML looks each API up per call (bound_apis.py)
         # The model, torch and transformers stay for the process's lifetime: kept out of garbage
         # collections, whose full passes otherwise stalled every call (gc_tuning.py).
-        frozen = settle_after_loading()
+        with phases.phase("garbage collector settled"):
+            frozen = settle_after_loading()
         logger.info("runner: %d objects loaded at start kept out of garbage collection", frozen)
         hand_over_gil_after(settings.switch_interval_ms, "runner")
         reuse_freed_memory()  # each batch's buffers, not page faults (malloc_tuning.py)
+        logger.info("runner %s", phases.line())
 
     @bentoml.api
     async def encode_images(self, pixels: np.ndarray) -> Embeddings:
