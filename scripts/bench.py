@@ -51,6 +51,7 @@ from PIL import Image
 
 from clip_runner.answers.zero_shot import zero_shot_probabilities
 from clip_runner.model.resample import resized_size
+from clip_runner.model.startup_phases import STARTUP_LINE_PREFIX
 from clip_runner.web.schemas import SEED_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -2071,10 +2072,27 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
         for name, seconds in payload.get("stage_seconds", {}).items()
     )
     lines += ["", f"Stages, seconds each (a server's start-up and stop included): {stages}."]
+    runner_starts = runner_start_ups(payload.get("server_log_heads", {}))
+    if runner_starts:
+        lines += ["", "Where each runner worker's start-up went (its log):", ""]
+        lines += [f"- {server}: {'; '.join(workers)}" for server, workers in runner_starts.items()]
     if payload.get("stage_errors"):
         failed = ", ".join(payload["stage_errors"])
         lines.append(f"Failed stages (their tracebacks are in the JSON): {failed}.")
     return "\n".join(lines)
+
+
+def runner_start_ups(log_heads: dict[str, str]) -> dict[str, list[str]]:
+    """Each server's runner workers' start-up lines (model/startup_phases.py), from the heads of
+    the server logs a GPU run keeps: `{server: ["worker 1: 41.2 s since ...", ...]}`."""
+    pattern = re.compile(
+        rf"\[service:clip_runner:(\d+)\] runner {re.escape(STARTUP_LINE_PREFIX)} (.*)$", re.M
+    )
+    found = {
+        server: [f"worker {worker}: {text}" for worker, text in pattern.findall(head)]
+        for server, head in log_heads.items()
+    }
+    return {server: workers for server, workers in found.items() if workers}
 
 
 def gil_profile_text(payload: dict, functions: int = 6) -> list[str]:

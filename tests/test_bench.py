@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from clip_runner.model.startup_phases import StartupPhases
 from tests.helpers import REPO_ROOT
 
 _SPEC = importlib.util.spec_from_file_location("bench", REPO_ROOT / "scripts" / "bench.py")
@@ -242,6 +243,27 @@ def test_the_report_says_how_much_of_each_server_stage_its_start_up_and_stop_too
         "Stages, seconds each (a server's start-up and stop included): bare encoders: 40.0; "
         "all server cores: 80.0 (start-up 38.2, stop 4.1); server on 4 cores: 50.0 (start-up 30.0)."
     ) in bench.gpu_report(payload)
+
+
+def test_the_report_says_where_each_runner_workers_start_up_went():
+    """From the heads of the server logs a GPU run keeps: each runner worker's line as
+    model/startup_phases.py writes it and the runner logs it (test_service checks that log)."""
+    phases = StartupPhases()
+    with phases.phase("model read"):
+        pass
+    line = f"runner {phases.line()}"
+    head = (
+        "2026-12-05T05:24:21+0000 [INFO] [cli] Starting production HTTP BentoServer\n"
+        f"2026-12-05T05:24:29+0000 [INFO] [service:clip_runner:2] {line}\n"
+        "2026-12-05T05:24:29+0000 [INFO] [entry_service:clip_service:1] runner ready\n"
+        f"2026-12-05T05:24:31+0000 [INFO] [service:clip_runner:1] {line}\n"
+    )
+    payload = a_full_run() | {"server_log_heads": {"all server cores": head, "cut short": ""}}
+    lines = bench.gpu_report(payload).splitlines()
+    workers = f"worker 2: {phases.line().removeprefix('start-up: ')}"
+    assert f"- all server cores: {workers}; {workers.replace('2', '1', 1)}" in lines
+    assert not any(line.startswith("- cut short") for line in lines)
+    assert "Where each runner worker's start-up went" not in bench.gpu_report(a_full_run())
 
 
 def test_the_broken_jpeg_stage_runs_apart_and_a_run_that_did_not_end_well_fails_its_check(
