@@ -1499,21 +1499,19 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 ],
             ),
         ]
+        # By what each decides, as a run rarely gets through them all (each costs a server's
+        # start, about 45 s on the H200, beside its 10 s of load): first the defaults still
+        # open (two passes per runner, where the JPEGs are decoded, a third API worker on 4
+        # cores, the calls in flight, how the runner waits for the GPU, the GIL's switch
+        # interval), then what the first H200 run already settled or an opt-in only shows
+        # (nvJPEG, CUDA graphs off, the access log on).
         ablations = [
-            # The opt-in nvJPEG: what its inexact pixels buy (the default decodes with Pillow in
-            # the runner's threads, the resize on the GPU either way).
+            # Two passes at once in each runner: one's Pillow decode beside the other's forward
+            # pass (with nvJPEG two passes were unsafe; with Pillow the decode is CPU work).
             (
-                NVJPEG_ABLATION,
+                PASSES_ABLATION,
                 server_cpus,
-                {"CLIP_RUNNER_JPEG_DECODER": "nvjpeg"},
-                [Scenario("seed c64", seed, 1, 64)],
-            ),
-            # A runner thread waiting for the GPU asleep (the default) or polling it, on the 4
-            # cores where a core spent polling is a quarter of the machine (device_wait.py).
-            (
-                CUDA_WAIT_ABLATION,
-                confined_cpus,
-                {"CLIP_CUDA_WAIT": "spin"},
+                {"CLIP_RUNNER_PASSES": "2"},
                 [Scenario("seed c64", seed, 1, 64)],
             ),
             # The other exact path: the API workers decode and resize, the runner gets crops.
@@ -1521,14 +1519,6 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 API_DECODE_ABLATION,
                 server_cpus,
                 {"CLIP_DECODE": "api"},
-                [Scenario("seed c64", seed, 1, 64)],
-            ),
-            # Two passes at once in each runner: one's Pillow decode beside the other's forward
-            # pass (with nvJPEG two passes were unsafe; with Pillow the decode is CPU work).
-            (
-                PASSES_ABLATION,
-                server_cpus,
-                {"CLIP_RUNNER_PASSES": "2"},
                 [Scenario("seed c64", seed, 1, 64)],
             ),
             # On 4 cores the default is 2 API workers (half the cores): is a third worth the
@@ -1539,20 +1529,20 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 {"CLIP_API_WORKERS": "3"},
                 [Scenario("seed c64", seed, 1, 64)],
             ),
-            # BentoML's access-log line per request, off by default on a GPU: what it costs
-            # where the CPUs are the limit.
-            (
-                ACCESS_LOG_ABLATION,
-                confined_cpus,
-                {"CLIP_ACCESS_LOG": "on"},
-                [Scenario("seed c64", seed, 1, 64)],
-            ),
             # The GPU's calls-in-flight rule: each API worker keeping the runner's passes + 1
             # (3 with the GPU defaults) instead of sharing them.
             (
                 RUNNER_CALLS_ABLATION,
                 server_cpus,
                 {"CLIP_RUNNER_CALLS": "3"},
+                [Scenario("seed c64", seed, 1, 64)],
+            ),
+            # A runner thread waiting for the GPU asleep (the default) or polling it, on the 4
+            # cores where a core spent polling is a quarter of the machine (device_wait.py).
+            (
+                CUDA_WAIT_ABLATION,
+                confined_cpus,
+                {"CLIP_CUDA_WAIT": "spin"},
                 [Scenario("seed c64", seed, 1, 64)],
             ),
             # Threads back from C code (Pillow's decode, torch calls) getting the GIL within
@@ -1563,13 +1553,29 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 {"CLIP_SWITCH_INTERVAL_MS": "0.2"},
                 [Scenario("seed c64", seed, 1, 64)],
             ),
+            # The opt-in nvJPEG: what its inexact pixels buy (the default decodes with Pillow in
+            # the runner's threads, the resize on the GPU either way).
+            (
+                NVJPEG_ABLATION,
+                server_cpus,
+                {"CLIP_RUNNER_JPEG_DECODER": "nvjpeg"},
+                [Scenario("seed c64", seed, 1, 64)],
+            ),
             # CUDA graphs (the GPU default) against plain passes, throughput and one client:
-            # measured with nvJPEG in the first H200 run (2.08 x), so last.
+            # measured with nvJPEG in the first H200 run (2.08 x).
             (
                 CUDA_GRAPHS_ABLATION,
                 server_cpus,
                 {"CLIP_CUDA_GRAPHS": "off"},
                 [Scenario("seed c1", seed, 1, 1), Scenario("seed c64", seed, 1, 64)],
+            ),
+            # BentoML's access-log line per request, off by default on a GPU: what it costs
+            # where the CPUs are the limit.
+            (
+                ACCESS_LOG_ABLATION,
+                confined_cpus,
+                {"CLIP_ACCESS_LOG": "on"},
+                [Scenario("seed c64", seed, 1, 64)],
             ),
         ]
 

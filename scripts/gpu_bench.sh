@@ -15,11 +15,13 @@
 # thread waiting for each replayed pass costs the CPU asleep (the default) and polling, and the
 # runner's decode of a batch of forwarded JPEGs into pinned memory with queued copies (the
 # default) against pageable memory, queued and waited for (CPU per image, wall per batch). Then the
-# ablations, each the seed request at 64 clients: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
-# CLIP_CUDA_WAIT=spin on the 4 cores (the runner's threads polling the GPU), CLIP_DECODE=api (the other exact path), CLIP_RUNNER_PASSES=2 (one pass's Pillow decode beside the
-# other's forward pass), CLIP_API_WORKERS=3 and CLIP_ACCESS_LOG=on on the 4 cores,
-# CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_SWITCH_INTERVAL_MS=0.2 (the GIL handed over
-# after 0.2 ms, not 5), CLIP_CUDA_GRAPHS=off (at 1 client too); one runner
+# ablations, each the seed request at 64 clients, the defaults still open first: CLIP_RUNNER_PASSES=2
+# (one pass's Pillow decode beside the other's forward pass), CLIP_DECODE=api (the other exact
+# path), CLIP_API_WORKERS=3 on the 4 cores, CLIP_RUNNER_CALLS=3 (the calls-in-flight rule),
+# CLIP_CUDA_WAIT=spin on the 4 cores (the runner's threads polling the GPU),
+# CLIP_SWITCH_INTERVAL_MS=0.2 (the GIL handed over after 0.2 ms, not 5); then what the first run
+# settled or an opt-in only shows: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
+# CLIP_CUDA_GRAPHS=off (at 1 client too), CLIP_ACCESS_LOG=on on the 4 cores; one runner
 # called both ways, alternating (the wire format of CLIP_DIRECT_RUNNER_CALLS against BentoML's
 # client), and last, in a process of its own, what nvJPEG makes of forwarded JPEGs with broken coded
 # data (scripts/broken_jpegs.py: an answer where Pillow refuses, other pixels, a broken device, an
