@@ -32,7 +32,7 @@ except ImportError:  # an accelerator, not a requirement: the same bytes, slower
 
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.images.fetch import FetchLimits, fetch_url
-from clip_runner.images.pixel_budget import PixelBudget
+from clip_runner.images.pixel_budget import HeaderCheck, PixelBudget, image_header
 from clip_runner.images.s3_images import fetch_s3, is_s3_url
 from clip_runner.metrics import PREPROCESS_SECONDS
 from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
@@ -268,23 +268,41 @@ def ends_after_its_scan(data: bytes) -> bool:
     return False
 
 
-def device_decodable_jpeg(data: bytes, index: int, max_pixels: int, shortest_edge: int) -> bool:
-    """Whether the runner's device decoder gives exactly this JPEG's pixels: a complete
-    (`ends_after_its_scan`) baseline JPEG in YCbCr or greyscale without EXIF rotation, whose
-    shortest side the device resize shrinks exactly (`DEVICE_MAX_DOWNSCALE`). Truncated,
-    progressive, CMYK, RGB-stored (`stored_as_rgb`), rotated and giant JPEGs (and every other
-    format) are decoded here instead. Reads the header and looks for the end marker; limits
-    apply as for decoding."""
-    with opened_image(data, index, max_pixels) as opened:
-        return (
-            opened.format == "JPEG"
-            and opened.mode in ("RGB", "L")
-            and not opened.info.get("progressive")
-            and not stored_as_rgb(opened)
-            and min(opened.size) <= DEVICE_MAX_DOWNSCALE * shortest_edge
-            and upright(opened)
-            and ends_after_its_scan(data)
-        )
+def device_decodable(opened: Image.Image, data: bytes, shortest_edge: int) -> bool:
+    """Whether the runner's device decoder gives exactly the pixels of this JPEG (`data`,
+    opened): a complete (`ends_after_its_scan`) baseline JPEG in YCbCr or greyscale without
+    EXIF rotation, whose shortest side the device resize shrinks exactly
+    (`DEVICE_MAX_DOWNSCALE`). Truncated, progressive, CMYK, RGB-stored (`stored_as_rgb`),
+    rotated and giant JPEGs (and every other format) are decoded here instead. Reads the header
+    and looks for the end marker."""
+    return (
+        opened.format == "JPEG"
+        and opened.mode in ("RGB", "L")
+        and not opened.info.get("progressive")
+        and not stored_as_rgb(opened)
+        and min(opened.size) <= DEVICE_MAX_DOWNSCALE * shortest_edge
+        and upright(opened)
+        and ends_after_its_scan(data)
+    )
+
+
+def device_check(data: bytes, max_pixels: int, shortest_edge: int) -> HeaderCheck:
+    """Whether the API workers forward `data` to the runner's device decoder, asked of its
+    header in the pixel budget's read of it (`PixelBudget.charge`): `device_decodable` and
+    within the pixel limit. Any other image goes to `prepare_image`, which answers an
+    unreadable or too large one with its 422."""
+
+    def forwarded(opened: Image.Image) -> bool:
+        width, height = opened.size
+        return width * height <= max_pixels and device_decodable(opened, data, shortest_edge)
+
+    return forwarded
+
+
+def device_decodable_jpeg(data: bytes, max_pixels: int, shortest_edge: int) -> bool:
+    """The same decision from the bytes alone, as `load_image` takes it (for the broken-JPEG
+    harness and the tests); an unreadable header is not forwarded."""
+    return image_header(data, device_check(data, max_pixels, shortest_edge)).passed_check
 
 
 # Up to this long/short ratio the whole image is resized, bit-exact with CLIPProcessor; beyond
@@ -403,10 +421,14 @@ async def load_image(
         data = decode_inline(source, index, limits.fetch.max_bytes)
     else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop
         data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
-    header = budget.charge(data)  # from the header, before decoding: 413 past the budget
-    if limits.forward_jpegs and device_decodable_jpeg(
-        data, index, limits.max_pixels, geometry.shortest_edge
-    ):
+    forwarding = (
+        device_check(data, limits.max_pixels, geometry.shortest_edge)
+        if limits.forward_jpegs
+        else None
+    )
+    # From the header, before decoding: 413 past the budget; and whether to forward the JPEG.
+    header = budget.charge(data, forwarding)
+    if header.passed_check:
         return data
     args = (data, index, geometry, limits.max_pixels, limits.fast_preprocessing)
     if header.baseline_jpeg and header.pixels <= ON_LOOP_MAX_PIXELS:

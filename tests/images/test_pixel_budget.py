@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,6 +45,32 @@ def test_image_pixels_of_a_huge_image_needs_no_decoding():
 @pytest.mark.parametrize("data", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 8])
 def test_image_pixels_of_an_unreadable_header_is_zero(data):
     assert image_header(data).pixels == 0  # decoding refuses it later, naming the image
+
+
+def test_a_check_is_answered_in_the_same_read_of_the_header():
+    """The forwarding check (loading.device_check) rides on the budget's read: its answer comes
+    back with the header, a check failing as a header read would counts as not passed (the
+    pixels still count), and an unreadable header is never checked."""
+    data = encode(photo_like(40, 30, seed=4), "JPEG")
+    seen = []
+
+    def sized(opened):
+        seen.append(opened.size)
+        return opened.size == (40, 30)
+
+    assert image_header(data, sized) == dataclasses.replace(image_header(data), passed_check=True)
+    assert seen == [(40, 30)]
+    assert not image_header(data, lambda opened: False).passed_check
+    assert not image_header(data).passed_check  # no check asked
+
+    def broken(opened):
+        raise SyntaxError("not a valid EXIF block")
+
+    assert image_header(data, broken) == image_header(data)  # pixels counted, not passed
+    assert image_header(b"not an image", sized) == image_header(b"")
+    assert seen == [(40, 30)]
+    budget = PixelBudget(limit=10_000)
+    assert budget.charge(data, sized).passed_check and budget.used == 1200
 
 
 def test_the_budget_refuses_the_image_that_passes_it_naming_the_budget():
