@@ -11,15 +11,15 @@
 # cores; each of those two servers' 64 clients once more under py-spy (scripts/gil_profile.py: the
 # share of time each process held its GIL, and where); the device resize against Pillow pixel for
 # pixel, every preprocessing path's fidelity (Pillow in the runner, the default, and the opt-in
-# nvJPEG included), the bare encoder replayed from CUDA graphs against plain passes, what the
-# thread waiting for each replayed pass costs the CPU asleep (the default) and polling, and the
-# runner's decode of a batch of forwarded JPEGs into pinned memory with queued copies (the
-# default) against pageable memory, queued and waited for (CPU per image, wall per batch). Then the
-# ablations, each the seed request at 64 clients, the defaults still open first: CLIP_RUNNER_PASSES=2
-# (one pass's Pillow decode beside the other's forward pass), CLIP_DECODE=api (the other exact
-# path), CLIP_API_WORKERS=3 on the 4 cores, CLIP_RUNNER_CALLS=3 (the calls-in-flight rule),
-# CLIP_CUDA_WAIT=spin on the 4 cores (the runner's threads polling the GPU),
-# CLIP_SWITCH_INTERVAL_MS=0.2 (the GIL handed over after 0.2 ms, not 5); then what the first run
+# nvJPEG included), what the thread waiting for each pass replayed from CUDA graphs costs the CPU
+# asleep (the default) and polling, and the runner's decode of a batch of forwarded JPEGs into
+# pinned memory with queued copies (the default) against pageable memory, queued and waited for
+# (CPU per image, wall per batch). Then the ablations, each the seed request at 64 clients, the
+# defaults still open first: CLIP_RUNNER_PASSES=2 (one pass's Pillow decode beside the other's
+# forward pass), CLIP_DECODE=api (the other exact path), CLIP_API_WORKERS=3 on the 4 cores,
+# CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_CUDA_WAIT=spin on the 4 cores (the runner's
+# threads polling the GPU), CLIP_SWITCH_INTERVAL_MS=0.2 (the GIL handed over after 0.2 ms, not 5);
+# the bare encoder replayed from CUDA graphs against plain passes; then what the first run
 # settled or an opt-in only shows: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
 # CLIP_CUDA_GRAPHS=off (at 1 client too), CLIP_ACCESS_LOG=on on the 4 cores; one runner
 # called both ways, alternating (the wire format of CLIP_DIRECT_RUNNER_CALLS against BentoML's
@@ -48,19 +48,28 @@ mkdir -p "$out_dir"
 python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out_dir/gpu.txt"
 if [[ -d .whl ]]; then  # carried wheels: install beside the image's own torch
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"  # py-spy
-  # Their bytecode, once, on every core (about 1.5 s there; 7 s on 2 cores here). Installed
-  # without it, each server process would compile every module it imports from source at each
-  # start wherever PYTHONDONTWRITEBYTECODE is set (it is on this project's development machine):
-  # about 1 s of CPU for an API worker and 2 s for a runner worker, measured here, in each of
-  # the run's dozen server starts. The tree's own modules too.
+  # A resumed run on the same (still warm) machine keeps the first call's install.
+  wheels=$(ls .whl | sha1sum)
   started=$SECONDS
-  "$python" -m compileall -q -j 0 /tmp/site clip_runner service.py > /dev/null ||
-    echo "compileall: some modules did not compile (they compile when imported, as before)"
-  echo "bytecode compiled in $((SECONDS - started)) s" | tee -a "$out_dir/gpu.txt"
+  if [[ "$(cat /tmp/site/.clip-wheels 2>/dev/null)" != "$wheels" ]]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+    # Their bytecode, once, on every core (7 s on 2 cores here). Installed without it, each
+    # server process would compile every module it imports from source at each start wherever
+    # PYTHONDONTWRITEBYTECODE is set (it is on this project's development machine): about 1 s
+    # of CPU for an API worker and 2 s for a runner worker, measured here, in each of the run's
+    # dozen server starts.
+    "$python" -m compileall -q -j 0 /tmp/site > /dev/null ||
+      echo "compileall: some modules did not compile (they compile when imported, as before)"
+    echo "$wheels" > /tmp/site/.clip-wheels
+    echo "wheels installed and compiled in $((SECONDS - started)) s" | tee -a "$out_dir/gpu.txt"
+  else
+    echo "wheels as installed by an earlier call" | tee -a "$out_dir/gpu.txt"
+  fi
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/site/bin:$PATH"  # py-spy
 fi
+# The tree's own modules too (the tree travels as source).
+"$python" -m compileall -q -j 0 clip_runner service.py scripts > /dev/null || true
 echo "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}" | tee -a "$out_dir/gpu.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Nothing is downloaded: the harness builds its own random-weight model.
