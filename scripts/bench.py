@@ -1222,6 +1222,7 @@ def uncached_text_bodies(requests: int, per_request: int = 8) -> list[bytes]:
 RUNNER_CALLS_ABLATION = "all server cores, CLIP_RUNNER_CALLS=3"
 CUDA_GRAPHS_ABLATION = "all server cores, CLIP_CUDA_GRAPHS=off"
 CONFINED_WORKERS_ABLATION = "server on 4 cores, CLIP_API_WORKERS=3"
+CONFINED_RUNNERS_ABLATION = "server on 4 cores, CLIP_RUNNER_WORKERS=1"
 NVJPEG_ABLATION = "all server cores, CLIP_RUNNER_JPEG_DECODER=nvjpeg"
 API_DECODE_ABLATION = "all server cores, CLIP_DECODE=api"
 PASSES_ABLATION = "all server cores, CLIP_RUNNER_PASSES=2"
@@ -1527,6 +1528,16 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 CONFINED_WORKERS_ABLATION,
                 confined_cpus,
                 {"CLIP_API_WORKERS": "3"},
+                [Scenario("seed c64", seed, 1, 64)],
+            ),
+            # On 4 cores the default's two runner processes (each a CUDA context, a model copy, an
+            # event loop and decoding threads) against one with all the runner's cores: with
+            # Pillow decoding in the runner, its share of 4 cores may matter more than the
+            # second process's overlap.
+            (
+                CONFINED_RUNNERS_ABLATION,
+                confined_cpus,
+                {"CLIP_RUNNER_WORKERS": "1"},
                 [Scenario("seed c64", seed, 1, 64)],
             ),
             # The GPU's calls-in-flight rule: each API worker keeping the runner's passes + 1
@@ -1884,6 +1895,10 @@ def gpu_ablations(payload: dict) -> dict[str, str]:
         "server on 4 cores, seed c64 images/s, default / 3 API workers": (
             f"{figure('server on 4 cores', 'seed c64')} / "
             f"{figure(CONFINED_WORKERS_ABLATION, 'seed c64')}"
+        ),
+        "server on 4 cores, seed c64 images/s, 2 runner workers (default) / 1": (
+            f"{figure('server on 4 cores', 'seed c64')} / "
+            f"{figure(CONFINED_RUNNERS_ABLATION, 'seed c64')}"
         ),
         "seed c64 images/s and c1 p50 ms, CUDA graphs (default) / plain passes": (
             f"{full} / {figure(CUDA_GRAPHS_ABLATION, 'seed c64')}, "

@@ -16,7 +16,8 @@
 # pinned memory with queued copies (the default) against pageable memory, queued and waited for
 # (CPU per image, wall per batch). Then the ablations, each the seed request at 64 clients, the
 # defaults still open first: CLIP_RUNNER_PASSES=2 (one pass's Pillow decode beside the other's
-# forward pass), CLIP_DECODE=api (the other exact path), CLIP_API_WORKERS=3 on the 4 cores,
+# forward pass), CLIP_DECODE=api (the other exact path), CLIP_API_WORKERS=3 and
+# CLIP_RUNNER_WORKERS=1 on the 4 cores,
 # CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_CUDA_WAIT=spin on the 4 cores (the runner's
 # threads polling the GPU), CLIP_SWITCH_INTERVAL_MS=0.2 (the GIL handed over after 0.2 ms, not 5);
 # the bare encoder replayed from CUDA graphs against plain passes; then what the first run

@@ -232,6 +232,11 @@ def test_the_report_sets_each_ablation_beside_the_default_it_would_replace():
     ran = "- seed c64 images/s, the GIL handed over after 5 ms (default) / 0.2 ms: 2400.0 / 2600.0"
     not_run = "- seed c64 images/s, one pass at a time per runner (default) / two: 2400.0 / None"
     assert ran in lines and not_run in lines
+    one_runner = dict(payload["rows"][3], server=bench.CONFINED_RUNNERS_ABLATION, images_per_s=1.5)
+    payload["rows"].append(one_runner)
+    runners = "- server on 4 cores, seed c64 images/s, 2 runner workers (default) / 1"
+    four_cores = payload["rows"][3]["images_per_s"]
+    assert f"{runners}: {four_cores} / 1.5" in bench.gpu_report(payload).splitlines()
 
 
 def test_the_report_says_how_much_of_each_server_stage_its_start_up_and_stop_took():
