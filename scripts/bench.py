@@ -1412,9 +1412,9 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     seed request at 1, 32 and 64 clients on all but the load generator's cores, at 64 clients
     with the whole server on 4 cores (`sched_setaffinity`, as `taskset -c 0-3`), uncached
     `/embed_texts`; against the bare fp16 image encoder's best batch and the bare text encoder,
-    and the device path's fidelity and CUDA graphs' numbers against plain passes, measured in
-    the same run; then the ablations (the servers in `ablations`, the runner's wire format, and
-    nvJPEG on broken JPEGs). The load generator runs
+    and the device path's fidelity, measured in the same run; then the ablations (the servers
+    in `open_defaults`, CUDA graphs' numbers against plain passes in process, the servers in
+    `settled`, the runner's wire format, and nvJPEG on broken JPEGs). The load generator runs
     in one process per core of its own (4 cores), never on the server's.
 
     With `resume` (an earlier run's gpu-targets.json from a machine of this kind) only the
@@ -1502,10 +1502,10 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
         ]
         # By what each decides, as a run rarely gets through them all (each costs a server's
         # start, about 45 s on the H200, beside its 10 s of load): first the defaults still
-        # open (two passes per runner, where the JPEGs are decoded, a third API worker on 4
-        # cores, the calls in flight, how the runner waits for the GPU, the GIL's switch
-        # interval), then what the first H200 run already settled or an opt-in only shows
-        # (nvJPEG, CUDA graphs off, the access log on).
+        # open (two passes per runner, where the JPEGs are decoded, a third API worker and one
+        # runner worker on 4 cores, the calls in flight, how the runner waits for the GPU, the
+        # GIL's switch interval), then what the first H200 run already settled or an opt-in
+        # only shows (nvJPEG, CUDA graphs off, the access log on).
         open_defaults = [
             # Two passes at once in each runner: one's Pillow decode beside the other's forward
             # pass (with nvJPEG two passes were unsafe; with Pillow the decode is CPU work).

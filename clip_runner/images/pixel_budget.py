@@ -43,7 +43,8 @@ def image_header(data: bytes, check: HeaderCheck | None = None) -> ImageHeader:
     """The image's pixel count and kind from its header (decoding refuses an unreadable one
     later, naming the image), and `check`'s answer on it: one read of the header for both
     (two had cost an API worker about 30 us an image, some 3% of its CPU per request where JPEGs
-    go to the device). A check that fails as a header read can counts as not passed."""
+    go to the device). A check that raises what a header read can raise counts as not
+    passed."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
