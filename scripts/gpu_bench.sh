@@ -17,9 +17,9 @@
 # (CPU per image, wall per batch). Then the ablations, each the seed request at 64 clients, the
 # defaults still open first: CLIP_RUNNER_PASSES=2 (one pass's Pillow decode beside the other's
 # forward pass), CLIP_DECODE=api (the other exact path), CLIP_API_WORKERS=3 and
-# CLIP_RUNNER_WORKERS=1 on the 4 cores,
-# CLIP_RUNNER_CALLS=3 (the calls-in-flight rule), CLIP_CUDA_WAIT=spin on the 4 cores (the runner's
-# threads polling the GPU), CLIP_SWITCH_INTERVAL_MS=0.2 (the GIL handed over after 0.2 ms, not 5);
+# CLIP_RUNNER_WORKERS=1 on the 4 cores, CLIP_RUNNER_CALLS=3 (the calls-in-flight rule),
+# CLIP_CUDA_WAIT=spin on the 4 cores (the runner's threads polling the GPU),
+# CLIP_SWITCH_INTERVAL_MS=0.2 (the GIL handed over after 0.2 ms, not 5);
 # the bare encoder replayed from CUDA graphs against plain passes; then what the first run
 # settled or an opt-in only shows: CLIP_RUNNER_JPEG_DECODER=nvjpeg (the opt-in),
 # CLIP_CUDA_GRAPHS=off (at 1 client too), CLIP_ACCESS_LOG=on on the 4 cores; one runner
