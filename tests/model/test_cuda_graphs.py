@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import re
 import threading
 from collections.abc import Iterator
 
@@ -138,3 +139,5 @@ def test_a_server_replaying_image_passes_answers_as_the_default_one(replaying_se
     assert_same_answer(replayed.json(), default.json(), tolerance=1e-6)
     log = replaying_server.log()
     assert "image passes per batch bucket [1, 2, 4, 8] from eager passes (no GPU)" in log
+    # Recording them is a step of the runner's start of its own (startup_phases.py).
+    assert re.search(r"runner start-up: .*, warm-up [\d.]+, CUDA graphs [\d.]+, garbage", log)
