@@ -1450,6 +1450,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     payload.setdefault("stage_seconds", {})
     payload.setdefault("server_logs", {})
     payload.setdefault("server_log_heads", {})
+    payload.setdefault("runner_start_ups", {})
     payload.setdefault("server_start_seconds", {})
     payload.setdefault("server_stop_seconds", {})
     out.mkdir(parents=True, exist_ok=True)
@@ -1645,6 +1646,8 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 payload["server_logs"][label] = text[-4000:]
                 # Its start: each process's timed lines say where the start-up went.
                 payload["server_log_heads"][label] = text[:8000]
+                # From the whole log: with 6 API workers the head may end before the runners'.
+                payload["runner_start_ups"][label] = runner_start_ups(text)
 
         def fidelity() -> None:
             payload["device_resize"] = device_resize_exactness(model_dir)
@@ -2098,7 +2101,7 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
         for name, seconds in payload.get("stage_seconds", {}).items()
     )
     lines += ["", f"Stages, seconds each (a server's start-up and stop included): {stages}."]
-    runner_starts = runner_start_ups(payload.get("server_log_heads", {}))
+    runner_starts = {server: w for server, w in payload.get("runner_start_ups", {}).items() if w}
     if runner_starts:
         lines += ["", "Where each runner worker's start-up went (its log):", ""]
         lines += [f"- {server}: {'; '.join(workers)}" for server, workers in runner_starts.items()]
@@ -2108,17 +2111,13 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
     return "\n".join(lines)
 
 
-def runner_start_ups(log_heads: dict[str, str]) -> dict[str, list[str]]:
-    """Each server's runner workers' start-up lines (model/startup_phases.py), from the heads of
-    the server logs a GPU run keeps: `{server: ["worker 1: 41.2 s since ...", ...]}`."""
+def runner_start_ups(log: str) -> list[str]:
+    """A server log's runner start-up lines (model/startup_phases.py), one per runner worker:
+    `["worker 1: 41.2 s since the process began (...)", ...]`."""
     pattern = re.compile(
         rf"\[service:clip_runner:(\d+)\] runner {re.escape(STARTUP_LINE_PREFIX)} (.*)$", re.M
     )
-    found = {
-        server: [f"worker {worker}: {text}" for worker, text in pattern.findall(head)]
-        for server, head in log_heads.items()
-    }
-    return {server: workers for server, workers in found.items() if workers}
+    return [f"worker {worker}: {text}" for worker, text in pattern.findall(log)]
 
 
 def gil_profile_text(payload: dict, functions: int = 6) -> list[str]:

@@ -251,19 +251,20 @@ def test_the_report_says_how_much_of_each_server_stage_its_start_up_and_stop_too
 
 
 def test_the_report_says_where_each_runner_workers_start_up_went():
-    """From the heads of the server logs a GPU run keeps: each runner worker's line as
+    """From each server's log as a GPU run reads it: each runner worker's line as
     model/startup_phases.py writes it and the runner logs it (test_service checks that log)."""
     phases = StartupPhases()
     with phases.phase("model read"):
         pass
     line = f"runner {phases.line()}"
-    head = (
+    log = (
         "2026-12-05T05:24:21+0000 [INFO] [cli] Starting production HTTP BentoServer\n"
         f"2026-12-05T05:24:29+0000 [INFO] [service:clip_runner:2] {line}\n"
         "2026-12-05T05:24:29+0000 [INFO] [entry_service:clip_service:1] runner ready\n"
         f"2026-12-05T05:24:31+0000 [INFO] [service:clip_runner:1] {line}\n"
     )
-    payload = a_full_run() | {"server_log_heads": {"all server cores": head, "cut short": ""}}
+    starts = {"all server cores": bench.runner_start_ups(log), "cut short": []}
+    payload = a_full_run() | {"runner_start_ups": starts}
     lines = bench.gpu_report(payload).splitlines()
     workers = f"worker 2: {phases.line().removeprefix('start-up: ')}"
     assert f"- all server cores: {workers}; {workers.replace('2', '1', 1)}" in lines
