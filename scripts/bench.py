@@ -694,10 +694,10 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
 
         return prepare
 
-    decoder = DeviceJpegDecoder(device, *dataclasses.astuple(geometry))
+    decoder = DeviceJpegDecoder(device, *dataclasses.astuple(geometry), use_nvjpeg=True)
     # A decoder of its own, so that jpegs_refused_by_nvjpeg counts the one-at-a-time path's.
-    batched = DeviceJpegDecoder(device, *dataclasses.astuple(geometry))
-    pillow = DeviceJpegDecoder(device, *dataclasses.astuple(geometry), use_nvjpeg=False)
+    batched = DeviceJpegDecoder(device, *dataclasses.astuple(geometry), use_nvjpeg=True)
+    pillow = DeviceJpegDecoder(device, *dataclasses.astuple(geometry))
     device_path = f"device path ({decoder.name} on {device.type}, JPEG only"
     paths = {
         "CLIPImageProcessor": (one_at_a_time(clip_processor), False),

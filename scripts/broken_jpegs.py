@@ -119,7 +119,7 @@ class RunnerDecode:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.decoder = DeviceJpegDecoder(device, *dataclasses.astuple(GEOMETRY))
+        self.decoder = DeviceJpegDecoder(device, *dataclasses.astuple(GEOMETRY), use_nvjpeg=True)
 
     def batch(self, blobs: list[bytes]) -> list[np.ndarray | None]:
         crops, decoded = self.decoder(blobs)

@@ -173,10 +173,11 @@ def resized_by_size(
 class DeviceJpegDecoder:
     """Decodes and resizes forwarded JPEGs where the model runs (see the module docstring).
 
-    `use_nvjpeg=False` (the service's default) decodes with Pillow even on a GPU: libjpeg-turbo's
-    pixels, exactly the API path's, at the cost of the runner's CPU (in `threads` threads per
-    batch); nvJPEG's pixels differ from libjpeg's by its own IDCT and upsampling (BENCHMARKS.md,
-    fidelity). So does `passes` > 1 (forward passes that may run beside a decode): nvJPEG can
+    By default (as the service) it decodes with Pillow even on a GPU: libjpeg-turbo's pixels,
+    exactly the API path's, at the cost of the runner's CPU (in `threads` threads per batch).
+    `use_nvjpeg` (CLIP_RUNNER_JPEG_DECODER=nvjpeg) decodes with nvJPEG on a GPU, whose pixels
+    differ from libjpeg's by its own IDCT and upsampling (BENCHMARKS.md, fidelity). Pillow decodes
+    with `passes` > 1 too (forward passes that may run beside a decode): nvJPEG can
     overwrite memory another pass's queued kernels still read (drain_queued_work).
     """
 
@@ -186,7 +187,7 @@ class DeviceJpegDecoder:
         shortest_edge: int,
         crop_height: int,
         crop_width: int,
-        use_nvjpeg: bool = True,
+        use_nvjpeg: bool = False,
         threads: int = 1,
         passes: int = 1,
         spin_waits: bool = False,

@@ -122,9 +122,9 @@ def test_pillow_can_be_chosen_over_nvjpeg_on_a_gpu(monkeypatch):
     monkeypatch.setattr(device_decode, "drain_queued_work", lambda device, spin: None)
     try:
         monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: nvjpeg_on_the_cpu)
-        assert DeviceJpegDecoder(cuda, 224, 224, 224).name == NVJPEG
+        assert DeviceJpegDecoder(cuda, 224, 224, 224, use_nvjpeg=True).name == NVJPEG
         monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: pytest.fail("looked"))
-        assert DeviceJpegDecoder(cuda, 224, 224, 224, use_nvjpeg=False).name == PILLOW
+        assert DeviceJpegDecoder(cuda, 224, 224, 224).name == PILLOW  # the service's default
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
@@ -136,13 +136,14 @@ def test_a_gpu_without_a_loadable_torchvision_says_so(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torchvision.io", None)  # as if absent: import fails
     try:
         with caplog.at_level(logging.WARNING, logger=device_decode.__name__):
-            decoder = DeviceJpegDecoder(torch.device("cuda"), 224, 224, 224)
+            decoder = DeviceJpegDecoder(torch.device("cuda"), 224, 224, 224, use_nvjpeg=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     assert decoder.name == PILLOW
     assert "no torchvision built for torch" in caplog.text
     caplog.clear()
-    DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)  # on CPU nvJPEG is not wanted
+    # On CPU nvJPEG is not wanted, asked for or not.
+    DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224, use_nvjpeg=True)
     assert "torchvision" not in caplog.text
 
 
@@ -160,7 +161,7 @@ def test_an_nvjpeg_that_cannot_decode_at_all_is_not_used_and_the_log_says_so(mon
     monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: broken_nvjpeg)
     try:
         with caplog.at_level(logging.WARNING, logger=device_decode.__name__):
-            decoder = DeviceJpegDecoder(torch.device("cuda"), 224, 224, 224)
+            decoder = DeviceJpegDecoder(torch.device("cuda"), 224, 224, 224, use_nvjpeg=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     assert decoder.name == PILLOW and calls == [1]
@@ -456,11 +457,15 @@ def test_nvjpeg_is_not_used_beside_other_passes(monkeypatch, caplog):
     monkeypatch.setattr(device_decode, "_torchvision_decoder", lambda: nvjpeg_on_the_cpu)
     try:
         with caplog.at_level(logging.WARNING, logger=device_decode.__name__):
-            assert DeviceJpegDecoder(torch.device("cuda"), 224, 224, 224, passes=2).name == PILLOW
+
+            def nvjpeg(device: torch.device, passes: int) -> DeviceJpegDecoder:
+                return DeviceJpegDecoder(device, 224, 224, 224, use_nvjpeg=True, passes=passes)
+
+            assert nvjpeg(torch.device("cuda"), passes=2).name == PILLOW
             assert "2 forward passes at once (CLIP_RUNNER_PASSES)" in caplog.text
             caplog.clear()
-            assert DeviceJpegDecoder(torch.device("cuda"), 224, 224, 224, passes=1).name == NVJPEG
-            assert DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224, passes=2).name == PILLOW
+            assert nvjpeg(torch.device("cuda"), passes=1).name == NVJPEG
+            assert nvjpeg(torch.device("cpu"), passes=2).name == PILLOW
             assert caplog.text == ""  # on CPU nvJPEG is not wanted: nothing to warn about
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
