@@ -72,6 +72,28 @@ fi
 # The tree's own modules too (the tree travels as source).
 "$python" -m compileall -q -j 0 clip_runner service.py scripts > /dev/null || true
 echo "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}" | tee -a "$out_dir/gpu.txt"
+# Whether this machine resolves its own name at once. BentoML's supervisor (circus's Arbiter)
+# calls socket.getfqdn() before it starts any worker; where the name is in no /etc/hosts and the
+# DNS server it names cannot be reached (a lent machine that reaches nothing), that waits out
+# the resolver's timeouts at every server start. On the first H200 run no runner touched the
+# GPU until 33-42 s after its server was started (gpu-util.csv), on 12 cores and on 4 alike. A
+# container has its own name in /etc/hosts (Docker writes it, SageMaker's included), so where
+# the lookup is slow here the name is added for the run, and gpu.txt says so.
+fqdn_seconds() {
+  timeout 30 "$python" -c 'import socket, time
+started = time.monotonic()
+socket.getfqdn()
+print(f"{time.monotonic() - started:.2f}")' || echo "30+"
+}
+looked_up=$(fqdn_seconds)
+echo "socket.getfqdn() of $(hostname): $looked_up s" | tee -a "$out_dir/gpu.txt"
+if [[ "$looked_up" == "30+" ]] || awk -v s="$looked_up" 'BEGIN { exit !(s > 1) }'; then
+  if echo "127.0.0.1 $(hostname)" >> /etc/hosts 2>/dev/null; then
+    echo "its name added to /etc/hosts for the run: now $(fqdn_seconds) s" | tee -a "$out_dir/gpu.txt"
+  else
+    echo "/etc/hosts not writable: every server start waits that long" | tee -a "$out_dir/gpu.txt"
+  fi
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Nothing is downloaded: the harness builds its own random-weight model.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 BENTOML_DO_NOT_TRACK=true PYTHONUNBUFFERED=1
