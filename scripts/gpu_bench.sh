@@ -77,7 +77,7 @@ echo "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset}" | tee -a "$out_
 # DNS server it names cannot be reached (a lent machine that reaches nothing), that waits out
 # the resolver's timeouts at every server start. On the first H200 run no runner touched the
 # GPU until 33-42 s after its server was started (gpu-util.csv), on 12 cores and on 4 alike. A
-# container has its own name in /etc/hosts (Docker writes it, SageMaker's included), so where
+# Docker container has its own name in /etc/hosts (Docker writes it), so where
 # the lookup is slow here the name is added for the run, and gpu.txt says so.
 fqdn_seconds() {
   timeout 30 "$python" -c 'import socket, time
