@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import datetime
 import functools
 import io
 import json
@@ -1451,6 +1452,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     payload.setdefault("server_logs", {})
     payload.setdefault("server_log_heads", {})
     payload.setdefault("runner_start_ups", {})
+    payload.setdefault("server_start_timelines", {})
     payload.setdefault("server_start_seconds", {})
     payload.setdefault("server_stop_seconds", {})
     out.mkdir(parents=True, exist_ok=True)
@@ -1624,7 +1626,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                     "server_logs); a --resume run retries this stage"
                 )
             log = Path(tmp) / f"server-{len(payload['server_logs'])}.log"
-            starting = time.monotonic()
+            starting, started_at = time.monotonic(), time.time()
             try:
                 with bento_server(home, tag, log, cpus=cpus, **env) as (url, pid):
                     # Most of a one-scenario stage: the device's minutes go here first.
@@ -1653,6 +1655,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 payload["server_log_heads"][label] = text[:8000]
                 # From the whole log: with 6 API workers the head may end before the runners'.
                 payload["runner_start_ups"][label] = runner_start_ups(text)
+                payload["server_start_timelines"][label] = start_timeline(text, started_at)
 
         def fidelity() -> None:
             payload["device_resize"] = device_resize_exactness(model_dir)
@@ -2106,6 +2109,20 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
         for name, seconds in payload.get("stage_seconds", {}).items()
     )
     lines += ["", f"Stages, seconds each (a server's start-up and stop included): {stages}."]
+    timelines = {server: t for server, t in payload.get("server_start_timelines", {}).items() if t}
+    if timelines:
+        lines += [
+            "",
+            "Where each server's start went, seconds after it was started (its log's timestamps, "
+            "whole seconds):",
+            "",
+        ]
+        lines += [
+            f"- {server}: "
+            + ", ".join(f"{event} {seconds}" for event, seconds in timeline.items())
+            + (f"; `/ping` 200 at {starts[server]}" if server in starts else "")
+            for server, timeline in timelines.items()
+        ]
     runner_starts = {server: w for server, w in payload.get("runner_start_ups", {}).items() if w}
     if runner_starts:
         lines += ["", "Where each runner worker's start-up went (its log):", ""]
@@ -2114,6 +2131,31 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
         failed = ", ".join(payload["stage_errors"])
         lines.append(f"Failed stages (their tracebacks are in the JSON): {failed}.")
     return "\n".join(lines)
+
+
+# Moments of a server's start, each the first log line of its kind: (name, source, text).
+START_EVENTS = (
+    ("supervisor's first line", "cli", ""),
+    ("first API worker line", "entry_service:", ""),
+    ("first runner worker ready", "service:clip_runner:", f"runner {STARTUP_LINE_PREFIX}"),
+    ("an API worker saw the runner", "entry_service:", "runner ready"),
+)
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}) \[\w+\] \[([^\]]+)\] (.*)$", re.M
+)
+
+
+def start_timeline(log: str, started_at: float) -> dict[str, int]:
+    """Seconds from a server's start (`started_at`, epoch) to each of `START_EVENTS` in its log
+    (BentoML's timestamps are whole seconds): which process the start-up waited for. On the
+    first H200 run no runner touched the GPU until 33-42 s after its server was started."""
+    timeline: dict[str, int] = {}
+    for stamp, source, text in LOG_LINE.findall(log):
+        for name, wanted_source, wanted_text in START_EVENTS:
+            if name not in timeline and source.startswith(wanted_source) and wanted_text in text:
+                at = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+                timeline[name] = round(at - started_at)
+    return {name: timeline[name] for name, _, _ in START_EVENTS if name in timeline}
 
 
 def runner_start_ups(log: str) -> list[str]:

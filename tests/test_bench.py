@@ -5,6 +5,7 @@ its own figure."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import os
@@ -270,6 +271,41 @@ def test_the_report_says_where_each_runner_workers_start_up_went():
     assert f"- all server cores: {workers}; {workers.replace('2', '1', 1)}" in lines
     assert not any(line.startswith("- cut short") for line in lines)
     assert "Where each runner worker's start-up went" not in bench.gpu_report(a_full_run())
+
+
+def test_the_report_says_when_each_part_of_a_server_logged_its_start():
+    """Seconds from a server's start to the first line of each kind in its log (BentoML's
+    format, whole seconds): a supervisor that waited (the first H200 run's 33-42 s before any
+    runner touched the GPU) shows as a late first line."""
+    started = datetime.datetime(2026, 12, 4, 18, 5, 0, tzinfo=datetime.UTC).timestamp() + 0.2
+    line = "2026-12-04T18:{}+0000 [{}] [{}] {}\n".format
+    log = "".join(
+        [
+            line("05:31", "INFO", "cli", "Starting production HTTP BentoServer"),
+            line("05:33", "INFO", "entry_service:clip_service:2", "Service initialized"),
+            line("05:34", "WARNING", "entry_service:clip_service:1", "runner NOT answering"),
+            line("05:41", "INFO", "service:clip_runner:2", "runner start-up: 8.0 s since ..."),
+            line("05:42", "INFO", "entry_service:clip_service:1", "runner ready"),
+            line("05:43", "INFO", "service:clip_runner:1", "runner start-up: 9.1 s since ..."),
+        ]
+    )
+    timeline = bench.start_timeline(log, started)
+    assert timeline == {
+        "supervisor's first line": 31,
+        "first API worker line": 33,
+        "first runner worker ready": 41,
+        "an API worker saw the runner": 42,
+    }
+    assert bench.start_timeline("no timestamps here\n", started) == {}
+    payload = a_full_run() | {
+        "server_start_timelines": {"server on 4 cores": timeline, "cut short": {}},
+        "server_start_seconds": {"server on 4 cores": 43.6},
+    }
+    assert (
+        "- server on 4 cores: supervisor's first line 31, first API worker line 33, first runner "
+        "worker ready 41, an API worker saw the runner 42; `/ping` 200 at 43.6"
+    ) in bench.gpu_report(payload).splitlines()
+    assert "cut short" not in bench.gpu_report(payload)
 
 
 def test_the_broken_jpeg_stage_runs_apart_and_a_run_that_did_not_end_well_fails_its_check(
