@@ -85,10 +85,11 @@ started = time.monotonic()
 socket.getfqdn()
 print(f"{time.monotonic() - started:.2f}")' || echo "30+"
 }
+name=$("$python" -c 'import socket; print(socket.gethostname())')  # no `hostname` binary needed
 looked_up=$(fqdn_seconds)
-echo "socket.getfqdn() of $(hostname): $looked_up s" | tee -a "$out_dir/gpu.txt"
+echo "socket.getfqdn() of $name: $looked_up s" | tee -a "$out_dir/gpu.txt"
 if [[ "$looked_up" == "30+" ]] || awk -v s="$looked_up" 'BEGIN { exit !(s > 1) }'; then
-  if echo "127.0.0.1 $(hostname)" >> /etc/hosts 2>/dev/null; then
+  if echo "127.0.0.1 $name" >> /etc/hosts 2>/dev/null; then
     echo "its name added to /etc/hosts for the run: now $(fqdn_seconds) s" | tee -a "$out_dir/gpu.txt"
   else
     echo "/etc/hosts not writable: every server start waits that long" | tee -a "$out_dir/gpu.txt"
