@@ -2133,11 +2133,13 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
     return "\n".join(lines)
 
 
+# A runner worker's lines in BentoML's log, "[service:clip_runner:<worker>]".
+RUNNER_SOURCE = "service:clip_runner:"
 # Moments of a server's start, each the first log line of its kind: (name, source, text).
 START_EVENTS = (
     ("supervisor's first line", "cli", ""),
     ("first API worker line", "entry_service:", ""),
-    ("first runner worker ready", "service:clip_runner:", f"runner {STARTUP_LINE_PREFIX}"),
+    ("first runner worker ready", RUNNER_SOURCE, f"runner {STARTUP_LINE_PREFIX}"),
     ("an API worker saw the runner", "entry_service:", "runner ready"),
 )
 LOG_LINE = re.compile(
@@ -2161,10 +2163,12 @@ def start_timeline(log: str, started_at: float) -> dict[str, int]:
 def runner_start_ups(log: str) -> list[str]:
     """A server log's runner start-up lines (model/startup_phases.py), one per runner worker:
     `["worker 1: 41.2 s since the process began (...)", ...]`."""
-    pattern = re.compile(
-        rf"\[service:clip_runner:(\d+)\] runner {re.escape(STARTUP_LINE_PREFIX)} (.*)$", re.M
-    )
-    return [f"worker {worker}: {text}" for worker, text in pattern.findall(log)]
+    prefix = f"runner {STARTUP_LINE_PREFIX} "
+    return [
+        f"worker {source.removeprefix(RUNNER_SOURCE)}: {text.removeprefix(prefix)}"
+        for _, source, text in LOG_LINE.findall(log)
+        if source.startswith(RUNNER_SOURCE) and text.startswith(prefix)
+    ]
 
 
 def gil_profile_text(payload: dict, functions: int = 6) -> list[str]:
