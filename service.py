@@ -42,7 +42,7 @@ from clip_runner.errors import RequestError, error_body
 from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.gil_handover import hand_over_gil_after
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
-from clip_runner.images.loading import ImageLimits
+from clip_runner.images.loading import ImageLimits, compiled_resizer
 from clip_runner.malloc_tuning import reuse_freed_memory
 from clip_runner.model.batching import QueueWaitExceeded
 from clip_runner.model.model_facts import ModelFacts
@@ -147,6 +147,7 @@ class ClipService:
     runner = bentoml.depends(CLIPRunner)
 
     def __init__(self) -> None:
+        compiled_resizer()  # numba's resize loaded in this API worker now, before any request
         self.image_limits = ImageLimits(
             fetch=FetchLimits(
                 max_bytes=settings.max_image_bytes,

@@ -115,9 +115,9 @@ for name in ("torch", "torchvision", "numpy", "numba", "PIL", "transformers", "b
         print(name, importlib.import_module(name).__version__)
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         print(name, "not importable:", type(exc).__name__, exc)
-from clip_runner.model import resample
+from clip_runner.images import compiled_resample
 
-print("numba resize compiled:", resample.COMPILED)
+print("numba resize compiled:", compiled_resample.COMPILED)
 # The supervisor and the API workers pick the GPU defaults by this check, without torch.
 import torch
 from clip_runner.cuda_check import cuda_available

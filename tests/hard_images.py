@@ -104,6 +104,22 @@ def hard_images(scale: float = 1.0) -> list[tuple[str, Image.Image]]:
     return images
 
 
+# Sizes that take each of Pillow's pass orders and directions (for a 224-px model): what an
+# exact resize must reproduce beside the hard set.
+PASS_ORDER_SIZES = [
+    (640, 480),  # the seed's photos
+    (480, 640),
+    (300, 600),  # exactly twice as tall: Pillow still resizes horizontally first
+    (300, 601),  # just over: Pillow resizes vertically first
+    (300, 5000),
+    (5000, 300),
+    (224, 224),  # no resize at all
+    (225, 224),
+    (100, 70),  # upscaling
+    (90, 400),  # upscaling a tall image: horizontal first
+]
+
+
 def encoded(image: Image.Image, fmt: str, subsampling: str = "4:2:0") -> bytes:
     """The image as JPEG (quality 90, chroma `subsampling`: 4:2:0 as cameras save) or PNG."""
     buffer = io.BytesIO()

@@ -26,6 +26,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from clip_runner.model.resample import resized_size
 from clip_runner.web.schemas import SEED_CLASSES as SEED_CLASSES  # re-exported for the tests
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,21 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     channels = [127 + 120 * np.sin(x * freq[c] + y * freq[(c + 1) % 3] + base[c]) for c in range(3)]
     pixels = np.stack(channels, axis=-1) + rng.normal(0, 12, size=(height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def pillow_resize_and_crop(image: Image.Image, edge: int, crop_h: int, crop_w: int) -> np.ndarray:
+    """What CLIPImageProcessor does: Pillow's bicubic resize of the whole image, center crop
+    (zero padding where the crop is larger): what both exact resizes must equal."""
+    new_w, new_h = resized_size(*image.size, edge)
+    resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
+    out_w, out_h = min(crop_w, new_w), min(crop_h, new_h)
+    left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
+    canvas = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)
+    pad_top, pad_left = (crop_h - out_h) // 2, (crop_w - out_w) // 2
+    canvas[pad_top : pad_top + out_h, pad_left : pad_left + out_w] = resized[
+        top : top + out_h, left : left + out_w
+    ]
+    return canvas
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save_args: object) -> bytes:

@@ -96,10 +96,14 @@ def test_the_check_sees_a_violation(tmp_path: Path):
     assert {layer_of(name) for name in names} == {"model", "web"}
 
 
-def test_the_api_side_imports_neither_torch_nor_transformers(bentoml_home):
-    """`import service` is what the supervisor and every API worker run first: it must not load
-    the model's libraries, which only the runner's worker needs (model/engine.py)."""
-    code = "import sys, service\nprint(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+def test_importing_the_service_loads_neither_torch_transformers_nor_numba(bentoml_home):
+    """`import service` is what the supervisor and every worker run first: it must not load
+    the model's libraries, which only the runner's worker needs (model/engine.py), nor numba,
+    which only the API workers' resize needs (images/loading.compiled_resizer)."""
+    code = (
+        "import sys, service\n"
+        "print(sorted({'torch', 'transformers', 'numba'} & set(sys.modules)))\n"
+    )
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
     result = subprocess.run(
         [sys.executable, "-c", code],

@@ -306,20 +306,37 @@ def test_each_process_keeps_what_it_loaded_out_of_garbage_collection(served):
         assert all(int(count) > 100_000 for count in counts), (process, counts)
 
 
+def mapped_by_role(served, library: str) -> dict[str, list[bool]]:
+    """For each process of the server, by role (supervisor, clip_service for an API worker,
+    clip_runner), whether it has a shared library whose path contains `library` mapped."""
+    supervisor = psutil.Process(served.process.pid)
+    mapped: dict[str, list[bool]] = {}
+    for process in [supervisor, *supervisor.children(recursive=True)]:
+        command = process.cmdline()
+        role = command[command.index("--service-name") + 1] if "--service-name" in command else ""
+        loaded = any(library in region.path for region in process.memory_maps())
+        mapped.setdefault(role or "supervisor", []).append(loaded)
+    return mapped
+
+
 def test_only_the_runner_loads_torch(served):
     """The supervisor and the API workers import the service without torch and transformers
     (model/engine.py): a few seconds less to start each, a third of the memory. The runner,
     which holds the model, does load them."""
-    supervisor = psutil.Process(served.process.pid)
-    loads_torch = {}
-    for process in [supervisor, *supervisor.children(recursive=True)]:
-        command = process.cmdline()
-        role = command[command.index("--service-name") + 1] if "--service-name" in command else ""
-        mapped = any("libtorch" in region.path for region in process.memory_maps())
-        loads_torch.setdefault(role or "supervisor", []).append(mapped)
+    loads_torch = mapped_by_role(served, "libtorch")
     api_workers = loads_torch.pop("clip_service")
     assert api_workers and not any(api_workers)
     assert loads_torch == {"supervisor": [False], "clip_runner": [True]}
+
+
+def test_only_the_api_workers_load_numba(served):
+    """Each API worker loads numba's compiled resize as it starts (images/loading.py); the
+    supervisor and the runner, which never resize on the CPU, do not: 0.45 s and about 110 MB
+    less each."""
+    loads_numba = mapped_by_role(served, "libllvmlite")
+    api_workers = loads_numba.pop("clip_service")
+    assert api_workers and all(api_workers)
+    assert loads_numba == {"supervisor": [False], "clip_runner": [False]}
 
 
 def test_once_ping_answers_200_every_api_worker_does(

@@ -14,10 +14,11 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import functools
 import io
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -36,12 +37,7 @@ from clip_runner.images.pixel_budget import HeaderCheck, PixelBudget, image_head
 from clip_runner.images.s3_images import fetch_s3, is_s3_url
 from clip_runner.metrics import PREPROCESS_SECONDS
 from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
-from clip_runner.model.resample import (
-    COMPILED,
-    DEVICE_MAX_DOWNSCALE,
-    crop_plan,
-    resize_and_crop_array,
-)
+from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE, crop_plan
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _DATA_URI = re.compile(r"^data:(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
@@ -344,12 +340,27 @@ def _copied_rgbx(image: Image.Image) -> np.ndarray:
     return np.frombuffer(image.tobytes("raw", "RGBX"), np.uint8).reshape(height, width, 4)
 
 
+@functools.cache
+def compiled_resizer() -> Callable[[np.ndarray, int, int, int], np.ndarray] | None:
+    """numba's exact resize (compiled_resample.resize_and_crop_array), or None where numba is
+    missing or cannot compile it: Pillow then resizes, to the same pixels.
+
+    Imported on the first call, not with this module, which the supervisor and the runner import
+    too (through the service) without ever resizing on the CPU: numba and its compiled loops
+    would cost each of them about 0.45 s of start and 110 MB. The API service calls this as it
+    starts (service.py), so that no request waits for it.
+    """
+    from clip_runner.images import compiled_resample
+
+    return compiled_resample.resize_and_crop_array if compiled_resample.COMPILED else None
+
+
 def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
     """Bicubic resize of the shortest side then center crop: uint8 (H, W, 3), as CLIPProcessor.
 
     With numba (requirements.txt), Pillow's arithmetic runs on the cropped region only
-    (resample.py): the reference's pixels at any aspect ratio, about 4.5 x faster than Pillow on
-    the seed's photos.
+    (compiled_resample.py): the reference's pixels at any aspect ratio, about 4.5 x faster than
+    Pillow on the seed's photos.
     Without it, Pillow itself: for ordinary aspect ratios exactly the reference's computation;
     for extreme ones (panoramas, 10000x1 strips) resizing the whole image would allocate a huge
     intermediate, so only the cropped region is resampled (Pillow's `box`): same sample
@@ -357,8 +368,9 @@ def resize_and_crop(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
     pixels.
     """
     edge, crop_height, crop_width = dataclasses.astuple(geometry)
-    if COMPILED:
-        return resize_and_crop_array(stored_pixels(image), edge, crop_height, crop_width)
+    compiled = compiled_resizer()
+    if compiled is not None:
+        return compiled(stored_pixels(image), edge, crop_height, crop_width)
     width, height = image.size
     plan = crop_plan(width, height, edge, crop_height, crop_width)
     kept = (plan.left, plan.top, plan.left + plan.out_width, plan.top + plan.out_height)
@@ -388,10 +400,11 @@ def prepare_image(
     (BENCHMARKS.md gives its worst case on the hard-image set); images whose shortest side is
     under twice the model's size take the reference path either way.
     """
+    compiled = None if fast else compiled_resizer()
     with PREPROCESS_SECONDS.time():
-        if not fast and COMPILED:
+        if compiled is not None:
             pixels = decoded_rgbx(data, index, max_pixels)
-            return resize_and_crop_array(pixels, *dataclasses.astuple(geometry))
+            return compiled(pixels, *dataclasses.astuple(geometry))
         if not fast:
             return resize_and_crop(decode_image(data, index, max_pixels), geometry)
         draft_side = FAST_OVERSAMPLING * geometry.shortest_edge

@@ -45,9 +45,9 @@ PUBLIC_ONLY = AddressPolicy.from_allowlist([PUBLIC_HOST])
 def resize_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both resizers: the compiled one (numba, the default) and Pillow's (without numba)."""
     if request.param == "pillow":
-        monkeypatch.setattr(clip_runner.images.loading, "COMPILED", False)
+        monkeypatch.setattr(clip_runner.images.loading, "compiled_resizer", lambda: None)
     else:
-        assert clip_runner.images.loading.COMPILED, "numba is in requirements.txt"
+        assert clip_runner.images.loading.compiled_resizer(), "numba is in requirements.txt"
     return request.param
 
 
