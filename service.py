@@ -41,6 +41,7 @@ from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
 from clip_runner.errors import RequestError, error_body
 from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.gil_handover import hand_over_gil_after
+from clip_runner.host_lookup import check_host_lookup_in_background
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits, compiled_resizer
 from clip_runner.malloc_tuning import reuse_freed_memory
@@ -229,6 +230,8 @@ class ClipService:
         logger.info("API worker: %d objects loaded at start kept out of garbage collection", frozen)
         hand_over_gil_after(settings.switch_interval_ms, "API worker")
         reuse_freed_memory()  # each request's image buffers, not page faults (malloc_tuning.py)
+        if bentoml.server_context.worker_index == 1:  # one warning per start is enough
+            check_host_lookup_in_background()  # a start slowed by the supervisor (host_lookup.py)
 
     async def context(self) -> InvocationContext:
         """Built once, on first use: it needs the runner's model facts (logit scale, geometry)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,8 +279,11 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> N
 
 
 @contextmanager
-def bentoml_serve(bentoml_home: Path, log_path: Path, **env: str) -> Iterator[ServedBento]:
-    """`bentoml serve service:ClipService` as a real subprocess on a free loopback port.
+def bentoml_serve(
+    bentoml_home: Path, log_path: Path, prefix: Sequence[str] = (), **env: str
+) -> Iterator[ServedBento]:
+    """`bentoml serve service:ClipService` as a real subprocess on a free loopback port, run
+    through `prefix` (a command that ends by running its arguments) where one is given.
 
     Each server gets a BentoML home of its own whose `models` is the suite's store: BentoML clears
     `$BENTOML_HOME/prometheus_multiproc_dir` when a server starts, which would hide the metrics
@@ -300,7 +303,7 @@ def bentoml_serve(bentoml_home: Path, log_path: Path, **env: str) -> Iterator[Se
     bentoml_cli = Path(sys.executable).with_name("bentoml")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(bentoml_cli), "serve", "service:ClipService", "--host", "127.0.0.1"],
+            [*prefix, str(bentoml_cli), "serve", "service:ClipService", "--host", "127.0.0.1"],
             cwd=REPO_ROOT,
             env=full_env,
             stdout=log,
@@ -316,13 +319,20 @@ def bentoml_serve(bentoml_home: Path, log_path: Path, **env: str) -> Iterator[Se
 
 
 def serve_tiny(
-    model: Any, bentoml_home: Path, factory: pytest.TempPathFactory, name: str, **env: str
+    model: Any,
+    bentoml_home: Path,
+    factory: pytest.TempPathFactory,
+    name: str,
+    prefix: Sequence[str] = (),
+    **env: str,
 ) -> AbstractContextManager[ServedBento]:
-    """`bentoml serve` of the suite's tiny model with these settings, image URLs allowed to the
-    stand-in public host; its log in a temporary folder called `name`."""
+    """`bentoml serve` of the suite's tiny model with these settings (through `prefix`, as
+    `bentoml_serve`), image URLs allowed to the stand-in public host; its log in a temporary
+    folder called `name`."""
     return bentoml_serve(
         bentoml_home,
         factory.mktemp(name) / "serve.log",
+        prefix,
         CLIP_MODEL_TAG=str(model.tag),
         CLIP_FETCH_ALLOW=f"{PUBLIC_HOST}/32",
         **env,

@@ -29,6 +29,7 @@ SHARED = {
     "bound_apis",
     "gc_tuning",
     "gil_handover",
+    "host_lookup",
     "malloc_tuning",
 }
 
