@@ -346,9 +346,9 @@ def compiled_resizer() -> Callable[[np.ndarray, int, int, int], np.ndarray] | No
     missing or cannot compile it: Pillow then resizes, to the same pixels.
 
     Imported on the first call, not with this module, which the supervisor and the runner import
-    too (through the service) without ever resizing on the CPU: numba and its compiled loops
-    would cost each of them about 0.45 s of start and 110 MB. The API service calls this as it
-    starts (service.py), so that no request waits for it.
+    too (through the service) and which must not load numba in them (compiled_resample.py says
+    what it costs). The API service calls this as it starts (service.py), so that no request
+    waits for it.
     """
     from clip_runner.images import compiled_resample
 

@@ -19,9 +19,7 @@ photo's work is thrown away, and a 10000x1 strip allocates a 224 x 2.2 M image f
   float32, not float64, because most GPUs SageMaker users pick (A10G, L4, T4) run float64 at
   1/32-1/64 of float32.
 - `resize_and_crop_array` (images/compiled_resample.py; numba-compiled loops): the API workers'
-  CPU path. It lives apart because numba costs a process 0.45 s and about 110 MB to import
-  and load the compiled loops, and only the API workers resize on the CPU: the supervisor and
-  the runner import this module (through the service) and never load numba.
+  CPU path, in a module of its own so that only they load numba.
 """
 
 from __future__ import annotations
