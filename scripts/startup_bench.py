@@ -5,9 +5,10 @@
 The other commit is checked out into a temporary git worktree and served from there with this
 venv. Each round starts each server once (in alternating order) on the same tiny model and
 measures: seconds from the command until `/ping` answers 200 (the model loaded and warmed, each
-API worker's probe answered), seconds of the first seed request after that, and each process's
-memory (RSS) once ready, by role: the supervisor, the runner, the API workers (their mean). It
-also records which processes have torch loaded. Results: `--out` (JSON), and a table to stdout.
+API worker's probe answered), seconds of the first seed request after that, each process's
+memory (RSS) once ready, by role: the supervisor, the runner, the API workers (their mean), and
+the steps of the runner's start from its start-up line (model/startup_phases.py). It also
+records which processes have torch loaded. Results: `--out` (JSON), and a table to stdout.
 Start-up depends on the disk cache: the first round of each is a warm-up and is left out.
 """
 
@@ -33,6 +34,8 @@ from bench import (
     tree,
 )
 
+from clip_runner.model.startup_phases import STARTUP_LINE_PREFIX, startup_seconds
+
 
 def serve_once(home: Path, tag: str, checkout: Path, log: Path) -> dict:
     """One start of the server in `checkout`: its timings, memory and torch use."""
@@ -55,10 +58,14 @@ def serve_once(home: Path, tag: str, checkout: Path, log: Path) -> dict:
             memory.setdefault(role, []).append(process.memory_info().rss / 2**20)
             mapped = any("libtorch" in region.path for region in process.memory_maps())
             torch_loaded.setdefault(role, []).append(mapped)
+    runner_lines = [
+        line for line in log.read_text().splitlines() if f"runner {STARTUP_LINE_PREFIX}" in line
+    ]
     return {
         "ready_s": round(ready_s, 2),
         "first_answer_s": round(first_answer_s, 3),
         "rss_mb": {role: round(statistics.mean(sizes)) for role, sizes in memory.items()},
+        "runner_start_up_s": startup_seconds(runner_lines[0]) if runner_lines else {},
         "torch_loaded": torch_loaded,
     }
 
@@ -83,6 +90,11 @@ def medians(runs: list[dict]) -> dict:
             role: statistics.median(run["rss_mb"][role] for run in runs if role in run["rss_mb"])
             for role in roles
         },
+        "runner_start_up_s": {
+            step: statistics.median(run["runner_start_up_s"][step] for run in runs)
+            for step in runs[-1]["runner_start_up_s"]
+            if all(step in run["runner_start_up_s"] for run in runs)
+        },
         "torch_loaded": runs[-1]["torch_loaded"],
     }
 
@@ -94,6 +106,11 @@ def table(result: dict) -> str:
     rows.append(("first seed request (s)", base["first_answer_s"], ours["first_answer_s"]))
     for role in sorted(set(base["rss_mb"]) | set(ours["rss_mb"])):
         rows.append((f"RSS of the {role} (MB)", base["rss_mb"].get(role), ours["rss_mb"].get(role)))
+    steps = dict.fromkeys([*base["runner_start_up_s"], *ours["runner_start_up_s"]])
+    for step in steps:  # a step either side lacks (a new one) shows with one figure
+        name = "since its process began" if step == "total" else step
+        figures = (base["runner_start_up_s"].get(step), ours["runner_start_up_s"].get(step))
+        rows.append((f"runner start-up: {name} (s, median)", *figures))
     lines = [
         f"| {name} | {b} | {o} | {o / b:.2f} |" if b and o else f"| {name} | {b} | {o} | |"
         for name, b, o in rows

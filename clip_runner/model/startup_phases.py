@@ -12,6 +12,7 @@ the GPU report reads that line from each server's log.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,9 @@ from pathlib import Path
 
 # The log line's fixed start: scripts/bench.py finds it in each server's log.
 STARTUP_LINE_PREFIX = "start-up:"
+# Its total ("since the process began" or "since its first step"); the steps follow in
+# parentheses, "name seconds" each, separated by commas (and the time before them by ";").
+_TOTAL = re.compile(r"start-up: (\d+\.\d) s since")
 
 
 def seconds_since_process_start(proc: Path = Path("/proc")) -> float | None:
@@ -63,3 +67,18 @@ class StartupPhases:
             f"{STARTUP_LINE_PREFIX} {total:.1f} s since the process began (before the runner: "
             f"{self.before:.1f}; {steps})"
         )
+
+
+def startup_seconds(line: str) -> dict[str, float]:
+    """A start-up line's figures back, for the benchmarks that compare starts
+    (scripts/startup_bench.py): `{"total": 5.9, "before the runner": 1.9, "model read": 0.1,
+    ...}`; empty for a line without them."""
+    total = _TOTAL.search(line)
+    if total is None:
+        return {}
+    figures = {"total": float(total.group(1))}
+    inside = line[line.index("(", total.end()) + 1 : line.rindex(")")]
+    for item in filter(None, (part.strip() for part in re.split("[;,]", inside))):
+        name, _, seconds = item.rpartition(" ")
+        figures[name.removesuffix(":")] = float(seconds)
+    return figures

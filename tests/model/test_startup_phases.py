@@ -7,7 +7,11 @@ import time
 
 import pytest
 
-from clip_runner.model.startup_phases import StartupPhases, seconds_since_process_start
+from clip_runner.model.startup_phases import (
+    StartupPhases,
+    seconds_since_process_start,
+    startup_seconds,
+)
 
 
 def fake_proc(tmp_path, uptime: float, started_ticks: int, command: str = "python"):
@@ -86,3 +90,32 @@ def test_without_proc_the_line_counts_from_the_first_step(monkeypatch):
     with phases.phase("imports"):
         clock.now += 4.0
     assert phases.line() == "start-up: 4.0 s since its first step (imports 4.0)"
+
+
+@pytest.mark.parametrize(
+    ("before", "total"), [(2.0, {"total": 6.9, "before the runner": 2.0}), (None, {"total": 4.9})]
+)
+def test_the_lines_figures_read_back(monkeypatch, before, total):
+    """What scripts/startup_bench.py compares: the total, the time before, and every step, from
+    the line as the runner logs it (its logger's prefix in front), with or without /proc."""
+    monkeypatch.setattr(
+        "clip_runner.model.startup_phases.seconds_since_process_start", lambda: before
+    )
+    clock = FakeClock()
+    phases = StartupPhases(clock)
+    with phases.phase("torch and transformers imported"):
+        clock.now += 3.71
+    with phases.phase("CUDA graphs"):
+        clock.now += 1.2
+    figures = startup_seconds(f"[service:clip_runner:1] runner {phases.line()}")
+    assert figures == {**total, "torch and transformers imported": 3.7, "CUDA graphs": 1.2}
+
+
+def test_a_line_without_steps_or_without_figures():
+    assert startup_seconds(
+        "start-up: 0.4 s since the process began (before the runner: 0.4; )"
+    ) == {
+        "total": 0.4,
+        "before the runner": 0.4,
+    }
+    assert startup_seconds("runner ready") == {}
