@@ -51,10 +51,20 @@ class FakeClock:
         return self.now
 
 
-def test_each_step_is_timed_and_the_line_adds_the_time_before(monkeypatch):
-    monkeypatch.setattr(
-        "clip_runner.model.startup_phases.seconds_since_process_start", lambda: 2.04
-    )
+@pytest.fixture
+def process_age(monkeypatch):
+    """Sets what /proc says of this process's age (None: /proc says nothing)."""
+
+    def set_age(seconds: float | None) -> None:
+        monkeypatch.setattr(
+            "clip_runner.model.startup_phases.seconds_since_process_start", lambda: seconds
+        )
+
+    return set_age
+
+
+def test_each_step_is_timed_and_the_line_adds_the_time_before(process_age):
+    process_age(2.04)
     clock = FakeClock()
     phases = StartupPhases(clock)
     with phases.phase("imports"):
@@ -81,10 +91,8 @@ def test_a_failing_step_is_still_timed():
     assert phases.steps == [("model read", 1.5)]
 
 
-def test_without_proc_the_line_counts_from_the_first_step(monkeypatch):
-    monkeypatch.setattr(
-        "clip_runner.model.startup_phases.seconds_since_process_start", lambda: None
-    )
+def test_without_proc_the_line_counts_from_the_first_step(process_age):
+    process_age(None)
     clock = FakeClock()
     phases = StartupPhases(clock)
     with phases.phase("imports"):
@@ -95,12 +103,10 @@ def test_without_proc_the_line_counts_from_the_first_step(monkeypatch):
 @pytest.mark.parametrize(
     ("before", "total"), [(2.0, {"total": 6.9, "before the runner": 2.0}), (None, {"total": 4.9})]
 )
-def test_the_lines_figures_read_back(monkeypatch, before, total):
+def test_the_lines_figures_read_back(process_age, before, total):
     """What scripts/startup_bench.py compares: the total, the time before, and every step, from
     the line as the runner logs it (its logger's prefix in front), with or without /proc."""
-    monkeypatch.setattr(
-        "clip_runner.model.startup_phases.seconds_since_process_start", lambda: before
-    )
+    process_age(before)
     clock = FakeClock()
     phases = StartupPhases(clock)
     with phases.phase("torch and transformers imported"):
@@ -112,10 +118,6 @@ def test_the_lines_figures_read_back(monkeypatch, before, total):
 
 
 def test_a_line_without_steps_or_without_figures():
-    assert startup_seconds(
-        "start-up: 0.4 s since the process began (before the runner: 0.4; )"
-    ) == {
-        "total": 0.4,
-        "before the runner": 0.4,
-    }
+    no_steps = "start-up: 0.4 s since the process began (before the runner: 0.4; )"
+    assert startup_seconds(no_steps) == {"total": 0.4, "before the runner": 0.4}
     assert startup_seconds("runner ready") == {}
