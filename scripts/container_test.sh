@@ -190,6 +190,9 @@ check_served_on_host_network() {
   "$PYTHON" scripts/container_checks.py http://127.0.0.1:8080 --expect-model clip: ||
     { docker logs "$name" 2>&1 | tail -40 >&2; fail "checks against the container"; }
   log "ready and checked $((SECONDS - started)) s after docker run"
+  # numba compiled (and cached) the API workers' resize inside the image; else Pillow resizes.
+  expect_logged "$name" "images resized on the CPU by numba's compiled loops" \
+    "that the API workers' resize is compiled"
   [[ "$(docker exec "$name" id -u)" != "0" ]] || fail "the server runs as root"
   log "runs as $(docker exec "$name" id -un) (uid $(docker exec "$name" id -u))"
   docker exec "$name" sh -c 'ls $BENTO_PATH/models/clip/*/model.safetensors' >/dev/null ||

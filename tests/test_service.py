@@ -330,13 +330,15 @@ def test_only_the_runner_loads_torch(served):
 
 
 def test_only_the_api_workers_load_numba(served):
-    """Each API worker loads numba's compiled resize as it starts (images/loading.py); the
-    supervisor and the runner, which never resize on the CPU, do not: 0.45 s and about 110 MB
-    less each."""
+    """Each API worker loads numba's compiled resize as it starts (images/loading.py) and says
+    so; the supervisor and the runner, which never resize on the CPU, do not: 0.45 s and about
+    110 MB less each."""
     loads_numba = mapped_by_role(served, "libllvmlite")
     api_workers = loads_numba.pop("clip_service")
     assert api_workers and all(api_workers)
     assert loads_numba == {"supervisor": [False], "clip_runner": [False]}
+    said = "API worker: images resized on the CPU by numba's compiled loops"
+    assert served.wait_for_log(said).count(said) == len(api_workers)
 
 
 def test_once_ping_answers_200_every_api_worker_does(
