@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl
-# Not numba either: its LLVM alone is 60 MB. Without it the API workers resize with Pillow (the
-# same pixels, slower); on a GPU the seed's JPEGs are decoded and resized by the runner anyway.
+# Not numba either: its LLVM alone is 60 MB. The H200's image had its own (0.68.0; gpu.txt says
+# whether the resize compiled); without one the API workers resize with Pillow (the same pixels,
+# slower), which would tilt the CLIP_DECODE=api ablation against the API path.
 grep -v -E '^(torch|numba|#)' requirements.txt | grep . > .whl/requirements.txt
 # And py-spy (3 MB), for the bench's GIL profiles (scripts/gil_profile.py).
 grep '^py-spy==' requirements-dev.txt >> .whl/requirements.txt
