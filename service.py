@@ -149,7 +149,7 @@ class ClipService:
 
     def __init__(self) -> None:
         # numba's resize loaded in this API worker now, before any request; which resize runs
-        # is said once: without numba each image costs about 3 x the CPU (the same pixels).
+        # is said once: without numba the resize takes about 4.5 x the CPU (the same pixels).
         logger.info(
             "API worker: images resized on the CPU by %s",
             "numba's compiled loops" if compiled_resizer() else "Pillow (no usable numba)",
