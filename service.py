@@ -51,7 +51,7 @@ from clip_runner.model.model_source import find_checkpoint
 from clip_runner.model.runner import CLIPRunner
 from clip_runner.web.auth import ApiKeyMiddleware
 from clip_runner.web.connection_recycling import ConnectionRecyclingMiddleware
-from clip_runner.web.direct_json import DirectJsonMiddleware
+from clip_runner.web.direct_json import DirectJsonMiddleware, DirectRoute
 from clip_runner.web.error_responses import JSONErrorMiddleware, quiet_caller_error_logs
 from clip_runner.web.http_spans import one_span_per_request
 from clip_runner.web.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
@@ -118,6 +118,20 @@ async def batch_execution_parameters(_: Request) -> Response:
 async def invocation_line(line: InvocationLine) -> Any:
     """One line of a JSON Lines `/invocations` body, answered by this worker's service."""
     return await bentoml.get_current_service().invocation_line(line)
+
+
+def direct_route(api: str, answer: str) -> DirectRoute:
+    """`api` answered by DirectJsonMiddleware: its body validated by BentoML's input model of
+    the API, then the service's `answer` method called with the fields, as the API method
+    would call it."""
+    model = ClipService.apis[api].input_spec
+
+    async def handler(request: Any) -> Any:
+        service = bentoml.get_current_service()
+        fields = {name: getattr(request, name) for name in type(request).model_fields}
+        return await service.checked(getattr(service, answer)(**fields))
+
+    return DirectRoute(model, handler)
 
 
 health_app = Starlette(
@@ -402,39 +416,42 @@ class ClipService:
         top_k: OptionalTopK = None,
     ) -> ClassifyResponse:
         """Per image, the labels sorted by score; several templates are averaged per label."""
+        return await self.answer(self.classification(images, labels, templates, top_k))
 
-        async def work() -> ClassifyResponse:
-            context = await self.context()
-            results = await classify_images(context, images, labels, templates, top_k)
-            return ClassifyResponse(model=context.facts.tag, results=results)
-
-        return await self.answer(work())
+    async def classification(
+        self, images: list[str], labels: list[str], templates: list[str], top_k: int | None
+    ) -> ClassifyResponse:
+        context = await self.context()
+        results = await classify_images(context, images, labels, templates, top_k)
+        return ClassifyResponse(model=context.facts.tag, results=results)
 
     @bentoml.api(route="/embed_images")
     async def embed_images(
         self, images: ImageList, encoding_format: EncodingFormatField = "float"
     ) -> EmbeddingResponse:
         """L2-normalised image embeddings, one per image, in request order."""
+        return await self.answer(self.image_embedding_answer(images, encoding_format))
 
-        async def work() -> EmbeddingResponse:
-            context = await self.context()
-            embeddings = await image_embeddings(context, images)
-            return self._embedding_answer(context, embeddings, encoding_format)
-
-        return await self.answer(work())
+    async def image_embedding_answer(
+        self, images: list[str], encoding_format: str
+    ) -> EmbeddingResponse:
+        context = await self.context()
+        embeddings = await image_embeddings(context, images)
+        return self._embedding_answer(context, embeddings, encoding_format)
 
     @bentoml.api(route="/embed_texts")
     async def embed_texts(
         self, texts: TextList, encoding_format: EncodingFormatField = "float"
     ) -> EmbeddingResponse:
         """L2-normalised text embeddings (texts as given, no template), in request order."""
+        return await self.answer(self.text_embedding_answer(texts, encoding_format))
 
-        async def work() -> EmbeddingResponse:
-            context = await self.context()
-            embeddings = await embed_texts_flow(context, texts)
-            return self._embedding_answer(context, embeddings, encoding_format)
-
-        return await self.answer(work())
+    async def text_embedding_answer(
+        self, texts: list[str], encoding_format: str
+    ) -> EmbeddingResponse:
+        context = await self.context()
+        embeddings = await embed_texts_flow(context, texts)
+        return self._embedding_answer(context, embeddings, encoding_format)
 
     @staticmethod
     def _embedding_answer(
@@ -456,6 +473,13 @@ class ClipService:
         await self.http_client.aclose()
 
 
+# Every API's JSON requests, answered before BentoML's endpoint layers (direct_json.py).
+DIRECT_ROUTES = {
+    "/invocations": DirectRoute(InvocationLine, invocation_line),
+    "/classify": direct_route("classify", "classification"),
+    "/embed_images": direct_route("embed_images", "image_embedding_answer"),
+    "/embed_texts": direct_route("embed_texts", "text_embedding_answer"),
+}
 one_span_per_request()  # before BentoML builds the app: no per-message spans
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
 ClipService.add_asgi_middleware(
@@ -467,7 +491,7 @@ ClipService.add_asgi_middleware(
     max_concurrency=settings.max_concurrency,
     max_body_bytes=settings.max_body_bytes,
     timeout_s=settings.request_timeout_s,
-    json_paths=("/invocations", "/classify", "/embed_images", "/embed_texts"),
+    json_paths=tuple(DIRECT_ROUTES),
     raw_image_paths=("/invocations",),
     body_timeout_s=settings.body_timeout_s,
     max_waiting_bodies=settings.max_waiting_bodies,
@@ -481,6 +505,6 @@ ClipService.add_asgi_middleware(
     max_in_flight=settings.max_concurrency,
 )
 ClipService.add_asgi_middleware(
-    DirectJsonMiddleware, handler=invocation_line, service_name=SERVICE_NAME
+    DirectJsonMiddleware, routes=DIRECT_ROUTES, service_name=SERVICE_NAME
 )
 quiet_caller_error_logs()

@@ -1209,14 +1209,15 @@ def bare_text_rate(encoder, window_s: float = 4) -> dict[str, float]:
     return rates
 
 
-def uncached_text_bodies(requests: int, per_request: int = 8) -> list[bytes]:
-    """`/embed_texts` bodies whose prompts never repeat: every one misses the text cache."""
+def uncached_text_bodies(requests: int, per_request: int = 8, first: int = 0) -> list[bytes]:
+    """`/embed_texts` bodies whose prompts never repeat: every one misses the text cache.
+    Bodies from another `first` (past the first's `requests`) share no prompt with these."""
     words = ["red", "small", "old", "shiny", "wooden", "striped", "broken", "tiny", "huge"]
     return [
         json.dumps(
             {"texts": [f"a {words[(r + i) % 9]} object number {r}-{i}" for i in range(per_request)]}
         ).encode()
-        for r in range(requests)
+        for r in range(first, first + requests)
     ]
 
 

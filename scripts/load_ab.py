@@ -1,8 +1,9 @@
-"""The seed load: this checkout against another commit's, in alternating windows.
+"""A load (the seed's by default): this checkout against another commit's, in alternating windows.
 
     python scripts/load_ab.py --baseline-rev 79914d3 --rounds 6
     python scripts/load_ab.py --baseline-rev 79914d3 CLIP_DECODE=runner   # settings for both
     python scripts/load_ab.py --baseline-rev 79914d3 --vit-b32 --seconds 25  # no regression?
+    python scripts/load_ab.py --baseline-rev 79914d3 --load embed_texts  # uncached prompts
 
 What a change to the work around the model buys, measured where the model costs nothing (the
 `--overhead` scenario of bench.py: one 640x480 JPEG per request, six classes, 32 clients), or,
@@ -11,6 +12,10 @@ servers are up side by side for the whole run, each with its own BentoML home (t
 one home share their metrics' files), and the load windows take turns, so that this host's
 drift over minutes falls on both alike. Per window: requests/s, p50, and each process's CPU per
 request by role. Results: `--out` (JSON, every window), and the medians to stdout.
+
+`--load embed_images` sends the seed's photos to `/embed_images`, `--load embed_texts` eight
+prompts per request to `/embed_texts` that no window has sent before (each server's text cache
+would otherwise answer the windows after its first).
 """
 
 from __future__ import annotations
@@ -32,15 +37,32 @@ from bench import (
     import_random_model,
     measure,
     seed_request_bodies,
+    uncached_text_bodies,
 )
 from startup_bench import worktree
 
-SCENARIO = Scenario("seed c32", seed_request_bodies(), 1, 32)
+LOADS = ("seed", "embed_images", "embed_texts")
+# Uncached prompts per window: more requests than any window sends.
+TEXT_REQUESTS_PER_WINDOW = 50_000
 
 
-def window(url: str, pid: int, seconds: float) -> dict:
+def scenario(load: str, window_index: int) -> Scenario:
+    """Window `window_index`'s load: the same requests each window, or for `embed_texts`
+    prompts of this window's own."""
+    if load == "embed_images":
+        return Scenario(
+            "embed_images c32", seed_request_bodies(classes=None), 1, 32, "/embed_images"
+        )
+    if load == "embed_texts":
+        first = window_index * TEXT_REQUESTS_PER_WINDOW
+        bodies = uncached_text_bodies(TEXT_REQUESTS_PER_WINDOW, first=first)
+        return Scenario("embed_texts uncached c32", bodies, 8, 32, "/embed_texts")
+    return Scenario("seed c32", seed_request_bodies(), 1, 32)
+
+
+def window(url: str, pid: int, load: Scenario, seconds: float) -> dict:
     """One load window's figures."""
-    row = measure(url, pid, SCENARIO, 1_000_000, seconds, metrics=True)
+    row = measure(url, pid, load, 1_000_000, seconds, metrics=True)
     return {
         "requests_per_s": row["requests_per_s"],
         "p50_ms": row["p50_ms"],
@@ -70,6 +92,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6, help="windows of each server")
     parser.add_argument("--seconds", type=float, default=15, help="each window")
     parser.add_argument("--vit-b32", action="store_true", help="ViT-B/32 instead of the tiny model")
+    parser.add_argument("--load", choices=LOADS, default="seed", help="the requests sent")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "load-ab.json")
     parser.add_argument("settings", nargs="*", help="NAME=VALUE for both servers' environment")
     args = parser.parse_args()
@@ -89,7 +112,8 @@ def main() -> int:
             for round_index in range(args.rounds):
                 order = ["baseline", "current"] if round_index % 2 == 0 else ["current", "baseline"]
                 for name in order:
-                    figures = window(*urls[name], args.seconds)
+                    load = scenario(args.load, len(windows["baseline"]) + len(windows["current"]))
+                    figures = window(*urls[name], load, args.seconds)
                     windows[name].append(figures)
                     print(name, round_index, json.dumps(figures), flush=True)
     finally:
@@ -105,6 +129,7 @@ def main() -> int:
             text=True,
         ).stdout.strip(),
         "model": "random-weight ViT-B/32" if args.vit_b32 else "random-weight tiny CLIP",
+        "load": args.load,
         "settings": settings,
         "seconds_per_window": args.seconds,
         "medians": {name: medians(runs) for name, runs in windows.items()},

@@ -1,35 +1,41 @@
-"""`POST /invocations` with a JSON body, answered here instead of by BentoML's endpoint.
+"""JSON requests to the APIs, answered here instead of by BentoML's endpoint.
 
-Between this project's middlewares and the API method, BentoML runs its request context,
+Between this project's middlewares and an API method, BentoML runs its request context,
 Starlette's exception middleware and router, and its endpoint, which parses the body into the
 API's input model, calls the method and adds its response headers. With the tiny model at the
-seed load, skipping those layers cut about 8% of an API worker's CPU per request (BENCHMARKS.md).
-Everything outside this middleware still wraps these requests: BentoML's tracing (each request
-keeps its span and request id), HTTP metrics, access log and timeout, and the project's own
-middlewares. The API stays declared to BentoML, so its schema, docs and Python client are
-unchanged, and BentoML still answers the route's other JSON media types (`text/json`,
-`...+json`, none at all: what `traffic.RequestGuardMiddleware` lets through).
+seed load, skipping those layers for `POST /invocations` cut about 8% of an API worker's CPU per
+request; py-spy put them at about 11% of an API worker's samples under uncached `/embed_texts`
+load (BENCHMARKS.md). Everything outside this middleware still wraps these requests: BentoML's
+tracing (each request keeps its span and request id), HTTP metrics, access log and timeout, and
+the project's own middlewares. The APIs stay declared to BentoML, so their schemas, docs and
+Python client are unchanged, and BentoML still answers the routes' other JSON media types
+(`text/json`, `...+json`, none at all: what `traffic.RequestGuardMiddleware` lets through).
 
-The body is validated by the model a JSON Lines record uses (`jsonlines.InvocationLine`, the
-API's own fields and types) and turned into the same errors; a served test holds both paths to
-the same status and body over good and bad requests.
+Each route's body is validated by an input model and turned into the errors BentoML's endpoint
+gives: `/invocations` by the model a JSON Lines record uses (`jsonlines.InvocationLine`, the
+API's own fields and types), the other APIs by BentoML's own input model of the API (what its
+endpoint validates with); a served test holds both paths to the same status and body over good
+and bad requests on every route.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import pydantic_core
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.context import trace_context
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clip_runner.errors import RequestError
 from clip_runner.web.error_responses import rejection_line
-from clip_runner.web.jsonlines import InvocationLine, LineHandler, request_error
+from clip_runner.web.jsonlines import request_error
 from clip_runner.web.traffic import is_application_json, posted_content_type
 
 JSON_MEDIA_TYPE = "application/json"
@@ -38,12 +44,21 @@ UNEXPECTED_ERROR = "An unexpected error has occurred, please check the server lo
 logger = logging.getLogger(__name__)
 
 
-def parsed(body: bytes) -> InvocationLine:
+@dataclass(frozen=True)
+class DirectRoute:
+    """One API answered here: the model its body is validated with, and the coroutine that
+    answers a validated body (raising RequestError for the caller's mistakes)."""
+
+    model: type[BaseModel]
+    handler: Callable[[Any], Awaitable[Any]]
+
+
+def parsed(body: bytes, model: type[BaseModel]) -> BaseModel:
     """The validated request, or the RequestError BentoML's endpoint would answer, with the
     warning line it would log (`error_responses.CallerErrorLogFilter`). An empty body is
     BentoML's `{}`: every field takes its default."""
     try:
-        return InvocationLine.model_validate_json(body or b"{}")
+        return model.model_validate_json(body or b"{}")
     except ValidationError as error:
         line, args = rejection_line(error)
         logger.warning(line, *args)
@@ -51,18 +66,16 @@ def parsed(body: bytes) -> InvocationLine:
 
 
 class DirectJsonMiddleware:
-    """Answers `POST path` with a JSON body through `handler` (see the module docstring).
+    """Answers `POST` of a JSON body to each of `routes` (path -> DirectRoute) here (see the
+    module docstring).
 
     It sits inside `raw_images.RawImageBodyMiddleware`, so image bodies, rewritten there into
-    JSON requests, are answered here too.
+    JSON requests to `/invocations`, are answered here too.
     """
 
-    def __init__(
-        self, app: ASGIApp, handler: LineHandler, service_name: str, path: str = "/invocations"
-    ) -> None:
+    def __init__(self, app: ASGIApp, routes: Mapping[str, DirectRoute], service_name: str) -> None:
         self.app = app
-        self.handler = handler
-        self.path = path
+        self.routes = dict(routes)
         self.server_header = f"BentoML Service/{service_name}"
         formats = BentoMLContainer.logging_formatting.get()
         self.request_id_format = formats["span_id"]
@@ -70,18 +83,20 @@ class DirectJsonMiddleware:
         self.trace_id_format = formats["trace_id"] if trace_id_header else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        content_type = posted_content_type(scope, self.path)
-        if content_type is None or not is_application_json(content_type):
+        path = scope.get("path", "")
+        route = self.routes.get(path)
+        content_type = None if route is None else posted_content_type(scope, path)
+        if route is None or content_type is None or not is_application_json(content_type):
             await self.app(scope, receive, send)
             return
         body = await Request(scope, receive).body()
         try:
-            answer = await self.handler(parsed(body))
+            answer = await route.handler(parsed(body, route.model))
             response = Response(pydantic_core.to_json(answer), media_type=JSON_MEDIA_TYPE)
         except RequestError as error:
             response = error.to_response()
         except Exception:  # a bug of ours: logged, and answered as BentoML's endpoint would
-            logger.exception("unexpected error answering %s", self.path)
+            logger.exception("unexpected error answering %s", path)
             response = RequestError(500, "internal_error", UNEXPECTED_ERROR).to_response()
         response.headers.update(self.bentoml_headers())
         await response(scope, receive, send)

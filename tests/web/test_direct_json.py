@@ -1,6 +1,6 @@
-"""`POST /invocations` with `application/json`, answered by DirectJsonMiddleware: in process
-around a stand-in for BentoML's app, and through a real `bentoml serve` against BentoML's own
-endpoint (which still answers `text/json`)."""
+"""`POST` of `application/json` to the APIs, answered by DirectJsonMiddleware: in process around
+a stand-in for BentoML's app, and through a real `bentoml serve` against BentoML's own endpoint
+(which still answers `text/json`), on every API."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from clip_runner.config import DEFAULT_TOP_K
 from clip_runner.errors import RequestError
-from clip_runner.web.direct_json import DirectJsonMiddleware
+from clip_runner.web.direct_json import DirectJsonMiddleware, DirectRoute
 from clip_runner.web.jsonlines import InvocationLine
 from clip_runner.web.traffic import is_application_json
 from tests.helpers import SEED_CLASSES, as_base64, assert_same_answer, photo_like
-from tests.test_service import post
 
 # ---- in process ----
 
@@ -37,8 +37,22 @@ async def bentoml_stand_in(scope: Scope, receive: Receive, send: Send) -> None:
     await Response(b"bentoml", status_code=299)(scope, receive, send)
 
 
+class TextsOnly(BaseModel):
+    """A second route's model: what each route's body is validated with is its own."""
+
+    texts: list[str]
+
+
+async def echo_texts(request: TextsOnly) -> Any:
+    return {"texts": request.texts}
+
+
 def client_around(handler) -> httpx.AsyncClient:
-    app = DirectJsonMiddleware(bentoml_stand_in, handler=handler, service_name="clip_service")
+    routes = {
+        "/invocations": DirectRoute(InvocationLine, handler),
+        "/embed_texts": DirectRoute(TextsOnly, echo_texts),
+    }
+    app = DirectJsonMiddleware(bentoml_stand_in, routes=routes, service_name="clip_service")
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
@@ -62,8 +76,14 @@ async def _test_application_json_on_the_route_is_answered_here_the_rest_passes_t
                 "/invocations", content=json.dumps(body), headers={"content-type": content_type}
             )
             assert passed.status_code == 299, content_type
-        assert (await client.post("/classify", json=body)).status_code == 299
+        assert (await client.post("/classify", json=body)).status_code == 299  # not routed
         assert (await client.get("/invocations")).status_code == 299
+        texts = await client.post("/embed_texts", json={"texts": ["a", "b"]})
+        assert texts.status_code == 200 and texts.json() == {"texts": ["a", "b"]}
+        # Each route's own model: /invocations' fields are no /embed_texts body.
+        wrong = await client.post("/embed_texts", json=body)
+        assert wrong.status_code == 422
+        assert wrong.json()["error"]["message"].startswith("texts: ")
 
 
 def test_bad_bodies_get_the_request_errors_and_an_empty_one_means_no_fields(caplog):
@@ -119,11 +139,19 @@ def photo(seed: int) -> str:
     return as_base64(photo_like(120, 90, seed=seed), "JPEG")
 
 
-def requests_to_compare() -> list[tuple[str, bytes]]:
-    """Good and bad bodies, each as sent (bytes): what a caller may get wrong."""
+def post(served, route: str, body: bytes, content_type: str) -> httpx.Response:
+    return httpx.post(
+        f"{served.url}{route}", content=body, headers={"Content-Type": content_type}, timeout=30
+    )
+
+
+def requests_to_compare() -> list[tuple[str, str, bytes]]:
+    """(route, name, body as sent): good and bad bodies for every API, what a caller may get
+    wrong."""
     good = {"images": [photo(1), photo(2)], "classes": SEED_CLASSES, "top_k": 3}
     toolkit = {"inputs": photo(3), "parameters": {"candidate_labels": ["a cat", "a dog"]}}
-    bodies: list[tuple[str, Any]] = [
+    labels = {"images": [photo(8)], "labels": ["a cat", "a dog"]}
+    invocations: list[tuple[str, Any]] = [
         ("the seed's shape", good),
         ("the toolkit's shape", toolkit),
         ("an unknown field too", {**good, "colour": "blue"}),
@@ -140,21 +168,73 @@ def requests_to_compare() -> list[tuple[str, bytes]]:
         ("a prompt too long", {"images": [photo(7)], "classes": [["word " * 90, 1]]}),
         ("both shapes", {**good, **toolkit}),
     ]
+    classify: list[tuple[str, Any]] = [
+        ("labels", labels),
+        ("templates and top_k", {**labels, "templates": ["a photo of {}", "{}"], "top_k": 1}),
+        ("an unknown field too", {**labels, "colour": "blue"}),
+        ("empty", b""),
+        ("broken JSON", b'{"labels": ['),
+        ("no labels", {"images": [photo(9)]}),
+        ("no images", {"labels": ["a cat"]}),
+        ("a template without {}", {**labels, "templates": ["a photo"]}),
+        ("bad base64", {"images": ["not base64!"], "labels": ["a cat"]}),
+        ("a label too long", {"images": [photo(10)], "labels": ["word " * 90]}),
+    ]
+    embed_images: list[tuple[str, Any]] = [
+        ("floats", {"images": [photo(11), photo(12)]}),
+        ("base64", {"images": [photo(13)], "encoding_format": "base64"}),
+        ("an unknown format", {"images": [photo(14)], "encoding_format": "int8"}),
+        ("empty", b""),
+        ("an array", []),
+        ("images empty", {"images": []}),
+        ("bad base64", {"images": [photo(15), "not base64!"]}),
+    ]
+    embed_texts: list[tuple[str, Any]] = [
+        ("floats", {"texts": ["a cat", "a dog"]}),
+        ("base64", {"texts": ["a bird"], "encoding_format": "base64"}),
+        ("empty", b""),
+        ("broken JSON", b'{"texts": '),
+        ("texts not a list", {"texts": "a cat"}),
+        ("a number among them", {"texts": ["a cat", 3]}),
+        ("a text too long", {"texts": ["word " * 90]}),
+    ]
     return [
-        (name, body if isinstance(body, bytes) else json.dumps(body).encode())
+        (route, name, body if isinstance(body, bytes) else json.dumps(body).encode())
+        for route, bodies in (
+            ("/invocations", invocations),
+            ("/classify", classify),
+            ("/embed_images", embed_images),
+            ("/embed_texts", embed_texts),
+        )
         for name, body in bodies
     ]
 
 
-@pytest.mark.parametrize(("name", "body"), requests_to_compare(), ids=lambda v: str(v)[:24])
-def test_direct_answers_equal_bentomls(served, name: str, body: bytes):
-    direct = post(served, content=body, content_type="application/json")
-    bentoml_endpoint = post(served, content=body, content_type="text/json")
-    assert direct.status_code == bentoml_endpoint.status_code, (name, direct.text)
+@pytest.mark.parametrize(
+    ("route", "name", "body"), requests_to_compare(), ids=lambda v: str(v)[:24]
+)
+def test_direct_answers_equal_bentomls(served, route: str, name: str, body: bytes):
+    direct = post(served, route, body, "application/json")
+    bentoml_endpoint = post(served, route, body, "text/json")
+    assert direct.status_code == bentoml_endpoint.status_code, (route, name, direct.text)
     assert direct.headers["content-type"] == bentoml_endpoint.headers["content-type"]
     assert direct.headers["server"] == bentoml_endpoint.headers["server"]
     assert "x-bentoml-request-id" in direct.headers
     if direct.status_code == 200:
         assert_same_answer(direct.json(), bentoml_endpoint.json())
     else:
-        assert direct.json() == bentoml_endpoint.json(), name
+        assert direct.json() == bentoml_endpoint.json(), (route, name)
+
+
+def test_every_api_is_answered_directly():
+    """The service routes every JSON API here, each validated by the model BentoML's endpoint
+    uses for it (so the comparisons above hold by construction, and they check it)."""
+    import service
+
+    routes = service.DIRECT_ROUTES
+    apis = {api.route: api for api in service.ClipService.apis.values()}
+    assert routes.keys() == apis.keys()
+    assert routes["/invocations"].model is InvocationLine
+    for route, api in apis.items():
+        if route != "/invocations":
+            assert routes[route].model is api.input_spec, route
