@@ -343,17 +343,17 @@ class ClipService:
         raw JPEG/PNG/WebP bodies with `labels=...` in `X-Amzn-SageMaker-Custom-Attributes`.
         """
         return await self.answer(
-            self._invocation(images, classes, template, top_k, inputs, parameters)
+            self.invocation_answer(images, classes, template, top_k, inputs, parameters)
         )
 
     async def invocation_line(self, line: InvocationLine) -> Any:
         """One JSON Lines record, as `invocations` answers it; errors raise RequestError."""
-        work = self._invocation(
+        work = self.invocation_answer(
             line.images, line.classes, line.template, line.top_k, line.inputs, line.parameters
         )
         return await self.checked(work)
 
-    async def _invocation(
+    async def invocation_answer(
         self,
         images: list[str] | None,
         classes: list | None,
@@ -416,9 +416,9 @@ class ClipService:
         top_k: OptionalTopK = None,
     ) -> ClassifyResponse:
         """Per image, the labels sorted by score; several templates are averaged per label."""
-        return await self.answer(self.classification(images, labels, templates, top_k))
+        return await self.answer(self.classify_answer(images, labels, templates, top_k))
 
-    async def classification(
+    async def classify_answer(
         self, images: list[str], labels: list[str], templates: list[str], top_k: int | None
     ) -> ClassifyResponse:
         context = await self.context()
@@ -475,8 +475,8 @@ class ClipService:
 
 # Every API's JSON requests, answered before BentoML's endpoint layers (direct_json.py).
 DIRECT_ROUTES = {
-    "/invocations": DirectRoute(InvocationLine, invocation_line),
-    "/classify": direct_route("classify", "classification"),
+    "/invocations": direct_route("invocations", "invocation_answer"),
+    "/classify": direct_route("classify", "classify_answer"),
     "/embed_images": direct_route("embed_images", "image_embedding_answer"),
     "/embed_texts": direct_route("embed_texts", "text_embedding_answer"),
 }

@@ -11,11 +11,9 @@ the project's own middlewares. The APIs stay declared to BentoML, so their schem
 Python client are unchanged, and BentoML still answers the routes' other JSON media types
 (`text/json`, `...+json`, none at all: what `traffic.RequestGuardMiddleware` lets through).
 
-Each route's body is validated by an input model and turned into the errors BentoML's endpoint
-gives: `/invocations` by the model a JSON Lines record uses (`jsonlines.InvocationLine`, the
-API's own fields and types), the other APIs by BentoML's own input model of the API (what its
-endpoint validates with); a served test holds both paths to the same status and body over good
-and bad requests on every route.
+Each route's body is validated by BentoML's own input model of the API (what its endpoint
+validates with) and turned into the errors that endpoint gives; a served test holds both paths
+to the same status and body over good and bad requests on every route.
 """
 
 from __future__ import annotations
