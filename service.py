@@ -15,14 +15,13 @@ from collections.abc import Awaitable
 from typing import Any
 
 import bentoml
-import pydantic_core
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from clip_runner.answers.direct_runner import DirectRunnerClient
-from clip_runner.answers.embedding_format import format_embeddings
+from clip_runner.answers.embedding_format import EncodingFormat
 from clip_runner.answers.hf_toolkit import parse_zero_shot_request, toolkit_answer
 from clip_runner.answers.invocation import InvocationContext, image_embeddings, invoke
 from clip_runner.answers.invocation import classify as classify_images
@@ -49,6 +48,7 @@ from clip_runner.model.batching import QueueWaitExceeded
 from clip_runner.model.model_facts import ModelFacts
 from clip_runner.model.model_source import find_checkpoint
 from clip_runner.model.runner import CLIPRunner
+from clip_runner.web.answer_json import embedding_json, json_body
 from clip_runner.web.auth import ApiKeyMiddleware
 from clip_runner.web.connection_recycling import ConnectionRecyclingMiddleware
 from clip_runner.web.direct_json import DirectJsonMiddleware, DirectRoute
@@ -304,9 +304,7 @@ class ClipService:
         declared return types still give the OpenAPI schema and the Python client's types.
         """
         try:
-            return Response(
-                pydantic_core.to_json(await self.checked(work)), media_type="application/json"
-            )
+            return Response(json_body(await self.checked(work)), media_type="application/json")
         except RequestError as error:
             return error.to_response()
 
@@ -433,8 +431,8 @@ class ClipService:
         return await self.answer(self.image_embedding_answer(images, encoding_format))
 
     async def image_embedding_answer(
-        self, images: list[str], encoding_format: str
-    ) -> EmbeddingResponse:
+        self, images: list[str], encoding_format: EncodingFormat
+    ) -> bytes:
         context = await self.context()
         embeddings = await image_embeddings(context, images)
         return self._embedding_answer(context, embeddings, encoding_format)
@@ -447,22 +445,19 @@ class ClipService:
         return await self.answer(self.text_embedding_answer(texts, encoding_format))
 
     async def text_embedding_answer(
-        self, texts: list[str], encoding_format: str
-    ) -> EmbeddingResponse:
+        self, texts: list[str], encoding_format: EncodingFormat
+    ) -> bytes:
         context = await self.context()
         embeddings = await embed_texts_flow(context, texts)
         return self._embedding_answer(context, embeddings, encoding_format)
 
     @staticmethod
     def _embedding_answer(
-        context: InvocationContext, embeddings: Any, encoding_format: str
-    ) -> EmbeddingResponse:
-        return EmbeddingResponse(
-            model=context.facts.tag,
-            dimension=context.facts.embedding_dim,
-            encoding_format=encoding_format,
-            embeddings=format_embeddings(embeddings, encoding_format),
-        )
+        context: InvocationContext, embeddings: Any, encoding_format: EncodingFormat
+    ) -> bytes:
+        """The EmbeddingResponse's JSON, its numbers written from the array (answer_json.py)."""
+        facts = context.facts
+        return embedding_json(facts.tag, facts.embedding_dim, encoding_format, embeddings)
 
     @bentoml.on_shutdown
     async def close(self) -> None:

@@ -14,12 +14,15 @@ import numpy as np
 EncodingFormat = Literal["float", "base64"]
 
 
-def format_embeddings(embeddings: np.ndarray, encoding_format: EncodingFormat) -> list:
-    """One entry per row: a list of floats, or a base64 string of the row's float32 bytes."""
+def format_embeddings(
+    embeddings: np.ndarray, encoding_format: EncodingFormat
+) -> np.ndarray | list[str]:
+    """One entry per row: for JSON numbers the float32 values as float64 (exactly the same
+    numbers: what a JSON writer prints), or a base64 string of the row's float32 bytes."""
     rows = np.asarray(embeddings, dtype="<f4")
     if encoding_format == "base64":
         return [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
-    return rows.tolist()
+    return rows.astype(np.float64)
 
 
 def decode_base64_embedding(text: str) -> np.ndarray:

@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import pydantic_core
 from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml._internal.context import trace_context
 from pydantic import BaseModel, ValidationError
@@ -32,6 +31,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clip_runner.errors import RequestError
+from clip_runner.web.answer_json import json_body
 from clip_runner.web.error_responses import rejection_line
 from clip_runner.web.jsonlines import request_error
 from clip_runner.web.traffic import is_application_json, posted_content_type
@@ -90,7 +90,7 @@ class DirectJsonMiddleware:
         body = await Request(scope, receive).body()
         try:
             answer = await route.handler(parsed(body, route.model))
-            response = Response(pydantic_core.to_json(answer), media_type=JSON_MEDIA_TYPE)
+            response = Response(json_body(answer), media_type=JSON_MEDIA_TYPE)
         except RequestError as error:
             response = error.to_response()
         except Exception:  # a bug of ours: logged, and answered as BentoML's endpoint would

@@ -2,8 +2,8 @@
 plus the Hugging Face toolkit's shape), `/classify`, `/embed_images` and `/embed_texts`.
 
 The same annotated types are used by the BentoML API signature in service.py (so they appear in
-the OpenAPI schema and drive validation) and by `web/jsonlines.InvocationLine`, which parses
-`/invocations` JSON on the direct path and each JSON Lines record.
+the OpenAPI schema and drive validation, BentoML's endpoint's and the direct path's alike) and by
+`web/jsonlines.InvocationLine`, which parses each JSON Lines record.
 """
 
 from __future__ import annotations

@@ -9,9 +9,12 @@ import numpy as np
 from clip_runner.answers.embedding_format import decode_base64_embedding, format_embeddings
 
 
-def test_float_format_is_plain_lists():
-    rows = np.array([[0.5, -0.25], [1.0, 0.0]], dtype=np.float32)
-    assert format_embeddings(rows, "float") == [[0.5, -0.25], [1.0, 0.0]]
+def test_float_format_is_the_float32_values_as_float64():
+    rows = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
+    numbers = format_embeddings(rows, "float")
+    assert numbers.dtype == np.float64 and numbers.shape == rows.shape
+    assert np.array_equal(numbers, rows)  # exactly the same numbers
+    assert numbers.tolist() == rows.tolist()
 
 
 def test_base64_is_little_endian_float32_and_round_trips_exactly():
