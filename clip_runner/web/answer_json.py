@@ -4,7 +4,7 @@ An embedding answer is mostly numbers: eight 512-dimensional text embeddings are
 86 kB of JSON. Through the `EmbeddingResponse` model they were copied into Python floats
 (`tolist`, about 90 us), validated (about 40 us) and written by pydantic (about 220 us): about a
 sixth of an API worker's CPU for an uncached 8-prompt `/embed_texts` request. orjson writes the
-same bytes straight from the array (about 115 us), since both print each float64 (each float32
+same bytes straight from the array (about 100 us), since both print each float64 (each float32
 value exactly) as its shortest round-trip decimal. `EmbeddingResponse` stays the APIs' declared
 type, for their schema and BentoML's Python client; a test holds `embedding_json` to pydantic's
 bytes for that model, value for value.
