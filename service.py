@@ -298,10 +298,11 @@ class ClipService:
         """The API's result as JSON, or the JSON error a caller's mistake or a runner problem
         deserves.
 
-        The result is serialised here (pydantic's serialiser, as BentoML's would) rather than
-        by BentoML's output layer, which rebuilt the return type's JSON schema on every response
-        to find its media type: 11% of the API worker's event loop at load (py-spy). The
-        declared return types still give the OpenAPI schema and the Python client's types.
+        The result is serialised here (pydantic's serialiser, as BentoML's would; embedding
+        answers come as their JSON already: answer_json.py) rather than by BentoML's output
+        layer, which rebuilt the return type's JSON schema on every response to find its media
+        type: 11% of the API worker's event loop at load (py-spy). The declared return types
+        still give the OpenAPI schema and the Python client's types.
         """
         try:
             return Response(json_body(await self.checked(work)), media_type="application/json")
