@@ -1,7 +1,7 @@
-"""Validation of the `/invocations` body, through the model its JSON is parsed with
-(`InvocationLine`: the direct path and JSON Lines records; BentoML's endpoint takes the same
-annotated types). A missing `images` or `classes` is the handler's 422 (tests/test_service.py):
-the body may carry the toolkit's shape instead."""
+"""Validation of the `/invocations` body, through `InvocationLine` (a JSON Lines record's model;
+BentoML's input model of the API, which the direct path and its endpoint use, has the same
+fields and annotated types). A missing `images` or `classes` is the handler's 422
+(tests/test_service.py): the body may carry the toolkit's shape instead."""
 
 from __future__ import annotations
 
