@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run's software stack, rehearsed on this CPU machine before a lent GPU's minutes go to it.
-#   bash scripts/gpu_rehearsal.sh            # 17 minutes here from scratch: a 4 GB download,
+#   bash scripts/gpu_rehearsal.sh            # 17 minutes here from scratch: a 5.5 GB venv,
 #                                            # pytest, then scripts/bench.py --gpu-targets
 # A lent GPU machine runs the 'cuda' image's Python and packages (Python 3.12, torch 2.11, numpy
 # 2.5, numba 0.68: its gpu.txt, benchmarks/gpu/h200-2026-12-04/) with the wheels that
