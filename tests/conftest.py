@@ -6,7 +6,9 @@ touch the user's own model store. The tiny random-weight CLIP is saved there onc
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,8 @@ from pathlib import Path
 import pytest
 
 _STORE = Path(tempfile.mkdtemp(prefix="clip-test-bentoml-"))
+# Removed when the run ends: every run makes a new one, and nothing reads it afterwards.
+atexit.register(shutil.rmtree, _STORE, ignore_errors=True)
 os.environ["BENTOML_HOME"] = str(_STORE)
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
