@@ -11,9 +11,10 @@ clients with CUDA graphs; BENCHMARKS.md, GPU), on a machine where the API worker
 runner's JPEG decode need those cores. PyTorch has no setting for the device's scheduling
 flags (pytorch/pytorch#28224), but an event created with `cudaEventBlockingSync`
 (`torch.cuda.Event(blocking=True)`) lets the waiting thread sleep in the driver until the GPU
-reaches the event, and torch lets go of the GIL while it waits. The copy after it then finds
-the work done. `spin=True` (CLIP_CUDA_WAIT=spin) keeps CUDA's polling: the lowest wake-up
-latency, one core per waiting thread.
+reaches the event, and torch lets go of the GIL while it waits. The answers' copy to the host
+is queued before that event, so one wait covers the pass and the copy. `spin=True`
+(CLIP_CUDA_WAIT=spin) keeps CUDA's polling: the lowest wake-up latency, one core per waiting
+thread.
 
 The copies the other way, to the GPU, are queued without waiting (`to_device`): torch's
 blocking copy is a `cudaMemcpyAsync` followed by a `cudaStreamSynchronize`, which polls until
@@ -31,23 +32,34 @@ import torch
 
 def wait_for_queued_work(device: torch.device, spin: bool = False) -> None:
     """Returns once the work queued so far on `device`'s current stream has run; at once on
-    CPU. The thread sleeps while it waits unless `spin`."""
+    CPU. The thread sleeps while it waits unless `spin`.
+
+    It waits for an event recorded now, not for the stream itself: work that other threads
+    queue on the stream meanwhile (another pass, a batch's JPEG copies and resize) is not waited
+    for, as `stream.synchronize()` would."""
     if device.type != "cuda":
         return
-    stream = torch.cuda.current_stream(device)
-    if spin:
-        stream.synchronize()
-        return
-    reached = torch.cuda.Event(blocking=True)
-    reached.record(stream)
+    reached = torch.cuda.Event(blocking=not spin)
+    reached.record(torch.cuda.current_stream(device))
     reached.synchronize()  # GIL released inside
 
 
 def to_host(rows: torch.Tensor, spin: bool = False) -> np.ndarray:
     """A host copy of `rows` (any device) as numpy, once the work that computes them has run;
-    never a view of `rows`' memory, which a later pass may overwrite (cuda_graphs.py)."""
+    never a view of `rows`' memory, which a later pass may overwrite (cuda_graphs.py).
+
+    From a GPU the copy is queued behind that work into pinned memory (torch pins the output
+    of a non-blocking copy to the CPU), and one wait covers both. A blocking copy would instead
+    synchronise the whole stream and poll, also for what other threads queued after it."""
+    if rows.device.type != "cuda":
+        return rows.to("cpu", copy=True).numpy()
+    try:
+        host = rows.to("cpu", non_blocking=True)
+    except RuntimeError:  # no pinned memory to be had: wait, then a pageable copy
+        wait_for_queued_work(rows.device, spin)
+        return rows.to("cpu", copy=True).numpy()
     wait_for_queued_work(rows.device, spin)
-    return rows.to("cpu", copy=True).numpy()
+    return host.numpy()
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

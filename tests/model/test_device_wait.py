@@ -67,9 +67,50 @@ def test_a_thread_waits_for_the_gpu_asleep_on_a_blocking_event(fake_cuda):
     assert fake_cuda.synchronized == 0  # not the stream's own (polling) synchronize
 
 
-def test_spinning_waits_on_the_stream_itself(fake_cuda):
+def test_spinning_polls_an_event_not_the_stream(fake_cuda):
+    """Polling too waits only for the work queued before it: a stream's own synchronize would
+    also wait for what other threads queue on it meanwhile (another pass, a JPEG batch)."""
     wait_for_queued_work(torch.device("cuda"), spin=True)
-    assert fake_cuda.synchronized == 1 and RecordingEvent.made == []
+    (event,) = RecordingEvent.made
+    assert not event.blocking and event.recorded_on is fake_cuda and event.synchronized
+    assert fake_cuda.synchronized == 0
+
+
+class RecordingDeviceRows:
+    """Stands in for answer rows on a GPU that is not there: how they were brought back, and
+    how many events had been made when each copy was asked for."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, rows: torch.Tensor, pinned_memory: bool = True) -> None:
+        self.rows = rows
+        self.pinned_memory = pinned_memory
+        self.copies: list[tuple[bool, int]] = []
+
+    def to(self, device: str, non_blocking: bool = False, copy: bool = False) -> torch.Tensor:
+        assert device == "cpu"
+        self.copies.append((non_blocking, len(RecordingEvent.made)))
+        if non_blocking and not self.pinned_memory:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return self.rows.clone()
+
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_answers_from_the_gpu_are_queued_into_host_memory_then_waited_for_once(fake_cuda, spin):
+    rows = RecordingDeviceRows(torch.arange(6, dtype=torch.float32).view(2, 3))
+    np.testing.assert_array_equal(to_host(rows, spin), rows.rows.numpy())
+    assert rows.copies == [(True, 0)]  # queued before the one event, which covers it
+    (event,) = RecordingEvent.made
+    assert event.blocking is not spin and event.synchronized
+    assert fake_cuda.synchronized == 0
+
+
+def test_without_pinned_memory_the_answer_is_copied_after_the_wait(fake_cuda):
+    rows = RecordingDeviceRows(torch.ones(2, 3), pinned_memory=False)
+    np.testing.assert_array_equal(to_host(rows), np.ones((2, 3), dtype=np.float32))
+    assert rows.copies == [(True, 0), (False, 1)]  # the blocking copy after the event's wait
+    (event,) = RecordingEvent.made
+    assert event.blocking and event.synchronized
 
 
 def test_on_cpu_there_is_nothing_to_wait_for(fake_cuda):
