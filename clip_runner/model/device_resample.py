@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clip_runner.model.device_wait import to_device
 from clip_runner.model.resample import (
     BYTE_SHIFTS,
     PRECISION_BITS,
@@ -44,9 +45,11 @@ def _device_weights(in_size: int, out_size: int, start: int, count: int, device:
     weights = fixed_point_weights(in_size, out_size, start, count)
     used = np.flatnonzero(np.abs(weights).sum(axis=0))
     first, last = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
-    planes = torch.from_numpy(byte_planes(weights)).to(device)
+    # Queued copies (device_wait.py): a blocking one would wait for (on a GPU: poll through)
+    # every pass queued before it, at each new image size.
+    planes = to_device(torch.from_numpy(byte_planes(weights)), torch.device(device))
     scales = torch.tensor([float(1 << shift) for shift in BYTE_SHIFTS], dtype=torch.float64)
-    return _Weights(planes, scales.to(device), first, last)
+    return _Weights(planes, to_device(scales, torch.device(device)), first, last)
 
 
 def _planes_for(planes: torch.Tensor, leading: int) -> torch.Tensor:

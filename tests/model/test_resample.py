@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_runner.model import device_resample
 from clip_runner.model.device_resample import resize_and_crop
 from clip_runner.model.resample import (
     BYTE_SHIFTS,
@@ -82,3 +83,18 @@ def test_a_batch_of_same_size_images_equals_each_resized_alone(size, geometry):
     alone = torch.stack([resize_and_crop(image, *geometry) for image in images])
     assert together.shape == (3, 3, geometry[1], geometry[2])
     torch.testing.assert_close(together, alone, rtol=0, atol=0)
+
+
+def test_the_weights_go_to_the_device_as_queued_copies(monkeypatch):
+    """A blocking copy waits for (on a GPU: polls through) every pass queued before it, at each
+    image size not seen before; the weights' copies are queued like the pixels'."""
+    copies: list[tuple[torch.dtype, torch.device]] = []
+
+    def queued(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        copies.append((host.dtype, device))
+        return host
+
+    monkeypatch.setattr(device_resample, "to_device", queued)
+    weights = device_resample._device_weights.__wrapped__(640, 298, 37, 224, "cuda")
+    assert copies == [(torch.float32, torch.device("cuda")), (torch.float64, torch.device("cuda"))]
+    assert weights.planes.shape == (3, 224, 640) and 0 < weights.first < weights.last <= 640
