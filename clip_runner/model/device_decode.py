@@ -20,7 +20,7 @@ import io
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 from PIL import Image
@@ -238,7 +238,9 @@ class DeviceJpegDecoder:
         Image.new("RGB", (16, 16), (90, 140, 200)).save(plain, "JPEG")
         try:
             self._nvjpeg_decode([torch.frombuffer(bytearray(plain.getvalue()), dtype=torch.uint8)])
-        except RuntimeError as exc:
+        # Not only RuntimeError: a torchvision whose C extension did not load imports, then
+        # raises AttributeError for its missing op.
+        except Exception as exc:  # noqa: BLE001 - any failure here means Pillow decodes
             logger.warning(
                 "nvJPEG could not decode a plain JPEG on %s (%s): JPEGs are decoded on the CPU "
                 "with Pillow",
@@ -270,7 +272,11 @@ class DeviceJpegDecoder:
                 pairs = zip(blobs, data, strict=True)
                 return [self._nvjpeg_or_pillow(blob, datum) for blob, datum in pairs]
         if self._pool is not None and len(blobs) > 1:
-            return list(self._pool.map(self._pillow_or_none, blobs))
+            decodes = [self._pool.submit(self._pillow_or_none, blob) for blob in blobs]
+            # All of them done before any error is raised: a batch that failed (the device out
+            # of memory, say) is retried in halves, which must not race its own leftovers.
+            wait(decodes)
+            return [decode.result() for decode in decodes]
         return [self._pillow_or_none(blob) for blob in blobs]
 
     def _nvjpeg_decode(self, data: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -147,14 +147,24 @@ def test_a_gpu_without_a_loadable_torchvision_says_so(monkeypatch, caplog):
     assert "torchvision" not in caplog.text
 
 
-def test_an_nvjpeg_that_cannot_decode_at_all_is_not_used_and_the_log_says_so(monkeypatch, caplog):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("nvjpegCreateEx failed: 7"),
+        # A torchvision whose C extension did not load imports with a warning, then lacks the op.
+        AttributeError("'_OpNamespace' 'image' object has no attribute 'decode_jpegs_cuda'"),
+    ],
+)
+def test_an_nvjpeg_that_cannot_decode_at_all_is_not_used_and_the_log_says_so(
+    monkeypatch, caplog, failure
+):
     """Where nvJPEG cannot start, every batch would fail and be retried image by image before
     Pillow decoded it, under the name nvjpeg: the decoder finds out once, and says so."""
     calls: list[int] = []
 
     def broken_nvjpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         calls.append(len(data))
-        raise RuntimeError("nvjpegCreateEx failed: 7")
+        raise failure
 
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     monkeypatch.setattr(device_decode, "drain_queued_work", lambda device, spin: None)
@@ -166,7 +176,7 @@ def test_an_nvjpeg_that_cannot_decode_at_all_is_not_used_and_the_log_says_so(mon
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     assert decoder.name == PILLOW and calls == [1]
     assert "nvJPEG could not decode a plain JPEG" in caplog.text
-    assert "nvjpegCreateEx failed" in caplog.text
+    assert str(failure) in caplog.text
 
 
 def test_a_colour_jpeg_is_decoded_into_the_tensor_not_copied_out(monkeypatch):
@@ -377,6 +387,27 @@ def test_a_failing_copy_to_the_device_is_not_blamed_on_the_image(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", out_of_memory_for_images)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         decoder([good])
+
+
+def test_a_failed_batch_raises_once_every_decode_in_it_has_ended(monkeypatch):
+    """The first image's copy to the device fails (out of memory) while the pool still decodes
+    the others. The batch is then retried in halves (device_health.py), which must not race
+    the failed batch's own decodes for the device's memory: the error waits for them."""
+    blobs = jpeg_set()[:6]
+    ended: list[int] = []
+
+    def decode(decoder: DeviceJpegDecoder, blob: bytes) -> torch.Tensor | None:
+        index = blobs.index(blob)
+        if index == 0:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        threading.Event().wait(0.2)
+        ended.append(index)
+        return pillow_pixels(blob)
+
+    monkeypatch.setattr(DeviceJpegDecoder, "_pillow_or_none", decode)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224, threads=4)(blobs)
+    assert sorted(ended) == [1, 2, 3, 4, 5]
 
 
 @pytest.fixture(scope="module")
