@@ -20,6 +20,9 @@ _STORE = Path(tempfile.mkdtemp(prefix="clip-test-bentoml-"))
 atexit.register(shutil.rmtree, _STORE, ignore_errors=True)
 os.environ["BENTOML_HOME"] = str(_STORE)
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+# On the CPU wherever it runs, its servers too: the suite holds fp32 numbers to the original's
+# (a GPU serves in fp16), and its GPU code paths are written to run on a CPU (README, Tests).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from clip_runner.model.store import LoadedClip, build_random_clip, load_clip, save_clip  # noqa: E402
 from tests.helpers import (  # noqa: E402
