@@ -34,8 +34,8 @@ RUNNER_INFERENCE_SECONDS = Histogram(
 RUNNER_JPEG_DECODE_SECONDS = Histogram(
     name="clip_runner_jpeg_decode_seconds",
     documentation="Time one image pass of forwarded JPEGs spent decoding them and putting them "
-    "on the device resized (part of clip_runner_inference_seconds; on a GPU the resize's "
-    "kernels are only issued here and run in the forward pass's time)",
+    "on the device resized (part of clip_runner_inference_seconds; on a GPU the pixels' copies "
+    "and the resize's kernels are only queued here, and run in the forward pass's time)",
     buckets=SECONDS_BUCKETS,
 )
 RUNNER_CALL_SECONDS = Histogram(

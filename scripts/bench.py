@@ -2061,8 +2061,9 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
         "Where the time went (means over each window, from the service's /metrics): a request "
         "in the API; its image work there (none when JPEGs go to the device); a runner call as "
         "the API waited for it; a forward pass inside it (the device decode of forwarded JPEGs "
-        "included), and of it the decode (Pillow or nvJPEG, the copy to the device and issuing "
-        "the resize); images (or prompts) per pass; forward passes in progress on average.",
+        "included), and of it the decode (Pillow or nvJPEG, then queueing the copy to the "
+        "device and the resize, which run in the pass's time); images (or prompts) per pass; "
+        "forward passes in progress on average.",
         "",
         "| server | scenario | API ms per request | image work ms per image | runner call ms | "
         "forward pass ms | of it, device decode ms | images (prompts) per pass | model busy |",
