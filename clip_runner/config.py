@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from clip_runner.cpu_quota import usable_cores
 from clip_runner.cuda_check import cuda_available
 
 DEFAULT_HUB_MODEL = "openai/clip-vit-base-patch32"
@@ -111,7 +112,7 @@ def default_api_workers(model_tag: str, model_dir: str) -> int:
     costs about 2.2 ms of CPU per request, so one tops out near 450 requests/s; the other half of
     the cores is left to the runner processes and the OS.
     """
-    cores = len(os.sched_getaffinity(0))  # the cores this process may use
+    cores = usable_cores()  # its CPU affinity, capped by a CPU quota (cpu_quota.py)
     if cuda_available():
         return max(2, cores // 2)
     from clip_runner.model.model_cost import checkpoint_image_gmacs

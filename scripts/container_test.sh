@@ -9,7 +9,8 @@
 #      carries it) must load in the image and decode a JPEG;
 #   4. `docker run IMAGE serve` on 8080: /ping, the seed's /invocations, bad input, non-root user,
 #      model inside the image; the same checks with no network at all (`--network none`, checked
-#      from inside with `docker exec`); SIGTERM stops it within 30 s;
+#      from inside with `docker exec`) and a CPU quota of one core (`--cpus 1`: the runner must
+#      run one pass of one thread); SIGTERM stops it within 30 s;
 #   5. /opt/ml/model (what SageMaker extracts ModelDataUrl's model.tar.gz into): a mounted CLIP
 #      checkpoint is served instead of the baked-in model (its embedding checked against
 #      transformers on the host), an empty mount (SageMaker SDK local mode) keeps the baked-in
@@ -207,8 +208,10 @@ check_served_on_host_network() {
 
 check_served_without_network() {
   local name="clip-ct-nonet-$RUN_ID"
-  log "docker run --network none, empty /opt/ml/model mount, $IMAGE serve (checked from inside)"
-  start_container "$name" --network none -v "$WORK/model-dir/empty:/opt/ml/model:ro"
+  log "docker run --network none --cpus 1, empty /opt/ml/model mount, $IMAGE serve" \
+    "(checked from inside)"
+  # A CPU quota of one core (the container still sees every core): one pass of one torch thread.
+  start_container "$name" --network none --cpus 1 -v "$WORK/model-dir/empty:/opt/ml/model:ro"
   [[ "$(docker exec "$name" python -c 'import socket; print(len(socket.if_nameindex()))')" == 1 ]] ||
     fail "the container has a network interface besides loopback"
   docker exec -i "$name" python - http://127.0.0.1:8080 --expect-model clip: \
@@ -216,7 +219,9 @@ check_served_without_network() {
     { docker logs "$name" 2>&1 | tail -40 >&2; fail "checks without network"; }
   expect_logged "$name" "/opt/ml/model is empty: serving the baked-in model" \
     "the empty /opt/ml/model keeps the baked-in model"
-  log "empty /opt/ml/model: the baked-in model served"
+  expect_logged "$name" "up to 1 pass(es) at once of 1 thread(s)" \
+    "that the runner keeps to the CPU quota of one core"
+  log "empty /opt/ml/model: the baked-in model served, its runner within the one-core quota"
   docker rm -f "$name" >/dev/null
 }
 

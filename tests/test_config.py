@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 
@@ -162,11 +161,11 @@ def test_workers_by_machine(monkeypatch, tiny_stored_model):
     """On CPU one runner worker and API workers by the model's cost: every core for the tiny
     model (the image work is its limit), one for ViT-B/32 or an unknown model. Where torch sees
     a GPU, half the usable cores (at least two) of API workers and two runner workers (CUDA's
-    presence is what is stubbed here)."""
+    presence and the usable cores, affinity and quota, are what is stubbed here)."""
     from clip_runner.config import default_api_workers, default_runner_workers
 
     def use_cores(cores: int) -> None:
-        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
+        monkeypatch.setattr(config, "usable_cores", lambda: cores)
 
     tag = str(tiny_stored_model.tag)
     assert default_runner_workers() == 1

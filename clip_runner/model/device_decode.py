@@ -222,6 +222,7 @@ class DeviceJpegDecoder:
             pinned and self.name == PILLOW and device.type == "cuda" and _pinned_memory_works()
         )
         self.refused_by_nvjpeg = 0  # JPEGs nvJPEG refused and Pillow then decoded (or not)
+        self.threads = threads  # Pillow's decoding threads for a batch
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="clip-jpeg") if threads > 1 else None
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import os
 
 import bentoml
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 from clip_runner.config import get_settings, runner_decode_threads
+from clip_runner.cpu_quota import usable_cores
 from clip_runner.metrics import (
     RUNNER_BATCH_IMAGES,
     RUNNER_BATCH_TEXTS,
@@ -50,8 +50,11 @@ class ServedModel:
         """`phases` times each step of the start (startup_phases.py: the runner logs them)."""
         phases = phases or StartupPhases()
         settings = get_settings()
+        cores = usable_cores()  # its CPU affinity, capped by a CPU quota (cpu_quota.py)
         if settings.runner_threads:
             torch.set_num_threads(settings.runner_threads)
+        elif torch.get_num_threads() > cores:  # torch counts the cores, not the quota
+            torch.set_num_threads(cores)
         with phases.phase("model read"):
             loaded = load_served_clip(stored, settings.model_dir)  # CLIP_MODEL_DIR or the store
         # How the runner's threads wait for the GPU: asleep by default (device_wait.py).
@@ -77,9 +80,7 @@ class ServedModel:
                 facts.crop_height,
                 facts.crop_width,
                 use_nvjpeg=settings.runner_jpeg_decoder == "nvjpeg",
-                threads=runner_decode_threads(
-                    len(os.sched_getaffinity(0)), settings.runner_workers
-                ),
+                threads=runner_decode_threads(cores, settings.runner_workers),
                 passes=self.layout.passes,
                 spin_waits=spin_waits,
             )

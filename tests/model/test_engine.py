@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from clip_runner.model.engine import ServedModel
@@ -68,3 +69,19 @@ def served_model_waits(stored) -> set[bool]:
     if model.encoder.replayed is not None:
         parts.append(model.encoder.replayed)
     return {part.spin_waits for part in parts}
+
+
+def test_a_cpu_quota_below_the_cores_caps_the_runners_threads(tiny_stored_model, monkeypatch):
+    """torch counts the cores it may run on, not a container's CPU quota (`docker --cpus 1`):
+    the runner then runs as many threads as the quota allows (cpu_quota.py)."""
+    from clip_runner.model import engine
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(engine, "usable_cores", lambda: 1)
+    try:
+        torch.set_num_threads(2)  # as torch starts on 2 cores (earlier tests may have set 1)
+        model = ServedModel(tiny_stored_model)
+        assert torch.get_num_threads() == model.torch_threads == 1
+        assert model.layout.passes == 1 and model.jpeg_decoder.threads == 1
+    finally:
+        torch.set_num_threads(threads)
