@@ -3,8 +3,8 @@
 The model side (store, encoders, runner, batching, device decode) must never import the HTTP
 side, and each layer only what lies below it, so that the runner process loads no HTTP code and
 each layer is testable on its own. The shared modules at the top of `clip_runner/` (config,
-cuda_check, metrics, errors, bound_apis, gc_tuning, gil_handover, malloc_tuning) may be imported
-by any layer. Every import counts, including those inside functions.
+cuda_check, cpu_quota, metrics, errors, bound_apis, gc_tuning, gil_handover, malloc_tuning) may be
+imported by any layer. Every import counts, including those inside functions.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ LAYERS = ("model", "images", "answers", "web")
 SHARED = {
     "config",
     "cuda_check",
+    "cpu_quota",
     "metrics",
     "errors",
     "bound_apis",
