@@ -32,9 +32,13 @@ _HALF = float(1 << (PRECISION_BITS - 1))
 
 @dataclass(frozen=True)
 class _Weights:
-    planes: torch.Tensor  # (3, count, in_size) float32 byte planes on the device
-    scales: torch.Tensor  # (3,) float64 on the device: 2^16, 2^8, 1
-    first: int  # the source span any row reads: [first, last)
+    """One direction's fixed-point weights on the device as float32 byte planes, restricted to
+    the source span the kept output reads, laid out for either side of a matrix product."""
+
+    on_the_right: torch.Tensor  # (span, 3 * count): rows of pixels @ this
+    on_the_left: torch.Tensor  # (3 * count, span): this @ columns of pixels
+    count: int  # output pixels
+    first: int  # the source span any output pixel reads: [first, last)
     last: int
 
 
@@ -45,27 +49,43 @@ def _device_weights(in_size: int, out_size: int, start: int, count: int, device:
     weights = fixed_point_weights(in_size, out_size, start, count)
     used = np.flatnonzero(np.abs(weights).sum(axis=0))
     first, last = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
+    planes = byte_planes(weights)[:, :, first:last]  # (3, count, span)
+    on_the_left = np.ascontiguousarray(planes.reshape(3 * count, last - first))
+    on_the_right = np.ascontiguousarray(planes.transpose(2, 0, 1).reshape(last - first, 3 * count))
     # Queued copies (device_wait.py): a blocking one would wait for (on a GPU: poll through)
     # every pass queued before it, at each new image size.
-    planes = to_device(torch.from_numpy(byte_planes(weights)), torch.device(device))
-    scales = torch.tensor([float(1 << shift) for shift in BYTE_SHIFTS], dtype=torch.float64)
-    return _Weights(planes, to_device(scales, torch.device(device)), first, last)
+    return _Weights(
+        to_device(torch.from_numpy(on_the_right), torch.device(device)),
+        to_device(torch.from_numpy(on_the_left), torch.device(device)),
+        count,
+        first,
+        last,
+    )
 
 
-def _planes_for(planes: torch.Tensor, leading: int) -> torch.Tensor:
-    """(3, a, b) planes viewed to broadcast against pixels with `leading` batch dimensions."""
-    return planes.view(3, *([1] * leading), *planes.shape[1:])
+def _rounded(products: torch.Tensor, planes_dim: int) -> torch.Tensor:
+    """Byte-plane products (the three planes along `planes_dim`) -> Pillow's rounded pass
+    output, 0..255 as float32: the planes recombined in float64 (exact below 2^53), then
+    Pillow's `clip8` (add half, shift right by PRECISION_BITS: a floor; clamp to 0..255)."""
+    planes = products.unbind(planes_dim)
+    sums = torch.zeros_like(planes[0], dtype=torch.float64)
+    for plane, shift in zip(planes, BYTE_SHIFTS, strict=True):
+        sums.add_(plane, alpha=float(1 << shift))
+    return sums.add_(_HALF).div_(_ONE).floor_().clamp_(0, 255).to(torch.float32)
 
 
-def _pass_sums(products: torch.Tensor, weights: _Weights) -> torch.Tensor:
-    """(3, ...) byte-plane products -> Pillow's rounded pass output, 0..255 as float32."""
-    sums = torch.tensordot(weights.scales, products.to(torch.float64), dims=1)
-    return _round_to_uint8(sums).to(torch.float32)
+def _across_columns(pixels: torch.Tensor, weights: _Weights) -> torch.Tensor:
+    """(..., span) -> (..., count): each row resampled, all rows in one 2-D matrix product (a
+    broadcast product would first copy the pixels once per byte plane)."""
+    products = pixels.reshape(-1, pixels.shape[-1]) @ weights.on_the_right
+    rows = _rounded(products.view(-1, 3, weights.count), 1)
+    return rows.view(*pixels.shape[:-1], weights.count)
 
 
-def _round_to_uint8(sums: torch.Tensor) -> torch.Tensor:
-    """Pillow's `clip8`: add half, shift right by PRECISION_BITS (a floor), clamp to 0..255."""
-    return torch.floor((sums + _HALF) / _ONE).clamp_(0, 255)
+def _across_rows(pixels: torch.Tensor, weights: _Weights) -> torch.Tensor:
+    """(..., span, n) -> (..., count, n): each column resampled."""
+    products = weights.on_the_left @ pixels  # (..., 3 * count, n)
+    return _rounded(products.unflatten(-2, (3, weights.count)), -3)
 
 
 def resize_and_crop(
@@ -76,24 +96,16 @@ def resize_and_crop(
     (zero padding where the crop is larger than the resized image). Leading dimensions are a
     batch of same-size images, resized by the same operations (on a GPU: the same launches)."""
     height, width = image.shape[-2:]
-    leading = image.dim() - 2
     plan = crop_plan(width, height, shortest_edge, crop_height, crop_width)
     device = str(image.device)
     columns = _device_weights(width, plan.new_width, plan.left, plan.out_width, device)
     rows = _device_weights(height, plan.new_height, plan.top, plan.out_height, device)
-    # Only the source rows (columns) that the kept output reads go through the first pass.
+    # Only the source rows and columns that the kept output reads.
+    pixels = image[..., rows.first : rows.last, columns.first : columns.last].to(torch.float32)
     if vertical_first(width, height, plan.new_height):
-        pixels = image[..., columns.first : columns.last].to(torch.float32)
-        row_planes = _planes_for(rows.planes, leading)
-        vertical = _pass_sums(row_planes @ pixels.unsqueeze(0), rows)  # (..., out_h, span)
-        column_planes = columns.planes[:, :, columns.first : columns.last].transpose(1, 2)
-        cropped = _pass_sums(vertical.unsqueeze(0) @ _planes_for(column_planes, leading), columns)
+        cropped = _across_columns(_across_rows(pixels, rows), columns)
     else:
-        pixels = image[..., rows.first : rows.last, :].to(torch.float32)
-        column_planes = _planes_for(columns.planes.transpose(1, 2), leading)
-        horizontal = _pass_sums(pixels.unsqueeze(0) @ column_planes, columns)  # (..., span, out_w)
-        row_planes = _planes_for(rows.planes[:, :, rows.first : rows.last], leading)
-        cropped = _pass_sums(row_planes @ horizontal.unsqueeze(0), rows)
+        cropped = _across_rows(_across_columns(pixels, columns), rows)
     cropped = cropped.to(torch.uint8)
     if not plan.padded:
         return cropped

@@ -96,5 +96,8 @@ def test_the_weights_go_to_the_device_as_queued_copies(monkeypatch):
 
     monkeypatch.setattr(device_resample, "to_device", queued)
     weights = device_resample._device_weights.__wrapped__(640, 298, 37, 224, "cuda")
-    assert copies == [(torch.float32, torch.device("cuda")), (torch.float64, torch.device("cuda"))]
-    assert weights.planes.shape == (3, 224, 640) and 0 < weights.first < weights.last <= 640
+    assert copies == [(torch.float32, torch.device("cuda"))] * 2  # both layouts of the planes
+    span = weights.last - weights.first
+    assert 0 < weights.first < weights.last <= 640 and span < 640
+    assert weights.on_the_right.shape == (span, 3 * 224)
+    assert weights.on_the_left.shape == (3 * 224, span)
