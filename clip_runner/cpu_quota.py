@@ -70,7 +70,7 @@ def _quotas_up_to(mount: Path, path: str, read: Callable[[Path], float | None]) 
         quota = read(here)
         if quota is not None:
             yield quota
-        if here == mount or mount not in here.parents:
+        if here == mount:
             return
         here = here.parent
 
