@@ -48,6 +48,7 @@ from clip_runner.model.batching import QueueWaitExceeded
 from clip_runner.model.model_facts import ModelFacts
 from clip_runner.model.model_source import find_checkpoint
 from clip_runner.model.runner import CLIPRunner
+from clip_runner.model.simplejpeg_pixels import cpu_decoder_name
 from clip_runner.web.answer_json import embedding_json, json_body
 from clip_runner.web.auth import ApiKeyMiddleware
 from clip_runner.web.connection_recycling import ConnectionRecyclingMiddleware
@@ -289,7 +290,9 @@ class ClipService:
                     "serving model %s on %s; JPEGs decoded %s; runner called %s",
                     facts.tag,
                     facts.device,
-                    f"on the runner ({facts.jpeg_decoder})" if forward else "in the API workers",
+                    f"on the runner ({facts.jpeg_decoder})"
+                    if forward
+                    else f"in the API workers by {cpu_decoder_name()}",
                     "in its wire format" if self._direct_runner else "through BentoML's client",
                 )
             return self._context

@@ -1,17 +1,19 @@
-"""JPEG decoding in the service's processes: into the array (the service) against Pillow's own
-memory copied out (the way before it), one thread, and beside a thread running Python.
+"""JPEG decoding in the service's processes, three ways, one thread, and beside a thread running
+Python: simplejpeg into the array (the service), Pillow into the array (the service where
+simplejpeg is missing or disagrees with Pillow), Pillow's own memory copied out (the way before
+both).
 
     python scripts/decode_bench.py --out benchmarks/decode-bench.json
 
-Two figures per image, each the best of `--repeats` timed loops, the two ways taking turns:
+Two figures per image, each the best of `--repeats` timed loops, the ways taking turns:
 - milliseconds per image of the API workers' exact path (`prepare_image`: decode, compiled
   resize and crop) and of the runner's decode of forwarded JPEGs (`pillow_rgbx`);
 - the runner's decode rate (the seed's photo) alone and beside one thread spinning in Python,
-  at Python's switch interval (5 ms) and at 0.2 ms. A thread back from C code (Pillow's decode
-  lets go of the GIL) waits for the GIL until the spinning thread lets go, up to an interval:
+  at Python's switch interval (5 ms) and at 0.2 ms. A thread back from C code (both decoders
+  let go of the GIL) waits for the GIL until the spinning thread lets go, up to an interval:
   every such return costs the decode a wait, which is what the runner's threads meet beside its
   event loop on a GPU.
-Both ways give the same pixels (checked before timing). malloc is set as in the server.
+All ways give the same pixels (checked before timing). malloc is set as in the server.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from clip_runner.images.loading import (
     resize_and_crop,
 )
 from clip_runner.malloc_tuning import reuse_freed_memory
+from clip_runner.model import simplejpeg_pixels
 from clip_runner.model.device_decode import pillow_rgbx
 from tests.helpers import encode, photo_like
 
@@ -59,9 +62,31 @@ def copied_runner(blob: bytes) -> torch.Tensor:
     return torch.frombuffer(stored, dtype=torch.uint8).view(height, width, 4)
 
 
+def pillow_alone(decode):
+    """`decode` with simplejpeg set aside: Pillow decodes into the array."""
+
+    def decode_with_pillow(blob: bytes):
+        simplejpeg_pixels.AGREES = False
+        try:
+            return decode(blob)
+        finally:
+            simplejpeg_pixels.AGREES = AGREES
+
+    return decode_with_pillow
+
+
+AGREES = simplejpeg_pixels.AGREES
 WAYS = {
-    "api": {"copied out": copied_api, "into the array": into_array_api},
-    "runner": {"copied out": copied_runner, "into the array": pillow_rgbx},
+    "api": {
+        "copied out": copied_api,
+        "Pillow into the array": pillow_alone(into_array_api),
+        "simplejpeg": into_array_api,
+    },
+    "runner": {
+        "copied out": copied_runner,
+        "Pillow into the array": pillow_alone(pillow_rgbx),
+        "simplejpeg": pillow_rgbx,
+    },
 }
 
 
@@ -101,6 +126,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "decode-bench.json")
     args = parser.parse_args()
+    if not AGREES:
+        parser.error("simplejpeg is missing or disagrees with Pillow here (see the log)")
     reuse_freed_memory()
     torch.set_num_threads(1)
     seed = base64.b64decode(json.loads(seed_request_bodies()[0])["images"][0])
@@ -112,8 +139,8 @@ def main() -> int:
     result: dict = {"ms_per_image": {}, "runner_decodes_per_s": {}}
     for name, (blob, loops) in images.items():
         for role, ways in WAYS.items():
-            first, second = (way(blob) for way in ways.values())
-            assert torch.equal(torch.as_tensor(first)[..., :3], torch.as_tensor(second)[..., :3])
+            first, *others = (torch.as_tensor(way(blob))[..., :3] for way in ways.values())
+            assert all(torch.equal(first, other) for other in others)
             timings = {way: [] for way in ways}
             for _ in range(args.repeats):
                 for way, decode in ways.items():

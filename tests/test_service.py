@@ -232,10 +232,12 @@ def test_random_weights_warning_is_logged(served):
 
 def test_the_log_says_what_each_process_serves_with(served):
     """The project's INFO lines show at BentoML's level: the runner's model, device and JPEG
-    decoder, and each API worker's view of it."""
+    decoder, and each API worker's view of it (simplejpeg is installed here)."""
     log = served.log()
-    assert re.search(r"\[INFO\].*CLIP model clip:\w+ ready on cpu .*decoded by pillow", log)
-    assert re.search(r"\[INFO\].*serving model clip:\w+ on cpu; JPEGs decoded in the API", log)
+    runner_line = r"\[INFO\].*CLIP model clip:\w+ ready on cpu .*decoded by simplejpeg \(Pillow's"
+    assert re.search(runner_line, log)
+    api_line = r"\[INFO\].*serving model clip:\w+ on cpu; JPEGs decoded in the API workers by simp"
+    assert re.search(api_line, log)
 
 
 def test_the_runner_logs_where_its_start_up_went(served):

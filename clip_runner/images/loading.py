@@ -213,7 +213,7 @@ def decoded_rgbx(data: bytes, index: int, max_pixels: int) -> np.ndarray:
     with opened_image(data, index, max_pixels) as opened:
         # The EXIF check first: for some formats (PNG) reading EXIF decodes the pixels.
         if upright(opened) and decodes_into_array(opened):
-            return decode_into_array(opened)
+            return decode_into_array(opened, data)
         return stored_pixels(loaded_rgb(opened))
 
 

@@ -128,7 +128,7 @@ def pillow_rgbx(blob: bytes, pinned: bool = False) -> torch.Tensor:
         if decodes_into_array(opened):
             width, height = opened.size
             pixels = host_pixels(height, width, pinned)
-            decode_into_array(opened, pixels.numpy())
+            decode_into_array(opened, blob, pixels.numpy())
             return pixels
         image = opened if opened.mode == "RGB" else opened.convert("RGB")
         width, height = image.size

@@ -27,11 +27,12 @@ from clip_runner.metrics import (
     RUNNER_JPEG_DECODE_SECONDS,
 )
 from clip_runner.model.cuda_graphs import ReplayedForward
-from clip_runner.model.device_decode import DeviceJpegDecoder
+from clip_runner.model.device_decode import NVJPEG, DeviceJpegDecoder
 from clip_runner.model.device_health import exits_when_device_breaks, halves_when_out_of_memory
 from clip_runner.model.encoding import ClipEncoder, pick_device
 from clip_runner.model.model_source import load_served_clip
 from clip_runner.model.pass_layout import pass_layout
+from clip_runner.model.simplejpeg_pixels import cpu_decoder_name
 from clip_runner.model.startup_phases import StartupPhases
 
 logger = logging.getLogger("clip_runner")
@@ -121,7 +122,7 @@ class ServedModel:
             self.layout.max_text_batch,
             ", torch.compile" if settings.torch_compile else "",
             _replay_note(self.encoder.replayed),
-            self.jpeg_decoder.name,
+            self.jpeg_decoder.name if self.jpeg_decoder.name == NVJPEG else cpu_decoder_name(),
             " into pinned memory" if self.jpeg_decoder.pinned else "",
             _wait_note(device, spin_waits),
         )

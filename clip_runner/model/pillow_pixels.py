@@ -15,6 +15,10 @@ decode, bit for bit; only where they are stored changes. That memory layout (RGB
 per pixel, the fourth padding) and `map_buffer`'s arguments are Pillow's internals: `DIRECT` says
 whether they are as this module expects, checked once on a small JPEG against Pillow's own copy;
 where they are not, callers copy as before.
+
+Where simplejpeg is installed and agrees with this Pillow (simplejpeg_pixels.py), it writes the
+array instead: the same libjpeg-turbo pixels for less CPU. Pillow still opens every image (its
+header: format, mode, size, EXIF) and decodes whatever simplejpeg declines.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import logging
 
 import numpy as np
 from PIL import Image
+
+from clip_runner.model import simplejpeg_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +47,14 @@ def decodes_into_array(opened: Image.Image) -> bool:
     )
 
 
-def decode_into_array(opened: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+def decode_into_array(
+    opened: Image.Image, data: bytes, out: np.ndarray | None = None
+) -> np.ndarray:
     """uint8 (H, W, 4): the image's pixels as Pillow stores RGB (the fourth byte padding),
     decoded into `out` (a C-contiguous uint8 (H, W, 4) array: the runner passes pinned memory
-    on a GPU, device_decode.py) or a new array. Raises what `load` raises on a broken JPEG.
-    Only for images `decodes_into_array` accepts."""
+    on a GPU, device_decode.py) or a new array. `data` is the bytes `opened` was opened from,
+    which simplejpeg decodes where it can. Raises what `load` raises on a broken JPEG. Only for
+    images `decodes_into_array` accepts."""
     if not opened.tile:  # decoded already (a check that loaded it): the array would stay empty
         raise ValueError("the image's pixels are already decoded")
     width, height = opened.size
@@ -54,6 +63,13 @@ def decode_into_array(opened: Image.Image, out: np.ndarray | None = None) -> np.
         raise ValueError(f"out is {pixels.dtype} {pixels.shape}, not uint8 {(height, width, 4)}")
     if not pixels.flags.c_contiguous:
         raise ValueError("out is not C-contiguous: Pillow writes its rows back to back")
+    if simplejpeg_pixels.decode_rgbx(data, pixels):
+        return pixels
+    return _pillow_into_array(opened, pixels)
+
+
+def _pillow_into_array(opened: Image.Image, pixels: np.ndarray) -> np.ndarray:
+    """Pillow's decode of `opened` into `pixels` (checked by the caller)."""
     # The mapped image keeps a reference to the array (and the buffer exported) while it lives.
     opened.im = Image.core.map_buffer(pixels, opened.size, "raw", 0, ("RGB", 0, 1))
     opened.load()
@@ -70,7 +86,8 @@ def _direct_decoding_works() -> bool:
         with Image.open(io.BytesIO(blob.getvalue())) as copied:
             expected = np.frombuffer(copied.tobytes("raw", "RGBX"), np.uint8)
         with Image.open(io.BytesIO(blob.getvalue())) as opened:
-            decoded = decode_into_array(opened)
+            width, height = opened.size
+            decoded = _pillow_into_array(opened, np.empty((height, width, 4), np.uint8))
     except (AttributeError, TypeError, ValueError, OSError) as exc:
         logger.warning("Pillow cannot decode into an array here (%s): pixels are copied", exc)
         return False

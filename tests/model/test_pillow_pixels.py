@@ -1,5 +1,6 @@
 """A JPEG decoded straight into an array: Pillow's own pixels, every one written, the same
-refusals, and only where it applies."""
+refusals, and only where it applies; each with simplejpeg writing the array (the service's way
+where it is installed) and with Pillow alone."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_runner.model import pillow_pixels
+from clip_runner.model import pillow_pixels, simplejpeg_pixels
 from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
 from tests.hard_images import encoded_set, is_jpeg
 from tests.helpers import encode, photo_like
@@ -25,7 +26,28 @@ def pillows_own(blob: bytes) -> np.ndarray:
 def into_array(blob: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(blob)) as opened:
         assert decodes_into_array(opened)
-        return decode_into_array(opened)
+        return decode_into_array(opened, blob)
+
+
+@pytest.fixture(params=["simplejpeg", "pillow alone"])
+def decoder(request, monkeypatch) -> str:
+    """Each test twice: simplejpeg decoding where it can, and Pillow decoding every JPEG."""
+    if request.param == "pillow alone":
+        monkeypatch.setattr(simplejpeg_pixels, "AGREES", False)
+    return request.param
+
+
+def test_simplejpeg_writes_the_array_and_pillow_does_not_decode(decoder, monkeypatch):
+    """Which of the two decodes: with simplejpeg, Pillow opens the JPEG but never maps the array
+    to decode into it."""
+    mapped = []
+    map_buffer = Image.core.map_buffer
+    monkeypatch.setattr(
+        Image.core, "map_buffer", lambda *args: mapped.append(1) or map_buffer(*args)
+    )
+    blob = encode(photo_like(64, 48, seed=2), "JPEG")
+    np.testing.assert_array_equal(into_array(blob)[..., :3], pillows_own(blob))
+    assert len(mapped) == (0 if decoder == "simplejpeg" else 1)
 
 
 def arrays_start_as(filler: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,7 +83,7 @@ COLOUR_JPEGS = colour_jpegs()
 
 
 @pytest.mark.parametrize(("name", "blob"), COLOUR_JPEGS, ids=[name for name, _ in COLOUR_JPEGS])
-def test_the_pixels_are_pillows_own_and_every_one_is_written(name, blob, monkeypatch):
+def test_the_pixels_are_pillows_own_and_every_one_is_written(name, blob, decoder, monkeypatch):
     expected = pillows_own(blob)
     # The array starts as all 0 bytes, then as all 255: a pixel the decode left alone would
     # keep each in turn, and could not equal Pillow's pixel both times.
@@ -80,10 +102,11 @@ def outcome(decode, blob: bytes) -> tuple[str, np.ndarray | None]:
 
 
 @pytest.mark.parametrize("filler", [0, 255])
-def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, monkeypatch):
+def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, decoder, monkeypatch):
     """Bytes overwritten (libjpeg may warn and go on) and files cut short, 300 of them, of a
     baseline and a progressive JPEG; those that decode have every pixel written (as in the
-    test above, with each `filler`)."""
+    test above, with each `filler`). simplejpeg refuses every file libjpeg warns about, and
+    Pillow then decides: the same refusals with the same messages."""
     arrays_start_as(filler, monkeypatch)
     rng = np.random.default_rng(7)
     photo = photo_like(160, 120, seed=3)
@@ -133,7 +156,7 @@ def test_an_image_already_decoded_is_not_decoded_again():
         opened.load()
         assert not decodes_into_array(opened)
         with pytest.raises(ValueError, match="already decoded"):  # not an array left empty
-            decode_into_array(opened)
+            decode_into_array(opened, b"")
 
 
 def test_a_pillow_that_cannot_decode_into_arrays_is_noticed_and_callers_copy(monkeypatch, caplog):
@@ -156,12 +179,12 @@ def test_a_pillow_that_cannot_decode_into_arrays_is_noticed_and_callers_copy(mon
         assert not decodes_into_array(opened)
 
 
-def test_a_jpeg_decodes_into_the_array_it_is_given():
+def test_a_jpeg_decodes_into_the_array_it_is_given(decoder):
     """The runner passes memory of its own (pinned, on a GPU): the pixels land in it."""
     name, blob = COLOUR_JPEGS[-4]  # the 641x479 photo
     with Image.open(io.BytesIO(blob)) as opened:
         given = np.full((479, 641, 4), 7, np.uint8)
-        assert decode_into_array(opened, given) is given
+        assert decode_into_array(opened, blob, given) is given
     np.testing.assert_array_equal(given[..., :3], pillows_own(blob), err_msg=name)
 
 
@@ -178,5 +201,5 @@ def test_an_array_of_another_layout_is_refused_before_anything_is_written(given,
     _, blob = COLOUR_JPEGS[-4]
     with Image.open(io.BytesIO(blob)) as opened:
         with pytest.raises(ValueError, match=refusal):
-            decode_into_array(opened, given)
+            decode_into_array(opened, blob, given)
         assert opened.tile  # still to decode: nothing was written anywhere

@@ -1,0 +1,120 @@
+"""A JPEG decoded by libjpeg-turbo through simplejpeg: Pillow's pixels, bit for bit, in less CPU.
+
+Pillow and simplejpeg both hand the file to libjpeg-turbo with its default, accurate settings
+(the integer IDCT, fancy chroma upsampling), so they give the same pixels; what differs is the
+work around the library. One thread here, the pixels decoded into an array either way
+(`pillow_pixels.decode_into_array`): the seed's 640x480 photo took 0.66-0.76 ms through Pillow
+against 0.39-0.45 ms through simplejpeg, a 1280x720 photo 1.7 against 1.2 ms, a 1920x1080 one
+2.8-3.0 against 2.5-2.7 ms (BENCHMARKS.md, "JPEGs decoded through simplejpeg"). That is CPU the
+API workers spend per request on their exact path, and the runner per forwarded JPEG on a GPU,
+where the CPU is what limits the server. It releases the GIL while it decodes (two threads
+decoded 1,663 photos of 1280x720 a second here, one thread 822).
+
+It is used only where it gives exactly what Pillow gives:
+- `AGREES`: at import, small JPEGs of each chroma subsampling libjpeg-turbo names (4:4:4,
+  4:2:2, 4:2:0, 4:4:0, 4:1:1), a progressive one, one with restart markers and one
+  stored in RGB are decoded both ways; where any pixel differs (another libjpeg-turbo build
+  beside another Pillow), simplejpeg is not used and the log says so once. Pillow 13's
+  libjpeg-turbo is 3.2.0, simplejpeg 1.9's 3.1.2: they agree on every JPEG the tests hold.
+- A JPEG about which libjpeg warns (corrupt or truncated data) is declined (`strict`), and so is
+  one whose frame libjpeg reads at another size than Pillow's header gave: the caller then
+  decodes it with Pillow, which gives its own pixels or its own error. A broken JPEG gets what
+  it got before.
+
+Optional at run time, like numba and pybase64: without it Pillow decodes, to the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+from PIL import Image
+
+try:
+    import simplejpeg
+except ImportError:  # an accelerator, not a requirement
+    simplejpeg = None
+
+logger = logging.getLogger(__name__)
+
+
+def decode_rgbx(data: bytes, out: np.ndarray) -> bool:
+    """Decodes the JPEG `data` into `out` (uint8 (H, W, 4), C-contiguous: RGB and a padding
+    byte, as Pillow stores RGB) and returns True; or returns False with `out` (perhaps written in
+    part) to be written by Pillow: simplejpeg missing or disagreeing here, the image not of
+    `out`'s size, or an error or warning from libjpeg. The caller asks only of JPEGs Pillow
+    opens as RGB."""
+    if not AGREES:
+        return False
+    return _decoded(data, out)
+
+
+def cpu_decoder_name() -> str:
+    """How the start-up log lines name what decodes JPEGs on the CPU."""
+    return "simplejpeg (Pillow's pixels)" if AGREES else "pillow"
+
+
+def _decoded(data: bytes, out: np.ndarray) -> bool:
+    try:
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGBX", fastdct=False, fastupsample=False, strict=True, buffer=out
+        )
+    except ValueError:  # how simplejpeg reports every refusal and every libjpeg warning,
+        return False  # and a buffer smaller than the image
+    # An image smaller than the buffer fills only its first bytes; Pillow then writes them all.
+    # Not asked beforehand (`decode_jpeg_header`): one call into the library per image, as
+    # Pillow makes (each lets go of the GIL and waits for it again, which beside the runner's
+    # busy threads can cost as much as a decode; scripts/decode_bench.py measures it).
+    return pixels.shape == out.shape
+
+
+def _probes() -> list[tuple[str, bytes]]:
+    """(name, bytes) of small JPEGs of every layout the agreement is checked on; their sizes
+    are not whole blocks, so edge blocks and upsampling at the borders are checked too."""
+    y, x = np.mgrid[0:29, 0:37]
+    rng = np.random.default_rng(0)
+    pixels = np.stack([x * 7, y * 9, (x * y) % 256], -1) + rng.integers(0, 40, (29, 37, 3))
+    pixels = np.ascontiguousarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    image = Image.fromarray(pixels, "RGB")
+    probes = []
+    for name, options in {
+        "4:4:4": {"subsampling": "4:4:4"},
+        "4:2:2": {"subsampling": "4:2:2"},
+        "4:2:0": {"subsampling": "4:2:0"},
+        "progressive": {"progressive": True},
+        "restart markers": {"restart_marker_blocks": 1},
+        "stored as RGB": {"subsampling": "4:4:4", "keep_rgb": True},
+    }.items():
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90, **options)
+        probes.append((name, buffer.getvalue()))
+    for subsampling in ("440", "411"):  # Pillow writes neither; rotated 4:2:2 files are 4:4:0
+        blob = simplejpeg.encode_jpeg(
+            pixels, quality=90, colorspace="RGB", colorsubsampling=subsampling
+        )
+        probes.append((subsampling, blob))
+    return probes
+
+
+def _agrees_with_pillow() -> bool:
+    """Whether simplejpeg is here and decodes every probe to Pillow's pixels."""
+    if simplejpeg is None:
+        return False
+    for name, blob in _probes():
+        with Image.open(io.BytesIO(blob)) as opened:
+            expected = np.asarray(opened.convert("RGB"))
+        decoded = np.empty((*expected.shape[:2], 4), np.uint8)
+        if not _decoded(blob, decoded) or not np.array_equal(decoded[..., :3], expected):
+            logger.warning(
+                "simplejpeg %s decodes a %s JPEG to other pixels than Pillow here: JPEGs are "
+                "decoded by Pillow alone",
+                simplejpeg.__version__,
+                name,
+            )
+            return False
+    return True
+
+
+AGREES = _agrees_with_pillow()
