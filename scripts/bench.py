@@ -1240,7 +1240,7 @@ SWITCH_INTERVAL_ABLATION = "all server cores, CLIP_SWITCH_INTERVAL_MS=0.2"
 ACCESS_LOG_ABLATION = "server on 4 cores, CLIP_ACCESS_LOG=on"
 CUDA_WAIT_ABLATION = "server on 4 cores, CLIP_CUDA_WAIT=spin"
 DEVICE_WAITS = "bare model, waiting asleep and polling"
-RUNNER_DECODE = "runner decode, pinned and pageable"
+RUNNER_DECODE = "runner decode, pinned and pageable, simplejpeg and Pillow"
 RUNNER_CALLS_BOTH_WAYS = "runner calls, both ways"
 BROKEN_JPEGS = "forwarded broken JPEGs"
 UNCACHED_TEXTS = "embed_texts uncached c32"
@@ -1312,21 +1312,24 @@ def device_waits(model: BareModel, passes: int = 200, rounds: int = 2) -> dict:
     }
 
 
-# The runner's three ways to put a decoded JPEG on the GPU: (pinned memory, copy waited for).
+# The runner's ways to decode a JPEG and put it on the GPU: (pinned memory, copy waited for,
+# simplejpeg decoding where it agrees with Pillow).
 DECODE_WAYS = {
-    "pinned, queued": (True, False),  # the default on a GPU (device_decode.pillow_rgbx)
-    "pageable, queued": (False, False),
-    "pageable, waited for": (False, True),  # as before: torch's blocking copy
+    "pinned, queued": (True, False, True),  # the default on a GPU (device_decode.pillow_rgbx)
+    "pinned, queued, Pillow alone": (True, False, False),  # where simplejpeg is missing
+    "pageable, queued": (False, False, True),
+    "pageable, waited for": (False, True, True),  # as before: torch's blocking copy
 }
 
 
 def runner_decodes(threads: int, batches: int = 40, rounds: int = 3) -> dict:
     """The runner's decode of a batch of forwarded JPEGs (32 of the seed's 640x480 photos,
-    Pillow in `threads` threads, the exact resize on the device) each of DECODE_WAYS, taking
+    decoded in `threads` threads, the exact resize on the device) each of DECODE_WAYS, taking
     turns: per batch, the wall time until its crops are on the device and the process's CPU
-    time (every thread's), best of `rounds`. The blocking copy is put back for its turn by
-    this benchmark only. On CPU the three are one path (a smoke run)."""
-    from clip_runner.model import device_decode
+    time (every thread's), best of `rounds`. The blocking copy is put back, and simplejpeg set
+    aside, for their turns by this benchmark only. On CPU the copies are one path (a smoke
+    run); simplejpeg and Pillow differ there too."""
+    from clip_runner.model import device_decode, simplejpeg_pixels
     from clip_runner.model.device_wait import wait_for_queued_work
     from clip_runner.model.encoding import pick_device
 
@@ -1339,11 +1342,13 @@ def runner_decodes(threads: int, batches: int = 40, rounds: int = 3) -> dict:
         for pinned in (True, False)
     }
     queued = device_decode.to_device
+    agrees = simplejpeg_pixels.AGREES
     best: dict[str, dict[str, float]] = {}
     try:
         for _ in range(rounds):
-            for way, (pinned, waited_for) in DECODE_WAYS.items():
+            for way, (pinned, waited_for, simplejpeg) in DECODE_WAYS.items():
                 device_decode.to_device = (lambda host, to: host.to(to)) if waited_for else queued
+                simplejpeg_pixels.AGREES = agrees and simplejpeg
                 decoder = decoders[pinned]
                 decoder(blobs)  # warm: pinned blocks, the resize's weights
                 wait_for_queued_work(device)
@@ -1360,9 +1365,11 @@ def runner_decodes(threads: int, batches: int = 40, rounds: int = 3) -> dict:
                     best[way] = figures
     finally:
         device_decode.to_device = queued
+        simplejpeg_pixels.AGREES = agrees
     return {
         "device": device.type,
         "threads": threads,
+        "simplejpeg_agrees": agrees,
         "images_per_batch": len(blobs),
         **{way: {k: round(v, 3) for k, v in f.items()} for way, f in best.items()},
     }
@@ -1703,7 +1710,8 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
         stage("fidelity", fidelity)
         # What a thread waiting for the GPU costs the CPU, asleep (the default) and polling.
         stage(DEVICE_WAITS, waits)
-        # What decoding into pinned memory and queueing the copies saves the decoding threads.
+        # What decoding into pinned memory, queueing the copies and decoding through simplejpeg
+        # save the decoding threads.
         stage(RUNNER_DECODE, decodes)
         for run in open_defaults:
             stage(run[0], functools.partial(serve, *run))
@@ -1974,7 +1982,9 @@ def decodes_text(decodes: dict | None) -> str:
     ]
     threads = decodes.get("threads")
     head = f"{decodes.get('images_per_batch')} 640x480 JPEGs in {threads} thread(s)"
-    tail = "" if decodes.get("device") == "cuda" else " (no GPU: one path three times)"
+    tail = "" if decodes.get("device") == "cuda" else " (no GPU: one copy path)"
+    if decodes.get("simplejpeg_agrees") is False:
+        tail += " (simplejpeg missing or disagreeing: Pillow decoded every way)"
     return f"{head}: " + "; ".join(parts) + tail
 
 

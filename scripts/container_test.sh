@@ -194,6 +194,9 @@ check_served_on_host_network() {
   # numba compiled (and cached) the API workers' resize inside the image; else Pillow resizes.
   expect_logged "$name" "images resized on the CPU by numba's compiled loops" \
     "that the API workers' resize is compiled"
+  # simplejpeg is in the image and gives Pillow's pixels there; else Pillow decodes (slower).
+  expect_logged "$name" "JPEGs decoded in the API workers by simplejpeg" \
+    "that simplejpeg decodes the API workers' JPEGs"
   [[ "$(docker exec "$name" id -u)" != "0" ]] || fail "the server runs as root"
   log "runs as $(docker exec "$name" id -un) (uid $(docker exec "$name" id -u))"
   docker exec "$name" sh -c 'ls $BENTO_PATH/models/clip/*/model.safetensors' >/dev/null ||

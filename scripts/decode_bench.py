@@ -1,18 +1,22 @@
-"""JPEG decoding in the service's processes, three ways, one thread, and beside a thread running
-Python: simplejpeg into the array (the service), Pillow into the array (the service where
-simplejpeg is missing or disagrees with Pillow), Pillow's own memory copied out (the way before
-both).
+"""JPEG decoding in the service's processes, three ways, in one thread, in a pool, and beside a
+thread running Python: simplejpeg into the array (the service), Pillow into the array (the
+service where simplejpeg is missing or disagrees with Pillow), Pillow's own memory copied out
+(the way before both).
 
     python scripts/decode_bench.py --out benchmarks/decode-bench.json
 
-Two figures per image, each the best of `--repeats` timed loops, the ways taking turns:
-- milliseconds per image of the API workers' exact path (`prepare_image`: decode, compiled
-  resize and crop) and of the runner's decode of forwarded JPEGs (`pillow_rgbx`);
+The ways take turns in each of:
+- milliseconds per image (the best of `--repeats` timed loops) of the API workers' exact path
+  (`prepare_image`: decode, compiled resize and crop) and of the runner's decode of forwarded
+  JPEGs (`pillow_rgbx`);
 - the runner's decode rate (the seed's photo) alone and beside one thread spinning in Python,
   at Python's switch interval (5 ms) and at 0.2 ms. A thread back from C code (both decoders
-  let go of the GIL) waits for the GIL until the spinning thread lets go, up to an interval:
-  every such return costs the decode a wait, which is what the runner's threads meet beside its
-  event loop on a GPU.
+  let go of the GIL, simplejpeg twice per image: for the header, then the decode) waits for
+  the GIL until the spinning thread lets go, up to an interval: every such return costs the
+  decode a wait, which is what the runner's threads meet beside its event loop on a GPU;
+- the runner's decode rate of batches of 32 seed photos handed to a pool of 1 or 2 threads, as
+  its decoding threads take them (medians of `--repeats` 2-s windows), alone and beside a
+  thread running Python half of the time (the runner's event loop under load).
 All ways give the same pixels (checked before timing). malloc is set as in the server.
 """
 
@@ -22,9 +26,11 @@ import argparse
 import base64
 import io
 import json
+import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -119,6 +125,35 @@ def rate_beside_spinner(decode, blob: bytes, spinners: int, seconds: float) -> f
     return count / (time.monotonic() - started)
 
 
+def half_busy(stop: threading.Event) -> None:
+    """Python for 1 ms, asleep for 1 ms, until `stop`: a stand-in for the runner's event loop
+    under load, beside which its decoding threads run."""
+    while not stop.is_set():
+        burst = time.perf_counter()
+        while time.perf_counter() - burst < 0.001:
+            pass
+        time.sleep(0.001)
+
+
+def batch_rate(decode, blobs: list[bytes], threads: int, busy: bool, seconds: float) -> float:
+    """Images/s of `decode` over `blobs` handed to a pool of `threads` threads one batch at a
+    time, as the runner's decoding threads take a batch of forwarded JPEGs (device_decode.py),
+    alone or beside a `half_busy` thread."""
+    stop = threading.Event()
+    beside = threading.Thread(target=half_busy, args=(stop,))
+    if busy:
+        beside.start()
+    count, started = 0, time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        while time.monotonic() - started < seconds:
+            wait([pool.submit(decode, blob) for blob in blobs])
+            count += len(blobs)
+    stop.set()
+    if busy:
+        beside.join()
+    return count / (time.monotonic() - started)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -158,6 +193,19 @@ def main() -> int:
             key = f"switch interval {interval_ms:g} ms, {spinners} thread(s) running Python"
             result["runner_decodes_per_s"][key] = rates
             print(key, rates, flush=True)
+    sys.setswitchinterval(0.005)
+    batch = [base64.b64decode(json.loads(body)["images"][0]) for body in seed_request_bodies()]
+    result["runner_batch_decodes_per_s"] = {}
+    for threads in (1, 2):
+        for busy in (False, True):
+            rates = {way: [] for way in WAYS["runner"]}
+            for _ in range(args.repeats):  # the ways taking turns
+                for way, decode in WAYS["runner"].items():
+                    rates[way].append(batch_rate(decode, batch * 8, threads, busy, 2))
+            key = f"{threads} thread(s), {'beside a half-busy thread' if busy else 'alone'}"
+            median = {way: round(statistics.median(rate)) for way, rate in rates.items()}
+            result["runner_batch_decodes_per_s"][key] = median
+            print("batches of 32 seed photos,", key, median, flush=True)
     args.out.write_text(json.dumps(result, indent=1))
     return 0
 

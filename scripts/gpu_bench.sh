@@ -13,8 +13,8 @@
 # pixel, every preprocessing path's fidelity (Pillow in the runner, the default, and the opt-in
 # nvJPEG included), what the thread waiting for each pass replayed from CUDA graphs costs the CPU
 # asleep (the default) and polling, and the runner's decode of a batch of forwarded JPEGs into
-# pinned memory with queued copies (the default) against pageable memory, queued and waited for
-# (CPU per image, wall per batch). Then the ablations, each the seed request at 64 clients, the
+# pinned memory with queued copies (the default) against pageable memory, queued and waited for,
+# and against Pillow decoding without simplejpeg (CPU per image, wall per batch). Then the ablations, each the seed request at 64 clients, the
 # defaults still open first: CLIP_RUNNER_PASSES=2 (one pass's Pillow decode beside the other's
 # forward pass), CLIP_DECODE=api (the other exact path), CLIP_API_WORKERS=3 and
 # CLIP_RUNNER_WORKERS=1 on the 4 cores, CLIP_RUNNER_CALLS=3 (the calls-in-flight rule),
@@ -110,7 +110,8 @@ import importlib
 import platform
 
 print("python", platform.python_version())
-for name in ("torch", "torchvision", "numpy", "numba", "PIL", "transformers", "bentoml"):
+names = ("torch", "torchvision", "numpy", "numba", "PIL", "simplejpeg", "transformers", "bentoml")
+for name in names:
     try:
         print(name, importlib.import_module(name).__version__)
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
@@ -118,6 +119,9 @@ for name in ("torch", "torchvision", "numpy", "numba", "PIL", "transformers", "b
 from clip_runner.images import compiled_resample
 
 print("numba resize compiled:", compiled_resample.COMPILED)
+from clip_runner.model import simplejpeg_pixels
+
+print("simplejpeg decodes to Pillow's pixels:", simplejpeg_pixels.AGREES)
 # The supervisor and the API workers pick the GPU defaults by this check, without torch.
 import torch
 from clip_runner.cuda_check import cuda_available

@@ -510,14 +510,15 @@ def test_the_device_waits_stage_times_the_waiting_thread_both_ways(tiny_stored_m
 
 
 def test_the_runner_decode_stage_times_each_way_and_puts_the_queued_copy_back():
-    """On CPU the three ways are one path, but the stage runs the runner's own decoder each
-    way, restores the queued copy it swaps out for the blocking one, and its figures reach the
-    report."""
-    from clip_runner.model import device_decode
+    """On CPU the copies are one path, but the stage runs the runner's own decoder each way,
+    restores the queued copy it swaps out for the blocking one and the simplejpeg it sets
+    aside, and its figures reach the report."""
+    from clip_runner.model import device_decode, simplejpeg_pixels
 
     queued = device_decode.to_device
     decodes = bench.runner_decodes(threads=2, batches=2, rounds=1)
     assert device_decode.to_device is queued
+    assert simplejpeg_pixels.AGREES and decodes["simplejpeg_agrees"]
     assert decodes["device"] == "cpu" and decodes["images_per_batch"] == 32
     for way in bench.DECODE_WAYS:
         assert decodes[way]["wall_ms_per_batch"] > 0 and decodes[way]["cpu_ms_per_image"] > 0
@@ -526,7 +527,7 @@ def test_the_runner_decode_stage_times_each_way_and_puts_the_queued_copy_back():
     assert any(
         line.startswith("- the runner's decode of a batch of forwarded JPEGs, each way: ")
         and f"32 640x480 JPEGs in 2 thread(s): pinned, queued (the default): {pinned} ms" in line
-        and line.endswith("(no GPU: one path three times)")
+        and line.endswith("(no GPU: one copy path)")
         for line in lines
     )
 
