@@ -2,13 +2,15 @@
 
 Pillow and simplejpeg both hand the file to libjpeg-turbo with its default, accurate settings
 (the integer IDCT, fancy chroma upsampling), so they give the same pixels; what differs is the
-work around the library. One thread here, the pixels decoded into an array either way
-(`pillow_pixels.decode_into_array`): the seed's 640x480 photo took 0.66-0.76 ms through Pillow
-against 0.39-0.45 ms through simplejpeg, a 1280x720 photo 1.7 against 1.2 ms, a 1920x1080 one
-2.8-3.0 against 2.5-2.7 ms (BENCHMARKS.md, "JPEGs decoded through simplejpeg"). That is CPU the
-API workers spend per request on their exact path, and the runner per forwarded JPEG on a GPU,
-where the CPU is what limits the server. It releases the GIL while it decodes (two threads
-decoded 1,663 photos of 1280x720 a second here, one thread 822).
+work around the library. The runner's decode into an array here, one thread, the server's
+malloc settings (`pillow_pixels.decode_into_array`; scripts/decode_bench.py): the seed's 640x480
+photo 0.47-0.49 ms against 0.51-0.75 through Pillow, a 1200x900 photo 4.45-4.49 against
+4.92-5.44, a 12-MP one 71-74 against 78-81; batches of 32 seed photos on two threads 3,336
+against 2,825 images/s. That is CPU the API workers spend per request on their exact path, and
+the runner per forwarded JPEG on a GPU, where the CPU is what limits the server. It lets go of
+the GIL while it decodes, twice per image (the header, then the decode; Pillow once per 64 kB
+of the file it reads), so beside a thread that never lets go of the GIL it gains nothing (BENCHMARKS.md, "JPEGs decoded
+through simplejpeg").
 
 It is used only where it gives exactly what Pillow gives:
 - `AGREES`: at import, small JPEGs of each chroma subsampling libjpeg-turbo names (4:4:4,
@@ -64,9 +66,8 @@ def _decoded(data: bytes, out: np.ndarray) -> bool:
     except ValueError:  # how simplejpeg reports every refusal and every libjpeg warning,
         return False  # and a buffer smaller than the image
     # An image smaller than the buffer fills only its first bytes; Pillow then writes them all.
-    # Not asked beforehand (`decode_jpeg_header`): one call into the library per image, as
-    # Pillow makes (each lets go of the GIL and waits for it again, which beside the runner's
-    # busy threads can cost as much as a decode; scripts/decode_bench.py measures it).
+    # Not asked beforehand (`decode_jpeg_header`): that would let go of the GIL and wait for it
+    # a third time per image, each wait up to a switch interval beside a busy thread.
     return pixels.shape == out.shape
 
 
@@ -90,7 +91,7 @@ def _probes() -> list[tuple[str, bytes]]:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=90, **options)
         probes.append((name, buffer.getvalue()))
-    for subsampling in ("440", "411"):  # Pillow writes neither; rotated 4:2:2 files are 4:4:0
+    for subsampling in ("440", "411"):  # Pillow writes neither; 4:2:2 turned losslessly is 4:4:0
         blob = simplejpeg.encode_jpeg(
             pixels, quality=90, colorspace="RGB", colorsubsampling=subsampling
         )
