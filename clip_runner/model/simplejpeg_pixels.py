@@ -9,8 +9,8 @@ photo 0.47-0.49 ms against 0.51-0.75 through Pillow, a 1200x900 photo 4.45-4.49 
 against 2,825 images/s. That is CPU the API workers spend per request on their exact path, and
 the runner per forwarded JPEG on a GPU, where the CPU is what limits the server. It lets go of
 the GIL while it decodes, twice per image (the header, then the decode; Pillow once per 64 kB
-of the file it reads), so beside a thread that never lets go of the GIL it gains nothing (BENCHMARKS.md, "JPEGs decoded
-through simplejpeg").
+of the file it reads), so beside a thread that never lets go of the GIL it gains nothing
+(BENCHMARKS.md, "JPEGs decoded through simplejpeg").
 
 It is used only where it gives exactly what Pillow gives:
 - `AGREES`: at import, small JPEGs of each chroma subsampling libjpeg-turbo names (4:4:4,
