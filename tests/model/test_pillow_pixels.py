@@ -14,13 +14,7 @@ from PIL import Image
 from clip_runner.model import pillow_pixels, simplejpeg_pixels
 from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
 from tests.hard_images import encoded_set, is_jpeg
-from tests.helpers import encode, photo_like
-
-
-def pillows_own(blob: bytes) -> np.ndarray:
-    """(H, W, 3): Pillow decoding into its own memory, its pixels copied out."""
-    with Image.open(io.BytesIO(blob)) as image:
-        return np.asarray(image.convert("RGB"))
+from tests.helpers import encode, photo_like, pillows_own
 
 
 def into_array(blob: bytes) -> np.ndarray:

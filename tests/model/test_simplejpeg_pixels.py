@@ -13,12 +13,7 @@ from PIL import Image
 from clip_runner.model import simplejpeg_pixels
 from clip_runner.model.simplejpeg_pixels import decode_rgbx
 from tests.hard_images import hard_images
-from tests.helpers import encode, photo_like
-
-
-def pillows_own(blob: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(blob)) as image:
-        return np.asarray(image.convert("RGB"))
+from tests.helpers import encode, photo_like, pillows_own
 
 
 def decoded(blob: bytes) -> np.ndarray | None:
