@@ -45,13 +45,14 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
 
 def pillow_resize_and_crop(image: Image.Image, edge: int, crop_h: int, crop_w: int) -> np.ndarray:
     """What CLIPImageProcessor does: Pillow's bicubic resize of the whole image, center crop
-    (zero padding where the crop is larger): what both exact resizes must equal."""
+    (zero padding where the crop is larger, an odd pixel of it before): what both exact resizes
+    must equal (tests/images/test_loading.py holds it to the processor itself)."""
     new_w, new_h = resized_size(*image.size, edge)
     resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
     out_w, out_h = min(crop_w, new_w), min(crop_h, new_h)
     left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
     canvas = np.zeros((crop_h, crop_w, 3), dtype=np.uint8)
-    pad_top, pad_left = (crop_h - out_h) // 2, (crop_w - out_w) // 2
+    pad_top, pad_left = (crop_h - out_h + 1) // 2, (crop_w - out_w + 1) // 2  # odd: 1 more
     canvas[pad_top : pad_top + out_h, pad_left : pad_left + out_w] = resized[
         top : top + out_h, left : left + out_w
     ]

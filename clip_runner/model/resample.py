@@ -119,15 +119,15 @@ class CropPlan:
     out_height: int
     pad_left: int  # where the kept part lands in the (crop_height, crop_width) output
     pad_top: int
-
-    @property
-    def padded(self) -> bool:
-        return self.pad_left > 0 or self.pad_top > 0
+    padded: bool  # whether the output is larger than the kept part
 
 
 def crop_plan(
     width: int, height: int, shortest_edge: int, crop_height: int, crop_width: int
 ) -> CropPlan:
+    """transformers' center crop: the kept part starts half the surplus (rounded down) in; where
+    the crop is larger, the padding before it is half the shortfall rounded up (an odd pixel of
+    padding goes to the left or top, as `center_crop` places it)."""
     new_width, new_height = resized_size(width, height, shortest_edge)
     out_width, out_height = min(crop_width, new_width), min(crop_height, new_height)
     return CropPlan(
@@ -137,6 +137,7 @@ def crop_plan(
         (new_height - out_height) // 2,
         out_width,
         out_height,
-        (crop_width - out_width) // 2,
-        (crop_height - out_height) // 2,
+        (crop_width - out_width + 1) // 2,
+        (crop_height - out_height + 1) // 2,
+        (out_width, out_height) != (crop_width, crop_height),
     )

@@ -10,6 +10,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import CLIPImageProcessorPil
 
 import clip_runner.images.loading
 from clip_runner.errors import RequestError
@@ -69,6 +70,27 @@ def test_resize_and_crop_matches_clip_processor(size, resize_path):
     pixels = resize_and_crop(image, GEOMETRY)
     assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
     np.testing.assert_allclose(normalised(pixels), reference_pixels(image), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "geometry",  # crops larger than the resized image by odd and even counts, and one smaller
+    [ImageGeometry(64, 64, 96), ImageGeometry(64, 67, 97), ImageGeometry(64, 70, 100)],
+    ids=str,
+)
+def test_a_crop_larger_than_the_resized_image_is_padded_where_clip_processor_pads(
+    geometry, resize_path
+):
+    image = photo_like(1043, 699, seed=5)  # resized to 95x64
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": geometry.shortest_edge},
+        crop_size={"height": geometry.crop_height, "width": geometry.crop_width},
+        resample=3,
+        do_rescale=False,
+        do_normalize=False,
+    )
+    expected = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    pixels = prepare_image(encode(image), 0, geometry, MAX_PIXELS)
+    np.testing.assert_array_equal(pixels, expected.round().astype(np.uint8))
 
 
 @pytest.mark.parametrize("size", [(640, 480), (1, 1), (3, 1000)])

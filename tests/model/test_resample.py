@@ -43,10 +43,11 @@ def test_equals_pillow_at_every_pass_order_and_direction(size: tuple[int, int]):
     )
 
 
-def test_crop_larger_than_the_resized_image_is_zero_padded_like_the_cpu_path():
-    image = stripes(300, 200, period=3)
+@pytest.mark.parametrize("geometry", [(100, 120, 160), (64, 64, 96), (64, 67, 97)])
+def test_crop_larger_than_the_resized_image_is_zero_padded_like_the_cpu_path(geometry):
+    image = stripes(1043, 699, period=3)  # resized to 149x100 or 95x64: odd paddings too
     np.testing.assert_array_equal(
-        torch_resize_and_crop(image, 100, 120, 160), pillow_resize_and_crop(image, 100, 120, 160)
+        torch_resize_and_crop(image, *geometry), pillow_resize_and_crop(image, *geometry)
     )
 
 
