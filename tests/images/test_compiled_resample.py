@@ -1,6 +1,7 @@
 """The API workers' compiled resize against Pillow itself: every pixel equal, on the hardest
 inputs, at every pass order, direction and aspect ratio, from three-byte or Pillow's own RGBX
-pixels; and numba loaded only where it is used."""
+pixels, upright or read upright from their stored EXIF orientation; and numba loaded only where
+it is used."""
 
 from __future__ import annotations
 
@@ -84,6 +85,49 @@ def test_equals_pillow_over_random_sizes_and_geometries(layout: str):
                 pillow_resize_and_crop(image, *geometry),
                 err_msg=f"{width}x{height} at {geometry}",
             )
+
+
+# What ImageOps.exif_transpose does for each EXIF orientation: the reference.
+EXIF_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_stored_pixels_resized_upright_equal_pillow_on_the_turned_image(orientation: int):
+    """Pixels as stored with an EXIF orientation, resized upright without turning them, equal
+    Pillow's resize of the image exif_transpose turns: sizes from 1 px to 1200 px each way (both
+    pass orders of the upright image, up- and downscaling, odd sizes), three geometries (one of
+    them padded, one not square), the hard textures."""
+    rng = np.random.default_rng(orientation)
+    sizes = [(1, 1), (2000, 5), (5, 2000), (640, 480), (480, 640), (900, 200), (200, 900)]
+    sizes += [tuple(rng.integers(1, 1200, 2)) for _ in range(12)]
+    images = [noise(width, height, seed=width + height) for width, height in sizes]
+    images += [image for _, image in hard_images(scale=0.25)]
+    for image in images:
+        turned = image.transpose(EXIF_TRANSPOSES[orientation])
+        pixels = with_padding_byte(np.asarray(image), rng)
+        for geometry in ((224, 224, 224), (100, 120, 160), (64, 64, 96)):
+            np.testing.assert_array_equal(
+                resize_and_crop_array(pixels, *geometry, orientation=orientation),
+                pillow_resize_and_crop(turned, *geometry),
+                err_msg=f"{image.size} at {geometry}",
+            )
+
+
+def test_an_orientation_outside_exifs_eight_leaves_the_image_as_stored():
+    pixels = np.asarray(noise(300, 200, seed=4))
+    for orientation in (0, 9, 65535):
+        np.testing.assert_array_equal(
+            resize_and_crop_array(pixels, 224, 224, 224, orientation=orientation),
+            resize_and_crop_array(pixels, 224, 224, 224),
+        )
 
 
 def test_takes_views_and_leaves_its_input_alone():

@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import CLIPImageProcessorPil
 
 import clip_runner.images.loading
@@ -30,11 +30,12 @@ from clip_runner.images.loading import (
     resize_and_crop,
     stored_as_rgb,
     stored_pixels,
+    to_rgb,
 )
 from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE
 from clip_runner.model.store import OPENAI_STD, build_image_processor
 from tests.hard_images import encoded_set
-from tests.helpers import PUBLIC_HOST, as_base64, encode, photo_like
+from tests.helpers import PUBLIC_HOST, as_base64, encode, photo_like, pillows_own
 
 GEOMETRY = ImageGeometry(shortest_edge=224, crop_height=224, crop_width=224)
 LIMITS = ImageLimits(FetchLimits(max_bytes=2_000_000, timeout_s=5), max_pixels=50_000_000)
@@ -104,31 +105,51 @@ def test_stored_pixels_are_the_rgb_pixels_and_a_padding_byte(size, copy, monkeyp
     np.testing.assert_array_equal(pixels[..., :3], np.asarray(image))
 
 
-def rotated_jpeg(image: Image.Image) -> bytes:
+def oriented_exif(image: Image.Image, orientation: int) -> bytes:
+    """EXIF data with this orientation tag (6: a phone held upright)."""
     exif = image.getexif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
-    return encode(image, "JPEG", quality=95, exif=exif.tobytes())
+    exif[0x0112] = orientation
+    return exif.tobytes()
 
 
-def test_an_upright_colour_jpeg_is_decoded_into_the_array_and_other_images_copied(monkeypatch):
+def oriented_jpeg(image: Image.Image, orientation: int) -> bytes:
+    return encode(image, "JPEG", quality=95, exif=oriented_exif(image, orientation))
+
+
+def test_colour_jpegs_are_decoded_into_the_array_as_stored_and_other_images_copied(monkeypatch):
     copied = []
     copy = clip_runner.images.loading.stored_pixels
     monkeypatch.setattr(
         clip_runner.images.loading, "stored_pixels", lambda image: copied.append(1) or copy(image)
     )
     photo = photo_like(64, 48, seed=2)
-    sources = {
-        "upright JPEG": (encode(photo, "JPEG", quality=90), 0),
-        "rotated JPEG": (rotated_jpeg(photo), 1),
-        "greyscale JPEG": (encode(photo.convert("L"), "JPEG"), 1),
-        "PNG": (encode(photo, "PNG"), 1),
+    sources = {  # bytes, copies, orientation left to the resize
+        "upright JPEG": (encode(photo, "JPEG", quality=90), 0, 1),
+        "rotated JPEG": (oriented_jpeg(photo, 6), 0, 6),
+        "greyscale JPEG": (encode(photo.convert("L"), "JPEG"), 1, 1),
+        "PNG": (encode(photo, "PNG"), 1, 1),
+        "rotated PNG": (encode(photo, "PNG", exif=oriented_exif(photo, 8)), 1, 1),
     }
-    for name, (blob, copies) in sources.items():
+    for name, (blob, copies, orientation) in sources.items():
         copied.clear()
-        pixels = decoded_rgbx(blob, 0, MAX_PIXELS)
-        assert len(copied) == copies, name
-        expected = np.asarray(decode_image(blob, 0, MAX_PIXELS))
+        pixels, left_to_turn = decoded_rgbx(blob, 0, MAX_PIXELS)
+        assert (len(copied), left_to_turn) == (copies, orientation), name
+        with Image.open(io.BytesIO(blob)) as image:
+            expected = pillows_own(blob) if orientation != 1 else np.asarray(to_rgb(image))
         np.testing.assert_array_equal(pixels[..., :3], expected, err_msg=name)
+
+
+@pytest.mark.parametrize("orientation", range(1, 10))  # 9: not an orientation, left as stored
+@pytest.mark.parametrize("size", [(301, 200), (500, 200), (200, 500)])  # both pass orders
+def test_jpegs_of_every_exif_orientation_give_clip_processors_pixels_upright(
+    orientation, size, resize_path
+):
+    blob = oriented_jpeg(photo_like(*size, seed=orientation), orientation)
+    with Image.open(io.BytesIO(blob)) as stored:
+        upright = ImageOps.exif_transpose(stored)
+    assert upright.size == (size[::-1] if orientation in (5, 6, 7, 8) else size)
+    pixels = prepare_image(blob, 0, GEOMETRY, MAX_PIXELS)
+    np.testing.assert_allclose(normalised(pixels), reference_pixels(upright), atol=1e-5)
 
 
 def test_a_broken_jpeg_decoded_into_an_array_is_a_422_naming_it():
