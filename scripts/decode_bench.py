@@ -7,8 +7,9 @@ service where simplejpeg is missing or disagrees with Pillow), Pillow's own memo
 
 The ways take turns in each of:
 - milliseconds per image (the best of `--repeats` timed loops) of the API workers' exact path
-  (`prepare_image`: decode, compiled resize and crop) and of the runner's decode of forwarded
-  JPEGs (`pillow_rgbx`);
+  (`prepare_image`: decode, compiled resize and crop), also on photos stored turned with an
+  EXIF orientation as phones store them, and of the runner's decode of forwarded JPEGs
+  (`pillow_rgbx`);
 - the runner's decode rate (the seed's photo) alone and beside one thread spinning in Python,
   at Python's switch interval (5 ms) and at 0.2 ms. A thread back from C code (both decoders
   let go of the GIL, simplejpeg twice per image: for the header, then the decode) waits for
@@ -96,6 +97,15 @@ WAYS = {
 }
 
 
+def oriented(width: int, height: int) -> bytes:
+    """A photo JPEG (quality 90) tagged to be shown turned a quarter clockwise, as phones store
+    one taken upright."""
+    image = photo_like(width, height, 3)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    return encode(image, "JPEG", quality=90, exif=exif.tobytes())
+
+
 def ms_per_image(decode, blob: bytes, loops: int) -> float:
     decode(blob)
     started = time.perf_counter()
@@ -171,9 +181,17 @@ def main() -> int:
         "photo 1200x900, quality 90": (encode(photo_like(1200, 900, 1), "JPEG", quality=90), 60),
         "photo 4000x3000, quality 90": (encode(photo_like(4000, 3000, 2), "JPEG", quality=90), 5),
     }
+    # Phone photos as phones store them: the API workers' path only (the runner is sent upright
+    # JPEGs); "copied out" turns them with Pillow first, as the service did before.
+    turned = {
+        "photo 1200x900 stored turned (EXIF orientation 6)": (oriented(1200, 900), 60),
+        "photo 4000x3000 stored turned (EXIF orientation 6)": (oriented(4000, 3000), 5),
+    }
     result: dict = {"ms_per_image": {}, "runner_decodes_per_s": {}}
-    for name, (blob, loops) in images.items():
+    for name, (blob, loops) in [*images.items(), *turned.items()]:
         for role, ways in WAYS.items():
+            if role == "runner" and name in turned:
+                continue
             first, *others = (torch.as_tensor(way(blob))[..., :3] for way in ways.values())
             assert all(torch.equal(first, other) for other in others)
             timings = {way: [] for way in ways}

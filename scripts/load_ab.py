@@ -15,13 +15,16 @@ request by role. Results: `--out` (JSON, every window), and the medians to stdou
 
 `--load embed_images` sends the seed's photos to `/embed_images`, `--load embed_texts` eight
 prompts per request to `/embed_texts` that no window has sent before (each server's text cache
-would otherwise answer the windows after its first).
+would otherwise answer the windows after its first), `--load phone_photos` the seed's request
+with one 12-MP photo as phones store it (4032x3024, EXIF orientation 1, 3, 6 or 8).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import io
 import json
 import statistics
 import subprocess
@@ -31,19 +34,38 @@ from pathlib import Path
 
 from bench import (
     REPO,
+    SEED_CLASSES,
     Scenario,
     bento_server,
     cpu_ms_per_request,
     import_random_model,
     measure,
+    photo,
     seed_request_bodies,
     uncached_text_bodies,
 )
 from startup_bench import worktree
 
-LOADS = ("seed", "embed_images", "embed_texts")
+LOADS = ("seed", "embed_images", "embed_texts", "phone_photos")
+# A phone's sensor is wider than tall; held level, upside down, upright or the other way up, it
+# stores the same 4032x3024 pixels and tags how to turn them.
+PHONE_ORIENTATIONS = (1, 3, 6, 8)
 # Uncached prompts per window: more requests than any window sends.
 TEXT_REQUESTS_PER_WINDOW = 50_000
+
+
+def phone_photo_bodies() -> list[bytes]:
+    """Four seed requests of one 12-MP JPEG each (quality 88), one per `PHONE_ORIENTATIONS`."""
+    bodies = []
+    for seed, orientation in enumerate(PHONE_ORIENTATIONS):
+        image = photo(4032, 3024, seed)
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=88, exif=exif.tobytes())
+        jpeg = base64.b64encode(buffer.getvalue()).decode()
+        bodies.append(json.dumps({"images": [jpeg], "classes": SEED_CLASSES}).encode())
+    return bodies
 
 
 def scenario(load: str, window_index: int) -> Scenario:
@@ -57,6 +79,8 @@ def scenario(load: str, window_index: int) -> Scenario:
         first = window_index * TEXT_REQUESTS_PER_WINDOW
         bodies = uncached_text_bodies(TEXT_REQUESTS_PER_WINDOW, first=first)
         return Scenario("embed_texts uncached c32", bodies, 8, 32, "/embed_texts")
+    if load == "phone_photos":
+        return Scenario("phone photos c32", phone_photo_bodies(), 1, 32)
     return Scenario("seed c32", seed_request_bodies(), 1, 32)
 
 
