@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from clip_runner.errors import RequestError
+from clip_runner.model.pillow_pixels import JPEG_FORMATS
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def image_header(data: bytes, check: HeaderCheck | None = None) -> ImageHeader:
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            baseline_jpeg = image.format == "JPEG" and not image.info.get("progressive")
+            baseline_jpeg = image.format in JPEG_FORMATS and not image.info.get("progressive")
             header = ImageHeader(width * height, baseline_jpeg)
             if check is not None:
                 try:

@@ -34,16 +34,24 @@ from clip_runner.model import simplejpeg_pixels
 logger = logging.getLogger(__name__)
 
 
+# Pillow opens a JPEG that carries further images in a Multi-Picture (MPF) segment as "MPO":
+# many cameras store a large preview that way after the photo. Its first image is a plain JPEG
+# at the start of the file, decoded by the same code.
+JPEG_FORMATS = ("JPEG", "MPO")
+
+
 def decodes_into_array(opened: Image.Image) -> bool:
-    """Whether `decode_into_array` applies: a JPEG in RGB whose pixels are not decoded yet, in
-    one tile covering the whole image (what Pillow's JPEG plugin makes of every JPEG it reads)."""
+    """Whether `decode_into_array` applies: a JPEG (or an MPO's first image) in RGB whose pixels
+    are not decoded yet, in one tile covering the whole image and starting at the file's first
+    byte (what Pillow's JPEG plugin makes of every JPEG it reads, and simplejpeg decodes)."""
     tiles = opened.tile
     return (
         DIRECT
-        and opened.format == "JPEG"
+        and opened.format in JPEG_FORMATS
         and opened.mode == "RGB"
         and len(tiles) == 1
         and tuple(tiles[0][1]) == (0, 0, *opened.size)  # its extents
+        and tiles[0][2] == 0  # its offset: not another image of an MPO
     )
 
 

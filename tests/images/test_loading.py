@@ -129,6 +129,17 @@ def test_colour_jpegs_are_decoded_into_the_array_as_stored_and_other_images_copi
         "greyscale JPEG": (encode(photo.convert("L"), "JPEG"), 1, 1),
         "PNG": (encode(photo, "PNG"), 1, 1),
         "rotated PNG": (encode(photo, "PNG", exif=oriented_exif(photo, 8)), 1, 1),
+        "a camera's turned JPEG with a preview after it (MPO)": (
+            encode(
+                photo,
+                "MPO",
+                save_all=True,
+                append_images=[photo_like(20, 10, seed=3)],
+                exif=oriented_exif(photo, 6),
+            ),
+            0,
+            6,
+        ),
     }
     for name, (blob, copies, orientation) in sources.items():
         copied.clear()
@@ -402,7 +413,8 @@ def test_small_baseline_jpegs_are_decoded_on_the_event_loop_the_rest_in_a_thread
 
 def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image_server):
     """Baseline YCbCr/greyscale JPEGs go as their own bytes; progressive, CMYK, RGB-stored and
-    rotated JPEGs and PNGs are decoded here as before."""
+    rotated JPEGs, JPEGs with a preview after them (MPO: what nvJPEG makes of the bytes after
+    the first image is unmeasured) and PNGs are decoded here as before."""
     photo = photo_like(320, 240, seed=4)
     baseline = encode(photo, "JPEG", quality=90)
     grey = encode(photo.convert("L"), "JPEG", quality=90)
@@ -413,8 +425,9 @@ def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image
     exif[0x0112] = 6  # rotate 90 degrees on display
     rotated = encode(photo, "JPEG", quality=90, exif=exif.tobytes())
     sources = [base64.b64encode(data).decode() for data in (baseline, grey, progressive, cmyk)]
+    preview = encode(photo, "MPO", save_all=True, append_images=[photo_like(20, 10, seed=1)])
     sources += [base64.b64encode(data).decode() for data in (rgb, rotated)]
-    sources += [as_base64(photo)]
+    sources += [as_base64(photo), base64.b64encode(preview).decode()]
     loaded = load(sources, dataclasses.replace(LIMITS, forward_jpegs=True))
     assert loaded[0] == baseline and loaded[1] == grey
     assert all(isinstance(item, np.ndarray) for item in loaded[2:])

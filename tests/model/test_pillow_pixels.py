@@ -54,10 +54,18 @@ def arrays_start_as(filler: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pillow_pixels.np, "empty", filled)
 
 
+def with_preview(photo: Image.Image, **save_args: object) -> bytes:
+    """`photo` as many cameras store one: a JPEG with a smaller preview image after it, named
+    in a Multi-Picture segment; Pillow opens it as an MPO whose first image is the photo."""
+    preview = photo_like(photo.width // 2 + 1, photo.height // 2, seed=9)
+    return encode(photo, "MPO", save_all=True, append_images=[preview], **save_args)
+
+
 def colour_jpegs() -> list[tuple[str, bytes]]:
     """The fidelity set's JPEGs (4:2:0, 4:2:2, 4:4:4; stripes, text, noise, odd sizes), shrunk
     for speed, and a photo of odd size: plain, with restart markers, progressive (common on the
-    web; the API workers decode those themselves), with optimised Huffman tables."""
+    web; the API workers decode those themselves), with optimised Huffman tables, and with a
+    camera's preview after it (an MPO)."""
     shrunk = [(name, blob) for name, blob in encoded_set(scale=0.25) if is_jpeg(blob)]
     photo = photo_like(641, 479, seed=5)
     return [
@@ -66,6 +74,7 @@ def colour_jpegs() -> list[tuple[str, bytes]]:
         ("restart markers", encode(photo, "JPEG", restart_marker_rows=1)),
         ("progressive", encode(photo, "JPEG", quality=85, progressive=True)),
         ("optimised Huffman tables", encode(photo, "JPEG", optimize=True)),
+        ("with a camera's preview (MPO)", with_preview(photo, quality=90)),
     ]
 
 
@@ -98,19 +107,20 @@ def outcome(decode, blob: bytes) -> tuple[str, np.ndarray | None]:
 @pytest.mark.parametrize("filler", [0, 255])
 def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, decoder, monkeypatch):
     """Bytes overwritten (libjpeg may warn and go on) and files cut short, 300 of them, of a
-    baseline and a progressive JPEG; those that decode have every pixel written (as in the
-    test above, with each `filler`). simplejpeg refuses every file libjpeg warns about, and
-    Pillow then decides: the same refusals with the same messages."""
+    baseline and a progressive JPEG and an MPO; those that decode have every pixel written (as
+    in the test above, with each `filler`). simplejpeg refuses every file libjpeg warns about,
+    and Pillow then decides: the same refusals with the same messages."""
     arrays_start_as(filler, monkeypatch)
     rng = np.random.default_rng(7)
     photo = photo_like(160, 120, seed=3)
     originals = [
         encode(photo, "JPEG", quality=90),
         encode(photo, "JPEG", quality=90, progressive=True),
+        with_preview(photo, quality=90),
     ]
     outcomes: list[bool] = []
     for number in range(300):
-        changed = bytearray(originals[number % 2])
+        changed = bytearray(originals[number % len(originals)])
         for _ in range(int(rng.integers(1, 6))):
             changed[int(rng.integers(200, len(changed)))] = int(rng.integers(256))
         if rng.random() < 0.5:
@@ -143,6 +153,16 @@ def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, decode
 def test_other_images_are_left_to_pillow(blob):
     with Image.open(io.BytesIO(blob)) as opened:
         assert not decodes_into_array(opened)
+
+
+def test_only_an_mpos_first_image_is_decoded_into_an_array():
+    """An MPO moved on to its preview has that image's tile, further into the file: Pillow
+    decodes it (simplejpeg would decode the first image of the bytes)."""
+    blob = with_preview(photo_like(64, 48, seed=1))
+    with Image.open(io.BytesIO(blob)) as opened:
+        assert opened.format == "MPO" and decodes_into_array(opened)
+        opened.seek(1)
+        assert opened.size == (33, 24) and not decodes_into_array(opened)
 
 
 def test_an_image_already_decoded_is_not_decoded_again():
