@@ -8,8 +8,8 @@ service where simplejpeg is missing or disagrees with Pillow), Pillow's own memo
 The ways take turns in each of:
 - milliseconds per image (the best of `--repeats` timed loops) of the API workers' exact path
   (`prepare_image`: decode, compiled resize and crop), also on photos stored turned with an
-  EXIF orientation as phones store them, and of the runner's decode of forwarded JPEGs
-  (`pillow_rgbx`);
+  EXIF orientation as phones store them and with a preview after them as cameras do (an MPO),
+  and of the runner's decode of forwarded JPEGs (`pillow_rgbx`);
 - the runner's decode rate (the seed's photo) alone and beside one thread spinning in Python,
   at Python's switch interval (5 ms) and at 0.2 ms. A thread back from C code (both decoders
   let go of the GIL, simplejpeg twice per image: for the header, then the decode) waits for
@@ -106,6 +106,14 @@ def oriented(width: int, height: int) -> bytes:
     return encode(image, "JPEG", quality=90, exif=exif.tobytes())
 
 
+def with_preview(width: int, height: int) -> bytes:
+    """A photo JPEG (quality 90) with a preview image after it, as many cameras store one:
+    Pillow opens it as an MPO."""
+    preview = photo_like(1920, 1440, 4)
+    photo = photo_like(width, height, 3)
+    return encode(photo, "MPO", quality=90, save_all=True, append_images=[preview])
+
+
 def ms_per_image(decode, blob: bytes, loops: int) -> float:
     decode(blob)
     started = time.perf_counter()
@@ -181,16 +189,18 @@ def main() -> int:
         "photo 1200x900, quality 90": (encode(photo_like(1200, 900, 1), "JPEG", quality=90), 60),
         "photo 4000x3000, quality 90": (encode(photo_like(4000, 3000, 2), "JPEG", quality=90), 5),
     }
-    # Phone photos as phones store them: the API workers' path only (the runner is sent upright
-    # JPEGs); "copied out" turns them with Pillow first, as the service did before.
-    turned = {
+    # Photos as phones and cameras store them: the API workers' path only (the runner is sent
+    # neither); "copied out" is how the service decoded both before (Pillow turning the pixels,
+    # or decoding the MPO's first image, into its own memory, then copying them out).
+    api_only = {
         "photo 1200x900 stored turned (EXIF orientation 6)": (oriented(1200, 900), 60),
         "photo 4000x3000 stored turned (EXIF orientation 6)": (oriented(4000, 3000), 5),
+        "photo 4000x3000 with a 1920x1440 preview (MPO)": (with_preview(4000, 3000), 5),
     }
     result: dict = {"ms_per_image": {}, "runner_decodes_per_s": {}}
-    for name, (blob, loops) in [*images.items(), *turned.items()]:
+    for name, (blob, loops) in [*images.items(), *api_only.items()]:
         for role, ways in WAYS.items():
-            if role == "runner" and name in turned:
+            if role == "runner" and name in api_only:
                 continue
             first, *others = (torch.as_tensor(way(blob))[..., :3] for way in ways.values())
             assert all(torch.equal(first, other) for other in others)
