@@ -99,34 +99,6 @@ def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]
     return int(shortest_edge * width / height), shortest_edge
 
 
-@dataclass(frozen=True)
-class Upright:
-    """How an image stored with an EXIF orientation becomes upright, as
-    `ImageOps.exif_transpose` turns it: `turned`, the stored rows become the upright columns
-    (a transposition); then the upright rows and/or columns run in reverse. Moving pixels
-    changes none of them, so a resize can read the stored pixels in that order instead of
-    turning a copy of them first (images/compiled_resample.py)."""
-
-    turned: bool
-    rows_reversed: bool
-    columns_reversed: bool
-
-
-# EXIF orientation -> what exif_transpose does: 2 mirror, 3 rotate 180, 4 flip, 5 transpose,
-# 6 rotate 270 (the stored image turned a quarter clockwise), 7 transverse, 8 rotate 90.
-# Any other value leaves the image as stored, as exif_transpose does.
-UPRIGHT = {
-    1: Upright(False, False, False),
-    2: Upright(False, False, True),
-    3: Upright(False, True, True),
-    4: Upright(False, True, False),
-    5: Upright(True, False, False),
-    6: Upright(True, False, True),
-    7: Upright(True, True, True),
-    8: Upright(True, True, False),
-}
-
-
 def vertical_first(width: int, height: int, new_height: int) -> bool:
     """Pillow's pass order: horizontal first, except when shrinking an image more than twice as
     tall as it is wide (found by comparing both orders with Pillow 13 over 200+ sizes; the
