@@ -10,6 +10,8 @@ The ways take turns in each of:
   (`prepare_image`: decode, compiled resize and crop), also on photos stored turned with an
   EXIF orientation as phones store them and with a preview after them as cameras do (an MPO),
   and of the runner's decode of forwarded JPEGs (`pillow_rgbx`);
+- milliseconds per image of compositing a transparent image onto white, as transformers does
+  (`alpha_composite`) and as the service does (`on_white`), the same bytes;
 - the runner's decode rate (the seed's photo) alone and beside one thread spinning in Python,
   at Python's switch interval (5 ms) and at 0.2 ms. A thread back from C code (both decoders
   let go of the GIL, simplejpeg twice per image: for the header, then the decode) waits for
@@ -41,6 +43,7 @@ from PIL import Image
 from clip_runner.images.loading import (
     ImageGeometry,
     decode_image,
+    on_white,
     prepare_image,
     resize_and_crop,
 )
@@ -112,6 +115,46 @@ def with_preview(width: int, height: int) -> bytes:
     preview = photo_like(1920, 1440, 4)
     photo = photo_like(width, height, 3)
     return encode(photo, "MPO", quality=90, save_all=True, append_images=[preview])
+
+
+def transparent_images() -> dict[str, Image.Image]:
+    """A 1920x1080 photo whose alpha runs from 0 to 255 across it (a cut-out product shot, a
+    logo), as RGBA and as a palette with one transparent colour (what PNG optimisers write)."""
+    photo = photo_like(1920, 1080, 5)
+    alpha = Image.linear_gradient("L").rotate(90).resize(photo.size)
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(alpha)
+    palette = photo.quantize(255)
+    palette.info["transparency"] = 0
+    return {"RGBA PNG 1920x1080": rgba, "palette PNG 1920x1080, one colour transparent": palette}
+
+
+def alpha_composited(rgba: Image.Image) -> Image.Image:
+    """Onto white as transformers' `convert_to_rgb` composites, and the service did before."""
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def onto_white_ms(repeats: int) -> dict:
+    """ms per image (best of `repeats` loops of 20, the ways taking turns): compositing the
+    converted RGBA pixels onto white, both ways; and the API path's whole work on the PNG."""
+    result = {}
+    for name, image in transparent_images().items():
+        rgba = image.convert("RGBA")
+        assert alpha_composited(rgba).tobytes() == on_white(rgba).tobytes()
+        blob = encode(image, "PNG")
+        ways = {  # each way and what it is given
+            "alpha_composite": (alpha_composited, rgba),
+            "on_white (paste)": (on_white, rgba),
+            "prepare_image of the PNG": (into_array_api, blob),
+        }
+        timings = {way: [] for way in ways}
+        for _ in range(repeats):
+            for way, (run, given) in ways.items():
+                timings[way].append(ms_per_image(run, given, 20))
+        result[name] = {way: round(min(times), 3) for way, times in timings.items()}
+        print("onto white,", name, result[name], flush=True)
+    return result
 
 
 def ms_per_image(decode, blob: bytes, loops: int) -> float:
@@ -211,6 +254,7 @@ def main() -> int:
             best = {way: round(min(times), 3) for way, times in timings.items()}
             result["ms_per_image"][f"{role}, {name}"] = best
             print(role, name, best, flush=True)
+    result["onto_white_ms"] = onto_white_ms(args.repeats)
     for interval_ms in (5.0, 0.2):
         sys.setswitchinterval(interval_ms / 1000)
         for spinners in (0, 1):

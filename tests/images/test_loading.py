@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 from transformers import CLIPImageProcessorPil
+from transformers.image_transforms import convert_to_rgb
 
 import clip_runner.images.loading
 from clip_runner.errors import RequestError
@@ -184,6 +185,17 @@ def test_rgba_transparency_becomes_white_like_the_processor():
     np.testing.assert_allclose(
         normalised(resize_and_crop(decoded, GEOMETRY)), reference_pixels(image), atol=1e-5
     )
+
+
+def test_every_value_at_every_alpha_lands_on_white_as_transformers_composites_it():
+    """All 65,536 (value, alpha) pairs, each colour byte a different value, against
+    transformers' own `convert_to_rgb` (what CLIPImageProcessor applies)."""
+    value = np.tile(np.arange(256, dtype=np.uint8), (256, 1))
+    alpha = value.T.copy()
+    rgba = Image.fromarray(np.stack([value, value[:, ::-1], value ^ 0x5A, alpha], axis=-1))
+    expected = convert_to_rgb(rgba, return_numpy=True)
+    decoded = decode_image(encode(rgba), index=0, max_pixels=MAX_PIXELS)
+    np.testing.assert_array_equal(np.asarray(decoded), expected)
 
 
 def test_greyscale_and_palette_become_rgb():
