@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import io
 import json
 import statistics
 import subprocess
@@ -46,6 +45,8 @@ from bench import (
 )
 from startup_bench import worktree
 
+from tests.helpers import encode, oriented_exif
+
 LOADS = ("seed", "embed_images", "embed_texts", "phone_photos")
 # A phone's sensor is wider than tall; held level, upside down, upright or the other way up, it
 # stores the same 4032x3024 pixels and tags how to turn them.
@@ -59,11 +60,8 @@ def phone_photo_bodies() -> list[bytes]:
     bodies = []
     for seed, orientation in enumerate(PHONE_ORIENTATIONS):
         image = photo(4032, 3024, seed)
-        exif = image.getexif()
-        exif[0x0112] = orientation
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=88, exif=exif.tobytes())
-        jpeg = base64.b64encode(buffer.getvalue()).decode()
+        exif = oriented_exif(image, orientation)
+        jpeg = base64.b64encode(encode(image, "JPEG", quality=88, exif=exif)).decode()
         bodies.append(json.dumps({"images": [jpeg], "classes": SEED_CLASSES}).encode())
     return bodies
 

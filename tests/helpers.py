@@ -65,6 +65,20 @@ def encode(image: Image.Image, fmt: str = "PNG", **save_args: object) -> bytes:
     return buffer.getvalue()
 
 
+def oriented_exif(image: Image.Image, orientation: int) -> bytes:
+    """`image`'s EXIF data with this orientation tag: how to turn the stored pixels for display
+    (6: a phone held upright stores them turned a quarter)."""
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def with_preview(image: Image.Image, preview: Image.Image, **save_args: object) -> bytes:
+    """`image` as many cameras store a photo: a JPEG with a preview image after it, named in a
+    Multi-Picture segment; Pillow opens it as an MPO whose first image is `image`."""
+    return encode(image, "MPO", save_all=True, append_images=[preview], **save_args)
+
+
 def pillows_own(blob: bytes) -> np.ndarray:
     """(H, W, 3): Pillow decoding the image into its own memory, its pixels copied out: what
     every faster decode of the same bytes must equal."""

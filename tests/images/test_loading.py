@@ -36,7 +36,15 @@ from clip_runner.images.loading import (
 from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE
 from clip_runner.model.store import OPENAI_STD, build_image_processor
 from tests.hard_images import encoded_set
-from tests.helpers import PUBLIC_HOST, as_base64, encode, photo_like, pillows_own
+from tests.helpers import (
+    PUBLIC_HOST,
+    as_base64,
+    encode,
+    oriented_exif,
+    photo_like,
+    pillows_own,
+    with_preview,
+)
 
 GEOMETRY = ImageGeometry(shortest_edge=224, crop_height=224, crop_width=224)
 LIMITS = ImageLimits(FetchLimits(max_bytes=2_000_000, timeout_s=5), max_pixels=50_000_000)
@@ -106,13 +114,6 @@ def test_stored_pixels_are_the_rgb_pixels_and_a_padding_byte(size, copy, monkeyp
     np.testing.assert_array_equal(pixels[..., :3], np.asarray(image))
 
 
-def oriented_exif(image: Image.Image, orientation: int) -> bytes:
-    """EXIF data with this orientation tag (6: a phone held upright)."""
-    exif = image.getexif()
-    exif[0x0112] = orientation
-    return exif.tobytes()
-
-
 def oriented_jpeg(image: Image.Image, orientation: int) -> bytes:
     return encode(image, "JPEG", quality=95, exif=oriented_exif(image, orientation))
 
@@ -131,13 +132,7 @@ def test_colour_jpegs_are_decoded_into_the_array_as_stored_and_other_images_copi
         "PNG": (encode(photo, "PNG"), 1, 1),
         "rotated PNG": (encode(photo, "PNG", exif=oriented_exif(photo, 8)), 1, 1),
         "a camera's turned JPEG with a preview after it (MPO)": (
-            encode(
-                photo,
-                "MPO",
-                save_all=True,
-                append_images=[photo_like(20, 10, seed=3)],
-                exif=oriented_exif(photo, 6),
-            ),
+            with_preview(photo, photo_like(20, 10, seed=3), exif=oriented_exif(photo, 6)),
             0,
             6,
         ),
@@ -433,11 +428,9 @@ def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image
     progressive = encode(photo, "JPEG", quality=90, progressive=True)
     cmyk = encode(photo.convert("CMYK"), "JPEG", quality=90)
     rgb = encode(photo, "JPEG", quality=90, keep_rgb=True)  # no YCbCr: an Adobe marker says so
-    exif = photo.getexif()
-    exif[0x0112] = 6  # rotate 90 degrees on display
-    rotated = encode(photo, "JPEG", quality=90, exif=exif.tobytes())
+    rotated = encode(photo, "JPEG", quality=90, exif=oriented_exif(photo, 6))
     sources = [base64.b64encode(data).decode() for data in (baseline, grey, progressive, cmyk)]
-    preview = encode(photo, "MPO", save_all=True, append_images=[photo_like(20, 10, seed=1)])
+    preview = with_preview(photo, photo_like(20, 10, seed=1))
     sources += [base64.b64encode(data).decode() for data in (rgb, rotated)]
     sources += [as_base64(photo), base64.b64encode(preview).decode()]
     loaded = load(sources, dataclasses.replace(LIMITS, forward_jpegs=True))

@@ -14,7 +14,7 @@ from PIL import Image
 from clip_runner.model import pillow_pixels, simplejpeg_pixels
 from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
 from tests.hard_images import encoded_set, is_jpeg
-from tests.helpers import encode, photo_like, pillows_own
+from tests.helpers import encode, photo_like, pillows_own, with_preview
 
 
 def into_array(blob: bytes) -> np.ndarray:
@@ -54,11 +54,10 @@ def arrays_start_as(filler: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pillow_pixels.np, "empty", filled)
 
 
-def with_preview(photo: Image.Image, **save_args: object) -> bytes:
-    """`photo` as many cameras store one: a JPEG with a smaller preview image after it, named
-    in a Multi-Picture segment; Pillow opens it as an MPO whose first image is the photo."""
+def camera_jpeg(photo: Image.Image, **save_args: object) -> bytes:
+    """`photo` with a smaller preview after it (an MPO)."""
     preview = photo_like(photo.width // 2 + 1, photo.height // 2, seed=9)
-    return encode(photo, "MPO", save_all=True, append_images=[preview], **save_args)
+    return with_preview(photo, preview, **save_args)
 
 
 def colour_jpegs() -> list[tuple[str, bytes]]:
@@ -74,7 +73,7 @@ def colour_jpegs() -> list[tuple[str, bytes]]:
         ("restart markers", encode(photo, "JPEG", restart_marker_rows=1)),
         ("progressive", encode(photo, "JPEG", quality=85, progressive=True)),
         ("optimised Huffman tables", encode(photo, "JPEG", optimize=True)),
-        ("with a camera's preview (MPO)", with_preview(photo, quality=90)),
+        ("with a camera's preview (MPO)", camera_jpeg(photo, quality=90)),
     ]
 
 
@@ -116,7 +115,7 @@ def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, decode
     originals = [
         encode(photo, "JPEG", quality=90),
         encode(photo, "JPEG", quality=90, progressive=True),
-        with_preview(photo, quality=90),
+        camera_jpeg(photo, quality=90),
     ]
     outcomes: list[bool] = []
     for number in range(300):
@@ -158,7 +157,7 @@ def test_other_images_are_left_to_pillow(blob):
 def test_only_an_mpos_first_image_is_decoded_into_an_array():
     """An MPO moved on to its preview has that image's tile, further into the file: Pillow
     decodes it (simplejpeg would decode the first image of the bytes)."""
-    blob = with_preview(photo_like(64, 48, seed=1))
+    blob = camera_jpeg(photo_like(64, 48, seed=1))
     with Image.open(io.BytesIO(blob)) as opened:
         assert opened.format == "MPO" and decodes_into_array(opened)
         opened.seek(1)
