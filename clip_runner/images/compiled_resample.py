@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +39,6 @@ COMPILED = numba is not None
 # a 640x480 photo). Timed against 16, 32, 48 and 96 on photos from 224x224 to 4000x3000: 64 was
 # fastest or within 10% everywhere (BENCHMARKS.md).
 ROW_BLOCK = 64
-# The compiled passes take RGBX pixels (R, G, B, padding), Pillow's own layout for RGB.
-PIXEL_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -130,47 +129,61 @@ def _vertical_pass(source: np.ndarray, first: np.ndarray, weights: np.ndarray) -
     return out
 
 
-def _horizontal_pass(source: np.ndarray, first: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """(rows, span * 4) uint8 RGBX -> (rows, len(first) * 3) RGB: each output column a
-    weighted sum of source columns (the fourth byte of each pixel is skipped).
+def _horizontal_pass_for(pixel_bytes: int, channels: int) -> Callable[..., np.ndarray]:
+    """The horizontal pass over pixels of `pixel_bytes` bytes whose first `channels` are read:
+    (4, 3) for RGBX, (1, 1) for greyscale. Both are constants of the function it returns, which
+    numba compiles as such: with a variable stride the compiled transposition took twice as
+    long."""
 
-    Summing along a row would run over strided pixels, which does not vectorise. So a block of
-    `ROW_BLOCK` rows is turned on its side first (column-major, still uint8: the block stays in
-    cache), each output column is then a sum of whole block rows like the vertical pass, its
-    rounded bytes land in a column-major block too, and that block is turned back into rows.
-    Writing each rounded value straight to its output row instead cost more than the sums.
-    The pixel size is a constant, not a parameter: with a variable stride the compiled
-    transposition took twice as long."""
-    rows, span, columns_out = source.shape[0], source.shape[1] // PIXEL_BYTES, first.shape[0]
-    taps = weights.shape[1]
-    out = np.empty((rows, columns_out * 3), np.uint8)
-    block = np.empty((span, ROW_BLOCK * 3), np.uint8)
-    sums = np.empty(ROW_BLOCK * 3, np.int32)
-    done = np.empty((columns_out, ROW_BLOCK * 3), np.uint8)
-    for block_start in range(0, rows, ROW_BLOCK):
-        height = min(ROW_BLOCK, rows - block_start)
-        width = height * 3
-        for row in range(height):
-            line = source[block_start + row]
-            for column in range(span):
-                for channel in range(3):
-                    block[column, row * 3 + channel] = line[column * PIXEL_BYTES + channel]
-        for column in range(columns_out):
-            sums[:width] = 1 << (PRECISION_BITS - 1)
-            for tap in range(taps):
-                weight = weights[column, tap]
-                values = block[first[column] + tap]
-                for index in range(width):
-                    sums[index] += np.int32(values[index]) * weight
-            rounded = done[column]
-            for index in range(width):
-                rounded[index] = min(max(sums[index] >> PRECISION_BITS, 0), 255)
-        for row in range(height):
-            line = out[block_start + row]
+    def horizontal_pass(source: np.ndarray, first: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """(rows, span * pixel_bytes) uint8 -> (rows, len(first) * channels): each output
+        column a weighted sum of source columns (RGBX's fourth byte is skipped).
+
+        Summing along a row would run over strided pixels, which does not vectorise. So a block
+        of `ROW_BLOCK` rows is turned on its side first (column-major, still uint8: the block
+        stays in cache), each output column is then a sum of whole block rows like the vertical
+        pass, its rounded bytes land in a column-major block too, and that block is turned back
+        into rows. Writing each rounded value straight to its output row instead cost more than
+        the sums."""
+        rows, span, columns_out = source.shape[0], source.shape[1] // pixel_bytes, first.shape[0]
+        taps = weights.shape[1]
+        out = np.empty((rows, columns_out * channels), np.uint8)
+        block = np.empty((span, ROW_BLOCK * channels), np.uint8)
+        sums = np.empty(ROW_BLOCK * channels, np.int32)
+        done = np.empty((columns_out, ROW_BLOCK * channels), np.uint8)
+        for block_start in range(0, rows, ROW_BLOCK):
+            height = min(ROW_BLOCK, rows - block_start)
+            width = height * channels
+            for row in range(height):
+                line = source[block_start + row]
+                for column in range(span):
+                    for channel in range(channels):
+                        block[column, row * channels + channel] = line[
+                            column * pixel_bytes + channel
+                        ]
             for column in range(columns_out):
-                for channel in range(3):
-                    line[column * 3 + channel] = done[column, row * 3 + channel]
-    return out
+                sums[:width] = 1 << (PRECISION_BITS - 1)
+                for tap in range(taps):
+                    weight = weights[column, tap]
+                    values = block[first[column] + tap]
+                    for index in range(width):
+                        sums[index] += np.int32(values[index]) * weight
+                rounded = done[column]
+                for index in range(width):
+                    rounded[index] = min(max(sums[index] >> PRECISION_BITS, 0), 255)
+            for row in range(height):
+                line = out[block_start + row]
+                for column in range(columns_out):
+                    for channel in range(channels):
+                        line[column * channels + channel] = done[column, row * channels + channel]
+        return out
+
+    return horizontal_pass
+
+
+# Pixel layouts the compiled passes read: (bytes per pixel, channels).
+RGBX, GREY = (4, 3), (1, 1)
+_horizontal_passes = {layout: _horizontal_pass_for(*layout) for layout in (RGBX, GREY)}
 
 
 if COMPILED:  # compiled once, cached on disk; nogil: the API workers' image threads run at once
@@ -181,7 +194,10 @@ if COMPILED:  # compiled once, cached on disk; nogil: the API workers' image thr
     )
     try:
         _vertical_pass = numba.njit(_SIGNATURE, nogil=True, cache=True)(_vertical_pass)
-        _horizontal_pass = numba.njit(_SIGNATURE, nogil=True, cache=True)(_horizontal_pass)
+        _horizontal_passes = {
+            layout: numba.njit(_SIGNATURE, nogil=True, cache=True)(horizontal_pass)
+            for layout, horizontal_pass in _horizontal_passes.items()
+        }
     except (numba.core.errors.NumbaError, RuntimeError) as exc:
         # Compiled at import, as every API worker starts: a numba other than the pinned one (a GPU
         # image's own) that cannot type these loops, or nowhere writable for its cache (a
@@ -199,13 +215,16 @@ def resize_and_crop_array(
     crop_width: int,
     orientation: int = 1,
 ) -> np.ndarray:
-    """uint8 (H, W, 4) RGBX or (H, W, 3) RGB -> uint8 (crop_height, crop_width, 3), equal to
-    Pillow's bicubic resize of the shortest side followed by a center crop (zero padding where
-    the crop is larger), for images of any aspect ratio. Needs numba (`COMPILED`).
+    """uint8 (H, W, 4) RGBX, (H, W, 3) RGB or (H, W) greyscale -> uint8 (crop_height,
+    crop_width, 3), equal to Pillow's bicubic resize of the shortest side (of the image in RGB)
+    followed by a center crop (zero padding where the crop is larger), for images of any aspect
+    ratio. Needs numba (`COMPILED`).
 
-    RGBX (the fourth byte ignored) is the compiled passes' layout: it is how Pillow keeps RGB
-    pixels, so images/loading.py copies them out as they are, cheaper than repacking them into
-    three bytes. RGB input is padded to it first (a copy).
+    RGBX (the fourth byte ignored) and greyscale are the compiled passes' layouts: they are how
+    Pillow keeps RGB and greyscale pixels, so images/loading.py decodes into them as they are.
+    RGB input is padded to RGBX first (a copy). A greyscale image is resized in its one channel,
+    which the result repeats three times: Pillow's RGB of it has three equal channels, each
+    resized alike, so the pixels are the same for a third of the work.
 
     `orientation`: the pixels are as stored in a file with this EXIF orientation, and the result
     is that of the upright image (`ImageOps.exif_transpose`'s). Nothing is turned: the weights
@@ -214,10 +233,13 @@ def resize_and_crop_array(
     costs what an upright one does (decode, resize and crop 65.6 ms, against 146.5 turned by
     Pillow and copied first; BENCHMARKS.md). Integer sums do not depend on the order of their
     terms, so the pixels are the same."""
-    if pixels.shape[2] == 3:
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
         pixels = np.concatenate([pixels, np.zeros_like(pixels[..., :1])], axis=2)
+    layout = GREY if pixels.ndim == 2 else RGBX
+    pixel_bytes, channels = layout
+    horizontal_pass = _horizontal_passes[layout]
     upright = UPRIGHT.get(orientation, UPRIGHT[1])
-    stored_height, stored_width, _ = pixels.shape
+    stored_height, stored_width = pixels.shape[:2]
     width, height = stored_width, stored_height
     if upright.turned:
         width, height = height, width
@@ -230,19 +252,22 @@ def resize_and_crop_array(
         rows = _reversed(rows, height)
     if upright.turned:  # the upright columns are stored rows
         rows, columns = columns, rows
-    flat = np.ascontiguousarray(pixels).reshape(stored_height, stored_width * PIXEL_BYTES)
+    flat = np.ascontiguousarray(pixels).reshape(stored_height, stored_width * pixel_bytes)
     # Only the source rows and columns that the crop reads.
-    region = flat[rows.start : rows.stop, PIXEL_BYTES * columns.start : PIXEL_BYTES * columns.stop]
+    region = flat[rows.start : rows.stop, pixel_bytes * columns.start : pixel_bytes * columns.stop]
     # Pillow's pass order for the upright image, whose vertical pass is, turned, a horizontal one.
     if vertical_first(width, height, plan.new_height) != upright.turned:
         vertical = _vertical_pass(region, rows.first, rows.weights)
-        cropped = _horizontal_pass(vertical, columns.first, columns.weights)
+        cropped = horizontal_pass(vertical, columns.first, columns.weights)
     else:
-        horizontal = _horizontal_pass(region, columns.first, columns.weights)
+        horizontal = horizontal_pass(region, columns.first, columns.weights)
         cropped = _vertical_pass(horizontal, rows.first, rows.weights)
     if upright.turned:
-        cropped = cropped.reshape(plan.out_width, plan.out_height, 3).transpose(1, 0, 2).copy()
-    cropped = cropped.reshape(plan.out_height, plan.out_width, 3)
+        cropped = cropped.reshape(plan.out_width, plan.out_height, channels).transpose(1, 0, 2)
+    cropped = cropped.reshape(plan.out_height, plan.out_width, channels)
+    if channels == 1:  # greyscale: Pillow's RGB of it has three equal channels
+        cropped = np.repeat(cropped, 3, axis=2)
+    cropped = np.ascontiguousarray(cropped)  # a turned one is a view
     if not plan.padded:
         return cropped
     canvas = np.zeros((crop_height, crop_width, 3), dtype=np.uint8)

@@ -1,7 +1,7 @@
 """The API workers' compiled resize against Pillow itself: every pixel equal, on the hardest
-inputs, at every pass order, direction and aspect ratio, from three-byte or Pillow's own RGBX
-pixels, upright or read upright from their stored EXIF orientation; and numba loaded only where
-it is used."""
+inputs, at every pass order, direction and aspect ratio, from three-byte or Pillow's own RGBX or
+greyscale pixels, upright or read upright from their stored EXIF orientation; and numba loaded
+only where it is used."""
 
 from __future__ import annotations
 
@@ -67,18 +67,33 @@ def with_padding_byte(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.concatenate([pixels, padding], axis=2)
 
 
-@pytest.mark.parametrize("layout", ["RGB", "RGBX"])
+def in_layout(image: Image.Image, layout: str, rng: np.random.Generator) -> np.ndarray:
+    """`image`'s pixels as the resize is given them: three bytes, Pillow's RGBX (a random
+    padding byte), or greyscale (one byte; `image` is then grey in RGB)."""
+    pixels = np.asarray(image)
+    if layout == "L":
+        return np.ascontiguousarray(pixels[..., 0])
+    return with_padding_byte(pixels, rng) if layout == "RGBX" else pixels
+
+
+def in_rgb(pixels: np.ndarray, layout: str) -> Image.Image:
+    """The RGB image Pillow resizes for the reference: a greyscale one's three equal channels."""
+    return Image.fromarray(pixels, "L").convert("RGB") if layout == "L" else Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("layout", ["RGB", "RGBX", "L"])
 def test_equals_pillow_over_random_sizes_and_geometries(layout: str):
     """Sizes from 1 px to 1500 px each way (so both pass orders, up- and downscaling, aspect
     ratios up to 1500:1, and row counts on and off the horizontal pass's block) at three model
-    geometries, one of them padded; pixels as three bytes or as Pillow stores them (RGBX)."""
+    geometries, one of them padded; pixels as three bytes or as Pillow stores them (RGBX, or
+    one byte for greyscale)."""
     rng = np.random.default_rng(11)
     sizes = [(1, 1), (2000, 5), (5, 2000), (300, ROW_BLOCK), (300, ROW_BLOCK + 1)]
     sizes += [tuple(rng.integers(1, 1500, 2)) for _ in range(40)]
     for width, height in sizes:
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        given = with_padding_byte(pixels, rng) if layout == "RGBX" else pixels
-        image = Image.fromarray(pixels)
+        shape = (height, width) if layout == "L" else (height, width, 3)
+        image = in_rgb(rng.integers(0, 256, shape, dtype=np.uint8), layout)
+        given = in_layout(image, layout, rng)
         for geometry in ((224, 224, 224), (336, 336, 336), (100, 120, 160)):
             np.testing.assert_array_equal(
                 resize_and_crop_array(given, *geometry),
@@ -99,20 +114,25 @@ EXIF_TRANSPOSES = {
 }
 
 
+@pytest.mark.parametrize("layout", ["RGBX", "L"])
 @pytest.mark.parametrize("orientation", range(2, 9))
-def test_stored_pixels_resized_upright_equal_pillow_on_the_turned_image(orientation: int):
+def test_stored_pixels_resized_upright_equal_pillow_on_the_turned_image(
+    orientation: int, layout: str
+):
     """Pixels as stored with an EXIF orientation, resized upright without turning them, equal
     Pillow's resize of the image exif_transpose turns: sizes from 1 px to 1200 px each way (both
     pass orders of the upright image, up- and downscaling, odd sizes), three geometries (one of
-    them padded, one not square), the hard textures."""
+    them padded, one not square), the hard textures; in colour and in greyscale."""
     rng = np.random.default_rng(orientation)
     sizes = [(1, 1), (2000, 5), (5, 2000), (640, 480), (480, 640), (900, 200), (200, 900)]
     sizes += [tuple(rng.integers(1, 1200, 2)) for _ in range(12)]
     images = [noise(width, height, seed=width + height) for width, height in sizes]
     images += [image for _, image in hard_images(scale=0.25)]
     for image in images:
+        if layout == "L":
+            image = image.convert("L").convert("RGB")
         turned = image.transpose(EXIF_TRANSPOSES[orientation])
-        pixels = with_padding_byte(np.asarray(image), rng)
+        pixels = in_layout(image, layout, rng)
         for geometry in ((224, 224, 224), (100, 120, 160), (64, 64, 96)):
             np.testing.assert_array_equal(
                 resize_and_crop_array(pixels, *geometry, orientation=orientation),
