@@ -86,6 +86,13 @@ def pillows_own(blob: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def as_rgb(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, 3) of pixels as Pillow stores them, (H, W, 4) RGB with a padding byte or (H, W)
+    greyscale: what `pillows_own` gives for the same image (Pillow's RGB of a greyscale image
+    repeats its channel)."""
+    return pixels[..., :3] if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
+
+
 def as_base64(image: Image.Image, fmt: str = "PNG") -> str:
     return base64.b64encode(encode(image, fmt)).decode()
 

@@ -217,16 +217,18 @@ def upright(opened: Image.Image) -> bool:
     return exif_orientation(opened) == 1
 
 
-def decoded_rgbx(data: bytes, index: int, max_pixels: int) -> tuple[np.ndarray, int]:
-    """The image in RGB as Pillow stores it, uint8 (H, W, 4) (the fourth byte padding): what
-    the compiled resize reads; and the EXIF orientation the resize is still to apply.
+def decoded_pixels(data: bytes, index: int, max_pixels: int) -> tuple[np.ndarray, int]:
+    """The image's pixels as Pillow stores them, what the compiled resize reads: uint8
+    (H, W, 4) RGB (the fourth byte padding), or (H, W) for a greyscale JPEG; and the EXIF
+    orientation the resize is still to apply.
 
-    An RGB JPEG is decoded straight into the array (model/pillow_pixels.py: no copy afterwards;
-    the seed's photo 1.57 against 1.79 ms, decode, resize and crop), as stored: the compiled
-    resize reads it in its upright order (compiled_resample.py; a 12-MP phone photo with its
-    orientation tag 65.6 against 146.5 ms turned by Pillow first). Any other image is decoded,
-    turned upright, converted (`to_rgb`) and copied out (`stored_pixels`), orientation 1. The
-    same pixels either way."""
+    A colour or greyscale JPEG is decoded straight into the array (model/pillow_pixels.py: no
+    copy afterwards; the seed's photo 1.57 against 1.79 ms, decode, resize and crop), as
+    stored: the compiled resize reads it in its upright order (compiled_resample.py; a 12-MP
+    phone photo with its orientation tag 65.6 against 146.5 ms turned by Pillow first), and a
+    greyscale one in its one channel (an A4 page scanned at 300 dpi 31 against 54 ms, converted
+    to RGB and copied first). Any other image is decoded, turned upright, converted (`to_rgb`)
+    and copied out (`stored_pixels`), orientation 1. The same pixels either way."""
     with opened_image(data, index, max_pixels) as opened:
         # The EXIF first: for some formats (PNG) reading it decodes the pixels.
         orientation = exif_orientation(opened)
@@ -421,7 +423,7 @@ def prepare_image(
     compiled = None if fast else compiled_resizer()
     with PREPROCESS_SECONDS.time():
         if compiled is not None:
-            pixels, orientation = decoded_rgbx(data, index, max_pixels)
+            pixels, orientation = decoded_pixels(data, index, max_pixels)
             return compiled(pixels, *dataclasses.astuple(geometry), orientation)
         if not fast:
             return resize_and_crop(decode_image(data, index, max_pixels), geometry)

@@ -125,7 +125,7 @@ def pillow_rgbx(blob: bytes, pinned: bool = False) -> torch.Tensor:
     into three bytes on the CPU first (`np.array(image)`) cost more than the extra third of
     bytes to copy."""
     with Image.open(io.BytesIO(blob)) as opened:
-        if decodes_into_array(opened):
+        if opened.mode == "RGB" and decodes_into_array(opened):  # its (H, W, 4) layout
             width, height = opened.size
             pixels = host_pixels(height, width, pinned)
             decode_into_array(opened, blob, pixels.numpy())

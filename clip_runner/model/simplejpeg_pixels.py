@@ -14,8 +14,8 @@ of the file it reads), so beside a thread that never lets go of the GIL it gains
 
 It is used only where it gives exactly what Pillow gives:
 - `AGREES`: at import, small JPEGs of each chroma subsampling libjpeg-turbo names (4:4:4,
-  4:2:2, 4:2:0, 4:4:0, 4:1:1), a progressive one, one with restart markers and one
-  stored in RGB are decoded both ways; where any pixel differs (another libjpeg-turbo build
+  4:2:2, 4:2:0, 4:4:0, 4:1:1), a progressive one, one with restart markers, one stored in RGB
+  and a greyscale one are decoded both ways; where any pixel differs (another libjpeg-turbo build
   beside another Pillow), simplejpeg is not used and the log says so once. Pillow 13's
   libjpeg-turbo is 3.2.0, simplejpeg 1.9's 3.1.2: they agree on every JPEG the tests hold.
 - A JPEG about which libjpeg warns (corrupt or truncated data) is declined (`strict`), and so is
@@ -42,12 +42,13 @@ except ImportError:  # an accelerator, not a requirement
 logger = logging.getLogger(__name__)
 
 
-def decode_rgbx(data: bytes, out: np.ndarray) -> bool:
-    """Decodes the JPEG `data` into `out` (uint8 (H, W, 4), C-contiguous: RGB and a padding
-    byte, as Pillow stores RGB) and returns True; or returns False with `out` (perhaps written in
-    part) to be written by Pillow: simplejpeg missing or disagreeing here, the image not of
-    `out`'s size, or an error or warning from libjpeg. The caller asks only of JPEGs Pillow
-    opens as RGB."""
+def decode_into(data: bytes, out: np.ndarray) -> bool:
+    """Decodes the JPEG `data` into `out` (C-contiguous uint8, as Pillow stores the pixels:
+    (H, W, 4) for RGB, the fourth byte padding; (H, W) for greyscale) and returns True; or
+    returns False with `out` (perhaps written in part) to be written by Pillow: simplejpeg
+    missing or disagreeing here, the image not of `out`'s size, or an error or warning from
+    libjpeg. The caller asks only of JPEGs Pillow opens in the mode `out`'s shape is for:
+    simplejpeg would as readily turn a colour JPEG grey."""
     if not AGREES:
         return False
     return _decoded(data, out)
@@ -59,16 +60,17 @@ def cpu_decoder_name() -> str:
 
 
 def _decoded(data: bytes, out: np.ndarray) -> bool:
+    colorspace = "GRAY" if out.ndim == 2 else "RGBX"
     try:
         pixels = simplejpeg.decode_jpeg(
-            data, colorspace="RGBX", fastdct=False, fastupsample=False, strict=True, buffer=out
+            data, colorspace=colorspace, fastdct=False, fastupsample=False, strict=True, buffer=out
         )
     except ValueError:  # how simplejpeg reports every refusal and every libjpeg warning,
         return False  # and a buffer smaller than the image
     # An image smaller than the buffer fills only its first bytes; Pillow then writes them all.
     # Not asked beforehand (`decode_jpeg_header`): that would let go of the GIL and wait for it
     # a third time per image, each wait up to a switch interval beside a busy thread.
-    return pixels.shape == out.shape
+    return pixels.shape[:2] == out.shape[:2]  # greyscale comes back as (H, W, 1)
 
 
 def _probes() -> list[tuple[str, bytes]]:
@@ -96,6 +98,9 @@ def _probes() -> list[tuple[str, bytes]]:
             pixels, quality=90, colorspace="RGB", colorsubsampling=subsampling
         )
         probes.append((subsampling, blob))
+    buffer = io.BytesIO()
+    image.convert("L").save(buffer, "JPEG", quality=90)
+    probes.append(("greyscale", buffer.getvalue()))
     return probes
 
 
@@ -105,9 +110,11 @@ def _agrees_with_pillow() -> bool:
         return False
     for name, blob in _probes():
         with Image.open(io.BytesIO(blob)) as opened:
-            expected = np.asarray(opened.convert("RGB"))
-        decoded = np.empty((*expected.shape[:2], 4), np.uint8)
-        if not _decoded(blob, decoded) or not np.array_equal(decoded[..., :3], expected):
+            expected = np.asarray(opened)  # (H, W, 3), or (H, W) for the greyscale probe
+        colour = expected.ndim == 3
+        decoded = np.empty((*expected.shape[:2], 4) if colour else expected.shape, np.uint8)
+        decoded_colours = decoded[..., :3] if colour else decoded
+        if not _decoded(blob, decoded) or not np.array_equal(decoded_colours, expected):
             logger.warning(
                 "simplejpeg %s decodes a %s JPEG to other pixels than Pillow here: JPEGs are "
                 "decoded by Pillow alone",

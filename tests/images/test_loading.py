@@ -22,7 +22,7 @@ from clip_runner.images.loading import (
     ImageLimits,
     decode_image,
     decode_inline,
-    decoded_rgbx,
+    decoded_pixels,
     device_decodable_jpeg,
     ends_after_its_scan,
     load_images,
@@ -39,6 +39,7 @@ from tests.hard_images import encoded_set
 from tests.helpers import (
     PUBLIC_HOST,
     as_base64,
+    as_rgb,
     encode,
     oriented_exif,
     photo_like,
@@ -118,7 +119,7 @@ def oriented_jpeg(image: Image.Image, orientation: int) -> bytes:
     return encode(image, "JPEG", quality=95, exif=oriented_exif(image, orientation))
 
 
-def test_colour_jpegs_are_decoded_into_the_array_as_stored_and_other_images_copied(monkeypatch):
+def test_jpegs_are_decoded_into_the_array_as_stored_and_other_images_copied(monkeypatch):
     copied = []
     copy = clip_runner.images.loading.stored_pixels
     monkeypatch.setattr(
@@ -128,7 +129,9 @@ def test_colour_jpegs_are_decoded_into_the_array_as_stored_and_other_images_copi
     sources = {  # bytes, copies, orientation left to the resize
         "upright JPEG": (encode(photo, "JPEG", quality=90), 0, 1),
         "rotated JPEG": (oriented_jpeg(photo, 6), 0, 6),
-        "greyscale JPEG": (encode(photo.convert("L"), "JPEG"), 1, 1),
+        "greyscale JPEG": (encode(photo.convert("L"), "JPEG"), 0, 1),
+        "rotated greyscale JPEG": (oriented_jpeg(photo.convert("L"), 8), 0, 8),
+        "CMYK JPEG": (encode(photo.convert("CMYK"), "JPEG"), 1, 1),
         "PNG": (encode(photo, "PNG"), 1, 1),
         "rotated PNG": (encode(photo, "PNG", exif=oriented_exif(photo, 8)), 1, 1),
         "a camera's turned JPEG with a preview after it (MPO)": (
@@ -139,19 +142,20 @@ def test_colour_jpegs_are_decoded_into_the_array_as_stored_and_other_images_copi
     }
     for name, (blob, copies, orientation) in sources.items():
         copied.clear()
-        pixels, left_to_turn = decoded_rgbx(blob, 0, MAX_PIXELS)
+        pixels, left_to_turn = decoded_pixels(blob, 0, MAX_PIXELS)
         assert (len(copied), left_to_turn) == (copies, orientation), name
         with Image.open(io.BytesIO(blob)) as image:
             expected = pillows_own(blob) if orientation != 1 else np.asarray(to_rgb(image))
-        np.testing.assert_array_equal(pixels[..., :3], expected, err_msg=name)
+        np.testing.assert_array_equal(as_rgb(pixels), expected, err_msg=name)
 
 
 @pytest.mark.parametrize("orientation", range(1, 10))  # 9: not an orientation, left as stored
 @pytest.mark.parametrize("size", [(301, 200), (500, 200), (200, 500)])  # both pass orders
+@pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_jpegs_of_every_exif_orientation_give_clip_processors_pixels_upright(
-    orientation, size, resize_path
+    orientation, size, mode, resize_path
 ):
-    blob = oriented_jpeg(photo_like(*size, seed=orientation), orientation)
+    blob = oriented_jpeg(photo_like(*size, seed=orientation).convert(mode), orientation)
     with Image.open(io.BytesIO(blob)) as stored:
         upright = ImageOps.exif_transpose(stored)
     assert upright.size == (size[::-1] if orientation in (5, 6, 7, 8) else size)
@@ -162,7 +166,7 @@ def test_jpegs_of_every_exif_orientation_give_clip_processors_pixels_upright(
 def test_a_broken_jpeg_decoded_into_an_array_is_a_422_naming_it():
     blob = encode(photo_like(64, 48, seed=2), "JPEG")
     with pytest.raises(RequestError, match=r"images\[3\]: not a decodable image") as raised:
-        decoded_rgbx(blob[: len(blob) // 2], 3, MAX_PIXELS)
+        decoded_pixels(blob[: len(blob) // 2], 3, MAX_PIXELS)
     assert raised.value.status == 422
 
 

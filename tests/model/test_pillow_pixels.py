@@ -1,6 +1,6 @@
-"""A JPEG decoded straight into an array: Pillow's own pixels, every one written, the same
-refusals, and only where it applies; each with simplejpeg writing the array (the service's way
-where it is installed) and with Pillow alone."""
+"""A colour or greyscale JPEG decoded straight into an array: Pillow's own pixels, every one
+written, the same refusals, and only where it applies; each with simplejpeg writing the array
+(the service's way where it is installed) and with Pillow alone."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image
 
 from clip_runner.model import pillow_pixels, simplejpeg_pixels
 from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
-from tests.hard_images import encoded_set, is_jpeg
-from tests.helpers import encode, photo_like, pillows_own, with_preview
+from tests.hard_images import encoded_set, hard_images, is_jpeg
+from tests.helpers import as_rgb, encode, photo_like, pillows_own, with_preview
 
 
 def into_array(blob: bytes) -> np.ndarray:
@@ -77,14 +77,32 @@ def colour_jpegs() -> list[tuple[str, bytes]]:
     ]
 
 
+def greyscale_jpegs() -> list[tuple[str, bytes]]:
+    """Scans and black-and-white photos: the fidelity set's text and stripes and a photo of odd
+    size, plain, progressive, and with a camera's preview after it."""
+    shrunk = [
+        (f"{name} greyscale", encode(image.convert("L"), "JPEG", quality=90))
+        for name, image in hard_images(scale=0.25)
+        if name.startswith(("text", "vertical stripes 2px"))
+    ]
+    photo = photo_like(641, 479, seed=6).convert("L")
+    return [
+        *shrunk,
+        ("greyscale photo 641x479", encode(photo, "JPEG", quality=95)),
+        ("greyscale progressive", encode(photo, "JPEG", quality=85, progressive=True)),
+        ("greyscale with a preview (MPO)", camera_jpeg(photo, quality=90)),
+    ]
+
+
 def test_this_pillow_decodes_into_arrays():
     assert pillow_pixels.DIRECT
 
 
 COLOUR_JPEGS = colour_jpegs()
+JPEGS = COLOUR_JPEGS + greyscale_jpegs()
 
 
-@pytest.mark.parametrize(("name", "blob"), COLOUR_JPEGS, ids=[name for name, _ in COLOUR_JPEGS])
+@pytest.mark.parametrize(("name", "blob"), JPEGS, ids=[name for name, _ in JPEGS])
 def test_the_pixels_are_pillows_own_and_every_one_is_written(name, blob, decoder, monkeypatch):
     expected = pillows_own(blob)
     # The array starts as all 0 bytes, then as all 255: a pixel the decode left alone would
@@ -92,13 +110,19 @@ def test_the_pixels_are_pillows_own_and_every_one_is_written(name, blob, decoder
     for filler in (0, 255):
         arrays_start_as(filler, monkeypatch)
         decoded = into_array(blob)
-        assert decoded.shape == (*expected.shape[:2], 4) and decoded.dtype == np.uint8
-        np.testing.assert_array_equal(decoded[..., :3], expected, err_msg=name)
+        assert decoded.shape[:2] == expected.shape[:2] and decoded.dtype == np.uint8
+        np.testing.assert_array_equal(as_rgb(decoded), expected, err_msg=name)
+
+
+def test_greyscale_is_decoded_into_one_byte_per_pixel_and_colour_into_four():
+    photo = photo_like(41, 29, seed=2)
+    assert into_array(encode(photo, "JPEG")).shape == (29, 41, 4)
+    assert into_array(encode(photo.convert("L"), "JPEG")).shape == (29, 41)
 
 
 def outcome(decode, blob: bytes) -> tuple[str, np.ndarray | None]:
     try:
-        return "decoded", decode(blob)[..., :3]
+        return "decoded", as_rgb(decode(blob))
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         return f"{type(exc).__name__}: {exc}", None
 
@@ -106,9 +130,9 @@ def outcome(decode, blob: bytes) -> tuple[str, np.ndarray | None]:
 @pytest.mark.parametrize("filler", [0, 255])
 def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, decoder, monkeypatch):
     """Bytes overwritten (libjpeg may warn and go on) and files cut short, 300 of them, of a
-    baseline and a progressive JPEG and an MPO; those that decode have every pixel written (as
-    in the test above, with each `filler`). simplejpeg refuses every file libjpeg warns about,
-    and Pillow then decides: the same refusals with the same messages."""
+    baseline and a progressive JPEG, an MPO and a greyscale JPEG; those that decode have every
+    pixel written (as in the test above, with each `filler`). simplejpeg refuses every file
+    libjpeg warns about, and Pillow then decides: the same refusals with the same messages."""
     arrays_start_as(filler, monkeypatch)
     rng = np.random.default_rng(7)
     photo = photo_like(160, 120, seed=3)
@@ -116,6 +140,7 @@ def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, decode
         encode(photo, "JPEG", quality=90),
         encode(photo, "JPEG", quality=90, progressive=True),
         camera_jpeg(photo, quality=90),
+        encode(photo.convert("L"), "JPEG", quality=90),
     ]
     outcomes: list[bool] = []
     for number in range(300):
@@ -144,10 +169,9 @@ def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, decode
     "blob",
     [
         encode(photo_like(40, 30, seed=1), "PNG"),
-        encode(photo_like(40, 30, seed=1).convert("L"), "JPEG"),
         encode(photo_like(40, 30, seed=1).convert("CMYK"), "JPEG"),
     ],
-    ids=["PNG", "greyscale JPEG", "CMYK JPEG"],
+    ids=["PNG", "CMYK JPEG"],
 )
 def test_other_images_are_left_to_pillow(blob):
     with Image.open(io.BytesIO(blob)) as opened:
@@ -216,3 +240,10 @@ def test_an_array_of_another_layout_is_refused_before_anything_is_written(given,
         with pytest.raises(ValueError, match=refusal):
             decode_into_array(opened, blob, given)
         assert opened.tile  # still to decode: nothing was written anywhere
+
+
+def test_a_greyscale_jpeg_refuses_an_rgb_array():
+    blob = encode(photo_like(41, 29, seed=2).convert("L"), "JPEG")
+    with Image.open(io.BytesIO(blob)) as opened:
+        with pytest.raises(ValueError, match=r"not uint8 \(29, 41\)"):
+            decode_into_array(opened, blob, np.empty((29, 41, 4), np.uint8))
