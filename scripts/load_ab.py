@@ -16,7 +16,8 @@ request by role. Results: `--out` (JSON, every window), and the medians to stdou
 `--load embed_images` sends the seed's photos to `/embed_images`, `--load embed_texts` eight
 prompts per request to `/embed_texts` that no window has sent before (each server's text cache
 would otherwise answer the windows after its first), `--load phone_photos` the seed's request
-with one 12-MP photo as phones store it (4032x3024, EXIF orientation 1, 3, 6 or 8).
+with one 12-MP photo as phones store it (4032x3024, EXIF orientation 1, 3, 6 or 8), `--load
+scans` with one greyscale JPEG of a page of text scanned at 300 dpi (A4, 2480x3508).
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ from bench import (
 )
 from startup_bench import worktree
 
+from tests.hard_images import text_page
 from tests.helpers import encode, oriented_exif
 
-LOADS = ("seed", "embed_images", "embed_texts", "phone_photos")
+LOADS = ("seed", "embed_images", "embed_texts", "phone_photos", "scans")
 # A phone's sensor is wider than tall; held level, upside down, upright or the other way up, it
 # stores the same 4032x3024 pixels and tags how to turn them.
 PHONE_ORIENTATIONS = (1, 3, 6, 8)
@@ -66,6 +68,17 @@ def phone_photo_bodies() -> list[bytes]:
     return bodies
 
 
+def scan_bodies() -> list[bytes]:
+    """Four seed requests of one greyscale JPEG each (quality 90): a page of text as a scanner
+    at 300 dpi stores an A4 sheet, a different page each."""
+    bodies = []
+    for seed in range(4):
+        page = text_page(2480, 3508, seed).convert("L")
+        jpeg = base64.b64encode(encode(page, "JPEG", quality=90)).decode()
+        bodies.append(json.dumps({"images": [jpeg], "classes": SEED_CLASSES}).encode())
+    return bodies
+
+
 def scenario(load: str, window_index: int) -> Scenario:
     """Window `window_index`'s load: the same requests each window, or for `embed_texts`
     prompts of this window's own."""
@@ -79,6 +92,8 @@ def scenario(load: str, window_index: int) -> Scenario:
         return Scenario("embed_texts uncached c32", bodies, 8, 32, "/embed_texts")
     if load == "phone_photos":
         return Scenario("phone photos c32", phone_photo_bodies(), 1, 32)
+    if load == "scans":
+        return Scenario("scanned pages c32", scan_bodies(), 1, 32)
     return Scenario("seed c32", seed_request_bodies(), 1, 32)
 
 
