@@ -14,7 +14,7 @@ CHROMIUM := /usr/bin/chromium
 BENTOCTL_VENV ?= .venv-bentoctl
 BENTOCTL_STAMP := $(BENTOCTL_VENV)/.installed
 
-.PHONY: serve test lint format import-model build bench clean bentoctl
+.PHONY: serve test lint format import-model build bench screenshot clean bentoctl
 
 # torchvision (nvJPEG on a GPU) only beside a CUDA torch: development and CI run the CPU torch
 # wheel (pip's find-links here), beside which PyPI's torchvision, a CUDA build, does not load.
@@ -69,6 +69,10 @@ build: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
+
+screenshot: $(STAMP) $(CHROMIUM)
+	UI_SCREENSHOT=$(CURDIR)/docs/ui.png $(BIN)/python -m pytest -q tests/web/test_ui.py \
+		-k uploaded_image
 
 clean:
 	rm -rf $(VENV) $(BENTOCTL_VENV) .pytest_cache .ruff_cache

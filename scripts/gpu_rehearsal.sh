@@ -10,7 +10,6 @@
 # and runs the test suite (bar the Docker image's test) and the GPU harness on the CPU in it, so a
 # code or wheel that breaks on that stack shows here, not in the device's minutes. What it cannot
 # show: anything CUDA does (PyPI's torch is a CUDA build; here it runs on the CPU).
-# The tests rewrite docs/ui.png as `make test` does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${REHEARSAL_DIR:-/tmp/gpu-rehearsal}

@@ -4,7 +4,9 @@ Debian's `chromium` package (`make test` installs it when root) is launched by P
 API; Playwright's own browser downloads are never used. Every number the page shows is checked
 against what `POST /classify` answers for the same image and labels. The browser may only talk to
 the loopback addresses of the served model and the stand-in image host; anything else is aborted
-and fails the test. A screenshot of a successful result is saved to docs/ui.png on every run.
+and fails the test. A screenshot of a successful result is taken on every run, into the test's
+temporary folder, or where `UI_SCREENSHOT` names (`make screenshot` refreshes docs/ui.png):
+a test run leaves the working tree as it found it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.helpers import GUARD_AUTH, GUARD_KEY, PUBLIC_HOST, REPO_ROOT, encode, photo_like
+from tests.helpers import GUARD_AUTH, GUARD_KEY, PUBLIC_HOST, encode, photo_like
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = REPO_ROOT / "docs" / "ui.png"
 LOCAL_HOSTS = {"127.0.0.1", PUBLIC_HOST}
 TYPED_LABELS = ["a red car", "a forest", "a bowl of soup", "a person"]
 
@@ -173,9 +174,9 @@ def test_uploaded_image_shows_the_api_scores_as_bars_and_a_bad_file_an_error(
     assert expected.status_code == 200, expected.text
     assert len(expected.json()["results"][0]) == len(TYPED_LABELS)
     assert_shows(page, expected.json())
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    assert SCREENSHOT.read_bytes().startswith(b"\x89PNG")
+    screenshot = Path(os.environ.get("UI_SCREENSHOT") or tmp_path / "ui.png")
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"this is a text file, not a picture\n" * 20)
