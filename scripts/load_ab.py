@@ -17,7 +17,8 @@ request by role. Results: `--out` (JSON, every window), and the medians to stdou
 prompts per request to `/embed_texts` that no window has sent before (each server's text cache
 would otherwise answer the windows after its first), `--load phone_photos` the seed's request
 with one 12-MP photo as phones store it (4032x3024, EXIF orientation 1, 3, 6 or 8), `--load
-scans` with one greyscale JPEG of a page of text scanned at 300 dpi (A4, 2480x3508).
+scans` with one greyscale JPEG of a page of text scanned at 200 dpi (A4, 1654x2339; a dense
+page at 300 dpi passes the 6-MB body limit in base64).
 """
 
 from __future__ import annotations
@@ -69,11 +70,11 @@ def phone_photo_bodies() -> list[bytes]:
 
 
 def scan_bodies() -> list[bytes]:
-    """Four seed requests of one greyscale JPEG each (quality 90): a page of text as a scanner
-    at 300 dpi stores an A4 sheet, a different page each."""
+    """Four seed requests of one greyscale JPEG each (quality 90, about 2.8 MB): a page of text
+    as a scanner at 200 dpi stores an A4 sheet, a different page each."""
     bodies = []
     for seed in range(4):
-        page = text_page(2480, 3508, seed).convert("L")
+        page = text_page(1654, 2339, seed).convert("L")
         jpeg = base64.b64encode(encode(page, "JPEG", quality=90)).decode()
         bodies.append(json.dumps({"images": [jpeg], "classes": SEED_CLASSES}).encode())
     return bodies
