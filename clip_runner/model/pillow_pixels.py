@@ -44,11 +44,15 @@ JPEG_FORMATS = ("JPEG", "MPO")
 PIXEL_SHAPES: dict[str, tuple[int, ...]] = {"RGB": (4,), "L": ()}
 
 
-def pixel_array(opened: Image.Image) -> np.ndarray:
-    """An uninitialised uint8 array to decode `opened` into: (H, W, 4) for RGB, (H, W) for
-    greyscale."""
+def pixel_shape(opened: Image.Image) -> tuple[int, ...]:
+    """The shape of the array `opened` decodes into: (H, W, 4) for RGB, (H, W) for greyscale."""
     width, height = opened.size
-    return np.empty((height, width, *PIXEL_SHAPES[opened.mode]), np.uint8)
+    return (height, width, *PIXEL_SHAPES[opened.mode])
+
+
+def pixel_array(opened: Image.Image) -> np.ndarray:
+    """An uninitialised uint8 array to decode `opened` into (`pixel_shape`)."""
+    return np.empty(pixel_shape(opened), np.uint8)
 
 
 def decodes_into_array(opened: Image.Image) -> bool:
@@ -78,7 +82,7 @@ def decode_into_array(
     if not opened.tile:  # decoded already (a check that loaded it): the array would stay empty
         raise ValueError("the image's pixels are already decoded")
     pixels = pixel_array(opened) if out is None else out
-    shape = (*opened.size[::-1], *PIXEL_SHAPES[opened.mode])
+    shape = pixel_shape(opened)
     if pixels.shape != shape or pixels.dtype != np.uint8:
         raise ValueError(f"out is {pixels.dtype} {pixels.shape}, not uint8 {shape}")
     if not pixels.flags.c_contiguous:
