@@ -58,26 +58,27 @@ PHONE_ORIENTATIONS = (1, 3, 6, 8)
 TEXT_REQUESTS_PER_WINDOW = 50_000
 
 
+def seed_body(jpeg: bytes) -> bytes:
+    """The seed's request with this one image."""
+    image = base64.b64encode(jpeg).decode()
+    return json.dumps({"images": [image], "classes": SEED_CLASSES}).encode()
+
+
 def phone_photo_bodies() -> list[bytes]:
     """Four seed requests of one 12-MP JPEG each (quality 88), one per `PHONE_ORIENTATIONS`."""
     bodies = []
     for seed, orientation in enumerate(PHONE_ORIENTATIONS):
         image = photo(4032, 3024, seed)
         exif = oriented_exif(image, orientation)
-        jpeg = base64.b64encode(encode(image, "JPEG", quality=88, exif=exif)).decode()
-        bodies.append(json.dumps({"images": [jpeg], "classes": SEED_CLASSES}).encode())
+        bodies.append(seed_body(encode(image, "JPEG", quality=88, exif=exif)))
     return bodies
 
 
 def scan_bodies() -> list[bytes]:
     """Four seed requests of one greyscale JPEG each (quality 90, about 2.8 MB): a page of text
     as a scanner at 200 dpi stores an A4 sheet, a different page each."""
-    bodies = []
-    for seed in range(4):
-        page = text_page(1654, 2339, seed).convert("L")
-        jpeg = base64.b64encode(encode(page, "JPEG", quality=90)).decode()
-        bodies.append(json.dumps({"images": [jpeg], "classes": SEED_CLASSES}).encode())
-    return bodies
+    pages = (text_page(1654, 2339, seed).convert("L") for seed in range(4))
+    return [seed_body(encode(page, "JPEG", quality=90)) for page in pages]
 
 
 def scenario(load: str, window_index: int) -> Scenario:
