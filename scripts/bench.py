@@ -1315,7 +1315,7 @@ def device_waits(model: BareModel, passes: int = 200, rounds: int = 2) -> dict:
 # The runner's ways to decode a JPEG and put it on the GPU: (pinned memory, copy waited for,
 # simplejpeg decoding where it agrees with Pillow).
 DECODE_WAYS = {
-    "pinned, queued": (True, False, True),  # the default on a GPU (device_decode.pillow_rgbx)
+    "pinned, queued": (True, False, True),  # the default on a GPU (device_decode.decoded_on_host)
     "pinned, queued, Pillow alone": (True, False, False),  # where simplejpeg is missing
     "pageable, queued": (False, False, True),
     "pageable, waited for": (False, True, True),  # as before: torch's blocking copy

@@ -8,9 +8,9 @@ service where simplejpeg is missing or disagrees with Pillow), Pillow's own memo
 The ways take turns in each of:
 - milliseconds per image (the best of `--repeats` timed loops) of the API workers' exact path
   (`prepare_image`: decode, compiled resize and crop), also on photos stored turned with an
-  EXIF orientation as phones store them, with a preview after them as cameras do (an MPO),
-  and in greyscale (a black-and-white photo, a scanned page), and of the runner's decode of
-  forwarded JPEGs (`pillow_rgbx`);
+  EXIF orientation as phones store them and with a preview after them as cameras do (an MPO),
+  and of the runner's decode of forwarded JPEGs (`decoded_on_host`); both on colour and on
+  greyscale JPEGs (a black-and-white photo, a scanned page);
 - milliseconds per image of compositing a transparent image onto white, as transformers does
   (`alpha_composite`) and as the service does (`on_white`), the same bytes;
 - the runner's decode rate (the seed's photo) alone and beside one thread spinning in Python,
@@ -50,7 +50,7 @@ from clip_runner.images.loading import (
 )
 from clip_runner.malloc_tuning import reuse_freed_memory
 from clip_runner.model import simplejpeg_pixels
-from clip_runner.model.device_decode import pillow_rgbx
+from clip_runner.model.device_decode import decoded_on_host, rgb_planes
 from tests.hard_images import text_page
 from tests.helpers import encode, oriented_exif, photo_like, with_preview
 
@@ -67,8 +67,10 @@ def into_array_api(blob: bytes):
 
 
 def copied_runner(blob: bytes) -> torch.Tensor:
-    """The runner's decode before: Pillow's RGBX bytes copied out, then wrapped for torch."""
-    with Image.open(io.BytesIO(blob)) as image:
+    """The runner's decode before: Pillow's RGBX bytes copied out (a greyscale image converted
+    to RGB first), then wrapped for torch."""
+    with Image.open(io.BytesIO(blob)) as opened:
+        image = opened if opened.mode == "RGB" else opened.convert("RGB")
         width, height = image.size
         stored = bytearray(image.tobytes("raw", "RGBX"))
     return torch.frombuffer(stored, dtype=torch.uint8).view(height, width, 4)
@@ -96,8 +98,8 @@ WAYS = {
     },
     "runner": {
         "copied out": copied_runner,
-        "Pillow into the array": pillow_alone(pillow_rgbx),
-        "simplejpeg": pillow_rgbx,
+        "Pillow into the array": pillow_alone(decoded_on_host),
+        "simplejpeg": decoded_on_host,
     },
 }
 
@@ -226,20 +228,12 @@ def main() -> int:
     reuse_freed_memory()
     torch.set_num_threads(1)
     seed = base64.b64decode(json.loads(seed_request_bodies()[0])["images"][0])
+    a4_scan = text_page(2480, 3508, 3).convert("L")  # an A4 page at 300 dpi
     images = {
         "seed photo 640x480": (seed, 300),
         "photo 1200x900, quality 90": (encode(photo_like(1200, 900, 1), "JPEG", quality=90), 60),
         "photo 4000x3000, quality 90": (encode(photo_like(4000, 3000, 2), "JPEG", quality=90), 5),
-    }
-    # Photos as phones and cameras store them, and greyscale JPEGs: the API workers' path only
-    # (the runner is sent no such photo, and decodes a greyscale JPEG as before); "copied out"
-    # is how the service decoded them before (Pillow turning the pixels, decoding the MPO's
-    # first image, or converting the grey ones to RGB, in its own memory, then copying them out).
-    a4_scan = text_page(2480, 3508, 3).convert("L")  # an A4 page at 300 dpi
-    api_only = {
-        "photo 1200x900 stored turned (EXIF orientation 6)": (oriented(1200, 900), 60),
-        "photo 4000x3000 stored turned (EXIF orientation 6)": (oriented(4000, 3000), 5),
-        "photo 4000x3000 with a 1920x1440 preview (MPO)": (camera_jpeg(4000, 3000), 5),
+        # "copied out": converted to RGB in Pillow's memory, then copied out.
         "greyscale photo 1200x900, quality 90": (
             encode(photo_like(1200, 900, 1).convert("L"), "JPEG", quality=90),
             60,
@@ -249,12 +243,20 @@ def main() -> int:
             5,
         ),
     }
+    # Photos as phones and cameras store them: the API workers' path only (the runner is sent
+    # neither); "copied out" is how the service decoded both before (Pillow turning the pixels,
+    # or decoding the MPO's first image, into its own memory, then copying them out).
+    api_only = {
+        "photo 1200x900 stored turned (EXIF orientation 6)": (oriented(1200, 900), 60),
+        "photo 4000x3000 stored turned (EXIF orientation 6)": (oriented(4000, 3000), 5),
+        "photo 4000x3000 with a 1920x1440 preview (MPO)": (camera_jpeg(4000, 3000), 5),
+    }
     result: dict = {"ms_per_image": {}, "runner_decodes_per_s": {}}
     for name, (blob, loops) in [*images.items(), *api_only.items()]:
         for role, ways in WAYS.items():
             if role == "runner" and name in api_only:
                 continue
-            first, *others = (torch.as_tensor(way(blob))[..., :3] for way in ways.values())
+            first, *others = (rgb_planes(torch.as_tensor(way(blob))) for way in ways.values())
             assert all(torch.equal(first, other) for other in others)
             timings = {way: [] for way in ways}
             for _ in range(args.repeats):

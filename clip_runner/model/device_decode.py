@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -28,7 +29,7 @@ from PIL import Image
 from clip_runner.model.device_health import device_works
 from clip_runner.model.device_resample import resize_and_crop
 from clip_runner.model.device_wait import to_device, wait_for_queued_work
-from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
+from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array, pixel_shape
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +83,11 @@ PILLOW_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decomp
 PINNED_MAX_BYTES = 4 << 20
 
 
-def host_pixels(height: int, width: int, pinned: bool) -> torch.Tensor:
-    """An empty uint8 (height, width, 4) CPU tensor, in pinned memory when `pinned` and it is
-    at most PINNED_MAX_BYTES, and where pinned memory can be had: a host whose pinned memory
-    has run out (or a torch without CUDA) gets pageable memory, as every image had before."""
-    shape = (height, width, 4)
-    if pinned and height * width * 4 <= PINNED_MAX_BYTES:
+def host_pixels(shape: tuple[int, ...], pinned: bool) -> torch.Tensor:
+    """An empty uint8 CPU tensor of `shape`, in pinned memory when `pinned` and it is at most
+    PINNED_MAX_BYTES, and where pinned memory can be had: a host whose pinned memory has run
+    out (or a torch without CUDA) gets pageable memory, as every image had before."""
+    if pinned and math.prod(shape) <= PINNED_MAX_BYTES:
         try:
             return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
         except RuntimeError as exc:
@@ -108,26 +108,26 @@ def _pinned_memory_works() -> bool:
     return True
 
 
-def pillow_rgbx(blob: bytes, pinned: bool = False) -> torch.Tensor:
-    """uint8 (H, W, 4) on the CPU: the pixels as Pillow stores them, RGB and a padding byte.
-    The API workers forward only baseline YCbCr or greyscale JPEGs without EXIF rotation, for
-    which these are exactly what their own decode gives.
+def decoded_on_host(blob: bytes, pinned: bool = False) -> torch.Tensor:
+    """uint8 on the CPU: the pixels as Pillow stores them, (H, W, 4) RGB and a padding byte,
+    or (H, W) for a greyscale JPEG. The API workers forward only baseline YCbCr or greyscale
+    JPEGs without EXIF rotation, for which these are exactly what their own decode gives.
 
-    A colour JPEG is decoded straight into the tensor (pillow_pixels.py): copying Pillow's
-    pixels out afterwards had cost about a third of the decode's CPU, holding the GIL that the
-    runner's event loop and its other decoding threads wait for. With `pinned` (the runner on
-    a GPU) that tensor is in pinned memory (`host_pixels`), which the GPU copies from directly
-    while the decoding thread goes on: from pageable memory CUDA first copies the bytes into a
-    staging buffer of its own, on the decoding thread. A greyscale one is converted and copied
-    (rare), as is every image where this Pillow cannot decode into an array.
+    The JPEG is decoded straight into the tensor (pillow_pixels.py): copying Pillow's pixels
+    out afterwards had cost about a third of the decode's CPU, holding the GIL that the
+    runner's event loop and its other decoding threads wait for, and a greyscale one had been
+    converted to RGB first. With `pinned` (the runner on a GPU) that tensor is in pinned memory
+    (`host_pixels`), which the GPU copies from directly while the decoding thread goes on: from
+    pageable memory CUDA first copies the bytes into a staging buffer of its own, on the
+    decoding thread. Where this Pillow cannot decode into an array, the image is converted to
+    RGB and copied.
 
     Moved to the device as they are and viewed there as planes (`rgb_planes`): repacking them
     into three bytes on the CPU first (`np.array(image)`) cost more than the extra third of
-    bytes to copy."""
+    bytes to copy, and a greyscale image's one plane is copied once and viewed three times."""
     with Image.open(io.BytesIO(blob)) as opened:
-        if opened.mode == "RGB" and decodes_into_array(opened):  # its (H, W, 4) layout
-            width, height = opened.size
-            pixels = host_pixels(height, width, pinned)
+        if decodes_into_array(opened):
+            pixels = host_pixels(pixel_shape(opened), pinned)
             decode_into_array(opened, blob, pixels.numpy())
             return pixels
         image = opened if opened.mode == "RGB" else opened.convert("RGB")
@@ -136,9 +136,12 @@ def pillow_rgbx(blob: bytes, pinned: bool = False) -> torch.Tensor:
     return torch.frombuffer(stored, dtype=torch.uint8).view(height, width, 4)
 
 
-def rgb_planes(rgbx: torch.Tensor) -> torch.Tensor:
-    """(H, W, 4) RGBX -> a (3, H, W) view of its colour bytes, on the tensor's device."""
-    return rgbx[..., :3].permute(2, 0, 1)
+def rgb_planes(pixels: torch.Tensor) -> torch.Tensor:
+    """(H, W, 4) RGBX or (H, W) greyscale -> a (3, H, W) view of its colour bytes (the grey
+    plane three times: what Pillow's RGB of it holds), on the tensor's device."""
+    if pixels.ndim == 2:
+        return pixels.expand(3, *pixels.shape)
+    return pixels[..., :3].permute(2, 0, 1)
 
 
 # Most pixels resized in one go: bounds the device memory a batch of large photos takes to
@@ -216,7 +219,7 @@ class DeviceJpegDecoder:
         if self._nvjpeg is not None and not self._nvjpeg_decodes_a_plain_jpeg():
             self._nvjpeg = None
         self.name = NVJPEG if self._nvjpeg is not None else PILLOW
-        # Pillow decodes into pinned memory on a GPU (pillow_rgbx); `pinned=False` is the
+        # Pillow decodes into pinned memory on a GPU (decoded_on_host); `pinned=False` is the
         # benchmark's comparison (scripts/bench.py, "runner decode"). Not with nvJPEG, whose
         # input is the JPEG bytes: its refusals, decoded by Pillow, are few.
         self.pinned = (
@@ -301,11 +304,11 @@ class DeviceJpegDecoder:
         device (out of memory, a broken CUDA context) is the server's fault, not the image's:
         it fails the batch rather than become a 422."""
         try:
-            rgbx = pillow_rgbx(blob, self.pinned)
+            pixels = decoded_on_host(blob, self.pinned)
         except PILLOW_DECODE_ERRORS as exc:
             # The caller's mistake, answered with a 422 for that image: not worth a log line.
             logger.debug("a forwarded JPEG did not decode: %s", exc)
             return None
         # Queued, not waited for: a blocking copy polled until all work queued before it on
         # the stream had run, another pass's forward pass included (device_wait.py).
-        return rgb_planes(to_device(rgbx, self.device))
+        return rgb_planes(to_device(pixels, self.device))

@@ -28,11 +28,11 @@ from clip_runner.model.device_decode import (
     NVJPEG,
     PILLOW,
     DeviceJpegDecoder,
-    pillow_rgbx,
+    decoded_on_host,
     rgb_planes,
 )
 from clip_runner.model.device_resample import resize_and_crop
-from tests.hard_images import encoded_set, is_jpeg
+from tests.hard_images import encoded_set, hard_images, is_jpeg
 from tests.helpers import (
     SEED_CLASSES,
     ServedBento,
@@ -47,8 +47,11 @@ GEOMETRY = ImageGeometry(224, 224, 224)
 
 
 def jpeg_set() -> list[bytes]:
-    """The fidelity set's JPEGs (every chroma subsampling), shrunk for speed."""
-    return [blob for _, blob in encoded_set(scale=0.25) if is_jpeg(blob)]
+    """The fidelity set's JPEGs (every chroma subsampling), shrunk for speed, and its images as
+    greyscale JPEGs (scanned pages, black-and-white photos: one byte per pixel here)."""
+    colour = [blob for _, blob in encoded_set(scale=0.25) if is_jpeg(blob)]
+    grey = [encode(image.convert("L"), "JPEG", quality=90) for _, image in hard_images(0.25)]
+    return colour + grey
 
 
 def test_cpu_twin_equals_the_api_path_on_the_hard_set():
@@ -106,7 +109,7 @@ def test_pillow_decodes_a_batch_in_threads_to_the_same_crops_in_order(monkeypatc
 
 def pillow_pixels(blob: bytes) -> torch.Tensor:
     """(3, H, W) uint8, as nvJPEG gives them: the stand-ins' decode."""
-    return rgb_planes(pillow_rgbx(blob))
+    return rgb_planes(decoded_on_host(blob))
 
 
 def nvjpeg_on_the_cpu(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -179,7 +182,9 @@ def test_an_nvjpeg_that_cannot_decode_at_all_is_not_used_and_the_log_says_so(
     assert str(failure) in caplog.text
 
 
-def test_a_colour_jpeg_is_decoded_into_the_tensor_not_copied_out(monkeypatch):
+def test_colour_and_greyscale_jpegs_are_decoded_into_the_tensor_not_copied_out(monkeypatch):
+    """A colour JPEG into (H, W, 4), a greyscale one into (H, W), viewed as three equal planes:
+    no copy of Pillow's pixels, no conversion to RGB."""
     photo = photo_like(64, 48, seed=1)
     expected = {
         "colour": np.asarray(Image.open(io.BytesIO(encode(photo, "JPEG"))).convert("RGB")),
@@ -187,22 +192,23 @@ def test_a_colour_jpeg_is_decoded_into_the_tensor_not_copied_out(monkeypatch):
             Image.open(io.BytesIO(encode(photo.convert("L"), "JPEG"))).convert("RGB")
         ),
     }
+    colour_jpeg, greyscale_jpeg = encode(photo, "JPEG"), encode(photo.convert("L"), "JPEG")
     copies = []
-    copy = Image.Image.tobytes
+    copy, convert = Image.Image.tobytes, Image.Image.convert
     monkeypatch.setattr(Image.Image, "tobytes", lambda *a: copies.append(1) or copy(*a))
-    colour = pillow_rgbx(encode(photo, "JPEG"))
+    monkeypatch.setattr(Image.Image, "convert", lambda *a: copies.append(1) or convert(*a))
+    colour, greyscale = decoded_on_host(colour_jpeg), decoded_on_host(greyscale_jpeg)
     assert not copies
-    greyscale = pillow_rgbx(encode(photo.convert("L"), "JPEG"))  # converted, then copied
-    assert copies
-    for name, rgbx in (("colour", colour), ("greyscale", greyscale)):
-        assert rgbx.shape == (48, 64, 4) and rgbx.dtype == torch.uint8
-        np.testing.assert_array_equal(rgb_planes(rgbx).permute(1, 2, 0), expected[name])
+    assert colour.shape == (48, 64, 4) and greyscale.shape == (48, 64)
+    for name, pixels in (("colour", colour), ("greyscale", greyscale)):
+        assert pixels.dtype == torch.uint8
+        np.testing.assert_array_equal(rgb_planes(pixels).permute(1, 2, 0), expected[name])
 
 
 def test_without_cuda_pinned_memory_is_not_had_and_the_decode_gets_pageable_memory():
     """torch without CUDA refuses pinned memory (as a host whose pinned memory ran out does):
     the buffer is pageable, of the shape asked for, and nothing fails."""
-    pixels = device_decode.host_pixels(48, 64, pinned=True)
+    pixels = device_decode.host_pixels((48, 64, 4), pinned=True)
     assert pixels.shape == (48, 64, 4) and pixels.dtype == torch.uint8 and not pixels.is_pinned()
 
 
@@ -221,13 +227,13 @@ def pinned_requests(monkeypatch) -> list[tuple[tuple[int, ...], bool]]:
     return requests
 
 
-def test_pinned_decodes_are_colour_jpegs_up_to_the_size_limit(pinned_requests):
+def test_pinned_decodes_are_jpegs_up_to_the_size_limit(pinned_requests):
     small = encode(photo_like(64, 48, seed=1), "JPEG")
     side = int((device_decode.PINNED_MAX_BYTES // 4) ** 0.5)
     at_the_limit = encode(photo_like(side, side, seed=2), "JPEG")
     past_it = encode(photo_like(side + 1, side, seed=3), "JPEG")
     for blob in (small, at_the_limit, past_it):
-        np.testing.assert_array_equal(pillow_rgbx(blob, pinned=True), pillow_rgbx(blob))
+        np.testing.assert_array_equal(decoded_on_host(blob, pinned=True), decoded_on_host(blob))
     assert pinned_requests == [
         ((48, 64, 4), True),
         ((48, 64, 4), False),
@@ -238,8 +244,8 @@ def test_pinned_decodes_are_colour_jpegs_up_to_the_size_limit(pinned_requests):
     ]
     pinned_requests.clear()
     greyscale = encode(photo_like(64, 48, seed=1).convert("L"), "JPEG")
-    pillow_rgbx(greyscale, pinned=True)  # converted and copied by Pillow: no buffer of ours
-    assert pinned_requests == []
+    decoded_on_host(greyscale, pinned=True)  # one byte per pixel
+    assert pinned_requests == [((48, 64), True)]
 
 
 def test_a_gpu_host_without_pinned_memory_says_so_at_start(monkeypatch, caplog):
