@@ -72,9 +72,9 @@ def drain_queued_work(device: torch.device, spin: bool = False) -> None:
 PILLOW_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-# Largest decode (RGBX bytes) put in pinned memory: 1 MP, so 1280x720 and the seed's 640x480
-# photo are, a 12-MP phone photo (80 ms of decode, beside which its 48-MB staging copy is a
-# few ms) is not.
+# Largest decode (its bytes) put in pinned memory: 1 MP in colour (RGBX), 4 MP in greyscale,
+# so 1280x720 and the seed's 640x480 photo are, a 12-MP phone photo (80 ms of decode, beside
+# which its 48-MB staging copy is a few ms) is not.
 # torch's caching host allocator rounds each block up to a power of two and keeps every block
 # it ever handed out for reuse (pinned memory is slow to get). A block is in use from its
 # image's decode until its copy to the GPU has run, within its batch's pass, so a runner
