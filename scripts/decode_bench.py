@@ -243,13 +243,16 @@ def main() -> int:
             5,
         ),
     }
-    # Photos as phones and cameras store them: the API workers' path only (the runner is sent
-    # neither); "copied out" is how the service decoded both before (Pillow turning the pixels,
-    # or decoding the MPO's first image, into its own memory, then copying them out).
+    # Photos as phones and cameras store them, and a PNG: the API workers' path only (the
+    # runner is sent none of them); "copied out" is how the service decoded them before
+    # (Pillow turning the pixels, or decoding the MPO's first image, into its own memory, then
+    # copying them out).
     api_only = {
         "photo 1200x900 stored turned (EXIF orientation 6)": (oriented(1200, 900), 60),
         "photo 4000x3000 stored turned (EXIF orientation 6)": (oriented(4000, 3000), 5),
         "photo 4000x3000 with a 1920x1440 preview (MPO)": (camera_jpeg(4000, 3000), 5),
+        # Converted to RGB, then its RGBX copied out, before; now its grey bytes copied out.
+        "greyscale PNG, the A4 page": (encode(a4_scan, "PNG"), 5),
     }
     result: dict = {"ms_per_image": {}, "runner_decodes_per_s": {}}
     for name, (blob, loops) in [*images.items(), *api_only.items()]:

@@ -36,7 +36,7 @@ from clip_runner.images.fetch import FetchLimits, fetch_url
 from clip_runner.images.pixel_budget import HeaderCheck, PixelBudget, image_header
 from clip_runner.images.s3_images import fetch_s3, is_s3_url
 from clip_runner.metrics import PREPROCESS_SECONDS
-from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
+from clip_runner.model.pillow_pixels import PIXEL_SHAPES, decode_into_array, decodes_into_array
 from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE, crop_plan
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
@@ -138,15 +138,20 @@ def _lenient_base64(payload: str, index: int) -> bytes:
         raise ImageError(index, "not an http(s) URL, data: URI or valid base64") from None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with EXIF orientation applied; transparency composited onto white; 16-bit scaled."""
+def to_rgb(image: Image.Image, keep_grey: bool = False) -> Image.Image:
+    """RGB with EXIF orientation applied; transparency composited onto white; 16-bit scaled.
+    With `keep_grey`, an opaque greyscale image stays greyscale ("L"): its RGB would repeat
+    each value three times, which the compiled resize does after the crop instead."""
     # In place: without an orientation tag the default returns a full copy of the pixels.
     ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         pixels = np.asarray(image, dtype=np.float64)
         scale = 257.0 if pixels.max(initial=0) > 255 else 1.0
         image = Image.fromarray(np.clip(pixels / scale, 0, 255).round().astype(np.uint8), "L")
-    if image.mode == "RGB":
+    opaque = image.info.get("transparency") is None
+    if keep_grey and image.mode == "1" and opaque:  # bilevel (fax, scans): 0 or 255 either way
+        image = image.convert("L")
+    if image.mode == "RGB" or (keep_grey and image.mode == "L" and opaque):
         return image
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         return on_white(image.convert("RGBA"))
@@ -200,11 +205,11 @@ def decode_image(
         return loaded_rgb(opened)
 
 
-def loaded_rgb(opened: Image.Image) -> Image.Image:
-    """An opened image's first frame, decoded, in RGB (`to_rgb`)."""
+def loaded_rgb(opened: Image.Image, keep_grey: bool = False) -> Image.Image:
+    """An opened image's first frame, decoded, in RGB (`to_rgb`; or greyscale, `keep_grey`)."""
     opened.seek(0)
     opened.load()
-    return to_rgb(opened)
+    return to_rgb(opened, keep_grey)
 
 
 def exif_orientation(opened: Image.Image) -> int:
@@ -219,7 +224,7 @@ def upright(opened: Image.Image) -> bool:
 
 def decoded_pixels(data: bytes, index: int, max_pixels: int) -> tuple[np.ndarray, int]:
     """The image's pixels as Pillow stores them, what the compiled resize reads: uint8
-    (H, W, 4) RGB (the fourth byte padding), or (H, W) for a greyscale JPEG; and the EXIF
+    (H, W, 4) RGB (the fourth byte padding), or (H, W) for a greyscale image; and the EXIF
     orientation the resize is still to apply.
 
     A colour or greyscale JPEG is decoded straight into the array (model/pillow_pixels.py: no
@@ -228,14 +233,15 @@ def decoded_pixels(data: bytes, index: int, max_pixels: int) -> tuple[np.ndarray
     phone photo with its orientation tag 65.6 against 146.5 ms turned by Pillow first), and a
     greyscale one in its one channel (a page of text scanned at 300 dpi 50.0-50.7 against
     66.9-72.2 ms, converted to RGB and copied first). Any other image is decoded, turned
-    upright, converted (`to_rgb`) and copied out (`stored_pixels`), orientation 1. The same
-    pixels either way."""
+    upright, converted (`to_rgb`: an opaque greyscale one stays greyscale, a PNG page of text
+    42 against 68 ms) and copied out (`stored_pixels`), orientation 1. The same pixels either
+    way."""
     with opened_image(data, index, max_pixels) as opened:
         # The EXIF first: for some formats (PNG) reading it decodes the pixels.
         orientation = exif_orientation(opened)
         if decodes_into_array(opened):
             return decode_into_array(opened, data), orientation
-        return stored_pixels(loaded_rgb(opened)), 1
+        return stored_pixels(loaded_rgb(opened, keep_grey=True)), 1
 
 
 EXIF_ORIENTATION = 0x0112
@@ -341,24 +347,31 @@ STRIP_ROWS = 256
 
 
 def stored_pixels(image: Image.Image) -> np.ndarray:
-    """An RGB image's pixels as Pillow stores them: uint8 (H, W, 4), the fourth byte padding.
+    """An RGB or greyscale image's pixels as Pillow stores them: uint8 (H, W, 4), the fourth
+    byte padding, or (H, W).
 
-    Copied out as they are, a straight copy per row; `np.asarray(image)` repacks them into
+    Copied out as they are, a straight copy per row; `np.asarray(image)` repacks RGB into
     three bytes first (for a 640x480 photo about 70 against 180 us). Big images are copied in
     strips of rows (`WHOLE_COPY_MAX_BYTES`)."""
     width, height = image.size
-    if width * height * 4 <= WHOLE_COPY_MAX_BYTES:
-        return _copied_rgbx(image)
-    pixels = np.empty((height, width, 4), np.uint8)
+    shape = (height, width, *PIXEL_SHAPES[image.mode])
+    if math.prod(shape) <= WHOLE_COPY_MAX_BYTES:
+        return _copied(image)
+    pixels = np.empty(shape, np.uint8)
     for top in range(0, height, STRIP_ROWS):
         strip = image.crop((0, top, width, min(height, top + STRIP_ROWS)))
-        pixels[top : top + strip.height] = _copied_rgbx(strip)
+        pixels[top : top + strip.height] = _copied(strip)
     return pixels
 
 
-def _copied_rgbx(image: Image.Image) -> np.ndarray:
+# Pillow's packer for each stored layout: RGB with its padding byte, greyscale as it is.
+_RAW_MODES = {"RGB": "RGBX", "L": "L"}
+
+
+def _copied(image: Image.Image) -> np.ndarray:
     width, height = image.size
-    return np.frombuffer(image.tobytes("raw", "RGBX"), np.uint8).reshape(height, width, 4)
+    raw = image.tobytes("raw", _RAW_MODES[image.mode])
+    return np.frombuffer(raw, np.uint8).reshape(height, width, *PIXEL_SHAPES[image.mode])
 
 
 @functools.cache

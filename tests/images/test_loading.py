@@ -106,13 +106,17 @@ def test_a_crop_larger_than_the_resized_image_is_padded_where_clip_processor_pad
 
 @pytest.mark.parametrize("size", [(640, 480), (1, 1), (3, 1000)])
 @pytest.mark.parametrize("copy", ["whole", "in strips"])
-def test_stored_pixels_are_the_rgb_pixels_and_a_padding_byte(size, copy, monkeypatch):
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_stored_pixels_are_the_rgb_pixels_and_a_padding_byte_or_the_grey_ones(
+    size, copy, mode, monkeypatch
+):
     if copy == "in strips":  # as for images over 32 MB; 1000 rows are not a multiple of a strip
         monkeypatch.setattr(clip_runner.images.loading, "WHOLE_COPY_MAX_BYTES", 0)
-    image = decode_image(encode(photo_like(*size, seed=3), "PNG"), index=0, max_pixels=MAX_PIXELS)
+    image = photo_like(*size, seed=3).convert(mode)
     pixels = stored_pixels(image)
-    assert pixels.shape == (size[1], size[0], 4) and pixels.dtype == np.uint8
-    np.testing.assert_array_equal(pixels[..., :3], np.asarray(image))
+    assert pixels.shape == (size[1], size[0], *((4,) if mode == "RGB" else ())), mode
+    assert pixels.dtype == np.uint8
+    np.testing.assert_array_equal(as_rgb(pixels), np.asarray(image.convert("RGB")))
 
 
 def oriented_jpeg(image: Image.Image, orientation: int) -> bytes:
@@ -133,6 +137,7 @@ def test_jpegs_are_decoded_into_the_array_as_stored_and_other_images_copied(monk
         "rotated greyscale JPEG": (oriented_jpeg(photo.convert("L"), 8), 0, 8),
         "CMYK JPEG": (encode(photo.convert("CMYK"), "JPEG"), 1, 1),
         "PNG": (encode(photo, "PNG"), 1, 1),
+        "greyscale PNG": (encode(photo.convert("L"), "PNG"), 1, 1),
         "rotated PNG": (encode(photo, "PNG", exif=oriented_exif(photo, 8)), 1, 1),
         "a camera's turned JPEG with a preview after it (MPO)": (
             with_preview(photo, photo_like(20, 10, seed=3), exif=oriented_exif(photo, 6)),
@@ -161,6 +166,37 @@ def test_jpegs_of_every_exif_orientation_give_clip_processors_pixels_upright(
     assert upright.size == (size[::-1] if orientation in (5, 6, 7, 8) else size)
     pixels = prepare_image(blob, 0, GEOMETRY, MAX_PIXELS)
     np.testing.assert_allclose(normalised(pixels), reference_pixels(upright), atol=1e-5)
+
+
+def sixteen_bit(image: Image.Image) -> Image.Image:
+    return Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257)
+
+
+GREY = photo_like(301, 200, seed=3).convert("L")
+
+
+@pytest.mark.parametrize(
+    ("image", "save_args", "stays_grey"),
+    [
+        pytest.param(GREY, {}, True, id="greyscale"),
+        pytest.param(GREY.convert("1"), {}, True, id="bilevel, as faxes and scans"),
+        pytest.param(sixteen_bit(GREY), {}, True, id="16-bit greyscale"),
+        pytest.param(GREY, {"exif": oriented_exif(GREY, 6)}, True, id="rotated greyscale"),
+        pytest.param(GREY, {"transparency": 77}, False, id="greyscale, one value transparent"),
+        pytest.param(GREY.convert("LA"), {}, False, id="greyscale with alpha"),
+        pytest.param(photo_like(301, 200, seed=3).convert("P"), {}, False, id="palette"),
+    ],
+)
+def test_opaque_greyscale_images_stay_grey_to_the_pixels_of_their_rgb(image, save_args, stays_grey):
+    """A greyscale PNG of any depth is copied out in one byte per pixel and resized in its
+    one channel: the crop equals the one of the image converted to RGB (the path every other
+    image takes, `decode_image`); with transparency it is composited onto white first."""
+    blob = encode(image, "PNG", **save_args)
+    pixels, orientation = decoded_pixels(blob, 0, MAX_PIXELS)
+    assert (pixels.ndim == 2) == stays_grey and orientation == 1
+    crop = prepare_image(blob, 0, GEOMETRY, MAX_PIXELS)
+    via_rgb = resize_and_crop(decode_image(blob, 0, MAX_PIXELS), GEOMETRY)
+    np.testing.assert_array_equal(crop, via_rgb)
 
 
 def test_a_broken_jpeg_decoded_into_an_array_is_a_422_naming_it():
