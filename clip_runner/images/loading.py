@@ -36,7 +36,7 @@ from clip_runner.images.fetch import FetchLimits, fetch_url
 from clip_runner.images.pixel_budget import HeaderCheck, PixelBudget, image_header
 from clip_runner.images.s3_images import fetch_s3, is_s3_url
 from clip_runner.metrics import PREPROCESS_SECONDS
-from clip_runner.model.pillow_pixels import PIXEL_SHAPES, decode_into_array, decodes_into_array
+from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array, pixel_shape
 from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE, crop_plan
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
@@ -153,7 +153,7 @@ def to_rgb(image: Image.Image, keep_grey: bool = False) -> Image.Image:
         image = image.convert("L")
     if image.mode == "RGB" or (keep_grey and image.mode == "L" and opaque):
         return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+    if "A" in image.getbands() or not opaque:
         return on_white(image.convert("RGBA"))
     return image.convert("RGB")
 
@@ -354,10 +354,9 @@ def stored_pixels(image: Image.Image) -> np.ndarray:
     three bytes first (for a 640x480 photo about 70 against 180 us). Big images are copied in
     strips of rows (`WHOLE_COPY_MAX_BYTES`)."""
     width, height = image.size
-    shape = (height, width, *PIXEL_SHAPES[image.mode])
-    if math.prod(shape) <= WHOLE_COPY_MAX_BYTES:
+    if math.prod(pixel_shape(image)) <= WHOLE_COPY_MAX_BYTES:
         return _copied(image)
-    pixels = np.empty(shape, np.uint8)
+    pixels = np.empty(pixel_shape(image), np.uint8)
     for top in range(0, height, STRIP_ROWS):
         strip = image.crop((0, top, width, min(height, top + STRIP_ROWS)))
         pixels[top : top + strip.height] = _copied(strip)
@@ -369,9 +368,8 @@ _RAW_MODES = {"RGB": "RGBX", "L": "L"}
 
 
 def _copied(image: Image.Image) -> np.ndarray:
-    width, height = image.size
     raw = image.tobytes("raw", _RAW_MODES[image.mode])
-    return np.frombuffer(raw, np.uint8).reshape(height, width, *PIXEL_SHAPES[image.mode])
+    return np.frombuffer(raw, np.uint8).reshape(pixel_shape(image))
 
 
 @functools.cache

@@ -44,10 +44,12 @@ JPEG_FORMATS = ("JPEG", "MPO")
 PIXEL_SHAPES: dict[str, tuple[int, ...]] = {"RGB": (4,), "L": ()}
 
 
-def pixel_shape(opened: Image.Image) -> tuple[int, ...]:
-    """The shape of the array `opened` decodes into: (H, W, 4) for RGB, (H, W) for greyscale."""
-    width, height = opened.size
-    return (height, width, *PIXEL_SHAPES[opened.mode])
+def pixel_shape(image: Image.Image) -> tuple[int, ...]:
+    """The shape of an RGB or greyscale image's pixels as Pillow stores them (what
+    `decode_into_array` writes, and images/loading.py's `stored_pixels` copies out): (H, W, 4)
+    for RGB, (H, W) for greyscale."""
+    width, height = image.size
+    return (height, width, *PIXEL_SHAPES[image.mode])
 
 
 def pixel_array(opened: Image.Image) -> np.ndarray:
