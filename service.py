@@ -287,9 +287,10 @@ class ClipService:
                     encode_jpegs=calls.encode_jpegs,
                 )
                 logger.info(
-                    "serving model %s on %s; JPEGs decoded %s; runner called %s",
+                    "serving model %s on %s in %s; JPEGs decoded %s; runner called %s",
                     facts.tag,
                     facts.device,
+                    facts.dtype,
                     f"on the runner ({facts.jpeg_decoder})"
                     if forward
                     else f"in the API workers by {cpu_decoder_name()}",

@@ -171,6 +171,7 @@ class Settings:
     runner_calls: int  # per API worker; 0: by device and worker counts (calls_in_flight)
     direct_runner_calls: bool  # the runner's wire format (answers/direct_runner.py), not BentoML's
     torch_compile: bool
+    dtype: str  # the model's: auto (float16 on a GPU, float32 on CPU), float32, bfloat16, float16
     cuda_graphs: bool  # auto: on a GPU, unless torch_compile
     access_log: bool  # BentoML's access log, a line per request; auto: on CPU only
     switch_interval_ms: float  # how long Python runs before a waiting thread gets the GIL
@@ -264,6 +265,7 @@ def get_settings() -> Settings:
         runner_calls=_env_int("CLIP_RUNNER_CALLS", 0, minimum=0),
         direct_runner_calls=_env_choice("CLIP_DIRECT_RUNNER_CALLS", ("on", "off")) == "on",
         torch_compile=torch_compile,
+        dtype=_env_choice("CLIP_DTYPE", ("auto", "float32", "bfloat16", "float16")),
         # On an H200 graphs doubled the seed load at 64 clients and halved one client's p50
         # (BENCHMARKS.md, GPU); torch.compile replaces the same forward pass, so not with it.
         cuda_graphs=_env_switch("CLIP_CUDA_GRAPHS", lambda: cuda_available() and not torch_compile),

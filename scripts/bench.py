@@ -555,14 +555,17 @@ class BareModel:
     elsewhere on a shared machine hits every one alike rather than one.
     """
 
-    def __init__(self, model_dir: Path, replayed: bool = False) -> None:
+    def __init__(self, model_dir: Path, replayed: bool = False, dtype_choice: str = "auto") -> None:
+        """`dtype_choice`: CLIP_DTYPE's value (the runner's default dtype for the device, or an
+        opt-in such as bfloat16)."""
         from transformers import CLIPModel
 
         from clip_runner.model.encoding import ClipEncoder, pick_device
         from clip_runner.model.store import load_processor
 
         model = CLIPModel.from_pretrained(model_dir, attn_implementation="sdpa")
-        device, dtype = pick_device()  # as the runner does: CUDA fp16 when present, else CPU fp32
+        # As the runner does: CUDA fp16 when present, else CPU fp32, unless told otherwise.
+        device, dtype = pick_device(dtype_choice=dtype_choice)
         # Waiting for the GPU by polling (CUDA's default), not asleep as the runner waits
         # (device_wait.py): the limit at its fastest, a few microseconds sooner per pass.
         self.encoder = ClipEncoder(model, load_processor(model_dir), device, dtype, spin_waits=True)
@@ -635,13 +638,14 @@ def seed_prompt_embeddings(encoder) -> np.ndarray:
 
 
 def embedding_distances(
-    ours: np.ndarray, theirs: np.ndarray, text: np.ndarray
+    ours: np.ndarray, theirs: np.ndarray, text: np.ndarray, our_text: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row of two sets of unit image embeddings: the largest change of any probability over
-    `text` at logit scale 100 (the issue's measure), and the cosine."""
-    moved = zero_shot_probabilities(ours, text, 100.0) - zero_shot_probabilities(
-        theirs, text, 100.0
-    )
+    `text` at logit scale 100 (the issue's measure), and the cosine. `our_text`: the prompts'
+    embeddings `ours` are scored against where they come from another model (another dtype)."""
+    moved = zero_shot_probabilities(
+        ours, text if our_text is None else our_text, 100.0
+    ) - zero_shot_probabilities(theirs, text, 100.0)
     return np.abs(moved).max(axis=1), (ours * theirs).sum(axis=1)
 
 
@@ -760,6 +764,47 @@ def preprocessing_fidelity(model_dir: Path) -> dict:
     if decoder.name == NVJPEG:  # refused images got Pillow's pixels: their rows are not nvJPEG's
         results["jpegs_refused_by_nvjpeg"] = decoder.refused_by_nvjpeg
     return results
+
+
+def dtype_fidelity(model_dir: Path, dtype_choice: str) -> dict:
+    """The model in `dtype_choice` (CLIP_DTYPE, an opt-in) against the default dtype, on the
+    hard-image set's default pixels, one image at a time: each side's probabilities over its own
+    dtype's prompt embeddings, as a server in that dtype answers. The same pixels; only the
+    forward passes differ."""
+    from transformers import CLIPModel
+
+    from clip_runner.images.loading import ImageGeometry, prepare_image
+    from clip_runner.model.encoding import ClipEncoder, pick_device
+    from clip_runner.model.store import load_processor
+    from tests.hard_images import encoded_set
+
+    processor = load_processor(model_dir)
+    blobs = encoded_set()
+    answers = {}
+    for choice in ("auto", dtype_choice):
+        device, dtype = pick_device(dtype_choice=choice)
+        encoder = ClipEncoder(CLIPModel.from_pretrained(model_dir), processor, device, dtype)
+        geometry = ImageGeometry(encoder.shortest_edge, encoder.crop_height, encoder.crop_width)
+        pixels = [prepare_image(blob, 0, geometry, 10**9) for _, blob in blobs]
+        started = time.monotonic()
+        images = np.concatenate([encoder.encode_images(row[None]) for row in pixels])
+        ms_per_image = (time.monotonic() - started) * 1000 / len(pixels)
+        answers[choice] = (images, seed_prompt_embeddings(encoder), ms_per_image, str(dtype))
+    ours, our_text, our_ms, our_dtype = answers[dtype_choice]
+    theirs, their_text, their_ms, their_dtype = answers["auto"]
+    changes, cosines = embedding_distances(ours, theirs, their_text, our_text)
+    names = [name for name, _ in blobs]
+    return {
+        "dtype": our_dtype.removeprefix("torch."),
+        "against": their_dtype.removeprefix("torch."),
+        "images": len(names),
+        "ms_per_image_batch_1": round(our_ms, 1),
+        "against_ms_per_image_batch_1": round(their_ms, 1),
+        "max_probability_change_scale_100": round(float(changes.max()), 5),
+        "worst_image": names[int(changes.argmax())],
+        "min_cosine": round(float(cosines.min()), 6),
+        "worst_cosine_image": names[int(cosines.argmin())],
+    }
 
 
 def device_resize_exactness(model_dir: Path) -> dict:
@@ -2292,6 +2337,18 @@ RATIOS = {
         "service seed c32",
         "images_per_s",
     ),
+    "seed c32: CLIP_DTYPE=bfloat16 (opt-in) / float32 (default) throughput": (
+        "service seed c32, CLIP_DTYPE=bfloat16",
+        "images_per_s",
+        "service seed c32",
+        "images_per_s",
+    ),
+    "service seed c32, CLIP_DTYPE=bfloat16 / bare bfloat16 model limit (best configuration)": (
+        "service seed c32, CLIP_DTYPE=bfloat16",
+        "images_per_s",
+        "bare model, bfloat16",
+        "batched_limit_images_per_s",
+    ),
 }
 
 
@@ -2425,6 +2482,24 @@ def fidelity_text(fidelity: dict) -> str:
     return "\n".join(lines)
 
 
+def dtype_text(fidelity: dict | None, limit: dict | None, ratios: dict[str, float]) -> str:
+    """The opt-in half type on CPU (CLIP_DTYPE=bfloat16): its bare speed, its served speed
+    against the default's, and how far its answers move from float32's."""
+    if not fidelity or not limit:
+        return ""
+    served = ratios.get("seed c32: CLIP_DTYPE=bfloat16 (opt-in) / float32 (default) throughput")
+    return (
+        f"The model in {fidelity['dtype']} (`CLIP_DTYPE={fidelity['dtype']}`, an opt-in), "
+        f"in-process, images/s: batch 8 {limit.get('batch8_images_per_s')}, batch 32 "
+        f"{limit.get('batch32_images_per_s')} (one round); served at the seed load, 32 clients: "
+        f"{served} x the default's throughput. Its answers against {fidelity['against']}'s over "
+        f"the hard-image set ({fidelity['images']} images, default pixels, each with its own "
+        f"dtype's prompt embeddings): max probability change (logit scale 100) "
+        f"{fidelity['max_probability_change_scale_100']} ({fidelity['worst_image']}), min "
+        f"embedding cosine {fidelity['min_cosine']} ({fidelity['worst_cosine_image']})."
+    )
+
+
 def summary_block(payload: dict) -> str:
     """The BENCHMARKS.md text of one run: table, limit, ratios, fidelity, plot."""
     limit, fidelity, ratios = payload["limit"], payload["fidelity"], payload["ratios"]
@@ -2447,6 +2522,8 @@ def summary_block(payload: dict) -> str:
             *[f"| {k} | {v} |" for k, v in ratios.items()],
             "",
             fidelity_text(fidelity),
+            "",
+            dtype_text(fidelity.get("dtype"), payload.get("limit_bfloat16"), ratios),
             "",
             overhead_text(payload["overhead"]) if "overhead" in payload else "",
             "",
@@ -2558,8 +2635,11 @@ def main() -> int:
     home, tag, model_dir = import_random_model()
     fidelity = preprocessing_fidelity(model_dir)
     print(json.dumps(fidelity), flush=True)
-    bare = BareModel(model_dir)
     gpu = torch.cuda.is_available()
+    if not gpu:
+        fidelity["dtype"] = dtype_fidelity(model_dir, "bfloat16")
+        print(json.dumps(fidelity["dtype"]), flush=True)
+    bare = BareModel(model_dir)
     payload = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{device_name()}, {os.cpu_count()} CPU cores ({cpu_name()}), "
@@ -2620,6 +2700,13 @@ def main() -> int:
             Scenario("service seed c32, text cache off", seed_bodies, 1, 32),
         ),
     ]
+    if not gpu:  # the opt-in half type on CPU (on a GPU the default is float16 already)
+        variants.append(
+            (
+                {"CLIP_DTYPE": "bfloat16"},
+                Scenario("service seed c32, CLIP_DTYPE=bfloat16", seed_bodies, 1, 32),
+            )
+        )
     compiled = (
         {"CLIP_TORCH_COMPILE": "on"},
         Scenario("service seed c32, CLIP_TORCH_COMPILE=on", seed_bodies, 1, 32),
@@ -2628,7 +2715,10 @@ def main() -> int:
     def record(row: dict) -> None:
         payload["scenarios"].append(row)
         rows = {r["name"]: r for r in payload["scenarios"]}
-        payload["ratios"] = ratios_of({"bare model": payload["limit"], **rows})
+        bare_rows = {"bare model": payload["limit"]}
+        if "limit_bfloat16" in payload:
+            bare_rows["bare model, bfloat16"] = payload["limit_bfloat16"]
+        payload["ratios"] = ratios_of({**bare_rows, **rows})
         print(json.dumps(row), flush=True)
         (out / "results.json").write_text(json.dumps(payload, indent=1))  # partial until done
 
@@ -2666,6 +2756,11 @@ def main() -> int:
                 print(json.dumps(payload["headline_rounds"][-1]), flush=True)
             payload["limit"] = limit_of(bare_rounds)
             print(json.dumps(payload["limit"]), flush=True)
+            if not gpu:  # CLIP_DTYPE=bfloat16's own limit, one round (its variant's ratio)
+                half = BareModel(model_dir, dtype_choice="bfloat16")
+                payload["limit_bfloat16"] = limit_of([half.round()])
+                del half
+                print(json.dumps(payload["limit_bfloat16"]), flush=True)
             record(median_row(service_rows))
             record(median_row(baseline_rows))
             for scenario in scenarios:

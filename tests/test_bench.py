@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from clip_runner.model.startup_phases import StartupPhases
+from tests.hard_images import encoded_set
 from tests.helpers import REPO_ROOT
 
 _SPEC = importlib.util.spec_from_file_location("bench", REPO_ROOT / "scripts" / "bench.py")
@@ -544,3 +545,24 @@ def test_a_smoke_runs_report_is_printed_and_leaves_benchmarks_md_alone(tmp_path,
     printed = capsys.readouterr()
     assert "- the runner's decode of a batch of forwarded JPEGs, each way: None" in printed.out
     assert "is a smoke run: BENCHMARKS.md is left as it is" in printed.err
+
+
+def test_the_dtype_stage_compares_bfloat16_answers_with_float32_ones(tiny_stored_model):
+    """CLIP_DTYPE=bfloat16's row: the same default pixels through both dtypes, each scored
+    against its own prompts; bfloat16 moves the answers a little, and the summary says by how
+    much, beside its bare and served speed."""
+    fidelity = bench.dtype_fidelity(Path(tiny_stored_model.path), "bfloat16")
+    assert (fidelity["dtype"], fidelity["against"]) == ("bfloat16", "float32")
+    assert fidelity["images"] == len(encoded_set())
+    assert 0 < fidelity["max_probability_change_scale_100"] < 1
+    assert 0.9 < fidelity["min_cosine"] < 1
+    limit = {"batch8_images_per_s": 30.0, "batch32_images_per_s": 40.0}
+    ratios = {"seed c32: CLIP_DTYPE=bfloat16 (opt-in) / float32 (default) throughput": 1.9}
+    text = bench.dtype_text(fidelity, limit, ratios)
+    assert text.startswith("The model in bfloat16 (`CLIP_DTYPE=bfloat16`, an opt-in)")
+    assert "batch 32 40.0" in text and "1.9 x the default's throughput" in text
+    assert (
+        f"max probability change (logit scale 100) {fidelity['max_probability_change_scale_100']}"
+        in text
+    )
+    assert bench.dtype_text(None, limit, ratios) == ""  # a GPU run: no such row

@@ -34,6 +34,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.direct_runner_calls is True
     assert settings.switch_interval_ms == 5.0  # Python's own
     assert settings.cuda_wait == "block"  # a thread waiting for the GPU sleeps
+    assert settings.dtype == "auto"  # the original's: float32 on CPU, float16 on a GPU
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
 
@@ -51,8 +52,10 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_DIRECT_RUNNER_CALLS", "off")
     monkeypatch.setenv("CLIP_SWITCH_INTERVAL_MS", "0.2")
     monkeypatch.setenv("CLIP_CUDA_WAIT", "Spin")
+    monkeypatch.setenv("CLIP_DTYPE", "BFloat16")
     settings = get_settings()
     assert settings.cuda_wait == "spin"
+    assert settings.dtype == "bfloat16"
     assert settings.switch_interval_ms == 0.2
     assert settings.access_log is False
     assert settings.direct_runner_calls is False
@@ -117,6 +120,7 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_SWITCH_INTERVAL_MS", "0", "must be >= 0.01"),
         ("CLIP_SWITCH_INTERVAL_MS", "fast", "must be a number"),
         ("CLIP_CUDA_WAIT", "sleep", "must be one of block, spin"),
+        ("CLIP_DTYPE", "fp16", "must be one of auto, float32, bfloat16, float16"),
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
         ("CLIP_MAX_WAITING_BODY_BYTES", "1000", "at least CLIP_MAX_BODY_BYTES"),
         ("CLIP_MAX_REQUEST_PIXELS", "lots", "must be an integer"),

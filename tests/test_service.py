@@ -236,7 +236,10 @@ def test_the_log_says_what_each_process_serves_with(served):
     log = served.log()
     runner_line = r"\[INFO\].*CLIP model clip:\w+ ready on cpu .*decoded by simplejpeg \(Pillow's"
     assert re.search(runner_line, log)
-    api_line = r"\[INFO\].*serving model clip:\w+ on cpu; JPEGs decoded in the API workers by simp"
+    api_line = (
+        r"\[INFO\].*serving model clip:\w+ on cpu in float32; "
+        r"JPEGs decoded in the API workers by simp"
+    )
     assert re.search(api_line, log)
 
 

@@ -27,15 +27,63 @@ logger = logging.getLogger(__name__)
 NVIDIA_DRIVER_VERSION = Path("/proc/driver/nvidia/version")
 
 
-def pick_device(driver_version: Path = NVIDIA_DRIVER_VERSION) -> tuple[torch.device, torch.dtype]:
-    """CUDA in fp16 when a GPU is visible, else CPU in fp32 (as the original container).
+# CLIP_DTYPE -> the model's dtype. `auto` is the original container's: float16 on a GPU, float32
+# on CPU (the contract's numbers).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CPU flags (as /proc/cpuinfo names them, x86 and Arm) of instructions for a half type's matrix
+# products. Without them oneDNN converts to float32 and back around each product, which is slower
+# than float32 itself.
+NATIVE_CPU_FLAGS = {
+    torch.bfloat16: frozenset({"avx512_bf16", "amx_bf16", "bf16"}),
+    torch.float16: frozenset({"avx512_fp16", "amx_fp16"}),
+}
+CPU_INFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpu_info: Path = CPU_INFO) -> frozenset[str]:
+    """The first processor's feature flags ("flags" on x86, "Features" on Arm); none where the
+    file cannot be read (not Linux)."""
+    try:
+        text = cpu_info.read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def pick_device(
+    driver_version: Path = NVIDIA_DRIVER_VERSION, dtype_choice: str = "auto"
+) -> tuple[torch.device, torch.dtype]:
+    """CUDA when a GPU is visible, else the CPU; and the model's dtype there: `dtype_choice`
+    (CLIP_DTYPE), by default float16 on a GPU and float32 on CPU, as the original container.
 
     A host with an NVIDIA driver whose GPU torch cannot use (a driver older than torch's CUDA
     build needs, or a CPU build of torch) is served on the CPU with a warning: such an endpoint
-    would otherwise be slow with only "ready on cpu" in its log.
+    would otherwise be slow with only "ready on cpu" in its log. So is a half type on a CPU
+    without instructions for it (`NATIVE_CPU_FLAGS`).
     """
+    device = _usable_device(driver_version)
+    if dtype_choice == "auto":
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    dtype = DTYPES[dtype_choice]
+    native_flags = NATIVE_CPU_FLAGS.get(dtype)
+    if device.type == "cpu" and native_flags and not native_flags & cpu_flags():
+        logger.warning(
+            "CLIP_DTYPE=%s on a CPU without instructions for it (none of %s in its flags): "
+            "its matrix products are converted to float32 and back, likely slower than "
+            "CLIP_DTYPE=float32",
+            dtype_choice,
+            ", ".join(sorted(native_flags)),
+        )
+    return device, dtype
+
+
+def _usable_device(driver_version: Path) -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.float16
+        return torch.device("cuda")
     if driver_version.exists():
         found = driver_version.read_text(errors="replace").splitlines()[:1] or ["unknown"]
         logger.warning(
@@ -46,7 +94,7 @@ def pick_device(driver_version: Path = NVIDIA_DRIVER_VERSION) -> tuple[torch.dev
             torch.__version__,
             torch.version.cuda or "none",
         )
-    return torch.device("cpu"), torch.float32
+    return torch.device("cpu")
 
 
 def _as_embedding(output: Any) -> torch.Tensor:
@@ -136,6 +184,11 @@ class ClipEncoder:
         # GPU would answer with another logit scale than the checkpoint's (and the CPU's).
         self.logit_scale = float(model.logit_scale.detach().float().exp().item())
         self.model = model.to(device=device, dtype=dtype).eval()
+        if device.type == "cuda" and dtype == torch.float32:
+            # CLIP_DTYPE=float32 on a GPU means float32: cuDNN would run the patch embedding's
+            # convolution in TF32 (10-bit mantissa) by default.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.tokenizer = processor.tokenizer
         image_processor = processor.image_processor
         mean = torch.tensor(image_processor.image_mean, device=device, dtype=torch.float32)

@@ -61,7 +61,7 @@ class ServedModel:
         # How the runner's threads wait for the GPU: asleep by default (device_wait.py).
         spin_waits = settings.cuda_wait == "spin"
         with phases.phase("placed on the device"):  # a GPU's CUDA context is made here
-            device, dtype = pick_device()
+            device, dtype = pick_device(dtype_choice=settings.dtype)
             self.encoder = ClipEncoder(loaded.model, loaded.processor, device, dtype, spin_waits)
         facts = self.encoder.facts(loaded.tag, loaded.random_weights)
         self.tokenizer_json = self.encoder.tokenizer_json()  # before the warm-up: may refuse
@@ -101,6 +101,7 @@ class ServedModel:
         self.facts = dataclasses.replace(
             facts,
             device=device.type,
+            dtype=str(dtype).removeprefix("torch."),
             passes=self.layout.passes,
             max_batch=self.layout.max_batch,
             max_text_batch=self.layout.max_text_batch,

@@ -21,9 +21,10 @@ class ModelFacts:
     crop_width: int
     max_text_tokens: int
     random_weights: bool
-    # How the runner works (engine.py fills these in): where the model runs, how many forward
-    # passes it runs at once and how large, and what decodes forwarded JPEGs there.
+    # How the runner works (engine.py fills these in): where the model runs and in what dtype,
+    # how many forward passes it runs at once and how large, and what decodes forwarded JPEGs.
     device: str = "cpu"
+    dtype: str = "float32"
     passes: int = 1
     max_batch: int = 32
     max_text_batch: int = 128

@@ -14,6 +14,7 @@ from clip_runner.model import encoding
 from clip_runner.model.device_wait import to_device
 from clip_runner.model.encoding import (
     ClipEncoder,
+    cpu_flags,
     padded_batch,
     pick_device,
     raw_pixel_patch_embedding,
@@ -211,3 +212,39 @@ def test_a_driver_torch_cannot_use_is_named_and_the_cpu_serves(tmp_path, caplog)
         driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.54.03\nGCC ...\n")
         assert pick_device(driver) == (torch.device("cpu"), torch.float32)
     assert "Kernel Module  535.54.03" in caplog.text and "serving on the CPU" in caplog.text
+
+
+def test_clip_dtype_picks_the_models_dtype_and_auto_keeps_the_originals(tmp_path):
+    """CLIP_DTYPE: `auto` is float32 on CPU (float16 on a GPU); any other value is that type,
+    on CPU too. A half type is only warned about where the CPU has no instructions for it."""
+    driver = tmp_path / "no-driver"
+    cpu = torch.device("cpu")
+    assert pick_device(driver, "auto") == (cpu, torch.float32)
+    assert pick_device(driver, "float32") == (cpu, torch.float32)
+    assert pick_device(driver, "float16") == (cpu, torch.float16)
+    assert pick_device(driver, "bfloat16") == (cpu, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("flags", "warned"),
+    [({"avx2", "avx512f"}, True), ({"avx512f", "avx512_bf16"}, False), ({"amx_bf16"}, False)],
+)
+def test_bfloat16_on_a_cpu_without_its_instructions_is_warned_about(
+    tmp_path, monkeypatch, caplog, flags, warned
+):
+    monkeypatch.setattr(encoding, "cpu_flags", lambda: frozenset(flags))
+    with caplog.at_level(logging.WARNING, logger="clip_runner.model.encoding"):
+        assert pick_device(tmp_path / "no-driver", "bfloat16")[1] == torch.bfloat16
+        assert pick_device(tmp_path / "no-driver", "float32")[1] == torch.float32
+    assert ("CLIP_DTYPE=bfloat16 on a CPU without instructions for it" in caplog.text) == warned
+    assert "float32 on a CPU" not in caplog.text  # float32 needs nothing
+
+
+def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n\nprocessor\t: 1\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert cpu_flags(x86) == {"fpu", "avx512f", "avx512_bf16"}
+    assert cpu_flags(arm) == {"fp", "asimd", "bf16", "i8mm"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()

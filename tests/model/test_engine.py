@@ -85,3 +85,35 @@ def test_a_cpu_quota_below_the_cores_caps_the_runners_threads(tiny_stored_model,
         assert model.layout.passes == 1 and model.jpeg_decoder.threads == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_clip_dtype_bfloat16_runs_every_encoder_in_it_and_answers_float32(
+    tiny_stored_model, served_model, monkeypatch
+):
+    """CLIP_DTYPE=bfloat16 on CPU (an opt-in: its numbers move, BENCHMARKS.md): the facts say
+    so, the model's weights are bfloat16, and all three encoders answer float32 unit rows near
+    the float32 model's."""
+    from clip_runner.config import get_settings
+
+    monkeypatch.setenv("CLIP_DTYPE", "bfloat16")
+    get_settings.cache_clear()
+    try:
+        half = ServedModel(tiny_stored_model)
+    finally:
+        get_settings.cache_clear()
+    assert half.facts.dtype == "bfloat16" and served_model.facts.dtype == "float32"
+    assert {p.dtype for p in half.encoder.model.parameters()} == {torch.bfloat16}
+    image = photo_like(224, 224, seed=5)
+    pixels = np.array(image)[None]
+    jpeg = io.BytesIO()
+    image.save(jpeg, "JPEG", quality=95)
+    tokens = Tokenizer.from_str(half.tokenizer_json).encode("a photo of a dog").ids
+    for encode, rows in (
+        ("encode_images", pixels),
+        ("encode_jpegs", [jpeg.getvalue()]),
+        ("encode_tokens", [tokens]),
+    ):
+        ours, theirs = getattr(half, encode)(rows, 1), getattr(served_model, encode)(rows, 1)
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+        assert 0.99 < float(ours[0] @ theirs[0]) < 1.0  # near, and not the float32 numbers
