@@ -780,12 +780,14 @@ def dtype_fidelity(model_dir: Path, dtype_choice: str) -> dict:
 
     processor = load_processor(model_dir)
     blobs = encoded_set()
+    pixels: list[np.ndarray] = []
     answers = {}
     for choice in ("auto", dtype_choice):
         device, dtype = pick_device(dtype_choice=choice)
         encoder = ClipEncoder(CLIPModel.from_pretrained(model_dir), processor, device, dtype)
-        geometry = ImageGeometry(encoder.shortest_edge, encoder.crop_height, encoder.crop_width)
-        pixels = [prepare_image(blob, 0, geometry, 10**9) for _, blob in blobs]
+        if not pixels:  # the same pixels for both: the processor's geometry, not the dtype's
+            geometry = ImageGeometry(encoder.shortest_edge, encoder.crop_height, encoder.crop_width)
+            pixels = [prepare_image(blob, 0, geometry, 10**9) for _, blob in blobs]
         started = time.monotonic()
         images = np.concatenate([encoder.encode_images(row[None]) for row in pixels])
         ms_per_image = (time.monotonic() - started) * 1000 / len(pixels)

@@ -216,7 +216,7 @@ def test_a_driver_torch_cannot_use_is_named_and_the_cpu_serves(tmp_path, caplog)
 
 def test_clip_dtype_picks_the_models_dtype_and_auto_keeps_the_originals(tmp_path):
     """CLIP_DTYPE: `auto` is float32 on CPU (float16 on a GPU); any other value is that type,
-    on CPU too. A half type is only warned about where the CPU has no instructions for it."""
+    on CPU too."""
     driver = tmp_path / "no-driver"
     cpu = torch.device("cpu")
     assert pick_device(driver, "auto") == (cpu, torch.float32)
