@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
 from clip_runner import config
 from clip_runner.config import get_settings
+from tests.helpers import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -240,3 +242,16 @@ def test_abuse_bounds_default_and_the_api_key_is_off_unless_set(monkeypatch):
     get_settings.cache_clear()
     monkeypatch.setenv("CLIP_API_KEY", " s3cret ")
     assert get_settings().api_key == "s3cret"
+
+
+def test_every_setting_has_its_row_in_the_readmes_configuration_table():
+    """The README names every setting (the house rule): each CLIP_ variable config.py reads has
+    a row of its own in the table, and the table names none it does not read."""
+    read = set(
+        re.findall(r'"(CLIP_[A-Z0-9_]+)"', (REPO_ROOT / "clip_runner/config.py").read_text())
+    )
+    documented = re.findall(
+        r"^\| `(CLIP_[A-Z0-9_]+)` \|", (REPO_ROOT / "README.md").read_text(), re.M
+    )
+    assert "CLIP_DTYPE" in read and len(read) > 30
+    assert sorted(documented) == sorted(read)
