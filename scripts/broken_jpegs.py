@@ -53,7 +53,6 @@ from clip_runner.model.encoding import pick_device  # noqa: E402
 # ViT-B/32's geometry, as the GPU run serves it.
 GEOMETRY = ImageGeometry(224, 224, 224)
 MAX_PIXELS = 40_000_000  # far above the sources' 0.3 Mpx: no mutation is refused for size
-END_OF_IMAGE = b"\xff\xd9"
 # The runner's batches mix callers' images: each broken JPEG is decoded again among this many
 # intact ones.
 NEIGHBOURS = 7
@@ -89,15 +88,12 @@ def mutations(
 ) -> Iterator[tuple[str, bytes]]:
     """`count` deterministic mutations of the sources in turn: 1-8 bytes overwritten at random
     places, and half of them cut short at a random place with an end marker appended."""
+    from tests.helpers import damaged_copy
+
     rng = np.random.default_rng(seed)
     for number in range(count):
         name, original = sources[number % len(sources)]
-        changed = bytearray(original)
-        for _ in range(int(rng.integers(1, 9))):
-            changed[int(rng.integers(len(changed)))] = int(rng.integers(256))
-        if rng.random() < 0.5:
-            changed = changed[: int(rng.integers(2, len(changed) + 1))] + END_OF_IMAGE
-        yield f"{name} #{number}", bytes(changed)
+        yield f"{name} #{number}", damaged_copy(original, rng)
 
 
 def forwarded(blob: bytes) -> bool:

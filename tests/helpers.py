@@ -93,6 +93,32 @@ def as_rgb(pixels: np.ndarray) -> np.ndarray:
     return pixels[..., :3] if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
 
 
+JPEG_END_MARKER = b"\xff\xd9"
+
+
+def damaged_copy(
+    original: bytes,
+    rng: np.random.Generator,
+    *,
+    most_overwrites: int = 8,
+    spare_head: int = 0,
+    end_marker: bool = True,
+) -> bytes:
+    """`original` with 1 to `most_overwrites` bytes overwritten at random places past its first
+    `spare_head`, and half the time also cut short at a random place past them, the JPEG end
+    marker appended to the cut when `end_marker` (so that the forwarding check still accepts the
+    file). Deterministic for a seeded `rng`: a broken file named by its seed and number can be
+    made again."""
+    changed = bytearray(original)
+    for _ in range(int(rng.integers(1, most_overwrites + 1))):
+        changed[int(rng.integers(spare_head, len(changed)))] = int(rng.integers(256))
+    if rng.random() < 0.5:
+        changed = changed[: int(rng.integers(max(spare_head, 2), len(changed) + 1))]
+        if end_marker:
+            changed += JPEG_END_MARKER
+    return bytes(changed)
+
+
 def as_base64(image: Image.Image, fmt: str = "PNG") -> str:
     return base64.b64encode(encode(image, fmt)).decode()
 

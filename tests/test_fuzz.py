@@ -23,7 +23,7 @@ from clip_runner.images.loading import (
     resize_and_crop,
 )
 from clip_runner.model.device_decode import DeviceJpegDecoder
-from tests.helpers import encode, photo_like
+from tests.helpers import JPEG_END_MARKER, encode, photo_like
 
 GEOMETRY = ImageGeometry(224, 224, 224)
 MAX_PIXELS = 4_000_000  # the decoders' pixel limit here: a header claiming more is a 422 too
@@ -93,7 +93,7 @@ def test_a_forwarded_broken_jpeg_gets_what_the_api_path_gives(original, data):
     decoded."""
     changed = mutated(original, data)
     if data.draw(st.booleans()):  # cut short, with the end marker the forwarding check wants
-        changed = changed[: data.draw(st.integers(2, len(changed)))] + b"\xff\xd9"
+        changed = changed[: data.draw(st.integers(2, len(changed)))] + JPEG_END_MARKER
     blob = bytes(changed)
     assume(device_decodable_jpeg(blob, MAX_PIXELS, SMALL_GEOMETRY.shortest_edge))
     crops, decoded = RUNNER_DECODER([blob])

@@ -14,7 +14,7 @@ from PIL import Image
 from clip_runner.model import pillow_pixels, simplejpeg_pixels
 from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array
 from tests.hard_images import encoded_set, hard_images, is_jpeg
-from tests.helpers import as_rgb, encode, photo_like, pillows_own, with_preview
+from tests.helpers import as_rgb, damaged_copy, encode, photo_like, pillows_own, with_preview
 
 
 def into_array(blob: bytes) -> np.ndarray:
@@ -144,12 +144,8 @@ def test_broken_jpegs_are_refused_or_decoded_exactly_as_by_pillow(filler, decode
     ]
     outcomes: list[bool] = []
     for number in range(300):
-        changed = bytearray(originals[number % len(originals)])
-        for _ in range(int(rng.integers(1, 6))):
-            changed[int(rng.integers(200, len(changed)))] = int(rng.integers(256))
-        if rng.random() < 0.5:
-            changed = changed[: int(rng.integers(200, len(changed)))]
-        blob = bytes(changed)
+        original = originals[number % len(originals)]
+        blob = damaged_copy(original, rng, most_overwrites=5, spare_head=200, end_marker=False)
         try:
             with Image.open(io.BytesIO(blob)) as opened:
                 applies = decodes_into_array(opened)
