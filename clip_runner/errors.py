@@ -11,6 +11,9 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+# Characters of a caller's text (a URL) an error message quotes (`quoted`).
+QUOTED_CHARS = 200
+
 
 class RequestError(Exception):
     """A caller's mistake, answered with a 4xx JSON error naming the field or image index."""
@@ -42,6 +45,15 @@ class ImageError(RequestError):
 
     def in_field(self, field: str) -> ImageError:
         return ImageError(self.index or 0, self.reason, self.error_type, field)
+
+
+def quoted(text: str, most: int = QUOTED_CHARS) -> str:
+    """Caller-sent `text` (a URL, say) as an error message quotes it: whole up to `most`
+    characters, else its start and its length. A URL may be megabytes long (a request body's
+    worth); the answer need not repeat it."""
+    if len(text) <= most:
+        return text
+    return f"{text[:most]}... ({len(text)} characters)"
 
 
 def error_body(error_type: str, message: str, index: int | None = None) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from clip_runner.errors import ImageError, RequestError, error_body
+from clip_runner.errors import QUOTED_CHARS, ImageError, RequestError, error_body, quoted
 
 
 def test_error_body_carries_the_index_only_when_there_is_one():
@@ -33,3 +33,13 @@ def test_image_error_names_the_field_it_came_in():
         "not an image",
         "invalid_image",
     )
+
+
+def test_long_caller_text_is_quoted_by_its_start_and_its_length():
+    assert quoted("http://a/b.jpg") == "http://a/b.jpg"
+    exactly = "x" * QUOTED_CHARS
+    assert quoted(exactly) == exactly
+    long = "http://a/" + "b" * 5_000_000
+    shown = quoted(long)
+    assert shown.startswith(long[:QUOTED_CHARS]) and shown.endswith("... (5000009 characters)")
+    assert len(shown) < QUOTED_CHARS + 40

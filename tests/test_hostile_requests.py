@@ -94,6 +94,12 @@ REFUSED_IMAGES = {
     "gopher url": "gopher://127.0.0.1:70/_stats",
     "ftp url": "ftp://127.0.0.1/cat.png",
     "javascript": "javascript:alert(1)",
+    # URLs httpx or IDNA cannot take (each was a 500 once), and a scheme a megabyte long
+    "url too long": "http://a" * 10_000,
+    "url with a NUL": "http://a\x00b/cat.png",
+    "url with a bad IDNA name": "http://xn--/cat.png",
+    "url with an empty label": "http://a..b/cat.png",
+    "megabyte scheme": "a" * 1_000_000 + ":x",
 }
 
 
@@ -102,6 +108,7 @@ def test_bad_images_are_refused_naming_the_index(served, name):
     response = post(served, {"images": [GOOD_IMAGE, REFUSED_IMAGES[name]], "classes": CLASSES})
     error = assert_json_error(response, 422)
     assert error["index"] == 1 and error["message"].startswith("images[1]")
+    assert len(error["message"]) < 600  # a long source is quoted by its start
 
 
 BAD_BODIES = {

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpcore
 import httpx
 
-from clip_runner.errors import ImageError
+from clip_runner.errors import ImageError, quoted
 
 USER_AGENT = "clip-bentoml/0.1 (zero-shot image classification; image fetcher)"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -99,7 +99,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         try:
             addresses = await self.resolve(host, port)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode (a..b)
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
         refusals = [self.policy.refusal(host, address) for address in addresses]
         permitted = [a for a, refusal in zip(addresses, refusals, strict=True) if refusal is None]
@@ -173,12 +173,15 @@ def new_fetch_client(
 
 async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: FetchLimits) -> bytes:
     """Download an image with a total deadline, a status check, and a size cap while streaming."""
-    too_large = f"image at {url} is larger than the {limits.max_bytes}-byte limit"
+    shown = quoted(url)
+    too_large = f"image at {shown} is larger than the {limits.max_bytes}-byte limit"
     try:
         async with asyncio.timeout(limits.timeout_s):
             async with client.stream("GET", url) as response:
                 if not response.is_success:
-                    raise ImageError(index, f"fetching {url} returned HTTP {response.status_code}")
+                    raise ImageError(
+                        index, f"fetching {shown} returned HTTP {response.status_code}"
+                    )
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limits.max_bytes:
                     raise ImageError(index, too_large)
@@ -188,20 +191,28 @@ async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: Fet
                     if len(body) > limits.max_bytes:
                         raise ImageError(index, too_large)
     except TimeoutError:
-        raise ImageError(index, f"fetching {url} timed out after {limits.timeout_s:g} s") from None
+        raise ImageError(
+            index, f"fetching {shown} timed out after {limits.timeout_s:g} s"
+        ) from None
     except httpx.TooManyRedirects:
         raise ImageError(
-            index, f"{url} redirected more than {limits.max_redirects} times"
+            index, f"{shown} redirected more than {limits.max_redirects} times"
+        ) from None
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        # Neither is an HTTPError: a URL too long, with a NUL, a bad port or a host name IDNA
+        # cannot read (httpx lets the idna package's own error through for `xn--`).
+        raise ImageError(
+            index, f"could not fetch {shown}: invalid URL ({quoted(str(exc))})"
         ) from None
     except httpx.HTTPError as exc:
         if isinstance(exc.__cause__, ForbiddenAddressError):
             raise ImageError(
                 index,
-                f"{exc.__cause__} (set CLIP_FETCH_ALLOW to allow private addresses)",
+                f"{quoted(str(exc.__cause__))} (set CLIP_FETCH_ALLOW to allow private addresses)",
                 "forbidden_url",
             ) from None
-        reason = str(exc) or type(exc).__name__
-        raise ImageError(index, f"could not fetch {url}: {reason}") from None
+        reason = quoted(str(exc)) or type(exc).__name__
+        raise ImageError(index, f"could not fetch {shown}: {reason}") from None
     if not body:
-        raise ImageError(index, f"{url} returned an empty body")
+        raise ImageError(index, f"{shown} returned an empty body")
     return bytes(body)

@@ -31,7 +31,7 @@ try:  # SIMD: 5 us instead of 220 for a 73-kB base64 image. Stricter than the st
 except ImportError:  # an accelerator, not a requirement: the same bytes, slower
     from base64 import b64decode as strict_b64decode
 
-from clip_runner.errors import ImageError, RequestError
+from clip_runner.errors import ImageError, RequestError, quoted
 from clip_runner.images.fetch import FetchLimits, fetch_url
 from clip_runner.images.pixel_budget import HeaderCheck, PixelBudget, image_header
 from clip_runner.images.s3_images import fetch_s3, is_s3_url
@@ -108,12 +108,12 @@ def decode_inline(source: str, index: int, max_bytes: int) -> bytes:
         if ";base64" not in match["params"].lower():
             raise ImageError(index, "data: URIs must be base64-encoded (;base64,)")
         if match["media"] and not match["media"].lower().startswith("image/"):
-            raise ImageError(index, f"data: URI media type {match['media']!r} is not an image")
+            media = quoted(match["media"])
+            raise ImageError(index, f"data: URI media type {media!r} is not an image")
         payload = match["data"]
     elif scheme := _SCHEME.match(source):  # base64 never contains ':'
-        raise ImageError(
-            index, f"unsupported URL scheme {scheme.group(1)!r}: use http(s), base64 or data:"
-        )
+        shown = quoted(scheme.group(1))
+        raise ImageError(index, f"unsupported URL scheme {shown!r}: use http(s), base64 or data:")
     if len(payload) * 3 // 4 > max_bytes:  # line breaks count here: look again without them
         payload = _WHITESPACE.sub("", payload)
         if len(payload) * 3 // 4 > max_bytes:

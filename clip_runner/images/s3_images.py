@@ -16,7 +16,7 @@ import functools
 import time
 from typing import Any
 
-from clip_runner.errors import ImageError
+from clip_runner.errors import ImageError, quoted
 from clip_runner.images.fetch import FetchLimits
 
 CHUNK_BYTES = 256 * 1024
@@ -34,7 +34,7 @@ def parse_s3_url(url: str, index: int) -> tuple[str, str]:
     """`s3://bucket/key/with/slashes` -> (bucket, key); both must be present."""
     bucket, _, key = url[5:].partition("/")
     if not bucket or not key:
-        raise ImageError(index, f"{url!r} is not an s3://bucket/key URL")
+        raise ImageError(index, f"{quoted(url)!r} is not an s3://bucket/key URL")
     return bucket, key
 
 
@@ -61,7 +61,8 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     bucket, key = parse_s3_url(url, index)
-    too_large = f"image at {url} is larger than the {limits.max_bytes}-byte limit"
+    shown = quoted(url)
+    too_large = f"image at {shown} is larger than the {limits.max_bytes}-byte limit"
     deadline = time.monotonic() + limits.timeout_s
     try:
         response = client.get_object(Bucket=bucket, Key=key)
@@ -81,22 +82,22 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", ""))
         if code in _NOT_FOUND:
-            raise ImageError(index, f"{url} does not exist ({code})", "image_not_found") from None
+            raise ImageError(index, f"{shown} does not exist ({code})", "image_not_found") from None
         if code in _DENIED:
             raise ImageError(
                 index,
-                f"access to {url} denied ({code}): the server's AWS role cannot read it",
+                f"access to {shown} denied ({code}): the server's AWS role cannot read it",
                 "forbidden_url",
             ) from None
-        raise ImageError(index, f"could not read {url}: {code or error}") from None
+        raise ImageError(index, f"could not read {shown}: {code or error}") from None
     except NoCredentialsError:
         raise ImageError(
-            index, f"cannot read {url}: the server has no AWS credentials", "forbidden_url"
+            index, f"cannot read {shown}: the server has no AWS credentials", "forbidden_url"
         ) from None
     except BotoCoreError as error:  # invalid bucket name, unreachable endpoint, read timeout
-        raise ImageError(index, f"could not read {url}: {error}") from None
+        raise ImageError(index, f"could not read {shown}: {quoted(str(error))}") from None
     if not data:
-        raise ImageError(index, f"{url} is empty")
+        raise ImageError(index, f"{shown} is empty")
     return bytes(data)
 
 
@@ -107,4 +108,6 @@ async def fetch_s3(url: str, index: int, limits: FetchLimits, client: Any = None
         async with asyncio.timeout(limits.timeout_s):
             return await asyncio.to_thread(read_object, client, url, index, limits)
     except TimeoutError:
-        raise ImageError(index, f"reading {url} timed out after {limits.timeout_s:g} s") from None
+        raise ImageError(
+            index, f"reading {quoted(url)} timed out after {limits.timeout_s:g} s"
+        ) from None

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, Field, PlainValidator, WithJsonS
 from clip_runner.answers.embedding_format import EncodingFormat
 from clip_runner.answers.prompts import check_template
 from clip_runner.config import MAX_TEMPLATES, get_settings
+from clip_runner.errors import quoted
 
 _settings = get_settings()
 
@@ -39,7 +40,7 @@ def _parse_flag(value: Any) -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    raise ValueError(f"flag must be 0, 1, true or false, got {value!r}")
+    raise ValueError(f"flag must be 0, 1, true or false, got {quoted(repr(value))}")
 
 
 def _check_template(template: str) -> str:

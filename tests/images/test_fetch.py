@@ -103,6 +103,35 @@ def test_private_and_metadata_urls_are_refused_without_dialling(url):
     assert recorder.attempts == []
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://a" * 10_000, "invalid URL (URL too long)"),  # over httpx's 65,536 characters
+        ("http://a\x00b/cat.png", "invalid URL (Invalid non-printable ASCII character"),
+        ("http://[::1/cat.png", "invalid URL (Invalid port"),
+        ("http://\u202e/cat.png", "invalid URL (Invalid IDNA hostname"),
+        ("http://xn--/cat.png", "invalid URL (Malformed A-label"),  # idna's own error
+        ("http://a..b/cat.png", "cannot resolve a..b: encoding with 'idna' codec failed"),
+        (
+            f"http://{'a' * 64}.example/cat.png",
+            "codec failed (UnicodeError: label empty or too long)",
+        ),
+    ],
+    ids=["too long", "NUL", "bad port", "bad IDNA name", "empty A-label", "empty label", "long"],
+)
+def test_urls_that_cannot_be_fetched_are_a_422_naming_the_image_without_dialling(url, reason):
+    """Not one of them an HTTP error of httpx's: each was a 500 until they were caught."""
+    recorder = RecordingBackend()
+    with pytest.raises(RequestError) as raised:
+        fetch(url, backend=recorder)
+    error = raised.value
+    assert (error.status, error.error_type, error.index) == (422, "invalid_image", 0)
+    assert error.message.startswith("images[0]: could not fetch http://")
+    assert reason in error.message
+    assert len(error.message) < 500  # the 80,000-character URL is quoted by its start
+    assert recorder.attempts == []
+
+
 @pytest.fixture()
 def loopback_v4():
     counter = ConnectionCounter("127.0.0.1")

@@ -71,6 +71,9 @@ def test_empty_objects_and_bad_bucket_names_are_refused(s3_env):
         fetch(s3_env.put("unit/empty.png", b""))
     with pytest.raises(ImageError, match="could not read"):
         fetch("s3://Not_A_Valid_Bucket!/x.png")
+    with pytest.raises(ImageError, match="could not read") as long_name:  # botocore quotes it
+        fetch(f"s3://{'b' * 100_000}/x.png")
+    assert len(long_name.value.message) < 600
 
 
 def test_access_denied_by_the_role_policy(s3_env):
