@@ -7,6 +7,7 @@ keep answering good requests afterwards.
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import time
@@ -22,8 +23,14 @@ GOOD_IMAGE = as_base64(photo_like(48, 32, seed=1))
 CLASSES = [["cat", 1], ["dog", 0]]
 
 
-def post_raw(served, content: bytes, content_type: str | None = "application/json", **kw):
-    headers = {"Content-Type": content_type} if content_type else {}
+def post_raw(
+    served,
+    content: bytes,
+    content_type: str | None = "application/json",
+    headers: dict[str, str] | None = None,
+    **kw,
+):
+    headers = {**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
     return httpx.post(
         f"{served.url}/invocations", content=content, headers=headers, timeout=30, **kw
     )
@@ -153,6 +160,14 @@ def test_wrong_content_types_are_415(served, content_type):
     body = json.dumps({"images": [GOOD_IMAGE], "classes": CLASSES}).encode()
     error = assert_json_error(post_raw(served, body, content_type), 415)
     assert "application/json" in error["message"]
+
+
+def test_a_gzipped_body_is_415_not_malformed_json(served):
+    body = gzip.compress(json.dumps({"images": [GOOD_IMAGE], "classes": CLASSES}).encode())
+    response = post_raw(served, body, headers={"Content-Encoding": "gzip"})
+    error = assert_json_error(response, 415)
+    assert "Content-Encoding 'gzip'" in error["message"]
+    assert response.headers["accept-encoding"] == "identity"
 
 
 @pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8", "text/json"])

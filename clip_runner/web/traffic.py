@@ -2,7 +2,8 @@
 
 `RequestGuardMiddleware` answers in the project's JSON error shape:
 - 415 when a JSON route gets a body that is not JSON (raw images are allowed where
-  `raw_image_paths` says, for `raw_images.RawImageBodyMiddleware` to convert);
+  `raw_image_paths` says, for `raw_images.RawImageBodyMiddleware` to convert), or a compressed
+  one (any `Content-Encoding` but identity);
 - 413 when the body is over `max_body_bytes`: by Content-Length before reading, or while reading;
 - 408 when the body has not arrived within `body_timeout_s`, or when the request was the oldest
   of too many waiting for their bodies (`waiting_bodies.WaitingBodies`); the connection is closed;
@@ -24,7 +25,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clip_runner.errors import error_body
+from clip_runner.errors import error_body, quoted
 from clip_runner.web.waiting_bodies import Waiter, WaitingBodies
 
 EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz"})
@@ -192,8 +193,23 @@ class RequestGuardMiddleware:
                     send,
                     415,
                     "unsupported_media_type",
-                    f"Content-Type {content_type!r} is not supported; send application/json" + also,
+                    f"Content-Type {quoted(content_type)!r} is not supported; "
+                    "send application/json" + also,
                     [CLOSE],
+                )
+                return True
+            encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip()
+            if encoding.lower() not in ("", "identity"):
+                # RFC 9110: 415, with Accept-Encoding naming the codings taken. Read as it came,
+                # a compressed body would fail as "not valid JSON", and an uncompressed one
+                # labelled gzip would be answered as if the label were not there.
+                await send_error(
+                    send,
+                    415,
+                    "unsupported_media_type",
+                    f"Content-Encoding {quoted(encoding)!r} is not supported; "
+                    "send the body uncompressed",
+                    [CLOSE, (b"accept-encoding", b"identity")],
                 )
                 return True
         declared = headers.get(b"content-length", b"").decode("latin-1")

@@ -5,6 +5,7 @@ bodies at most)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 import socket
@@ -84,6 +85,37 @@ def test_body_limits_and_content_types():
     assert small.json() == {"size": 1000}
     assert big.status_code == 413 and big.json()["error"]["type"] == "payload_too_large"
     assert text.status_code == 415 and "application/json" in text.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate, gzip", "x" * 5000])
+def test_a_compressed_body_is_415_naming_its_coding_and_the_one_taken(encoding):
+    """Refused before the body is read, whether or not it is really compressed: read as it
+    came, it would be taken at its label's word either way."""
+
+    async def go():
+        async with client(guarded_app({})) as c:
+            body = gzip.compress(b"{}") if encoding == "gzip" else b"{}"
+            return await c.post(
+                "/invocations", content=body, headers={"content-encoding": encoding}
+            )
+
+    response = asyncio.run(go())
+    assert response.status_code == 415 and response.headers["accept-encoding"] == "identity"
+    error = response.json()["error"]
+    assert error["type"] == "unsupported_media_type"
+    assert f"Content-Encoding {encoding[:200]!r}"[:-1] in error["message"]
+    assert "send the body uncompressed" in error["message"] and len(error["message"]) < 400
+
+
+@pytest.mark.parametrize("encoding", ["identity", "Identity", ""])
+def test_an_uncompressed_body_may_say_so(encoding):
+    async def go():
+        async with client(guarded_app({})) as c:
+            return await c.post(
+                "/invocations", content=b"{}", headers={"content-encoding": encoding}
+            )
+
+    assert asyncio.run(go()).json() == {"size": 2}
 
 
 def test_streamed_body_over_the_limit_is_413_without_content_length():
