@@ -53,7 +53,11 @@ from clip_runner.web.answer_json import embedding_json, json_body
 from clip_runner.web.auth import ApiKeyMiddleware
 from clip_runner.web.connection_recycling import ConnectionRecyclingMiddleware
 from clip_runner.web.direct_json import DirectJsonMiddleware, DirectRoute
-from clip_runner.web.error_responses import JSONErrorMiddleware, quiet_caller_error_logs
+from clip_runner.web.error_responses import (
+    JSONErrorMiddleware,
+    answer_unparsable_requests_in_json,
+    quiet_caller_error_logs,
+)
 from clip_runner.web.http_spans import one_span_per_request
 from clip_runner.web.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
 from clip_runner.web.raw_images import RawImageBodyMiddleware
@@ -508,3 +512,4 @@ ClipService.add_asgi_middleware(
     DirectJsonMiddleware, routes=DIRECT_ROUTES, service_name=SERVICE_NAME
 )
 quiet_caller_error_logs()
+answer_unparsable_requests_in_json()

@@ -10,6 +10,7 @@ import base64
 import gzip
 import io
 import json
+import socket
 import time
 
 import httpx
@@ -160,6 +161,24 @@ def test_wrong_content_types_are_415(served, content_type):
     body = json.dumps({"images": [GOOD_IMAGE], "classes": CLASSES}).encode()
     error = assert_json_error(post_raw(served, body, content_type), 415)
     assert "application/json" in error["message"]
+
+
+def test_a_request_the_http_parser_refuses_is_a_json_400(served):
+    """Answered by uvicorn before any middleware (Content-Length beside Transfer-Encoding, a
+    request-smuggling shape): in the JSON shape too (error_responses.py)."""
+    port = int(served.url.rsplit(":", 1)[1])
+    request = (
+        b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head
+    assert json.loads(body)["error"]["type"] == "bad_request"
 
 
 def test_a_gzipped_body_is_415_not_malformed_json(served):

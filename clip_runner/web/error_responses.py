@@ -2,11 +2,14 @@
 
 BentoML and Starlette answer some mistakes themselves (validation, unknown route, wrong method)
 in their own formats; the middleware here rewrites those, so a client never sees HTML, a bare
-string, or BentoML's own format. Validation tracebacks become one warning line in the log.
+string, or BentoML's own format. Validation tracebacks become one warning line in the log. A
+request uvicorn cannot parse at all is answered by uvicorn itself, before any middleware:
+`answer_unparsable_requests_in_json` gives that answer the same shape.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from typing import Any
@@ -175,3 +178,46 @@ def rejection_line(error: ValidationError) -> tuple[str, tuple[Any, ...]]:
 def quiet_caller_error_logs() -> None:
     """Install `CallerErrorLogFilter` on the logger BentoML reports request exceptions with."""
     logging.getLogger("bentoml._internal.server.http_app").addFilter(CallerErrorLogFilter())
+
+
+# What uvicorn's parser refused; it does not say which rule the request broke.
+UNPARSABLE_REQUEST = error_body(
+    "bad_request",
+    "invalid HTTP request: its request line, headers or body framing could not be parsed "
+    "(a malformed header, Content-Length beside Transfer-Encoding, a broken chunk)",
+)
+
+
+def _send_json_400(protocol: Any, _message: str) -> None:
+    """uvicorn's `send_400_response` (every HTTP protocol class has one), in the JSON shape: the
+    status line, uvicorn's default headers (date, server), the error, then the connection
+    closed, as uvicorn's own does. Written straight to the transport, past the protocol's own
+    HTTP state, which a request it could not parse has left in error anyway."""
+    body = json.dumps(UNPARSABLE_REQUEST).encode()
+    head = [b"HTTP/1.1 400 Bad Request\r\n"]
+    for name, value in protocol.server_state.default_headers:
+        head += [name, b": ", value, b"\r\n"]
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+    head.append(b"connection: close\r\n\r\n")
+    protocol.transport.write(b"".join(head) + body)
+    protocol.transport.close()
+
+
+def answer_unparsable_requests_in_json() -> None:
+    """A request the HTTP parser refuses never reaches the app: uvicorn answers it itself, with
+    a plain-text 400 ("Invalid HTTP request received."). Make each of its HTTP protocols answer
+    in the JSON shape instead. Those whose parser is not installed (httptools, zttp) are
+    skipped."""
+    from uvicorn.config import HTTP_PROTOCOLS
+
+    for name, location in HTTP_PROTOCOLS.items():
+        if name == "auto":  # an alias of one of the others
+            continue
+        module_name, class_name = location.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        protocol_class = getattr(module, class_name)
+        if hasattr(protocol_class, "send_400_response"):
+            protocol_class.send_400_response = _send_json_400

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import sys
+import threading
+import time
+from collections.abc import Iterator
 
+import pytest
+import uvicorn
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
@@ -16,6 +23,7 @@ from clip_runner.errors import RequestError
 from clip_runner.web.error_responses import (
     CallerErrorLogFilter,
     JSONErrorMiddleware,
+    answer_unparsable_requests_in_json,
     normalise_error,
 )
 from clip_runner.web.jsonlines import InvocationLine
@@ -107,3 +115,71 @@ def test_validation_tracebacks_become_one_warning_line():
     assert record.getMessage().startswith(
         "rejected request: 2 validation error(s), first at images"
     )
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Everything a server answers to `request` sent as is, until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+UNPARSABLE = {
+    "Content-Length beside Transfer-Encoding": b"POST / HTTP/1.1\r\nHost: x\r\n"
+    b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}",
+    "a space in a header name": b"POST / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
+    "a broken chunk": b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "no request line": b"GARBAGE\r\n\r\n",
+}
+
+
+# h11 reads the chunks and ignores the length, as RFC 9112 allows; httptools refuses both.
+CASES = [
+    (protocol, name)
+    for protocol in ("h11", "httptools")
+    for name in sorted(UNPARSABLE)
+    if not (protocol == "h11" and name == "Content-Length beside Transfer-Encoding")
+]
+
+
+@contextlib.contextmanager
+def uvicorn_server(protocol: str) -> Iterator[int]:
+    """A real uvicorn server on loopback parsing with `protocol`, after
+    `answer_unparsable_requests_in_json`: its port."""
+    answer_unparsable_requests_in_json()
+    app = Starlette(routes=[Route("/", lambda _: JSONResponse({}), methods=["POST"])])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.parametrize(("protocol", "name"), CASES)
+def test_a_request_uvicorn_cannot_parse_is_a_json_400_and_the_connection_closes(protocol, name):
+    with uvicorn_server(protocol) as port:
+        answer = raw_exchange(port, UNPARSABLE[name])  # returns once the server closed it
+        good = raw_exchange(port, b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert lines[0] == "HTTP/1.1 400 Bad Request"
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body) and "date" in headers
+    error = json.loads(body)["error"]
+    assert error["type"] == "bad_request" and error["message"].startswith("invalid HTTP request")
+    assert good.startswith(b"HTTP/1.1 200 OK") and good.endswith(b"{}")  # still serving
