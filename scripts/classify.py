@@ -37,7 +37,9 @@ from typing import Any
 
 import httpx
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff"}
+)  # what the server decodes (clip_runner/images/formats.py)
 DEFAULT_URL = "http://127.0.0.1:8080"
 # The server's defaults (CLIP_MAX_BODY_BYTES, CLIP_MAX_IMAGES_PER_REQUEST); SageMaker's too.
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024

@@ -33,6 +33,7 @@ except ImportError:  # an accelerator, not a requirement: the same bytes, slower
 
 from clip_runner.errors import ImageError, RequestError, quoted
 from clip_runner.images.fetch import FetchLimits, fetch_url
+from clip_runner.images.formats import ACCEPTED_FORMATS, ACCEPTED_FORMATS_TEXT
 from clip_runner.images.pixel_budget import HeaderCheck, PixelBudget, image_header
 from clip_runner.images.s3_images import fetch_s3, is_s3_url
 from clip_runner.metrics import PREPROCESS_SECONDS
@@ -173,7 +174,7 @@ def opened_image(data: bytes, index: int, max_pixels: int) -> Iterator[Image.Ima
     """The image with only its header read, its pixel count checked; decoding errors inside the
     block become a 422 naming the image."""
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as opened:
             width, height = opened.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -181,7 +182,9 @@ def opened_image(data: bytes, index: int, max_pixels: int) -> Iterator[Image.Ima
                 )
             yield opened
     except UnidentifiedImageError:
-        raise ImageError(index, "data is not in a recognised image format") from None
+        raise ImageError(
+            index, f"data is not in a recognised image format (send {ACCEPTED_FORMATS_TEXT})"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc) or type(exc).__name__
         raise ImageError(index, f"not a decodable image ({reason})") from None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from clip_runner.errors import RequestError
+from clip_runner.images.formats import ACCEPTED_FORMATS
 from clip_runner.model.pillow_pixels import JPEG_FORMATS
 
 
@@ -47,7 +48,7 @@ def image_header(data: bytes, check: HeaderCheck | None = None) -> ImageHeader:
     go to the device). A check that raises what a header read can raise counts as not
     passed."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
             width, height = image.size
             baseline_jpeg = image.format in JPEG_FORMATS and not image.info.get("progressive")
             header = ImageHeader(width * height, baseline_jpeg)

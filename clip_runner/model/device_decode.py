@@ -125,7 +125,8 @@ def decoded_on_host(blob: bytes, pinned: bool = False) -> torch.Tensor:
     Moved to the device as they are and viewed there as planes (`rgb_planes`): repacking them
     into three bytes on the CPU first (`np.array(image)`) cost more than the extra third of
     bytes to copy, and a greyscale image's one plane is copied once and viewed three times."""
-    with Image.open(io.BytesIO(blob)) as opened:
+    # Forwarded bytes are JPEGs (an MPO opens through JPEG's): no other parser need read them.
+    with Image.open(io.BytesIO(blob), formats=("JPEG",)) as opened:
         if decodes_into_array(opened):
             pixels = host_pixels(pixel_shape(opened), pinned)
             decode_into_array(opened, blob, pixels.numpy())
