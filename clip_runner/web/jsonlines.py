@@ -55,6 +55,14 @@ class InvocationLine(BaseModel):
 
 
 LineHandler = Callable[[InvocationLine], Awaitable[Any]]
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def without_bom(text: bytes) -> bytes:
+    """JSON text without a leading UTF-8 byte order mark. Windows tools write one at the start
+    of a file (Notepad, PowerShell's Out-File), so a Batch Transform input made there begins
+    with it; RFC 8259 lets a parser ignore it, and the JSON parser here would not."""
+    return text.removeprefix(UTF8_BOM)
 
 
 def split_lines(body: bytes) -> list[bytes]:
@@ -73,7 +81,9 @@ def request_error(error: ValidationError) -> RequestError:
 
 
 def parse_line(line: bytes) -> InvocationLine:
-    """One record -> the validated request, or the RequestError its body would get."""
+    """One record -> the validated request, or the RequestError its body would get. Each may
+    start with a byte order mark (files joined end to end each bring theirs)."""
+    line = without_bom(line)
     if not line.strip():
         raise RequestError(400, "malformed_json", "the line is empty")
     try:

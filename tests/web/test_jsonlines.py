@@ -14,6 +14,7 @@ import pytest
 from clip_runner.config import get_settings
 from clip_runner.errors import RequestError
 from clip_runner.web.jsonlines import (
+    UTF8_BOM,
     InvocationLine,
     answer_lines,
     encode_lines,
@@ -70,6 +71,13 @@ def test_bad_lines_get_the_usual_errors(line, status, error_type, words):
         parse_line(line)
     assert (error.value.status, error.value.error_type) == (status, error_type)
     assert words in error.value.message
+
+
+def test_a_line_may_start_with_a_byte_order_mark_as_each_windows_file_does():
+    line = b'{"images": ["x"], "classes": [["a", 1]]}'
+    assert parse_line(UTF8_BOM + line) == parse_line(line)
+    with pytest.raises(RequestError, match="not valid JSON"):
+        parse_line(line + UTF8_BOM)  # only at the start
 
 
 def test_answers_are_in_order_and_bad_lines_do_not_stop_the_others():
@@ -189,6 +197,15 @@ def test_the_lines_images_share_the_runners_batches(served, tiny_clip):
     reference = reference_probabilities(tiny_clip, pictures, SEED_PROMPTS)
     for answer, row in zip(answers, reference, strict=True):
         assert_matches_reference(answer, row[None, :], SEED_NAMES)
+
+
+def test_a_windows_made_file_with_its_byte_order_mark_is_answered_as_any_other(served):
+    line = json.dumps({"images": [as_base64(photo_like(64, 48, seed=3))], "classes": SEED_CLASSES})
+    plain = post_lines(served, (line + "\n" + line).encode())
+    marked = post_lines(served, UTF8_BOM + (line + "\r\n" + line + "\r\n").encode())
+    assert plain.status_code == marked.status_code == 200, marked.text
+    for ours, theirs in zip(marked.text.split("\n"), plain.text.split("\n"), strict=True):
+        assert_same_answer(json.loads(ours), json.loads(theirs))
 
 
 def test_jsonlines_body_limits_and_other_types_still_apply(served):
