@@ -89,7 +89,7 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
                 f"access to {shown} denied ({code}): the server's AWS role cannot read it",
                 "forbidden_url",
             ) from None
-        raise ImageError(index, f"could not read {shown}: {code or error}") from None
+        raise ImageError(index, f"could not read {shown}: {quoted(code or str(error))}") from None
     except NoCredentialsError:
         raise ImageError(
             index, f"cannot read {shown}: the server has no AWS credentials", "forbidden_url"
