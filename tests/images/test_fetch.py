@@ -111,11 +111,9 @@ def test_private_and_metadata_urls_are_refused_without_dialling(url):
         ("http://[::1/cat.png", "invalid URL (Invalid port"),
         ("http://\u202e/cat.png", "invalid URL (Invalid IDNA hostname"),
         ("http://xn--/cat.png", "invalid URL (Malformed A-label"),  # idna's own error
-        ("http://a..b/cat.png", "cannot resolve a..b: encoding with 'idna' codec failed"),
-        (
-            f"http://{'a' * 64}.example/cat.png",
-            "codec failed (UnicodeError: label empty or too long)",
-        ),
+        # Python's IDNA codec words these "label empty or too long" (3.11 after a prefix)
+        ("http://a..b/cat.png", "cannot resolve a..b: "),
+        (f"http://{'a' * 64}.example/cat.png", "label empty or too long"),
     ],
     ids=["too long", "NUL", "bad port", "bad IDNA name", "empty A-label", "empty label", "long"],
 )
