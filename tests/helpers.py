@@ -319,6 +319,17 @@ class ServedBento:
         ]
 
 
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Everything a loopback server answers to `request` sent as is (no HTTP client to tidy
+    it), until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
 def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -10,7 +10,6 @@ import base64
 import gzip
 import io
 import json
-import socket
 import time
 
 import httpx
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ConnectionCounter, as_base64, encode, photo_like
+from tests.helpers import ConnectionCounter, as_base64, encode, photo_like, raw_exchange
 
 GOOD_IMAGE = as_base64(photo_like(48, 32, seed=1))
 CLASSES = [["cat", 1], ["dog", 0]]
@@ -171,12 +170,7 @@ def test_a_request_the_http_parser_refuses_is_a_json_400(served):
         b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}"
     )
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):  # until the server closes the connection
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
+    head, _, body = raw_exchange(port, request).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head
     assert json.loads(body)["error"]["type"] == "bad_request"
 

@@ -27,6 +27,7 @@ from clip_runner.web.error_responses import (
     normalise_error,
 )
 from clip_runner.web.jsonlines import InvocationLine
+from tests.helpers import raw_exchange
 
 
 def test_validation_detail_names_the_field_and_becomes_422():
@@ -115,16 +116,6 @@ def test_validation_tracebacks_become_one_warning_line():
     assert record.getMessage().startswith(
         "rejected request: 2 validation error(s), first at images"
     )
-
-
-def raw_exchange(port: int, request: bytes) -> bytes:
-    """Everything a server answers to `request` sent as is, until it closes the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    return answer
 
 
 UNPARSABLE = {

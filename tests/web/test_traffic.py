@@ -89,8 +89,8 @@ def test_body_limits_and_content_types():
 
 @pytest.mark.parametrize("encoding", ["gzip", "br", "deflate, gzip", "x" * 5000])
 def test_a_compressed_body_is_415_naming_its_coding_and_the_one_taken(encoding):
-    """Refused before the body is read, whether or not it is really compressed: read as it
-    came, it would be taken at its label's word either way."""
+    """Refused before the body is read, by its label: an uncompressed body labelled gzip is
+    refused too, rather than served as if the label were not there."""
 
     async def go():
         async with client(guarded_app({})) as c:
