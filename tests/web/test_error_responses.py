@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from clip_runner.web.error_responses import (
     normalise_error,
 )
 from clip_runner.web.jsonlines import InvocationLine
-from tests.helpers import raw_exchange
+from tests.helpers import free_port, raw_exchange
 
 
 def test_validation_detail_names_the_field_and_becomes_422():
@@ -142,9 +141,7 @@ def uvicorn_server(protocol: str) -> Iterator[int]:
     `answer_unparsable_requests_in_json`: its port."""
     answer_unparsable_requests_in_json()
     app = Starlette(routes=[Route("/", lambda _: JSONResponse({}), methods=["POST"])])
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="error")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
