@@ -58,6 +58,7 @@ from clip_runner.web.error_responses import (
     answer_unparsable_requests_in_json,
     quiet_caller_error_logs,
 )
+from clip_runner.web.header_limits import HeaderLimits, bound_request_headers
 from clip_runner.web.http_spans import one_span_per_request
 from clip_runner.web.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
 from clip_runner.web.raw_images import RawImageBodyMiddleware
@@ -513,3 +514,4 @@ ClipService.add_asgi_middleware(
 )
 quiet_caller_error_logs()
 answer_unparsable_requests_in_json()
+bound_request_headers(HeaderLimits(settings.header_timeout_s, settings.max_header_bytes))

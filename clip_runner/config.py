@@ -179,6 +179,8 @@ class Settings:
     endpoint_kind: str
     # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
     body_timeout_s: float
+    header_timeout_s: float
+    max_header_bytes: int
     max_waiting_bodies: int
     max_waiting_body_bytes: int
     max_request_pixels: int
@@ -276,6 +278,8 @@ def get_settings() -> Settings:
         cuda_wait=_env_choice("CLIP_CUDA_WAIT", ("block", "spin")),
         endpoint_kind=endpoint_kind,
         body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", body_timeout_s),
+        header_timeout_s=_env_seconds("CLIP_HEADER_TIMEOUT_S", 10.0),
+        max_header_bytes=_env_int("CLIP_MAX_HEADER_BYTES", 64 * 1024),
         max_waiting_bodies=_env_int("CLIP_MAX_WAITING_BODIES", 512),
         max_waiting_body_bytes=_env_int(
             "CLIP_MAX_WAITING_BODY_BYTES", max(256 * 1024 * 1024, max_body_bytes)

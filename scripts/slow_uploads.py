@@ -2,10 +2,13 @@
 
     python scripts/slow_uploads.py                       # against `make serve` on 127.0.0.1:8080
     python scripts/slow_uploads.py --url http://127.0.0.1:3000 --slow 200 --phase-s 20
+    python scripts/slow_uploads.py --stall headers      # slowloris: the headers trickle
 
 The attack of issue 15: connections that send their headers with `Content-Length: 100000` and
 then one byte every `--interval-s` seconds; each one that the server answers (408 at its body
-deadline) is reopened at once, so `--slow` of them are open all the time. Phases take turns:
+deadline) is reopened at once, so `--slow` of them are open all the time. With `--stall
+headers` they trickle a header instead, which never ends (408 at the header deadline); with
+`--stall nothing` they send nothing at all (closed at the header deadline). Phases take turns:
 good requests alone, then the same good load with the slow uploads open, `--rounds` times. The
 good load is `--clients` concurrent clients sending the seed's request (two small base64 JPEGs,
 the seed's six classes); the slow uploads run in a separate process. Reported per phase: good
@@ -56,6 +59,30 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+@dataclass(frozen=True)
+class Stall:
+    """What a slow request sends at once, and the byte it then trickles."""
+
+    opening: bytes
+    trickle: bytes
+
+
+def stalled_request(kind: str, host: str, declared: int, auth: dict[str, str]) -> Stall:
+    """`body`: whole headers declaring `declared` bytes of JSON body, then the body trickled.
+    `headers`: the request line and some headers, then a header value trickled (no end).
+    `nothing`: a connection that sends no byte at all."""
+    head = (
+        f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in auth.items())
+    ).encode()
+    if kind == "headers":
+        return Stall(head + b"X-Slow: ", b"a")
+    if kind == "nothing":
+        return Stall(b"", b"")
+    return Stall(head + b"\r\n{", b" ")
+
+
 @dataclass
 class SlowStats:
     open_now: int = 0
@@ -65,9 +92,10 @@ class SlowStats:
 
 
 async def slow_upload(
-    host: str, port: int, head: bytes, interval_s: float, stats: SlowStats, stop: asyncio.Event
+    host: str, port: int, stall: Stall, interval_s: float, stats: SlowStats, stop: asyncio.Event
 ) -> None:
-    """Keep one slow upload open: trickle a byte per interval; reopen when the server answers."""
+    """Keep one slow request open: send its opening, trickle a byte per interval; reopen when
+    the server answers."""
     loop = asyncio.get_running_loop()
     stopped = asyncio.ensure_future(stop.wait())
     while not stop.is_set():
@@ -76,14 +104,14 @@ async def slow_upload(
         stats.open_now += 1
         stats.opened += 1
         try:
-            writer.write(head + b"{")
+            writer.write(stall.opening)
             answer = asyncio.ensure_future(reader.read(4096))
             while not answer.done() and not stop.is_set():
                 await asyncio.wait(
                     {answer, stopped}, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED
                 )
                 if not answer.done() and not stop.is_set():
-                    writer.write(b" ")
+                    writer.write(stall.trickle)
             if answer.done():
                 first = answer.result().split(b"\r\n", 1)[0].decode("latin-1")
                 status = first.split(" ")[1] if first.startswith("HTTP/") else "closed"
@@ -123,7 +151,7 @@ async def good_load(
 
 
 def attack(
-    host: str, port: int, head: bytes, args: argparse.Namespace, ready: Any, stop: Any, out: Any
+    host: str, port: int, stall: Stall, args: argparse.Namespace, ready: Any, stop: Any, out: Any
 ) -> None:
     """The slow uploads, in a process of their own (so the good clients' timings are not the
     attacker's event loop): open them, say `ready`, sample how many are open until `stop`."""
@@ -131,7 +159,7 @@ def attack(
     async def go() -> dict:
         stats, stopping, samples = SlowStats(), asyncio.Event(), []
         uploads = [
-            asyncio.ensure_future(slow_upload(host, port, head, args.interval_s, stats, stopping))
+            asyncio.ensure_future(slow_upload(host, port, stall, args.interval_s, stats, stopping))
             for _ in range(args.slow)
         ]
         while stats.opened < args.slow:
@@ -143,14 +171,16 @@ def attack(
             await asyncio.sleep(0.25)
         stopping.set()
         await asyncio.gather(*uploads)
-        lifetimes = stats.lifetimes_s or [float("nan")]
+        lifetimes = stats.lifetimes_s  # empty where the server answered none of them
         return {
             "slow_open_min": min(samples),
             "slow_open_max": max(samples),
             "slow_connections_opened": stats.opened,
             "slow_endings": dict(stats.endings),
-            "slow_answered_after_s_median": round(statistics.median(lifetimes), 2),
-            "slow_answered_after_s_max": round(max(lifetimes), 2),
+            "slow_answered_after_s_median": (
+                round(statistics.median(lifetimes), 2) if lifetimes else None
+            ),
+            "slow_answered_after_s_max": round(max(lifetimes), 2) if lifetimes else None,
         }
 
     out.put(asyncio.run(go()))
@@ -162,12 +192,7 @@ async def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"only loopback servers are measured here, not {parts.hostname}")
     host, port = parts.hostname, parts.port or 80
     auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    head = (
-        f"POST /invocations HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {args.declared}\r\n"
-        + "".join(f"{name}: {value}\r\n" for name, value in auth.items())
-        + "\r\n"
-    ).encode()
+    stall = stalled_request(args.stall, host, args.declared, auth)
     body = {"images": [small_jpeg(1), small_jpeg(2)], "classes": SEED_CLASSES}
     phases = []
     pooled: dict[bool, list[float]] = {False: [], True: []}
@@ -184,7 +209,7 @@ async def run(args: argparse.Namespace) -> dict:
                 if attacked:
                     ready, stop, out = mp.Event(), mp.Event(), mp.Queue()
                     attacker = mp.Process(
-                        target=attack, args=(host, port, head, args, ready, stop, out)
+                        target=attack, args=(host, port, stall, args, ready, stop, out)
                     )
                     attacker.start()
                     while not ready.is_set():
@@ -210,7 +235,7 @@ async def run(args: argparse.Namespace) -> dict:
         "url": args.url,
         "settings": {
             key: getattr(args, key)
-            for key in ("slow", "declared", "interval_s", "clients", "phase_s", "rounds")
+            for key in ("stall", "slow", "declared", "interval_s", "clients", "phase_s", "rounds")
         },
         "phases": phases,
         "good_p95_ms_alone": round(alone_p95, 1),
@@ -222,7 +247,13 @@ async def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="a loopback server")
-    parser.add_argument("--slow", type=int, default=200, help="slow uploads kept open")
+    parser.add_argument(
+        "--stall",
+        choices=("body", "headers", "nothing"),
+        default="body",
+        help="what the attack trickles",
+    )
+    parser.add_argument("--slow", type=int, default=200, help="slow requests kept open")
     parser.add_argument("--declared", type=int, default=100_000, help="their Content-Length")
     parser.add_argument("--interval-s", type=float, default=5.0, help="one byte per this")
     parser.add_argument("--clients", type=int, default=4, help="concurrent good clients")

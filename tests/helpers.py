@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+import uvicorn
 from PIL import Image
 
 from clip_runner.model.resample import resized_size
@@ -148,6 +149,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextmanager
+def uvicorn_on_loopback(app: Any, protocol: str) -> Iterator[int]:
+    """A real uvicorn server (the one BentoML runs) serving the ASGI `app` on a free loopback
+    port in a thread, parsing HTTP with `protocol` (`h11` or `httptools`): its port."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 PUBLIC_HOST = "127.0.0.2"  # plays a public image host; fetch clients in tests allow only it
 
 # The `guarded` server (conftest): an API key, and small abuse bounds the tests can reach.
@@ -158,6 +179,7 @@ GUARD_SETTINGS = {
     "CLIP_API_KEY": GUARD_KEY,
     "CLIP_MAX_CONCURRENCY": "4",
     "CLIP_BODY_TIMEOUT_S": "2",
+    "CLIP_HEADER_TIMEOUT_S": "2",
     "CLIP_MAX_WAITING_BODIES": "12",
     "CLIP_MAX_REQUEST_PIXELS": "1000000",
     "CLIP_ACCESS_LOG": "off",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from pydantic import ValidationError
@@ -188,19 +189,24 @@ UNPARSABLE_REQUEST = error_body(
 )
 
 
-def _send_json_400(protocol: Any, _message: str) -> None:
-    """uvicorn's `send_400_response` (every HTTP protocol class has one), in the JSON shape: the
-    status line, uvicorn's default headers (date, server), the error, then the connection
-    closed, as uvicorn's own does. Written straight to the transport, past the protocol's own
-    HTTP state, which a request it could not parse has left in error anyway."""
-    body = json.dumps(UNPARSABLE_REQUEST).encode()
-    head = [b"HTTP/1.1 400 Bad Request\r\n"]
+def answer_past_the_app(protocol: Any, status: HTTPStatus, body: dict[str, Any]) -> None:
+    """Answer `body` with `status` on a uvicorn protocol's connection, then close it: for the
+    answers uvicorn's protocol gives before the app sees a request. The status line, uvicorn's
+    default headers (date, server), the JSON error, written straight to the transport, past the
+    protocol's own HTTP state (a request it could not parse has left that in error anyway)."""
+    content = json.dumps(body).encode()
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, status.phrase.encode())]
     for name, value in protocol.server_state.default_headers:
         head += [name, b": ", value, b"\r\n"]
-    head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(content))
     head.append(b"connection: close\r\n\r\n")
-    protocol.transport.write(b"".join(head) + body)
+    protocol.transport.write(b"".join(head) + content)
     protocol.transport.close()
+
+
+def _send_json_400(protocol: Any, _message: str) -> None:
+    """uvicorn's `send_400_response` (every HTTP protocol class has one), in the JSON shape."""
+    answer_past_the_app(protocol, HTTPStatus.BAD_REQUEST, UNPARSABLE_REQUEST)
 
 
 def answer_unparsable_requests_in_json() -> None:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
-import threading
-import time
-from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
@@ -26,7 +21,7 @@ from clip_runner.web.error_responses import (
     normalise_error,
 )
 from clip_runner.web.jsonlines import InvocationLine
-from tests.helpers import free_port, raw_exchange
+from tests.helpers import raw_exchange, uvicorn_on_loopback
 
 
 def test_validation_detail_names_the_field_and_becomes_422():
@@ -135,31 +130,11 @@ CASES = [
 ]
 
 
-@contextlib.contextmanager
-def uvicorn_server(protocol: str) -> Iterator[int]:
-    """A real uvicorn server on loopback parsing with `protocol`, after
-    `answer_unparsable_requests_in_json`: its port."""
-    answer_unparsable_requests_in_json()
-    app = Starlette(routes=[Route("/", lambda _: JSONResponse({}), methods=["POST"])])
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="error")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.mark.parametrize(("protocol", "name"), CASES)
 def test_a_request_uvicorn_cannot_parse_is_a_json_400_and_the_connection_closes(protocol, name):
-    with uvicorn_server(protocol) as port:
+    answer_unparsable_requests_in_json()
+    app = Starlette(routes=[Route("/", lambda _: JSONResponse({}), methods=["POST"])])
+    with uvicorn_on_loopback(app, protocol) as port:
         answer = raw_exchange(port, UNPARSABLE[name])  # returns once the server closed it
         good = raw_exchange(port, b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
