@@ -196,6 +196,12 @@ class ClipService:
         self._ping_probe: asyncio.Future[bool] | None = None
         self._direct_runner: DirectRunnerClient | None = None  # made with the context
         bind_apis_once(self)  # BentoML looks each API up per request (bound_apis.py)
+        # Here, in the API workers only (BentoML makes the instance before their server takes a
+        # connection), for their clients: the runner's server, the same uvicorn class in its
+        # own processes, serves the API workers, whose calls' one header lists each prompt's
+        # token count (over 64 KiB from about 25,000 prompts, were CLIP_MAX_TEXT_BATCH_SIZE
+        # that large).
+        bound_request_headers(HeaderLimits(settings.header_timeout_s, settings.max_header_bytes))
 
     async def probe_runner(self) -> bool:
         """Whether the runner answers its readiness probe and its model facts are known.
@@ -290,6 +296,7 @@ class ClipService:
                     text_cache=self.text_cache,
                     image_limits=dataclasses.replace(self.image_limits, forward_jpegs=forward),
                     encode_jpegs=calls.encode_jpegs,
+                    max_prompt_chars=2 * settings.max_class_name_chars,
                 )
                 logger.info(
                     "serving model %s on %s in %s; JPEGs decoded %s; runner called %s",
@@ -514,4 +521,3 @@ ClipService.add_asgi_middleware(
 )
 quiet_caller_error_logs()
 answer_unparsable_requests_in_json()
-bound_request_headers(HeaderLimits(settings.header_timeout_s, settings.max_header_bytes))

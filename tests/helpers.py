@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -350,6 +351,20 @@ def raw_exchange(port: int, request: bytes) -> bytes:
         while chunk := sock.recv(65536):
             answer += chunk
     return answer
+
+
+def histogram(served: ServedBento, name: str) -> tuple[float, float]:
+    """(count, sum) of a Prometheus histogram on /metrics, summed over its label sets."""
+    text = httpx.get(f"{served.url}/metrics", timeout=10).text
+
+    def value(pattern: str) -> float:
+        found = re.findall(pattern, text, flags=re.MULTILINE)
+        return sum(float(v) for v in found)
+
+    return (
+        value(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$"),
+        value(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$"),
+    )
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:

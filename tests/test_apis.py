@@ -14,7 +14,8 @@ import torch
 
 from clip_runner.answers.embedding_format import decode_base64_embedding
 from clip_runner.answers.hf_toolkit import DEFAULT_HYPOTHESIS_TEMPLATE
-from tests.helpers import as_base64, assert_same_answer, encode, photo_like
+from clip_runner.model.pass_layout import CPU_MAX_BATCH, TEXT_BATCH_FACTOR
+from tests.helpers import as_base64, assert_same_answer, encode, histogram, photo_like
 from tests.reference import reference_probabilities
 
 LABELS = ["cat", "dog", "person with a bag", "car"]
@@ -83,6 +84,37 @@ def test_classify_ensembles_templates_and_cuts_at_top_k(served, tiny_clip, pictu
     np.testing.assert_allclose(
         [item["score"] for item in ranked], np.sort(expected)[::-1][:2], atol=1e-5
     )
+
+
+def test_many_prompts_are_encoded_in_calls_of_a_text_batch_and_match_transformers(
+    served, tiny_clip, pictures
+):
+    """120 labels x 20 templates: 2,400 prompts, which went to the runner as one call and one
+    forward pass (as 100,000 would have); now in calls and passes of at most a text batch,
+    and in order."""
+    labels = [f"thing number {index}" for index in range(120)]
+    templates = [f"picture {index} of a {{}}" for index in range(20)]
+    calls_before, sent_before = histogram(served, "clip_service_runner_call_texts")
+    passes_before, encoded_before = histogram(served, "clip_runner_batch_texts")
+    body = {"images": [as_base64(pictures[0])], "labels": labels, "templates": templates}
+    response = httpx.post(f"{served.url}/classify", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    calls_after, sent_after = histogram(served, "clip_service_runner_call_texts")
+    passes_after, encoded_after = histogram(served, "clip_runner_batch_texts")
+    prompts = [template.format(label) for label in labels for template in templates]
+    text_batch = TEXT_BATCH_FACTOR * CPU_MAX_BATCH  # CLIP_MAX_TEXT_BATCH_SIZE's CPU default
+    assert sent_after - sent_before == len(prompts)
+    assert calls_after - calls_before >= len(prompts) / text_batch
+    assert passes_after - passes_before >= len(prompts) / text_batch
+    assert encoded_after - encoded_before >= len(prompts)
+    per_label = reference_text_embeddings(tiny_clip, prompts).reshape(len(labels), 20, -1)
+    per_label = per_label.mean(axis=1)
+    per_label /= np.linalg.norm(per_label, axis=1, keepdims=True)
+    image = reference_image_embeddings(tiny_clip, pictures[:1])
+    logits = float(tiny_clip.model.logit_scale.detach().exp()) * image @ per_label.T
+    expected = torch.tensor(logits).softmax(dim=-1).numpy()[0]
+    scores = scores_by_label(response.json()["results"][0])
+    np.testing.assert_allclose([scores[label] for label in labels], expected, atol=1e-5)
 
 
 def test_default_classify_agrees_with_invocations(served, pictures):

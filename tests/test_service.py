@@ -22,6 +22,7 @@ from tests.helpers import (
     SEED_CLASSES,
     as_base64,
     assert_same_answer,
+    histogram,
     photo_like,
     serve_tiny,
     wait_for_ping,
@@ -50,20 +51,6 @@ def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
     for word in words:
         assert word in error["message"], error
     return error
-
-
-def histogram(served, name: str) -> tuple[float, float]:
-    """(count, sum) of a Prometheus histogram on /metrics, summed over its label sets."""
-    text = httpx.get(f"{served.url}/metrics", timeout=10).text
-
-    def value(pattern: str) -> float:
-        found = re.findall(pattern, text, flags=re.MULTILINE)
-        return sum(float(v) for v in found)
-
-    return (
-        value(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$"),
-        value(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$"),
-    )
 
 
 def test_ping_is_200_with_an_empty_body(served):

@@ -33,6 +33,13 @@ def fill_template(template: str, label: str) -> str:
     return template.replace("{}", label)
 
 
+def filled_length(template: str, label: str) -> int:
+    """`len(fill_template(template, label))`, without making the prompt: a template that
+    repeats its slot multiplies the label's length."""
+    slot = "{name}" if "{name}" in template else "{}"
+    return len(template) + template.count(slot) * (len(label) - len(slot))
+
+
 def ensemble_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
     """Label-major: each template of label 0, then of label 1, ... (`ensemble_embeddings` order)."""
     return [fill_template(template, label) for label in labels for template in templates]

@@ -144,9 +144,36 @@ class GreedyBatcher(Generic[Rows]):
         self._workers: list[asyncio.Task] = []
 
     async def submit(self, rows: Rows) -> np.ndarray:
-        """Queue one request's rows; returns its output rows once its batch has run."""
+        """Queue one request's rows; returns its output rows once they have run.
+
+        Rows beyond `max_rows` go as parts of at most that many, so no pass (and no runner
+        call) is larger than the batch limit however many rows one request brings: `/classify`
+        with 1,000 labels and 100 templates is 100,000 prompts, and as one pass of ViT-B/32
+        about 16 GB per activation. At most one part per pass slot is queued or running at a
+        time: other requests' jobs take their turns between the parts, and a part's wait in
+        the queue means what any job's does (the queue-wait bound sheds load, not a large
+        request's own later parts). If the caller leaves, or a part fails, the rest are
+        dropped."""
         if len(rows) == 0:
             raise ValueError("nothing to encode")
+        if len(rows) <= self.max_rows:
+            return await self._queued(rows)
+        parts = [rows[i : i + self.max_rows] for i in range(0, len(rows), self.max_rows)]
+        turns = asyncio.Semaphore(self.slots.passes)
+
+        async def in_turn(part: Rows) -> np.ndarray:
+            async with turns:
+                return await self._queued(part)
+
+        running = [asyncio.ensure_future(in_turn(part)) for part in parts]
+        try:
+            return np.concatenate(await asyncio.gather(*running), axis=0)
+        except BaseException:
+            for part in running:
+                part.cancel()
+            raise
+
+    async def _queued(self, rows: Rows) -> np.ndarray:
         if not self._workers or any(worker.done() for worker in self._workers):
             self._free_workers = self.slots.passes
             self._workers = [asyncio.create_task(self._work()) for _ in range(self.slots.passes)]

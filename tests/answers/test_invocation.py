@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import copy
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
-from clip_runner.answers.invocation import InvocationContext, invoke
+from clip_runner.answers.invocation import LENGTH_CHECK_SLICE, InvocationContext, classify, invoke
 from clip_runner.answers.text_cache import TextEmbeddingCache
 from clip_runner.answers.token_ids import PromptTokenizer
 from clip_runner.errors import RequestError
@@ -113,6 +114,50 @@ def test_prompts_over_the_token_limit_are_refused_naming_the_class(tiny_clip, co
     assert raised.value.status == 422
     assert "classes[1][0]" in raised.value.message and "at most 77" in raised.value.message
     assert counting.token_calls == []
+
+
+def recording_context(tiny_clip, counting, tokenized_counts: list[int]) -> InvocationContext:
+    """A context whose tokenizer records how many prompts each call of it took."""
+    tokenizer = PromptTokenizer(counting.encoder.tokenizer_json(), 64)
+
+    def tokenize(prompts: list[str]) -> list:
+        tokenized_counts.append(len(prompts))
+        return tokenizer(prompts)
+
+    return InvocationContext(
+        facts=counting.encoder.facts(tiny_clip.tag, True),
+        encode_images=counting.encode_images,
+        encode_tokens=counting.encode_tokens,
+        tokenize=tokenize,
+        http_client=httpx.AsyncClient(),
+        text_cache=TextEmbeddingCache(100),
+        image_limits=ImageLimits(FetchLimits(5_000_000, 5), max_pixels=50_000_000),
+    )
+
+
+def test_a_template_repeating_its_slot_past_the_prompt_limit_is_refused_before_any_prompt(
+    tiny_clip, counting
+):
+    tokenized_counts: list[int] = []
+    context = recording_context(tiny_clip, counting, tokenized_counts)
+    labels, templates = ["cat", "x" * 300], ["a photo of a {}", "{} and {} or {}"]
+    with pytest.raises(RequestError) as raised:
+        asyncio.run(classify(context, [], labels, templates, None))
+    assert raised.value.status == 422
+    assert raised.value.message == (
+        "labels[1] with templates[1]: the prompt would be 909 characters long; the limit is "
+        "600 (put the label into the template once)"
+    )
+    assert tokenized_counts == [] and counting.token_calls == []
+
+
+def test_the_length_check_stops_at_the_first_prompt_over_the_token_limit(tiny_clip, counting):
+    tokenized_counts: list[int] = []
+    context = recording_context(tiny_clip, counting, tokenized_counts)
+    labels = ["very " * 80 + "long"] + [f"thing {index}" for index in range(300)]
+    with pytest.raises(RequestError, match=r"^labels\[0\]: the prompt is \d+ tokens long"):
+        asyncio.run(classify(context, [], labels, ["a {}"], None))
+    assert tokenized_counts == [LENGTH_CHECK_SLICE]
 
 
 def test_image_size_normalisation_and_scale_come_from_the_checkpoint(monkeypatch, bentoml_home):

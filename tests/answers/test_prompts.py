@@ -10,6 +10,7 @@ from clip_runner.answers.prompts import (
     ensemble_embeddings,
     ensemble_prompts,
     fill_template,
+    filled_length,
     ranked_labels,
 )
 
@@ -28,6 +29,15 @@ def unit(rows: np.ndarray) -> np.ndarray:
 )
 def test_fill_template(template, expected):
     assert fill_template(template, "cat") == expected
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["a photo of a {name}", "a {} of a {}", "{}" * 150, "{name}{name} or {}", "{name} {braces}"],
+)
+@pytest.mark.parametrize("label", ["", "cat", "x" * 300])
+def test_filled_length_is_the_filled_prompts_length(template, label):
+    assert filled_length(template, label) == len(fill_template(template, label))
 
 
 def test_templates_without_a_placeholder_are_refused():

@@ -175,6 +175,71 @@ def test_a_caller_that_left_is_not_encoded(executor):
     assert infer.batches == [1, 1]
 
 
+def test_a_request_over_the_limit_runs_in_passes_of_at_most_the_limit_and_keeps_order(executor):
+    infer = Recorder()
+
+    async def scenario():
+        batcher = GreedyBatcher(in_executor(infer, executor), max_rows=8, max_queue_wait_s=10)
+        return await batcher.submit(np.arange(20.0).reshape(20, 1))
+
+    assert asyncio.run(scenario()).ravel().tolist() == [2.0 * i for i in range(20)]
+    assert infer.batches == [8, 8, 4]
+
+
+def test_other_requests_take_turns_between_the_parts_of_a_large_one(executor):
+    """One pass slot: the large request has one part queued at a time, so a small request
+    that came after it runs after its first part, not after all of them, and waits no
+    longer than any job does behind one batch."""
+    infer = Recorder()
+
+    async def scenario():
+        batcher, running = await held_first_pass(infer, executor, max_queue_wait_s=10)
+        large = asyncio.ensure_future(batcher.submit(np.ones((20, 1))))
+        await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
+        await asyncio.sleep(0.01)
+        infer.gate.set()
+        await asyncio.gather(running, large, small)
+
+    asyncio.run(scenario())
+    assert infer.batches == [1, 8, 1, 8, 4]
+
+
+def test_the_queued_parts_of_a_split_request_are_dropped_when_its_caller_leaves(executor):
+    infer = Recorder()
+
+    async def scenario():
+        batcher, running = await held_first_pass(infer, executor, max_queue_wait_s=10)
+        gone = asyncio.ensure_future(batcher.submit(np.ones((20, 1))))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        infer.gate.set()
+        await running
+        return await batcher.submit(np.ones((2, 1)))
+
+    assert asyncio.run(scenario()).tolist() == [[2.0], [2.0]]
+    assert infer.batches == [1, 2]
+
+
+def test_when_a_part_fails_the_parts_still_queued_are_dropped(executor):
+    calls = []
+
+    def infer(rows: np.ndarray, threads: int) -> np.ndarray:
+        calls.append(len(rows))
+        raise RuntimeError("broken batch")
+
+    async def scenario():
+        batcher = GreedyBatcher(in_executor(infer, executor), max_rows=8, max_queue_wait_s=10)
+        with pytest.raises(RuntimeError, match="broken batch"):
+            await batcher.submit(np.ones((40, 1)))
+        await asyncio.sleep(0.05)  # nothing more runs
+
+    asyncio.run(scenario())
+    # The worker may take the next part before the failure reaches the caller; of the five
+    # parts, the ones still queued then are dropped.
+    assert calls in ([8], [8, 8])
+
+
 def test_empty_requests_are_refused(executor):
     async def scenario():
         batcher = GreedyBatcher(in_executor(Recorder(), executor), max_rows=8, max_queue_wait_s=10)
