@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from clip_runner.answers.prompts import check_template
+from clip_runner.config import get_settings
 from clip_runner.errors import RequestError
 
 # transformers' ZeroShotImageClassificationPipeline default.
@@ -38,15 +39,29 @@ def _invalid(message: str) -> RequestError:
 
 
 def parse_candidate_labels(value: Any) -> list[str]:
-    """A list of label strings, or one comma-separated string (as the pipeline also accepts)."""
+    """A list of label strings, or one comma-separated string (as the pipeline also accepts),
+    within the bounds `classes` and `/classify`'s labels have."""
     if isinstance(value, str):
         value = [label.strip() for label in value.split(",")]
     if not isinstance(value, list) or not value:
         raise _invalid("parameters.candidate_labels: give a non-empty list of labels")
+    settings = get_settings()
+    if len(value) > settings.max_classes_per_request:
+        raise _invalid(
+            f"parameters.candidate_labels: at most {settings.max_classes_per_request} labels "
+            f"per request, not {len(value)}"
+        )
     for index, label in enumerate(value):
         if not isinstance(label, str) or not label.strip():
             raise _invalid(f"parameters.candidate_labels[{index}]: must be a non-empty string")
+        _check_length(f"parameters.candidate_labels[{index}]", label)
     return list(value)
+
+
+def _check_length(field: str, text: str) -> None:
+    most = get_settings().max_class_name_chars
+    if len(text) > most:
+        raise _invalid(f"{field}: at most {most} characters, not {len(text)}")
 
 
 def parse_zero_shot_request(inputs: Any, parameters: Any) -> ZeroShotRequest:
@@ -55,6 +70,9 @@ def parse_zero_shot_request(inputs: Any, parameters: Any) -> ZeroShotRequest:
     images = [inputs] if single_image else inputs
     if not isinstance(images, list) or not images:
         raise _invalid("inputs: give an image (URL, base64 or data: URI) or a list of them")
+    most = get_settings().max_images_per_request
+    if len(images) > most:
+        raise _invalid(f"inputs: at most {most} images per request, not {len(images)}")
     for index, image in enumerate(images):
         if not isinstance(image, str):
             raise _invalid(f"inputs[{index}]: must be a string (URL, base64 or data: URI)")
@@ -65,6 +83,7 @@ def parse_zero_shot_request(inputs: Any, parameters: Any) -> ZeroShotRequest:
         check_template(template)
     except (TypeError, ValueError):
         raise _invalid("parameters.hypothesis_template: must be a string containing {}") from None
+    _check_length("parameters.hypothesis_template", template)
     labels = parse_candidate_labels(parameters["candidate_labels"])
     return ZeroShotRequest(images, labels, template, single_image)
 

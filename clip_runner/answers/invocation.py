@@ -107,8 +107,8 @@ def check_prompt_sizes(
                 422,
                 "invalid_request",
                 f"{locate(longest * len(templates) + index)}: the prompt would be {length} "
-                f"characters long; the limit is {context.max_prompt_chars} (put the label "
-                "into the template once)",
+                f"characters long, over the {context.max_prompt_chars} taken (shorten the "
+                "label or the template, and use the template's slot once)",
             )
 
 

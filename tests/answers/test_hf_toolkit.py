@@ -37,6 +37,22 @@ def test_a_list_of_images_comma_separated_labels_and_a_template():
         ("x", {"candidate_labels": []}, "parameters.candidate_labels"),
         ("x", {"candidate_labels": ["a", " "]}, "parameters.candidate_labels[1]"),
         ("x", {"candidate_labels": ["a"], "hypothesis_template": "no slot"}, "hypothesis_template"),
+        (["x"] * 33, {"candidate_labels": ["a"]}, "inputs: at most 32 images per request, not 33"),
+        (
+            "x",
+            {"candidate_labels": [f"l{index}" for index in range(1001)]},
+            "parameters.candidate_labels: at most 1000 labels per request, not 1001",
+        ),
+        (
+            "x",
+            {"candidate_labels": "a, " + "b" * 301},
+            "parameters.candidate_labels[1]: at most 300 characters, not 301",
+        ),
+        (
+            "x",
+            {"candidate_labels": ["a"], "hypothesis_template": "{} " + "c" * 298},
+            "parameters.hypothesis_template: at most 300 characters, not 301",
+        ),
     ],
 )
 def test_mistakes_name_the_field(inputs, parameters, field):

@@ -145,8 +145,8 @@ def test_a_template_repeating_its_slot_past_the_prompt_limit_is_refused_before_a
         asyncio.run(classify(context, [], labels, templates, None))
     assert raised.value.status == 422
     assert raised.value.message == (
-        "labels[1] with templates[1]: the prompt would be 909 characters long; the limit is "
-        "600 (put the label into the template once)"
+        "labels[1] with templates[1]: the prompt would be 909 characters long, over the 600 "
+        "taken (shorten the label or the template, and use the template's slot once)"
     )
     assert tokenized_counts == [] and counting.token_calls == []
 
