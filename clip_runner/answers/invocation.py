@@ -3,7 +3,7 @@ contract and the Hugging Face toolkit's shape), `/classify`, `/embed_images`, `/
 
 The runner is passed in as async callables, so these flows are testable without a server: images
 are fetched and decoded concurrently (decode/resize in threads), text embeddings come from the
-cache or one batched runner call (of token ids: prompts are tokenized here, where their lengths
+cache or from runner calls of token ids (prompts are tokenized here, once, where their lengths
 are checked), and the math is `zero_shot`'s and `prompts`' pure functions.
 """
 
@@ -61,32 +61,51 @@ class InvocationContext:
         )
 
 
-def check_prompt_lengths(
+def checked_token_ids(
     context: InvocationContext,
     prompts: Sequence[str],
     locate: Callable[[int], str] = lambda index: f"classes[{index}][0]",
-) -> None:
-    """Refuse prompts over the model's token limit, naming the field (`locate(prompt index)`).
+) -> list[Sequence[int]]:
+    """Each prompt's token ids, refusing the first prompt over the model's token limit (422,
+    naming the field: `locate(prompt index)`).
 
     Truncating would silently change what is asked, and the original's response shape has no
-    place to say so. A fast tokenizer makes this check cost well under a millisecond.
+    place to say so. Tokenized `LENGTH_CHECK_SLICE` at a time, so the first over-long prompt
+    ends the work without tokenizing the 100,000 behind it.
     """
     limit = context.facts.max_text_tokens
+    token_ids: list[Sequence[int]] = []
     for start in range(0, len(prompts), LENGTH_CHECK_SLICE):
-        some = list(prompts[start : start + LENGTH_CHECK_SLICE])
-        for offset, ids in enumerate(context.tokenize(some)):
-            if (count := len(ids)) > limit:
+        token_ids += context.tokenize(list(prompts[start : start + LENGTH_CHECK_SLICE]))
+        for index in range(start, len(token_ids)):
+            if (count := len(token_ids[index])) > limit:
                 raise RequestError(
                     422,
                     "invalid_request",
-                    f"{locate(start + offset)}: the prompt is {count} tokens long; "
+                    f"{locate(index)}: the prompt is {count} tokens long; "
                     f"the model reads at most {limit} (shorten the text or template)",
                 )
+    return token_ids
 
 
-# Prompts tokenized at a time when their lengths are checked: a request's first over-long
-# prompt ends the check without tokenizing the 100,000 behind it.
+async def prompt_token_ids(
+    context: InvocationContext,
+    prompts: Sequence[str],
+    locate: Callable[[int], str] = lambda index: f"classes[{index}][0]",
+) -> list[Sequence[int]]:
+    """`checked_token_ids`, on a thread for a request of many prompts: 100,000 take about 3 s
+    of the tokenizer, which on the event loop held every other request of the API worker,
+    `/ping` included, for as long (5.8 s with one API worker, when they were tokenized twice)."""
+    if len(prompts) <= TOKENIZE_ON_THE_LOOP:
+        return checked_token_ids(context, prompts, locate)
+    return await asyncio.to_thread(checked_token_ids, context, prompts, locate)
+
+
+# Prompts tokenized at a time: a request's first over-long prompt ends the tokenizing.
 LENGTH_CHECK_SLICE = 64
+# Up to this many prompts (about 10 ms of the tokenizer) are tokenized on the event loop;
+# more go to a thread. The seed's request has six, cached after the first time.
+TOKENIZE_ON_THE_LOOP = 256
 
 
 def check_prompt_sizes(
@@ -112,14 +131,18 @@ def check_prompt_sizes(
             )
 
 
-async def text_embeddings(context: InvocationContext, prompts: Sequence[str]) -> np.ndarray:
-    """Embeddings of `prompts`, encoding only the distinct ones the cache does not hold."""
+async def text_embeddings(
+    context: InvocationContext, prompts: Sequence[str], token_ids: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """Embeddings of `prompts` (whose ids are `token_ids`), encoding only the distinct ones
+    the cache does not hold."""
     tag = context.facts.tag
     cached = context.text_cache.lookup(tag, prompts)
     missing = list(dict.fromkeys(p for p, e in zip(prompts, cached, strict=True) if e is None))
     if missing:
-        token_ids = [list(ids) for ids in context.tokenize(missing)]
-        encoded = np.asarray(await context.encode_tokens(token_ids), dtype=np.float32)
+        ids_of = dict(zip(prompts, token_ids, strict=True))
+        missing_ids = [list(ids_of[prompt]) for prompt in missing]
+        encoded = np.asarray(await context.encode_tokens(missing_ids), dtype=np.float32)
         context.text_cache.store(tag, missing, encoded)
         fresh = dict(zip(missing, encoded, strict=True))
         cached = [e if e is not None else fresh[p] for p, e in zip(prompts, cached, strict=True)]
@@ -162,12 +185,13 @@ async def images_and_texts(
     context: InvocationContext,
     images: Sequence[str],
     prompts: Sequence[str],
+    token_ids: Sequence[Sequence[int]],
     image_field: str = "images",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image and prompt embeddings, the images loading while the texts are looked up/encoded."""
     image_task = asyncio.ensure_future(image_embeddings(context, images, image_field))
     try:
-        text = await text_embeddings(context, prompts)
+        text = await text_embeddings(context, prompts, token_ids)
     except BaseException:
         image_task.cancel()
         await asyncio.gather(image_task, return_exceptions=True)
@@ -187,8 +211,8 @@ async def invoke(
     flags = [flag for _, flag in classes]
     check_prompt_sizes(context, names, [template], lambda index: f"classes[{index}][0]")
     prompts = build_prompts(names, template)
-    check_prompt_lengths(context, prompts)
-    image, text = await images_and_texts(context, images, prompts)
+    token_ids = await prompt_token_ids(context, prompts)
+    image, text = await images_and_texts(context, images, prompts, token_ids)
     probabilities = zero_shot_probabilities(image, text, context.facts.logit_scale)
     return [predict(row, names, flags, top_k) for row in probabilities]
 
@@ -211,8 +235,8 @@ async def classify(
 
     check_prompt_sizes(context, labels, templates, locate)
     prompts = ensemble_prompts(labels, templates)
-    check_prompt_lengths(context, prompts, locate)
-    image, text = await images_and_texts(context, images, prompts, image_field)
+    token_ids = await prompt_token_ids(context, prompts, locate)
+    image, text = await images_and_texts(context, images, prompts, token_ids, image_field)
     label_embeddings = ensemble_embeddings(text, count)
     probabilities = zero_shot_probabilities(image, label_embeddings, context.facts.logit_scale)
     return [ranked_labels(row, labels, top_k) for row in probabilities]
@@ -220,5 +244,5 @@ async def classify(
 
 async def embed_texts(context: InvocationContext, texts: Sequence[str]) -> np.ndarray:
     """Unit-length text embeddings (cached like prompts); over-long texts are refused."""
-    check_prompt_lengths(context, texts, lambda index: f"texts[{index}]")
-    return await text_embeddings(context, texts)
+    token_ids = await prompt_token_ids(context, texts, lambda index: f"texts[{index}]")
+    return await text_embeddings(context, texts, token_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 
 import httpx
 import numpy as np
@@ -116,12 +117,17 @@ def test_prompts_over_the_token_limit_are_refused_naming_the_class(tiny_clip, co
     assert counting.token_calls == []
 
 
-def recording_context(tiny_clip, counting, tokenized_counts: list[int]) -> InvocationContext:
-    """A context whose tokenizer records how many prompts each call of it took."""
+def recording_context(
+    tiny_clip, counting, tokenized_counts: list[int], on_the_loop: list[bool] | None = None
+) -> InvocationContext:
+    """A context whose tokenizer records how many prompts each call of it took, and whether
+    it ran on the event loop's thread."""
     tokenizer = PromptTokenizer(counting.encoder.tokenizer_json(), 64)
 
     def tokenize(prompts: list[str]) -> list:
         tokenized_counts.append(len(prompts))
+        if on_the_loop is not None:
+            on_the_loop.append(threading.current_thread() is threading.main_thread())
         return tokenizer(prompts)
 
     return InvocationContext(
@@ -158,6 +164,22 @@ def test_the_length_check_stops_at_the_first_prompt_over_the_token_limit(tiny_cl
     with pytest.raises(RequestError, match=r"^labels\[0\]: the prompt is \d+ tokens long"):
         asyncio.run(classify(context, [], labels, ["a {}"], None))
     assert tokenized_counts == [LENGTH_CHECK_SLICE]
+
+
+@pytest.mark.parametrize(("labels", "on_a_thread"), [(10, False), (300, True)])
+def test_each_prompt_is_tokenized_once_and_many_off_the_event_loop(
+    tiny_clip, counting, labels, on_a_thread
+):
+    tokenized_counts: list[int] = []
+    on_the_loop: list[bool] = []
+    context = recording_context(tiny_clip, counting, tokenized_counts, on_the_loop)
+    names = [f"thing {index}" for index in range(labels)]
+    image = as_base64(photo_like(20, 20, 1))
+    ranked = asyncio.run(classify(context, [image], names, ["a {}"], None))
+    assert sorted(item["label"] for item in ranked[0]) == sorted(names)
+    assert sum(tokenized_counts) == labels  # the encoded ids are the length check's
+    assert set(on_the_loop) == {not on_a_thread}
+    assert sum(len(call) for call in counting.token_calls) == labels
 
 
 def test_image_size_normalisation_and_scale_come_from_the_checkpoint(monkeypatch, bentoml_home):
