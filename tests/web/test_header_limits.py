@@ -1,4 +1,5 @@
-"""The bounds on request headers, on a real uvicorn server parsing with httptools (as served)."""
+"""The bounds on request headers: on a real uvicorn server parsing with httptools (as served),
+and on the served models."""
 
 from __future__ import annotations
 
