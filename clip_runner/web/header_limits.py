@@ -23,13 +23,15 @@ which refuses headers over 16 KiB itself (a 400) but has no deadline either.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from clip_runner.errors import error_body
 from clip_runner.web.error_responses import answer_past_the_app
+from clip_runner.web.traffic import CLOSE, send_error
+
+TOO_LARGE_STATUS, TOO_LARGE = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large"
 
 
 @dataclass(frozen=True)
@@ -96,14 +98,14 @@ class HeaderWatch:
             if self._answering():  # an answer to the request before is still being sent
                 self.protocol.transport.close()
             else:
-                answer_past_the_app(self.protocol, *self.too_large())
+                body = error_body(TOO_LARGE, self.too_large_message())
+                answer_past_the_app(self.protocol, TOO_LARGE_STATUS, body)
 
-    def too_large(self) -> tuple[HTTPStatus, dict[str, Any]]:
-        message = (
+    def too_large_message(self) -> str:
+        return (
             f"the request's headers are over the {self.limits.max_bytes}-byte limit "
             "(send large values such as image data in the body)"
         )
-        return HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, error_body("headers_too_large", message)
 
     def _expired(self) -> None:
         self.deadline = None
@@ -123,20 +125,13 @@ class HeaderWatch:
         return cycle is not None and not cycle.response_complete
 
 
-def refusal_app(status: HTTPStatus, body: dict[str, Any]) -> Any:
-    """An ASGI app answering every request with `body` and closing the connection: what
+def refusal_app(status: HTTPStatus, error_type: str, message: str) -> Any:
+    """An ASGI app answering every request with this error and closing the connection: what
     uvicorn runs instead of the service for a request whose headers are over the limit (as
     it runs its own 503 app past `limit_concurrency`), so the answer follows any before it."""
-    content = json.dumps(body).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(content)).encode()),
-        (b"connection", b"close"),
-    ]
 
     async def refuse(_scope: Any, _receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": content})
+        await send_error(send, status, error_type, message, [CLOSE])
 
     return refuse
 
@@ -192,7 +187,8 @@ def bound_request_headers(limits: HeaderLimits) -> None:
         if self.header_watch.headers_complete():
             on_headers_complete(self)
             return
-        app, self.app = self.app, refusal_app(*self.header_watch.too_large())
+        message = self.header_watch.too_large_message()
+        app, self.app = self.app, refusal_app(TOO_LARGE_STATUS, TOO_LARGE, message)
         try:
             on_headers_complete(self)
         finally:
