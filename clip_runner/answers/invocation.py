@@ -61,10 +61,22 @@ class InvocationContext:
         )
 
 
+# Prompts tokenized at a time: a request's first over-long prompt ends the tokenizing.
+LENGTH_CHECK_SLICE = 64
+# Up to this many prompts (about 10 ms of the tokenizer) are tokenized on the event loop;
+# more go to a thread. The seed's request has six, cached after the first time.
+TOKENIZE_ON_THE_LOOP = 256
+
+
+def class_name_field(index: int) -> str:
+    """Where `/invocations`' prompt `index` came from: its class's name."""
+    return f"classes[{index}][0]"
+
+
 def checked_token_ids(
     context: InvocationContext,
     prompts: Sequence[str],
-    locate: Callable[[int], str] = lambda index: f"classes[{index}][0]",
+    locate: Callable[[int], str],
 ) -> list[Sequence[int]]:
     """Each prompt's token ids, refusing the first prompt over the model's token limit (422,
     naming the field: `locate(prompt index)`).
@@ -91,7 +103,7 @@ def checked_token_ids(
 async def prompt_token_ids(
     context: InvocationContext,
     prompts: Sequence[str],
-    locate: Callable[[int], str] = lambda index: f"classes[{index}][0]",
+    locate: Callable[[int], str],
 ) -> list[Sequence[int]]:
     """`checked_token_ids`, on a thread for a request of many prompts: 100,000 take about 3 s
     of the tokenizer, which on the event loop held every other request of the API worker,
@@ -99,13 +111,6 @@ async def prompt_token_ids(
     if len(prompts) <= TOKENIZE_ON_THE_LOOP:
         return checked_token_ids(context, prompts, locate)
     return await asyncio.to_thread(checked_token_ids, context, prompts, locate)
-
-
-# Prompts tokenized at a time: a request's first over-long prompt ends the tokenizing.
-LENGTH_CHECK_SLICE = 64
-# Up to this many prompts (about 10 ms of the tokenizer) are tokenized on the event loop;
-# more go to a thread. The seed's request has six, cached after the first time.
-TOKENIZE_ON_THE_LOOP = 256
 
 
 def check_prompt_sizes(
@@ -209,9 +214,9 @@ async def invoke(
     """The original container's answer for one request: one prediction per image, in order."""
     names = [name for name, _ in classes]
     flags = [flag for _, flag in classes]
-    check_prompt_sizes(context, names, [template], lambda index: f"classes[{index}][0]")
+    check_prompt_sizes(context, names, [template], class_name_field)
     prompts = build_prompts(names, template)
-    token_ids = await prompt_token_ids(context, prompts)
+    token_ids = await prompt_token_ids(context, prompts, class_name_field)
     image, text = await images_and_texts(context, images, prompts, token_ids)
     probabilities = zero_shot_probabilities(image, text, context.facts.logit_scale)
     return [predict(row, names, flags, top_k) for row in probabilities]
