@@ -217,3 +217,29 @@ def test_image_size_normalisation_and_scale_come_from_the_checkpoint(monkeypatch
     )
     reference = reference_probabilities(loaded, pictures, [f"a photo of a {n}" for n in names])
     assert_matches_reference(first, reference, names)
+
+
+def test_only_prompts_the_text_cache_lacks_are_tokenized(tiny_clip, counting):
+    tokenized_counts: list[int] = []
+    context = recording_context(tiny_clip, counting, tokenized_counts)
+    image = as_base64(photo_like(20, 20, 1))
+    known = [f"thing {index}" for index in range(40)]
+    first = asyncio.run(classify(context, [image], known, ["a {}"], None))
+    assert sum(tokenized_counts) == 40
+    tokenized_counts.clear()
+    again = asyncio.run(classify(context, [image], known, ["a {}"], None))
+    assert again == first and tokenized_counts == []
+    with_new = known[:20] + ["new one", "thing 3", "new two", "new one"] + known[20:]
+    asyncio.run(classify(context, [image], with_new, ["a {}"], None))
+    assert tokenized_counts == [2]  # the two distinct new prompts, once each
+    assert counting.token_calls[-1] == tokenized(tiny_clip, ["a new one", "a new two"])
+
+
+def test_an_over_long_prompt_behind_cached_ones_is_named_by_its_place(tiny_clip, counting):
+    context = recording_context(tiny_clip, counting, [])
+    templates = ["a {}", "the {}"]
+    image = as_base64(photo_like(20, 20, 1))
+    asyncio.run(classify(context, [image], ["cat", "dog"], templates, None))
+    labels = ["cat", "dog", "bird", "very " * 80 + "long"]
+    with pytest.raises(RequestError, match=r"^labels\[3\] with templates\[0\]: the prompt is"):
+        asyncio.run(classify(context, [], labels, templates, None))
