@@ -5,6 +5,7 @@ against transformers computed directly."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import bentoml
 import httpx
@@ -116,6 +117,27 @@ def test_many_prompts_are_encoded_in_calls_of_a_text_batch_and_match_transformer
     expected = reference_ensemble(tiny_clip, pictures[0], labels, templates)
     scores = scores_by_label(response.json()["results"][0])
     np.testing.assert_allclose([scores[label] for label in labels], expected, atol=1e-5)
+
+
+def test_concurrent_lines_with_the_same_new_classes_encode_their_prompts_once(served, pictures):
+    """A Batch Transform mini-batch whose lines share a new class list: its lines run at once
+    in one API worker, and each used to encode every prompt itself (4 x 200 here)."""
+    classes = [[f"shared thing {index}", 0] for index in range(200)]
+    line = json.dumps({"images": [as_base64(pictures[0])], "classes": classes})
+    sent_before = histogram(served, "clip_service_runner_call_texts")[1]
+    response = httpx.post(
+        f"{served.url}/invocations",
+        content="\n".join([line] * 4),
+        headers={"Content-Type": "application/jsonlines"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    answers = [json.loads(answer)[0] for answer in response.text.splitlines()]
+    assert len(answers) == 4
+    for answer in answers[1:]:  # the same within the batches' rounding
+        assert answer["prompts"][:2] == answers[0]["prompts"][:2]
+        np.testing.assert_allclose(answer["prompts"][2], answers[0]["prompts"][2], atol=1e-6)
+    assert histogram(served, "clip_service_runner_call_texts")[1] - sent_before == 200
 
 
 def test_default_classify_agrees_with_invocations(served, pictures):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -24,6 +24,7 @@ from clip_runner.answers.prompts import (
     ranked_labels,
 )
 from clip_runner.answers.text_cache import TextEmbeddingCache
+from clip_runner.answers.texts_in_flight import TextsInFlight
 from clip_runner.answers.zero_shot import build_prompts, predict, zero_shot_probabilities
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
@@ -53,6 +54,8 @@ class InvocationContext:
     # Longest prompt a template and a label may make: a template and a label at their limit
     # (2 x CLIP_MAX_CLASS_NAME_CHARS), so only a template repeating its slot can pass it.
     max_prompt_chars: int = 600
+    # The prompts this worker's requests are encoding now, shared between them.
+    texts_in_flight: TextsInFlight = field(default_factory=TextsInFlight)
 
     @property
     def geometry(self) -> ImageGeometry:
@@ -63,6 +66,9 @@ class InvocationContext:
 
 # Prompts tokenized at a time: a request's first over-long prompt ends the tokenizing.
 LENGTH_CHECK_SLICE = 64
+# Prompts encoded per chunk, in text passes: each chunk is cached and shared when it is back
+# (texts_in_flight.py); between two chunks of a request, its pass slots wait for one pass.
+CHUNK_PASSES = 16
 # Up to this many prompts (about 10 ms of the tokenizer) are tokenized on the event loop;
 # more go to a thread. The seed's request has six, cached after the first time.
 TOKENIZE_ON_THE_LOOP = 256
@@ -167,20 +173,23 @@ async def plan_prompts(
 
 
 async def text_embeddings(context: InvocationContext, plan: PromptPlan) -> np.ndarray:
-    """The embeddings of `plan`'s prompts, in order: the cached ones and, by one runner call,
-    the missing ones (then cached)."""
-    cached = plan.cached
-    if plan.missing:
-        encoded = np.asarray(
-            await context.encode_tokens([list(ids) for ids in plan.missing_ids]),
-            dtype=np.float32,
-        )
-        context.text_cache.store(context.facts.tag, plan.missing, encoded)
-        fresh = dict(zip(plan.missing, encoded, strict=True))
-        cached = [
-            e if e is not None else fresh[p] for p, e in zip(plan.prompts, cached, strict=True)
-        ]
-    return np.stack(cached)
+    """The embeddings of `plan`'s prompts, in order: the cached ones, and the missing ones
+    encoded (or awaited where another request of this worker is encoding them) and cached."""
+    if not plan.missing:
+        return np.stack(plan.cached)
+    tag = context.facts.tag
+    ids_of = dict(zip(plan.missing, plan.missing_ids, strict=True))
+
+    async def encode(prompts: list[str]) -> np.ndarray:
+        token_ids = [list(ids_of[prompt]) for prompt in prompts]
+        embeddings = np.asarray(await context.encode_tokens(token_ids), dtype=np.float32)
+        context.text_cache.store(tag, prompts, embeddings)
+        return embeddings
+
+    chunk_size = CHUNK_PASSES * context.facts.max_text_batch
+    fresh = await context.texts_in_flight.embeddings(tag, plan.missing, encode, chunk_size)
+    pairs = zip(plan.prompts, plan.cached, strict=True)
+    return np.stack([cached if cached is not None else fresh[p] for p, cached in pairs])
 
 
 async def image_embeddings(

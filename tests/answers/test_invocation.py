@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import threading
 
 import httpx
@@ -11,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from clip_runner.answers.invocation import LENGTH_CHECK_SLICE, InvocationContext, classify, invoke
+from clip_runner.answers.invocation import (
+    CHUNK_PASSES,
+    LENGTH_CHECK_SLICE,
+    InvocationContext,
+    classify,
+    invoke,
+)
 from clip_runner.answers.text_cache import TextEmbeddingCache
 from clip_runner.answers.token_ids import PromptTokenizer
 from clip_runner.errors import RequestError
@@ -243,3 +250,51 @@ def test_an_over_long_prompt_behind_cached_ones_is_named_by_its_place(tiny_clip,
     labels = ["cat", "dog", "bird", "very " * 80 + "long"]
     with pytest.raises(RequestError, match=r"^labels\[3\] with templates\[0\]: the prompt is"):
         asyncio.run(classify(context, [], labels, templates, None))
+
+
+def test_concurrent_requests_with_the_same_new_prompts_encode_them_once(tiny_clip, counting):
+    context = recording_context(tiny_clip, counting, [])
+    context.text_cache = TextEmbeddingCache(1000)
+    image = as_base64(photo_like(20, 20, 1))
+    labels = [f"thing {index}" for index in range(100)]
+
+    async def like_a_runner_call(token_ids: list[list[int]]) -> np.ndarray:
+        await asyncio.sleep(0.05)  # the other requests run meanwhile
+        return await counting.encode_tokens(token_ids)
+
+    context.encode_tokens = like_a_runner_call
+
+    async def three_at_once():
+        return await asyncio.gather(
+            *[classify(context, [image], labels, ["a {}", "the {}"], None) for _ in range(3)]
+        )
+
+    answers = asyncio.run(three_at_once())
+    assert answers[0] == answers[1] == answers[2]
+    assert len(answers[0][0]) == 100
+    encoded = [tuple(ids) for call in counting.token_calls for ids in call]
+    assert len(encoded) == len(set(encoded)) == 200
+
+
+def test_a_request_that_runs_out_of_time_keeps_the_chunks_it_encoded(tiny_clip, counting):
+    context = recording_context(tiny_clip, counting, [])
+    context.facts = dataclasses.replace(context.facts, max_text_batch=2)
+    chunk = CHUNK_PASSES * 2
+    image = as_base64(photo_like(20, 20, 1))
+    labels = [f"thing {index}" for index in range(chunk + 5)]
+    encode = counting.encode_tokens
+
+    async def first_chunk_only(token_ids: list[list[int]]) -> np.ndarray:
+        if counting.token_calls:
+            await asyncio.sleep(3600)  # the second chunk's call never comes back
+        return await encode(token_ids)
+
+    context.encode_tokens = first_chunk_only
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(classify(context, [image], labels, ["a {}"], None), 2))
+    assert len(context.text_cache) == chunk and len(context.texts_in_flight) == 0
+    context.encode_tokens = encode
+    counting.token_calls.clear()
+    ranked = asyncio.run(classify(context, [image], labels, ["a {}"], None))
+    assert len(ranked[0]) == chunk + 5
+    assert [len(call) for call in counting.token_calls] == [5]

@@ -1,0 +1,169 @@
+"""Concurrent requests' prompts: each encoded once, chunk by chunk, handed over when a request
+leaves. The encoder here is a function of the prompt whose calls the tests hold and release."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from clip_runner.answers.texts_in_flight import TextsInFlight
+
+
+def vector(prompt: str) -> np.ndarray:
+    """A prompt's stand-in embedding: distinct for the prompts these tests use."""
+    return np.array([len(prompt), sum(map(ord, prompt))], dtype=np.float32)
+
+
+class HeldEncoder:
+    """Records each call's prompts; a call returns once `release()` lets it (or at once when
+    not holding), and then fails if `fail_next` says so."""
+
+    def __init__(self, holding: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.holding = holding
+        self.fail_next = False
+        self._released = asyncio.Semaphore(0)
+
+    def release(self, calls: int = 1) -> None:
+        for _ in range(calls):
+            self._released.release()
+
+    async def __call__(self, prompts: list[str]) -> np.ndarray:
+        self.calls.append(list(prompts))
+        if self.holding:
+            await self._released.acquire()
+        else:
+            await asyncio.sleep(0)
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the runner call failed")
+        return np.stack([vector(prompt) for prompt in prompts])
+
+
+async def settle() -> None:
+    """Let every ready task run until each waits on something outside the loop's queue."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def run(flow: Coroutine[Any, Any, None]) -> None:
+    """A test's flow, failed rather than hung where a request waits for a chunk forever."""
+    asyncio.run(asyncio.wait_for(flow, 10))
+
+
+def assert_embeddings(found: dict[str, np.ndarray], prompts: list[str]) -> None:
+    for prompt in prompts:
+        np.testing.assert_array_equal(found[prompt], vector(prompt))
+
+
+def test_concurrent_requests_encode_each_prompt_once():
+    async def go():
+        shared, encoder = TextsInFlight(), HeldEncoder()
+        requests = [
+            [f"p{i}" for i in range(0, 30)],
+            [f"p{i}" for i in range(10, 50)],
+            [f"p{i}" for i in range(25, 35)],
+        ]
+        answers = await asyncio.gather(
+            *[shared.embeddings("m", prompts, encoder, 8) for prompts in requests]
+        )
+        for prompts, found in zip(requests, answers, strict=True):
+            assert_embeddings(found, prompts)
+        encoded = [prompt for call in encoder.calls for prompt in call]
+        assert sorted(encoded) == sorted(f"p{i}" for i in range(50))
+        assert max(len(call) for call in encoder.calls) == 8
+        assert len(shared) == 0
+
+    run(go())
+
+
+def test_each_chunk_is_handed_to_its_waiters_as_soon_as_it_is_back():
+    async def go():
+        shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
+        prompts = [f"p{i}" for i in range(10)]
+        owner = asyncio.ensure_future(shared.embeddings("m", prompts, encoder, 4))
+        await settle()
+        waiter = asyncio.ensure_future(shared.embeddings("m", ["p2", "p1"], encoder, 4))
+        encoder.release()  # the first chunk
+        found = await waiter
+        assert_embeddings(found, ["p1", "p2"])
+        assert not owner.done() and encoder.calls == [prompts[:4], prompts[4:8]]
+        encoder.release(2)
+        assert_embeddings(await owner, prompts)
+        assert encoder.calls == [prompts[:4], prompts[4:8], prompts[8:]]
+
+    run(go())
+
+
+def test_a_request_that_leaves_hands_its_unfinished_chunks_to_its_waiters():
+    async def go():
+        shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
+        owner = asyncio.ensure_future(shared.embeddings("m", list("abcdefgh"), encoder, 4))
+        await settle()
+        encoder.release()  # a-d are back; e-h are being encoded
+        await settle()
+        waiter = asyncio.ensure_future(shared.embeddings("m", list("ef"), encoder, 4))
+        await settle()
+        assert encoder.calls == [list("abcd"), list("efgh")]
+        owner.cancel()
+        await settle()
+        assert encoder.calls[-1] == list("ef")
+        encoder.release(2)
+        assert_embeddings(await waiter, list("ef"))
+        assert len(shared) == 0
+        with pytest.raises(asyncio.CancelledError):
+            await owner
+
+    run(go())
+
+
+def test_a_waiter_that_leaves_does_not_stop_the_chunk_it_waited_for():
+    async def go():
+        shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
+        owner = asyncio.ensure_future(shared.embeddings("m", list("abc"), encoder, 4))
+        await settle()
+        waiter = asyncio.ensure_future(shared.embeddings("m", list("ab"), encoder, 4))
+        await settle()
+        waiter.cancel()
+        await settle()
+        encoder.release()
+        assert_embeddings(await owner, list("abc"))
+        assert encoder.calls == [list("abc")]
+
+    run(go())
+
+
+def test_a_failed_chunk_fails_its_request_and_its_waiters_encode_it_themselves():
+    async def go():
+        shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
+        owner = asyncio.ensure_future(shared.embeddings("m", list("abc"), encoder, 4))
+        await settle()
+        waiter = asyncio.ensure_future(shared.embeddings("m", list("bc"), encoder, 4))
+        await settle()
+        encoder.fail_next = True
+        encoder.release()
+        with pytest.raises(RuntimeError, match="the runner call failed"):
+            await owner
+        await settle()
+        encoder.release()
+        assert_embeddings(await waiter, list("bc"))
+        assert encoder.calls == [list("abc"), list("bc")]
+        assert len(shared) == 0
+
+    run(go())
+
+
+def test_prompts_of_different_models_are_encoded_apart():
+    async def go():
+        shared, encoder = TextsInFlight(), HeldEncoder()
+        await asyncio.gather(
+            shared.embeddings("model-a", ["a cat"], encoder, 4),
+            shared.embeddings("model-b", ["a cat"], encoder, 4),
+        )
+        assert encoder.calls == [["a cat"], ["a cat"]]
+
+    run(go())
