@@ -3,7 +3,7 @@
 A request's uncached prompts used to be encoded by that request alone and cached at its end. So
 concurrent requests carrying the same new prompts each encoded all of them, and a request that
 ran out of time kept none of its work. Measured before (tiny model, 2 cores, 1,000 labels x 80
-templates, which one request alone has answered in 20 s): four such requests at once all ended
+templates, which one request alone has answered in 15-21 s): four such requests at once all ended
 504 after 55 s, and so did the four sent again, since nothing had been cached: a client retrying
 a cold ensemble never got an answer.
 
@@ -27,7 +27,8 @@ EncodeChunk = Callable[[list[str]], Awaitable[np.ndarray]]
 
 @dataclass(eq=False)
 class Chunk:
-    """Prompts encoded by one runner call of a request; `done` holds their embeddings."""
+    """Prompts a request encodes together (several runner calls: the batcher splits them into
+    passes); `done` holds their embeddings."""
 
     prompts: list[str]
     done: asyncio.Future[np.ndarray]
