@@ -55,6 +55,15 @@ def run(flow: Coroutine[Any, Any, None]) -> None:
     asyncio.run(asyncio.wait_for(flow, 10))
 
 
+async def started(
+    shared: TextsInFlight, encoder: HeldEncoder, prompts: str
+) -> asyncio.Future[dict[str, np.ndarray]]:
+    """A request for `prompts` (one character each, chunks of 4), run until it waits."""
+    request = asyncio.ensure_future(shared.embeddings("m", list(prompts), encoder, 4))
+    await settle()
+    return request
+
+
 def assert_embeddings(found: dict[str, np.ndarray], prompts: list[str]) -> None:
     for prompt in prompts:
         np.testing.assert_array_equal(found[prompt], vector(prompt))
@@ -102,12 +111,10 @@ def test_each_chunk_is_handed_to_its_waiters_as_soon_as_it_is_back():
 def test_a_request_that_leaves_hands_its_unfinished_chunks_to_its_waiters():
     async def go():
         shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
-        owner = asyncio.ensure_future(shared.embeddings("m", list("abcdefgh"), encoder, 4))
-        await settle()
+        owner = await started(shared, encoder, "abcdefgh")
         encoder.release()  # a-d are back; e-h are being encoded
         await settle()
-        waiter = asyncio.ensure_future(shared.embeddings("m", list("ef"), encoder, 4))
-        await settle()
+        waiter = await started(shared, encoder, "ef")
         assert encoder.calls == [list("abcd"), list("efgh")]
         owner.cancel()
         await settle()
@@ -124,10 +131,8 @@ def test_a_request_that_leaves_hands_its_unfinished_chunks_to_its_waiters():
 def test_a_waiter_that_leaves_does_not_stop_the_chunk_it_waited_for():
     async def go():
         shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
-        owner = asyncio.ensure_future(shared.embeddings("m", list("abc"), encoder, 4))
-        await settle()
-        waiter = asyncio.ensure_future(shared.embeddings("m", list("ab"), encoder, 4))
-        await settle()
+        owner = await started(shared, encoder, "abc")
+        waiter = await started(shared, encoder, "ab")
         waiter.cancel()
         await settle()
         encoder.release()
@@ -140,10 +145,8 @@ def test_a_waiter_that_leaves_does_not_stop_the_chunk_it_waited_for():
 def test_a_failed_chunk_fails_its_request_and_its_waiters_encode_it_themselves():
     async def go():
         shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
-        owner = asyncio.ensure_future(shared.embeddings("m", list("abc"), encoder, 4))
-        await settle()
-        waiter = asyncio.ensure_future(shared.embeddings("m", list("bc"), encoder, 4))
-        await settle()
+        owner = await started(shared, encoder, "abc")
+        waiter = await started(shared, encoder, "bc")
         encoder.fail_next = True
         encoder.release()
         with pytest.raises(RuntimeError, match="the runner call failed"):
