@@ -9,8 +9,11 @@ a cold ensemble never got an answer.
 
 Now a request encodes only the prompts no other request of the worker is encoding, in chunks
 each handed to the cache and to the requests waiting for it as soon as it is back, and waits for
-the rest. A chunk whose request leaves (its client gone, its time up, its runner call failed) is
-dropped, and the requests waiting for it encode those prompts themselves.
+the rest. A chunk whose request leaves (its client gone, its time up) is dropped, and the
+requests waiting for it encode those prompts themselves. A chunk whose runner call failed fails
+its waiters with the same error: they would have met the same runner, and retrying it after the
+failed attempts (two attempts of half the request's time) answered them 504 past their deadline
+where the failed request answered a clear 503 (`tests/test_faults.py`, with the runner frozen).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class TextsInFlight:
     ) -> dict[str, np.ndarray]:
         """The embedding of each of `prompts` (distinct, uncached): those no other request is
         encoding are encoded here, `chunk_size` at a time; the others are awaited, and taken
-        over where the request encoding them leaves."""
+        over where the request encoding them leaves (its runner error is raised here too)."""
         found: dict[str, np.ndarray] = {}
         waiting = list(prompts)
         while waiting:
@@ -87,11 +90,25 @@ class TextsInFlight:
                 found.update(zip(chunk.prompts, embeddings, strict=True))
                 chunk.done.set_result(embeddings)
                 self._release(tag, chunk)
+        except Exception as error:
+            # The runner failed (unavailable, overloaded): the waiters get the same answer now
+            # rather than meet the same runner again past their own deadlines.
+            self._end_unfinished(tag, chunks, error)
+            raise
         finally:
-            for chunk in chunks:
-                if not chunk.done.done():
-                    chunk.done.cancel()  # its waiters encode these prompts themselves
-                    self._release(tag, chunk)
+            self._end_unfinished(tag, chunks, None)  # left: the waiters encode them themselves
+
+    def _end_unfinished(self, tag: str, chunks: list[Chunk], error: Exception | None) -> None:
+        """Fail (with `error`) or drop (without) the chunks not encoded, and release them."""
+        for chunk in chunks:
+            if chunk.done.done():
+                continue
+            if error is None:
+                chunk.done.cancel()
+            else:
+                chunk.done.set_exception(error)
+                chunk.done.exception()  # retrieved: asyncio would log it where nobody waits
+            self._release(tag, chunk)
 
     def _release(self, tag: str, chunk: Chunk) -> None:
         for prompt in chunk.prompts:

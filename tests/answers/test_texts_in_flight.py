@@ -142,20 +142,20 @@ def test_a_waiter_that_leaves_does_not_stop_the_chunk_it_waited_for():
     run(go())
 
 
-def test_a_failed_chunk_fails_its_request_and_its_waiters_encode_it_themselves():
+def test_a_failed_chunk_fails_its_waiters_with_the_same_error():
     async def go():
         shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
-        owner = await started(shared, encoder, "abc")
-        waiter = await started(shared, encoder, "bc")
+        owner = await started(shared, encoder, "abcdef")
+        waiter = await started(shared, encoder, "bcf")
         encoder.fail_next = True
         encoder.release()
-        with pytest.raises(RuntimeError, match="the runner call failed"):
-            await owner
-        await settle()
-        encoder.release()
-        assert_embeddings(await waiter, list("bc"))
-        assert encoder.calls == [list("abc"), list("bc")]
+        for request in (owner, waiter):
+            with pytest.raises(RuntimeError, match="the runner call failed"):
+                await request
+        assert encoder.calls == [list("abcd")]  # nobody met the failing runner again
         assert len(shared) == 0
+        encoder.holding = False
+        assert_embeddings(await shared.embeddings("m", list("bc"), encoder, 4), list("bc"))
 
     run(go())
 
