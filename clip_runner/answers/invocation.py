@@ -149,8 +149,7 @@ class PromptPlan:
 
     prompts: Sequence[str]
     cached: list[np.ndarray | None]
-    missing: list[str]
-    missing_ids: list[Sequence[int]]
+    missing_ids: dict[str, Sequence[int]]  # the distinct missing prompts, in request order
 
 
 async def plan_prompts(
@@ -169,25 +168,26 @@ async def plan_prompts(
     missing = list(first_index)
     positions = list(first_index.values())
     missing_ids = await prompt_token_ids(context, missing, lambda i: locate(positions[i]))
-    return PromptPlan(prompts, cached, missing, missing_ids)
+    return PromptPlan(prompts, cached, dict(zip(missing, missing_ids, strict=True)))
 
 
 async def text_embeddings(context: InvocationContext, plan: PromptPlan) -> np.ndarray:
     """The embeddings of `plan`'s prompts, in order: the cached ones, and the missing ones
     encoded (or awaited where another request of this worker is encoding them) and cached."""
-    if not plan.missing:
+    if not plan.missing_ids:
         return np.stack(plan.cached)
     tag = context.facts.tag
-    ids_of = dict(zip(plan.missing, plan.missing_ids, strict=True))
 
     async def encode(prompts: list[str]) -> np.ndarray:
-        token_ids = [list(ids_of[prompt]) for prompt in prompts]
+        token_ids = [list(plan.missing_ids[prompt]) for prompt in prompts]
         embeddings = np.asarray(await context.encode_tokens(token_ids), dtype=np.float32)
         context.text_cache.store(tag, prompts, embeddings)
         return embeddings
 
     chunk_size = CHUNK_PASSES * context.facts.max_text_batch
-    fresh = await context.texts_in_flight.embeddings(tag, plan.missing, encode, chunk_size)
+    fresh = await context.texts_in_flight.embeddings(
+        tag, list(plan.missing_ids), encode, chunk_size
+    )
     pairs = zip(plan.prompts, plan.cached, strict=True)
     return np.stack([cached if cached is not None else fresh[p] for p, cached in pairs])
 

@@ -84,6 +84,7 @@ class TextsInFlight:
         ]
         for chunk in chunks:
             self._chunks.update(((tag, prompt), chunk) for prompt in chunk.prompts)
+        failure: Exception | None = None
         try:
             for chunk in chunks:
                 embeddings = await encode(chunk.prompts)
@@ -91,15 +92,16 @@ class TextsInFlight:
                 chunk.done.set_result(embeddings)
                 self._release(tag, chunk)
         except Exception as error:
-            # The runner failed (unavailable, overloaded): the waiters get the same answer now
-            # rather than meet the same runner again past their own deadlines.
-            self._end_unfinished(tag, chunks, error)
+            failure = error
             raise
         finally:
-            self._end_unfinished(tag, chunks, None)  # left: the waiters encode them themselves
+            self._end_unfinished(tag, chunks, failure)
 
     def _end_unfinished(self, tag: str, chunks: list[Chunk], error: Exception | None) -> None:
-        """Fail (with `error`) or drop (without) the chunks not encoded, and release them."""
+        """Release the chunks not encoded: failed with the runner's `error` (unavailable,
+        overloaded), so their waiters get the same answer now rather than meet that runner
+        again past their own deadlines; dropped where the request left (`error` None), so
+        their waiters encode them themselves."""
         for chunk in chunks:
             if chunk.done.done():
                 continue
