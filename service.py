@@ -33,7 +33,6 @@ from clip_runner.answers.runner_calls import (
     runner_calls,
     runner_overloaded,
 )
-from clip_runner.answers.text_cache import TextEmbeddingCache
 from clip_runner.answers.token_ids import PromptTokenizer
 from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
@@ -44,7 +43,9 @@ from clip_runner.host_lookup import check_host_lookup_in_background
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits, compiled_resizer
 from clip_runner.malloc_tuning import reuse_freed_memory
+from clip_runner.metrics import TEXT_CACHE_LOOKUPS
 from clip_runner.model.batching import QueueWaitExceeded
+from clip_runner.model.embedding_cache import EmbeddingCache
 from clip_runner.model.model_facts import ModelFacts
 from clip_runner.model.model_source import find_checkpoint
 from clip_runner.model.runner import CLIPRunner
@@ -188,7 +189,7 @@ class ClipService:
         )
         policy = AddressPolicy.from_allowlist(settings.fetch_allow)
         self.http_client = new_fetch_client(policy, self.image_limits.fetch)
-        self.text_cache = TextEmbeddingCache(settings.text_cache_size)
+        self.text_cache = EmbeddingCache(settings.text_cache_size, TEXT_CACHE_LOOKUPS)
         self._context: InvocationContext | None = None
         self._context_lock = asyncio.Lock()
         self.runner_ready = False

@@ -66,3 +66,9 @@ TEXT_CACHE_LOOKUPS = Counter(
     documentation="Prompt embedding cache lookups, by result (hit or miss)",
     labelnames=["result"],
 )
+RUNNER_TEXT_CACHE_LOOKUPS = Counter(
+    name="clip_runner_text_cache_lookups",
+    documentation="Prompts the runner was sent, by whether it had them encoded already (hit: "
+    "for another API worker, most often) or not (miss)",
+    labelnames=["result"],
+)

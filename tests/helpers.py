@@ -335,10 +335,17 @@ class ServedBento:
 
     def runner_processes(self) -> list[psutil.Process]:
         """The CLIPRunner worker processes under this server."""
+        return self._workers("clip_runner")
+
+    def api_processes(self) -> list[psutil.Process]:
+        """The API worker processes under this server."""
+        return self._workers("clip_service")
+
+    def _workers(self, service: str) -> list[psutil.Process]:
         return [
             child
             for child in psutil.Process(self.process.pid).children(recursive=True)
-            if "clip_runner" in " ".join(child.cmdline())
+            if f"--service-name {service} " in " ".join(child.cmdline())
         ]
 
 

@@ -140,6 +140,28 @@ def test_concurrent_lines_with_the_same_new_classes_encode_their_prompts_once(se
     assert histogram(served, "clip_service_runner_call_texts")[1] - sent_before == 200
 
 
+def test_new_prompts_that_several_api_workers_send_are_encoded_once(served, tiny_clip):
+    """Each API worker caches only what its own requests encoded, so the same new prompts came
+    to the runner once from each worker, and were encoded each time. The requests go on new
+    connections (spread over the workers by the kernel) until a second worker has sent them."""
+    if len(served.api_processes()) < 2:
+        pytest.skip("one API worker on this machine: nothing to share between workers")
+    texts = [f"a thing every worker is asked about, number {index}" for index in range(300)]
+    sent_before = histogram(served, "clip_service_runner_call_texts")[1]
+    encoded_before = histogram(served, "clip_runner_batch_texts")[1]
+    sent = 0.0
+    for _ in range(30):
+        answer = post(served, "/embed_texts", {"texts": texts}).json()
+        np.testing.assert_allclose(
+            answer["embeddings"], reference_text_embeddings(tiny_clip, texts), atol=1e-5
+        )
+        sent = histogram(served, "clip_service_runner_call_texts")[1] - sent_before
+        if sent >= 2 * len(texts):
+            break
+    assert sent == 2 * len(texts), "the requests never reached a second API worker"
+    assert histogram(served, "clip_runner_batch_texts")[1] - encoded_before == len(texts)
+
+
 def test_default_classify_agrees_with_invocations(served, pictures):
     image = as_base64(pictures[1])
     ranked = post(served, "/classify", {"images": [image], "labels": LABELS}).json()["results"][0]

@@ -347,11 +347,7 @@ def test_once_ping_answers_200_every_api_worker_does(
 
 
 def test_ping_turns_503_fast_when_the_runner_stops_answering(served):
-    runner = next(
-        child
-        for child in psutil.Process(served.process.pid).children(recursive=True)
-        if "clip_runner" in " ".join(child.cmdline())
-    )
+    runner = served.runner_processes()[0]
     os.kill(runner.pid, signal.SIGSTOP)
     try:
         wait_for_ping(served.url, 503, within_s=6)

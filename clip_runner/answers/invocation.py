@@ -23,11 +23,11 @@ from clip_runner.answers.prompts import (
     filled_length,
     ranked_labels,
 )
-from clip_runner.answers.text_cache import TextEmbeddingCache
-from clip_runner.answers.texts_in_flight import TextsInFlight
 from clip_runner.answers.zero_shot import build_prompts, predict, zero_shot_probabilities
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
+from clip_runner.model.embedding_cache import EmbeddingCache, with_cached
+from clip_runner.model.encodings_in_flight import EncodingsInFlight
 from clip_runner.model.model_facts import ModelFacts
 
 EncodeImages = Callable[[np.ndarray], Awaitable[np.ndarray]]
@@ -47,7 +47,7 @@ class InvocationContext:
     encode_tokens: EncodeTokens
     tokenize: Tokenize
     http_client: httpx.AsyncClient
-    text_cache: TextEmbeddingCache
+    text_cache: EmbeddingCache[tuple[str, str]]  # by (model tag, prompt)
     image_limits: ImageLimits
     # Where JPEGs are forwarded as bytes (image_limits.forward_jpegs), the runner's device decodes.
     encode_jpegs: EncodeJpegs | None = None
@@ -55,7 +55,8 @@ class InvocationContext:
     # (2 x CLIP_MAX_CLASS_NAME_CHARS), so only a template repeating its slot can pass it.
     max_prompt_chars: int = 600
     # The prompts this worker's requests are encoding now, shared between them.
-    texts_in_flight: TextsInFlight = field(default_factory=TextsInFlight)
+    # By (model tag, prompt), as the cache.
+    texts_in_flight: EncodingsInFlight[tuple[str, str]] = field(default_factory=EncodingsInFlight)
 
     @property
     def geometry(self) -> ImageGeometry:
@@ -67,7 +68,7 @@ class InvocationContext:
 # Prompts tokenized at a time: a request's first over-long prompt ends the tokenizing.
 LENGTH_CHECK_SLICE = 64
 # Prompts encoded per chunk, in text passes: each chunk is cached and shared when it is back
-# (texts_in_flight.py); between two chunks of a request, its pass slots wait for one pass.
+# (model/encodings_in_flight.py); between two chunks of a request, its pass slots wait for one pass.
 CHUNK_PASSES = 16
 # Up to this many prompts (about 10 ms of the tokenizer) are tokenized on the event loop;
 # more go to a thread. The seed's request has six, cached after the first time.
@@ -160,7 +161,8 @@ async def plan_prompts(
     the first over-long prompt is still the one named. A repeated 80,000-prompt ensemble
     (1,000 labels x 80 templates, all cached, tiny model) took 2.2 s when every prompt was
     tokenized, 0.14 s now."""
-    cached = context.text_cache.lookup(context.facts.tag, prompts)
+    tag = context.facts.tag
+    cached = context.text_cache.lookup([(tag, prompt) for prompt in prompts])
     first_index: dict[str, int] = {}
     for index, (prompt, embedding) in enumerate(zip(prompts, cached, strict=True)):
         if embedding is None:
@@ -178,18 +180,17 @@ async def text_embeddings(context: InvocationContext, plan: PromptPlan) -> np.nd
         return np.stack(plan.cached)
     tag = context.facts.tag
 
-    async def encode(prompts: list[str]) -> np.ndarray:
-        token_ids = [list(plan.missing_ids[prompt]) for prompt in prompts]
+    async def encode(chunk: list[tuple[str, str]]) -> np.ndarray:
+        token_ids = [list(plan.missing_ids[prompt]) for _, prompt in chunk]
         embeddings = np.asarray(await context.encode_tokens(token_ids), dtype=np.float32)
-        context.text_cache.store(tag, prompts, embeddings)
+        context.text_cache.store(chunk, embeddings)
         return embeddings
 
     chunk_size = CHUNK_PASSES * context.facts.max_text_batch
-    fresh = await context.texts_in_flight.embeddings(
-        tag, list(plan.missing_ids), encode, chunk_size
-    )
-    pairs = zip(plan.prompts, plan.cached, strict=True)
-    return np.stack([cached if cached is not None else fresh[p] for p, cached in pairs])
+    missing = list(plan.missing_ids)
+    keys = [(tag, prompt) for prompt in missing]
+    fresh = await context.texts_in_flight.embeddings(keys, encode, chunk_size)
+    return with_cached(plan.prompts, plan.cached, missing, fresh)
 
 
 async def image_embeddings(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import bentoml
 import numpy as np
@@ -24,8 +24,11 @@ from clip_runner.config import get_settings
 from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.gil_handover import hand_over_gil_after
 from clip_runner.malloc_tuning import reuse_freed_memory
+from clip_runner.metrics import RUNNER_TEXT_CACHE_LOOKUPS
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.model.direct_calls import DirectCallsMiddleware
+from clip_runner.model.embedding_cache import EmbeddingCache, with_cached
+from clip_runner.model.encodings_in_flight import EncodingsInFlight
 from clip_runner.model.startup_phases import StartupPhases
 
 logger = logging.getLogger("clip_runner")
@@ -34,6 +37,7 @@ settings = get_settings()
 # return type's JSON schema, generated anew for every response (8.7% of the runner's CPU at
 # load, py-spy). The type is the one BentoML derived.
 Embeddings = Annotated[np.ndarray, ContentType("application/json")]
+Encoded = TypeVar("Encoded")
 
 
 @bentoml.service(
@@ -98,6 +102,11 @@ class CLIPRunner:
         self.image_batcher = batcher(self.model.encode_images, layout.max_batch)
         self.text_batcher = batcher(self.model.encode_tokens, layout.max_text_batch)
         self.jpeg_batcher = batcher(self.model.encode_jpegs, layout.max_batch)
+        # Prompts encoded lately and being encoded, by token ids, for every API worker's calls.
+        self.text_cache: EmbeddingCache[tuple[int, ...]] = EmbeddingCache(
+            settings.text_cache_size, RUNNER_TEXT_CACHE_LOOKUPS
+        )
+        self.texts_in_flight: EncodingsInFlight[tuple[int, ...]] = EncodingsInFlight()
         bind_apis_once(self)  # BentoML looks each API up per call (bound_apis.py)
         # The model, torch and transformers stay for the process's lifetime: kept out of garbage
         # collections, whose full passes otherwise stalled every call (gc_tuning.py).
@@ -122,8 +131,31 @@ class CLIPRunner:
     @bentoml.api
     async def encode_tokens(self, token_ids: list[list[int]]) -> Embeddings:
         """Prompts' token ids (this model's tokenizer's, special tokens included, at most its
-        token limit each; the API workers tokenize) -> float32 (N, D)."""
-        return await _bounded(self.text_batcher.submit(token_ids))
+        token limit each; the API workers tokenize) -> float32 (N, D).
+
+        Each API worker caches and shares only its own requests' prompts, so the same new
+        prompts reaching several workers come here once from each, usually some passes apart.
+        The runner answers those it encoded already from its own cache and awaits those being
+        encoded (one chunk per call: the API workers send theirs in passes already). Tiny
+        model, 2 API workers, 8 concurrent cold requests of 1,000 labels x 80 templates: 80,000
+        prompts encoded in 17-18 s, where each worker had encoded them all (160,000, 23-32 s)."""
+        if not token_ids:
+            raise ValueError("nothing to encode")
+        keys = [tuple(ids) for ids in token_ids]
+        cached = self.text_cache.lookup(keys)
+        missing = list(
+            dict.fromkeys(key for key, row in zip(keys, cached, strict=True) if row is None)
+        )
+        if not missing:
+            return np.stack(cached)
+
+        async def encode(chunk: list[tuple[int, ...]]) -> np.ndarray:
+            embeddings = await self.text_batcher.submit([list(ids) for ids in chunk])
+            self.text_cache.store(chunk, embeddings)
+            return embeddings
+
+        fresh = await _bounded(self.texts_in_flight.embeddings(missing, encode, len(missing)))
+        return with_cached(keys, cached, missing, fresh)
 
     @bentoml.api
     def describe(self) -> dict:
@@ -146,7 +178,7 @@ async def direct_call(method: str, rows: np.ndarray | list) -> np.ndarray:
 CLIPRunner.add_asgi_middleware(DirectCallsMiddleware, handler=direct_call)
 
 
-async def _bounded(encoding: Awaitable[np.ndarray]) -> np.ndarray:
+async def _bounded(encoding: Awaitable[Encoded]) -> Encoded:
     """A request that queued past CLIP_MAX_LATENCY_MS is refused with 503 ("overloaded")."""
     try:
         return await encoding

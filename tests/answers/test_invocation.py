@@ -19,11 +19,11 @@ from clip_runner.answers.invocation import (
     classify,
     invoke,
 )
-from clip_runner.answers.text_cache import TextEmbeddingCache
 from clip_runner.answers.token_ids import PromptTokenizer
 from clip_runner.errors import RequestError
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits
+from clip_runner.model.embedding_cache import EmbeddingCache
 from clip_runner.model.encoding import ClipEncoder
 from tests.helpers import SEED_CLASSES, as_base64, photo_like
 from tests.reference import assert_matches_reference, reference_probabilities
@@ -74,7 +74,7 @@ def run_invoke(tiny_clip, counting, images, classes, template="a photo of a {nam
             second = await invoke(context, images, classes, template, top_k)
             return first, second
 
-    cache = TextEmbeddingCache(100)
+    cache = EmbeddingCache(100)
     return asyncio.run(go())
 
 
@@ -143,7 +143,7 @@ def recording_context(
         encode_tokens=counting.encode_tokens,
         tokenize=tokenize,
         http_client=httpx.AsyncClient(),
-        text_cache=TextEmbeddingCache(100),
+        text_cache=EmbeddingCache(100),
         image_limits=ImageLimits(FetchLimits(5_000_000, 5), max_pixels=50_000_000),
     )
 
@@ -254,7 +254,7 @@ def test_an_over_long_prompt_behind_cached_ones_is_named_by_its_place(tiny_clip,
 
 def test_concurrent_requests_with_the_same_new_prompts_encode_them_once(tiny_clip, counting):
     context = recording_context(tiny_clip, counting, [])
-    context.text_cache = TextEmbeddingCache(1000)
+    context.text_cache = EmbeddingCache(1000)
     image = as_base64(photo_like(20, 20, 1))
     labels = [f"thing {index}" for index in range(100)]
 

@@ -1,5 +1,6 @@
-"""Concurrent requests' prompts: each encoded once, chunk by chunk, handed over when a request
-leaves. The encoder here is a function of the prompt whose calls the tests hold and release."""
+"""Concurrent callers' rows: each encoded once, chunk by chunk, handed over when a caller leaves.
+The keys here are prompts; the encoder is a function of the prompt whose calls the tests hold and
+release."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from clip_runner.answers.texts_in_flight import TextsInFlight
+from clip_runner.model.encodings_in_flight import EncodingsInFlight, in_order
 
 
 def vector(prompt: str) -> np.ndarray:
@@ -56,29 +57,29 @@ def run(flow: Coroutine[Any, Any, None]) -> None:
 
 
 async def started(
-    shared: TextsInFlight, encoder: HeldEncoder, prompts: str
-) -> asyncio.Future[dict[str, np.ndarray]]:
+    shared: EncodingsInFlight[str], encoder: HeldEncoder, prompts: str
+) -> asyncio.Future[np.ndarray]:
     """A request for `prompts` (one character each, chunks of 4), run until it waits."""
-    request = asyncio.ensure_future(shared.embeddings("m", list(prompts), encoder, 4))
+    request = asyncio.ensure_future(shared.embeddings(list(prompts), encoder, 4))
     await settle()
     return request
 
 
-def assert_embeddings(found: dict[str, np.ndarray], prompts: list[str]) -> None:
-    for prompt in prompts:
-        np.testing.assert_array_equal(found[prompt], vector(prompt))
+def assert_embeddings(found: np.ndarray, prompts: list[str]) -> None:
+    """`found` holds the prompts' embeddings in their order."""
+    np.testing.assert_array_equal(found, np.stack([vector(prompt) for prompt in prompts]))
 
 
 def test_concurrent_requests_encode_each_prompt_once():
     async def go():
-        shared, encoder = TextsInFlight(), HeldEncoder()
+        shared, encoder = EncodingsInFlight(), HeldEncoder()
         requests = [
             [f"p{i}" for i in range(0, 30)],
             [f"p{i}" for i in range(10, 50)],
             [f"p{i}" for i in range(25, 35)],
         ]
         answers = await asyncio.gather(
-            *[shared.embeddings("m", prompts, encoder, 8) for prompts in requests]
+            *[shared.embeddings(prompts, encoder, 8) for prompts in requests]
         )
         for prompts, found in zip(requests, answers, strict=True):
             assert_embeddings(found, prompts)
@@ -92,14 +93,14 @@ def test_concurrent_requests_encode_each_prompt_once():
 
 def test_each_chunk_is_handed_to_its_waiters_as_soon_as_it_is_back():
     async def go():
-        shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
+        shared, encoder = EncodingsInFlight(), HeldEncoder(holding=True)
         prompts = [f"p{i}" for i in range(10)]
-        owner = asyncio.ensure_future(shared.embeddings("m", prompts, encoder, 4))
+        owner = asyncio.ensure_future(shared.embeddings(prompts, encoder, 4))
         await settle()
-        waiter = asyncio.ensure_future(shared.embeddings("m", ["p2", "p1"], encoder, 4))
+        waiter = asyncio.ensure_future(shared.embeddings(["p2", "p1"], encoder, 4))
         encoder.release()  # the first chunk
         found = await waiter
-        assert_embeddings(found, ["p1", "p2"])
+        assert_embeddings(found, ["p2", "p1"])  # in the order asked
         assert not owner.done() and encoder.calls == [prompts[:4], prompts[4:8]]
         encoder.release(2)
         assert_embeddings(await owner, prompts)
@@ -110,7 +111,7 @@ def test_each_chunk_is_handed_to_its_waiters_as_soon_as_it_is_back():
 
 def test_a_request_that_leaves_hands_its_unfinished_chunks_to_its_waiters():
     async def go():
-        shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
+        shared, encoder = EncodingsInFlight(), HeldEncoder(holding=True)
         owner = await started(shared, encoder, "abcdefgh")
         encoder.release()  # a-d are back; e-h are being encoded
         await settle()
@@ -130,7 +131,7 @@ def test_a_request_that_leaves_hands_its_unfinished_chunks_to_its_waiters():
 
 def test_a_waiter_that_leaves_does_not_stop_the_chunk_it_waited_for():
     async def go():
-        shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
+        shared, encoder = EncodingsInFlight(), HeldEncoder(holding=True)
         owner = await started(shared, encoder, "abc")
         waiter = await started(shared, encoder, "ab")
         waiter.cancel()
@@ -144,7 +145,7 @@ def test_a_waiter_that_leaves_does_not_stop_the_chunk_it_waited_for():
 
 def test_a_failed_chunk_fails_its_waiters_with_the_same_error():
     async def go():
-        shared, encoder = TextsInFlight(), HeldEncoder(holding=True)
+        shared, encoder = EncodingsInFlight(), HeldEncoder(holding=True)
         owner = await started(shared, encoder, "abcdef")
         waiter = await started(shared, encoder, "bcf")
         encoder.fail_next = True
@@ -155,18 +156,19 @@ def test_a_failed_chunk_fails_its_waiters_with_the_same_error():
         assert encoder.calls == [list("abcd")]  # nobody met the failing runner again
         assert len(shared) == 0
         encoder.holding = False
-        assert_embeddings(await shared.embeddings("m", list("bc"), encoder, 4), list("bc"))
+        assert_embeddings(await shared.embeddings(list("bc"), encoder, 4), list("bc"))
 
     run(go())
 
 
-def test_prompts_of_different_models_are_encoded_apart():
-    async def go():
-        shared, encoder = TextsInFlight(), HeldEncoder()
-        await asyncio.gather(
-            shared.embeddings("model-a", ["a cat"], encoder, 4),
-            shared.embeddings("model-b", ["a cat"], encoder, 4),
-        )
-        assert encoder.calls == [["a cat"], ["a cat"]]
+def test_rows_come_in_the_order_asked_however_the_chunks_held_them():
+    rows = {key: vector(key) for key in "abcdef"}
 
-    run(go())
+    def piece(keys: str) -> tuple[list[str], np.ndarray]:
+        return list(keys), np.stack([rows[key] for key in keys])
+
+    alone = piece("abc")
+    assert in_order(list("abc"), [alone]) is alone[1]  # one caller's own chunk, as it came
+    assert_embeddings(in_order(list("abcd"), [piece("ab"), piece("cd")]), list("abcd"))
+    # another caller's chunk holds keys this one did not ask for
+    assert_embeddings(in_order(list("eab"), [piece("ab"), piece("def")]), list("eab"))

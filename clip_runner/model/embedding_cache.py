@@ -1,0 +1,75 @@
+"""A bounded LRU of text embeddings, so repeated prompts are not encoded again.
+
+Each API worker keeps one, by (model tag, prompt), so a repeated class list costs no runner
+call. Each runner worker keeps one too, by token ids: an API worker's cache holds only what its
+own requests encoded, and the same new prompts reaching several API workers were encoded once
+per worker, each a little behind the other, too late to share the other's passes in flight
+(model/encodings_in_flight.py).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from typing import Generic, TypeVar
+
+import numpy as np
+from prometheus_client import Counter
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+class EmbeddingCache(Generic[Key]):
+    """Maps key -> embedding, evicting the least recently used past `capacity`; counts its
+    hits and misses on `lookups` (a Counter labelled by result) where given."""
+
+    def __init__(self, capacity: int, lookups: Counter | None = None) -> None:
+        self.capacity = capacity
+        self.lookups = lookups
+        self._entries: OrderedDict[Key, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, keys: Sequence[Key]) -> list[np.ndarray | None]:
+        """The cached embedding of each key, or None where it is not cached."""
+        found = [self._entries.get(key) for key in keys]
+        for key, embedding in zip(keys, found, strict=True):
+            if embedding is not None:
+                self._entries.move_to_end(key)
+        if self.lookups is not None:
+            hits = sum(embedding is not None for embedding in found)
+            # Only counts that moved: each increment is a write to a shared memory map
+            # (BentoML's multiprocess metrics), 6% of the API worker's event loop when both
+            # were written.
+            for result, count in (("hit", hits), ("miss", len(found) - hits)):
+                if count:
+                    self.lookups.labels(result=result).inc(count)
+        return found
+
+    def store(self, keys: Sequence[Key], embeddings: np.ndarray) -> None:
+        """Keep `keys`' rows (keys the caller found missing: added at the recent end). The
+        rows are views of `embeddings`, which callers answer with as it is: it is made
+        read-only, so that no caller can change what the cache holds."""
+        if self.capacity == 0:
+            return
+        embeddings.flags.writeable = False
+        self._entries.update(zip(keys, embeddings, strict=True))
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
+def with_cached(
+    keys: Sequence[Key],
+    cached: Sequence[np.ndarray | None],
+    missing: Sequence[Key],
+    fresh: np.ndarray,
+) -> np.ndarray:
+    """The rows of `keys`, in order: `cached`'s where it has one, else `fresh`'s row for the
+    key, `fresh` holding the rows of `missing` (the keys not cached, each once, in order of
+    first appearance). With nothing cached and no key twice, that is `fresh` itself."""
+    if len(missing) == len(keys):
+        return fresh
+    row_of = {key: index for index, key in enumerate(missing)}
+    pairs = zip(keys, cached, strict=True)
+    return np.stack([row if row is not None else fresh[row_of[key]] for key, row in pairs])
