@@ -43,7 +43,7 @@ from clip_runner.host_lookup import check_host_lookup_in_background
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits, compiled_resizer
 from clip_runner.malloc_tuning import reuse_freed_memory
-from clip_runner.metrics import TEXT_CACHE_LOOKUPS
+from clip_runner.metrics import LABEL_CACHE_LOOKUPS, TEXT_CACHE_LOOKUPS
 from clip_runner.model.batching import QueueWaitExceeded
 from clip_runner.model.embedding_cache import EmbeddingCache
 from clip_runner.model.model_facts import ModelFacts
@@ -190,6 +190,7 @@ class ClipService:
         policy = AddressPolicy.from_allowlist(settings.fetch_allow)
         self.http_client = new_fetch_client(policy, self.image_limits.fetch)
         self.text_cache = EmbeddingCache(settings.text_cache_size, TEXT_CACHE_LOOKUPS)
+        self.label_cache = EmbeddingCache(settings.text_cache_size, LABEL_CACHE_LOOKUPS)
         self._context: InvocationContext | None = None
         self._context_lock = asyncio.Lock()
         self.runner_ready = False
@@ -295,6 +296,7 @@ class ClipService:
                     tokenize=tokenize,
                     http_client=self.http_client,
                     text_cache=self.text_cache,
+                    label_cache=self.label_cache,
                     image_limits=dataclasses.replace(self.image_limits, forward_jpegs=forward),
                     encode_jpegs=calls.encode_jpegs,
                     max_prompt_chars=2 * settings.max_class_name_chars,

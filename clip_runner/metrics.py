@@ -72,3 +72,9 @@ RUNNER_TEXT_CACHE_LOOKUPS = Counter(
     "for another API worker, most often) or not (miss)",
     labelnames=["result"],
 )
+LABEL_CACHE_LOOKUPS = Counter(
+    name="clip_service_label_cache_lookups",
+    documentation="Labels looked up in the API workers' cache of labels' embeddings ensembled "
+    "over their templates (/classify, the toolkit shape), by result (hit or miss)",
+    labelnames=["result"],
+)

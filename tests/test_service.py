@@ -363,12 +363,17 @@ def test_metrics_expose_cache_preprocessing_and_runner_timings(served):
     body = {"images": [as_base64(photo_like(50, 50, seed=3))], "classes": [["metric cat", 1]]}
     # Each API worker has its own text cache, and a new connection may reach any of them (at
     # most one per core): one request more than cores brings the prompt to one worker twice.
+    ensemble = {"images": body["images"], "labels": ["metric dog"], "templates": ["a {}", "my {}"]}
     for _ in range(len(os.sched_getaffinity(0)) + 1):
         post(served, body)
+        httpx.post(f"{served.url}/classify", json=ensemble, timeout=30).raise_for_status()
     text = httpx.get(f"{served.url}/metrics", timeout=10).text
     for name in (
         'clip_service_text_cache_lookups_total{result="hit"}',
         'clip_service_text_cache_lookups_total{result="miss"}',
+        'clip_service_label_cache_lookups_total{result="hit"}',
+        'clip_service_label_cache_lookups_total{result="miss"}',
+        'clip_runner_text_cache_lookups_total{result="miss"}',
         "clip_service_preprocess_seconds_count",
         'clip_service_runner_call_seconds_count{encoder="image"}',
         'clip_runner_inference_seconds_count{encoder="image"}',

@@ -17,6 +17,7 @@ from clip_runner.answers.invocation import (
     LENGTH_CHECK_SLICE,
     InvocationContext,
     classify,
+    embed_texts,
     invoke,
 )
 from clip_runner.answers.token_ids import PromptTokenizer
@@ -68,6 +69,7 @@ def run_invoke(tiny_clip, counting, images, classes, template="a photo of a {nam
                 tokenize=PromptTokenizer(counting.encoder.tokenizer_json(), 64),
                 http_client=client,
                 text_cache=cache,
+                label_cache=EmbeddingCache(100),
                 image_limits=limits,
             )
             first = await invoke(context, images, classes, template, top_k)
@@ -144,6 +146,7 @@ def recording_context(
         tokenize=tokenize,
         http_client=httpx.AsyncClient(),
         text_cache=EmbeddingCache(100),
+        label_cache=EmbeddingCache(100),
         image_limits=ImageLimits(FetchLimits(5_000_000, 5), max_pixels=50_000_000),
     )
 
@@ -229,17 +232,58 @@ def test_image_size_normalisation_and_scale_come_from_the_checkpoint(monkeypatch
 def test_only_prompts_the_text_cache_lacks_are_tokenized(tiny_clip, counting):
     tokenized_counts: list[int] = []
     context = recording_context(tiny_clip, counting, tokenized_counts)
-    image = as_base64(photo_like(20, 20, 1))
-    known = [f"thing {index}" for index in range(40)]
-    first = asyncio.run(classify(context, [image], known, ["a {}"], None))
+    known = [f"a thing {index}" for index in range(40)]
+    first = asyncio.run(embed_texts(context, known))
     assert sum(tokenized_counts) == 40
     tokenized_counts.clear()
-    again = asyncio.run(classify(context, [image], known, ["a {}"], None))
-    assert again == first and tokenized_counts == []
-    with_new = known[:20] + ["new one", "thing 3", "new two", "new one"] + known[20:]
-    asyncio.run(classify(context, [image], with_new, ["a {}"], None))
+    again = asyncio.run(embed_texts(context, known))
+    np.testing.assert_array_equal(again, first)
+    assert tokenized_counts == []
+    with_new = known[:20] + ["a new one", "a thing 3", "a new two", "a new one"] + known[20:]
+    asyncio.run(embed_texts(context, with_new))
     assert tokenized_counts == [2]  # the two distinct new prompts, once each
     assert counting.token_calls[-1] == tokenized(tiny_clip, ["a new one", "a new two"])
+
+
+def test_a_repeated_ensemble_is_answered_from_the_label_cache(tiny_clip, counting):
+    tokenized_counts: list[int] = []
+    context = recording_context(tiny_clip, counting, tokenized_counts)
+    image = as_base64(photo_like(20, 20, 1))
+    labels, templates = [f"thing {index}" for index in range(5)], ["a {}", "the {}", "my {}"]
+    first = asyncio.run(classify(context, [image], labels, templates, None))
+    assert sum(tokenized_counts) == 15 and len(context.label_cache) == 5
+    tokenized_counts.clear()
+    calls = len(counting.token_calls)
+    again = asyncio.run(classify(context, [image], labels, templates, None))
+    assert again == first  # the same embeddings, not only close ones
+    assert tokenized_counts == [] and len(counting.token_calls) == calls
+    # Other templates are other ensembles; the prompts they share are in the text cache.
+    asyncio.run(classify(context, [image], labels, ["a {}", "your {}"], None))
+    assert tokenized_counts == [5]
+    assert counting.token_calls[-1] == tokenized(tiny_clip, [f"your thing {i}" for i in range(5)])
+
+
+def test_labels_the_cache_lacks_are_ensembled_as_in_a_request_of_only_new_labels(
+    tiny_clip, counting
+):
+    context = recording_context(tiny_clip, counting, [])
+    image = as_base64(photo_like(30, 20, 2))
+    templates = ["a {}", "the {}"]
+    asyncio.run(classify(context, [image], ["cat", "bird"], templates, None))
+    labels = ["dog", "cat", "car", "dog", "bird"]
+    mixed = asyncio.run(classify(context, [image], labels, templates, None))
+    assert counting.token_calls[-1] == tokenized(
+        tiny_clip, ["a dog", "the dog", "a car", "the car"]
+    )
+    cold = asyncio.run(
+        classify(recording_context(tiny_clip, counting, []), [image], labels, templates, None)
+    )
+    assert [[item["label"] for item in ranked] for ranked in mixed] == [
+        [item["label"] for item in ranked] for ranked in cold
+    ]
+    np.testing.assert_allclose(
+        [item["score"] for item in mixed[0]], [item["score"] for item in cold[0]], atol=1e-6
+    )
 
 
 def test_an_over_long_prompt_behind_cached_ones_is_named_by_its_place(tiny_clip, counting):
