@@ -186,7 +186,7 @@ class LabelPlan:
     cached: list[np.ndarray | None]
     missing: list[LabelKey]  # the distinct missing labels' keys, in request order
     prompts: PromptPlan | None  # their prompts, label-major; None when every label is cached
-    templates: int
+    template_count: int
 
 
 async def plan_labels(
@@ -231,7 +231,7 @@ async def label_embeddings(context: InvocationContext, plan: LabelPlan) -> np.nd
     missing ones from their prompts' embeddings (`text_embeddings`), then cached."""
     if plan.prompts is None:
         return np.stack(plan.cached)
-    fresh = ensemble_embeddings(await text_embeddings(context, plan.prompts), plan.templates)
+    fresh = ensemble_embeddings(await text_embeddings(context, plan.prompts), plan.template_count)
     context.label_cache.store(plan.missing, fresh)
     return with_cached(plan.keys, plan.cached, plan.missing, fresh)
 
