@@ -27,7 +27,7 @@ from clip_runner.answers.prompts import (
 from clip_runner.answers.zero_shot import build_prompts, predict, zero_shot_probabilities
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
-from clip_runner.model.embedding_cache import EmbeddingCache, with_cached
+from clip_runner.model.embedding_cache import EmbeddingCache, first_misses, with_cached
 from clip_runner.model.encodings_in_flight import EncodingsInFlight
 from clip_runner.model.model_facts import ModelFacts
 
@@ -167,10 +167,7 @@ async def plan_prompts(
     tokenized, 0.14 s now."""
     tag = context.facts.tag
     cached = context.text_cache.lookup([(tag, prompt) for prompt in prompts])
-    first_index: dict[str, int] = {}
-    for index, (prompt, embedding) in enumerate(zip(prompts, cached, strict=True)):
-        if embedding is None:
-            first_index.setdefault(prompt, index)
+    first_index = first_misses(prompts, cached)
     missing = list(first_index)
     positions = list(first_index.values())
     missing_ids = await prompt_token_ids(context, missing, lambda i: locate(positions[i]))
@@ -209,10 +206,7 @@ async def plan_labels(
     templates_key = json.dumps(list(templates))
     keys = [(tag, templates_key, label) for label in labels]
     cached = context.label_cache.lookup(keys)
-    first_index: dict[LabelKey, int] = {}
-    for index, (key, embedding) in enumerate(zip(keys, cached, strict=True)):
-        if embedding is None:
-            first_index.setdefault(key, index)
+    first_index = first_misses(keys, cached)
     count = len(templates)
     if not first_index:
         return LabelPlan(keys, cached, [], None, count)

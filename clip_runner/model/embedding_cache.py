@@ -59,6 +59,16 @@ class EmbeddingCache(Generic[Key]):
             self._entries.popitem(last=False)
 
 
+def first_misses(keys: Sequence[Key], cached: Sequence[np.ndarray | None]) -> dict[Key, int]:
+    """Each key that `cached` (a lookup's answer) has no row for, once, with the index of its
+    first appearance, in order: what the caller has to encode."""
+    missing: dict[Key, int] = {}
+    for index, (key, row) in enumerate(zip(keys, cached, strict=True)):
+        if row is None:
+            missing.setdefault(key, index)
+    return missing
+
+
 def with_cached(
     keys: Sequence[Key],
     cached: Sequence[np.ndarray | None],

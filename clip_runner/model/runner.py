@@ -27,7 +27,7 @@ from clip_runner.malloc_tuning import reuse_freed_memory
 from clip_runner.metrics import RUNNER_TEXT_CACHE_LOOKUPS
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.model.direct_calls import DirectCallsMiddleware
-from clip_runner.model.embedding_cache import EmbeddingCache, with_cached
+from clip_runner.model.embedding_cache import EmbeddingCache, first_misses, with_cached
 from clip_runner.model.encodings_in_flight import EncodingsInFlight
 from clip_runner.model.startup_phases import StartupPhases
 
@@ -143,9 +143,7 @@ class CLIPRunner:
             raise ValueError("nothing to encode")
         keys = [tuple(ids) for ids in token_ids]
         cached = self.text_cache.lookup(keys)
-        missing = list(
-            dict.fromkeys(key for key, row in zip(keys, cached, strict=True) if row is None)
-        )
+        missing = list(first_misses(keys, cached))
         if not missing:
             return np.stack(cached)
 

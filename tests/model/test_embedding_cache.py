@@ -7,7 +7,7 @@ import prometheus_client
 import pytest
 
 from clip_runner.metrics import TEXT_CACHE_LOOKUPS
-from clip_runner.model.embedding_cache import EmbeddingCache, with_cached
+from clip_runner.model.embedding_cache import EmbeddingCache, first_misses, with_cached
 
 
 def lookups(result: str) -> float:
@@ -70,3 +70,8 @@ def test_stored_rows_cannot_be_changed_by_the_callers_answering_with_them():
     with pytest.raises(ValueError, match="read-only"):
         encoded[1] *= 2
     assert cache.lookup(["b"])[0][0] == 2
+
+
+def test_each_missing_key_is_named_once_with_its_first_place():
+    cached = [None, vector(1), None, None, None]
+    assert first_misses(["b", "a", "c", "b", "d"], cached) == {"b": 0, "c": 2, "d": 4}
