@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from clip_runner.answers.runner_calls import (
+    TEXT_CALL_PASSES,
     calls_in_flight,
     forwards_jpegs,
     merged,
@@ -141,9 +142,9 @@ def test_runner_calls_in_flight_follow_clip_runner_calls(configured, peak):
     assert runner.peak == peak
 
 
-def test_text_calls_merge_up_to_the_text_batch_and_image_calls_up_to_the_image_batch():
-    """Prompts cost a fraction of an image, so merged text calls take more rows (the runner's
-    `max_text_batch`) than image calls (`max_batch`)."""
+def test_text_calls_merge_up_to_their_passes_and_image_calls_up_to_the_image_batch():
+    """Prompts cost a fraction of an image, so merged text calls take more rows (up to
+    TEXT_CALL_PASSES x the runner's `max_text_batch`) than image calls (`max_batch`)."""
     facts = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, max_batch=2, max_text_batch=6)
     sizes: dict[str, list[int]] = {"texts": [], "images": []}
 
@@ -163,12 +164,12 @@ def test_text_calls_merge_up_to_the_text_batch_and_image_calls_up_to_the_image_b
     calls = runner_calls(RecordingRunner(), facts, 5.0, (1, 1), 10.0, configured_in_flight=1)
 
     async def scenario() -> None:
-        texts = (calls.encode_tokens([[49406, i, 49407]]) for i in range(13))
+        texts = (calls.encode_tokens([[49406, i, 49407]]) for i in range(40))
         images = (calls.encode_images(np.zeros((1, 2, 2, 3), np.uint8)) for _ in range(7))
         await asyncio.gather(*texts, *images)
 
     asyncio.run(scenario())
-    assert sum(sizes["texts"]) == 13 and max(sizes["texts"]) == 6
+    assert sum(sizes["texts"]) == 40 and max(sizes["texts"]) == TEXT_CALL_PASSES * 6
     assert sum(sizes["images"]) == 7 and max(sizes["images"]) == 2
 
 
