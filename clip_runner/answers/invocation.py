@@ -3,8 +3,9 @@ contract and the Hugging Face toolkit's shape), `/classify`, `/embed_images`, `/
 
 The runner is passed in as async callables, so these flows are testable without a server: images
 are fetched and decoded concurrently (decode/resize in threads), text embeddings come from the
-cache or from runner calls of token ids (the prompts it lacks are tokenized here, once, where
-their lengths are checked), and the math is `zero_shot`'s and `prompts`' pure functions.
+caches (prompts; `/classify`'s labels, ensembled) or from runner calls of token ids (the prompts
+they lack are tokenized here, once, where their lengths are checked), and the math is
+`zero_shot`'s and `prompts`' pure functions.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class InvocationContext:
     # Longest prompt a template and a label may make: a template and a label at their limit
     # (2 x CLIP_MAX_CLASS_NAME_CHARS), so only a template repeating its slot can pass it.
     max_prompt_chars: int = 600
-    # The prompts this worker's requests are encoding now, shared between them.
-    # By (model tag, prompt), as the cache.
+    # The prompts this worker's requests are encoding now, shared between them (keyed as the
+    # text cache is).
     texts_in_flight: EncodingsInFlight[tuple[str, str]] = field(default_factory=EncodingsInFlight)
 
     @property

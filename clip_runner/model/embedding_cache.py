@@ -1,10 +1,11 @@
-"""A bounded LRU of text embeddings, so repeated prompts are not encoded again.
+"""A bounded LRU of text embeddings, so repeated prompts (and labels) are not encoded again.
 
-Each API worker keeps one, by (model tag, prompt), so a repeated class list costs no runner
-call. Each runner worker keeps one too, by token ids: an API worker's cache holds only what its
-own requests encoded, and the same new prompts reaching several API workers were encoded once
-per worker, each a little behind the other, too late to share the other's passes in flight
-(model/encodings_in_flight.py).
+Each API worker keeps one by (model tag, prompt), so a repeated class list costs no runner call,
+and one of `/classify`'s labels ensembled over their templates (answers/invocation.py,
+`plan_labels`), so a repeated ensemble costs a lookup per label. Each runner worker keeps one
+too, by token ids: an API worker's cache holds only what its own requests encoded, and the same
+new prompts reaching several API workers were encoded once per worker, each a little behind the
+other, too late to share the other's passes in flight (model/encodings_in_flight.py).
 """
 
 from __future__ import annotations
