@@ -32,6 +32,7 @@ from clip_runner.answers.runner_calls import (
     resilient,
     runner_calls,
     runner_overloaded,
+    text_call_passes,
 )
 from clip_runner.answers.token_ids import PromptTokenizer
 from clip_runner.bound_apis import bind_apis_once
@@ -302,7 +303,8 @@ class ClipService:
                     max_prompt_chars=2 * settings.max_class_name_chars,
                 )
                 logger.info(
-                    "serving model %s on %s in %s; JPEGs decoded %s; runner called %s",
+                    "serving model %s on %s in %s; JPEGs decoded %s; runner called %s, text "
+                    "calls of up to %d pass(es) (a pass %.1f ms)",
                     facts.tag,
                     facts.device,
                     facts.dtype,
@@ -310,6 +312,8 @@ class ClipService:
                     if forward
                     else f"in the API workers by {cpu_decoder_name()}",
                     "in its wire format" if self._direct_runner else "through BentoML's client",
+                    text_call_passes(facts.text_pass_s),
+                    1000 * facts.text_pass_s,
                 )
             return self._context
 

@@ -15,7 +15,7 @@ import torch
 
 from clip_runner.answers.embedding_format import decode_base64_embedding
 from clip_runner.answers.hf_toolkit import DEFAULT_HYPOTHESIS_TEMPLATE
-from clip_runner.answers.runner_calls import TEXT_CALL_PASSES
+from clip_runner.answers.runner_calls import TEXT_CALL_MAX_PASSES
 from clip_runner.model.pass_layout import CPU_MAX_BATCH, TEXT_BATCH_FACTOR
 from tests.helpers import as_base64, assert_same_answer, encode, histogram, photo_like
 from tests.reference import reference_probabilities
@@ -98,7 +98,7 @@ def test_many_prompts_are_encoded_in_bounded_calls_and_passes_and_match_transfor
     served, tiny_clip, pictures
 ):
     """120 labels x 20 templates: 2,400 prompts, which went to the runner as one call and one
-    forward pass (as 100,000 would have); now in calls of at most TEXT_CALL_PASSES text
+    forward pass (as 100,000 would have); now in calls of at most TEXT_CALL_MAX_PASSES text
     batches and passes of at most one, and in order."""
     labels = [f"thing number {index}" for index in range(120)]
     templates = [f"picture {index} of a {{}}" for index in range(20)]
@@ -112,7 +112,7 @@ def test_many_prompts_are_encoded_in_bounded_calls_and_passes_and_match_transfor
     prompts = len(labels) * len(templates)
     text_batch = TEXT_BATCH_FACTOR * CPU_MAX_BATCH  # CLIP_MAX_TEXT_BATCH_SIZE's CPU default
     assert sent_after - sent_before == prompts
-    assert calls_after - calls_before >= prompts / (TEXT_CALL_PASSES * text_batch)
+    assert calls_after - calls_before >= prompts / (TEXT_CALL_MAX_PASSES * text_batch)
     assert passes_after - passes_before >= prompts / text_batch
     assert encoded_after - encoded_before >= prompts
     expected = reference_ensemble(tiny_clip, pictures[0], labels, templates)

@@ -39,7 +39,23 @@ T = TypeVar("T")
 # model's text pass of 32 prompts takes about 2: a cold ensemble of 1,000 labels x 80 templates
 # took 14.1-15.3 s in calls of one pass, 7.7-8.7 s in calls of up to four (2 cores). Images stay
 # at one pass per call: their calls are as large as the requests merged into them.
-TEXT_CALL_PASSES = 4
+TEXT_CALL_MAX_PASSES = 4
+# What a call's passes beyond its first may add to the wait of the worker's other text requests,
+# queued behind it. With ViT-B/32 on 2 cores (a pass of 32 prompts about 0.4 s) calls of four
+# passes saved nothing on a cold ensemble and held a one-prompt `/embed_texts` beside it at p95
+# 3.7-3.8 s against 0.67-0.73 s in calls of one.
+TEXT_CALL_EXTRA_WAIT_S = 0.02
+
+
+def text_call_passes(text_pass_s: float) -> int:
+    """Text passes per call: as many as fit TEXT_CALL_EXTRA_WAIT_S after the first, up to
+    TEXT_CALL_MAX_PASSES. Where a pass is cheap (the tiny model, a GPU), the per-call cost is
+    much of a pass and calls carry several; where it is costly (a large model on CPU), that cost
+    is lost in the pass, and a call of one pass keeps other text requests from waiting behind
+    several. `text_pass_s` is the runner's warm-up timing (0, not timed: the most)."""
+    if text_pass_s <= 0:
+        return TEXT_CALL_MAX_PASSES
+    return min(TEXT_CALL_MAX_PASSES, 1 + int(TEXT_CALL_EXTRA_WAIT_S / text_pass_s))
 
 
 def runner_overloaded(error: BaseException) -> bool:
@@ -164,12 +180,11 @@ def runner_calls(
         return merged(call, in_flight, max_rows, max_queue_wait_s, observe)
 
     texts = RUNNER_CALL_TEXTS.observe
+    max_texts = text_call_passes(facts.text_pass_s) * facts.max_text_batch
     return RunnerCalls(
         encode_images=merge(runner.encode_images, "image", facts.max_batch, images),
         encode_jpegs=merge(runner.encode_jpegs, "image", facts.max_batch, jpegs),
-        encode_tokens=merge(
-            runner.encode_tokens, "text", TEXT_CALL_PASSES * facts.max_text_batch, texts
-        ),
+        encode_tokens=merge(runner.encode_tokens, "text", max_texts, texts),
     )
 
 

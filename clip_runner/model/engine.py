@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import time
 
 import bentoml
 import numpy as np
@@ -95,6 +96,7 @@ class ServedModel:
             )
         with phases.phase("warm-up"):  # with torch.compile: its compilation
             self._warm_up(settings.torch_compile)
+            text_pass_s = self._timed_text_pass()
         if settings.cuda_graphs:
             with phases.phase("CUDA graphs"):
                 self._replay_image_passes(self.layout.max_batch)
@@ -105,6 +107,7 @@ class ServedModel:
             passes=self.layout.passes,
             max_batch=self.layout.max_batch,
             max_text_batch=self.layout.max_text_batch,
+            text_pass_s=text_pass_s,
             jpeg_decoder=self.jpeg_decoder.name,
         )
         self.encode_images = exits_when_device_breaks(self._encode_image_batch, device)
@@ -112,8 +115,8 @@ class ServedModel:
         self.encode_tokens = exits_when_device_breaks(self._encode_token_batch, device)
         logger.info(
             "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
-            "gets all), batches up to %d images or %d prompts%s%s, forwarded JPEGs decoded by "
-            "%s%s%s)",
+            "gets all), batches up to %d images or %d prompts (a full text pass %.1f ms)%s%s, "
+            "forwarded JPEGs decoded by %s%s%s)",
             loaded.tag,
             device,
             dtype,
@@ -121,6 +124,7 @@ class ServedModel:
             self.layout.threads_per_pass,
             self.layout.max_batch,
             self.layout.max_text_batch,
+            1000 * text_pass_s,
             ", torch.compile" if settings.torch_compile else "",
             _replay_note(self.encoder.replayed),
             self.jpeg_decoder.name if self.jpeg_decoder.name == NVJPEG else cpu_decoder_name(),
@@ -143,6 +147,24 @@ class ServedModel:
         jpeg = io.BytesIO()
         Image.new("RGB", (width, height)).save(jpeg, "JPEG")
         self.jpeg_decoder([jpeg.getvalue()])
+
+    def _timed_text_pass(self) -> float:
+        """Seconds of a full text pass (`max_text_batch` short prompts, as in an ensemble) on
+        the threads one pass gets: the API workers size their text calls by it
+        (`answers/runner_calls.text_call_passes`). The faster of two, the first having met the
+        batch's size for the first time; tokenizing is left out, as the API workers do it."""
+        prompts = [f"a photo of thing {index}." for index in range(self.layout.max_text_batch)]
+        token_ids = self.encoder.tokenizer(prompts)["input_ids"]
+        torch.set_num_threads(self.layout.threads_per_pass)
+        try:
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                self.encoder.encode_token_ids(token_ids)
+                times.append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(self.torch_threads)
+        return min(times)
 
     def _replay_image_passes(self, max_batch: int) -> None:
         """CLIP_CUDA_GRAPHS (on a GPU by default): record the image tower per batch bucket

@@ -22,10 +22,12 @@ class ModelFacts:
     max_text_tokens: int
     random_weights: bool
     # How the runner works (engine.py fills these in): where the model runs and in what dtype,
-    # how many forward passes it runs at once and how large, and what decodes forwarded JPEGs.
+    # how many forward passes it runs at once and how large, how long a full text pass takes,
+    # and what decodes forwarded JPEGs.
     device: str = "cpu"
     dtype: str = "float32"
     passes: int = 1
     max_batch: int = 32
     max_text_batch: int = 128
+    text_pass_s: float = 0.0  # a full text pass, timed at the warm-up (0: not timed)
     jpeg_decoder: str = "pillow"

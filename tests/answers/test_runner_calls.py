@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 from clip_runner.answers.runner_calls import (
-    TEXT_CALL_PASSES,
+    TEXT_CALL_EXTRA_WAIT_S,
+    TEXT_CALL_MAX_PASSES,
     calls_in_flight,
     forwards_jpegs,
     merged,
     resilient,
     runner_calls,
     runner_overloaded,
+    text_call_passes,
 )
 from clip_runner.model.device_decode import NVJPEG, PILLOW
 from clip_runner.model.model_facts import ModelFacts
@@ -142,10 +144,9 @@ def test_runner_calls_in_flight_follow_clip_runner_calls(configured, peak):
     assert runner.peak == peak
 
 
-def test_text_calls_merge_up_to_their_passes_and_image_calls_up_to_the_image_batch():
-    """Prompts cost a fraction of an image, so merged text calls take more rows (up to
-    TEXT_CALL_PASSES x the runner's `max_text_batch`) than image calls (`max_batch`)."""
-    facts = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True, max_batch=2, max_text_batch=6)
+def merged_call_sizes(facts: ModelFacts) -> dict[str, list[int]]:
+    """The sizes of the runner calls that 40 concurrent one-prompt requests and 7 one-image
+    requests make, through `runner_calls` with one call in flight."""
     sizes: dict[str, list[int]] = {"texts": [], "images": []}
 
     class RecordingRunner:
@@ -169,8 +170,58 @@ def test_text_calls_merge_up_to_their_passes_and_image_calls_up_to_the_image_bat
         await asyncio.gather(*texts, *images)
 
     asyncio.run(scenario())
-    assert sum(sizes["texts"]) == 40 and max(sizes["texts"]) == TEXT_CALL_PASSES * 6
-    assert sum(sizes["images"]) == 7 and max(sizes["images"]) == 2
+    assert sum(sizes["texts"]) == 40 and sum(sizes["images"]) == 7
+    return sizes
+
+
+def test_text_calls_merge_up_to_their_passes_and_image_calls_up_to_the_image_batch():
+    """Prompts cost a fraction of an image, so where a text pass is cheap, merged text calls
+    take more rows (TEXT_CALL_MAX_PASSES x the runner's `max_text_batch`) than image calls
+    (`max_batch`)."""
+    cheap = ModelFacts(
+        "clip:x",
+        16,
+        100.0,
+        224,
+        224,
+        224,
+        77,
+        True,
+        max_batch=2,
+        max_text_batch=6,
+        text_pass_s=0.002,
+    )
+    sizes = merged_call_sizes(cheap)
+    assert max(sizes["texts"]) == TEXT_CALL_MAX_PASSES * 6
+    assert max(sizes["images"]) == 2
+
+
+def test_a_costly_text_pass_makes_text_calls_of_one_pass():
+    """Where a pass takes longer than the extra wait a call may add (a large model on CPU),
+    a call of several passes would only hold the worker's other text requests back."""
+    costly = ModelFacts(
+        "clip:x",
+        16,
+        100.0,
+        224,
+        224,
+        224,
+        77,
+        True,
+        max_batch=2,
+        max_text_batch=6,
+        text_pass_s=0.4,
+    )
+    assert max(merged_call_sizes(costly)["texts"]) == 6
+
+
+def test_text_call_passes_fit_the_extra_wait_after_the_first():
+    assert text_call_passes(0.0) == TEXT_CALL_MAX_PASSES  # not timed
+    assert text_call_passes(0.001) == TEXT_CALL_MAX_PASSES
+    assert text_call_passes(TEXT_CALL_EXTRA_WAIT_S / 2.5) == 3
+    assert text_call_passes(TEXT_CALL_EXTRA_WAIT_S) == 2
+    assert text_call_passes(TEXT_CALL_EXTRA_WAIT_S * 1.01) == 1
+    assert text_call_passes(0.4) == 1
 
 
 def test_calls_in_flight_keep_one_call_waiting_at_the_runner_shared_by_the_api_workers():

@@ -29,6 +29,16 @@ def test_the_facts_name_the_model_and_how_it_is_served(served_model, tiny_stored
     )
 
 
+def test_a_full_text_pass_is_timed_on_one_pass_threads_and_the_threads_are_given_back(
+    served_model,
+):
+    """The API workers size their text calls by `text_pass_s`; timing it sets the torch
+    threads of one pass, and the runner's own count must be back afterwards."""
+    assert served_model.facts.text_pass_s > 0
+    assert served_model.facts.max_text_batch == served_model.layout.max_text_batch
+    assert torch.get_num_threads() == served_model.torch_threads
+
+
 def test_the_three_encoders_agree_with_the_encoder_underneath(served_model):
     image = photo_like(224, 224, seed=3)
     pixels = np.array(image)[None]
