@@ -41,18 +41,19 @@ T = TypeVar("T")
 # at one pass per call: their calls are as large as the requests merged into them.
 TEXT_CALL_MAX_PASSES = 4
 # What a call's passes beyond its first may add to the wait of the worker's other text requests,
-# queued behind it. With ViT-B/32 on 2 cores (a pass of 32 prompts about 0.4 s) calls of four
-# passes saved nothing on a cold ensemble and held a one-prompt `/embed_texts` beside it at p95
-# 3.7-3.8 s against 0.67-0.73 s in calls of one.
+# queued behind it. With ViT-B/32 on 2 cores (a pass of 32 prompts about 0.35 s), a one-prompt
+# `/embed_texts` beside cold ensembles took p95 3.6-3.9 s in calls of four passes and 0.67-0.86 s
+# in calls of one; the ensembles 19.1-20.7 s in calls of four, 21.7-23.4 in calls of one (README).
 TEXT_CALL_EXTRA_WAIT_S = 0.02
 
 
 def text_call_passes(text_pass_s: float) -> int:
     """Text passes per call: as many as fit TEXT_CALL_EXTRA_WAIT_S after the first, up to
     TEXT_CALL_MAX_PASSES. Where a pass is cheap (the tiny model, a GPU), the per-call cost is
-    much of a pass and calls carry several; where it is costly (a large model on CPU), that cost
-    is lost in the pass, and a call of one pass keeps other text requests from waiting behind
-    several. `text_pass_s` is the runner's warm-up timing (0, not timed: the most)."""
+    much of a pass and calls carry several; where it is costly (a large model on CPU), a call
+    of one pass keeps the worker's other text requests from waiting behind several, at some
+    cost to a cold ensemble's time. `text_pass_s` is the runner's warm-up timing (0, not
+    timed: the most)."""
     if text_pass_s <= 0:
         return TEXT_CALL_MAX_PASSES
     return min(TEXT_CALL_MAX_PASSES, 1 + int(TEXT_CALL_EXTRA_WAIT_S / text_pass_s))

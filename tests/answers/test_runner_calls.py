@@ -174,45 +174,26 @@ def merged_call_sizes(facts: ModelFacts) -> dict[str, list[int]]:
     return sizes
 
 
+def batches_of_2_images_or_6_prompts(text_pass_s: float) -> ModelFacts:
+    """A runner's facts with small batches, whose full text pass took `text_pass_s`."""
+    facts = ModelFacts("clip:x", 16, 100.0, 224, 224, 224, 77, True)
+    return dataclasses.replace(facts, max_batch=2, max_text_batch=6, text_pass_s=text_pass_s)
+
+
 def test_text_calls_merge_up_to_their_passes_and_image_calls_up_to_the_image_batch():
     """Prompts cost a fraction of an image, so where a text pass is cheap, merged text calls
     take more rows (TEXT_CALL_MAX_PASSES x the runner's `max_text_batch`) than image calls
     (`max_batch`)."""
-    cheap = ModelFacts(
-        "clip:x",
-        16,
-        100.0,
-        224,
-        224,
-        224,
-        77,
-        True,
-        max_batch=2,
-        max_text_batch=6,
-        text_pass_s=0.002,
-    )
-    sizes = merged_call_sizes(cheap)
+    sizes = merged_call_sizes(batches_of_2_images_or_6_prompts(text_pass_s=0.002))
     assert max(sizes["texts"]) == TEXT_CALL_MAX_PASSES * 6
     assert max(sizes["images"]) == 2
 
 
 def test_a_costly_text_pass_makes_text_calls_of_one_pass():
     """Where a pass takes longer than the extra wait a call may add (a large model on CPU),
-    a call of several passes would only hold the worker's other text requests back."""
-    costly = ModelFacts(
-        "clip:x",
-        16,
-        100.0,
-        224,
-        224,
-        224,
-        77,
-        True,
-        max_batch=2,
-        max_text_batch=6,
-        text_pass_s=0.4,
-    )
-    assert max(merged_call_sizes(costly)["texts"]) == 6
+    a call of several passes would hold the worker's other text requests back by several."""
+    sizes = merged_call_sizes(batches_of_2_images_or_6_prompts(text_pass_s=0.4))
+    assert max(sizes["texts"]) == 6
 
 
 def test_text_call_passes_fit_the_extra_wait_after_the_first():
