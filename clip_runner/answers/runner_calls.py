@@ -43,7 +43,7 @@ TEXT_CALL_MAX_PASSES = 4
 # What a call's passes beyond its first may add to the wait of the worker's other text requests,
 # queued behind it. With ViT-B/32 on 2 cores (a pass of 32 prompts about 0.35 s), a one-prompt
 # `/embed_texts` beside cold ensembles took p95 3.6-3.9 s in calls of four passes and 0.67-0.86 s
-# in calls of one; the ensembles 19.1-20.7 s in calls of four, 21.7-23.4 in calls of one (README).
+# in calls of one; the ensembles a median 20.5 s in calls of four, 22.3 in calls of one (README).
 TEXT_CALL_EXTRA_WAIT_S = 0.02
 
 
