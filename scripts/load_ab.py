@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
@@ -123,6 +124,49 @@ def medians(windows: list[dict]) -> dict:
     }
 
 
+def alternating_rounds(
+    baseline_rev: str,
+    rounds: int,
+    vit_b32: bool,
+    settings: dict[str, str],
+    run_round: Callable[[str, int, int], dict],
+) -> dict[str, list[dict]]:
+    """This checkout's server and `baseline_rev`'s, up side by side (each with its own BentoML
+    home) for the whole run; `run_round(url, pid, index)` on each in turn, the order alternating
+    round by round, `index` counting every call. Its figures, by server ("baseline",
+    "current")."""
+    scratch = Path(tempfile.mkdtemp(prefix="clip-load-ab-"))
+    checkouts = {"baseline": worktree(baseline_rev, scratch), "current": REPO}
+    figures: dict[str, list[dict]] = {name: [] for name in checkouts}
+    try:
+        with contextlib.ExitStack() as servers:
+            urls = {}
+            for name, checkout in checkouts.items():
+                home, tag, _ = import_random_model(tiny=not vit_b32)
+                log = scratch / f"{name}.log"
+                urls[name] = servers.enter_context(
+                    bento_server(home, tag, log, checkout=checkout, **settings)
+                )
+            for round_index in range(rounds):
+                order = ["baseline", "current"] if round_index % 2 == 0 else ["current", "baseline"]
+                for name in order:
+                    index = len(figures["baseline"]) + len(figures["current"])
+                    figures[name].append(run_round(*urls[name], index))
+                    print(name, round_index, json.dumps(figures[name][-1]), flush=True)
+    finally:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkouts["baseline"])],
+            check=False,
+        )
+    return figures
+
+
+def current_rev() -> str:
+    return subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -136,37 +180,14 @@ def main() -> int:
     parser.add_argument("settings", nargs="*", help="NAME=VALUE for both servers' environment")
     args = parser.parse_args()
     settings = dict(setting.split("=", 1) for setting in args.settings)
-    scratch = Path(tempfile.mkdtemp(prefix="clip-load-ab-"))
-    checkouts = {"baseline": worktree(args.baseline_rev, scratch), "current": REPO}
-    windows: dict[str, list[dict]] = {name: [] for name in checkouts}
-    try:
-        with contextlib.ExitStack() as servers:
-            urls = {}
-            for name, checkout in checkouts.items():
-                home, tag, _ = import_random_model(tiny=not args.vit_b32)
-                log = scratch / f"{name}.log"
-                urls[name] = servers.enter_context(
-                    bento_server(home, tag, log, checkout=checkout, **settings)
-                )
-            for round_index in range(args.rounds):
-                order = ["baseline", "current"] if round_index % 2 == 0 else ["current", "baseline"]
-                for name in order:
-                    load = scenario(args.load, len(windows["baseline"]) + len(windows["current"]))
-                    figures = window(*urls[name], load, args.seconds)
-                    windows[name].append(figures)
-                    print(name, round_index, json.dumps(figures), flush=True)
-    finally:
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkouts["baseline"])],
-            check=False,
-        )
+
+    def run_window(url: str, pid: int, index: int) -> dict:
+        return window(url, pid, scenario(args.load, index), args.seconds)
+
+    windows = alternating_rounds(args.baseline_rev, args.rounds, args.vit_b32, settings, run_window)
     result = {
         "baseline_rev": args.baseline_rev,
-        "current_rev": subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip(),
+        "current_rev": current_rev(),
         "model": "random-weight ViT-B/32" if args.vit_b32 else "random-weight tiny CLIP",
         "load": args.load,
         "settings": settings,
