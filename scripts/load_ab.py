@@ -167,37 +167,51 @@ def current_rev() -> str:
     ).stdout.strip()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+def ab_parser(doc: str, rounds: int, out_name: str) -> argparse.ArgumentParser:
+    """The arguments of every A/B script: the baseline, rounds, the output and settings."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--baseline-rev", required=True, help="the commit to compare against")
-    parser.add_argument("--rounds", type=int, default=6, help="windows of each server")
+    parser.add_argument("--rounds", type=int, default=rounds, help="rounds of each server")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / out_name)
+    parser.add_argument("settings", nargs="*", help="NAME=VALUE for both servers' environment")
+    return parser
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, str]:
+    return dict(setting.split("=", 1) for setting in args.settings)
+
+
+def written(args: argparse.Namespace, result: dict) -> int:
+    """`result`, after both revisions, to `args.out`; its medians to stdout."""
+    result = {"baseline_rev": args.baseline_rev, "current_rev": current_rev(), **result}
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["medians"], indent=1))
+    return 0
+
+
+def main() -> int:
+    parser = ab_parser(__doc__, rounds=6, out_name="load-ab.json")
     parser.add_argument("--seconds", type=float, default=15, help="each window")
     parser.add_argument("--vit-b32", action="store_true", help="ViT-B/32 instead of the tiny model")
     parser.add_argument("--load", choices=LOADS, default="seed", help="the requests sent")
-    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "load-ab.json")
-    parser.add_argument("settings", nargs="*", help="NAME=VALUE for both servers' environment")
     args = parser.parse_args()
-    settings = dict(setting.split("=", 1) for setting in args.settings)
+    settings = settings_of(args)
 
     def run_window(url: str, pid: int, index: int) -> dict:
         return window(url, pid, scenario(args.load, index), args.seconds)
 
     windows = alternating_rounds(args.baseline_rev, args.rounds, args.vit_b32, settings, run_window)
-    result = {
-        "baseline_rev": args.baseline_rev,
-        "current_rev": current_rev(),
-        "model": "random-weight ViT-B/32" if args.vit_b32 else "random-weight tiny CLIP",
-        "load": args.load,
-        "settings": settings,
-        "seconds_per_window": args.seconds,
-        "medians": {name: medians(runs) for name, runs in windows.items()},
-        "windows": windows,
-    }
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["medians"], indent=1))
-    return 0
+    return written(
+        args,
+        {
+            "model": "random-weight ViT-B/32" if args.vit_b32 else "random-weight tiny CLIP",
+            "load": args.load,
+            "settings": settings,
+            "seconds_per_window": args.seconds,
+            "medians": {name: medians(runs) for name, runs in windows.items()},
+            "windows": windows,
+        },
+    )
 
 
 if __name__ == "__main__":

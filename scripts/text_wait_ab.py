@@ -13,19 +13,15 @@ turns (scripts/load_ab.py). Results: `--out` (JSON, every round) and the medians
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
-import json
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
-from load_ab import alternating_rounds, current_rev
+from load_ab import ab_parser, alternating_rounds, settings_of, written
 
 from tests.hard_images import photo
 from tests.helpers import encode
@@ -91,21 +87,13 @@ def medians(rounds: list[dict]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--baseline-rev", required=True, help="the commit to compare against")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of each server")
+    parser = ab_parser(__doc__, rounds=2, out_name="text-wait-ab.json")
     parser.add_argument("--seconds", type=float, default=60, help="each round's mixed load")
     parser.add_argument("--labels", type=int, default=100)
     parser.add_argument("--templates", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="the tiny model instead of ViT-B/32")
-    parser.add_argument(
-        "--out", type=Path, default=Path(tempfile.gettempdir()) / "text-wait-ab.json"
-    )
-    parser.add_argument("settings", nargs="*", help="NAME=VALUE for both servers' environment")
     args = parser.parse_args()
-    settings = dict(setting.split("=", 1) for setting in args.settings)
+    settings = settings_of(args)
     image = base64.b64encode(encode(photo(64, 64, seed=0), "JPEG")).decode()
 
     def run_round(url: str, _pid: int, index: int) -> dict:
@@ -116,19 +104,17 @@ def main() -> int:
         return asyncio.run(text_beside_ensembles(url, image, tag, size, args.seconds))
 
     rounds = alternating_rounds(args.baseline_rev, args.rounds, not args.tiny, settings, run_round)
-    result = {
-        "baseline_rev": args.baseline_rev,
-        "current_rev": current_rev(),
-        "model": "random-weight tiny CLIP" if args.tiny else "random-weight ViT-B/32",
-        "ensemble": f"{args.labels} labels x {args.templates} templates",
-        "settings": settings,
-        "seconds_per_round": args.seconds,
-        "medians": {name: medians(runs) for name, runs in rounds.items()},
-        "rounds": rounds,
-    }
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["medians"], indent=1))
-    return 0
+    return written(
+        args,
+        {
+            "model": "random-weight tiny CLIP" if args.tiny else "random-weight ViT-B/32",
+            "ensemble": f"{args.labels} labels x {args.templates} templates",
+            "settings": settings,
+            "seconds_per_round": args.seconds,
+            "medians": {name: medians(runs) for name, runs in rounds.items()},
+            "rounds": rounds,
+        },
+    )
 
 
 if __name__ == "__main__":
