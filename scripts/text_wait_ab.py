@@ -3,12 +3,14 @@
     python scripts/text_wait_ab.py --baseline-rev b9be958 --rounds 2   # ViT-B/32, random weights
 
 How long a small text request waits while its API worker encodes a large ensemble, and what the
-ensemble itself takes. Per round and server: one client sends cold ensembles to `/classify`
-(`--labels` x `--templates` prompts, labels no round has sent before) one after another while
-another sends one new prompt at a time to `/embed_texts` (50 ms apart), for `--seconds`; the
-one-prompt requests' p50, p95 and largest time, and each ensemble's time. Then one more cold
-ensemble alone: its time. Both servers are up side by side for the whole run and the rounds take
-turns (scripts/load_ab.py). Results: `--out` (JSON, every round) and the medians to stdout.
+ensemble itself takes (ViT-B/32 on 2 cores gets one API worker, so the two clients share it;
+with more, the probe may reach another worker). Per round and server: one client sends cold
+ensembles to `/classify` (`--labels` x `--templates` prompts, labels no round has sent before)
+one after another while another sends one new prompt at a time to `/embed_texts` (50 ms apart),
+for `--seconds`; the one-prompt requests' p50, p95 and largest time, and each ensemble's time.
+Then one more cold ensemble alone: its time. Both servers are up side by side for the whole run
+and the rounds take turns (scripts/load_ab.py). Results: `--out` (JSON, every round) and the
+medians to stdout.
 """
 
 from __future__ import annotations
