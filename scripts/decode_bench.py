@@ -76,6 +76,12 @@ def copied_runner(blob: bytes) -> torch.Tensor:
     return torch.frombuffer(stored, dtype=torch.uint8).view(height, width, 4)
 
 
+def into_array_runner(blob: bytes) -> torch.Tensor:
+    """The runner's decode of a forwarded JPEG: the stored pixels (the EXIF turn, if any, is
+    done on the device afterwards)."""
+    return decoded_on_host(blob)[0]
+
+
 def pillow_alone(decode):
     """`decode` with simplejpeg set aside: Pillow decodes into the array."""
 
@@ -98,8 +104,8 @@ WAYS = {
     },
     "runner": {
         "copied out": copied_runner,
-        "Pillow into the array": pillow_alone(decoded_on_host),
-        "simplejpeg": decoded_on_host,
+        "Pillow into the array": pillow_alone(into_array_runner),
+        "simplejpeg": into_array_runner,
     },
 }
 
@@ -244,7 +250,8 @@ def main() -> int:
         ),
     }
     # Photos as phones and cameras store them, and a PNG: the API workers' path only (the
-    # runner is sent none of them); "copied out" is how the service decoded them before
+    # runner is sent the turned JPEGs too, but decodes them as stored, as upright ones of their
+    # size, and turns the planes on its device); "copied out" is how the service decoded them before
     # (Pillow turning the pixels, or decoding the MPO's first image, into its own memory, then
     # copying them out).
     api_only = {

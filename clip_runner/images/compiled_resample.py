@@ -23,6 +23,7 @@ import numpy as np
 
 from clip_runner.model.resample import (
     PRECISION_BITS,
+    UPRIGHT,
     WEIGHT_CACHE_SIZE,
     crop_plan,
     fixed_point_weights,
@@ -49,34 +50,6 @@ class _Band:
     weights: np.ndarray  # (count, taps) int32, Pillow's fixed-point weights
     start: int  # the source span any output reads: [start, stop)
     stop: int
-
-
-@dataclass(frozen=True)
-class Upright:
-    """How an image stored with an EXIF orientation becomes upright, as
-    `ImageOps.exif_transpose` turns it: `turned`, the stored rows become the upright columns
-    (a transposition); then the upright rows and/or columns run in reverse. Moving pixels
-    changes none of them, so a resize can read the stored pixels in that order instead of
-    turning a copy of them first (`resize_and_crop_array`)."""
-
-    turned: bool
-    rows_reversed: bool
-    columns_reversed: bool
-
-
-# EXIF orientation -> what exif_transpose does: 2 mirror, 3 rotate 180, 4 flip, 5 transpose,
-# 6 rotate 270 (the stored image turned a quarter clockwise), 7 transverse, 8 rotate 90.
-# Any other value leaves the image as stored, as exif_transpose does.
-UPRIGHT = {
-    1: Upright(False, False, False),
-    2: Upright(False, False, True),
-    3: Upright(False, True, True),
-    4: Upright(False, True, False),
-    5: Upright(True, False, False),
-    6: Upright(True, False, True),
-    7: Upright(True, True, True),
-    8: Upright(True, True, False),
-}
 
 
 @functools.lru_cache(maxsize=WEIGHT_CACHE_SIZE)

@@ -37,7 +37,12 @@ from clip_runner.images.formats import ACCEPTED_FORMATS, ACCEPTED_FORMATS_TEXT
 from clip_runner.images.pixel_budget import HeaderCheck, PixelBudget, image_header
 from clip_runner.images.s3_images import fetch_s3, is_s3_url
 from clip_runner.metrics import PREPROCESS_SECONDS
-from clip_runner.model.pillow_pixels import decode_into_array, decodes_into_array, pixel_shape
+from clip_runner.model.pillow_pixels import (
+    decode_into_array,
+    decodes_into_array,
+    exif_orientation,
+    pixel_shape,
+)
 from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE, crop_plan
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
@@ -215,16 +220,6 @@ def loaded_rgb(opened: Image.Image, keep_grey: bool = False) -> Image.Image:
     return to_rgb(opened, keep_grey)
 
 
-def exif_orientation(opened: Image.Image) -> int:
-    """The image's EXIF orientation tag (1, upright, where it has none)."""
-    return opened.getexif().get(EXIF_ORIENTATION, 1)
-
-
-def upright(opened: Image.Image) -> bool:
-    """Whether the image has no EXIF rotation or mirroring to apply."""
-    return exif_orientation(opened) == 1
-
-
 def decoded_pixels(data: bytes, index: int, max_pixels: int) -> tuple[np.ndarray, int]:
     """The image's pixels as Pillow stores them, what the compiled resize reads: uint8
     (H, W, 4) RGB (the fourth byte padding), or (H, W) for a greyscale image; and the EXIF
@@ -247,7 +242,6 @@ def decoded_pixels(data: bytes, index: int, max_pixels: int) -> tuple[np.ndarray
         return stored_pixels(loaded_rgb(opened, keep_grey=True)), 1
 
 
-EXIF_ORIENTATION = 0x0112
 # Component ids "R", "G", "B": with neither a JFIF nor an Adobe marker, libjpeg reads them as a
 # JPEG stored in RGB rather than YCbCr.
 RGB_COMPONENT_IDS = (82, 71, 66)
@@ -296,18 +290,18 @@ def ends_after_its_scan(data: bytes) -> bool:
 
 def device_decodable(opened: Image.Image, data: bytes, shortest_edge: int) -> bool:
     """Whether the runner's device decoder gives exactly the pixels of this JPEG (`data`,
-    opened): a complete (`ends_after_its_scan`) baseline JPEG in YCbCr or greyscale without
-    EXIF rotation, whose shortest side the device resize shrinks exactly
-    (`DEVICE_MAX_DOWNSCALE`). Truncated, progressive, CMYK, RGB-stored (`stored_as_rgb`),
-    rotated and giant JPEGs (and every other format) are decoded here instead. Reads the header
-    and looks for the end marker."""
+    opened): a complete (`ends_after_its_scan`) baseline JPEG in YCbCr or greyscale, whose
+    shortest side the device resize shrinks exactly (`DEVICE_MAX_DOWNSCALE`), in any EXIF
+    orientation (the runner reads the tag and turns the decoded planes, as phones' photos
+    need). Truncated, progressive, CMYK, RGB-stored (`stored_as_rgb`) and giant JPEGs (and
+    every other format) are decoded here instead. Reads the header and looks for the end
+    marker."""
     return (
         opened.format == "JPEG"
         and opened.mode in ("RGB", "L")
         and not opened.info.get("progressive")
         and not stored_as_rgb(opened)
         and min(opened.size) <= DEVICE_MAX_DOWNSCALE * shortest_edge
-        and upright(opened)
         and ends_after_its_scan(data)
     )
 

@@ -40,6 +40,16 @@ logger = logging.getLogger(__name__)
 JPEG_FORMATS = ("JPEG", "MPO")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(opened: Image.Image) -> int:
+    """The image's EXIF orientation tag (1, upright, where it has none), as
+    `ImageOps.exif_transpose` reads it: both the API workers' resize and the runner's device
+    path turn the decoded pixels by it (resample.py's `UPRIGHT`)."""
+    return opened.getexif().get(EXIF_ORIENTATION, 1)
+
+
 # Pillow's mode -> the shape of one pixel as Pillow stores it (`decode_into_array`'s arrays).
 PIXEL_SHAPES: dict[str, tuple[int, ...]] = {"RGB": (4,), "L": ()}
 

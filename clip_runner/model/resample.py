@@ -91,6 +91,35 @@ def byte_planes(weights: np.ndarray) -> np.ndarray:
     return planes.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Upright:
+    """How an image stored with an EXIF orientation becomes upright, as
+    `ImageOps.exif_transpose` turns it: `turned`, the stored rows become the upright columns
+    (a transposition); then the upright rows and/or columns run in reverse. Moving pixels
+    changes none of them, so the API workers' resize reads the stored pixels in that order
+    instead of turning a copy of them first (images/compiled_resample.py), and the runner turns
+    the decoded pixels on its device (device_decode.py's `upright`)."""
+
+    turned: bool
+    rows_reversed: bool
+    columns_reversed: bool
+
+
+# EXIF orientation -> what exif_transpose does: 2 mirror, 3 rotate 180, 4 flip, 5 transpose,
+# 6 rotate 270 (the stored image turned a quarter clockwise), 7 transverse, 8 rotate 90.
+# Any other value leaves the image as stored, as exif_transpose does.
+UPRIGHT = {
+    1: Upright(False, False, False),
+    2: Upright(False, False, True),
+    3: Upright(False, True, True),
+    4: Upright(False, True, False),
+    5: Upright(True, False, False),
+    6: Upright(True, False, True),
+    7: Upright(True, True, True),
+    8: Upright(True, True, False),
+}
+
+
 def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
     """The shortest side becomes `shortest_edge`, the other keeps the aspect ratio (truncated),
     as transformers computes it."""

@@ -459,25 +459,26 @@ def test_small_baseline_jpegs_are_decoded_on_the_event_loop_the_rest_in_a_thread
 
 
 def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image_server):
-    """Baseline YCbCr/greyscale JPEGs go as their own bytes; progressive, CMYK, RGB-stored and
-    rotated JPEGs, JPEGs with a preview after them (MPO: what nvJPEG makes of the bytes after
-    the first image is unmeasured) and PNGs are decoded here as before."""
+    """Baseline YCbCr/greyscale JPEGs go as their own bytes, those stored turned (an EXIF
+    orientation: the runner turns them) too; progressive, CMYK and RGB-stored JPEGs, JPEGs with
+    a preview after them (MPO: what nvJPEG makes of the bytes after the first image is
+    unmeasured) and PNGs are decoded here as before."""
     photo = photo_like(320, 240, seed=4)
     baseline = encode(photo, "JPEG", quality=90)
     grey = encode(photo.convert("L"), "JPEG", quality=90)
+    rotated = encode(photo, "JPEG", quality=90, exif=oriented_exif(photo, 6))
     progressive = encode(photo, "JPEG", quality=90, progressive=True)
     cmyk = encode(photo.convert("CMYK"), "JPEG", quality=90)
     rgb = encode(photo, "JPEG", quality=90, keep_rgb=True)  # no YCbCr: an Adobe marker says so
-    rotated = encode(photo, "JPEG", quality=90, exif=oriented_exif(photo, 6))
-    sources = [base64.b64encode(data).decode() for data in (baseline, grey, progressive, cmyk)]
     preview = with_preview(photo, photo_like(20, 10, seed=1))
-    sources += [base64.b64encode(data).decode() for data in (rgb, rotated)]
+    blobs = (baseline, grey, rotated, progressive, cmyk, rgb)
+    sources = [base64.b64encode(data).decode() for data in blobs]
     sources += [as_base64(photo), base64.b64encode(preview).decode()]
     loaded = load(sources, dataclasses.replace(LIMITS, forward_jpegs=True))
-    assert loaded[0] == baseline and loaded[1] == grey
-    assert all(isinstance(item, np.ndarray) for item in loaded[2:])
-    assert loaded[5].shape == (224, 224, 3)
-    assert (loaded[4] == prepare_image(rgb, 0, GEOMETRY, MAX_PIXELS)).all()
+    assert loaded[:3] == [baseline, grey, rotated]
+    assert all(isinstance(item, np.ndarray) for item in loaded[3:])
+    assert loaded[4].shape == (224, 224, 3)
+    assert (loaded[5] == prepare_image(rgb, 0, GEOMETRY, MAX_PIXELS)).all()
 
 
 def test_a_forwarded_jpeg_has_its_header_read_once(monkeypatch):

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from clip_runner.images.loading import ImageGeometry, prepare_image
 from clip_runner.model import device_decode
@@ -30,6 +30,7 @@ from clip_runner.model.device_decode import (
     DeviceJpegDecoder,
     decoded_on_host,
     rgb_planes,
+    upright_pixels,
 )
 from clip_runner.model.device_resample import resize_and_crop
 from tests.hard_images import encoded_set, hard_images, is_jpeg
@@ -38,6 +39,7 @@ from tests.helpers import (
     ServedBento,
     assert_same_answer,
     encode,
+    oriented_exif,
     photo_like,
     serve_tiny,
 )
@@ -61,6 +63,63 @@ def test_cpu_twin_equals_the_api_path_on_the_hard_set():
     crops, decoded = decoder(blobs)
     assert decoded == [True] * len(blobs)
     expected = np.stack([prepare_image(blob, 0, GEOMETRY, 10**9) for blob in blobs])
+    np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
+
+
+def oriented_jpegs() -> list[bytes]:
+    """Colour and greyscale JPEGs of a wide photo tagged with each EXIF orientation (1-8, and
+    9, which is none and leaves the image as stored), as phones and cameras store them."""
+    blobs = []
+    for orientation in range(1, 10):
+        photo = photo_like(300, 170, seed=orientation)
+        for image in (photo, photo.convert("L")):
+            blobs.append(encode(image, "JPEG", quality=90, exif=oriented_exif(image, orientation)))
+    return blobs
+
+
+def test_decoded_pixels_are_turned_as_exif_transpose_turns_them():
+    """Each orientation's stored pixels (colour as RGBX words, greyscale as bytes) turned
+    upright equal Pillow's own `exif_transpose` of the decoded image, pixel for pixel."""
+    for blob in oriented_jpegs():
+        pixels, orientation = decoded_on_host(blob)
+        with Image.open(io.BytesIO(blob)) as opened:
+            expected = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+        turned = rgb_planes(upright_pixels(pixels, orientation)).permute(1, 2, 0)
+        np.testing.assert_array_equal(turned, expected, err_msg=f"orientation {orientation}")
+
+
+def test_jpegs_of_every_exif_orientation_are_turned_upright_as_on_the_api_path():
+    """A phone photo is forwarded as stored and its planes turned on the device: the crops are
+    the API path's (which equals CLIPImageProcessor on the upright image: test_loading.py),
+    colour and greyscale, a turned photo's crop unlike its stored pixels' crop."""
+    blobs = oriented_jpegs()
+    crops, decoded = DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)(blobs)
+    assert decoded == [True] * len(blobs)
+    expected = np.stack([prepare_image(blob, 0, GEOMETRY, 10**9) for blob in blobs])
+    np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
+    as_stored = resize_and_crop(pillow_pixels(blobs[10])[None], 224, 224, 224)[0]  # 6, colour
+    assert not torch.equal(crops[10], as_stored)
+
+
+def test_nvjpeg_decodes_are_turned_upright_too():
+    """nvJPEG ignores the EXIF orientation (torchvision applies it on the CPU only): the
+    decoder reads each JPEG's tag and turns nvJPEG's planes (here its CPU stand-in's, the
+    stored pixels), in a batch call and in the one-image calls after a refusal."""
+    blobs = oriented_jpegs()
+    expected = np.stack([prepare_image(blob, 0, GEOMETRY, 10**9) for blob in blobs])
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)
+    decoder._nvjpeg = nvjpeg_on_the_cpu
+    crops, _ = decoder(blobs)
+    np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
+
+    def one_at_a_time(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        if len(data) > 1:
+            raise RuntimeError("nvjpegDecode failed: unsupported JPEG")
+        return nvjpeg_on_the_cpu(data, device)
+
+    decoder._nvjpeg = one_at_a_time
+    crops, _ = decoder(blobs)
+    assert decoder.refused_by_nvjpeg == 0
     np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
 
 
@@ -109,7 +168,7 @@ def test_pillow_decodes_a_batch_in_threads_to_the_same_crops_in_order(monkeypatc
 
 def pillow_pixels(blob: bytes) -> torch.Tensor:
     """(3, H, W) uint8, as nvJPEG gives them: the stand-ins' decode."""
-    return rgb_planes(decoded_on_host(blob))
+    return rgb_planes(decoded_on_host(blob)[0])
 
 
 def nvjpeg_on_the_cpu(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -197,7 +256,7 @@ def test_colour_and_greyscale_jpegs_are_decoded_into_the_tensor_not_copied_out(m
     copy, convert = Image.Image.tobytes, Image.Image.convert
     monkeypatch.setattr(Image.Image, "tobytes", lambda *a: copies.append(1) or copy(*a))
     monkeypatch.setattr(Image.Image, "convert", lambda *a: copies.append(1) or convert(*a))
-    colour, greyscale = decoded_on_host(colour_jpeg), decoded_on_host(greyscale_jpeg)
+    (colour, _), (greyscale, _) = decoded_on_host(colour_jpeg), decoded_on_host(greyscale_jpeg)
     assert not copies
     assert colour.shape == (48, 64, 4) and greyscale.shape == (48, 64)
     for name, pixels in (("colour", colour), ("greyscale", greyscale)):
@@ -233,7 +292,8 @@ def test_pinned_decodes_are_jpegs_up_to_the_size_limit(pinned_requests):
     at_the_limit = encode(photo_like(side, side, seed=2), "JPEG")
     past_it = encode(photo_like(side + 1, side, seed=3), "JPEG")
     for blob in (small, at_the_limit, past_it):
-        np.testing.assert_array_equal(decoded_on_host(blob, pinned=True), decoded_on_host(blob))
+        pinned, pageable = decoded_on_host(blob, pinned=True), decoded_on_host(blob)
+        np.testing.assert_array_equal(pinned[0], pageable[0])
     assert pinned_requests == [
         ((48, 64, 4), True),
         ((48, 64, 4), False),
@@ -439,6 +499,10 @@ def test_forwarding_server_answers_as_the_api_path(forwarding, served):
     images = [b64(encode(p, "JPEG", quality=90)) for p in pictures]
     images.append(b64(encode(pictures[0], "JPEG", quality=90, progressive=True)))  # API-decoded
     images.append(b64(encode(pictures[1], "PNG")))
+    # A phone's photo and a scan stored turned: forwarded too, and turned upright by the runner.
+    for picture, orientation in ((pictures[2], 6), (pictures[3].convert("L"), 8)):
+        exif = oriented_exif(picture, orientation)
+        images.append(b64(encode(picture, "JPEG", quality=90, exif=exif)))
     body = {"images": images, "classes": SEED_CLASSES}
     decodes_before, decode_s_before = histogram(forwarding, "clip_runner_jpeg_decode_seconds")
     forwarded = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
@@ -446,8 +510,8 @@ def test_forwarding_server_answers_as_the_api_path(forwarding, served):
     assert forwarded.status_code == decoded_here.status_code == 200
     assert_same_answer(forwarded.json(), decoded_here.json(), tolerance=1e-6)
     metrics = httpx.get(f"{forwarding.url}/metrics", timeout=10).text
-    assert 'clip_service_runner_call_images_sum{sent_as="jpeg"} 4.0' in metrics
-    # The runner timed its decode of the forwarded four, a part of its image passes' time.
+    assert 'clip_service_runner_call_images_sum{sent_as="jpeg"} 6.0' in metrics
+    # The runner timed its decode of the forwarded six, a part of its image passes' time.
     decodes, decode_s = histogram(forwarding, "clip_runner_jpeg_decode_seconds")
     _, pass_s = histogram(forwarding, "clip_runner_inference_seconds")
     assert decodes > decodes_before and decode_s > decode_s_before
