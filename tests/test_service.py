@@ -17,6 +17,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from clip_runner.answers.runner_calls import text_call_passes
 from tests.helpers import (
     GUARD_AUTH,
     SEED_CLASSES,
@@ -228,6 +229,14 @@ def test_the_log_says_what_each_process_serves_with(served):
         r"JPEGs decoded in the API workers by simp"
     )
     assert re.search(api_line, log)
+    # The text pass the runner timed, and the text calls each API worker sized by it.
+    timed = re.findall(r"a full text pass ([\d.]+) ms", log)
+    calls = re.findall(r"text calls of up to (\d+) pass\(es\) \(a pass ([\d.]+) ms\)", log)
+    assert timed and calls and all(float(ms) > 0 for ms in timed)
+    for passes, ms in calls:
+        # The rule applied to the logged figure, either side of its rounding to 0.1 ms.
+        rounded = {text_call_passes((float(ms) + error) / 1000) for error in (-0.05, 0.05)}
+        assert ms in timed and int(passes) in rounded
 
 
 def test_the_runner_logs_where_its_start_up_went(served):
