@@ -53,6 +53,7 @@ import torch
 from PIL import Image
 
 from clip_runner.answers.zero_shot import zero_shot_probabilities
+from clip_runner.model.pillow_pixels import EXIF_ORIENTATION
 from clip_runner.model.resample import resized_size
 from clip_runner.model.startup_phases import STARTUP_LINE_PREFIX
 from clip_runner.web.schemas import SEED_CLASSES
@@ -70,9 +71,17 @@ HEADLINE_ROUNDS = 3
 # ---------------------------------------------------------------- synthetic test images
 
 
-def jpeg_base64(width: int, height: int, seed: int) -> str:
+def jpeg_base64(width: int, height: int, seed: int, orientation: int | None = None) -> str:
+    """A photo-like JPEG (quality 88) in base64; with `orientation`, tagged with that EXIF
+    orientation (how to turn the stored pixels for display)."""
+    image = photo(width, height, seed)
+    save_args = {}
+    if orientation is not None:
+        exif = image.getexif()
+        exif[EXIF_ORIENTATION] = orientation
+        save_args["exif"] = exif.tobytes()
     buffer = io.BytesIO()
-    photo(width, height, seed).save(buffer, "JPEG", quality=88)
+    image.save(buffer, "JPEG", quality=88, **save_args)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -84,6 +93,22 @@ def seed_request_bodies(classes: list | None = SEED_CLASSES) -> list[bytes]:
             {"images": [jpeg_base64(640, 480, seed)], **({"classes": classes} if classes else {})}
         ).encode()
         for seed in range(4)
+    ]
+
+
+# A phone's sensor is wider than tall; held level, upside down, upright or the other way up, it
+# stores the same 4032x3024 pixels and tags how to turn them.
+PHONE_ORIENTATIONS = (1, 3, 6, 8)
+
+
+def phone_photo_bodies() -> list[bytes]:
+    """Four seed requests of one 12-MP photo each as a phone stores it (4032x3024, one of
+    `PHONE_ORIENTATIONS` each)."""
+    return [
+        json.dumps(
+            {"images": [jpeg_base64(4032, 3024, seed, orientation)], "classes": SEED_CLASSES}
+        ).encode()
+        for seed, orientation in enumerate(PHONE_ORIENTATIONS)
     ]
 
 
@@ -1292,6 +1317,7 @@ RUNNER_CALLS_BOTH_WAYS = "runner calls, both ways"
 BROKEN_JPEGS = "forwarded broken JPEGs"
 UNCACHED_TEXTS = "embed_texts uncached c32"
 GIL_PROFILED = "seed c64, py-spy"
+PHONE_PHOTOS = "phone photos c32"
 
 
 def replayed_passes(replayed: BareModel, plain: BareModel) -> dict:
@@ -1475,7 +1501,9 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     """Every GPU target of the serving-speed issue in one run, with the default settings: the
     seed request at 1, 32 and 64 clients on all but the load generator's cores, at 64 clients
     with the whole server on 4 cores (`sched_setaffinity`, as `taskset -c 0-3`), uncached
-    `/embed_texts`; against the bare fp16 image encoder's best batch and the bare text encoder,
+    `/embed_texts`, and 12-MP phone photos (beside the `CLIP_DECODE=api` ablation's: where
+    phones' photos are best decoded); against the bare fp16 image encoder's best batch and the
+    bare text encoder,
     and the device path's fidelity, measured in the same run; then the ablations (the servers
     in `open_defaults`, CUDA graphs' numbers against plain passes in process, the servers in
     `settled`, the runner's wire format, and nvJPEG on broken JPEGs). The load generator runs
@@ -1545,6 +1573,10 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
 
     seed = seed_request_bodies()
     texts = uncached_text_bodies(200_000)  # each server has its own text cache: all uncached
+    # 12-MP photos in the four orientations a phone stores: forwarded to the runner like the
+    # seed's, or (with CLIP_DECODE=api) decoded and resized in the API workers. Last on each
+    # server, after what the targets need.
+    phones = Scenario(PHONE_PHOTOS, phone_photo_bodies(), 1, 32)
     # The targets first and the ablations last, so a run cut short by the device's time limit
     # still holds the targets (each stage is saved as it ends, with how long it took).
     with tempfile.TemporaryDirectory() as tmp:
@@ -1559,6 +1591,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                     Scenario("seed c64", seed, 1, 64),
                     Scenario(UNCACHED_TEXTS, texts, 8, 32, "/embed_texts"),
                     Scenario(GIL_PROFILED, seed, 1, 64, profile_gil=True),
+                    phones,
                 ],
             ),
             (
@@ -1591,7 +1624,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 API_DECODE_ABLATION,
                 server_cpus,
                 {"CLIP_DECODE": "api"},
-                [Scenario("seed c64", seed, 1, 64)],
+                [Scenario("seed c64", seed, 1, 64), phones],
             ),
             # On 4 cores the default is 2 API workers (half the cores): is a third worth the
             # core it takes from the runners?
@@ -1956,6 +1989,11 @@ def gpu_ablations(payload: dict) -> dict[str, str]:
         "(opt-in) / Pillow in the API workers (CLIP_DECODE=api)": (
             f"{full} / {figure(NVJPEG_ABLATION, 'seed c64')} / "
             f"{figure(API_DECODE_ABLATION, 'seed c64')}"
+        ),
+        "phone photos c32 (12 MP, EXIF orientations 1, 3, 6, 8) images/s, forwarded to the "
+        "runner (default) / decoded in the API workers (CLIP_DECODE=api)": (
+            f"{figure('all server cores', PHONE_PHOTOS)} / "
+            f"{figure(API_DECODE_ABLATION, PHONE_PHOTOS)}"
         ),
         "server on 4 cores, seed c64 images/s, the GPU waited for asleep (default) / polling "
         "(CLIP_CUDA_WAIT=spin)": (

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import (
+    PHONE_PHOTOS,
     REPO,
     SEED_CLASSES,
     Scenario,
@@ -42,19 +43,16 @@ from bench import (
     cpu_ms_per_request,
     import_random_model,
     measure,
-    photo,
+    phone_photo_bodies,
     seed_request_bodies,
     uncached_text_bodies,
 )
 from startup_bench import worktree
 
 from tests.hard_images import text_page
-from tests.helpers import encode, oriented_exif
+from tests.helpers import encode
 
 LOADS = ("seed", "embed_images", "embed_texts", "phone_photos", "scans")
-# A phone's sensor is wider than tall; held level, upside down, upright or the other way up, it
-# stores the same 4032x3024 pixels and tags how to turn them.
-PHONE_ORIENTATIONS = (1, 3, 6, 8)
 # Uncached prompts per window: more requests than any window sends.
 TEXT_REQUESTS_PER_WINDOW = 50_000
 
@@ -63,16 +61,6 @@ def seed_body(jpeg: bytes) -> bytes:
     """The seed's request with this one image."""
     image = base64.b64encode(jpeg).decode()
     return json.dumps({"images": [image], "classes": SEED_CLASSES}).encode()
-
-
-def phone_photo_bodies() -> list[bytes]:
-    """Four seed requests of one 12-MP JPEG each (quality 88), one per `PHONE_ORIENTATIONS`."""
-    bodies = []
-    for seed, orientation in enumerate(PHONE_ORIENTATIONS):
-        image = photo(4032, 3024, seed)
-        exif = oriented_exif(image, orientation)
-        bodies.append(seed_body(encode(image, "JPEG", quality=88, exif=exif)))
-    return bodies
 
 
 def scan_bodies() -> list[bytes]:
@@ -94,7 +82,7 @@ def scenario(load: str, window_index: int) -> Scenario:
         bodies = uncached_text_bodies(TEXT_REQUESTS_PER_WINDOW, first=first)
         return Scenario("embed_texts uncached c32", bodies, 8, 32, "/embed_texts")
     if load == "phone_photos":
-        return Scenario("phone photos c32", phone_photo_bodies(), 1, 32)
+        return Scenario(PHONE_PHOTOS, phone_photo_bodies(), 1, 32)
     if load == "scans":
         return Scenario("scanned pages c32", scan_bodies(), 1, 32)
     return Scenario("seed c32", seed_request_bodies(), 1, 32)

@@ -239,6 +239,13 @@ def test_the_report_sets_each_ablation_beside_the_default_it_would_replace():
     runners = "- server on 4 cores, seed c64 images/s, 2 runner workers (default) / 1"
     four_cores = payload["rows"][3]["images_per_s"]
     assert f"{runners}: {four_cores} / 1.5" in bench.gpu_report(payload).splitlines()
+    # Phone photos: the default server's row beside the CLIP_DECODE=api server's.
+    phones = dict(payload["rows"][2], name=bench.PHONE_PHOTOS)
+    payload["rows"].append(phones | {"server": "all server cores", "images_per_s": 310.0})
+    payload["rows"].append(phones | {"server": bench.API_DECODE_ABLATION, "images_per_s": 120.0})
+    report_lines = bench.gpu_report(payload).splitlines()
+    phone_line = next(line for line in report_lines if line.startswith("- phone photos"))
+    assert phone_line.endswith("decoded in the API workers (CLIP_DECODE=api): 310.0 / 120.0")
 
 
 def test_the_report_says_how_much_of_each_server_stage_its_start_up_and_stop_took():
