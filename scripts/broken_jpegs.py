@@ -68,14 +68,17 @@ RAISED = "raised an exception"
 
 
 def intact_jpegs() -> list[tuple[str, bytes]]:
-    """(name, bytes) of the baseline JPEGs the API workers forward: 4:2:0, 4:4:4, greyscale,
-    with restart markers (where libjpeg resynchronises after damage), and a page of text."""
+    """(name, bytes) of the baseline JPEGs the API workers forward: 4:2:0, one stored turned
+    (an EXIF orientation), 4:4:4, greyscale, with restart markers (where libjpeg resynchronises
+    after damage), and a page of text."""
     from tests.hard_images import text_page
-    from tests.helpers import encode, photo_like
+    from tests.helpers import encode, oriented_exif, photo_like
 
     photo = photo_like(640, 480, seed=11)
+    turned = oriented_exif(photo, 6)  # a phone's: the runner reads the tag and turns the pixels
     return [
         ("photo 640x480 4:2:0 q90", encode(photo, "JPEG", quality=90)),
+        ("phone photo 640x480 stored turned (EXIF 6)", encode(photo, "JPEG", exif=turned)),
         ("photo 480x640 4:4:4 q75", encode(photo_like(480, 640, 12), "JPEG", subsampling=0)),
         ("greyscale 640x480", encode(photo.convert("L"), "JPEG")),
         ("photo 640x480, restart markers", encode(photo, "JPEG", restart_marker_rows=1)),

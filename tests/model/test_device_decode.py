@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from clip_runner.images.loading import ImageGeometry, prepare_image
+from clip_runner.errors import RequestError
+from clip_runner.images.loading import ImageGeometry, device_decodable_jpeg, prepare_image
 from clip_runner.model import device_decode
 from clip_runner.model.device_decode import (
     NVJPEG,
@@ -99,6 +100,40 @@ def test_jpegs_of_every_exif_orientation_are_turned_upright_as_on_the_api_path()
     np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
     as_stored = resize_and_crop(pillow_pixels(blobs[10])[None], 224, 224, 224)[0]  # 6, colour
     assert not torch.equal(crops[10], as_stored)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")  # the damaged EXIF
+def test_a_forwarded_jpeg_with_damaged_exif_gets_the_api_paths_answer():
+    """The API workers no longer read the EXIF of a JPEG they forward; the runner does. Damage
+    in the EXIF segment (bytes overwritten, the orientation tag's among them) must give the
+    API path's answer: the same crop (turned or not by what the tag then says), or a failure
+    of that image alone. (With this seed the damage leaves the tag 6 in 17 of 150, drops it in
+    126, and makes it a value that is no orientation in 7.)"""
+    photo = photo_like(120, 90, seed=5)
+    exif = oriented_exif(photo, 6)
+    original = encode(photo, "JPEG", quality=90, exif=exif)
+    start = original.index(exif[:16])
+    rng = np.random.default_rng(7)
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)
+    geometry = ImageGeometry(64, 64, 64)
+    forwarded = 0
+    for _ in range(150):
+        damaged = bytearray(original)
+        for _ in range(int(rng.integers(1, 4))):
+            damaged[start + int(rng.integers(len(exif)))] = int(rng.integers(256))
+        blob = bytes(damaged)
+        if not device_decodable_jpeg(blob, 10**9, 64):
+            continue
+        forwarded += 1
+        crops, decoded = decoder([blob, original])  # beside an intact one, as in a batch
+        try:
+            expected = prepare_image(blob, 0, geometry, 10**9)
+        except RequestError:
+            assert decoded == [False, True]
+            continue
+        assert decoded == [True, True]
+        np.testing.assert_array_equal(crops[0].permute(1, 2, 0).numpy(), expected)
+    assert forwarded > 100
 
 
 def test_nvjpeg_decodes_are_turned_upright_too():
