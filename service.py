@@ -47,7 +47,7 @@ from clip_runner.malloc_tuning import reuse_freed_memory
 from clip_runner.metrics import LABEL_CACHE_LOOKUPS, TEXT_CACHE_LOOKUPS
 from clip_runner.model.batching import QueueWaitExceeded
 from clip_runner.model.embedding_cache import EmbeddingCache
-from clip_runner.model.model_facts import ModelFacts
+from clip_runner.model.model_facts import PILLOW, ModelFacts
 from clip_runner.model.model_source import find_checkpoint
 from clip_runner.model.runner import CLIPRunner
 from clip_runner.model.simplejpeg_pixels import cpu_decoder_name
@@ -298,7 +298,11 @@ class ClipService:
                     http_client=self.http_client,
                     text_cache=self.text_cache,
                     label_cache=self.label_cache,
-                    image_limits=dataclasses.replace(self.image_limits, forward_jpegs=forward),
+                    image_limits=dataclasses.replace(
+                        self.image_limits,
+                        forward_jpegs=forward,
+                        pillow_runner=facts.jpeg_decoder == PILLOW,
+                    ),
                     encode_jpegs=calls.encode_jpegs,
                     max_prompt_chars=2 * settings.max_class_name_chars,
                 )

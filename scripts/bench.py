@@ -71,11 +71,14 @@ HEADLINE_ROUNDS = 3
 # ---------------------------------------------------------------- synthetic test images
 
 
-def jpeg_base64(width: int, height: int, seed: int, orientation: int | None = None) -> str:
+def jpeg_base64(
+    width: int, height: int, seed: int, orientation: int | None = None, progressive: bool = False
+) -> str:
     """A photo-like JPEG (quality 88) in base64; with `orientation`, tagged with that EXIF
-    orientation (how to turn the stored pixels for display)."""
+    orientation (how to turn the stored pixels for display); `progressive`, as many web
+    images are stored (mozjpeg's default)."""
     image = photo(width, height, seed)
-    save_args = {}
+    save_args: dict[str, object] = {"progressive": progressive}
     if orientation is not None:
         exif = image.getexif()
         exif[EXIF_ORIENTATION] = orientation
@@ -85,12 +88,17 @@ def jpeg_base64(width: int, height: int, seed: int, orientation: int | None = No
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def seed_request_bodies(classes: list | None = SEED_CLASSES) -> list[bytes]:
-    """Four request bodies of the seed's shape: one 640x480 JPEG each and the seed's classes
-    (no classes: the `/embed_images` shape)."""
+def seed_request_bodies(
+    classes: list | None = SEED_CLASSES, progressive: bool = False
+) -> list[bytes]:
+    """Four request bodies of the seed's shape: one 640x480 JPEG each (`progressive`: stored
+    so) and the seed's classes (no classes: the `/embed_images` shape)."""
     return [
         json.dumps(
-            {"images": [jpeg_base64(640, 480, seed)], **({"classes": classes} if classes else {})}
+            {
+                "images": [jpeg_base64(640, 480, seed, progressive=progressive)],
+                **({"classes": classes} if classes else {}),
+            }
         ).encode()
         for seed in range(4)
     ]

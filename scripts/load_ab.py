@@ -18,7 +18,8 @@ prompts per request to `/embed_texts` that no window has sent before (each serve
 would otherwise answer the windows after its first), `--load phone_photos` the seed's request
 with one 12-MP photo as phones store it (4032x3024, EXIF orientation 1, 3, 6 or 8), `--load
 scans` with one greyscale JPEG of a page of text scanned at 200 dpi (A4, 1654x2339; a dense
-page at 300 dpi passes the 6-MB body limit in base64).
+page at 300 dpi passes the 6-MB body limit in base64), `--load progressive` the seed's load
+with its photos stored as progressive JPEGs (as many web images are).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from startup_bench import worktree
 from tests.hard_images import text_page
 from tests.helpers import encode
 
-LOADS = ("seed", "embed_images", "embed_texts", "phone_photos", "scans")
+LOADS = ("seed", "embed_images", "embed_texts", "phone_photos", "scans", "progressive")
 # Uncached prompts per window: more requests than any window sends.
 TEXT_REQUESTS_PER_WINDOW = 50_000
 
@@ -85,6 +86,8 @@ def scenario(load: str, window_index: int) -> Scenario:
         return Scenario(PHONE_PHOTOS, phone_photo_bodies(), 1, 32)
     if load == "scans":
         return Scenario("scanned pages c32", scan_bodies(), 1, 32)
+    if load == "progressive":
+        return Scenario("progressive seed c32", seed_request_bodies(progressive=True), 1, 32)
     return Scenario("seed c32", seed_request_bodies(), 1, 32)
 
 

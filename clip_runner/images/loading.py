@@ -38,6 +38,7 @@ from clip_runner.images.pixel_budget import HeaderCheck, PixelBudget, image_head
 from clip_runner.images.s3_images import fetch_s3, is_s3_url
 from clip_runner.metrics import PREPROCESS_SECONDS
 from clip_runner.model.pillow_pixels import (
+    JPEG_FORMATS,
     decode_into_array,
     decodes_into_array,
     exif_orientation,
@@ -68,7 +69,9 @@ class ImageLimits:
     """Bounds on one image source and on the work per request, and how to preprocess.
 
     `fast_preprocessing`: CLIP_PREPROCESS=fast (opt-in; BENCHMARKS.md has its worst case).
-    `forward_jpegs`: JPEGs the runner can decode on its device are sent as bytes, not pixels.
+    `forward_jpegs`: JPEGs the runner can decode on its device are sent as bytes, not pixels;
+    `pillow_runner`: the runner decodes them with Pillow, so progressive and RGB-stored JPEGs
+    and MPOs go too (`device_decodable`).
     """
 
     fetch: FetchLimits
@@ -76,6 +79,7 @@ class ImageLimits:
     fetch_concurrency: int = 8
     fast_preprocessing: bool = False
     forward_jpegs: bool = False
+    pillow_runner: bool = False
     max_request_pixels: int = 200_000_000
 
 
@@ -288,25 +292,36 @@ def ends_after_its_scan(data: bytes) -> bool:
     return False
 
 
-def device_decodable(opened: Image.Image, data: bytes, shortest_edge: int) -> bool:
+def device_decodable(
+    opened: Image.Image, data: bytes, shortest_edge: int, pillow_runner: bool = False
+) -> bool:
     """Whether the runner's device decoder gives exactly the pixels of this JPEG (`data`,
     opened): a complete (`ends_after_its_scan`) baseline JPEG in YCbCr or greyscale, whose
     shortest side the device resize shrinks exactly (`DEVICE_MAX_DOWNSCALE`), in any EXIF
     orientation (the runner reads the tag and turns the decoded planes, as phones' photos
     need). Truncated, progressive, CMYK, RGB-stored (`stored_as_rgb`) and giant JPEGs (and
     every other format) are decoded here instead. Reads the header and looks for the end
-    marker."""
+    marker.
+
+    With `pillow_runner` (the runner decodes with Pillow, as on a GPU by default) progressive
+    and RGB-stored JPEGs and MPOs (a camera's photo with a preview after it) go too: Pillow
+    decodes them there into the array as it does here (pillow_pixels.py), the same
+    libjpeg-turbo on the same bytes, so the pixels are these workers' own. nvJPEG's handling
+    of them is unmeasured, and a truncated MPO would pass the end-marker check on its
+    preview's marker."""
+    formats = JPEG_FORMATS if pillow_runner else ("JPEG",)
     return (
-        opened.format == "JPEG"
+        opened.format in formats
         and opened.mode in ("RGB", "L")
-        and not opened.info.get("progressive")
-        and not stored_as_rgb(opened)
+        and (pillow_runner or not (opened.info.get("progressive") or stored_as_rgb(opened)))
         and min(opened.size) <= DEVICE_MAX_DOWNSCALE * shortest_edge
         and ends_after_its_scan(data)
     )
 
 
-def device_check(data: bytes, max_pixels: int, shortest_edge: int) -> HeaderCheck:
+def device_check(
+    data: bytes, max_pixels: int, shortest_edge: int, pillow_runner: bool = False
+) -> HeaderCheck:
     """Whether the API workers forward `data` to the runner's device decoder, asked of its
     header in the pixel budget's read of it (`PixelBudget.charge`): `device_decodable` and
     within the pixel limit. Any other image goes to `prepare_image`, which answers an
@@ -314,15 +329,20 @@ def device_check(data: bytes, max_pixels: int, shortest_edge: int) -> HeaderChec
 
     def forwarded(opened: Image.Image) -> bool:
         width, height = opened.size
-        return width * height <= max_pixels and device_decodable(opened, data, shortest_edge)
+        return width * height <= max_pixels and device_decodable(
+            opened, data, shortest_edge, pillow_runner
+        )
 
     return forwarded
 
 
-def device_decodable_jpeg(data: bytes, max_pixels: int, shortest_edge: int) -> bool:
+def device_decodable_jpeg(
+    data: bytes, max_pixels: int, shortest_edge: int, pillow_runner: bool = False
+) -> bool:
     """The same decision from the bytes alone, as `load_image` takes it (for the broken-JPEG
     harness and the tests); an unreadable header is not forwarded."""
-    return image_header(data, device_check(data, max_pixels, shortest_edge)).passed_check
+    check = device_check(data, max_pixels, shortest_edge, pillow_runner)
+    return image_header(data, check).passed_check
 
 
 # Up to this long/short ratio the whole image is resized, bit-exact with CLIPProcessor; beyond
@@ -464,7 +484,7 @@ async def load_image(
     else:  # base64 of a multi-megabyte image takes milliseconds: keep it off the event loop
         data = await asyncio.to_thread(decode_inline, source, index, limits.fetch.max_bytes)
     forwarding = (
-        device_check(data, limits.max_pixels, geometry.shortest_edge)
+        device_check(data, limits.max_pixels, geometry.shortest_edge, limits.pillow_runner)
         if limits.forward_jpegs
         else None
     )

@@ -29,6 +29,7 @@ from PIL import Image
 from clip_runner.model.device_health import device_works
 from clip_runner.model.device_resample import resize_and_crop
 from clip_runner.model.device_wait import to_device, wait_for_queued_work
+from clip_runner.model.model_facts import NVJPEG, PILLOW
 from clip_runner.model.pillow_pixels import (
     decode_into_array,
     decodes_into_array,
@@ -38,9 +39,6 @@ from clip_runner.model.pillow_pixels import (
 from clip_runner.model.resample import UPRIGHT
 
 logger = logging.getLogger(__name__)
-
-NVJPEG = "nvjpeg"
-PILLOW = "pillow"
 
 
 def _torchvision_decoder() -> Callable | None:

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What decodes the JPEGs the API workers forward (`ModelFacts.jpeg_decoder`): Pillow, in the
+# runner's threads, the same libjpeg-turbo as the API workers' own decode, or nvJPEG on the GPU
+# (the opt-in CLIP_RUNNER_JPEG_DECODER=nvjpeg).
+PILLOW = "pillow"
+NVJPEG = "nvjpeg"
+
 
 @dataclass(frozen=True)
 class ModelFacts:
@@ -30,4 +36,4 @@ class ModelFacts:
     max_batch: int = 32
     max_text_batch: int = 128
     text_pass_s: float = 0.0  # a full text pass, timed at the warm-up (0: not timed)
-    jpeg_decoder: str = "pillow"
+    jpeg_decoder: str = PILLOW
