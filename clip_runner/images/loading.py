@@ -298,10 +298,10 @@ def device_decodable(
     """Whether the runner's device decoder gives exactly the pixels of this JPEG (`data`,
     opened): a complete (`ends_after_its_scan`) baseline JPEG in YCbCr or greyscale, whose
     shortest side the device resize shrinks exactly (`DEVICE_MAX_DOWNSCALE`), in any EXIF
-    orientation (the runner reads the tag and turns the decoded planes, as phones' photos
-    need). Truncated, progressive, CMYK, RGB-stored (`stored_as_rgb`) and giant JPEGs (and
-    every other format) are decoded here instead. Reads the header and looks for the end
-    marker.
+    orientation (the runner reads the tag and turns the decoded pixels, as phones' photos
+    need). Truncated, CMYK and giant JPEGs (and every other format) are decoded here instead,
+    and so are progressive, RGB-stored (`stored_as_rgb`) JPEGs and MPOs unless
+    `pillow_runner`. Reads the header and looks for the end marker.
 
     With `pillow_runner` (the runner decodes with Pillow, as on a GPU by default) progressive
     and RGB-stored JPEGs and MPOs (a camera's photo with a preview after it) go too: Pillow

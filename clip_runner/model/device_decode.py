@@ -115,8 +115,8 @@ def _pinned_memory_works() -> bool:
 def decoded_on_host(blob: bytes, pinned: bool = False) -> tuple[torch.Tensor, int]:
     """uint8 on the CPU: the pixels as Pillow stores them, (H, W, 4) RGB and a padding byte,
     or (H, W) for a greyscale JPEG; and the JPEG's EXIF orientation, still to apply
-    (`upright_pixels`). The API workers forward only baseline YCbCr or greyscale JPEGs, for
-    which these are exactly the stored pixels their own decode gives.
+    (`upright_pixels`). The API workers forward only JPEGs whose stored pixels these are
+    exactly, as their own decode gives them (images/loading.py's `device_decodable`).
 
     The JPEG is decoded straight into the tensor (pillow_pixels.py): copying Pillow's pixels
     out afterwards had cost about a third of the decode's CPU, holding the GIL that the
