@@ -9,6 +9,7 @@ import dataclasses
 
 import httpx
 import numpy as np
+import pytest
 import schemathesis
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -23,18 +24,25 @@ from clip_runner.images.loading import (
     resize_and_crop,
 )
 from clip_runner.model.device_decode import DeviceJpegDecoder
-from tests.helpers import JPEG_END_MARKER, encode, photo_like
+from tests.helpers import JPEG_END_MARKER, encode, oriented_exif, photo_like, with_preview
 
 GEOMETRY = ImageGeometry(224, 224, 224)
 MAX_PIXELS = 4_000_000  # the decoders' pixel limit here: a header claiming more is a 422 too
 SEED_PNG = encode(photo_like(24, 16, seed=1))
 SEED_JPEG = encode(photo_like(24, 16, seed=1), "JPEG")
-# Baseline JPEGs the API workers forward to the runner (CLIP_DECODE=runner): 4:2:0 and 4:4:4
+# JPEGs the API workers forward to the runner (CLIP_DECODE=runner): baseline 4:2:0 and 4:4:4
 # colour, and greyscale.
+PHONE_PHOTO = photo_like(40, 30, seed=5)
 FORWARDED_JPEGS = [
     encode(photo_like(40, 30, seed=2), "JPEG", quality=90),
     encode(photo_like(33, 64, seed=3), "JPEG", quality=50, subsampling=0),
     encode(photo_like(40, 30, seed=4).convert("L"), "JPEG"),
+    # Also forwarded to a runner that decodes with Pillow: a phone's photo stored turned, a
+    # progressive JPEG, one stored in RGB, a camera's MPO.
+    encode(PHONE_PHOTO, "JPEG", exif=oriented_exif(PHONE_PHOTO, 6)),
+    encode(photo_like(40, 30, seed=6), "JPEG", quality=80, progressive=True),
+    encode(photo_like(40, 30, seed=7), "JPEG", keep_rgb=True),
+    with_preview(photo_like(40, 30, seed=8), photo_like(16, 12, seed=9)),
 ]
 SMALL_GEOMETRY = ImageGeometry(32, 32, 32)
 # The runner's decoder as it runs without a GPU: Pillow's decode, the device resize on the CPU.
@@ -84,18 +92,19 @@ def api_crop_or_none(data: bytes) -> np.ndarray | None:
         return None
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")  # a damaged EXIF
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(FORWARDED_JPEGS), st.data())
 def test_a_forwarded_broken_jpeg_gets_what_the_api_path_gives(original, data):
     """A JPEG the API workers forward untouched (its header and end marker check out, its coded
     data may be garbage) is decoded by the runner's CPU twin to exactly the API path's crop, or
     refused by both: without nvJPEG, the caller's answer does not depend on where the image was
-    decoded."""
+    decoded (what the API workers send a runner decoding with Pillow, the GPU default)."""
     changed = mutated(original, data)
     if data.draw(st.booleans()):  # cut short, with the end marker the forwarding check wants
         changed = changed[: data.draw(st.integers(2, len(changed)))] + JPEG_END_MARKER
     blob = bytes(changed)
-    assume(device_decodable_jpeg(blob, MAX_PIXELS, SMALL_GEOMETRY.shortest_edge))
+    assume(device_decodable_jpeg(blob, MAX_PIXELS, SMALL_GEOMETRY.shortest_edge, True))
     crops, decoded = RUNNER_DECODER([blob])
     expected = api_crop_or_none(blob)
     assert decoded == [expected is not None]
