@@ -348,8 +348,13 @@ class ClipService:
                     503, "overloaded", "the model's queue is full; retry shortly"
                 ) from None
             logger.warning("runner call failed: %s: %s", type(exc).__name__, exc)
+            # A timeout says how long it waited (runner_calls.resilient); other failures are the
+            # runner's to log, not the caller's to read.
+            reason = str(exc) if isinstance(exc, TimeoutError) and str(exc) else ""
             raise RequestError(
-                503, "runner_unavailable", "the model runner is not answering; retry shortly"
+                503,
+                "runner_unavailable",
+                f"{reason or 'the model runner is not answering'}; retry shortly",
             ) from None
 
     @bentoml.api(route="/invocations")

@@ -62,7 +62,9 @@ def test_overload_is_refused_fast_and_stuck_requests_fail_cleanly(fragile):
     assert ping.status_code in (200, 503)  # /ping is exempt from the concurrency cap
     for response in stuck:  # two 2 s attempts at the frozen runner, then a clear 503
         assert response.status_code == 503, response.text
-        assert response.json()["error"]["type"] == "runner_unavailable"
+        error = response.json()["error"]
+        assert error["type"] == "runner_unavailable"
+        assert "did not answer a second try within 2 s" in error["message"]
     assert httpx.post(f"{fragile.url}/invocations", json=GOOD, timeout=30).status_code == 200
 
 

@@ -80,7 +80,8 @@ def resilient(
     ("Server disconnected"; runner.py makes that rare by keeping one pool), and in soak tests
     about one call in several thousand was never answered.
     Encoding is idempotent, so a second attempt is safe; the runner's own queue bound
-    (CLIP_MAX_LATENCY_MS) keeps honest calls well inside `attempt_timeout_s`.
+    (CLIP_MAX_LATENCY_MS) keeps honest calls well inside `attempt_timeout_s`. A second attempt
+    that times out says how long it waited (the caller's 503 repeats it).
     """
 
     async def call_twice(*args: object) -> T:
@@ -91,7 +92,12 @@ def resilient(
                 logger.warning(
                     "runner call failed (%s: %s); retrying once", type(exc).__name__, exc
                 )
+            try:
                 return await asyncio.wait_for(call(*args), attempt_timeout_s)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"the model runner did not answer a second try within {attempt_timeout_s:g} s"
+                ) from None
 
     return call_twice
 

@@ -48,11 +48,16 @@ def test_one_failure_is_retried(failure):
 
 
 @pytest.mark.parametrize(
-    ("failure", "error"), [("disconnect", aiohttp.ServerDisconnectedError), ("hang", TimeoutError)]
+    ("failure", "error", "says"),
+    [
+        ("disconnect", aiohttp.ServerDisconnectedError, None),
+        ("hang", TimeoutError, "the model runner did not answer a second try within 0.2 s"),
+    ],
 )
-def test_two_failures_are_reported(failure, error):
+def test_two_failures_are_reported(failure, error, says):
+    """A runner that hangs twice is reported with how long the second try waited."""
     call = FlakyCall(bad=2, failure=failure)
-    with pytest.raises(error):
+    with pytest.raises(error, match=says):
         asyncio.run(resilient(call, attempt_timeout_s=0.2)(4))
     assert call.calls == 2
 
