@@ -93,6 +93,7 @@ def api_crop_or_none(data: bytes) -> np.ndarray | None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")  # a damaged EXIF
+@pytest.mark.filterwarnings("ignore:Image appears to be a malformed MPO")  # a damaged MPO
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(FORWARDED_JPEGS), st.data())
 def test_a_forwarded_broken_jpeg_gets_what_the_api_path_gives(original, data):
