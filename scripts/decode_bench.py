@@ -249,9 +249,10 @@ def main() -> int:
             5,
         ),
     }
-    # Photos as phones and cameras store them, and a PNG: the API workers' path only (the
-    # runner is sent the turned JPEGs too, but decodes them as stored, as upright ones of their
-    # size, and turns the planes on its device); "copied out" is how the service decoded them before
+    # Photos as phones and cameras store them, and a PNG: timed on the API workers' path only.
+    # A runner decoding with Pillow is sent the JPEGs too, and decodes them as it decodes an
+    # upright JPEG of their size (a turned one as stored, turned on its device afterwards; an
+    # MPO's first image). "copied out" is how the service decoded them before
     # (Pillow turning the pixels, or decoding the MPO's first image, into its own memory, then
     # copying them out).
     api_only = {
