@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 
 from tests.helpers import ServedBento, as_base64, photo_like, serve_tiny, wait_for_ping
@@ -83,9 +84,16 @@ def test_a_client_that_leaves_cancels_its_image_fetch(fragile, image_host_server
 
 def test_a_killed_runner_is_reported_then_restarted(fragile):
     runner = fragile.runner_processes()[0]
-    runner.kill()
-    runner.wait(10)
-    wait_for_ping(fragile.url, 503, within_s=6)
+    # The supervisor (the `bentoml serve` process; the workers write their logs themselves) is
+    # held while the 503 is awaited: otherwise a quick restart on a busy machine could end the
+    # 503 before a ping saw it (CI once saw only 200s: reaping the killed runner took seconds).
+    supervisor = psutil.Process(fragile.process.pid)
+    supervisor.suspend()
+    try:
+        runner.kill()
+        wait_for_ping(fragile.url, 503, within_s=8)  # a probe's 1 s wait and two 1.5 s tries
+    finally:
+        supervisor.resume()
     # The runner's listening socket outlives the process (the supervisor holds it), so a request
     # sent meanwhile waits for the restarted runner: answered, or a 504 at the deadline.
     during = httpx.post(f"{fragile.url}/invocations", json=GOOD, timeout=30)
