@@ -94,7 +94,7 @@ def served(
         tmp_path_factory,
         "serve",
         CLIP_MODEL_DIR=str(tmp_path_factory.mktemp("empty-model-dir")),
-        CLIP_FETCH_TIMEOUT_S="3",
+        CLIP_FETCH_TIMEOUT_S="10",  # an API worker's first S3 fetch loads botocore
         CLIP_FETCH_CONNECT_TIMEOUT_S="2",
         **s3_store.server_env(),
     ) as server:

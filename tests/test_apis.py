@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import bentoml
 import httpx
@@ -150,12 +151,14 @@ def test_new_prompts_that_several_api_workers_send_are_encoded_once(served, tiny
     texts = [f"a thing every worker is asked about, number {index}" for index in range(300)]
     sent_before = histogram(served, "clip_service_runner_call_texts")[1]
     encoded_before = histogram(served, "clip_runner_batch_texts")[1]
+    expected = reference_text_embeddings(tiny_clip, texts)
     sent = 0.0
-    for _ in range(30):
+    # Which worker accepts a connection is the kernel's choice, and on a busy machine the same
+    # one may win many times running: a time limit, not a count (repeats are cache hits).
+    give_up_at = time.monotonic() + 60
+    while time.monotonic() < give_up_at:
         answer = post(served, "/embed_texts", {"texts": texts}).json()
-        np.testing.assert_allclose(
-            answer["embeddings"], reference_text_embeddings(tiny_clip, texts), atol=1e-5
-        )
+        np.testing.assert_allclose(answer["embeddings"], expected, atol=1e-5)
         sent = histogram(served, "clip_service_runner_call_texts")[1] - sent_before
         if sent >= 2 * len(texts):
             break

@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import json
 import re
+import select
 import socket
 import time
 from urllib.parse import urlsplit
@@ -307,7 +308,12 @@ def test_a_health_check_with_a_stalled_body_is_not_held_open(guarded):
 def test_a_flood_past_the_waiting_bound_cannot_lock_good_requests_out(guarded):
     bound = int(GUARD_SETTINGS["CLIP_MAX_WAITING_BODIES"])
     flood = [open_slow_upload(guarded.url, GUARD_AUTH) for _ in range(bound + 6)]
-    time.sleep(0.3)
+    # Each upload past the bound cuts the oldest short: six answered ones mean all were read
+    # (a fixed pause could end before, or after the 2 s body deadline on a busy machine).
+    # Were the bound not enforced, all would be answered at that deadline, with no room made.
+    wait_until = time.monotonic() + 10
+    while len(select.select(flood, [], [], 0.05)[0]) < 6 and time.monotonic() < wait_until:
+        pass
     answers = good_requests(guarded.url, 2)  # each makes room for itself
     assert [response.status_code for response in answers] == [200, 200], answers[0].text
     endings = [read_answer(sock) for sock in flood]
