@@ -27,12 +27,12 @@ def spin():
     while time.monotonic() < END:
         pass
 
-def half():
+def half():  # 50 ms periods: a busy machine's late wake-ups (a few ms) hardly move the half
     while time.monotonic() < END:
-        busy_until = time.perf_counter() + 0.01
+        busy_until = time.perf_counter() + 0.05
         while time.perf_counter() < busy_until:
             pass
-        time.sleep(0.01)
+        time.sleep(0.05)
 
 if __name__ == "__main__":
     children = [multiprocessing.Process(target=f) for f in (spin, half)]

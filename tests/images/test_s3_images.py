@@ -122,6 +122,7 @@ def test_load_images_fetches_s3_images_concurrently(s3_env, monkeypatch):
     urls = [s3_env.put(f"unit/concurrent-{i}.jpg", data) for i, data in enumerate(images)]
     real = s3_images.s3_client(LIMITS.connect_timeout_s, LIMITS.timeout_s)
     in_flight, peak, lock = 0, 0, threading.Lock()
+    overlapped = threading.Event()
 
     class CountingClient:
         def get_object(self, **params: Any) -> dict[str, Any]:
@@ -129,8 +130,12 @@ def test_load_images_fetches_s3_images_concurrently(s3_env, monkeypatch):
             with lock:
                 in_flight += 1
                 peak = max(peak, in_flight)
+                if in_flight >= 2:
+                    overlapped.set()
             try:
-                time.sleep(0.1)  # long enough for the other fetches to start meanwhile
+                # Held until a second fetch is under way, however slowly a busy machine starts
+                # it; fetched one at a time, each would wait out the 5 s and peak stay 1.
+                overlapped.wait(5)
                 return real.get_object(**params)
             finally:
                 with lock:

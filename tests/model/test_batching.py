@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -288,6 +290,14 @@ class ConcurrencyMeter(Recorder):
                 self.running -= 1
 
 
+async def until(condition: Callable[[], bool], within_s: float = 10) -> None:
+    """Waits for `condition` (a pass's thread reaching the gate), not a fixed time that a busy
+    machine may overrun; after `within_s` the test's own assertions say what did not happen."""
+    deadline = time.monotonic() + within_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
 def test_two_passes_run_at_once_and_split_the_queue_fairly():
     infer = ConcurrencyMeter()
     infer.gate.clear()  # both passes start, then are held together
@@ -297,7 +307,7 @@ def test_two_passes_run_at_once_and_split_the_queue_fairly():
             in_executor(infer, pool), max_rows=8, max_queue_wait_s=10, slots=PassSlots(2, 2, 1)
         )
         tasks = [asyncio.ensure_future(batcher.submit(np.full((1, 1), i))) for i in range(10)]
-        await asyncio.sleep(0.05)
+        await until(lambda: infer.running == 2)  # both passes are held at the gate
         infer.gate.set()
         return await asyncio.gather(*tasks)
 
@@ -321,7 +331,7 @@ def test_a_lone_batch_runs_on_every_thread_and_alone():
         )
         infer.gate.clear()
         first = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
-        await asyncio.sleep(0.05)  # the first pass is running, held at the gate
+        await until(lambda: infer.running == 1)  # the first pass is running, held at the gate
         second = asyncio.ensure_future(batcher.submit(np.ones((2, 1))))
         await asyncio.sleep(0.05)
         running_while_held = infer.running
