@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import io
 import json
@@ -450,6 +451,13 @@ def serve_tiny(
 
 
 def stop_process_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM to the server's process group; SIGKILL if its supervisor has not exited within
+    `timeout_s`. Then SIGKILL to any of its workers still alive (BentoML starts each in a
+    process group of its own): one whose event loop was stuck outlived the supervisor's exit
+    and kept a core busy for the rest of the run."""
+    workers: list[psutil.Process] = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        workers = psutil.Process(process.pid).children(recursive=True)
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -457,6 +465,9 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float = 30) -> None
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    for worker in workers:  # the usual case: all gone already
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()  # psutil checks that the pid is still this process
 
 
 def wait_for_ping(url: str, status: int, within_s: float) -> list[float]:
