@@ -2,7 +2,8 @@
 
 The server here allows 3 concurrent requests, answers 504 after 5 s, gives up on image hosts
 after 4 s and on a runner call after two 2 s attempts. The runner is frozen (SIGSTOP) or
-killed (SIGKILL) to make the faults real.
+killed (SIGKILL) to make the faults real. Each test waits for the state it checks (a fetch
+begun, a 503 seen), not a fixed time, so a busy machine slows it without failing it.
 """
 
 from __future__ import annotations
