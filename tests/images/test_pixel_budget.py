@@ -85,8 +85,9 @@ def test_the_budget_refuses_the_image_that_passes_it_naming_the_budget():
     assert "1000 pixels" in error.message and "CLIP_MAX_REQUEST_PIXELS" in error.message
 
 
-def count_decodes(monkeypatch) -> list[int]:
-    """Record each image `load_images` starts decoding (the real `prepare_image` still runs)."""
+def count_decodes(monkeypatch, hold: threading.Event | None = None) -> list[int]:
+    """Record each image `load_images` starts decoding (the real `prepare_image` still runs,
+    once `hold`, where given, is set)."""
     started: list[int] = []
     lock = threading.Lock()
     real = images.prepare_image
@@ -94,23 +95,41 @@ def count_decodes(monkeypatch) -> list[int]:
     def counted(data, index, *args, **kwargs):
         with lock:
             started.append(index)
+        if hold is not None:
+            hold.wait(10)
         return real(data, index, *args, **kwargs)
 
     monkeypatch.setattr(images, "prepare_image", counted)
     return started
 
 
-def run_load(sources: list[str], limits: ImageLimits, cancel_once: list | None = None):
+def run_load(
+    sources: list[str],
+    limits: ImageLimits,
+    cancel_once: list | None = None,
+    then_release: threading.Event | None = None,
+):
+    """`load_images` on two decoding threads; cancelled as soon as `cancel_once` has an item,
+    then, once the cancelled load has ended, `then_release` set and one more job run through the
+    threads: it comes after every decode still queued (the threads take jobs in order), so any
+    that outlived the cancel has begun by then."""
+
     async def go():
         # Two decoding threads, as on the 2-core CI machine, whatever this machine has.
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
         async with new_fetch_client(AddressPolicy(), limits.fetch) as client:
             task = asyncio.ensure_future(load_images(sources, client, GEOMETRY, limits))
-            if cancel_once is not None:  # cancel as soon as `cancel_once` has an item
+            if cancel_once is not None:
                 while not cancel_once:
                     await asyncio.sleep(0.005)
                 task.cancel()
-            return await task
+            try:
+                return await task
+            except asyncio.CancelledError:
+                if then_release is not None:
+                    then_release.set()
+                    await asyncio.to_thread(lambda: None)
+                raise
 
     return asyncio.run(go())
 
@@ -125,12 +144,15 @@ def test_an_over_budget_request_decodes_no_more_than_the_budget(monkeypatch):
 
 
 def test_a_cancelled_request_starts_no_new_decodes(monkeypatch):
-    started = count_decodes(monkeypatch)
+    # The decodes begun are held until the cancelled load has ended, so the threads cannot
+    # take further images meanwhile, however slowly a busy machine runs the cancel.
+    hold = threading.Event()
+    started = count_decodes(monkeypatch, hold)
     limits = ImageLimits(FetchLimits(1_000_000, 5), 40_000_000, max_request_pixels=10**10)
     flat = as_base64(Image.new("RGB", (3000, 3000), (10, 200, 10)))
     with pytest.raises(asyncio.CancelledError):
-        run_load([flat] * 32, limits, cancel_once=started)
-    assert 1 <= len(started) <= 4  # the two threads' images, not the other 30
+        run_load([flat] * 32, limits, cancel_once=started, then_release=hold)
+    assert 1 <= len(started) <= 2  # the two threads' images, not the other 30
 
 
 def post(url: str, path: str, images_: list[str]) -> httpx.Response:
