@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+import simplejpeg
 import uvicorn
 from PIL import Image
 
@@ -80,6 +81,13 @@ def with_preview(image: Image.Image, preview: Image.Image, **save_args: object) 
     """`image` as many cameras store a photo: a JPEG with a preview image after it, named in a
     Multi-Picture segment; Pillow opens it as an MPO whose first image is `image`."""
     return encode(image, "MPO", save_all=True, append_images=[preview], **save_args)
+
+
+def ycck_jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    """`image` as a YCCK JPEG: libjpeg-turbo's encoding of CMYK pixels (through simplejpeg), as
+    some prepress tools store CMYK; Pillow writes Adobe's inverted CMYK instead. Pillow opens
+    both as CMYK."""
+    return simplejpeg.encode_jpeg(np.asarray(image.convert("CMYK")), quality, "CMYK")
 
 
 def pillows_own(blob: bytes) -> np.ndarray:

@@ -24,7 +24,14 @@ from clip_runner.images.loading import (
     resize_and_crop,
 )
 from clip_runner.model.device_decode import DeviceJpegDecoder
-from tests.helpers import JPEG_END_MARKER, encode, oriented_exif, photo_like, with_preview
+from tests.helpers import (
+    JPEG_END_MARKER,
+    encode,
+    oriented_exif,
+    photo_like,
+    with_preview,
+    ycck_jpeg,
+)
 
 GEOMETRY = ImageGeometry(224, 224, 224)
 MAX_PIXELS = 4_000_000  # the decoders' pixel limit here: a header claiming more is a 422 too
@@ -38,11 +45,13 @@ FORWARDED_JPEGS = [
     encode(photo_like(33, 64, seed=3), "JPEG", quality=50, subsampling=0),
     encode(photo_like(40, 30, seed=4).convert("L"), "JPEG"),
     # Also forwarded to a runner that decodes with Pillow: a phone's photo stored turned, a
-    # progressive JPEG, one stored in RGB, a camera's MPO.
+    # progressive JPEG, one stored in RGB, a camera's MPO, CMYK JPEGs (Adobe's and YCCK).
     encode(PHONE_PHOTO, "JPEG", exif=oriented_exif(PHONE_PHOTO, 6)),
     encode(photo_like(40, 30, seed=6), "JPEG", quality=80, progressive=True),
     encode(photo_like(40, 30, seed=7), "JPEG", keep_rgb=True),
     with_preview(photo_like(40, 30, seed=8), photo_like(16, 12, seed=9)),
+    encode(photo_like(40, 30, seed=10).convert("CMYK"), "JPEG", quality=85),
+    ycck_jpeg(photo_like(40, 30, seed=11)),
 ]
 SMALL_GEOMETRY = ImageGeometry(32, 32, 32)
 # The runner's decoder as it runs without a GPU: Pillow's decode, the device resize on the CPU.

@@ -292,6 +292,11 @@ def ends_after_its_scan(data: bytes) -> bool:
     return False
 
 
+# The JPEG modes a runner decoding with Pillow is sent: colour, greyscale, and CMYK (Pillow
+# opens YCCK as CMYK too), which it converts to RGB.
+PILLOW_RUNNER_MODES = ("RGB", "L", "CMYK")
+
+
 def device_decodable(
     opened: Image.Image, data: bytes, shortest_edge: int, pillow_runner: bool = False
 ) -> bool:
@@ -299,20 +304,23 @@ def device_decodable(
     opened): a complete (`ends_after_its_scan`) baseline JPEG in YCbCr or greyscale, whose
     shortest side the device resize shrinks exactly (`DEVICE_MAX_DOWNSCALE`), in any EXIF
     orientation (the runner reads the tag and turns the decoded pixels, as phones' photos
-    need). Truncated, CMYK and giant JPEGs (and every other format) are decoded here instead,
-    and so are progressive, RGB-stored (`stored_as_rgb`) JPEGs and MPOs unless
+    need). Truncated and giant JPEGs (and every other format) are decoded here instead, and so
+    are progressive, RGB-stored (`stored_as_rgb`) and CMYK JPEGs and MPOs unless
     `pillow_runner`. Reads the header and looks for the end marker.
 
     With `pillow_runner` (the runner decodes with Pillow, as on a GPU by default) progressive
     and RGB-stored JPEGs and MPOs (a camera's photo with a preview after it) go too: Pillow
     decodes them there into the array as it does here (pillow_pixels.py), the same
-    libjpeg-turbo on the same bytes, so the pixels are these workers' own. nvJPEG's handling
-    of them is unmeasured, and a truncated MPO would pass the end-marker check on its
-    preview's marker."""
+    libjpeg-turbo on the same bytes, so the pixels are these workers' own. So do CMYK (and
+    YCCK) JPEGs, as print and prepress files are stored: the runner converts them to RGB with
+    the same Pillow call as `to_rgb` here, and a conversion of each pixel alone gives the same
+    pixels before or after the turn. nvJPEG's handling of all of them is unmeasured, and a
+    truncated MPO would pass the end-marker check on its preview's marker."""
     formats = JPEG_FORMATS if pillow_runner else ("JPEG",)
+    modes = PILLOW_RUNNER_MODES if pillow_runner else ("RGB", "L")
     return (
         opened.format in formats
-        and opened.mode in ("RGB", "L")
+        and opened.mode in modes
         and (pillow_runner or not (opened.info.get("progressive") or stored_as_rgb(opened)))
         and min(opened.size) <= DEVICE_MAX_DOWNSCALE * shortest_edge
         and ends_after_its_scan(data)

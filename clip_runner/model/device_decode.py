@@ -124,8 +124,8 @@ def decoded_on_host(blob: bytes, pinned: bool = False) -> tuple[torch.Tensor, in
     converted to RGB first. With `pinned` (the runner on a GPU) that tensor is in pinned memory
     (`host_pixels`), which the GPU copies from directly while the decoding thread goes on: from
     pageable memory CUDA first copies the bytes into a staging buffer of its own, on the
-    decoding thread. Where this Pillow cannot decode into an array, the image is converted to
-    RGB and copied.
+    decoding thread. A CMYK JPEG (sent where Pillow decodes here), or any JPEG where this Pillow
+    cannot decode into an array, is converted to RGB and copied, as the API workers convert it.
 
     Moved to the device as they are and viewed there as planes (`rgb_planes`): repacking them
     into three bytes on the CPU first (`np.array(image)`) cost more than the extra third of

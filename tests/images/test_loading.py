@@ -45,6 +45,7 @@ from tests.helpers import (
     photo_like,
     pillows_own,
     with_preview,
+    ycck_jpeg,
 )
 
 GEOMETRY = ImageGeometry(shortest_edge=224, crop_height=224, crop_width=224)
@@ -481,29 +482,30 @@ def test_forwarding_sends_only_jpegs_the_device_decodes_exactly(image_dir, image
     assert (loaded[5] == prepare_image(rgb, 0, GEOMETRY, MAX_PIXELS)).all()
 
 
-def test_a_runner_decoding_with_pillow_is_sent_progressive_and_rgb_jpegs_and_mpos_too():
+def test_a_runner_decoding_with_pillow_is_sent_progressive_rgb_and_cmyk_jpegs_and_mpos_too():
     """Where the runner decodes with Pillow (the GPU default), it gives the pixels this worker's
-    own decode gives for every JPEG the worker decodes into the array: progressive and
-    RGB-stored ones and a camera's MPO go as their bytes too. CMYK JPEGs, truncated files and
-    PNGs are still decoded here; with nvJPEG (`pillow_runner` False) the progressive JPEG, the
-    MPO and the RGB-stored JPEG are as well."""
+    own decode gives for every JPEG: progressive, RGB-stored and CMYK ones (Adobe's inverted
+    CMYK, as Pillow writes it, and YCCK, as libjpeg-turbo does) and a camera's MPO go as their
+    bytes too. Truncated files and PNGs are still decoded here; with nvJPEG (`pillow_runner`
+    False) the progressive, RGB-stored and CMYK JPEGs and the MPO are as well."""
     photo = photo_like(320, 240, seed=6)
     progressive = encode(photo, "JPEG", quality=90, progressive=True)
     grey_progressive = encode(photo.convert("L"), "JPEG", quality=90, progressive=True)
     mpo = with_preview(photo, photo_like(20, 10, seed=1), quality=90)
-    cmyk = encode(photo.convert("CMYK"), "JPEG", quality=90)
     rgb = encode(photo, "JPEG", quality=90, keep_rgb=True)
-    truncated = progressive[: len(progressive) // 2]
-    blobs = (progressive, grey_progressive, mpo, rgb, cmyk)
+    cmyk = encode(photo.convert("CMYK"), "JPEG", quality=90)
+    ycck = ycck_jpeg(photo)
+    blobs = (progressive, grey_progressive, mpo, rgb, cmyk, ycck)
     sources = [base64.b64encode(data).decode() for data in blobs] + [as_base64(photo)]
     pillow_runner = dataclasses.replace(LIMITS, forward_jpegs=True, pillow_runner=True)
     loaded = load(sources, pillow_runner)
-    assert loaded[:4] == [progressive, grey_progressive, mpo, rgb]
-    assert all(isinstance(item, np.ndarray) for item in loaded[4:])
-    with pytest.raises(RequestError, match="image file is truncated"):
-        load([base64.b64encode(truncated).decode()], pillow_runner)
+    assert loaded[:6] == list(blobs)
+    assert isinstance(loaded[6], np.ndarray)
+    for whole in (progressive, cmyk):
+        with pytest.raises(RequestError, match="image file is truncated"):
+            load([base64.b64encode(whole[: len(whole) // 2]).decode()], pillow_runner)
     nvjpeg_runner = dataclasses.replace(LIMITS, forward_jpegs=True)
-    assert all(isinstance(item, np.ndarray) for item in load(sources[:4], nvjpeg_runner))
+    assert all(isinstance(item, np.ndarray) for item in load(sources[:6], nvjpeg_runner))
 
 
 def test_a_forwarded_jpeg_has_its_header_read_once(monkeypatch):

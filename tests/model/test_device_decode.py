@@ -44,6 +44,7 @@ from tests.helpers import (
     photo_like,
     serve_tiny,
     with_preview,
+    ycck_jpeg,
 )
 from tests.test_service import histogram
 
@@ -159,17 +160,22 @@ def test_nvjpeg_decodes_are_turned_upright_too():
     np.testing.assert_array_equal(crops.permute(0, 2, 3, 1).numpy(), expected)
 
 
-def test_cpu_twin_equals_the_api_path_on_progressive_and_rgb_jpegs_and_mpos():
+def test_cpu_twin_equals_the_api_path_on_progressive_rgb_and_cmyk_jpegs_and_mpos():
     """What the API workers send a runner that decodes with Pillow, beyond baseline YCbCr
-    JPEGs: the hard set as progressive JPEGs (colour and greyscale), as JPEGs stored in RGB
-    and as a camera's MPOs, a preview after each. The runner decodes them into the array as
-    the API workers do: the same crops."""
+    JPEGs: the hard set as progressive JPEGs (colour and greyscale), as JPEGs stored in RGB,
+    as a camera's MPOs, a preview after each, and as CMYK JPEGs (Adobe's inverted CMYK, tagged
+    with each EXIF orientation in turn, and YCCK). The runner decodes the first kinds into the
+    array as the API workers do, and converts the CMYK ones to RGB as they do (before its
+    turn, they after theirs): the same crops."""
     blobs = []
-    for _, image in hard_images(0.25):
+    for index, (_, image) in enumerate(hard_images(0.25)):
         blobs.append(encode(image, "JPEG", quality=90, progressive=True))
         blobs.append(encode(image.convert("L"), "JPEG", quality=85, progressive=True))
         blobs.append(encode(image, "JPEG", quality=90, keep_rgb=True))
         blobs.append(with_preview(image, photo_like(40, 30, seed=2), quality=90))
+        cmyk = image.convert("CMYK")
+        blobs.append(encode(cmyk, "JPEG", quality=90, exif=oriented_exif(cmyk, 1 + index % 8)))
+        blobs.append(ycck_jpeg(image))
     crops, decoded = DeviceJpegDecoder(torch.device("cpu"), 224, 224, 224)(blobs)
     assert decoded == [True] * len(blobs)
     expected = np.stack([prepare_image(blob, 0, GEOMETRY, 10**9) for blob in blobs])
@@ -555,10 +561,11 @@ def test_forwarding_server_answers_as_the_api_path(forwarding, served):
     for picture, orientation in ((pictures[2], 6), (pictures[3].convert("L"), 8)):
         exif = oriented_exif(picture, orientation)
         images.append(b64(encode(picture, "JPEG", quality=90, exif=exif)))
-    # The runner decodes with Pillow (as on a GPU by default): a progressive JPEG and a camera's
-    # MPO are forwarded too.
+    # The runner decodes with Pillow (as on a GPU by default): a progressive JPEG, a camera's
+    # MPO and a CMYK JPEG are forwarded too.
     images.append(b64(encode(pictures[0], "JPEG", quality=90, progressive=True)))
     images.append(b64(with_preview(pictures[3], photo_like(40, 30, seed=1), quality=90)))
+    images.append(b64(encode(pictures[2].convert("CMYK"), "JPEG", quality=90)))
     body = {"images": images, "classes": SEED_CLASSES}
     decodes_before, decode_s_before = histogram(forwarding, "clip_runner_jpeg_decode_seconds")
     forwarded = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
@@ -566,8 +573,8 @@ def test_forwarding_server_answers_as_the_api_path(forwarding, served):
     assert forwarded.status_code == decoded_here.status_code == 200
     assert_same_answer(forwarded.json(), decoded_here.json(), tolerance=1e-6)
     metrics = httpx.get(f"{forwarding.url}/metrics", timeout=10).text
-    assert 'clip_service_runner_call_images_sum{sent_as="jpeg"} 8.0' in metrics
-    # The runner timed its decode of the forwarded eight, a part of its image passes' time.
+    assert 'clip_service_runner_call_images_sum{sent_as="jpeg"} 9.0' in metrics
+    # The runner timed its decode of the forwarded nine, a part of its image passes' time.
     decodes, decode_s = histogram(forwarding, "clip_runner_jpeg_decode_seconds")
     _, pass_s = histogram(forwarding, "clip_runner_inference_seconds")
     assert decodes > decodes_before and decode_s > decode_s_before
