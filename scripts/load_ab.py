@@ -19,7 +19,8 @@ would otherwise answer the windows after its first), `--load phone_photos` the s
 with one 12-MP photo as phones store it (4032x3024, EXIF orientation 1, 3, 6 or 8), `--load
 scans` with one greyscale JPEG of a page of text scanned at 200 dpi (A4, 1654x2339; a dense
 page at 300 dpi passes the 6-MB body limit in base64), `--load progressive` the seed's load
-with its photos stored as progressive JPEGs (as many web images are).
+with its photos stored as progressive JPEGs (as many web images are), `--load cmyk` with them
+stored as CMYK JPEGs (as print and prepress files are).
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ from bench import (
 )
 from startup_bench import worktree
 
-from tests.hard_images import text_page
+from tests.hard_images import photo, text_page
 from tests.helpers import encode
 
-LOADS = ("seed", "embed_images", "embed_texts", "phone_photos", "scans", "progressive")
+LOADS = ("seed", "embed_images", "embed_texts", "phone_photos", "scans", "progressive", "cmyk")
 # Uncached prompts per window: more requests than any window sends.
 TEXT_REQUESTS_PER_WINDOW = 50_000
 
@@ -69,6 +70,13 @@ def scan_bodies() -> list[bytes]:
     as a scanner at 200 dpi stores an A4 sheet, a different page each."""
     pages = (text_page(1654, 2339, seed).convert("L") for seed in range(4))
     return [seed_body(encode(page, "JPEG", quality=90)) for page in pages]
+
+
+def cmyk_bodies() -> list[bytes]:
+    """Four seed requests of the seed's 640x480 photos stored as CMYK JPEGs (quality 88; Pillow
+    writes Adobe's inverted CMYK, as Photoshop does)."""
+    photos = (photo(640, 480, seed).convert("CMYK") for seed in range(4))
+    return [seed_body(encode(image, "JPEG", quality=88)) for image in photos]
 
 
 def scenario(load: str, window_index: int) -> Scenario:
@@ -88,6 +96,8 @@ def scenario(load: str, window_index: int) -> Scenario:
         return Scenario("scanned pages c32", scan_bodies(), 1, 32)
     if load == "progressive":
         return Scenario("progressive seed c32", seed_request_bodies(progressive=True), 1, 32)
+    if load == "cmyk":
+        return Scenario("CMYK seed c32", cmyk_bodies(), 1, 32)
     return Scenario("seed c32", seed_request_bodies(), 1, 32)
 
 
