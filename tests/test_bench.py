@@ -118,6 +118,9 @@ def a_full_run(**changes: float) -> dict:
             "images_per_runner_call": 9.0,
             "client_cpu_cores": 1.2,
             "load_generator_processes": 4,
+            "answers_checked": 900,
+            "largest_probability_change": figures.get("answer_change", 0.0001),
+            "classification_changes": int(figures.get("classification_changes", 0)),
         }
         | values
         for server, name, values in scenarios
@@ -168,6 +171,12 @@ def a_full_run(**changes: float) -> dict:
     }
 
 
+ANSWERS_TARGET = (
+    "every answer under load within 1e-3 of the same request's answer at rest (largest change "
+    "of a top-3 probability)"
+)
+
+
 def verdicts_of(payload: dict) -> dict[str, str]:
     return {target: verdict for target, _, verdict in bench.gpu_verdicts(payload)}
 
@@ -188,6 +197,8 @@ def test_every_target_gets_a_verdict_from_its_own_figure():
             {"neighbours_changed": 1},
             "forwarded broken JPEGs: intact images' pixels changed by one in their batch",
         ),
+        ({"answer_change": 0.0011}, ANSWERS_TARGET),
+        ({"classification_changes": 1}, "images whose classification changed under load"),
     ]:
         assert verdicts_of(a_full_run(**change))[target] == "not met", change
     # 0.3 x 6000 is 1800: 1799 images/s (0.29983 x, 0.3 if rounded first) misses it.
@@ -195,6 +206,52 @@ def test_every_target_gets_a_verdict_from_its_own_figure():
         verdicts_of(a_full_run(c64=1799.0))[">= 0.3 x the bare fp16 image encoder's best batch"]
         == "not met"
     )
+
+
+def test_answers_are_judged_by_the_checked_rows_and_unmeasured_without_any():
+    """The largest change over every checked row, the classification changes summed; a run
+    whose rows were not checked (a resumed older run, say) leaves both unmeasured."""
+    payload = a_full_run()
+    payload["rows"][1]["largest_probability_change"] = 0.0004
+    payload["rows"][2]["classification_changes"] = 2
+    figures = {target: figure for target, figure, _ in bench.gpu_verdicts(payload)}
+    assert figures[ANSWERS_TARGET] == 0.0004
+    assert figures["images whose classification changed under load"] == 2
+    for row in payload["rows"]:
+        del row["answers_checked"], row["largest_probability_change"]
+        del row["classification_changes"]
+    verdicts = verdicts_of(payload)
+    assert verdicts[ANSWERS_TARGET] == "unmeasured"
+    assert verdicts["images whose classification changed under load"] == "unmeasured"
+
+
+def test_the_load_processes_checks_are_added_up():
+    outcomes = [
+        {"answers_checked": 10, "largest_probability_change": 0.0002, "classification_changes": 0},
+        {"answers_checked": 7, "largest_probability_change": 0.0009, "classification_changes": 1},
+        {"latencies": []},
+    ]
+    assert bench.checked_answers(outcomes) == {
+        "answers_checked": 17,
+        "largest_probability_change": 0.0009,
+        "classification_changes": 1,
+    }
+    assert bench.checked_answers([{"latencies": []}]) == {}
+
+
+def test_a_window_on_a_real_server_checks_its_answers_against_the_same_requests_at_rest(served):
+    """Through the load processes, as the GPU run drives every scenario: the seed's requests
+    (four photos) under load answer as they did one at a time (the tiny model in float32 on
+    this CPU: batching moves nothing of note); uncached prompts are not checked."""
+    pid = served.process.pid
+    seed = bench.Scenario("seed c4", bench.seed_request_bodies(), 1, 4)
+    row = bench.drive_parallel(served.url, pid, seed, 2, {0})
+    assert row["errors"] == 0
+    assert row["answers_checked"] == row["requests"] > 4
+    assert row["largest_probability_change"] < 1e-5
+    assert row["classification_changes"] == 0
+    texts = bench.Scenario("texts", bench.uncached_text_bodies(50), 8, 2, "/embed_texts")
+    assert "answers_checked" not in bench.drive_parallel(served.url, pid, texts, 1, {0})
 
 
 def test_an_error_in_any_scenario_fails_its_target_and_a_lost_row_is_unmeasured():
