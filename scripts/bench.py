@@ -2211,16 +2211,19 @@ def gpu_report(payload: dict, source: str = "benchmarks/gpu/gpu-targets.json") -
     ]
     lines += [
         "",
-        "| server | scenario | images/s | p50 ms | p95 ms | p99 ms | errors | server CPU cores "
+        "| server | scenario | images/s | p50 ms | p95 ms | p99 ms | errors | answers' largest "
+        "change at load (classifications changed) | server CPU cores "
         "(API / runner) | API workers | images per runner call | load generator cores "
         "(processes) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in payload.get("rows", []):
         by_process = row["cpu_cores_by_process"]
         lines.append(
             f"| {row['server']} | {row['name']} | {row['images_per_s']} | {row['p50_ms']} | "
-            f"{row['p95_ms']} | {row['p99_ms']} | {row['errors']} | {row['server_cpu_cores']} "
+            f"{row['p95_ms']} | {row['p99_ms']} | {row['errors']} | "
+            f"{shown(row.get('largest_probability_change'))} "
+            f"({shown(row.get('classification_changes'))}) | {row['server_cpu_cores']} "
             f"({by_process.get('api', 0)} / {by_process.get('runner', 0)}) | "
             f"{row['api_workers']} | {shown(row.get('images_per_runner_call'))} | "
             f"{row['client_cpu_cores']} ({row['load_generator_processes']}) |"

@@ -272,6 +272,7 @@ def test_the_report_states_every_verdict_every_row_and_the_failed_stages():
     assert report.count("**met**") == len(bench.gpu_verdicts(payload)) - 1
     assert "| server on 4 cores | seed c64 | 1100.0 |" in report
     assert "9.5 (6.1 / 3.4)" in report  # where the server's CPU went
+    assert "| 0 | 0.0001 (0) | 9.5" in report  # no errors; its answers' largest change
     assert "Failed stages (their tracebacks are in the JSON): server on 4 cores, CLIP_API" in report
     assert "finished by resumed runs on 2026-12-02" in report
     assert "CLIP_PREPROCESS=fast (opt-in, no bound): largest probability change 0.05" in report
