@@ -1946,7 +1946,9 @@ def gpu_verdicts(payload: dict) -> list[tuple[str, object, str]]:
     rows = payload.get("rows", [])
     full = figure("all server cores", "seed c64", "images_per_s")
     bare = payload.get("bare_image", {}).get("batched_limit_images_per_s")
-    checked = [row for row in rows if "answers_checked" in row]
+    # nvJPEG (opt-in, inexact) decodes a batch in one call, whose pixels need not be those of
+    # a call for one JPEG: its answers under load are shown in its row, not judged.
+    checked = [row for row in rows if "answers_checked" in row and row["server"] != NVJPEG_ABLATION]
     checks: list[tuple[str, object, float, str]] = [
         (">= 2,000 images/s at 64 clients", full, 2000, ">="),
         (

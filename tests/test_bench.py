@@ -209,11 +209,15 @@ def test_every_target_gets_a_verdict_from_its_own_figure():
 
 
 def test_answers_are_judged_by_the_checked_rows_and_unmeasured_without_any():
-    """The largest change over every checked row, the classification changes summed; a run
-    whose rows were not checked (a resumed older run, say) leaves both unmeasured."""
+    """The largest change over every checked row but nvJPEG's, the classification changes
+    summed; a run whose rows were not checked (a resumed older run, say) leaves both
+    unmeasured."""
     payload = a_full_run()
     payload["rows"][1]["largest_probability_change"] = 0.0004
     payload["rows"][2]["classification_changes"] = 2
+    # nvJPEG's opt-in, whose batch decode need not give one image's pixels, is not judged.
+    nvjpeg = payload["rows"][2] | {"server": bench.NVJPEG_ABLATION}
+    payload["rows"].append(nvjpeg | {"largest_probability_change": 0.01})
     figures = {target: figure for target, figure, _ in bench.gpu_verdicts(payload)}
     assert figures[ANSWERS_TARGET] == 0.0004
     assert figures["images whose classification changed under load"] == 2
