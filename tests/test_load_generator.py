@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -55,6 +56,25 @@ def start_load_process(
     )
 
 
+def run_window(
+    process: subprocess.Popen,
+    server: ThreadingHTTPServer,
+    before_go: Callable[[], None] = lambda: None,
+) -> tuple[dict, float]:
+    """Once the load process is ready, `before_go`, then its go: (its outcome, when the go was
+    given); the process and the server stopped either way."""
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        before_go()
+        started = time.monotonic()
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        return json.loads(process.communicate(timeout=60)[0]), started
+    finally:
+        process.kill()
+        server.shutdown()
+
+
 def start_counting_server() -> tuple[ThreadingHTTPServer, str]:
     CountingHandler.answered = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
@@ -67,17 +87,12 @@ def test_a_load_process_waits_for_its_go_then_reports_its_window(tmp_path):
     bodies = [b'{"ok": 1}', b'{"fail": true}', b'{"ok": 2}']
     (tmp_path / "bodies.pickle").write_bytes(pickle.dumps((bodies, None)))
     process = start_load_process(url, tmp_path / "bodies.pickle", 3, offset=0, stride=3)
-    try:
-        assert process.stdout.readline().strip() == "ready"
+
+    def nothing_sent_yet() -> None:
         time.sleep(0.3)
         assert CountingHandler.answered == []  # nothing is sent before the go
-        started = time.monotonic()
-        process.stdin.write("go\n")
-        process.stdin.flush()
-        outcome = json.loads(process.communicate(timeout=60)[0])
-    finally:
-        process.kill()
-        server.shutdown()
+
+    outcome, started = run_window(process, server, nothing_sent_yet)
     answered = len(CountingHandler.answered)
     assert len(outcome["latencies"]) == answered > 3
     # Three clients from offset 0, each every third body: one of them sends only the failing one.
@@ -159,14 +174,7 @@ def test_a_load_process_checks_each_answer_against_its_bodys_reference(tmp_path)
     references = [reference, reference, None]
     (tmp_path / "bodies.pickle").write_bytes(pickle.dumps((bodies, references)))
     process = start_load_process(url, tmp_path / "bodies.pickle", 3, offset=0, stride=3)
-    try:
-        assert process.stdout.readline().strip() == "ready"
-        process.stdin.write("go\n")
-        process.stdin.flush()
-        outcome = json.loads(process.communicate(timeout=60)[0])
-    finally:
-        process.kill()
-        server.shutdown()
+    outcome, _ = run_window(process, server)
     sent = [bodies.index(body) for body in CountingHandler.answered]
     assert outcome["answers_checked"] == sent.count(0) + sent.count(1) > 0
     assert outcome["largest_probability_change"] == pytest.approx(0.004)
