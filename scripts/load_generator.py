@@ -51,12 +51,10 @@ def top_probability_change(answer: object, reference: list[dict]) -> float:
     change = 0.0
     for got, expected in zip(answer, reference, strict=True):
         try:
-            got_top, expected_top = got["prompts"][2], expected["prompts"][2]
-        except (KeyError, IndexError, TypeError):
+            pairs = zip(got["prompts"][2], expected["prompts"][2], strict=True)
+            change = max([change, *(abs(a - b) for a, b in pairs)])
+        except (KeyError, IndexError, TypeError, ValueError):  # ValueError: lengths differ
             return WHOLLY_CHANGED
-        if len(got_top) != len(expected_top):
-            return WHOLLY_CHANGED
-        change = max([change, *(abs(a - b) for a, b in zip(got_top, expected_top, strict=True))])
     return change
 
 
@@ -113,8 +111,9 @@ async def closed_loop(
         nonlocal errors
         while time.monotonic() < deadline:
             started = time.monotonic()
-            reference = references[index % len(bodies)] if references else None
-            body = bodies[index % len(bodies)]
+            position = index % len(bodies)
+            body = bodies[position]
+            reference = references[position] if references else None
             index += stride
             async with session.post(
                 route, data=body, headers={"Content-Type": "application/json"}

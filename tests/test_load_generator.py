@@ -154,7 +154,16 @@ def test_top_probability_change_compares_sorted_probabilities_and_any_other_shap
     assert top_probability_change(swapped, seed_answer([0.5, 0.2499, 0.2499])) == pytest.approx(
         1e-4
     )
-    for other in ({}, [], seed_answer([0.5, 0.5]), [{"error": "x"}], reference * 2, None):
+    not_numbers = [{"prompts": [[0, 1, 2], ["cat", "dog", "car"], ["x", "y", "z"]]}]
+    for other in (
+        {},
+        [],
+        seed_answer([0.5, 0.5]),
+        [{"error": "x"}],
+        reference * 2,
+        None,
+        not_numbers,
+    ):
         assert top_probability_change(other, reference) == load_generator.WHOLLY_CHANGED
     assert classification_changes(seed_answer([0.5, 0.3, 0.2], 0), reference) == 1
     assert classification_changes(seed_answer([0.4, 0.3, 0.2]), reference) == 0
