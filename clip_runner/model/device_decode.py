@@ -310,6 +310,8 @@ class DeviceJpegDecoder:
             data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
             try:
                 planes = self._nvjpeg_decode(data)
+            except torch.OutOfMemoryError:
+                raise  # the batch is too large, not refused: retried in halves (device_health.py)
             except RuntimeError:  # one image it refuses fails the batch call: one at a time
                 if not device_works(self.device):
                     raise  # not the images' fault: the runner restarts (device_health.py)
@@ -335,7 +337,14 @@ class DeviceJpegDecoder:
         image gets the answer (or the 422) it would get from the API workers' own decode."""
         try:
             planes = self._nvjpeg_decode([data])[0]
+        except torch.OutOfMemoryError:
+            raise  # not the image's fault: the batch is retried in halves (device_health.py)
         except RuntimeError as exc:
+            # nvJPEG may have queued its decode on its own stream before it failed, and the
+            # output it was given is already back in torch's pool for the next allocation
+            # (Pillow's copy below): device_works waits for every stream before that.
+            if not device_works(self.device):
+                raise  # not the image's fault: the runner restarts (device_health.py)
             logger.debug("nvJPEG refused a forwarded JPEG (%s); decoding it with Pillow", exc)
             self.refused_by_nvjpeg += 1
             return self._pillow_or_none(blob)

@@ -50,7 +50,13 @@ def to_host(rows: torch.Tensor, spin: bool = False) -> np.ndarray:
 
     From a GPU the copy is queued behind that work into pinned memory (torch pins the output
     of a non-blocking copy to the CPU), and one wait covers both. A blocking copy would instead
-    synchronise the whole stream and poll, also for what other threads queued after it."""
+    synchronise the whole stream and poll, also for what other threads queued after it.
+
+    The answer is then copied out of the pinned block into memory of its own: torch's caching
+    host allocator rounds each block up to a power of two and never gives it back to the
+    system, and a view of it kept anywhere (the runner's prompt cache keeps rows of every text
+    pass) would hold the whole block, page-locked, for as long as the row lives: up to a pass's
+    256 KiB per cached prompt. The copy is a pass's answer, tens of microseconds."""
     if rows.device.type != "cuda":
         return rows.to("cpu", copy=True).numpy()
     try:
@@ -59,7 +65,7 @@ def to_host(rows: torch.Tensor, spin: bool = False) -> np.ndarray:
         wait_for_queued_work(rows.device, spin)
         return rows.to("cpu", copy=True).numpy()
     wait_for_queued_work(rows.device, spin)
-    return host.numpy()
+    return host.numpy().copy()  # the pinned block goes back to torch's pool at once
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

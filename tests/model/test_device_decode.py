@@ -496,6 +496,69 @@ def test_an_nvjpeg_error_that_broke_the_device_fails_the_batch_not_each_image(mo
     assert calls == [2] and decoder.refused_by_nvjpeg == 0
 
 
+def test_nvjpeg_out_of_device_memory_fails_the_batch_not_each_image():
+    """torch's out-of-memory error is a RuntimeError too, but not a refusal: the batch is retried
+    in halves (device_health.py), not image by image, none counted as refused."""
+    good = encode(photo_like(300, 200, seed=1), "JPEG")
+    calls: list[int] = []
+
+    def out_of_memory(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        calls.append(len(data))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 MiB")
+
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)
+    decoder._nvjpeg = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        decoder([good, good])
+    assert calls == [2] and decoder.refused_by_nvjpeg == 0
+
+    def refusing_batches_then_full(data: list[torch.Tensor], device: torch.device):
+        calls.append(len(data))
+        if len(data) > 1:
+            raise RuntimeError("nvjpegDecodeBatched failed")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    calls.clear()
+    decoder._nvjpeg = refusing_batches_then_full
+    with pytest.raises(torch.OutOfMemoryError):
+        decoder([good, good])
+    assert calls == [2, 1] and decoder.refused_by_nvjpeg == 0
+
+
+def test_an_image_nvjpeg_refuses_alone_waits_for_the_device_before_pillow(monkeypatch):
+    """nvJPEG may have queued work on its own stream before refusing one image, into an output
+    already back in torch's pool: the device is waited for (and checked) before Pillow's copy
+    may take that memory, and a device that broke fails the batch rather than the image."""
+    good = encode(photo_like(300, 200, seed=1), "JPEG")
+    events: list[str] = []
+
+    def refusing(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        events.append(f"decode {len(data)}")
+        raise RuntimeError("nvjpegDecode failed: unsupported JPEG")
+
+    def works(device: torch.device) -> bool:
+        events.append("device waited for")
+        return True
+
+    def pillow(decoder: DeviceJpegDecoder, blob: bytes) -> torch.Tensor | None:
+        events.append("pillow")
+        return pillow_pixels(blob)
+
+    monkeypatch.setattr(device_decode, "device_works", works)
+    monkeypatch.setattr(DeviceJpegDecoder, "_pillow_or_none", pillow)
+    decoder = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)
+    decoder._nvjpeg = refusing
+    _, decoded = decoder([good])
+    assert decoded == [True] and decoder.refused_by_nvjpeg == 1
+    # the batch call (of one), then the image alone, each refusal followed by the wait
+    assert events == ["decode 1", "device waited for"] * 2 + ["pillow"]
+
+    monkeypatch.setattr(device_decode, "device_works", lambda device: False)
+    with pytest.raises(RuntimeError, match="unsupported JPEG"):
+        decoder([good])
+    assert decoder.refused_by_nvjpeg == 1
+
+
 def test_a_failing_copy_to_the_device_is_not_blamed_on_the_image(monkeypatch):
     """Pillow decoded the JPEG; the device then could not take its pixels (out of memory, as
     stood in for here). That fails the batch (the API answers 503), not the image (a 422)."""

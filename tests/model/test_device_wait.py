@@ -86,13 +86,15 @@ class RecordingDeviceRows:
         self.rows = rows
         self.pinned_memory = pinned_memory
         self.copies: list[tuple[bool, int]] = []
+        self.host: list[torch.Tensor] = []  # what each copy gave: on a GPU, a pinned block
 
     def to(self, device: str, non_blocking: bool = False, copy: bool = False) -> torch.Tensor:
         assert device == "cpu"
         self.copies.append((non_blocking, len(RecordingEvent.made)))
         if non_blocking and not self.pinned_memory:
             raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
-        return self.rows.clone()
+        self.host.append(self.rows.clone())
+        return self.host[-1]
 
 
 @pytest.mark.parametrize("spin", [False, True])
@@ -103,6 +105,17 @@ def test_answers_from_the_gpu_are_queued_into_host_memory_then_waited_for_once(f
     (event,) = RecordingEvent.made
     assert event.blocking is not spin and event.synchronized
     assert fake_cuda.synchronized == 0
+
+
+def test_an_answer_from_the_gpu_holds_no_pinned_block(fake_cuda):
+    """The queued copy lands in a pinned block of torch's pool, rounded up to a power of two;
+    a cached row viewing it would keep the whole block page-locked. The answer is memory of
+    its own."""
+    rows = RecordingDeviceRows(torch.arange(6, dtype=torch.float32).view(2, 3))
+    answer = to_host(rows)
+    (pinned,) = rows.host
+    assert not np.shares_memory(answer, pinned.numpy())
+    np.testing.assert_array_equal(answer, pinned.numpy())
 
 
 def test_without_pinned_memory_the_answer_is_copied_after_the_wait(fake_cuda):
