@@ -176,6 +176,7 @@ class Settings:
     access_log: bool  # BentoML's access log, a line per request; auto: on CPU only
     switch_interval_ms: float  # how long Python runs before a waiting thread gets the GIL
     cuda_wait: str  # block (a thread waiting for the GPU sleeps) or spin (it polls, a core busy)
+    stalled_pass_s: float  # a pass running longer ends the runner process; 0: never
     endpoint_kind: str
     # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
     body_timeout_s: float
@@ -276,6 +277,15 @@ def get_settings() -> Settings:
         access_log=_env_switch("CLIP_ACCESS_LOG", lambda: not cuda_available()),
         switch_interval_ms=_env_number("CLIP_SWITCH_INTERVAL_MS", 5.0, float, 0.01),
         cuda_wait=_env_choice("CLIP_CUDA_WAIT", ("block", "spin")),
+        # A GPU pass takes milliseconds; one a minute old waits for a device that stopped
+        # (device_health.py). A CPU pass of a large model on a small machine may be slow, and
+        # torch.compile may compile again for a new shape in the middle of serving.
+        stalled_pass_s=_env_number(
+            "CLIP_STALLED_PASS_S",
+            60.0 if cuda_available() and not torch_compile else 0.0,
+            float,
+            0.0,
+        ),
         endpoint_kind=endpoint_kind,
         body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", body_timeout_s),
         header_timeout_s=_env_seconds("CLIP_HEADER_TIMEOUT_S", 10.0),

@@ -36,6 +36,7 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.direct_runner_calls is True
     assert settings.switch_interval_ms == 5.0  # Python's own
     assert settings.cuda_wait == "block"  # a thread waiting for the GPU sleeps
+    assert settings.stalled_pass_s == 0  # on CPU a large model's pass may be slow: no watch
     assert settings.dtype == "auto"  # the original's: float32 on CPU, float16 on a GPU
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
 
@@ -55,7 +56,9 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("CLIP_SWITCH_INTERVAL_MS", "0.2")
     monkeypatch.setenv("CLIP_CUDA_WAIT", "Spin")
     monkeypatch.setenv("CLIP_DTYPE", "BFloat16")
+    monkeypatch.setenv("CLIP_STALLED_PASS_S", "600")
     settings = get_settings()
+    assert settings.stalled_pass_s == 600
     assert settings.cuda_wait == "spin"
     assert settings.dtype == "bfloat16"
     assert settings.switch_interval_ms == 0.2
@@ -84,11 +87,17 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
     settings = get_settings()
     assert settings.cuda_graphs is True and settings.access_log is False
     assert settings.runner_jpeg_decoder == "pillow"  # exact on a GPU too; nvJPEG is an opt-in
+    assert settings.stalled_pass_s == 60  # a GPU pass takes milliseconds
     get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_STALLED_PASS_S", "0")
+    assert get_settings().stalled_pass_s == 0  # turned off
+    get_settings.cache_clear()
+    monkeypatch.delenv("CLIP_STALLED_PASS_S")
     monkeypatch.setenv("CLIP_TORCH_COMPILE", "on")  # replaces the same forward pass: no graphs
     monkeypatch.setenv("CLIP_ACCESS_LOG", "on")
     settings = get_settings()
     assert settings.cuda_graphs is False and settings.access_log is True
+    assert settings.stalled_pass_s == 0  # torch.compile may compile anew mid-serving
     get_settings.cache_clear()
     monkeypatch.delenv("CLIP_TORCH_COMPILE")
     monkeypatch.setenv("CLIP_CUDA_GRAPHS", "off")
@@ -122,6 +131,7 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_SWITCH_INTERVAL_MS", "0", "must be >= 0.01"),
         ("CLIP_SWITCH_INTERVAL_MS", "fast", "must be a number"),
         ("CLIP_CUDA_WAIT", "sleep", "must be one of block, spin"),
+        ("CLIP_STALLED_PASS_S", "-1", "must be >= 0"),
         ("CLIP_DTYPE", "fp16", "must be one of auto, float32, bfloat16, float16"),
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
         ("CLIP_MAX_WAITING_BODY_BYTES", "1000", "at least CLIP_MAX_BODY_BYTES"),

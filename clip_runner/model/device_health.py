@@ -11,13 +11,23 @@ request with an error while its readiness probe (plain HTTP) still passed, so a 
 or SageMaker would keep sending traffic to an instance that can serve nothing. So after an
 error the runner asks the device for a trivial result; when it cannot give one, the process
 exits and BentoML's supervisor starts a fresh one (with a new CUDA context), as after a crash.
+
+A device can also stop without an error: a kernel or a decode that never ends leaves the
+thread waiting for it asleep for good (device_wait.py), every later pass queued behind it, and
+the readiness probe passing. `StalledPassWatch` ends the process the same way once a pass has
+been in progress for longer than CLIP_STALLED_PASS_S (60 s on a GPU, where a pass takes
+milliseconds; off on CPU, where a large model's pass on a small machine may take many seconds).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -76,22 +86,94 @@ def device_works(device: torch.device) -> bool:
         return False
 
 
+class StalledPassWatch:
+    """Ends the process (EXIT_DEVICE_BROKEN) once a pass has been in progress for longer than
+    `limit_s`: a device that stopped without an error (the module's docstring).
+
+    Passes register while they run (`watching`); a daemon thread (`start`) looks at the oldest
+    every `limit_s` / 4 (at most every 5 s), so a stall ends the process between `limit_s` and
+    1.25 x `limit_s` after its pass began."""
+
+    def __init__(
+        self,
+        limit_s: float,
+        exit_process: Callable[[int], object] = os._exit,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit_s = limit_s
+        self._exit_process = exit_process
+        self._clock = clock
+        self._started: dict[int, float] = {}  # a pass in progress -> when it began
+        self._tokens = itertools.count()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """One pass, in progress for as long as the block runs."""
+        token = next(self._tokens)
+        with self._lock:
+            self._started[token] = self._clock()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._started[token]
+
+    def longest_s(self) -> float:
+        """How long the oldest pass in progress has run (0 when none is)."""
+        with self._lock:
+            oldest = min(self._started.values(), default=None)
+        return 0.0 if oldest is None else self._clock() - oldest
+
+    def check(self) -> None:
+        """Ends the process if the oldest pass in progress has run past the limit."""
+        longest = self.longest_s()
+        if longest <= self.limit_s:
+            return
+        logger.critical(
+            "a pass has been in progress for %.0f s (CLIP_STALLED_PASS_S=%g): the device has "
+            "stopped without an error. This runner process exits (status %d) so that BentoML "
+            "starts a fresh one with a new CUDA context",
+            longest,
+            self.limit_s,
+            EXIT_DEVICE_BROKEN,
+        )
+        self._exit_process(EXIT_DEVICE_BROKEN)
+
+    def start(self) -> threading.Thread:
+        """The watching thread (a daemon: it never holds the process up)."""
+        interval = min(self.limit_s / 4, 5.0)
+
+        def watch() -> None:
+            while True:
+                time.sleep(interval)
+                self.check()
+
+        thread = threading.Thread(target=watch, name="clip-stalled-pass-watch", daemon=True)
+        thread.start()
+        return thread
+
+
 def exits_when_device_breaks(
     infer: Callable[[Rows, int], Output],
     device: torch.device,
     exit_process: Callable[[int], object] = os._exit,
+    watch: StalledPassWatch | None = None,
 ) -> Callable[[Rows, int], Output]:
     """`infer(rows, threads)` (one batch on `device`), re-raising its errors while the device
-    still works, and ending the process (EXIT_DEVICE_BROKEN) when it no longer does.
+    still works, and ending the process (EXIT_DEVICE_BROKEN) when it no longer does; with a
+    `watch`, each batch is a pass it watches for a stall.
 
     The batch's callers and any others in flight then lose their connection; the API workers
     retry each runner call once and answer 503 if that fails too, until the supervisor's fresh
     runner process is ready.
     """
+    watching = watch.watching if watch is not None else contextlib.nullcontext
 
     def run(rows: Rows, threads: int) -> Output:
         try:
-            return infer(rows, threads)
+            with watching():
+                return infer(rows, threads)
         except RuntimeError as exc:
             if device_works(device):
                 raise

@@ -29,7 +29,11 @@ from clip_runner.metrics import (
 )
 from clip_runner.model.cuda_graphs import ReplayedForward
 from clip_runner.model.device_decode import NVJPEG, DeviceJpegDecoder
-from clip_runner.model.device_health import exits_when_device_breaks, halves_when_out_of_memory
+from clip_runner.model.device_health import (
+    StalledPassWatch,
+    exits_when_device_breaks,
+    halves_when_out_of_memory,
+)
 from clip_runner.model.encoding import ClipEncoder, pick_device
 from clip_runner.model.model_source import load_served_clip
 from clip_runner.model.pass_layout import pass_layout
@@ -110,13 +114,20 @@ class ServedModel:
             text_pass_s=text_pass_s,
             jpeg_decoder=self.jpeg_decoder.name,
         )
-        self.encode_images = exits_when_device_breaks(self._encode_image_batch, device)
-        self.encode_jpegs = exits_when_device_breaks(self._encode_jpeg_batch, device)
-        self.encode_tokens = exits_when_device_breaks(self._encode_token_batch, device)
+        # After the warm-up and the graphs' recording, which may take long on purpose.
+        self.stalled_pass_watch = (
+            StalledPassWatch(settings.stalled_pass_s) if settings.stalled_pass_s else None
+        )
+        if self.stalled_pass_watch is not None:
+            self.stalled_pass_watch.start()
+        watch = self.stalled_pass_watch
+        self.encode_images = exits_when_device_breaks(self._encode_image_batch, device, watch=watch)
+        self.encode_jpegs = exits_when_device_breaks(self._encode_jpeg_batch, device, watch=watch)
+        self.encode_tokens = exits_when_device_breaks(self._encode_token_batch, device, watch=watch)
         logger.info(
             "CLIP model %s ready on %s (%s, up to %d pass(es) at once of %d thread(s) (a lone pass "
             "gets all), batches up to %d images or %d prompts (a full text pass %.1f ms)%s%s, "
-            "forwarded JPEGs decoded by %s%s%s)",
+            "forwarded JPEGs decoded by %s%s%s%s)",
             loaded.tag,
             device,
             dtype,
@@ -130,6 +141,7 @@ class ServedModel:
             self.jpeg_decoder.name if self.jpeg_decoder.name == NVJPEG else cpu_decoder_name(),
             " into pinned memory" if self.jpeg_decoder.pinned else "",
             _wait_note(device, spin_waits),
+            _stall_note(self.stalled_pass_watch),
         )
 
     def _warm_up(self, compiled: bool) -> None:
@@ -218,6 +230,12 @@ def _wait_note(device: torch.device, spin_waits: bool) -> str:
         if spin_waits
         else ", GPU waited for asleep"
     )
+
+
+def _stall_note(watch: StalledPassWatch | None) -> str:
+    if watch is None:
+        return ""
+    return f", a pass in progress over {watch.limit_s:g} s ends this process"
 
 
 def _replay_note(replayed: ReplayedForward | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import threading
 import weakref
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 
 from clip_runner.model.device_health import (
     EXIT_DEVICE_BROKEN,
+    StalledPassWatch,
     device_works,
     exits_when_device_breaks,
     halves_when_out_of_memory,
@@ -131,3 +133,85 @@ print("still running")
         done.stderr
     )
     assert "BentoML starts a fresh one" in done.stderr
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_pass_in_progress_past_the_limit_ends_the_process_and_finished_ones_never_do():
+    clock, exits = Clock(), []
+    watch = StalledPassWatch(60, exit_process=exits.append, clock=clock)
+    with watch.watching():  # a pass that ends in time
+        clock.now += 59
+        watch.check()
+    clock.now += 3600  # nothing in progress: an idle runner is not a stalled one
+    watch.check()
+    assert exits == [] and watch.longest_s() == 0
+    with watch.watching():
+        clock.now += 30
+        with watch.watching():  # a second pass, begun later: the oldest counts
+            clock.now += 30
+            watch.check()
+            assert exits == [] and watch.longest_s() == 60
+            clock.now += 0.5
+            watch.check()
+    assert exits == [EXIT_DEVICE_BROKEN] and watch.longest_s() == 0
+
+
+def test_each_batch_of_a_watched_encoder_is_a_pass_in_progress_while_it_runs(encoder):
+    clock, exits = Clock(), []
+    watch = StalledPassWatch(60, exit_process=exits.append, clock=clock)
+    seen: list[float] = []
+
+    def stalling_pass(rows, threads):
+        clock.now += 61
+        seen.append(watch.longest_s())
+        watch.check()
+        return encoder.encode_pixels(rows)
+
+    encode = exits_when_device_breaks(stalling_pass, CPU, exit_process=exits.append, watch=watch)
+    encode(torch.zeros((1, 3, 224, 224), dtype=torch.uint8), 1)
+    assert seen == [61] and exits == [EXIT_DEVICE_BROKEN] and watch.longest_s() == 0
+    with pytest.raises(RuntimeError):  # a failing pass leaves the watch too
+        encode(torch.zeros((1, 4, 224, 224), dtype=torch.uint8), 1)
+    assert watch.longest_s() == 0
+
+
+def test_a_stalled_pass_ends_the_process_with_the_broken_devices_status():
+    """The real watching thread and exit, in a process of its own: a pass that never ends (a
+    stand-in for a kernel that never finishes) with a limit of 0.4 s."""
+    script = """
+import logging
+import threading
+import torch
+from clip_runner.model import device_health
+
+logging.basicConfig()
+watch = device_health.StalledPassWatch(0.4)
+watch.start()
+
+def stalled_pass(rows, threads):
+    threading.Event().wait()  # as a thread waiting for a device that stopped
+
+device_health.exits_when_device_breaks(stalled_pass, torch.device("cpu"), watch=watch)([1], 1)
+print("still running")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == EXIT_DEVICE_BROKEN, done.stderr
+    assert "still running" not in done.stdout
+    assert "(CLIP_STALLED_PASS_S=0.4): the device has stopped without an error" in done.stderr
+
+
+def test_the_watching_thread_is_a_daemon_named_for_what_it_does():
+    thread = StalledPassWatch(3600, exit_process=lambda status: None).start()
+    assert thread.daemon and thread.name == "clip-stalled-pass-watch" and thread.is_alive()
+    assert thread in threading.enumerate()

@@ -127,3 +127,46 @@ def test_clip_dtype_bfloat16_runs_every_encoder_in_it_and_answers_float32(
         assert ours.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
         assert 0.99 < float(ours[0] @ theirs[0]) < 1.0  # near, and not the float32 numbers
+
+
+def test_clip_stalled_pass_s_watches_every_encoder_and_is_named_at_start(
+    tiny_stored_model, monkeypatch, caplog
+):
+    """With the watch on (by default on a GPU; here set, with a limit no pass reaches), each of
+    the three encoders' batches is a pass in progress while it runs, and the ready line says
+    what a stall does; by default on CPU there is no watch."""
+    import logging
+
+    from clip_runner.config import get_settings
+
+    assert ServedModel(tiny_stored_model).stalled_pass_watch is None
+    monkeypatch.setenv("CLIP_STALLED_PASS_S", "3600")
+    get_settings.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="clip_runner"):
+            model = ServedModel(tiny_stored_model)
+    finally:
+        get_settings.cache_clear()
+    watch = model.stalled_pass_watch
+    assert watch is not None and watch.limit_s == 3600
+    assert "a pass in progress over 3600 s ends this process" in caplog.text
+    in_progress: list[bool] = []
+    encode_pixels, encode_token_ids = model.encoder.encode_pixels, model.encoder.encode_token_ids
+
+    def pixels_seen(crops):
+        in_progress.append(watch.longest_s() > 0)
+        return encode_pixels(crops)
+
+    def tokens_seen(token_ids):
+        in_progress.append(watch.longest_s() > 0)
+        return encode_token_ids(token_ids)
+
+    monkeypatch.setattr(model.encoder, "encode_pixels", pixels_seen)
+    monkeypatch.setattr(model.encoder, "encode_token_ids", tokens_seen)
+    jpeg = io.BytesIO()
+    photo_like(64, 48, seed=3).save(jpeg, "JPEG")
+    model.encode_images(np.zeros((1, 224, 224, 3), dtype=np.uint8), 1)
+    model.encode_jpegs([jpeg.getvalue()], 1)
+    model.encode_tokens(model.encoder.tokenizer(["a photo of a cat"])["input_ids"], 1)
+    assert len(in_progress) == 3 and all(in_progress)
+    assert watch.longest_s() == 0
