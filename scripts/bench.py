@@ -1341,6 +1341,21 @@ def bare_text_rate(encoder, window_s: float = 4) -> dict[str, float]:
     return rates
 
 
+def warm_up_of(scenario: Scenario) -> Scenario:
+    """The few seconds of load before a scenario's window, at 8 clients: its bodies from the
+    last one back, so where no body repeats (the uncached prompts) the window, which starts at
+    the first, meets none that the warm-up left in a text cache."""
+    return Scenario(scenario.name, scenario.bodies[::-1], 1, 8, scenario.route)
+
+
+def write_whole(path: Path, text: str) -> None:
+    """`text` as `path`, whole or not at all: the device's time limit may stop a run mid-write,
+    and a cut results file would leave nothing to resume from or report."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def uncached_text_bodies(requests: int, per_request: int = 8, first: int = 0) -> list[bytes]:
     """`/embed_texts` bodies whose prompts never repeat: every one misses the text cache.
     Bodies from another `first` (past the first's `requests`) share no prompt with these."""
@@ -1517,9 +1532,17 @@ def broken_jpegs_decoded(tmp: Path, mutations: int, timeout_s: float = 120) -> d
         ended, stderr = completed.returncode, completed.stderr
     except subprocess.TimeoutExpired as expired:
         ended, stderr = f"timed out after {timeout_s} s", expired.stderr or ""
-    result = summary(read_lines(lines), time.monotonic() - started)
+    written = read_lines(lines)
     if ended != 0:
         stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+        if not written and isinstance(ended, int):
+            # It ended before trying a JPEG (an import, say): the harness failed, not nvJPEG,
+            # so the stage is a failed one (a resume runs it again), not a finding.
+            raise RuntimeError(
+                f"scripts/broken_jpegs.py ended ({ended}) before trying any JPEG: {stderr[-2000:]}"
+            )
+    result = summary(written, time.monotonic() - started)
+    if ended != 0:
         result |= {"exit": ended, "stderr": stderr[-2000:]}
     return result
 
@@ -1556,8 +1579,8 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     `/embed_texts`, and 12-MP phone photos (beside the `CLIP_DECODE=api` ablation's: where
     phones' photos are best decoded); against the bare fp16 image encoder's best batch and the
     bare text encoder,
-    and the device path's fidelity, measured in the same run; then the ablations (the servers
-    in `open_defaults`, CUDA graphs' numbers against plain passes in process, the servers in
+    and the device path's fidelity, measured in the same run; CUDA graphs' numbers against
+    plain passes in process; then the ablations (the servers in `open_defaults`, then in
     `settled`, the runner's wire format, and nvJPEG on broken JPEGs). The load generator runs
     in one process per core of its own (4 cores), never on the server's.
 
@@ -1570,7 +1593,6 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     from clip_runner.model.store import load_processor
 
     cuda = torch.cuda.is_available()
-    home, tag, model_dir = import_random_model(tiny=not cuda)  # on CPU: a smoke run only
     cores = sorted(os.sched_getaffinity(0))
     client_cpus = set(cores[-4:]) if len(cores) >= 8 else set(cores[len(cores) // 2 :])
     server_cpus = set(cores) - client_cpus
@@ -1587,9 +1609,10 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
         "confined_cpus": sorted(confined_cpus),
     }
     done: set[str] = set()
-    if resume is not None:
+    if resume is not None:  # before the model is built: a refusal costs the device no minute
         payload, done = resumed_payload(json.loads(resume.read_text()), payload)
         print(f"resuming {resume}: kept {sorted(done)}", flush=True)
+    home, tag, model_dir = import_random_model(tiny=not cuda)  # on CPU: a smoke run only
     payload.setdefault("rows", [])
     payload.setdefault("stage_seconds", {})
     payload.setdefault("server_logs", {})
@@ -1602,7 +1625,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     device, dtype = pick_device()
 
     def save() -> None:
-        (out / "gpu-targets.json").write_text(json.dumps(payload, indent=1))
+        write_whole(out / "gpu-targets.json", json.dumps(payload, indent=1))
 
     @functools.cache
     def plain() -> BareModel:
@@ -1780,8 +1803,9 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                     # Most of a one-scenario stage: the device's minutes go here first.
                     payload["server_start_seconds"][label] = round(time.monotonic() - starting, 1)
                     for scenario in scenarios:
-                        warm = Scenario(scenario.name, scenario.bodies, 1, 8, scenario.route)
-                        drive_parallel(url, pid, warm, 2, client_cpus, check_answers=False)
+                        drive_parallel(
+                            url, pid, warm_up_of(scenario), 2, client_cpus, check_answers=False
+                        )
                         # py-spy's raw stacks beside the results, for a flame graph later.
                         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
                         spied = out / f"py-spy-{slug}.txt" if scenario.profile_gil else None
@@ -1845,11 +1869,12 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
         # What decoding into pinned memory, queueing the copies and decoding through simplejpeg
         # save the decoding threads.
         stage(RUNNER_DECODE, decodes)
-        for run in open_defaults:
-            stage(run[0], functools.partial(serve, *run))
         # The default forward pass on a GPU: how far its numbers are from plain passes (the
         # first H200 run: cosine >= 0.999999; the same bare encoder's best batch either way).
+        # In process, no server to start: before the ablations, which a call rarely finishes.
         stage("bare model, CUDA graphs", replayed)
+        for run in open_defaults:
+            stage(run[0], functools.partial(serve, *run))
         for run in settled:
             stage(run[0], functools.partial(serve, *run))
 

@@ -37,7 +37,12 @@ export BENTOML_DO_NOT_TRACK=true PYTHONUNBUFFERED=1
 print("python", platform.python_version(), "torch", torch.__version__, "numpy", numpy.__version__,
       "numba", numba.__version__)'
 "$python" -m pytest -q -p no:cacheprovider --ignore=tests/test_container.py
-"$python" scripts/bench.py --out "$dir/smoke" --max-seconds 8 --max-requests 1000000 --gpu-targets \
+# The GPU machine has no pytest: the harness runs here without it too (a pytest that cannot
+# be imported first on the path, for every process it starts).
+mkdir -p "$dir/no-pytest"
+echo 'raise ImportError("no pytest: the GPU machine has none")' > "$dir/no-pytest/pytest.py"
+PYTHONPATH="$dir/no-pytest:$PYTHONPATH" \
+  "$python" scripts/bench.py --out "$dir/smoke" --max-seconds 8 --max-requests 1000000 --gpu-targets \
   2>&1 | tee "$dir/smoke.log"
 "$python" -c 'import json, sys
 stages = json.load(open(sys.argv[1]))

@@ -20,18 +20,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 import psutil
-import pytest
 import simplejpeg
 import uvicorn
 from PIL import Image
 
 from clip_runner.model.resample import resized_size
 from clip_runner.web.schemas import SEED_CLASSES as SEED_CLASSES  # re-exported for the tests
+
+if TYPE_CHECKING:  # scripts/broken_jpegs.py runs on the GPU machine, which has no pytest
+    import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -77,6 +77,41 @@ def test_a_resume_refuses_results_from_another_kind_of_machine(key, other):
         bench.resumed_payload(first_run(), {**MACHINE, key: other, "date": "2026-12-02"})
 
 
+def test_a_resume_from_another_machine_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """The refusal costs the lent device no minute: it comes before the model is made."""
+
+    def built(tiny: bool = False):
+        raise AssertionError("the model was built before the resume was checked")
+
+    monkeypatch.setattr(bench, "import_random_model", built)
+    other = tmp_path / "gpu-targets.json"
+    other.write_text(json.dumps(first_run() | {"machine": "NVIDIA A100, 8 CPU cores"}))
+    with pytest.raises(SystemExit, match="figures from two machines do not mix"):
+        bench.gpu_targets(tmp_path / "out", 1, resume=other)
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path):
+    results = tmp_path / "gpu-targets.json"
+    bench.write_whole(results, '{"rows": [1]}')
+    assert json.loads(results.read_text()) == {"rows": [1]}
+    (tmp_path / "gpu-targets.json.partial").mkdir()  # the next write fails part-way
+    with pytest.raises(OSError):
+        bench.write_whole(results, '{"rows": [1, 2]}')
+    assert json.loads(results.read_text()) == {"rows": [1]}  # the last whole results
+
+
+def test_a_warm_up_meets_none_of_the_uncached_bodies_its_window_starts_with():
+    """The window starts at the first body; the warm-up (a few seconds at 8 clients) from the
+    last one back, so uncached prompts are not cached by it."""
+    texts = bench.Scenario("uncached", bench.uncached_text_bodies(1000), 8, 32, "/embed_texts")
+    warm = bench.warm_up_of(texts)
+    assert warm.route == "/embed_texts" and warm.concurrency == 8
+    assert warm.bodies[:500] == texts.bodies[:499:-1]
+    first_prompts = {text for body in texts.bodies[:500] for text in json.loads(body)["texts"]}
+    warm_prompts = {text for body in warm.bodies[:500] for text in json.loads(body)["texts"]}
+    assert not first_prompts & warm_prompts
+
+
 def test_the_target_checks_read_a_run_that_lost_its_bare_encoders():
     """A failed first stage must not cost the summary of every stage after it."""
     payload = first_run()
@@ -400,6 +435,17 @@ def test_the_broken_jpeg_stage_runs_apart_and_a_run_that_did_not_end_well_fails_
     assert "- forwarded broken JPEGs: no results: " in bench.gpu_report(payload)
     del payload["broken_jpegs"]
     assert verdicts_of(payload)[target] == "unmeasured"
+
+
+def test_a_broken_jpeg_process_that_ends_before_its_first_jpeg_fails_the_stage(
+    tmp_path, monkeypatch
+):
+    """Ended with an error before trying any JPEG (on the GPU machine: an import it lacks), the
+    process measured nothing: the stage fails, to run again on a resume, rather than reading as
+    nvJPEG's crash."""
+    monkeypatch.setattr(bench.sys, "executable", "false")  # exits 1 at once, writes nothing
+    with pytest.raises(RuntimeError, match=r"ended \(1\) before trying any JPEG"):
+        bench.broken_jpegs_decoded(tmp_path, 4)
 
 
 METRICS_PAGE = """\

@@ -6,6 +6,9 @@ that reproduce it (on a GPU that name is the finding)."""
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ from scripts.broken_jpegs import (
     run,
     summary,
 )
+from tests.helpers import REPO_ROOT
 
 COUNT, SEED = 10, 3
 
@@ -79,3 +83,26 @@ def test_an_exception_is_reported_with_the_jpeg_that_raised_it(lines):
 
 def test_a_run_that_never_decoded_says_so():
     assert "error" in summary([])
+
+
+def test_it_runs_where_pytest_is_missing_as_on_the_gpu_machine(tmp_path):
+    """The GPU machine's image has no pytest (this venv and the rehearsal's have it), and the
+    stage's process borrows the tests' image helpers: a `pytest` that cannot be imported first
+    on the path must not stop it before it tries a JPEG."""
+    blocker = tmp_path / "no-pytest"
+    blocker.mkdir()
+    (blocker / "pytest.py").write_text('raise ImportError("no pytest, as on the GPU machine")\n')
+    path = os.pathsep.join(
+        filter(None, [str(blocker), str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+    )
+    lines = tmp_path / "lines.jsonl"
+    done = subprocess.run(
+        [sys.executable, "scripts/broken_jpegs.py", "--count", "2", "--lines", str(lines)],
+        cwd=REPO_ROOT,
+        env=os.environ | {"PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sum("trying" in line for line in read_lines(lines)) >= 2
