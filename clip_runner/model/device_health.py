@@ -91,8 +91,8 @@ class StalledPassWatch:
     `limit_s`: a device that stopped without an error (the module's docstring).
 
     Passes register while they run (`watching`); a daemon thread (`start`) looks at the oldest
-    every `limit_s` / 4 (at most every 5 s), so a stall ends the process between `limit_s` and
-    1.25 x `limit_s` after its pass began."""
+    every `limit_s` / 4 (between 50 ms and 5 s), so a stall ends the process between `limit_s`
+    and 1.25 x `limit_s` after its pass began (for the default 60 s)."""
 
     def __init__(
         self,
@@ -141,8 +141,9 @@ class StalledPassWatch:
         self._exit_process(EXIT_DEVICE_BROKEN)
 
     def start(self) -> threading.Thread:
-        """The watching thread (a daemon: it never holds the process up)."""
-        interval = min(self.limit_s / 4, 5.0)
+        """The watching thread (a daemon: it never holds the process up). It looks at most
+        every 5 s and at least every 50 ms, however small the limit."""
+        interval = min(max(self.limit_s / 4, 0.05), 5.0)
 
         def watch() -> None:
             while True:
