@@ -1572,6 +1572,26 @@ def resumed_payload(previous: dict, fresh: dict) -> tuple[dict, set[str]]:
 SMOKE_RUN_MODEL = "random-weight tiny CLIP (a smoke run)"
 
 
+def server_settings(env: dict[str, str], cuda: bool) -> dict[str, str]:
+    """A `--gpu-targets` server's CLIP_ settings: its own (an ablation's), over the GPU's
+    defaults where a smoke run stands in for the GPU run (GPU_DEFAULTS_ON_CPU)."""
+    return env if cuda else GPU_DEFAULTS_ON_CPU | env
+
+
+# A smoke run's servers take the GPU's defaults where a setting can name them, so that the
+# rehearsal serves what the GPU run will (JPEGs forwarded to two runner workers, the graphs'
+# per-bucket staging, the stalled-pass watch), not the CPU's defaults; an ablation's own
+# setting still wins.
+GPU_DEFAULTS_ON_CPU = {
+    "CLIP_API_WORKERS": "2",  # the GPU's least (half the cores, at least two)
+    "CLIP_DECODE": "runner",
+    "CLIP_RUNNER_WORKERS": "2",
+    "CLIP_CUDA_GRAPHS": "on",
+    "CLIP_ACCESS_LOG": "off",
+    "CLIP_STALLED_PASS_S": "60",
+}
+
+
 def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     """Every GPU target of the serving-speed issue in one run, with the default settings: the
     seed request at 1, 32 and 64 clients on all but the load generator's cores, at 64 clients
@@ -1798,8 +1818,9 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
                 )
             log = Path(tmp) / f"server-{len(payload['server_logs'])}.log"
             starting, started_at = time.monotonic(), time.time()
+            settings = server_settings(env, cuda)
             try:
-                with bento_server(home, tag, log, cpus=cpus, **env) as (url, pid):
+                with bento_server(home, tag, log, cpus=cpus, **settings) as (url, pid):
                     # Most of a one-scenario stage: the device's minutes go here first.
                     payload["server_start_seconds"][label] = round(time.monotonic() - starting, 1)
                     for scenario in scenarios:

@@ -5,6 +5,7 @@ its own figure."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -88,6 +89,37 @@ def test_a_resume_from_another_machine_is_refused_before_the_model_is_built(tmp_
     other.write_text(json.dumps(first_run() | {"machine": "NVIDIA A100, 8 CPU cores"}))
     with pytest.raises(SystemExit, match="figures from two machines do not mix"):
         bench.gpu_targets(tmp_path / "out", 1, resume=other)
+
+
+def test_a_smoke_runs_servers_take_the_gpus_defaults_and_each_ablation_its_own(monkeypatch):
+    """The rehearsal serves what the GPU run will: each setting GPU_DEFAULTS_ON_CPU names is what
+    the service picks on a GPU, an ablation's own setting wins, and on a GPU nothing is added."""
+    from clip_runner import config
+    from clip_runner.answers.runner_calls import forwards_jpegs
+    from clip_runner.model.model_facts import ModelFacts
+
+    for name in bench.GPU_DEFAULTS_ON_CPU:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(config, "cuda_available", lambda: True)
+    monkeypatch.setattr(config, "usable_cores", lambda: 3)  # a few cores: the least workers
+    config.get_settings.cache_clear()
+    try:
+        on_a_gpu = config.get_settings()
+        assert int(bench.GPU_DEFAULTS_ON_CPU["CLIP_API_WORKERS"]) == on_a_gpu.api_worker_count
+    finally:
+        config.get_settings.cache_clear()
+    stood_in = bench.GPU_DEFAULTS_ON_CPU
+    facts = ModelFacts("clip:tiny", 512, 100.0, 224, 224, 224, 77, random_weights=True)
+    cuda_facts = dataclasses.replace(facts, device="cuda")
+    assert forwards_jpegs(on_a_gpu.decode_jpegs_on, cuda_facts)
+    assert forwards_jpegs(stood_in["CLIP_DECODE"], facts)  # the same, on the CPU
+    assert int(stood_in["CLIP_RUNNER_WORKERS"]) == on_a_gpu.runner_workers
+    assert (stood_in["CLIP_CUDA_GRAPHS"] == "on") == on_a_gpu.cuda_graphs
+    assert (stood_in["CLIP_ACCESS_LOG"] == "on") == on_a_gpu.access_log
+    assert float(stood_in["CLIP_STALLED_PASS_S"]) == on_a_gpu.stalled_pass_s
+    ablation = {"CLIP_DECODE": "api"}
+    assert bench.server_settings(ablation, cuda=False) == stood_in | ablation
+    assert bench.server_settings(ablation, cuda=True) == ablation
 
 
 def test_results_are_written_whole_or_not_at_all(tmp_path):
