@@ -47,6 +47,8 @@ def _env_number(name: str, default: float, cast: type, minimum: float) -> float:
     except ValueError as exc:
         kind = "an integer" if cast is int else "a number"
         raise ValueError(f"{name} must be {kind}, got {raw!r}") from exc
+    if not math.isfinite(value):  # nan passes every comparison below, and inf no time limit
+        raise ValueError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value

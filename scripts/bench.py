@@ -1520,7 +1520,7 @@ def broken_jpegs_decoded(tmp: Path, mutations: int, timeout_s: float = 120) -> d
     with broken coded data. A JPEG that kills that process or leaves its CUDA context broken
     costs only this stage, and the lines it wrote name the JPEG. Its summary, with how the
     process ended where it did not end well."""
-    from scripts.broken_jpegs import read_lines, summary
+    from scripts.broken_jpegs import STARTED, read_lines, summary
 
     lines = tmp / "broken-jpegs.jsonl"
     lines.unlink(missing_ok=True)  # a resumed or repeated stage reads only its own lines
@@ -1535,11 +1535,11 @@ def broken_jpegs_decoded(tmp: Path, mutations: int, timeout_s: float = 120) -> d
     written = read_lines(lines)
     if ended != 0:
         stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
-        if not written and isinstance(ended, int):
-            # It ended before trying a JPEG (an import, say): the harness failed, not nvJPEG,
-            # so the stage is a failed one (a resume runs it again), not a finding.
+        if isinstance(ended, int) and not any(STARTED in line for line in written):
+            # It ended in its own set-up (an import, say), before nvJPEG ran: the harness
+            # failed, not nvJPEG, so the stage is a failed one (a resume runs it again).
             raise RuntimeError(
-                f"scripts/broken_jpegs.py ended ({ended}) before trying any JPEG: {stderr[-2000:]}"
+                f"scripts/broken_jpegs.py ended ({ended}) before nvJPEG ran: {stderr[-2000:]}"
             )
     result = summary(written, time.monotonic() - started)
     if ended != 0:
@@ -1578,12 +1578,13 @@ def server_settings(env: dict[str, str], cuda: bool) -> dict[str, str]:
     return env if cuda else GPU_DEFAULTS_ON_CPU | env
 
 
-# A smoke run's servers take the GPU's defaults where a setting can name them, so that the
-# rehearsal serves what the GPU run will (JPEGs forwarded to two runner workers, the graphs'
-# per-bucket staging, the stalled-pass watch), not the CPU's defaults; an ablation's own
-# setting still wins.
+# A smoke run's target and ablation servers take the GPU's defaults where a setting can name
+# them, so that the rehearsal serves what the GPU run will (JPEGs forwarded to two runner
+# workers, several API workers, the graphs' per-bucket staging, the stalled-pass watch), not
+# the CPU's defaults; an ablation's own setting still wins.
 GPU_DEFAULTS_ON_CPU = {
-    "CLIP_API_WORKERS": "2",  # the GPU's least (half the cores, at least two)
+    # The GPU's least: half the cores, at least two (the GPU run's 12-core server gets 6).
+    "CLIP_API_WORKERS": "2",
     "CLIP_DECODE": "runner",
     "CLIP_RUNNER_WORKERS": "2",
     "CLIP_CUDA_GRAPHS": "on",

@@ -62,6 +62,8 @@ BOTH_REFUSED = "both refused"
 PIXELS_DIFFER = "both decoded, pixels differ"
 ANSWERED_NOT_422 = "decoded where the API path refuses (an answer instead of a 422)"
 REFUSED_NOT_ANSWERED = "refused where the API path decodes (a 422 instead of an answer)"
+# The first line, written once the harness's own set-up is done (before nvJPEG runs).
+STARTED = "started on"
 # Any exception stops the run: on a GPU most likely a broken CUDA context (the runner would
 # restart), so its traceback is kept to tell.
 RAISED = "raised an exception"
@@ -204,11 +206,10 @@ def broken_line(
 
 
 def run(lines_path: Path, count: int, seed: int) -> None:
-    """Writes the intact line, then one line per forwarded broken JPEG, each flushed as it
-    ends; stops at the first exception (the CUDA context may be gone)."""
-    device = pick_device()[0]
-    runner = RunnerDecode(device)
+    """Writes the started line, the intact line, then one line per forwarded broken JPEG, each
+    flushed as it ends; stops at the first exception (the CUDA context may be gone)."""
     sources = intact_jpegs()
+    device = pick_device()[0]
     rng = np.random.default_rng(seed + 1)
     with lines_path.open("w") as lines:
 
@@ -216,6 +217,10 @@ def run(lines_path: Path, count: int, seed: int) -> None:
             lines.write(json.dumps(line) + "\n")
             lines.flush()
 
+        # All before this line is the harness's (imports, the sources, the device): a process
+        # that ends without it did not run, rather than stop on nvJPEG.
+        write({STARTED: str(device)})
+        runner = RunnerDecode(device)  # nvJPEG's first decode, where it is asked for
         first, solo_intact = intact_line(runner, sources)
         write({**first, "mutations": count, "seed": seed})
         for name, blob in mutations(sources, count, seed):
@@ -234,6 +239,7 @@ def run(lines_path: Path, count: int, seed: int) -> None:
 def summary(lines: list[dict], seconds: float | None = None) -> dict:
     """The lines as counts: each outcome, nvJPEG's refusals, the pixel differences against the
     intact JPEGs' largest, what batching changed, and the JPEG a crash or hang stopped at."""
+    lines = [line for line in lines if STARTED not in line]
     if not lines or not lines[0].get("intact"):
         return {"error": "no intact line: the decoder never ran"}
     intact = lines[0]

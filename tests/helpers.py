@@ -38,6 +38,16 @@ if TYPE_CHECKING:  # scripts/broken_jpegs.py runs on the GPU machine, which has 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+class FakeClock:
+    """A clock the test moves by hand (`now`), for code that takes a clock to read."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
     """A deterministic image with smooth gradients and noise, so embeddings differ per seed."""
     rng = np.random.default_rng(seed)

@@ -469,15 +469,27 @@ def test_the_broken_jpeg_stage_runs_apart_and_a_run_that_did_not_end_well_fails_
     assert verdicts_of(payload)[target] == "unmeasured"
 
 
-def test_a_broken_jpeg_process_that_ends_before_its_first_jpeg_fails_the_stage(
-    tmp_path, monkeypatch
-):
-    """Ended with an error before trying any JPEG (on the GPU machine: an import it lacks), the
+def test_a_broken_jpeg_process_that_ends_in_its_own_set_up_fails_the_stage(tmp_path, monkeypatch):
+    """Ended with an error in its own set-up (on the GPU machine: an import it lacks), the
     process measured nothing: the stage fails, to run again on a resume, rather than reading as
     nvJPEG's crash."""
     monkeypatch.setattr(bench.sys, "executable", "false")  # exits 1 at once, writes nothing
-    with pytest.raises(RuntimeError, match=r"ended \(1\) before trying any JPEG"):
+    with pytest.raises(RuntimeError, match=r"ended \(1\) before nvJPEG ran"):
         bench.broken_jpegs_decoded(tmp_path, 4)
+
+
+def test_a_broken_jpeg_process_that_ends_once_nvjpeg_runs_is_a_finding(tmp_path, monkeypatch):
+    """Past its set-up (its first line written), a process that ends on its intact JPEGs ended
+    on nvJPEG: the stage's result, with the exit, fails the check; the stage does not fail."""
+    stand_in = tmp_path / "ends-on-nvjpeg"
+    # Called as the interpreter: $1 the script, then --count N --lines PATH.
+    stand_in.write_text('#!/bin/sh\necho \'{"started on": "cuda:0"}\' > "$5"\nexit 1\n')
+    stand_in.chmod(0o755)
+    monkeypatch.setattr(bench.sys, "executable", str(stand_in))
+    result = bench.broken_jpegs_decoded(tmp_path, 4)
+    assert result["exit"] == 1 and "error" in result
+    target = "forwarded broken JPEGs: exceptions, crashes or hangs"
+    assert verdicts_of(a_full_run() | {"broken_jpegs": result})[target] == "not met"
 
 
 METRICS_PAGE = """\

@@ -132,6 +132,8 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_SWITCH_INTERVAL_MS", "fast", "must be a number"),
         ("CLIP_CUDA_WAIT", "sleep", "must be one of block, spin"),
         ("CLIP_STALLED_PASS_S", "-1", "must be >= 0"),
+        ("CLIP_STALLED_PASS_S", "nan", "must be a finite number"),
+        ("CLIP_REQUEST_TIMEOUT_S", "inf", "must be a finite number"),
         ("CLIP_DTYPE", "fp16", "must be one of auto, float32, bfloat16, float16"),
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
         ("CLIP_MAX_WAITING_BODY_BYTES", "1000", "at least CLIP_MAX_BODY_BYTES"),

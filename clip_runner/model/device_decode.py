@@ -310,7 +310,7 @@ class DeviceJpegDecoder:
             data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
             try:
                 planes = self._nvjpeg_decode(data)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 raise  # the batch is too large, not refused: retried in halves (device_health.py)
             except RuntimeError:  # one image it refuses fails the batch call: one at a time
                 if not device_works(self.device):
@@ -337,7 +337,7 @@ class DeviceJpegDecoder:
         image gets the answer (or the 422) it would get from the API workers' own decode."""
         try:
             planes = self._nvjpeg_decode([data])[0]
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise  # not the image's fault: the batch is retried in halves (device_health.py)
         except RuntimeError as exc:
             # nvJPEG may have queued its decode on its own stream before it failed, and the

@@ -91,8 +91,8 @@ class StalledPassWatch:
     `limit_s`: a device that stopped without an error (the module's docstring).
 
     Passes register while they run (`watching`); a daemon thread (`start`) looks at the oldest
-    every `limit_s` / 4 (between 50 ms and 5 s), so a stall ends the process between `limit_s`
-    and 1.25 x `limit_s` after its pass began (for the default 60 s)."""
+    every quarter of `limit_s`, kept between 50 ms and 5 s: a stall of the default 60 s ends
+    the process 60-65 s after its pass began."""
 
     def __init__(
         self,
@@ -110,8 +110,8 @@ class StalledPassWatch:
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
         """One pass, in progress for as long as the block runs."""
-        token = next(self._tokens)
         with self._lock:
+            token = next(self._tokens)
             self._started[token] = self._clock()
         try:
             yield
@@ -172,21 +172,23 @@ def exits_when_device_breaks(
     watching = watch.watching if watch is not None else contextlib.nullcontext
 
     def run(rows: Rows, threads: int) -> Output:
-        try:
-            with watching():
+        # The check after a failure is watched too: it waits for the device, which may be
+        # what stopped.
+        with watching():
+            try:
                 return infer(rows, threads)
-        except RuntimeError as exc:
-            if device_works(device):
-                raise
-            logger.critical(
-                "the %s device no longer works after %s: %s. This runner process exits "
-                "(status %d) so that BentoML starts a fresh one with a new CUDA context",
-                device,
-                type(exc).__name__,
-                exc,
-                EXIT_DEVICE_BROKEN,
-            )
-            exit_process(EXIT_DEVICE_BROKEN)
-            raise  # reached only where `exit_process` returns (the tests' stand-in)
+            except RuntimeError as exc:
+                if device_works(device):
+                    raise
+                logger.critical(
+                    "the %s device no longer works after %s: %s. This runner process exits "
+                    "(status %d) so that BentoML starts a fresh one with a new CUDA context",
+                    device,
+                    type(exc).__name__,
+                    exc,
+                    EXIT_DEVICE_BROKEN,
+                )
+                exit_process(EXIT_DEVICE_BROKEN)
+                raise  # reached only where `exit_process` returns (the tests' stand-in)
 
     return run

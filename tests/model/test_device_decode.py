@@ -504,11 +504,11 @@ def test_nvjpeg_out_of_device_memory_fails_the_batch_not_each_image():
 
     def out_of_memory(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         calls.append(len(data))
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 MiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 MiB")
 
     decoder = DeviceJpegDecoder(torch.device("cpu"), 64, 64, 64)
     decoder._nvjpeg = out_of_memory
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         decoder([good, good])
     assert calls == [2] and decoder.refused_by_nvjpeg == 0
 
@@ -516,11 +516,11 @@ def test_nvjpeg_out_of_device_memory_fails_the_batch_not_each_image():
         calls.append(len(data))
         if len(data) > 1:
             raise RuntimeError("nvjpegDecodeBatched failed")
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
 
     calls.clear()
     decoder._nvjpeg = refusing_batches_then_full
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         decoder([good, good])
     assert calls == [2, 1] and decoder.refused_by_nvjpeg == 0
 
@@ -553,7 +553,9 @@ def test_an_image_nvjpeg_refuses_alone_waits_for_the_device_before_pillow(monkey
     # the batch call (of one), then the image alone, each refusal followed by the wait
     assert events == ["decode 1", "device waited for"] * 2 + ["pillow"]
 
-    monkeypatch.setattr(device_decode, "device_works", lambda device: False)
+    # The batch's refusal left the device working; the image's alone broke it.
+    answers = iter([True, False])
+    monkeypatch.setattr(device_decode, "device_works", lambda device: next(answers))
     with pytest.raises(RuntimeError, match="unsupported JPEG"):
         decoder([good])
     assert decoder.refused_by_nvjpeg == 1

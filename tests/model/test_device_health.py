@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from clip_runner.model import device_health
 from clip_runner.model.device_health import (
     EXIT_DEVICE_BROKEN,
     StalledPassWatch,
@@ -27,7 +28,7 @@ from clip_runner.model.device_health import (
     halves_when_out_of_memory,
 )
 from clip_runner.model.encoding import ClipEncoder
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, FakeClock
 
 CPU = torch.device("cpu")
 
@@ -135,18 +136,8 @@ print("still running")
     assert "BentoML starts a fresh one" in done.stderr
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_pass_in_progress_past_the_limit_ends_the_process_and_finished_ones_never_do():
-    clock, exits = Clock(), []
+    clock, exits = FakeClock(), []
     watch = StalledPassWatch(60, exit_process=exits.append, clock=clock)
     with watch.watching():  # a pass that ends in time
         clock.now += 59
@@ -166,7 +157,7 @@ def test_a_pass_in_progress_past_the_limit_ends_the_process_and_finished_ones_ne
 
 
 def test_each_batch_of_a_watched_encoder_is_a_pass_in_progress_while_it_runs(encoder):
-    clock, exits = Clock(), []
+    clock, exits = FakeClock(), []
     watch = StalledPassWatch(60, exit_process=exits.append, clock=clock)
     seen: list[float] = []
 
@@ -215,3 +206,24 @@ def test_the_watching_thread_is_a_daemon_named_for_what_it_does():
     thread = StalledPassWatch(3600, exit_process=lambda status: None).start()
     assert thread.daemon and thread.name == "clip-stalled-pass-watch" and thread.is_alive()
     assert thread in threading.enumerate()
+
+
+def test_the_device_check_after_a_failed_pass_is_watched_too(monkeypatch):
+    """After a pass fails, the check that the device still works waits for it: where that wait
+    never ends (the device stopped), the watch still ends the process."""
+    clock, exits = FakeClock(), []
+    watch = StalledPassWatch(60, exit_process=exits.append, clock=clock)
+
+    def stalled_check(device: torch.device) -> bool:
+        clock.now += 61
+        watch.check()  # as the watching thread would, while the check waits
+        return True
+
+    def failing_pass(rows, threads):
+        raise RuntimeError("nvjpegDecode failed: unsupported JPEG")
+
+    monkeypatch.setattr(device_health, "device_works", stalled_check)
+    encode = exits_when_device_breaks(failing_pass, CPU, exit_process=exits.append, watch=watch)
+    with pytest.raises(RuntimeError, match="unsupported JPEG"):
+        encode([1], 1)
+    assert exits == [EXIT_DEVICE_BROKEN] and watch.longest_s() == 0

@@ -12,6 +12,7 @@ from clip_runner.model.startup_phases import (
     seconds_since_process_start,
     startup_seconds,
 )
+from tests.helpers import FakeClock
 
 
 def fake_proc(tmp_path, uptime: float, started_ticks: int, command: str = "python"):
@@ -49,14 +50,6 @@ def test_this_process_ages_with_the_clock():
     assert first is not None and first > 0
     step = 0.011
     assert inner_end - inner_start - step <= second - first <= outer_end - outer_start + step
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
