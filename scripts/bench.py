@@ -470,7 +470,8 @@ def drive_parallel(
     gil_profile_to: Path | None = None,
     check_answers: bool = True,
 ) -> dict:
-    """Like `drive`, from one load-generator process per client core (pinned there), so the
+    """Like `drive`, from one load-generator process per client core (all pinned to the client
+    cores, never the server's), so the
     load generator is not the limit at GPU rates; reports its own CPU too. The window runs from
     the moment every load process is ready to the last one's end (`time.monotonic` is one clock
     for all processes on Linux). With `gil_profile_to`, py-spy samples the server over the
@@ -1603,7 +1604,7 @@ def gpu_targets(out: Path, seconds: float, resume: Path | None = None) -> dict:
     and the device path's fidelity, measured in the same run; CUDA graphs' numbers against
     plain passes in process; then the ablations (the servers in `open_defaults`, then in
     `settled`, the runner's wire format, and nvJPEG on broken JPEGs). The load generator runs
-    in one process per core of its own (4 cores), never on the server's.
+    in as many processes as it has cores (4), pinned to those, never on the server's.
 
     With `resume` (an earlier run's gpu-targets.json from a machine of this kind) only the
     stages that run did not finish run: a device lent for minutes may not give a second whole

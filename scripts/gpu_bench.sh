@@ -49,6 +49,9 @@ out_dir=${OUT:-benchmarks/gpu}
 mkdir -p "$out_dir"
 python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out_dir/gpu.txt"
+# Which CPUs share a core: the server's 4 confined cores and the load generator's 4 may be
+# hyperthread siblings of the others' (the 4-core figures then have less than 4 cores).
+lscpu -e=CPU,CORE,SOCKET,NODE 2>&1 | tee -a "$out_dir/gpu.txt" || true
 if [[ -d .whl ]]; then  # carried wheels: install beside the image's own torch
   # A resumed run on the same (still warm) machine keeps the first call's install.
   wheels=$(ls .whl | sha1sum)
