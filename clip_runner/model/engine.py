@@ -115,12 +115,10 @@ class ServedModel:
             jpeg_decoder=self.jpeg_decoder.name,
         )
         # After the warm-up and the graphs' recording, which may take long on purpose.
-        self.stalled_pass_watch = (
-            StalledPassWatch(settings.stalled_pass_s) if settings.stalled_pass_s else None
-        )
-        if self.stalled_pass_watch is not None:
-            self.stalled_pass_watch.start()
-        watch = self.stalled_pass_watch
+        watch = StalledPassWatch(settings.stalled_pass_s) if settings.stalled_pass_s else None
+        if watch is not None:
+            watch.start()
+        self.stalled_pass_watch = watch
         self.encode_images = exits_when_device_breaks(self._encode_image_batch, device, watch=watch)
         self.encode_jpegs = exits_when_device_breaks(self._encode_jpeg_batch, device, watch=watch)
         self.encode_tokens = exits_when_device_breaks(self._encode_token_batch, device, watch=watch)
