@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clip_runner.cpu_quota import usable_cores
-from clip_runner.cuda_check import cuda_available
+from clip_runner.cuda_check import cuda_available, usable_gpus
 
 DEFAULT_HUB_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_TEMPLATE = "a photo of a {name}"
@@ -126,10 +126,11 @@ def default_api_workers(model_tag: str, model_dir: str) -> int:
 
 def default_runner_workers() -> int:
     """Runner processes when CLIP_RUNNER_WORKERS is unset: one on CPU (a second only splits the
-    cores); two on a GPU, sharing it, so one process's Python work (HTTP, batching, decoding
-    set-up) overlaps the other's forward pass (BENCHMARKS.md, GPU section: 1.5 x at 32 clients
-    before call merging)."""
-    return 2 if cuda_available() else 1
+    cores); two per GPU, each pair sharing one (model/gpu_placement.py), so one process's Python
+    work (HTTP, batching, decoding set-up) overlaps the other's forward pass (BENCHMARKS.md, GPU
+    section: 1.5 x at 32 clients before call merging)."""
+    gpus = usable_gpus()
+    return 2 * gpus if gpus else 1
 
 
 def runner_decode_threads(cores: int, runner_workers: int) -> int:

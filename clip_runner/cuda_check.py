@@ -16,6 +16,12 @@ A CUDA 13 torch needs a driver for CUDA 13 or later (minor versions are compatib
 major); below that torch finds no GPU, and neither does this. The runner still asks torch
 itself (encoding.pick_device). The tests hold both answers equal on this CPU machine, and the
 GPU harness on its GPU.
+
+The driver is asked once per server, not once per process: the first process to ask (the
+supervisor, which imports the service before it starts any worker) records the answer in its
+environment (`RECORD`), and every worker it starts inherits it. A runner worker must not start
+the driver before it has chosen its GPU (model/gpu_placement.py): CUDA reads
+`CUDA_VISIBLE_DEVICES` once, when the driver starts in a process.
 """
 
 from __future__ import annotations
@@ -24,19 +30,63 @@ import ast
 import ctypes
 import functools
 import importlib.util
+import json
+import os
+from collections.abc import MutableMapping
 from pathlib import Path
 
 CUDA_SUCCESS = 0
 DRIVER_LIBRARY = "libcuda.so.1"
+# The server's answer, for the processes it starts: the usable GPUs, and the
+# CUDA_VISIBLE_DEVICES they were counted under (a process that sees another list asks again).
+RECORD = "_CLIP_USABLE_GPUS"
 
 
 @functools.cache
+def usable_gpus() -> int:
+    """How many GPUs the runner's torch will use here (0: none), asked once per server."""
+    recorded = recorded_gpus(os.environ)
+    if recorded is not None:
+        return recorded
+    gpus = probed_gpus()
+    record_gpus(os.environ, gpus)
+    return gpus
+
+
 def cuda_available() -> bool:
-    """What `torch.cuda.is_available()` will answer in the runner, asked once per process."""
+    """What `torch.cuda.is_available()` will answer in the runner."""
+    return usable_gpus() > 0
+
+
+def probed_gpus() -> int:
+    """The GPUs the driver shows (CUDA_VISIBLE_DEVICES honoured) where torch can use them."""
     torch_cuda = torch_cuda_version(torch_version_file())
     if torch_cuda is None:
-        return False  # a CPU build: the driver is not even asked
-    return gpu_usable(torch_cuda, *driver_devices(DRIVER_LIBRARY))
+        return 0  # a CPU build: the driver is not even asked
+    devices, driver_cuda = driver_devices(DRIVER_LIBRARY)
+    return devices if gpu_usable(torch_cuda, devices, driver_cuda) else 0
+
+
+def record_gpus(environ: MutableMapping[str, str], gpus: int) -> None:
+    """Writes `RECORD` for the processes this one starts."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    environ[RECORD] = json.dumps({"gpus": gpus, "CUDA_VISIBLE_DEVICES": visible})
+
+
+def recorded_gpus(environ: MutableMapping[str, str]) -> int | None:
+    """The inherited count, or None where there is none, it is unreadable, or it was counted
+    under another CUDA_VISIBLE_DEVICES than this process has."""
+    try:
+        record = json.loads(environ.get(RECORD, ""))
+        gpus = record["gpus"]
+        counted_under = record["CUDA_VISIBLE_DEVICES"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if counted_under != environ.get("CUDA_VISIBLE_DEVICES"):
+        return None
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
+        return None
+    return gpus
 
 
 def gpu_usable(torch_cuda: str | None, devices: int, driver_cuda: tuple[int, int]) -> bool:

@@ -411,10 +411,11 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> N
 
 @contextmanager
 def bentoml_serve(
-    bentoml_home: Path, log_path: Path, prefix: Sequence[str] = (), **env: str
+    bentoml_home: Path, log_path: Path, prefix: Sequence[str] = (), **env: str | None
 ) -> Iterator[ServedBento]:
     """`bentoml serve service:ClipService` as a real subprocess on a free loopback port, run
-    through `prefix` (a command that ends by running its arguments) where one is given.
+    through `prefix` (a command that ends by running its arguments) where one is given; `env`
+    over the suite's environment, a None taking that variable out.
 
     Each server gets a BentoML home of its own whose `models` is the suite's store: BentoML clears
     `$BENTOML_HOME/prometheus_multiproc_dir` when a server starts, which would hide the metrics
@@ -431,6 +432,7 @@ def bentoml_serve(
         "BENTOML_DO_NOT_TRACK": "true",
         **env,
     }
+    full_env = {name: value for name, value in full_env.items() if value is not None}
     bentoml_cli = Path(sys.executable).with_name("bentoml")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -455,7 +457,7 @@ def serve_tiny(
     factory: pytest.TempPathFactory,
     name: str,
     prefix: Sequence[str] = (),
-    **env: str,
+    **env: str | None,
 ) -> AbstractContextManager[ServedBento]:
     """`bentoml serve` of the suite's tiny model with these settings (through `prefix`, as
     `bentoml_serve`), image URLs allowed to the stand-in public host; its log in a temporary

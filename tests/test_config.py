@@ -178,8 +178,8 @@ def test_unknown_endpoint_kind_is_refused(monkeypatch):
 def test_workers_by_machine(monkeypatch, tiny_stored_model):
     """On CPU one runner worker and API workers by the model's cost: every core for the tiny
     model (the image work is its limit), one for ViT-B/32 or an unknown model. Where torch sees
-    a GPU, half the usable cores (at least two) of API workers and two runner workers (CUDA's
-    presence and the usable cores, affinity and quota, are what is stubbed here)."""
+    a GPU, half the usable cores (at least two) of API workers and two runner workers per GPU
+    (the GPUs and the usable cores, affinity and quota, are what is stubbed here)."""
     from clip_runner.config import default_api_workers, default_runner_workers
 
     def use_cores(cores: int) -> None:
@@ -198,7 +198,9 @@ def test_workers_by_machine(monkeypatch, tiny_stored_model):
     for cores, api_workers in ((16, 8), (12, 6), (4, 2), (2, 2)):
         use_cores(cores)
         assert default_api_workers(tag, "") == api_workers
-    assert default_runner_workers() == 2
+    for gpus in (1, 4):
+        monkeypatch.setattr(config, "usable_gpus", lambda gpus=gpus: gpus)
+        assert default_runner_workers() == 2 * gpus
 
 
 def test_connections_are_recycled_only_where_several_api_workers_share_the_port(monkeypatch):

@@ -1,7 +1,10 @@
-"""The GPU check that spares every server process importing torch: the same answer as torch's."""
+"""The GPU check that spares every server process importing torch: the same answer as torch's,
+asked of the driver once per server."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,13 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from clip_runner import cuda_check
 from clip_runner.cuda_check import (
     DRIVER_LIBRARY,
+    RECORD,
     cuda_available,
     driver_devices,
     gpu_usable,
+    record_gpus,
+    recorded_gpus,
     torch_cuda_version,
     torch_version_file,
+    usable_gpus,
 )
 
 
@@ -27,12 +35,67 @@ def test_the_answer_is_torchs_own():
 def test_the_installed_torchs_cuda_build_is_read_without_importing_it():
     assert torch_cuda_version(torch_version_file()) == torch.version.cuda
     code = (
-        "import sys\n"
-        "from clip_runner.cuda_check import cuda_available\n"
+        "import os, sys\n"
+        "from clip_runner.cuda_check import RECORD, cuda_available\n"
+        "assert RECORD not in os.environ\n"
         "cuda_available()\n"
+        "assert RECORD in os.environ, 'the driver was not asked'\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    unasked = {name: value for name, value in os.environ.items() if name != RECORD}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=unasked)
+
+
+def test_the_first_process_to_ask_records_the_answer_for_those_it_starts(monkeypatch):
+    """The supervisor asks the driver; its workers inherit the answer and never start the driver
+    themselves (a runner worker must choose its GPU first: gpu_placement.py)."""
+    asked: list[int] = []
+
+    def probe() -> int:
+        asked.append(3)
+        return 3
+
+    monkeypatch.setattr(cuda_check, "probed_gpus", probe)
+    monkeypatch.setenv(RECORD, "")  # none to read (and the test's own is undone after it)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2,3")
+    usable_gpus.cache_clear()
+    try:
+        assert usable_gpus() == 3 and asked == [3]
+        assert json.loads(os.environ[RECORD]) == {"gpus": 3, "CUDA_VISIBLE_DEVICES": "1,2,3"}
+        usable_gpus.cache_clear()  # as in a worker started with this environment
+        assert usable_gpus() == 3 and cuda_available() and asked == [3]  # not asked again
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")  # a process that sees another list
+        usable_gpus.cache_clear()
+        assert usable_gpus() == 3 and asked == [3, 3]  # asks for itself
+    finally:
+        usable_gpus.cache_clear()
+
+
+@pytest.mark.parametrize("visible", [None, "", "0", "GPU-5f1e,GPU-77ab"])
+@pytest.mark.parametrize("gpus", [0, 1, 8])
+def test_a_recorded_answer_is_read_back_under_the_same_visible_devices(visible, gpus):
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    record_gpus(environ, gpus)
+    assert recorded_gpus(environ) == gpus
+    environ["CUDA_VISIBLE_DEVICES"] = "7"  # counted under another list: not this process's
+    assert recorded_gpus(environ) is None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "",
+        "2",
+        "[2]",
+        "not json",
+        '{"gpus": 2}',
+        '{"gpus": -1, "CUDA_VISIBLE_DEVICES": null}',
+        '{"gpus": true, "CUDA_VISIBLE_DEVICES": null}',
+        '{"gpus": "2", "CUDA_VISIBLE_DEVICES": null}',
+    ],
+)
+def test_an_unreadable_record_is_not_trusted(record: str):
+    assert recorded_gpus({RECORD: record}) is None
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ request after a burst of load.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, TypeVar
@@ -21,6 +22,7 @@ from bentoml.validators import ContentType
 
 from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import get_settings
+from clip_runner.cuda_check import usable_gpus
 from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.gil_handover import hand_over_gil_after
 from clip_runner.malloc_tuning import reuse_freed_memory
@@ -29,6 +31,7 @@ from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceed
 from clip_runner.model.direct_calls import DirectCallsMiddleware
 from clip_runner.model.embedding_cache import EmbeddingCache, first_misses, with_cached
 from clip_runner.model.encodings_in_flight import EncodingsInFlight
+from clip_runner.model.gpu_placement import BENTOML_GPU_ALLOCATION_OFF, place_worker
 from clip_runner.model.startup_phases import StartupPhases
 
 logger = logging.getLogger("clip_runner")
@@ -38,14 +41,17 @@ settings = get_settings()
 # load, py-spy). The type is the one BentoML derived.
 Embeddings = Annotated[np.ndarray, ContentType("application/json")]
 Encoded = TypeVar("Encoded")
+# The runner workers choose their GPUs themselves (gpu_placement.py); BentoML's allocator, read
+# by the supervisor when it starts them, would put them all on the first.
+os.environ.setdefault(BENTOML_GPU_ALLOCATION_OFF, "1")
 
 
 @bentoml.service(
     name="clip_runner",
     resources={"gpu": 1},
-    # One process by default. On a GPU the runner's per-call Python work (HTTP, deserialising,
-    # batching) limits throughput long before the GPU does; more workers share the one GPU,
-    # each with its own copy of the model (BENCHMARKS.md, GPU section).
+    # One process on CPU; two per GPU, each GPU's pair sharing it (gpu_placement.py): the
+    # runner's per-call Python work (HTTP, deserialising, batching) limits a process long before
+    # the GPU does (BENCHMARKS.md, GPU section). Each has its own copy of the model.
     workers=settings.runner_workers,
     traffic={"timeout": settings.request_timeout_s},
     # How API workers connect to this service. BentoML's client replaces its connection pool
@@ -82,12 +88,17 @@ class CLIPRunner:
 
     def __init__(self) -> None:
         phases = StartupPhases()  # each step's time, logged once ready (startup_phases.py)
+        # Before torch starts CUDA in this process: it reads CUDA_VISIBLE_DEVICES only then.
+        worker = bentoml.server_context.worker_index
+        gpu = place_worker(os.environ, usable_gpus(), worker)
         with phases.phase("torch and transformers imported"):
             # Here, not at the top: the supervisor and the API workers import this class to
             # reach the runner, and never load torch and transformers (engine.py).
             from clip_runner.model.engine import ServedModel
 
         self.model = ServedModel(self.model_ref, phases)
+        if gpu is not None:
+            log_placement(worker, gpu, usable_gpus(), self.model.facts.device)
         layout = self.model.layout
         # One thread per concurrent pass and one PassSlots, shared by the three batchers.
         inference = ThreadPoolExecutor(
@@ -165,6 +176,27 @@ class CLIPRunner:
         """The served model's Rust tokenizer, as its JSON: each API worker tokenizes prompts
         with a copy of it (answers/token_ids.py), and so never loads transformers."""
         return self.model.tokenizer_json
+
+
+def log_placement(worker: int | None, gpu: str, gpus: int, device: str) -> None:
+    """Says which of the machine's GPUs this runner worker serves, or that it could not keep to
+    it (CUDA started in this process before it chose: it then sees them all and serves the
+    first)."""
+    import torch
+
+    seen = torch.cuda.device_count() if device == "cuda" else 1
+    if seen != 1:
+        logger.warning(
+            "runner worker %s was to serve GPU %s alone, but CUDA had started in this process: "
+            "it sees %d GPUs and serves the first, beside other workers",
+            worker,
+            gpu,
+            seen,
+        )
+        return
+    logger.info(
+        "runner worker %s serves GPU %s (CUDA_VISIBLE_DEVICES) of the %d here", worker, gpu, gpus
+    )
 
 
 async def direct_call(method: str, rows: np.ndarray | list) -> np.ndarray:
