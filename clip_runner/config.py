@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clip_runner.cpu_quota import usable_cores
-from clip_runner.cuda_check import cuda_available, usable_gpus
+from clip_runner.cuda_check import usable_gpus
 
 DEFAULT_HUB_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_TEMPLATE = "a photo of a {name}"
@@ -115,7 +115,7 @@ def default_api_workers(model_tag: str, model_dir: str) -> int:
     the cores is left to the runner processes and the OS.
     """
     cores = usable_cores()  # its CPU affinity, capped by a CPU quota (cpu_quota.py)
-    if cuda_available():
+    if usable_gpus() > 0:
         return max(2, cores // 2)
     from clip_runner.model.model_cost import checkpoint_image_gmacs
     from clip_runner.model.model_source import served_checkpoint
@@ -274,10 +274,12 @@ def get_settings() -> Settings:
         dtype=_env_choice("CLIP_DTYPE", ("auto", "float32", "bfloat16", "float16")),
         # On an H200 graphs doubled the seed load at 64 clients and halved one client's p50
         # (BENCHMARKS.md, GPU); torch.compile replaces the same forward pass, so not with it.
-        cuda_graphs=_env_switch("CLIP_CUDA_GRAPHS", lambda: cuda_available() and not torch_compile),
+        cuda_graphs=_env_switch(
+            "CLIP_CUDA_GRAPHS", lambda: usable_gpus() > 0 and not torch_compile
+        ),
         # On a GPU the line's CPU is what the API workers run out of: without it the 4-core
         # server served 1.47 x the seed load (BENCHMARKS.md, GPU).
-        access_log=_env_switch("CLIP_ACCESS_LOG", lambda: not cuda_available()),
+        access_log=_env_switch("CLIP_ACCESS_LOG", lambda: usable_gpus() == 0),
         switch_interval_ms=_env_number("CLIP_SWITCH_INTERVAL_MS", 5.0, float, 0.01),
         cuda_wait=_env_choice("CLIP_CUDA_WAIT", ("block", "spin")),
         # A GPU pass takes milliseconds; one a minute old waits for a device that stopped
@@ -285,7 +287,7 @@ def get_settings() -> Settings:
         # torch.compile may compile again for a new shape in the middle of serving.
         stalled_pass_s=_env_number(
             "CLIP_STALLED_PASS_S",
-            60.0 if cuda_available() and not torch_compile else 0.0,
+            60.0 if usable_gpus() > 0 and not torch_compile else 0.0,
             float,
             0.0,
         ),

@@ -100,7 +100,7 @@ def test_a_smoke_runs_servers_take_the_gpus_defaults_and_each_ablation_its_own(m
 
     for name in bench.GPU_DEFAULTS_ON_CPU:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(config, "cuda_available", lambda: True)
+    monkeypatch.setattr(config, "usable_gpus", lambda: 1)
     monkeypatch.setattr(config, "usable_cores", lambda: 3)  # a few cores: the least workers
     config.get_settings.cache_clear()
     try:

@@ -83,7 +83,7 @@ def test_cuda_graphs_can_be_asked_for_on_cpu_but_not_with_torch_compile(monkeypa
 
 
 def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise(monkeypatch):
-    monkeypatch.setattr(config, "cuda_available", lambda: True)
+    monkeypatch.setattr(config, "usable_gpus", lambda: 1)
     settings = get_settings()
     assert settings.cuda_graphs is True and settings.access_log is False
     assert settings.runner_jpeg_decoder == "pillow"  # exact on a GPU too; nvJPEG is an opt-in
@@ -194,7 +194,7 @@ def test_workers_by_machine(monkeypatch, tiny_stored_model):
     unset = dataclasses.replace(get_settings(), api_workers=0, model_tag=tag, model_dir="")
     assert unset.api_worker_count == 4  # the cores above
     assert dataclasses.replace(unset, api_workers=3).api_worker_count == 3  # CLIP_API_WORKERS
-    monkeypatch.setattr(config, "cuda_available", lambda: True)
+    monkeypatch.setattr(config, "usable_gpus", lambda: 1)
     for cores, api_workers in ((16, 8), (12, 6), (4, 2), (2, 2)):
         use_cores(cores)
         assert default_api_workers(tag, "") == api_workers
