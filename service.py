@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Awaitable
 from typing import Any
 
@@ -94,6 +95,12 @@ settings = get_settings()
 # here, before any worker spawns, with a message saying what is wrong
 # (clip_runner/model/model_source.py).
 find_checkpoint(settings.model_dir)
+# Set by the Dockerfile of BentoML's image, where its supervisor then starts no worker again that
+# ended: a runner that exits on a broken or stalled GPU (status 70: model/device_health.py) or
+# crashes stayed gone, one of two silently halving a GPU's capacity, the last one stopping the
+# supervisor and with it the container, until SageMaker replaced the instance. Taken out before
+# the supervisor reads it, so the image restarts its workers as `bentoml serve` does.
+os.environ.pop("BENTOML_CONTAINERIZED", None)
 SERVICE_NAME = "clip_service"
 READY_PROBE_TIMEOUT_S = 1.5
 READY_PROBE_INTERVAL_S = 1.0

@@ -8,7 +8,8 @@
 #      CUDA torch), `bentoml containerize`d on that base; torch (and torchvision, where the image
 #      carries it) must load in the image and decode a JPEG;
 #   4. `docker run IMAGE serve` on 8080: /ping, the seed's /invocations, bad input, non-root user,
-#      model inside the image; the same checks with no network at all (`--network none`, checked
+#      model inside the image, a killed runner started again (the next /invocations a 200 within
+#      120 s); the same checks with no network at all (`--network none`, checked
 #      from inside with `docker exec`) and a CPU quota of one core (`--cpus 1`: the runner must
 #      run one pass of one thread); SIGTERM stops it within 30 s;
 #   5. /opt/ml/model (what SageMaker extracts ModelDataUrl's model.tar.gz into): a mounted CLIP
@@ -182,6 +183,47 @@ start_container() {  # name, docker run options...
   docker run -d --name "$name" "$@" "$IMAGE" serve >/dev/null
 }
 
+check_runner_restarted() {  # container (serving on the host's 8080)
+  # BentoML's image sets BENTOML_CONTAINERIZED, under which its supervisor restarts no worker:
+  # the service takes it out (service.py), so a runner that died is started again, as a GPU's
+  # broken or stalled runner must be (it exits to be restarted).
+  local name="$1" started=$SECONDS
+  docker exec -i "$name" python - <<'EOF' || fail "no runner process to kill in the container"
+import os, signal
+from pathlib import Path
+def command_line(path):
+    try:
+        return path.read_bytes()
+    except OSError:  # a process that ended meanwhile
+        return b""
+runners = [int(path.parent.name) for path in Path("/proc").glob("[0-9]*/cmdline")
+           if b"--service-name\0clip_runner\0" in command_line(path)]
+assert runners, "no runner process"
+for pid in runners:
+    os.kill(pid, signal.SIGKILL)
+print("killed runner", *runners)
+EOF
+  "$PYTHON" - http://127.0.0.1:8080 <<'EOF' || fail "the killed runner was not started again"
+import base64, io, sys, time
+import httpx
+from PIL import Image
+jpeg = io.BytesIO()
+Image.new("RGB", (64, 48), (200, 40, 40)).save(jpeg, "JPEG")
+image = base64.b64encode(jpeg.getvalue()).decode()
+body = {"images": [image], "classes": [["cat", 1], ["dog", 0]]}
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        if httpx.post(f"{sys.argv[1]}/invocations", json=body, timeout=30).status_code == 200:
+            sys.exit(0)
+    except httpx.HTTPError:
+        pass
+    time.sleep(1)
+sys.exit("no 200 from /invocations within 120 s of killing the runner")
+EOF
+  log "runner killed: served again $((SECONDS - started)) s later by a fresh one"
+}
+
 check_served_on_host_network() {
   local name="clip-ct-host-$RUN_ID"
   if (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null; then fail "port 8080 is already in use"; fi
@@ -201,6 +243,7 @@ check_served_on_host_network() {
   log "runs as $(docker exec "$name" id -un) (uid $(docker exec "$name" id -u))"
   docker exec "$name" sh -c 'ls $BENTO_PATH/models/clip/*/model.safetensors' >/dev/null ||
     fail "the model is not inside the image"
+  check_runner_restarted "$name"
   log "SIGTERM"
   local stop_started=$SECONDS
   docker kill --signal TERM "$name" >/dev/null

@@ -38,6 +38,9 @@ def fragile(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[Serve
         CLIP_FETCH_TIMEOUT_S="4",
         CLIP_FETCH_CONNECT_TIMEOUT_S="2",
         CLIP_MAX_LATENCY_MS="2000",
+        # As in the image `bentoml containerize` builds (its Dockerfile sets it), where BentoML's
+        # supervisor would start no process again that ended.
+        BENTOML_CONTAINERIZED="true",
     ) as server:
         yield server
 
