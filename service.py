@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from clip_runner.answers.direct_runner import DirectRunnerClient
+from clip_runner.answers.direct_runner import DirectRunnerClient, calls_per_connection
 from clip_runner.answers.embedding_format import EncodingFormat
 from clip_runner.answers.hf_toolkit import parse_zero_shot_request, toolkit_answer
 from clip_runner.answers.invocation import InvocationContext, image_embeddings, invoke
@@ -287,7 +287,9 @@ class ClipService:
                     await resilient(self.runner.to_async.tokenizer, attempt_s)(), TOKEN_CACHE_SIZE
                 )
                 if settings.direct_runner_calls:
-                    self._direct_runner = DirectRunnerClient(self.runner.to_async.url)
+                    self._direct_runner = DirectRunnerClient(
+                        self.runner.to_async.url, calls_per_connection(settings.runner_workers)
+                    )
                 calls = runner_calls(
                     self._direct_runner or self.runner.to_async,
                     facts,

@@ -24,6 +24,9 @@ MIB = 1024 * 1024
 # With several API workers, about one answer in this many closes its connection, so keep-alive
 # clients spread over the workers (connection_recycling.py).
 KEEPALIVE_REQUESTS_WITH_SEVERAL_WORKERS = 20
+# With several runner workers, about one runner call in this many closes its connection, so an
+# API worker's calls are dealt out among them anew (answers/direct_runner.calls_per_connection).
+RUNNER_CALLS_PER_CONNECTION_WITH_SEVERAL_RUNNERS = 8
 # CLIP_ENDPOINT_KIND -> default (CLIP_REQUEST_TIMEOUT_S, CLIP_MAX_BODY_BYTES), from SageMaker's
 # limits: real-time invocations answer within 60 s and carry at most 6 MB; asynchronous ones run
 # up to 15 minutes (InvokeEndpointAsync's default InvocationTimeoutSeconds) on payloads of up to

@@ -20,7 +20,11 @@ import uvicorn
 from bentoml.exceptions import ServiceUnavailable
 from starlette.responses import PlainTextResponse
 
-from clip_runner.answers.direct_runner import DirectRunnerClient, runner_address
+from clip_runner.answers.direct_runner import (
+    DirectRunnerClient,
+    calls_per_connection,
+    runner_address,
+)
 from clip_runner.answers.runner_calls import runner_overloaded
 from clip_runner.model.device_decode import DeviceJpegDecoder
 from clip_runner.model.direct_calls import DirectCallsMiddleware
@@ -29,7 +33,7 @@ from tests.helpers import photo_like
 
 
 @contextlib.contextmanager
-def serving(app, socket_path: Path) -> Iterator[None]:
+def serving(app, socket_path: Path) -> Iterator[uvicorn.Server]:
     """uvicorn (the server BentoML runs) serving `app` on a unix socket, in a thread."""
     config = uvicorn.Config(app, uds=str(socket_path), lifespan="off", log_level="warning")
     server = uvicorn.Server(config)
@@ -40,7 +44,7 @@ def serving(app, socket_path: Path) -> Iterator[None]:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.01)
     try:
-        yield
+        yield server
     finally:
         server.should_exit = True
         thread.join(10)
@@ -130,6 +134,41 @@ def test_the_runners_503_is_overloaded_as_with_bentomls_client(tmp_path):
             call(tmp_path / "full.sock", "encode_tokens", [[1, 2]])
     assert runner_overloaded(caught.value)
     assert "queue is full" in str(caught.value)
+
+
+@pytest.mark.parametrize(("every", "connections"), [(0, 1), (3, 3), (1, 7)])
+def test_every_so_many_calls_a_connection_is_closed_and_the_next_call_opens_one(
+    tmp_path, every, connections
+):
+    """Seven calls in turn: with a close every third call, on connections of 3, 3 and 1 calls
+    (each new one accepted by whichever runner worker is free first, where there are several)."""
+    servers: list[uvicorn.Server] = []
+    seen: list[object] = []  # uvicorn's protocol object of each call's connection
+
+    async def handler(method: str, rows) -> np.ndarray:
+        (connection,) = servers[0].server_state.connections  # calls in turn: one at a time
+        seen.append(connection)
+        return np.zeros((len(rows), 4), np.float32)
+
+    app = DirectCallsMiddleware(PlainTextResponse("unused"), handler)
+
+    async def seven_calls(socket_path: Path) -> None:
+        client = DirectRunnerClient(f"file://{socket_path}", calls_per_connection=every)
+        try:
+            for _ in range(7):
+                assert (await client.encode_tokens([[1, 2]])).shape == (1, 4)
+        finally:
+            await client.close()
+
+    with serving(app, tmp_path / "runner.sock") as server:
+        servers.append(server)
+        asyncio.run(seven_calls(tmp_path / "runner.sock"))
+    assert len(seen) == 7 and len({id(connection) for connection in seen}) == connections
+
+
+def test_connections_are_dealt_out_anew_only_among_several_runner_workers():
+    assert calls_per_connection(1) == 0
+    assert calls_per_connection(2) == calls_per_connection(8) == 8
 
 
 def test_a_runner_that_is_gone_is_a_connection_error_which_is_retried(tmp_path):
