@@ -143,11 +143,14 @@ def test_every_so_many_calls_a_connection_is_closed_and_the_next_call_opens_one(
     """Seven calls in turn: with a close every third call, on connections of 3, 3 and 1 calls
     (each new one accepted by whichever runner worker is free first, where there are several)."""
     servers: list[uvicorn.Server] = []
-    seen: list[object] = []  # uvicorn's protocol object of each call's connection
+    seen: dict[int, object] = {}  # uvicorn's protocol object of every connection open at a call
+    calls: list[str] = []
 
     async def handler(method: str, rows) -> np.ndarray:
-        (connection,) = servers[0].server_state.connections  # calls in turn: one at a time
-        seen.append(connection)
+        calls.append(method)
+        seen.update(
+            (id(connection), connection) for connection in servers[0].server_state.connections
+        )
         return np.zeros((len(rows), 4), np.float32)
 
     app = DirectCallsMiddleware(PlainTextResponse("unused"), handler)
@@ -163,7 +166,7 @@ def test_every_so_many_calls_a_connection_is_closed_and_the_next_call_opens_one(
     with serving(app, tmp_path / "runner.sock") as server:
         servers.append(server)
         asyncio.run(seven_calls(tmp_path / "runner.sock"))
-    assert len(seen) == 7 and len({id(connection) for connection in seen}) == connections
+    assert len(calls) == 7 and len(seen) == connections
 
 
 def test_connections_are_dealt_out_anew_only_among_several_runner_workers():
