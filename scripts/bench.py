@@ -539,10 +539,13 @@ def drive_parallel(
     cpu_after = {p.pid: cpu_seconds(p) for p in server_processes}
     latencies = [latency for outcome in outcomes for latency in outcome["latencies"]]
     cores_by_role: dict[str, float] = {}
+    runner_worker_cores = []
     for process in server_processes:
         role = process_role(process, pid)
         used = (cpu_after[process.pid] - cpu_before[process.pid]) / duration
         cores_by_role[role] = cores_by_role.get(role, 0.0) + used
+        if role == "runner":
+            runner_worker_cores.append(round(used, 3))
     totals_after = metric_totals(url, scenario.route)
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0] * 99
     return (
@@ -561,6 +564,9 @@ def drive_parallel(
                 role: round(cores, 3) for role, cores in cores_by_role.items()
             },
             "api_workers": sum(process_role(process, pid) == "api" for process in server_processes),
+            # One entry per runner worker: near-equal when the API workers' calls spread over
+            # them (answers/direct_runner.calls_per_connection); a GPU's runner Python is its limit.
+            "runner_worker_cores": sorted(runner_worker_cores),
             "load_generator_processes": processes,
             "client_cpu_cores": round(sum(outcome["cpu_s"] for outcome in outcomes) / duration, 3),
         }

@@ -321,6 +321,9 @@ def test_a_window_on_a_real_server_checks_its_answers_against_the_same_requests_
     assert row["answers_checked"] == row["requests"] > 4
     assert row["largest_probability_change"] < 1e-5
     assert row["classification_changes"] == 0
+    (runner_cores,) = row["runner_worker_cores"]  # the suite's server: one runner worker
+    assert runner_cores > 0
+    assert runner_cores == pytest.approx(row["cpu_cores_by_process"]["runner"], abs=0.002)
     texts = bench.Scenario("texts", bench.uncached_text_bodies(50), 8, 2, "/embed_texts")
     assert "answers_checked" not in bench.drive_parallel(served.url, pid, texts, 1, {0})
 
