@@ -58,6 +58,13 @@ def split_rows(output: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
     return np.split(output, np.cumsum(sizes)[:-1].tolist(), axis=0)
 
 
+def _fail(batch: Sequence[_Job], exc: BaseException) -> None:
+    """Every caller of `batch` still waiting gets `exc`."""
+    for job in batch:
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+
 def take_batch(queue: deque[_Job], max_rows: int) -> list[_Job]:
     """Pop jobs from the front while they fit in `max_rows` (the first job always goes whole)."""
     batch: list[_Job] = []
@@ -174,9 +181,16 @@ class GreedyBatcher(Generic[Rows]):
             raise
 
     async def _queued(self, rows: Rows) -> np.ndarray:
-        if not self._workers or any(worker.done() for worker in self._workers):
+        if not self._workers:
             self._free_workers = self.slots.passes
             self._workers = [asyncio.create_task(self._work()) for _ in range(self.slots.passes)]
+        elif any(worker.done() for worker in self._workers):
+            # Only the ended ones: a worker ends free (its `finally`), so the count stands, and
+            # new workers beside running ones would run more passes than there are slots.
+            self._workers = [
+                asyncio.create_task(self._work()) if worker.done() else worker
+                for worker in self._workers
+            ]
         job = _Job(rows, time.monotonic(), asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._wake.set()
@@ -225,11 +239,16 @@ class GreedyBatcher(Generic[Rows]):
                 threads = self.slots.start(alone_after=not self._queue)
                 try:
                     output = await self.run(concatenate([job.rows for job in batch]), threads)
+                    if len(output) != sum(sizes):  # rows would go to the wrong callers
+                        raise RuntimeError(f"{len(output)} rows answered for {sum(sizes)} sent")
                 except Exception as exc:  # this batch's callers get the error; the worker lives
-                    for job in batch:
-                        if not job.future.done():
-                            job.future.set_exception(exc)
+                    _fail(batch, exc)
                     continue
+                except BaseException:
+                    # The worker ends (cancelled, or a CancelledError out of a library); its
+                    # callers must not wait for an answer that will never come.
+                    _fail(batch, RuntimeError("the batch's pass was interrupted"))
+                    raise
                 finally:
                     self._free_workers += 1
                     self.slots.end()

@@ -93,10 +93,11 @@ class DirectCallsMiddleware:
         method, unpack = route
         try:
             rows = unpack(body, header_value(scope, ROWS_HEADER.encode()))
-            embeddings = await self.handler(method, rows)
         except ValueError as exc:  # a malformed body, or nothing to encode
             await respond_error(send, 400, str(exc))
             return
+        try:
+            embeddings = await self.handler(method, rows)
         except BentoMLException as exc:  # the queue bound's 503, as BentoML would answer it
             await respond_error(send, int(exc.error_code), str(exc))
             return

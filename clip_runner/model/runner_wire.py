@@ -62,6 +62,8 @@ def pack_pixels(pixels: np.ndarray) -> tuple[memoryview, str]:
 def unpack_pixels(body: bytes, header: str) -> np.ndarray:
     """The images of `pack_pixels`, a read-only view of `body`."""
     pixels = _array(body, header, np.uint8, 4, "images")
+    if len(pixels) == 0:
+        raise ValueError(f"no images: {ROWS_HEADER} counts none")
     if pixels.shape[3] != 3:
         raise ValueError(f"images need 3 channels, not {pixels.shape[3]}")
     return pixels

@@ -145,6 +145,55 @@ def test_an_error_reaches_its_batch_and_the_batcher_keeps_serving(executor):
     assert asyncio.run(scenario()).tolist() == [[0.0]]
 
 
+def test_a_pass_answering_too_few_rows_fails_its_batch_rather_than_shift_the_rows(executor):
+    """Rows are handed back by position: one missing would give a caller another's row."""
+    calls = []
+
+    def infer(rows: np.ndarray, threads: int) -> np.ndarray:
+        calls.append(len(rows))
+        return rows[1:] if len(calls) == 1 else rows
+
+    async def scenario():
+        batcher = GreedyBatcher(in_executor(infer, executor), max_rows=8, max_queue_wait_s=10)
+        with pytest.raises(RuntimeError, match="1 rows answered for 2 sent"):
+            await batcher.submit(np.ones((2, 1)))
+        return await batcher.submit(np.zeros((1, 1)))
+
+    assert asyncio.run(scenario()).tolist() == [[0.0]]
+
+
+def test_an_interrupted_pass_fails_its_callers_and_new_workers_keep_to_the_slots():
+    """A CancelledError out of a pass (not a cancel of the caller) ends that worker: its callers
+    get an error instead of waiting for good, and only the ended worker is replaced, so no more
+    passes run at once than there are slots."""
+    running, most_at_once, calls = 0, 0, 0
+
+    async def run(rows: np.ndarray, threads: int) -> np.ndarray:
+        nonlocal running, most_at_once, calls
+        calls += 1
+        running += 1
+        most_at_once = max(most_at_once, running)
+        try:
+            await asyncio.sleep(0.01)
+            if calls == 1:
+                raise asyncio.CancelledError  # as a library may raise on its own
+            return rows * 2
+        finally:
+            running -= 1
+
+    async def scenario():
+        batcher = GreedyBatcher(run, max_rows=1, max_queue_wait_s=10, slots=PassSlots(2, 2, 1))
+        with pytest.raises(RuntimeError, match="interrupted"):
+            await asyncio.wait_for(batcher.submit(np.ones((1, 1))), 5)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(np.full((1, 1), i)) for i in range(12))), 5
+        )
+        return [float(result[0, 0]) for result in results]
+
+    assert asyncio.run(scenario()) == [2.0 * i for i in range(12)]
+    assert most_at_once == 2
+
+
 def test_requests_queued_past_the_bound_are_refused(executor):
     infer = Recorder()
 

@@ -60,6 +60,7 @@ def test_embeddings_come_back_exactly():
         (unpack_pixels, bytes(16), "1,2,2,4", "3 channels"),
         (unpack_pixels, bytes(12), "1,2,two,3", "whole numbers"),
         (unpack_pixels, bytes(12), "", "shape of 4 numbers"),
+        (unpack_pixels, b"", "0,2,2,3", "no images"),
         (unpack_jpegs, b"abc", "1,1", "take 2 bytes, not 3"),
         (unpack_jpegs, b"abc", "", "is empty"),
         (unpack_jpegs, b"abc", "4,-1", "must not be negative"),
