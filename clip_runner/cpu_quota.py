@@ -11,7 +11,7 @@ quota.
 The quota lives in the cgroup filesystem: cgroup v2's `cpu.max` ("400000 100000": 4 CPUs; "max
 100000": none), v1's `cpu.cfs_quota_us` over `cpu.cfs_period_us` (-1: none). Every cgroup from
 the process's own up to the root may set one, and the tightest applies. A fractional quota is
-rounded up: 1.5 CPUs let two threads run, each half the time.
+rounded up: 1.5 CPUs let two threads run, each three quarters of the time.
 """
 
 from __future__ import annotations
