@@ -13,9 +13,11 @@ two things torch's own check depends on:
   libcuda), which honours `CUDA_VISIBLE_DEVICES` as torch does.
 
 A CUDA 13 torch needs a driver for CUDA 13 or later (minor versions are compatible within a
-major); below that torch finds no GPU, and neither does this. The runner still asks torch
-itself (encoding.pick_device). The tests hold both answers equal on this CPU machine, and the
-GPU harness on its GPU.
+major); below that torch finds no GPU, and neither does this. It also holds no code for GPUs
+older than Turing (compute capability 7.5: CUDA 13 builds for none), which torch still counts
+as available; this counts them as none, so a V100 (`ml.p3`) machine takes the CPU's defaults,
+as its runner serves on the CPU (encoding.pick_device runs a kernel first). The tests hold
+both answers equal on this CPU machine, and the GPU harness on its GPU.
 
 The driver is asked once per server, not once per process: the first process to ask (the
 supervisor, which imports the service before it starts any worker) records the answer in its
@@ -37,6 +39,11 @@ from pathlib import Path
 
 CUDA_SUCCESS = 0
 DRIVER_LIBRARY = "libcuda.so.1"
+# cuDeviceGetAttribute's CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR and _MINOR.
+COMPUTE_CAPABILITY_MAJOR, COMPUTE_CAPABILITY_MINOR = 75, 76
+# The oldest GPUs a CUDA major version's toolkit builds code for (its release notes): CUDA 13
+# dropped Maxwell, Pascal and Volta. A torch build may leave out more (the runner checks).
+OLDEST_GPU_BY_CUDA = {13: (7, 5), 12: (5, 0)}
 # The server's answer, for the processes it starts: the usable GPUs, and the
 # CUDA_VISIBLE_DEVICES they were counted under (a process that sees another list asks again).
 RECORD = "_CLIP_USABLE_GPUS"
@@ -63,8 +70,8 @@ def probed_gpus() -> int:
     torch_cuda = torch_cuda_version(torch_version_file())
     if torch_cuda is None:
         return 0  # a CPU build: the driver is not even asked
-    devices, driver_cuda = driver_devices(DRIVER_LIBRARY)
-    return devices if gpu_usable(torch_cuda, devices, driver_cuda) else 0
+    capabilities, driver_cuda = driver_devices(DRIVER_LIBRARY)
+    return usable_devices(torch_cuda, capabilities, driver_cuda)
 
 
 def record_gpus(environ: MutableMapping[str, str], gpus: int) -> None:
@@ -89,12 +96,20 @@ def recorded_gpus(environ: MutableMapping[str, str]) -> int | None:
     return gpus
 
 
-def gpu_usable(torch_cuda: str | None, devices: int, driver_cuda: tuple[int, int]) -> bool:
-    """A CUDA build of torch, a visible device, and a driver for that CUDA major version (minor
-    versions are compatible within a major)."""
-    if torch_cuda is None or devices < 1:
-        return False
-    return driver_cuda >= (int(torch_cuda.split(".")[0]), 0)
+def usable_devices(
+    torch_cuda: str | None, capabilities: list[tuple[int, int]], driver_cuda: tuple[int, int]
+) -> int:
+    """The visible devices, where torch can use them: a CUDA build, a driver for its CUDA major
+    version (minor versions are compatible within a major), and a device that CUDA version
+    builds code for. A machine mixing GPUs counts them all, so that runner workers go round
+    them by index; a worker given one too old serves on the CPU and says so."""
+    if torch_cuda is None or not capabilities:
+        return 0
+    cuda_major = int(torch_cuda.split(".")[0])
+    if driver_cuda < (cuda_major, 0):
+        return 0
+    oldest = OLDEST_GPU_BY_CUDA.get(cuda_major, (0, 0))
+    return len(capabilities) if max(capabilities) >= oldest else 0
 
 
 def torch_version_file() -> Path | None:
@@ -121,18 +136,30 @@ def torch_cuda_version(version_file: Path | None) -> str | None:
     return None
 
 
-def driver_devices(library: str) -> tuple[int, tuple[int, int]]:
-    """(visible devices, (major, minor) CUDA version the driver supports); (0, (0, 0)) where no
-    NVIDIA driver is installed or it reports no device."""
+def driver_devices(library: str) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(each visible device's compute capability, (major, minor) CUDA version the driver
+    supports); ([], (0, 0)) where no NVIDIA driver is installed or it reports no device."""
     try:
         cuda = ctypes.CDLL(library)
     except OSError:
-        return 0, (0, 0)
+        return [], (0, 0)
     count, version = ctypes.c_int(0), ctypes.c_int(0)
     if (
         cuda.cuInit(0) != CUDA_SUCCESS
         or cuda.cuDeviceGetCount(ctypes.byref(count)) != CUDA_SUCCESS
         or cuda.cuDriverGetVersion(ctypes.byref(version)) != CUDA_SUCCESS
     ):
-        return 0, (0, 0)
-    return count.value, (version.value // 1000, version.value % 1000 // 10)
+        return [], (0, 0)
+    capabilities = []
+    for index in range(count.value):
+        device, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+        if (
+            cuda.cuDeviceGet(ctypes.byref(device), index) != CUDA_SUCCESS
+            or cuda.cuDeviceGetAttribute(ctypes.byref(major), COMPUTE_CAPABILITY_MAJOR, device)
+            != CUDA_SUCCESS
+            or cuda.cuDeviceGetAttribute(ctypes.byref(minor), COMPUTE_CAPABILITY_MINOR, device)
+            != CUDA_SUCCESS
+        ):
+            return [], (0, 0)
+        capabilities.append((major.value, minor.value))
+    return capabilities, (version.value // 1000, version.value % 1000 // 10)

@@ -63,6 +63,14 @@ GPU_INSTANCE_RE = re.compile(r"ml\.[gp]\d")
 # AMI versions SageMaker hosting offers (botocore's ProductionVariant.InferenceAmiVersion),
 # this is the one with driver 580 / CUDA 13.0; the others carry 535 or 550.
 GPU_AMI_VERSION = "al2023-ami-sagemaker-inference-gpu-4-1"
+# GPU families older than Turing (ml.p2: K80; ml.p3, ml.p3dn: V100), for which a CUDA 13 build
+# of torch holds no code: the runner serves on the CPUs there (its log says why).
+OLD_GPU_INSTANCE_RE = re.compile(r"ml\.p[23]")
+OLD_GPU_WARNING = (
+    "warning: {instance_type}'s GPUs (K80 on ml.p2, V100 on ml.p3) are older than any the "
+    "image's CUDA 13.0 torch runs on: the endpoint will serve on the CPUs. Pick ml.g4dn (T4) or "
+    "newer, or an image whose torch is built for them (README, 'Deploy to SageMaker')"
+)
 # Batch transform hosts (TransformResources.TransformAmiVersion) carry drivers 470 or 535 only.
 BATCH_GPU_WARNING = (
     "warning: {instance_type} is a GPU instance, but SageMaker's batch transform hosts carry "
@@ -513,6 +521,8 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
     instance_type = check_instance_type(args.instance_type)
     if args.instance_count < 1:
         raise DeployError("--instance-count must be at least 1")
+    if OLD_GPU_INSTANCE_RE.match(instance_type):
+        print(OLD_GPU_WARNING.format(instance_type=instance_type), file=sys.stderr)
     if not 60 <= args.startup_timeout <= 3600:
         raise DeployError("--startup-timeout must be 60..3600 seconds (SageMaker's range)")
     if not 0 <= args.bake_seconds <= 3600:

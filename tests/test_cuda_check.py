@@ -18,11 +18,11 @@ from clip_runner.cuda_check import (
     RECORD,
     cuda_available,
     driver_devices,
-    gpu_usable,
     record_gpus,
     recorded_gpus,
     torch_cuda_version,
     torch_version_file,
+    usable_devices,
     usable_gpus,
 )
 
@@ -116,23 +116,31 @@ def test_a_version_file_names_its_cuda_build(tmp_path: Path, text: str, cuda: st
 def test_no_torch_or_no_driver_means_no_gpu(tmp_path: Path):
     assert torch_cuda_version(None) is None
     assert torch_cuda_version(tmp_path / "absent.py") is None
-    assert driver_devices(str(tmp_path / "libcuda.so.1")) == (0, (0, 0))
+    assert driver_devices(str(tmp_path / "libcuda.so.1")) == ([], (0, 0))
     if not Path("/proc/driver/nvidia/version").exists():
-        assert driver_devices(DRIVER_LIBRARY) == (0, (0, 0))  # this machine has no driver
+        assert driver_devices(DRIVER_LIBRARY) == ([], (0, 0))  # this machine has no driver
+
+
+A100, T4, V100 = (8, 0), (7, 5), (7, 0)
 
 
 @pytest.mark.parametrize(
-    ("torch_cuda", "devices", "driver_cuda", "usable"),
+    ("torch_cuda", "capabilities", "driver_cuda", "usable"),
     [
-        ("13.0", 1, (13, 0), True),
-        ("13.0", 8, (13, 1), True),  # a newer minor version of the same major
-        ("12.8", 1, (13, 0), True),  # a newer driver runs older CUDA builds
-        ("13.0", 1, (12, 9), False),  # the driver is too old: torch finds no GPU either
-        ("13.0", 0, (13, 0), False),  # no device visible (CUDA_VISIBLE_DEVICES="", say)
-        (None, 1, (13, 0), False),  # a CPU build of torch
+        ("13.0", [A100], (13, 0), 1),
+        ("13.0", [A100] * 8, (13, 1), 8),  # a newer minor version of the same major
+        ("12.8", [A100], (13, 0), 1),  # a newer driver runs older CUDA builds
+        ("13.0", [A100], (12, 9), 0),  # the driver is too old: torch finds no GPU either
+        ("13.0", [], (13, 0), 0),  # no device visible (CUDA_VISIBLE_DEVICES="", say)
+        (None, [A100], (13, 0), 0),  # a CPU build of torch
+        ("13.0", [T4], (13, 0), 1),  # Turing: the oldest CUDA 13 builds for
+        ("13.0", [V100] * 8, (13, 0), 0),  # ml.p3: no code for Volta in a CUDA 13 build
+        ("12.8", [V100], (13, 0), 1),  # CUDA 12 builds for Volta (the runner checks its torch)
+        ("13.0", [V100, A100], (13, 0), 2),  # mixed: counted by index, placed round them all
+        ("14.0", [V100], (14, 0), 1),  # a CUDA this does not know: the runner checks
     ],
 )
-def test_a_gpu_is_usable_with_a_cuda_build_a_device_and_a_recent_enough_driver(
-    torch_cuda, devices, driver_cuda, usable
+def test_gpus_are_usable_with_a_cuda_build_a_recent_enough_driver_and_code_for_them(
+    torch_cuda, capabilities, driver_cuda, usable
 ):
-    assert gpu_usable(torch_cuda, devices, driver_cuda) is usable
+    assert usable_devices(torch_cuda, capabilities, driver_cuda) == usable

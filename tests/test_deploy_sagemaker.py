@@ -311,6 +311,23 @@ def test_deploy_creates_model_config_and_endpoint(capsys, role_arn):
     assert model["ExecutionRoleArn"] == role_arn
 
 
+@pytest.mark.parametrize(
+    ("instance_type", "warned"),
+    [("ml.p3.2xlarge", True), ("ml.p3dn.24xlarge", True), ("ml.p2.xlarge", True)]
+    + [("ml.g4dn.xlarge", False), ("ml.p4d.24xlarge", False), ("ml.m5.xlarge", False)],
+)
+def test_deploy_warns_that_gpus_older_than_turing_leave_it_on_the_cpus(
+    capsys, role_arn, instance_type, warned
+):
+    code, out, err = run(
+        capsys, "--dry-run", *deploy_args("clip-old-gpu", "--instance-type", instance_type)
+    )
+    assert code == 0, err
+    assert (f"{instance_type}'s GPUs (K80 on ml.p2, V100 on ml.p3)" in err) is warned
+    assert ("serve on the CPUs" in err) is warned
+    assert any(call == "sagemaker.create_endpoint" for call, _ in plan(out))  # it goes on
+
+
 def test_deploy_with_model_data_gives_the_model_a_checkpoint_for_opt_ml_model(capsys, role_arn):
     url = "s3://clip-models/fine-tuned/model.tar.gz"
     code, _, err = run(capsys, *deploy_args("clip-md", "--model-data", url))

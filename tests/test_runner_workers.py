@@ -60,7 +60,8 @@ def test_runner_workers_go_round_the_gpus_the_supervisor_counted(
     it for its workers (cuda_check.RECORD). The rest is real: the supervisor's default from it,
     BentoML's worker indices, its allocator kept off (it would give every worker the first GPU,
     and the workers, seeing another list than the one counted, would ask the driver again and
-    find none), and each worker's choice before torch starts; here torch then serves on the CPU.
+    find none), and each worker's choice before torch starts; here torch then serves on the CPU,
+    and each worker's log says so beside the GPU it was given.
     """
     two_gpus = json.dumps({"gpus": 2, "CUDA_VISIBLE_DEVICES": None})  # counted with it unset
     unset = {"CUDA_VISIBLE_DEVICES": None}  # (the suite's servers have it "": no GPU)
@@ -68,7 +69,8 @@ def test_runner_workers_go_round_the_gpus_the_supervisor_counted(
         tiny_stored_model, bentoml_home, tmp_path_factory, "two-gpus", **unset, **{RECORD: two_gpus}
     ) as server:
         placed = [
-            f"runner worker {worker} serves GPU {gpu} (CUDA_VISIBLE_DEVICES) of the 2 here"
+            f"runner worker {worker} was given GPU {gpu} (CUDA_VISIBLE_DEVICES) of the 2 here, "
+            "but serves on the CPU"
             for worker, gpu in zip(range(1, 5), "0101", strict=True)
         ]
         log = server.wait_for_log(*placed, within_s=120)

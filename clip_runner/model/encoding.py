@@ -40,6 +40,27 @@ NATIVE_CPU_FLAGS = {
 CPU_INFO = Path("/proc/cpuinfo")
 
 
+def cuda_kernel_failure() -> str | None:
+    """None where a kernel runs on the GPU; else the error's first line. torch counts a GPU it
+    holds no code for (a V100 under a CUDA 13 build) as available, and only its first kernel
+    fails ("no kernel image is available"): a runner that went on would fail at its warm-up and
+    be restarted for good, the endpoint never ready."""
+    try:
+        torch.ones(1, device="cuda").add_(1).cpu()
+    except RuntimeError as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def gpu_description() -> str:
+    """The GPU's name and compute capability, for the log; "?" where the GPU cannot say."""
+    try:
+        major, minor = torch.cuda.get_device_capability()
+        return f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"
+    except Exception:  # a broken GPU may fail even this; the warning goes out all the same
+        return "?"
+
+
 def cpu_flags(cpu_info: Path = CPU_INFO) -> frozenset[str]:
     """The first processor's feature flags ("flags" on x86, "Features" on Arm); none where the
     file cannot be read (not Linux)."""
@@ -83,7 +104,19 @@ def pick_device(
 
 def _usable_device(driver_version: Path) -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        failure = cuda_kernel_failure()
+        if failure is None:
+            return torch.device("cuda")
+        logger.warning(
+            "the GPU %s cannot run torch %s's kernels (%s): serving on the CPU. This torch is "
+            "built for %s; a CUDA 13 torch leaves out GPUs older than Turing, such as the V100 "
+            "(README, 'Deploy to SageMaker')",
+            gpu_description(),
+            torch.__version__,
+            failure,
+            " ".join(torch.cuda.get_arch_list()) or "no GPU architecture",
+        )
+        return torch.device("cpu")
     if driver_version.exists():
         found = driver_version.read_text(errors="replace").splitlines()[:1] or ["unknown"]
         logger.warning(

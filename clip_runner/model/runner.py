@@ -180,11 +180,21 @@ class CLIPRunner:
 
 def log_placement(worker: int | None, gpu: str, gpus: int, device: str) -> None:
     """Says which of the machine's GPUs this runner worker serves, or that it could not keep to
-    it (CUDA started in this process before it chose: it then sees them all and serves the
-    first)."""
+    it: its torch could not use that GPU (it serves on the CPU; the warning before this says
+    why), or CUDA started in this process before it chose (it then sees them all and serves
+    the first)."""
     import torch
 
-    seen = torch.cuda.device_count() if device == "cuda" else 1
+    if device != "cuda":
+        logger.warning(
+            "runner worker %s was given GPU %s (CUDA_VISIBLE_DEVICES) of the %d here, but "
+            "serves on the CPU, far slower: see the warning above",
+            worker,
+            gpu,
+            gpus,
+        )
+        return
+    seen = torch.cuda.device_count()
     if seen != 1:
         logger.warning(
             "runner worker %s was to serve GPU %s alone, but CUDA had started in this process: "

@@ -214,6 +214,27 @@ def test_a_driver_torch_cannot_use_is_named_and_the_cpu_serves(tmp_path, caplog)
     assert "Kernel Module  535.54.03" in caplog.text and "serving on the CPU" in caplog.text
 
 
+@pytest.mark.parametrize("failure", [None, "CUDA error: no kernel image is available"])
+def test_a_gpu_torch_holds_no_code_for_is_named_and_the_cpu_serves(
+    tmp_path, monkeypatch, caplog, failure
+):
+    """torch counts a GPU older than its build's architectures (a V100 under CUDA 13) as
+    available; only a kernel fails there. The runner tries one (`cuda_kernel_failure`, which
+    this CPU torch cannot run: stood in for) and serves on the CPU, saying why, rather than
+    failing at warm-up and being restarted for good."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(encoding, "cuda_kernel_failure", lambda: failure)
+    monkeypatch.setattr(encoding, "gpu_description", lambda: "Tesla V100 (compute capability 7.0)")
+    with caplog.at_level(logging.WARNING, logger="clip_runner.model.encoding"):
+        device, dtype = pick_device(tmp_path / "no-driver")
+    if failure is None:
+        assert (device, dtype) == (torch.device("cuda"), torch.float16) and caplog.text == ""
+    else:
+        assert (device, dtype) == (torch.device("cpu"), torch.float32)
+        assert "Tesla V100 (compute capability 7.0) cannot run" in caplog.text
+        assert "no kernel image is available" in caplog.text and "serving on the CPU" in caplog.text
+
+
 def test_clip_dtype_picks_the_models_dtype_and_auto_keeps_the_originals(tmp_path):
     """CLIP_DTYPE: `auto` is float32 on CPU (float16 on a GPU); any other value is that type,
     on CPU too."""
