@@ -40,7 +40,9 @@ ENDPOINT_KINDS = {
 }
 
 
-def _env_number(name: str, default: float, cast: type, minimum: float) -> float:
+def _env_number(
+    name: str, default: float, cast: type, minimum: float, maximum: float = math.inf
+) -> float:
     """A number from the environment (blank = default), refused with its name when invalid."""
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -54,11 +56,13 @@ def _env_number(name: str, default: float, cast: type, minimum: float) -> float:
         raise ValueError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
-    return int(_env_number(name, default, int, minimum))
+def _env_int(name: str, default: int, minimum: int = 1, maximum: float = math.inf) -> int:
+    return int(_env_number(name, default, int, minimum, maximum))
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -245,7 +249,7 @@ def get_settings() -> Settings:
     torch_compile = _env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on"
     return Settings(
         model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
-        port=_env_int("CLIP_PORT", 8080),
+        port=_env_int("CLIP_PORT", 8080, maximum=65535),  # else refused only at the bind
         api_workers=_env_int("CLIP_API_WORKERS", 0, minimum=0),
         keepalive_requests=_env_int("CLIP_KEEPALIVE_REQUESTS", -1, minimum=0),
         request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", kind_timeout_s),

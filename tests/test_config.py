@@ -108,6 +108,8 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
     ("name", "value", "message"),
     [
         ("CLIP_MAX_BATCH_SIZE", "many", "must be an integer"),
+        ("CLIP_PORT", "70000", "must be <= 65535"),
+        ("CLIP_PORT", "0", "must be >= 1"),
         ("CLIP_MAX_BATCH_SIZE", "-1", "must be >= 0"),
         ("CLIP_MAX_TEXT_BATCH_SIZE", "-1", "must be >= 0"),
         ("CLIP_RUNNER_PASSES", "two", "must be an integer"),
