@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import http.server
 import io
 import json
@@ -213,7 +214,8 @@ GUARD_AUTH = {"Authorization": f"Bearer {GUARD_KEY}"}
 
 
 class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files plus `/status/N`, `/redirect?to=URL`, `/loop`, `/hang` and `/endless`."""
+    """Static files plus `/status/N`, `/redirect?to=URL`, `/loop`, `/hang`, `/endless` and
+    `/gzip` (an image compressed twice, sent as `Content-Encoding: gzip, gzip`)."""
 
     protocol_version = "HTTP/1.1"
 
@@ -236,6 +238,14 @@ class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
             self.send_header("Location", "/loop")
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif path == "/gzip":
+            body = gzip.compress(gzip.compress(b"\x89PNG" + bytes(1_000_000)))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Encoding", "gzip, gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         elif path == "/hang":
             self.log_message("%s", "hang")
             self._wait_for_client_to_leave()

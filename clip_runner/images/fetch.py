@@ -4,13 +4,16 @@ Every TCP connection the fetch client makes goes through `GuardedBackend`: it re
 itself, refuses loopback, private, link-local (the cloud metadata address 169.254.169.254
 included), multicast and reserved addresses unless an allowlist opens them, and then connects to
 the very address it checked. DNS rebinding and redirects (each hop opens its own connection) are
-therefore checked too. Responses are streamed with a size cap and a total deadline.
+therefore checked too. Responses are streamed with a size cap and a total deadline, and taken
+only as sent: a body with a content coding (gzip, which httpx would decode a whole network read
+at a time, however large it grows) is refused, since the fetch asks for none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,9 +23,17 @@ import httpx
 
 from clip_runner.errors import ImageError, quoted
 
+logger = logging.getLogger(__name__)
+
 USER_AGENT = "clip-bentoml/0.1 (zero-shot image classification; image fetcher)"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# NAT64's prefixes (RFC 6052's well-known one, RFC 8215's local-use one): an IPv6 address there
+# is an IPv4 address (its last 32 bits) reached through the network's NAT64 gateway.
+NAT64_NETWORKS = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,7 @@ class AddressPolicy:
         """None if connecting to `address` (resolved from `host`) is allowed, else the reason."""
         if host.lower().rstrip(".") in self.allowed_hosts:
             return None
+        address = _through_nat64(address)
         if any(address in network for network in self.allowed_networks):
             return None
         for embedded in _embedded_ipv4(address):
@@ -59,7 +71,7 @@ class AddressPolicy:
                 return f"{address} embeds the non-public address {embedded}"
         if address.is_multicast:
             return f"{address} is a multicast address"
-        if not address.is_global:
+        if not address.is_global or address.is_reserved or _site_local(address):
             return f"{address} is not a public address (loopback, private, link-local or reserved)"
         return None
 
@@ -69,6 +81,35 @@ def _embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
         return []
     found = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
     return [ip for ip in found if ip is not None]
+
+
+def _through_nat64(address: IPAddress) -> IPAddress:
+    """The IPv4 address a NAT64 address stands for (judged as that address: an IPv6-only
+    network reaches public IPv4 hosts so), else the address itself."""
+    if any(address in network for network in NAT64_NETWORKS):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def _site_local(address: IPAddress) -> bool:
+    """fec0::/10, deprecated but still routed by some networks, and not private to `ipaddress`."""
+    return isinstance(address, ipaddress.IPv6Address) and address.is_site_local
+
+
+def _shown(host: str, refusals: list[str | None]) -> str:
+    """Why, as the caller may read it: the address only where the caller wrote it (an IP in the
+    URL). A name's private addresses stay in the server's log, or the endpoint would answer
+    which internal names exist and where they point."""
+    reason = refusals[0] or ""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        logger.info("image URL host %s refused: %s", host, reason)
+        return (
+            "it resolves to an address that is not public (loopback, private, link-local, "
+            "multicast or reserved)"
+        )
+    return reason
 
 
 class ForbiddenAddressError(httpcore.ConnectError):
@@ -104,7 +145,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         refusals = [self.policy.refusal(host, address) for address in addresses]
         permitted = [a for a, refusal in zip(addresses, refusals, strict=True) if refusal is None]
         if not permitted:
-            raise ForbiddenAddressError(f"refusing to connect to {host}: {refusals[0]}")
+            raise ForbiddenAddressError(f"refusing to connect to {host}: {_shown(host, refusals)}")
         last_error: Exception | None = None
         for address in permitted:
             try:
@@ -182,11 +223,18 @@ async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: Fet
                     raise ImageError(
                         index, f"fetching {shown} returned HTTP {response.status_code}"
                     )
+                coding = response.headers.get("content-encoding", "").strip().lower()
+                if coding not in ("", "identity"):  # asked for none: a gzip bomb is not decoded
+                    raise ImageError(
+                        index,
+                        f"{shown} was sent with Content-Encoding {quoted(coding)}; image URLs "
+                        "must be served as they are stored (identity)",
+                    )
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limits.max_bytes:
                     raise ImageError(index, too_large)
                 body = bytearray()
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.aiter_raw():
                     body += chunk
                     if len(body) > limits.max_bytes:
                         raise ImageError(index, too_large)

@@ -65,13 +65,21 @@ def fetch(url: str, policy=PUBLIC_ONLY, limits=LIMITS, backend=None) -> bytes:
         "::ffff:127.0.0.1",
         "::ffff:169.254.169.254",
         "2002:7f00:1::1",
+        "64:ff9b::a9fe:a9fe",  # NAT64 (an IPv6-only VPC's gateway) to the metadata address
+        "64:ff9b:1::a00:5",  # local-use NAT64 to 10.0.0.5
+        "::7f00:1",  # IPv4-compatible ::127.0.0.1
+        "::ffff:0:7f00:1",  # IPv4-translated
+        "fec0::1",  # site-local
     ],
 )
 def test_policy_refuses_non_public_addresses(address):
     assert AddressPolicy().refusal("example.com", ipaddress.ip_address(address)) is not None
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888"])
+@pytest.mark.parametrize(
+    "address",
+    ["8.8.8.8", "1.1.1.1", "2001:4860:4860::8888", "64:ff9b::808:808"],  # NAT64 to 8.8.8.8
+)
 def test_policy_allows_public_addresses(address):
     assert AddressPolicy().refusal("example.com", ipaddress.ip_address(address)) is None
 
@@ -149,6 +157,13 @@ def test_loopback_urls_are_refused_without_a_connection(loopback_v4, host):
     with pytest.raises(RequestError) as raised:
         fetch(f"http://{host}:{loopback_v4.port}/secret")
     assert raised.value.error_type == "forbidden_url"
+    if host == "127.0.0.1":
+        assert "127.0.0.1 is not a public address" in raised.value.message
+    else:  # resolved: where a name points stays on the server (no DNS oracle)
+        assert "127.0.0.1" not in raised.value.message
+        assert (
+            f"{host.lower()}: it resolves to an address that is not public" in raised.value.message
+        )
     time.sleep(0.3)
     assert loopback_v4.accepted == 0
 
@@ -191,6 +206,17 @@ def test_a_host_that_never_answers_is_cut_off_at_the_deadline(image_host_server)
 def test_an_endless_body_is_cut_off_at_the_size_cap(image_host_server):
     with pytest.raises(RequestError, match="larger than the 1000000-byte limit"):
         fetch(f"{image_host_server.url}/endless")
+
+
+def test_a_body_with_a_content_coding_is_refused_not_decoded(image_host_server):
+    """The fetch asks for none (identity); httpx would decode gzip a whole network read at a
+    time before the size cap saw it, and 2 kB of gzip within gzip is a gigabyte."""
+    with pytest.raises(RequestError) as raised:
+        fetch(f"{image_host_server.url}/gzip")
+    assert raised.value.error_type == "invalid_image"
+    assert "/gzip was sent with Content-Encoding gzip, gzip; image URLs must be" in (
+        raised.value.message
+    )
 
 
 def test_declared_oversize_is_refused_before_reading(image_dir, image_host_server):
