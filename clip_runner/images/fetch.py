@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpcore
@@ -24,6 +25,11 @@ import httpx
 from clip_runner.errors import ImageError, quoted
 
 logger = logging.getLogger(__name__)
+# Host names are resolved on threads of their own: a name whose DNS server never answers holds
+# a thread for the resolver's whole timeout, and on the loop's default executor, which also
+# decodes images (`asyncio.to_thread`), a request of 8 such URLs had stalled every request's
+# decode in that worker for about 10 s. Here they can only queue other URLs' lookups.
+RESOLVER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="clip-dns")
 
 USER_AGENT = "clip-bentoml/0.1 (zero-shot image classification; image fetcher)"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -124,8 +130,8 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         self.inner = inner or httpcore.AnyIOBackend()
 
     async def resolve(self, host: str, port: int) -> list[IPAddress]:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        infos = await asyncio.get_running_loop().run_in_executor(
+            RESOLVER, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP
         )
         addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
         return list(dict.fromkeys(addresses))
@@ -139,7 +145,10 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable | None = None,
     ) -> httpcore.AsyncNetworkStream:
         try:
-            addresses = await self.resolve(host, port)
+            async with asyncio.timeout(timeout):  # the connect timeout covers the lookup too
+                addresses = await self.resolve(host, port)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"resolving {host} took over {timeout:g} s") from None
         except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode (a..b)
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
         refusals = [self.policy.refusal(host, address) for address in addresses]

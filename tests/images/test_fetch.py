@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
+import threading
 import time
 
 import httpcore
@@ -136,6 +138,44 @@ def test_urls_that_cannot_be_fetched_are_a_422_naming_the_image_without_dialling
     assert reason in error.message
     assert len(error.message) < 500  # the 80,000-character URL is quoted by its start
     assert recorder.attempts == []
+
+
+def test_a_name_whose_dns_never_answers_holds_neither_the_fetch_nor_the_decoding_threads(
+    monkeypatch,
+):
+    """Eight URLs on names whose DNS server is silent (the resolver waits out its timeouts):
+    each fetch ends at the connect timeout, and meanwhile the loop's default executor, which
+    decodes every request's images, stays free (the lookups have threads of their own)."""
+    real_getaddrinfo = socket.getaddrinfo
+    silent_dns = threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        if str(host).endswith(".slow.test"):
+            silent_dns.wait(5)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    limits = FetchLimits(max_bytes=1_000_000, timeout_s=3, connect_timeout_s=0.5)
+
+    async def scenario() -> tuple[float, list]:
+        async with new_fetch_client(PUBLIC_ONLY, limits) as client:
+            urls = [f"http://host{i}.slow.test/cat.png" for i in range(8)]
+            fetches = [asyncio.ensure_future(fetch_url(client, url, 0, limits)) for url in urls]
+            await asyncio.sleep(0.1)  # every lookup under way
+            started = time.monotonic()
+            await asyncio.gather(*(asyncio.to_thread(time.sleep, 0.01) for _ in range(12)))
+            decode_threads_free_after = time.monotonic() - started
+            return decode_threads_free_after, await asyncio.gather(*fetches, return_exceptions=True)
+
+    try:
+        free_after, outcomes = asyncio.run(scenario())
+    finally:
+        silent_dns.set()
+    assert free_after < 1.0
+    for outcome in outcomes:
+        assert isinstance(outcome, RequestError) and outcome.error_type == "invalid_image"
+        assert "resolving host" in outcome.message and "took over 0.5 s" in outcome.message
 
 
 @pytest.fixture()
