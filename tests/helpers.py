@@ -214,8 +214,10 @@ GUARD_AUTH = {"Authorization": f"Bearer {GUARD_KEY}"}
 
 
 class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files plus `/status/N`, `/redirect?to=URL`, `/loop`, `/hang`, `/endless` and
-    `/gzip` (an image compressed twice, sent as `Content-Encoding: gzip, gzip`)."""
+    """Static files plus `/status/N`, `/redirect?to=URL`, `/loop`, `/hang`, `/endless`, `/gzip`
+    (an image compressed twice, sent as `Content-Encoding: gzip, gzip`) and
+    `/redirect-gzip?to=URL` (a redirect whose body claims gzip but is none: a client that reads
+    it fails to decode it)."""
 
     protocol_version = "HTTP/1.1"
 
@@ -233,6 +235,14 @@ class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
             self.send_header("Location", query.removeprefix("to="))
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif path == "/redirect-gzip":
+            body = b"not gzip at all"
+            self.send_response(302)
+            self.send_header("Location", query.removeprefix("to="))
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         elif path == "/loop":
             self.send_response(302)
             self.send_header("Location", "/loop")

@@ -34,12 +34,10 @@ RESOLVER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="clip-dns")
 USER_AGENT = "clip-bentoml/0.1 (zero-shot image classification; image fetcher)"
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# NAT64's prefixes (RFC 6052's well-known one, RFC 8215's local-use one): an IPv6 address there
-# is an IPv4 address (its last 32 bits) reached through the network's NAT64 gateway.
-NAT64_NETWORKS = (
-    ipaddress.IPv6Network("64:ff9b::/96"),
-    ipaddress.IPv6Network("64:ff9b:1::/48"),
-)
+# NAT64's well-known prefix (RFC 6052): an IPv6 address there is the IPv4 address of its last
+# 32 bits, reached through the network's NAT64 gateway. (RFC 8215's local-use 64:ff9b:1::/48 may
+# place the IPv4 address elsewhere: it stays refused unless allowed, as reserved.)
+NAT64_NETWORK = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 @dataclass(frozen=True)
@@ -67,9 +65,10 @@ class AddressPolicy:
         """None if connecting to `address` (resolved from `host`) is allowed, else the reason."""
         if host.lower().rstrip(".") in self.allowed_hosts:
             return None
-        address = _through_nat64(address)
-        if any(address in network for network in self.allowed_networks):
+        judged = _through_nat64(address)  # allowed as written or as the IPv4 it stands for
+        if any(a in network for a in (address, judged) for network in self.allowed_networks):
             return None
+        address = judged
         for embedded in _embedded_ipv4(address):
             if any(embedded in network for network in self.allowed_networks):
                 return None
@@ -92,7 +91,7 @@ def _embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
 def _through_nat64(address: IPAddress) -> IPAddress:
     """The IPv4 address a NAT64 address stands for (judged as that address: an IPv6-only
     network reaches public IPv4 hosts so), else the address itself."""
-    if any(address in network for network in NAT64_NETWORKS):
+    if address in NAT64_NETWORK:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address
 
@@ -214,11 +213,28 @@ def new_fetch_client(
     return httpx.AsyncClient(
         transport=GuardedTransport(policy, network_backend=network_backend),
         timeout=httpx.Timeout(limits.timeout_s, connect=limits.connect_timeout_s),
-        follow_redirects=True,
-        max_redirects=limits.max_redirects,
+        follow_redirects=False,  # followed by `fetch_url`, each redirect's body unread
         headers={"User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"},
         trust_env=False,
     )
+
+
+async def _after_redirects(
+    client: httpx.AsyncClient, url: str, index: int, limits: FetchLimits
+) -> httpx.Response:
+    """The response `url` ends at, its body not yet read, each redirect's closed unread.
+
+    httpx's own following reads every redirect's whole body first, decoded and with no size
+    cap: a 302 carrying 2 kB of gzip within gzip had grown to 1 GiB, one with a 400 MB body
+    been read whole, before the redirect was followed."""
+    request = client.build_request("GET", url)
+    for _ in range(limits.max_redirects + 1):
+        response = await client.send(request, stream=True)
+        if response.next_request is None:  # not a redirect (the client follows none itself)
+            return response
+        await response.aclose()
+        request = response.next_request
+    raise ImageError(index, f"{quoted(url)} redirected more than {limits.max_redirects} times")
 
 
 async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: FetchLimits) -> bytes:
@@ -227,7 +243,8 @@ async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: Fet
     too_large = f"image at {shown} is larger than the {limits.max_bytes}-byte limit"
     try:
         async with asyncio.timeout(limits.timeout_s):
-            async with client.stream("GET", url) as response:
+            response = await _after_redirects(client, url, index, limits)
+            try:
                 if not response.is_success:
                     raise ImageError(
                         index, f"fetching {shown} returned HTTP {response.status_code}"
@@ -247,13 +264,11 @@ async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: Fet
                     body += chunk
                     if len(body) > limits.max_bytes:
                         raise ImageError(index, too_large)
+            finally:
+                await response.aclose()
     except TimeoutError:
         raise ImageError(
             index, f"fetching {shown} timed out after {limits.timeout_s:g} s"
-        ) from None
-    except httpx.TooManyRedirects:
-        raise ImageError(
-            index, f"{shown} redirected more than {limits.max_redirects} times"
         ) from None
     except (httpx.InvalidURL, UnicodeError) as exc:
         # Neither is an HTTPError: a URL too long, with a NUL, a bad port or a host name IDNA

@@ -68,7 +68,8 @@ def fetch(url: str, policy=PUBLIC_ONLY, limits=LIMITS, backend=None) -> bytes:
         "::ffff:169.254.169.254",
         "2002:7f00:1::1",
         "64:ff9b::a9fe:a9fe",  # NAT64 (an IPv6-only VPC's gateway) to the metadata address
-        "64:ff9b:1::a00:5",  # local-use NAT64 to 10.0.0.5
+        "64:ff9b:1::a00:5",  # local-use NAT64 (its IPv4 may sit anywhere): reserved
+        "64:ff9b:1:a00:0:500:808:808",  # ... here 10.0.0.5 in a /48 layout, not 8.8.8.8
         "::7f00:1",  # IPv4-compatible ::127.0.0.1
         "::ffff:0:7f00:1",  # IPv4-translated
         "fec0::1",  # site-local
@@ -84,6 +85,12 @@ def test_policy_refuses_non_public_addresses(address):
 )
 def test_policy_allows_public_addresses(address):
     assert AddressPolicy().refusal("example.com", ipaddress.ip_address(address)) is None
+
+
+def test_allowlist_opens_nat64_addresses_as_written_or_as_their_ipv4():
+    for entry in ("64:ff9b::/96", "169.254.169.254"):
+        policy = AddressPolicy.from_allowlist([entry])
+        assert policy.refusal("x", ipaddress.ip_address("64:ff9b::a9fe:a9fe")) is None
 
 
 def test_allowlist_opens_networks_and_host_names():
@@ -148,9 +155,11 @@ def test_a_name_whose_dns_never_answers_holds_neither_the_fetch_nor_the_decoding
     decodes every request's images, stays free (the lookups have threads of their own)."""
     real_getaddrinfo = socket.getaddrinfo
     silent_dns = threading.Event()
+    lookup_threads: list[str] = []
 
     def getaddrinfo(host, *args, **kwargs):
         if str(host).endswith(".slow.test"):
+            lookup_threads.append(threading.current_thread().name)
             silent_dns.wait(5)
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         return real_getaddrinfo(host, *args, **kwargs)
@@ -173,6 +182,9 @@ def test_a_name_whose_dns_never_answers_holds_neither_the_fetch_nor_the_decoding
     finally:
         silent_dns.set()
     assert free_after < 1.0
+    # Threads of their own: on a machine of many cores the default executor alone would have
+    # threads to spare for eight lookups, and the check above would pass without them.
+    assert len(lookup_threads) == 8 and all(name.startswith("clip-dns") for name in lookup_threads)
     for outcome in outcomes:
         assert isinstance(outcome, RequestError) and outcome.error_type == "invalid_image"
         assert "resolving host" in outcome.message and "took over 0.5 s" in outcome.message
@@ -229,6 +241,15 @@ def test_public_url_redirecting_to_loopback_is_refused(loopback_v4, image_host_s
 def test_redirects_to_other_schemes_are_refused(image_host_server, target):
     with pytest.raises(RequestError, match="could not fetch"):
         fetch(f"{image_host_server.url}/redirect?to={target}")
+
+
+def test_a_redirects_body_is_not_read(image_dir, image_host_server):
+    """httpx's own following read (and decoded, uncapped) each redirect's body: a 302 carrying a
+    gzip bomb grew to its full size before the redirect was followed. This one's body is no
+    gzip at all, so reading it would fail the fetch."""
+    photo_like(64, 48, seed=2).save(image_dir / "after-redirect.png")
+    target = f"{image_host_server.url}/after-redirect.png"
+    assert fetch(f"{image_host_server.url}/redirect-gzip?to={target}")[:4] == b"\x89PNG"
 
 
 def test_redirect_loops_stop_at_the_limit(image_host_server):
