@@ -65,6 +65,13 @@ def _fail(batch: Sequence[_Job], exc: BaseException) -> None:
             job.future.set_exception(exc)
 
 
+def _being_cancelled() -> bool:
+    """Whether the running task was asked to stop, as opposed to a CancelledError raised on its
+    own by code it awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def take_batch(queue: deque[_Job], max_rows: int) -> list[_Job]:
     """Pop jobs from the front while they fit in `max_rows` (the first job always goes whole)."""
     batch: list[_Job] = []
@@ -244,9 +251,13 @@ class GreedyBatcher(Generic[Rows]):
                 except Exception as exc:  # this batch's callers get the error; the worker lives
                     _fail(batch, exc)
                     continue
-                except BaseException:
-                    # The worker ends (cancelled, or a CancelledError out of a library); its
-                    # callers must not wait for an answer that will never come.
+                except asyncio.CancelledError:
+                    # Its callers must not wait for an answer that will never come.
+                    _fail(batch, RuntimeError("the batch's pass was interrupted"))
+                    if _being_cancelled():  # this worker is stopped (the loop's end)
+                        raise
+                    continue  # a library's own CancelledError: the worker serves the queue on
+                except BaseException:  # KeyboardInterrupt, SystemExit: the process ends
                     _fail(batch, RuntimeError("the batch's pass was interrupted"))
                     raise
                 finally:

@@ -162,36 +162,86 @@ def test_a_pass_answering_too_few_rows_fails_its_batch_rather_than_shift_the_row
     assert asyncio.run(scenario()).tolist() == [[0.0]]
 
 
-def test_an_interrupted_pass_fails_its_callers_and_new_workers_keep_to_the_slots():
-    """A CancelledError out of a pass (not a cancel of the caller) ends that worker: its callers
-    get an error instead of waiting for good, and only the ended worker is replaced, so no more
-    passes run at once than there are slots."""
-    running, most_at_once, calls = 0, 0, 0
+class PassMeter:
+    """An async `run` counting passes at once; its first pass raises CancelledError."""
 
-    async def run(rows: np.ndarray, threads: int) -> np.ndarray:
-        nonlocal running, most_at_once, calls
-        calls += 1
-        running += 1
-        most_at_once = max(most_at_once, running)
+    def __init__(self) -> None:
+        self.calls = self.running = self.most_at_once = 0
+
+    async def __call__(self, rows: np.ndarray, threads: int) -> np.ndarray:
+        self.calls += 1
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
         try:
             await asyncio.sleep(0.01)
-            if calls == 1:
+            if self.calls == 1:
                 raise asyncio.CancelledError  # as a library may raise on its own
             return rows * 2
         finally:
-            running -= 1
+            self.running -= 1
+
+
+def test_a_pass_interrupted_by_a_library_fails_its_callers_and_the_queue_is_served_on():
+    """A CancelledError out of a pass, where nothing cancelled the batcher: its callers get an
+    error instead of waiting for good, and the one worker serves the requests queued behind."""
+    run = PassMeter()
 
     async def scenario():
-        batcher = GreedyBatcher(run, max_rows=1, max_queue_wait_s=10, slots=PassSlots(2, 2, 1))
-        with pytest.raises(RuntimeError, match="interrupted"):
-            await asyncio.wait_for(batcher.submit(np.ones((1, 1))), 5)
-        results = await asyncio.wait_for(
-            asyncio.gather(*(batcher.submit(np.full((1, 1), i)) for i in range(12))), 5
-        )
-        return [float(result[0, 0]) for result in results]
+        batcher = GreedyBatcher(run, max_rows=1, max_queue_wait_s=10, slots=PassSlots(1, 1, 1))
+        submitted = [asyncio.ensure_future(batcher.submit(np.full((1, 1), i))) for i in range(3)]
+        return await asyncio.wait_for(asyncio.gather(*submitted, return_exceptions=True), 5)
 
-    assert asyncio.run(scenario()) == [2.0 * i for i in range(12)]
-    assert most_at_once == 2
+    first, *rest = asyncio.run(scenario())
+    assert isinstance(first, RuntimeError) and "interrupted" in str(first)
+    assert [float(result[0, 0]) for result in rest] == [2.0, 4.0]
+
+
+def test_a_stopped_worker_fails_its_callers_and_only_it_is_replaced():
+    """A worker cancelled from outside (the loop's end) fails its pass's callers and ends; the
+    next request replaces the ended worker alone, so no more passes run at once than there are
+    slots (every worker had been started anew, beside one still in its pass)."""
+    run = PassMeter()
+    run.calls = 1  # no CancelledError of its own
+    held = asyncio.Event()
+    in_pass: list[asyncio.Task] = []
+
+    async def first_pass_held(rows: np.ndarray, threads: int) -> np.ndarray:
+        run.running += 1  # a held pass counts too
+        run.most_at_once = max(run.most_at_once, run.running)
+        try:
+            if not in_pass:
+                in_pass.append(asyncio.current_task())  # the worker running this pass
+                await held.wait()
+            await asyncio.sleep(0.01)
+            return rows * 2
+        finally:
+            run.running -= 1
+
+    async def scenario():
+        batcher = GreedyBatcher(
+            first_pass_held, max_rows=1, max_queue_wait_s=10, slots=PassSlots(2, 2, 1)
+        )
+        first = asyncio.ensure_future(batcher.submit(np.full((1, 1), 100)))
+        await until(lambda: bool(in_pass))
+        (idle,) = [w for w in batcher._workers if w is not in_pass[0]]
+        idle.cancel()  # one worker ends while the other is in its pass
+        await asyncio.sleep(0.01)
+        flood = [asyncio.ensure_future(batcher.submit(np.full((1, 1), i))) for i in range(12)]
+        await asyncio.sleep(0.05)
+        held.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, *flood), 5)
+        # Then the worker in a pass is stopped: its callers hear of it.
+        held.clear()
+        in_pass.clear()
+        stopped = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
+        await until(lambda: bool(in_pass))
+        in_pass[0].cancel()
+        with pytest.raises(RuntimeError, match="interrupted"):
+            await asyncio.wait_for(stopped, 5)
+        return [float(answer[0, 0]) for answer in answers]
+
+    assert asyncio.run(scenario()) == [200.0] + [2.0 * i for i in range(12)]
+    assert run.most_at_once == 2
 
 
 def test_requests_queued_past_the_bound_are_refused(executor):
