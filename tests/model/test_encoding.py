@@ -235,6 +235,30 @@ def test_a_gpu_torch_holds_no_code_for_is_named_and_the_cpu_serves(
         assert "no kernel image is available" in caplog.text and "serving on the CPU" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("error", "fallback"),
+    [
+        ("CUDA error: no kernel image is available for execution on the device\nCUDA kernel", True),
+        ("CUDA error: out of memory", False),
+        ("CUDA error: CUDA-capable device(s) is/are busy or unavailable", False),
+    ],
+)
+def test_only_a_gpu_without_kernels_is_left_for_the_cpu(monkeypatch, error, fallback):
+    """The first kernel's error, stood in for (this CPU torch has no CUDA): a GPU torch holds no
+    code for is named for the CPU fallback; any other error stops the start as before, and
+    BentoML starts a fresh runner rather than the CPU serving on, far slower."""
+
+    def ones(*args, **kwargs):
+        raise RuntimeError(error)
+
+    monkeypatch.setattr(encoding.torch, "ones", ones)
+    if fallback:
+        assert encoding.cuda_kernel_failure() == error.splitlines()[0]
+    else:
+        with pytest.raises(RuntimeError, match="CUDA error"):
+            encoding.cuda_kernel_failure()
+
+
 def test_clip_dtype_picks_the_models_dtype_and_auto_keeps_the_originals(tmp_path):
     """CLIP_DTYPE: `auto` is float32 on CPU (float16 on a GPU); any other value is that type,
     on CPU too."""
