@@ -35,6 +35,7 @@ from clip_runner.answers.runner_calls import (
     runner_overloaded,
     text_call_passes,
 )
+from clip_runner.answers.shared_build import SharedBuild
 from clip_runner.answers.token_ids import PromptTokenizer
 from clip_runner.bound_apis import bind_apis_once
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
@@ -199,8 +200,7 @@ class ClipService:
         self.http_client = new_fetch_client(policy, self.image_limits.fetch)
         self.text_cache = EmbeddingCache(settings.text_cache_size, TEXT_CACHE_LOOKUPS)
         self.label_cache = EmbeddingCache(settings.text_cache_size, LABEL_CACHE_LOOKUPS)
-        self._context: InvocationContext | None = None
-        self._context_lock = asyncio.Lock()
+        self._context = SharedBuild(self._build_context)
         self.runner_ready = False
         self._probe_task: asyncio.Task | None = None
         self._ping_probe: asyncio.Future[bool] | None = None
@@ -275,60 +275,62 @@ class ClipService:
             check_host_lookup_in_background()  # a start slowed by the supervisor (host_lookup.py)
 
     async def context(self) -> InvocationContext:
-        """Built once, on first use: it needs the runner's model facts (logit scale, geometry)
-        and its tokenizer."""
-        async with self._context_lock:
-            if self._context is None:
-                attempt_s = (settings.request_timeout_s - 1) / 2
-                facts = ModelFacts(**await resilient(self.runner.to_async.describe, attempt_s)())
-                # Each prompt's token ids, untruncated: the length check counts them and the
-                # runner encodes them.
-                tokenize = PromptTokenizer(
-                    await resilient(self.runner.to_async.tokenizer, attempt_s)(), TOKEN_CACHE_SIZE
-                )
-                if settings.direct_runner_calls:
-                    self._direct_runner = DirectRunnerClient(
-                        self.runner.to_async.url, calls_per_connection(settings.runner_workers)
-                    )
-                calls = runner_calls(
-                    self._direct_runner or self.runner.to_async,
-                    facts,
-                    attempt_s,
-                    (settings.api_worker_count, settings.runner_workers),
-                    settings.max_latency_ms / 1000,
-                    settings.runner_calls,
-                )
-                forward = forwards_jpegs(settings.decode_jpegs_on, facts)
-                self._context = InvocationContext(
-                    facts=facts,
-                    encode_images=calls.encode_images,
-                    encode_tokens=calls.encode_tokens,
-                    tokenize=tokenize,
-                    http_client=self.http_client,
-                    text_cache=self.text_cache,
-                    label_cache=self.label_cache,
-                    image_limits=dataclasses.replace(
-                        self.image_limits,
-                        forward_jpegs=forward,
-                        pillow_runner=facts.jpeg_decoder == PILLOW,
-                    ),
-                    encode_jpegs=calls.encode_jpegs,
-                    max_prompt_chars=2 * settings.max_class_name_chars,
-                )
-                logger.info(
-                    "serving model %s on %s in %s; JPEGs decoded %s; runner called %s, text "
-                    "calls of up to %d pass(es) (a pass %.1f ms)",
-                    facts.tag,
-                    facts.device,
-                    facts.dtype,
-                    f"on the runner ({facts.jpeg_decoder})"
-                    if forward
-                    else f"in the API workers by {cpu_decoder_name()}",
-                    "in its wire format" if self._direct_runner else "through BentoML's client",
-                    text_call_passes(facts.text_pass_s),
-                    1000 * facts.text_pass_s,
-                )
-            return self._context
+        """Built once, on first use (the readiness probe's), and shared: it needs the runner's
+        model facts (logit scale, geometry) and its tokenizer. A probe that stops waiting leaves
+        the build running for the next (answers/shared_build.py)."""
+        return await self._context.get()
+
+    async def _build_context(self) -> InvocationContext:
+        attempt_s = (settings.request_timeout_s - 1) / 2
+        facts = ModelFacts(**await resilient(self.runner.to_async.describe, attempt_s)())
+        # Each prompt's token ids, untruncated: the length check counts them and the
+        # runner encodes them.
+        tokenize = PromptTokenizer(
+            await resilient(self.runner.to_async.tokenizer, attempt_s)(), TOKEN_CACHE_SIZE
+        )
+        if settings.direct_runner_calls:
+            self._direct_runner = DirectRunnerClient(
+                self.runner.to_async.url, calls_per_connection(settings.runner_workers)
+            )
+        calls = runner_calls(
+            self._direct_runner or self.runner.to_async,
+            facts,
+            attempt_s,
+            (settings.api_worker_count, settings.runner_workers),
+            settings.max_latency_ms / 1000,
+            settings.runner_calls,
+        )
+        forward = forwards_jpegs(settings.decode_jpegs_on, facts)
+        context = InvocationContext(
+            facts=facts,
+            encode_images=calls.encode_images,
+            encode_tokens=calls.encode_tokens,
+            tokenize=tokenize,
+            http_client=self.http_client,
+            text_cache=self.text_cache,
+            label_cache=self.label_cache,
+            image_limits=dataclasses.replace(
+                self.image_limits,
+                forward_jpegs=forward,
+                pillow_runner=facts.jpeg_decoder == PILLOW,
+            ),
+            encode_jpegs=calls.encode_jpegs,
+            max_prompt_chars=2 * settings.max_class_name_chars,
+        )
+        logger.info(
+            "serving model %s on %s in %s; JPEGs decoded %s; runner called %s, text "
+            "calls of up to %d pass(es) (a pass %.1f ms)",
+            facts.tag,
+            facts.device,
+            facts.dtype,
+            f"on the runner ({facts.jpeg_decoder})"
+            if forward
+            else f"in the API workers by {cpu_decoder_name()}",
+            "in its wire format" if self._direct_runner else "through BentoML's client",
+            text_call_passes(facts.text_pass_s),
+            1000 * facts.text_pass_s,
+        )
+        return context
 
     async def answer(self, work: Awaitable[Any]) -> Response:
         """The API's result as JSON, or the JSON error a caller's mistake or a runner problem
