@@ -251,15 +251,11 @@ class GreedyBatcher(Generic[Rows]):
                 except Exception as exc:  # this batch's callers get the error; the worker lives
                     _fail(batch, exc)
                     continue
-                except asyncio.CancelledError:
-                    # Its callers must not wait for an answer that will never come.
+                except BaseException as exc:  # its callers must not wait for good
                     _fail(batch, RuntimeError("the batch's pass was interrupted"))
-                    if _being_cancelled():  # this worker is stopped (the loop's end)
-                        raise
-                    continue  # a library's own CancelledError: the worker serves the queue on
-                except BaseException:  # KeyboardInterrupt, SystemExit: the process ends
-                    _fail(batch, RuntimeError("the batch's pass was interrupted"))
-                    raise
+                    if isinstance(exc, asyncio.CancelledError) and not _being_cancelled():
+                        continue  # a library's own CancelledError: the worker serves on
+                    raise  # this worker stopped (the loop's end), or the process ends
                 finally:
                     self._free_workers += 1
                     self.slots.end()
