@@ -101,11 +101,10 @@ def _site_local(address: IPAddress) -> bool:
     return isinstance(address, ipaddress.IPv6Address) and address.is_site_local
 
 
-def _shown(host: str, refusals: list[str | None]) -> str:
+def _shown(host: str, reason: str) -> str:
     """Why, as the caller may read it: the address only where the caller wrote it (an IP in the
     URL). A name's private addresses stay in the server's log, or the endpoint would answer
     which internal names exist and where they point."""
-    reason = refusals[0] or ""
     try:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -153,7 +152,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         refusals = [self.policy.refusal(host, address) for address in addresses]
         permitted = [a for a, refusal in zip(addresses, refusals, strict=True) if refusal is None]
         if not permitted:
-            raise ForbiddenAddressError(f"refusing to connect to {host}: {_shown(host, refusals)}")
+            raise ForbiddenAddressError(
+                f"refusing to connect to {host}: {_shown(host, refusals[0] or '')}"
+            )
         last_error: Exception | None = None
         for address in permitted:
             try:

@@ -127,35 +127,29 @@ def test_text_batches_are_joined_lists(executor):
     assert second.tolist() == [[3.0]]
 
 
-def test_an_error_reaches_its_batch_and_the_batcher_keeps_serving(executor):
+def _raises(rows: np.ndarray) -> np.ndarray:
+    raise RuntimeError("broken batch")
+
+
+def _one_row_short(rows: np.ndarray) -> np.ndarray:
+    # Rows are handed back by position: one missing would give a caller another's row.
+    return rows[1:]
+
+
+@pytest.mark.parametrize(
+    ("first_pass", "error"),
+    [(_raises, "broken batch"), (_one_row_short, "1 rows answered for 2 sent")],
+)
+def test_a_failed_pass_fails_its_batch_and_the_batcher_keeps_serving(executor, first_pass, error):
     calls = []
 
     def infer(rows: np.ndarray, threads: int) -> np.ndarray:
         calls.append(len(rows))
-        if len(calls) == 1:
-            raise RuntimeError("broken batch")
-        return rows
+        return first_pass(rows) if len(calls) == 1 else rows
 
     async def scenario():
         batcher = GreedyBatcher(in_executor(infer, executor), max_rows=8, max_queue_wait_s=10)
-        with pytest.raises(RuntimeError, match="broken batch"):
-            await batcher.submit(np.ones((2, 1)))
-        return await batcher.submit(np.zeros((1, 1)))
-
-    assert asyncio.run(scenario()).tolist() == [[0.0]]
-
-
-def test_a_pass_answering_too_few_rows_fails_its_batch_rather_than_shift_the_rows(executor):
-    """Rows are handed back by position: one missing would give a caller another's row."""
-    calls = []
-
-    def infer(rows: np.ndarray, threads: int) -> np.ndarray:
-        calls.append(len(rows))
-        return rows[1:] if len(calls) == 1 else rows
-
-    async def scenario():
-        batcher = GreedyBatcher(in_executor(infer, executor), max_rows=8, max_queue_wait_s=10)
-        with pytest.raises(RuntimeError, match="1 rows answered for 2 sent"):
+        with pytest.raises(RuntimeError, match=error):
             await batcher.submit(np.ones((2, 1)))
         return await batcher.submit(np.zeros((1, 1)))
 

@@ -88,24 +88,20 @@ def test_the_queue_bound_answers_503_as_bentomls_endpoint_does():
     assert (answer.status_code, answer.text) == (503, "the model's queue is full: queued 5.1 s")
 
 
-def test_a_value_error_inside_a_pass_is_logged_as_the_failure_it_is(caplog):
-    """Only a malformed body is the caller's 400: a ValueError out of the method (a shape bug
-    in a pass) is the runner's own failure, and its log says so."""
-
+@pytest.mark.parametrize(
+    ("error", "detail"),
+    [
+        (RuntimeError("CUDA error: an illegal memory access"), "CUDA"),
+        # Only a malformed body is the caller's 400: a ValueError out of the method (a shape bug
+        # in a pass) is the runner's own failure, and its log says so.
+        (ValueError("operands could not be broadcast together"), "broadcast"),
+    ],
+)
+def test_a_failing_method_is_a_500_without_its_details(caplog, error, detail):
     async def broken(method: str, rows) -> np.ndarray:
-        raise ValueError("operands could not be broadcast together")
+        raise error
 
     answer = post(broken, "/encode_tokens", *wire_body([[1]]))
     assert answer.status_code == 500
-    assert "broadcast" not in answer.text
-    assert "runner call /encode_tokens failed" in caplog.text
-
-
-def test_a_failing_method_is_a_500_without_its_details(caplog):
-    async def broken(method: str, rows) -> np.ndarray:
-        raise RuntimeError("CUDA error: an illegal memory access")
-
-    answer = post(broken, "/encode_tokens", *wire_body([[1]]))
-    assert answer.status_code == 500
-    assert "CUDA" not in answer.text
+    assert detail not in answer.text
     assert "runner call /encode_tokens failed" in caplog.text
