@@ -7,21 +7,34 @@ role; elsewhere the usual AWS_* variables or profiles), from the endpoint boto3 
 caller names only a bucket and key, never an address, so the SSRF guard of fetch.py has nothing
 to check here. The contract mirrors `fetch.fetch_url`: the image's bytes, under the same size cap
 and deadline, or an `ImageError` naming the image (missing object, access denied, too large).
+
+boto3 blocks, so each read runs on a thread of `READERS`, this module's own: on the event
+loop's default executor, which also decodes every request's images, a slow S3 stalled every
+decode in the worker (a PNG's 18 ms became 3.8 s beside eight slow objects).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from clip_runner.errors import ImageError, quoted
 from clip_runner.images.fetch import FetchLimits
 
+logger = logging.getLogger(__name__)
+
 CHUNK_BYTES = 256 * 1024
 # Connections per process: enough for every concurrent fetch (CLIP_FETCH_CONCURRENCY per request).
 MAX_POOL_CONNECTIONS = 64
+# One thread per connection; threads are started as reads need them.
+READERS = ThreadPoolExecutor(MAX_POOL_CONNECTIONS, thread_name_prefix="clip-s3")
+# Tries of one GetObject, the first included; each may wait the deadline's share for a byte, so
+# a hung S3 holds a thread about the deadline, not the three times it botocore's default allows.
+ATTEMPTS = 2
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "ExpiredToken"}
 
@@ -31,39 +44,54 @@ def is_s3_url(source: str) -> bool:
 
 
 def parse_s3_url(url: str, index: int) -> tuple[str, str]:
-    """`s3://bucket/key/with/slashes` -> (bucket, key); both must be present."""
-    bucket, _, key = url[5:].partition("/")
-    if not bucket or not key:
+    """`s3://bucket/key/with/slashes` -> (bucket, key); both must be present.
+
+    The bucket may be an access point's ARN, as the AWS CLI takes it
+    (`s3://arn:aws:s3:REGION:ACCOUNT:accesspoint/NAME/key`): its own `/` belongs to the bucket.
+    """
+    rest = url[5:]
+    split_at = 0
+    if rest.startswith("arn:") and (marker := rest.find(":accesspoint/")) > 0:
+        split_at = marker + len(":accesspoint/")
+    slash = rest.find("/", split_at)
+    bucket, key = (rest, "") if slash < 0 else (rest[:slash], rest[slash + 1 :])
+    if not bucket or not key or bucket.endswith(":accesspoint"):
         raise ImageError(index, f"{quoted(url)!r} is not an s3://bucket/key URL")
     return bucket, key
 
 
 @functools.cache
-def s3_client(connect_timeout_s: float, read_timeout_s: float) -> Any:
-    """One client per process (boto3 clients are thread-safe); boto3 is imported on first use.
-
-    Retries are few and quick: the request's own deadline bounds the fetch anyway.
-    """
+def s3_client(connect_timeout_s: float, timeout_s: float) -> Any:
+    """One client per process (boto3 clients are thread-safe); boto3 is imported on first use,
+    on a reader thread (building it takes ~0.15 s, which would stop the event loop)."""
     import boto3
     from botocore.config import Config
 
     config = Config(
         connect_timeout=connect_timeout_s,
-        read_timeout=read_timeout_s,
-        retries={"mode": "standard", "max_attempts": 2},
+        read_timeout=timeout_s / ATTEMPTS,
+        retries={"mode": "standard", "total_max_attempts": ATTEMPTS},
         max_pool_connections=MAX_POOL_CONNECTIONS,
     )
     return boto3.session.Session().client("s3", config=config)
 
 
 def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes:
-    """GetObject, streamed with the size cap and deadline; blocking, so run it in a thread."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    """GetObject, streamed with the size cap and deadline; blocking, so run it in a thread.
+
+    `client=None` is the process's own (`s3_client`)."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        NoCredentialsError,
+        ParamValidationError,
+    )
 
     bucket, key = parse_s3_url(url, index)
     shown = quoted(url)
     too_large = f"image at {shown} is larger than the {limits.max_bytes}-byte limit"
     deadline = time.monotonic() + limits.timeout_s
+    client = client or s3_client(limits.connect_timeout_s, limits.timeout_s)
     try:
         response = client.get_object(Bucket=bucket, Key=key)
         body = response["Body"]
@@ -86,7 +114,8 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
         if code in _DENIED:
             raise ImageError(
                 index,
-                f"access to {shown} denied ({code}): the server's AWS role cannot read it",
+                f"access to {shown} denied ({code}): the server's AWS role cannot read it "
+                "(S3 says so of a missing key too where the role may not list the bucket)",
                 "forbidden_url",
             ) from None
         raise ImageError(index, f"could not read {shown}: {quoted(code or str(error))}") from None
@@ -94,19 +123,25 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
         raise ImageError(
             index, f"cannot read {shown}: the server has no AWS credentials", "forbidden_url"
         ) from None
-    except BotoCoreError as error:  # invalid bucket name, unreachable endpoint, read timeout
+    except ParamValidationError as error:  # the caller's bucket name
         raise ImageError(index, f"could not read {shown}: {quoted(str(error))}") from None
+    except BotoCoreError as error:  # unreachable endpoint, read timeout: the server's side
+        # The text names the S3 endpoint's address, which may be a private one: logged only.
+        logger.warning("reading %s failed: %s", url, error)
+        raise ImageError(
+            index, f"could not read {shown}: S3 did not answer ({type(error).__name__})"
+        ) from None
     if not data:
         raise ImageError(index, f"{shown} is empty")
     return bytes(data)
 
 
 async def fetch_s3(url: str, index: int, limits: FetchLimits, client: Any = None) -> bytes:
-    """The object's bytes within `limits` (as `fetch_url` for HTTP), off the event loop."""
-    client = client or s3_client(limits.connect_timeout_s, limits.timeout_s)
+    """The object's bytes within `limits` (as `fetch_url` for HTTP), on a `READERS` thread."""
+    read = functools.partial(read_object, client, url, index, limits)
     try:
         async with asyncio.timeout(limits.timeout_s):
-            return await asyncio.to_thread(read_object, client, url, index, limits)
+            return await asyncio.get_running_loop().run_in_executor(READERS, read)
     except TimeoutError:
         raise ImageError(
             index, f"reading {quoted(url)} timed out after {limits.timeout_s:g} s"

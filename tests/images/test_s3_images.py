@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import io
+import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -148,3 +152,129 @@ def test_load_images_fetches_s3_images_concurrently(s3_env, monkeypatch):
     for index, data in enumerate(images):
         expected = prepare_image(data, index, GEOMETRY, limits.max_pixels)
         assert (pixels[index] == expected).all()
+
+
+@pytest.mark.parametrize(
+    ("url", "bucket", "key"),
+    [
+        (
+            "s3://arn:aws:s3:us-east-1:123456789012:accesspoint/my-ap/photos/cat.jpg",
+            "arn:aws:s3:us-east-1:123456789012:accesspoint/my-ap",
+            "photos/cat.jpg",
+        ),
+        (
+            "s3://arn:aws:s3-object-lambda:eu-west-1:123456789012:accesspoint/olap/a/b.png",
+            "arn:aws:s3-object-lambda:eu-west-1:123456789012:accesspoint/olap",
+            "a/b.png",
+        ),
+        (
+            "s3://arn-bucket/arn:aws:s3:x:1:accesspoint/k",
+            "arn-bucket",
+            "arn:aws:s3:x:1:accesspoint/k",
+        ),
+    ],
+)
+def test_access_point_arns_keep_their_slash_in_the_bucket(url, bucket, key):
+    assert parse_s3_url(url, 0) == (bucket, key)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://arn:aws:s3:us-east-1:123456789012:accesspoint/my-ap",
+        "s3://arn:aws:s3:us-east-1:123456789012:accesspoint/my-ap/",
+        "s3://arn:aws:s3:us-east-1:123456789012:accesspoint/",
+    ],
+)
+def test_access_point_arns_without_a_key_are_refused(url):
+    with pytest.raises(ImageError, match="not an s3://bucket/key URL"):
+        parse_s3_url(url, 0)
+
+
+def test_botocore_sends_an_access_point_read_to_the_access_point(s3_env, monkeypatch):
+    """Where botocore's own ARN handling sends the read (answered in process, nothing sent)."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # AWS's own endpoints, as on SageMaker
+    import boto3
+    from botocore.awsrequest import AWSResponse
+
+    class Body(io.BytesIO):  # what urllib3 hands botocore: a stream read in parts
+        def stream(self, **_: Any) -> Iterator[bytes]:
+            yield self.getvalue()
+
+    sent: list[str] = []
+
+    def answer(request: Any, **_: Any) -> AWSResponse:
+        sent.append(request.url)
+        return AWSResponse(request.url, 200, {"content-length": "3"}, Body(b"img"))
+
+    client = boto3.session.Session().client("s3", region_name="us-east-1")
+    client.meta.events.register("before-send", answer)
+    url = "s3://arn:aws:s3:us-east-1:123456789012:accesspoint/my-ap/photos/cat.jpg"
+    assert read_object(client, url, 0, LIMITS) == b"img"
+    assert sent == [
+        "https://my-ap-123456789012.s3-accesspoint.us-east-1.amazonaws.com/photos/cat.jpg"
+    ]
+
+
+def test_reads_run_on_their_own_threads_not_the_decoders(s3_env):
+    """More S3 reads than the event loop's default executor has threads, all stalled: a decode
+    on that executor (as `load_images` runs them) still starts at once."""
+    stalled = (os.cpu_count() or 1) + 4 + 4  # past asyncio's default min(32, cpus + 4)
+    release, reader_threads = threading.Event(), set()
+
+    class StalledClient:
+        def get_object(self, **_: Any) -> dict[str, Any]:
+            reader_threads.add(threading.current_thread().name)
+            release.wait(30)
+            raise ImageError(0, "released")
+
+    async def decode_beside_stalled_reads() -> str:
+        reads = [
+            asyncio.ensure_future(fetch_s3(f"s3://b/k{i}", i, LIMITS, StalledClient()))
+            for i in range(min(stalled, s3_images.MAX_POOL_CONNECTIONS))
+        ]
+        await asyncio.sleep(0.2)
+        try:
+            async with asyncio.timeout(3):  # the stalled reads' 5 s deadline is not reached
+                return await asyncio.to_thread(lambda: threading.current_thread().name)
+        finally:
+            release.set()
+            await asyncio.gather(*reads, return_exceptions=True)
+
+    decoder = asyncio.run(decode_beside_stalled_reads())
+    assert not decoder.startswith("clip-s3")
+    assert reader_threads and all(name.startswith("clip-s3") for name in reader_threads)
+
+
+def test_an_s3_that_never_answers_is_tried_twice_and_its_address_kept_from_the_caller(s3_env):
+    """botocore's default is three tries of the whole read timeout each; a stalled S3 now holds
+    its thread for two tries of half the deadline, and the refusal names no endpoint address."""
+    requests, release = [], threading.Event()
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            requests.append(self.path)
+            release.wait(30)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    try:
+        s3_images.s3_client.cache_clear()
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint  # restored by s3_env's monkeypatch
+        limits = FetchLimits(max_bytes=1000, timeout_s=1.0, connect_timeout_s=1.0)
+        with pytest.raises(ImageError) as refused:
+            read_object(None, "s3://clip-images/never.jpg", 2, limits)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert len(requests) == s3_images.ATTEMPTS == 2
+    assert "images[2]: could not read s3://clip-images/never.jpg: S3 did not answer" in str(
+        refused.value
+    )
+    assert "127.0.0.1" not in str(refused.value)
