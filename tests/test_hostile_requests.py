@@ -162,6 +162,32 @@ def test_wrong_content_types_are_415(served, content_type):
     assert "application/json" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("route", "first"),
+    [
+        ("/classify", "multipart/form-data; boundary=x"),
+        ("/embed_texts", "multipart/form-data"),
+        ("/invocations", "image/png"),
+    ],
+)
+def test_two_content_types_are_a_json_400_not_a_500(served, route, first):
+    """Each layer once read its own one of them: a JSON body reached BentoML's form parser."""
+    body = {
+        "/classify": {"images": [GOOD_IMAGE], "labels": ["a cat"]},
+        "/embed_texts": {"texts": ["a cat"]},
+        "/invocations": {"images": [GOOD_IMAGE], "classes": CLASSES},
+    }[route]
+    response = httpx.post(
+        f"{served.url}{route}",
+        content=json.dumps(body).encode(),
+        headers=[("content-type", first), ("content-type", "application/json")],
+        timeout=30,
+    )
+    error = assert_json_error(response, 400)
+    assert error["message"] == "the request has 2 Content-Type headers; send one"
+    assert httpx.get(f"{served.url}/ping", timeout=10).status_code == 200
+
+
 def test_a_request_the_http_parser_refuses_is_a_json_400(served):
     """Answered by uvicorn before any middleware (Content-Length beside Transfer-Encoding, a
     request-smuggling shape): in the JSON shape too (error_responses.py)."""

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from clip_runner.errors import RequestError
 from clip_runner.web.answer_json import json_body
 from clip_runner.web.error_responses import rejection_line
-from clip_runner.web.jsonlines import request_error, without_bom
+from clip_runner.web.jsonlines import request_error
 from clip_runner.web.traffic import is_application_json, posted_content_type
 
 JSON_MEDIA_TYPE = "application/json"
@@ -54,9 +54,10 @@ class DirectRoute:
 def parsed(body: bytes, model: type[BaseModel]) -> BaseModel:
     """The validated request, or the RequestError BentoML's endpoint would answer, with the
     warning line it would log (`error_responses.CallerErrorLogFilter`). An empty body is
-    BentoML's `{}`: every field takes its default. A leading byte order mark is skipped."""
+    BentoML's `{}`: every field takes its default. A leading byte order mark was taken off by
+    `traffic.RequestGuardMiddleware`, for every JSON media type."""
     try:
-        return model.model_validate_json(without_bom(body) or b"{}")
+        return model.model_validate_json(body or b"{}")
     except ValidationError as error:
         line, args = rejection_line(error)
         logger.warning(line, *args)

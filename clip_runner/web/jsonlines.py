@@ -36,7 +36,7 @@ from clip_runner.web.schemas import (
     TopK,
     ZeroShotParameters,
 )
-from clip_runner.web.traffic import is_jsonlines_media_type, posted_content_type
+from clip_runner.web.traffic import is_jsonlines_media_type, posted_content_type, without_bom
 
 # SageMaker's bounds for a transform job's mini-batch size (MaxPayloadInMB).
 MAX_PAYLOAD_MB_RANGE = (1, 100)
@@ -55,14 +55,6 @@ class InvocationLine(BaseModel):
 
 
 LineHandler = Callable[[InvocationLine], Awaitable[Any]]
-UTF8_BOM = b"\xef\xbb\xbf"
-
-
-def without_bom(text: bytes) -> bytes:
-    """JSON text without a leading UTF-8 byte order mark. Windows tools write one at the start
-    of a file (Notepad, PowerShell's Out-File), so a Batch Transform input made there begins
-    with it; RFC 8259 lets a parser ignore it, and the JSON parser here would not."""
-    return text.removeprefix(UTF8_BOM)
 
 
 def split_lines(body: bytes) -> list[bytes]:

@@ -40,6 +40,19 @@ JSONLINES_MEDIA_TYPES = (
 )
 # Sent when the request's body was not (fully) read: the connection cannot carry another request.
 CLOSE = (b"connection", b"close")
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def without_bom(text: bytes) -> bytes:
+    """JSON text without a leading UTF-8 byte order mark. Windows tools write one at the start
+    of a file (Notepad, PowerShell's Out-File), so a body or a Batch Transform input made there
+    begins with it; RFC 8259 lets a parser ignore it, and the JSON parsers here would not."""
+    return text.removeprefix(UTF8_BOM)
+
+
+def header_values(scope: Scope, name: bytes) -> list[bytes]:
+    """Every value of the request's header `name` (lower case), in the order sent."""
+    return [value for key, value in scope.get("headers", []) if key.lower() == name]
 
 
 def media_type(content_type: str) -> str:
@@ -154,6 +167,8 @@ class RequestGuardMiddleware:
             return
         try:
             body = await self._read_body(receive)
+            if self._is_json_post(scope):
+                body = without_bom(body)  # for every JSON media type, each path that reads it
         except _TooLarge:
             await self._too_large(send, None)
             return
@@ -177,9 +192,31 @@ class RequestGuardMiddleware:
         finally:
             self.in_flight -= 1
 
+    def _is_json_post(self, scope: Scope) -> bool:
+        """A POST of JSON (any JSON media type, or none) to one of `json_paths`."""
+        content_types = header_values(scope, b"content-type") or [b""]
+        return (
+            scope["method"] == "POST"
+            and scope["path"] in self.json_paths
+            and is_json_media_type(content_types[0].decode("latin-1"))
+        )
+
     async def _refused_by_headers(self, scope: Scope, send: Send) -> bool:
-        """415 for a wrong Content-Type, 413 for a declared size over the limit: before reading."""
+        """400 for two Content-Types, 415 for a wrong one or a compressed body, 413 for a
+        declared size over the limit: before reading."""
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        if len(content_types := header_values(scope, b"content-type")) > 1:
+            # Each layer (this one, the direct and raw-image paths, BentoML's endpoint) would
+            # read one of them, and not all the same one: a JSON body passed as multipart here
+            # reached BentoML's form parser, a 500.
+            await send_error(
+                send,
+                400,
+                "bad_request",
+                f"the request has {len(content_types)} Content-Type headers; send one",
+                [CLOSE],
+            )
+            return True
         if scope["method"] == "POST" and scope["path"] in self.json_paths:
             content_type = headers.get(b"content-type", b"").decode("latin-1")
             raw_image_allowed = scope["path"] in self.raw_image_paths
@@ -198,8 +235,14 @@ class RequestGuardMiddleware:
                     [CLOSE],
                 )
                 return True
-            encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip()
-            if encoding.lower() not in ("", "identity"):
+            # Several Content-Encoding headers are one list (RFC 9110), applied in order.
+            encoding = ", ".join(
+                value.decode("latin-1").strip()
+                for value in header_values(scope, b"content-encoding")
+            )
+            if any(
+                coding.strip().lower() not in ("", "identity") for coding in encoding.split(",")
+            ):
                 # RFC 9110: 415, with Accept-Encoding naming the codings taken. Read as it came,
                 # a compressed body would fail as "not valid JSON", and an uncompressed one
                 # labelled gzip would be answered as if the label were not there.

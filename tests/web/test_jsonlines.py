@@ -14,7 +14,6 @@ import pytest
 from clip_runner.config import get_settings
 from clip_runner.errors import RequestError
 from clip_runner.web.jsonlines import (
-    UTF8_BOM,
     InvocationLine,
     answer_lines,
     encode_lines,
@@ -23,6 +22,7 @@ from clip_runner.web.jsonlines import (
     parse_line,
     split_lines,
 )
+from clip_runner.web.traffic import UTF8_BOM
 from tests.helpers import (
     S3_PRIVATE_BUCKET,
     SEED_CLASSES,

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from clip_runner.web.traffic import RequestGuardMiddleware, is_json_media_type
+from clip_runner.web.traffic import UTF8_BOM, RequestGuardMiddleware, is_json_media_type
 from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, photo_like
 
 
@@ -117,6 +117,61 @@ def test_an_uncompressed_body_may_say_so(encoding):
             )
 
     assert asyncio.run(go()).json() == {"size": 2}
+
+
+def test_two_content_types_are_a_400_before_the_body_is_read():
+    """Each layer would read one of them, not all the same one (a JSON body passed on as a
+    multipart form reached BentoML's form parser, a 500)."""
+
+    async def go():
+        async with client(guarded_app({})) as c:
+            two = [("content-type", "multipart/form-data; boundary=x")]
+            two.append(("content-type", "application/json"))
+            return await c.post("/invocations", content=b"{}", headers=two)
+
+    response = asyncio.run(go())
+    assert response.status_code == 400 and response.headers["connection"] == "close"
+    assert response.json()["error"] == {
+        "type": "bad_request",
+        "message": "the request has 2 Content-Type headers; send one",
+    }
+
+
+@pytest.mark.parametrize(
+    ("codings", "refused"),
+    [(["gzip", "identity"], True), (["identity", "br"], True), (["identity", "identity"], False)],
+)
+def test_several_content_encoding_headers_are_one_list(codings, refused):
+    async def go():
+        async with client(guarded_app({})) as c:
+            headers = [("content-encoding", coding) for coding in codings]
+            return await c.post("/invocations", content=b"{}", headers=headers)
+
+    response = asyncio.run(go())
+    if refused:
+        assert response.status_code == 415
+        assert f"Content-Encoding '{', '.join(codings)}'" in response.json()["error"]["message"]
+    else:
+        assert response.json() == {"size": 2}
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "text/json", "application/vnd.api+json", None]
+)
+def test_a_json_body_may_start_with_one_byte_order_mark(content_type):
+    """Windows tools write one at a file's start; taken off here, so every path that reads a
+    JSON body (the direct one, BentoML's endpoint) sees the same JSON. A second is not JSON's."""
+
+    async def go():
+        headers = {"content-type": content_type} if content_type else {}
+        async with client(guarded_app({})) as c:
+            marked = await c.post("/invocations", content=UTF8_BOM + b"{}", headers=headers)
+            twice = await c.post("/invocations", content=UTF8_BOM * 2 + b"{}", headers=headers)
+            return marked, twice
+
+    marked, twice = asyncio.run(go())
+    assert marked.json() == {"size": 2}
+    assert twice.json() == {"size": 2 + len(UTF8_BOM)}
 
 
 def test_streamed_body_over_the_limit_is_413_without_content_length():
