@@ -542,6 +542,7 @@ ClipService.add_asgi_middleware(
     handler=invocation_line,
     path="/invocations",
     max_in_flight=settings.max_concurrency,
+    max_lines=settings.max_lines,
 )
 ClipService.add_asgi_middleware(
     DirectJsonMiddleware, routes=DIRECT_ROUTES, service_name=SERVICE_NAME

@@ -160,6 +160,7 @@ class Settings:
     max_text_batch_size: int
     max_latency_ms: int
     max_concurrency: int
+    max_lines: int
     max_body_bytes: int
     max_images_per_request: int
     max_classes_per_request: int
@@ -246,17 +247,26 @@ def get_settings() -> Settings:
     # An async endpoint's payload (up to 1 GB, from S3 through SageMaker's own network) gets two
     # minutes to arrive; a real-time or batch body (6 MB) ten seconds.
     body_timeout_s = 120.0 if endpoint_kind == "async" else 10.0
+    request_timeout_s = _env_seconds("CLIP_REQUEST_TIMEOUT_S", kind_timeout_s)
+    # A Batch Transform mini-batch's lines queue for the runner behind each other, and shedding
+    # one (503) fails the whole mini-batch, which SageMaker retries as it was: the queue bound is
+    # ten minutes of its hour there (a quarter of a shorter deadline), 20 s where a caller waits
+    # for the answer.
+    max_latency_ms = 20_000
+    if endpoint_kind == "batch":
+        max_latency_ms = min(600_000, int(request_timeout_s * 1000 / 4))
     torch_compile = _env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on"
     return Settings(
         model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
         port=_env_int("CLIP_PORT", 8080, maximum=65535),  # else refused only at the bind
         api_workers=_env_int("CLIP_API_WORKERS", 0, minimum=0),
         keepalive_requests=_env_int("CLIP_KEEPALIVE_REQUESTS", -1, minimum=0),
-        request_timeout_s=_env_seconds("CLIP_REQUEST_TIMEOUT_S", kind_timeout_s),
+        request_timeout_s=request_timeout_s,
         max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 0, minimum=0),
         max_text_batch_size=_env_int("CLIP_MAX_TEXT_BATCH_SIZE", 0, minimum=0),
-        max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", 20000),
+        max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", max_latency_ms),
         max_concurrency=_env_int("CLIP_MAX_CONCURRENCY", 64),
+        max_lines=_env_int("CLIP_MAX_LINES", 200_000),
         max_body_bytes=max_body_bytes,
         max_images_per_request=_env_int("CLIP_MAX_IMAGES_PER_REQUEST", 32),
         max_classes_per_request=_env_int("CLIP_MAX_CLASSES_PER_REQUEST", 1000),

@@ -149,24 +149,35 @@ def test_bad_values_are_refused_with_the_variable_name(monkeypatch, name, value,
 
 
 @pytest.mark.parametrize(
-    ("kind", "timeout_s", "body_mib"),
-    [("realtime", 55, 6), ("async", 895, 1024), ("batch", 3595, 6)],
+    ("kind", "timeout_s", "body_mib", "queue_ms", "queue_ms_at_120_s"),
+    [
+        ("realtime", 55, 6, 20_000, 20_000),
+        ("async", 895, 1024, 20_000, 20_000),
+        ("batch", 3595, 6, 600_000, 30_000),
+    ],
 )
-def test_request_timeout_and_body_limit_follow_the_endpoint_kind(
-    monkeypatch, kind, timeout_s, body_mib
+def test_request_timeout_body_limit_and_queue_bound_follow_the_endpoint_kind(
+    monkeypatch, kind, timeout_s, body_mib, queue_ms, queue_ms_at_120_s
 ):
     """SageMaker waits 60 s on a real-time call, 15 min on an async one and up to an hour on a
-    Batch Transform mini-batch; async payloads come from S3 and may reach 1 GB."""
-    for name in ("CLIP_REQUEST_TIMEOUT_S", "CLIP_MAX_BODY_BYTES"):
+    Batch Transform mini-batch; async payloads come from S3 and may reach 1 GB. A mini-batch's
+    lines queue behind each other, and a line shed fails the whole mini-batch: 10 minutes of
+    queue (a quarter of a shorter deadline) there."""
+    for name in ("CLIP_REQUEST_TIMEOUT_S", "CLIP_MAX_BODY_BYTES", "CLIP_MAX_LATENCY_MS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CLIP_ENDPOINT_KIND", kind.upper())
     settings = get_settings()
     assert settings.endpoint_kind == kind
     assert settings.request_timeout_s == timeout_s
     assert settings.max_body_bytes == body_mib * 1024 * 1024
+    assert settings.max_latency_ms == queue_ms
     get_settings.cache_clear()
     monkeypatch.setenv("CLIP_REQUEST_TIMEOUT_S", "120")  # an explicit value still wins
     assert get_settings().request_timeout_s == 120
+    assert get_settings().max_latency_ms == queue_ms_at_120_s
+    get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_MAX_LATENCY_MS", "5000")
+    assert get_settings().max_latency_ms == 5000
 
 
 def test_unknown_endpoint_kind_is_refused(monkeypatch):
@@ -247,7 +258,12 @@ def test_each_runner_decodes_with_its_share_of_the_cores(cores, runner_workers, 
 
 
 def test_abuse_bounds_default_and_the_api_key_is_off_unless_set(monkeypatch):
-    for name in ("CLIP_BODY_TIMEOUT_S", "CLIP_MAX_WAITING_BODIES", "CLIP_MAX_REQUEST_PIXELS"):
+    for name in (
+        "CLIP_BODY_TIMEOUT_S",
+        "CLIP_MAX_WAITING_BODIES",
+        "CLIP_MAX_REQUEST_PIXELS",
+        "CLIP_MAX_LINES",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CLIP_API_KEY", "  ")
     settings = get_settings()
@@ -255,6 +271,7 @@ def test_abuse_bounds_default_and_the_api_key_is_off_unless_set(monkeypatch):
     assert settings.body_timeout_s == 10 and settings.max_waiting_bodies == 512
     assert settings.max_waiting_body_bytes >= settings.max_body_bytes
     assert settings.max_request_pixels == 200_000_000  # 32 photos of 5 Mpx, the seed's size
+    assert settings.max_lines == 200_000  # every 6 MB mini-batch of lines naming an image
     get_settings.cache_clear()
     monkeypatch.setenv("CLIP_API_KEY", " s3cret ")
     assert get_settings().api_key == "s3cret"

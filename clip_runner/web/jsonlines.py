@@ -6,8 +6,8 @@ input lines with `Content-Type: application/jsonlines`. Each line is one `/invoc
 the answer holds one JSON line per input line, in order, so `AssembleWith=Line` lines outputs up
 with inputs. A bad line answers the usual error object (its message prefixed with the line
 number) and does not fail the others; a server-side failure (5xx) fails the whole mini-batch.
-All lines run at once, up to `max_in_flight`, so their images reach the runner together and
-share its batches, as concurrent requests do.
+Up to `max_in_flight` lines run at once in each API worker, across its mini-batches, so their
+images reach the runner together and share its batches, as concurrent requests do.
 
 `GET /execution-parameters` tells a transform job what to send when the job leaves it unset:
 `execution_parameters` computes that from the settings.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -57,12 +57,23 @@ class InvocationLine(BaseModel):
 LineHandler = Callable[[InvocationLine], Awaitable[Any]]
 
 
-def split_lines(body: bytes) -> list[bytes]:
-    """Records of a JSON Lines body; `\\r\\n` endings and a final newline are allowed."""
-    lines = [line.removesuffix(b"\r") for line in body.split(b"\n")]
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return lines
+def line_count(body: bytes) -> int:
+    """How many records a JSON Lines body holds; blank lines at its end are none (a final
+    newline is allowed), blank lines before a record are records (answered with an error, so
+    that answers and inputs still line up)."""
+    end = len(body.rstrip())
+    return body.count(b"\n", 0, end) + 1 if end else 0
+
+
+def records(body: bytes) -> Iterator[bytes]:
+    """The `line_count(body)` records of a JSON Lines body, in order, each cut out only when
+    asked for (a 6 MB body of blank lines is six million records); `\r\n` endings allowed."""
+    end, start = len(body.rstrip()), 0
+    while start < end:
+        stop = body.find(b"\n", start, end)
+        stop = end if stop < 0 else stop
+        yield body[start:stop].removesuffix(b"\r")
+        start = stop + 1
 
 
 def request_error(error: ValidationError) -> RequestError:
@@ -89,43 +100,77 @@ def line_error(number: int, error: RequestError) -> dict[str, Any]:
     return error_body(error.error_type, f"line {number}: {error.message}", error.index)
 
 
-async def answer_lines(body: bytes, handle: LineHandler, max_in_flight: int) -> list[Any]:
-    """One answer (or error object) per line of `body`, in order; lines run concurrently.
+class LineAnswerer:
+    """One answer (or error object) per record of a JSON Lines body, in order, the records of
+    every body of this API worker sharing `max_in_flight` slots.
 
-    A caller's mistake in a line (4xx) answers that line; a failure of the server itself (5xx:
-    the runner unavailable or overloaded) fails the whole mini-batch, so that SageMaker retries
-    it rather than writing the outage into the results. The other lines are then cancelled.
+    Shared slots: each body's own would let a worker run `max_in_flight` lines of each of its
+    `max_in_flight` admitted requests at once, every line a request's worth of work (a 64 x 64
+    fan-out past the admission bound). Within a body, `max_in_flight` workers take records one
+    by one as they go (not one task per record, each parsed at once: a body of short lines
+    stopped the event loop for seconds and held gigabytes), and each answer is kept as its JSON
+    line. A body of more than `max_lines` records is refused whole (413).
     """
-    lines = split_lines(body)
-    if not lines:
-        raise RequestError(400, "malformed_json", "the application/jsonlines body has no lines")
-    slots = asyncio.Semaphore(max_in_flight)
 
-    async def answer(number: int, line: bytes) -> Any:
+    def __init__(self, handle: LineHandler, max_in_flight: int, max_lines: int) -> None:
+        self.handle = handle
+        self.max_in_flight = max_in_flight
+        self.max_lines = max_lines
+        self.slots = asyncio.Semaphore(max_in_flight)
+
+    async def answer(self, body: bytes) -> list[bytes]:
+        """A caller's mistake in a line (4xx) answers that line; a failure of the server itself
+        (5xx: the runner unavailable or overloaded) fails the whole mini-batch, so that
+        SageMaker retries it rather than writing the outage into the results. The other lines
+        are then cancelled."""
+        count = line_count(body)
+        if not count:
+            raise RequestError(400, "malformed_json", "the application/jsonlines body has no lines")
+        if count > self.max_lines:
+            raise RequestError(
+                413,
+                "too_many_lines",
+                f"the body has {count} lines, more than the {self.max_lines} answered per request "
+                "(CLIP_MAX_LINES): send smaller mini-batches (a lower MaxPayloadInMB)",
+            )
+        answers = [b""] * count
+        numbered = enumerate(records(body))  # shared by the workers: each takes the next one
+
+        async def work() -> None:
+            for index, line in numbered:
+                async with self.slots:
+                    answers[index] = json_line(await self.answer_line(index + 1, line))
+                await asyncio.sleep(0)  # a run of bad lines awaits nothing else
+
         try:
-            request = parse_line(line)
-            async with slots:
-                return await handle(request)
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(count, self.max_in_flight)):
+                    group.create_task(work())
+        except BaseExceptionGroup as failures:
+            server_errors = [e for e in failures.exceptions if isinstance(e, RequestError)]
+            if not server_errors:
+                raise
+            raise server_errors[0] from None
+        return answers
+
+    async def answer_line(self, number: int, line: bytes) -> Any:
+        try:
+            return await self.handle(parse_line(line))
         except RequestError as error:
             if error.status >= 500:
                 raise
             return line_error(number, error)
 
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(answer(n, line)) for n, line in enumerate(lines, start=1)]
-    except BaseExceptionGroup as failures:
-        server_errors = [e for e in failures.exceptions if isinstance(e, RequestError)]
-        if not server_errors:
-            raise
-        raise server_errors[0] from None
-    return [task.result() for task in tasks]
+
+def json_line(answer: Any) -> bytes:
+    """One compact JSON document: a line of the answer."""
+    return json.dumps(answer, separators=(",", ":")).encode()
 
 
-def encode_lines(answers: list[Any]) -> bytes:
-    """One compact JSON document per line, newline-separated (no trailing newline: SageMaker's
+def encode_lines(lines: list[bytes]) -> bytes:
+    """The answer's lines, newline-separated (no trailing newline: SageMaker's
     `AssembleWith=Line` adds one between mini-batches)."""
-    return b"\n".join(json.dumps(answer, separators=(",", ":")).encode() for answer in answers)
+    return b"\n".join(lines)
 
 
 def execution_parameters(settings: Settings) -> dict[str, Any]:
@@ -133,13 +178,16 @@ def execution_parameters(settings: Settings) -> dict[str, Any]:
 
     MultiRecord mini-batches as large as a request body may be (SageMaker allows 1-100 MB), and
     two concurrent mini-batches per API worker: one is being answered while the next one's
-    images load, which keeps the runner's batches full without queueing whole mini-batches.
+    images load, which keeps the runner's batches full without queueing whole mini-batches;
+    fewer where their product would pass SageMaker's bound on it (100 MB).
     """
     low, high = MAX_PAYLOAD_MB_RANGE
+    payload_mb = max(low, min(high, settings.max_body_bytes // MIB))
+    concurrent = min(settings.max_concurrency, 2 * settings.api_worker_count, high // payload_mb)
     return {
-        "MaxConcurrentTransforms": min(settings.max_concurrency, 2 * settings.api_worker_count),
+        "MaxConcurrentTransforms": concurrent,
         "BatchStrategy": "MULTI_RECORD",
-        "MaxPayloadInMB": max(low, min(high, settings.max_body_bytes // MIB)),
+        "MaxPayloadInMB": payload_mb,
     }
 
 
@@ -156,11 +204,11 @@ class JsonLinesMiddleware:
         handler: LineHandler,
         path: str = "/invocations",
         max_in_flight: int = 64,
+        max_lines: int = 200_000,
     ) -> None:
         self.app = app
-        self.handler = handler
         self.path = path
-        self.max_in_flight = max_in_flight
+        self.lines = LineAnswerer(handler, max_in_flight, max_lines)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         content_type = posted_content_type(scope, self.path)
@@ -169,7 +217,7 @@ class JsonLinesMiddleware:
             return
         body = await Request(scope, receive).body()
         try:
-            answers = await answer_lines(body, self.handler, self.max_in_flight)
+            answers = await self.lines.answer(body)
         except RequestError as error:
             response: Response = error.to_response()
         else:

@@ -15,12 +15,13 @@ from clip_runner.config import get_settings
 from clip_runner.errors import RequestError
 from clip_runner.web.jsonlines import (
     InvocationLine,
-    answer_lines,
+    LineAnswerer,
     encode_lines,
     execution_parameters,
     is_jsonlines_media_type,
+    line_count,
     parse_line,
-    split_lines,
+    records,
 )
 from clip_runner.web.traffic import UTF8_BOM
 from tests.helpers import (
@@ -51,9 +52,25 @@ def test_media_types():
         assert not is_jsonlines_media_type(other)
 
 
-def test_split_lines_keeps_positions():
-    assert split_lines(b'{"a":1}\r\n\n{"b":2}\n\n') == [b'{"a":1}', b"", b'{"b":2}']
-    assert split_lines(b"") == [] and split_lines(b"\n \n") == []
+@pytest.mark.parametrize(
+    ("body", "lines"),
+    [
+        (b'{"a":1}\r\n\n{"b":2}\n\n', [b'{"a":1}', b"", b'{"b":2}']),
+        (b"\n{}", [b"", b"{}"]),  # a blank line before a record is one, answered
+        (b"{} \n \n{}\r\n", [b"{} ", b" ", b"{}"]),
+        (b"{}", [b"{}"]),
+        (b"", []),
+        (b"\n \r\n\t", []),
+    ],
+)
+def test_records_keep_positions_and_drop_only_the_blank_end(body, lines):
+    assert list(records(body)) == lines
+    assert line_count(body) == len(lines)
+
+
+def answer_lines(body: bytes, handle, max_in_flight: int, max_lines: int = 1000) -> list[Any]:
+    lines = asyncio.run(LineAnswerer(handle, max_in_flight, max_lines).answer(body))
+    return [json.loads(line) for line in lines]
 
 
 @pytest.mark.parametrize(
@@ -94,16 +111,16 @@ def test_answers_are_in_order_and_bad_lines_do_not_stop_the_others():
         {"images": ["a", "b", "c"], "classes": [["x", 1]]},
     ]
     body = "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines)
-    answers = asyncio.run(answer_lines(body.encode(), handle, max_in_flight=2))
+    answers = answer_lines(body.encode(), handle, max_in_flight=2)
     assert answers[0] == {"n": 1} and answers[3] == {"n": 3}
     assert answers[1]["error"]["type"] == "malformed_json"
     assert answers[1]["error"]["message"].startswith("line 2: ")
     assert answers[2] == {
         "error": {"type": "invalid_image", "message": "line 3: images[0]: boom", "index": 0}
     }
-    assert encode_lines(answers).count(b"\n") == 3
+    assert encode_lines([b"{}"] * 4) == b"{}\n{}\n{}\n{}"
     with pytest.raises(RequestError, match="no lines"):
-        asyncio.run(answer_lines(b"\n", handle, 2))
+        answer_lines(b"\n", handle, 2)
 
 
 def test_a_server_failure_fails_the_whole_mini_batch_for_sagemaker_to_retry():
@@ -120,21 +137,109 @@ def test_a_server_failure_fails_the_whole_mini_batch_for_sagemaker_to_retry():
 
     body = b'{"images": ["slow"]}\n{"images": ["down"]}\n{nope'
     with pytest.raises(RequestError) as error:
-        asyncio.run(answer_lines(body, handle, max_in_flight=4))
+        answer_lines(body, handle, max_in_flight=4)
     assert (error.value.status, error.value.error_type) == (503, "runner_unavailable")
     assert cancelled == [["slow"]]  # the other lines stop at once
+
+
+def test_lines_past_the_limit_are_refused_whole_before_any_is_answered():
+    answered = []
+
+    async def handle(line: InvocationLine) -> Any:
+        answered.append(line)
+        return {}
+
+    with pytest.raises(RequestError) as refused:
+        answer_lines(b"{}\n" * 11, handle, max_in_flight=4, max_lines=10)
+    assert (refused.value.status, refused.value.error_type) == (413, "too_many_lines")
+    assert refused.value.message.startswith("the body has 11 lines, more than the 10 answered")
+    assert "CLIP_MAX_LINES" in refused.value.message and answered == []
+    assert len(answer_lines(b"{}\n" * 10 + b"\n\n", handle, 4, max_lines=10)) == 10
+
+
+def test_the_lines_of_all_bodies_share_the_workers_slots():
+    """Two bodies of eight lines each at once, four slots: never more than four lines in the
+    handler (each body's own four would have let eight in)."""
+    in_handler, peak = 0, 0
+
+    async def handle(line: InvocationLine) -> Any:
+        nonlocal in_handler, peak
+        in_handler += 1
+        peak = max(peak, in_handler)
+        await asyncio.sleep(0.01)
+        in_handler -= 1
+        return {"ok": True}
+
+    async def two_bodies() -> list[list[bytes]]:
+        lines = LineAnswerer(handle, max_in_flight=4, max_lines=100)
+        body = b'{"images": ["x"]}\n' * 8
+        return list(await asyncio.gather(lines.answer(body), lines.answer(body)))
+
+    answers = asyncio.run(two_bodies())
+    assert peak == 4
+    assert [len(body) for body in answers] == [8, 8]
+
+
+def test_a_body_of_blank_lines_is_answered_without_stopping_the_event_loop():
+    """Every blank line is an error answered without an await; the workers still let other
+    tasks run between lines (all parsed at once, six million of them stopped a worker's loop
+    for over a minute)."""
+
+    handled = []
+
+    async def handle(line: InvocationLine) -> Any:
+        handled.append(line)  # only the last line, "{}", is not blank
+        return {}
+
+    async def ticks_while_answering() -> tuple[int, list[bytes]]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticking = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        answers = await LineAnswerer(handle, 4, 100_000).answer(b"\n" * 20_000 + b"{}")
+        ticking.cancel()
+        return ticks, answers
+
+    ticks, answers = asyncio.run(ticks_while_answering())
+    assert len(answers) == 20_001 and len(handled) == 1 and ticks > 1000
+    assert json.loads(answers[0])["error"]["message"] == "line 1: the line is empty"
 
 
 def test_execution_parameters_follow_the_settings():
     settings = dataclasses.replace(get_settings(), api_workers=3, max_body_bytes=20 * 2**20)
     assert execution_parameters(settings) == {
-        "MaxConcurrentTransforms": 6,
+        "MaxConcurrentTransforms": 5,  # 2 per worker, 6 x 20 MB, would pass 100 MB
         "BatchStrategy": "MULTI_RECORD",
         "MaxPayloadInMB": 20,
     }
     tiny = dataclasses.replace(settings, max_body_bytes=1000, max_concurrency=1)
     assert execution_parameters(tiny)["MaxPayloadInMB"] == 1
     assert execution_parameters(tiny)["MaxConcurrentTransforms"] == 1
+
+
+@pytest.mark.parametrize(
+    ("workers", "body_mb", "concurrent", "payload_mb"),
+    [(2, 60, 1, 60), (4, 100, 1, 100), (4, 30, 3, 30), (8, 6, 16, 6), (60, 1, 64, 1)],
+)
+def test_execution_parameters_keep_within_sagemakers_100_mb(
+    workers, body_mb, concurrent, payload_mb
+):
+    """CreateTransformJob: MaxConcurrentTransforms x MaxPayloadInMB may not pass 100 MB."""
+    settings = dataclasses.replace(
+        get_settings(), api_workers=workers, max_body_bytes=body_mb * 2**20, max_concurrency=64
+    )
+    parameters = execution_parameters(settings)
+    assert (parameters["MaxConcurrentTransforms"], parameters["MaxPayloadInMB"]) == (
+        concurrent,
+        payload_mb,
+    )
+    assert concurrent * payload_mb <= 100 or concurrent == 1
 
 
 # ---- against the served bento ----
@@ -148,6 +253,13 @@ def test_execution_parameters_endpoint(served):
     response = httpx.get(f"{served.url}/execution-parameters", timeout=10)
     assert response.status_code == 200
     assert response.json() == execution_parameters(get_settings())  # the suite's defaults
+
+
+def test_a_body_past_the_line_limit_is_a_413_and_the_server_serves_on(served):
+    response = post_lines(served, b"\n" * get_settings().max_lines + b"{}")
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "too_many_lines"
+    assert httpx.get(f"{served.url}/ping", timeout=10).status_code == 200
 
 
 def test_jsonlines_answers_one_line_per_line_like_single_requests(served, s3_store):
