@@ -66,6 +66,7 @@ from clip_runner.web.header_limits import HeaderLimits, bound_request_headers
 from clip_runner.web.http_spans import one_span_per_request
 from clip_runner.web.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
 from clip_runner.web.raw_images import RawImageBodyMiddleware
+from clip_runner.web.route_metrics import count_routed_requests_only
 from clip_runner.web.schemas import (
     ClassifyResponse,
     ClassList,
@@ -520,6 +521,7 @@ DIRECT_ROUTES = {
     "/embed_texts": direct_route("embed_texts", "text_embedding_answer"),
 }
 one_span_per_request()  # before BentoML builds the app: no per-message spans
+count_routed_requests_only()  # ... and no metric series per made-up path
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
 ClipService.add_asgi_middleware(
     ConnectionRecyclingMiddleware, every=settings.answers_per_connection

@@ -1,0 +1,62 @@
+"""BentoML's request metrics counted per route, not per path sent: which paths are routed, then
+made-up paths against the real servers (with and without the API key)."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+from starlette.routing import Mount, Route
+
+from clip_runner.web.route_metrics import fixed_paths, is_routed
+from tests.helpers import GUARD_AUTH
+
+ROUTES = [
+    Route("/invocations", lambda _: None, methods=["POST"]),
+    Route("/ping", lambda _: None),
+    Route("/items/{item_id:int}", lambda _: None),
+    Mount("/static_content", routes=[]),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "routed"),
+    [
+        ("/invocations", True),
+        ("/ping", True),
+        ("/items/7", True),
+        ("/items/seven", False),
+        ("/invocations/", False),
+        ("/static_content/swagger-ui.css", False),  # a mount matches any path under it
+        ("/made-up", False),
+    ],
+)
+def test_only_routes_count_as_routed(path, routed):
+    scope = {"type": "http", "path": path, "method": "GET", "root_path": ""}
+    assert is_routed(scope, ROUTES, fixed_paths(ROUTES)) is routed
+
+
+def made_up_paths_leave_no_series(server_url: str, headers: dict[str, str]) -> None:
+    with httpx.Client(base_url=server_url, timeout=30) as client:
+        tag = uuid.uuid4().hex[:12]
+        statuses = {client.get(f"/made-up-{tag}-{n}").status_code for n in range(20)} | {
+            client.post(f"/classify/{tag}", json={}).status_code,
+            client.get(f"/static_content/{tag}.css").status_code,
+        }
+        assert client.post("/classify", json={}, headers=headers).status_code == 422
+        assert client.get("/classify", headers=headers).status_code == 405
+        metrics = client.get("/metrics").text
+    assert statuses <= {401, 404}
+    assert tag not in metrics  # no series for any of them
+    # routes are still counted, whatever their answer
+    assert 'endpoint="/classify",http_response_code="422"' in metrics
+    assert 'endpoint="/classify",http_response_code="405"' in metrics
+
+
+def test_made_up_paths_are_not_counted(served):
+    made_up_paths_leave_no_series(served.url, {})
+
+
+def test_made_up_paths_without_the_api_key_are_not_counted(guarded):
+    made_up_paths_leave_no_series(guarded.url, GUARD_AUTH)
