@@ -84,6 +84,7 @@ from clip_runner.web.schemas import (
     ZeroShotParameters,
 )
 from clip_runner.web.traffic import RequestGuardMiddleware
+from clip_runner.web.trailing_slash import TrailingSlashMiddleware
 from clip_runner.web.ui import demo_page
 
 logger = logging.getLogger("clip_service")
@@ -523,6 +524,7 @@ DIRECT_ROUTES = {
 one_span_per_request()  # before BentoML builds the app: no per-message spans
 count_routed_requests_only()  # ... and no metric series per made-up path
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
+ClipService.add_asgi_middleware(TrailingSlashMiddleware)
 ClipService.add_asgi_middleware(
     ConnectionRecyclingMiddleware, every=settings.answers_per_connection
 )

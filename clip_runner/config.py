@@ -82,6 +82,19 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _api_key() -> str | None:
+    """CLIP_API_KEY (blank: none), refused unless printable ASCII without spaces: a header value
+    is sent as bytes, and clients disagree on the bytes of any other character (a browser sends
+    Latin-1, curl UTF-8, httpx refuses it), so such a key would match for some clients only."""
+    key = os.environ.get("CLIP_API_KEY", "").strip()
+    if key and not all("!" <= character <= "~" for character in key):
+        raise ValueError(
+            "CLIP_API_KEY must be printable ASCII without spaces (letters, digits, punctuation): "
+            "HTTP clients send other characters as different bytes"
+        )
+    return key or None
+
+
 def _env_switch(name: str, auto: Callable[[], bool]) -> bool:
     """`on`, `off`, or `auto` (the default): then `auto()` decides, from the machine."""
     choice = _env_choice(name, ("auto", "on", "off"))
@@ -317,6 +330,6 @@ def get_settings() -> Settings:
             "CLIP_MAX_WAITING_BODY_BYTES", max(256 * 1024 * 1024, max_body_bytes)
         ),
         max_request_pixels=_env_int("CLIP_MAX_REQUEST_PIXELS", 200_000_000),
-        api_key=os.environ.get("CLIP_API_KEY", "").strip() or None,
+        api_key=_api_key(),
         model_dir=os.environ.get("CLIP_MODEL_DIR", "/opt/ml/model").strip(),
     )

@@ -140,6 +140,9 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
         ("CLIP_MAX_WAITING_BODY_BYTES", "1000", "at least CLIP_MAX_BODY_BYTES"),
         ("CLIP_MAX_REQUEST_PIXELS", "lots", "must be an integer"),
+        ("CLIP_MAX_LINES", "0", "must be >= 1"),
+        ("CLIP_API_KEY", "s3cret-clé", "must be printable ASCII without spaces"),
+        ("CLIP_API_KEY", "two words", "must be printable ASCII without spaces"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_name(monkeypatch, name, value, message):
@@ -275,6 +278,10 @@ def test_abuse_bounds_default_and_the_api_key_is_off_unless_set(monkeypatch):
     get_settings.cache_clear()
     monkeypatch.setenv("CLIP_API_KEY", " s3cret ")
     assert get_settings().api_key == "s3cret"
+    get_settings.cache_clear()
+    every_printable = "".join(chr(code) for code in range(0x21, 0x7F))
+    monkeypatch.setenv("CLIP_API_KEY", every_printable)
+    assert get_settings().api_key == every_printable
 
 
 def test_every_setting_has_its_row_in_the_readmes_configuration_table():

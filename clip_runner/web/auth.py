@@ -17,7 +17,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clip_runner.web.traffic import CLOSE, send_error
 
-OPEN_PATHS = frozenset({"/ping", "/livez", "/readyz", "/metrics", "/ui"})
+# "/ui/" too, so that a browser there is sent on to "/ui" (trailing_slash.py).
+OPEN_PATHS = frozenset({"/ping", "/livez", "/readyz", "/metrics", "/ui", "/ui/"})
 
 
 def bearer_token(authorization: bytes) -> bytes | None:

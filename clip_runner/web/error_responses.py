@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clip_runner.errors import error_body
+from clip_runner.errors import error_body, quoted
 
 
 def _location(loc: list[Any]) -> str:
@@ -99,6 +99,19 @@ def normalise_error(status: int, body: bytes) -> tuple[int, dict[str, Any]]:
     return status, error_body(_STATUS_TYPES.get(status, "error"), text)
 
 
+# Starlette's router's own answers, plain text that names neither the path nor the method.
+ROUTING_TEXTS = {404: "Not Found", 405: "Method Not Allowed"}
+
+
+def routing_message(scope: Scope, status: int, allow: str) -> str:
+    """What a 404 or 405 of the router says instead: the request it answers, and for a 405 the
+    methods the route takes (its `Allow` header)."""
+    request = f"{scope.get('method', '')} {quoted(scope.get('path', ''))}"
+    if status == 404:
+        return f"{request}: no such route (the API: /docs.json)"
+    return f"{request}: method not allowed; this route takes {allow or 'other methods'}"
+
+
 class JSONErrorMiddleware:
     """Rewrites every 4xx/5xx response into the project's JSON error shape.
 
@@ -127,7 +140,12 @@ class JSONErrorMiddleware:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body", False):
                     return
-                status, payload = normalise_error(start["status"], b"".join(chunks))
+                body = b"".join(chunks)
+                status, payload = normalise_error(start["status"], body)
+                if body.decode("latin-1") == ROUTING_TEXTS.get(status):
+                    allow = dict(start.get("headers", [])).get(b"allow", b"").decode("latin-1")
+                    message = routing_message(scope, status, allow)
+                    payload = error_body(payload["error"]["type"], message)
                 body = json.dumps(payload).encode()
                 headers = [
                     (name, value)

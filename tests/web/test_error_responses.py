@@ -98,6 +98,26 @@ def test_middleware_rewrites_errors_and_leaves_success_alone():
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found"
 
 
+def test_the_routers_404_and_405_name_the_request_and_the_methods_taken():
+    async def ok(_):
+        return PlainTextResponse("fine")
+
+    app = Starlette(routes=[Route("/classify", ok, methods=["POST"])])
+    client = TestClient(JSONErrorMiddleware(app))
+    missing = client.get("/nowhere/" + "x" * 5000)
+    assert missing.json()["error"] == {
+        "type": "not_found",
+        "message": f"GET /nowhere/{'x' * 191}... (5009 characters): no such route "
+        "(the API: /docs.json)",
+    }
+    wrong_method = client.get("/classify")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"] == {
+        "type": "method_not_allowed",
+        "message": "GET /classify: method not allowed; this route takes POST",
+    }
+
+
 def test_validation_tracebacks_become_one_warning_line():
     try:
         InvocationLine.model_validate({"images": [], "classes": [["a", 9]]})

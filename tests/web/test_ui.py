@@ -91,13 +91,23 @@ def open_page(browser, url: str) -> Iterator[Any]:
     page = context.new_page()
     page.set_default_timeout(30_000)
     page.on("pageerror", lambda error: script_errors.append(str(error)))
+    # What the page's Content-Security-Policy blocked (its script, its style, a call) is told
+    # on the console only.
+    blocked: list[str] = []
+    page.on(
+        "console",
+        lambda message: blocked.append(message.text) if "Security Policy" in message.text else None,
+    )
     response = page.goto(f"{url}/ui")
     assert response is not None and response.status == 200
     assert response.headers["content-type"].startswith("text/html")
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert response.headers["x-content-type-options"] == "nosniff"
     yield page
     context.close()
     assert not outside, f"the page reached beyond loopback: {outside}"
     assert not script_errors, script_errors
+    assert not blocked, blocked
 
 
 @pytest.fixture
