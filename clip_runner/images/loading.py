@@ -47,7 +47,9 @@ from clip_runner.model.pillow_pixels import (
 from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE, crop_plan
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
-_DATA_URI = re.compile(r"^data:(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL)
+_DATA_URI = re.compile(
+    r"^(?i:data):(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL
+)
 _WHITESPACE = re.compile(r"\s+")
 
 # Pillow's own bomb check warns below twice its fixed limit and raises above; `decode_image`

@@ -286,6 +286,7 @@ def test_base64_and_data_uri_decode_to_the_same_bytes():
     text = base64.b64encode(raw).decode()
     assert decode_inline(text, 0, 10_000) == raw
     assert decode_inline(f"data:image/png;base64,{text}", 0, 10_000) == raw
+    assert decode_inline(f"DATA:IMAGE/PNG;BASE64,{text}", 0, 10_000) == raw  # any case
     wrapped = "\n".join(text[i : i + 60] for i in range(0, len(text), 60))
     assert decode_inline(wrapped, 0, 10_000) == raw
 
