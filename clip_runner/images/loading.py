@@ -47,6 +47,7 @@ from clip_runner.model.pillow_pixels import (
 from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE, crop_plan
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+# The scheme in any case, as RFC 3986 has it ("DATA:" was refused as malformed).
 _DATA_URI = re.compile(
     r"^(?i:data):(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL
 )
