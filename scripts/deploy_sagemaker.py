@@ -13,15 +13,21 @@
 The image built by `bentoml containerize` already speaks SageMaker's contract (`serve`, port
 8080, /ping, /invocations), so deploying is only AWS API calls. `deploy` on an existing endpoint
 creates a new timestamped model and endpoint config and switches with a blue/green update, so
-the old fleet serves until the new one passes /ping. Names of the models and configs this script
-creates are `<endpoint>-YYYYmmdd-HHMMSS-mmm`; `delete` removes exactly those (and the endpoint's
-current ones).
+the old fleet serves until the new one passes /ping. An update starts from the endpoint's current
+settings (instance type and count, start-up timeout, AMI, environment, model data, network
+isolation, async output): only what is given on the command line changes. Names of the models and
+configs this script creates are `<endpoint>-YYYYmmdd-HHMMSS-mmm`; `delete` removes exactly those
+(and the endpoint's current ones).
 
 Every subcommand takes --region, --endpoint-url (or AWS_ENDPOINT_URL, e.g. a moto server) and
 --dry-run. A dry run makes no call that changes anything (and no invoke / docker): it prints the
 plan, one `[dry-run] service.operation {params}` line per call, each checked against botocore's
-model of the AWS API. It still makes read-only lookups (iam GetRole, DescribeEndpoint, ...) so
-that the plan is the one a real run would follow.
+model of the AWS API, with container Environment values shown as *** (they may be secrets). It
+still makes read-only lookups (iam GetRole, DescribeEndpoint, ...) so that the plan is the one a
+real run would follow.
+
+Exit status: 0 done, 1 an AWS call failed, 2 a usage error (nothing changed by this run), 3 --wait
+gave up while the endpoint was still Creating/Updating (not failed).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import boto3
 from botocore.config import Config
@@ -47,6 +53,13 @@ from botocore.validate import validate_parameters
 from clip_runner.web.schemas import SEED_CLASSES
 
 DEFAULT_INSTANCE_TYPE = "ml.m5.xlarge"
+DEFAULT_INSTANCE_COUNT = 1
+DEFAULT_STARTUP_TIMEOUT = 600
+# What --wait allows beyond SageMaker's own time limits: instances to be found and provisioned,
+# the image pulled, the old fleet drained.
+PROVISIONING_MARGIN_S = 1800
+# How printed plans show container Environment values (keys stay): they may be secrets.
+MASK = "***"
 INSTANCE_TYPE_EXAMPLES = "ml.m5.xlarge, ml.c5.2xlarge (CPU); ml.g4dn.xlarge, ml.g5.xlarge (GPU)"
 INSTANCE_TYPE_RE = re.compile(r"ml\.[a-z][a-z0-9-]*\.(\d*xlarge|large|medium|small|micro)")
 # SageMaker names: alphanumerics and hyphens, at most 63; the timestamp suffix takes 20.
@@ -56,6 +69,8 @@ PAYLOAD_LIMIT = 6 * 1024 * 1024  # SageMaker real-time request bodies (and CLIP_
 VARIANT = "AllTraffic"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 BUSY_STATES = {"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"}
+# States in which `--wait` running out of time says nothing about success or failure.
+STILL_CHANGING = {"Creating", "Updating", "SystemUpdating"}
 # GPU instance families: ml.g4dn, ml.g5, ml.g6, ml.g6e, ml.p4d, ml.p5, ...
 GPU_INSTANCE_RE = re.compile(r"ml\.[gp]\d")
 # The image's torch (PyPI's 2.13.0) is a CUDA 13.0 build: it needs an NVIDIA driver of the 580
@@ -90,6 +105,26 @@ class AwsCallError(Exception):
     def __init__(self, message: str, code: str = "") -> None:
         super().__init__(message)
         self.code = code
+
+
+class StillChangingError(Exception):
+    """--wait ran out of time while the endpoint was still Creating/Updating: neither success nor
+    failure yet, so it gets its own exit status (3) and a line saying how to check again."""
+
+
+def masked(params: Any) -> Any:
+    """A copy of request `params` for printing: every `Environment` map keeps its keys, its values
+    become MASK (a container's environment may hold secrets; a dry-run plan lands in logs)."""
+    if isinstance(params, dict):
+        return {
+            key: {name: MASK for name in value}
+            if key == "Environment" and isinstance(value, dict)
+            else masked(value)
+            for key, value in params.items()
+        }
+    if isinstance(params, list):
+        return [masked(item) for item in params]
+    return params
 
 
 # ---- pure request builders (unit-tested; no AWS) ----
@@ -406,7 +441,8 @@ class Aws:
             api_name = client.meta.method_to_api_mapping[operation]
             shape = client.meta.service_model.operation_model(api_name).input_shape
             validate_parameters(params, shape)
-            print(f"[dry-run] {service}.{operation} {json.dumps(shown or params, default=str)}")
+            plan = shown if shown is not None else masked(params)
+            print(f"[dry-run] {service}.{operation} {json.dumps(plan, default=str)}")
             return None
         names = {k: v for k, v in params.items() if k.endswith("Name") and isinstance(v, str)}
         print(f"-> {service}.{operation} {json.dumps(names)}", file=sys.stderr)  # stdout: answers
@@ -428,10 +464,17 @@ def resolve_role(aws: Aws, role: str) -> str:
     try:
         found = aws.lookup("iam", "get_role", missing=("NoSuchEntity",), RoleName=name)
     except AwsCallError as error:
-        if error.code.startswith("AccessDenied") and ROLE_ARN_RE.fullmatch(role):
+        if not error.code.startswith("AccessDenied"):
+            raise
+        if ROLE_ARN_RE.fullmatch(role):
             print(f"warning: cannot read IAM role {name} ({error}); using {role} as given")
             return role
-        raise
+        # Without iam:GetRole a name cannot become the ARN CreateModel needs; an ARN can be used
+        # unread, as above.
+        raise DeployError(
+            f"cannot read IAM role {name} (iam:GetRole is denied to you): pass the role's ARN "
+            f"instead, --role arn:aws:iam::ACCOUNT_ID:role/{name}"
+        ) from None
     if found is None:
         raise DeployError(
             f"IAM role {role!r} not found; create one with AmazonSageMakerFullAccess (or the "
@@ -488,42 +531,119 @@ def remove_autoscaling(aws: Aws, endpoint: str) -> None:
         )
 
 
+def wait_timeout(startup_timeout: int, deployment: dict[str, Any] | None) -> int:
+    """How long --wait waits. A new endpoint: start-up plus provisioning. An update: SageMaker's
+    own limit for the blue/green deployment (MaximumExecutionTimeoutInSeconds, which covers the
+    canary wait and the bake time) plus provisioning; giving up earlier would call an update
+    that is still going well a failure."""
+    if deployment is None:
+        return startup_timeout + PROVISIONING_MARGIN_S
+    limit = deployment["BlueGreenUpdatePolicy"]["MaximumExecutionTimeoutInSeconds"]
+    return limit + PROVISIONING_MARGIN_S
+
+
 def wait_in_service(aws: Aws, endpoint: str, config: str, timeout_s: int) -> None:
     """Wait for InService, then check it runs `config`: a rolled-back update is InService too."""
     print(f"waiting for {endpoint} to be InService (up to {timeout_s} s)...")
     waiter = aws.client("sagemaker").get_waiter("endpoint_in_service")
+    logs = f"logs: CloudWatch /aws/sagemaker/Endpoints/{endpoint}"
     try:
         waiter.wait(
-            EndpointName=endpoint, WaiterConfig={"Delay": 15, "MaxAttempts": timeout_s // 15}
+            EndpointName=endpoint,
+            WaiterConfig={"Delay": 15, "MaxAttempts": max(1, timeout_s // 15)},
         )
     except WaiterError as error:
         state = describe_endpoint(aws, endpoint) or {}
+        status = state.get("EndpointStatus", "gone")
+        if status in STILL_CHANGING:  # out of time, not failed: SageMaker is still at it
+            raise StillChangingError(
+                f"endpoint {endpoint} is still {status} after {timeout_s} s (not failed): check "
+                f"again with `aws sagemaker describe-endpoint --endpoint-name {endpoint}`; {logs}"
+            ) from None
         raise AwsCallError(
-            f"endpoint {endpoint} is {state.get('EndpointStatus', 'gone')}: "
-            f"{state.get('FailureReason') or error}; "
-            f"logs: CloudWatch /aws/sagemaker/Endpoints/{endpoint}"
+            f"endpoint {endpoint} is {status}: {state.get('FailureReason') or error}; {logs}"
         ) from None
-    running = (describe_endpoint(aws, endpoint) or {}).get("EndpointConfigName")
+    state = describe_endpoint(aws, endpoint) or {}
+    running = state.get("EndpointConfigName")
     if running != config:
+        reason = state.get("FailureReason") or "SageMaker gave no reason; see the endpoint's events"
+        reason = reason.rstrip(". ")
         raise AwsCallError(
-            f"endpoint {endpoint} is InService on {running}, not {config}: the "
-            "update was rolled back; see its events and CloudWatch logs"
+            f"endpoint {endpoint} is InService on {running}, not {config}: the update was rolled "
+            f"back: {reason}; {logs}"
         )
     print(f"{endpoint} is InService on {config}")
 
 
-# ---- subcommands ----
+# ---- deploy: what an endpoint runs, and what an update keeps ----
+
+API_KEY_VARIABLE = "CLIP_API_KEY"
 
 
-def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
-    """Create the endpoint, or update it blue/green (new model + config; old fleet serves on)."""
-    endpoint = check_endpoint_name(args.endpoint)
-    instance_type = check_instance_type(args.instance_type)
-    if args.instance_count < 1:
+class EndpointSettings(NamedTuple):
+    """What `deploy` controls in an endpoint's model and endpoint config.
+
+    An update starts from the running endpoint's settings, so that an option left off the
+    command line keeps its value instead of falling back to a default (a GPU fleet updated with
+    only a new --image-uri must not become one CPU instance).
+    """
+
+    image_uri: str
+    role_arn: str
+    instance_type: str
+    instance_count: int
+    startup_timeout: int
+    ami_version: str | None
+    env: dict[str, str]
+    model_data: str | None
+    network_isolation: bool
+    async_config: dict[str, Any] | None
+
+
+def env_changes(items: Sequence[str]) -> dict[str, str | None]:
+    """`--env KEY=VALUE` sets KEY; `--env KEY=` (nothing after `=`) removes KEY (None). An
+    update merges the changes into the endpoint's current environment, so an empty value is how
+    a variable is dropped."""
+    changes: dict[str, str | None] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DeployError(f"--env {item!r}: use KEY=VALUE (or KEY= to remove KEY)")
+        changes[key] = value or None
+    return changes
+
+
+def check_no_api_key(env: dict[str, Any], carried: bool = False) -> None:
+    """SageMaker's InvokeEndpoint and InvokeEndpointAsync cannot send an Authorization header:
+    with CLIP_API_KEY set every invocation would be a 401 while /ping stays 200 (the endpoint
+    looks healthy). IAM guards SageMaker endpoints; the key is for self-hosted servers."""
+    if env.get(API_KEY_VARIABLE) is None:
+        return
+    fix = f"remove it with --env {API_KEY_VARIABLE}=" if carried else "leave it out"
+    raise DeployError(
+        f"{API_KEY_VARIABLE} cannot be used on SageMaker: InvokeEndpoint cannot send an "
+        "Authorization header, so every invocation would get 401 while /ping stays 200 (IAM "
+        f"guards the endpoint; the key is for self-hosted servers): {fix}"
+    )
+
+
+def check_async_scaling(min_count: int, max_count: int, backlog_target: float) -> None:
+    """Async autoscaling's bounds: checked before anything is created, not after the wait."""
+    if not 0 <= min_count <= max_count or max_count < 1:
+        raise DeployError("need 0 <= --min <= --max and --max >= 1 (--max-instances for deploy)")
+    if backlog_target <= 0:
+        raise DeployError("--backlog-target (queued requests per instance) must be positive")
+
+
+def check_deploy_options(args: argparse.Namespace, known_amis: Sequence[str]) -> None:
+    """Everything about deploy's options that needs no AWS call, so that a mistake changes
+    nothing: the given values only (what an update carries over was valid when it was set)."""
+    check_endpoint_name(args.endpoint)
+    if args.instance_type is not None:
+        check_instance_type(args.instance_type)
+    if args.instance_count is not None and args.instance_count < 1:
         raise DeployError("--instance-count must be at least 1")
-    if OLD_GPU_INSTANCE_RE.match(instance_type):
-        print(OLD_GPU_WARNING.format(instance_type=instance_type), file=sys.stderr)
-    if not 60 <= args.startup_timeout <= 3600:
+    if args.startup_timeout is not None and not 60 <= args.startup_timeout <= 3600:
         raise DeployError("--startup-timeout must be 60..3600 seconds (SageMaker's range)")
     if not 0 <= args.bake_seconds <= 3600:
         raise DeployError("--bake-seconds must be 0..3600")
@@ -534,26 +654,212 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
             f"--image-uri {args.image_uri!r}: give the registry URI `push` printed, "
             "e.g. ACCOUNT.dkr.ecr.REGION.amazonaws.com/clip-bentoml:TAG"
         )
-    if any("=" not in item for item in args.env):
-        raise DeployError("--env takes KEY=VALUE")
-    env = dict(item.split("=", 1) for item in args.env)
-    model_data = check_model_data(args.model_data) if args.model_data else None
-    ami_version = inference_ami_version(
-        instance_type,
-        args.inference_ami_version,
-        aws.enum("sagemaker", "ProductionVariantInferenceAmiVersion"),
+    check_no_api_key(env_changes(args.env))
+    if args.model_data:
+        check_model_data(args.model_data)
+    if args.inference_ami_version is not None:
+        inference_ami_version(
+            args.instance_type or DEFAULT_INSTANCE_TYPE, args.inference_ami_version, known_amis
+        )
+    if args.output is not None:
+        check_s3_uri(args.output, "--output")
+    if args.failure_output is not None:
+        check_s3_uri(args.failure_output, "--failure-output")
+    check_async_scaling(0, args.max_instances, args.backlog_target)
+
+
+def current_settings(aws: Aws, existing: dict[str, Any]) -> EndpointSettings:
+    """The running endpoint's settings: its endpoint config's (first) variant and that model."""
+    config = aws.lookup(
+        "sagemaker", "describe_endpoint_config", EndpointConfigName=existing["EndpointConfigName"]
     )
-    async_config = None
-    if args.async_:  # results to S3, requests queued: issue 14's asynchronous inference
-        async_config = async_inference_config(
+    variant = (config or {})["ProductionVariants"][0]
+    model = aws.lookup(
+        "sagemaker",
+        "describe_model",
+        missing=("ValidationException",),
+        ModelName=variant["ModelName"],
+    )
+    if model is None:
+        print(
+            f"warning: model {variant['ModelName']}, which endpoint {existing['EndpointName']} "
+            "runs, no longer exists: its environment, model data and network isolation cannot "
+            "be carried over (what is given, else the defaults, applies)",
+            file=sys.stderr,
+        )
+        model = {}
+    container = model.get("PrimaryContainer", {})
+    return EndpointSettings(
+        image_uri=container.get("Image", "?"),
+        role_arn=model.get("ExecutionRoleArn", "?"),
+        instance_type=variant.get("InstanceType", DEFAULT_INSTANCE_TYPE),
+        instance_count=variant.get("InitialInstanceCount", DEFAULT_INSTANCE_COUNT),
+        startup_timeout=variant.get(
+            "ContainerStartupHealthCheckTimeoutInSeconds", DEFAULT_STARTUP_TIMEOUT
+        ),
+        ami_version=variant.get("InferenceAmiVersion"),
+        env=dict(container.get("Environment") or {}),
+        model_data=container.get("ModelDataUrl"),
+        network_isolation=bool(model.get("EnableNetworkIsolation", False)),
+        async_config=(config or {}).get("AsyncInferenceConfig") or None,
+    )
+
+
+def resolve_async_config(
+    args: argparse.Namespace, current: EndpointSettings | None
+) -> dict[str, Any] | None:
+    """The endpoint's AsyncInferenceConfig: a new one from --output & co., the current one with
+    the given options changed, or None (real-time). An update cannot switch between real-time
+    and async: SageMaker endpoints of the two kinds differ in invocation API and scaling."""
+    was_async = current is not None and current.async_config is not None
+    is_async = was_async if args.async_ is None else args.async_
+    if current is not None and is_async != was_async:
+        kind, other = ("asynchronous", "real-time") if was_async else ("real-time", "asynchronous")
+        raise DeployError(
+            f"endpoint {args.endpoint} is {kind}; an update cannot make it {other}: deploy "
+            f"the {other} one under another --endpoint name (and delete this one)"
+        )
+    given = {
+        "--output": args.output,
+        "--failure-output": args.failure_output,
+        "--max-concurrent-invocations": args.max_concurrent_invocations,
+    }
+    if not is_async:
+        if any(value is not None for value in given.values()):
+            options = ", ".join(name for name, value in given.items() if value is not None)
+            raise DeployError(f"{options}: only for asynchronous endpoints (--async)")
+        return None
+    if current is None or current.async_config is None:
+        return async_inference_config(
             check_s3_uri(args.output or "", "--output"),
-            args.failure_output and check_s3_uri(args.failure_output, "--failure-output"),
+            args.failure_output,
             args.max_concurrent_invocations,
         )
-        env = {**async_environment(), **env}
+    config = json.loads(json.dumps(current.async_config))  # a deep copy to change
+    if args.output is not None:
+        config.setdefault("OutputConfig", {})["S3OutputPath"] = args.output
+    if args.failure_output is not None:
+        config.setdefault("OutputConfig", {})["S3FailurePath"] = args.failure_output
+    if args.max_concurrent_invocations is not None:
+        client = config.setdefault("ClientConfig", {})
+        client["MaxConcurrentInvocationsPerInstance"] = args.max_concurrent_invocations
+    return config
+
+
+def resolve_settings(
+    args: argparse.Namespace,
+    current: EndpointSettings | None,
+    role_arn: str,
+    known_amis: Sequence[str],
+) -> EndpointSettings:
+    """Each setting: the given option, else the current endpoint's (on update), else the
+    default. The AMI version is kept only with the instance type it was picked for; a new
+    instance type gets `auto`'s choice unless --inference-ami-version says otherwise."""
+
+    def pick(given: Any, kept: Any, default: Any) -> Any:
+        if given is not None:
+            return given
+        return kept if current is not None else default
+
+    instance_type = pick(
+        args.instance_type, current and current.instance_type, DEFAULT_INSTANCE_TYPE
+    )
+    if args.inference_ami_version is not None:
+        ami = inference_ami_version(instance_type, args.inference_ami_version, known_amis)
+    elif current is not None and current.instance_type == instance_type:
+        ami = current.ami_version
+    else:
+        ami = inference_ami_version(instance_type, "auto", known_amis)
+    async_config = resolve_async_config(args, current)
+    if current is not None:
+        env = dict(current.env)
+    else:
+        env = async_environment() if async_config is not None else {}
+    for key, value in env_changes(args.env).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    check_no_api_key(env, carried=True)
+    if args.model_data is None:
+        model_data = current.model_data if current is not None else None
+    else:
+        model_data = args.model_data or None  # --model-data '': the image's own model again
+    return EndpointSettings(
+        image_uri=args.image_uri,
+        role_arn=role_arn,
+        instance_type=instance_type,
+        instance_count=pick(
+            args.instance_count, current and current.instance_count, DEFAULT_INSTANCE_COUNT
+        ),
+        startup_timeout=pick(
+            args.startup_timeout, current and current.startup_timeout, DEFAULT_STARTUP_TIMEOUT
+        ),
+        ami_version=ami,
+        env=env,
+        model_data=model_data,
+        network_isolation=pick(
+            args.network_isolation, current and current.network_isolation, False
+        ),
+        async_config=async_config,
+    )
+
+
+def settings_report(current: EndpointSettings, new: EndpointSettings) -> list[str]:
+    """One line per setting of an update, `(kept)` or `old -> new`, so that what an update
+    changes is visible before it runs; environment values are masked, keys shown."""
+
+    def show(value: Any) -> str:
+        if value is None:
+            return "none"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, dict):
+            return json.dumps(value, sort_keys=True)
+        return str(value)
+
+    rows = [
+        ("image", current.image_uri, new.image_uri),
+        ("role", current.role_arn, new.role_arn),
+        ("instance type", current.instance_type, new.instance_type),
+        ("instance count", current.instance_count, new.instance_count),
+        ("startup timeout (s)", current.startup_timeout, new.startup_timeout),
+        ("inference AMI version", current.ami_version, new.ami_version),
+        ("model data", current.model_data, new.model_data),
+        ("network isolation", current.network_isolation, new.network_isolation),
+        ("async config", current.async_config, new.async_config),
+    ]
+    lines = [
+        f"  {label}: {show(old)} (kept)"
+        if old == value
+        else f"  {label}: {show(old)} -> {show(value)}"
+        for label, old, value in rows
+    ]
+    for key in sorted(set(current.env) | set(new.env)):
+        if key not in new.env:
+            change = "removed"
+        elif key not in current.env:
+            change = "added"
+        else:
+            change = "kept" if current.env[key] == new.env[key] else "changed"
+        lines.append(f"  env {key}={MASK} ({change})")
+    return lines
+
+
+# ---- subcommands ----
+
+
+def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
+    """Create the endpoint, or update it blue/green (new model + config; old fleet serves on).
+
+    An update starts from the endpoint's current settings: an option not given keeps its value.
+    """
+    known_amis = aws.enum("sagemaker", "ProductionVariantInferenceAmiVersion")
+    check_deploy_options(args, known_amis)
+    endpoint = args.endpoint
     role_arn = resolve_role(aws, args.role)
     existing = describe_endpoint(aws, endpoint)
-    variant, retain = VARIANT, False
+    variant, retain, current = VARIANT, False, None
     if existing is not None:
         status = existing["EndpointStatus"]
         if status in BUSY_STATES or status == "Failed":
@@ -562,35 +868,59 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
                 + ("(delete it, then deploy again)" if status == "Failed" else "(wait, then retry)")
             )
         variant = existing["ProductionVariants"][0]["VariantName"]  # blue/green needs the same
+        current = current_settings(aws, existing)
+    settings = resolve_settings(args, current, role_arn, known_amis)
+    if OLD_GPU_INSTANCE_RE.match(settings.instance_type):
+        print(OLD_GPU_WARNING.format(instance_type=settings.instance_type), file=sys.stderr)
+    if existing is not None and current is not None:
+        print(
+            f"update of {endpoint}: options not given keep the values of its current config "
+            f"{existing['EndpointConfigName']}:",
+            file=sys.stderr,
+        )
+        print("\n".join(settings_report(current, settings)), file=sys.stderr)
+        fleet = settings.instance_count
         if scaling_targets(aws, endpoint):
-            current = aws.lookup(
-                "sagemaker",
-                "describe_endpoint_config",
-                EndpointConfigName=existing["EndpointConfigName"],
-            )
-            if current and current["ProductionVariants"][0]["InstanceType"] != instance_type:
+            if current.instance_type != settings.instance_type:
                 raise DeployError(
                     f"endpoint {endpoint} autoscales, and SageMaker refuses to change the instance "
                     f"type of an autoscaled variant: run `autoscale --endpoint {endpoint} "
                     "--disable`, deploy, then `autoscale` again"
                 )
             retain = True  # keep the instance count autoscaling chose
+            fleet = existing["ProductionVariants"][0].get("CurrentInstanceCount", fleet)
+        if args.canary_percent is not None and fleet < 2:
+            raise DeployError(
+                f"--canary-percent: endpoint {endpoint} would have {fleet} instance; a canary is "
+                "at least one instance and at most half the variant's instances (CanarySize), so "
+                "it needs 2 or more: leave --canary-percent out (all at once, the old fleet "
+                "serving until the new one passes /ping) or raise --instance-count"
+            )
     name = resource_name(endpoint, datetime.now(UTC))
-    model = model_request(name, args.image_uri, role_arn, env, args.network_isolation)
-    if model_data:
-        model = with_model_data(model, model_data)
+    model = model_request(
+        name, settings.image_uri, role_arn, settings.env, settings.network_isolation
+    )
+    if settings.model_data:
+        model = with_model_data(model, settings.model_data)
     aws.act("sagemaker", "create_model", **model)
     config_request = endpoint_config_request(
-        name, name, instance_type, args.instance_count, args.startup_timeout, variant, ami_version
+        name,
+        name,
+        settings.instance_type,
+        settings.instance_count,
+        settings.startup_timeout,
+        variant,
+        settings.ami_version,
     )
-    if async_config is not None:
-        config_request["AsyncInferenceConfig"] = async_config
+    if settings.async_config is not None:
+        config_request["AsyncInferenceConfig"] = settings.async_config
     aws.act("sagemaker", "create_endpoint_config", **config_request)
+    deployment = None
     if existing is None:
         aws.act("sagemaker", "create_endpoint", EndpointName=endpoint, EndpointConfigName=name)
     else:
         deployment = blue_green_config(
-            args.bake_seconds, args.canary_percent, args.rollback_alarm, args.startup_timeout
+            args.bake_seconds, args.canary_percent, args.rollback_alarm, settings.startup_timeout
         )
         aws.act(
             "sagemaker",
@@ -601,9 +931,9 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
             DeploymentConfig=deployment,
         )
     if args.wait and not aws.dry_run:
-        wait_in_service(aws, endpoint, name, args.startup_timeout + 1800)
-    if async_config is not None and not retain:
-        if args.wait or aws.dry_run:  # scaling needs an endpoint InService
+        wait_in_service(aws, endpoint, name, wait_timeout(settings.startup_timeout, deployment))
+    if settings.async_config is not None and not retain:
+        if args.wait:  # scaling needs an endpoint InService; a dry run plans what --wait does
             autoscale_async(aws, endpoint, variant, 0, args.max_instances, args.backlog_target)
         else:
             print(
@@ -760,6 +1090,8 @@ def cmd_push(aws: Aws, args: argparse.Namespace) -> None:
 JOB_NAME_RE = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 S3_URI_RE = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?")
 JSONLINES = "application/jsonlines"
+# CreateTransformJob: MaxConcurrentTransforms x MaxPayloadInMB must not exceed 100 (MB).
+MAX_TRANSFORM_MB = 100
 MIB = 1024 * 1024
 # Seconds SageMaker gives the container beyond its own request deadline (see config.py).
 DEADLINE_MARGIN_S = 5
@@ -939,10 +1271,7 @@ def autoscale_async(
     cooldowns: tuple[int, int] = (300, 60),
 ) -> None:
     """Scale to zero: min may be 0; the backlog per instance drives scaling, an alarm wakes it."""
-    if not 0 <= min_count <= max_count or max_count < 1:
-        raise DeployError("need 0 <= --min <= --max and --max >= 1")
-    if backlog_target <= 0:
-        raise DeployError("--backlog-target (queued requests per instance) must be positive")
+    check_async_scaling(min_count, max_count, backlog_target)
     rid = scaling_resource_id(endpoint, variant)
     aws.act(
         "application-autoscaling",
@@ -992,6 +1321,12 @@ def cmd_batch_transform(aws: Aws, args: argparse.Namespace) -> None:
         raise DeployError("--max-payload-mb must be 1..100 (SageMaker's range)")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise DeployError("--max-concurrent must be at least 1")
+    if (args.max_concurrent or 0) * (args.max_payload_mb or 0) > MAX_TRANSFORM_MB:
+        raise DeployError(
+            f"--max-concurrent {args.max_concurrent} x --max-payload-mb {args.max_payload_mb} is "
+            f"{args.max_concurrent * args.max_payload_mb} MB; SageMaker allows at most "
+            f"{MAX_TRANSFORM_MB} (MaxConcurrentTransforms x MaxPayloadInMB)"
+        )
     if not 0 <= args.retries <= 3:
         raise DeployError("--retries must be 0..3")
     if bool(args.model) == bool(args.image_uri):
@@ -1000,17 +1335,29 @@ def cmd_batch_transform(aws: Aws, args: argparse.Namespace) -> None:
         raise DeployError("--image-uri needs --role (the model's execution role)")
     if not s3_has_objects(aws, input_uri):
         raise DeployError(f"no objects under {input_uri}: upload the .jsonl files first")
+    earlier = aws.lookup(
+        "sagemaker",
+        "describe_transform_job",
+        missing=("ValidationException",),
+        TransformJobName=job,
+    )
+    if earlier is not None:  # SageMaker keeps job names for good: a second CreateTransformJob fails
+        raise DeployError(
+            f"transform job {job} already exists ({earlier.get('TransformJobStatus')}): "
+            "job names cannot be reused; pass another --job"
+        )
     if is_gpu_instance(instance_type):
         print(BATCH_GPU_WARNING.format(instance_type=instance_type), file=sys.stderr)
-    model = args.model
+    model, made_model = args.model, False
     if args.image_uri:
         role_arn = resolve_role(aws, args.role)
         model = job
-        aws.act(
-            "sagemaker",
-            "create_model",
-            **model_request(model, args.image_uri, role_arn, {}, args.network_isolation),
-        )
+        request = model_request(model, args.image_uri, role_arn, {}, args.network_isolation)
+        if job_model_exists(aws, request):
+            print(f"using model {model}, left by an earlier run of job {job} (same image and role)")
+        else:
+            aws.act("sagemaker", "create_model", **request)
+            made_model = not aws.dry_run
     request = transform_job_request(
         job,
         model,
@@ -1023,10 +1370,52 @@ def cmd_batch_transform(aws: Aws, args: argparse.Namespace) -> None:
         args.max_concurrent,
         args.max_payload_mb,
     )
-    aws.act("sagemaker", "create_transform_job", **request)
+    try:
+        aws.act("sagemaker", "create_transform_job", **request)
+    except AwsCallError:
+        if made_model:  # made for this job only: don't leave it behind (or block a re-run)
+            aws.act("sagemaker", "delete_model", ModelName=model)
+        raise
     print(f"transform job {job}: {input_uri} -> {output_uri.rstrip('/')}/<file>.out")
     if args.wait and not aws.dry_run:
         wait_transform_job(aws, job)
+
+
+def job_model_exists(aws: Aws, request: dict[str, Any]) -> bool:
+    """Whether the model a job is to make (named after the job) exists already, as this job's.
+
+    SageMaker refuses a second CreateModel of a name, so a re-run after a failed job reuses its
+    model when it is the same (image, model data, role, network isolation); a different model of
+    that name is someone else's and is left alone.
+    """
+    name = request["ModelName"]
+    found = aws.lookup(
+        "sagemaker", "describe_model", missing=("ValidationException",), ModelName=name
+    )
+    if found is None:
+        return False
+    container = found.get("PrimaryContainer", {})
+    wanted = request["PrimaryContainer"]
+    differences = [
+        f"{label} {have!r}, not {want!r}"
+        for label, have, want in (
+            ("image", container.get("Image"), wanted["Image"]),
+            ("model data", container.get("ModelDataUrl"), wanted.get("ModelDataUrl")),
+            ("role", found.get("ExecutionRoleArn"), request["ExecutionRoleArn"]),
+            (
+                "network isolation",
+                bool(found.get("EnableNetworkIsolation")),
+                request["EnableNetworkIsolation"],
+            ),
+        )
+        if have != want
+    ]
+    if differences:
+        raise DeployError(
+            f"a SageMaker model named {name} already exists with {'; '.join(differences)}: pass "
+            f"another --job, or --model {name} to run the job on that model"
+        )
+    return True
 
 
 def wait_transform_job(aws: Aws, job: str) -> None:
@@ -1070,7 +1459,8 @@ def add_batch_transform_parser(sub: Any, common: argparse.ArgumentParser) -> Non
     batch.add_argument(
         "--max-payload-mb",
         type=int,
-        help="MaxPayloadInMB, 1..100 (default: the container's /execution-parameters)",
+        help="MaxPayloadInMB, 1..100, and x --max-concurrent at most 100 (default: the "
+        "container's /execution-parameters)",
     )
     batch.add_argument(
         "--invocation-timeout",
@@ -1106,39 +1496,51 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--tag", help="tag in ECR (default: the local tag)")
     push.add_argument("--docker", default="docker", help="docker executable")
 
-    deploy = sub.add_parser("deploy", parents=[common], help="create or update the endpoint")
+    deploy = sub.add_parser(
+        "deploy",
+        parents=[common],
+        help="create or update the endpoint",
+        description="Create the endpoint, or update it blue/green. On update every option not "
+        "given keeps the endpoint's current value (the defaults below apply to new endpoints).",
+    )
     deploy.add_argument("--endpoint", default="clip")
     deploy.add_argument("--image-uri", required=True, help="ECR image URI (printed by push)")
     deploy.add_argument("--role", required=True, help="SageMaker execution role name or ARN")
     deploy.add_argument(
         "--instance-type",
-        default=DEFAULT_INSTANCE_TYPE,
         help=f"default {DEFAULT_INSTANCE_TYPE}; e.g. {INSTANCE_TYPE_EXAMPLES}",
     )
-    deploy.add_argument("--instance-count", type=int, default=1)
+    deploy.add_argument("--instance-count", type=int, help=f"default {DEFAULT_INSTANCE_COUNT}")
     deploy.add_argument(
         "--inference-ami-version",
-        default="auto",
         help=f"the hosts' AMI, which sets their NVIDIA driver. auto (default): {GPU_AMI_VERSION} "
         "(driver 580, which the image's CUDA 13.0 torch needs) on GPU instance types, "
-        "SageMaker's default on others; default: SageMaker's default; or a version by name",
+        "SageMaker's default on others; default: SageMaker's default; or a version by name "
+        "(on update: the current one while the instance type stays, else auto)",
     )
     deploy.add_argument(
         "--startup-timeout",
         type=int,
-        default=600,
-        help="ContainerStartupHealthCheckTimeoutInSeconds (60..3600)",
+        help="ContainerStartupHealthCheckTimeoutInSeconds (60..3600; default "
+        f"{DEFAULT_STARTUP_TIMEOUT})",
     )
-    deploy.add_argument("--env", action="append", default=[], help="KEY=VALUE for the container")
+    deploy.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        help="KEY=VALUE for the container; on update merged into the current environment, "
+        "and KEY= (empty) removes KEY",
+    )
     deploy.add_argument(
         "--model-data",
         help="s3://BUCKET/KEY/model.tar.gz: a CLIP checkpoint (save_pretrained) to serve "
-        "instead of the image's model; SageMaker extracts it into /opt/ml/model",
+        "instead of the image's model; SageMaker extracts it into /opt/ml/model "
+        "(on update, '' goes back to the image's model)",
     )
     deploy.add_argument(
         "--network-isolation",
-        action="store_true",
-        help="no outbound network: images must be sent as base64",
+        action=argparse.BooleanOptionalAction,
+        help="no outbound network: images must be sent as base64 (default off)",
     )
     deploy.add_argument(
         "--bake-seconds",
@@ -1146,7 +1548,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=300,
         help="update: how long the old fleet stays after the switch",
     )
-    deploy.add_argument("--canary-percent", type=int, help="update: canary share of capacity")
+    deploy.add_argument(
+        "--canary-percent",
+        type=int,
+        help="update: canary share of capacity, 1..50 (needs 2 or more instances)",
+    )
     deploy.add_argument(
         "--rollback-alarm",
         action="append",
@@ -1157,8 +1563,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--async",
         dest="async_",
-        action="store_true",
-        help="asynchronous endpoint: answers go to --output in S3; scales to zero",
+        action=argparse.BooleanOptionalAction,
+        help="asynchronous endpoint: answers go to --output in S3; scales to zero (an update "
+        "keeps the endpoint's kind)",
     )
     deploy.add_argument("--output", help="async: s3:// prefix for the answers")
     deploy.add_argument("--failure-output", help="async: s3:// prefix for failed requests")
@@ -1229,6 +1636,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AwsCallError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except StillChangingError as error:  # not an error (yet): a different line and status
+        print(f"warning: {error}", file=sys.stderr)
+        return 3
     except BotoCoreError as error:  # no credentials, endpoint unreachable, bad parameters
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

@@ -3,8 +3,9 @@
 `bentoctl operator install` registers it, `bentoctl generate` writes Terraform that parses as
 HCL (python-hcl2) and holds the resources and values scripts/deploy_sagemaker.py creates, a bad
 spec is refused, and the operator's ECR repository calls run against moto's server on
-127.0.0.1. `bentoctl build` (a real image from a real bento) runs in scripts/container_test.sh,
-which has the Docker engine and the bento (tests/test_container.py).
+127.0.0.1, including `bentoctl destroy` (with a stand-in `terraform`) leaving the repository of
+an endpoint that still exists. `bentoctl build` (a real image from a real bento) runs in
+scripts/container_test.sh, which has the Docker engine and the bento (tests/test_container.py).
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def bentoctl(home: Path, *args: str, cwd: Path = REPO_ROOT) -> str:
+def bentoctl(
+    home: Path, *args: str, cwd: Path = REPO_ROOT, env: dict[str, str] | None = None
+) -> str:
     """Run the bentoctl CLI; it exits 0 even on its own errors, so callers read the output."""
     result = subprocess.run(
         [str(BENTOCTL_VENV / "bin" / "bentoctl"), *args],
         cwd=cwd,
         env={
-            **os.environ,
+            **(env or os.environ),
             "BENTOCTL_HOME": str(home),
             "BENTOML_DO_NOT_TRACK": "true",
             "COLUMNS": "300",  # rich wraps its output at the terminal's width otherwise
@@ -208,49 +211,136 @@ def test_a_bad_spec_is_refused_and_nothing_is_written(home, tmp_path, change, sa
     assert list(out.iterdir()) == []
 
 
-def test_the_ecr_repository_calls_against_moto(home, tmp_path):
+@pytest.fixture
+def moto_env() -> Any:
+    """The environment of a process whose AWS calls go to a moto server on 127.0.0.1."""
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    try:
-        host, port = server.get_host_and_port()
-        env = {
-            **os.environ,
-            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-        script = (
-            "import sys; from clip_sagemaker import create_repository, delete_repository\n"
-            "spec = {'region': 'us-east-1'}\n"
-            "uri, user, password = create_repository('clip-bentoctl', spec)\n"
-            "print(uri, user, bool(password))\n"
-            "assert create_repository('clip-bentoctl', spec)[0] == uri  # found the second time\n"
-            "if sys.argv[1:] == ['delete']: delete_repository('clip-bentoctl', spec)\n"
-        )
-        python = str(BENTOCTL_VENV / "bin" / "python")
-        run = {"cwd": OPERATOR, "env": env, "capture_output": True, "text": True, "timeout": 60}
-        created = subprocess.run([python, "-c", script], **run)
-        assert created.returncode == 0, created.stderr
-        uri, user, has_password = created.stdout.split()
-        assert uri.endswith(".amazonaws.com/clip-bentoctl") and user == "AWS"
-        assert has_password == "True"
-        ecr = boto3.client(
-            "ecr",
-            region_name="us-east-1",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        # moto's state is per process, shared with test_deploy_sagemaker's server: by name.
-        (repository,) = ecr.describe_repositories(repositoryNames=["clip-bentoctl"])["repositories"]
-        assert repository["repositoryUri"] == uri
-        assert repository["imageScanningConfiguration"] == {"scanOnPush": True}
-        deleted = subprocess.run([python, "-c", script, "delete"], **run)
-        assert deleted.returncode == 0, deleted.stderr
-        names = [r["repositoryName"] for r in ecr.describe_repositories()["repositories"]]
-        assert "clip-bentoctl" not in names
-    finally:
-        server.stop()
+    host, port = server.get_host_and_port()
+    yield {
+        **os.environ,
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    server.stop()
+
+
+def moto_client(env: dict[str, str], service: str) -> Any:
+    return boto3.client(
+        service,
+        region_name="us-east-1",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def test_the_ecr_repository_calls_against_moto(home, tmp_path, moto_env):
+    env = moto_env
+    script = (
+        "import sys; from clip_sagemaker import create_repository, delete_repository\n"
+        "spec = {'region': 'us-east-1'}\n"
+        "uri, user, password = create_repository('clip-bentoctl', spec)\n"
+        "print(uri, user, bool(password))\n"
+        "assert create_repository('clip-bentoctl', spec)[0] == uri  # found the second time\n"
+        "if sys.argv[1:] == ['delete']: delete_repository('clip-bentoctl', spec)\n"
+    )
+    python = str(BENTOCTL_VENV / "bin" / "python")
+    run = {"cwd": OPERATOR, "env": env, "capture_output": True, "text": True, "timeout": 60}
+    created = subprocess.run([python, "-c", script], **run)
+    assert created.returncode == 0, created.stderr
+    uri, user, has_password = created.stdout.split()
+    assert uri.endswith(".amazonaws.com/clip-bentoctl") and user == "AWS"
+    assert has_password == "True"
+    ecr = moto_client(env, "ecr")
+    # moto's state is per process, shared with test_deploy_sagemaker's server: by name.
+    (repository,) = ecr.describe_repositories(repositoryNames=["clip-bentoctl"])["repositories"]
+    assert repository["repositoryUri"] == uri
+    assert repository["imageScanningConfiguration"] == {"scanOnPush": True}
+    deleted = subprocess.run([python, "-c", script, "delete"], **run)
+    assert deleted.returncode == 0, deleted.stderr
+    names = [r["repositoryName"] for r in ecr.describe_repositories()["repositories"]]
+    assert "clip-bentoctl" not in names
+
+
+FAKE_TERRAFORM = """#!/bin/sh
+# Stands in for terraform: records its arguments; `output` says whether anything is applied;
+# `apply -destroy` answers as a "no" at Terraform's prompt does (nothing destroyed, exit 1).
+echo "$*" >> "$FAKE_TERRAFORM_LOG"
+case "$1" in
+  output) if [ -n "$FAKE_TERRAFORM_APPLIED" ]; then echo '{"endpoint_name": {"value": "x"}}';
+          else echo '{}'; fi ;;
+  apply) echo "Destroy cancelled."; exit 1 ;;
+esac
+"""
+
+
+def test_destroy_leaves_the_repository_of_an_endpoint_that_still_exists(home, tmp_path, moto_env):
+    """bentoctl 0.4.0's `destroy` deletes the repository even when `terraform destroy` failed or
+    was declined; the operator refuses while the endpoint of the deployment's name exists."""
+    name = "clip-destroy"
+    config = yaml.safe_load((REPO_ROOT / "deployment_config.yaml").read_text())
+    config["name"] = name
+    work = tmp_path / "work"
+    (work / ".terraform").mkdir(parents=True)  # bentoctl's signs of an initialised Terraform
+    (work / "bentoctl.tfvars").write_text("")
+    (work / "deployment_config.yaml").write_text(yaml.safe_dump(config))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    terraform = bin_dir / "terraform"
+    terraform.write_text(FAKE_TERRAFORM)
+    terraform.chmod(0o755)
+    log = tmp_path / "terraform.log"
+    env = {
+        **moto_env,
+        "PATH": f"{bin_dir}{os.pathsep}{moto_env['PATH']}",
+        "FAKE_TERRAFORM_LOG": str(log),
+        "FAKE_TERRAFORM_APPLIED": "1",
+    }
+
+    ecr, sagemaker = moto_client(env, "ecr"), moto_client(env, "sagemaker")
+    uri = ecr.create_repository(repositoryName=name)["repository"]["repositoryUri"]
+    sagemaker.create_model(
+        ModelName=f"{name}-0",
+        ExecutionRoleArn=config["spec"]["execution_role_arn"],
+        PrimaryContainer={"Image": f"{uri}:v1"},
+    )
+    sagemaker.create_endpoint_config(
+        EndpointConfigName=f"{name}-0",
+        ProductionVariants=[
+            {
+                "VariantName": "AllTraffic",
+                "ModelName": f"{name}-0",
+                "InstanceType": "ml.m5.xlarge",
+                "InitialInstanceCount": 1,
+            }
+        ],
+    )
+    sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=f"{name}-0")
+
+    def repositories() -> list[str]:
+        return [r["repositoryName"] for r in ecr.describe_repositories()["repositories"]]
+
+    output = bentoctl(home, "destroy", "-f", "deployment_config.yaml", cwd=work, env=env)
+    assert "apply -destroy -var-file bentoctl.tfvars" in log.read_text()  # it was declined
+    assert f"ECR repository {name} left in place" in output, output
+    assert f"endpoint {name} still exists (InService)" in output
+    assert "Deleted the repository" not in output
+    assert name in repositories()
+
+    # Once the endpoint is gone (and nothing is applied), destroy deletes the repository.
+    sagemaker.delete_endpoint(EndpointName=name)
+    output = bentoctl(
+        home,
+        "destroy",
+        "-f",
+        "deployment_config.yaml",
+        cwd=work,
+        env={**env, "FAKE_TERRAFORM_APPLIED": ""},
+    )
+    assert f"Deleted the repository {name}" in output, output
+    assert name not in repositories()

@@ -346,7 +346,7 @@ def test_deploy_with_model_data_gives_the_model_a_checkpoint_for_opt_ml_model(ca
 
 
 def test_redeploy_makes_a_new_config_and_asks_for_a_blue_green_update(capsys, role_arn):
-    assert run(capsys, *deploy_args("clip-b"))[0] == 0
+    assert run(capsys, *deploy_args("clip-b", "--instance-count", "2"))[0] == 0
     first = current_config("clip-b")["EndpointConfigName"]
 
     code, out, _ = run(capsys, "--dry-run", *deploy_args("clip-b", "--canary-percent", "20"))
@@ -830,3 +830,390 @@ def test_async_deploy_needs_an_s3_output_and_realtime_keeps_min_one(capsys, role
     assert code == 2 and "need 1 <= --min <= --max" in err
     for endpoint in ("clip-async2", "clip-rt"):
         assert run(capsys, "delete", "--endpoint", endpoint)[0] == 0
+
+
+# ---- updates keep what is not given; waiting, roll-backs, secrets, refusals ----
+
+
+def newest(endpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The newest endpoint config `deploy` made for `endpoint`, and its model, as moto has them."""
+    sagemaker = aws("sagemaker")
+    name = max(c for c in state()["configs"] if deploy.owned_by(endpoint, c))
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=name)
+    return config, sagemaker.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+
+
+def test_an_update_keeps_every_setting_it_is_not_given(capsys, role_arn):
+    """The README's update command (a new --image-uri only) on a GPU endpoint with an
+    environment and model data must not turn it into one CPU instance with neither."""
+    url = "s3://clip-models/tuned/model.tar.gz"
+    created = deploy_args("clip-u", "--instance-type", "ml.g4dn.xlarge", "--instance-count", "3")
+    created += ["--startup-timeout", "1200", "--model-data", url]
+    created += ["--env", "CLIP_API_WORKERS=4", "--env", "CLIP_TOP_K=3"]
+    assert run(capsys, *created)[0] == 0
+    v2 = IMAGE_URI.replace(":v1", ":v2")
+
+    code, out, err = run(capsys, "--dry-run", *deploy_args("clip-u", "--image-uri", v2, "--wait"))
+    assert code == 0, err
+    calls = dict(plan(out))
+    container = calls["sagemaker.create_model"]["PrimaryContainer"]
+    assert container["Image"] == v2 and container["ModelDataUrl"] == url
+    assert container["Environment"] == {"CLIP_API_WORKERS": "***", "CLIP_TOP_K": "***"}
+    (variant,) = calls["sagemaker.create_endpoint_config"]["ProductionVariants"]
+    assert variant["InstanceType"] == "ml.g4dn.xlarge" and variant["InitialInstanceCount"] == 3
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 1200
+    assert variant["InferenceAmiVersion"] == deploy.GPU_AMI_VERSION
+    # The plan says what is carried over and what changes.
+    assert "  instance type: ml.g4dn.xlarge (kept)" in err.splitlines()
+    assert f"  image: {IMAGE_URI} -> {v2}" in err.splitlines()
+    assert "  env CLIP_TOP_K=*** (kept)" in err.splitlines()
+
+    # A real run (moto makes model and config, then fails UpdateEndpoint): given options change,
+    # --env merges (KEY= removes KEY), a new CPU instance type takes no GPU AMI.
+    changed = deploy_args("clip-u", "--image-uri", v2, "--instance-type", "ml.c5.2xlarge")
+    changed += ["--env", "CLIP_API_WORKERS=2", "--env", "CLIP_TOP_K=", "--env", "CLIP_X=1"]
+    code, _, err = run(capsys, *changed)
+    assert code == 1 and "UpdateEndpoint failed" in error_line(err)  # moto's limit, see top
+    config, model = newest("clip-u")
+    (variant,) = config["ProductionVariants"]
+    assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.c5.2xlarge", 3)
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 1200
+    assert "InferenceAmiVersion" not in variant
+    assert model["PrimaryContainer"]["Environment"] == {"CLIP_API_WORKERS": "2", "CLIP_X": "1"}
+    assert model["PrimaryContainer"]["ModelDataUrl"] == url
+    assert "  env CLIP_TOP_K=*** (removed)" in err.splitlines()
+    assert "  instance type: ml.g4dn.xlarge -> ml.c5.2xlarge" in err.splitlines()
+
+    # --model-data '' goes back to the image's own model.
+    code, out, _ = run(capsys, "--dry-run", *deploy_args("clip-u", "--model-data", ""))
+    assert code == 0
+    assert "ModelDataUrl" not in dict(plan(out))["sagemaker.create_model"]["PrimaryContainer"]
+    assert run(capsys, "delete", "--endpoint", "clip-u")[0] == 0
+
+
+def test_resolve_settings_given_else_current_else_default():
+    """What moto cannot store (EnableNetworkIsolation) or has no other way to reach: the rule."""
+    known = deploy.Aws(REGION, None, True).enum("sagemaker", "ProductionVariantInferenceAmiVersion")
+    parser = deploy.build_parser()
+    current = deploy.EndpointSettings(
+        image_uri=IMAGE_URI,
+        role_arn="arn:aws:iam::1:role/r",
+        instance_type="ml.g5.xlarge",
+        instance_count=4,
+        startup_timeout=900,
+        ami_version="al2-ami-sagemaker-inference-gpu-3-1",
+        env={"CLIP_ENDPOINT_KIND": "async"},
+        model_data=None,
+        network_isolation=True,
+        async_config={"OutputConfig": {"S3OutputPath": "s3://b/old/"}},
+    )
+
+    def resolve(*extra: str, now: Any = current) -> Any:
+        args = parser.parse_args(deploy_args("e", *extra))
+        return deploy.resolve_settings(args, now, "arn:aws:iam::1:role/r", known)
+
+    kept = resolve()
+    assert kept._replace(image_uri=IMAGE_URI) == current
+    assert resolve("--no-network-isolation").network_isolation is False
+    assert resolve("--output", "s3://b/new/").async_config == {
+        "OutputConfig": {"S3OutputPath": "s3://b/new/"}
+    }
+    assert current.async_config == {"OutputConfig": {"S3OutputPath": "s3://b/old/"}}  # a copy
+    fresh = resolve(now=None)
+    assert (fresh.instance_type, fresh.instance_count) == (deploy.DEFAULT_INSTANCE_TYPE, 1)
+    assert (fresh.network_isolation, fresh.async_config, fresh.env) == (False, None, {})
+    assert fresh.startup_timeout == deploy.DEFAULT_STARTUP_TIMEOUT
+
+
+def test_an_update_cannot_switch_between_real_time_and_async(capsys, role_arn):
+    output = f"s3://{BUCKET}/switch/"
+    assert run(capsys, *deploy_args("clip-rt2"))[0] == 0
+    assert run(capsys, *deploy_args("clip-as2", "--async", "--output", output))[0] == 0
+    before = state()
+    code, _, err = run(capsys, *deploy_args("clip-rt2", "--async", "--output", output))
+    assert code == 2 and "clip-rt2 is real-time; an update cannot make it asynchronous" in err
+    code, _, err = run(capsys, *deploy_args("clip-as2", "--no-async"))
+    assert code == 2 and "clip-as2 is asynchronous; an update cannot make it real-time" in err
+    code, _, err = run(capsys, *deploy_args("clip-rt2", "--output", output))
+    assert code == 2 and "--output: only for asynchronous endpoints" in err
+    assert state() == before
+    # Not named: the endpoint stays async, with its output (and its container's kind).
+    code, out, _ = run(capsys, "--dry-run", *deploy_args("clip-as2"))
+    assert code == 0
+    calls = dict(plan(out))
+    assert calls["sagemaker.create_endpoint_config"]["AsyncInferenceConfig"] == {
+        "OutputConfig": {"S3OutputPath": output}
+    }
+    assert calls["sagemaker.create_model"]["PrimaryContainer"]["Environment"] == {
+        "CLIP_ENDPOINT_KIND": "***"
+    }
+    for endpoint in ("clip-rt2", "clip-as2"):
+        assert run(capsys, "delete", "--endpoint", endpoint)[0] == 0
+
+
+def test_a_canary_needs_two_instances(capsys, role_arn):
+    """CanarySize must be at most 50% of the variant's instances (botocore's API docs)."""
+    assert run(capsys, *deploy_args("clip-can"))[0] == 0
+    before = state()
+    code, _, err = run(capsys, *deploy_args("clip-can", "--canary-percent", "10"))
+    assert code == 2 and "needs 2 or more" in error_line(err)
+    assert state() == before
+    code, out, _ = run(
+        capsys,
+        "--dry-run",
+        *deploy_args("clip-can", "--canary-percent", "10", "--instance-count", "2"),
+    )
+    assert code == 0 and "sagemaker.update_endpoint" in dict(plan(out))
+    assert run(capsys, "delete", "--endpoint", "clip-can")[0] == 0
+
+
+def test_wait_on_an_update_lasts_as_long_as_sagemakers_own_limit(capsys, role_arn, monkeypatch):
+    """A canary with an hour's bake is within SageMaker's MaximumExecutionTimeoutInSeconds for
+    hours: --wait must not give up after start-up + 30 min, and running out of time while the
+    endpoint is still Updating is not a failure (exit 3, a line saying how to check again)."""
+    assert run(capsys, *deploy_args("clip-w", "--instance-count", "2"))[0] == 0
+    sent: dict[str, Any] = {}
+    waited: list[int] = []
+    real_call = deploy.Aws._call
+
+    def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
+        if operation == "update_endpoint":  # moto 5.2.5 has none: accept it, keep what was sent
+            sent.update(params)
+            return {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/clip-w"}
+        return real_call(self, service, operation, params)
+
+    def wait(aws: Any, endpoint: str, config: str, timeout_s: int) -> None:
+        waited.append(timeout_s)
+        raise deploy.StillChangingError(f"endpoint {endpoint} is still Updating (stand-in)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(deploy.Aws, "_call", call)
+        patch.setattr(deploy, "wait_in_service", wait)
+        update = deploy_args("clip-w", "--canary-percent", "10", "--bake-seconds", "3600")
+        code, _, err = run(capsys, *update, "--wait")
+    assert code == 3 and "warning: endpoint clip-w is still Updating" in err
+    limit = sent["DeploymentConfig"]["BlueGreenUpdatePolicy"]["MaximumExecutionTimeoutInSeconds"]
+    assert limit >= 600 + 2 * 3600  # start-up, canary wait, bake
+    assert waited == [limit + deploy.PROVISIONING_MARGIN_S]
+    assert run(capsys, "delete", "--endpoint", "clip-w")[0] == 0
+
+
+def endpoint_description(status: str, config: str, reason: str | None = None) -> dict[str, Any]:
+    from datetime import datetime
+
+    now = datetime.now()
+    found = {
+        "EndpointName": "clip",
+        "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/clip",
+        "EndpointConfigName": config,
+        "EndpointStatus": status,
+        "CreationTime": now,
+        "LastModifiedTime": now,
+    }
+    if reason:
+        found["FailureReason"] = reason
+    return found
+
+
+def test_wait_running_out_of_time_while_updating_is_not_a_failure():
+    """botocore's Stubber: moto's endpoints are InService at once."""
+    from botocore.stub import Stubber
+
+    client = deploy.Aws(REGION, None, False)
+    with Stubber(client.client("sagemaker")) as stub:
+        stub.add_response("describe_endpoint", endpoint_description("Updating", "clip-old"))
+        stub.add_response("describe_endpoint", endpoint_description("Updating", "clip-old"))
+        with pytest.raises(deploy.StillChangingError) as caught:
+            deploy.wait_in_service(client, "clip", "clip-new", 15)  # one look, no sleep
+    message = str(caught.value)
+    assert "clip is still Updating after 15 s (not failed)" in message
+    assert "aws sagemaker describe-endpoint --endpoint-name clip" in message
+
+
+def test_a_rolled_back_update_says_why():
+    from botocore.stub import Stubber
+
+    reason = "The primary container for production variant AllTraffic did not pass the ping check."
+    client = deploy.Aws(REGION, None, False)
+    rolled_back = endpoint_description("InService", "clip-old", reason)
+    with Stubber(client.client("sagemaker")) as stub:
+        stub.add_response("describe_endpoint", rolled_back)  # the waiter: InService
+        stub.add_response("describe_endpoint", rolled_back)
+        with pytest.raises(deploy.AwsCallError) as caught:
+            deploy.wait_in_service(client, "clip", "clip-new", 600)
+    message = str(caught.value)
+    assert "InService on clip-old, not clip-new: the update was rolled back" in message
+    assert reason.rstrip(".") in message
+
+
+def test_plans_mask_the_environment_and_the_api_key_is_refused(capsys, role_arn):
+    code, out, err = run(
+        capsys, "--dry-run", *deploy_args("clip-s", "--env", "HF_TOKEN=hf_s3cr3t_value")
+    )
+    assert code == 0, err
+    assert "hf_s3cr3t_value" not in out + err
+    environment = dict(plan(out))["sagemaker.create_model"]["PrimaryContainer"]["Environment"]
+    assert environment == {"HF_TOKEN": deploy.MASK}
+
+    before = state()
+    code, _, err = run(capsys, *deploy_args("clip-s", "--env", "CLIP_API_KEY=k3y"))
+    line = error_line(err)
+    assert code == 2 and "CLIP_API_KEY cannot be used on SageMaker" in line
+    assert "401 while /ping stays 200" in line and "Traceback" not in err
+    assert state() == before
+
+    # One made elsewhere with the key: an update refuses to carry it over; KEY= removes it.
+    sagemaker = aws("sagemaker")
+    sagemaker.create_model(
+        ModelName="clip-k-20260101-000000-000",
+        ExecutionRoleArn=role_arn,
+        PrimaryContainer={"Image": IMAGE_URI, "Environment": {"CLIP_API_KEY": "k3y", "A": "1"}},
+    )
+    sagemaker.create_endpoint_config(
+        EndpointConfigName="clip-k-20260101-000000-000",
+        ProductionVariants=[
+            {
+                "VariantName": "AllTraffic",
+                "ModelName": "clip-k-20260101-000000-000",
+                "InstanceType": "ml.m5.xlarge",
+                "InitialInstanceCount": 1,
+            }
+        ],
+    )
+    sagemaker.create_endpoint(
+        EndpointName="clip-k", EndpointConfigName="clip-k-20260101-000000-000"
+    )
+    code, _, err = run(capsys, "--dry-run", *deploy_args("clip-k"))
+    assert code == 2 and "remove it with --env CLIP_API_KEY=" in error_line(err)
+    code, out, _ = run(capsys, "--dry-run", *deploy_args("clip-k", "--env", "CLIP_API_KEY="))
+    assert code == 0
+    assert dict(plan(out))["sagemaker.create_model"]["PrimaryContainer"]["Environment"] == {
+        "A": "***"
+    }
+    assert run(capsys, "delete", "--endpoint", "clip-k")[0] == 0
+
+
+def test_bad_async_scaling_options_are_refused_before_anything_is_made(capsys, role_arn):
+    before = state()
+    output = f"s3://{BUCKET}/o/"
+    for extra, words in [
+        (("--max-instances", "0"), "--max >= 1"),
+        (("--backlog-target", "0"), "--backlog-target"),
+    ]:
+        code, _, err = run(
+            capsys, *deploy_args("clip-as3", "--async", "--output", output, *extra, "--wait")
+        )
+        assert code == 2 and words in error_line(err)
+        assert "-> sagemaker." not in err  # no call with effects was made
+    assert state() == before
+
+
+def test_an_async_dry_run_plans_what_the_real_run_does(capsys, role_arn):
+    """Without --wait the real run only prints the `autoscale --min 0` command; so does the plan."""
+    output = f"s3://{BUCKET}/o/"
+    code, out, _ = run(capsys, "--dry-run", *deploy_args("clip-as4", "--async", "--output", output))
+    assert code == 0
+    assert [c for c, _ in plan(out)] == [
+        "sagemaker.create_model",
+        "sagemaker.create_endpoint_config",
+        "sagemaker.create_endpoint",
+    ]
+    assert "autoscale --endpoint clip-as4 --min 0 --max 2" in out
+    code, out, _ = run(
+        capsys, "--dry-run", *deploy_args("clip-as4", "--async", "--output", output, "--wait")
+    )
+    assert code == 0
+    assert [c for c, _ in plan(out)][3:] == [
+        "application-autoscaling.register_scalable_target",
+        "application-autoscaling.put_scaling_policy",
+        "application-autoscaling.put_scaling_policy",
+        "cloudwatch.put_metric_alarm",
+    ]
+
+
+def test_a_role_name_without_iam_get_role_asks_for_the_arn():
+    from botocore.stub import Stubber
+
+    client = deploy.Aws(REGION, None, False)
+    with Stubber(client.client("iam")) as stub:
+        stub.add_client_error(
+            "get_role",
+            service_error_code="AccessDenied",
+            service_message="not authorized to perform: iam:GetRole",
+            http_status_code=403,
+        )
+        with pytest.raises(deploy.DeployError) as caught:
+            deploy.resolve_role(client, "SageMakerClipRole")
+    assert "pass the role's ARN instead" in str(caught.value)
+    assert "arn:aws:iam::ACCOUNT_ID:role/SageMakerClipRole" in str(caught.value)
+
+
+def test_batch_transform_reruns_and_its_model(capsys, role_arn, monkeypatch):
+    upload_requests("requests/part-2.jsonl", [{"images": ["s3://x/y.jpg"]}])
+    sagemaker = aws("sagemaker")
+    made = ["--image-uri", IMAGE_URI, "--role", ROLE]
+
+    # CreateTransformJob fails (as AWS answers over quota; moto accepts every job, so the answer
+    # is stood in for): the model made for the job is deleted again.
+    real_call = deploy.Aws._call
+
+    def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
+        if operation == "create_transform_job":
+            raise deploy.AwsCallError(
+                "sagemaker CreateTransformJob failed: ResourceLimitExceeded: over quota",
+                "ResourceLimitExceeded",
+            )
+        return real_call(self, service, operation, params)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(deploy.Aws, "_call", call)
+        code, _, err = run(capsys, *batch_args("clip-batch-f", *made))
+    assert code == 1 and "CreateTransformJob failed" in error_line(err)
+    assert "-> sagemaker.create_model" in err  # it was made, then deleted
+    assert "clip-batch-f" not in state()["models"]
+    # ... so the same --job runs once the mistake is fixed.
+    code, _, err = run(capsys, *batch_args("clip-batch-f", *made))
+    assert code == 0, err
+    # A job name is taken for good (AWS refuses a second CreateTransformJob; moto would not).
+    code, _, err = run(capsys, *batch_args("clip-batch-f", *made))
+    assert code == 2 and "transform job clip-batch-f already exists" in error_line(err)
+
+    # A model of the job's name that is someone else's is left alone (AWS refuses a second
+    # CreateModel; moto would overwrite it).
+    other = IMAGE_URI.replace(":v1", ":other")
+    sagemaker.create_model(
+        ModelName="clip-batch-o", ExecutionRoleArn=role_arn, PrimaryContainer={"Image": other}
+    )
+    code, _, err = run(capsys, *batch_args("clip-batch-o", *made))
+    line = error_line(err)
+    assert code == 2 and "a SageMaker model named clip-batch-o already exists" in line
+    assert f"image {other!r}, not {IMAGE_URI!r}" in line and "--model clip-batch-o" in line
+    assert sagemaker.describe_model(ModelName="clip-batch-o")["PrimaryContainer"]["Image"] == other
+    # One this job would make (left by an older run) is used, not made again.
+    sagemaker.create_model(
+        ModelName="clip-batch-l", ExecutionRoleArn=role_arn, PrimaryContainer={"Image": IMAGE_URI}
+    )
+    code, out, _ = run(capsys, "--dry-run", *batch_args("clip-batch-l", *made))
+    assert code == 0 and "using model clip-batch-l" in out
+    assert [c for c, _ in plan(out)] == ["sagemaker.create_transform_job"]
+
+
+def test_batch_transform_checks_concurrency_times_payload(capsys):
+    """CreateTransformJob: MaxConcurrentTransforms x MaxPayloadInMB must not exceed 100 MB."""
+    upload_requests("requests/part-3.jsonl", [{"images": ["s3://x/y.jpg"]}])
+    model = ("--model", "clip-20260101-000000-000")
+    code, _, err = run(
+        capsys,
+        *batch_args("clip-batch-p", *model, "--max-concurrent", "4", "--max-payload-mb", "30"),
+    )
+    assert code == 2 and "is 120 MB; SageMaker allows at most 100" in error_line(err)
+    jobs = aws("sagemaker").list_transform_jobs()["TransformJobSummaries"]
+    assert "clip-batch-p" not in [j["TransformJobName"] for j in jobs]
+    code, out, _ = run(
+        capsys,
+        "--dry-run",
+        *batch_args("clip-batch-p", *model, "--max-concurrent", "4", "--max-payload-mb", "25"),
+    )
+    assert code == 0
+    ((_, job),) = plan(out)
+    assert (job["MaxConcurrentTransforms"], job["MaxPayloadInMB"]) == (4, 25)

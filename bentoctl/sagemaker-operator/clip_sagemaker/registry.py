@@ -11,6 +11,7 @@ from typing import Any
 
 import boto3
 from bentoctl.exceptions import BentoctlException
+from botocore.exceptions import ClientError
 
 
 def _ecr(spec: dict[str, Any]) -> Any:
@@ -37,8 +38,42 @@ def create_repository(repository_name: str, operator_spec: dict[str, Any]) -> tu
     return uri, user, password
 
 
+def endpoint_status(endpoint_name: str, operator_spec: dict[str, Any]) -> str | None:
+    """The SageMaker endpoint's status, or None when there is no endpoint of that name."""
+    sagemaker = boto3.client("sagemaker", region_name=operator_spec["region"])
+    try:
+        return sagemaker.describe_endpoint(EndpointName=endpoint_name)["EndpointStatus"]
+    except ClientError as exc:
+        message = str(exc.response.get("Error", {}).get("Message", ""))
+        if exc.response.get("Error", {}).get("Code") == "ValidationException" and (
+            "Could not find endpoint" in message
+        ):
+            return None
+        raise
+
+
 def delete_repository(repository_name: str, operator_spec: dict[str, Any]) -> None:
-    """`bentoctl destroy`: the repository and its images."""
+    """`bentoctl destroy`: the repository and its images, unless the endpoint still exists.
+
+    bentoctl 0.4.0 calls this after `terraform destroy` whatever became of it: after a failed
+    destroy, or a "no" at Terraform's prompt, the endpoint still runs the repository's image,
+    and deleting the image would leave it unable to start new instances (scaling out, replacing
+    a failed host). bentoctl names the repository and the endpoint after the deployment, so the
+    endpoint of the same name is checked first; if that cannot be checked, nothing is deleted.
+    """
+    try:
+        status = endpoint_status(repository_name, operator_spec)
+    except Exception as exc:  # no credentials, sagemaker:DescribeEndpoint denied, unreachable
+        raise BentoctlException(
+            f"ECR repository {repository_name} left in place: cannot tell whether SageMaker "
+            f"endpoint {repository_name} still runs its image ({exc})"
+        ) from None
+    if status is not None:
+        raise BentoctlException(
+            f"ECR repository {repository_name} left in place: SageMaker endpoint "
+            f"{repository_name} still exists ({status}) and runs its image. Delete the endpoint "
+            "first (terraform destroy -var-file=bentoctl.tfvars), then run bentoctl destroy again"
+        )
     try:
         _ecr(operator_spec).delete_repository(repositoryName=repository_name, force=True)
     except Exception as exc:
