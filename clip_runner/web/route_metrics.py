@@ -5,8 +5,9 @@ request's raw path, whatever it is: each distinct path a client sends, routed or
 404 or 401, became some twenty new series in `/metrics` (300 requests to made-up paths grew it
 from 50 kB to 1.4 MB), kept for the process's life and read at every Prometheus scrape. Anyone
 who can reach the port could grow it without bound, with or without the API key. Requests to a
-path no route serves are still answered as before (404, 405, 401) but not counted per path. A
-mount (BentoML's Swagger assets) counts as no route: every path under it would match.
+path no route serves are still answered as before (404, 401) but not counted per path. A mount
+counts through its own routes (the app BentoML mounts at `/` holds `/ping`); one without routes
+(BentoML's Swagger assets, static files) counts as none: every path under it would match.
 """
 
 from __future__ import annotations
@@ -19,23 +20,36 @@ from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import Receive, Scope, Send
 
 
-def fixed_paths(routes: Sequence[BaseRoute]) -> frozenset[str]:
-    """The paths of routes without parameters: the quick check of almost every request."""
-    return frozenset(
-        route.path for route in routes if isinstance(route, Route) and not route.param_convertors
-    )
+def fixed_paths(routes: Sequence[BaseRoute], prefix: str = "") -> frozenset[str]:
+    """The paths of routes without parameters, mounted apps' routes included (the service's
+    `/ping`, `/ui` and `/execution-parameters` are in an app BentoML mounts at `/`): the quick
+    check of almost every request."""
+    paths: set[str] = set()
+    for route in routes:
+        if isinstance(route, Mount):
+            paths |= fixed_paths(route.routes, prefix + route.path)
+        elif isinstance(route, Route) and not route.param_convertors:
+            paths.add(prefix + route.path)
+    return frozenset(paths)
+
+
+def matches_a_route(scope: Scope, routes: Sequence[BaseRoute]) -> bool:
+    """Whether one of `routes` serves the request's path, for any method (a 405 is a route's
+    answer); a mount only through a route of its own, so static files (a mount without routes)
+    are none: every path under them would match."""
+    for route in routes:
+        if isinstance(route, Mount):
+            match, child_scope = route.matches(scope)
+            if match is not Match.NONE and matches_a_route({**scope, **child_scope}, route.routes):
+                return True
+        elif route.matches(scope)[0] is not Match.NONE:
+            return True
+    return False
 
 
 def is_routed(scope: Scope, routes: Sequence[BaseRoute], paths: frozenset[str]) -> bool:
-    """Whether a route (not a mount) serves the request's path, for any method (a 405 is a
-    route's answer)."""
-    if scope["path"] in paths:
-        return True
-    return any(
-        route.matches(scope)[0] is not Match.NONE
-        for route in routes
-        if not isinstance(route, Mount)
-    )
+    """`matches_a_route`, after the quick check of `paths` (`fixed_paths(routes)`)."""
+    return scope["path"] in paths or matches_a_route(scope, routes)
 
 
 class RoutedTrafficMetricsMiddleware(instruments.RunnerTrafficMetricsMiddleware):

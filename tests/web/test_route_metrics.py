@@ -4,20 +4,30 @@ made-up paths against the real servers (with and without the API key)."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
+from _bentoml_impl.server.mount import PassiveMount
+from starlette.applications import Starlette
 from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
-from clip_runner.web.route_metrics import fixed_paths, is_routed
+from clip_runner.web.route_metrics import fixed_paths, is_routed, matches_a_route
 from tests.helpers import GUARD_AUTH
 
 ROUTES = [
     Route("/invocations", lambda _: None, methods=["POST"]),
-    Route("/ping", lambda _: None),
     Route("/items/{item_id:int}", lambda _: None),
-    Mount("/static_content", routes=[]),
+    Mount("/static_content", app=StaticFiles(directory=Path(__file__).parent)),
+    Mount("/admin", routes=[Route("/stats", lambda _: None)]),
+    # the service's own app (/ping, /ui, ...), which BentoML mounts at "/"
+    PassiveMount("/", Starlette(routes=[Route("/ping", lambda _: None)])),
 ]
+
+
+def test_fixed_paths_include_the_mounted_apps_routes():
+    assert fixed_paths(ROUTES) == {"/invocations", "/admin/stats", "/ping"}
 
 
 @pytest.mark.parametrize(
@@ -29,12 +39,16 @@ ROUTES = [
         ("/items/seven", False),
         ("/invocations/", False),
         ("/static_content/swagger-ui.css", False),  # a mount matches any path under it
+        ("/admin/stats", True),
+        ("/admin/made-up", False),
+        ("/ping/", False),
         ("/made-up", False),
     ],
 )
 def test_only_routes_count_as_routed(path, routed):
     scope = {"type": "http", "path": path, "method": "GET", "root_path": ""}
     assert is_routed(scope, ROUTES, fixed_paths(ROUTES)) is routed
+    assert matches_a_route(scope, ROUTES) is routed  # the quick check agrees
 
 
 def made_up_paths_leave_no_series(server_url: str, headers: dict[str, str]) -> None:
@@ -46,12 +60,16 @@ def made_up_paths_leave_no_series(server_url: str, headers: dict[str, str]) -> N
         }
         assert client.post("/classify", json={}, headers=headers).status_code == 422
         assert client.get("/classify", headers=headers).status_code == 405
+        assert client.get("/ping").status_code == 200  # in the app BentoML mounts at "/"
+        assert client.post("/ping").status_code == 405
         metrics = client.get("/metrics").text
     assert statuses <= {401, 404}
     assert tag not in metrics  # no series for any of them
     # routes are still counted, whatever their answer
     assert 'endpoint="/classify",http_response_code="422"' in metrics
     assert 'endpoint="/classify",http_response_code="405"' in metrics
+    assert 'endpoint="/ping",http_response_code="200"' in metrics
+    assert 'endpoint="/ping",http_response_code="405"' in metrics
 
 
 def test_made_up_paths_are_not_counted(served):
