@@ -279,7 +279,9 @@ def get_settings() -> Settings:
         max_text_batch_size=_env_int("CLIP_MAX_TEXT_BATCH_SIZE", 0, minimum=0),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", max_latency_ms),
         max_concurrency=_env_int("CLIP_MAX_CONCURRENCY", 64),
-        max_lines=_env_int("CLIP_MAX_LINES", 200_000),
+        # One line per 32 bytes of the largest body (the shortest line naming an image is about
+        # 46), at least 200,000: a raised body limit, advertised as MaxPayloadInMB, is filled.
+        max_lines=_env_int("CLIP_MAX_LINES", max(200_000, max_body_bytes // 32)),
         max_body_bytes=max_body_bytes,
         max_images_per_request=_env_int("CLIP_MAX_IMAGES_PER_REQUEST", 32),
         max_classes_per_request=_env_int("CLIP_MAX_CLASSES_PER_REQUEST", 1000),

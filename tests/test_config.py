@@ -276,6 +276,10 @@ def test_abuse_bounds_default_and_the_api_key_is_off_unless_set(monkeypatch):
     assert settings.max_request_pixels == 200_000_000  # 32 photos of 5 Mpx, the seed's size
     assert settings.max_lines == 200_000  # every 6 MB mini-batch of lines naming an image
     get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_MAX_BODY_BYTES", str(100 * 2**20))  # MaxPayloadInMB 100
+    assert get_settings().max_lines == 100 * 2**20 // 32
+    monkeypatch.delenv("CLIP_MAX_BODY_BYTES")
+    get_settings.cache_clear()
     monkeypatch.setenv("CLIP_API_KEY", " s3cret ")
     assert get_settings().api_key == "s3cret"
     get_settings.cache_clear()

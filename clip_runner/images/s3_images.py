@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -60,10 +61,26 @@ def parse_s3_url(url: str, index: int) -> tuple[str, str]:
     return bucket, key
 
 
-@functools.cache
+# The process's clients by (connect timeout, timeout): one in practice.
+CLIENTS: dict[tuple[float, float], Any] = {}
+_CLIENT_BUILD = threading.Lock()
+
+
 def s3_client(connect_timeout_s: float, timeout_s: float) -> Any:
-    """One client per process (boto3 clients are thread-safe); boto3 is imported on first use,
-    on a reader thread (building it takes ~0.15 s, which would stop the event loop)."""
+    """One client per process (boto3 clients are thread-safe), built on first use, on a reader
+    thread (building it takes ~0.15 s, which would stop the event loop), by one of them: the
+    first burst of reads would otherwise each build their own (32 at once held the event loop's
+    GIL for 0.64 s)."""
+    with _CLIENT_BUILD:
+        key = (connect_timeout_s, timeout_s)
+        if key not in CLIENTS:
+            CLIENTS[key] = new_client(connect_timeout_s, timeout_s)
+        return CLIENTS[key]
+
+
+def new_client(connect_timeout_s: float, timeout_s: float) -> Any:
+    """An S3 client with these timeouts and `ATTEMPTS` tries; boto3 is imported here, on first
+    use."""
     import boto3
     from botocore.config import Config
 
@@ -123,7 +140,9 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
         raise ImageError(
             index, f"cannot read {shown}: the server has no AWS credentials", "forbidden_url"
         ) from None
-    except ParamValidationError as error:  # the caller's bucket name
+    except (ParamValidationError, *_unusable_arn_errors()) as error:  # the caller's bucket
+        # A bucket name botocore refuses, or an access-point ARN it cannot use here: another
+        # partition's, an Outposts one, a multi-region one (that needs the AWS CRT).
         raise ImageError(index, f"could not read {shown}: {quoted(str(error))}") from None
     except BotoCoreError as error:  # unreachable endpoint, read timeout: the server's side
         # The text names the S3 endpoint's address, which may be a private one: logged only.
@@ -134,6 +153,18 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
     if not data:
         raise ImageError(index, f"{shown} is empty")
     return bytes(data)
+
+
+def _unusable_arn_errors() -> tuple[type[Exception], ...]:
+    from botocore import exceptions
+
+    return (
+        exceptions.UnsupportedS3ArnError,
+        exceptions.UnsupportedS3AccesspointConfigurationError,
+        exceptions.UnsupportedS3ConfigurationError,
+        exceptions.UnsupportedOutpostResourceError,
+        exceptions.MissingDependencyException,
+    )
 
 
 async def fetch_s3(url: str, index: int, limits: FetchLimits, client: Any = None) -> bytes:

@@ -205,7 +205,8 @@ class RequestGuardMiddleware:
         """400 for two Content-Types, 415 for a wrong one or a compressed body, 413 for a
         declared size over the limit: before reading."""
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
-        if len(content_types := header_values(scope, b"content-type")) > 1:
+        content_types = header_values(scope, b"content-type")
+        if len(content_types) > 1 and (scope["method"] == "POST" or has_body(scope)):
             # Each layer (this one, the direct and raw-image paths, BentoML's endpoint) would
             # read one of them, and not all the same one: a JSON body passed as multipart here
             # reached BentoML's form parser, a 500.

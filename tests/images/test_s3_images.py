@@ -31,7 +31,7 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, s3_store: MotoS3) -> MotoS3:
         monkeypatch.delenv(name, raising=False)
     for name, value in s3_store.server_env().items():
         monkeypatch.setenv(name, value)
-    clear = s3_images.s3_client.cache_clear  # a test may replace s3_client meanwhile
+    clear = s3_images.CLIENTS.clear
     clear()
     yield s3_store
     clear()
@@ -94,7 +94,7 @@ def test_access_denied_by_the_role_policy(s3_env):
 def test_no_credentials_is_a_clear_error(s3_env, monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
-    s3_images.s3_client.cache_clear()
+    s3_images.CLIENTS.clear()
     with pytest.raises(ImageError, match="the server has no AWS credentials"):
         fetch(s3_env.put("unit/nocreds.png", b"png"))
 
@@ -264,7 +264,7 @@ def test_an_s3_that_never_answers_is_tried_twice_and_its_address_kept_from_the_c
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_port}"
     try:
-        s3_images.s3_client.cache_clear()
+        s3_images.CLIENTS.clear()
         os.environ["AWS_ENDPOINT_URL_S3"] = endpoint  # restored by s3_env's monkeypatch
         limits = FetchLimits(max_bytes=1000, timeout_s=1.0, connect_timeout_s=1.0)
         with pytest.raises(ImageError) as refused:
@@ -278,3 +278,45 @@ def test_an_s3_that_never_answers_is_tried_twice_and_its_address_kept_from_the_c
         refused.value
     )
     assert "127.0.0.1" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("s3://arn:aws-cn:s3:cn-north-1:123456789012:accesspoint/ap/k.jpg", "partition"),
+        ("s3://arn:aws:s3::123456789012:accesspoint/mrap/k.jpg", "botocore[crt]"),  # multi-region
+    ],
+)
+def test_an_access_point_botocore_cannot_use_is_the_callers_error(
+    s3_env, monkeypatch, caplog, url, reason
+):
+    """Told as what is wrong with the ARN, not as S3 failing to answer (nothing is sent)."""
+    import boto3
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    client = boto3.session.Session().client("s3", region_name="us-east-1")
+    client.meta.events.register("before-send", lambda **_: pytest.fail("a request was sent"))
+    with pytest.raises(ImageError) as refused:
+        read_object(client, url, 1, LIMITS)
+    assert f"images[1]: could not read {url}: " in str(refused.value)
+    assert reason in str(refused.value) and "did not answer" not in str(refused.value)
+    assert not [record for record in caplog.records if record.name == s3_images.__name__]
+
+
+def test_a_first_burst_of_reads_builds_one_client(s3_env, monkeypatch):
+    built = []
+    real = s3_images.new_client
+
+    def counting(*args: Any) -> Any:
+        built.append(threading.current_thread().name)
+        time.sleep(0.2)  # a build's time, for the others to arrive meanwhile
+        return real(*args)
+
+    monkeypatch.setattr(s3_images, "new_client", counting)
+    url = s3_env.put("unit/burst.png", b"png")
+
+    async def burst() -> list[bytes]:
+        return list(await asyncio.gather(*(fetch_s3(url, i, LIMITS) for i in range(16))))
+
+    assert asyncio.run(burst()) == [b"png"] * 16
+    assert len(built) == 1 and built[0].startswith("clip-s3")
