@@ -45,6 +45,9 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MAX_BODY_BYTES = 6 * 1024 * 1024
 SERVER_MAX_IMAGES = 32
 RETRY_STATUSES = frozenset({429, 502, 503})
+# Answers that fail the batch they answer, not the run: a lone image over the body limit, a
+# body that did not arrive in time, a server still busy after the retries (and any 5xx).
+BATCH_FAILURES = frozenset({408, 413, 429})
 MAX_RETRY_WAIT_S = 30.0
 TABLE_NAME_WIDTH = 60  # longer names push their own row out instead of widening every row
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -63,9 +66,18 @@ class RunRefused(Exception):
     """The server refused a request as a whole (not one image): every batch would fail alike."""
 
     def __init__(self, status: int, error: dict[str, Any]) -> None:
-        super().__init__(f"HTTP {status}: {error.get('message', '')}")
         self.status = status
         self.error = error
+        self.message = str(error.get("message", ""))
+        super().__init__(f"HTTP {status}: {self.message}")
+
+
+def shown_name(path: str | Path) -> str:
+    """A path as the table and the JSON name it: a name that is not UTF-8 (a file copied from an
+    old Latin-1 system, `caf\xe9.png`) with its odd bytes escaped (`caf\\xe9.png`); as Python
+    holds it (a lone surrogate) it could be neither printed to a UTF-8 terminal nor read back by
+    a strict JSON reader, and the run's results were lost with it."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -152,9 +164,9 @@ def collect_sources(arguments: Sequence[str], recursive: bool = False) -> tuple[
                 kinds = ", ".join(sorted(suffix[1:] for suffix in IMAGE_SUFFIXES))
                 hint = "" if recursive else " (add --recursive to look in subfolders)"
                 raise UsageError(f"{argument}: no image files ({kinds}) in this folder{hint}")
-            sources.extend(Source(name=str(image), path=image) for image in images)
+            sources.extend(Source(name=shown_name(image), path=image) for image in images)
         elif path.is_file():
-            sources.append(Source(name=argument, path=path))
+            sources.append(Source(name=shown_name(argument), path=path))
         elif path.exists():
             raise UsageError(f"{argument}: not a regular file or folder")
         else:
@@ -398,7 +410,7 @@ class Classifier:
             elif status == 413 and len(batch) > 1:
                 half = len(batch) // 2
                 pending[:0] = [batch[:half], batch[half:]]
-            elif status == 413 or status >= 500:
+            elif status in BATCH_FAILURES or status >= 500:
                 for index, _ in batch:
                     yield (
                         index,
@@ -470,6 +482,13 @@ def run(
                     progress.update(1)
         except ServerUnreachable as exc:
             stopped = str(exc)
+            break
+        except RunRefused as exc:
+            # Refused from the start (a wrong URL, key or label): the run's arguments, told as
+            # such. Refused later: what was classified is still printed, the rest not sent.
+            if not any(outcome and "results" in outcome for outcome in outcomes):
+                raise
+            stopped = f"the server refused a request (HTTP {exc.status}): {exc.message}"
             break
         except KeyboardInterrupt:  # Ctrl-C on a long run still prints what was classified
             stopped = INTERRUPTED
@@ -612,9 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunRefused as exc:
         if progress is not None:
             progress.close()
-        message = exc.error.get("message", "")
         print(
-            f"error: the server refused the request (HTTP {exc.status}): {message}", file=sys.stderr
+            f"error: the server refused the request (HTTP {exc.status}): {exc.message}",
+            file=sys.stderr,
         )
         if exc.status == 404:
             print(f"is {args.url} this project's CLIP server (with /classify)?", file=sys.stderr)

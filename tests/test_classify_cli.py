@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -290,6 +291,41 @@ def test_a_request_level_refusal_stops_the_run():
     with pytest.raises(cli.RunRefused) as caught:
         scripted_run(server, urls("a", "b"))
     assert caught.value.status == 422 and "templates[0]" in caught.value.error["message"]
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "tries"), [(429, "too_many_requests", 3), (408, "body_timeout", 1)]
+)
+def test_busy_or_slow_until_retries_run_out_fails_that_batch_only(status, error_type, tries):
+    """A 429 after its retries (or a 408, not retried) is the batch's failure, as a 503 is: the
+    run had stopped there and printed nothing of what it had classified."""
+    answer = (status, {"error": {"type": error_type, "message": "no"}}, {})
+    server = ScriptedServer(None, *[answer] * tries)
+    outcomes, stopped, _ = scripted_run(server, urls("a", "b", "c"), batch_size=1)
+    assert stopped is None
+    assert classified_as(outcomes[0]) == "http://127.0.0.2/a"
+    assert outcomes[1]["error"] == {"type": error_type, "message": "no", "status": status}
+    assert classified_as(outcomes[2]) == "http://127.0.0.2/c"
+
+
+def test_a_refusal_after_the_first_answers_keeps_them_and_marks_the_rest_not_sent():
+    refused = (401, {"error": {"type": "unauthorized", "message": "key changed"}}, {})
+    server = ScriptedServer(None, refused)
+    outcomes, stopped, _ = scripted_run(server, urls("a", "b", "c"), batch_size=1)
+    assert stopped == "the server refused a request (HTTP 401): key changed"
+    assert classified_as(outcomes[0]) == "http://127.0.0.2/a"
+    assert [o["error"]["type"] for o in outcomes[1:]] == ["not_sent", "not_sent"]
+
+
+def test_names_that_are_not_utf8_are_shown_escaped(tmp_path):
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    latin1 = os.fsdecode(b"caf\xe9.png")
+    (folder / latin1).write_bytes(b"png")
+    sources, _ = cli.collect_sources([str(folder)], recursive=False)
+    assert sources[0].name == str(folder / "caf\\xe9.png")
+    assert sources[0].name.encode("utf-8")  # printable, and valid JSON text
+    assert sources[0].path == folder / latin1  # the file itself is still read
 
 
 def test_an_unreachable_server_stops_the_run_and_marks_the_rest_not_sent():
