@@ -5,6 +5,7 @@ against transformers computed directly."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 
@@ -309,6 +310,40 @@ def test_raw_image_bodies_with_labels_in_the_sagemaker_header(served, pictures):
 
 
 @pytest.mark.parametrize(
+    ("content_type", "fmt"),
+    [
+        ("image/jpg", "JPEG"),
+        ("application/x-image", "JPEG"),
+        ("image/gif", "GIF"),
+        ("image/bmp", "BMP"),
+    ],
+)
+def test_raw_images_of_any_image_type_are_answered_as_their_json(
+    served, pictures, content_type, fmt
+):
+    """The decoder judges the bytes, as in a JSON request: a JPEG labelled `image/jpg` (a
+    common mislabel) or SageMaker's generic `application/x-image`, a GIF, a BMP."""
+    data = encode(pictures[0], fmt)
+    raw = httpx.post(
+        f"{served.url}/invocations",
+        content=data,
+        headers={
+            "Content-Type": content_type,
+            "X-Amzn-SageMaker-Custom-Attributes": "labels=café,dog".encode(),
+        },
+        timeout=30,
+    )
+    assert raw.status_code == 200, raw.text
+    inputs = base64.b64encode(data).decode()
+    as_json = post(
+        served,
+        "/invocations",
+        {"inputs": inputs, "parameters": {"candidate_labels": ["café", "dog"]}},
+    )
+    assert_same_answer(raw.json(), as_json.json())  # the header's UTF-8 label read as UTF-8
+
+
+@pytest.mark.parametrize(
     ("content", "content_type", "headers", "status", "words"),
     [
         (b"\x89PNG...", "image/png", {}, 400, ["X-Amzn-SageMaker-Custom-Attributes"]),
@@ -324,8 +359,15 @@ def test_raw_image_bodies_with_labels_in_the_sagemaker_header(served, pictures):
             b"GIF89a",
             "image/gif",
             {"X-Amzn-SageMaker-Custom-Attributes": "labels=a"},
+            422,
+            ["inputs[0]"],
+        ),
+        (
+            b"\x00\x00\x00\x18ftypmp42",
+            "video/mp4",
+            {"X-Amzn-SageMaker-Custom-Attributes": "labels=a"},
             415,
-            ["image/jpeg"],
+            ["image/*", "application/x-image"],
         ),
     ],
 )

@@ -28,6 +28,15 @@ def toolkit_body(image: bytes, labels: list[str], template: str | None) -> bytes
     return json.dumps({"inputs": inputs, "parameters": parameters}).encode()
 
 
+def header_text(value: bytes) -> str:
+    """A header's text: UTF-8 where its bytes are (curl sends a typed `café` so; SageMaker allows
+    only ASCII there, and percent-encoding works everywhere), else Latin-1, HTTP's old rule."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
 class RawImageBodyMiddleware:
     """See the module docstring."""
 
@@ -42,7 +51,7 @@ class RawImageBodyMiddleware:
             return
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
         image = await self._read_body(receive)
-        attributes = headers.get(CUSTOM_ATTRIBUTES_HEADER.lower().encode(), b"").decode("latin-1")
+        attributes = header_text(headers.get(CUSTOM_ATTRIBUTES_HEADER.lower().encode(), b""))
         try:
             if not image:
                 raise RequestError(400, "invalid_image", f"the {content_type} body is empty")

@@ -30,7 +30,10 @@ from clip_runner.web.waiting_bodies import Waiter, WaitingBodies
 
 EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz"})
 JSON_MEDIA_TYPES = ("application/json", "text/json")
-RAW_IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
+# Raw image bodies: any image/* type (the decoder judges the bytes, as for a JSON request's:
+# `image/jpg` is a common mislabel, and GIF, BMP, TIFF, AVIF decode) and SageMaker's generic
+# `application/x-image`, as the Hugging Face toolkit takes them.
+RAW_IMAGE_MEDIA_TYPES = ("image/*", "application/x-image")
 # Batch Transform's SplitType=Line bodies (jsonlines.py): SageMaker's name and common aliases.
 JSONLINES_MEDIA_TYPES = (
     "application/jsonlines",
@@ -89,8 +92,9 @@ def posted_content_type(scope: Scope, path: str) -> str | None:
 
 
 def is_raw_image_media_type(content_type: str) -> bool:
-    """`image/jpeg`, `image/png` or `image/webp`, any parameters."""
-    return media_type(content_type) in RAW_IMAGE_MEDIA_TYPES
+    """`image/<anything>` or `application/x-image`, any parameters."""
+    posted = media_type(content_type)
+    return (posted.startswith("image/") and len(posted) > 6) or posted == "application/x-image"
 
 
 def has_body(scope: Scope) -> bool:
