@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from clip_runner.answers.prompts import check_template
+from clip_runner.answers.prompts import PLACEHOLDERS, check_template
 from clip_runner.config import get_settings
 from clip_runner.errors import RequestError
 
@@ -64,6 +64,36 @@ def _check_length(field: str, text: str) -> None:
         raise _invalid(f"{field}: at most {most} characters, not {len(text)}")
 
 
+# Stands for the label while a template is read as the pipeline reads it (never in a template).
+_LABEL = "\x00"
+
+
+def pipeline_template(template: Any) -> str:
+    """The pipeline's `hypothesis_template.format(label)` as this project's `{}` template: `{0}`
+    is a slot and `{{ }}` literal braces there, as in Python's `str.format`. The original
+    container's `{name}` is taken too. An empty template or one without a slot is refused (the
+    empty one had been replaced by the default unasked)."""
+    invalid = _invalid("parameters.hypothesis_template: must be a string containing {}")
+    if not isinstance(template, str) or _LABEL in template:
+        raise invalid
+    try:
+        filled = template.format(_LABEL)
+    except KeyError:  # a named field: only the original's {name} is one
+        if "{name}" not in template:
+            raise invalid from None
+        return check_template(template)
+    except (IndexError, ValueError):
+        raise invalid from None
+    if _LABEL not in filled:
+        raise invalid
+    if any(placeholder in filled for placeholder in PLACEHOLDERS):
+        raise _invalid(
+            "parameters.hypothesis_template: literal braces {{}} beside the label's slot "
+            "cannot be told apart from it; leave them out"
+        )
+    return filled.replace(_LABEL, "{}")
+
+
 def parse_zero_shot_request(inputs: Any, parameters: Any) -> ZeroShotRequest:
     """Validate the toolkit's body; errors name the field as the caller wrote it."""
     single_image = isinstance(inputs, str)
@@ -78,11 +108,8 @@ def parse_zero_shot_request(inputs: Any, parameters: Any) -> ZeroShotRequest:
             raise _invalid(f"inputs[{index}]: must be a string (URL, base64 or data: URI)")
     if not isinstance(parameters, dict) or "candidate_labels" not in parameters:
         raise _invalid('parameters.candidate_labels: required, e.g. {"candidate_labels": [...]}')
-    template = parameters.get("hypothesis_template") or DEFAULT_HYPOTHESIS_TEMPLATE
-    try:
-        check_template(template)
-    except (TypeError, ValueError):
-        raise _invalid("parameters.hypothesis_template: must be a string containing {}") from None
+    template = parameters.get("hypothesis_template")
+    template = DEFAULT_HYPOTHESIS_TEMPLATE if template is None else pipeline_template(template)
     _check_length("parameters.hypothesis_template", template)
     labels = parse_candidate_labels(parameters["candidate_labels"])
     return ZeroShotRequest(images, labels, template, single_image)

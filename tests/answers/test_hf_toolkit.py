@@ -11,6 +11,7 @@ from clip_runner.answers.hf_toolkit import (
     parse_zero_shot_request,
     toolkit_answer,
 )
+from clip_runner.answers.prompts import fill_template
 from clip_runner.errors import RequestError
 
 
@@ -26,6 +27,37 @@ def test_a_list_of_images_comma_separated_labels_and_a_template():
     )
     assert request.images == ["a", "b"] and not request.single_image
     assert request.labels == ["cat", "dog"] and request.template == "a {} here"
+
+
+@pytest.mark.parametrize(
+    ("template", "label"),
+    [
+        ("This is a photo of {}.", "cat"),
+        ("a photo of {0}", "cat"),  # a numbered slot, as str.format has it
+        ("{0}, {0} and {0}", "dog"),
+        ("a {} {{braced}} thing", "cat"),  # doubled braces are literal ones
+        ("{}", "a red car"),
+    ],
+)
+def test_a_template_fills_as_the_pipelines_str_format(template, label):
+    """transformers' pipeline makes each prompt as `hypothesis_template.format(label)`."""
+    parameters = {"candidate_labels": [label], "hypothesis_template": template}
+    request = parse_zero_shot_request("x", parameters)
+    assert fill_template(request.template, label) == template.format(label)
+
+
+def test_the_originals_name_slot_is_taken_in_the_toolkit_shape_too():
+    parameters = {"candidate_labels": ["cat"], "hypothesis_template": "a {name} here"}
+    assert fill_template(parse_zero_shot_request("x", parameters).template, "cat") == "a cat here"
+
+
+@pytest.mark.parametrize("template", ["", "no slot", "{1}", "{label}", "a {", "{} {{}}", 3])
+def test_templates_the_pipeline_could_not_fill_or_fills_without_the_label_are_refused(template):
+    """An empty one among them: it had been replaced by the default unasked."""
+    with pytest.raises(RequestError) as raised:
+        parse_zero_shot_request("x", {"candidate_labels": ["a"], "hypothesis_template": template})
+    assert raised.value.status == 422
+    assert raised.value.message.startswith("parameters.hypothesis_template: ")
 
 
 @pytest.mark.parametrize(
