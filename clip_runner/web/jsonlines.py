@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, Settings
 from clip_runner.errors import RequestError, error_body
@@ -36,7 +36,12 @@ from clip_runner.web.schemas import (
     TopK,
     ZeroShotParameters,
 )
-from clip_runner.web.traffic import is_jsonlines_media_type, posted_content_type, without_bom
+from clip_runner.web.traffic import (
+    is_json_media_type,
+    is_jsonlines_media_type,
+    posted_content_type,
+    without_bom,
+)
 
 # SageMaker's bounds for a transform job's mini-batch size (MaxPayloadInMB).
 MAX_PAYLOAD_MB_RANGE = (1, 100)
@@ -191,11 +196,45 @@ def execution_parameters(settings: Settings) -> dict[str, Any]:
     }
 
 
+def is_lines_of_json(body: bytes) -> bool:
+    """Whether a body sent as JSON is JSON Lines: records on lines of their own, the first of
+    them a whole JSON value. A Batch Transform job with `ContentType=application/json`,
+    `SplitType=Line` and MultiRecord (what `/execution-parameters` advises) sends its
+    mini-batches so. A JSON document is never such a body: a whole value on its first line with
+    more after it is not JSON (a pretty-printed document's first line is no whole value)."""
+    end = len(body)
+    while end and body[end - 1] in b" \t\r\n":
+        end -= 1
+    first_end = body.find(b"\n", 0, end)
+    if first_end < 0:
+        return False
+    try:
+        json.loads(body[:first_end])
+    except ValueError:
+        return False
+    return True
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the app `body` (already read here), then the client's messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 class JsonLinesMiddleware:
     """Answers `POST path` with a JSON Lines body through `handler`, one line per record.
 
     It sits inside `traffic.RequestGuardMiddleware` (which has already admitted the request,
-    bounded its body and started its deadline) and handles only JSON Lines bodies.
+    bounded its body and started its deadline) and handles JSON Lines bodies, sent as such or
+    as JSON (`is_lines_of_json`); any other body goes on to the app as it came.
     """
 
     def __init__(
@@ -212,10 +251,15 @@ class JsonLinesMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         content_type = posted_content_type(scope, self.path)
-        if content_type is None or not is_jsonlines_media_type(content_type):
+        if content_type is None or not (
+            is_jsonlines_media_type(content_type) or is_json_media_type(content_type)
+        ):
             await self.app(scope, receive, send)
             return
         body = await Request(scope, receive).body()
+        if not is_jsonlines_media_type(content_type) and not is_lines_of_json(body):
+            await self.app(scope, replaying(body, receive), send)
+            return
         try:
             answers = await self.lines.answer(body)
         except RequestError as error:

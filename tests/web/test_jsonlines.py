@@ -19,6 +19,7 @@ from clip_runner.web.jsonlines import (
     encode_lines,
     execution_parameters,
     is_jsonlines_media_type,
+    is_lines_of_json,
     line_count,
     parse_line,
     records,
@@ -288,6 +289,45 @@ def test_jsonlines_answers_one_line_per_line_like_single_requests(served, s3_sto
     assert answers[2]["error"]["message"].startswith("line 3: ")
     assert answers[3]["error"]["type"] == "invalid_image"
     assert answers[3]["error"]["message"].startswith("line 4: images[0]:")
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/json", None])
+def test_lines_sent_as_json_are_answered_as_json_lines(served, content_type):
+    """A Batch Transform job with ContentType=application/json, SplitType=Line and MultiRecord
+    sends its records so: each line answered, as sent as JSON Lines (it was a 400)."""
+    pictures = [photo_like(120 + 10 * i, 100, seed=70 + i) for i in range(2)]
+    lines = [json.dumps({"images": [as_base64(p)], "classes": SEED_CLASSES}) for p in pictures]
+    body = ("\n".join(lines) + "\n").encode()
+    headers = {"content-type": content_type} if content_type else {}
+    as_json = httpx.post(f"{served.url}/invocations", content=body, headers=headers, timeout=60)
+    as_lines = post_lines(served, body)
+    assert as_json.status_code == 200, as_json.text
+    assert as_json.headers["content-type"].startswith(JSONLINES)
+    got = [json.loads(line) for line in as_json.text.split("\n")]
+    want = [json.loads(line) for line in as_lines.text.split("\n")]
+    assert len(got) == 2
+    for answer, expected in zip(got, want, strict=True):
+        assert_same_answer(answer, expected)
+    # one JSON document over several lines is still one request
+    pretty = json.dumps({"images": [as_base64(pictures[0])], "classes": SEED_CLASSES}, indent=2)
+    single = post(served, content=pretty.encode(), content_type="application/json")
+    assert single.status_code == 200 and single.headers["content-type"] == "application/json"
+    assert_same_answer(single.json(), got[0])
+
+
+@pytest.mark.parametrize(
+    ("body", "lines"),
+    [
+        (b'{"a": 1}\n{"a": 2}', True),
+        (b'{"a": 1}\r\n{"a": 2}\r\n', True),
+        (b'{"a": 1}\n', False),  # one record and its newline: plain JSON
+        (b'{\n  "a": 1\n}\n', False),  # a pretty-printed document
+        (b'{"a": 1}', False),
+        (b"", False),
+    ],
+)
+def test_a_json_body_is_lines_only_when_its_first_line_is_a_whole_value(body, lines):
+    assert is_lines_of_json(body) is lines
 
 
 def test_the_lines_images_share_the_runners_batches(served, tiny_clip):
