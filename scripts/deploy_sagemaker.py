@@ -14,10 +14,12 @@ The image built by `bentoml containerize` already speaks SageMaker's contract (`
 8080, /ping, /invocations), so deploying is only AWS API calls. `deploy` on an existing endpoint
 creates a new timestamped model and endpoint config and switches with a blue/green update, so
 the old fleet serves until the new one passes /ping. An update starts from the endpoint's current
-settings (instance type and count, start-up timeout, AMI, environment, model data, network
-isolation, async output): only what is given on the command line changes. Names of the models and
-configs this script creates are `<endpoint>-YYYYmmdd-HHMMSS-mmm`; `delete` removes exactly those
-(and the endpoint's current ones).
+settings (instance type, live instance count, start-up timeout, AMI, environment, model data,
+network isolation, async output, and settings it copies as they are, e.g. VPC, KMS key, data
+capture): only what is given on the command line changes, and an endpoint with settings it
+cannot carry over (several variants, serverless, several containers, ...) is refused. Names of
+the models and configs this script creates are `<endpoint>-YYYYmmdd-HHMMSS-mmm`; `delete` removes
+exactly those (and the endpoint's current ones).
 
 Every subcommand takes --region, --endpoint-url (or AWS_ENDPOINT_URL, e.g. a moto server) and
 --dry-run. A dry run makes no call that changes anything (and no invoke / docker): it prints the
@@ -26,8 +28,10 @@ model of the AWS API, with container Environment values shown as *** (they may b
 still makes read-only lookups (iam GetRole, DescribeEndpoint, ...) so that the plan is the one a
 real run would follow.
 
-Exit status: 0 done, 1 an AWS call failed, 2 a usage error (nothing changed by this run), 3 --wait
-gave up while the endpoint was still Creating/Updating (not failed).
+Exit status: 0 done, 1 an AWS call failed, 2 a usage error or a failed docker step of `push` (one
+`error:` line; nothing changed by this run, except that `push` may have created the ECR
+repository before docker failed, which the line then says), 3 --wait gave up while the endpoint
+was still Creating/Updating (not failed).
 """
 
 from __future__ import annotations
@@ -578,6 +582,76 @@ def wait_in_service(aws: Aws, endpoint: str, config: str, timeout_s: int) -> Non
 # ---- deploy: what an endpoint runs, and what an update keeps ----
 
 API_KEY_VARIABLE = "CLIP_API_KEY"
+# An update rebuilds the endpoint's model and config from its current ones, so that nothing the
+# running endpoint has is lost without a word. Per part (botocore's DescribeModel and
+# DescribeEndpointConfig shapes), the fields `deploy` sets itself or that are the resource's own
+# record (names, ARNs, times), and those it copies into the new model/config as they are. Any
+# other field that is set (several or serverless variants, several containers, shadow variants,
+# inference components, a model package, ...) cannot be rebuilt by this script: the update is
+# refused, naming it, rather than made without it.
+SET_FIELDS = {
+    "model": {
+        "ModelName",
+        "ModelArn",
+        "CreationTime",
+        "DeploymentRecommendation",
+        "ResponseMetadata",
+        "PrimaryContainer",
+        "ExecutionRoleArn",
+        "EnableNetworkIsolation",
+    },
+    "container": {"Image", "Mode", "Environment", "ModelDataUrl", "ModelDataSource"},
+    "config": {
+        "EndpointConfigName",
+        "EndpointConfigArn",
+        "CreationTime",
+        "ResponseMetadata",
+        "ProductionVariants",
+        "AsyncInferenceConfig",
+    },
+    "variant": {
+        "VariantName",
+        "ModelName",
+        "InitialInstanceCount",
+        "InstanceType",
+        "InitialVariantWeight",
+        "ContainerStartupHealthCheckTimeoutInSeconds",
+        "InferenceAmiVersion",
+    },
+}
+COPIED_FIELDS = {
+    "model": ("VpcConfig",),
+    "container": (
+        "ContainerHostname",
+        "ImageConfig",
+        "AdditionalModelDataSources",
+        "ContainerMetricsConfig",
+    ),
+    "config": (
+        "KmsKeyId",
+        "DataCaptureConfig",
+        "ExplainerConfig",
+        "MetricsConfig",
+        "TracingConfig",
+        "CrossRegionTrafficConfig",
+    ),
+    "variant": (
+        "VolumeSizeInGB",
+        "ModelDataDownloadTimeoutInSeconds",
+        "VariantInstanceProvisionTimeoutInSeconds",
+        "CoreDumpConfig",
+        "EnableSSMAccess",
+        "RoutingConfig",
+    ),
+}
+# Where each part's copied fields go: the model request, its PrimaryContainer, the endpoint
+# config request, its one production variant.
+PARTS = ("model", "container", "config", "variant")
+
+
+def no_carried() -> dict[str, dict[str, Any]]:
+    """Nothing copied: a new endpoint's (or a deleted model's) share of `carried`."""
+    return {part: {} for part in PARTS}
 
 
 class EndpointSettings(NamedTuple):
@@ -585,7 +659,9 @@ class EndpointSettings(NamedTuple):
 
     An update starts from the running endpoint's settings, so that an option left off the
     command line keeps its value instead of falling back to a default (a GPU fleet updated with
-    only a new --image-uri must not become one CPU instance).
+    only a new --image-uri must not become one CPU instance). `carried` holds the current
+    model's and config's other fields (COPIED_FIELDS), copied as they are; `model_known` is
+    False when the endpoint's model was deleted, so its values are unknown, not "kept".
     """
 
     image_uri: str
@@ -596,8 +672,11 @@ class EndpointSettings(NamedTuple):
     ami_version: str | None
     env: dict[str, str]
     model_data: str | None
+    model_data_source: dict[str, Any] | None  # an uncompressed model (ModelDataSource)
     network_isolation: bool
     async_config: dict[str, Any] | None
+    carried: dict[str, dict[str, Any]]
+    model_known: bool = True
 
 
 def env_changes(items: Sequence[str]) -> dict[str, str | None]:
@@ -635,9 +714,11 @@ def check_async_scaling(min_count: int, max_count: int, backlog_target: float) -
         raise DeployError("--backlog-target (queued requests per instance) must be positive")
 
 
-def check_deploy_options(args: argparse.Namespace, known_amis: Sequence[str]) -> None:
+def check_deploy_options(args: argparse.Namespace) -> None:
     """Everything about deploy's options that needs no AWS call, so that a mistake changes
-    nothing: the given values only (what an update carries over was valid when it was set)."""
+    nothing: the given values only (what an update carries over was valid when it was set).
+    --inference-ami-version is checked against botocore's list when it is resolved, still
+    before anything is made."""
     check_endpoint_name(args.endpoint)
     if args.instance_type is not None:
         check_instance_type(args.instance_type)
@@ -657,10 +738,6 @@ def check_deploy_options(args: argparse.Namespace, known_amis: Sequence[str]) ->
     check_no_api_key(env_changes(args.env))
     if args.model_data:
         check_model_data(args.model_data)
-    if args.inference_ami_version is not None:
-        inference_ami_version(
-            args.instance_type or DEFAULT_INSTANCE_TYPE, args.inference_ami_version, known_amis
-        )
     if args.output is not None:
         check_s3_uri(args.output, "--output")
     if args.failure_output is not None:
@@ -668,40 +745,121 @@ def check_deploy_options(args: argparse.Namespace, known_amis: Sequence[str]) ->
     check_async_scaling(0, args.max_instances, args.backlog_target)
 
 
-def current_settings(aws: Aws, existing: dict[str, Any]) -> EndpointSettings:
-    """The running endpoint's settings: its endpoint config's (first) variant and that model."""
-    config = aws.lookup(
-        "sagemaker", "describe_endpoint_config", EndpointConfigName=existing["EndpointConfigName"]
-    )
-    variant = (config or {})["ProductionVariants"][0]
-    model = aws.lookup(
-        "sagemaker",
-        "describe_model",
-        missing=("ValidationException",),
-        ModelName=variant["ModelName"],
-    )
-    if model is None:
-        print(
-            f"warning: model {variant['ModelName']}, which endpoint {existing['EndpointName']} "
-            "runs, no longer exists: its environment, model data and network isolation cannot "
-            "be carried over (what is given, else the defaults, applies)",
-            file=sys.stderr,
+def is_set(value: Any) -> bool:
+    """Whether a described field holds a setting: moto (and AWS, for some fields) answers
+    absent ones as {}, [] or false."""
+    return value is not None and value is not False and value != {} and value != [] and value != ""
+
+
+def uncarried_fields(part: str, found: dict[str, Any], prefix: str = "") -> list[str]:
+    """The fields of `found` (one part, see SET_FIELDS) that are set but that an update neither
+    sets nor copies."""
+    known = SET_FIELDS[part] | set(COPIED_FIELDS[part])
+    return [f"{prefix}{key}" for key, value in found.items() if key not in known and is_set(value)]
+
+
+def copied_fields(part: str, found: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `found` that an update copies into the new model/config as they are."""
+    return {key: found[key] for key in COPIED_FIELDS[part] if is_set(found.get(key))}
+
+
+def endpoint_config(aws: Aws, existing: dict[str, Any]) -> dict[str, Any]:
+    """The endpoint config the endpoint runs (DescribeEndpointConfig; errors raise)."""
+    return (
+        aws.lookup(
+            "sagemaker",
+            "describe_endpoint_config",
+            EndpointConfigName=existing["EndpointConfigName"],
         )
-        model = {}
-    container = model.get("PrimaryContainer", {})
+        or {}
+    )
+
+
+def live_instance_count(existing: dict[str, Any], variant: dict[str, Any]) -> int:
+    """The fleet's size now (DescribeEndpoint): scaled by autoscaling or by hand
+    (UpdateEndpointWeightsAndCapacities), it is not the config's InitialInstanceCount any more."""
+    live = (existing.get("ProductionVariants") or [{}])[0]
+    for key in ("DesiredInstanceCount", "CurrentInstanceCount"):
+        if live.get(key) is not None:
+            return int(live[key])
+    return int(variant.get("InitialInstanceCount", DEFAULT_INSTANCE_COUNT))
+
+
+def current_settings(
+    aws: Aws, existing: dict[str, Any], model_defaults: bool = False
+) -> EndpointSettings:
+    """The running endpoint's settings: its endpoint config's variant, that model, and the
+    live instance count. Refused (DeployError) when they hold what an update cannot carry over,
+    or when the model was deleted and `model_defaults` (--model-defaults) does not accept the
+    defaults for what it held."""
+    endpoint = existing["EndpointName"]
+    config = endpoint_config(aws, existing)
+    variants = config.get("ProductionVariants", [])
+    variant = variants[0] if variants else {}
+    uncarried = uncarried_fields("config", config)
+    if len(variants) != 1:
+        uncarried.insert(0, f"{len(variants)} production variants")
+    uncarried += uncarried_fields("variant", variant, "ProductionVariants[0].")
+    model = None
+    if variant.get("ModelName"):
+        model = aws.lookup(
+            "sagemaker",
+            "describe_model",
+            missing=("ValidationException",),
+            ModelName=variant["ModelName"],
+        )
+    else:
+        uncarried.append("a variant without ModelName (inference components)")
+    container: dict[str, Any] = {}
+    model_data_source = None
+    if model is not None:
+        uncarried += uncarried_fields("model", model)
+        container = model.get("PrimaryContainer") or {}
+        if container.get("Mode", "SingleModel") != "SingleModel":
+            uncarried.append(f"PrimaryContainer.Mode {container['Mode']}")
+        uncarried += uncarried_fields("container", container, "PrimaryContainer.")
+        model_data_source = container.get("ModelDataSource") or None
+        url = container.get("ModelDataUrl")
+        if model_data_source is not None and url is not None:
+            if model_data_source.get("S3DataSource", {}).get("S3Uri") == url:
+                model_data_source = None  # DescribeModel's own account of the ModelDataUrl
+            else:
+                uncarried.append("PrimaryContainer.ModelDataSource beside a ModelDataUrl")
+    if uncarried:
+        raise DeployError(
+            f"endpoint {endpoint} has settings an update by this script cannot carry over, and "
+            f"would drop: {', '.join(uncarried)}; update it with the tool that made it, or deploy "
+            "under another --endpoint name"
+        )
+    if model is None and variant.get("ModelName") and not model_defaults:
+        raise DeployError(
+            f"model {variant['ModelName']}, which endpoint {endpoint} runs, no longer exists: its "
+            "environment, model data, network isolation and VPC settings are unknown; give "
+            "those you want (--env, --model-data, --network-isolation) and pass "
+            "--model-defaults to take the defaults for the rest"
+        )
+    carried = no_carried()
+    carried["config"] = copied_fields("config", config)
+    carried["variant"] = copied_fields("variant", variant)
+    if model is not None:
+        carried["model"] = copied_fields("model", model)
+        carried["container"] = copied_fields("container", container)
     return EndpointSettings(
         image_uri=container.get("Image", "?"),
-        role_arn=model.get("ExecutionRoleArn", "?"),
+        role_arn=(model or {}).get("ExecutionRoleArn", "?"),
         instance_type=variant.get("InstanceType", DEFAULT_INSTANCE_TYPE),
-        instance_count=variant.get("InitialInstanceCount", DEFAULT_INSTANCE_COUNT),
+        instance_count=live_instance_count(existing, variant),
         startup_timeout=variant.get(
             "ContainerStartupHealthCheckTimeoutInSeconds", DEFAULT_STARTUP_TIMEOUT
         ),
         ami_version=variant.get("InferenceAmiVersion"),
         env=dict(container.get("Environment") or {}),
         model_data=container.get("ModelDataUrl"),
-        network_isolation=bool(model.get("EnableNetworkIsolation", False)),
-        async_config=(config or {}).get("AsyncInferenceConfig") or None,
+        model_data_source=model_data_source,
+        network_isolation=bool((model or {}).get("EnableNetworkIsolation", False)),
+        async_config=config.get("AsyncInferenceConfig") or None,
+        carried=carried,
+        model_known=model is not None,
     )
 
 
@@ -746,6 +904,24 @@ def resolve_async_config(
     return config
 
 
+def resolve_ami(
+    args: argparse.Namespace,
+    current: EndpointSettings | None,
+    instance_type: str,
+    known_amis: Sequence[str],
+) -> str | None:
+    """The variant's InferenceAmiVersion: the given one; else the current one while the instance
+    type stays, unless that leaves a GPU fleet on an AMI whose driver the image's CUDA 13.0 torch
+    cannot use (any but GPU_AMI_VERSION: the new fleet would serve on the CPUs); else `auto`'s
+    choice. `--inference-ami-version default` (or a version by name) keeps another AMI."""
+    if args.inference_ami_version is not None:
+        return inference_ami_version(instance_type, args.inference_ami_version, known_amis)
+    if current is not None and current.instance_type == instance_type:
+        if not is_gpu_instance(instance_type) or current.ami_version == GPU_AMI_VERSION:
+            return current.ami_version
+    return inference_ami_version(instance_type, "auto", known_amis)
+
+
 def resolve_settings(
     args: argparse.Namespace,
     current: EndpointSettings | None,
@@ -753,8 +929,7 @@ def resolve_settings(
     known_amis: Sequence[str],
 ) -> EndpointSettings:
     """Each setting: the given option, else the current endpoint's (on update), else the
-    default. The AMI version is kept only with the instance type it was picked for; a new
-    instance type gets `auto`'s choice unless --inference-ami-version says otherwise."""
+    default; the AMI version as resolve_ami says."""
 
     def pick(given: Any, kept: Any, default: Any) -> Any:
         if given is not None:
@@ -764,12 +939,6 @@ def resolve_settings(
     instance_type = pick(
         args.instance_type, current and current.instance_type, DEFAULT_INSTANCE_TYPE
     )
-    if args.inference_ami_version is not None:
-        ami = inference_ami_version(instance_type, args.inference_ami_version, known_amis)
-    elif current is not None and current.instance_type == instance_type:
-        ami = current.ami_version
-    else:
-        ami = inference_ami_version(instance_type, "auto", known_amis)
     async_config = resolve_async_config(args, current)
     if current is not None:
         env = dict(current.env)
@@ -783,8 +952,9 @@ def resolve_settings(
     check_no_api_key(env, carried=True)
     if args.model_data is None:
         model_data = current.model_data if current is not None else None
-    else:
-        model_data = args.model_data or None  # --model-data '': the image's own model again
+        model_data_source = current.model_data_source if current is not None else None
+    else:  # --model-data '': the image's own model again
+        model_data, model_data_source = args.model_data or None, None
     return EndpointSettings(
         image_uri=args.image_uri,
         role_arn=role_arn,
@@ -795,19 +965,22 @@ def resolve_settings(
         startup_timeout=pick(
             args.startup_timeout, current and current.startup_timeout, DEFAULT_STARTUP_TIMEOUT
         ),
-        ami_version=ami,
+        ami_version=resolve_ami(args, current, instance_type, known_amis),
         env=env,
         model_data=model_data,
+        model_data_source=model_data_source,
         network_isolation=pick(
             args.network_isolation, current and current.network_isolation, False
         ),
         async_config=async_config,
+        carried=current.carried if current is not None else no_carried(),
     )
 
 
 def settings_report(current: EndpointSettings, new: EndpointSettings) -> list[str]:
     """One line per setting of an update, `(kept)` or `old -> new`, so that what an update
-    changes is visible before it runs; environment values are masked, keys shown."""
+    changes is visible before it runs; environment values are masked, keys shown. What the
+    deleted model held is `unknown`, never `(kept)`."""
 
     def show(value: Any) -> str:
         if value is None:
@@ -818,25 +991,51 @@ def settings_report(current: EndpointSettings, new: EndpointSettings) -> list[st
             return json.dumps(value, sort_keys=True)
         return str(value)
 
+    unknown = object()  # the deleted model's value
+
+    def model_value(value: Any) -> Any:
+        return value if current.model_known else unknown
+
     rows = [
-        ("image", current.image_uri, new.image_uri),
-        ("role", current.role_arn, new.role_arn),
+        ("image", model_value(current.image_uri), new.image_uri),
+        ("role", model_value(current.role_arn), new.role_arn),
         ("instance type", current.instance_type, new.instance_type),
         ("instance count", current.instance_count, new.instance_count),
         ("startup timeout (s)", current.startup_timeout, new.startup_timeout),
         ("inference AMI version", current.ami_version, new.ami_version),
-        ("model data", current.model_data, new.model_data),
-        ("network isolation", current.network_isolation, new.network_isolation),
+        (
+            "model data",
+            model_value(current.model_data or current.model_data_source),
+            new.model_data or new.model_data_source,
+        ),
+        ("network isolation", model_value(current.network_isolation), new.network_isolation),
         ("async config", current.async_config, new.async_config),
     ]
-    lines = [
-        f"  {label}: {show(old)} (kept)"
-        if old == value
-        else f"  {label}: {show(old)} -> {show(value)}"
-        for label, old, value in rows
-    ]
+    lines = []
+    for label, old, value in rows:
+        if old is unknown:
+            lines.append(f"  {label}: unknown (model deleted) -> {show(value)}")
+        elif old == value:
+            lines.append(f"  {label}: {show(old)} (kept)")
+        else:
+            lines.append(f"  {label}: {show(old)} -> {show(value)}")
+    if (
+        current.instance_type == new.instance_type
+        and is_gpu_instance(new.instance_type)
+        and current.ami_version != new.ami_version == GPU_AMI_VERSION
+    ):
+        lines.append(
+            f"    (on {current.ami_version or 'the default AMI'} the image's CUDA 13.0 torch "
+            "finds no driver it can use and serves on the CPUs; --inference-ami-version default "
+            "or NAME keeps another)"
+        )
+    for part in PARTS:
+        for key, value in new.carried[part].items():
+            lines.append(f"  {key}: {show(value)} (kept)")
     for key in sorted(set(current.env) | set(new.env)):
-        if key not in new.env:
+        if not current.model_known:
+            change = "set"
+        elif key not in new.env:
             change = "removed"
         elif key not in current.env:
             change = "added"
@@ -846,7 +1045,25 @@ def settings_report(current: EndpointSettings, new: EndpointSettings) -> list[st
     return lines
 
 
+def with_carried(
+    model: dict[str, Any], config: dict[str, Any], carried: dict[str, dict[str, Any]]
+) -> None:
+    """Copy the current model's and config's COPIED_FIELDS into the new requests."""
+    model.update(carried["model"])
+    model["PrimaryContainer"].update(carried["container"])
+    config.update(carried["config"])
+    config["ProductionVariants"][0].update(carried["variant"])
+
+
 # ---- subcommands ----
+
+
+def scale_to_zero_command(endpoint: str, max_instances: int, backlog_target: float) -> str:
+    """The `autoscale` command that gives a new async endpoint its scale-to-zero setup."""
+    return (
+        f"autoscale --endpoint {endpoint} --min 0 --max {max_instances} "
+        f"--backlog-target {backlog_target:g}"
+    )
 
 
 def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
@@ -854,8 +1071,8 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
 
     An update starts from the endpoint's current settings: an option not given keeps its value.
     """
+    check_deploy_options(args)
     known_amis = aws.enum("sagemaker", "ProductionVariantInferenceAmiVersion")
-    check_deploy_options(args, known_amis)
     endpoint = args.endpoint
     role_arn = resolve_role(aws, args.role)
     existing = describe_endpoint(aws, endpoint)
@@ -868,18 +1085,17 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
                 + ("(delete it, then deploy again)" if status == "Failed" else "(wait, then retry)")
             )
         variant = existing["ProductionVariants"][0]["VariantName"]  # blue/green needs the same
-        current = current_settings(aws, existing)
+        current = current_settings(aws, existing, args.model_defaults)
     settings = resolve_settings(args, current, role_arn, known_amis)
     if OLD_GPU_INSTANCE_RE.match(settings.instance_type):
         print(OLD_GPU_WARNING.format(instance_type=settings.instance_type), file=sys.stderr)
-    if existing is not None and current is not None:
+    if current is not None:
         print(
             f"update of {endpoint}: options not given keep the values of its current config "
-            f"{existing['EndpointConfigName']}:",
+            f"{existing['EndpointConfigName']} and its live instance count:",
             file=sys.stderr,
         )
         print("\n".join(settings_report(current, settings)), file=sys.stderr)
-        fleet = settings.instance_count
         if scaling_targets(aws, endpoint):
             if current.instance_type != settings.instance_type:
                 raise DeployError(
@@ -887,14 +1103,20 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
                     f"type of an autoscaled variant: run `autoscale --endpoint {endpoint} "
                     "--disable`, deploy, then `autoscale` again"
                 )
-            retain = True  # keep the instance count autoscaling chose
-            fleet = existing["ProductionVariants"][0].get("CurrentInstanceCount", fleet)
-        if args.canary_percent is not None and fleet < 2:
+            if args.instance_count is not None:
+                raise DeployError(
+                    f"--instance-count: endpoint {endpoint} autoscales, and the update keeps the "
+                    f"count autoscaling set ({current.instance_count}): change its range with "
+                    f"`autoscale --endpoint {endpoint} --min N --max M` instead"
+                )
+            retain = True  # RetainAllVariantProperties: keep the count autoscaling chose
+        if args.canary_percent is not None and settings.instance_count < 2:
             raise DeployError(
-                f"--canary-percent: endpoint {endpoint} would have {fleet} instance; a canary is "
-                "at least one instance and at most half the variant's instances (CanarySize), so "
-                "it needs 2 or more: leave --canary-percent out (all at once, the old fleet "
-                "serving until the new one passes /ping) or raise --instance-count"
+                f"--canary-percent: endpoint {endpoint} would have {settings.instance_count} "
+                "instance; a canary is at least one instance and at most half the variant's "
+                "instances (CanarySize), so it needs 2 or more: leave --canary-percent out (all "
+                "at once, the old fleet serving until the new one passes /ping) or raise "
+                "--instance-count"
             )
     name = resource_name(endpoint, datetime.now(UTC))
     model = model_request(
@@ -902,18 +1124,21 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
     )
     if settings.model_data:
         model = with_model_data(model, settings.model_data)
-    aws.act("sagemaker", "create_model", **model)
+    if settings.model_data_source:
+        model["PrimaryContainer"]["ModelDataSource"] = settings.model_data_source
     config_request = endpoint_config_request(
         name,
         name,
         settings.instance_type,
-        settings.instance_count,
+        max(1, settings.instance_count),  # 0: an async fleet scaled to zero (retained as it is)
         settings.startup_timeout,
         variant,
         settings.ami_version,
     )
     if settings.async_config is not None:
         config_request["AsyncInferenceConfig"] = settings.async_config
+    with_carried(model, config_request, settings.carried)
+    aws.act("sagemaker", "create_model", **model)
     aws.act("sagemaker", "create_endpoint_config", **config_request)
     deployment = None
     if existing is None:
@@ -930,16 +1155,23 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
             RetainAllVariantProperties=retain,
             DeploymentConfig=deployment,
         )
+    scale_to_zero = settings.async_config is not None and not retain
+    command = scale_to_zero_command(endpoint, args.max_instances, args.backlog_target)
     if args.wait and not aws.dry_run:
-        wait_in_service(aws, endpoint, name, wait_timeout(settings.startup_timeout, deployment))
-    if settings.async_config is not None and not retain:
+        timeout = wait_timeout(settings.startup_timeout, deployment)
+        try:
+            wait_in_service(aws, endpoint, name, timeout)
+        except StillChangingError as error:
+            if not scale_to_zero:
+                raise
+            raise StillChangingError(
+                f"{error}; once it is InService, scale it to zero when idle: {command}"
+            ) from None
+    if scale_to_zero:
         if args.wait:  # scaling needs an endpoint InService; a dry run plans what --wait does
             autoscale_async(aws, endpoint, variant, 0, args.max_instances, args.backlog_target)
         else:
-            print(
-                f"once {endpoint} is InService, scale it to zero when idle: autoscale "
-                f"--endpoint {endpoint} --min 0 --max {args.max_instances}"
-            )
+            print(f"once {endpoint} is InService, scale it to zero when idle: {command}")
 
 
 def cmd_autoscale(aws: Aws, args: argparse.Namespace) -> None:
@@ -951,7 +1183,8 @@ def cmd_autoscale(aws: Aws, args: argparse.Namespace) -> None:
         remove_autoscaling(aws, args.endpoint)
         remove_wake_alarm(aws, args.endpoint)
         return
-    if is_async_endpoint(aws, existing):
+    if endpoint_config(aws, existing).get("AsyncInferenceConfig"):
+        check_async_scaling(args.min, args.max, args.backlog_target)
         variant = existing["ProductionVariants"][0]["VariantName"]
         cooldowns = (args.scale_in_cooldown, args.scale_out_cooldown)
         autoscale_async(
@@ -1008,7 +1241,13 @@ def cmd_delete(aws: Aws, args: argparse.Namespace) -> None:
             missing=("ValidationException",),
             EndpointConfigName=config,
         )
-        models |= {v["ModelName"] for v in (found or {}).get("ProductionVariants", [])}
+        for variant in (found or {}).get("ProductionVariants", []):
+            model = variant.get("ModelName")
+            # A config's model may be gone already (deleted by hand): DeleteModel would fail.
+            if model and aws.lookup(
+                "sagemaker", "describe_model", missing=("ValidationException",), ModelName=model
+            ):
+                models.add(model)
         aws.act("sagemaker", "delete_endpoint_config", EndpointConfigName=config)
     for page in aws.pages("sagemaker", "list_models", NameContains=endpoint):
         models |= {m["ModelName"] for m in page["Models"] if owned_by(endpoint, m["ModelName"])}
@@ -1055,6 +1294,7 @@ def cmd_push(aws: Aws, args: argparse.Namespace) -> None:
         missing=("RepositoryNotFoundException",),
         repositoryNames=[args.repository],
     )
+    created = None
     if found is not None:
         uri = found["repositories"][0]["repositoryUri"]
     else:
@@ -1081,7 +1321,13 @@ def cmd_push(aws: Aws, args: argparse.Namespace) -> None:
         print("$ " + " ".join(command))
         stdin = password if command[1] == "login" else None  # never on the command line
         if subprocess.run(command, input=stdin, text=True).returncode != 0:
-            raise DeployError(f"`docker {command[1]}` failed (see Docker's message above)")
+            made = (
+                f"; ECR repository {args.repository}, created by this run, is kept for the next "
+                "push"
+                if created is not None
+                else ""
+            )
+            raise DeployError(f"`docker {command[1]}` failed (see Docker's message above){made}")
     print(f"pushed {remote}")
 
 
@@ -1090,8 +1336,10 @@ def cmd_push(aws: Aws, args: argparse.Namespace) -> None:
 JOB_NAME_RE = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 S3_URI_RE = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?")
 JSONLINES = "application/jsonlines"
-# CreateTransformJob: MaxConcurrentTransforms x MaxPayloadInMB must not exceed 100 (MB).
+# CreateTransformJob: MaxConcurrentTransforms x MaxPayloadInMB must not exceed 100 (MB);
+# MaxPayloadInMB is 6 when not given (botocore's documentation of the field).
 MAX_TRANSFORM_MB = 100
+DEFAULT_MAX_PAYLOAD_MB = 6
 MIB = 1024 * 1024
 # Seconds SageMaker gives the container beyond its own request deadline (see config.py).
 DEADLINE_MARGIN_S = 5
@@ -1254,13 +1502,6 @@ def wake_alarm_request(endpoint: str, policy_arn: str) -> dict[str, Any]:
     }
 
 
-def is_async_endpoint(aws: Aws, existing: dict[str, Any]) -> bool:
-    config = aws.lookup(
-        "sagemaker", "describe_endpoint_config", EndpointConfigName=existing["EndpointConfigName"]
-    )
-    return bool((config or {}).get("AsyncInferenceConfig"))
-
-
 def autoscale_async(
     aws: Aws,
     endpoint: str,
@@ -1270,8 +1511,8 @@ def autoscale_async(
     backlog_target: float,
     cooldowns: tuple[int, int] = (300, 60),
 ) -> None:
-    """Scale to zero: min may be 0; the backlog per instance drives scaling, an alarm wakes it."""
-    check_async_scaling(min_count, max_count, backlog_target)
+    """Scale to zero: min may be 0; the backlog per instance drives scaling, an alarm wakes it.
+    The callers check the bounds first (check_async_scaling), before anything is made."""
     rid = scaling_resource_id(endpoint, variant)
     aws.act(
         "application-autoscaling",
@@ -1321,12 +1562,20 @@ def cmd_batch_transform(aws: Aws, args: argparse.Namespace) -> None:
         raise DeployError("--max-payload-mb must be 1..100 (SageMaker's range)")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise DeployError("--max-concurrent must be at least 1")
-    if (args.max_concurrent or 0) * (args.max_payload_mb or 0) > MAX_TRANSFORM_MB:
-        raise DeployError(
-            f"--max-concurrent {args.max_concurrent} x --max-payload-mb {args.max_payload_mb} is "
-            f"{args.max_concurrent * args.max_payload_mb} MB; SageMaker allows at most "
-            f"{MAX_TRANSFORM_MB} (MaxConcurrentTransforms x MaxPayloadInMB)"
+    if args.max_concurrent is not None:
+        # Without --max-payload-mb, MaxPayloadInMB is SageMaker's default (botocore's docs).
+        payload = args.max_payload_mb or DEFAULT_MAX_PAYLOAD_MB
+        payload_option = (
+            f"--max-payload-mb {payload}"
+            if args.max_payload_mb
+            else f"MaxPayloadInMB {payload} (SageMaker's default without --max-payload-mb)"
         )
+        if args.max_concurrent * payload > MAX_TRANSFORM_MB:
+            raise DeployError(
+                f"--max-concurrent {args.max_concurrent} x {payload_option} is "
+                f"{args.max_concurrent * payload} MB; SageMaker allows at most "
+                f"{MAX_TRANSFORM_MB} (MaxConcurrentTransforms x MaxPayloadInMB)"
+            )
     if not 0 <= args.retries <= 3:
         raise DeployError("--retries must be 0..3")
     if bool(args.model) == bool(args.image_uri):
@@ -1335,10 +1584,10 @@ def cmd_batch_transform(aws: Aws, args: argparse.Namespace) -> None:
         raise DeployError("--image-uri needs --role (the model's execution role)")
     if not s3_has_objects(aws, input_uri):
         raise DeployError(f"no objects under {input_uri}: upload the .jsonl files first")
-    earlier = aws.lookup(
+    earlier = aws.lookup(  # botocore's model names ResourceNotFound; AWS has answered both
         "sagemaker",
         "describe_transform_job",
-        missing=("ValidationException",),
+        missing=("ResourceNotFound", "ValidationException"),
         TransformJobName=job,
     )
     if earlier is not None:  # SageMaker keeps job names for good: a second CreateTransformJob fails
@@ -1372,13 +1621,31 @@ def cmd_batch_transform(aws: Aws, args: argparse.Namespace) -> None:
     )
     try:
         aws.act("sagemaker", "create_transform_job", **request)
-    except AwsCallError:
+    except (AwsCallError, BotoCoreError) as error:
         if made_model:  # made for this job only: don't leave it behind (or block a re-run)
-            aws.act("sagemaker", "delete_model", ModelName=model)
+            delete_job_model(aws, model, error)
         raise
     print(f"transform job {job}: {input_uri} -> {output_uri.rstrip('/')}/<file>.out")
     if args.wait and not aws.dry_run:
         wait_transform_job(aws, job)
+
+
+def error_text(error: Exception) -> str:
+    """An error as main() prints it: botocore's own errors with their type's name."""
+    return f"{type(error).__name__}: {error}" if isinstance(error, BotoCoreError) else str(error)
+
+
+def delete_job_model(aws: Aws, model: str, cause: Exception) -> None:
+    """Delete the model made for a job whose CreateTransformJob failed (`cause`). If that fails
+    too, one error reports both, so the job's failure is not hidden by the clean-up's."""
+    try:
+        aws.act("sagemaker", "delete_model", ModelName=model)
+    except (AwsCallError, BotoCoreError) as cleanup:
+        raise AwsCallError(
+            f"{error_text(cause)}; and model {model}, made for the job, was not deleted "
+            f"({error_text(cleanup)}): delete it with `aws sagemaker delete-model --model-name "
+            f"{model}` before a re-run of the job"
+        ) from None
 
 
 def job_model_exists(aws: Aws, request: dict[str, Any]) -> bool:
@@ -1510,13 +1777,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--instance-type",
         help=f"default {DEFAULT_INSTANCE_TYPE}; e.g. {INSTANCE_TYPE_EXAMPLES}",
     )
-    deploy.add_argument("--instance-count", type=int, help=f"default {DEFAULT_INSTANCE_COUNT}")
+    deploy.add_argument(
+        "--instance-count",
+        type=int,
+        help=f"default {DEFAULT_INSTANCE_COUNT} (on update: the live count; refused on an "
+        "autoscaled endpoint, whose range `autoscale` sets)",
+    )
     deploy.add_argument(
         "--inference-ami-version",
         help=f"the hosts' AMI, which sets their NVIDIA driver. auto (default): {GPU_AMI_VERSION} "
         "(driver 580, which the image's CUDA 13.0 torch needs) on GPU instance types, "
         "SageMaker's default on others; default: SageMaker's default; or a version by name "
-        "(on update: the current one while the instance type stays, else auto)",
+        "(on update: the current one while the instance type stays, unless that leaves a GPU "
+        "instance type without the driver-580 AMI; else auto)",
     )
     deploy.add_argument(
         "--startup-timeout",
@@ -1558,6 +1831,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="update: CloudWatch alarm that rolls the update back",
+    )
+    deploy.add_argument(
+        "--model-defaults",
+        action="store_true",
+        help="update of an endpoint whose model was deleted: take the defaults for what that "
+        "model held (environment, model data, network isolation, VPC) where not given, instead "
+        "of refusing",
     )
     deploy.add_argument("--wait", action="store_true", help="wait until InService")
     deploy.add_argument(

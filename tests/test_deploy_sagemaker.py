@@ -569,7 +569,14 @@ def test_push_creates_the_repository_and_logs_in_with_stdin(capsys, tmp_path, mo
     monkeypatch.setenv("FAIL_PUSH", "1")
     code, out, err = run(capsys, *push)
     assert code == 2 and "`docker push` failed" in err
-    assert "ecr.create_repository" not in out
+    assert "ecr.create_repository" not in out and "created by this run" not in err
+    # Exit 2 otherwise means nothing was changed: a repository made before docker failed is said.
+    push[4] = "clip-push-2"  # the --repository value
+    code, _, err = run(capsys, *push)
+    assert code == 2 and "clip-push-2" in state()["repositories"]
+    line = error_line(err)
+    assert "`docker push` failed" in line
+    assert "ECR repository clip-push-2, created by this run, is kept" in line
 
 
 def moto_invocations() -> list[dict[str, Any]]:
@@ -901,11 +908,13 @@ def test_resolve_settings_given_else_current_else_default():
         instance_type="ml.g5.xlarge",
         instance_count=4,
         startup_timeout=900,
-        ami_version="al2-ami-sagemaker-inference-gpu-3-1",
+        ami_version=deploy.GPU_AMI_VERSION,
         env={"CLIP_ENDPOINT_KIND": "async"},
         model_data=None,
+        model_data_source=None,
         network_isolation=True,
         async_config={"OutputConfig": {"S3OutputPath": "s3://b/old/"}},
+        carried=deploy.no_carried(),
     )
 
     def resolve(*extra: str, now: Any = current) -> Any:
@@ -1217,3 +1226,366 @@ def test_batch_transform_checks_concurrency_times_payload(capsys):
     assert code == 0
     ((_, job),) = plan(out)
     assert (job["MaxConcurrentTransforms"], job["MaxPayloadInMB"]) == (4, 25)
+
+
+# ---- what an update carries over: fields it copies or refuses, the live fleet, the AMI ----
+
+
+def make_endpoint(
+    name: str,
+    role_arn: str,
+    container: dict[str, Any] | None = None,
+    variants: list[dict[str, Any]] | None = None,
+    **model_and_config: Any,
+) -> None:
+    """An endpoint made the way another tool (or the console) might, straight through moto:
+    `model_and_config` fields go to CreateModel (VpcConfig, Containers) or CreateEndpointConfig
+    (the rest)."""
+    sagemaker = aws("sagemaker")
+    model_fields = {k: v for k, v in model_and_config.items() if k in ("VpcConfig", "Containers")}
+    config_fields = {k: v for k, v in model_and_config.items() if k not in model_fields}
+    if "Containers" not in model_fields:
+        model_fields["PrimaryContainer"] = {"Image": IMAGE_URI, **(container or {})}
+    sagemaker.create_model(ModelName=f"{name}-m", ExecutionRoleArn=role_arn, **model_fields)
+    variants = variants or [{"InstanceType": "ml.c5.xlarge", "InitialInstanceCount": 1}]
+    sagemaker.create_endpoint_config(
+        EndpointConfigName=f"{name}-c",
+        ProductionVariants=[
+            {"VariantName": f"V{i}", "ModelName": f"{name}-m", **variant}
+            for i, variant in enumerate(variants)
+        ],
+        **config_fields,
+    )
+    sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=f"{name}-c")
+
+
+def test_the_fields_an_update_sets_or_copies_are_the_aws_apis():
+    """Each field an update copies is one CreateModel / CreateEndpointConfig accepts, and each
+    field it knows is one DescribeModel / DescribeEndpointConfig answers (no typo hides one)."""
+    model = boto3.session.Session().client("sagemaker", region_name=REGION).meta.service_model
+
+    def members(shape: str) -> set[str]:
+        return set(model.shape_for(shape).members)
+
+    described = {
+        "model": members("DescribeModelOutput") | {"ResponseMetadata"},
+        "container": members("ContainerDefinition"),
+        "config": members("DescribeEndpointConfigOutput") | {"ResponseMetadata"},
+        "variant": members("ProductionVariant"),
+    }
+    accepted = {
+        "model": members("CreateModelInput"),
+        "container": members("ContainerDefinition"),
+        "config": members("CreateEndpointConfigInput"),
+        "variant": members("ProductionVariant"),
+    }
+    for part in deploy.PARTS:
+        assert deploy.SET_FIELDS[part] <= described[part], part
+        assert set(deploy.COPIED_FIELDS[part]) <= described[part] & accepted[part], part
+    # What is neither set nor copied is refused: several/serverless variants, several containers.
+    assert {"Containers", "InferenceExecutionConfig"} <= described["model"] - set(
+        deploy.COPIED_FIELDS["model"]
+    ) - deploy.SET_FIELDS["model"]
+    assert "ServerlessConfig" not in deploy.COPIED_FIELDS["variant"]
+
+
+def test_an_update_copies_vpc_kms_data_capture_and_an_uncompressed_model(capsys, role_arn):
+    source = {
+        "S3DataSource": {
+            "S3Uri": "s3://b/model/",
+            "S3DataType": "S3Prefix",
+            "CompressionType": "None",
+        }
+    }
+    vpc = {"SecurityGroupIds": ["sg-1"], "Subnets": ["subnet-1"]}
+    capture = {
+        "EnableCapture": True,
+        "InitialSamplingPercentage": 50,
+        "DestinationS3Uri": "s3://b/capture",
+        "CaptureOptions": [{"CaptureMode": "Input"}],
+    }
+    kms = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/abc"
+    make_endpoint(
+        "clip-x",
+        role_arn,
+        container={"ModelDataSource": source, "Environment": {"A": "1"}},
+        variants=[
+            {
+                "InstanceType": "ml.c5.xlarge",
+                "InitialInstanceCount": 3,
+                "VolumeSizeInGB": 100,
+                "ModelDataDownloadTimeoutInSeconds": 1800,
+            }
+        ],
+        VpcConfig=vpc,
+        DataCaptureConfig=capture,
+        KmsKeyId=kms,
+    )
+    v2 = IMAGE_URI.replace(":v1", ":v2")
+    code, out, err = run(capsys, "--dry-run", *deploy_args("clip-x", "--image-uri", v2))
+    assert code == 0, err
+    calls = dict(plan(out))
+    model = calls["sagemaker.create_model"]
+    assert model["VpcConfig"] == vpc
+    assert model["PrimaryContainer"]["ModelDataSource"] == source
+    assert "ModelDataUrl" not in model["PrimaryContainer"]
+    assert model["PrimaryContainer"]["Environment"] == {"A": "***"}
+    config = calls["sagemaker.create_endpoint_config"]
+    assert (config["KmsKeyId"], config["DataCaptureConfig"]) == (kms, capture)
+    (variant,) = config["ProductionVariants"]
+    assert (variant["VolumeSizeInGB"], variant["ModelDataDownloadTimeoutInSeconds"]) == (100, 1800)
+    assert variant["InitialInstanceCount"] == 3
+    report = err.splitlines()
+    assert f"  model data: {json.dumps(source, sort_keys=True)} (kept)" in report
+    assert f"  VpcConfig: {json.dumps(vpc, sort_keys=True)} (kept)" in report
+    assert f"  KmsKeyId: {kms} (kept)" in report
+    assert "  VolumeSizeInGB: 100 (kept)" in report
+    # --model-data replaces the uncompressed model with an archive.
+    url = "s3://clip-models/tuned/model.tar.gz"
+    code, out, err = run(capsys, "--dry-run", *deploy_args("clip-x", "--model-data", url))
+    assert code == 0, err
+    container = dict(plan(out))["sagemaker.create_model"]["PrimaryContainer"]
+    assert container["ModelDataUrl"] == url and "ModelDataSource" not in container
+    assert f"  model data: {json.dumps(source, sort_keys=True)} -> {url}" in err.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("name", "made", "named"),
+    [
+        (
+            "clip-two",
+            {
+                "variants": [
+                    {"InstanceType": "ml.c5.xlarge", "InitialInstanceCount": 1},
+                    {"InstanceType": "ml.c5.xlarge", "InitialInstanceCount": 1},
+                ]
+            },
+            "2 production variants",
+        ),
+        (
+            "clip-sls",
+            {"variants": [{"ServerlessConfig": {"MemorySizeInMB": 4096, "MaxConcurrency": 5}}]},
+            "ProductionVariants[0].ServerlessConfig",
+        ),
+        ("clip-mc", {"Containers": [{"Image": IMAGE_URI}]}, "Containers"),
+    ],
+)
+def test_an_update_refuses_what_it_cannot_carry_over(capsys, role_arn, name, made, named):
+    """Several or serverless variants and several containers cannot be rebuilt as one
+    instance-based variant of one container: refused, named, nothing made."""
+    make_endpoint(name, role_arn, **made)
+    before = state()
+    code, _, err = run(capsys, *deploy_args(name, "--image-uri", IMAGE_URI.replace(":v1", ":v2")))
+    line = error_line(err)
+    assert code == 2 and f"endpoint {name} has settings an update by this script" in line
+    assert named in line and "Traceback" not in err
+    assert state() == before
+
+
+def test_a_gpu_fleet_on_another_ami_gets_the_one_the_images_torch_needs(capsys, role_arn):
+    """A GPU endpoint without InferenceAmiVersion (another tool's, or made before this script
+    named one) keeps its instance type on update, but not SageMaker's default AMI: its driver
+    is older than the image's CUDA 13.0 torch needs, and the new fleet would serve on the CPUs."""
+    make_endpoint(
+        "clip-gpu",
+        role_arn,
+        variants=[{"InstanceType": "ml.g4dn.xlarge", "InitialInstanceCount": 1}],
+    )
+    code, out, err = run(capsys, "--dry-run", *deploy_args("clip-gpu"))
+    assert code == 0, err
+    (variant,) = dict(plan(out))["sagemaker.create_endpoint_config"]["ProductionVariants"]
+    assert variant["InferenceAmiVersion"] == deploy.GPU_AMI_VERSION
+    assert f"  inference AMI version: none -> {deploy.GPU_AMI_VERSION}" in err.splitlines()
+    assert "serves on the CPUs; --inference-ami-version default or NAME keeps another" in err
+    # Asked for, the default AMI stays.
+    code, out, err = run(
+        capsys, "--dry-run", *deploy_args("clip-gpu", "--inference-ami-version", "default")
+    )
+    assert code == 0, err
+    (variant,) = dict(plan(out))["sagemaker.create_endpoint_config"]["ProductionVariants"]
+    assert "InferenceAmiVersion" not in variant
+    assert "  inference AMI version: none (kept)" in err.splitlines()
+
+
+def test_an_update_keeps_the_live_instance_count(capsys, role_arn):
+    """A fleet scaled by hand (UpdateEndpointWeightsAndCapacities) from 2 to 6 stays 6."""
+    assert run(capsys, *deploy_args("clip-live", "--instance-count", "2"))[0] == 0
+    aws("sagemaker").update_endpoint_weights_and_capacities(
+        EndpointName="clip-live",
+        DesiredWeightsAndCapacities=[{"VariantName": "AllTraffic", "DesiredInstanceCount": 6}],
+    )
+    code, out, err = run(capsys, "--dry-run", *deploy_args("clip-live"))
+    assert code == 0, err
+    (variant,) = dict(plan(out))["sagemaker.create_endpoint_config"]["ProductionVariants"]
+    assert variant["InitialInstanceCount"] == 6
+    assert "  instance count: 6 (kept)" in err.splitlines()
+    assert dict(plan(out))["sagemaker.update_endpoint"]["RetainAllVariantProperties"] is False
+    assert run(capsys, "delete", "--endpoint", "clip-live")[0] == 0
+
+
+def test_an_autoscaled_update_retains_the_fleet_and_refuses_instance_count(capsys, role_arn):
+    assert run(capsys, *deploy_args("clip-as"))[0] == 0
+    assert run(capsys, "autoscale", "--endpoint", "clip-as", "--min", "1", "--max", "4")[0] == 0
+    # One instance now: no canary (CanarySize is at most half the instances).
+    code, _, err = run(capsys, "--dry-run", *deploy_args("clip-as", "--canary-percent", "10"))
+    assert code == 2 and "would have 1 instance" in error_line(err)
+    # Autoscaling took it to 2 (its config still says 1): a canary fits, the count is kept.
+    aws("sagemaker").update_endpoint_weights_and_capacities(
+        EndpointName="clip-as",
+        DesiredWeightsAndCapacities=[{"VariantName": "AllTraffic", "DesiredInstanceCount": 2}],
+    )
+    code, out, err = run(capsys, "--dry-run", *deploy_args("clip-as", "--canary-percent", "10"))
+    assert code == 0, err
+    update = dict(plan(out))["sagemaker.update_endpoint"]
+    assert update["RetainAllVariantProperties"] is True
+    assert "  instance count: 2 (kept)" in err.splitlines()
+    before = state()
+    code, _, err = run(capsys, *deploy_args("clip-as", "--instance-count", "4"))
+    line = error_line(err)
+    assert code == 2 and "--instance-count: endpoint clip-as autoscales" in line
+    assert "autoscale --endpoint clip-as --min N --max M" in line
+    assert state() == before
+    assert run(capsys, "delete", "--endpoint", "clip-as")[0] == 0
+
+
+def test_an_update_of_an_endpoint_whose_model_was_deleted(capsys, role_arn):
+    """Its environment and model data are unknown: refused unless --model-defaults, and then
+    reported as unknown, never as kept."""
+    url = "s3://clip-models/tuned/model.tar.gz"
+    created = deploy_args("clip-gone", "--env", "CLIP_API_WORKERS=4", "--model-data", url)
+    assert run(capsys, *created)[0] == 0
+    sagemaker = aws("sagemaker")
+    model = current_config("clip-gone")["ProductionVariants"][0]["ModelName"]
+    sagemaker.delete_model(ModelName=model)
+    before = state()
+    code, _, err = run(capsys, *deploy_args("clip-gone"))
+    line = error_line(err)
+    assert code == 2 and f"model {model}, which endpoint clip-gone runs, no longer exists" in line
+    assert "--model-defaults" in line
+    assert state() == before
+    code, out, err = run(
+        capsys, "--dry-run", *deploy_args("clip-gone", "--model-defaults", "--env", "B=1")
+    )
+    assert code == 0, err
+    report = err.splitlines()
+    assert "  model data: unknown (model deleted) -> none" in report
+    assert f"  image: unknown (model deleted) -> {IMAGE_URI}" in report
+    assert "  env B=*** (set)" in report
+    assert not [
+        row
+        for row in report
+        if "(kept)" in row
+        and row.split(":")[0].strip() in ("image", "role", "model data", "network isolation")
+    ]
+    assert "  instance type: ml.m5.xlarge (kept)" in report  # the config is still known
+    assert run(capsys, "delete", "--endpoint", "clip-gone")[0] == 0
+
+
+def test_an_async_deploy_whose_wait_runs_out_says_how_to_scale_it(capsys, role_arn, monkeypatch):
+    """Exit 3 leaves a new async endpoint without its scale-to-zero setup: the warning gives the
+    command for it."""
+
+    def wait(aws: Any, endpoint: str, config: str, timeout_s: int) -> None:
+        raise deploy.StillChangingError(f"endpoint {endpoint} is still Creating (stand-in)")
+
+    monkeypatch.setattr(deploy, "wait_in_service", wait)
+    output = f"s3://{BUCKET}/o3/"
+    code, _, err = run(
+        capsys,
+        *deploy_args("clip-as5", "--async", "--output", output, "--max-instances", "3"),
+        *("--backlog-target", "8", "--wait"),
+    )
+    assert code == 3
+    (line,) = [line for line in err.splitlines() if line.startswith("warning: endpoint")]
+    assert "still Creating" in line
+    assert "autoscale --endpoint clip-as5 --min 0 --max 3 --backlog-target 8" in line
+    assert "endpoint/clip-as5/variant/AllTraffic" not in state()["targets"]
+    assert run(capsys, "delete", "--endpoint", "clip-as5")[0] == 0
+
+
+def test_async_autoscale_checks_its_bounds_before_anything(capsys, role_arn):
+    assert (
+        run(capsys, *deploy_args("clip-as6", "--async", "--output", f"s3://{BUCKET}/o6/"))[0] == 0
+    )
+    before = state()
+    code, _, err = run(capsys, "autoscale", "--endpoint", "clip-as6", "--min", "3", "--max", "2")
+    assert code == 2 and "need 0 <= --min <= --max" in error_line(err)
+    assert state() == before
+    assert run(capsys, "delete", "--endpoint", "clip-as6")[0] == 0
+
+
+def test_batch_transform_takes_resource_not_found_as_no_such_job(capsys, monkeypatch):
+    """botocore's model lists ResourceNotFound as DescribeTransformJob's error for a job that
+    does not exist (moto answers ValidationException): both mean the name is free."""
+    upload_requests("requests/part-4.jsonl", [{"images": ["s3://x/y.jpg"]}])
+    real_call = deploy.Aws._call
+
+    def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
+        if operation == "describe_transform_job":
+            raise deploy.AwsCallError(
+                "sagemaker DescribeTransformJob failed: ResourceNotFound: no such job",
+                "ResourceNotFound",
+            )
+        return real_call(self, service, operation, params)
+
+    monkeypatch.setattr(deploy.Aws, "_call", call)
+    code, out, err = run(
+        capsys, "--dry-run", *batch_args("clip-batch-r", "--model", "clip-20260101-000000-000")
+    )
+    assert code == 0, err
+    assert [c for c, _ in plan(out)] == ["sagemaker.create_transform_job"]
+
+
+def test_batch_transform_concurrency_alone_is_checked_against_the_default_payload(capsys):
+    """Without --max-payload-mb, MaxPayloadInMB is SageMaker's default, 6 MB."""
+    upload_requests("requests/part-5.jsonl", [{"images": ["s3://x/y.jpg"]}])
+    model = ("--model", "clip-20260101-000000-000")
+    code, _, err = run(capsys, *batch_args("clip-batch-c", *model, "--max-concurrent", "17"))
+    line = error_line(err)
+    assert code == 2 and "--max-concurrent 17 x MaxPayloadInMB 6 (SageMaker's default" in line
+    assert "is 102 MB; SageMaker allows at most 100" in line
+    code, out, err = run(
+        capsys, "--dry-run", *batch_args("clip-batch-c", *model, "--max-concurrent", "16")
+    )
+    assert code == 0, err
+    ((_, job),) = plan(out)
+    assert job["MaxConcurrentTransforms"] == 16 and "MaxPayloadInMB" not in job
+
+
+def test_batch_transform_cleanup_keeps_the_jobs_error(capsys, role_arn, monkeypatch):
+    """A failed DeleteModel does not hide the CreateTransformJob error (both are reported), and
+    a lost connection (botocore's EndpointConnectionError) also deletes the model made."""
+    from botocore.exceptions import EndpointConnectionError
+
+    upload_requests("requests/part-6.jsonl", [{"images": ["s3://x/y.jpg"]}])
+    made = ["--image-uri", IMAGE_URI, "--role", ROLE]
+    real_call = deploy.Aws._call
+    failures: dict[str, Exception] = {}
+
+    def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
+        if operation in failures:
+            raise failures[operation]
+        return real_call(self, service, operation, params)
+
+    monkeypatch.setattr(deploy.Aws, "_call", call)
+    failures["create_transform_job"] = deploy.AwsCallError(
+        "sagemaker CreateTransformJob failed: ResourceLimitExceeded: over quota",
+        "ResourceLimitExceeded",
+    )
+    failures["delete_model"] = deploy.AwsCallError(
+        "sagemaker DeleteModel failed: AccessDeniedException: no", "AccessDeniedException"
+    )
+    code, _, err = run(capsys, *batch_args("clip-batch-d", *made))
+    line = error_line(err)
+    assert code == 1 and "CreateTransformJob failed: ResourceLimitExceeded" in line
+    assert "model clip-batch-d, made for the job, was not deleted" in line
+    assert "DeleteModel failed: AccessDeniedException" in line
+    assert "aws sagemaker delete-model --model-name clip-batch-d" in line
+    aws("sagemaker").delete_model(ModelName="clip-batch-d")
+
+    del failures["delete_model"]
+    failures["create_transform_job"] = EndpointConnectionError(endpoint_url="https://sagemaker")
+    code, _, err = run(capsys, *batch_args("clip-batch-e", *made))
+    assert code == 1 and "EndpointConnectionError" in error_line(err)
+    assert "-> sagemaker.create_model" in err and "-> sagemaker.delete_model" in err
+    assert "clip-batch-e" not in state()["models"]
