@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def venv_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` for a process of bentoctl's own venv: without the PYTHONPATH (or PYTHONHOME) this
+    test runs under, which would put another Python's packages before the venv's own (the GPU
+    rehearsal's Python 3.12 site: bentoctl failed importing pydantic_core)."""
+    return {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
 def bentoctl(
     home: Path, *args: str, cwd: Path = REPO_ROOT, env: dict[str, str] | None = None
 ) -> str:
@@ -43,7 +51,7 @@ def bentoctl(
         [str(BENTOCTL_VENV / "bin" / "bentoctl"), *args],
         cwd=cwd,
         env={
-            **(env or os.environ),
+            **venv_env(env or os.environ),
             "BENTOCTL_HOME": str(home),
             "BENTOML_DO_NOT_TRACK": "true",
             "COLUMNS": "300",  # rich wraps its output at the terminal's width otherwise
@@ -250,7 +258,13 @@ def test_the_ecr_repository_calls_against_moto(home, tmp_path, moto_env):
         "if sys.argv[1:] == ['delete']: delete_repository('clip-bentoctl', spec)\n"
     )
     python = str(BENTOCTL_VENV / "bin" / "python")
-    run = {"cwd": OPERATOR, "env": env, "capture_output": True, "text": True, "timeout": 60}
+    run = {
+        "cwd": OPERATOR,
+        "env": venv_env(env),
+        "capture_output": True,
+        "text": True,
+        "timeout": 60,
+    }
     created = subprocess.run([python, "-c", script], **run)
     assert created.returncode == 0, created.stderr
     uri, user, has_password = created.stdout.split()
