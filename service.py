@@ -547,6 +547,7 @@ ClipService.add_asgi_middleware(
     path="/invocations",
     max_in_flight=settings.max_concurrency,
     max_lines=settings.max_lines,
+    lines_sent_as_json=settings.endpoint_kind == "batch",
 )
 ClipService.add_asgi_middleware(
     DirectJsonMiddleware, routes=DIRECT_ROUTES, service_name=SERVICE_NAME

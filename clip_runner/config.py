@@ -33,6 +33,8 @@ RUNNER_CALLS_PER_CONNECTION_WITH_SEVERAL_RUNNERS = 8
 # 1 GB read from S3; a Batch Transform mini-batch may take up to an hour
 # (ModelClientConfig.InvocationsTimeoutInSeconds, which deploy_sagemaker.py sets to 3600) and is
 # 6 MB by default (MaxPayloadInMB). Each timeout leaves SageMaker's own 5 s to spare.
+# SageMaker's largest Batch Transform mini-batch (MaxPayloadInMB at most 100).
+MAX_MINI_BATCH_BYTES = 100 * MIB
 ENDPOINT_KINDS = {
     "realtime": (55.0, 6 * MIB),
     "async": (895.0, 1024 * MIB),
@@ -279,9 +281,13 @@ def get_settings() -> Settings:
         max_text_batch_size=_env_int("CLIP_MAX_TEXT_BATCH_SIZE", 0, minimum=0),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", max_latency_ms),
         max_concurrency=_env_int("CLIP_MAX_CONCURRENCY", 64),
-        # One line per 32 bytes of the largest body (the shortest line naming an image is about
-        # 46), at least 200,000: a raised body limit, advertised as MaxPayloadInMB, is filled.
-        max_lines=_env_int("CLIP_MAX_LINES", max(200_000, max_body_bytes // 32)),
+        # One line per 32 bytes of the largest body up to Batch Transform's largest mini-batch
+        # (the shortest line naming an image is about 46 bytes), at least 200,000: a raised body
+        # limit, advertised as MaxPayloadInMB, is filled; an async endpoint's 1 GB limit would
+        # have allowed 33 million lines, some 9 GB of answers to blank lines.
+        max_lines=_env_int(
+            "CLIP_MAX_LINES", max(200_000, min(max_body_bytes, MAX_MINI_BATCH_BYTES) // 32)
+        ),
         max_body_bytes=max_body_bytes,
         max_images_per_request=_env_int("CLIP_MAX_IMAGES_PER_REQUEST", 32),
         max_classes_per_request=_env_int("CLIP_MAX_CLASSES_PER_REQUEST", 1000),

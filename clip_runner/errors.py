@@ -47,6 +47,11 @@ class ImageError(RequestError):
         return ImageError(self.index or 0, self.reason, self.error_type, field)
 
 
+# BentoML's endpoint's answer to an exception it did not expect; the direct JSON path and the
+# JSON Lines path answer a bug of ours with it too.
+UNEXPECTED_ERROR = "An unexpected error has occurred, please check the server log."
+
+
 def quoted(text: str, most: int = QUOTED_CHARS) -> str:
     """Caller-sent `text` (a URL, say) as an error message quotes it: whole up to `most`
     characters, else its start and its length. A URL may be megabytes long (a request body's

@@ -278,6 +278,9 @@ def test_abuse_bounds_default_and_the_api_key_is_off_unless_set(monkeypatch):
     get_settings.cache_clear()
     monkeypatch.setenv("CLIP_MAX_BODY_BYTES", str(100 * 2**20))  # MaxPayloadInMB 100
     assert get_settings().max_lines == 100 * 2**20 // 32
+    get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_MAX_BODY_BYTES", str(2**30))  # an async endpoint's: no more lines
+    assert get_settings().max_lines == 100 * 2**20 // 32
     monkeypatch.delenv("CLIP_MAX_BODY_BYTES")
     get_settings.cache_clear()
     monkeypatch.setenv("CLIP_API_KEY", " s3cret ")

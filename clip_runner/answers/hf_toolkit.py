@@ -10,6 +10,7 @@ header instead (`labels=cat,dog`), which `parse_custom_attributes` reads.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,34 +65,42 @@ def _check_length(field: str, text: str) -> None:
         raise _invalid(f"{field}: at most {most} characters, not {len(text)}")
 
 
-# Stands for the label while a template is read as the pipeline reads it (never in a template).
-_LABEL = "\x00"
-
-
 def pipeline_template(template: Any) -> str:
-    """The pipeline's `hypothesis_template.format(label)` as this project's `{}` template: `{0}`
-    is a slot and `{{ }}` literal braces there, as in Python's `str.format`. The original
-    container's `{name}` is taken too. An empty template or one without a slot is refused (the
-    empty one had been replaced by the default unasked)."""
-    invalid = _invalid("parameters.hypothesis_template: must be a string containing {}")
-    if not isinstance(template, str) or _LABEL in template:
+    """The pipeline's `hypothesis_template.format(label)` as this project's `{}` template, for
+    the templates whose prompt that gives can be told: slots `{}` or `{0}`, literal braces
+    `{{ }}`; the original container's `{name}` is taken too, as the original fills it. A slot
+    with a format spec, a conversion or a lookup (`{:>10}`, `{0!r}`, `{0.x}`, `{0[0]}`) is
+    refused rather than evaluated on caller text (`{0.x}` raised where no 4xx was made: a 500,
+    and a JSON Lines mini-batch left unanswered); so is an empty template (it had become the
+    default unasked) and one without a slot."""
+    invalid = _invalid(
+        "parameters.hypothesis_template: must be a string with the label's slot {} (or {0}); "
+        "no format specs, conversions or lookups"
+    )
+    if not isinstance(template, str):
         raise invalid
     try:
-        filled = template.format(_LABEL)
-    except KeyError:  # a named field: only the original's {name} is one
-        if "{name}" not in template:
-            raise invalid from None
-        return check_template(template)
-    except (IndexError, ValueError):
+        pieces = list(string.Formatter().parse(template))
+    except ValueError:  # unbalanced braces
         raise invalid from None
-    if _LABEL not in filled:
+    fields = {field for _, field, _, _ in pieces if field is not None}
+    for _, field, spec, conversion in pieces:
+        if field is not None and (spec or conversion not in (None, "s")):
+            raise invalid
+    if fields == {"name"}:  # the original's placeholder, filled as the original fills it
+        return check_template(template)
+    if not fields or not fields <= {"", "0"}:
         raise invalid
-    if any(placeholder in filled for placeholder in PLACEHOLDERS):
-        raise _invalid(
-            "parameters.hypothesis_template: literal braces {{}} beside the label's slot "
-            "cannot be told apart from it; leave them out"
-        )
-    return filled.replace(_LABEL, "{}")
+    slot = PLACEHOLDERS[1]
+    filled = "".join(
+        literal + (slot if field is not None else "") for literal, field, _, _ in pieces
+    )
+    # Literal braces that read as a slot once undoubled ("{{}}", "{{name}}") cannot be told
+    # from the label's.
+    slots = sum(field is not None for _, field, _, _ in pieces)
+    if filled.count(slot) != slots or PLACEHOLDERS[0] in filled:
+        raise invalid
+    return filled
 
 
 def parse_zero_shot_request(inputs: Any, parameters: Any) -> ZeroShotRequest:

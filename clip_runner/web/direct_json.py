@@ -30,15 +30,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from clip_runner.errors import RequestError
+from clip_runner.errors import UNEXPECTED_ERROR, RequestError
 from clip_runner.web.answer_json import json_body
 from clip_runner.web.error_responses import rejection_line
 from clip_runner.web.jsonlines import request_error
 from clip_runner.web.traffic import is_application_json, posted_content_type
 
 JSON_MEDIA_TYPE = "application/json"
-# BentoML's endpoint's answer to an exception it did not expect.
-UNEXPECTED_ERROR = "An unexpected error has occurred, please check the server log."
 logger = logging.getLogger(__name__)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -26,7 +27,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, Settings
-from clip_runner.errors import RequestError, error_body
+from clip_runner.errors import UNEXPECTED_ERROR, RequestError, error_body
 from clip_runner.web.error_responses import from_validation_detail
 from clip_runner.web.schemas import (
     ClassList,
@@ -42,6 +43,8 @@ from clip_runner.web.traffic import (
     posted_content_type,
     without_bom,
 )
+
+logger = logging.getLogger(__name__)
 
 # SageMaker's bounds for a transform job's mini-batch size (MaxPayloadInMB).
 MAX_PAYLOAD_MB_RANGE = (1, 100)
@@ -165,6 +168,12 @@ class LineAnswerer:
             if error.status >= 500:
                 raise
             return line_error(number, error)
+        except Exception as error:
+            # A bug of ours: the mini-batch fails at once, as a request's would (an exception
+            # out of here reached BentoML's timeout middleware, which answers nothing until its
+            # timer: SageMaker's invocation timed out first).
+            logger.exception("unexpected error answering line %d", number)
+            raise RequestError(500, "internal_error", UNEXPECTED_ERROR) from error
 
 
 def json_line(answer: Any) -> bytes:
@@ -198,7 +207,7 @@ def execution_parameters(settings: Settings) -> dict[str, Any]:
 
 def is_lines_of_json(body: bytes) -> bool:
     """Whether a body sent as JSON is JSON Lines: records on lines of their own, the first of
-    them a whole JSON value. A Batch Transform job with `ContentType=application/json`,
+    them a whole JSON object. A Batch Transform job with `ContentType=application/json`,
     `SplitType=Line` and MultiRecord (what `/execution-parameters` advises) sends its
     mini-batches so. A JSON document is never such a body: a whole value on its first line with
     more after it is not JSON (a pretty-printed document's first line is no whole value)."""
@@ -206,7 +215,7 @@ def is_lines_of_json(body: bytes) -> bool:
     while end and body[end - 1] in b" \t\r\n":
         end -= 1
     first_end = body.find(b"\n", 0, end)
-    if first_end < 0:
+    if first_end < 0 or not body[:first_end].rstrip().endswith(b"}"):  # records are objects
         return False
     try:
         json.loads(body[:first_end])
@@ -215,8 +224,9 @@ def is_lines_of_json(body: bytes) -> bool:
     return True
 
 
-def replaying(body: bytes, receive: Receive) -> Receive:
-    """A `receive` that gives the app `body` (already read here), then the client's messages."""
+def replaying(first: Message, receive: Receive) -> Receive:
+    """A `receive` that gives the app `first` (already received here), then the client's
+    messages."""
     sent = False
 
     async def replay() -> Message:
@@ -224,7 +234,7 @@ def replaying(body: bytes, receive: Receive) -> Receive:
         if sent:
             return await receive()
         sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
+        return first
 
     return replay
 
@@ -244,21 +254,30 @@ class JsonLinesMiddleware:
         path: str = "/invocations",
         max_in_flight: int = 64,
         max_lines: int = 200_000,
+        lines_sent_as_json: bool = False,
     ) -> None:
         self.app = app
         self.path = path
         self.lines = LineAnswerer(handler, max_in_flight, max_lines)
+        # Look into JSON bodies for lines only where Batch Transform sends them (a batch
+        # endpoint): elsewhere a JSON request pays nothing for it.
+        self.lines_sent_as_json = lines_sent_as_json
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         content_type = posted_content_type(scope, self.path)
-        if content_type is None or not (
-            is_jsonlines_media_type(content_type) or is_json_media_type(content_type)
-        ):
+        if content_type is None:
             await self.app(scope, receive, send)
             return
-        body = await Request(scope, receive).body()
-        if not is_jsonlines_media_type(content_type) and not is_lines_of_json(body):
-            await self.app(scope, replaying(body, receive), send)
+        if is_jsonlines_media_type(content_type):
+            body = await Request(scope, receive).body()
+        elif self.lines_sent_as_json and is_json_media_type(content_type):
+            first = await receive()  # the guard hands the body over as one message
+            body = first.get("body", b"")
+            if first.get("more_body", False) or not is_lines_of_json(body):
+                await self.app(scope, replaying(first, receive), send)
+                return
+        else:
+            await self.app(scope, receive, send)
             return
         try:
             answers = await self.lines.answer(body)

@@ -37,6 +37,7 @@ def test_a_list_of_images_comma_separated_labels_and_a_template():
         ("{0}, {0} and {0}", "dog"),
         ("a {} {{braced}} thing", "cat"),  # doubled braces are literal ones
         ("{}", "a red car"),
+        ("{0!s} and more", "cat"),
     ],
 )
 def test_a_template_fills_as_the_pipelines_str_format(template, label):
@@ -51,7 +52,15 @@ def test_the_originals_name_slot_is_taken_in_the_toolkit_shape_too():
     assert fill_template(parse_zero_shot_request("x", parameters).template, "cat") == "a cat here"
 
 
-@pytest.mark.parametrize("template", ["", "no slot", "{1}", "{label}", "a {", "{} {{}}", 3])
+@pytest.mark.parametrize(
+    "template",
+    [
+        *("", "no slot", "{1}", "{label}", "a {", "{} {{}}", "{{name}} {}", "{name} {}", 3),
+        # evaluated on the label by str.format (an attribute lookup on caller text raised
+        # AttributeError: a 500), or a prompt this server would not build alike
+        *("{0.x}", "{0[x]}", "{0[0]}", "{:>10}", "{0!r}", "{!a}"),
+    ],
+)
 def test_templates_the_pipeline_could_not_fill_or_fills_without_the_label_are_refused(template):
     """An empty one among them: it had been replaced by the default unasked."""
     with pytest.raises(RequestError) as raised:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -28,10 +29,12 @@ from clip_runner.web.traffic import UTF8_BOM
 from tests.helpers import (
     S3_PRIVATE_BUCKET,
     SEED_CLASSES,
+    ServedBento,
     as_base64,
     assert_same_answer,
     encode,
     photo_like,
+    serve_tiny,
 )
 from tests.reference import assert_matches_reference, reference_probabilities
 from tests.test_service import SEED_NAMES, SEED_PROMPTS, histogram, post
@@ -141,6 +144,38 @@ def test_a_server_failure_fails_the_whole_mini_batch_for_sagemaker_to_retry():
         answer_lines(body, handle, max_in_flight=4)
     assert (error.value.status, error.value.error_type) == (503, "runner_unavailable")
     assert cancelled == [["slow"]]  # the other lines stop at once
+
+
+def test_a_bug_in_a_line_fails_the_mini_batch_at_once_as_a_500(caplog):
+    """Not an exception out of the middleware: BentoML's timeout layer answered nothing to one
+    until its timer (70 s real-time, an hour in batch), past SageMaker's invocation timeout."""
+
+    async def handle(line: InvocationLine) -> Any:
+        if line.images == ["bug"]:
+            raise AttributeError("'str' object has no attribute 'x'")
+        await asyncio.sleep(5)
+
+    body = b'{"images": ["slow"]}\n{"images": ["bug"]}'
+    with pytest.raises(RequestError) as error:
+        answer_lines(body, handle, max_in_flight=4)
+    assert (error.value.status, error.value.error_type) == (500, "internal_error")
+    assert "unexpected error answering line 2" in caplog.text
+
+
+def test_a_template_str_format_would_evaluate_is_that_lines_422(served):
+    """`{0.x}` raised AttributeError in the template's reading: a 500 alone, and in JSON Lines
+    a mini-batch left without an answer."""
+    picture = as_base64(photo_like(64, 48, seed=5))
+    lines = [
+        {"inputs": picture, "parameters": {"candidate_labels": ["a"], "hypothesis_template": t}}
+        for t in ("{0.x}", "a photo of {0}")
+    ]
+    response = post_lines(served, "\n".join(json.dumps(line) for line in lines).encode())
+    assert response.status_code == 200, response.text
+    bad, good = (json.loads(line) for line in response.text.split("\n"))
+    assert bad["error"]["type"] == "invalid_request"
+    assert bad["error"]["message"].startswith("line 1: parameters.hypothesis_template: ")
+    assert good[0]["label"] == "a"
 
 
 def test_lines_past_the_limit_are_refused_whole_before_any_is_answered():
@@ -291,16 +326,29 @@ def test_jsonlines_answers_one_line_per_line_like_single_requests(served, s3_sto
     assert answers[3]["error"]["message"].startswith("line 4: images[0]:")
 
 
+@pytest.fixture(scope="module")
+def batch_served(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
+    """A server as a Batch Transform job runs it (`CLIP_ENDPOINT_KIND=batch`)."""
+    with serve_tiny(
+        tiny_stored_model, bentoml_home, tmp_path_factory, "batch", CLIP_ENDPOINT_KIND="batch"
+    ) as server:
+        yield server
+
+
 @pytest.mark.parametrize("content_type", ["application/json", "text/json", None])
-def test_lines_sent_as_json_are_answered_as_json_lines(served, content_type):
+def test_lines_sent_as_json_to_a_batch_endpoint_are_answered_as_json_lines(
+    batch_served, served, content_type
+):
     """A Batch Transform job with ContentType=application/json, SplitType=Line and MultiRecord
-    sends its records so: each line answered, as sent as JSON Lines (it was a 400)."""
+    sends its records so: each line answered, as sent as JSON Lines (it was a 400). A
+    real-time endpoint does not look into JSON bodies for lines."""
     pictures = [photo_like(120 + 10 * i, 100, seed=70 + i) for i in range(2)]
     lines = [json.dumps({"images": [as_base64(p)], "classes": SEED_CLASSES}) for p in pictures]
     body = ("\n".join(lines) + "\n").encode()
     headers = {"content-type": content_type} if content_type else {}
-    as_json = httpx.post(f"{served.url}/invocations", content=body, headers=headers, timeout=60)
-    as_lines = post_lines(served, body)
+    url = f"{batch_served.url}/invocations"
+    as_json = httpx.post(url, content=body, headers=headers, timeout=60)
+    as_lines = post_lines(batch_served, body)
     assert as_json.status_code == 200, as_json.text
     assert as_json.headers["content-type"].startswith(JSONLINES)
     got = [json.loads(line) for line in as_json.text.split("\n")]
@@ -310,9 +358,12 @@ def test_lines_sent_as_json_are_answered_as_json_lines(served, content_type):
         assert_same_answer(answer, expected)
     # one JSON document over several lines is still one request
     pretty = json.dumps({"images": [as_base64(pictures[0])], "classes": SEED_CLASSES}, indent=2)
-    single = post(served, content=pretty.encode(), content_type="application/json")
+    single = post(batch_served, content=pretty.encode(), content_type="application/json")
     assert single.status_code == 200 and single.headers["content-type"] == "application/json"
     assert_same_answer(single.json(), got[0])
+    realtime = httpx.post(f"{served.url}/invocations", content=body, headers=headers, timeout=60)
+    assert realtime.status_code == 400
+    assert realtime.json()["error"]["type"] == "malformed_json"
 
 
 @pytest.mark.parametrize(
@@ -323,6 +374,7 @@ def test_lines_sent_as_json_are_answered_as_json_lines(served, content_type):
         (b'{"a": 1}\n', False),  # one record and its newline: plain JSON
         (b'{\n  "a": 1\n}\n', False),  # a pretty-printed document
         (b'{"a": 1}', False),
+        (b"1\n2", False),  # records are objects
         (b"", False),
     ],
 )
