@@ -1157,6 +1157,20 @@ def test_a_role_name_without_iam_get_role_asks_for_the_arn():
     assert "arn:aws:iam::ACCOUNT_ID:role/SageMakerClipRole" in str(caught.value)
 
 
+def failing_calls(patch: pytest.MonkeyPatch, failures: dict[str, Exception]) -> None:
+    """The script's AWS calls raising `failures[operation]` for those operations (answers moto
+    never gives: a quota, ResourceNotFound, a lost connection), the others sent to moto. The
+    dict is read at each call, so a test may fill it as it goes."""
+    real_call = deploy.Aws._call
+
+    def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
+        if operation in failures:
+            raise failures[operation]
+        return real_call(self, service, operation, params)
+
+    patch.setattr(deploy.Aws, "_call", call)
+
+
 def test_batch_transform_reruns_and_its_model(capsys, role_arn, monkeypatch):
     upload_requests("requests/part-2.jsonl", [{"images": ["s3://x/y.jpg"]}])
     sagemaker = aws("sagemaker")
@@ -1164,18 +1178,12 @@ def test_batch_transform_reruns_and_its_model(capsys, role_arn, monkeypatch):
 
     # CreateTransformJob fails (as AWS answers over quota; moto accepts every job, so the answer
     # is stood in for): the model made for the job is deleted again.
-    real_call = deploy.Aws._call
-
-    def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
-        if operation == "create_transform_job":
-            raise deploy.AwsCallError(
-                "sagemaker CreateTransformJob failed: ResourceLimitExceeded: over quota",
-                "ResourceLimitExceeded",
-            )
-        return real_call(self, service, operation, params)
-
+    over_quota = deploy.AwsCallError(
+        "sagemaker CreateTransformJob failed: ResourceLimitExceeded: over quota",
+        "ResourceLimitExceeded",
+    )
     with monkeypatch.context() as patch:
-        patch.setattr(deploy.Aws, "_call", call)
+        failing_calls(patch, {"create_transform_job": over_quota})
         code, _, err = run(capsys, *batch_args("clip-batch-f", *made))
     assert code == 1 and "CreateTransformJob failed" in error_line(err)
     assert "-> sagemaker.create_model" in err  # it was made, then deleted
@@ -1518,17 +1526,10 @@ def test_batch_transform_takes_resource_not_found_as_no_such_job(capsys, monkeyp
     """botocore's model lists ResourceNotFound as DescribeTransformJob's error for a job that
     does not exist (moto answers ValidationException): both mean the name is free."""
     upload_requests("requests/part-4.jsonl", [{"images": ["s3://x/y.jpg"]}])
-    real_call = deploy.Aws._call
-
-    def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
-        if operation == "describe_transform_job":
-            raise deploy.AwsCallError(
-                "sagemaker DescribeTransformJob failed: ResourceNotFound: no such job",
-                "ResourceNotFound",
-            )
-        return real_call(self, service, operation, params)
-
-    monkeypatch.setattr(deploy.Aws, "_call", call)
+    no_such_job = deploy.AwsCallError(
+        "sagemaker DescribeTransformJob failed: ResourceNotFound: no such job", "ResourceNotFound"
+    )
+    failing_calls(monkeypatch, {"describe_transform_job": no_such_job})
     code, out, err = run(
         capsys, "--dry-run", *batch_args("clip-batch-r", "--model", "clip-20260101-000000-000")
     )
@@ -1559,15 +1560,8 @@ def test_batch_transform_cleanup_keeps_the_jobs_error(capsys, role_arn, monkeypa
 
     upload_requests("requests/part-6.jsonl", [{"images": ["s3://x/y.jpg"]}])
     made = ["--image-uri", IMAGE_URI, "--role", ROLE]
-    real_call = deploy.Aws._call
     failures: dict[str, Exception] = {}
-
-    def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
-        if operation in failures:
-            raise failures[operation]
-        return real_call(self, service, operation, params)
-
-    monkeypatch.setattr(deploy.Aws, "_call", call)
+    failing_calls(monkeypatch, failures)
     failures["create_transform_job"] = deploy.AwsCallError(
         "sagemaker CreateTransformJob failed: ResourceLimitExceeded: over quota",
         "ResourceLimitExceeded",
