@@ -65,18 +65,27 @@ class InvocationLine(BaseModel):
 LineHandler = Callable[[InvocationLine], Awaitable[Any]]
 
 
+def content_end(body: bytes) -> int:
+    """Where a body's content ends: before its trailing whitespace (blank lines, a final
+    newline), found without copying the body as `rstrip` would."""
+    end = len(body)
+    while end and body[end - 1] in b" \t\r\n\x0b\x0c":
+        end -= 1
+    return end
+
+
 def line_count(body: bytes) -> int:
     """How many records a JSON Lines body holds; blank lines at its end are none (a final
     newline is allowed), blank lines before a record are records (answered with an error, so
     that answers and inputs still line up)."""
-    end = len(body.rstrip())
+    end = content_end(body)
     return body.count(b"\n", 0, end) + 1 if end else 0
 
 
 def records(body: bytes) -> Iterator[bytes]:
     """The `line_count(body)` records of a JSON Lines body, in order, each cut out only when
     asked for (a 6 MB body of blank lines is six million records); `\r\n` endings allowed."""
-    end, start = len(body.rstrip()), 0
+    end, start = content_end(body), 0
     while start < end:
         stop = body.find(b"\n", start, end)
         stop = end if stop < 0 else stop
@@ -211,10 +220,7 @@ def is_lines_of_json(body: bytes) -> bool:
     `SplitType=Line` and MultiRecord (what `/execution-parameters` advises) sends its
     mini-batches so. A JSON document is never such a body: a whole value on its first line with
     more after it is not JSON (a pretty-printed document's first line is no whole value)."""
-    end = len(body)
-    while end and body[end - 1] in b" \t\r\n":
-        end -= 1
-    first_end = body.find(b"\n", 0, end)
+    first_end = body.find(b"\n", 0, content_end(body))
     if first_end < 0 or not body[:first_end].rstrip().endswith(b"}"):  # records are objects
         return False
     try:

@@ -223,7 +223,7 @@ class RequestGuardMiddleware:
             )
             return True
         if scope["method"] == "POST" and scope["path"] in self.json_paths:
-            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            content_type = (content_types or [b""])[0].decode("latin-1")
             raw_image_allowed = scope["path"] in self.raw_image_paths
             if not is_json_media_type(content_type) and not (
                 raw_image_allowed
