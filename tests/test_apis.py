@@ -190,8 +190,10 @@ def test_default_classify_agrees_with_invocations(served, pictures):
 def test_classify_mistakes_are_json_errors_naming_the_field(served, body, status, words):
     response = post(served, "/classify", body)
     assert response.status_code == status, response.text
+    assert int(response.headers["content-length"]) == len(response.content)
     message = response.json()["error"]["message"]
     assert all(word in message for word in words), message
+    assert "inputs" not in message and "parameters." not in message
 
 
 def test_long_labels_are_refused_naming_label_and_template(served, pictures):
@@ -348,19 +350,27 @@ def test_raw_images_of_any_image_type_are_answered_as_their_json(
     [
         (b"\x89PNG...", "image/png", {}, 400, ["X-Amzn-SageMaker-Custom-Attributes"]),
         (b"", "image/jpeg", {"X-Amzn-SageMaker-Custom-Attributes": "labels=a"}, 400, ["empty"]),
+        # errors in the terms of what was sent, not of the toolkit request it became
         (
             b"garbage",
-            "image/jpeg",
+            "image/jpeg; q=1",
             {"X-Amzn-SageMaker-Custom-Attributes": "labels=a"},
             422,
-            ["inputs[0]"],
+            ["the image/jpeg body: "],
         ),
         (
             b"GIF89a",
             "image/gif",
             {"X-Amzn-SageMaker-Custom-Attributes": "labels=a"},
             422,
-            ["inputs[0]"],
+            ["the image/gif body: "],
+        ),
+        (
+            encode(photo_like(40, 30, seed=3), "PNG"),
+            "image/png",
+            {"X-Amzn-SageMaker-Custom-Attributes": "labels=a;template=no slot"},
+            422,
+            ["X-Amzn-SageMaker-Custom-Attributes template: must be a string with"],
         ),
         (
             b"\x00\x00\x00\x18ftypmp42",
@@ -379,8 +389,10 @@ def test_raw_image_mistakes(served, content, content_type, headers, status, word
         timeout=30,
     )
     assert response.status_code == status, response.text
+    assert int(response.headers["content-length"]) == len(response.content)
     message = response.json()["error"]["message"]
     assert all(word in message for word in words), message
+    assert "inputs" not in message and "parameters." not in message
 
 
 def test_bentoml_clients_speak_every_api(served, pictures):

@@ -16,7 +16,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.answers.hf_toolkit import CUSTOM_ATTRIBUTES_HEADER, labels_from_custom_attributes
 from clip_runner.errors import RequestError
-from clip_runner.web.traffic import is_raw_image_media_type, posted_content_type, send_error
+from clip_runner.web.traffic import (
+    is_raw_image_media_type,
+    media_type,
+    posted_content_type,
+    send_error,
+)
 
 
 def toolkit_body(image: bytes, labels: list[str], template: str | None) -> bytes:
@@ -35,6 +40,53 @@ def header_text(value: bytes) -> str:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         return value.decode("latin-1")
+
+
+def callers_terms(message: str, content_type: str) -> str:
+    """An error message about the toolkit request a raw body became, in terms of what the
+    caller sent: its body and its header, not `inputs[0]` and `parameters` it never wrote."""
+    header = CUSTOM_ATTRIBUTES_HEADER
+    for field, sent in (
+        ("inputs[0]", f"the {media_type(content_type)} body"),
+        ("inputs", f"the {media_type(content_type)} body"),
+        ("parameters.hypothesis_template", f"{header} template"),
+        ("parameters.candidate_labels", f"{header} labels"),
+    ):
+        if message.startswith(field):
+            return sent + message[len(field) :]
+    return message
+
+
+def errors_in_callers_terms(send: Send, content_type: str) -> Send:
+    """`send`, with a JSON error answer's message put in the caller's terms (`callers_terms`)."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def rewriting(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            start = message
+            return
+        if start is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(chunks)
+        try:
+            answer = json.loads(body)
+            error = answer["error"]
+            error["message"] = callers_terms(error["message"], content_type)
+            body = json.dumps(answer).encode()
+        except (ValueError, KeyError, TypeError):
+            pass
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", b"%d" % len(body)))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return rewriting
 
 
 class RawImageBodyMiddleware:
@@ -78,7 +130,9 @@ class RawImageBodyMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # disconnects still reach the handler
 
-        await self.app({**scope, "headers": rewritten}, replay, send)
+        await self.app(
+            {**scope, "headers": rewritten}, replay, errors_in_callers_terms(send, content_type)
+        )
 
     @staticmethod
     async def _read_body(receive: Receive) -> bytes:
