@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, Field, PlainValidator, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, Field, PlainValidator, Strict, WithJsonSchema
 
 from clip_runner.answers.embedding_format import EncodingFormat
 from clip_runner.answers.prompts import check_template
@@ -83,7 +83,11 @@ Template = Annotated[
         description="Prompt template; {name} is replaced by each class name.",
     ),
 ]
-TopK = Annotated[int, Field(ge=1, description="How many classes to return per image (<= N).")]
+# Whole JSON numbers only, as the flags are strict: `true` had been taken as 1, "2" and 2.0 as 2.
+WholeNumber = Annotated[int, Strict()]
+TopK = Annotated[
+    WholeNumber, Field(ge=1, description="How many classes to return per image (<= N).")
+]
 
 
 class Prediction(BaseModel):
@@ -125,7 +129,7 @@ TemplateList = Annotated[
     ),
 ]
 OptionalTopK = Annotated[
-    int | None,
+    WholeNumber | None,
     Field(ge=1, description="How many labels to return per image; default all, sorted."),
 ]
 TextList = Annotated[

@@ -58,6 +58,16 @@ def test_template_needs_the_name_placeholder_and_top_k_is_positive():
     assert ("top_k",) in error_locations({"images": ["x"], "classes": [["a", 1]], "top_k": 0})
 
 
+@pytest.mark.parametrize("top_k", ["true", '"2"', "2.0", "1.5", "null"])
+def test_top_k_is_a_whole_json_number(top_k):
+    """Strict as the flags are: `true` had been taken as 1, `"2"` and `2.0` as 2."""
+    body = '{"images": ["x"], "classes": [["a", 1]], "top_k": ' + top_k + "}"
+    with pytest.raises(ValidationError) as raised:
+        InvocationLine.model_validate_json(body)
+    assert [error["loc"] for error in raised.value.errors()] == [("top_k",)]
+    assert InvocationLine.model_validate_json(body.replace(top_k, "2")).top_k == 2
+
+
 def test_prediction_serialises_in_the_original_key_order():
     prediction = Prediction(classification=1, confidence=0.5, prompts=([0], ["a"], [0.5]))
     assert prediction.model_dump_json() == (
