@@ -63,6 +63,15 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
+def charset(content_type: str) -> str | None:
+    """A Content-Type's `charset` parameter, lower case and unquoted; None without one."""
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
 def is_json_media_type(content_type: str) -> bool:
     """`application/json` with any parameters, `application/*+json`, or no type at all."""
     posted = media_type(content_type)
@@ -237,6 +246,20 @@ class RequestGuardMiddleware:
                     "unsupported_media_type",
                     f"Content-Type {quoted(content_type)!r} is not supported; "
                     "send application/json" + also,
+                    [CLOSE],
+                )
+                return True
+            declared = charset(content_type)
+            if declared not in (None, "utf-8", "utf8") and not is_raw_image_media_type(
+                content_type
+            ):
+                # JSON is UTF-8 (RFC 8259); read as UTF-8, a UTF-16 body failed as "expected
+                # value at line 1 column 1", which did not say why.
+                await send_error(
+                    send,
+                    415,
+                    "unsupported_media_type",
+                    f"charset {quoted(declared)!r} is not supported; send the body in UTF-8",
                     [CLOSE],
                 )
                 return True

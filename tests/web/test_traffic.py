@@ -119,6 +119,37 @@ def test_an_uncompressed_body_may_say_so(encoding):
     assert asyncio.run(go()).json() == {"size": 2}
 
 
+@pytest.mark.parametrize(
+    ("content_type", "refused"),
+    [
+        ("application/json; charset=utf-16", True),
+        ('application/json; charset="UTF-16LE"', True),
+        ("text/json; charset=latin-1", True),
+        ("application/json; charset=UTF-8", False),
+        ("application/json; charset=utf8", False),
+        ("application/json", False),
+    ],
+)
+def test_a_json_body_in_another_charset_is_a_415_saying_so(content_type, refused):
+    """JSON is UTF-8 (RFC 8259): a UTF-16 body read as UTF-8 had failed as "expected value at
+    line 1 column 1", which did not say why."""
+
+    async def go():
+        async with client(guarded_app({})) as c:
+            body = "{}".encode("utf-16") if refused else b"{}"
+            return await c.post(
+                "/invocations", content=body, headers={"content-type": content_type}
+            )
+
+    response = asyncio.run(go())
+    if refused:
+        assert response.status_code == 415
+        message = response.json()["error"]["message"]
+        assert message.endswith("is not supported; send the body in UTF-8")
+    else:
+        assert response.json() == {"size": 2}
+
+
 def test_two_content_types_are_a_400_before_the_body_is_read():
     """Each layer would read one of them, not all the same one (a JSON body passed on as a
     multipart form reached BentoML's form parser, a 500)."""
