@@ -1066,6 +1066,48 @@ def scale_to_zero_command(endpoint: str, max_instances: int, backlog_target: flo
     )
 
 
+def checked_update(
+    aws: Aws,
+    args: argparse.Namespace,
+    existing: dict[str, Any],
+    current: EndpointSettings,
+    settings: EndpointSettings,
+) -> bool:
+    """Report what an update changes, refuse what SageMaker would refuse, and say whether the
+    update keeps the variant's live properties (RetainAllVariantProperties: an autoscaled
+    fleet keeps the count autoscaling chose)."""
+    endpoint = args.endpoint
+    print(
+        f"update of {endpoint}: options not given keep the values of its current config "
+        f"{existing['EndpointConfigName']} and its live instance count:",
+        file=sys.stderr,
+    )
+    print("\n".join(settings_report(current, settings)), file=sys.stderr)
+    retain = bool(scaling_targets(aws, endpoint))  # the count autoscaling chose is kept
+    if retain:
+        if current.instance_type != settings.instance_type:
+            raise DeployError(
+                f"endpoint {endpoint} autoscales, and SageMaker refuses to change the instance "
+                f"type of an autoscaled variant: run `autoscale --endpoint {endpoint} "
+                "--disable`, deploy, then `autoscale` again"
+            )
+        if args.instance_count is not None:
+            raise DeployError(
+                f"--instance-count: endpoint {endpoint} autoscales, and the update keeps the "
+                f"count autoscaling set ({current.instance_count}): change its range with "
+                f"`autoscale --endpoint {endpoint} --min N --max M` instead"
+            )
+    if args.canary_percent is not None and settings.instance_count < 2:
+        raise DeployError(
+            f"--canary-percent: endpoint {endpoint} would have {settings.instance_count} "
+            "instance; a canary is at least one instance and at most half the variant's "
+            "instances (CanarySize), so it needs 2 or more: leave --canary-percent out (all "
+            "at once, the old fleet serving until the new one passes /ping) or raise "
+            "--instance-count"
+        )
+    return retain
+
+
 def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
     """Create the endpoint, or update it blue/green (new model + config; old fleet serves on).
 
@@ -1076,7 +1118,7 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
     endpoint = args.endpoint
     role_arn = resolve_role(aws, args.role)
     existing = describe_endpoint(aws, endpoint)
-    variant, retain, current = VARIANT, False, None
+    variant, current = VARIANT, None
     if existing is not None:
         status = existing["EndpointStatus"]
         if status in BUSY_STATES or status == "Failed":
@@ -1089,35 +1131,9 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
     settings = resolve_settings(args, current, role_arn, known_amis)
     if OLD_GPU_INSTANCE_RE.match(settings.instance_type):
         print(OLD_GPU_WARNING.format(instance_type=settings.instance_type), file=sys.stderr)
+    retain = False
     if current is not None:
-        print(
-            f"update of {endpoint}: options not given keep the values of its current config "
-            f"{existing['EndpointConfigName']} and its live instance count:",
-            file=sys.stderr,
-        )
-        print("\n".join(settings_report(current, settings)), file=sys.stderr)
-        if scaling_targets(aws, endpoint):
-            if current.instance_type != settings.instance_type:
-                raise DeployError(
-                    f"endpoint {endpoint} autoscales, and SageMaker refuses to change the instance "
-                    f"type of an autoscaled variant: run `autoscale --endpoint {endpoint} "
-                    "--disable`, deploy, then `autoscale` again"
-                )
-            if args.instance_count is not None:
-                raise DeployError(
-                    f"--instance-count: endpoint {endpoint} autoscales, and the update keeps the "
-                    f"count autoscaling set ({current.instance_count}): change its range with "
-                    f"`autoscale --endpoint {endpoint} --min N --max M` instead"
-                )
-            retain = True  # RetainAllVariantProperties: keep the count autoscaling chose
-        if args.canary_percent is not None and settings.instance_count < 2:
-            raise DeployError(
-                f"--canary-percent: endpoint {endpoint} would have {settings.instance_count} "
-                "instance; a canary is at least one instance and at most half the variant's "
-                "instances (CanarySize), so it needs 2 or more: leave --canary-percent out (all "
-                "at once, the old fleet serving until the new one passes /ping) or raise "
-                "--instance-count"
-            )
+        retain = checked_update(aws, args, existing, current, settings)
     name = resource_name(endpoint, datetime.now(UTC))
     model = model_request(
         name, settings.image_uri, role_arn, settings.env, settings.network_isolation
