@@ -188,6 +188,35 @@ def test_two_content_types_are_a_json_400_not_a_500(served, route, first):
     assert httpx.get(f"{served.url}/ping", timeout=10).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("route", "accept", "status"),
+    [
+        ("/invocations", "text/csv", 406),  # the SageMaker SDK's CSVDeserializer
+        ("/invocations", "application/x-npy", 406),  # ... and its NumpyDeserializer
+        ("/classify", "application/jsonlines", 406),
+        ("/embed_texts", "application/json;q=0, text/html", 406),
+        ("/invocations", "application/jsonlines", 200),  # JSON Lines are answered there
+        ("/classify", "text/csv, application/json", 200),  # the PandasDeserializer's
+        ("/embed_texts", "text/html,application/xhtml+xml,*/*;q=0.8", 200),  # a browser's
+    ],
+)
+def test_an_accept_no_answer_can_meet_is_a_json_406(served, route, accept, status):
+    body = {
+        "/classify": {"images": [GOOD_IMAGE], "labels": ["a cat"]},
+        "/embed_texts": {"texts": ["a cat"]},
+        "/invocations": {"images": [GOOD_IMAGE], "classes": CLASSES},
+    }[route]
+    response = httpx.post(f"{served.url}{route}", json=body, headers={"accept": accept}, timeout=30)
+    if status == 200:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+        return
+    error = assert_json_error(response, 406)
+    assert error["type"] == "not_acceptable"
+    assert error["message"].startswith(f"Accept {accept!r} allows none of the types")
+    assert httpx.get(f"{served.url}/ping", timeout=10).status_code == 200
+
+
 def test_a_request_the_http_parser_refuses_is_a_json_400(served):
     """Answered by uvicorn before any middleware (Content-Length beside Transfer-Encoding, a
     request-smuggling shape): in the JSON shape too (error_responses.py)."""

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, Settings
 from clip_runner.errors import UNEXPECTED_ERROR, RequestError, error_body
+from clip_runner.web.accept import accepted_ranges, named_choice, request_accept
 from clip_runner.web.error_responses import from_validation_detail
 from clip_runner.web.schemas import (
     ClassList,
@@ -38,8 +39,10 @@ from clip_runner.web.schemas import (
     ZeroShotParameters,
 )
 from clip_runner.web.traffic import (
+    JSONLINES_MEDIA_TYPES,
     is_json_media_type,
     is_jsonlines_media_type,
+    media_type,
     posted_content_type,
     without_bom,
 )
@@ -49,6 +52,17 @@ logger = logging.getLogger(__name__)
 # SageMaker's bounds for a transform job's mini-batch size (MaxPayloadInMB).
 MAX_PAYLOAD_MB_RANGE = (1, 100)
 MIB = 1024 * 1024
+
+
+def answer_type(scope: Scope, content_type: str) -> str:
+    """The JSON Lines name the answer carries: the alias the request's Accept names with the
+    highest weight, else the body's own alias, else SageMaker's `application/jsonlines` (a JSON
+    body read as lines). A client that sent and asked for `application/x-jsonlines` had been
+    answered `application/jsonlines`."""
+    sent = media_type(content_type)
+    first = sent if sent in JSONLINES_MEDIA_TYPES else JSONLINES_MEDIA_TYPES[0]
+    offered = (first, *(alias for alias in JSONLINES_MEDIA_TYPES if alias != first))
+    return named_choice(accepted_ranges(request_accept(scope)), offered)
 
 
 class InvocationLine(BaseModel):
@@ -290,5 +304,5 @@ class JsonLinesMiddleware:
         except RequestError as error:
             response: Response = error.to_response()
         else:
-            response = Response(encode_lines(answers), media_type="application/jsonlines")
+            response = Response(encode_lines(answers), media_type=answer_type(scope, content_type))
         await response(scope, receive, send)

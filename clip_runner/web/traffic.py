@@ -4,6 +4,7 @@
 - 415 when a JSON route gets a body that is not JSON (raw images are allowed where
   `raw_image_paths` says, for `raw_images.RawImageBodyMiddleware` to convert), or a compressed
   one (any `Content-Encoding` but identity);
+- 406 when the request's `Accept` allows none of the types the route answers (`accept.py`);
 - 413 when the body is over `max_body_bytes`: by Content-Length before reading, or while reading;
 - 408 when the body has not arrived within `body_timeout_s`, or when the request was the oldest
   of too many waiting for their bodies (`waiting_bodies.WaitingBodies`); the connection is closed;
@@ -26,6 +27,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.errors import error_body, quoted
+from clip_runner.web.accept import accepted_ranges, preferred, request_accept
 from clip_runner.web.waiting_bodies import Waiter, WaitingBodies
 
 EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz"})
@@ -41,6 +43,8 @@ JSONLINES_MEDIA_TYPES = (
     "application/x-jsonlines",
     "application/json-lines",
 )
+# What the API routes answer (a JSON Lines body excepted): what an Accept must allow.
+ANSWER_TYPES = ("application/json",)
 # Sent when the request's body was not (fully) read: the connection cannot carry another request.
 CLOSE = (b"connection", b"close")
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -283,11 +287,33 @@ class RequestGuardMiddleware:
                     [CLOSE, (b"accept-encoding", b"identity")],
                 )
                 return True
+            if await self._not_acceptable(scope, send, raw_image_allowed):
+                return True
         declared = headers.get(b"content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(send, int(declared))
             return True
         return False
+
+    async def _not_acceptable(self, scope: Scope, send: Send, lines_allowed: bool) -> bool:
+        """406 when the request's Accept allows none of the types the route answers: JSON, and
+        on the route that takes JSON Lines, JSON Lines (whose aliases are all offered, and
+        `application/json` with them: a Batch Transform job may name it beside SplitType=Line).
+        """
+        accept = request_accept(scope)
+        offered = ANSWER_TYPES + (JSONLINES_MEDIA_TYPES if lines_allowed else ())
+        if preferred(accepted_ranges(accept), offered) is not None:
+            return False
+        lines = f" (or {JSONLINES_MEDIA_TYPES[0]} for a JSON Lines body)" if lines_allowed else ""
+        await send_error(
+            send,
+            406,
+            "not_acceptable",
+            f"Accept {quoted(accept)!r} allows none of the types this route answers; it answers "
+            f"{ANSWER_TYPES[0]}{lines}: send that Accept, or */*",
+            [CLOSE],
+        )
+        return True
 
     async def _too_large(self, send: Send, size: int | None) -> None:
         size_text = f"{size} bytes" if size is not None else "the body"

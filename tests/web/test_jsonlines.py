@@ -326,6 +326,30 @@ def test_jsonlines_answers_one_line_per_line_like_single_requests(served, s3_sto
     assert answers[3]["error"]["message"].startswith("line 4: images[0]:")
 
 
+@pytest.mark.parametrize(
+    ("content_type", "accept", "answered"),
+    [
+        ("application/x-jsonlines", None, "application/x-jsonlines"),
+        ("application/jsonl", "*/*", "application/jsonl"),
+        ("application/jsonlines", "application/x-jsonlines", "application/x-jsonlines"),
+        ("application/x-jsonlines", "application/json", "application/x-jsonlines"),
+        ("application/jsonl", "application/jsonlines;q=0.9, application/json-lines", None),
+    ],
+)
+def test_the_answers_json_lines_name_is_the_one_asked_for_else_the_one_sent(
+    served, content_type, accept, answered
+):
+    """It was `application/jsonlines` whatever the client sent and asked for."""
+    line = json.dumps({"images": [as_base64(photo_like(40, 30, seed=9))], "classes": SEED_CLASSES})
+    headers = {"content-type": content_type, **({"accept": accept} if accept else {})}
+    response = httpx.post(
+        f"{served.url}/invocations", content=line.encode() + b"\n", headers=headers, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == (answered or "application/json-lines")
+    assert "error" not in json.loads(response.text)
+
+
 @pytest.fixture(scope="module")
 def batch_served(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
     """A server as a Batch Transform job runs it (`CLIP_ENDPOINT_KIND=batch`)."""

@@ -150,6 +150,46 @@ def test_a_json_body_in_another_charset_is_a_415_saying_so(content_type, refused
         assert response.json() == {"size": 2}
 
 
+@pytest.mark.parametrize(
+    ("accept", "lines_allowed", "refused"),
+    [
+        (None, False, False),
+        ("*/*", False, False),
+        ("application/json", False, False),
+        ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", False, False),
+        ("text/csv, application/json", False, False),
+        ("text/csv", False, True),
+        ("application/x-npy", False, True),
+        ("application/json;q=0", False, True),
+        ("application/jsonlines", False, True),
+        ("application/jsonlines", True, False),
+        ("application/x-jsonlines", True, False),
+        ("text/csv", True, True),
+    ],
+)
+def test_an_accept_that_rules_out_every_answer_type_is_a_406(accept, lines_allowed, refused):
+    """A client that asked for CSV or numpy bytes had been handed JSON (the SageMaker SDK's
+    CSVDeserializer then parsed it as CSV); refused before the body is read."""
+
+    async def go():
+        paths = ("/invocations",) if lines_allowed else ()
+        async with client(guarded_app({}, raw_image_paths=paths)) as c:
+            headers = {"accept": accept} if accept is not None else {}
+            return await c.post("/invocations", content=b"{}", headers=headers)
+
+    response = asyncio.run(go())
+    if not refused:
+        assert response.json() == {"size": 2}
+        return
+    assert response.status_code == 406
+    assert response.headers["connection"] == "close"
+    error = response.json()["error"]
+    assert error["type"] == "not_acceptable"
+    assert error["message"].startswith(f"Accept {accept!r} allows none of the types")
+    assert "it answers application/json" in error["message"]
+    assert ("application/jsonlines for a JSON Lines body" in error["message"]) == lines_allowed
+
+
 def test_two_content_types_are_a_400_before_the_body_is_read():
     """Each layer would read one of them, not all the same one (a JSON body passed on as a
     multipart form reached BentoML's form parser, a 500)."""
