@@ -38,7 +38,12 @@ from clip_runner.answers.runner_calls import (
 from clip_runner.answers.shared_build import SharedBuild
 from clip_runner.answers.token_ids import PromptTokenizer
 from clip_runner.bound_apis import bind_apis_once
-from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, get_settings
+from clip_runner.config import (
+    DEFAULT_TEMPLATE,
+    DEFAULT_TOP_K,
+    get_settings,
+    refuse_bentoml_worker_counts,
+)
 from clip_runner.errors import RequestError, error_body
 from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.gil_handover import hand_over_gil_after
@@ -105,6 +110,12 @@ find_checkpoint(settings.model_dir)
 # the supervisor reads it, so the image restarts its workers as `bentoml serve` does.
 os.environ.pop("BENTOML_CONTAINERIZED", None)
 SERVICE_NAME = "clip_service"
+refuse_bentoml_worker_counts(
+    {
+        SERVICE_NAME: ("CLIP_API_WORKERS", settings.api_worker_count),
+        "clip_runner": ("CLIP_RUNNER_WORKERS", settings.runner_workers),
+    }
+)
 READY_PROBE_TIMEOUT_S = 1.5
 READY_PROBE_INTERVAL_S = 1.0
 # A /ping that finds its worker not ready asks the runner once more, within this (SageMaker

@@ -7,13 +7,17 @@ the module is first asked for them; the README's configuration table lists each 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bentoml.exceptions import BentoMLConfigException, BentoMLException
+
 from clip_runner.cpu_quota import usable_cores
 from clip_runner.cuda_check import usable_gpus
+from clip_runner.errors import quoted
 
 DEFAULT_HUB_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_TEMPLATE = "a photo of a {name}"
@@ -42,6 +46,18 @@ ENDPOINT_KINDS = {
 }
 
 
+class SettingError(ValueError, BentoMLConfigException):
+    """A setting refused. A BentoML configuration error, so that `bentoml serve` stops with its
+    one line (`Error: [serve] `serve` failed: ...`) rather than a 70-line traceback that buried
+    the one line saying what was wrong."""
+
+
+# The shortest request deadline: an API worker's calls to the runner get half of it less a
+# second each (service.py), so at one second or under they timed out at once, forever, and the
+# server never became ready.
+MIN_REQUEST_TIMEOUT_S = 2.0
+
+
 def _env_number(
     name: str, default: float, cast: type, minimum: float, maximum: float = math.inf
 ) -> float:
@@ -53,13 +69,15 @@ def _env_number(
         value = cast(raw)
     except ValueError as exc:
         kind = "an integer" if cast is int else "a number"
-        raise ValueError(f"{name} must be {kind}, got {raw!r}") from exc
-    if not math.isfinite(value):  # nan passes every comparison below, and inf no time limit
-        raise ValueError(f"{name} must be a finite number, got {raw!r}")
+        raise SettingError(f"{name} must be {kind}, got {quoted(raw)!r}") from exc
+    # nan passes every comparison below, and inf is no time limit; an int is always finite
+    # (math.isfinite refused one past a float's range with an OverflowError naming nothing).
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingError(f"{name} must be a finite number, got {quoted(raw)!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise SettingError(f"{name} must be >= {minimum}, got {quoted(str(value))}")
     if value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
+        raise SettingError(f"{name} must be <= {maximum}, got {quoted(str(value))}")
     return value
 
 
@@ -67,8 +85,8 @@ def _env_int(name: str, default: int, minimum: int = 1, maximum: float = math.in
     return int(_env_number(name, default, int, minimum, maximum))
 
 
-def _env_seconds(name: str, default: float) -> float:
-    return _env_number(name, default, float, 0.001)
+def _env_seconds(name: str, default: float, minimum: float = 0.001) -> float:
+    return _env_number(name, default, float, minimum)
 
 
 def _env_list(name: str) -> tuple[str, ...]:
@@ -80,7 +98,7 @@ def _env_choice(name: str, choices: tuple[str, ...]) -> str:
     """One of `choices` (the first is the default), refused with its name otherwise."""
     value = os.environ.get(name, "").strip().lower() or choices[0]
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise SettingError(f"{name} must be one of {', '.join(choices)}, got {quoted(value)!r}")
     return value
 
 
@@ -90,11 +108,57 @@ def _api_key() -> str | None:
     Latin-1, curl UTF-8, httpx refuses it), so such a key would match for some clients only."""
     key = os.environ.get("CLIP_API_KEY", "").strip()
     if key and not all("!" <= character <= "~" for character in key):
-        raise ValueError(
+        raise SettingError(
             "CLIP_API_KEY must be printable ASCII without spaces (letters, digits, punctuation): "
             "HTTP clients send other characters as different bytes"
         )
     return key or None
+
+
+def _fetch_allow() -> tuple[str, ...]:
+    """CLIP_FETCH_ALLOW's entries, each a CIDR / IP address or a host name. Anything else (a
+    prefix past 32 bits, `*.internal`, `http://x.com`, `host:8080`) was kept as a host name that
+    no URL's host can equal: image URLs stayed refused, and nothing said why."""
+    entries = _env_list("CLIP_FETCH_ALLOW")
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            if any(mark in entry for mark in "/*:@ \t"):
+                raise SettingError(
+                    f"CLIP_FETCH_ALLOW entry {quoted(entry)!r} is neither a CIDR / IP address nor "
+                    "a host name (wildcards, schemes, ports and paths never match a URL's host)"
+                ) from None
+    return entries
+
+
+def _model_tag() -> str:
+    """CLIP_MODEL_TAG (blank: `clip:latest`), refused with its name when BentoML could not read
+    it: an unset-looking `""` or a trailing space had failed as `Invalid Tag clip:latest `."""
+    from bentoml import Tag
+
+    tag = os.environ.get("CLIP_MODEL_TAG", "").strip() or "clip:latest"
+    try:
+        Tag.from_taglike(tag)
+    except (ValueError, BentoMLException) as exc:
+        raise SettingError(f"CLIP_MODEL_TAG {quoted(tag)!r} is not a BentoML tag: {exc}") from None
+    return tag
+
+
+def _port() -> int:
+    """CLIP_PORT, else BentoML's BENTOML_PORT, else 8080; refused when the two differ. BentoML
+    listens on BENTOML_PORT when it is set (the image sets it to 8080; its entrypoint copies
+    `PORT` into it), so a CLIP_PORT beside a different one had no effect."""
+    port = _env_int("CLIP_PORT", 0, maximum=65535)  # else refused only at the bind
+    bentoml_port = os.environ.get("BENTOML_PORT", "").strip()
+    if not port:
+        return _env_int("BENTOML_PORT", 8080, maximum=65535)
+    if bentoml_port and bentoml_port != str(port):
+        raise SettingError(
+            f"CLIP_PORT ({port}) and BENTOML_PORT ({quoted(bentoml_port)}) differ: BentoML "
+            "listens on BENTOML_PORT (a container's `PORT` sets it), so set that one alone"
+        )
+    return port
 
 
 def _env_switch(name: str, auto: Callable[[], bool]) -> bool:
@@ -235,22 +299,59 @@ class Settings:
     def __post_init__(self) -> None:
         # The batching window must leave most of the request budget for the work itself.
         if self.max_latency_ms >= self.request_timeout_s * 1000 / 2:
-            raise ValueError(
+            raise SettingError(
                 "CLIP_MAX_LATENCY_MS must be below half of CLIP_REQUEST_TIMEOUT_S "
                 f"({self.max_latency_ms} ms vs {self.request_timeout_s} s)"
             )
         if self.torch_compile and self.cuda_graphs:
-            raise ValueError(
+            raise SettingError(
                 "CLIP_TORCH_COMPILE and CLIP_CUDA_GRAPHS both replace the image tower's forward "
                 "pass: turn one of them on, not both"
             )
         if self.fetch_timeout_s >= self.request_timeout_s:
-            raise ValueError("CLIP_FETCH_TIMEOUT_S must be below CLIP_REQUEST_TIMEOUT_S")
+            raise SettingError("CLIP_FETCH_TIMEOUT_S must be below CLIP_REQUEST_TIMEOUT_S")
         if self.fetch_connect_timeout_s > self.fetch_timeout_s:
-            raise ValueError("CLIP_FETCH_CONNECT_TIMEOUT_S must not exceed CLIP_FETCH_TIMEOUT_S")
+            raise SettingError("CLIP_FETCH_CONNECT_TIMEOUT_S must not exceed CLIP_FETCH_TIMEOUT_S")
         # One largest body must fit, or no request of that size could ever be admitted.
         if self.max_waiting_body_bytes < self.max_body_bytes:
-            raise ValueError("CLIP_MAX_WAITING_BODY_BYTES must be at least CLIP_MAX_BODY_BYTES")
+            raise SettingError("CLIP_MAX_WAITING_BODY_BYTES must be at least CLIP_MAX_BODY_BYTES")
+
+
+# Where BentoML reads its own configuration from (a YAML file, key=value options, JSON).
+BENTOML_CONFIG_VARIABLES = ("BENTOML_CONFIG", "BENTOML_CONFIG_OPTIONS", "BENTOML_CONFIG_OVERRIDES")
+
+
+def refuse_bentoml_worker_counts(workers: dict[str, tuple[str, int]]) -> None:
+    """Refuse a BentoML configuration that sets a service's `workers` (`services.NAME.workers`):
+    `workers` maps each service's name to the setting that sizes it and its value. BentoML's
+    configuration wins over the service's own count, but everything sized by that count (the
+    runner calls in flight, keep-alive recycling, Batch Transform's MaxConcurrentTransforms)
+    kept the count the settings gave: one API worker forced so ran one runner call at a time.
+    """
+    if not any(os.environ.get(name) for name in BENTOML_CONFIG_VARIABLES):
+        return
+    from bentoml._internal.configuration import (
+        get_bentoml_config_file_from_env,
+        get_bentoml_override_config_from_env,
+        get_bentoml_override_config_json_from_env,
+    )
+    from bentoml._internal.configuration.containers import BentoMLConfiguration
+
+    ours = {name: {"workers": count} for name, (_, count) in workers.items()}
+    merged = BentoMLConfiguration(
+        override_config_file=get_bentoml_config_file_from_env(),
+        override_config_values=get_bentoml_override_config_from_env(),
+        override_defaults={"services": ours},
+        override_config_json=get_bentoml_override_config_json_from_env(),
+        use_version=2,
+    ).to_dict()
+    for name, (variable, count) in workers.items():
+        theirs = merged["services"][name]["workers"]
+        if theirs != count:
+            raise SettingError(
+                f"BentoML's configuration sets services.{name}.workers to {theirs!r}; set "
+                f"{variable} instead (what else is sized by the worker count follows it)"
+            )
 
 
 @functools.cache
@@ -262,18 +363,24 @@ def get_settings() -> Settings:
     # An async endpoint's payload (up to 1 GB, from S3 through SageMaker's own network) gets two
     # minutes to arrive; a real-time or batch body (6 MB) ten seconds.
     body_timeout_s = 120.0 if endpoint_kind == "async" else 10.0
-    request_timeout_s = _env_seconds("CLIP_REQUEST_TIMEOUT_S", kind_timeout_s)
+    request_timeout_s = _env_seconds(
+        "CLIP_REQUEST_TIMEOUT_S", kind_timeout_s, minimum=MIN_REQUEST_TIMEOUT_S
+    )
     # A Batch Transform mini-batch's lines queue for the runner behind each other, and shedding
     # one (503) fails the whole mini-batch, which SageMaker retries as it was: the queue bound is
     # ten minutes of its hour there (a quarter of a shorter deadline), 20 s where a caller waits
-    # for the answer.
-    max_latency_ms = 20_000
+    # for the answer, or a quarter of a deadline under 40 s (it must stay below half of it: a
+    # CLIP_REQUEST_TIMEOUT_S of 30 alone had been refused, naming CLIP_MAX_LATENCY_MS).
+    quarter_ms = int(request_timeout_s * 1000 / 4)
+    max_latency_ms = 20_000 if request_timeout_s * 1000 / 2 > 20_000 else quarter_ms
     if endpoint_kind == "batch":
-        max_latency_ms = min(600_000, int(request_timeout_s * 1000 / 4))
+        max_latency_ms = min(600_000, quarter_ms)
+    # An image fetch has 10 s, or half a shorter deadline; its connection 3 s of that.
+    fetch_timeout_s = _env_seconds("CLIP_FETCH_TIMEOUT_S", min(10.0, request_timeout_s / 2))
     torch_compile = _env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on"
     return Settings(
-        model_tag=os.environ.get("CLIP_MODEL_TAG", "clip:latest"),
-        port=_env_int("CLIP_PORT", 8080, maximum=65535),  # else refused only at the bind
+        model_tag=_model_tag(),
+        port=_port(),
         api_workers=_env_int("CLIP_API_WORKERS", 0, minimum=0),
         keepalive_requests=_env_int("CLIP_KEEPALIVE_REQUESTS", -1, minimum=0),
         request_timeout_s=request_timeout_s,
@@ -294,11 +401,13 @@ def get_settings() -> Settings:
         max_class_name_chars=_env_int("CLIP_MAX_CLASS_NAME_CHARS", 300),
         max_image_bytes=_env_int("CLIP_MAX_IMAGE_BYTES", 10 * 1024 * 1024),
         max_image_pixels=_env_int("CLIP_MAX_IMAGE_PIXELS", 40_000_000),
-        fetch_timeout_s=_env_seconds("CLIP_FETCH_TIMEOUT_S", 10.0),
-        fetch_connect_timeout_s=_env_seconds("CLIP_FETCH_CONNECT_TIMEOUT_S", 3.0),
+        fetch_timeout_s=fetch_timeout_s,
+        fetch_connect_timeout_s=_env_seconds(
+            "CLIP_FETCH_CONNECT_TIMEOUT_S", min(3.0, fetch_timeout_s)
+        ),
         fetch_concurrency=_env_int("CLIP_FETCH_CONCURRENCY", 8),
         fetch_max_redirects=_env_int("CLIP_FETCH_MAX_REDIRECTS", 5, minimum=0),
-        fetch_allow=_env_list("CLIP_FETCH_ALLOW"),
+        fetch_allow=_fetch_allow(),
         text_cache_size=_env_int("CLIP_TEXT_CACHE_SIZE", 4096, minimum=0),
         fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("reference", "fast")) == "fast",
         decode_jpegs_on=_env_choice("CLIP_DECODE", ("auto", "api", "runner")),

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from bentoml.exceptions import BentoMLConfigException
 
 from clip_runner import config
 from clip_runner.config import get_settings
@@ -119,7 +124,23 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_KEEPALIVE_REQUESTS", "-1", "must be >= 0"),
         ("CLIP_DECODE", "gpu", "must be one of auto, api, runner"),
         ("CLIP_RUNNER_JPEG_DECODER", "auto", "must be one of pillow, nvjpeg"),  # the old default
-        ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be >= 0.001"),
+        ("CLIP_REQUEST_TIMEOUT_S", "-3", "must be >= 2.0"),
+        # Its runner calls get half of it less a second: at 1 s the server never became ready.
+        ("CLIP_REQUEST_TIMEOUT_S", "1", "must be >= 2.0"),
+        # Past a float's range (an OverflowError that named no variable), and cut short.
+        (
+            "CLIP_REQUEST_TIMEOUT_S",
+            "1" + "0" * 400,
+            r"must be a finite number, got '1000.*\.\.\. \(401 characters\)'$",
+        ),
+        (
+            "CLIP_MODEL_TAG",
+            "clip:two words",
+            "CLIP_MODEL_TAG 'clip:two words' is not a BentoML tag",
+        ),
+        ("CLIP_FETCH_ALLOW", "images.lan, 10.0.0.0/33", "entry '10.0.0.0/33' is neither a CIDR"),
+        ("CLIP_FETCH_ALLOW", "*.internal", "entry '\\*.internal' is neither"),
+        ("CLIP_FETCH_ALLOW", "http://images.lan", "entry 'http://images.lan' is neither"),
         ("CLIP_FETCH_TIMEOUT_S", "soon", "must be a number"),
         ("CLIP_MAX_LATENCY_MS", "50000", "below half of CLIP_REQUEST_TIMEOUT_S"),
         ("CLIP_FETCH_TIMEOUT_S", "90", "below CLIP_REQUEST_TIMEOUT_S"),
@@ -147,8 +168,93 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
 )
 def test_bad_values_are_refused_with_the_variable_name(monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match=message):
+    # A BentoML configuration error: `bentoml serve` stops with its one line, no traceback.
+    with pytest.raises(config.SettingError, match=message) as refused:
         get_settings()
+    assert isinstance(refused.value, BentoMLConfigException)
+
+
+@pytest.mark.parametrize(
+    ("timeout_s", "queue_ms", "fetch_s", "connect_s"),
+    [
+        (55, 20_000, 10, 3),
+        (41, 20_000, 10, 3),
+        (40, 10_000, 10, 3),
+        (30, 7_500, 10, 3),
+        (10, 2_500, 5, 3),
+        (2, 500, 1, 1),
+    ],
+)
+def test_a_request_timeout_alone_brings_the_defaults_it_bounds_under_it(
+    monkeypatch, timeout_s, queue_ms, fetch_s, connect_s
+):
+    """The queue bound (below half the deadline), the image fetch's (below it) and its
+    connection's follow a shorter deadline: CLIP_REQUEST_TIMEOUT_S=30 alone had been refused,
+    naming CLIP_MAX_LATENCY_MS, which the operator never set."""
+    monkeypatch.setenv("CLIP_REQUEST_TIMEOUT_S", str(timeout_s))
+    settings = get_settings()
+    assert settings.max_latency_ms == queue_ms
+    assert (settings.fetch_timeout_s, settings.fetch_connect_timeout_s) == (fetch_s, connect_s)
+
+
+@pytest.mark.parametrize(
+    ("clip_port", "bentoml_port", "port"),
+    [(None, None, 8080), ("9000", None, 9000), (None, "9001", 9001), ("9002", "9002", 9002)],
+)
+def test_the_port_is_bentomls_where_it_sets_one(monkeypatch, clip_port, bentoml_port, port):
+    for name, value in (("CLIP_PORT", clip_port), ("BENTOML_PORT", bentoml_port)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert get_settings().port == port
+
+
+def test_a_clip_port_beside_another_bentoml_port_is_refused(monkeypatch):
+    """BentoML listens on BENTOML_PORT (the image sets it; `PORT` overrides it there): a
+    CLIP_PORT beside it had no effect."""
+    monkeypatch.setenv("CLIP_PORT", "9000")
+    monkeypatch.setenv("BENTOML_PORT", "8080")
+    with pytest.raises(config.SettingError, match=r"CLIP_PORT \(9000\) and BENTOML_PORT \(8080\)"):
+        get_settings()
+
+
+@pytest.mark.parametrize("tag", ["", "  ", " clip:latest "])
+def test_a_blank_or_padded_model_tag_is_the_default(monkeypatch, tag):
+    monkeypatch.setenv("CLIP_MODEL_TAG", tag)
+    assert get_settings().model_tag == "clip:latest"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("BENTOML_CONFIG_OPTIONS", "services.clip_service.workers=1"),
+        ("BENTOML_CONFIG_OVERRIDES", '{"services": {"clip_runner": {"workers": 3}}}'),
+        ("BENTOML_CONFIG", "services:\n  clip_service:\n    workers: cpu_count\n"),
+    ],
+)
+def test_a_bentoml_configuration_that_sets_worker_counts_is_refused(
+    monkeypatch, tmp_path, variable, value
+):
+    """BentoML's configuration wins over the service's worker count, but what is sized by that
+    count (runner calls in flight, keep-alive recycling, MaxConcurrentTransforms) kept the
+    settings': one API worker forced so ran one runner call at a time. Read by BentoML's own
+    configuration code from each of its three sources."""
+    if variable == "BENTOML_CONFIG":
+        (tmp_path / "bentoml.yaml").write_text(value)
+        value = str(tmp_path / "bentoml.yaml")
+    workers = {"clip_service": ("CLIP_API_WORKERS", 2), "clip_runner": ("CLIP_RUNNER_WORKERS", 1)}
+    config.refuse_bentoml_worker_counts(workers)  # nothing set: nothing to refuse
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(
+        config.SettingError, match=r"sets services\.clip_\w+\.workers to .*; set CLIP_"
+    ):
+        config.refuse_bentoml_worker_counts(workers)
+    # The same counts as the settings', or other keys, are no conflict.
+    monkeypatch.setenv("BENTOML_CONFIG_OPTIONS", "services.clip_service.workers=2")
+    monkeypatch.delenv("BENTOML_CONFIG_OVERRIDES", raising=False)
+    monkeypatch.delenv("BENTOML_CONFIG", raising=False)
+    config.refuse_bentoml_worker_counts(workers)
 
 
 @pytest.mark.parametrize(
@@ -302,3 +408,21 @@ def test_every_setting_has_its_row_in_the_readmes_configuration_table():
     )
     assert "CLIP_DTYPE" in read and len(read) > 30
     assert sorted(documented) == sorted(read)
+
+
+def test_bentoml_serve_stops_on_a_bad_setting_with_one_line_naming_it(tmp_path):
+    """It had been a 70-line traceback, the one line saying what was wrong at its end."""
+    bentoml_cli = Path(sys.executable).with_name("bentoml")
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "CLIP_MAX_CONCURRENCY": "abc"}
+    result = subprocess.run(
+        [str(bentoml_cli), "serve", "service:ClipService", "--host", "127.0.0.1"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert (result.stdout + result.stderr).strip().splitlines() == [
+        "Error: [serve] `serve` failed: CLIP_MAX_CONCURRENCY must be an integer, got 'abc'"
+    ]
