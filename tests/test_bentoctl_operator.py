@@ -24,7 +24,16 @@ from hcl2 import SerializationOptions
 from moto.server import ThreadedMotoServer
 
 from tests.helpers import REPO_ROOT
-from tests.test_deploy_sagemaker import deploy
+from tests.test_deploy_sagemaker import (  # the script's code, imported there from scripts/
+    GPU_AMI_VERSION,
+    Aws,
+    blue_green_config,
+    endpoint_config_request,
+    inference_ami_version,
+    scaling_policy_name,
+    scaling_policy_request,
+    scaling_resource_id,
+)
 
 BENTOCTL_VENV = REPO_ROOT / ".venv-bentoctl"
 OPERATOR = REPO_ROOT / "bentoctl" / "sagemaker-operator"
@@ -133,7 +142,7 @@ def test_generate_writes_the_terraform_of_deploy_sagemaker_py(home, tmp_path):
     assert container["image"] == "${var.image_tag}"
     assert container["model_data_url"] == "${var.model_data_url}"
     assert model["enable_network_isolation"] == "${var.network_isolation}"
-    request = deploy.endpoint_config_request("n", "m", "ml.m5.xlarge", 1, 600)
+    request = endpoint_config_request("n", "m", "ml.m5.xlarge", 1, 600)
     expected_variant = request["ProductionVariants"][0]
     variant = block(found["aws_sagemaker_endpoint_configuration"], "production_variants")
     assert locals_["variant"] == expected_variant["VariantName"]
@@ -143,7 +152,7 @@ def test_generate_writes_the_terraform_of_deploy_sagemaker_py(home, tmp_path):
     assert values["inference_ami_version"] is None  # a CPU instance type, as deploy's request
     assert "InferenceAmiVersion" not in expected_variant
     policy = block(found["aws_sagemaker_endpoint"], "deployment_config", "blue_green_update_policy")
-    expected = deploy.blue_green_config(300, None, [], 600)["BlueGreenUpdatePolicy"]
+    expected = blue_green_config(300, None, [], 600)["BlueGreenUpdatePolicy"]
     assert block(policy, "traffic_routing_configuration")["type"] == "ALL_AT_ONCE"
     limit = policy["maximum_execution_timeout_in_seconds"].strip("${}")
     evaluated = eval(  # the HCL expression, with deploy's inputs: the same number
@@ -151,7 +160,7 @@ def test_generate_writes_the_terraform_of_deploy_sagemaker_py(home, tmp_path):
     )
     assert evaluated == expected["MaximumExecutionTimeoutInSeconds"]
     target = found["aws_appautoscaling_target"]
-    scaling = deploy.scaling_policy_request(deploy.scaling_resource_id("E", "V"), "E", 100, 300, 60)
+    scaling = scaling_policy_request(scaling_resource_id("E", "V"), "E", 100, 300, 60)
     assert target["scalable_dimension"] == scaling["ScalableDimension"]
     assert target["service_namespace"] == scaling["ServiceNamespace"]
     assert target["resource_id"] == "endpoint/${aws_sagemaker_endpoint.clip.name}/variant/" + (
@@ -166,7 +175,7 @@ def test_generate_writes_the_terraform_of_deploy_sagemaker_py(home, tmp_path):
         == expected_tracking["PredefinedMetricSpecification"]["PredefinedMetricType"]
     )
     assert found["aws_appautoscaling_policy"]["policy_type"] == scaling["PolicyType"]
-    policy_name = "${var.deployment_name}" + deploy.scaling_policy_name("")
+    policy_name = "${var.deployment_name}" + scaling_policy_name("")
     assert found["aws_appautoscaling_policy"]["name"] == policy_name
 
 
@@ -188,11 +197,9 @@ def test_generate_carries_model_data_image_and_no_autoscaling(home, tmp_path):
     assert values["image_tag"] == config["spec"]["image_tag"]
     assert values["autoscaling_min_instances"] == 0  # main.tf: count = 0, no scaling resources
     assert values["network_isolation"] is True
-    known = deploy.Aws("us-east-1", None, True).enum(
-        "sagemaker", "ProductionVariantInferenceAmiVersion"
-    )
-    expected_ami = deploy.inference_ami_version("ml.g5.xlarge", "auto", known)
-    assert values["inference_ami_version"] == expected_ami == deploy.GPU_AMI_VERSION
+    known = Aws("us-east-1", None, True).enum("sagemaker", "ProductionVariantInferenceAmiVersion")
+    expected_ami = inference_ami_version("ml.g5.xlarge", "auto", known)
+    assert values["inference_ami_version"] == expected_ami == GPU_AMI_VERSION
     text = (tmp_path / "out" / "bentoctl.tfvars").read_text()
     assert '"$${not interpolated}"' in text  # a literal for Terraform, not an expression
 

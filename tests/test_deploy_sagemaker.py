@@ -15,7 +15,6 @@ Nothing here talks to anything but 127.0.0.1.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 import stat
@@ -31,12 +30,52 @@ from moto.server import ThreadedMotoServer
 
 from tests.helpers import REPO_ROOT, SEED_CLASSES, encode, photo_like
 
-_SPEC = importlib.util.spec_from_file_location(
-    "deploy_sagemaker", REPO_ROOT / "scripts" / "deploy_sagemaker.py"
+# The script and its package, scripts/sagemaker_deploy/, imported as when the script runs:
+# from scripts/, which Python then puts on sys.path.
+SCRIPTS = str(REPO_ROOT / "scripts")
+if SCRIPTS not in sys.path:
+    sys.path.append(SCRIPTS)
+import deploy_sagemaker as deploy  # noqa: E402
+from sagemaker_deploy import commands  # noqa: E402
+from sagemaker_deploy.async_inference import (  # noqa: E402
+    async_inference_config,
+    backlog_policy_request,
+    wake_alarm_request,
+    wake_policy_request,
 )
-assert _SPEC is not None and _SPEC.loader is not None
-deploy = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(deploy)
+from sagemaker_deploy.aws import PROVISIONING_MARGIN_S, Aws, resolve_role, wait_in_service  # noqa: E402
+from sagemaker_deploy.batch import transform_job_request  # noqa: E402
+from sagemaker_deploy.builders import (  # noqa: E402
+    DEFAULT_INSTANCE_TYPE,
+    DEFAULT_STARTUP_TIMEOUT,
+    GPU_AMI_VERSION,
+    MASK,
+    blue_green_config,
+    check_endpoint_name,
+    check_instance_type,
+    endpoint_config_request,
+    image_source,
+    inference_ami_version,
+    model_request,
+    owned_by,
+    parse_class,
+    role_name,
+    scalable_target_request,
+    scaling_policy_request,
+    scaling_resource_id,
+)
+
+# test_bentoctl_operator's, which imports the script's code from here:
+from sagemaker_deploy.builders import scaling_policy_name as scaling_policy_name  # noqa: E402
+from sagemaker_deploy.errors import AwsCallError, DeployError, StillChangingError  # noqa: E402
+from sagemaker_deploy.settings import (  # noqa: E402
+    COPIED_FIELDS,
+    PARTS,
+    SET_FIELDS,
+    EndpointSettings,
+    no_carried,
+    resolve_settings,
+)
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"  # moto's default account
@@ -182,24 +221,22 @@ def test_requests_match_the_aws_api_model():
             params, client.meta.service_model.operation_model(operation).input_shape
         )
 
-    model = deploy.model_request("clip-x", IMAGE_URI, "arn:aws:iam::1:role/r", {"A": "1"}, True)
+    model = model_request("clip-x", IMAGE_URI, "arn:aws:iam::1:role/r", {"A": "1"}, True)
     check(sagemaker, "CreateModel", model)
     assert model["PrimaryContainer"] == {
         "Image": IMAGE_URI,
         "Mode": "SingleModel",
         "Environment": {"A": "1"},
     }
-    config = deploy.endpoint_config_request(
-        "c", "m", "ml.g5.xlarge", 3, 900, ami_version=deploy.GPU_AMI_VERSION
-    )
+    config = endpoint_config_request("c", "m", "ml.g5.xlarge", 3, 900, ami_version=GPU_AMI_VERSION)
     check(sagemaker, "CreateEndpointConfig", config)
     variant = config["ProductionVariants"][0]
     assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 900
     assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.g5.xlarge", 3)
-    assert variant["InferenceAmiVersion"] == deploy.GPU_AMI_VERSION
-    assert "InferenceAmiVersion" not in deploy.endpoint_config_request("c", "m", "t", 1, 600)
+    assert variant["InferenceAmiVersion"] == GPU_AMI_VERSION
+    assert "InferenceAmiVersion" not in endpoint_config_request("c", "m", "t", 1, 600)
 
-    canary = deploy.blue_green_config(600, 10, ["clip-5xx"], 900)
+    canary = blue_green_config(600, 10, ["clip-5xx"], 900)
     check(
         sagemaker,
         "UpdateEndpoint",
@@ -213,43 +250,43 @@ def test_requests_match_the_aws_api_model():
     assert policy["TerminationWaitInSeconds"] == 600
     assert 600 <= policy["MaximumExecutionTimeoutInSeconds"] <= 28800
     assert canary["AutoRollbackConfiguration"] == {"Alarms": [{"AlarmName": "clip-5xx"}]}
-    at_once = deploy.blue_green_config(0, None, [], 3600)
+    at_once = blue_green_config(0, None, [], 3600)
     assert at_once["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["Type"] == "ALL_AT_ONCE"
     assert "AutoRollbackConfiguration" not in at_once
 
-    rid = deploy.scaling_resource_id("clip", "AllTraffic")
+    rid = scaling_resource_id("clip", "AllTraffic")
     assert rid == "endpoint/clip/variant/AllTraffic"
-    check(scaling, "RegisterScalableTarget", deploy.scalable_target_request(rid, 1, 4))
-    check(scaling, "PutScalingPolicy", deploy.scaling_policy_request(rid, "clip", 70.0, 300, 60))
+    check(scaling, "RegisterScalableTarget", scalable_target_request(rid, 1, 4))
+    check(scaling, "PutScalingPolicy", scaling_policy_request(rid, "clip", 70.0, 300, 60))
 
 
 def test_input_checks():
     for good in ("ml.m5.xlarge", "ml.g5.xlarge", "ml.p4d.24xlarge", "ml.t2.medium", "ml.c5.large"):
-        assert deploy.check_instance_type(good) == good
+        assert check_instance_type(good) == good
     for bad in ("m5.xlarge", "ml.m5", "ml.m5.huge", "", "ml..xlarge", "ML.M5.XLARGE"):
-        with pytest.raises(deploy.DeployError, match="ml.g4dn.xlarge"):
-            deploy.check_instance_type(bad)
-    assert deploy.role_name("arn:aws:iam::123456789012:role/service/clip-exec") == "clip-exec"
-    assert deploy.role_name("clip-exec") == "clip-exec"
+        with pytest.raises(DeployError, match="ml.g4dn.xlarge"):
+            check_instance_type(bad)
+    assert role_name("arn:aws:iam::123456789012:role/service/clip-exec") == "clip-exec"
+    assert role_name("clip-exec") == "clip-exec"
     for bad in ("arn:aws:iam::123:user/bob", "a role"):
-        with pytest.raises(deploy.DeployError):
-            deploy.role_name(bad)
+        with pytest.raises(DeployError):
+            role_name(bad)
     for bad in ("-clip", "clip_1", "x" * 44):
-        with pytest.raises(deploy.DeployError):
-            deploy.check_endpoint_name(bad)
-    assert deploy.owned_by("clip", "clip-20260101-120000-007")
-    assert not deploy.owned_by("clip", "clip-staging-20260101-120000-007")
-    assert deploy.parse_class("person with a bag=1") == ["person with a bag", 1]
-    assert deploy.parse_class("bag=0") == ["bag", 0]
-    with pytest.raises(deploy.DeployError):
-        deploy.parse_class("bag=yes")
+        with pytest.raises(DeployError):
+            check_endpoint_name(bad)
+    assert owned_by("clip", "clip-20260101-120000-007")
+    assert not owned_by("clip", "clip-staging-20260101-120000-007")
+    assert parse_class("person with a bag=1") == ["person with a bag", 1]
+    assert parse_class("bag=0") == ["bag", 0]
+    with pytest.raises(DeployError):
+        parse_class("bag=yes")
 
 
 def test_gpu_endpoints_get_the_ami_whose_driver_the_images_torch_needs():
     """PyPI's torch 2.13.0 is a CUDA 13.0 build (driver 580 or newer): on SageMaker's default
     GPU hosts it would see no GPU. The AMI version is botocore's, so AWS knows it."""
-    known = deploy.Aws(REGION, None, True).enum("sagemaker", "ProductionVariantInferenceAmiVersion")
-    assert deploy.GPU_AMI_VERSION in known
+    known = Aws(REGION, None, True).enum("sagemaker", "ProductionVariantInferenceAmiVersion")
+    assert GPU_AMI_VERSION in known
     for gpu in (
         "ml.g4dn.xlarge",
         "ml.g5.xlarge",
@@ -257,22 +294,22 @@ def test_gpu_endpoints_get_the_ami_whose_driver_the_images_torch_needs():
         "ml.g6e.2xlarge",
         "ml.p4d.24xlarge",
     ):
-        assert deploy.inference_ami_version(gpu, "auto", known) == deploy.GPU_AMI_VERSION
-        assert deploy.inference_ami_version(gpu, "default", known) is None
+        assert inference_ami_version(gpu, "auto", known) == GPU_AMI_VERSION
+        assert inference_ami_version(gpu, "default", known) is None
     for cpu in ("ml.m5.xlarge", "ml.c5.2xlarge", "ml.t2.medium", "ml.inf2.xlarge"):
-        assert deploy.inference_ami_version(cpu, "auto", known) is None
+        assert inference_ami_version(cpu, "auto", known) is None
     chosen = "al2-ami-sagemaker-inference-gpu-3-1"
-    assert deploy.inference_ami_version("ml.g5.xlarge", chosen, known) == chosen
-    with pytest.raises(deploy.DeployError, match="auto, default or one of al2-ami"):
-        deploy.inference_ami_version("ml.g5.xlarge", "al2-ami-gpu-9", known)
+    assert inference_ami_version("ml.g5.xlarge", chosen, known) == chosen
+    with pytest.raises(DeployError, match="auto, default or one of al2-ami"):
+        inference_ami_version("ml.g5.xlarge", "al2-ami-gpu-9", known)
 
 
 def test_endpoint_url_and_global_options(monkeypatch):
     """--endpoint-url wins over AWS_ENDPOINT_URL; global options work before or after the verb."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    client = deploy.Aws(None, "http://127.0.0.1:8", False).client("sagemaker")
+    client = Aws(None, "http://127.0.0.1:8", False).client("sagemaker")
     assert client.meta.endpoint_url == "http://127.0.0.1:8"
-    assert deploy.Aws(None, None, False).client("iam").meta.endpoint_url == "http://127.0.0.1:9"
+    assert Aws(None, None, False).client("iam").meta.endpoint_url == "http://127.0.0.1:9"
     parser = deploy.build_parser()
     for argv in (
         ["--dry-run", "--region", "eu-west-1", "delete"],
@@ -298,13 +335,13 @@ def test_deploy_creates_model_config_and_endpoint(capsys, role_arn):
     endpoint = sagemaker.describe_endpoint(EndpointName="clip-a")
     assert endpoint["EndpointStatus"] == "InService"
     config = current_config("clip-a")
-    assert deploy.owned_by("clip-a", config["EndpointConfigName"])
+    assert owned_by("clip-a", config["EndpointConfigName"])
     variant = config["ProductionVariants"][0]
     assert variant["InstanceType"] == "ml.g4dn.xlarge"
     assert variant["InitialInstanceCount"] == 2
     assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 900
     assert variant["VariantName"] == "AllTraffic"
-    assert variant["InferenceAmiVersion"] == deploy.GPU_AMI_VERSION  # a GPU instance type
+    assert variant["InferenceAmiVersion"] == GPU_AMI_VERSION  # a GPU instance type
     model = sagemaker.describe_model(ModelName=variant["ModelName"])
     assert model["PrimaryContainer"]["Image"] == IMAGE_URI
     assert model["PrimaryContainer"]["Environment"] == {"CLIP_API_WORKERS": "2"}
@@ -336,7 +373,7 @@ def test_deploy_with_model_data_gives_the_model_a_checkpoint_for_opt_ml_model(ca
     assert "InferenceAmiVersion" not in variant  # a CPU instance type: SageMaker's default AMI
     container = aws("sagemaker").describe_model(ModelName=variant["ModelName"])["PrimaryContainer"]
     assert container["ModelDataUrl"] == url and container["Image"] == IMAGE_URI
-    without = deploy.model_request("m", IMAGE_URI, role_arn, {}, False)["PrimaryContainer"]
+    without = model_request("m", IMAGE_URI, role_arn, {}, False)["PrimaryContainer"]
     assert "ModelDataUrl" not in without  # the baked-in model unless asked
     for bad in ("https://clip-models.s3.amazonaws.com/model.tar.gz", "s3://clip-models/model.zip"):
         before = state()
@@ -363,7 +400,7 @@ def test_redeploy_makes_a_new_config_and_asks_for_a_blue_green_update(capsys, ro
     assert routing["Type"] == "CANARY" and routing["CanarySize"]["Value"] == 20
 
     code, out, err = run(capsys, *deploy_args("clip-b", "--instance-type", "ml.c5.xlarge"))
-    configs = [c for c in state()["configs"] if deploy.owned_by("clip-b", c)]
+    configs = [c for c in state()["configs"] if owned_by("clip-b", c)]
     assert len(configs) == 2 and first in configs
     new = aws("sagemaker").describe_endpoint_config(EndpointConfigName=max(configs))
     assert new["ProductionVariants"][0]["InstanceType"] == "ml.c5.xlarge"
@@ -424,18 +461,18 @@ def test_delete_removes_endpoint_configs_models_and_scaling(capsys, role_arn):
     assert run(capsys, *deploy_args("clip-d", "--instance-type", "ml.c5.xlarge"))[0] == 1  # moto
     assert run(capsys, "autoscale", "--endpoint", "clip-d")[0] == 0
     ours = state()
-    assert len([m for m in ours["models"] if deploy.owned_by("clip-d", m)]) == 2
+    assert len([m for m in ours["models"] if owned_by("clip-d", m)]) == 2
 
     code, _, err = run(capsys, "delete", "--endpoint", "clip-d")
     assert code == 0, err
     after = state()
-    assert not [n for n in after["models"] + after["configs"] if deploy.owned_by("clip-d", n)]
+    assert not [n for n in after["models"] + after["configs"] if owned_by("clip-d", n)]
     assert "clip-d" not in [name for name, _ in after["endpoints"]]
     assert "endpoint/clip-d/variant/AllTraffic" not in after["targets"]
     assert "clip-d-invocations-per-instance" not in after["policies"]
     # A neighbour whose name starts the same is untouched.
     assert ("clip-d-staging", "InService") in after["endpoints"]
-    assert [m for m in after["models"] if deploy.owned_by("clip-d-staging", m)]
+    assert [m for m in after["models"] if owned_by("clip-d-staging", m)]
 
     code, out, _ = run(capsys, "delete", "--endpoint", "clip-d")
     assert code == 0 and "nothing to delete" in out
@@ -650,7 +687,7 @@ def check_api(service: str, operation: str, params: dict[str, Any]) -> None:
 
 
 def test_transform_and_async_requests_match_the_aws_api_model():
-    job = deploy.transform_job_request(
+    job = transform_job_request(
         "j", "m", "s3://b/in/", "s3://b/out/", "ml.g5.xlarge", 2, 600, 1, None, 20
     )
     check_api("sagemaker", "CreateTransformJob", job)
@@ -660,15 +697,15 @@ def test_transform_and_async_requests_match_the_aws_api_model():
         "CLIP_MAX_BODY_BYTES": str(20 * 1024 * 1024),  # a 20 MB mini-batch fits
     }
     assert job["MaxPayloadInMB"] == 20 and "MaxConcurrentTransforms" not in job
-    config = deploy.endpoint_config_request("c", "m", "ml.m5.xlarge", 1, 600)
-    config["AsyncInferenceConfig"] = deploy.async_inference_config("s3://b/out/", "s3://b/f/", 4)
+    config = endpoint_config_request("c", "m", "ml.m5.xlarge", 1, 600)
+    config["AsyncInferenceConfig"] = async_inference_config("s3://b/out/", "s3://b/f/", 4)
     check_api("sagemaker", "CreateEndpointConfig", config)
-    rid = deploy.scaling_resource_id("e", "AllTraffic")
-    check_api("application-autoscaling", "PutScalingPolicy", deploy.wake_policy_request(rid, "e"))
-    backlog = deploy.backlog_policy_request(rid, "e", 5.0, 300, 60)
+    rid = scaling_resource_id("e", "AllTraffic")
+    check_api("application-autoscaling", "PutScalingPolicy", wake_policy_request(rid, "e"))
+    backlog = backlog_policy_request(rid, "e", 5.0, 300, 60)
     check_api("application-autoscaling", "PutScalingPolicy", backlog)
-    check_api("cloudwatch", "PutMetricAlarm", deploy.wake_alarm_request("e", "arn:aws:x"))
-    assert deploy.image_source("s3://clip-images/a.jpg") == "s3://clip-images/a.jpg"  # as is
+    check_api("cloudwatch", "PutMetricAlarm", wake_alarm_request("e", "arn:aws:x"))
+    assert image_source("s3://clip-images/a.jpg") == "s3://clip-images/a.jpg"  # as is
 
 
 def upload_requests(key: str, lines: list[dict[str, Any]]) -> None:
@@ -845,7 +882,7 @@ def test_async_deploy_needs_an_s3_output_and_realtime_keeps_min_one(capsys, role
 def newest(endpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The newest endpoint config `deploy` made for `endpoint`, and its model, as moto has them."""
     sagemaker = aws("sagemaker")
-    name = max(c for c in state()["configs"] if deploy.owned_by(endpoint, c))
+    name = max(c for c in state()["configs"] if owned_by(endpoint, c))
     config = sagemaker.describe_endpoint_config(EndpointConfigName=name)
     return config, sagemaker.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
 
@@ -869,7 +906,7 @@ def test_an_update_keeps_every_setting_it_is_not_given(capsys, role_arn):
     (variant,) = calls["sagemaker.create_endpoint_config"]["ProductionVariants"]
     assert variant["InstanceType"] == "ml.g4dn.xlarge" and variant["InitialInstanceCount"] == 3
     assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 1200
-    assert variant["InferenceAmiVersion"] == deploy.GPU_AMI_VERSION
+    assert variant["InferenceAmiVersion"] == GPU_AMI_VERSION
     # The plan says what is carried over and what changes.
     assert "  instance type: ml.g4dn.xlarge (kept)" in err.splitlines()
     assert f"  image: {IMAGE_URI} -> {v2}" in err.splitlines()
@@ -900,26 +937,26 @@ def test_an_update_keeps_every_setting_it_is_not_given(capsys, role_arn):
 
 def test_resolve_settings_given_else_current_else_default():
     """What moto cannot store (EnableNetworkIsolation) or has no other way to reach: the rule."""
-    known = deploy.Aws(REGION, None, True).enum("sagemaker", "ProductionVariantInferenceAmiVersion")
+    known = Aws(REGION, None, True).enum("sagemaker", "ProductionVariantInferenceAmiVersion")
     parser = deploy.build_parser()
-    current = deploy.EndpointSettings(
+    current = EndpointSettings(
         image_uri=IMAGE_URI,
         role_arn="arn:aws:iam::1:role/r",
         instance_type="ml.g5.xlarge",
         instance_count=4,
         startup_timeout=900,
-        ami_version=deploy.GPU_AMI_VERSION,
+        ami_version=GPU_AMI_VERSION,
         env={"CLIP_ENDPOINT_KIND": "async"},
         model_data=None,
         model_data_source=None,
         network_isolation=True,
         async_config={"OutputConfig": {"S3OutputPath": "s3://b/old/"}},
-        carried=deploy.no_carried(),
+        carried=no_carried(),
     )
 
     def resolve(*extra: str, now: Any = current) -> Any:
         args = parser.parse_args(deploy_args("e", *extra))
-        return deploy.resolve_settings(args, now, "arn:aws:iam::1:role/r", known)
+        return resolve_settings(args, now, "arn:aws:iam::1:role/r", known)
 
     kept = resolve()
     assert kept._replace(image_uri=IMAGE_URI) == current
@@ -929,9 +966,9 @@ def test_resolve_settings_given_else_current_else_default():
     }
     assert current.async_config == {"OutputConfig": {"S3OutputPath": "s3://b/old/"}}  # a copy
     fresh = resolve(now=None)
-    assert (fresh.instance_type, fresh.instance_count) == (deploy.DEFAULT_INSTANCE_TYPE, 1)
+    assert (fresh.instance_type, fresh.instance_count) == (DEFAULT_INSTANCE_TYPE, 1)
     assert (fresh.network_isolation, fresh.async_config, fresh.env) == (False, None, {})
-    assert fresh.startup_timeout == deploy.DEFAULT_STARTUP_TIMEOUT
+    assert fresh.startup_timeout == DEFAULT_STARTUP_TIMEOUT
 
 
 def test_an_update_cannot_switch_between_real_time_and_async(capsys, role_arn):
@@ -983,7 +1020,7 @@ def test_wait_on_an_update_lasts_as_long_as_sagemakers_own_limit(capsys, role_ar
     assert run(capsys, *deploy_args("clip-w", "--instance-count", "2"))[0] == 0
     sent: dict[str, Any] = {}
     waited: list[int] = []
-    real_call = deploy.Aws._call
+    real_call = Aws._call
 
     def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
         if operation == "update_endpoint":  # moto 5.2.5 has none: accept it, keep what was sent
@@ -993,17 +1030,17 @@ def test_wait_on_an_update_lasts_as_long_as_sagemakers_own_limit(capsys, role_ar
 
     def wait(aws: Any, endpoint: str, config: str, timeout_s: int) -> None:
         waited.append(timeout_s)
-        raise deploy.StillChangingError(f"endpoint {endpoint} is still Updating (stand-in)")
+        raise StillChangingError(f"endpoint {endpoint} is still Updating (stand-in)")
 
     with monkeypatch.context() as patch:
-        patch.setattr(deploy.Aws, "_call", call)
-        patch.setattr(deploy, "wait_in_service", wait)
+        patch.setattr(Aws, "_call", call)
+        patch.setattr(commands, "wait_in_service", wait)
         update = deploy_args("clip-w", "--canary-percent", "10", "--bake-seconds", "3600")
         code, _, err = run(capsys, *update, "--wait")
     assert code == 3 and "warning: endpoint clip-w is still Updating" in err
     limit = sent["DeploymentConfig"]["BlueGreenUpdatePolicy"]["MaximumExecutionTimeoutInSeconds"]
     assert limit >= 600 + 2 * 3600  # start-up, canary wait, bake
-    assert waited == [limit + deploy.PROVISIONING_MARGIN_S]
+    assert waited == [limit + PROVISIONING_MARGIN_S]
     assert run(capsys, "delete", "--endpoint", "clip-w")[0] == 0
 
 
@@ -1028,12 +1065,12 @@ def test_wait_running_out_of_time_while_updating_is_not_a_failure():
     """botocore's Stubber: moto's endpoints are InService at once."""
     from botocore.stub import Stubber
 
-    client = deploy.Aws(REGION, None, False)
+    client = Aws(REGION, None, False)
     with Stubber(client.client("sagemaker")) as stub:
         stub.add_response("describe_endpoint", endpoint_description("Updating", "clip-old"))
         stub.add_response("describe_endpoint", endpoint_description("Updating", "clip-old"))
-        with pytest.raises(deploy.StillChangingError) as caught:
-            deploy.wait_in_service(client, "clip", "clip-new", 15)  # one look, no sleep
+        with pytest.raises(StillChangingError) as caught:
+            wait_in_service(client, "clip", "clip-new", 15)  # one look, no sleep
     message = str(caught.value)
     assert "clip is still Updating after 15 s (not failed)" in message
     assert "aws sagemaker describe-endpoint --endpoint-name clip" in message
@@ -1043,13 +1080,13 @@ def test_a_rolled_back_update_says_why():
     from botocore.stub import Stubber
 
     reason = "The primary container for production variant AllTraffic did not pass the ping check."
-    client = deploy.Aws(REGION, None, False)
+    client = Aws(REGION, None, False)
     rolled_back = endpoint_description("InService", "clip-old", reason)
     with Stubber(client.client("sagemaker")) as stub:
         stub.add_response("describe_endpoint", rolled_back)  # the waiter: InService
         stub.add_response("describe_endpoint", rolled_back)
-        with pytest.raises(deploy.AwsCallError) as caught:
-            deploy.wait_in_service(client, "clip", "clip-new", 600)
+        with pytest.raises(AwsCallError) as caught:
+            wait_in_service(client, "clip", "clip-new", 600)
     message = str(caught.value)
     assert "InService on clip-old, not clip-new: the update was rolled back" in message
     assert reason.rstrip(".") in message
@@ -1062,7 +1099,7 @@ def test_plans_mask_the_environment_and_the_api_key_is_refused(capsys, role_arn)
     assert code == 0, err
     assert "hf_s3cr3t_value" not in out + err
     environment = dict(plan(out))["sagemaker.create_model"]["PrimaryContainer"]["Environment"]
-    assert environment == {"HF_TOKEN": deploy.MASK}
+    assert environment == {"HF_TOKEN": MASK}
 
     before = state()
     code, _, err = run(capsys, *deploy_args("clip-s", "--env", "CLIP_API_KEY=k3y"))
@@ -1143,7 +1180,7 @@ def test_an_async_dry_run_plans_what_the_real_run_does(capsys, role_arn):
 def test_a_role_name_without_iam_get_role_asks_for_the_arn():
     from botocore.stub import Stubber
 
-    client = deploy.Aws(REGION, None, False)
+    client = Aws(REGION, None, False)
     with Stubber(client.client("iam")) as stub:
         stub.add_client_error(
             "get_role",
@@ -1151,8 +1188,8 @@ def test_a_role_name_without_iam_get_role_asks_for_the_arn():
             service_message="not authorized to perform: iam:GetRole",
             http_status_code=403,
         )
-        with pytest.raises(deploy.DeployError) as caught:
-            deploy.resolve_role(client, "SageMakerClipRole")
+        with pytest.raises(DeployError) as caught:
+            resolve_role(client, "SageMakerClipRole")
     assert "pass the role's ARN instead" in str(caught.value)
     assert "arn:aws:iam::ACCOUNT_ID:role/SageMakerClipRole" in str(caught.value)
 
@@ -1161,14 +1198,14 @@ def failing_calls(patch: pytest.MonkeyPatch, failures: dict[str, Exception]) -> 
     """The script's AWS calls raising `failures[operation]` for those operations (answers moto
     never gives: a quota, ResourceNotFound, a lost connection), the others sent to moto. The
     dict is read at each call, so a test may fill it as it goes."""
-    real_call = deploy.Aws._call
+    real_call = Aws._call
 
     def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
         if operation in failures:
             raise failures[operation]
         return real_call(self, service, operation, params)
 
-    patch.setattr(deploy.Aws, "_call", call)
+    patch.setattr(Aws, "_call", call)
 
 
 def test_batch_transform_reruns_and_its_model(capsys, role_arn, monkeypatch):
@@ -1178,7 +1215,7 @@ def test_batch_transform_reruns_and_its_model(capsys, role_arn, monkeypatch):
 
     # CreateTransformJob fails (as AWS answers over quota; moto accepts every job, so the answer
     # is stood in for): the model made for the job is deleted again.
-    over_quota = deploy.AwsCallError(
+    over_quota = AwsCallError(
         "sagemaker CreateTransformJob failed: ResourceLimitExceeded: over quota",
         "ResourceLimitExceeded",
     )
@@ -1287,14 +1324,14 @@ def test_the_fields_an_update_sets_or_copies_are_the_aws_apis():
         "config": members("CreateEndpointConfigInput"),
         "variant": members("ProductionVariant"),
     }
-    for part in deploy.PARTS:
-        assert deploy.SET_FIELDS[part] <= described[part], part
-        assert set(deploy.COPIED_FIELDS[part]) <= described[part] & accepted[part], part
+    for part in PARTS:
+        assert SET_FIELDS[part] <= described[part], part
+        assert set(COPIED_FIELDS[part]) <= described[part] & accepted[part], part
     # What is neither set nor copied is refused: several/serverless variants, several containers.
     assert {"Containers", "InferenceExecutionConfig"} <= described["model"] - set(
-        deploy.COPIED_FIELDS["model"]
-    ) - deploy.SET_FIELDS["model"]
-    assert "ServerlessConfig" not in deploy.COPIED_FIELDS["variant"]
+        COPIED_FIELDS["model"]
+    ) - SET_FIELDS["model"]
+    assert "ServerlessConfig" not in COPIED_FIELDS["variant"]
 
 
 def test_an_update_copies_vpc_kms_data_capture_and_an_uncompressed_model(capsys, role_arn):
@@ -1402,8 +1439,8 @@ def test_a_gpu_fleet_on_another_ami_gets_the_one_the_images_torch_needs(capsys, 
     code, out, err = run(capsys, "--dry-run", *deploy_args("clip-gpu"))
     assert code == 0, err
     (variant,) = dict(plan(out))["sagemaker.create_endpoint_config"]["ProductionVariants"]
-    assert variant["InferenceAmiVersion"] == deploy.GPU_AMI_VERSION
-    assert f"  inference AMI version: none -> {deploy.GPU_AMI_VERSION}" in err.splitlines()
+    assert variant["InferenceAmiVersion"] == GPU_AMI_VERSION
+    assert f"  inference AMI version: none -> {GPU_AMI_VERSION}" in err.splitlines()
     assert "serves on the CPUs; --inference-ami-version default or NAME keeps another" in err
     # Asked for, the default AMI stays.
     code, out, err = run(
@@ -1494,9 +1531,9 @@ def test_an_async_deploy_whose_wait_runs_out_says_how_to_scale_it(capsys, role_a
     command for it."""
 
     def wait(aws: Any, endpoint: str, config: str, timeout_s: int) -> None:
-        raise deploy.StillChangingError(f"endpoint {endpoint} is still Creating (stand-in)")
+        raise StillChangingError(f"endpoint {endpoint} is still Creating (stand-in)")
 
-    monkeypatch.setattr(deploy, "wait_in_service", wait)
+    monkeypatch.setattr(commands, "wait_in_service", wait)
     output = f"s3://{BUCKET}/o3/"
     code, _, err = run(
         capsys,
@@ -1526,7 +1563,7 @@ def test_batch_transform_takes_resource_not_found_as_no_such_job(capsys, monkeyp
     """botocore's model lists ResourceNotFound as DescribeTransformJob's error for a job that
     does not exist (moto answers ValidationException): both mean the name is free."""
     upload_requests("requests/part-4.jsonl", [{"images": ["s3://x/y.jpg"]}])
-    no_such_job = deploy.AwsCallError(
+    no_such_job = AwsCallError(
         "sagemaker DescribeTransformJob failed: ResourceNotFound: no such job", "ResourceNotFound"
     )
     failing_calls(monkeypatch, {"describe_transform_job": no_such_job})
@@ -1562,11 +1599,11 @@ def test_batch_transform_cleanup_keeps_the_jobs_error(capsys, role_arn, monkeypa
     made = ["--image-uri", IMAGE_URI, "--role", ROLE]
     failures: dict[str, Exception] = {}
     failing_calls(monkeypatch, failures)
-    failures["create_transform_job"] = deploy.AwsCallError(
+    failures["create_transform_job"] = AwsCallError(
         "sagemaker CreateTransformJob failed: ResourceLimitExceeded: over quota",
         "ResourceLimitExceeded",
     )
-    failures["delete_model"] = deploy.AwsCallError(
+    failures["delete_model"] = AwsCallError(
         "sagemaker DeleteModel failed: AccessDeniedException: no", "AccessDeniedException"
     )
     code, _, err = run(capsys, *batch_args("clip-batch-d", *made))
