@@ -12,8 +12,10 @@ a test run leaves the working tree as it found it.
 from __future__ import annotations
 
 import base64
+import io
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +23,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
-from tests.helpers import GUARD_AUTH, GUARD_KEY, PUBLIC_HOST, encode, photo_like
+from tests.helpers import (
+    GUARD_AUTH,
+    GUARD_KEY,
+    PUBLIC_HOST,
+    encode,
+    oriented_exif,
+    photo_like,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 LOCAL_HOSTS = {"127.0.0.1", PUBLIC_HOST}
@@ -304,3 +315,200 @@ def test_the_api_key_typed_into_the_page_is_sent(browser, guarded, tmp_path: Pat
         expected = httpx.post(f"{guarded.url}/classify", json=body, headers=GUARD_AUTH, timeout=30)
         assert expected.status_code == 200, expected.text
         assert_shows(page, expected.json())
+
+
+def smooth_picture(width: int, height: int, seed: int, block: int = 8) -> Image.Image:
+    """A large photo-like picture, made quickly: smooth waves computed on a grid `block` times
+    coarser, each value repeated over its block (48 megapixels of it are a 1-MB JPEG)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : -(-height // block), 0 : -(-width // block)].astype(np.float32) * block
+    base = rng.uniform(0, 255, size=3)
+    freq = rng.uniform(0.0005, 0.004, size=3)
+    channels = [127 + 120 * np.sin(x * freq[c] + y * freq[(c + 1) % 3] + base[c]) for c in range(3)]
+    small = np.stack(channels, axis=-1).astype(np.uint8)
+    pixels = small.repeat(block, axis=0).repeat(block, axis=1)[:height, :width]
+    return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+
+
+def mean_difference(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute difference of two same-sized RGB images, per channel value (0-255)."""
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+
+
+def classify_a_copy(
+    page, served, path: Path, labels: list[str], size: tuple[int, int]
+) -> tuple[int, Image.Image]:
+    """Choose `path` and classify it: the page sent (and says it sent) a JPEG copy of this size
+    with no EXIF orientation, and shows what the API answers for that copy. Returns the size of
+    the request's body and the copy."""
+    choose_file(page, path)
+    page.wait_for_function(PREVIEW_LOADED_JS)
+    page.fill("#labels", ", ".join(labels))
+    response = classify_in_page(page)
+    assert response.status == 200
+    sent = response.request.post_data_json["images"][0]
+    media, _, payload = sent.partition(";base64,")
+    assert media == "data:image/jpeg"
+    copy = Image.open(io.BytesIO(base64.b64decode(payload)))
+    assert copy.format == "JPEG" and copy.mode == "RGB"
+    assert copy.size == size
+    assert copy.getexif().get(0x0112) in (None, 1)  # no orientation left for the server to apply
+    note = page.text_content("#file-note")
+    assert note.startswith(f"Sent as a {copy.width} × {copy.height} copy"), note
+    assert page.eval_on_selector("#preview", "i => [i.naturalWidth, i.naturalHeight]") == list(
+        copy.size
+    )
+    expected = api_classify(served, sent, labels)
+    assert expected.status_code == 200, expected.text
+    assert_shows(page, expected.json())
+    return len(response.request.post_data_buffer), copy
+
+
+def test_a_photo_over_the_body_limit_is_sent_as_a_smaller_copy(
+    page, served, tmp_path: Path
+) -> None:
+    """A 2048x1536 photo of 7 MB (a phone's, in bytes) is more than the server takes in one
+    body once base64-encoded; the page sends a 1024x768 JPEG of it instead."""
+    noise = np.random.default_rng(15).integers(0, 256, size=(1536, 2048, 3), dtype=np.uint8)
+    jpeg = encode(Image.fromarray(noise, "RGB"), "JPEG", quality=95, subsampling=0)
+    refused = api_classify(served, data_uri(jpeg, "image/jpeg"), TYPED_LABELS)
+    assert refused.status_code == 413, refused.text
+    limit = re.search(r"the (\d+)-byte request limit", refused.json()["error"]["message"])
+    assert limit, refused.text
+    photo = tmp_path / "phone.jpg"
+    photo.write_bytes(jpeg)
+
+    body_bytes, copy = classify_a_copy(page, served, photo, TYPED_LABELS, (1024, 768))
+    assert body_bytes < int(limit[1])
+    # A small file still goes as it is, byte for byte, and the note goes with the copy.
+    small = tmp_path / "small.jpg"
+    small.write_bytes(encode(photo_like(200, 150, seed=16), "JPEG", quality=90))
+    choose_file(page, small)
+    assert page.text_content("#file-note") == ""
+    response = classify_in_page(page)
+    assert response.request.post_data_json["images"] == [data_uri(small.read_bytes(), "image/jpeg")]
+
+
+def test_a_photo_over_the_pixel_limit_is_sent_as_a_smaller_copy(
+    page, served, tmp_path: Path
+) -> None:
+    """An 8000x6000 JPEG (1 MB: within the body limit) has more pixels than the server decodes;
+    the page sends a 1024x768 JPEG of it instead."""
+    jpeg = encode(smooth_picture(8000, 6000, seed=17), "JPEG", quality=80)
+    refused = api_classify(served, data_uri(jpeg, "image/jpeg"), TYPED_LABELS)
+    assert refused.status_code == 422, refused.text
+    limit = re.search(r"8000x6000, more than the (\d+)-pixel limit", refused.text)
+    assert limit, refused.text
+    photo = tmp_path / "48mp.jpg"
+    photo.write_bytes(jpeg)
+
+    _, copy = classify_a_copy(page, served, photo, TYPED_LABELS, (1024, 768))
+    assert copy.width * copy.height < int(limit[1])
+    # A panorama's copy keeps 448 pixels on its shorter side (2x what CLIP resizes it to).
+    panorama = tmp_path / "panorama.jpg"
+    panorama.write_bytes(encode(smooth_picture(6000, 500, seed=23), "JPEG", quality=85))
+    classify_a_copy(page, served, panorama, TYPED_LABELS, (5376, 448))
+
+
+def test_the_copy_is_upright_and_transparency_white_as_the_server_sees_them(
+    page, served, tmp_path: Path
+) -> None:
+    """A phone's photo is stored on its side with an EXIF orientation, which the server applies:
+    the copy is turned upright (a canvas writes no orientation to apply twice). Transparent
+    pixels are composited onto white, as the server does, not the black a JPEG gets otherwise."""
+    stored = smooth_picture(3000, 2000, seed=18)
+    rotated = tmp_path / "rotated.jpg"
+    rotated.write_bytes(encode(stored, "JPEG", quality=85, exif=oriented_exif(stored, 6)))
+    upright = ImageOps.exif_transpose(Image.open(rotated))
+    assert upright.size == (2000, 3000)
+
+    _, copy = classify_a_copy(page, served, rotated, TYPED_LABELS, (683, 1024))
+    expected = upright.resize(copy.size, Image.Resampling.BOX)
+    turned_wrong = expected.rotate(180)  # what orientation 8 (the other quarter turn) would give
+    assert mean_difference(copy, expected) < 4
+    assert mean_difference(copy, turned_wrong) > 20
+
+    rgba = smooth_picture(2400, 1600, seed=19).convert("RGBA")
+    alpha = np.zeros((1600, 2400), dtype=np.uint8)
+    alpha[:, 1200:] = 255  # the left half transparent, the right half opaque
+    rgba.putalpha(Image.fromarray(alpha, "L"))
+    cutout = tmp_path / "cutout.png"
+    cutout.write_bytes(encode(rgba, "PNG", compress_level=1))
+    on_white = Image.new("RGB", rgba.size, (255, 255, 255))
+    on_white.paste(rgba, (0, 0), rgba)
+
+    _, copy = classify_a_copy(page, served, cutout, TYPED_LABELS, (1024, 683))
+    assert mean_difference(copy, on_white.resize(copy.size, Image.Resampling.BOX)) < 4
+    assert np.asarray(copy)[:, :500].min() >= 245  # white, where a plain JPEG would be black
+
+
+def test_a_file_the_browser_cannot_decode_is_sent_as_it_is(page, served, tmp_path: Path) -> None:
+    """Chromium reads no TIFF: the page cannot tell its size, so it sends the file and the server
+    (which reads TIFF) answers for it."""
+    tiff = encode(photo_like(2100, 40, seed=20), "TIFF")
+    photo = tmp_path / "scan.tiff"
+    photo.write_bytes(tiff)
+    choose_file(page, photo)
+    page.fill("#labels", ", ".join(TYPED_LABELS))
+    response = classify_in_page(page)
+    assert response.status == 200
+    assert response.request.post_data_json["images"] == [data_uri(tiff, "image/tiff")]
+    assert page.text_content("#file-note") == ""
+    expected = api_classify(served, data_uri(tiff, "image/tiff"), TYPED_LABELS)
+    assert expected.status_code == 200, expected.text
+    assert_shows(page, expected.json())
+
+
+def test_an_answer_for_a_replaced_image_is_not_shown(page, served, tmp_path: Path) -> None:
+    """The page's request for one image is held back until another image has been chosen: the
+    page cancels it, shows no answer for it beside the new image, and classifies the new one."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    first.write_bytes(encode(photo_like(160, 120, seed=21), "PNG"))
+    second.write_bytes(encode(photo_like(120, 160, seed=22), "PNG"))
+    choose_file(page, first)
+    held: list[Any] = []
+    settled: list[Any] = []
+
+    def is_classify(request) -> bool:
+        return urlsplit(request.url).path == "/classify"
+
+    page.on(
+        "requestfinished", lambda request: settled.append(request) if is_classify(request) else 0
+    )
+    page.on("requestfailed", lambda request: settled.append(request) if is_classify(request) else 0)
+    page.route("**/classify", lambda route: held.append(route))
+    page.click("#classify")
+    wait_until(page, lambda: held)
+    assert page.is_disabled("#classify")
+
+    choose_file(page, second)
+    page.unroute("**/classify")
+    try:  # on to the server now (and its answer back to the page)
+        held[0].continue_()
+    except PlaywrightError as error:  # unless the page has cancelled it already
+        assert "already handled" in error.message, error.message
+    wait_until(page, lambda: settled)
+    page.wait_for_selector("#classify:not([disabled])")
+    assert page.locator(".result-row").count() == 0
+    assert page.is_hidden("#model-line") and page.is_hidden("#error")
+    assert page.text_content("#file-name") == "second.png"
+    assert settled[0].failure == "net::ERR_ABORTED"  # cancelled: the server has no work for it
+
+    page.fill("#labels", ", ".join(TYPED_LABELS))
+    response = classify_in_page(page)
+    assert response.status == 200
+    sent = response.request.post_data_json["images"]
+    assert sent == [data_uri(second.read_bytes(), "image/png")]
+    expected = api_classify(served, sent[0], TYPED_LABELS)
+    assert expected.status_code == 200, expected.text
+    assert_shows(page, expected.json())
+
+
+def wait_until(page, condition, timeout_s: float = 30) -> None:
+    """Let the page run (and Playwright deliver its events) until `condition()` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        page.wait_for_timeout(20)
