@@ -214,7 +214,8 @@ GUARD_AUTH = {"Authorization": f"Bearer {GUARD_KEY}"}
 
 
 class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files plus `/status/N`, `/redirect?to=URL`, `/loop`, `/hang`, `/endless`, `/gzip`
+    """Static files plus `/status/N`, `/redirect?to=URL`, `/slow?s=N&to=URL` (that redirect
+    after N seconds), `/loop`, `/hang`, `/endless`, `/gzip`
     (an image compressed twice, sent as `Content-Encoding: gzip, gzip`) and
     `/redirect-gzip?to=URL` (a redirect whose body claims gzip but is none: a client that reads
     it fails to decode it)."""
@@ -233,6 +234,13 @@ class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
         elif path == "/redirect":
             self.send_response(302)
             self.send_header("Location", query.removeprefix("to="))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/slow":
+            wait_s, _, target = query.removeprefix("s=").partition("&to=")
+            time.sleep(float(wait_s))
+            self.send_response(302)
+            self.send_header("Location", target)
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif path == "/redirect-gzip":

@@ -32,10 +32,12 @@ from clip_runner.model.direct_calls import DirectCallsMiddleware
 from clip_runner.model.embedding_cache import EmbeddingCache, first_misses, with_cached
 from clip_runner.model.encodings_in_flight import EncodingsInFlight
 from clip_runner.model.gpu_placement import BENTOML_GPU_ALLOCATION_OFF, place_worker
+from clip_runner.model.shutdown_order import hold_sigterm_while, other_services_alive
 from clip_runner.model.startup_phases import StartupPhases
 
 logger = logging.getLogger("clip_runner")
 settings = get_settings()
+RUNNER_SERVICE_NAME = "clip_runner"
 # The encoders' answer, with its media type stated: otherwise BentoML derives it from the
 # return type's JSON schema, generated anew for every response (8.7% of the runner's CPU at
 # load, py-spy). The type is the one BentoML derived.
@@ -47,7 +49,7 @@ os.environ.setdefault(BENTOML_GPU_ALLOCATION_OFF, "1")
 
 
 @bentoml.service(
-    name="clip_runner",
+    name=RUNNER_SERVICE_NAME,
     resources={"gpu": 1},
     # One process on CPU; two per GPU, each GPU's pair sharing it (gpu_placement.py): the
     # runner's per-call Python work (HTTP, deserialising, batching) limits a process long before
@@ -126,6 +128,8 @@ class CLIPRunner:
         logger.info("runner: %d objects loaded at start kept out of garbage collection", frozen)
         hand_over_gil_after(settings.switch_interval_ms, "runner")
         reuse_freed_memory()  # each batch's buffers, not page faults (malloc_tuning.py)
+        # Stopped with the API workers, it serves their last calls first (shutdown_order.py).
+        hold_sigterm_while(lambda: other_services_alive(RUNNER_SERVICE_NAME))
         logger.info("runner %s", phases.line())
 
     @bentoml.api

@@ -1,0 +1,78 @@
+"""When the server stops, the runner stops after the API workers.
+
+`bentoml serve`'s supervisor (circus) sends SIGTERM to every worker at once, the runner's
+included, on `docker stop`, a SageMaker scale-in or the end of a blue/green update. The runner
+had nothing in flight and exited at once, its socket with it, while an API worker was still
+answering a request (an image URL being fetched, images being decoded): its next runner call
+found no runner, and the caller got a 503 `runner_unavailable` from a server that then stopped
+"cleanly", with status 0. So a runner holds its SIGTERM while an API worker of the same
+supervisor is alive, at most `HOLD_LIMIT_S` (the supervisor kills what is left after 30 s), and
+serves their last calls meanwhile; a second SIGTERM is obeyed at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+
+logger = logging.getLogger("clip_runner")
+
+HOLD_LIMIT_S = 25.0
+POLL_S = 0.1
+
+
+def service_of(process: psutil.Process) -> str | None:
+    """The service a BentoML worker serves (its `--service-name`), None for another process."""
+    try:
+        arguments = process.cmdline()
+    except psutil.Error:  # ended meanwhile, or not ours to read
+        return None
+    for flag, value in zip(arguments, arguments[1:], strict=False):
+        if flag == "--service-name":
+            return value
+    return None
+
+
+def other_services_alive(own_service: str) -> bool:
+    """Whether a worker of another service than `own_service` (an API worker, for the runner)
+    started by this process's supervisor is alive."""
+    try:
+        siblings = psutil.Process(os.getppid()).children()
+    except psutil.Error:
+        return False
+    return any(service_of(sibling) not in (None, own_service) for sibling in siblings)
+
+
+def hold_sigterm_while(alive: Callable[[], bool], limit_s: float = HOLD_LIMIT_S) -> None:
+    """Make this process's SIGTERM wait while `alive()` (at most `limit_s`), then act as it
+    would have: the handler in place (uvicorn's, which ends the server after its requests) is
+    called from a waiting thread. For the main thread, once that handler is set (a signal's
+    handler is the main thread's to set)."""
+    obey = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(obey):
+        return
+    held = threading.Event()
+
+    def wait_then_obey(signum: int) -> None:
+        deadline = time.monotonic() + limit_s
+        while alive() and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        obey(signum, None)
+
+    def hold(signum: int, frame: object) -> None:
+        if held.is_set():  # asked twice: now
+            obey(signum, frame)
+            return
+        held.set()
+        logger.info("runner: stopping once the API workers have answered (at most %g s)", limit_s)
+        threading.Thread(
+            target=wait_then_obey, args=(signum,), name="clip-stop-after-api", daemon=True
+        ).start()
+
+    signal.signal(signal.SIGTERM, hold)

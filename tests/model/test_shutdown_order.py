@@ -1,0 +1,92 @@
+"""The runner stops after the API workers: its SIGTERM held while they answer, in process and on
+a real `bentoml serve` stopped with a request in flight."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from clip_runner.model.shutdown_order import hold_sigterm_while, other_services_alive, service_of
+from tests.helpers import as_base64, encode, photo_like, serve_tiny
+
+
+@pytest.fixture
+def recorded_sigterm():
+    """SIGTERM recorded (with the time it arrived) instead of obeyed; restored after."""
+    arrived: list[float] = []
+    before = signal.signal(signal.SIGTERM, lambda *_: arrived.append(time.monotonic()))
+    yield arrived
+    signal.signal(signal.SIGTERM, before)
+
+
+def wait_for(condition, within_s: float = 5) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_sigterm_waits_while_the_others_are_alive(recorded_sigterm):
+    others = threading.Event()
+    others.set()
+    hold_sigterm_while(others.is_set, limit_s=30)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    assert recorded_sigterm == []  # held
+    gone = time.monotonic()
+    others.clear()
+    wait_for(lambda: recorded_sigterm)
+    assert len(recorded_sigterm) == 1 and recorded_sigterm[0] - gone < 1
+
+
+def test_a_second_sigterm_and_the_limit_are_obeyed(recorded_sigterm):
+    hold_sigterm_while(lambda: True, limit_s=30)
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # asked twice: now
+    wait_for(lambda: recorded_sigterm, within_s=1)
+    assert len(recorded_sigterm) == 1
+    signal.signal(signal.SIGTERM, lambda *_: recorded_sigterm.append(time.monotonic()))
+    hold_sigterm_while(lambda: True, limit_s=0.3)
+    sent = time.monotonic()
+    os.kill(os.getpid(), signal.SIGTERM)
+    wait_for(lambda: len(recorded_sigterm) == 2)
+    assert 0.3 <= recorded_sigterm[1] - sent < 1.5
+
+
+def test_workers_are_told_apart_by_their_service(served):
+    supervisor = psutil.Process(served.process.pid)
+    services = sorted(filter(None, (service_of(p) for p in supervisor.children())))
+    assert services[0] == "clip_runner" and set(services[1:]) == {"clip_service"}
+    assert service_of(psutil.Process()) is None  # not a BentoML worker
+    assert not other_services_alive("clip_runner")  # this process's siblings serve nothing
+
+
+def test_a_request_in_flight_when_the_server_is_stopped_is_answered(
+    tiny_stored_model, bentoml_home, tmp_path_factory, image_dir, image_server
+):
+    """`docker stop` (SIGTERM to the supervisor alone) while an image URL is being fetched: the
+    runner had exited with the API workers, and the request got a 503 `runner_unavailable`
+    from a server that then exited with status 0."""
+    encode_path = image_dir / "shutdown-order.png"
+    encode_path.write_bytes(encode(photo_like(64, 48, seed=5)))
+    slow_url = f"{image_server}/slow?s=3&to=/shutdown-order.png"
+    body = {"images": [slow_url, as_base64(photo_like(40, 30, seed=6))], "classes": [["cat", 1]]}
+    with serve_tiny(tiny_stored_model, bentoml_home, tmp_path_factory, "stopped") as server:
+        answer: list[httpx.Response] = []
+        caller = threading.Thread(
+            target=lambda: answer.append(
+                httpx.post(f"{server.url}/invocations", json=body, timeout=60)
+            )
+        )
+        caller.start()
+        time.sleep(1)
+        server.process.send_signal(signal.SIGTERM)
+        caller.join(timeout=60)
+        assert answer and answer[0].status_code == 200, answer and answer[0].text
+        assert len(answer[0].json()) == 2
+        assert server.process.wait(timeout=30) == 0
