@@ -55,7 +55,7 @@ from clip_runner.metrics import LABEL_CACHE_LOOKUPS, TEXT_CACHE_LOOKUPS
 from clip_runner.model.batching import QueueWaitExceeded
 from clip_runner.model.embedding_cache import EmbeddingCache
 from clip_runner.model.model_facts import PILLOW, ModelFacts
-from clip_runner.model.model_source import find_checkpoint
+from clip_runner.model.model_source import check_served_model
 from clip_runner.model.runner import CLIPRunner
 from clip_runner.model.simplejpeg_pixels import cpu_decoder_name
 from clip_runner.web.answer_json import embedding_json, json_body
@@ -99,10 +99,11 @@ logger = logging.getLogger("clip_service")
 for _project_logger in ("clip_service", "clip_runner"):
     logging.getLogger(_project_logger).setLevel(logging.getLogger("bentoml").getEffectiveLevel())
 settings = get_settings()
-# A CLIP_MODEL_DIR (/opt/ml/model) holding something that is not a CLIP checkpoint stops the start
-# here, before any worker spawns, with a message saying what is wrong
-# (clip_runner/model/model_source.py).
-find_checkpoint(settings.model_dir)
+# A CLIP_MODEL_DIR (/opt/ml/model) holding something that is not a CLIP checkpoint, or without one
+# a CLIP_MODEL_TAG store entry that is none (another model, a half-written import), stops the
+# start here, before any worker spawns, with one line saying what is wrong (a bad store entry
+# had the runner fail at each restart, forever; clip_runner/model/model_source.py).
+check_served_model(settings.model_tag, settings.model_dir)
 # Set by the Dockerfile of BentoML's image, where its supervisor then starts no worker again that
 # ended: a runner that exits on a broken or stalled GPU (status 70: model/device_health.py) or
 # crashes stayed gone, one of two silently halving a GPU's capacity, the last one stopping the

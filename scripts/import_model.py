@@ -7,28 +7,43 @@
     python scripts/import_model.py --random-vit-b32  # ViT-B/32 shapes, random weights (benchmarks)
     python scripts/import_model.py --random vit-l14  # other architectures' shapes, random weights
 
-`--if-missing` does nothing when the store already has `clip:latest` (used by `make serve`).
+`--if-missing` does nothing when the store already has `clip:latest` (used by `make serve`),
+unless that one is broken (an import interrupted while BentoML copied it in): then it imports.
+
+What cannot be imported (not a whole CLIP checkpoint, an unwritable model store) ends with one
+`error: ...` line and exit status 2, never a traceback or a stored model of random weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import bentoml
 
 from clip_runner.config import DEFAULT_HUB_MODEL
+from clip_runner.model.model_source import checkpoint_problem, stored_model_problem
 from clip_runner.model.store import (
     ARCHITECTURES,
-    HubUnavailableError,
+    MODEL_NAME,
     build_random_architecture,
-    has_stored_model,
     load_from_dir,
     load_from_hub,
     save_clip,
 )
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel, CLIPProcessor
+
+LATEST_TAG = f"{MODEL_NAME}:latest"
+
+
+class ImportRefused(Exception):
+    """What stops the import, said in one line (exit status 2)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,29 +68,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def keeps_stored_model() -> bool:
+    """`--if-missing`: whether the store's clip:latest is a CLIP checkpoint to keep. A broken one
+    (an import interrupted while BentoML copied it in leaves one) is replaced, saying so."""
+    try:
+        problem = stored_model_problem(LATEST_TAG)
+    except bentoml.exceptions.NotFound:
+        return False
+    except OSError as exc:  # BENTOML_HOME a file, or unreadable
+        raise ImportRefused(
+            f"cannot read the BentoML model store {store_location()}: {exc}"
+        ) from exc
+    if problem is not None:
+        print(f"the stored {LATEST_TAG} is broken ({problem}); importing a new one", flush=True)
+    return problem is None
+
+
+def load_source(args: argparse.Namespace) -> tuple[CLIPModel, CLIPProcessor, str, bool]:
+    """Model, processor, source label and whether the weights are random, as asked for."""
+    if args.tiny or args.random_vit_b32 or args.random:
+        architecture = args.random or ("tiny" if args.tiny else "vit-b32")
+        model, processor = build_random_architecture(architecture)
+        return model, processor, f"random:{architecture}", True
+    if args.from_dir is not None:
+        return *load_checkpoint_dir(args.from_dir), f"dir:{args.from_dir.resolve()}", False
+    print(f"downloading {args.hub_id} from the Hugging Face hub ...", flush=True)
+    return *load_from_hub(args.hub_id), f"hub:{args.hub_id}", False
+
+
+def load_checkpoint_dir(path: Path) -> tuple[CLIPModel, CLIPProcessor]:
+    """The directory's checkpoint, refused (as the service refuses CLIP_MODEL_DIR) when it is
+    not a whole CLIP checkpoint, rather than stored as one with random weights."""
+    problem = checkpoint_problem(path) if path.is_dir() else None
+    if problem is not None:
+        raise ImportRefused(f"{path} is not a CLIP checkpoint in transformers' format: {problem}")
+    return load_from_dir(path)
+
+
+def store_location() -> Path:
+    return Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "models"
+
+
+def save(model: CLIPModel, processor: CLIPProcessor, source: str, random_weights: bool) -> str:
+    """Saves into the store; an unwritable or invalid one (BENTOML_HOME a file, models/ read-only)
+    is refused in one line naming where, not a traceback from deep inside BentoML."""
+    try:
+        stored = save_clip(model, processor, source=source, random_weights=random_weights)
+        return f"saved {stored.tag} (source {source}) to {bentoml.models.get(stored.tag).path}"
+    except OSError as exc:
+        raise ImportRefused(
+            f"cannot write to the BentoML model store {store_location()}: {exc}"
+        ) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    if args.if_missing and has_stored_model():
-        print("model store already has clip:latest; nothing to import")
-        return 0
     try:
-        if args.tiny or args.random_vit_b32 or args.random:
-            architecture = args.random or ("tiny" if args.tiny else "vit-b32")
-            model, processor = build_random_architecture(architecture)
-            source, random_weights = f"random:{architecture}", True
-        elif args.from_dir is not None:
-            model, processor = load_from_dir(args.from_dir)
-            source, random_weights = f"dir:{args.from_dir.resolve()}", False
-        else:
-            print(f"downloading {args.hub_id} from the Hugging Face hub ...", flush=True)
-            model, processor = load_from_hub(args.hub_id)
-            source, random_weights = f"hub:{args.hub_id}", False
-    except (HubUnavailableError, FileNotFoundError) as exc:
+        if args.if_missing and keeps_stored_model():
+            print(f"model store already has {LATEST_TAG}; nothing to import")
+            return 0
+        model, processor, source, random_weights = load_source(args)
+        print(save(model, processor, source, random_weights))
+    except (ImportRefused, OSError, ValueError, RuntimeError) as exc:
+        # HubUnavailableError, a missing directory, CheckpointError, what transformers raises on
+        # files it cannot read or weights of other shapes (a SigLIP): each says what is wrong.
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stored = save_clip(model, processor, source=source, random_weights=random_weights)
-    print(f"saved {stored.tag} (source {source}) to {bentoml.models.get(stored.tag).path}")
     return 0
 
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+from transformers import BertConfig, BertModel
+
+from clip_runner.model.store import build_random_clip
 from tests.helpers import REPO_ROOT
+from tests.model.test_store import drop_weights
 
 
 def run_import(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -41,3 +48,65 @@ def test_offline_hub_import_fails_with_a_short_message(tmp_path):
 def test_missing_directory_fails_cleanly(tmp_path):
     result = run_import(tmp_path, "--from-dir", str(tmp_path / "nope"))
     assert result.returncode == 2 and "no config.json" in result.stderr
+
+
+def clip_checkpoint(path: Path) -> Path:
+    model, processor = build_random_clip(tiny=True, seed=5)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def bert_checkpoint(path: Path) -> Path:
+    """Another model beside a CLIP processor: it was stored as a default-shaped random CLIP,
+    labelled random_weights false, and became clip:latest."""
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(path)
+    build_random_clip(tiny=True)[1].save_pretrained(path)
+    return path
+
+
+def model_files_only(path: Path) -> Path:
+    """No tokenizer or processor files: it ended in an OSError traceback, status 1."""
+    build_random_clip(tiny=True)[0].save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (
+            lambda tmp: drop_weights(clip_checkpoint(tmp / "whole"), tmp / "ckpt", "logit_scale"),
+            "lacks 1 of a CLIPModel's weights (logit_scale)",
+        ),
+        (lambda tmp: bert_checkpoint(tmp / "ckpt"), "model_type 'bert', not 'clip'"),
+        (lambda tmp: model_files_only(tmp / "ckpt"), "there is no tokenizer"),
+    ],
+    ids=["without-logit_scale", "bert", "model-files-only"],
+)
+def test_a_directory_that_is_not_a_whole_clip_checkpoint_is_refused(tmp_path, make, says):
+    """Refused in one line, status 2, nothing stored (not a CLIP of random weights)."""
+    checkpoint = make(tmp_path)
+    home = tmp_path / "home"
+    result = run_import(home, "--from-dir", str(checkpoint))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert says in result.stderr and "Traceback" not in result.stderr
+    assert not (home / "models" / "clip").exists()
+
+
+def test_if_missing_replaces_a_store_entry_an_interrupted_import_left(tmp_path, tiny_stored_model):
+    """Every file there, the weights cut short: `--if-missing` (make serve, make build) kept it as
+    the model for good, and the service then failed to load it at every start."""
+    entry = tmp_path / "models" / "clip" / tiny_stored_model.tag.version
+    shutil.copytree(tiny_stored_model.path, entry)
+    with (entry / "model.safetensors").open("r+b") as weights:
+        weights.truncate(1000)
+    result = run_import(tmp_path, "--tiny", "--if-missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the stored clip:latest is broken" in result.stdout
+    assert "model.safetensors is not a complete safetensors file" in result.stdout
+    assert "saved clip:" in result.stdout and "nothing to import" not in result.stdout
+    latest = (tmp_path / "models" / "clip" / "latest").read_text().strip()
+    assert latest != entry.name and (tmp_path / "models" / "clip" / latest).is_dir()

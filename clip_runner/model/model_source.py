@@ -8,16 +8,21 @@ transformers' `save_pretrained` layout, or the service refuses to start: silentl
 baked-in model when the user asked for theirs would be worse than not starting.
 
 The supervisor checks the directory before any worker starts (and sizes the API workers by its
-checkpoint, config.py); the runner loads it. The API workers tokenize with the tokenizer the
-runner sends them, so both sides always use the same checkpoint.
+checkpoint, config.py); without one, it checks the store's CLIP_MODEL_TAG entry by the same rules
+(a model that is not a CLIP checkpoint, or one an interrupted import left half-written, otherwise
+crashed the runner again at each restart, forever). The runner loads it. The API workers
+tokenize with the tokenizer the runner sends them, so both sides always use the same checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from bentoml.exceptions import BentoMLConfigException
 
 if TYPE_CHECKING:
     import bentoml
@@ -43,8 +48,21 @@ ADVICE = (
 )
 
 
-class ModelDirError(ValueError):
+class ModelSourceError(ValueError, BentoMLConfigException):
+    """What would be served is not a CLIP checkpoint: the service must not start.
+
+    A BentoML configuration error, so that `bentoml serve` stops with its one line (`Error:
+    [serve] `serve` failed: ...`, as config.py's SettingError) rather than a long traceback.
+    """
+
+
+class ModelDirError(ModelSourceError):
     """CLIP_MODEL_DIR holds something that is not a CLIP checkpoint: the service must not start."""
+
+
+class StoredModelError(ModelSourceError):
+    """CLIP_MODEL_TAG names a store entry that is not a CLIP checkpoint: the service must not
+    start (its runner would fail to load it at every restart, forever)."""
 
 
 def _listing(path: Path, limit: int = 12) -> str:
@@ -59,32 +77,151 @@ def _holds_files(path: Path) -> bool:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` is not a CLIP checkpoint in transformers' format, or None when it is one."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        archives = [p.name for p in path.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".tar"))]
-        if archives:
-            return (
-                f"it holds the archive {archives[0]} instead of its contents (SageMaker extracts "
-                "ModelDataUrl's model.tar.gz itself; mount the extracted files)"
-            )
-        return "there is no config.json"
+    """Why `path` is not a CLIP checkpoint in transformers' format, or None when it is one.
+
+    Reads config files, and the weights' headers only, so the supervisor can afford it at every
+    start: what would otherwise fail (or worse, load with random values) in the runner, at each
+    of its restarts, is refused once, saying what is wrong.
+    """
+    if not (path / "config.json").is_file():
+        return _missing_config_problem(path)
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = _read_json(path / "config.json")
+        return (
+            model_type_problem(config)
+            or _weights_problem(path)
+            or _tokenizer_problem(path)
+            or _image_processor_problem(path, config)
+        )
+    except ValueError as exc:  # a config file that is not JSON
+        return str(exc)
+
+
+def _missing_config_problem(path: Path) -> str:
+    archives = [p.name for p in path.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".tar"))]
+    if archives:
+        return (
+            f"it holds the archive {archives[0]} instead of its contents (SageMaker extracts "
+            "ModelDataUrl's model.tar.gz itself; mount the extracted files)"
+        )
+    return "there is no config.json"
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"config.json is not readable JSON ({exc})"
+        raise ValueError(f"{file.name} is not readable JSON ({exc})") from exc
+
+
+def model_type_problem(config: Any) -> str | None:
+    """Why a checkpoint's config.json is not a CLIPModel's. `CLIPModel.from_pretrained` only warns
+    on another model type, then builds a default-shaped CLIP with random weights."""
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "clip":
         return f"config.json says model_type {model_type!r}, not 'clip'"
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
+    return None
+
+
+def _weights_problem(path: Path) -> str | None:
+    """No weights file, or a safetensors file cut short (an interrupted copy, download or import:
+    BentoML leaves a half-copied entry in its store when the import is interrupted)."""
+    present = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not present:
         return f"there are no weights (one of {', '.join(WEIGHT_FILES)})"
+    if present[0] == "model.safetensors":  # what transformers loads first
+        return _safetensors_problem(path / "model.safetensors")
+    if present[0] == "model.safetensors.index.json":
+        return _shards_problem(path, _read_json(path / present[0]))
+    return None  # pytorch_model.bin: torch's own format, left to the loader
+
+
+def _shards_problem(path: Path, index: Any) -> str | None:
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        return "model.safetensors.index.json has no weight_map"
+    for shard in sorted(set(map(str, weight_map.values()))):
+        if not (path / shard).is_file():
+            return f"the weights shard {shard} (model.safetensors.index.json) is missing"
+        problem = _safetensors_problem(path / shard)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Checks the file's length against its header (8 bytes of length, then JSON naming each
+    tensor's byte range): a cut-short file otherwise passed for weights until the runner read
+    it."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as handle:
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            if 8 + header_length > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(handle.read(header_length))
+        tensors = [entry for key, entry in header.items() if key != "__metadata__"]
+        end = max((int(entry["data_offsets"][1]) for entry in tensors), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+        return f"{file.name} is not a complete safetensors file ({size:,} bytes)"
+    expected = 8 + header_length + end
+    if size < expected:
+        return (
+            f"{file.name} is cut short: {size:,} of the {expected:,} bytes its header lists "
+            "(an interrupted copy, download or import)"
+        )
+    return None
+
+
+def _tokenizer_problem(path: Path) -> str | None:
     has_tokenizer = (path / "tokenizer.json").is_file() or all(
         (path / name).is_file() for name in ("vocab.json", "merges.txt")
     )
     if not has_tokenizer:
         return "there is no tokenizer (tokenizer.json, or vocab.json + merges.txt)"
-    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+    return None
+
+
+def _image_processor_config(path: Path) -> dict | None:
+    """The image processor's settings as transformers reads them: processor_config.json's
+    nested `image_processor` (transformers 5), else preprocessor_config.json (older ones)."""
+    if (path / "processor_config.json").is_file():
+        nested = _read_json(path / "processor_config.json")
+        if isinstance(nested, dict) and isinstance(nested.get("image_processor"), dict):
+            return nested["image_processor"]
+    if (path / "preprocessor_config.json").is_file():
+        config = _read_json(path / "preprocessor_config.json")
+        return config if isinstance(config, dict) else None
+    return None
+
+
+def _image_processor_problem(path: Path, config: dict) -> str | None:
+    """No image processor, or one whose crop is not the model's input size: every image request
+    would fail in the runner ("Input image size (224*224) doesn't match model (64*64)")."""
+    processor = _image_processor_config(path)
+    if processor is None:
         return f"there is no image processor config ({' or '.join(PROCESSOR_FILES)})"
+    crop = _crop_size(processor)
+    vision = config.get("vision_config") or {}
+    image_size = vision.get("image_size", 224) if isinstance(vision, dict) else 224
+    if crop is None or not isinstance(image_size, int) or crop == (image_size, image_size):
+        return None
+    return (
+        f"the image processor crops images to {crop[0]}x{crop[1]} pixels, but the model takes "
+        f"{image_size}x{image_size} (config.json vision_config.image_size {image_size}): a "
+        "processor saved from another CLIP?"
+    )
+
+
+def _crop_size(processor: dict) -> tuple[int, int] | None:
+    """(height, width) of the center crop; an int in older configs. None: no crop to compare."""
+    crop = processor.get("crop_size")
+    if processor.get("do_center_crop") is False or crop is None:
+        return None
+    if isinstance(crop, int):
+        return crop, crop
+    if isinstance(crop, dict) and isinstance(crop.get("height"), int):
+        return crop["height"], crop.get("width", crop["height"])
     return None
 
 
@@ -159,3 +296,43 @@ def served_checkpoint(model_tag: str, model_dir: str) -> Path | None:
         return find_checkpoint(model_dir) or Path(bentoml.models.get(model_tag).path)
     except (ModelDirError, bentoml.exceptions.NotFound):
         return None
+
+
+def stored_model_problem(model_tag: str) -> str | None:
+    """Why the store's entry `model_tag` is not a CLIP checkpoint, or None when it is one.
+
+    Raises bentoml.exceptions.NotFound when the store has no such entry: what that means is the
+    caller's to say (the runner refuses to start; `--if-missing` imports one).
+    """
+    import bentoml
+
+    try:
+        stored = bentoml.models.get(model_tag)
+    except bentoml.exceptions.NotFound:
+        raise
+    except bentoml.exceptions.BentoMLException as exc:  # e.g. an entry without its model.yaml
+        return f"BentoML cannot read its store entry ({str(exc).strip()})"
+    problem = checkpoint_problem(Path(stored.path))
+    return None if problem is None else f"{stored.tag} in {stored.path}: {problem}"
+
+
+def check_served_model(model_tag: str, model_dir: str) -> None:
+    """Refuse to start unless what the runner will serve is a CLIP checkpoint: the one in
+    `model_dir` (ModelDirError), else the store's `model_tag` (StoredModelError).
+
+    Run by the supervisor before any worker starts; reads config files and headers only.
+    """
+    if find_checkpoint(model_dir) is not None:
+        return
+    import bentoml
+
+    try:
+        problem = stored_model_problem(model_tag)
+    except bentoml.exceptions.NotFound:
+        return  # the runner's `BentoModel(model_tag)` refuses the start, naming the tag
+    if problem is not None:
+        raise StoredModelError(
+            f"CLIP_MODEL_TAG {model_tag} is not a CLIP checkpoint in transformers' format: "
+            f"{problem}. Import one with scripts/import_model.py (`--from-dir DIR`, `--hub-id "
+            "ID`), or set CLIP_MODEL_TAG to another model in the store (`bentoml models list`)."
+        )

@@ -55,6 +55,11 @@ class HubUnavailableError(RuntimeError):
     """The Hugging Face hub could not be reached (offline, firewalled, or unknown model id)."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is not a whole CLIPModel. transformers loads one anyway, with random
+    (or uninitialised) values for what it lacks, and answers would silently be noise."""
+
+
 @dataclass(frozen=True)
 class LoadedClip:
     """A CLIP model read back from the store, with the facts the service needs about it."""
@@ -232,25 +237,50 @@ def load_processor(source: str | Path) -> CLIPProcessor:
     )
 
 
+def load_clip_model(source: str | Path, **options: object) -> CLIPModel:
+    """`CLIPModel.from_pretrained`, refusing a checkpoint that is not a whole CLIPModel.
+
+    Used wherever a checkpoint is read (imports from a directory or the hub, and serving), since
+    transformers only warns on another model type, or on weights it did not find, and fills
+    those in with random or uninitialised values (a BERT saved as a CLIP; a CLIP missing
+    `logit_scale`, served with 0, 1 or inf). Weights the model has no place for are ignored.
+    """
+    from clip_runner.model.model_source import model_type_problem
+
+    config, _ = CLIPConfig.get_config_dict(source)
+    problem = model_type_problem(config)
+    if problem is not None:
+        raise CheckpointError(f"{source} is not a CLIP checkpoint: {problem}")
+    model, info = CLIPModel.from_pretrained(source, output_loading_info=True, **options)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise CheckpointError(
+            f"{source} lacks {len(missing)} of a CLIPModel's weights ({shown}): not a whole "
+            "CLIP checkpoint (a text or vision tower alone, another model, or a cut-down save?)"
+        )
+    return model.eval()
+
+
 def load_from_hub(model_id: str) -> tuple[CLIPModel, CLIPProcessor]:
     """Download a checkpoint from the Hugging Face hub (transformers shows a progress bar)."""
     check_hub_reachable(model_id)
     try:
-        model = CLIPModel.from_pretrained(model_id)
+        model = load_clip_model(model_id)
         processor = load_processor(model_id)
     except OSError as exc:
         raise HubUnavailableError(
             f"could not download {model_id!r} from the Hugging Face hub ({_first_line(exc)}). "
             f"{OFFLINE_ADVICE}"
         ) from exc
-    return model.eval(), processor
+    return model, processor
 
 
 def load_from_dir(path: Path) -> tuple[CLIPModel, CLIPProcessor]:
     """Read a checkpoint in `save_pretrained` layout (model + processor files) from disk."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a save_pretrained directory")
-    return CLIPModel.from_pretrained(path).eval(), load_processor(path)
+    return load_clip_model(path), load_processor(path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -275,17 +305,36 @@ def save_clip(
     }
     import bentoml  # only here and below: the random-model builders work without BentoML
 
-    with bentoml.models.create(MODEL_NAME, labels=labels, metadata=metadata) as stored:
-        model.save_pretrained(stored.path)
-        processor.save_pretrained(stored.path)
+    tag = None
+    try:
+        with bentoml.models.create(MODEL_NAME, labels=labels, metadata=metadata) as stored:
+            tag = stored.tag
+            model.save_pretrained(stored.path)
+            processor.save_pretrained(stored.path)
+    except BaseException:
+        _remove_partial_entry(tag)
+        raise
     logger.info("saved %s (%s)", stored.tag, source)
     return stored
 
 
+def _remove_partial_entry(tag: object) -> None:
+    """Deletes what an interrupted save left in the store. BentoML removes it on an Exception
+    only: after Ctrl-C or a SIGTERM (KeyboardInterrupt, SystemExit) while it copies the files
+    in, a half-written entry stayed, cut-short weights and all."""
+    if tag is None:
+        return
+    import bentoml
+
+    try:
+        bentoml.models.delete(tag)
+    except Exception:  # not there (BentoML removed it on an Exception), or half gone already
+        logger.debug("no partial store entry %s to remove", tag, exc_info=True)
+
+
 def load_checkpoint(path: Path) -> tuple[CLIPModel, CLIPProcessor]:
     """A checkpoint in `save_pretrained` layout, as the runner serves it (CPU, fp32, sdpa)."""
-    model = CLIPModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    return model, load_processor(path)
+    return load_clip_model(path, attn_implementation="sdpa"), load_processor(path)
 
 
 def load_clip(stored: bentoml.Model) -> LoadedClip:
@@ -298,11 +347,13 @@ def load_clip(stored: bentoml.Model) -> LoadedClip:
 
 
 def has_stored_model(tag: str = f"{MODEL_NAME}:latest") -> bool:
-    """Whether the local model store already holds `tag`."""
+    """Whether the local model store holds `tag` as a CLIP checkpoint that can be served (one an
+    interrupted import left half-written does not count: `--if-missing` would keep it forever)."""
     import bentoml
 
+    from clip_runner.model.model_source import stored_model_problem
+
     try:
-        bentoml.models.get(tag)
+        return stored_model_problem(tag) is None
     except bentoml.exceptions.NotFound:
         return False
-    return True

@@ -24,6 +24,9 @@ import torch
 from clip_runner.model.model_source import (
     MODEL_DIR_TAG_PREFIX,
     ModelDirError,
+    StoredModelError,
+    check_served_model,
+    checkpoint_problem,
     find_checkpoint,
     load_served_clip,
     served_checkpoint,
@@ -38,6 +41,7 @@ from tests.helpers import (
     free_port,
     photo_like,
 )
+from tests.model.test_store import drop_weights
 from tests.reference import assert_matches_reference, reference_probabilities
 
 MODEL_DIR_SEED = 7  # not the store model's seed: its answers differ from the baked-in model's
@@ -121,11 +125,98 @@ def test_other_contents_are_refused_with_what_the_directory_holds(checkpoint_dir
 
 
 def test_unloadable_weights_stop_the_start(checkpoint_dir, tmp_path, tiny_stored_model):
+    """Weights that are not safetensors (or cut short) are refused by the supervisor's check,
+    reading the header only; weights that load but lack some of the model's, by the runner."""
     broken = tmp_path / "model"
     shutil.copytree(checkpoint_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ModelDirError, match="does not load"):
-        load_served_clip(tiny_stored_model, str(broken))
+    with pytest.raises(ModelDirError, match="model.safetensors is not a complete safetensors"):
+        find_checkpoint(str(broken))
+    cut = drop_weights(checkpoint_dir, tmp_path / "cut", "logit_scale")
+    with pytest.raises(ModelDirError, match=r"does not load: CheckpointError.*\(logit_scale\)"):
+        load_served_clip(tiny_stored_model, str(cut))
+
+
+def test_cut_short_weights_stop_the_start(checkpoint_dir, tmp_path):
+    """An interrupted copy or download: every file there, model.safetensors cut short."""
+    cut = broken_copy(checkpoint_dir, tmp_path)
+    size = (cut / "model.safetensors").stat().st_size
+    with (cut / "model.safetensors").open("r+b") as weights:
+        weights.truncate(size // 2)
+    with pytest.raises(ModelDirError, match=f"cut short: {size // 2:,} of the {size:,} bytes"):
+        find_checkpoint(str(cut))
+
+
+def test_a_sharded_checkpoint_is_checked_shard_by_shard(tmp_path):
+    """Large checkpoints come in shards listed by model.safetensors.index.json: a whole one is
+    served, one with a shard cut short or missing is refused."""
+    model, processor = build_random_clip(tiny=True, seed=MODEL_DIR_SEED)
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    processor.save_pretrained(tmp_path)
+    assert find_checkpoint(str(tmp_path)) == tmp_path
+    last = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    with last.open("r+b") as shard:
+        shard.truncate(last.stat().st_size - 10)
+    with pytest.raises(ModelDirError, match=f"{last.name} is cut short"):
+        find_checkpoint(str(tmp_path))
+    last.unlink()
+    with pytest.raises(ModelDirError, match=f"shard {last.name} .* is missing"):
+        find_checkpoint(str(tmp_path))
+
+
+def with_image_size(checkpoint_dir: Path, target: Path, image_size: int) -> Path:
+    """A copy whose model takes `image_size` pixels, its processor still cropping to 224 (a
+    fine-tune's config beside its base model's processor)."""
+    shutil.copytree(checkpoint_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    config["vision_config"]["image_size"] = image_size
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_a_processor_cropping_to_another_size_than_the_model_takes_stops_the_start(
+    checkpoint_dir, tmp_path
+):
+    """It imported and started, then the runner failed on every image, at each restart:
+    "Input image size (224*224) doesn't match model (64*64)"."""
+    mismatched = with_image_size(checkpoint_dir, tmp_path / "model", 64)
+    with pytest.raises(ModelDirError, match=r"crops images to 224x224 pixels.*takes 64x64"):
+        find_checkpoint(str(mismatched))
+
+
+def test_an_older_layouts_image_processor_is_read_too(checkpoint_dir, tmp_path):
+    """transformers 4 wrote preprocessor_config.json with an int crop_size (so do the published
+    OpenAI checkpoints); its crop is checked as well."""
+    older = tmp_path / "model"
+    shutil.copytree(checkpoint_dir, older)
+    nested = json.loads((older / "processor_config.json").read_text())["image_processor"]
+    (older / "processor_config.json").unlink()
+    flat = {**nested, "crop_size": 224}
+    (older / "preprocessor_config.json").write_text(json.dumps(flat))
+    assert checkpoint_problem(older) is None
+    (older / "preprocessor_config.json").write_text(json.dumps({**flat, "crop_size": 336}))
+    assert "crops images to 336x336 pixels" in checkpoint_problem(older)
+
+
+def not_clip_store_model(name: str = "not-clip"):
+    """A real store entry that is no CLIP checkpoint: another model's config and weights."""
+    with bentoml.models.create(name) as stored:
+        path = Path(stored.path)
+        (path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        (path / "model.safetensors").write_bytes(b"\0" * 16)
+    return stored
+
+
+def test_a_store_model_that_is_not_a_clip_checkpoint_stops_the_start(tiny_stored_model):
+    """Its runner failed to load it at every restart, forever; the supervisor now refuses it."""
+    stored = not_clip_store_model()
+    try:
+        with pytest.raises(StoredModelError, match=f"CLIP_MODEL_TAG {stored.tag} .*'bert'"):
+            check_served_model(str(stored.tag), "")
+    finally:
+        bentoml.models.delete(stored.tag)
+    check_served_model(str(tiny_stored_model.tag), "")  # a CLIP checkpoint starts
+    check_served_model("clip:not-in-the-store", "")  # left to the runner, which names it
 
 
 def test_the_model_directory_is_served_when_it_holds_a_checkpoint_else_the_store(
@@ -229,3 +320,33 @@ def test_a_model_dir_without_a_checkpoint_stops_bentoml_serve(
     output = result.stdout + result.stderr
     assert f"CLIP_MODEL_DIR {model_dir} holds no CLIP checkpoint" in output, output[-3000:]
     assert "It holds: classifier.pkl" in output
+
+
+def test_a_store_model_that_is_not_a_clip_checkpoint_stops_bentoml_serve(bentoml_home, tmp_path):
+    stored = not_clip_store_model("not-clip-serve")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(bentoml_home / "models", target_is_directory=True)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "CLIP_PORT": str(free_port()),
+        "CLIP_MODEL_TAG": str(stored.tag),
+        "CLIP_MODEL_DIR": "",
+    }
+    try:
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("bentoml")), "serve", "service:ClipService"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            start_new_session=True,
+        )
+    finally:
+        bentoml.models.delete(stored.tag)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"CLIP_MODEL_TAG {stored.tag} is not a CLIP checkpoint" in output, output[-3000:]
+    assert "model_type 'bert'" in output and "Traceback" not in output

@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import bentoml
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil
 
 from clip_runner.model.store import (
+    CheckpointError,
     HubUnavailableError,
     build_random_clip,
     build_tiny_tokenizer,
     has_stored_model,
+    load_checkpoint,
     load_from_dir,
     load_from_hub,
     load_processor,
+    save_clip,
 )
+
+
+def drop_weights(checkpoint: Path, target: Path, *names: str) -> Path:
+    """A copy of `checkpoint` whose model.safetensors lacks the named tensors (a cut-down or
+    hand-converted save: every file is there, and transformers loads it without an error)."""
+    shutil.copytree(checkpoint, target)
+    weights = load_file(target / "model.safetensors")
+    kept = {name: tensor for name, tensor in weights.items() if name not in names}
+    save_file(kept, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def store_entries(bentoml_home: Path) -> set[str]:
+    folder = bentoml_home / "models" / "clip"
+    return (
+        {entry.name for entry in folder.iterdir() if entry.is_dir()} if folder.is_dir() else set()
+    )
 
 
 def test_tokenizer_special_ids_match_the_text_config():
@@ -117,3 +142,66 @@ def test_processor_comes_back_with_pillows_resize_even_beside_torchvision(
     # and nothing about the image backend reaches the tokenizer's saved config
     processor.save_pretrained(tmp_path)
     assert '"pil"' not in (tmp_path / "tokenizer_config.json").read_text()
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "pytorch_model.bin", "fp16"])
+def test_every_saved_layout_loads_with_nothing_missing(tmp_path, layout):
+    """The refusal of missing weights below must not refuse a whole checkpoint in any layout
+    transformers writes (buffers such as position_ids are not weights it lists as missing)."""
+    model, processor = build_random_clip(tiny=True, seed=5)
+    if layout == "fp16":
+        model = model.half()
+    model.save_pretrained(tmp_path, safe_serialization=layout != "pytorch_model.bin")
+    processor.save_pretrained(tmp_path)
+    loaded, _ = load_checkpoint(tmp_path)
+    assert torch.equal(loaded.logit_scale, model.logit_scale.float())
+
+
+def test_a_checkpoint_missing_weights_is_refused_not_filled_with_random_values(tmp_path):
+    """transformers loads it with a warning, `logit_scale` left uninitialised (served as 0, 1 or
+    inf): every probability would be noise while the import and the service said all was well."""
+    model, processor = build_random_clip(tiny=True, seed=5)
+    model.save_pretrained(tmp_path / "whole")
+    processor.save_pretrained(tmp_path / "whole")
+    cut = drop_weights(tmp_path / "whole", tmp_path / "cut", "logit_scale")
+    for load in (load_from_dir, load_checkpoint):  # importing it, and serving it
+        with pytest.raises(
+            CheckpointError, match=r"lacks 1 of a CLIPModel's weights \(logit_scale"
+        ):
+            load(cut)
+
+
+def test_a_cut_short_store_entry_is_not_a_stored_model(tiny_stored_model, bentoml_home):
+    """What an import interrupted while BentoML copies the files in leaves: every file there,
+    the weights cut short. `--if-missing` took it for the model, and kept it for good."""
+    entry = bentoml_home / "models" / "clip" / "cutshort0000000a"
+    shutil.copytree(tiny_stored_model.path, entry)
+    try:
+        (entry / "model.yaml").write_text(
+            (entry / "model.yaml").read_text().replace(tiny_stored_model.tag.version, entry.name)
+        )
+        assert has_stored_model(f"clip:{entry.name}")  # a whole copy is a stored model
+        with (entry / "model.safetensors").open("r+b") as weights:
+            weights.truncate(100_000)
+        assert not has_stored_model(f"clip:{entry.name}")
+    finally:
+        shutil.rmtree(entry)
+
+
+def test_an_interrupted_save_leaves_no_entry_in_the_store(bentoml_home, monkeypatch):
+    """BentoML removes a failed save's entry on an Exception only: Ctrl-C while it copied the
+    files in left a half-written one (here the weights copy is interrupted midway)."""
+    model, processor = build_random_clip(tiny=True)
+    copy = shutil.copyfile
+
+    def interrupted_copy(source, target, *args, **kwargs):
+        if os.fspath(source).endswith("model.safetensors"):
+            Path(target).write_bytes(Path(source).read_bytes()[:1000])
+            raise KeyboardInterrupt
+        return copy(source, target, *args, **kwargs)
+
+    before = store_entries(bentoml_home)
+    monkeypatch.setattr(shutil, "copyfile", interrupted_copy)
+    with pytest.raises(KeyboardInterrupt):
+        save_clip(model, processor, source="random:tiny", random_weights=True)
+    assert store_entries(bentoml_home) == before
