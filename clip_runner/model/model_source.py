@@ -268,7 +268,13 @@ def load_served_clip(stored: bentoml.Model, model_dir: str) -> LoadedClip:
     if checkpoint is None:
         if model_dir.strip() and Path(model_dir).is_dir():  # a warning: BentoML hides info
             logger.warning("%s is empty: serving the baked-in model %s", model_dir, stored.tag)
-        return load_clip(stored)
+        try:
+            return load_clip(stored)
+        except Exception as exc:  # as below: weights lacking or unreadable, each its own kind
+            raise StoredModelError(
+                f"CLIP_MODEL_TAG {stored.tag}: the stored model does not load: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     try:
         model, processor = load_checkpoint(checkpoint)
     except Exception as exc:  # torch, safetensors, transformers: each raises its own kind

@@ -32,7 +32,12 @@ from clip_runner.model.direct_calls import DirectCallsMiddleware
 from clip_runner.model.embedding_cache import EmbeddingCache, first_misses, with_cached
 from clip_runner.model.encodings_in_flight import EncodingsInFlight
 from clip_runner.model.gpu_placement import BENTOML_GPU_ALLOCATION_OFF, place_worker
-from clip_runner.model.shutdown_order import hold_sigterm_while, other_services_alive
+from clip_runner.model.model_source import ModelSourceError
+from clip_runner.model.shutdown_order import (
+    hold_sigterm_while,
+    other_services_alive,
+    stop_the_server,
+)
 from clip_runner.model.startup_phases import StartupPhases
 
 logger = logging.getLogger("clip_runner")
@@ -98,7 +103,11 @@ class CLIPRunner:
             # reach the runner, and never load torch and transformers (engine.py).
             from clip_runner.model.engine import ServedModel
 
-        self.model = ServedModel(self.model_ref, phases)
+        try:
+            self.model = ServedModel(self.model_ref, phases)
+        except ModelSourceError as error:  # the checkpoint itself: no restart would load it
+            stop_the_server(str(error))
+            raise
         if gpu is not None:
             log_placement(worker, gpu, usable_gpus(), self.model.facts.device)
         layout = self.model.layout

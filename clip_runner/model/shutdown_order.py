@@ -8,10 +8,15 @@ found no runner, and the caller got a 503 `runner_unavailable` from a server tha
 "cleanly", with status 0. So a runner holds its SIGTERM while an API worker of the same
 supervisor is alive, at most `HOLD_LIMIT_S` (the supervisor kills what is left after 30 s), and
 serves their last calls meanwhile; a second SIGTERM is obeyed at once.
+
+And a runner that cannot serve its model at all (the checkpoint's weights do not load: every
+restart would fail alike) stops the whole server, rather than be restarted by the supervisor
+forever while `/ping` said 503 "the model is still loading".
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -76,3 +81,11 @@ def hold_sigterm_while(alive: Callable[[], bool], limit_s: float = HOLD_LIMIT_S)
         ).start()
 
     signal.signal(signal.SIGTERM, hold)
+
+
+def stop_the_server(reason: str) -> None:
+    """Log `reason` and ask the supervisor (this process's parent) to stop every worker, as
+    `docker stop` does: for a failure every restart of this worker would repeat."""
+    logger.error("%s; stopping the server: every restart would fail the same way", reason)
+    with contextlib.suppress(OSError):
+        os.kill(os.getppid(), signal.SIGTERM)

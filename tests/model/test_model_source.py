@@ -350,3 +350,36 @@ def test_a_store_model_that_is_not_a_clip_checkpoint_stops_bentoml_serve(bentoml
     output = result.stdout + result.stderr
     assert f"CLIP_MODEL_TAG {stored.tag} is not a CLIP checkpoint" in output, output[-3000:]
     assert "model_type 'bert'" in output and "Traceback" not in output
+
+
+def test_weights_the_runner_cannot_load_stop_the_server_not_restart_it_forever(
+    bentoml_home, tiny_stored_model, checkpoint_dir, tmp_path
+):
+    """Complete files the supervisor's check passes, lacking a weight: the runner's load fails.
+    Its supervisor had restarted it forever, `/ping` saying 503 "still loading", until a
+    SageMaker endpoint's start-up timeout (up to an hour) ran out."""
+    cut = drop_weights(checkpoint_dir, tmp_path / "cut", "logit_scale")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(bentoml_home / "models", target_is_directory=True)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "CLIP_PORT": str(free_port()),
+        "CLIP_MODEL_TAG": str(tiny_stored_model.tag),
+        "CLIP_MODEL_DIR": str(cut),
+    }
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("bentoml")), "serve", "service:ClipService"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
+    output = result.stdout + result.stderr
+    assert f"the CLIP checkpoint in {cut} does not load" in output, output[-3000:]
+    assert "(logit_scale)" in output
+    # once: this start's, not one per restart
+    assert output.count("stopping the server: every restart would fail the same way") == 1
