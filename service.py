@@ -51,7 +51,7 @@ from clip_runner.host_lookup import check_host_lookup_in_background
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits, compiled_resizer
 from clip_runner.malloc_tuning import reuse_freed_memory
-from clip_runner.metrics import LABEL_CACHE_LOOKUPS, TEXT_CACHE_LOOKUPS
+from clip_runner.metrics import LABEL_CACHE_LOOKUPS, TEXT_CACHE_LOOKUPS, forget_dead_workers
 from clip_runner.model.batching import QueueWaitExceeded
 from clip_runner.model.embedding_cache import EmbeddingCache
 from clip_runner.model.model_facts import PILLOW, ModelFacts
@@ -285,6 +285,7 @@ class ClipService:
         logger.info("API worker: %d objects loaded at start kept out of garbage collection", frozen)
         hand_over_gil_after(settings.switch_interval_ms, "API worker")
         reuse_freed_memory()  # each request's image buffers, not page faults (malloc_tuning.py)
+        forget_dead_workers()  # a killed worker's requests in progress (metrics.py)
         if bentoml.server_context.worker_index == 1:  # one warning per start is enough
             check_host_lookup_in_background()  # a start slowed by the supervisor (host_lookup.py)
 

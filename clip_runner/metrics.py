@@ -10,7 +10,13 @@ puts that variable in each worker's environment before starting it, so this impo
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
+import psutil
 from prometheus_client import Counter, Histogram
+from prometheus_client.multiprocess import mark_process_dead
 
 # Up to 512: a text call carries up to 4 text passes, 128 prompts each on a GPU.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -79,3 +85,35 @@ LABEL_CACHE_LOOKUPS = Counter(
     "over their templates (/classify, the toolkit shape), by result (hit or miss)",
     labelnames=["result"],
 )
+
+
+# A worker's gauge files in multiprocess mode: `gauge_<mode>_<pid>.db`. Those of the `live*`
+# modes count only while their process lives; an `all` gauge keeps one series per process.
+GAUGE_FILE = re.compile(r"gauge_(?P<mode>live\w*|all)_(?P<pid>\d+)\.db")
+
+
+def forget_dead_workers(directory: str | None = None) -> set[int]:
+    """Drop the live gauges of workers that are gone; returns their process ids.
+
+    BentoML marks a worker's gauges dead only from a destructor, which a worker killed
+    (SIGKILL, the OOM killer) or crashed never runs: the requests it was answering stayed in
+    `bentoml_service_request_in_progress` for good, and its per-process series (the last
+    request's time) stayed on `/metrics`, one more each restart. Each worker calls this as it
+    starts, so a replacement clears what the one it replaces left. Counters and histograms are
+    kept: they hold the totals, dead workers' included.
+    """
+    folder = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder or not Path(folder).is_dir():
+        return set()
+    files = [(GAUGE_FILE.fullmatch(path.name), path) for path in Path(folder).iterdir()]
+    dead = {
+        int(found["pid"])
+        for found, _ in files
+        if found and not psutil.pid_exists(int(found["pid"]))
+    }
+    for pid in dead:
+        mark_process_dead(pid, folder)  # the live* gauges
+    for found, path in files:
+        if found and found["mode"] == "all" and int(found["pid"]) in dead:
+            path.unlink(missing_ok=True)
+    return dead

@@ -9,10 +9,13 @@ begun, a 503 seen), not a fixed time, so a busy machine slows it without failing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -125,3 +128,45 @@ def test_a_killed_runner_is_reported_then_restarted(fragile):
         pytest.fail("the runner was not restarted within 90 s")
     assert fragile.runner_processes()[0].pid != runner.pid
     assert httpx.post(f"{fragile.url}/invocations", json=GOOD, timeout=30).status_code == 200
+
+
+def in_progress(metrics: str, endpoint: str) -> float:
+    pattern = rf'bentoml_service_request_in_progress\{{[^}}]*endpoint="{endpoint}"[^}}]*\}} (\S+)'
+    return sum(float(value) for value in re.findall(pattern, metrics))
+
+
+def test_a_killed_api_workers_requests_leave_the_metrics(fragile, image_host_server):
+    """A worker killed (SIGKILL, the OOM killer) never ran the destructor that marks its gauges
+    dead: the request it was answering stayed in `bentoml_service_request_in_progress` for good,
+    and its per-process series stayed on `/metrics`, one more each restart."""
+    host = image_host_server
+    body = {"images": [f"{host.url}/hang?killed-worker"], "labels": ["a cat"]}
+
+    def call() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # its worker is killed under it
+            httpx.post(f"{fragile.url}/classify", json=body, timeout=30)
+
+    caller = threading.Thread(target=call, daemon=True)
+    worker = fragile.api_processes()[0]
+    caller.start()
+    started_by = time.monotonic() + 15
+    while "/hang?killed-worker" not in host.access_log and time.monotonic() < started_by:
+        time.sleep(0.05)
+    metrics = httpx.get(f"{fragile.url}/metrics", timeout=10).text
+    assert in_progress(metrics, "/classify") == 1
+    assert f'pid="{worker.pid}"' in metrics
+    worker.kill()
+    replaced_by = time.monotonic() + 90
+    while time.monotonic() < replaced_by:
+        with contextlib.suppress(psutil.Error):  # the killed one, a zombie until reaped
+            if worker.pid not in [process.pid for process in fragile.api_processes()]:
+                break
+        time.sleep(0.2)
+    wait_for_ping(fragile.url, 200, within_s=90)
+    answered = httpx.post(f"{fragile.url}/invocations", json=GOOD, timeout=30)
+    assert answered.status_code == 200, answered.text
+    metrics = httpx.get(f"{fragile.url}/metrics", timeout=10).text
+    assert in_progress(metrics, "/classify") == 0
+    assert f'pid="{worker.pid}"' not in metrics
+    # The totals stay: the killed worker's requests are still counted.
+    assert re.search(r'bentoml_service_request_total\{[^}]*endpoint="/classify"', metrics)

@@ -5,7 +5,12 @@ On a real server they are read from `/metrics` (tests/test_service.py); here, in
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import prometheus_client
+import prometheus_client.metrics
 import pytest
 
 from clip_runner import metrics
@@ -14,7 +19,7 @@ from tests.helpers import REPO_ROOT
 OURS = {
     name: value
     for name, value in vars(metrics).items()
-    if name.isupper() and not name.endswith("_BUCKETS")
+    if isinstance(value, prometheus_client.metrics.MetricWrapperBase)
 }
 
 
@@ -50,3 +55,21 @@ def test_each_metric_counts_in_process(attribute: str):
     else:
         child.inc()
     assert sample(metric_name(metric) + counted, labels) == before + 1
+
+
+def test_the_live_gauges_of_dead_workers_are_dropped_and_their_totals_kept(tmp_path):
+    """(On a real server: tests/test_faults.py.)"""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    names = [
+        f"{kind}_{pid}.db"
+        for pid in (gone.pid, os.getpid())
+        for kind in ("gauge_livesum", "gauge_liveall", "gauge_all", "gauge_max", "counter")
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert metrics.forget_dead_workers(str(tmp_path)) == {gone.pid}
+    left = {path.name for path in tmp_path.iterdir()}
+    dropped = {f"gauge_{kind}_{gone.pid}.db" for kind in ("livesum", "liveall", "all")}
+    assert left == set(names) - dropped
+    assert metrics.forget_dead_workers(str(tmp_path / "absent")) == set()

@@ -26,7 +26,7 @@ from clip_runner.cuda_check import usable_gpus
 from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.gil_handover import hand_over_gil_after
 from clip_runner.malloc_tuning import reuse_freed_memory
-from clip_runner.metrics import RUNNER_TEXT_CACHE_LOOKUPS
+from clip_runner.metrics import RUNNER_TEXT_CACHE_LOOKUPS, forget_dead_workers
 from clip_runner.model.batching import GreedyBatcher, PassSlots, QueueWaitExceeded, in_executor
 from clip_runner.model.direct_calls import DirectCallsMiddleware
 from clip_runner.model.embedding_cache import EmbeddingCache, first_misses, with_cached
@@ -137,6 +137,7 @@ class CLIPRunner:
         logger.info("runner: %d objects loaded at start kept out of garbage collection", frozen)
         hand_over_gil_after(settings.switch_interval_ms, "runner")
         reuse_freed_memory()  # each batch's buffers, not page faults (malloc_tuning.py)
+        forget_dead_workers()  # the live gauges of a worker killed before this one (metrics.py)
         # Stopped with the API workers, it serves their last calls first (shutdown_order.py).
         hold_sigterm_while(lambda: other_services_alive(RUNNER_SERVICE_NAME))
         logger.info("runner %s", phases.line())
