@@ -86,6 +86,13 @@ LABEL_CACHE_LOOKUPS = Counter(
     labelnames=["result"],
 )
 
+SERVICE_ERRORS = Counter(
+    name="clip_service_errors",
+    documentation="Error answers of the API service by error type (the `type` of the JSON "
+    "error object: a 422 may be invalid_request, invalid_image or forbidden_url, a 503 "
+    "overloaded, runner_unavailable or not_ready), and each failed line of a JSON Lines answer",
+    labelnames=["type"],
+)
 
 # A worker's gauge files in multiprocess mode: `gauge_<mode>_<pid>.db`. Those of the `live*`
 # modes count only while their process lives; an `all` gauge keeps one series per process.

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.errors import error_body, quoted
+from clip_runner.metrics import SERVICE_ERRORS
 
 
 def _location(loc: list[Any]) -> str:
@@ -146,6 +147,7 @@ class JSONErrorMiddleware:
                     allow = dict(start.get("headers", [])).get(b"allow", b"").decode("latin-1")
                     message = routing_message(scope, status, allow)
                     payload = error_body(payload["error"]["type"], message)
+                SERVICE_ERRORS.labels(payload["error"]["type"]).inc()
                 body = json.dumps(payload).encode()
                 headers = [
                     (name, value)

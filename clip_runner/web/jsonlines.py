@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, Settings
 from clip_runner.errors import UNEXPECTED_ERROR, RequestError, error_body
+from clip_runner.metrics import SERVICE_ERRORS
 from clip_runner.web.accept import accepted_ranges, named_choice, request_accept
 from clip_runner.web.error_responses import from_validation_detail
 from clip_runner.web.schemas import (
@@ -127,7 +128,9 @@ def parse_line(line: bytes) -> InvocationLine:
 
 
 def line_error(number: int, error: RequestError) -> dict[str, Any]:
-    """The usual error object, its message saying which line (1-based) it answers."""
+    """The usual error object, its message saying which line (1-based) it answers; counted as
+    a request's error would be, though the answer is a 200."""
+    SERVICE_ERRORS.labels(error.error_type).inc()
     return error_body(error.error_type, f"line {number}: {error.message}", error.index)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 
+import httpx
 import pytest
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -166,3 +168,36 @@ def test_a_request_uvicorn_cannot_parse_is_a_json_400_and_the_connection_closes(
     error = json.loads(body)["error"]
     assert error["type"] == "bad_request" and error["message"].startswith("invalid HTTP request")
     assert good.startswith(b"HTTP/1.1 200 OK") and good.endswith(b"{}")  # still serving
+
+
+def errors_counted(served) -> dict[str, float]:
+    metrics = httpx.get(f"{served.url}/metrics", timeout=10).text
+    return {
+        kind: float(value)
+        for kind, value in re.findall(
+            r'^clip_service_errors_total\{type="(\w+)"\} (\S+)$', metrics, re.M
+        )
+    }
+
+
+def test_error_answers_are_counted_by_type_on_metrics(served):
+    """By status alone a 422 could be a bad field, a bad image or a forbidden URL, and a JSON
+    Lines answer with failed lines is a 200: `clip_service_errors_total{type}` tells them apart."""
+    before = errors_counted(served)
+    url = f"{served.url}/invocations"
+    bad_image = {"images": ["not base64!"], "classes": [["cat", 1]]}
+    assert httpx.post(url, json=bad_image, timeout=30).status_code == 422
+    assert httpx.post(url, json=bad_image, timeout=30).status_code == 422
+    assert httpx.post(url, json={"images": []}, timeout=30).status_code == 422
+    assert httpx.post(url, content=b"x", headers={"content-type": "text/csv"}).status_code == 415
+    lines = json.dumps(bad_image).encode() + b"\n{\n"
+    answered = httpx.post(url, content=lines, headers={"content-type": "application/jsonlines"})
+    assert answered.status_code == 200
+    after = errors_counted(served)
+    grown = {kind: after[kind] - before.get(kind, 0) for kind in after}
+    assert {kind: n for kind, n in grown.items() if n} == {
+        "invalid_image": 3,  # two requests and a line
+        "invalid_request": 1,
+        "unsupported_media_type": 1,
+        "malformed_json": 1,  # a line
+    }
