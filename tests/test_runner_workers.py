@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from clip_runner.cpu_quota import usable_cores
 from clip_runner.cuda_check import RECORD
 from tests.helpers import ServedBento, as_base64, photo_like, serve_tiny
 
@@ -32,6 +34,11 @@ def test_two_runner_workers_start_and_answer_as_one(two_runners, served):
     assert len(two_runners.runner_processes()) == 2
     # each worker loads the (random-weight) model and says so; /ping needs only one of them
     two_runners.wait_for_log(*(f"[service:clip_runner:{worker}] !!! SERVING" for worker in (1, 2)))
+    # On CPU they share the cores: each runs at most its half at once (each had taken them all).
+    layouts = re.findall(r"up to (\d+) pass\(es\) at once of (\d+) thread", two_runners.log())
+    assert len(layouts) == 2
+    share = max(1, usable_cores() // 2)
+    assert all(int(passes) * int(threads) <= share for passes, threads in layouts), layouts
     bodies = [
         {"images": [as_base64(photo_like(48 + seed, 40, seed=seed))], "classes": CLASSES}
         for seed in range(16)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from clip_runner.config import get_settings, runner_decode_threads
 from clip_runner.cpu_quota import usable_cores
+from clip_runner.cuda_check import usable_gpus
 from clip_runner.metrics import (
     RUNNER_BATCH_IMAGES,
     RUNNER_BATCH_TEXTS,
@@ -57,10 +58,13 @@ class ServedModel:
         phases = phases or StartupPhases()
         settings = get_settings()
         cores = usable_cores()  # its CPU affinity, capped by a CPU quota (cpu_quota.py)
+        # On CPU the runner workers share the cores (each had taken them all: two workers on 2
+        # cores ran 4 threads); on a GPU the device does the work.
+        share = cores if usable_gpus() else max(1, cores // settings.runner_workers)
         if settings.runner_threads:
             torch.set_num_threads(settings.runner_threads)
-        elif torch.get_num_threads() > cores:  # torch counts the cores, not the quota
-            torch.set_num_threads(cores)
+        elif torch.get_num_threads() > share:  # torch counts the cores, not the quota
+            torch.set_num_threads(share)
         with phases.phase("model read"):
             loaded = load_served_clip(stored, settings.model_dir)  # CLIP_MODEL_DIR or the store
         # How the runner's threads wait for the GPU: asleep by default (device_wait.py).
