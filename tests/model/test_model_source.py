@@ -40,6 +40,7 @@ from tests.helpers import (
     bentoml_serve,
     free_port,
     photo_like,
+    stop_process_group,
 )
 from tests.model.test_store import drop_weights
 from tests.reference import assert_matches_reference, reference_probabilities
@@ -291,63 +292,60 @@ def test_a_server_serves_the_checkpoint_in_its_model_dir(
     assert f"instead of the baked-in model {tiny_stored_model.tag}" in log
 
 
+def serve_until_it_stops(
+    bentoml_home: Path, tmp_path: Path, model_tag: str, model_dir: str
+) -> tuple[int, str]:
+    """The exit status and output of `bentoml serve` of the suite's store with this model and
+    `CLIP_MODEL_DIR`, run until it stops by itself: a start that should stop but is restarted
+    forever fails the test at 120 s (its workers killed: each has a process group of its own)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(bentoml_home / "models", target_is_directory=True)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "CLIP_PORT": str(free_port()),
+        "CLIP_MODEL_TAG": model_tag,
+        "CLIP_MODEL_DIR": model_dir,
+    }
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("bentoml")), "serve", "service:ClipService"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        returncode = process.wait(timeout=120)
+    finally:
+        stop_process_group(process)
+    return returncode, log_path.read_text(errors="replace")
+
+
 def test_a_model_dir_without_a_checkpoint_stops_bentoml_serve(
     bentoml_home, tiny_stored_model, tmp_path
 ):
     model_dir = tmp_path / "opt-ml-model"
     model_dir.mkdir()
     (model_dir / "classifier.pkl").write_bytes(b"\x80\x04")
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "models").symlink_to(bentoml_home / "models", target_is_directory=True)
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(home),
-        "CLIP_PORT": str(free_port()),
-        "CLIP_MODEL_TAG": str(tiny_stored_model.tag),
-        "CLIP_MODEL_DIR": str(model_dir),
-    }
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("bentoml")), "serve", "service:ClipService"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        start_new_session=True,
+    returncode, output = serve_until_it_stops(
+        bentoml_home, tmp_path, str(tiny_stored_model.tag), str(model_dir)
     )
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
+    assert returncode != 0
     assert f"CLIP_MODEL_DIR {model_dir} holds no CLIP checkpoint" in output, output[-3000:]
     assert "It holds: classifier.pkl" in output
 
 
 def test_a_store_model_that_is_not_a_clip_checkpoint_stops_bentoml_serve(bentoml_home, tmp_path):
     stored = not_clip_store_model("not-clip-serve")
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "models").symlink_to(bentoml_home / "models", target_is_directory=True)
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(home),
-        "CLIP_PORT": str(free_port()),
-        "CLIP_MODEL_TAG": str(stored.tag),
-        "CLIP_MODEL_DIR": "",
-    }
     try:
-        result = subprocess.run(
-            [str(Path(sys.executable).with_name("bentoml")), "serve", "service:ClipService"],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            start_new_session=True,
-        )
+        returncode, output = serve_until_it_stops(bentoml_home, tmp_path, str(stored.tag), "")
     finally:
         bentoml.models.delete(stored.tag)
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
+    assert returncode != 0
     assert f"CLIP_MODEL_TAG {stored.tag} is not a CLIP checkpoint" in output, output[-3000:]
     assert "model_type 'bert'" in output and "Traceback" not in output
 
@@ -359,26 +357,7 @@ def test_weights_the_runner_cannot_load_stop_the_server_not_restart_it_forever(
     Its supervisor had restarted it forever, `/ping` saying 503 "still loading", until a
     SageMaker endpoint's start-up timeout (up to an hour) ran out."""
     cut = drop_weights(checkpoint_dir, tmp_path / "cut", "logit_scale")
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "models").symlink_to(bentoml_home / "models", target_is_directory=True)
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(home),
-        "CLIP_PORT": str(free_port()),
-        "CLIP_MODEL_TAG": str(tiny_stored_model.tag),
-        "CLIP_MODEL_DIR": str(cut),
-    }
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("bentoml")), "serve", "service:ClipService"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        start_new_session=True,
-    )
-    output = result.stdout + result.stderr
+    _, output = serve_until_it_stops(bentoml_home, tmp_path, str(tiny_stored_model.tag), str(cut))
     assert f"the CLIP checkpoint in {cut} does not load" in output, output[-3000:]
     assert "(logit_scale)" in output
     # once: this start's, not one per restart
