@@ -344,16 +344,3 @@ def load_clip(stored: bentoml.Model) -> LoadedClip:
     return LoadedClip(
         tag=str(stored.tag), model=model, processor=processor, random_weights=random_weights
     )
-
-
-def has_stored_model(tag: str = f"{MODEL_NAME}:latest") -> bool:
-    """Whether the local model store holds `tag` as a CLIP checkpoint that can be served (one an
-    interrupted import left half-written does not count: `--if-missing` would keep it forever)."""
-    import bentoml
-
-    from clip_runner.model.model_source import stored_model_problem
-
-    try:
-        return stored_model_problem(tag) is None
-    except bentoml.exceptions.NotFound:
-        return False

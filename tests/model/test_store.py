@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil
 
+from clip_runner.model.model_source import stored_model_problem
 from clip_runner.model.store import (
     CheckpointError,
     HubUnavailableError,
     build_random_clip,
     build_tiny_tokenizer,
-    has_stored_model,
     load_checkpoint,
     load_from_dir,
     load_from_hub,
@@ -94,8 +94,9 @@ def test_saved_model_has_labels_metadata_and_loads_back(tiny_stored_model, tiny_
         float(tiny_clip.model.logit_scale.detach().exp())
     )
     assert tiny_clip.random_weights and tiny_clip.tag == str(stored.tag)
-    assert has_stored_model(str(stored.tag))
-    assert not has_stored_model("clip:doesnotexist")
+    assert stored_model_problem(str(stored.tag)) is None
+    with pytest.raises(bentoml.exceptions.NotFound):
+        stored_model_problem("clip:doesnotexist")
 
 
 def test_local_directory_import_round_trips(tmp_path):
@@ -180,10 +181,10 @@ def test_a_cut_short_store_entry_is_not_a_stored_model(tiny_stored_model, bentom
         (entry / "model.yaml").write_text(
             (entry / "model.yaml").read_text().replace(tiny_stored_model.tag.version, entry.name)
         )
-        assert has_stored_model(f"clip:{entry.name}")  # a whole copy is a stored model
+        assert stored_model_problem(f"clip:{entry.name}") is None  # a whole copy is a model
         with (entry / "model.safetensors").open("r+b") as weights:
             weights.truncate(100_000)
-        assert not has_stored_model(f"clip:{entry.name}")
+        assert stored_model_problem(f"clip:{entry.name}") is not None
     finally:
         shutil.rmtree(entry)
 
