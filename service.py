@@ -56,7 +56,7 @@ from clip_runner.model.batching import QueueWaitExceeded
 from clip_runner.model.embedding_cache import EmbeddingCache
 from clip_runner.model.model_facts import PILLOW, ModelFacts
 from clip_runner.model.model_source import check_served_model
-from clip_runner.model.runner import CLIPRunner
+from clip_runner.model.runner import RUNNER_SERVICE_NAME, CLIPRunner
 from clip_runner.model.simplejpeg_pixels import cpu_decoder_name
 from clip_runner.web.answer_json import embedding_json, json_body
 from clip_runner.web.auth import ApiKeyMiddleware
@@ -114,7 +114,7 @@ SERVICE_NAME = "clip_service"
 refuse_bentoml_worker_counts(
     {
         SERVICE_NAME: ("CLIP_API_WORKERS", settings.api_worker_count),
-        "clip_runner": ("CLIP_RUNNER_WORKERS", settings.runner_workers),
+        RUNNER_SERVICE_NAME: ("CLIP_RUNNER_WORKERS", settings.runner_workers),
     }
 )
 READY_PROBE_TIMEOUT_S = 1.5
