@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,10 +108,22 @@ def _missing_config_problem(path: Path) -> str:
     return "there is no config.json"
 
 
+def _unreadable(file: Path, exc: OSError) -> str:
+    """Why a checkpoint file could not be opened, said as such: save_pretrained writes the
+    weights readable by their owner only, and a server running as another user (the image's
+    uid 1034) had been told its weights were not a complete safetensors file."""
+    reason = f"{file.name} cannot be read: {exc.strerror or exc}"
+    if isinstance(exc, PermissionError):
+        reason += f" (the server runs as uid {os.getuid()}: make the checkpoint readable by it)"
+    return reason
+
+
 def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise ValueError(_unreadable(file, exc)) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{file.name} is not readable JSON ({exc})") from exc
 
 
@@ -162,7 +175,9 @@ def _safetensors_problem(file: Path) -> str | None:
             header = json.loads(handle.read(header_length))
         tensors = [entry for key, entry in header.items() if key != "__metadata__"]
         end = max((int(entry["data_offsets"][1]) for entry in tensors), default=0)
-    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
+    except OSError as exc:
+        return _unreadable(file, exc)
+    except (ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
         return f"{file.name} is not a complete safetensors file ({size:,} bytes)"
     expected = 8 + header_length + end
     if size < expected:

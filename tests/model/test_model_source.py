@@ -9,10 +9,12 @@ mounts is the suite's shared server's own setting (conftest.py), checked here to
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import bentoml
@@ -46,6 +48,7 @@ from tests.model.test_store import drop_weights
 from tests.reference import assert_matches_reference, reference_probabilities
 
 MODEL_DIR_SEED = 7  # not the store model's seed: its answers differ from the baked-in model's
+NOBODY_UID = 65534  # the user "nobody": who checks the checkpoint when the tests run as root
 
 
 def save_checkpoint(path: Path, seed: int = MODEL_DIR_SEED) -> Path:
@@ -146,6 +149,31 @@ def test_cut_short_weights_stop_the_start(checkpoint_dir, tmp_path):
         weights.truncate(size // 2)
     with pytest.raises(ModelDirError, match=f"cut short: {size // 2:,} of the {size:,} bytes"):
         find_checkpoint(str(cut))
+
+
+def test_weights_the_server_may_not_read_are_named_as_such(checkpoint_dir):
+    """save_pretrained writes the weights readable by their owner only (mode 0600); a server
+    running as another user (the image's uid 1034) had been told its weights were "not a complete
+    safetensors file". Checked in a process of another user (as root) or with the file's read bit
+    off (as anyone else), in a directory that user may enter (pytest's tmp_path is private)."""
+    as_root = os.getuid() == 0
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chmod(scratch, 0o755)
+        copy = Path(scratch) / "model"
+        shutil.copytree(checkpoint_dir, copy)
+        copy.chmod(0o755)
+        (copy / "model.safetensors").chmod(0o600 if as_root else 0o000)
+        # forked, so that the child has this venv's modules without exec'ing its interpreter
+        # (which lies under /root, out of nobody's reach)
+        with multiprocessing.get_context("fork").Pool(
+            1, initializer=os.setuid if as_root else None, initargs=(NOBODY_UID,) if as_root else ()
+        ) as child:
+            problem = child.apply(checkpoint_problem, (copy,))
+    uid = os.getuid() or NOBODY_UID
+    assert problem == (
+        "model.safetensors cannot be read: Permission denied "
+        f"(the server runs as uid {uid}: make the checkpoint readable by it)"
+    )
 
 
 def test_a_sharded_checkpoint_is_checked_shard_by_shard(tmp_path):
