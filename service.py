@@ -23,7 +23,11 @@ from starlette.routing import Route
 
 from clip_runner.answers.direct_runner import DirectRunnerClient, calls_per_connection
 from clip_runner.answers.embedding_format import EncodingFormat
-from clip_runner.answers.hf_toolkit import parse_zero_shot_request, toolkit_answer
+from clip_runner.answers.hf_toolkit import (
+    DEFAULT_HYPOTHESIS_TEMPLATE,
+    parse_zero_shot_request,
+    toolkit_answer,
+)
 from clip_runner.answers.invocation import InvocationContext, image_embeddings, invoke
 from clip_runner.answers.invocation import classify as classify_images
 from clip_runner.answers.invocation import embed_texts as embed_texts_flow
@@ -461,6 +465,11 @@ class ClipService:
             None,
             label_field="parameters.candidate_labels",
             image_field="inputs",
+            template_field=(
+                None
+                if request.template == DEFAULT_HYPOTHESIS_TEMPLATE
+                else lambda _: "parameters.hypothesis_template"
+            ),
         )
         return toolkit_answer(ranked, request.single_image)
 
@@ -479,7 +488,14 @@ class ClipService:
         self, images: list[str], labels: list[str], templates: list[str], top_k: int | None
     ) -> ClassifyResponse:
         context = await self.context()
-        results = await classify_images(context, images, labels, templates, top_k)
+        results = await classify_images(
+            context,
+            images,
+            labels,
+            templates,
+            top_k,
+            template_field=None if templates == [DEFAULT_TEMPLATE] else "templates[{}]".format,
+        )
         return ClassifyResponse(model=context.facts.tag, results=results)
 
     @bentoml.api(route="/embed_images")

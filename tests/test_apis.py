@@ -84,7 +84,14 @@ def test_classify_matches_transformers_and_sorts(served, tiny_clip, tiny_stored_
 
 
 def test_classify_ensembles_templates_and_cuts_at_top_k(served, tiny_clip, pictures):
-    templates = ["a photo of a {}.", "a blurry photo of the {name}", "art of a {}"]
+    # filled as str.format fills them (the last had kept its braces doubled, a prompt no CLIP
+    # template list meant), or the original's {name}
+    templates = [
+        "a photo of a {}.",
+        "a blurry photo of the {name}",
+        "art of a {0}",
+        "a {{sketch}}: {}",
+    ]
     body = {"images": [as_base64(pictures[0])], "labels": LABELS, "templates": templates}
     answer = post(served, "/classify", {**body, "top_k": 2}).json()
     expected = reference_ensemble(tiny_clip, pictures[0], LABELS, templates)
@@ -174,7 +181,7 @@ def test_default_classify_agrees_with_invocations(served, pictures):
     original = post(served, "/invocations", {"images": [image], "classes": classes, "top_k": 4})
     indices, names, probabilities = original.json()[0]["prompts"]
     assert [item["label"] for item in ranked] == names
-    np.testing.assert_allclose([item["score"] for item in ranked], probabilities, atol=1e-6)
+    assert [item["score"] for item in ranked] == probabilities  # the same math, to the bit
 
 
 @pytest.mark.parametrize(
@@ -182,6 +189,21 @@ def test_default_classify_agrees_with_invocations(served, pictures):
     [
         ({"images": ["aGk="], "labels": []}, 422, ["labels"]),
         ({"images": ["aGk="], "labels": ["a"], "templates": ["no slot"]}, 422, ["templates[0]"]),
+        # str.format could not fill these, or which slot gets the label could not be told
+        *(
+            (
+                {"images": ["aGk="], "labels": ["a"], "templates": ["a {}", bad]},
+                422,
+                ["templates[1]"],
+            )
+            for bad in ("a {} in {braces}", "{} and {name}", "{} or {0}", "{0.x}", "a {")
+        ),
+        # worded for a string, not a list ("at most 300 items after validation")
+        (
+            {"images": ["aGk="], "labels": ["a"], "templates": ["{}" + "x" * 299]},
+            422,
+            ["templates[0]", "at most 300 characters"],
+        ),
         ({"images": ["not an image!"], "labels": ["a"]}, 422, ["images[0]"]),
         ({"images": ["aGk="], "labels": ["a"], "top_k": 0}, 422, ["top_k"]),
         ({"labels": ["a"]}, 422, ["images"]),
@@ -196,15 +218,31 @@ def test_classify_mistakes_are_json_errors_naming_the_field(served, body, status
     assert "inputs" not in message and "parameters." not in message
 
 
-def test_long_labels_are_refused_naming_label_and_template(served, pictures):
-    body = {
-        "images": [as_base64(pictures[0])],
-        "labels": ["cat", "very " * 50 + "long"],
-        "templates": ["a {}", "the {}"],
-    }
-    response = post(served, "/classify", body)
+@pytest.mark.parametrize(
+    ("templates", "named"),
+    [
+        (["a {}", "the {}"], "labels[1] with templates[0]: "),
+        (["a {}"], "labels[1] with templates[0]: "),  # the label alone had been blamed
+        (None, "labels[1]: "),  # the default template: the label's
+    ],
+)
+def test_long_prompts_are_refused_naming_label_and_the_template_sent(
+    served, pictures, templates, named
+):
+    body = {"images": [as_base64(pictures[0])], "labels": ["cat", "very " * 50 + "long"]}
+    response = post(served, "/classify", body | ({"templates": templates} if templates else {}))
     assert response.status_code == 422
-    assert "labels[1] with templates[0]" in response.json()["error"]["message"]
+    assert response.json()["error"]["message"].startswith(named)
+
+
+def test_a_long_toolkit_prompt_names_the_template_sent(served, pictures):
+    parameters = {"candidate_labels": ["dog", "cat"], "hypothesis_template": "{} " * 80}
+    body = {"inputs": as_base64(pictures[0]), "parameters": parameters}
+    response = post(served, "/invocations", body)
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith(
+        "parameters.candidate_labels[0] with parameters.hypothesis_template: the prompt is"
+    )
 
 
 def test_image_embeddings_in_both_formats_match_transformers(served, tiny_clip, pictures):
@@ -370,7 +408,7 @@ def test_raw_images_of_any_image_type_are_answered_as_their_json(
             "image/png",
             {"X-Amzn-SageMaker-Custom-Attributes": "labels=a;template=no slot"},
             422,
-            ["X-Amzn-SageMaker-Custom-Attributes template: must be a string with"],
+            ["X-Amzn-SageMaker-Custom-Attributes template: a template must hold the label's slot"],
         ),
         (
             b"\x00\x00\x00\x18ftypmp42",

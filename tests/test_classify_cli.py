@@ -486,7 +486,7 @@ def test_arguments_the_server_refuses_are_a_usage_error(served, photos):
     )
     assert result.returncode == 2
     assert result.stdout == ""
-    assert "templates[0]" in result.stderr and "placeholder" in result.stderr
+    assert "templates[0]" in result.stderr and "slot {}" in result.stderr
 
 
 @pytest.mark.parametrize(

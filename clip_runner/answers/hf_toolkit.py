@@ -10,13 +10,12 @@ header instead (`labels=cat,dog`), which `parse_custom_attributes` reads.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from clip_runner.answers.prompts import PLACEHOLDERS, check_template
+from clip_runner.answers.prompts import check_template
 from clip_runner.config import get_settings
 from clip_runner.errors import RequestError
 
@@ -66,41 +65,17 @@ def _check_length(field: str, text: str) -> None:
 
 
 def pipeline_template(template: Any) -> str:
-    """The pipeline's `hypothesis_template.format(label)` as this project's `{}` template, for
-    the templates whose prompt that gives can be told: slots `{}` or `{0}`, literal braces
-    `{{ }}`; the original container's `{name}` is taken too, as the original fills it. A slot
-    with a format spec, a conversion or a lookup (`{:>10}`, `{0!r}`, `{0.x}`, `{0[0]}`) is
-    refused rather than evaluated on caller text (`{0.x}` raised where no 4xx was made: a 500,
-    and a JSON Lines mini-batch left unanswered); so is an empty template (it had become the
-    default unasked) and one without a slot."""
-    invalid = _invalid(
-        "parameters.hypothesis_template: must be a string with the label's slot {} (or {0}); "
-        "no format specs, conversions or lookups"
-    )
+    """The pipeline's `hypothesis_template.format(label)` as this project's template, by
+    `/classify`'s rules (prompts.check_template): a slot with a format spec, a conversion or a
+    lookup is refused rather than evaluated on caller text (`{0.x}` raised where no 4xx was made:
+    a 500, and a JSON Lines mini-batch left unanswered); so is an empty template (it had become
+    the default unasked) and one without a slot."""
     if not isinstance(template, str):
-        raise invalid
+        raise _invalid("parameters.hypothesis_template: must be a string")
     try:
-        pieces = list(string.Formatter().parse(template))
-    except ValueError:  # unbalanced braces
-        raise invalid from None
-    fields = {field for _, field, _, _ in pieces if field is not None}
-    for _, field, spec, conversion in pieces:
-        if field is not None and (spec or conversion not in (None, "s")):
-            raise invalid
-    if fields == {"name"}:  # the original's placeholder, filled as the original fills it
         return check_template(template)
-    if not fields or not fields <= {"", "0"}:
-        raise invalid
-    slot = PLACEHOLDERS[1]
-    filled = "".join(
-        literal + (slot if field is not None else "") for literal, field, _, _ in pieces
-    )
-    # Literal braces that read as a slot once undoubled ("{{}}", "{{name}}") cannot be told
-    # from the label's.
-    slots = sum(field is not None for _, field, _, _ in pieces)
-    if filled.count(slot) != slots or PLACEHOLDERS[0] in filled:
-        raise invalid
-    return filled
+    except ValueError as exc:
+        raise _invalid(f"parameters.hypothesis_template: {exc}") from None
 
 
 def parse_zero_shot_request(inputs: Any, parameters: Any) -> ZeroShotRequest:

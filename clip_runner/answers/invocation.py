@@ -326,13 +326,21 @@ async def classify(
     top_k: int | None,
     label_field: str = "labels",
     image_field: str = "images",
+    template_field: Callable[[int], str] | None = None,
 ) -> list[list[dict[str, Any]]]:
-    """Per image, `[{"label", "score"}]` by descending score; several templates are ensembled."""
+    """Per image, `[{"label", "score"}]` by descending score; several templates are ensembled.
+
+    An over-long prompt is named by its label and, where the caller sent the template
+    (`template_field` names template i), its template: the label alone had been blamed for a
+    long template.
+    """
     count = len(templates)
 
     def locate(index: int) -> str:
         label = f"{label_field}[{index // count}]"
-        return label if count == 1 else f"{label} with templates[{index % count}]"
+        if template_field is None:
+            return label
+        return f"{label} with {template_field(index % count)}"
 
     check_prompt_sizes(context, labels, templates, locate)
     plan = await plan_labels(context, labels, templates, locate)

@@ -8,6 +8,8 @@ per label. With the single default template this is exactly `/invocations`' math
 
 from __future__ import annotations
 
+import functools
+import string
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,27 +19,77 @@ from clip_runner.answers.zero_shot import top_k_indices
 # `{name}` is the original container's placeholder; `{}` is what CLIP's and Hugging Face's
 # template lists use ("a photo of a {}.").
 PLACEHOLDERS = ("{name}", "{}")
+TEMPLATE_RULE = (
+    "a template must hold the label's slot {} (or {0}; literal braces doubled: {{ }}) or the "
+    "original's {name}, not both; no other fields, format specs, conversions or lookups"
+)
+
+
+def _parsed(template: str) -> list[tuple[str, str | None, str | None, str | None]] | None:
+    """`string.Formatter().parse`, None for unbalanced braces."""
+    try:
+        return list(string.Formatter().parse(template))
+    except ValueError:
+        return None
+
+
+def _fields(pieces: list[tuple[str, str | None, str | None, str | None]]) -> set[str]:
+    return {field for _, field, _, _ in pieces if field is not None}
 
 
 def check_template(template: str) -> str:
-    """A template must say where the label goes."""
-    if not any(placeholder in template for placeholder in PLACEHOLDERS):
-        raise ValueError("template must contain the placeholder {name} or {}")
+    """`template` if `fill_template` can fill it plainly, else ValueError(TEMPLATE_RULE).
+
+    `{}` templates (CLIP's lists, transformers' pipeline) are filled as `template.format(label)`
+    fills them: slots `{}` or `{0}`, literal braces `{{ }}` (a slot repeated gets the label each
+    time). A `{name}` template, the original's, has `{name}` replaced. Anything `str.format`
+    would evaluate on caller text (`{0.x}`, `{0[0]}`, `{:>10}`, `{0!r}`), could not fill (`{x}`,
+    `{1}`, unbalanced braces) or fills without the label is refused, as is a template mixing
+    `{}` and `{name}` (which one gets the label could not be told).
+    """
+    pieces = _parsed(template)
+    if pieces is None or any(
+        field is not None
+        and (spec or conversion not in (None, "s") or (conversion and field == "name"))
+        for _, field, spec, conversion in pieces
+    ):
+        raise ValueError(TEMPLATE_RULE)
+    if _fields(pieces) not in ({"name"}, {""}, {"0"}):  # none, others, {} beside {0} or {name}
+        raise ValueError(TEMPLATE_RULE)
     return template
 
 
+@functools.lru_cache(maxsize=4096)
+def _literals(template: str) -> tuple[str, ...]:
+    """The text around a template's label slots: the prompt is the label joined between them.
+
+    A `{}` template's slots are its `{}`/`{0}` fields, its literal braces undoubled (what
+    `str.format` makes); any other template is the original's, whose `{name}` is replaced
+    (`/invocations`' `template` is only checked for holding `{name}`). Cached: a request fills
+    each template once per label, for up to 1,000 labels.
+    """
+    pieces = _parsed(template)
+    if pieces is None or not _fields(pieces) or not _fields(pieces) <= {"", "0"}:
+        return tuple(template.split(PLACEHOLDERS[0]))
+    literals, current = [], ""
+    for literal, field, _, _ in pieces:
+        current += literal
+        if field is not None:
+            literals.append(current)
+            current = ""
+    return (*literals, current)
+
+
 def fill_template(template: str, label: str) -> str:
-    """The label in the template's `{name}` slot, else its `{}` slots; other braces stay literal."""
-    if "{name}" in template:
-        return template.replace("{name}", label)
-    return template.replace("{}", label)
+    """The prompt for `label`: a checked template with the label in each of its slots."""
+    return label.join(_literals(template))
 
 
 def filled_length(template: str, label: str) -> int:
     """`len(fill_template(template, label))`, without making the prompt: a template that
     repeats its slot multiplies the label's length."""
-    slot = "{name}" if "{name}" in template else "{}"
-    return len(template) + template.count(slot) * (len(label) - len(slot))
+    literals = _literals(template)
+    return sum(map(len, literals)) + (len(literals) - 1) * len(label)
 
 
 def ensemble_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -48,6 +100,8 @@ def ensemble_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[st
 def ensemble_embeddings(prompt_embeddings: np.ndarray, n_templates: int) -> np.ndarray:
     """(labels * templates, D) unit vectors, label-major -> (labels, D): mean, re-normalised."""
     embeddings = np.asarray(prompt_embeddings, dtype=np.float32)
+    if n_templates == 1:  # already unit vectors: re-normalising moved them by up to 6e-8
+        return embeddings
     per_label = embeddings.reshape(-1, n_templates, embeddings.shape[-1]).mean(axis=1)
     norms = np.linalg.norm(per_label, axis=1, keepdims=True)
     return (per_label / np.maximum(norms, 1e-12)).astype(np.float32)

@@ -75,13 +75,14 @@ ClassList = Annotated[
         examples=[[["person", 1], ["bag", 0], ["person with a bag", 1]]],
     ),
 ]
+# Field before the validator: a length limit after it is worded for a list ("at most 300 items").
 Template = Annotated[
     str,
-    AfterValidator(_check_template),
     Field(
         max_length=_settings.max_class_name_chars,
         description="Prompt template; {name} is replaced by each class name.",
     ),
+    AfterValidator(_check_template),
 ]
 # Whole JSON numbers only, as the flags are strict: `true` had been taken as 1, "2" and 2.0 as 2.
 WholeNumber = Annotated[int, Strict()]
@@ -112,9 +113,7 @@ LabelList = Annotated[
     ),
 ]
 EnsembleTemplate = Annotated[
-    str,
-    AfterValidator(check_template),
-    Field(max_length=_settings.max_class_name_chars),
+    str, Field(max_length=_settings.max_class_name_chars), AfterValidator(check_template)
 ]
 TemplateList = Annotated[
     list[EnsembleTemplate],
@@ -122,8 +121,9 @@ TemplateList = Annotated[
         min_length=1,
         max_length=MAX_TEMPLATES,
         description=(
-            "Prompt templates with {name} or {} for the label; several are averaged per label "
-            "(CLIP's prompt ensembling). The default matches /invocations."
+            "Prompt templates with {} for the label (filled as str.format fills it: {{ }} are "
+            "literal braces) or the original's {name}; several are averaged per label (CLIP's "
+            "prompt ensembling). The default matches /invocations."
         ),
         examples=[["a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}."]],
     ),

@@ -29,6 +29,8 @@ from clip_runner.model.encoding import ClipEncoder
 from tests.helpers import SEED_CLASSES, as_base64, photo_like
 from tests.reference import assert_matches_reference, reference_probabilities
 
+TEMPLATES = "templates[{}]".format  # how /classify names the templates the caller sent
+
 
 class CountingEncoder:
     """The real encoder behind the async interface the runner offers, counting calls."""
@@ -158,7 +160,7 @@ def test_a_template_repeating_its_slot_past_the_prompt_limit_is_refused_before_a
     context = recording_context(tiny_clip, counting, tokenized_counts)
     labels, templates = ["cat", "x" * 300], ["a photo of a {}", "{} and {} or {}"]
     with pytest.raises(RequestError) as raised:
-        asyncio.run(classify(context, [], labels, templates, None))
+        asyncio.run(classify(context, [], labels, templates, None, template_field=TEMPLATES))
     assert raised.value.status == 422
     assert raised.value.message == (
         "labels[1] with templates[1]: the prompt would be 909 characters long, over the 600 "
@@ -293,7 +295,9 @@ def test_an_over_long_prompt_behind_cached_ones_is_named_by_its_place(tiny_clip,
     asyncio.run(classify(context, [image], ["cat", "dog"], templates, None))
     labels = ["cat", "dog", "bird", "very " * 80 + "long"]
     with pytest.raises(RequestError, match=r"^labels\[3\] with templates\[0\]: the prompt is"):
-        asyncio.run(classify(context, [], labels, templates, None))
+        asyncio.run(classify(context, [], labels, templates, None, template_field=TEMPLATES))
+    with pytest.raises(RequestError, match=r"^labels\[3\]: the prompt is"):  # a default template
+        asyncio.run(classify(context, [], labels, templates[:1], None))
 
 
 def test_concurrent_requests_with_the_same_new_prompts_encode_them_once(tiny_clip, counting):

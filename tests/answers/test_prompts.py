@@ -24,26 +24,39 @@ def unit(rows: np.ndarray) -> np.ndarray:
     [
         ("a photo of a {name}", "a photo of a cat"),
         ("a photo of a {}.", "a photo of a cat."),
-        ("{name} or {} in {braces}", "cat or {} in {braces}"),  # {name} wins; the rest is literal
+        ("a {0} and a {0}", "a cat and a cat"),
+        ("a {{sketch}} of a {}", "a {sketch} of a cat"),  # literal braces, as str.format has them
+        ("{{}} {{name}} {!s}", "{} {name} cat"),
+        ("{} and {}", "cat and cat"),  # each slot (str.format would want a second label)
+        ("the {name}, {{as sent}}", "the cat, {{as sent}}"),  # the original replaces {name}
     ],
 )
 def test_fill_template(template, expected):
-    assert fill_template(template, "cat") == expected
+    assert fill_template(check_template(template), "cat") == expected
 
 
 @pytest.mark.parametrize(
     "template",
-    ["a photo of a {name}", "a {} of a {}", "{}" * 150, "{name}{name} or {}", "{name} {braces}"],
+    ["a photo of a {name}", "a {} of a {}", "{}" * 150, "{name}{name} or {}", "a {{x}} {0}"],
 )
 @pytest.mark.parametrize("label", ["", "cat", "x" * 300])
 def test_filled_length_is_the_filled_prompts_length(template, label):
     assert filled_length(template, label) == len(fill_template(template, label))
 
 
-def test_templates_without_a_placeholder_are_refused():
-    assert check_template("a {} photo") == "a {} photo"
-    with pytest.raises(ValueError, match=r"\{name\} or \{\}"):
-        check_template("a photo of something")
+@pytest.mark.parametrize(
+    "template",
+    [
+        *("", "a photo of something", "a {", "a }", "{x}", "{1}", "{} {0}", "{{}}"),
+        # which slot gets the label could not be told; str.format would evaluate the rest
+        *("{} or {name}", "{name} {braces}", "{name!s}", "{0.x}", "{0[0]}", "{:>10}", "{!r}"),
+    ],
+)
+def test_templates_str_format_could_not_fill_plainly_are_refused(template):
+    """Braces had been literal unless they were a slot: `a {} in {braces}` was taken, `{{ }}`
+    kept doubled, `{} or {name}` filled at `{name}` only."""
+    with pytest.raises(ValueError, match=r"the label's slot \{\} \(or \{0\}"):
+        check_template(template)
 
 
 def test_prompts_are_label_major():
