@@ -409,6 +409,12 @@ def raw_exchange(port: int, request: bytes) -> bytes:
     return answer
 
 
+def in_progress(metrics: str, endpoint: str) -> float:
+    """`bentoml_service_request_in_progress` of `endpoint` on a /metrics page, all workers."""
+    pattern = rf'bentoml_service_request_in_progress\{{[^}}]*endpoint="{endpoint}"[^}}]*\}} (\S+)'
+    return sum(float(value) for value in re.findall(pattern, metrics))
+
+
 def histogram(served: ServedBento, name: str) -> tuple[float, float]:
     """(count, sum) of a Prometheus histogram on /metrics, summed over its label sets."""
     text = httpx.get(f"{served.url}/metrics", timeout=10).text

@@ -23,7 +23,14 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import ServedBento, as_base64, photo_like, serve_tiny, wait_for_ping
+from tests.helpers import (
+    ServedBento,
+    as_base64,
+    in_progress,
+    photo_like,
+    serve_tiny,
+    wait_for_ping,
+)
 
 GOOD = {"images": [as_base64(photo_like(40, 40, seed=1))], "classes": [["cat", 1], ["dog", 0]]}
 
@@ -128,11 +135,6 @@ def test_a_killed_runner_is_reported_then_restarted(fragile):
         pytest.fail("the runner was not restarted within 90 s")
     assert fragile.runner_processes()[0].pid != runner.pid
     assert httpx.post(f"{fragile.url}/invocations", json=GOOD, timeout=30).status_code == 200
-
-
-def in_progress(metrics: str, endpoint: str) -> float:
-    pattern = rf'bentoml_service_request_in_progress\{{[^}}]*endpoint="{endpoint}"[^}}]*\}} (\S+)'
-    return sum(float(value) for value in re.findall(pattern, metrics))
 
 
 def test_a_killed_api_workers_requests_leave_the_metrics(fragile, image_host_server):

@@ -88,7 +88,8 @@ class DirectCallsMiddleware:
             await self.app(scope, receive, send)
             return
         body = await read_body(receive)
-        if body is None:
+        if body is None:  # the caller left: answered all the same, for BentoML's outer layers
+            await respond(send, 499, b"", {})  # (traffic.answer_a_departed_client says why)
             return
         method, unpack = route
         try:

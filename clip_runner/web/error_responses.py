@@ -69,6 +69,7 @@ _STATUS_TYPES = {
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "too_many_requests",
+    499: "client_closed_request",
     500: "internal_error",
     503: "service_unavailable",
     504: "timeout",

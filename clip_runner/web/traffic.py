@@ -136,6 +136,20 @@ async def send_error(
     await send({"type": "http.response.body", "body": body})
 
 
+async def answer_a_departed_client(send: Send) -> None:
+    """An answer for a client that closed its connection before it was answered.
+
+    Nothing reaches the client (uvicorn drops what is sent after a disconnect), but an answer
+    ends BentoML's layers outside this one now: its TimeoutMiddleware holds a request (and its
+    `bentoml_service_request_in_progress` share) until something is sent or its traffic
+    timeout passes (70 s by default, an hour for Batch Transform); it also counts the request.
+    499 as nginx logs a client that left.
+    """
+    await send_error(
+        send, 499, "client_closed_request", "the client closed the connection before its answer"
+    )
+
+
 class _TooLarge(Exception):
     pass
 
@@ -193,6 +207,7 @@ class RequestGuardMiddleware:
             await self._body_timeout(send, timeout.evicted_because)
             return
         except _Disconnected:
+            await answer_a_departed_client(send)
             return
         if self.in_flight >= self.max_concurrency:
             await send_error(
@@ -396,17 +411,19 @@ class RequestGuardMiddleware:
             )
             if handler in done:
                 handler.result()
-                return
-            handler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await handler
-            if watcher not in done and not response_started:
-                await send_error(
-                    send,
-                    504,
-                    "timeout",
-                    f"the request was not answered within {self.timeout_s:g} s",
-                )
+            else:
+                handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handler
+                if watcher not in done and not response_started:
+                    await send_error(
+                        tracking_send,
+                        504,
+                        "timeout",
+                        f"the request was not answered within {self.timeout_s:g} s",
+                    )
         finally:
             watcher.cancel()
             handler.cancel()
+        if disconnected.is_set() and not response_started:
+            await answer_a_departed_client(send)

@@ -10,6 +10,7 @@ import asyncio
 import httpx
 import numpy as np
 import pytest
+from bentoml._internal.server.http.traffic import TimeoutMiddleware
 from bentoml.exceptions import ServiceUnavailable
 from starlette.responses import PlainTextResponse
 
@@ -105,3 +106,23 @@ def test_a_failing_method_is_a_500_without_its_details(caplog, error, detail):
     assert answer.status_code == 500
     assert detail not in answer.text
     assert "runner call /encode_tokens failed" in caplog.text
+
+
+def test_a_caller_that_leaves_mid_body_is_answered_for_the_layers_outside():
+    """An API worker that gives up while sending its call: nothing reaches it, but an answer
+    ends BentoML's TimeoutMiddleware around this one, which had held the call for its traffic
+    timeout."""
+    app = TimeoutMiddleware(DirectCallsMiddleware(BENTOML_ENDPOINT, row_sums), timeout=20)
+    messages = [{"type": "http.request", "body": b"\0", "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(key.encode(), value.encode()) for key, value in wire("1").items()]
+    scope = {"type": "http", "method": "POST", "path": "/encode_tokens", "headers": headers}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 5))
+    assert sent[0]["status"] == 499

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import sys
+import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -23,7 +26,7 @@ from clip_runner.web.error_responses import (
     normalise_error,
 )
 from clip_runner.web.jsonlines import InvocationLine
-from tests.helpers import raw_exchange, uvicorn_on_loopback
+from tests.helpers import in_progress, raw_exchange, uvicorn_on_loopback
 
 
 def test_validation_detail_names_the_field_and_becomes_422():
@@ -201,3 +204,29 @@ def test_error_answers_are_counted_by_type_on_metrics(served):
         "unsupported_media_type": 1,
         "malformed_json": 1,  # a line
     }
+
+
+def test_a_client_that_leaves_is_counted_and_leaves_the_live_gauge(served, image_host_server):
+    """A client that closed its connection while its image was being fetched stayed in
+    `bentoml_service_request_in_progress` for BentoML's whole traffic timeout (70 s by default),
+    and was counted nowhere; it leaves the gauge at once now, counted as a 499."""
+    host = image_host_server
+    body = json.dumps({"images": [f"{host.url}/hang?leaver"], "labels": ["a cat"]}).encode()
+    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    before = errors_counted(served)
+    with socket.create_connection(("127.0.0.1", urlsplit(served.url).port), timeout=10) as sock:
+        sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        started_by = time.monotonic() + 15
+        while "/hang?leaver" not in host.access_log:
+            assert time.monotonic() < started_by, "the image was never fetched"
+            time.sleep(0.05)
+        metrics = httpx.get(f"{served.url}/metrics", timeout=10).text
+        assert in_progress(metrics, "/classify") == 1
+    left_by = time.monotonic() + 10
+    while in_progress(httpx.get(f"{served.url}/metrics", timeout=10).text, "/classify"):
+        assert time.monotonic() < left_by, "still in progress 10 s after the client left"
+        time.sleep(0.1)
+    grown = errors_counted(served).get("client_closed_request", 0) - before.get(
+        "client_closed_request", 0
+    )
+    assert grown == 1

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from bentoml._internal.server.http.traffic import TimeoutMiddleware
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -281,6 +282,58 @@ def test_deadline_answers_504_and_cancels_the_handler():
         "message": "the request was not answered within 0.5 s",
     }
     assert state == {"started": 1, "cancelled": 1}
+
+
+def leave_early(app, first_messages: list[dict], leave_after_s: float) -> tuple[float, list]:
+    """Call `app` behind BentoML's TimeoutMiddleware as uvicorn would for a client that sends
+    `first_messages`, then closes its connection: (seconds from the disconnect until the app
+    returned, the messages it sent)."""
+
+    async def go() -> tuple[float, list]:
+        pending, sent, gone = list(first_messages), [], asyncio.Event()
+
+        async def receive() -> dict:
+            if pending:
+                return pending.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/slow",
+            "headers": [(b"content-type", b"application/json")],
+        }
+        call = asyncio.ensure_future(TimeoutMiddleware(app, timeout=20)(scope, receive, send))
+        await asyncio.sleep(leave_after_s)
+        gone.set()
+        left = time.monotonic()
+        await asyncio.wait_for(call, 10)
+        return time.monotonic() - left, sent
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    "first_messages",
+    [
+        [{"type": "http.request", "body": b"{}", "more_body": False}],  # left while answered
+        [{"type": "http.request", "body": b"{", "more_body": True}],  # left while sending
+    ],
+)
+def test_a_client_that_leaves_is_answered_at_once_for_the_layers_outside(first_messages):
+    """Nothing reaches a departed client, but an answer ends BentoML's TimeoutMiddleware, which
+    had held the request (in `bentoml_service_request_in_progress`) for its whole traffic
+    timeout: 70 s by default."""
+    state: dict = {}
+    took_s, sent = leave_early(guarded_app(state, timeout_s=15), first_messages, 0.2)
+    assert took_s < 2
+    assert sent[0]["status"] == 499
+    assert json.loads(sent[1]["body"])["error"]["type"] == "client_closed_request"
+    assert state.get("cancelled", 0) == state.get("started", 0)  # the work was dropped
 
 
 def test_concurrency_cap_answers_429_and_ping_is_exempt():
