@@ -203,8 +203,11 @@ class GreedyBatcher(Generic[Rows]):
         self._wake.set()
         return await job.future
 
-    def _drop_stale(self) -> None:
-        """Callers that left are dropped; callers queued past the bound get QueueWaitExceeded."""
+    def _drop_stale(self, behind_failure: Exception | None = None) -> None:
+        """Callers that left are dropped; callers queued past the bound get QueueWaitExceeded,
+        or `behind_failure`: the error of the batch that held them (they waited because it
+        failed slowly: a merged call to a runner that did not answer took both its attempts'
+        time, and the callers queued behind it had been told the model was overloaded)."""
         now = time.monotonic()
         kept: deque[_Job] = deque()
         for job in self._queue:
@@ -213,7 +216,8 @@ class GreedyBatcher(Generic[Rows]):
             waited = now - job.enqueued
             if waited > self.max_queue_wait_s:
                 job.future.set_exception(
-                    QueueWaitExceeded(
+                    behind_failure
+                    or QueueWaitExceeded(
                         f"queued {waited:.1f} s, over the {self.max_queue_wait_s:g} s bound"
                     )
                 )
@@ -250,6 +254,7 @@ class GreedyBatcher(Generic[Rows]):
                         raise RuntimeError(f"{len(output)} rows answered for {sum(sizes)} sent")
                 except Exception as exc:  # this batch's callers get the error; the worker lives
                     _fail(batch, exc)
+                    self._drop_stale(behind_failure=exc)
                     continue
                 except BaseException as exc:  # its callers must not wait for good
                     _fail(batch, RuntimeError("the batch's pass was interrupted"))

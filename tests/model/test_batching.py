@@ -254,6 +254,32 @@ def test_requests_queued_past_the_bound_are_refused(executor):
     assert infer.batches == [1]
 
 
+def test_requests_queued_past_the_bound_behind_a_failed_batch_get_its_error():
+    """An API worker's merged runner call that the runner never answered fails after both
+    attempts; the requests queued behind it meanwhile had been told QueueWaitExceeded (503
+    `overloaded`: "the model's queue is full") while the runner was down. They get the call's
+    error; one that had not waited past the bound still runs."""
+
+    async def unanswered_call(rows: np.ndarray, threads: int) -> np.ndarray:
+        await asyncio.sleep(1.0)  # the attempts' time
+        if len(rows) == 1 and rows[0, 0] == 1:
+            raise ConnectionError("runner gone")
+        return rows * 2
+
+    async def scenario():
+        batcher = GreedyBatcher(unanswered_call, max_rows=8, max_queue_wait_s=0.4)
+        first = asyncio.ensure_future(batcher.submit(np.ones((1, 1))))
+        await asyncio.sleep(0.05)
+        behind = asyncio.ensure_future(batcher.submit(np.full((1, 1), 2.0)))  # waits 0.95 s
+        await asyncio.sleep(0.8)
+        fresh = asyncio.ensure_future(batcher.submit(np.full((1, 1), 3.0)))  # waits 0.15 s
+        return await asyncio.gather(first, behind, fresh, return_exceptions=True)
+
+    first, behind, fresh = asyncio.run(scenario())
+    assert isinstance(first, ConnectionError) and behind is first
+    np.testing.assert_array_equal(fresh, [[6.0]])
+
+
 def test_a_caller_that_left_is_not_encoded(executor):
     infer = Recorder()
 
