@@ -544,6 +544,19 @@ class ClipService:
 
 
 # Every API's JSON requests, answered before BentoML's endpoint layers (direct_json.py).
+def refuse_unknown_fields(*apis: str) -> None:
+    """These APIs refuse a field they do not take (a 422 naming it): `/classify`'s `topk`, or
+    `template` (as `/invocations` spells it), and `/embed_*`'s `encoding` had been ignored and
+    answered 200 with the defaults. BentoML builds each API's input model from its signature;
+    both its endpoint and DirectJsonMiddleware validate with that model. `/invocations` keeps
+    the original's leniency: its clients may send keys the original ignored."""
+    for api in apis:
+        model = ClipService.apis[api].input_spec
+        model.model_config["extra"] = "forbid"
+        model.model_rebuild(force=True)
+
+
+refuse_unknown_fields("classify", "embed_images", "embed_texts")
 DIRECT_ROUTES = {
     "/invocations": direct_route("invocations", "invocation_answer"),
     "/classify": direct_route("classify", "classify_answer"),

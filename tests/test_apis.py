@@ -198,6 +198,9 @@ def test_default_classify_agrees_with_invocations(served, pictures):
             )
             for bad in ("a {} in {braces}", "{} and {name}", "{} or {0}", "{0.x}", "a {")
         ),
+        # a field the route does not take: it had been ignored, the defaults answered
+        ({"images": ["aGk="], "labels": ["a"], "topk": 1}, 422, ["topk: no such field"]),
+        ({"images": ["aGk="], "labels": ["a"], "template": "a {}"}, 422, ["template: no such"]),
         # worded for a string, not a list ("at most 300 items after validation")
         (
             {"images": ["aGk="], "labels": ["a"], "templates": ["{}" + "x" * 299]},
@@ -272,6 +275,23 @@ def test_text_embeddings_match_transformers_and_long_texts_are_refused(served, t
     assert too_long.status_code == 422 and "texts[1]" in too_long.json()["error"]["message"]
     bad_format = post(served, "/embed_texts", {"texts": ["a"], "encoding_format": "hex"})
     assert bad_format.status_code == 422 and "encoding_format" in bad_format.text
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("/embed_texts", {"texts": ["a cat"], "encoding": "base64"}, "encoding"),
+        ("/embed_images", {"images": ["aGk="], "format": "base64"}, "format"),
+    ],
+)
+def test_embedding_routes_refuse_fields_they_do_not_take(served, route, body, field):
+    """A misspelt `encoding_format` had been ignored: floats answered where base64 was asked."""
+    response = post(served, route, body)
+    assert response.status_code == 422
+    assert response.json()["error"] == {
+        "type": "invalid_request",
+        "message": f"{field}: no such field (the route's fields are in /docs.json)",
+    }
 
 
 def test_hugging_face_toolkit_shape_on_invocations(served, pictures):

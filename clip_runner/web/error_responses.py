@@ -33,9 +33,13 @@ def _location(loc: list[Any]) -> str:
     return text or "body"
 
 
-def _reason(message: str) -> str:
-    """pydantic prefixes custom validator messages with "Value error, "; callers need not see it."""
-    return message.removeprefix("Value error, ")
+def _reason(item: dict[str, Any]) -> str:
+    """One pydantic error's message, for a caller: without the "Value error, " prefix pydantic
+    gives custom validators' messages, and an unknown field said as such (pydantic's "Extra
+    inputs are not permitted" does not say what was wrong with them)."""
+    if item.get("type") == "extra_forbidden":
+        return "no such field (the route's fields are in /docs.json)"
+    return str(item.get("msg", "")).removeprefix("Value error, ")
 
 
 def from_validation_detail(detail: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
@@ -45,9 +49,7 @@ def from_validation_detail(detail: list[dict[str, Any]]) -> tuple[int, dict[str,
         return 400, error_body("malformed_json", f"request body is not valid JSON: {reason}")
     if any(item.get("type") == "model_type" and not item.get("loc") for item in detail):
         return 400, error_body("malformed_json", "request body must be a JSON object")
-    messages = [
-        f"{_location(list(item.get('loc', [])))}: {_reason(item.get('msg', ''))}" for item in detail
-    ]
+    messages = [f"{_location(list(item.get('loc', [])))}: {_reason(item)}" for item in detail]
     first_index = next(
         (
             item["loc"][1]
@@ -193,7 +195,7 @@ def rejection_line(error: ValidationError) -> tuple[str, tuple[Any, ...]]:
     return REJECTION_FORMAT, (
         error.error_count(),
         _location(list(first["loc"])),
-        _reason(first["msg"]),
+        _reason(dict(first)),
     )
 
 

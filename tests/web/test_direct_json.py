@@ -199,6 +199,7 @@ def requests_to_compare() -> list[tuple[str, str, bytes]]:
         ("texts not a list", {"texts": "a cat"}),
         ("a number among them", {"texts": ["a cat", 3]}),
         ("a text too long", {"texts": ["word " * 90]}),
+        ("an unknown field", {"texts": ["a cat"], "encoding": "base64"}),
     ]
     return [
         (route, name, body if isinstance(body, bytes) else json.dumps(body).encode())
