@@ -3,10 +3,13 @@ a real `bentoml serve` stopped with a request in flight."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -71,7 +74,9 @@ def test_a_request_in_flight_when_the_server_is_stopped_is_answered(
 ):
     """`docker stop` (SIGTERM to the supervisor alone) while an image URL is being fetched: the
     runner had exited with the API workers, and the request got a 503 `runner_unavailable`
-    from a server that then exited with status 0."""
+    from a server that then exited with status 0. A client that had left before the stop (a
+    closed browser tab, a caller's timeout) held the stop for BentoML's 70-s traffic timeout,
+    past `docker stop`'s 10 s: its request was never answered, so BentoML kept waiting."""
     encode_path = image_dir / "shutdown-order.png"
     encode_path.write_bytes(encode(photo_like(64, 48, seed=5)))
     slow_url = f"{image_server}/slow?s=3&to=/shutdown-order.png"
@@ -84,9 +89,18 @@ def test_a_request_in_flight_when_the_server_is_stopped_is_answered(
             )
         )
         caller.start()
-        time.sleep(1)
+        left = json.dumps({**body, "images": body["images"][:1]}).encode()
+        with socket.create_connection(("127.0.0.1", urlsplit(server.url).port)) as departed:
+            departed.sendall(
+                b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(left), left)
+            )
+            time.sleep(0.5)
+        time.sleep(0.5)
         server.process.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
         caller.join(timeout=60)
         assert answer and answer[0].status_code == 200, answer and answer[0].text
         assert len(answer[0].json()) == 2
-        assert server.process.wait(timeout=30) == 0
+        assert server.process.wait(timeout=60) == 0
+        assert time.monotonic() - stopped_at < 10  # docker stop's default grace
