@@ -460,6 +460,11 @@ def test_bentoml_clients_speak_every_api(served, pictures):
         image_vectors = client.embed_images(images=[image])
         text_vectors = client.embed_texts(texts=["a cat"], encoding_format="base64")
         toolkit = client.invocations(inputs=image, parameters={"candidate_labels": LABELS})
+        # one comma-separated string, as the README allows: it had been sent one label per
+        # character (",", "a", "c", ...) and answered 200
+        joined = client.invocations(
+            inputs=[image], parameters={"candidate_labels": ",".join(LABELS)}
+        )
     direct = post(served, "/classify", {"images": [image], "labels": LABELS, "top_k": 2}).json()
     assert_same_answer(classified, direct)
     assert len(image_vectors["embeddings"][0]) == image_vectors["dimension"]
@@ -467,6 +472,7 @@ def test_bentoml_clients_speak_every_api(served, pictures):
     assert [item["label"] for item in toolkit] == sorted(
         LABELS, key=lambda label: -scores_by_label(toolkit)[label]
     )
+    assert_same_answer(joined, [toolkit])  # a list of images: a list per image
 
     async def with_async_client() -> dict:
         async with bentoml.AsyncHTTPClient(served.url) as client:

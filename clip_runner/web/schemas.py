@@ -176,7 +176,9 @@ class EmbeddingResponse(BaseModel):
 class ZeroShotParameters(BaseModel):
     """The Hugging Face toolkit's `parameters` for zero-shot image classification."""
 
-    candidate_labels: list[str] | str = Field(
+    # The string first: BentoML's /schema.json keeps an anyOf's first branch only, and its
+    # Python client split a string sent to an array field into one label per character.
+    candidate_labels: str | list[str] = Field(
         description="Labels, as a list or one comma-separated string.",
         examples=[["cat", "dog"]],
     )
