@@ -69,6 +69,8 @@ class RunRefused(Exception):
         self.status = status
         self.error = error
         self.message = str(error.get("message", ""))
+        # One per source, as `run` returns them, once `run` has given up on the run.
+        self.outcomes: list[dict[str, Any]] = []
         super().__init__(f"HTTP {status}: {self.message}")
 
 
@@ -134,13 +136,20 @@ def folder_images(folder: Path, recursive: bool) -> list[Path]:
 
     Hidden files are mostly editor or OS debris (macOS writes `._photo.jpg` resource forks that
     are not images); symlinked folders are not followed, so a link loop cannot recurse forever.
+    Only regular files (or links to them) count: reading a named pipe or a device called
+    `x.jpg` had blocked the run for good.
     """
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in files:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(Path(root) / name)
+            path = Path(root) / name
+            if (
+                not name.startswith(".")
+                and path.suffix.lower() in IMAGE_SUFFIXES
+                and path.is_file()
+            ):
+                found.append(path)
     return sorted(found, key=lambda path: path.relative_to(folder).parts)
 
 
@@ -449,7 +458,8 @@ def run(
     progress: Any = None,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Classify every source; returns one outcome per source, in order, and why the run stopped
-    early (None if it did not). A refused request (RunRefused) propagates."""
+    early (None if it did not). A request refused before any image was classified raises
+    RunRefused: the run's arguments were wrong; it carries the outcomes all the same."""
     outcomes: list[dict[str, Any] | None] = [None] * len(sources)
     budget = max_body_bytes - classifier.overhead()
     sendable: list[int] = []
@@ -473,6 +483,7 @@ def run(
     if progress is not None:
         progress.update(len(sources) - len(sendable))
     stopped: str | None = None
+    refused: RunRefused | None = None
     for batch in make_batches(sizes, batch_size, budget):
         members = [sendable[i] for i in batch]
         try:
@@ -487,7 +498,7 @@ def run(
             # Refused from the start (a wrong URL, key or label): the run's arguments, told as
             # such. Refused later: what was classified is still printed, the rest not sent.
             if not any(outcome and "results" in outcome for outcome in outcomes):
-                raise
+                refused = exc
             stopped = f"the server refused a request (HTTP {exc.status}): {exc.message}"
             break
         except KeyboardInterrupt:  # Ctrl-C on a long run still prints what was classified
@@ -496,10 +507,14 @@ def run(
     for index, outcome in enumerate(outcomes):
         if outcome is None:
             outcomes[index] = failure("not_sent", f"not classified: {stopped}")
-    return [
+    named = [
         {"image": source.name, **(outcome or {})}
         for source, outcome in zip(sources, outcomes, strict=True)
-    ], stopped
+    ]
+    if refused is not None:
+        refused.outcomes = named
+        raise refused
+    return named, stopped
 
 
 # ------------------------------------------------------------------------- command line
@@ -631,6 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunRefused as exc:
         if progress is not None:
             progress.close()
+        if args.json:  # stdout is one JSON document whatever happened
+            print(json.dumps(exc.outcomes, indent=2))
+            sys.stdout.flush()
         print(
             f"error: the server refused the request (HTTP {exc.status}): {exc.message}",
             file=sys.stderr,
@@ -646,8 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     classified = sum("results" in o for o in outcomes)
     if args.json:
         print(json.dumps(outcomes, indent=2))
-    elif classified or not stopped:  # a table of nothing but "not sent" rows says nothing
-        print(format_table(outcomes))
+    elif not stopped or any(o.get("error", {}).get("type") != "not_sent" for o in outcomes):
+        print(format_table(outcomes))  # (a table of nothing but "not sent" rows says nothing)
     sys.stdout.flush()
     if stopped:
         print(f"error: {stopped}", file=sys.stderr)

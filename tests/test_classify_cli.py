@@ -110,6 +110,14 @@ def test_folder_images_are_sorted_filtered_and_recursive_only_when_asked(tmp_pat
     assert [p.relative_to(tmp_path).as_posix() for p in deep] == ["a.JPG", "b.png", "sub/c.webp"]
 
 
+def test_a_named_pipe_in_a_folder_is_not_an_image(tmp_path):
+    """Reading a FIFO named like an image had blocked the run for good."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    assert [p.name for p in cli.folder_images(tmp_path, recursive=False)] == ["a.png", "link.png"]
+
+
 def test_collect_sources_keeps_argument_order_and_kinds(tmp_path):
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "x.png").write_bytes(b"x")
@@ -487,6 +495,16 @@ def test_arguments_the_server_refuses_are_a_usage_error(served, photos):
     assert result.returncode == 2
     assert result.stdout == ""
     assert "templates[0]" in result.stderr and "slot {}" in result.stderr
+
+
+def test_json_output_is_one_document_when_the_first_request_is_refused(served, photos):
+    """A pipeline reading `--json` from stdout had got nothing at all when the server refused
+    the run's first request (a 404 at a wrong `--url`, a template it cannot fill)."""
+    result = run_cli("--labels", "cat,dog", "--json", "--url", f"{served.url}/v1", photos)
+    assert result.returncode == 1
+    outcomes = json.loads(result.stdout)
+    assert outcomes and all(o["error"]["type"] == "not_sent" for o in outcomes)
+    assert "HTTP 404" in outcomes[0]["error"]["message"]
 
 
 @pytest.mark.parametrize(
