@@ -198,6 +198,11 @@ def test_default_classify_agrees_with_invocations(served, pictures):
             )
             for bad in ("a {} in {braces}", "{} and {name}", "{} or {0}", "{0.x}", "a {")
         ),
+        (
+            {"images": ["aGk="], "labels": ["a", " \t"]},
+            422,
+            ["labels[1]: a label must not be blank"],
+        ),
         # a field the route does not take: it had been ignored, the defaults answered
         ({"images": ["aGk="], "labels": ["a"], "topk": 1}, 422, ["topk: no such field"]),
         ({"images": ["aGk="], "labels": ["a"], "template": "a {}"}, 422, ["template: no such"]),

@@ -103,8 +103,18 @@ class Prediction(BaseModel):
 
 # ---------------------------------------------------------------- beyond the original
 
+
+def _check_label(label: str) -> str:
+    """A label of whitespace only names nothing (the toolkit shape's `candidate_labels` refused
+    one already; `/classify` had scored its empty prompt like any other label)."""
+    if not label.strip():
+        raise ValueError("a label must not be blank")
+    return label
+
+
+Label = Annotated[ClassName, AfterValidator(_check_label)]
 LabelList = Annotated[
-    list[ClassName],
+    list[Label],
     Field(
         min_length=1,
         max_length=_settings.max_classes_per_request,
