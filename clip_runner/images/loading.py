@@ -151,20 +151,40 @@ def _lenient_base64(payload: str, index: int) -> bytes:
         raise ImageError(index, "not an http(s) URL, data: URI or valid base64") from None
 
 
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit greyscale image ("I;16*", "I") in 8 bits: "L", or "LA" where a tRNS key
+    makes some values transparent (the key names a 16-bit value).
+
+    16-bit values are scaled (value / 257, rounded): Pillow's own conversion, which
+    CLIPProcessor uses, clips them at 255, turning every pixel brighter than 255 of 65,535
+    white. They had been scaled only when some value passed 255, so a dark 16-bit image was
+    read as a bright 8-bit one, and one pixel of 256 changed how the whole image was read. A
+    32-bit integer image ("I", TIFF) has no set range: values up to 255 are taken as 8-bit
+    ones, larger ones scaled as 16-bit ones and clipped.
+    """
+    pixels = np.asarray(image, dtype=np.float64)
+    scale = 1.0 if image.mode == "I" and pixels.max(initial=0) <= 255 else 257.0
+    grey = Image.fromarray(np.clip(pixels / scale, 0, 255).round().astype(np.uint8), "L")
+    key = image.info.get("transparency")
+    if isinstance(key, int):
+        grey.putalpha(Image.fromarray(np.where(pixels == key, 0, 255).astype(np.uint8), "L"))
+    return grey
+
+
 def to_rgb(image: Image.Image, keep_grey: bool = False) -> Image.Image:
-    """RGB with EXIF orientation applied; transparency composited onto white; 16-bit scaled.
+    """RGB with EXIF orientation applied; transparency (an alpha band or a tRNS key, in every
+    mode: transformers' `convert_to_rgb`) composited onto white; 16-bit scaled (`eight_bit`).
     With `keep_grey`, an opaque greyscale image stays greyscale ("L"): its RGB would repeat
     each value three times, which the compiled resize does after the crop instead."""
     # In place: without an orientation tag the default returns a full copy of the pixels.
     ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        pixels = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if pixels.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(pixels / scale, 0, 255).round().astype(np.uint8), "L")
+        image = eight_bit(image)
     opaque = image.info.get("transparency") is None
     if keep_grey and image.mode == "1" and opaque:  # bilevel (fax, scans): 0 or 255 either way
         image = image.convert("L")
-    if image.mode == "RGB" or (keep_grey and image.mode == "L" and opaque):
+    # An RGB image's tRNS key (one colour transparent, as in a logo) had been ignored.
+    if (image.mode == "RGB" and opaque) or (keep_grey and image.mode == "L" and opaque):
         return image
     if "A" in image.getbands() or not opaque:
         return on_white(image.convert("RGBA"))

@@ -254,6 +254,36 @@ def test_palette_transparency_becomes_white():
     )
 
 
+def test_an_rgb_image_with_one_colour_transparent_becomes_white_as_transformers_has_it():
+    """A logo whose background colour a tRNS key makes transparent: the key had been ignored
+    for RGB images (cosine 0.59 from the reference's embedding on a random ViT-B/32)."""
+    logo = Image.new("RGB", (40, 30), (0, 0, 0))
+    logo.paste((200, 30, 40), (10, 5, 30, 25))
+    blob = encode(logo, "PNG", transparency=(0, 0, 0))
+    decoded = np.asarray(decode_image(blob, index=0, max_pixels=MAX_PIXELS))
+    with Image.open(io.BytesIO(blob)) as stored:
+        np.testing.assert_array_equal(decoded, convert_to_rgb(stored, return_numpy=True))
+    assert tuple(decoded[0, 0]) == (255, 255, 255) and tuple(decoded[15, 20]) == (200, 30, 40)
+
+
+@pytest.mark.parametrize("keep_grey", [False, True])
+def test_sixteen_bit_values_are_scaled_however_dark_and_their_key_is_kept(keep_grey):
+    """Values 100 and 255 of 65,535 are nearly black: they had been read as 8-bit ones (100,
+    255) unless some value passed 255; and a 16-bit tRNS key had been dropped."""
+    values = np.array([[0, 100, 255, 40000]], dtype=np.uint16)
+    opaque = encode(Image.fromarray(values), "PNG")
+    keyed = encode(Image.fromarray(values), "PNG", transparency=0)
+    if keep_grey:  # the API workers' path: one byte per pixel while the image is opaque grey
+        grey, _ = decoded_pixels(opaque, 0, MAX_PIXELS)
+        assert grey.tolist() == [[0, 0, 1, 156]]
+        rgb, _ = decoded_pixels(keyed, 0, MAX_PIXELS)
+    else:
+        grey = np.asarray(decode_image(opaque, index=0, max_pixels=MAX_PIXELS))
+        assert grey[..., 0].tolist() == [[0, 0, 1, 156]]
+        rgb = np.asarray(decode_image(keyed, index=0, max_pixels=MAX_PIXELS))
+    assert rgb[..., 0].tolist() == [[255, 0, 1, 156]] and rgb.shape[:2] == (1, 4)  # colour: RGB
+
+
 def test_cmyk_jpeg_becomes_rgb():
     cmyk = Image.new("CMYK", (32, 32), (0, 255, 255, 0))  # pure red in CMYK
     red, green, blue = decode_image(
