@@ -34,7 +34,12 @@ except ImportError:  # an accelerator, not a requirement: the same bytes, slower
 from clip_runner.errors import ImageError, RequestError, quoted
 from clip_runner.images.fetch import FetchLimits, fetch_url
 from clip_runner.images.formats import ACCEPTED_FORMATS, ACCEPTED_FORMATS_TEXT
-from clip_runner.images.pixel_budget import HeaderCheck, PixelBudget, image_header
+from clip_runner.images.pixel_budget import (
+    MAX_JPEG_SCANS,
+    HeaderCheck,
+    PixelBudget,
+    image_header,
+)
 from clip_runner.images.s3_images import fetch_s3, is_s3_url
 from clip_runner.metrics import PREPROCESS_SECONDS
 from clip_runner.model.pillow_pixels import (
@@ -97,6 +102,11 @@ INLINE_ON_LOOP_CHARS = 256 * 1024
 # and every other kind (a small progressive JPEG can hold thousands of scans) still go to a
 # thread, so the loop (and /ping) never waits long, whatever a request sends.
 ON_LOOP_MAX_PIXELS = 500_000
+# Images up to this size have their header read on the event loop (about 30 us for a photo).
+# Pillow parses some headers in Python at a cost that grows with the file: 4 MB of empty JPEG
+# comment or APPn markers, PNG chunks or GIF comment blocks took 0.5-1.2 s, a TIFF of a million
+# one-row strips 1.9 s, and held the loop (so /ping) that long. At this size, about 30 ms.
+HEADER_ON_LOOP_BYTES = 64 * 1024
 
 # What `load_image` gives: decoded model-ready pixels, or JPEG bytes for the runner's device.
 LoadedImage = np.ndarray | bytes
@@ -520,7 +530,16 @@ async def load_image(
         else None
     )
     # From the header, before decoding: 413 past the budget; and whether to forward the JPEG.
-    header = budget.charge(data, forwarding)
+    if len(data) <= HEADER_ON_LOOP_BYTES:
+        header = budget.charge(image_header(data, forwarding))
+    else:  # Pillow reads some headers in Python, at a cost that grows with the file (below)
+        header = budget.charge(await asyncio.to_thread(image_header, data, forwarding))
+    if header.scans > MAX_JPEG_SCANS:
+        raise ImageError(
+            index,
+            f"a progressive JPEG of {header.scans} scans, over the {MAX_JPEG_SCANS} decoded here "
+            "(encoders write 10 or so; each scan costs a pass over the whole image)",
+        )
     if header.passed_check:
         return data
     args = (data, index, geometry, limits.max_pixels, limits.fast_preprocessing)

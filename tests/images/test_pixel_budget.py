@@ -22,6 +22,11 @@ from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, encode, photo_l
 GEOMETRY = ImageGeometry(shortest_edge=224, crop_height=224, crop_width=224)
 # The issue's attack: a 6000x6000 PNG of one colour is 150 kB; 32 fit in one request.
 BIG_FLAT_PNG = encode(Image.new("RGB", (6000, 6000), (200, 30, 90)))
+LIMITS = ImageLimits(FetchLimits(10_000_000, 5), 40_000_000, max_request_pixels=10**10)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
@@ -70,19 +75,60 @@ def test_a_check_is_answered_in_the_same_read_of_the_header():
     assert image_header(b"not an image", sized) == image_header(b"")
     assert seen == [(40, 30)]
     budget = PixelBudget(limit=10_000)
-    assert budget.charge(data, sized).passed_check and budget.used == 1200
+    assert budget.charge(image_header(data, sized)).passed_check and budget.used == 1200
 
 
 def test_the_budget_refuses_the_image_that_passes_it_naming_the_budget():
     budget = PixelBudget(limit=1000, field="inputs")
-    assert budget.charge(encode(photo_like(20, 25, seed=1))).pixels == 500  # this image's own
-    budget.charge(encode(photo_like(20, 25, seed=2)))  # exactly 1000: still within
+    assert budget.charge(image_header(encode(photo_like(20, 25, seed=1)))).pixels == 500
+    budget.charge(image_header(encode(photo_like(20, 25, seed=2))))  # exactly 1000: within
     with pytest.raises(RequestError) as refused:
-        budget.charge(encode(photo_like(1, 1, seed=3)))
+        budget.charge(image_header(encode(photo_like(1, 1, seed=3))))
     error = refused.value
     assert (error.status, error.error_type) == (413, "too_many_pixels")
     assert error.message.startswith("inputs: ")
     assert "1000 pixels" in error.message and "CLIP_MAX_REQUEST_PIXELS" in error.message
+
+
+def repeated_scans(progressive_jpeg: bytes, extra: int) -> bytes:
+    """The JPEG with its last scan repeated `extra` more times: each repeat refines nothing,
+    but the decoder walks the whole image for it (a scan bomb)."""
+    last_scan = progressive_jpeg.rindex(b"\xff\xda")
+    body, end = progressive_jpeg[last_scan:-2], progressive_jpeg[-2:]
+    return progressive_jpeg[:-2] + body * extra + end
+
+
+def test_a_progressive_jpeg_of_more_scans_than_encoders_write_is_refused_undecoded(monkeypatch):
+    """One 400-kB JPEG of 5,000 empty scans took 11 s of a core to decode; real ones have 10."""
+    photo = encode(photo_like(64, 48, seed=5), "JPEG", progressive=True)
+    normal = image_header(photo).scans
+    assert 6 <= normal <= 12 and image_header(encode(photo_like(64, 48, seed=5), "JPEG")).scans == 0
+    bomb = repeated_scans(photo, images.MAX_JPEG_SCANS)
+    assert image_header(bomb).scans == normal + images.MAX_JPEG_SCANS
+    started = count_decodes(monkeypatch)
+    with pytest.raises(RequestError) as refused:
+        run_load([b64(photo), b64(bomb)], LIMITS)
+    assert refused.value.status == 422 and refused.value.index == 1
+    assert f"a progressive JPEG of {normal + images.MAX_JPEG_SCANS} scans" in refused.value.message
+    assert len(started) <= 1  # the good one at most: never the bomb
+
+
+def test_large_images_have_their_header_read_off_the_event_loop(monkeypatch):
+    """Pillow reads some headers in Python, at a cost growing with the file: 4 MB of empty JPEG
+    markers held the loop, and /ping with it, for about a second."""
+    on_loop: list[bool] = []
+    read = images.image_header
+
+    def recorded(data, check=None):
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return read(data, check)
+
+    monkeypatch.setattr(images, "image_header", recorded)
+    small = encode(photo_like(40, 30, seed=1), "PNG")
+    large = encode(Image.effect_noise((300, 300), 60).convert("RGB"), "PNG")
+    assert len(small) <= images.HEADER_ON_LOOP_BYTES < len(large)
+    run_load([b64(small), b64(large)], LIMITS)
+    assert on_loop == [True, False]
 
 
 def count_decodes(monkeypatch, hold: threading.Event | None = None) -> list[int]:
