@@ -8,6 +8,7 @@ who can reach the port could grow it without bound, with or without the API key.
 path no route serves are still answered as before (404, 401) but not counted per path. A mount
 counts through its own routes (the app BentoML mounts at `/` holds `/ping`); one without routes
 (BentoML's Swagger assets, static files) counts as none: every path under it would match.
+WebSocket handshakes, which no route takes, are not counted either.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class RoutedTrafficMetricsMiddleware(instruments.RunnerTrafficMetricsMiddleware)
     _paths: frozenset[str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # No route takes one (each is refused, 403); counted, every handshake's path had
+            # added its series, and a route's connections gauge had gone to -1.
+            await self.app(scope, receive, send)
+            return
         router: Any = getattr(scope.get("app"), "router", None)
         if scope["type"] == "http" and router is not None:
             if self._paths is None:

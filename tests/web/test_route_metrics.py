@@ -3,8 +3,10 @@ made-up paths against the real servers (with and without the API key)."""
 
 from __future__ import annotations
 
+import socket
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -51,6 +53,18 @@ def test_only_routes_count_as_routed(path, routed):
     assert matches_a_route(scope, ROUTES) is routed  # the quick check agrees
 
 
+def websocket_upgrade(server_url: str, path: str) -> bytes:
+    """The status line a WebSocket handshake to `path` is answered with (the service has no
+    WebSocket route)."""
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", urlsplit(server_url).port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        return sock.recv(65536).split(b"\r\n", 1)[0]
+
+
 def made_up_paths_leave_no_series(server_url: str, headers: dict[str, str]) -> None:
     with httpx.Client(base_url=server_url, timeout=30) as client:
         tag = uuid.uuid4().hex[:12]
@@ -58,6 +72,9 @@ def made_up_paths_leave_no_series(server_url: str, headers: dict[str, str]) -> N
             client.post(f"/classify/{tag}", json={}).status_code,
             client.get(f"/static_content/{tag}.css").status_code,
         }
+        # WebSocket handshakes had been counted per path (and a route's gauge left at -1)
+        refused = {websocket_upgrade(server_url, path) for path in (f"/ws-{tag}", "/embed_texts")}
+        assert {line.split()[1] for line in refused} == {b"403"}
         assert client.post("/classify", json={}, headers=headers).status_code == 422
         assert client.get("/classify", headers=headers).status_code == 405
         assert client.get("/ping").status_code == 200  # in the app BentoML mounts at "/"
@@ -65,6 +82,7 @@ def made_up_paths_leave_no_series(server_url: str, headers: dict[str, str]) -> N
         metrics = client.get("/metrics").text
     assert statuses <= {401, 404}
     assert tag not in metrics  # no series for any of them
+    assert "websocket_connections{" not in metrics
     # routes are still counted, whatever their answer
     assert 'endpoint="/classify",http_response_code="422"' in metrics
     assert 'endpoint="/classify",http_response_code="405"' in metrics
