@@ -215,7 +215,7 @@ GUARD_AUTH = {"Authorization": f"Bearer {GUARD_KEY}"}
 
 class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
     """Static files plus `/status/N`, `/redirect?to=URL`, `/slow?s=N&to=URL` (that redirect
-    after N seconds), `/loop`, `/hang`, `/endless`, `/gzip`
+    after N seconds), `/loop`, `/hang`, `/endless`, `/tiny-chunks` (one byte per chunk), `/gzip`
     (an image compressed twice, sent as `Content-Encoding: gzip, gzip`) and
     `/redirect-gzip?to=URL` (a redirect whose body claims gzip but is none: a client that reads
     it fails to decode it)."""
@@ -275,6 +275,17 @@ class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
             try:
                 for _ in range(100_000):  # bounded: ~6.5 GB at most, never reached in tests
                     self.wfile.write(b"\x89PNG" + b"\0" * 65_532)
+            except OSError:
+                pass
+        elif path == "/tiny-chunks":  # a PNG's bytes, one per HTTP chunk, 200 kB at most
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for byte in (b"\x89PNG" + bytes(200_000))[:200_000]:
+                    self.wfile.write(b"1\r\n" + bytes([byte]) + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
             except OSError:
                 pass
         else:

@@ -238,6 +238,14 @@ async def _after_redirects(
     raise ImageError(index, f"{quoted(url)} redirected more than {limits.max_redirects} times")
 
 
+# Each piece of a body (an HTTP chunk, or a network read) is parsed in Python on the event loop:
+# a host sending one byte per chunk had cost an API worker a core for the whole fetch timeout,
+# and /ping up to 2 s. Every TRICKLE_PIECES pieces the body must average TRICKLE_BYTES a piece;
+# a slow host sending whole TCP segments (1,400 bytes or so) passes.
+TRICKLE_PIECES = 4096
+TRICKLE_BYTES = 512
+
+
 async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: FetchLimits) -> bytes:
     """Download an image with a total deadline, a status check, and a size cap while streaming."""
     shown = quoted(url)
@@ -261,10 +269,18 @@ async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: Fet
                 if declared.isdigit() and int(declared) > limits.max_bytes:
                     raise ImageError(index, too_large)
                 body = bytearray()
+                pieces = 0
                 async for chunk in response.aiter_raw():
                     body += chunk
+                    pieces += 1
                     if len(body) > limits.max_bytes:
                         raise ImageError(index, too_large)
+                    if pieces % TRICKLE_PIECES == 0 and len(body) < pieces * TRICKLE_BYTES:
+                        raise ImageError(
+                            index,
+                            f"{shown} sent its body in {pieces:,} pieces of under "
+                            f"{TRICKLE_BYTES} bytes on average",
+                        )
             finally:
                 await response.aclose()
     except TimeoutError:

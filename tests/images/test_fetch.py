@@ -269,6 +269,13 @@ def test_an_endless_body_is_cut_off_at_the_size_cap(image_host_server):
         fetch(f"{image_host_server.url}/endless")
 
 
+def test_a_body_trickled_in_tiny_chunks_is_refused_early(image_host_server):
+    """Each HTTP chunk is parsed in Python on the event loop: a host sending one byte per chunk
+    had cost the API worker a core for the whole fetch timeout, and /ping its 2 s."""
+    with pytest.raises(RequestError, match=r"/tiny-chunks sent its body in 4,096 pieces"):
+        fetch(f"{image_host_server.url}/tiny-chunks")  # not the 2-s deadline's message
+
+
 def test_a_body_with_a_content_coding_is_refused_not_decoded(image_host_server):
     """The fetch asks for none (identity); httpx would decode gzip a whole network read at a
     time before the size cap saw it, and 2 kB of gzip within gzip is a gigabyte."""
