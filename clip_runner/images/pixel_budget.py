@@ -43,7 +43,7 @@ class ImageHeader:
 # with CLIP_DECODE=runner the runner's pass and every request batched with it, for a minute.
 # Encoders write 10 or so (libjpeg's default script: 10 in colour, 6 in grey).
 MAX_JPEG_SCANS = 100
-START_OF_SCAN = b"\xff\xda"
+SCAN_MARKER = b"\xff\xda"  # (loading.py walks the markers; here they are only counted)
 
 
 # A further question for an opened image's header, asked in the same read: whether the API
@@ -64,7 +64,7 @@ def image_header(data: bytes, check: HeaderCheck | None = None) -> ImageHeader:
             width, height = image.size
             progressive = image.format in JPEG_FORMATS and image.info.get("progressive")
             baseline_jpeg = image.format in JPEG_FORMATS and not progressive
-            scans = data.count(START_OF_SCAN) if progressive else 0
+            scans = data.count(SCAN_MARKER) if progressive else 0
             header = ImageHeader(width * height, baseline_jpeg, scans=scans)
             if check is not None:
                 try:
