@@ -54,7 +54,14 @@ def check_template(template: str) -> str:
         for _, field, spec, conversion in pieces
     ):
         raise ValueError(TEMPLATE_RULE)
-    if _fields(pieces) not in ({"name"}, {""}, {"0"}):  # none, others, {} beside {0} or {name}
+    fields = _fields(pieces)
+    if fields not in ({"name"}, {""}, {"0"}):  # none, others, {} beside {0} or {name}
+        raise ValueError(TEMPLATE_RULE)
+    # Every `{name}` in the text must be a slot, and a slot written `{name}`: `{name:}` parses
+    # as one but is not replaced (every label had got one prompt), and a literal `{{name}}`
+    # beside `{}` slots could not be told from the original's slot.
+    name_slots = sum(field == "name" for _, field, _, _ in pieces)
+    if template.count(PLACEHOLDERS[0]) != name_slots:
         raise ValueError(TEMPLATE_RULE)
     return template
 
@@ -63,13 +70,18 @@ def check_template(template: str) -> str:
 def _literals(template: str) -> tuple[str, ...]:
     """The text around a template's label slots: the prompt is the label joined between them.
 
-    A `{}` template's slots are its `{}`/`{0}` fields, its literal braces undoubled (what
-    `str.format` makes); any other template is the original's, whose `{name}` is replaced
-    (`/invocations`' `template` is only checked for holding `{name}`). Cached: a request fills
-    each template once per label, for up to 1,000 labels.
+    A template holding `{name}` is the original's, whose `{name}` is replaced, whatever else it
+    holds (`/invocations`' `template` is only checked for holding `{name}`); a `{}` template's
+    slots are its `{}`/`{0}` fields, its literal braces undoubled (what `str.format` makes).
+    Cached: a request fills each template once per label, for up to 1,000 labels.
     """
     pieces = _parsed(template)
-    if pieces is None or not _fields(pieces) or not _fields(pieces) <= {"", "0"}:
+    if (
+        PLACEHOLDERS[0] in template
+        or pieces is None
+        or not _fields(pieces)
+        or not _fields(pieces) <= {"", "0"}
+    ):
         return tuple(template.split(PLACEHOLDERS[0]))
     literals, current = [], ""
     for literal, field, _, _ in pieces:

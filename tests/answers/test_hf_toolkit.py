@@ -39,7 +39,6 @@ def test_a_list_of_images_comma_separated_labels_and_a_template():
         ("{}", "a red car"),
         ("{0!s} and more", "cat"),
         ("{} {{}}", "cat"),  # a literal {} beside the slot
-        ("{{name}}: {}", "cat"),
     ],
 )
 def test_a_template_fills_as_the_pipelines_str_format(template, label):
@@ -58,6 +57,7 @@ def test_the_originals_name_slot_is_taken_in_the_toolkit_shape_too():
     "template",
     [
         *("", "no slot", "{1}", "{label}", "a {", "{{}}", "{name} {}", "{} {0}", 3),
+        *("{{name}} {}", "a photo of a {name:}"),  # a {name} that is not the label's slot
         # evaluated on the label by str.format (an attribute lookup on caller text raised
         # AttributeError: a 500), or a prompt this server would not build alike
         *("{0.x}", "{0[x]}", "{0[0]}", "{:>10}", "{0!r}", "{!a}"),

@@ -26,13 +26,24 @@ def unit(rows: np.ndarray) -> np.ndarray:
         ("a photo of a {}.", "a photo of a cat."),
         ("a {0} and a {0}", "a cat and a cat"),
         ("a {{sketch}} of a {}", "a {sketch} of a cat"),  # literal braces, as str.format has them
-        ("{{}} {{name}} {!s}", "{} {name} cat"),
+        ("{{}} {{x}} {!s}", "{} {x} cat"),
         ("{} and {}", "cat and cat"),  # each slot (str.format would want a second label)
         ("the {name}, {{as sent}}", "the cat, {{as sent}}"),  # the original replaces {name}
     ],
 )
 def test_fill_template(template, expected):
     assert fill_template(check_template(template), "cat") == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [("a photo of a {{name}} {}", "a photo of a {cat} {}"), ("{name}: a {0}", "cat: a {0}")],
+)
+def test_the_originals_template_has_its_name_replaced_whatever_else_it_holds(template, expected):
+    """`/invocations`' `template` is only checked for holding `{name}`, which is replaced, as
+    the README says (str.format's rules had been taken where the rest had `{}` slots)."""
+    assert fill_template(template, "cat") == expected
+    assert filled_length(template, "cat") == len(expected)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +61,8 @@ def test_filled_length_is_the_filled_prompts_length(template, label):
         *("", "a photo of something", "a {", "a }", "{x}", "{1}", "{} {0}", "{{}}"),
         # which slot gets the label could not be told; str.format would evaluate the rest
         *("{} or {name}", "{name} {braces}", "{name!s}", "{0.x}", "{0[0]}", "{:>10}", "{!r}"),
+        # a `{name}` that is not replaced as a slot: every label had got the same prompt
+        *("a photo of a {name:}", "{{name}}: {}", "{{name}} {name}"),
     ],
 )
 def test_templates_str_format_could_not_fill_plainly_are_refused(template):
