@@ -435,6 +435,16 @@ def test_raw_images_of_any_image_type_are_answered_as_their_json(
             422,
             ["X-Amzn-SageMaker-Custom-Attributes template: a template must hold the label's slot"],
         ),
+        (  # a long prompt's template named as sent (it had said parameters.hypothesis_template)
+            encode(photo_like(40, 30, seed=3), "PNG"),
+            "image/png",
+            {"X-Amzn-SageMaker-Custom-Attributes": "labels=a;template=a photo of a {}" + " !" * 80},
+            422,
+            [
+                "X-Amzn-SageMaker-Custom-Attributes labels[0] with "
+                "X-Amzn-SageMaker-Custom-Attributes template: the prompt is"
+            ],
+        ),
         (
             b"\x00\x00\x00\x18ftypmp42",
             "video/mp4",

@@ -46,6 +46,8 @@ def callers_terms(message: str, content_type: str) -> str:
     """An error message about the toolkit request a raw body became, in terms of what the
     caller sent: its body and its header, not `inputs[0]` and `parameters` it never wrote."""
     header = CUSTOM_ATTRIBUTES_HEADER
+    # A long prompt's message names its template after its label, mid-message.
+    message = message.replace(" with parameters.hypothesis_template", f" with {header} template")
     for field, sent in (
         ("inputs[0]", f"the {media_type(content_type)} body"),
         ("inputs", f"the {media_type(content_type)} body"),
