@@ -34,6 +34,7 @@ except ImportError:  # an accelerator, not a requirement: the same bytes, slower
 from clip_runner.errors import ImageError, RequestError, quoted
 from clip_runner.images.fetch import FetchLimits, fetch_url
 from clip_runner.images.formats import ACCEPTED_FORMATS, ACCEPTED_FORMATS_TEXT
+from clip_runner.images.jpeg_markers import ends_after_its_scan
 from clip_runner.images.pixel_budget import (
     MAX_JPEG_SCANS,
     HeaderCheck,
@@ -296,35 +297,6 @@ def stored_as_rgb(opened: Image.Image) -> bool:
     return tuple(component[0] for component in opened.layer) == RGB_COMPONENT_IDS
 
 
-START_OF_SCAN, END_OF_IMAGE = 0xDA, b"\xff\xd9"
-# Markers without a length field (TEM, RST0-7): nothing follows them but the next marker.
-STANDALONE_MARKERS = frozenset((0x01, *range(0xD0, 0xD8)))
-
-
-def ends_after_its_scan(data: bytes) -> bool:
-    """Whether an end-of-image marker follows the JPEG's first scan: the file is complete.
-
-    Pillow refuses a truncated JPEG (even one missing only its last two bytes), so the API path
-    answers a 422; what nvJPEG does with one is unmeasured (it may decode what is there). The
-    walk goes marker to marker by their lengths up to the scan, past any thumbnail in the EXIF
-    data; inside the scan's coded data a 0xFF byte is always followed by 0x00 or a restart
-    marker, so an FF D9 after the scan's start can only be the end. Data after that end (some
-    phones append their own) is allowed, as Pillow allows it."""
-    position = 2  # after the start-of-image marker
-    while position + 4 <= len(data) and data[position] == 0xFF:
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-        elif marker in STANDALONE_MARKERS:
-            position += 2
-        elif marker == START_OF_SCAN:
-            # From the end: a complete file ends with the marker, so this reads two bytes.
-            return data.rfind(END_OF_IMAGE, position + 2) != -1
-        else:
-            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return False
-
-
 # The JPEG modes a runner decoding with Pillow is sent: colour, greyscale, and CMYK (Pillow
 # opens YCCK as CMYK too), which it converts to RGB.
 PILLOW_RUNNER_MODES = ("RGB", "L", "CMYK")
@@ -364,7 +336,7 @@ def device_check(
     data: bytes, max_pixels: int, shortest_edge: int, pillow_runner: bool = False
 ) -> HeaderCheck:
     """Whether the API workers forward `data` to the runner's device decoder, asked of its
-    header in the pixel budget's read of it (`PixelBudget.charge`): `device_decodable` and
+    header in the pixel budget's read of it (`image_header`): `device_decodable` and
     within the pixel limit. Any other image goes to `prepare_image`, which answers an
     unreadable or too large one with its 422."""
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from clip_runner.errors import RequestError
 from clip_runner.images.formats import ACCEPTED_FORMATS
+from clip_runner.images.jpeg_markers import scan_count
 from clip_runner.model.pillow_pixels import JPEG_FORMATS
 
 
@@ -32,8 +33,7 @@ class ImageHeader:
     baseline_jpeg: bool
     # The answer of the caller's own check of the opened header (`image_header`'s `check`).
     passed_check: bool = False
-    # A progressive JPEG's scans, at most (start-of-scan markers anywhere in the file; an EXIF
-    # thumbnail adds its own); 0 for any other image.
+    # A progressive JPEG's scans (`jpeg_markers.scan_count`); 0 for any other image.
     scans: int = 0
 
 
@@ -43,7 +43,6 @@ class ImageHeader:
 # with CLIP_DECODE=runner the runner's pass and every request batched with it, for a minute.
 # Encoders write 10 or so (libjpeg's default script: 10 in colour, 6 in grey).
 MAX_JPEG_SCANS = 100
-SCAN_MARKER = b"\xff\xda"  # (loading.py walks the markers; here they are only counted)
 
 
 # A further question for an opened image's header, asked in the same read: whether the API
@@ -64,7 +63,7 @@ def image_header(data: bytes, check: HeaderCheck | None = None) -> ImageHeader:
             width, height = image.size
             progressive = image.format in JPEG_FORMATS and image.info.get("progressive")
             baseline_jpeg = image.format in JPEG_FORMATS and not progressive
-            scans = data.count(SCAN_MARKER) if progressive else 0
+            scans = scan_count(data) if progressive else 0
             header = ImageHeader(width * height, baseline_jpeg, scans=scans)
             if check is not None:
                 try:
@@ -77,7 +76,8 @@ def image_header(data: bytes, check: HeaderCheck | None = None) -> ImageHeader:
 
 
 class PixelBudget:
-    """The pixels one request may decode; `charge` each image's bytes before decoding it."""
+    """The pixels one request may decode; `charge` each image's header (`image_header`)
+    before decoding it."""
 
     def __init__(self, limit: int, field: str = "images") -> None:
         self.limit = limit
