@@ -137,7 +137,7 @@ def folder_images(folder: Path, recursive: bool) -> list[Path]:
     Hidden files are mostly editor or OS debris (macOS writes `._photo.jpg` resource forks that
     are not images); symlinked folders are not followed, so a link loop cannot recurse forever.
     Only regular files (or links to them) count: reading a named pipe or a device called
-    `x.jpg` had blocked the run for good.
+    `x.jpg` had blocked the run for good. A broken link is kept: it is reported unreadable.
     """
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
@@ -147,7 +147,7 @@ def folder_images(folder: Path, recursive: bool) -> list[Path]:
             if (
                 not name.startswith(".")
                 and path.suffix.lower() in IMAGE_SUFFIXES
-                and path.is_file()
+                and (path.is_file() or not path.exists())
             ):
                 found.append(path)
     return sorted(found, key=lambda path: path.relative_to(folder).parts)

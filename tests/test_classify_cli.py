@@ -115,7 +115,9 @@ def test_a_named_pipe_in_a_folder_is_not_an_image(tmp_path):
     os.mkfifo(tmp_path / "pipe.jpg")
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
-    assert [p.name for p in cli.folder_images(tmp_path, recursive=False)] == ["a.png", "link.png"]
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")  # reported as unreadable
+    found = [p.name for p in cli.folder_images(tmp_path, recursive=False)]
+    assert found == ["a.png", "gone.png", "link.png"]
 
 
 def test_collect_sources_keeps_argument_order_and_kinds(tmp_path):
