@@ -40,6 +40,7 @@ from clip_runner.images.pixel_budget import (
     HeaderCheck,
     PixelBudget,
     image_header,
+    overlong_header,
 )
 from clip_runner.images.s3_images import fetch_s3, is_s3_url
 from clip_runner.metrics import PREPROCESS_SECONDS
@@ -501,6 +502,8 @@ async def load_image(
         if limits.forward_jpegs
         else None
     )
+    if (problem := overlong_header(data)) is not None:
+        raise ImageError(index, problem)
     # From the header, before decoding: 413 past the budget; and whether to forward the JPEG.
     if len(data) <= HEADER_ON_LOOP_BYTES:
         header = budget.charge(image_header(data, forwarding))

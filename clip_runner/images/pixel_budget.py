@@ -19,7 +19,8 @@ from PIL import Image
 
 from clip_runner.errors import RequestError
 from clip_runner.images.formats import ACCEPTED_FORMATS
-from clip_runner.images.jpeg_markers import scan_count
+from clip_runner.images.jpeg_markers import scan_count, too_many_markers
+from clip_runner.images.png_chunks import PNG_SIGNATURE, too_many_chunks
 from clip_runner.model.pillow_pixels import JPEG_FORMATS
 
 
@@ -43,6 +44,22 @@ class ImageHeader:
 # with CLIP_DECODE=runner the runner's pass and every request batched with it, for a minute.
 # Encoders write 10 or so (libjpeg's default script: 10 in colour, 6 in grey).
 MAX_JPEG_SCANS = 100
+# Markers (JPEG) or chunks (PNG) before the image data, read by Pillow one by one in Python:
+# past this many the image is refused before Pillow opens it (`overlong_header`).
+MAX_HEADER_SEGMENTS = 512
+
+
+def overlong_header(data: bytes) -> str | None:
+    """Why the image's header is refused before Pillow reads it, or None: a JPEG or PNG with more
+    than MAX_HEADER_SEGMENTS markers or chunks before its image data. Walks at most that many
+    (well under a millisecond), on the event loop."""
+    if data.startswith(b"\xff\xd8") and too_many_markers(data, MAX_HEADER_SEGMENTS):
+        kind = "a JPEG with more than {} markers before its image data"
+    elif data.startswith(PNG_SIGNATURE) and too_many_chunks(data, MAX_HEADER_SEGMENTS):
+        kind = "a PNG with more than {} chunks before its image data"
+    else:
+        return None
+    return kind.format(MAX_HEADER_SEGMENTS) + " (real files have a few dozen)"
 
 
 # A further question for an opened image's header, asked in the same read: whether the API

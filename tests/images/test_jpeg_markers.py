@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clip_runner.images.jpeg_markers import first_scan_at, scan_count
+from clip_runner.images.jpeg_markers import first_scan_at, scan_count, too_many_markers
 from tests.helpers import encode, photo_like
 
 PROGRESSIVE = encode(photo_like(64, 48, seed=5), "JPEG", progressive=True)
@@ -26,3 +26,13 @@ def test_scans_are_counted_in_the_first_image_only():
     assert scan_count(PROGRESSIVE + b"\xff\xda" * 200 + b"\xff\xd9") == real
     assert scan_count(PROGRESSIVE[:2] + THUMBNAIL_LIKE + PROGRESSIVE[2:]) == real
     assert scan_count(encode(photo_like(64, 48, seed=5), "JPEG")) == 1  # baseline: interleaved
+
+
+def test_a_jpeg_of_thousands_of_markers_before_its_scan_is_told_in_a_bounded_walk():
+    """Pillow reads each in Python: 4 MB of empty markers took about a second to open."""
+    empty_comments = PROGRESSIVE[:2] + b"\xff\xfe\x00\x02" * 600 + PROGRESSIVE[2:]
+    fill_bytes = PROGRESSIVE[:2] + b"\xff" * 600 + PROGRESSIVE[2:]
+    assert too_many_markers(empty_comments, 512) and too_many_markers(fill_bytes, 512)
+    assert not too_many_markers(PROGRESSIVE, 512)
+    assert not too_many_markers(PROGRESSIVE[:2] + THUMBNAIL_LIKE + PROGRESSIVE[2:], 512)
+    assert not too_many_markers(empty_comments, 1000)  # the limit is what counts

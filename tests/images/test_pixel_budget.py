@@ -113,6 +113,20 @@ def test_a_progressive_jpeg_of_more_scans_than_encoders_write_is_refused_undecod
     assert len(started) <= 1  # the good one at most: never the bomb
 
 
+def test_an_image_of_thousands_of_header_segments_is_refused_before_pillow_reads_it(monkeypatch):
+    """Eight 10-MB JPEGs of empty APP5 markers in one request had an API worker's threads parse
+    them in Python while its event loop waited for the GIL: /ping took 18 s."""
+    read: list[int] = []
+    monkeypatch.setattr(images, "image_header", lambda data, check=None: read.append(1))
+    photo = encode(photo_like(40, 30, seed=1), "JPEG")
+    bomb = photo[:2] + b"\xff\xe5\x00\x02" * 1000 + photo[2:]
+    with pytest.raises(RequestError) as refused:
+        run_load([b64(bomb)], LIMITS)
+    assert refused.value.status == 422 and refused.value.index == 0
+    assert "a JPEG with more than 512 markers before its image data" in refused.value.message
+    assert read == []  # never opened by Pillow
+
+
 def test_large_images_have_their_header_read_off_the_event_loop(monkeypatch):
     """Pillow reads some headers in Python, at a cost growing with the file: 4 MB of empty JPEG
     markers held the loop, and /ping with it, for about a second."""
