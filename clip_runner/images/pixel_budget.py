@@ -19,8 +19,10 @@ from PIL import Image
 
 from clip_runner.errors import RequestError
 from clip_runner.images.formats import ACCEPTED_FORMATS
+from clip_runner.images.gif_blocks import GIF_SIGNATURES, too_many_blocks
 from clip_runner.images.jpeg_markers import scan_count, too_many_markers
 from clip_runner.images.png_chunks import PNG_SIGNATURE, too_many_chunks
+from clip_runner.images.tiff_directory import TIFF_PREFIXES, first_directory
 from clip_runner.model.pillow_pixels import JPEG_FORMATS
 
 
@@ -44,22 +46,40 @@ class ImageHeader:
 # with CLIP_DECODE=runner the runner's pass and every request batched with it, for a minute.
 # Encoders write 10 or so (libjpeg's default script: 10 in colour, 6 in grey).
 MAX_JPEG_SCANS = 100
-# Markers (JPEG) or chunks (PNG) before the image data, read by Pillow one by one in Python:
-# past this many the image is refused before Pillow opens it (`overlong_header`).
+# Markers (JPEG), chunks (PNG) or directory entries (TIFF) before the image data, read by Pillow
+# one by one in Python: past this many the image is refused before Pillow opens it
+# (`overlong_header`). Real files have a few dozen.
 MAX_HEADER_SEGMENTS = 512
+# A GIF's metadata comes in sub-blocks of at most 255 bytes, also read one by one: this many
+# holds a megabyte of metadata in full sub-blocks (real GIFs: a handful).
+MAX_GIF_BLOCKS = 4096
+# Strips or tiles of a TIFF, one Python object each in Pillow: a 40-Mpx 16-bit RGBA image in
+# libtiff's default strips of 8 kB has 40,000 (a photo-sized one a few hundred).
+MAX_TIFF_PIECES = 65_536
 
 
 def overlong_header(data: bytes) -> str | None:
-    """Why the image's header is refused before Pillow reads it, or None: a JPEG or PNG with more
-    than MAX_HEADER_SEGMENTS markers or chunks before its image data. Walks at most that many
-    (well under a millisecond), on the event loop."""
+    """Why the image's header is refused before Pillow reads it, or None: more markers, chunks,
+    blocks or directory entries before its image data (or TIFF strips) than real files have,
+    each read by Pillow in Python. Walks at most that many (about a millisecond at worst), on
+    the event loop."""
     if data.startswith(b"\xff\xd8") and too_many_markers(data, MAX_HEADER_SEGMENTS):
-        kind = "a JPEG with more than {} markers before its image data"
+        problem = f"a JPEG with more than {MAX_HEADER_SEGMENTS} markers before its image data"
     elif data.startswith(PNG_SIGNATURE) and too_many_chunks(data, MAX_HEADER_SEGMENTS):
-        kind = "a PNG with more than {} chunks before its image data"
+        problem = f"a PNG with more than {MAX_HEADER_SEGMENTS} chunks before its image data"
+    elif data.startswith(GIF_SIGNATURES) and too_many_blocks(data, MAX_GIF_BLOCKS):
+        problem = f"a GIF with more than {MAX_GIF_BLOCKS} blocks before its first image"
+    elif data.startswith(TIFF_PREFIXES):
+        directory = first_directory(data, MAX_HEADER_SEGMENTS)
+        if directory.entries > MAX_HEADER_SEGMENTS:
+            problem = f"a TIFF of more than {MAX_HEADER_SEGMENTS} entries in its first directory"
+        elif directory.pieces > MAX_TIFF_PIECES:
+            problem = f"a TIFF cut into more than {MAX_TIFF_PIECES} strips or tiles"
+        else:
+            return None
     else:
         return None
-    return kind.format(MAX_HEADER_SEGMENTS) + " (real files have a few dozen)"
+    return problem + " (real files have far fewer)"
 
 
 # A further question for an opened image's header, asked in the same read: whether the API

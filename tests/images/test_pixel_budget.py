@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,8 +17,10 @@ import clip_runner.images.loading as images
 from clip_runner.errors import RequestError
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
-from clip_runner.images.pixel_budget import PixelBudget, image_header
+from clip_runner.images.pixel_budget import PixelBudget, image_header, overlong_header
 from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, encode, photo_like
+from tests.images.test_gif_blocks import with_comment
+from tests.images.test_tiff_directory import strip_tiff
 
 GEOMETRY = ImageGeometry(shortest_edge=224, crop_height=224, crop_width=224)
 # The issue's attack: a 6000x6000 PNG of one colour is 150 kB; 32 fit in one request.
@@ -113,18 +116,45 @@ def test_a_progressive_jpeg_of_more_scans_than_encoders_write_is_refused_undecod
     assert len(started) <= 1  # the good one at most: never the bomb
 
 
-def test_an_image_of_thousands_of_header_segments_is_refused_before_pillow_reads_it(monkeypatch):
+def jpeg_of_markers(count: int) -> bytes:
+    photo = encode(photo_like(40, 30, seed=1), "JPEG")
+    return photo[:2] + b"\xff\xe5\x00\x02" * count + photo[2:]
+
+
+HEADER_BOMBS = {
+    "JPEG": (jpeg_of_markers(1000), "a JPEG with more than 512 markers before its image data"),
+    "GIF": (
+        with_comment(encode(photo_like(40, 30, seed=1), "GIF"), 5000),
+        "a GIF with more than 4096 blocks before its first image",
+    ),
+    "TIFF": (strip_tiff(70_000), "a TIFF cut into more than 65536 strips or tiles"),
+}
+
+
+@pytest.mark.parametrize("kind", HEADER_BOMBS)
+def test_an_image_of_thousands_of_header_segments_is_refused_before_pillow_reads_it(
+    monkeypatch, kind
+):
     """Eight 10-MB JPEGs of empty APP5 markers in one request had an API worker's threads parse
-    them in Python while its event loop waited for the GIL: /ping took 18 s."""
+    them in Python while its event loop waited for the GIL: /ping took 18 s. A TIFF of a million
+    strips took 2.6 s and 300 MB to open, a GIF of 10 MB of one-byte comment blocks 1.8 s."""
     read: list[int] = []
     monkeypatch.setattr(images, "image_header", lambda data, check=None: read.append(1))
-    photo = encode(photo_like(40, 30, seed=1), "JPEG")
-    bomb = photo[:2] + b"\xff\xe5\x00\x02" * 1000 + photo[2:]
+    bomb, problem = HEADER_BOMBS[kind]
     with pytest.raises(RequestError) as refused:
         run_load([b64(bomb)], LIMITS)
     assert refused.value.status == 422 and refused.value.index == 0
-    assert "a JPEG with more than 512 markers before its image data" in refused.value.message
+    assert problem in refused.value.message
     assert read == []  # never opened by Pillow
+
+
+def test_a_tiff_of_too_many_directory_entries_is_refused_and_a_tall_one_is_not():
+    entries = struct.pack("<HHII", 700, 4, 1, 0) * 600  # an unknown tag, 600 times
+    flooded = b"II*\x00" + struct.pack("<IH", 8, 600) + entries + struct.pack("<I", 0)
+    assert "a TIFF of more than 512 entries in its first directory" in overlong_header(flooded)
+    assert overlong_header(strip_tiff(60_000)) is None  # a tall image in one-row strips
+    for kind in ("TIFF", "GIF", "PNG", "JPEG"):
+        assert overlong_header(encode(photo_like(64, 48, seed=2), kind)) is None
 
 
 def test_large_images_have_their_header_read_off_the_event_loop(monkeypatch):
