@@ -125,6 +125,14 @@ def medians(windows: list[dict]) -> dict:
     }
 
 
+def own_home(store: Path, home: Path) -> Path:
+    """A BentoML home whose models are `store`'s: BentoML clears its home's metric files as a
+    server starts, so the second server in a shared home took the first one's."""
+    home.mkdir()
+    (home / "models").symlink_to(store / "models", target_is_directory=True)
+    return home
+
+
 def alternating_rounds(
     baseline_rev: str,
     rounds: int,
@@ -143,8 +151,9 @@ def alternating_rounds(
         with contextlib.ExitStack() as servers:
             urls = {}
             for name, checkout in checkouts.items():
-                home, tag, _ = import_random_model(tiny=not vit_b32)
+                store, tag, _ = import_random_model(tiny=not vit_b32)
                 log = scratch / f"{name}.log"
+                home = own_home(store, scratch / f"home-{name}")
                 urls[name] = servers.enter_context(
                     bento_server(home, tag, log, checkout=checkout, **settings)
                 )

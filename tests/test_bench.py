@@ -21,6 +21,7 @@ import pytest
 from clip_runner.model.startup_phases import StartupPhases
 from tests.hard_images import encoded_set
 from tests.helpers import REPO_ROOT
+from tests.test_load_generator import start_counting_server
 
 _SPEC = importlib.util.spec_from_file_location("bench", REPO_ROOT / "scripts" / "bench.py")
 assert _SPEC is not None and _SPEC.loader is not None
@@ -63,6 +64,22 @@ def test_a_resume_keeps_finished_stages_and_reruns_failed_and_missing_ones():
     assert payload["resumed_on"] == ["2026-12-02"]
     again, _ = bench.resumed_payload(payload, {**MACHINE, "date": "2026-12-03"})
     assert again["resumed_on"] == ["2026-12-02", "2026-12-03"]
+
+
+def test_a_stage_that_failed_reads_as_not_done_until_it_succeeds():
+    """A failed stage's time and partial output went on into the resumed run's file: cut short
+    there, it read as done (no error, old figures) and a third run skipped it for good."""
+    failed = first_run()
+    failed["stage_seconds"][bench.FIDELITY] = 30.0
+    failed["stage_errors"][bench.FIDELITY] = "Traceback ... RuntimeError"
+    failed["device_resize"] = {"differing": 0}  # written before the stage's second half failed
+    resumed, done = bench.resumed_payload(failed, {**MACHINE, "date": "2026-12-02"})
+    assert bench.FIDELITY not in done and "device_resize" not in resumed
+    assert set(resumed["stage_seconds"]) == done
+    assert resumed["bare_image"] == failed["bare_image"]  # a done stage's output stays
+    # The second run is cut short before the stage: the third still runs it.
+    _, done_again = bench.resumed_payload(resumed, {**MACHINE, "date": "2026-12-03"})
+    assert bench.FIDELITY not in done_again
 
 
 @pytest.mark.parametrize(
@@ -178,6 +195,7 @@ def a_full_run(**changes: float) -> dict:
             "p50_ms": 1.0,
             "p95_ms": 2.0,
             "p99_ms": 3.0,
+            "requests": 900,
             "errors": 0,
             "server_cpu_cores": 9.5,
             "cpu_cores_by_process": {"api": 6.1, "runner": 3.4},
@@ -334,7 +352,54 @@ def test_an_error_in_any_scenario_fails_its_target_and_a_lost_row_is_unmeasured(
     del payload["rows"][3]  # the 4-core server's stage failed
     verdicts = verdicts_of(payload)
     assert verdicts["every request of every scenario answered 200 (errors)"] == "not met"
+    assert verdicts["p50 at 1 client <= 10 ms"] == "not met"  # its window had the errors
     assert verdicts[">= 1,000 images/s at 64 clients, server on 4 cores"] == "unmeasured"
+    assert verdicts["p95 at 32 clients <= 100 ms"] == "met"
+
+
+def test_a_window_of_errors_meets_no_speed_target_however_fast():
+    """Refusals are quick: a server answering its 64 clients with 503s had read as 5,550 images/s
+    and every speed target met (the figures now count 200 answers, and their window's errors
+    fail the target)."""
+    payload = a_full_run()
+    payload["rows"][2]["errors"] = 1
+    verdicts = verdicts_of(payload)
+    for target in (
+        ">= 2,000 images/s at 64 clients",
+        ">= 0.3 x the bare fp16 image encoder's best batch",
+    ):
+        assert verdicts[target] == "not met"
+    assert verdicts["p50 at 1 client <= 10 ms"] == "met"
+
+
+def test_a_latency_of_too_few_answers_is_unmeasured():
+    """One answer in a window gave a p50 of 0 ms, read as met."""
+    payload = a_full_run()
+    payload["rows"][0]["requests"] = bench.MIN_LATENCY_SAMPLES - 1
+    assert verdicts_of(payload)["p50 at 1 client <= 10 ms"] == "unmeasured"
+    assert verdicts_of(a_full_run(c1_p50=10.004))["p50 at 1 client <= 10 ms"] == "not met"
+
+
+def test_a_run_without_fidelity_says_so_and_the_report_names_stages_never_reached():
+    payload = a_full_run()
+    del payload["fidelity"]
+    assert verdicts_of(payload)["fidelity of the default preprocessing paths"] == "unmeasured"
+    payload["stages_planned"] = [bench.BARE_ENCODERS, bench.FIDELITY, bench.BROKEN_JPEGS]
+    payload["stage_errors"] = {bench.FIDELITY: "Traceback"}
+    report = bench.gpu_report(payload)
+    assert f"Stages the run did not reach: {bench.BROKEN_JPEGS}." in report
+
+
+def test_a_measure_of_refusals_fails_rather_than_writing_a_rate(tmp_path):
+    """`--overhead` and load_ab.py take their figures from `measure`: a server answering
+    every request with an error had read as an overhead ratio of 11.8 (target 0.7)."""
+    server, url = start_counting_server()
+    try:
+        scenario = bench.Scenario("refused", [b'{"fail": true}'], 1, 2)
+        with pytest.raises(RuntimeError, match="answers were not 200"):
+            bench.measure(url, os.getpid(), scenario, 40, 1, metrics=False)
+    finally:
+        server.shutdown()
 
 
 def test_the_report_states_every_verdict_every_row_and_the_failed_stages():
