@@ -299,6 +299,21 @@ def test_embedding_routes_refuse_fields_they_do_not_take(served, route, body, fi
     }
 
 
+def test_a_body_of_many_unknown_fields_gets_a_short_answer_and_log_line(served):
+    """One long key and thousands of short ones: each had been named in the answer and the long
+    one logged whole, a 1-MB key making a 1-MB answer and log line."""
+    body = {"images": ["aGk="], "labels": ["a"], "x" * 100_000: 1}
+    body |= {f"unknown{i}": i for i in range(5000)}
+    response = post(served, "/classify", body)
+    assert response.status_code == 422 and len(response.content) < 2000
+    message = response.json()["error"]["message"]
+    assert "(100000 characters): no such field" in message
+    assert message.endswith("and 4991 more problems")
+    line = served.wait_for_log("rejected request: 5001 validation error(s)").splitlines()
+    (logged,) = [text for text in line if "rejected request: 5001 validation" in text]
+    assert len(logged) < 1000
+
+
 def test_hugging_face_toolkit_shape_on_invocations(served, pictures):
     image = as_base64(pictures[0])
     single = post(

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clip_runner.errors import UNEXPECTED_ERROR, RequestError
 from clip_runner.web.answer_json import json_body
-from clip_runner.web.error_responses import rejection_line
+from clip_runner.web.error_responses import rejection_line, validation_problems
 from clip_runner.web.jsonlines import request_error
 from clip_runner.web.traffic import is_application_json, posted_content_type
 
@@ -57,9 +57,10 @@ def parsed(body: bytes, model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate_json(body or b"{}")
     except ValidationError as error:
-        line, args = rejection_line(error)
+        problems = validation_problems(error)
+        line, args = rejection_line(problems)
         logger.warning(line, *args)
-        raise request_error(error) from None
+        raise request_error(problems) from None
 
 
 class DirectJsonMiddleware:

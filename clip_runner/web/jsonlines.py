@@ -30,7 +30,7 @@ from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, Settings
 from clip_runner.errors import UNEXPECTED_ERROR, RequestError, error_body
 from clip_runner.metrics import SERVICE_ERRORS
 from clip_runner.web.accept import accepted_ranges, named_choice, request_accept
-from clip_runner.web.error_responses import from_validation_detail
+from clip_runner.web.error_responses import from_validation_detail, validation_problems
 from clip_runner.web.schemas import (
     ClassList,
     ImageList,
@@ -108,10 +108,11 @@ def records(body: bytes) -> Iterator[bytes]:
         start = stop + 1
 
 
-def request_error(error: ValidationError) -> RequestError:
+def request_error(problems: list[dict[str, Any]]) -> RequestError:
     """The RequestError (400 for bad JSON, 422 for bad fields) that BentoML's endpoint and
-    `JSONErrorMiddleware` give a body failing the API's validation."""
-    status, answer = from_validation_detail(error.errors(include_url=False, include_context=False))
+    `JSONErrorMiddleware` give a body failing the API's validation (its
+    `error_responses.validation_problems`)."""
+    status, answer = from_validation_detail(problems)
     return RequestError(status, answer["error"]["type"], answer["error"]["message"])
 
 
@@ -124,7 +125,7 @@ def parse_line(line: bytes) -> InvocationLine:
     try:
         return InvocationLine.model_validate_json(line)
     except ValidationError as error:
-        raise request_error(error) from None
+        raise request_error(validation_problems(error)) from None
 
 
 def line_error(number: int, error: RequestError) -> dict[str, Any]:

@@ -42,6 +42,20 @@ def test_validation_detail_names_the_field_and_becomes_422():
     )
 
 
+def test_a_flood_of_unknown_fields_is_named_in_a_bounded_message():
+    """A body of 400,000 unknown keys had been answered with a 24-MB message naming each, and a
+    1-MB key quoted whole (the README's rule: whole up to 200 characters)."""
+    extra = [{"type": "extra_forbidden", "loc": [f"key{i}"], "msg": "x"} for i in range(25)]
+    long_key = [{"type": "extra_forbidden", "loc": ["k" * 1_000_000], "msg": "x"}]
+    body = json.dumps({"detail": long_key + extra}).encode()
+    status, payload = normalise_error(400, body)
+    message = payload["error"]["message"]
+    assert status == 422 and len(message) < 1500
+    assert message.startswith("k" * 64 + "... (1000000 characters): no such field")
+    assert "key8: no such field" in message and "key9" not in message
+    assert message.endswith("; and 16 more problems")
+
+
 def test_image_validation_errors_carry_the_index():
     body = json.dumps({"detail": [{"type": "string_type", "loc": ["images", 3], "msg": "x"}]})
     status, payload = normalise_error(400, body.encode())
