@@ -35,16 +35,22 @@ class RequestError(Exception):
 
 class ImageError(RequestError):
     """A 422 about one image of the request, named `images[index]` unless the request's images
-    came in another field (`load_images` renames it: the Hugging Face shape's `inputs`)."""
+    came in another field (`load_images` renames it: the Hugging Face shape's `inputs`); a 503
+    where what the image is read from is down, not the caller's doing (S3 throttling, say)."""
 
     def __init__(
-        self, index: int, reason: str, error_type: str = "invalid_image", field: str = "images"
+        self,
+        index: int,
+        reason: str,
+        error_type: str = "invalid_image",
+        field: str = "images",
+        status: int = 422,
     ) -> None:
-        super().__init__(422, error_type, f"{field}[{index}]: {reason}", index)
+        super().__init__(status, error_type, f"{field}[{index}]: {reason}", index)
         self.reason = reason
 
     def in_field(self, field: str) -> ImageError:
-        return ImageError(self.index or 0, self.reason, self.error_type, field)
+        return ImageError(self.index or 0, self.reason, self.error_type, field, self.status)
 
 
 # BentoML's endpoint's answer to an exception it did not expect; the direct JSON path and the

@@ -16,10 +16,11 @@ decode in the worker (a PNG's 18 ms became 3.8 s beside eight slow objects).
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,7 +38,24 @@ READERS = ThreadPoolExecutor(MAX_POOL_CONNECTIONS, thread_name_prefix="clip-s3")
 # a hung S3 holds a thread about the deadline, not the three times it botocore's default allows.
 ATTEMPTS = 2
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
-_DENIED = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "ExpiredToken"}
+_DENIED = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId"}
+# S3 down, throttling, or the server's own credentials or clock at fault (any 5xx too): a 503,
+# which callers retry, and which fails a JSON Lines mini-batch whole, so that Batch Transform
+# retries it rather than writing an outage into the results as the records' own errors.
+_UNAVAILABLE = {
+    "SlowDown",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "ExpiredToken",
+    "RequestTimeTooSkewed",
+}
+# Reads in flight per event loop: one per reader thread. A read waits for a slot before its
+# deadline starts: 64 lines of 8 S3 images each, every object answered in 2 s, had half their
+# reads time out at 10 s waiting for a thread, each written into the results as a bad image.
+_READ_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def is_s3_url(source: str) -> bool:
@@ -100,6 +118,7 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
+        EndpointConnectionError,
         NoCredentialsError,
         ParamValidationError,
     )
@@ -126,8 +145,11 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
             body.close()
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", ""))
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _NOT_FOUND:
             raise ImageError(index, f"{shown} does not exist ({code})", "image_not_found") from None
+        if code in _UNAVAILABLE or status >= 500:
+            raise unavailable(index, shown, code or str(status)) from None
         if code in _DENIED:
             raise ImageError(
                 index,
@@ -144,7 +166,10 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
         # A bucket name botocore refuses, or an access-point ARN it cannot use here: another
         # partition's, an Outposts one, a multi-region one (that needs the AWS CRT).
         raise ImageError(index, f"could not read {shown}: {quoted(str(error))}") from None
-    except BotoCoreError as error:  # unreachable endpoint, read timeout: the server's side
+    except EndpointConnectionError as error:  # S3 unreachable (after botocore's two tries)
+        logger.warning("reading %s failed: %s", url, error)  # the address: logged only
+        raise unavailable(index, shown, type(error).__name__) from None
+    except BotoCoreError as error:  # a read that timed out, a connection cut mid-read
         # The text names the S3 endpoint's address, which may be a private one: logged only.
         logger.warning("reading %s failed: %s", url, error)
         raise ImageError(
@@ -153,6 +178,23 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
     if not data:
         raise ImageError(index, f"{shown} is empty")
     return bytes(data)
+
+
+def _release_soon(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore) -> None:
+    """Give a read's slot back on its event loop (from the reader thread); a loop already closed
+    has no one left to wait for it."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(slots.release)
+
+
+def unavailable(index: int, shown: str, code: str) -> ImageError:
+    """The 503 for an S3 that is down or throttling (`_UNAVAILABLE`)."""
+    return ImageError(
+        index,
+        f"could not read {shown}: S3 is unavailable ({quoted(code)}); try again",
+        "s3_unavailable",
+        status=503,
+    )
 
 
 def _unusable_arn_errors() -> tuple[type[Exception], ...]:
@@ -169,10 +211,15 @@ def _unusable_arn_errors() -> tuple[type[Exception], ...]:
 
 async def fetch_s3(url: str, index: int, limits: FetchLimits, client: Any = None) -> bytes:
     """The object's bytes within `limits` (as `fetch_url` for HTTP), on a `READERS` thread."""
-    read = functools.partial(read_object, client, url, index, limits)
+    loop = asyncio.get_running_loop()
+    slots = _READ_SLOTS.setdefault(loop, asyncio.Semaphore(MAX_POOL_CONNECTIONS))
+    await slots.acquire()
+    # The slot is the thread's: given back when the read ends, even one the deadline gave up on.
+    reading = READERS.submit(read_object, client, url, index, limits)
+    reading.add_done_callback(lambda _: _release_soon(loop, slots))
     try:
         async with asyncio.timeout(limits.timeout_s):
-            return await asyncio.get_running_loop().run_in_executor(READERS, read)
+            return await asyncio.wrap_future(reading)
     except TimeoutError:
         raise ImageError(
             index, f"reading {quoted(url)} timed out after {limits.timeout_s:g} s"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import io
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -320,3 +322,95 @@ def test_a_first_burst_of_reads_builds_one_client(s3_env, monkeypatch):
 
     assert asyncio.run(burst()) == [b"png"] * 16
     assert len(built) == 1 and built[0].startswith("clip-s3")
+
+
+class FaultyS3(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with `status` and an S3 error document of `code`."""
+
+    status, code = 503, "SlowDown"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = f"<Error><Code>{self.code}</Code><Message>x</Message></Error>".encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def s3_endpoint(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[None]:
+    """The process's S3 client pointed at `handler` on loopback (restored by `s3_env`)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        s3_images.CLIENTS.clear()
+        os.environ["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{server.server_port}"
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(503, "SlowDown"), (500, "InternalError"), (503, "ServiceUnavailable"), (400, "ExpiredToken")],
+)
+def test_s3_down_or_throttling_is_a_503_not_the_images_fault(s3_env, monkeypatch, status, code):
+    """These had been 422 `invalid_image` (or `forbidden_url`): a Batch Transform job wrote an
+    S3 outage into its results as the records' own errors, and realtime callers did not retry."""
+    monkeypatch.setattr(FaultyS3, "status", status)
+    monkeypatch.setattr(FaultyS3, "code", code)
+    with s3_endpoint(FaultyS3), pytest.raises(ImageError) as refused:
+        fetch("s3://clip-images/any.jpg")
+    assert (refused.value.status, refused.value.error_type) == (503, "s3_unavailable")
+    assert f"images[3]: could not read s3://clip-images/any.jpg: S3 is unavailable ({code})" in (
+        refused.value.message
+    )
+    assert refused.value.in_field("inputs").status == 503
+
+
+def test_an_unreachable_s3_is_a_503(s3_env):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens there once closed
+    s3_images.CLIENTS.clear()
+    os.environ["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{port}"
+    with pytest.raises(ImageError) as refused:
+        fetch("s3://clip-images/any.jpg", FetchLimits(1000, timeout_s=5, connect_timeout_s=1))
+    assert refused.value.status == 503 and "EndpointConnectionError" in refused.value.message
+    assert "127.0.0.1" not in refused.value.message
+
+
+def test_waiting_for_a_reader_thread_does_not_count_against_the_deadline(s3_env):
+    """More reads than threads, each answered by S3 well within the deadline: the reads past the
+    64th had timed out waiting for a thread (half of a 64-line mini-batch of 8 images each)."""
+
+    class Body:
+        def __init__(self) -> None:
+            self.data = [b"image"]
+
+        def read(self, _: int) -> bytes:
+            return self.data.pop() if self.data else b""
+
+        def close(self) -> None:
+            pass
+
+    class SteadyClient:
+        def get_object(self, **_: Any) -> dict[str, Any]:
+            time.sleep(0.6)
+            return {"Body": Body(), "ContentLength": 5}
+
+    limits = FetchLimits(max_bytes=1000, timeout_s=1.0, connect_timeout_s=0.5)
+    reads = s3_images.MAX_POOL_CONNECTIONS + 6
+
+    async def read_all() -> list[bytes]:
+        return await asyncio.gather(
+            *(fetch_s3(f"s3://b/k{i}", i, limits, SteadyClient()) for i in range(reads))
+        )
+
+    assert asyncio.run(read_all()) == [b"image"] * reads
