@@ -129,9 +129,7 @@ def parse_line(line: bytes) -> InvocationLine:
 
 
 def line_error(number: int, error: RequestError) -> dict[str, Any]:
-    """The usual error object, its message saying which line (1-based) it answers; counted as
-    a request's error would be, though the answer is a 200."""
-    SERVICE_ERRORS.labels(error.error_type).inc()
+    """The usual error object, its message saying which line (1-based) it answers."""
     return error_body(error.error_type, f"line {number}: {error.message}", error.index)
 
 
@@ -169,12 +167,13 @@ class LineAnswerer:
                 "(CLIP_MAX_LINES): send smaller mini-batches (a lower MaxPayloadInMB)",
             )
         answers = [b""] * count
+        failed: list[str] = []  # the failed lines' error types
         numbered = enumerate(records(body))  # shared by the workers: each takes the next one
 
         async def work() -> None:
             for index, line in numbered:
                 async with self.slots:
-                    answers[index] = json_line(await self.answer_line(index + 1, line))
+                    answers[index] = json_line(await self.answer_line(index + 1, line, failed))
                 await asyncio.sleep(0)  # a run of bad lines awaits nothing else
 
         try:
@@ -186,14 +185,22 @@ class LineAnswerer:
             if not server_errors:
                 raise
             raise server_errors[0] from None
+        # Each failed line counted as a request's error would be, though the answer is a 200;
+        # only now that there is one: a mini-batch that timed out, failed whole or lost its
+        # client had its lines' errors counted though none was sent (70 lines fetching a URL
+        # that never answered, then a 504: 64 `invalid_image` errors besides the timeout).
+        for error_type in failed:
+            SERVICE_ERRORS.labels(error_type).inc()
         return answers
 
-    async def answer_line(self, number: int, line: bytes) -> Any:
+    async def answer_line(self, number: int, line: bytes, failed: list[str]) -> Any:
+        """The line's answer, or its error object (its type added to `failed`)."""
         try:
             return await self.handle(parse_line(line))
         except RequestError as error:
             if error.status >= 500:
                 raise
+            failed.append(error.error_type)
             return line_error(number, error)
         except Exception as error:
             # A bug of ours: the mini-batch fails at once, as a request's would (an exception

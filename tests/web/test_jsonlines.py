@@ -14,6 +14,7 @@ import pytest
 
 from clip_runner.config import get_settings
 from clip_runner.errors import RequestError
+from clip_runner.metrics import SERVICE_ERRORS
 from clip_runner.web.jsonlines import (
     InvocationLine,
     LineAnswerer,
@@ -144,6 +145,28 @@ def test_a_server_failure_fails_the_whole_mini_batch_for_sagemaker_to_retry():
         answer_lines(body, handle, max_in_flight=4)
     assert (error.value.status, error.value.error_type) == (503, "runner_unavailable")
     assert cancelled == [["slow"]]  # the other lines stop at once
+
+
+def errors_counted(error_type: str) -> float:
+    return SERVICE_ERRORS.labels(error_type)._value.get()
+
+
+def test_failed_lines_are_counted_once_their_answer_is_ready_and_only_then():
+    """A mini-batch answered 503 (or cut off by its deadline, or by its client leaving) had its
+    bad lines counted as errors though no line was ever sent."""
+
+    async def handle(line: InvocationLine) -> Any:
+        if line.images == ["down"]:
+            await asyncio.sleep(0.05)  # after the bad lines were answered
+            raise RequestError(503, "runner_unavailable", "the model runner is not answering")
+        raise RequestError(422, "invalid_image", "images[0]: bad", 0)
+
+    before = errors_counted("invalid_image")
+    with pytest.raises(RequestError):
+        answer_lines(b'{"images": ["down"]}\n{"images": ["x"]}\n{"images": ["y"]}', handle, 4)
+    assert errors_counted("invalid_image") == before
+    answer_lines(b'{"images": ["x"]}\n{"images": ["y"]}', handle, 4)
+    assert errors_counted("invalid_image") == before + 2
 
 
 def test_a_bug_in_a_line_fails_the_mini_batch_at_once_as_a_500(caplog):
