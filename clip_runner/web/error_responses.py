@@ -216,8 +216,12 @@ def rejection_line(problems: list[dict[str, Any]]) -> tuple[str, tuple[Any, ...]
 
 
 def quiet_caller_error_logs() -> None:
-    """Install `CallerErrorLogFilter` on the logger BentoML reports request exceptions with."""
+    """Install `CallerErrorLogFilter` on the logger BentoML reports request exceptions with, and
+    have uvicorn's warnings written once: BentoML's logging gives `uvicorn.error` the handler
+    the root logger has too, and lets it propagate, so each (`Invalid HTTP request received.`
+    for every unparsable request) was written twice."""
     logging.getLogger("bentoml._internal.server.http_app").addFilter(CallerErrorLogFilter())
+    logging.getLogger("uvicorn.error").propagate = False
 
 
 # What uvicorn's parser refused; it does not say which rule the request broke.

@@ -187,6 +187,19 @@ def test_a_request_uvicorn_cannot_parse_is_a_json_400_and_the_connection_closes(
     assert good.startswith(b"HTTP/1.1 200 OK") and good.endswith(b"{}")  # still serving
 
 
+def test_an_unparsable_request_is_logged_once(served):
+    """BentoML's logging wrote each of uvicorn's warnings twice (its handler and the root's)."""
+    request = b"POST /invocations HTTP/1.1\r\nHost: x\r\nBad Header: z\r\n\r\n"
+    before = served.log().count("Invalid HTTP request received.")
+    assert raw_exchange(served_port(served), request).startswith(b"HTTP/1.1 400")
+    time.sleep(0.5)  # the log is written by another process
+    assert served.log().count("Invalid HTTP request received.") == before + 1
+
+
+def served_port(served) -> int:
+    return urlsplit(served.url).port
+
+
 def errors_counted(served) -> dict[str, float]:
     metrics = httpx.get(f"{served.url}/metrics", timeout=10).text
     return {
