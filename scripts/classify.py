@@ -623,6 +623,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--url {args.url!r}: expected http://host:port")
     if args.retries < 0:
         parser.error("--retries must be 0 or more")
+    # As the server reads CLIP_API_KEY: a key from a file ends with its newline, a pasted one
+    # may carry a space; httpx refused such a header, and its message quoted the key whole.
+    api_key = (args.api_key or "").strip()
+    if not all("!" <= character <= "~" for character in api_key):
+        parser.error(
+            "--api-key / CLIP_API_KEY: the key must be printable ASCII without spaces (as the "
+            "server's CLIP_API_KEY must be)"
+        )
     try:
         sources, folder_given = collect_sources(args.inputs, args.recursive)
     except UsageError as exc:
@@ -635,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeout = httpx.Timeout(args.timeout, connect=min(args.timeout, 10.0))
     progress = make_progress(show_bar, len(sources))
     try:
-        auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         with httpx.Client(timeout=timeout, headers=auth) as client:
             classifier = Classifier(
                 client, args.url, labels, args.template, args.top_k, args.retries

@@ -557,3 +557,19 @@ def test_the_api_key_is_sent_and_an_over_budget_batch_is_split(guarded, tmp_path
     refused = run_cli(*args, *files)
     assert refused.returncode == 1
     assert "HTTP 401" in refused.stderr and "--api-key or CLIP_API_KEY" in refused.stderr
+
+
+def test_a_key_read_from_a_file_is_trimmed_and_a_bad_one_refused_unsent(guarded, tmp_path):
+    """A key with its file's line ending had been refused by httpx, reported as the server being
+    unreachable, with the key quoted whole in the message and the --json results."""
+    image = tmp_path / "one.png"
+    image.write_bytes(encode(photo_like(40, 30, seed=1)))
+    args = ("--labels", ",".join(LABELS), "--url", guarded.url, "--json", image)
+    trimmed = run_cli("--api-key", f"{GUARD_KEY}\r\n", *args)
+    assert trimmed.returncode == 0, trimmed.stderr
+    assert "results" in json.loads(trimmed.stdout)[0]
+    odd = GUARD_KEY[:3] + "\u2011" + GUARD_KEY[3:]  # a non-breaking hyphen, pasted from a page
+    refused = run_cli("--api-key", odd, *args)
+    assert refused.returncode == 2 and "printable ASCII" in refused.stderr
+    assert GUARD_KEY[3:] not in refused.stderr + refused.stdout
+    assert "Traceback" not in refused.stderr
