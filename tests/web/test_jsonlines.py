@@ -411,6 +411,13 @@ def test_lines_sent_as_json_to_a_batch_endpoint_are_answered_as_json_lines(
     realtime = httpx.post(f"{served.url}/invocations", content=body, headers=headers, timeout=60)
     assert realtime.status_code == 400
     assert realtime.json()["error"]["type"] == "malformed_json"
+    # a broken first record costs its own line, as a broken later one does
+    broken_first = httpx.post(url, content=b"{bad\n" + body, headers=headers, timeout=60)
+    assert broken_first.status_code == 200, broken_first.text
+    answers = [json.loads(line) for line in broken_first.text.split("\n")]
+    assert answers[0]["error"]["type"] == "malformed_json" and len(answers) == 3
+    for answer, expected in zip(answers[1:], got, strict=True):
+        assert_same_answer(answer, expected)
 
 
 @pytest.mark.parametrize(
@@ -420,12 +427,16 @@ def test_lines_sent_as_json_to_a_batch_endpoint_are_answered_as_json_lines(
         (b'{"a": 1}\r\n{"a": 2}\r\n', True),
         (b'{"a": 1}\n', False),  # one record and its newline: plain JSON
         (b'{\n  "a": 1\n}\n', False),  # a pretty-printed document
+        (b'[\n  {"a": 1},\n  {"a": 2}\n]', False),
         (b'{"a": 1}', False),
-        (b"1\n2", False),  # records are objects
+        (b"{bad", False),  # one line: one (broken) request, a 400
+        (b'{bad\n{"a": 2}\n{"a": 3}', True),  # a broken first record: each line answered
+        (b'\n{"a": 1}\n{"a": 2}', True),
+        (b"1\n2", True),  # no JSON document: lines, each answered (records are objects)
         (b"", False),
     ],
 )
-def test_a_json_body_is_lines_only_when_its_first_line_is_a_whole_value(body, lines):
+def test_a_json_body_is_lines_where_it_is_no_json_document_over_several_lines(body, lines):
     assert is_lines_of_json(body) is lines
 
 
