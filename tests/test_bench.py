@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -708,6 +709,20 @@ def test_a_server_finds_its_checkout_first_and_keeps_the_carried_wheels_on_its_p
     path = bench.checkout_first(Path("/tmp/other-commit"), f"/work/main{os.pathsep}/tmp/site")
     assert path.split(os.pathsep) == ["/tmp/other-commit", "/work/main", "/tmp/site"]
     assert bench.checkout_first(Path("/repo"), "") == "/repo"
+
+
+def test_the_bare_limit_is_the_faster_of_uploaded_and_resident_pixels(tiny_stored_model):
+    """On a GPU each bare pass had uploaded its pixels from pageable memory, a cost the runner
+    hides: the limit (the served ratio's denominator) was lower than the encoder's own."""
+    model = bench.BareModel(Path(tiny_stored_model.path), resident=True)
+    rounds = [model.round(0.05)]
+    assert {"resident_batch32", "batch32"} <= rounds[0].keys()
+    assert "resident_batch8" not in rounds[0]
+    faster = dict(rounds[0], resident_batch32=10 * max(rounds[0].values()))
+    assert bench.limit_of([faster])["best"] == "resident_batch32"
+    assert bench.BareModel(Path(tiny_stored_model.path)).resident is None  # no GPU: as before
+    same = model.encoder.encode_pixels(model.resident[:8])
+    np.testing.assert_allclose(same, model.encoder.encode_images(model.pixels[:8]), atol=1e-6)
 
 
 def test_the_device_waits_stage_times_the_waiting_thread_both_ways(tiny_stored_model):
