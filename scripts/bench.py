@@ -1393,10 +1393,13 @@ def bare_text_rate(encoder, window_s: float = 4) -> dict[str, float]:
 
 
 def warm_up_of(scenario: Scenario) -> Scenario:
-    """The few seconds of load before a scenario's window, at 8 clients: its bodies from the
-    last one back, so where no body repeats (the uncached prompts) the window, which starts at
-    the first, meets none that the warm-up left in a text cache."""
-    return Scenario(scenario.name, scenario.bodies[::-1], 1, 8, scenario.route)
+    """The few seconds of load before a scenario's window, at its own clients (at least 8), so
+    that the batch sizes (and with CUDA graphs off, the kernels) its window meets have run once:
+    an ablation's server is fresh, where the default's c64 window followed two others. Its
+    bodies from the last one back, so where no body repeats (the uncached prompts) the window,
+    which starts at the first, meets none that the warm-up left in a text cache."""
+    clients = max(8, scenario.concurrency)
+    return Scenario(scenario.name, scenario.bodies[::-1], 1, clients, scenario.route)
 
 
 def write_whole(path: Path, text: str) -> None:

@@ -151,11 +151,12 @@ def test_results_are_written_whole_or_not_at_all(tmp_path):
 
 
 def test_a_warm_up_meets_none_of_the_uncached_bodies_its_window_starts_with():
-    """The window starts at the first body; the warm-up (a few seconds at 8 clients) from the
-    last one back, so uncached prompts are not cached by it."""
+    """The window starts at the first body; the warm-up (a few seconds at the window's clients,
+    at least 8) from the last one back, so uncached prompts are not cached by it."""
     texts = bench.Scenario("uncached", bench.uncached_text_bodies(1000), 8, 32, "/embed_texts")
     warm = bench.warm_up_of(texts)
-    assert warm.route == "/embed_texts" and warm.concurrency == 8
+    assert warm.route == "/embed_texts" and warm.concurrency == 32
+    assert bench.warm_up_of(dataclasses.replace(texts, concurrency=1)).concurrency == 8
     assert warm.bodies[:500] == texts.bodies[:499:-1]
     first_prompts = {text for body in texts.bodies[:500] for text in json.loads(body)["texts"]}
     warm_prompts = {text for body in warm.bodies[:500] for text in json.loads(body)["texts"]}
