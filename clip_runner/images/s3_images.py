@@ -135,12 +135,18 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
             if response.get("ContentLength", 0) > limits.max_bytes:
                 raise ImageError(index, too_large)
             data = bytearray()
-            while chunk := body.read(CHUNK_BYTES):
+            # One socket read at a time (urllib3's `read1`), the deadline checked after each:
+            # `read(CHUNK_BYTES)` waited for the whole chunk, and an S3 sending a byte now and
+            # then (each within the read timeout) held the thread long past the deadline.
+            raw = body._raw_stream
+            while chunk := raw.read1(CHUNK_BYTES):
                 data += chunk
                 if len(data) > limits.max_bytes:
                     raise ImageError(index, too_large)
                 if time.monotonic() > deadline:
                     raise TimeoutError
+            if len(data) < response.get("ContentLength", 0):  # as botocore's own read checks
+                raise ImageError(index, f"reading {shown} ended early: the object was cut off")
         finally:
             body.close()
     except ClientError as error:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from botocore.response import StreamingBody
 
 from clip_runner.errors import ImageError
 from clip_runner.images import s3_images
@@ -102,17 +103,14 @@ def test_no_credentials_is_a_clear_error(s3_env, monkeypatch):
 
 
 def test_the_deadline_bounds_a_slow_read(s3_env):
-    class SlowBody:
-        def read(self, _: int) -> bytes:
+    class SlowStream(io.RawIOBase):  # what urllib3 hands botocore: each read waits
+        def read1(self, _: int) -> bytes:
             time.sleep(0.2)
             return b"x"
 
-        def close(self) -> None:
-            pass
-
     class SlowClient:
         def get_object(self, **_: Any) -> dict[str, Any]:
-            return {"Body": SlowBody(), "ContentLength": 10}
+            return {"Body": StreamingBody(SlowStream(), 10), "ContentLength": 10}
 
     limits = FetchLimits(max_bytes=1000, timeout_s=0.5, connect_timeout_s=0.5)
     with pytest.raises(TimeoutError):
@@ -390,20 +388,10 @@ def test_waiting_for_a_reader_thread_does_not_count_against_the_deadline(s3_env)
     """More reads than threads, each answered by S3 well within the deadline: the reads past the
     64th had timed out waiting for a thread (half of a 64-line mini-batch of 8 images each)."""
 
-    class Body:
-        def __init__(self) -> None:
-            self.data = [b"image"]
-
-        def read(self, _: int) -> bytes:
-            return self.data.pop() if self.data else b""
-
-        def close(self) -> None:
-            pass
-
     class SteadyClient:
         def get_object(self, **_: Any) -> dict[str, Any]:
             time.sleep(0.6)
-            return {"Body": Body(), "ContentLength": 5}
+            return {"Body": StreamingBody(io.BytesIO(b"image"), 5), "ContentLength": 5}
 
     limits = FetchLimits(max_bytes=1000, timeout_s=1.0, connect_timeout_s=0.5)
     reads = s3_images.MAX_POOL_CONNECTIONS + 6
@@ -414,3 +402,40 @@ def test_waiting_for_a_reader_thread_does_not_count_against_the_deadline(s3_env)
         )
 
     assert asyncio.run(read_all()) == [b"image"] * reads
+
+
+class TricklingS3(http.server.BaseHTTPRequestHandler):
+    """Promises 1,000 bytes and sends one every 0.2 s: each within any read timeout."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_an_s3_trickling_bytes_frees_its_thread_at_the_deadline(s3_env):
+    """A read waited for a whole 256-kB chunk between deadline checks: an S3 sending a byte now
+    and then held the reader thread (and its slot) for as long as it went on."""
+    limits = FetchLimits(max_bytes=10_000, timeout_s=1.0, connect_timeout_s=1.0)
+    with s3_endpoint(TricklingS3):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            read_object(None, "s3://clip-images/trickle.jpg", 0, limits)
+        assert time.monotonic() - started < 2.0
+
+
+def test_an_object_cut_short_is_refused(s3_env):
+    class CutShort:
+        def get_object(self, **_: Any) -> dict[str, Any]:
+            return {"Body": StreamingBody(io.BytesIO(b"imag"), 5), "ContentLength": 5}
+
+    with pytest.raises(ImageError, match="ended early"):
+        read_object(CutShort(), "s3://b/k", 0, LIMITS)
