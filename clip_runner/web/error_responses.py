@@ -181,6 +181,25 @@ class JSONErrorMiddleware:
         await self.app(scope, receive, capture)
 
 
+# Characters of one field of an access-log line (BentoML's: the request's path and Content-Type
+# as sent); past it the field is quoted by its start and length.
+ACCESS_FIELD_CHARS = 500
+
+
+class AccessLineFilter(logging.Filter):
+    """Bounds BentoML's access-log lines: they held the request's path and Content-Type whole,
+    so a 60-kB path (under the 64-KiB header bound) wrote a 60-kB line per request, to
+    CloudWatch on SageMaker, where its answer quoted it in 200 characters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                quoted(arg, ACCESS_FIELD_CHARS) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
 class CallerErrorLogFilter(logging.Filter):
     """Logs a rejected request body as one warning line instead of an ERROR with a traceback.
 
@@ -219,9 +238,11 @@ def quiet_caller_error_logs() -> None:
     """Install `CallerErrorLogFilter` on the logger BentoML reports request exceptions with, and
     have uvicorn's warnings written once: BentoML's logging gives `uvicorn.error` the handler
     the root logger has too, and lets it propagate, so each (`Invalid HTTP request received.`
-    for every unparsable request) was written twice."""
+    for every unparsable request) was written twice; and bound the access log's lines
+    (`AccessLineFilter`)."""
     logging.getLogger("bentoml._internal.server.http_app").addFilter(CallerErrorLogFilter())
     logging.getLogger("uvicorn.error").propagate = False
+    logging.getLogger("bentoml.access").addFilter(AccessLineFilter())
 
 
 # What uvicorn's parser refused; it does not say which rule the request broke.

@@ -196,6 +196,17 @@ def test_an_unparsable_request_is_logged_once(served):
     assert served.log().count("Invalid HTTP request received.") == before + 1
 
 
+def test_an_access_log_line_quotes_a_long_path_by_its_start(served):
+    """BentoML wrote the path and Content-Type whole: a 60-kB path made a 60-kB line."""
+    path = "/p" + "x" * 20_000
+    response = httpx.get(f"{served.url}{path}", timeout=10)
+    assert response.status_code == 404
+    time.sleep(0.5)  # the log is written by another process
+    lines = [line for line in served.log().splitlines() if "xxxxxxxxxx" in line]
+    assert lines and all(len(line) < 2000 for line in lines)
+    assert any(re.search(r"\(200\d\d characters\)\) \(status=404", line) for line in lines)
+
+
 def served_port(served) -> int:
     return urlsplit(served.url).port
 
