@@ -30,7 +30,11 @@ from clip_runner.config import DEFAULT_TEMPLATE, DEFAULT_TOP_K, Settings
 from clip_runner.errors import UNEXPECTED_ERROR, RequestError, error_body
 from clip_runner.metrics import SERVICE_ERRORS
 from clip_runner.web.accept import accepted_ranges, named_choice, request_accept
-from clip_runner.web.error_responses import from_validation_detail, validation_problems
+from clip_runner.web.error_responses import (
+    Problems,
+    from_validation_detail,
+    validation_problems,
+)
 from clip_runner.web.schemas import (
     ClassList,
     ImageList,
@@ -108,11 +112,11 @@ def records(body: bytes) -> Iterator[bytes]:
         start = stop + 1
 
 
-def request_error(problems: list[dict[str, Any]]) -> RequestError:
+def request_error(problems: Problems) -> RequestError:
     """The RequestError (400 for bad JSON, 422 for bad fields) that BentoML's endpoint and
     `JSONErrorMiddleware` give a body failing the API's validation (its
     `error_responses.validation_problems`)."""
-    status, answer = from_validation_detail(problems)
+    status, answer = from_validation_detail(problems.first, problems.total)
     return RequestError(status, answer["error"]["type"], answer["error"]["message"])
 
 
