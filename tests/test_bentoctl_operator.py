@@ -212,10 +212,19 @@ def test_generate_carries_model_data_image_and_no_autoscaling(home, tmp_path):
         ({"model_data_url": "https://example.com/model.tar.gz"}, "model_data_url"),
         ({"inference_ami_version": "AL2 GPU 4"}, "inference_ami_version"),
         ({"autoscaling_min_instances": 5, "autoscaling_max_instances": 2}, "must not exceed"),
+        # Written into bentoctl.tfvars in clear, and every invocation a 401.
+        ({"env": {"CLIP_API_KEY": "s3cr3t"}}, "CLIP_API_KEY would make every invocation a 401"),
+        # ECR refuses both, at `bentoctl build`, after the image is built.
+        ({"name": "Clip-Prod"}, "lower-case"),
+        ({"name": "c"}, "lower-case"),
     ],
 )
 def test_a_bad_spec_is_refused_and_nothing_is_written(home, tmp_path, change, says):
     config = yaml.safe_load((REPO_ROOT / "deployment_config.yaml").read_text())
+    change = dict(change)
+    for key in ("name", "env"):  # the config's own keys, beside its spec
+        if key in change:
+            config[key] = change.pop(key)
     config["spec"].update(change)
     path = tmp_path / "deployment_config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -16,8 +16,11 @@ from bentoctl.exceptions import InvalidDeploymentConfig
 
 TEMPLATE = Path(__file__).parent / "templates" / "main.tf"
 VALUES_FILE = "bentoctl.tfvars"
-# The endpoint name, and models/configs named `<name>-<12 hex>` (SageMaker allows 63 characters).
-NAME_RE = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,49}")
+# The endpoint name, and models/configs named `<name>-<12 hex>` (SageMaker allows 63 characters);
+# bentoctl names the ECR repository after it too, which takes lower case and 2 characters or more.
+NAME_RE = re.compile(r"[a-z0-9](-*[a-z0-9]){1,49}")
+# A key no SageMaker invocation can send (README, "An optional API key"): every call a 401.
+API_KEY_VARIABLE = "CLIP_API_KEY"
 # As scripts/deploy_sagemaker.py picks it (the tests hold the two to the same answers): on GPU
 # instance types the AMI whose NVIDIA driver (580) the image's CUDA 13.0 torch needs.
 GPU_INSTANCE_RE = re.compile(r"ml\.[gp]\d")
@@ -56,8 +59,15 @@ def terraform_values(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     """main.tf's variables from the deployment name and its validated spec."""
     if not NAME_RE.fullmatch(name):
         raise InvalidDeploymentConfig(
-            f"name {name!r}: use 1-50 letters, digits and hyphens, starting and ending with a "
-            "letter or digit (it names the endpoint; models and configs add 13 characters)"
+            f"name {name!r}: use 2-50 lower-case letters, digits and hyphens, starting and ending "
+            "with a letter or digit (it names the endpoint and the ECR repository, which takes "
+            "no upper case; models and configs add 13 characters)"
+        )
+    if API_KEY_VARIABLE in (spec.get("env") or {}):
+        raise InvalidDeploymentConfig(
+            f"env: {API_KEY_VARIABLE} would make every invocation a 401 while /ping stays 200: "
+            "SageMaker's InvokeEndpoint sends no Authorization header (SageMaker endpoints rely "
+            "on IAM)"
         )
     if spec["autoscaling_min_instances"] > spec["autoscaling_max_instances"]:
         raise InvalidDeploymentConfig(
