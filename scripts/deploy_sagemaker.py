@@ -241,7 +241,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BotoCoreError as error:  # no credentials, endpoint unreachable, bad parameters
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # AWS goes on with what it was asked (had been a traceback)
+        print(f"interrupted: {interrupted_note(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_note(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: whatever it had made, and an endpoint it had asked
+    for goes on being created (and billed) without the rest of the command (scale to zero)."""
+    endpoint = getattr(args, "endpoint", None)
+    if args.command in ("deploy", "autoscale") and endpoint:
+        return (
+            f"what this run had made stays, and endpoint {endpoint} may still be changing (and "
+            f"billing): see it with `aws sagemaker describe-endpoint --endpoint-name {endpoint}`, "
+            "run the command again once it is InService, or remove everything with "
+            f"`python scripts/deploy_sagemaker.py delete --endpoint {endpoint}`"
+        )
+    if args.command == "batch-transform":
+        return (
+            "a transform job it had started goes on: see `aws sagemaker list-transform-jobs`, "
+            "and stop it with `aws sagemaker stop-transform-job`"
+        )
+    return "nothing is rolled back; run the command again"
 
 
 if __name__ == "__main__":

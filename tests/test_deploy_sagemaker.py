@@ -20,6 +20,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import urllib.request
 from typing import Any
 
@@ -382,7 +383,22 @@ def test_deploy_with_model_data_gives_the_model_a_checkpoint_for_opt_ml_model(ca
         assert state() == before
 
 
-def test_redeploy_makes_a_new_config_and_asks_for_a_blue_green_update(capsys, role_arn):
+def accept_updates(patch: pytest.MonkeyPatch) -> None:
+    """UpdateEndpoint accepted, as AWS would (moto 5.2.5 has none): the model and config the
+    update made stay, for a test to read."""
+    real_call = Aws._call
+
+    def call(self: Any, service: str, operation: str, params: dict[str, Any]) -> Any:
+        if operation == "update_endpoint":
+            return {"EndpointArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:endpoint/x"}
+        return real_call(self, service, operation, params)
+
+    patch.setattr(Aws, "_call", call)
+
+
+def test_redeploy_makes_a_new_config_and_asks_for_a_blue_green_update(
+    capsys, role_arn, monkeypatch
+):
     assert run(capsys, *deploy_args("clip-b", "--instance-count", "2"))[0] == 0
     first = current_config("clip-b")["EndpointConfigName"]
 
@@ -399,17 +415,22 @@ def test_redeploy_makes_a_new_config_and_asks_for_a_blue_green_update(capsys, ro
     routing = update["DeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]
     assert routing["Type"] == "CANARY" and routing["CanarySize"]["Value"] == 20
 
+    # moto 5.2.5 has no UpdateEndpoint: the script reports it as one line naming the call, and
+    # deletes the model and config it made for the update.
+    before = state()
     code, out, err = run(capsys, *deploy_args("clip-b", "--instance-type", "ml.c5.xlarge"))
+    assert code == 1
+    assert error_line(err).startswith("error: sagemaker UpdateEndpoint failed: 500"), err
+    assert "Traceback" not in err
+    assert current_config("clip-b")["EndpointConfigName"] == first and state() == before
+
+    accept_updates(monkeypatch)
+    assert run(capsys, *deploy_args("clip-b", "--instance-type", "ml.c5.xlarge"))[0] == 0
     configs = [c for c in state()["configs"] if owned_by("clip-b", c)]
     assert len(configs) == 2 and first in configs
     new = aws("sagemaker").describe_endpoint_config(EndpointConfigName=max(configs))
     assert new["ProductionVariants"][0]["InstanceType"] == "ml.c5.xlarge"
     assert new["ProductionVariants"][0]["VariantName"] == "AllTraffic"
-    # moto 5.2.5 has no UpdateEndpoint: the script reports it as one line naming the call.
-    assert code == 1
-    assert error_line(err).startswith("error: sagemaker UpdateEndpoint failed: 500"), err
-    assert "Traceback" not in err
-    assert current_config("clip-b")["EndpointConfigName"] == first
 
 
 def test_autoscaling_target_and_policy(capsys, role_arn):
@@ -458,7 +479,15 @@ def test_autoscale_needs_an_endpoint(capsys):
 def test_delete_removes_endpoint_configs_models_and_scaling(capsys, role_arn):
     assert run(capsys, *deploy_args("clip-d"))[0] == 0
     assert run(capsys, *deploy_args("clip-d-staging"))[0] == 0
-    assert run(capsys, *deploy_args("clip-d", "--instance-type", "ml.c5.xlarge"))[0] == 1  # moto
+    made = state()
+    # moto has no UpdateEndpoint: a failed update, which deletes the model and config it made
+    assert run(capsys, *deploy_args("clip-d", "--instance-type", "ml.c5.xlarge"))[0] == 1
+    assert state() == made
+    # What an older run left (one interrupted, say): a model of the endpoint's no config uses.
+    left = "clip-d-20260101-000000-000"
+    aws("sagemaker").create_model(
+        ModelName=left, PrimaryContainer={"Image": IMAGE_URI}, ExecutionRoleArn=role_arn
+    )
     assert run(capsys, "autoscale", "--endpoint", "clip-d")[0] == 0
     ours = state()
     assert len([m for m in ours["models"] if owned_by("clip-d", m)]) == 2
@@ -545,7 +574,99 @@ def test_missing_role_and_bad_instance_type_fail_clearly(capsys, role_arn):
     line = error_line(err)
     assert line.startswith("error: sagemaker CreateEndpointConfig failed: ValidationException:")
     assert "Value 'ml.zz9.xlarge' at 'instanceType' failed" in line
-    assert run(capsys, "delete", "--endpoint", "clip-f")[0] == 0  # the model it left
+    assert state() == before  # the model it had made is deleted (it had been left, unnamed)
+
+
+def test_a_failed_deploy_that_cannot_delete_what_it_made_names_it(capsys, role_arn, monkeypatch):
+    failures: dict[str, Exception] = {}
+    failing_calls(monkeypatch, failures)
+    failures["create_endpoint"] = AwsCallError(
+        "sagemaker CreateEndpoint failed: ResourceLimitExceeded: over quota",
+        "ResourceLimitExceeded",
+    )
+    failures["delete_endpoint_config"] = AwsCallError(
+        "sagemaker DeleteEndpointConfig failed: AccessDeniedException: no", "AccessDeniedException"
+    )
+    code, _, err = run(capsys, *deploy_args("clip-q"))
+    line = error_line(err)
+    assert code == 1 and "CreateEndpoint failed: ResourceLimitExceeded" in line
+    assert "made for this deploy, was not deleted" in line
+    assert "aws sagemaker delete-endpoint-config --endpoint-config-name clip-q-" in line
+    after = state()
+    assert not [m for m in after["models"] if owned_by("clip-q", m)]  # that one was deleted
+    (config,) = [c for c in after["configs"] if owned_by("clip-q", c)]
+    aws("sagemaker").delete_endpoint_config(EndpointConfigName=config)
+
+
+def test_a_role_of_another_account_is_refused_not_swapped_for_ours(capsys, role_arn):
+    """Only the name was looked up: a role ARN of account 999999999999 became this account's
+    role of the same name, and the deploy went on with it."""
+    before = state()
+    other = role_arn.replace(ACCOUNT, "999999999999")
+    code, _, err = run(capsys, *deploy_args("clip-r")[:-2], "--role", other)
+    assert code == 2 and f"--role {other} is not a role of the account you deploy into" in err
+    assert role_arn in err and state() == before
+    assert run(capsys, "--dry-run", *deploy_args("clip-r")[:-2], "--role", role_arn)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "says"),
+    [
+        ("ml.c7g.xlarge", "is an Arm instance"),
+        ("ml.m6gd.large", "is an Arm instance"),
+        ("ml.p6e-gb200.36xlarge", "is an Arm instance"),
+        ("ml.inf2.xlarge", "Inferentia or Trainium chips are not used"),
+        ("ml.trn1.2xlarge", "Inferentia or Trainium chips are not used"),
+        ("ml.g5.xlarge", None),
+        ("ml.g4dn.xlarge", None),
+        ("ml.c5.xlarge", None),
+    ],
+)
+def test_instances_this_image_cannot_use_are_warned_of(capsys, role_arn, instance_type, says):
+    code, _, err = run(
+        capsys, "--dry-run", *deploy_args("clip-arch", "--instance-type", instance_type)
+    )
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert says in err if says else not warnings, err
+
+
+def test_an_image_of_another_region_is_refused_before_anything_is_made(capsys, role_arn):
+    before = state()
+    other = IMAGE_URI.replace(f".{REGION}.", ".eu-west-1.")
+    code, _, err = run(capsys, *deploy_args("clip-reg", "--image-uri", other))
+    assert code == 2 and "--image-uri is in ECR's eu-west-1, the endpoint would be in" in err
+    assert state() == before
+
+
+def test_an_empty_aws_region_does_not_hide_aws_default_region(monkeypatch):
+    monkeypatch.setenv("AWS_REGION", "")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert Aws(None, None, True).session.region_name == "eu-west-1"
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    assert Aws(None, None, True).session.region_name == "us-west-2"  # as the AWS CLI
+    assert Aws("ap-south-1", None, True).session.region_name == "ap-south-1"
+
+
+def test_an_interrupted_deploy_says_what_it_leaves_without_a_traceback(capsys, monkeypatch):
+    def interrupted(aws: Any, args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(deploy.COMMANDS, "deploy", interrupted)
+    code, _, err = run(capsys, *deploy_args("clip-int"))
+    assert code == 130 and "Traceback" not in err
+    assert err.startswith("interrupted: what this run had made stays")
+    assert "deploy_sagemaker.py delete --endpoint clip-int" in err
+
+
+def test_delete_finishes_when_the_endpoints_config_was_deleted_by_hand(capsys, role_arn):
+    assert run(capsys, *deploy_args("clip-gone"))[0] == 0
+    config = current_config("clip-gone")["EndpointConfigName"]
+    aws("sagemaker").delete_endpoint_config(EndpointConfigName=config)
+    code, _, err = run(capsys, "delete", "--endpoint", "clip-gone")
+    assert code == 0, err
+    after = state()
+    assert not [n for n in after["models"] + after["configs"] if owned_by("clip-gone", n)]
 
 
 def test_cli_in_a_subprocess(role_arn, aws_env):
@@ -887,7 +1008,7 @@ def newest(endpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, sagemaker.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
 
 
-def test_an_update_keeps_every_setting_it_is_not_given(capsys, role_arn):
+def test_an_update_keeps_every_setting_it_is_not_given(capsys, role_arn, monkeypatch):
     """The README's update command (a new --image-uri only) on a GPU endpoint with an
     environment and model data must not turn it into one CPU instance with neither."""
     url = "s3://clip-models/tuned/model.tar.gz"
@@ -912,12 +1033,14 @@ def test_an_update_keeps_every_setting_it_is_not_given(capsys, role_arn):
     assert f"  image: {IMAGE_URI} -> {v2}" in err.splitlines()
     assert "  env CLIP_TOP_K=*** (kept)" in err.splitlines()
 
-    # A real run (moto makes model and config, then fails UpdateEndpoint): given options change,
+    # A real run (moto makes model and config; the update accepted): given options change,
     # --env merges (KEY= removes KEY), a new CPU instance type takes no GPU AMI.
     changed = deploy_args("clip-u", "--image-uri", v2, "--instance-type", "ml.c5.2xlarge")
     changed += ["--env", "CLIP_API_WORKERS=2", "--env", "CLIP_TOP_K=", "--env", "CLIP_X=1"]
-    code, _, err = run(capsys, *changed)
-    assert code == 1 and "UpdateEndpoint failed" in error_line(err)  # moto's limit, see top
+    with monkeypatch.context() as patch:
+        accept_updates(patch)
+        code, _, err = run(capsys, *changed)
+    assert code == 0, err
     config, model = newest("clip-u")
     (variant,) = config["ProductionVariants"]
     assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.c5.2xlarge", 3)
@@ -1090,6 +1213,22 @@ def test_a_rolled_back_update_says_why():
     message = str(caught.value)
     assert "InService on clip-old, not clip-new: the update was rolled back" in message
     assert reason.rstrip(".") in message
+
+
+@pytest.mark.parametrize("status", ["UpdateRollbackFailed", "OutOfService", "Failed"])
+def test_wait_stops_at_any_state_an_endpoint_does_not_leave_by_itself(status, monkeypatch):
+    """botocore's waiter failed only on Failed: an UpdateRollbackFailed endpoint was polled for
+    the whole timeout (an hour for an update) before the reason was said."""
+    from botocore.stub import Stubber
+
+    monkeypatch.setattr(time, "sleep", lambda _: pytest.fail("waited on a settled endpoint"))
+    client = Aws(REGION, None, False)
+    reason = "Rollback failed: the old fleet could not be restored."
+    with Stubber(client.client("sagemaker")) as stub:
+        stub.add_response("describe_endpoint", endpoint_description(status, "clip-new", reason))
+        with pytest.raises(AwsCallError) as caught:
+            wait_in_service(client, "clip", "clip-new", 3600)
+    assert f"endpoint clip is {status}: {reason}" in str(caught.value)
 
 
 def test_plans_mask_the_environment_and_the_api_key_is_refused(capsys, role_arn):

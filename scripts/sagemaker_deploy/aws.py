@@ -7,12 +7,13 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError, WaiterError
+from botocore.exceptions import BotoCoreError, ClientError
 from botocore.validate import validate_parameters
 
 from sagemaker_deploy.builders import MASK, ROLE_ARN_RE, SCALABLE_DIMENSION, role_name
@@ -50,9 +51,14 @@ class Aws:
     """boto3 clients plus the dry-run switch: `lookup` always runs, `act` only when not dry."""
 
     def __init__(self, region: str | None, endpoint_url: str | None, dry_run: bool) -> None:
-        self.session = boto3.session.Session(region_name=region or os.environ.get("AWS_REGION"))
+        # As the AWS CLI: --region, then AWS_REGION, then AWS_DEFAULT_REGION (boto3's own); an
+        # empty AWS_REGION is no region (it had hidden AWS_DEFAULT_REGION).
+        chosen = region or os.environ.get("AWS_REGION") or None
+        self.session = boto3.session.Session(region_name=chosen)
         if not self.session.region_name:
-            raise DeployError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
+            raise DeployError(
+                "no AWS region: pass --region or set AWS_REGION or AWS_DEFAULT_REGION"
+            )
         self.endpoint_url = endpoint_url or None  # None: boto3 honours AWS_ENDPOINT_URL itself
         self.dry_run = dry_run
         self._clients: dict[str, Any] = {}
@@ -144,15 +150,22 @@ def resolve_role(aws: Aws, role: str) -> str:
         ) from None
     if found is None:
         raise DeployError(
-            f"IAM role {role!r} not found; create one with AmazonSageMakerFullAccess (or the "
-            "narrower policy in README.md, 'Deploy to SageMaker'), trusted by "
-            "sagemaker.amazonaws.com, and pass its name or ARN with --role"
+            f"IAM role {role!r} not found in the account you deploy into; create one with "
+            "AmazonSageMakerFullAccess (or the narrower policy in README.md, 'Deploy to "
+            "SageMaker'), trusted by sagemaker.amazonaws.com, and pass its name or ARN with --role"
+        )
+    arn = found["Role"]["Arn"]
+    if ROLE_ARN_RE.fullmatch(role) and role != arn:  # the name alone was looked up
+        raise DeployError(
+            f"--role {role} is not a role of the account you deploy into: its role {name} is "
+            f"{arn}. SageMaker runs an endpoint with a role of its own account; pass that one "
+            "(or deploy with the other account's credentials)"
         )
     if "sagemaker.amazonaws.com" not in json.dumps(found["Role"].get("AssumeRolePolicyDocument")):
         print(
             f"warning: role {name} does not trust sagemaker.amazonaws.com; SageMaker cannot use it"
         )
-    return found["Role"]["Arn"]
+    return arn
 
 
 def scaling_targets(aws: Aws, endpoint: str) -> list[dict[str, Any]]:
@@ -209,28 +222,67 @@ def wait_timeout(startup_timeout: int, deployment: dict[str, Any] | None) -> int
     return limit + PROVISIONING_MARGIN_S
 
 
+def error_text(error: Exception) -> str:
+    """An error as main() prints it: botocore's own errors with their type's name."""
+    return f"{type(error).__name__}: {error}" if isinstance(error, BotoCoreError) else str(error)
+
+
+# What deletes each kind of resource a command makes: (operation, its name field, the AWS CLI).
+DELETES = {
+    "model": ("delete_model", "ModelName", "delete-model --model-name"),
+    "endpoint config": (
+        "delete_endpoint_config",
+        "EndpointConfigName",
+        "delete-endpoint-config --endpoint-config-name",
+    ),
+}
+
+
+def undo(aws: Aws, made: list[tuple[str, str]], cause: Exception, purpose: str) -> None:
+    """Delete what a command made, newest first, after a later call of it failed (`cause`): the
+    failed deploy of a new endpoint had left its model and config, named nowhere. If a delete
+    fails too, one error reports both, so the command's failure is not hidden by the clean-up's.
+    `made`: (kind, name) pairs of `DELETES`' kinds."""
+    left = []
+    for kind, name in reversed(made):
+        operation, field, cli = DELETES[kind]
+        try:
+            aws.act("sagemaker", operation, **{field: name})
+        except (AwsCallError, BotoCoreError) as cleanup:
+            left.append(
+                f"{kind} {name}, made for {purpose}, was not deleted ({error_text(cleanup)}): "
+                f"delete it with `aws sagemaker {cli} {name}`"
+            )
+    if left:
+        raise AwsCallError(f"{error_text(cause)}; and {'; and '.join(left)}") from None
+
+
+# Seconds between two looks at an endpoint that is still changing.
+POLL_S = 15
+
+
 def wait_in_service(aws: Aws, endpoint: str, config: str, timeout_s: int) -> None:
-    """Wait for InService, then check it runs `config`: a rolled-back update is InService too."""
+    """Wait for InService, then check it runs `config`: a rolled-back update is InService too.
+    Any state but a changing one ends the wait: botocore's waiter failed only on `Failed`, and
+    polled an `UpdateRollbackFailed` or `OutOfService` endpoint for the whole timeout (an hour
+    for an update) before saying why."""
     print(f"waiting for {endpoint} to be InService (up to {timeout_s} s)...")
-    waiter = aws.client("sagemaker").get_waiter("endpoint_in_service")
     logs = f"logs: CloudWatch /aws/sagemaker/Endpoints/{endpoint}"
-    try:
-        waiter.wait(
-            EndpointName=endpoint,
-            WaiterConfig={"Delay": 15, "MaxAttempts": max(1, timeout_s // 15)},
-        )
-    except WaiterError as error:
+    deadline = time.monotonic() + timeout_s
+    while True:
         state = describe_endpoint(aws, endpoint) or {}
         status = state.get("EndpointStatus", "gone")
-        if status in STILL_CHANGING:  # out of time, not failed: SageMaker is still at it
-            raise StillChangingError(
-                f"endpoint {endpoint} is still {status} after {timeout_s} s (not failed): check "
-                f"again with `aws sagemaker describe-endpoint --endpoint-name {endpoint}`; {logs}"
-            ) from None
-        raise AwsCallError(
-            f"endpoint {endpoint} is {status}: {state.get('FailureReason') or error}; {logs}"
-        ) from None
-    state = describe_endpoint(aws, endpoint) or {}
+        if status not in STILL_CHANGING or time.monotonic() + POLL_S > deadline:
+            break
+        time.sleep(POLL_S)
+    if status in STILL_CHANGING:  # out of time, not failed: SageMaker is still at it
+        raise StillChangingError(
+            f"endpoint {endpoint} is still {status} after {timeout_s} s (not failed): check "
+            f"again with `aws sagemaker describe-endpoint --endpoint-name {endpoint}`; {logs}"
+        )
+    if status != "InService":
+        reason = state.get("FailureReason") or "SageMaker gave no reason; see the endpoint's events"
+        raise AwsCallError(f"endpoint {endpoint} is {status}: {reason}; {logs}")
     running = state.get("EndpointConfigName")
     if running != config:
         reason = state.get("FailureReason") or "SageMaker gave no reason; see the endpoint's events"

@@ -11,7 +11,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, WaiterError
 
-from sagemaker_deploy.aws import Aws, resolve_role
+from sagemaker_deploy.aws import Aws, resolve_role, undo
 from sagemaker_deploy.builders import (
     DEFAULT_INSTANCE_TYPE,
     INSTANCE_TYPE_EXAMPLES,
@@ -200,22 +200,10 @@ def cmd_batch_transform(aws: Aws, args: argparse.Namespace) -> None:
         wait_transform_job(aws, job)
 
 
-def error_text(error: Exception) -> str:
-    """An error as main() prints it: botocore's own errors with their type's name."""
-    return f"{type(error).__name__}: {error}" if isinstance(error, BotoCoreError) else str(error)
-
-
 def delete_job_model(aws: Aws, model: str, cause: Exception) -> None:
-    """Delete the model made for a job whose CreateTransformJob failed (`cause`). If that fails
-    too, one error reports both, so the job's failure is not hidden by the clean-up's."""
-    try:
-        aws.act("sagemaker", "delete_model", ModelName=model)
-    except (AwsCallError, BotoCoreError) as cleanup:
-        raise AwsCallError(
-            f"{error_text(cause)}; and model {model}, made for the job, was not deleted "
-            f"({error_text(cleanup)}): delete it with `aws sagemaker delete-model --model-name "
-            f"{model}` before a re-run of the job"
-        ) from None
+    """Delete the model made for a job whose CreateTransformJob failed (`cause`), or say both
+    failures (`aws.undo`), and how to delete it before a re-run of the job."""
+    undo(aws, [("model", model)], cause, "the job")
 
 
 def job_model_exists(aws: Aws, request: dict[str, Any]) -> bool:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
-from botocore.exceptions import WaiterError
+from botocore.exceptions import BotoCoreError, WaiterError
 
 from clip_runner.web.schemas import SEED_CLASSES
 from sagemaker_deploy.async_inference import (
@@ -24,6 +24,7 @@ from sagemaker_deploy.aws import (
     describe_endpoint,
     remove_autoscaling,
     resolve_role,
+    undo,
     wait_in_service,
     wait_timeout,
 )
@@ -64,6 +65,41 @@ OLD_GPU_WARNING = (
 )
 
 
+# Arm (Graviton, Grace) instances: the image is built for x86-64, and fails there with "exec
+# format error" once the start-up timeout runs out. Inferentia and Trainium: their accelerators
+# are not used, the endpoint serves on their CPUs.
+ARM_INSTANCE_RE = re.compile(r"ml\.([a-z]+\d+g[a-z]*|p6e-gb\d+)\.")
+ARM_WARNING = (
+    "warning: {instance_type} is an Arm instance; the image is built for x86-64 (README, "
+    "'Deploy to SageMaker') and will not start there unless you built it for arm64"
+)
+NEURON_INSTANCE_RE = re.compile(r"ml\.(inf|trn)\d")
+NEURON_WARNING = (
+    "warning: {instance_type}'s Inferentia or Trainium chips are not used: the endpoint serves "
+    "on its CPUs (a CPU instance costs less)"
+)
+INSTANCE_WARNINGS = (
+    (OLD_GPU_INSTANCE_RE, OLD_GPU_WARNING),
+    (ARM_INSTANCE_RE, ARM_WARNING),
+    (NEURON_INSTANCE_RE, NEURON_WARNING),
+)
+# An ECR image's region, which SageMaker requires to be the endpoint's.
+ECR_IMAGE_RE = re.compile(r"\d{12}\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/")
+
+
+def check_image_region(image_uri: str, region: str) -> None:
+    """An ECR image in another region than the endpoint's: SageMaker refuses the model (its
+    ContainerDefinition takes an image of the model's own region), after this run had made
+    nothing yet; said here, with the fix."""
+    found = ECR_IMAGE_RE.match(image_uri)
+    if found and found.group(1) != region:
+        raise DeployError(
+            f"--image-uri is in ECR's {found.group(1)}, the endpoint would be in {region}: "
+            f"SageMaker takes an image of its own region; push it to {region} (`push --region "
+            f"{region}`) or deploy with --region {found.group(1)}"
+        )
+
+
 def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
     """Create the endpoint, or update it blue/green (new model + config; old fleet serves on).
 
@@ -85,8 +121,10 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
         variant = existing["ProductionVariants"][0]["VariantName"]  # blue/green needs the same
         current = current_settings(aws, existing, args.model_defaults)
     settings = resolve_settings(args, current, role_arn, known_amis)
-    if OLD_GPU_INSTANCE_RE.match(settings.instance_type):
-        print(OLD_GPU_WARNING.format(instance_type=settings.instance_type), file=sys.stderr)
+    check_image_region(settings.image_uri, aws.session.region_name)
+    for pattern, warning in INSTANCE_WARNINGS:
+        if pattern.match(settings.instance_type):
+            print(warning.format(instance_type=settings.instance_type), file=sys.stderr)
     retain = False
     if current is not None:
         retain = checked_update(aws, args, existing, current, settings)
@@ -110,23 +148,31 @@ def cmd_deploy(aws: Aws, args: argparse.Namespace) -> None:
     if settings.async_config is not None:
         config_request["AsyncInferenceConfig"] = settings.async_config
     with_carried(model, config_request, settings.carried)
-    aws.act("sagemaker", "create_model", **model)
-    aws.act("sagemaker", "create_endpoint_config", **config_request)
     deployment = None
-    if existing is None:
-        aws.act("sagemaker", "create_endpoint", EndpointName=endpoint, EndpointConfigName=name)
-    else:
+    if existing is not None:
         deployment = blue_green_config(
             args.bake_seconds, args.canary_percent, args.rollback_alarm, settings.startup_timeout
         )
-        aws.act(
-            "sagemaker",
-            "update_endpoint",
-            EndpointName=endpoint,
-            EndpointConfigName=name,
-            RetainAllVariantProperties=retain,
-            DeploymentConfig=deployment,
-        )
+    made: list[tuple[str, str]] = []
+    try:
+        aws.act("sagemaker", "create_model", **model)
+        made.append(("model", name))
+        aws.act("sagemaker", "create_endpoint_config", **config_request)
+        made.append(("endpoint config", name))
+        if existing is None:
+            aws.act("sagemaker", "create_endpoint", EndpointName=endpoint, EndpointConfigName=name)
+        else:
+            aws.act(
+                "sagemaker",
+                "update_endpoint",
+                EndpointName=endpoint,
+                EndpointConfigName=name,
+                RetainAllVariantProperties=retain,
+                DeploymentConfig=deployment,
+            )
+    except (AwsCallError, BotoCoreError) as error:  # a quota, an instance type: nothing runs
+        undo(aws, made, error, "this deploy")
+        raise
     scale_to_zero = settings.async_config is not None and not retain
     command = scale_to_zero_command(endpoint, args.max_instances, args.backlog_target)
     if args.wait and not aws.dry_run:
@@ -220,7 +266,8 @@ def cmd_delete(aws: Aws, args: argparse.Namespace) -> None:
                 "sagemaker", "describe_model", missing=("ValidationException",), ModelName=model
             ):
                 models.add(model)
-        aws.act("sagemaker", "delete_endpoint_config", EndpointConfigName=config)
+        if found is not None:  # the endpoint's config may be gone already (deleted by hand)
+            aws.act("sagemaker", "delete_endpoint_config", EndpointConfigName=config)
     for page in aws.pages("sagemaker", "list_models", NameContains=endpoint):
         models |= {m["ModelName"] for m in page["Models"] if owned_by(endpoint, m["ModelName"])}
     for model in sorted(models):
