@@ -308,14 +308,40 @@ class Settings:
                 "CLIP_TORCH_COMPILE and CLIP_CUDA_GRAPHS both replace the image tower's forward "
                 "pass: turn one of them on, not both"
             )
+        # Each says both values: either may be a default derived from another setting.
         if self.fetch_timeout_s >= self.request_timeout_s:
-            raise SettingError("CLIP_FETCH_TIMEOUT_S must be below CLIP_REQUEST_TIMEOUT_S")
+            raise SettingError(
+                "CLIP_FETCH_TIMEOUT_S must be below CLIP_REQUEST_TIMEOUT_S "
+                f"({self.fetch_timeout_s:g} s vs {self.request_timeout_s:g} s)"
+            )
         if self.fetch_connect_timeout_s > self.fetch_timeout_s:
-            raise SettingError("CLIP_FETCH_CONNECT_TIMEOUT_S must not exceed CLIP_FETCH_TIMEOUT_S")
+            raise SettingError(
+                "CLIP_FETCH_CONNECT_TIMEOUT_S must not exceed CLIP_FETCH_TIMEOUT_S "
+                f"({self.fetch_connect_timeout_s:g} s vs {self.fetch_timeout_s:g} s; the fetch "
+                "timeout's default is half of CLIP_REQUEST_TIMEOUT_S, at most 10 s)"
+            )
         # One largest body must fit, or no request of that size could ever be admitted.
         if self.max_waiting_body_bytes < self.max_body_bytes:
-            raise SettingError("CLIP_MAX_WAITING_BODY_BYTES must be at least CLIP_MAX_BODY_BYTES")
+            raise SettingError(
+                "CLIP_MAX_WAITING_BODY_BYTES must be at least CLIP_MAX_BODY_BYTES "
+                f"({self.max_waiting_body_bytes} vs {self.max_body_bytes} bytes; the body limit's "
+                "default follows CLIP_ENDPOINT_KIND)"
+            )
 
+
+# The most of each count a setting may ask for: far past any machine's use, short of what
+# cannot start (torch refused 10**23 threads with an overflow, and BentoML restarted the runner
+# for ever; 10**23 API workers grew the supervisor by 4 GB in 10 s; a batch of 100,000 images
+# built 400,000 warm-up prompts and passed 5 GB). Refused at start, as any invalid value.
+MOST_API_WORKERS = 256
+MOST_RUNNER_WORKERS = 64
+MOST_RUNNER_THREADS = 1024
+MOST_RUNNER_PASSES = 16
+MOST_RUNNER_CALLS = 256
+MOST_IMAGE_BATCH = 4096
+MOST_TEXT_BATCH = 16384
+# Python keeps a larger interval silently as 0.0 (a switch at every chance: the opposite).
+MOST_SWITCH_INTERVAL_MS = 1000.0
 
 # Where BentoML reads its own configuration from (a YAML file, key=value options, JSON).
 BENTOML_CONFIG_VARIABLES = ("BENTOML_CONFIG", "BENTOML_CONFIG_OPTIONS", "BENTOML_CONFIG_OVERRIDES")
@@ -381,11 +407,13 @@ def get_settings() -> Settings:
     return Settings(
         model_tag=_model_tag(),
         port=_port(),
-        api_workers=_env_int("CLIP_API_WORKERS", 0, minimum=0),
+        api_workers=_env_int("CLIP_API_WORKERS", 0, minimum=0, maximum=MOST_API_WORKERS),
         keepalive_requests=_env_int("CLIP_KEEPALIVE_REQUESTS", -1, minimum=0),
         request_timeout_s=request_timeout_s,
-        max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 0, minimum=0),
-        max_text_batch_size=_env_int("CLIP_MAX_TEXT_BATCH_SIZE", 0, minimum=0),
+        max_batch_size=_env_int("CLIP_MAX_BATCH_SIZE", 0, minimum=0, maximum=MOST_IMAGE_BATCH),
+        max_text_batch_size=_env_int(
+            "CLIP_MAX_TEXT_BATCH_SIZE", 0, minimum=0, maximum=MOST_TEXT_BATCH
+        ),
         max_latency_ms=_env_int("CLIP_MAX_LATENCY_MS", max_latency_ms),
         max_concurrency=_env_int("CLIP_MAX_CONCURRENCY", 64),
         # One line per 32 bytes of the largest body up to Batch Transform's largest mini-batch
@@ -412,10 +440,11 @@ def get_settings() -> Settings:
         fast_preprocessing=_env_choice("CLIP_PREPROCESS", ("reference", "fast")) == "fast",
         decode_jpegs_on=_env_choice("CLIP_DECODE", ("auto", "api", "runner")),
         runner_jpeg_decoder=_env_choice("CLIP_RUNNER_JPEG_DECODER", ("pillow", "nvjpeg")),
-        runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0),
-        runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0),
-        runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0) or default_runner_workers(),
-        runner_calls=_env_int("CLIP_RUNNER_CALLS", 0, minimum=0),
+        runner_threads=_env_int("CLIP_RUNNER_THREADS", 0, minimum=0, maximum=MOST_RUNNER_THREADS),
+        runner_passes=_env_int("CLIP_RUNNER_PASSES", 0, minimum=0, maximum=MOST_RUNNER_PASSES),
+        runner_workers=_env_int("CLIP_RUNNER_WORKERS", 0, minimum=0, maximum=MOST_RUNNER_WORKERS)
+        or default_runner_workers(),
+        runner_calls=_env_int("CLIP_RUNNER_CALLS", 0, minimum=0, maximum=MOST_RUNNER_CALLS),
         direct_runner_calls=_env_choice("CLIP_DIRECT_RUNNER_CALLS", ("on", "off")) == "on",
         torch_compile=torch_compile,
         dtype=_env_choice("CLIP_DTYPE", ("auto", "float32", "bfloat16", "float16")),
@@ -427,7 +456,9 @@ def get_settings() -> Settings:
         # On a GPU the line's CPU is what the API workers run out of: without it the 4-core
         # server served 1.47 x the seed load (BENCHMARKS.md, GPU).
         access_log=_env_switch("CLIP_ACCESS_LOG", lambda: usable_gpus() == 0),
-        switch_interval_ms=_env_number("CLIP_SWITCH_INTERVAL_MS", 5.0, float, 0.01),
+        switch_interval_ms=_env_number(
+            "CLIP_SWITCH_INTERVAL_MS", 5.0, float, 0.01, MOST_SWITCH_INTERVAL_MS
+        ),
         cuda_wait=_env_choice("CLIP_CUDA_WAIT", ("block", "spin")),
         # A GPU pass takes milliseconds; one a minute old waits for a device that stopped
         # (device_health.py). A CPU pass of a large model on a small machine may be slow, and

@@ -144,7 +144,11 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_FETCH_TIMEOUT_S", "soon", "must be a number"),
         ("CLIP_MAX_LATENCY_MS", "50000", "below half of CLIP_REQUEST_TIMEOUT_S"),
         ("CLIP_FETCH_TIMEOUT_S", "90", "below CLIP_REQUEST_TIMEOUT_S"),
-        ("CLIP_FETCH_CONNECT_TIMEOUT_S", "20", "must not exceed CLIP_FETCH_TIMEOUT_S"),
+        (
+            "CLIP_FETCH_CONNECT_TIMEOUT_S",
+            "20",
+            r"must not exceed CLIP_FETCH_TIMEOUT_S \(20 s vs 10 s",
+        ),
         ("CLIP_PREPROCESS", "quick", "must be one of reference, fast"),
         ("CLIP_TORCH_COMPILE", "yes", "must be one of off, on"),
         ("CLIP_CUDA_GRAPHS", "yes", "must be one of auto, on, off"),
@@ -159,11 +163,22 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_REQUEST_TIMEOUT_S", "inf", "must be a finite number"),
         ("CLIP_DTYPE", "fp16", "must be one of auto, float32, bfloat16, float16"),
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
-        ("CLIP_MAX_WAITING_BODY_BYTES", "1000", "at least CLIP_MAX_BODY_BYTES"),
+        ("CLIP_MAX_WAITING_BODY_BYTES", "1000", r"at least CLIP_MAX_BODY_BYTES \(1000 vs 6291456"),
         ("CLIP_MAX_REQUEST_PIXELS", "lots", "must be an integer"),
         ("CLIP_MAX_LINES", "0", "must be >= 1"),
         ("CLIP_API_KEY", "s3cret-clé", "must be printable ASCII without spaces"),
         ("CLIP_API_KEY", "two words", "must be printable ASCII without spaces"),
+        # Counts past any machine's use: torch overflowed on 10**23 threads and BentoML
+        # restarted the runner for ever; 10**23 API workers grew the supervisor by 4 GB.
+        ("CLIP_RUNNER_THREADS", "1" + "0" * 23, "CLIP_RUNNER_THREADS must be <= 1024"),
+        ("CLIP_RUNNER_THREADS", "100000", "must be <= 1024"),
+        ("CLIP_API_WORKERS", "1" + "0" * 23, "CLIP_API_WORKERS must be <= 256"),
+        ("CLIP_RUNNER_WORKERS", "1000", "CLIP_RUNNER_WORKERS must be <= 64"),
+        ("CLIP_RUNNER_PASSES", "1" + "0" * 23, "CLIP_RUNNER_PASSES must be <= 16"),
+        ("CLIP_RUNNER_CALLS", "100000", "CLIP_RUNNER_CALLS must be <= 256"),
+        ("CLIP_MAX_BATCH_SIZE", "100000", "CLIP_MAX_BATCH_SIZE must be <= 4096"),
+        ("CLIP_MAX_TEXT_BATCH_SIZE", "100000", "CLIP_MAX_TEXT_BATCH_SIZE must be <= 16384"),
+        ("CLIP_SWITCH_INTERVAL_MS", "1e20", "CLIP_SWITCH_INTERVAL_MS must be <= 1000"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_name(monkeypatch, name, value, message):
