@@ -96,6 +96,22 @@ def test_a_directory_that_is_not_a_whole_clip_checkpoint_is_refused(tmp_path, ma
     assert not (home / "models" / "clip").exists()
 
 
+def test_if_missing_replaces_a_store_entry_whose_model_yaml_was_cut_short(
+    tmp_path, tiny_stored_model
+):
+    """PyYAML's error went through as a 90-line traceback: `make serve` could not get past it."""
+    entry = tmp_path / "models" / "clip" / tiny_stored_model.tag.version
+    shutil.copytree(tiny_stored_model.path, entry)
+    model_yaml = entry / "model.yaml"
+    model_yaml.write_bytes(model_yaml.read_bytes()[:100])
+    result = run_import(tmp_path, "--tiny", "--if-missing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "the stored clip:latest is broken" in result.stdout
+    assert "its model.yaml is not whole" in result.stdout
+    assert "saved clip:" in result.stdout
+
+
 def test_if_missing_replaces_a_store_entry_an_interrupted_import_left(tmp_path, tiny_stored_model):
     """Every file there, the weights cut short: `--if-missing` (make serve, make build) kept it as
     the model for good, and the service then failed to load it at every start."""

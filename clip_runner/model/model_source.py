@@ -23,6 +23,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from bentoml.exceptions import BentoMLConfigException
 
 if TYPE_CHECKING:
@@ -333,6 +334,9 @@ def stored_model_problem(model_tag: str) -> str | None:
         raise
     except bentoml.exceptions.BentoMLException as exc:  # e.g. an entry without its model.yaml
         return f"BentoML cannot read its store entry ({str(exc).strip()})"
+    except yaml.YAMLError as exc:  # a model.yaml cut short: BentoML lets PyYAML's error through
+        reason = " ".join(str(exc).split())[:200]
+        return f"BentoML cannot read its store entry (its model.yaml is not whole: {reason})"
     problem = checkpoint_problem(Path(stored.path))
     return None if problem is None else f"{stored.tag} in {stored.path}: {problem}"
 
