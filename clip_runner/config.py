@@ -18,6 +18,7 @@ from bentoml.exceptions import BentoMLConfigException, BentoMLException
 from clip_runner.cpu_quota import usable_cores
 from clip_runner.cuda_check import usable_gpus
 from clip_runner.errors import quoted
+from clip_runner.model.model_source import SAGEMAKER_MODEL_DIR
 
 DEFAULT_HUB_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_TEMPLATE = "a photo of a {name}"
@@ -479,5 +480,5 @@ def get_settings() -> Settings:
         ),
         max_request_pixels=_env_int("CLIP_MAX_REQUEST_PIXELS", 200_000_000),
         api_key=_api_key(),
-        model_dir=os.environ.get("CLIP_MODEL_DIR", "/opt/ml/model").strip(),
+        model_dir=os.environ.get("CLIP_MODEL_DIR", SAGEMAKER_MODEL_DIR).strip(),
     )

@@ -241,18 +241,30 @@ def _crop_size(processor: dict) -> tuple[int, int] | None:
     return None
 
 
+# Where SageMaker extracts a model's data (CLIP_MODEL_DIR's default); absent without any.
+SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+
+
 def find_checkpoint(model_dir: str) -> Path | None:
     """The checkpoint to serve from `model_dir`, or None to serve the baked-in model.
 
-    None when the setting is blank, or the directory is absent or holds no files. A tarball made
-    with its folder (`tar czf model.tar.gz my-clip/`) extracts one level down, so a lone
-    sub-directory holding the checkpoint is accepted as well. Anything else raises ModelDirError.
+    None when the setting is blank, or the directory holds no files, or it is SageMaker's
+    (SAGEMAKER_MODEL_DIR) and absent (an endpoint without model data). Another directory that
+    does not exist is a setting mistyped: a typo had silently served the baked-in model. A
+    tarball made with its folder (`tar czf model.tar.gz my-clip/`) extracts one level down, so a
+    lone sub-directory holding the checkpoint is accepted as well. Anything else raises
+    ModelDirError.
     """
     if not model_dir.strip():
         return None
     root = Path(model_dir)
     if not root.exists():
-        return None
+        if root == Path(SAGEMAKER_MODEL_DIR):
+            return None
+        raise ModelDirError(
+            f"CLIP_MODEL_DIR {root} does not exist: point it at a checkpoint's directory, or "
+            "leave it unset (or blank) to serve the model in the image"
+        )
     if not root.is_dir():
         raise ModelDirError(f"CLIP_MODEL_DIR {root} is not a directory")
     if not _holds_files(root):

@@ -25,6 +25,7 @@ import torch
 
 from clip_runner.model.model_source import (
     MODEL_DIR_TAG_PREFIX,
+    SAGEMAKER_MODEL_DIR,
     ModelDirError,
     StoredModelError,
     check_served_model,
@@ -75,8 +76,11 @@ def broken_copy(checkpoint_dir: Path, tmp_path: Path, *without: str) -> Path:
 # ---- the directory rules ----
 
 
-def test_absent_empty_or_blank_keeps_the_baked_in_model(tmp_path):
-    assert find_checkpoint(str(tmp_path / "absent")) is None
+def test_sagemakers_absent_or_an_empty_or_blank_one_keeps_the_baked_in_model(tmp_path):
+    if not Path(SAGEMAKER_MODEL_DIR).exists():  # absent here, as on an endpoint without data
+        assert find_checkpoint(SAGEMAKER_MODEL_DIR) is None
+    with pytest.raises(ModelDirError, match=r"CLIP_MODEL_DIR .*/absent does not exist"):
+        find_checkpoint(str(tmp_path / "absent"))  # a typo had served the baked-in model
     assert find_checkpoint(str(tmp_path)) is None
     (tmp_path / "lost+found").mkdir()  # an empty volume's folder holds no file either
     assert find_checkpoint(str(tmp_path)) is None
