@@ -582,7 +582,9 @@ ClipService.add_asgi_middleware(
     max_waiting_bodies=settings.max_waiting_bodies,
     max_waiting_body_bytes=settings.max_waiting_body_bytes,
 )
-ClipService.add_asgi_middleware(RawImageBodyMiddleware, path="/invocations")
+ClipService.add_asgi_middleware(
+    RawImageBodyMiddleware, path="/invocations", max_image_bytes=settings.max_image_bytes
+)
 ClipService.add_asgi_middleware(
     JsonLinesMiddleware,
     handler=invocation_line,

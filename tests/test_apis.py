@@ -460,6 +460,20 @@ def test_raw_images_of_any_image_type_are_answered_as_their_json(
                 "X-Amzn-SageMaker-Custom-Attributes template: the prompt is"
             ],
         ),
+        (  # a blank label named by its place as sent (it had been dropped, or named early)
+            encode(photo_like(40, 30, seed=3), "PNG"),
+            "image/png",
+            {"X-Amzn-SageMaker-Custom-Attributes": "labels=a,,b"},
+            422,
+            ["X-Amzn-SageMaker-Custom-Attributes labels[1]"],
+        ),
+        (  # an empty template is refused as the JSON shape's (it had become the default)
+            encode(photo_like(40, 30, seed=3), "PNG"),
+            "image/png",
+            {"X-Amzn-SageMaker-Custom-Attributes": "labels=a;template="},
+            422,
+            ["X-Amzn-SageMaker-Custom-Attributes template: "],
+        ),
         (
             b"\x00\x00\x00\x18ftypmp42",
             "video/mp4",

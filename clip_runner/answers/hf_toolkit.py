@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 from clip_runner.answers.prompts import check_template
 from clip_runner.config import get_settings
-from clip_runner.errors import RequestError
+from clip_runner.errors import RequestError, quoted
 
 # transformers' ZeroShotImageClassificationPipeline default.
 DEFAULT_HYPOTHESIS_TEMPLATE = "This is a photo of {}."
@@ -110,6 +110,10 @@ def toolkit_answer(
     return answers[0] if single_image else answers
 
 
+# The attributes this service reads; a repeated one is refused (the last one had won, unsaid).
+READ_ATTRIBUTES = ("labels", "template")
+
+
 def parse_custom_attributes(header: str) -> dict[str, str]:
     """`labels=cat,dog;template=a photo of a {}` -> {"labels": "cat,dog", "template": ...}.
 
@@ -119,17 +123,39 @@ def parse_custom_attributes(header: str) -> dict[str, str]:
     attributes: dict[str, str] = {}
     for pair in header.split(";"):
         key, separator, value = pair.partition("=")
-        if separator and key.strip():
-            attributes[key.strip().lower()] = value.strip()
+        key = key.strip().lower()
+        if separator and key:
+            if key in attributes and key in READ_ATTRIBUTES:
+                raise RequestError(
+                    400, "bad_request", f"{CUSTOM_ATTRIBUTES_HEADER} names {key} twice"
+                )
+            attributes[key] = value.strip()
     return attributes
 
 
+def percent_decoded(value: str, named: str) -> str:
+    """A percent-encoded attribute value, whose bytes must be UTF-8 (`caf%C3%A9`): `caf%E9` had
+    become `caf\ufffd`, unsaid, and the answer's label matched no label the caller sent."""
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise RequestError(
+            400,
+            "bad_request",
+            f"{CUSTOM_ATTRIBUTES_HEADER} {named}: {quoted(value)!r} is not UTF-8 once "
+            "percent-decoded (encode a label's UTF-8 bytes: caf%C3%A9 for café)",
+        ) from None
+
+
 def labels_from_custom_attributes(header: str | None) -> tuple[list[str], str | None]:
-    """The labels (required) and optional template a raw-image request carries in its header."""
+    """The labels (required) and optional template a raw-image request carries in its header.
+    A blank label among others is kept, for the request's checks to refuse by its place as
+    sent (`cat,,dog`: labels[1]); an empty `template=` is a template, refused there as the JSON
+    shape's is (it had become the default template, unasked)."""
     attributes = parse_custom_attributes(header or "")
-    raw_labels = attributes.get("labels", "")
-    labels = [unquote(label).strip() for label in raw_labels.split(",") if label.strip()]
-    if not labels:
+    items = attributes.get("labels", "").split(",")
+    labels = [percent_decoded(item, f"labels[{i}]").strip() for i, item in enumerate(items)]
+    if not any(labels):
         raise RequestError(
             400,
             "missing_labels",
@@ -137,4 +163,4 @@ def labels_from_custom_attributes(header: str | None) -> tuple[list[str], str | 
             "e.g. 'labels=cat,dog' (optionally ';template=a photo of a {}')",
         )
     template = attributes.get("template")
-    return labels, unquote(template) if template else None
+    return labels, None if template is None else percent_decoded(template, "template")

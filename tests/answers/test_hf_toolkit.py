@@ -124,6 +124,22 @@ def test_custom_attributes():
     assert labels_from_custom_attributes("labels=cat") == (["cat"], None)
 
 
+def test_attribute_values_are_read_as_sent_or_refused():
+    # An empty template is one (refused by the request's checks, as the JSON shape's is): it had
+    # become the default template, unasked.
+    assert labels_from_custom_attributes("labels=cat;template=") == (["cat"], "")
+    # A blank label keeps its place, for the checks to name it as sent (it had been dropped,
+    # and the labels after it named one place early).
+    assert labels_from_custom_attributes("labels=cat,,%20,dog")[0] == ["cat", "", "", "dog"]
+    with pytest.raises(RequestError, match=r"labels\[1\]: 'caf%E9' is not UTF-8") as raised:
+        labels_from_custom_attributes("labels=dog,caf%E9")  # had become 'caf\ufffd', unsaid
+    assert raised.value.status == 400
+    for twice in ("labels=cat;labels=dog", "labels=cat;template={};Template=a {}"):
+        with pytest.raises(RequestError, match="names (labels|template) twice"):
+            labels_from_custom_attributes(twice)  # the last one had won
+    assert parse_custom_attributes("trace=1;trace=2;labels=a")["trace"] == "2"  # not ours
+
+
 @pytest.mark.parametrize("header", [None, "", "template=a {}", "labels=", "labels= , "])
 def test_missing_labels_are_a_400_naming_the_header(header):
     with pytest.raises(RequestError) as raised:

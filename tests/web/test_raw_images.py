@@ -93,3 +93,36 @@ def test_missing_labels_or_an_empty_image_are_json_400s_naming_the_fault():
     )
     assert empty.status_code == 400
     assert "image/webp body is empty" in empty.json()["error"]["message"]
+
+
+def test_an_image_over_the_limit_is_refused_before_it_is_rewritten(monkeypatch):
+    """On an async endpoint (1 GiB bodies) a 256-MiB image was base64'd and dumped as JSON on the
+    event loop before the image limit refused it: /ping waited 9-12 s."""
+    rewritten: list[int] = []
+    monkeypatch.setattr(
+        "clip_runner.web.raw_images.toolkit_body",
+        lambda image, *args: rewritten.append(len(image)) or b"{}",
+    )
+    app = Starlette(routes=[Route("/invocations", echo, methods=["POST"])])
+    raw = TestClient(RawImageBodyMiddleware(app, max_image_bytes=1000))
+    headers = {"Content-Type": "image/jpeg", ATTRIBUTES: "labels=a"}
+    refused = raw.post("/invocations", content=b"x" * 1001, headers=headers)
+    assert refused.status_code == 422 and rewritten == []
+    assert refused.json()["error"] == {
+        "type": "invalid_image",
+        "message": "the image/jpeg body: image is larger than the 1000-byte limit",
+    }
+    assert raw.post("/invocations", content=b"x" * 1000, headers=headers).status_code == 200
+
+
+def test_the_attributes_header_sent_twice_is_refused():
+    """The last header line had been read and the others dropped: labels sent in the first line
+    were 'missing', or another line's labels classified against."""
+    headers = [
+        ("Content-Type", "image/jpeg"),
+        (ATTRIBUTES, "labels=cat,dog"),
+        (ATTRIBUTES, "template=a photo of {}"),
+    ]
+    refused = client().post("/invocations", content=b"\xff\xd8", headers=headers)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == f"{ATTRIBUTES} is sent twice"
