@@ -302,7 +302,10 @@ class RequestGuardMiddleware:
                     [CLOSE, (b"accept-encoding", b"identity")],
                 )
                 return True
-            if await self._not_acceptable(scope, send, raw_image_allowed):
+            # JSON Lines answers only a JSON Lines body (sent as such, or as JSON to a batch
+            # endpoint): an image body offered it had been answered JSON where Accept refused it.
+            lines_answered = raw_image_allowed and not is_raw_image_media_type(content_type)
+            if await self._not_acceptable(scope, send, lines_answered):
                 return True
         declared = headers.get(b"content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > self.max_body_bytes:

@@ -191,6 +191,22 @@ def test_an_accept_that_rules_out_every_answer_type_is_a_406(accept, lines_allow
     assert ("application/jsonlines for a JSON Lines body" in error["message"]) == lines_allowed
 
 
+def test_an_image_body_is_not_offered_json_lines():
+    """Its answer is JSON: `Accept: application/jsonlines, application/json;q=0` had been
+    answered JSON, against the Accept."""
+
+    async def go(content_type: str):
+        async with client(guarded_app({}, raw_image_paths=("/invocations",))) as c:
+            headers = {"accept": "application/jsonlines, application/json;q=0"}
+            headers["content-type"] = content_type
+            return await c.post("/invocations", content=b"\xff\xd8", headers=headers)
+
+    refused = asyncio.run(go("image/jpeg"))
+    assert refused.status_code == 406
+    assert "application/jsonlines for a JSON Lines body" not in refused.json()["error"]["message"]
+    assert asyncio.run(go("application/jsonlines")).status_code == 200
+
+
 def test_two_content_types_are_a_400_before_the_body_is_read():
     """Each layer would read one of them, not all the same one (a JSON body passed on as a
     multipart form reached BentoML's form parser, a 500)."""
