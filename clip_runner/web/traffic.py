@@ -42,6 +42,9 @@ JSONLINES_MEDIA_TYPES = (
     "application/jsonl",
     "application/x-jsonlines",
     "application/json-lines",
+    # NDJSON is the same format under another name (one JSON value per line); they had been 415.
+    "application/x-ndjson",
+    "application/ndjson",
 )
 # What the API routes answer (a JSON Lines body excepted): what an Accept must allow.
 ANSWER_TYPES = ("application/json",)

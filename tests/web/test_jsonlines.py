@@ -51,6 +51,8 @@ def test_media_types():
         "application/jsonlines",
         "Application/JSONLines; charset=utf-8",
         "application/jsonl",
+        "application/x-ndjson",  # NDJSON: the same format (it had been a 415)
+        "application/ndjson",
     ):
         assert is_jsonlines_media_type(ok)
     for other in ("application/json", "text/plain", ""):
@@ -357,6 +359,7 @@ def test_jsonlines_answers_one_line_per_line_like_single_requests(served, s3_sto
         ("application/jsonlines", "application/x-jsonlines", "application/x-jsonlines"),
         ("application/x-jsonlines", "application/json", "application/x-jsonlines"),
         ("application/jsonl", "application/jsonlines;q=0.9, application/json-lines", None),
+        ("application/x-ndjson", None, "application/x-ndjson"),
     ],
 )
 def test_the_answers_json_lines_name_is_the_one_asked_for_else_the_one_sent(
