@@ -16,13 +16,17 @@ forever while `/ping` said 503 "the model is still loading".
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import signal
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 
@@ -83,9 +87,39 @@ def hold_sigterm_while(alive: Callable[[], bool], limit_s: float = HOLD_LIMIT_S)
     signal.signal(signal.SIGTERM, hold)
 
 
+# The exit status of a server a worker stopped (EX_CONFIG of sysexits.h: its model or settings
+# cannot serve). Stopped by SIGTERM, as by `docker stop`, it had exited 0: `make serve && ...`,
+# a container's restart policy or a CI job saw a success.
+STOPPED_STATUS = 78
+
+
+def stop_marker(supervisor_pid: int) -> Path:
+    """Where a worker leaves word for its supervisor that it stopped the server."""
+    return Path(tempfile.gettempdir()) / f"clip-server-stopped-{supervisor_pid}"
+
+
 def stop_the_server(reason: str) -> None:
     """Log `reason` and ask the supervisor (this process's parent) to stop every worker, as
-    `docker stop` does: for a failure every restart of this worker would repeat."""
+    `docker stop` does: for a failure every restart of this worker would repeat. It then exits
+    with STOPPED_STATUS (`exit_failed_if_stopped`)."""
     logger.error("%s; stopping the server: every restart would fail the same way", reason)
     with contextlib.suppress(OSError):
+        stop_marker(os.getppid()).write_text(reason)
         os.kill(os.getppid(), signal.SIGTERM)
+
+
+def exit_failed_if_stopped() -> None:
+    """Have this process (the supervisor, where it runs service.py) exit with STOPPED_STATUS
+    at its end where a worker stopped the server (`stop_the_server`); in a worker it never
+    finds word of its own."""
+    marker = stop_marker(os.getpid())
+
+    def exit_failed() -> None:
+        if marker.exists():
+            marker.unlink(missing_ok=True)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(STOPPED_STATUS)
+
+    atexit.register(exit_failed)  # registered early, so it runs after the others at exit

@@ -34,6 +34,7 @@ from clip_runner.model.model_source import (
     load_served_clip,
     served_checkpoint,
 )
+from clip_runner.model.shutdown_order import STOPPED_STATUS
 from clip_runner.model.store import LoadedClip, build_random_clip
 from tests.helpers import (
     REPO_ROOT,
@@ -389,8 +390,11 @@ def test_weights_the_runner_cannot_load_stop_the_server_not_restart_it_forever(
     Its supervisor had restarted it forever, `/ping` saying 503 "still loading", until a
     SageMaker endpoint's start-up timeout (up to an hour) ran out."""
     cut = drop_weights(checkpoint_dir, tmp_path / "cut", "logit_scale")
-    _, output = serve_until_it_stops(bentoml_home, tmp_path, str(tiny_stored_model.tag), str(cut))
+    status, output = serve_until_it_stops(
+        bentoml_home, tmp_path, str(tiny_stored_model.tag), str(cut)
+    )
     assert f"the CLIP checkpoint in {cut} does not load" in output, output[-3000:]
+    assert status == STOPPED_STATUS  # a failure: it had exited 0, as by `docker stop`
     assert "(logit_scale)" in output
     # once: this start's, not one per restart
     assert output.count("stopping the server: every restart would fail the same way") == 1
