@@ -113,6 +113,7 @@ def exit_failed_if_stopped() -> None:
     at its end where a worker stopped the server (`stop_the_server`); in a worker it never
     finds word of its own."""
     marker = stop_marker(os.getpid())
+    marker.unlink(missing_ok=True)  # an earlier process's of this pid, killed before its end
 
     def exit_failed() -> None:
         if marker.exists():
