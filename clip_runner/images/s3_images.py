@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -119,6 +120,7 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
         BotoCoreError,
         ClientError,
         EndpointConnectionError,
+        FlexibleChecksumError,
         NoCredentialsError,
         ParamValidationError,
     )
@@ -135,11 +137,7 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
             if response.get("ContentLength", 0) > limits.max_bytes:
                 raise ImageError(index, too_large)
             data = bytearray()
-            # One socket read at a time (urllib3's `read1`), the deadline checked after each:
-            # `read(CHUNK_BYTES)` waited for the whole chunk, and an S3 sending a byte now and
-            # then (each within the read timeout) held the thread long past the deadline.
-            raw = body._raw_stream
-            while chunk := raw.read1(CHUNK_BYTES):
+            for chunk in network_reads(body):
                 data += chunk
                 if len(data) > limits.max_bytes:
                     raise ImageError(index, too_large)
@@ -172,6 +170,8 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
         # A bucket name botocore refuses, or an access-point ARN it cannot use here: another
         # partition's, an Outposts one, a multi-region one (that needs the AWS CRT).
         raise ImageError(index, f"could not read {shown}: {quoted(str(error))}") from None
+    except FlexibleChecksumError:  # the bytes S3 sent are not the object's: worth another try
+        raise unavailable(index, shown, "its checksum did not match") from None
     except EndpointConnectionError as error:  # S3 unreachable (after botocore's two tries)
         logger.warning("reading %s failed: %s", url, error)  # the address: logged only
         raise unavailable(index, shown, type(error).__name__) from None
@@ -184,6 +184,33 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
     if not data:
         raise ImageError(index, f"{shown} is empty")
     return bytes(data)
+
+
+def network_reads(body: Any) -> Iterator[bytes]:
+    """A GetObject body's bytes, one network read at a time (urllib3's `read1`), so that the
+    caller checks its deadline after each: botocore's `read(CHUNK_BYTES)` waited for the whole
+    chunk, and an S3 sending a byte now and then (each within the read timeout) held the
+    thread long past the deadline. Around it, what botocore's own read does: urllib3's errors
+    raised as botocore's (a stall, a reset: "S3 did not answer", not a 500), and a checksum S3
+    sent checked at the end (`StreamingChecksumBody`)."""
+    from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+    from botocore.httpchecksum import StreamingChecksumBody
+    from urllib3.exceptions import ProtocolError
+    from urllib3.exceptions import ReadTimeoutError as StalledRead
+
+    raw = body._raw_stream  # botocore's StreamingBody has no public read of one network read
+    checked = body if isinstance(body, StreamingChecksumBody) else None
+    try:
+        while chunk := raw.read1(CHUNK_BYTES):
+            if checked is not None:
+                checked.checksum.update(chunk)
+            yield chunk
+    except StalledRead as error:
+        raise ReadTimeoutError(endpoint_url=error.url, error=error) from None
+    except ProtocolError as error:
+        raise ResponseStreamingError(error=error) from None
+    if checked is not None:
+        checked._validate_checksum()  # FlexibleChecksumError, a BotoCoreError
 
 
 def _release_soon(loop: asyncio.AbstractEventLoop, slots: asyncio.Semaphore) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import http.server
 import io
 import os
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -439,3 +442,61 @@ def test_an_object_cut_short_is_refused(s3_env):
 
     with pytest.raises(ImageError, match="ended early"):
         read_object(CutShort(), "s3://b/k", 0, LIMITS)
+
+
+class FaultyBody(http.server.BaseHTTPRequestHandler):
+    """Promises 1,000 bytes, sends 10, then stalls (`fault` "stall") or resets the connection
+    ("reset"); or sends the whole object with a CRC32 checksum header that is right or wrong."""
+
+    fault = "stall"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = b"x" * 1000
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        if self.fault.startswith("checksum"):
+            crc = zlib.crc32(body if self.fault == "checksum-right" else b"other")
+            self.send_header(
+                "x-amz-checksum-crc32", base64.b64encode(crc.to_bytes(4, "big")).decode()
+            )
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.end_headers()
+        self.wfile.write(body[:10])
+        self.wfile.flush()
+        if self.fault == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            return
+        time.sleep(3)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("fault", "says"),
+    [("stall", "(ReadTimeoutError)"), ("reset", "(ResponseStreamingError)")],
+)
+def test_a_body_that_stalls_or_is_cut_is_the_images_422_not_a_500(s3_env, monkeypatch, fault, says):
+    """Read one network read at a time, urllib3's own errors went through botocore's hands
+    unmapped: a stalled or reset body was a 500 internal_error, failing a whole mini-batch."""
+    monkeypatch.setattr(FaultyBody, "fault", fault)
+    limits = FetchLimits(max_bytes=10_000, timeout_s=2.0, connect_timeout_s=1.0)
+    with s3_endpoint(FaultyBody), pytest.raises(ImageError) as refused:
+        read_object(None, "s3://clip-images/faulty.jpg", 0, limits)
+    assert refused.value.status == 422
+    assert f"S3 did not answer {says}" in refused.value.message
+
+
+@pytest.mark.parametrize(("fault", "status"), [("checksum-right", None), ("checksum-wrong", 503)])
+def test_a_checksum_s3_sends_is_still_checked(s3_env, monkeypatch, fault, status):
+    monkeypatch.setattr(FaultyBody, "fault", fault)
+    with s3_endpoint(FaultyBody):
+        if status is None:
+            assert read_object(None, "s3://clip-images/summed.jpg", 0, LIMITS) == b"x" * 1000
+            return
+        with pytest.raises(ImageError) as refused:
+            read_object(None, "s3://clip-images/summed.jpg", 0, LIMITS)
+    assert refused.value.status == 503 and "its checksum did not match" in refused.value.message
