@@ -56,6 +56,10 @@ MAX_GIF_BLOCKS = 4096
 # Strips or tiles of a TIFF, one Python object each in Pillow: a 40-Mpx 16-bit RGBA image in
 # libtiff's default strips of 8 kB has 40,000 (a photo-sized one a few hundred).
 MAX_TIFF_PIECES = 65_536
+# Numbers in any one TIFF entry, each unpacked by Pillow into a Python number: the largest real
+# one is a 16-bit palette's ColorMap (3 x 65,536); 8-MB BitsPerSample or SampleFormat entries
+# had taken 0.3-0.4 s to open.
+MAX_TIFF_VALUES = 3 * 65_536
 
 
 def overlong_header(data: bytes) -> str | None:
@@ -75,6 +79,8 @@ def overlong_header(data: bytes) -> str | None:
             problem = f"a TIFF of more than {MAX_HEADER_SEGMENTS} entries in its first directory"
         elif directory.pieces > MAX_TIFF_PIECES:
             problem = f"a TIFF cut into more than {MAX_TIFF_PIECES} strips or tiles"
+        elif directory.values > MAX_TIFF_VALUES:
+            problem = f"a TIFF entry of more than {MAX_TIFF_VALUES} values"
         else:
             return None
     else:

@@ -23,18 +23,27 @@ BIG_TIFF = 43
 STRIP_OFFSETS, TILE_OFFSETS = 273, 324
 
 
+# Entry types whose values Pillow unpacks one by one into Python numbers (SHORT, LONG,
+# RATIONAL, their signed kinds, FLOAT, DOUBLE, LONG8...); bytes and text stay one object.
+BYTE_LIKE_TYPES = frozenset((1, 2, 6, 7))
+
+
 @dataclass(frozen=True)
 class FirstDirectory:
-    """What the first directory holds (zeros where the file ends before it)."""
+    """What the first directory holds (zeros where the file ends before it, or where it holds
+    more entries than were read)."""
 
     entries: int
-    pieces: int  # strips or tiles, the larger count; 0 when entries were not read
+    pieces: int  # strips or tiles: the largest count of any StripOffsets or TileOffsets entry
+    values: int  # the most numbers any one entry holds
 
 
 def first_directory(data: bytes, max_entries: int) -> FirstDirectory:
     """The entry count of the first directory and, where it holds at most `max_entries` (each
-    is read here in Python, as Pillow does), its strip or tile count. Like Pillow, the first of
-    repeated tags counts."""
+    is read here in Python, as Pillow does), its strip or tile count and its largest entry. The
+    largest count of every StripOffsets or TileOffsets entry counts: Pillow skips one it cannot
+    use (no values, an unknown type) and takes the next of the same tag, so the first alone
+    was a decoy's to set."""
     endian = "little" if data.startswith(b"II") else "big"
     big = data[2:3] == bytes([BIG_TIFF])
     word, count_size, entry_size = (8, 8, 20) if big else (4, 2, 12)
@@ -44,15 +53,16 @@ def first_directory(data: bytes, max_entries: int) -> FirstDirectory:
 
     directory = number(8 if big else 4, word)
     if directory + count_size > len(data):
-        return FirstDirectory(0, 0)
+        return FirstDirectory(0, 0, 0)
     entries = number(directory, count_size)
     if entries > max_entries:
-        return FirstDirectory(entries, 0)
-    counts: dict[int, int] = {}
-    for at in range(
-        directory + count_size, directory + count_size + entries * entry_size, entry_size
-    ):
-        tag = number(at, 2)
-        if tag in (STRIP_OFFSETS, TILE_OFFSETS) and tag not in counts:
-            counts[tag] = number(at + 4, word)
-    return FirstDirectory(entries, max(counts.values(), default=0))
+        return FirstDirectory(entries, 0, 0)
+    pieces = values = 0
+    first = directory + count_size
+    for at in range(first, first + entries * entry_size, entry_size):
+        tag, kind, count = number(at, 2), number(at + 2, 2), number(at + 4, word)
+        if tag in (STRIP_OFFSETS, TILE_OFFSETS):
+            pieces = max(pieces, count)
+        if kind not in BYTE_LIKE_TYPES:
+            values = max(values, count)
+    return FirstDirectory(entries, pieces, values)

@@ -18,6 +18,7 @@ from clip_runner.errors import RequestError
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
 from clip_runner.images.pixel_budget import PixelBudget, image_header, overlong_header
+from clip_runner.images.tiff_directory import STRIP_OFFSETS
 from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, encode, photo_like
 from tests.images.test_gif_blocks import with_comment
 from tests.images.test_tiff_directory import strip_tiff
@@ -128,6 +129,14 @@ HEADER_BOMBS = {
         "a GIF with more than 4096 blocks before its first image",
     ),
     "TIFF": (strip_tiff(70_000), "a TIFF cut into more than 65536 strips or tiles"),
+    "TIFF behind a decoy": (
+        strip_tiff(70_000, extra=((STRIP_OFFSETS, 4, 0, 0),)),
+        "a TIFF cut into more than 65536 strips or tiles",
+    ),
+    "TIFF of a long entry": (
+        strip_tiff(5, extra=((258, 3, 1_000_000, 8),)),
+        "a TIFF entry of more than 196608 values",
+    ),
 }
 
 

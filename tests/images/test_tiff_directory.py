@@ -18,11 +18,16 @@ from tests.helpers import encode, photo_like
 
 
 def strip_tiff(
-    rows: int, order: str = "<", big: bool = False, pieces_tag: int = STRIP_OFFSETS
+    rows: int,
+    order: str = "<",
+    big: bool = False,
+    pieces_tag: int = STRIP_OFFSETS,
+    extra: tuple[tuple[int, int, int, int], ...] = (),
 ) -> bytes:
     """A valid 1 x `rows` grey TIFF of one-row strips (all the same byte), in either byte order,
     classic or BigTIFF: Pillow builds one tile per strip. Every value is a whole word (LONG, or
-    LONG8 in a BigTIFF), so it fills its entry's value field in either byte order."""
+    LONG8 in a BigTIFF), so it fills its entry's value field in either byte order. `extra`:
+    more entries (tag, type, count, value), placed before the image's own of the same tag."""
     word, count_format, kind = ("Q", "Q", 16) if big else ("I", "H", 4)
     entry = order + ("HHQ" if big else "HHI") + word
     fields = [(256, 1), (257, rows), (258, 8), (259, 1), (262, 1), (277, 1), (278, 1)]
@@ -31,13 +36,14 @@ def strip_tiff(
     word_size = struct.calcsize(order + word)
     directory_at = len(header) + word_size
     pixel_at = directory_at + struct.calcsize(order + count_format)
-    pixel_at += 9 * struct.calcsize(entry) + word_size
+    pixel_at += (9 + len(extra)) * struct.calcsize(entry) + word_size
     offsets_at = pixel_at + 1
     arrays = [(pieces_tag, offsets_at), (pieces_tag + 6, offsets_at + rows * word_size)]
     entries = [(tag, kind, 1, value) for tag, value in fields]
     entries += [(tag, kind, rows, at) for tag, at in arrays]
+    entries = sorted([*extra, *entries], key=lambda field: field[0])  # stable: extra first
     directory = struct.pack(order + count_format, len(entries))
-    directory += b"".join(struct.pack(entry, *field) for field in sorted(entries))
+    directory += b"".join(struct.pack(entry, *field) for field in entries)
     directory += struct.pack(order + word, 0)  # no next directory
     offsets = struct.pack(f"{order}{rows}{word}", *[pixel_at] * rows)
     counts = struct.pack(f"{order}{rows}{word}", *[1] * rows)
@@ -56,6 +62,20 @@ def test_the_strip_count_is_the_tile_count_pillow_builds(order, big):
         assert len(opened.tile) == 300 and opened.getpixel((0, 299)) == 0x80
     assert first_directory(data, 512) == first_directory(data, 9)
     assert first_directory(data, 512).entries == 9 and first_directory(data, 512).pieces == 300
+
+
+def test_an_entry_pillow_skips_does_not_hide_the_strips_after_it():
+    """Pillow skips a StripOffsets of no values and takes the next: the first one alone had let a
+    12-byte decoy carry a million strips past the check."""
+    decoy = strip_tiff(300, extra=((STRIP_OFFSETS, 4, 0, 0),))
+    with Image.open(io.BytesIO(decoy)) as opened:
+        assert len(opened.tile) == 300  # the real one counts for Pillow
+    assert first_directory(decoy, 512).pieces == 300
+
+
+def test_the_largest_entry_of_numbers_is_told_and_bytes_are_not_numbers():
+    many = strip_tiff(5, extra=((258, 3, 200_000, 8), (700, 7, 900_000, 8)))
+    assert first_directory(many, 512).values == 200_000  # SHORTs; the UNDEFINED bytes aside
 
 
 def test_tiles_count_like_strips():
