@@ -607,6 +607,16 @@ def test_a_role_of_another_account_is_refused_not_swapped_for_ours(capsys, role_
     assert code == 2 and f"--role {other} is not a role of the account you deploy into" in err
     assert role_arn in err and state() == before
     assert run(capsys, "--dry-run", *deploy_args("clip-r")[:-2], "--role", role_arn)[0] == 0
+    # Of this account, written another way (its path left out): IAM's own ARN is used, as
+    # before.
+    aws("iam").create_role(
+        RoleName="clip-pathed", Path="/service-role/", AssumeRolePolicyDocument="{}"
+    )
+    unpathed = f"arn:aws:iam::{ACCOUNT}:role/clip-pathed"
+    code, out, err = run(capsys, "--dry-run", *deploy_args("clip-r")[:-2], "--role", unpathed)
+    assert code == 0, err
+    model = dict(plan(out))["sagemaker.create_model"]
+    assert model["ExecutionRoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/service-role/clip-pathed"
 
 
 @pytest.mark.parametrize(
@@ -1229,6 +1239,26 @@ def test_wait_stops_at_any_state_an_endpoint_does_not_leave_by_itself(status, mo
         with pytest.raises(AwsCallError) as caught:
             wait_in_service(client, "clip", "clip-new", 3600)
     assert f"endpoint clip is {status}: {reason}" in str(caught.value)
+
+
+def test_wait_goes_on_through_a_rollback_to_say_why_it_rolled_back(monkeypatch):
+    """RollingBack ends by itself: the wait had stopped there, without the reason SageMaker gives
+    once the old fleet is back."""
+    from botocore.stub import Stubber
+
+    monkeypatch.setattr(time, "sleep", lambda _: None)
+    client = Aws(REGION, None, False)
+    reason = "The primary container for production variant AllTraffic did not pass the ping check."
+    with Stubber(client.client("sagemaker")) as stub:
+        for status, config, why in [
+            ("Updating", "clip-old", None),
+            ("RollingBack", "clip-old", None),
+            ("InService", "clip-old", reason),
+        ]:
+            stub.add_response("describe_endpoint", endpoint_description(status, config, why))
+        with pytest.raises(AwsCallError) as caught:
+            wait_in_service(client, "clip", "clip-new", 3600)
+    assert "InService on clip-old, not clip-new: the update was rolled back" in str(caught.value)
 
 
 def test_plans_mask_the_environment_and_the_api_key_is_refused(capsys, role_arn):

@@ -23,7 +23,7 @@ from sagemaker_deploy.errors import AwsCallError, DeployError, StillChangingErro
 # the image pulled, the old fleet drained.
 PROVISIONING_MARGIN_S = 1800
 # States in which `--wait` running out of time says nothing about success or failure.
-STILL_CHANGING = {"Creating", "Updating", "SystemUpdating"}
+STILL_CHANGING = {"Creating", "Updating", "SystemUpdating", "RollingBack"}
 
 
 def masked(params: Any) -> Any:
@@ -131,6 +131,13 @@ def describe_endpoint(aws: Aws, endpoint: str) -> dict[str, Any] | None:
         raise
 
 
+def arn_account(arn: str) -> str:
+    """`arn:aws:iam::123456789012:role/x` -> `123456789012` (with its partition, which an
+    account's ARNs share)."""
+    parts = arn.split(":")
+    return f"{parts[1]}:{parts[4]}" if len(parts) > 4 else ""
+
+
 def resolve_role(aws: Aws, role: str) -> str:
     """The role's ARN, after checking it exists: a missing role otherwise fails much later."""
     name = role_name(role)
@@ -155,7 +162,10 @@ def resolve_role(aws: Aws, role: str) -> str:
             "SageMaker'), trusted by sagemaker.amazonaws.com, and pass its name or ARN with --role"
         )
     arn = found["Role"]["Arn"]
-    if ROLE_ARN_RE.fullmatch(role) and role != arn:  # the name alone was looked up
+    # The name alone was looked up, in the account deployed into: an ARN of another account had
+    # become this account's role of that name. (Of this account, IAM's own ARN is used: the
+    # path `service-role/` left out, or the name in another case, name the same role.)
+    if ROLE_ARN_RE.fullmatch(role) and arn_account(role) != arn_account(arn):
         raise DeployError(
             f"--role {role} is not a role of the account you deploy into: its role {name} is "
             f"{arn}. SageMaker runs an endpoint with a role of its own account; pass that one "
