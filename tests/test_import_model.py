@@ -96,14 +96,21 @@ def test_a_directory_that_is_not_a_whole_clip_checkpoint_is_refused(tmp_path, ma
     assert not (home / "models" / "clip").exists()
 
 
+@pytest.mark.parametrize("cut", ["mid-line", "after line 3", "after line 12"])
 def test_if_missing_replaces_a_store_entry_whose_model_yaml_was_cut_short(
-    tmp_path, tiny_stored_model
+    tmp_path, tiny_stored_model, cut
 ):
-    """PyYAML's error went through as a 90-line traceback: `make serve` could not get past it."""
+    """PyYAML's error (cut in a line), or cattrs' or a KeyError (cut after one), went through as
+    a 90-line traceback: `make serve` could not get past it."""
     entry = tmp_path / "models" / "clip" / tiny_stored_model.tag.version
     shutil.copytree(tiny_stored_model.path, entry)
     model_yaml = entry / "model.yaml"
-    model_yaml.write_bytes(model_yaml.read_bytes()[:100])
+    text = model_yaml.read_bytes()
+    if cut == "mid-line":
+        model_yaml.write_bytes(text[:100])
+    else:
+        lines = int(cut.rsplit(" ", 1)[1])
+        model_yaml.write_bytes(b"".join(text.splitlines(keepends=True)[:lines]))
     result = run_import(tmp_path, "--tiny", "--if-missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

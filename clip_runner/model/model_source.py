@@ -23,7 +23,6 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from bentoml.exceptions import BentoMLConfigException
 
 if TYPE_CHECKING:
@@ -346,8 +345,12 @@ def stored_model_problem(model_tag: str) -> str | None:
         raise
     except bentoml.exceptions.BentoMLException as exc:  # e.g. an entry without its model.yaml
         return f"BentoML cannot read its store entry ({str(exc).strip()})"
-    except yaml.YAMLError as exc:  # a model.yaml cut short: BentoML lets PyYAML's error through
-        reason = " ".join(str(exc).split())[:200]
+    except OSError:  # the store itself unreadable: the caller's to say
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model.yaml cut short, in a line or after one
+        # BentoML lets PyYAML's error through, or cattrs', or a KeyError or TypeError, as where
+        # the file was cut: each had been a traceback (make serve could not get past it).
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         return f"BentoML cannot read its store entry (its model.yaml is not whole: {reason})"
     problem = checkpoint_problem(Path(stored.path))
     return None if problem is None else f"{stored.tag} in {stored.path}: {problem}"
