@@ -2647,10 +2647,13 @@ def headline_rounds_text(rounds: list[dict]) -> str:
 
 
 def configuration_label(name: str) -> str:
-    """'batch8' -> 'batch 8'; 'two_passes_batch8' -> 'two passes of batch 8 at once'."""
+    """'batch8' -> 'batch 8'; 'two_passes_batch8' -> 'two passes of batch 8 at once';
+    'resident_batch256' -> 'batch 256 already on the device'."""
     batch = name.rsplit("batch", 1)[1]
     if name.startswith("two_passes"):
         return f"two passes of batch {batch} at once"
+    if name.startswith("resident"):
+        return f"batch {batch} already on the device"
     return f"batch {batch}"
 
 

@@ -721,6 +721,7 @@ def test_the_bare_limit_is_the_faster_of_uploaded_and_resident_pixels(tiny_store
     assert "resident_batch8" not in rounds[0]
     faster = dict(rounds[0], resident_batch32=10 * max(rounds[0].values()))
     assert bench.limit_of([faster])["best"] == "resident_batch32"
+    assert bench.configuration_label("resident_batch32") == "batch 32 already on the device"
     assert bench.BareModel(Path(tiny_stored_model.path)).resident is None  # no GPU: as before
     same = model.encoder.encode_pixels(model.resident[:8])
     np.testing.assert_allclose(same, model.encoder.encode_images(model.pixels[:8]), atol=1e-6)

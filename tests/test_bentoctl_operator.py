@@ -189,10 +189,12 @@ def test_generate_carries_model_data_image_and_no_autoscaling(home, tmp_path):
         network_isolation=True,
         instance_type="ml.g5.xlarge",
     )
-    config["env"] = {"CLIP_TEMPLATE_NOTE": "${not interpolated}"}
+    # A blank API key is no key (as the server reads it): not refused.
+    config["env"] = {"CLIP_TEMPLATE_NOTE": "${not interpolated}", "CLIP_API_KEY": " "}
     path = tmp_path / "deployment_config.yaml"
     path.write_text(yaml.safe_dump(config))
     _, values = generate(home, path, tmp_path / "out")
+    assert values["env"]["CLIP_API_KEY"] == " "
     assert values["model_data_url"] == "s3://my-bucket/clip/model.tar.gz"
     assert values["image_tag"] == config["spec"]["image_tag"]
     assert values["autoscaling_min_instances"] == 0  # main.tf: count = 0, no scaling resources

@@ -63,7 +63,7 @@ def terraform_values(name: str, spec: dict[str, Any]) -> dict[str, Any]:
             "with a letter or digit (it names the endpoint and the ECR repository, which takes "
             "no upper case; models and configs add 13 characters)"
         )
-    if API_KEY_VARIABLE in (spec.get("env") or {}):
+    if str((spec.get("env") or {}).get(API_KEY_VARIABLE) or "").strip():  # blank: no key
         raise InvalidDeploymentConfig(
             f"env: {API_KEY_VARIABLE} would make every invocation a 401 while /ping stays 200: "
             "SageMaker's InvokeEndpoint sends no Authorization header (SageMaker endpoints rely "
