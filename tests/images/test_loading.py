@@ -321,6 +321,19 @@ def test_base64_and_data_uri_decode_to_the_same_bytes():
     assert decode_inline(wrapped, 0, 10_000) == raw
 
 
+@pytest.mark.parametrize("size", [999, 1000])  # 1000 and 999 are no multiple of 3
+def test_an_image_of_exactly_the_byte_limit_is_taken_one_byte_more_is_not(size):
+    """An image of exactly the limit whose size is no multiple of 3 had been refused as larger
+    than it (its padding was counted as image bytes)."""
+    exact = bytes(range(256)) * 4
+    text = base64.b64encode(exact[:size]).decode()
+    assert decode_inline(text, 0, size) == exact[:size]
+    wrapped = "\n".join(text[i : i + 60] for i in range(0, len(text), 60))
+    assert decode_inline(wrapped, 0, size) == exact[:size]
+    with pytest.raises(RequestError, match=f"larger than the {size - 1}-byte limit"):
+        decode_inline(text, 0, size - 1)
+
+
 def standard_library_decode(payload: str) -> bytes | None:
     """What inline base64 meant before the SIMD decoder: the standard library, strict first,
     then without whitespace, padded, URL-safe alphabet mapped; None where both refuse."""
