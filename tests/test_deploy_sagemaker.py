@@ -578,15 +578,7 @@ def test_missing_role_and_bad_instance_type_fail_clearly(capsys, role_arn):
 
 
 def test_a_failed_deploy_that_cannot_delete_what_it_made_names_it(capsys, role_arn, monkeypatch):
-    failures: dict[str, Exception] = {}
-    failing_calls(monkeypatch, failures)
-    failures["create_endpoint"] = AwsCallError(
-        "sagemaker CreateEndpoint failed: ResourceLimitExceeded: over quota",
-        "ResourceLimitExceeded",
-    )
-    failures["delete_endpoint_config"] = AwsCallError(
-        "sagemaker DeleteEndpointConfig failed: AccessDeniedException: no", "AccessDeniedException"
-    )
+    quota_then_denied(monkeypatch, "create_endpoint", "delete_endpoint_config")
     code, _, err = run(capsys, *deploy_args("clip-q"))
     line = error_line(err)
     assert code == 1 and "CreateEndpoint failed: ResourceLimitExceeded" in line
@@ -1377,6 +1369,20 @@ def failing_calls(patch: pytest.MonkeyPatch, failures: dict[str, Exception]) -> 
     patch.setattr(Aws, "_call", call)
 
 
+def quota_then_denied(patch: pytest.MonkeyPatch, create: str, delete: str) -> dict[str, Exception]:
+    """`create` refused for a quota, then the clean-up's `delete` denied: the failures (more may
+    be added)."""
+    failures: dict[str, Exception] = {}
+    failing_calls(patch, failures)
+    for operation, code, why in [
+        (create, "ResourceLimitExceeded", "over quota"),
+        (delete, "AccessDeniedException", "no"),
+    ]:
+        name = "".join(word.title() for word in operation.split("_"))
+        failures[operation] = AwsCallError(f"sagemaker {name} failed: {code}: {why}", code)
+    return failures
+
+
 def test_batch_transform_reruns_and_its_model(capsys, role_arn, monkeypatch):
     upload_requests("requests/part-2.jsonl", [{"images": ["s3://x/y.jpg"]}])
     sagemaker = aws("sagemaker")
@@ -1766,15 +1772,7 @@ def test_batch_transform_cleanup_keeps_the_jobs_error(capsys, role_arn, monkeypa
 
     upload_requests("requests/part-6.jsonl", [{"images": ["s3://x/y.jpg"]}])
     made = ["--image-uri", IMAGE_URI, "--role", ROLE]
-    failures: dict[str, Exception] = {}
-    failing_calls(monkeypatch, failures)
-    failures["create_transform_job"] = AwsCallError(
-        "sagemaker CreateTransformJob failed: ResourceLimitExceeded: over quota",
-        "ResourceLimitExceeded",
-    )
-    failures["delete_model"] = AwsCallError(
-        "sagemaker DeleteModel failed: AccessDeniedException: no", "AccessDeniedException"
-    )
+    failures = quota_then_denied(monkeypatch, "create_transform_job", "delete_model")
     code, _, err = run(capsys, *batch_args("clip-batch-d", *made))
     line = error_line(err)
     assert code == 1 and "CreateTransformJob failed: ResourceLimitExceeded" in line
