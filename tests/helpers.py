@@ -303,6 +303,8 @@ class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
 
 class _ImageHostServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # As a public host's: socketserver's 5 left connections past it waiting for a SYN resent.
+    request_queue_size = 256
 
     def __init__(self, address: tuple[str, int], directory: Path) -> None:
         self.access_log: list[str] = []

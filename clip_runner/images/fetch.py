@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import weakref
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -172,13 +173,31 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self.inner.sleep(seconds)
 
 
+# Connections of the image-URL pool; fetches in flight per event loop are held to as many
+# (`fetch_url`), so that none waits for a connection on its own deadline.
+MAX_CONNECTIONS = 64
+
+
+def loop_slots(
+    registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore], size: int
+) -> asyncio.Semaphore:
+    """The running event loop's semaphore of `size` in `registry`, made on first use (an asyncio
+    semaphore serves one loop)."""
+    return registry.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(size))
+
+
+_FETCH_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class GuardedTransport(httpx.AsyncHTTPTransport):
     """httpx's transport over a connection pool whose every connection is policy-checked."""
 
     def __init__(
         self,
         policy: AddressPolicy,
-        max_connections: int = 64,
+        max_connections: int = MAX_CONNECTIONS,
         network_backend: httpcore.AsyncNetworkBackend | None = None,
     ) -> None:
         # Built directly rather than via super().__init__, which offers no network_backend.
@@ -247,7 +266,15 @@ TRICKLE_BYTES = 512
 
 
 async def fetch_url(client: httpx.AsyncClient, url: str, index: int, limits: FetchLimits) -> bytes:
-    """Download an image with a total deadline, a status check, and a size cap while streaming."""
+    """Download an image with a total deadline, a status check, and a size cap while streaming.
+    A connection slot first, before the deadline starts: 80 fetches at once, each answered in
+    0.9 s, had those past the pool's 64th time out at 1.5 s waiting for a connection."""
+    async with loop_slots(_FETCH_SLOTS, MAX_CONNECTIONS):
+        return await _download(client, url, index, limits)
+
+
+async def _download(client: httpx.AsyncClient, url: str, index: int, limits: FetchLimits) -> bytes:
+    """`fetch_url`'s download, within `limits.timeout_s`."""
     shown = quoted(url)
     too_large = f"image at {shown} is larger than the {limits.max_bytes}-byte limit"
     try:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from clip_runner.errors import ImageError, quoted
-from clip_runner.images.fetch import FetchLimits
+from clip_runner.images.fetch import FetchLimits, loop_slots
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def _unusable_arn_errors() -> tuple[type[Exception], ...]:
 async def fetch_s3(url: str, index: int, limits: FetchLimits, client: Any = None) -> bytes:
     """The object's bytes within `limits` (as `fetch_url` for HTTP), on a `READERS` thread."""
     loop = asyncio.get_running_loop()
-    slots = _READ_SLOTS.setdefault(loop, asyncio.Semaphore(MAX_POOL_CONNECTIONS))
+    slots = loop_slots(_READ_SLOTS, MAX_POOL_CONNECTIONS)
     await slots.acquire()
     # The slot is the thread's: given back when the read ends, even one the deadline gave up on.
     reading = READERS.submit(read_object, client, url, index, limits)

@@ -323,3 +323,24 @@ def test_fetches_within_a_request_are_bounded(image_host_server, concurrency):
     time.sleep(0.2)
     # the first timeout fails the request and cancels the rest: only `concurrency` ever started
     assert hang_count(image_host_server) - before == concurrency
+
+
+def test_waiting_for_a_pooled_connection_does_not_count_against_the_deadline(
+    image_dir, image_host_server
+):
+    """More fetches at once than the pool's connections, each answered well within the
+    deadline: those past the 64th had timed out waiting for a connection (the S3 reads' twin)."""
+    photo_like(8, 8, seed=1).save(image_dir / "pooled.png")
+    limits = FetchLimits(max_bytes=1_000_000, timeout_s=1.5, connect_timeout_s=1)
+    fetches = 80
+
+    async def fetch_all() -> list[bytes]:
+        async with new_fetch_client(PUBLIC_ONLY, limits) as client:
+            urls = [
+                f"{image_host_server.url}/slow?s=0.9&to=/pooled.png?n={i}" for i in range(fetches)
+            ]
+            return await asyncio.gather(
+                *(fetch_url(client, url, i, limits) for i, url in enumerate(urls))
+            )
+
+    assert len(asyncio.run(fetch_all())) == fetches
