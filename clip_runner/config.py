@@ -321,6 +321,12 @@ class Settings:
                 f"({self.fetch_connect_timeout_s:g} s vs {self.fetch_timeout_s:g} s; the fetch "
                 "timeout's default is half of CLIP_REQUEST_TIMEOUT_S, at most 10 s)"
             )
+        # A pass takes milliseconds on a GPU: under a second, every pass would look stalled and
+        # the runner exit (status 70) at each, BentoML restarting it for ever.
+        if 0 < self.stalled_pass_s < 1:
+            raise SettingError(
+                f"CLIP_STALLED_PASS_S must be 0 (off) or at least 1 s, got {self.stalled_pass_s:g}"
+            )
         # One largest body must fit, or no request of that size could ever be admitted.
         if self.max_waiting_body_bytes < self.max_body_bytes:
             raise SettingError(

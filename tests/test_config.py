@@ -159,6 +159,7 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_SWITCH_INTERVAL_MS", "fast", "must be a number"),
         ("CLIP_CUDA_WAIT", "sleep", "must be one of block, spin"),
         ("CLIP_STALLED_PASS_S", "-1", "must be >= 0"),
+        ("CLIP_STALLED_PASS_S", "0.01", r"must be 0 \(off\) or at least 1 s, got 0.01"),
         ("CLIP_STALLED_PASS_S", "nan", "must be a finite number"),
         ("CLIP_REQUEST_TIMEOUT_S", "inf", "must be a finite number"),
         ("CLIP_DTYPE", "fp16", "must be one of auto, float32, bfloat16, float16"),
