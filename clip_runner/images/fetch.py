@@ -183,7 +183,11 @@ def loop_slots(
 ) -> asyncio.Semaphore:
     """The running event loop's semaphore of `size` in `registry`, made on first use (an asyncio
     semaphore serves one loop)."""
-    return registry.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(size))
+    loop = asyncio.get_running_loop()
+    slots = registry.get(loop)
+    if slots is None:
+        slots = registry[loop] = asyncio.Semaphore(size)
+    return slots
 
 
 _FETCH_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (

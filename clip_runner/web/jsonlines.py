@@ -246,21 +246,13 @@ def execution_parameters(settings: Settings) -> dict[str, Any]:
 def is_lines_of_json(body: bytes) -> bool:
     """Whether a body sent as JSON is JSON Lines: records on lines of their own. A Batch
     Transform job with `ContentType=application/json`, `SplitType=Line` and MultiRecord (what
-    `/execution-parameters` advises) sends its mini-batches so. Either its first line is a whole
-    JSON object with more after it, which no JSON document is (a pretty-printed document's first
-    line is no whole value), or its content runs over several lines and is no JSON document: a
-    mini-batch whose first record was broken had been refused whole (400), its good records
-    with it, where one whose broken record came later had that line's error only."""
-    end = content_end(body)
-    first_end = body.find(b"\n", 0, end)
-    if first_end < 0:
+    `/execution-parameters` advises) sends its mini-batches so. Such a body runs over several
+    lines and is no JSON document (the parser stops at the end of its first record, or at its
+    first broken one); a pretty-printed document is one. A mini-batch whose first record was
+    broken had been refused whole (400), its good records with it, where one whose broken
+    record came later had that line's error only."""
+    if body.find(b"\n", 0, content_end(body)) < 0:
         return False
-    if body[:first_end].rstrip().endswith(b"}"):  # records are objects
-        try:
-            json.loads(body[:first_end])
-            return True
-        except ValueError:
-            pass
     try:
         json.loads(body)
     except ValueError:
