@@ -184,10 +184,13 @@ def raw_pixel_patch_embedding(
 
 
 def padded_batch(
-    token_ids: Sequence[Sequence[int]], pad_id: int, side: str, max_tokens: int
+    token_ids: Sequence[Sequence[int]], pad_id: int, side: str, max_tokens: int, vocab_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """int64 (N, longest) input ids and attention mask of prompts' token ids, padded with
-    `pad_id` on `side` ("right" or "left"): what the tokenizer's `padding=True` gives."""
+    `pad_id` on `side` ("right" or "left"): what the tokenizer's `padding=True` gives.
+
+    An id outside the model's `vocab_size` is a ValueError here: on a GPU the embedding lookup
+    would fail as a device-side assert, which breaks the CUDA context and the runner with it."""
     lengths = [len(ids) for ids in token_ids]
     longest = max(lengths)
     if longest > max_tokens:
@@ -198,6 +201,8 @@ def padded_batch(
         columns = slice(longest - length, longest) if side == "left" else slice(0, length)
         input_ids[row, columns] = ids
         attention_mask[row, columns] = 1
+    if input_ids.min() < 0 or input_ids.max() >= vocab_size:
+        raise ValueError(f"a token id outside the model's vocabulary of {vocab_size}")
     return input_ids, attention_mask
 
 
@@ -244,6 +249,7 @@ class ClipEncoder:
                 embeddings.patch_embedding, self.scale.flatten(), self.offset.flatten()
             )
         self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
+        self.vocab_size = int(model.config.text_config.vocab_size)
         self.shortest_edge = int(size_value(image_processor.size, "shortest_edge"))
         self.crop_height = int(size_value(image_processor.crop_size, "height"))
         self.crop_width = int(size_value(image_processor.crop_size, "width"))
@@ -330,7 +336,9 @@ class ClipEncoder:
         quarter of its time on uncached prompts (tiny model; BENCHMARKS.md), a process that
         does not scale with cores as the API workers do."""
         pad_id, side = self.tokenizer.pad_token_id, self.tokenizer.padding_side
-        input_ids, attention_mask = padded_batch(token_ids, pad_id, side, self.max_text_tokens)
+        input_ids, attention_mask = padded_batch(
+            token_ids, pad_id, side, self.max_text_tokens, self.vocab_size
+        )
         features = self.model.get_text_features(
             input_ids=to_device(torch.from_numpy(input_ids), self.device),
             attention_mask=to_device(torch.from_numpy(attention_mask), self.device),

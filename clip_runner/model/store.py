@@ -262,25 +262,43 @@ def load_clip_model(source: str | Path, **options: object) -> CLIPModel:
     return model.eval()
 
 
+def load_pieces(source: str | Path, **options: object) -> tuple[CLIPModel, CLIPProcessor]:
+    """A checkpoint's model (`load_clip_model` with `options`) and processor, refusing a
+    tokenizer that names tokens the text model has no embedding for (tokens added to it, the
+    embedding table left as it was). Such a token's id had reached the forward pass: on CPU an
+    IndexError that failed every prompt in its batch, as a 503 to retry; on a GPU a device-side
+    assert, which breaks the CUDA context and so the runner process, at every such prompt.
+    """
+    model = load_clip_model(source, **options)
+    processor = load_processor(source)
+    tokens, embeddings = len(processor.tokenizer), model.config.text_config.vocab_size
+    if tokens > embeddings:
+        raise CheckpointError(
+            f"{source}: its tokenizer has {tokens} tokens, its text model embeddings for "
+            f"{embeddings}: tokens were added to the tokenizer without growing the text model's "
+            "token embeddings (and text_config.vocab_size), so prompts using them cannot be "
+            "encoded"
+        )
+    return model, processor
+
+
 def load_from_hub(model_id: str) -> tuple[CLIPModel, CLIPProcessor]:
     """Download a checkpoint from the Hugging Face hub (transformers shows a progress bar)."""
     check_hub_reachable(model_id)
     try:
-        model = load_clip_model(model_id)
-        processor = load_processor(model_id)
+        return load_pieces(model_id)
     except OSError as exc:
         raise HubUnavailableError(
             f"could not download {model_id!r} from the Hugging Face hub ({_first_line(exc)}). "
             f"{OFFLINE_ADVICE}"
         ) from exc
-    return model, processor
 
 
 def load_from_dir(path: Path) -> tuple[CLIPModel, CLIPProcessor]:
     """Read a checkpoint in `save_pretrained` layout (model + processor files) from disk."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a save_pretrained directory")
-    return load_clip_model(path), load_processor(path)
+    return load_pieces(path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -334,7 +352,7 @@ def _remove_partial_entry(tag: object) -> None:
 
 def load_checkpoint(path: Path) -> tuple[CLIPModel, CLIPProcessor]:
     """A checkpoint in `save_pretrained` layout, as the runner serves it (CPU, fp32, sdpa)."""
-    return load_clip_model(path, attn_implementation="sdpa"), load_processor(path)
+    return load_pieces(path, attn_implementation="sdpa")
 
 
 def load_clip(stored: bentoml.Model) -> LoadedClip:

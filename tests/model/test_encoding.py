@@ -105,12 +105,23 @@ def test_token_ids_are_padded_exactly_as_the_tokenizer_pads_a_batch(tiny_clip, s
     tokenizer.padding_side = side
     theirs = tokenizer(TEXTS, padding=True, return_tensors="np")
     ids = tokenizer(TEXTS)["input_ids"]
-    input_ids, attention_mask = padded_batch(ids, tokenizer.pad_token_id, side, 77)
+    vocab_size = len(tokenizer)
+    input_ids, attention_mask = padded_batch(ids, tokenizer.pad_token_id, side, 77, vocab_size)
     np.testing.assert_array_equal(input_ids, theirs["input_ids"])
     np.testing.assert_array_equal(attention_mask, theirs["attention_mask"])
     assert input_ids.dtype == attention_mask.dtype == np.int64
     with pytest.raises(ValueError, match="at most 5"):
-        padded_batch(ids, tokenizer.pad_token_id, side, 5)
+        padded_batch(ids, tokenizer.pad_token_id, side, 5, vocab_size)
+
+
+def test_a_token_id_the_model_has_no_embedding_for_is_refused_before_the_device(encoder):
+    """On a GPU the embedding lookup's device-side assert would break the runner's CUDA context;
+    a ValueError fails only the call that carried the id."""
+    vocab_size = encoder.model.config.text_config.vocab_size
+    for outside in (vocab_size, -1):
+        with pytest.raises(ValueError, match=f"outside the model's vocabulary of {vocab_size}"):
+            encoder.encode_token_ids([[0, 1], [0, outside, 1]])
+    assert encoder.encode_token_ids([[0, vocab_size - 1, 1]]).shape[0] == 1
 
 
 def test_token_ids_encode_to_the_texts_embeddings(encoder, tiny_clip):

@@ -172,6 +172,29 @@ def test_a_checkpoint_missing_weights_is_refused_not_filled_with_random_values(t
             load(cut)
 
 
+def test_a_tokenizer_with_tokens_the_model_cannot_embed_is_refused(tmp_path):
+    """Tokens added to the tokenizer, the model's embedding table left as it was: such a token's
+    id failed its whole batch on CPU (IndexError, a 503) and, on a GPU, would break the runner
+    process (a device-side assert) at every prompt using it."""
+    model, processor = build_random_clip(tiny=True, seed=5)
+    processor.tokenizer.add_tokens(["zzqx"])
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    vocab_size = model.config.text_config.vocab_size
+    for load in (load_from_dir, load_checkpoint):  # importing it, and serving it
+        with pytest.raises(
+            CheckpointError, match=f"{vocab_size + 1} tokens.*embeddings for {vocab_size}"
+        ):
+            load(tmp_path)
+    embeddings = model.text_model.embeddings
+    grown = torch.nn.Embedding(vocab_size + 1, embeddings.token_embedding.embedding_dim)
+    embeddings.token_embedding = grown
+    model.config.text_config.vocab_size = vocab_size + 1
+    model.save_pretrained(tmp_path)
+    loaded, _ = load_checkpoint(tmp_path)  # its embedding table grown to match: served
+    assert loaded.config.text_config.vocab_size == vocab_size + 1
+
+
 def test_a_cut_short_store_entry_is_not_a_stored_model(tiny_stored_model, bentoml_home):
     """What an import interrupted while BentoML copies the files in leaves: every file there,
     the weights cut short. `--if-missing` took it for the model, and kept it for good."""
