@@ -54,6 +54,9 @@ from clip_runner.model.pillow_pixels import (
 from clip_runner.model.resample import DEVICE_MAX_DOWNSCALE, crop_plan
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+# The image sources besides base64, as refusals name them: `s3://` had been left out, so a
+# mistyped one (`s3:/bucket/key`) read as if S3 were not supported.
+URL_KINDS = "an http(s):// or s3://bucket/key URL or a data: URI"
 # The scheme in any case, as RFC 3986 has it ("DATA:" was refused as malformed).
 _DATA_URI = re.compile(
     r"^(?i:data):(?P<media>[^,;]*)(?P<params>(;[^,;]*)*),(?P<data>.*)$", re.DOTALL
@@ -137,8 +140,10 @@ def decode_inline(source: str, index: int, max_bytes: int) -> bytes:
             raise ImageError(index, f"data: URI media type {media!r} is not an image")
         payload = match["data"]
     elif scheme := _SCHEME.match(source):  # base64 never contains ':'
+        if scheme.group(1).lower() == "s3":  # `s3:/bucket/key`: one slash short
+            raise ImageError(index, f"{quoted(source)!r} is not an s3://bucket/key URL")
         shown = quoted(scheme.group(1))
-        raise ImageError(index, f"unsupported URL scheme {shown!r}: use http(s), base64 or data:")
+        raise ImageError(index, f"unsupported URL scheme {shown!r}: send {URL_KINDS}, or base64")
     if decoded_size(payload) > max_bytes:  # line breaks count here: look again without them
         payload = _WHITESPACE.sub("", payload)
         if decoded_size(payload) > max_bytes:
@@ -166,7 +171,7 @@ def _lenient_base64(payload: str, index: int) -> bytes:
     try:
         return base64.b64decode(payload.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError(index, "not an http(s) URL, data: URI or valid base64") from None
+        raise ImageError(index, f"neither valid base64 nor {URL_KINDS}") from None
 
 
 def eight_bit(image: Image.Image) -> Image.Image:

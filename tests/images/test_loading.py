@@ -375,7 +375,10 @@ def test_inline_base64_means_what_the_standard_library_decodes():
         ("ftp://example/x.png", "unsupported URL scheme 'ftp'"),
         ("data:image/png,rawbytes", "must be base64"),
         ("data:text/html;base64,aGk=", "not an image"),
-        ("not base64 at all!", "not an http(s) URL, data: URI or valid base64"),
+        ("not base64 at all!", "neither valid base64 nor an http(s):// or s3://bucket/key URL"),
+        ("s3:/bucket/key.jpg", "'s3:/bucket/key.jpg' is not an s3://bucket/key URL"),
+        ("S3:bucket/key.jpg", "'S3:bucket/key.jpg' is not an s3://bucket/key URL"),
+        ("gs://bucket/key.jpg", "'gs': send an http(s):// or s3://bucket/key URL or a data:"),
         ("", "empty"),
     ],
 )
