@@ -2,9 +2,52 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 
 from clip_runner.errors import QUOTED_CHARS, ImageError, RequestError, error_body, quoted
+from clip_runner.web.error_responses import _STATUS_TYPES
+from clip_runner.web.header_limits import TOO_LARGE
+from tests.helpers import REPO_ROOT
+
+# Calls that set an error's `type`, and which positional argument holds it.
+TYPE_ARGUMENT = {"RequestError": 1, "ImageError": 2, "send_error": 2, "error_body": 0}
+
+
+def error_types_in_code() -> dict[str, str]:
+    """Every error `type` written as a literal where an error is made (clip_runner and
+    service.py), with one place that makes it; the types passed on from elsewhere as variables
+    are the literals found here, BentoML's statuses' and the header limit's."""
+    types = {error_type: "error_responses._STATUS_TYPES" for error_type in _STATUS_TYPES.values()}
+    types[TOO_LARGE] = "header_limits.TOO_LARGE"
+    for path in [REPO_ROOT / "service.py", *sorted((REPO_ROOT / "clip_runner").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if name not in TYPE_ARGUMENT:
+                continue
+            position = TYPE_ARGUMENT[name]
+            given = node.args[position : position + 1]
+            given += [keyword.value for keyword in node.keywords if keyword.arg == "error_type"]
+            for argument in given:
+                if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
+                    types.setdefault(argument.value, f"{path.name}:{node.lineno}")
+    return types
+
+
+def test_every_error_type_the_server_answers_has_a_row_in_the_readmes_errors_table():
+    """Clients match on `type`: `image_not_found` (a missing s3:// object) had been answered
+    but was in no row of the table that lists them."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme.split("\n### Errors\n", 1)[1].split("\n\n| status |", 1)[1]
+    table = table.split("\n\n", 1)[0]
+    listed = set(re.findall(r"`([a-z0-9_]+)`", table))
+    types = error_types_in_code()
+    assert {"invalid_image", "image_not_found", "s3_unavailable", "overloaded"} <= set(types)
+    missing = {error_type: place for error_type, place in types.items() if error_type not in listed}
+    assert not missing, f"error types the README's Errors table lacks: {missing}"
 
 
 def test_error_body_carries_the_index_only_when_there_is_one():
