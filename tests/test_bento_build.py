@@ -4,6 +4,7 @@ bento's own container entrypoint serves it on SageMaker's port."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,12 +29,27 @@ class BuiltBento:
 
 
 @pytest.fixture(scope="module")
-def built_bento(tiny_stored_model, bentoml_home) -> BuiltBento:
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(bentoml_home),
-        "CLIP_MODEL_TAG": str(tiny_stored_model.tag),
-    }
+def built_bento(
+    tiny_stored_model, bentoml_home, tmp_path_factory: pytest.TempPathFactory
+) -> BuiltBento:
+    """The bento built with CLIP_MODEL_TAG naming the suite's model, from a store whose
+    `clip:latest` is another, newer model: the image must serve (and carry) the model chosen."""
+    home = tmp_path_factory.mktemp("build-home")
+    version = tiny_stored_model.tag.version
+    shutil.copytree(bentoml_home / "models" / "clip" / version, home / "models" / "clip" / version)
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    newer = subprocess.run(
+        [sys.executable, "scripts/import_model.py", "--tiny"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert newer.returncode == 0, newer.stdout + newer.stderr
+    latest = (home / "models" / "clip" / "latest").read_text().strip()
+    assert latest != version
+    env["CLIP_MODEL_TAG"] = str(tiny_stored_model.tag)
     result = subprocess.run(
         [str(BENTOML_CLI), "build", "--output", "tag"],
         cwd=REPO_ROOT,
@@ -45,7 +61,7 @@ def built_bento(tiny_stored_model, bentoml_home) -> BuiltBento:
     assert result.returncode == 0, result.stdout + result.stderr
     tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
-    return BuiltBento(tag, bentoml_home / "bentos" / name / version, env)
+    return BuiltBento(tag, home / "bentos" / name / version, env)
 
 
 def test_bento_builds_with_the_model_inside(built_bento, tiny_stored_model, tmp_path):
@@ -69,6 +85,13 @@ def test_bento_builds_with_the_model_inside(built_bento, tiny_stored_model, tmp_
         names = archive.getnames()
     model_path = f"models/clip/{tiny_stored_model.tag.version}/model.safetensors"
     assert any(name.lstrip("./") == model_path for name in names), names[:20]
+    # Only the model chosen: not also the store's clip:latest, another model.
+    packed_models = {
+        Path(name.lstrip("./")).parts[2]
+        for name in names
+        if name.lstrip("./").startswith("models/clip/") and len(Path(name).parts) > 3
+    }
+    assert packed_models == {tiny_stored_model.tag.version}, packed_models
     # Every library file, in every layer's package, and the demo page.
     library = REPO_ROOT / "clip_runner"
     expected = {
@@ -145,7 +168,13 @@ def test_the_bentos_entrypoint_serves_the_sagemaker_contract_on_8080(built_bento
         )
     try:
         checks = subprocess.run(
-            [sys.executable, "scripts/container_checks.py", "http://127.0.0.1:8080"],
+            [
+                sys.executable,
+                "scripts/container_checks.py",
+                "http://127.0.0.1:8080",
+                "--expect-model",
+                str(built_bento.env["CLIP_MODEL_TAG"]),
+            ],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
