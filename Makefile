@@ -80,7 +80,7 @@ import-model: $(STAMP)
 	$(BIN)/python scripts/import_model.py $(IMPORT_ARGS)
 
 build: $(STAMP)
-	$(BIN)/python scripts/import_model.py --if-missing $(IMPORT_ARGS)
+	$(BIN)/python scripts/import_model.py --if-missing --for-bento $(IMPORT_ARGS)
 	$(BIN)/bentoml build
 
 bench: $(STAMP)

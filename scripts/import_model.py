@@ -9,6 +9,10 @@
 
 `--if-missing` does nothing when the store already has `clip:latest` (used by `make serve`),
 unless that one is broken (an import interrupted while BentoML copied it in): then it imports.
+`--for-bento` (used by `make build`) then refuses when the model the bento will pack
+(`CLIP_MODEL_TAG`, else `clip:latest`) has random weights, unless this command asked for random
+weights or `ALLOW_RANDOM_WEIGHTS=1`: an image of it would answer noise, its only sign a warning
+in the runner's log.
 
 What cannot be imported (not a whole CLIP checkpoint, an unwritable model store) ends with one
 `error: ...` line and exit status 2, never a traceback or a stored model of random weights.
@@ -65,7 +69,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--if-missing", action="store_true", help="skip when the store already has clip:latest"
     )
+    parser.add_argument(
+        "--for-bento",
+        action="store_true",
+        help="refuse when the model a bento would pack has random weights (ALLOW_RANDOM_WEIGHTS=1)",
+    )
     return parser.parse_args(argv)
+
+
+def asks_for_random_weights(args: argparse.Namespace) -> bool:
+    return bool(args.tiny or args.random_vit_b32 or args.random)
+
+
+def refuse_random_weights_in_a_bento(args: argparse.Namespace) -> None:
+    """`--for-bento`: the model `bentoml build` packs (CLIP_MODEL_TAG, else clip:latest) must not
+    have random weights unless asked for: `make serve IMPORT_ARGS=--tiny` offline, then `make
+    build` later, had packed the tiny model into the image SageMaker serves, silently."""
+    tag = os.environ.get("CLIP_MODEL_TAG", "").strip() or LATEST_TAG
+    if asks_for_random_weights(args) or os.environ.get("ALLOW_RANDOM_WEIGHTS") == "1":
+        return
+    try:
+        labels = bentoml.models.get(tag).info.labels
+    except bentoml.exceptions.NotFound:
+        return  # `bentoml build` refuses it, naming the tag
+    if str(labels.get("random_weights", "false")) == "true":
+        raise ImportRefused(
+            f"{tag} has random weights (source {labels.get('source', 'unknown')}): a bento of it "
+            "answers noise. Import real weights first (`make import-model`, or IMPORT_ARGS="
+            "'--from-dir DIR' / '--hub-id ID'), name another model with CLIP_MODEL_TAG, or set "
+            "ALLOW_RANDOM_WEIGHTS=1 to pack it anyway (tests, offline trials)"
+        )
 
 
 def keeps_stored_model() -> bool:
@@ -86,7 +119,7 @@ def keeps_stored_model() -> bool:
 
 def load_source(args: argparse.Namespace) -> tuple[CLIPModel, CLIPProcessor, str, bool]:
     """Model, processor, source label and whether the weights are random, as asked for."""
-    if args.tiny or args.random_vit_b32 or args.random:
+    if asks_for_random_weights(args):
         architecture = args.random or ("tiny" if args.tiny else "vit-b32")
         model, processor = build_random_architecture(architecture)
         return model, processor, f"random:{architecture}", True
@@ -127,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.if_missing and keeps_stored_model():
             print(f"model store already has {LATEST_TAG}; nothing to import")
-            return 0
-        model, processor, source, random_weights = load_source(args)
-        print(save(model, processor, source, random_weights))
+        else:
+            model, processor, source, random_weights = load_source(args)
+            print(save(model, processor, source, random_weights))
+        if args.for_bento:
+            refuse_random_weights_in_a_bento(args)
     except (ImportRefused, OSError, ValueError, RuntimeError) as exc:
         # HubUnavailableError, a missing directory, CheckpointError, what transformers raises on
         # files it cannot read or weights of other shapes (a SigLIP): each says what is wrong.

@@ -36,6 +36,25 @@ def test_tiny_import_then_if_missing_skips(tmp_path):
     assert again.returncode == 0 and "nothing to import" in again.stdout
 
 
+def test_make_builds_check_refuses_to_pack_random_weights_unless_asked(tmp_path):
+    """`make serve IMPORT_ARGS=--tiny` offline, then `make build`: the bento had packed the tiny
+    model, silently, for an image that answers noise."""
+    tiny = run_import(tmp_path, "--tiny").stdout.split()[1]  # `saved clip:<version> ...`
+    refused = run_import(tmp_path, "--if-missing", "--for-bento")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "clip:latest has random weights (source random:tiny)" in refused.stderr
+    assert "ALLOW_RANDOM_WEIGHTS=1" in refused.stderr and "Traceback" not in refused.stderr
+    # Asked for: by this command's own random source, or by the setting.
+    assert run_import(tmp_path, "--if-missing", "--for-bento", "--tiny").returncode == 0
+    allowed = run_import(tmp_path, "--if-missing", "--for-bento", ALLOW_RANDOM_WEIGHTS="1")
+    assert allowed.returncode == 0, allowed.stderr
+    # The model checked is the one the bento packs: CLIP_MODEL_TAG's, else clip:latest.
+    real = run_import(tmp_path, "--for-bento", "--from-dir", str(clip_checkpoint(tmp_path / "c")))
+    assert real.returncode == 0, real.stderr
+    named = run_import(tmp_path, "--if-missing", "--for-bento", CLIP_MODEL_TAG=f" {tiny} ")
+    assert named.returncode == 2 and f"{tiny} has random weights" in named.stderr
+
+
 def test_offline_hub_import_fails_with_a_short_message(tmp_path):
     result = run_import(
         tmp_path, "--hub-id", "openai/clip-vit-base-patch32", HF_ENDPOINT="http://127.0.0.1:9"
