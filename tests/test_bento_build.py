@@ -3,6 +3,9 @@ bento's own container entrypoint serves it on SageMaker's port."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import signal
@@ -121,6 +124,54 @@ def test_the_bento_carries_the_torchvision_built_for_its_torch(built_bento):
     pins = dict(line.split("==", 1) for line in lines if "==" in line and line[0] != "#")
     major, minor, patch = (int(part) for part in pins["torch"].split("."))
     assert major == 2 and pins["torchvision"] == f"0.{minor + 15}.{patch}"
+
+
+def distributions_imported() -> dict[str, str]:
+    """The installed distributions that service.py and clip_runner import (optional ones
+    included), each with one module it provides: found by the file each module loads from."""
+    owner = {}
+    for distribution in importlib.metadata.distributions():
+        for file in distribution.files or []:
+            owner[str(file.locate().resolve())] = distribution.metadata["Name"]
+    imported = set()
+    for path in [REPO_ROOT / "service.py", *(REPO_ROOT / "clip_runner").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module)
+                # `from opentelemetry.instrumentation import asgi`: a namespace, then a module
+                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+    found = {}
+    for module in sorted(imported):
+        top = module.split(".")[0]
+        if top in sys.stdlib_module_names or top in ("clip_runner", "__future__"):
+            continue
+        try:
+            spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:  # `from PIL.Image import open`: a name, not a module
+            continue
+        if spec is not None and spec.origin and spec.origin != "built-in":
+            found.setdefault(owner[str(Path(spec.origin).resolve())].lower(), module)
+    return found
+
+
+def test_every_distribution_the_service_imports_is_pinned_in_the_bento(built_bento):
+    """The image installs the bento's requirements.txt as it is: a distribution the code imports
+    but no line pins (uvicorn, whose HTTP protocol header_limits.py wraps, came only through
+    BentoML's `uvicorn>=0.22`) would be whatever PyPI had on the day of `containerize`."""
+    lines = (built_bento.path / "env" / "python" / "requirements.txt").read_text().splitlines()
+    pinned = {
+        line.split("==", 1)[0].strip().lower().replace("_", "-")
+        for line in lines
+        if "==" in line and not line.startswith("#")
+    }
+    imported = distributions_imported()
+    assert {"bentoml", "uvicorn", "starlette", "botocore", "pillow"} <= set(imported)
+    unpinned = {
+        name: module for name, module in imported.items() if name.replace("_", "-") not in pinned
+    }
+    assert not unpinned, f"imported but not pinned in requirements.txt: {unpinned}"
 
 
 def test_the_bentos_entrypoint_serves_the_sagemaker_contract_on_8080(built_bento, tmp_path):
