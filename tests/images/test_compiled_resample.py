@@ -202,3 +202,28 @@ print(compiled_resample.COMPILED, loading.compiled_resizer(), ours.tobytes().hex
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400, 3), np.uint8))
     assert bytes.fromhex(pixels) == pillow_resize_and_crop(image, 224, 224, 224).tobytes()
     assert "numba could not compile the resize (no typing for these loops)" in done.stderr
+
+
+def test_nowhere_to_cache_the_compiled_resize_compiles_it_in_memory():
+    """A read-only root filesystem, or a uid whose home cannot be written: numba has no place
+    for its cache (`no locator available`). The resize had then fallen back to Pillow (the same
+    pixels for about 4.5 x the CPU); it is compiled without the cache instead."""
+    done = run_python(
+        """
+import logging
+import numpy as np
+from numba.core import caching
+caching.CacheImpl._locator_classes = []  # what a read-only filesystem leaves numba
+logging.basicConfig()
+from clip_runner.images import compiled_resample
+pixels = np.random.default_rng(3).integers(0, 256, (300, 400, 3), np.uint8)
+ours = compiled_resample.resize_and_crop_array(pixels, 224, 224, 224)
+print(compiled_resample.COMPILED, ours.tobytes().hex())
+"""
+    )
+    compiled, pixels = done.stdout.split()
+    assert compiled == "True", done.stderr
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400, 3), np.uint8))
+    assert bytes.fromhex(pixels) == pillow_resize_and_crop(image, 224, 224, 224).tobytes()
+    assert "numba cannot cache the compiled resize" in done.stderr
+    assert "NUMBA_CACHE_DIR" in done.stderr and "resized with Pillow" not in done.stderr
