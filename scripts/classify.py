@@ -8,7 +8,7 @@
 It talks to the server's `POST /classify` over HTTP and needs only httpx (and tqdm for the
 progress bar); it does not import the service, so it runs wherever those two are installed.
 Local files go as base64, URLs as they are (the server downloads them). Images are sent several
-per request, each request kept under the server's body limit; 429/503 answers are retried
+per request, each request kept under the server's body limit; 429/502/503 answers are retried
 (honouring Retry-After); one bad image is reported on its own and its neighbours are re-sent.
 
 Output: a table on stdout (or one JSON document with --json); the progress bar and the summary
@@ -582,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=positive_float, default=60.0, help="seconds per request (default 60)"
     )
     parser.add_argument(
-        "--retries", type=int, default=4, help="retries of a busy (429/503) answer (default 4)"
+        "--retries", type=int, default=4, help="retries of a busy (429/502/503) answer (default 4)"
     )
     parser.add_argument(
         "--max-body-bytes",

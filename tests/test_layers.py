@@ -66,6 +66,31 @@ def test_every_module_lives_in_a_layer_or_is_shared():
             assert relative.parts[0] in LAYERS, f"{relative}: not in a layer"
 
 
+def test_the_readmes_layout_names_every_module_in_its_folder():
+    """README's Layout is where a reader finds a module's one job: nine had been left out."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    layout = readme.split("\n## Layout\n", 1)[1].split("\n```\n", 2)[1]
+    listed, folder = set(), ""
+    for line in layout.splitlines():
+        indent, words = len(line) - len(line.lstrip()), line.split()
+        if not words or indent > 4:  # a description carried on to the next line
+            continue
+        if words[0].endswith("/"):
+            folder = words[0] if indent == 2 else ""
+        for word in words:  # `ui.py, ui.html`: names until one without a comma
+            if word.rstrip(",").endswith((".py", ".html")):
+                listed.add(folder + word.rstrip(","))
+            if not word.endswith(","):
+                break
+    modules = {
+        path.relative_to(PACKAGE).as_posix()
+        for path in [*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.html")]
+        if path.name != "__init__.py" and "__pycache__" not in path.parts
+    }
+    assert "model/store.py" in listed and "config.py" in listed
+    assert not modules - listed, f"modules README's Layout does not name: {modules - listed}"
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_a_layer_imports_only_itself_the_layers_below_and_the_shared_modules(layer: str):
     allowed = set(LAYERS[: LAYERS.index(layer) + 1])
