@@ -31,6 +31,15 @@ class BuiltBento:
     env: dict[str, str]
 
 
+def run_ok(command: list[str], env: dict[str, str]) -> str:
+    """`command`'s output, run from the repository with `env`; it must succeed."""
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 @pytest.fixture(scope="module")
 def built_bento(
     tiny_stored_model, bentoml_home, tmp_path_factory: pytest.TempPathFactory
@@ -41,28 +50,12 @@ def built_bento(
     version = tiny_stored_model.tag.version
     shutil.copytree(bentoml_home / "models" / "clip" / version, home / "models" / "clip" / version)
     env = {**os.environ, "BENTOML_HOME": str(home)}
-    newer = subprocess.run(
-        [sys.executable, "scripts/import_model.py", "--tiny"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert newer.returncode == 0, newer.stdout + newer.stderr
+    run_ok([sys.executable, "scripts/import_model.py", "--tiny"], env)
     latest = (home / "models" / "clip" / "latest").read_text().strip()
     assert latest != version
     env["CLIP_MODEL_TAG"] = str(tiny_stored_model.tag)
-    result = subprocess.run(
-        [str(BENTOML_CLI), "build", "--output", "tag"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    built = run_ok([str(BENTOML_CLI), "build", "--output", "tag"], env)
+    tag = built.strip().splitlines()[-1].removeprefix("__tag__:")
     name, version = tag.split(":")
     return BuiltBento(tag, home / "bentos" / name / version, env)
 
@@ -76,14 +69,7 @@ def test_bento_builds_with_the_model_inside(built_bento, tiny_stored_model, tmp_
     assert runner["config"]["resources"] == {"gpu": 1}
     # The local bento references the model; an exported bento carries its files.
     exported = tmp_path / "bento.tar"
-    export = subprocess.run(
-        [str(BENTOML_CLI), "export", tag, str(exported)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert export.returncode == 0, export.stdout + export.stderr
+    run_ok([str(BENTOML_CLI), "export", tag, str(exported)], env)
     with tarfile.open(exported) as archive:
         names = archive.getnames()
     model_path = f"models/clip/{tiny_stored_model.tag.version}/model.safetensors"
@@ -188,14 +174,7 @@ def test_the_bentos_entrypoint_serves_the_sagemaker_contract_on_8080(built_bento
         (["export", built_bento.tag, str(archive)], built_bento.env),
         (["import", str(archive)], own_home),
     ):
-        moved = subprocess.run(
-            [str(BENTOML_CLI), *command],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert moved.returncode == 0, moved.stdout + moved.stderr
+        run_ok([str(BENTOML_CLI), *command], env)
     name, version = built_bento.tag.split(":")
     bento_path = home / "bentos" / name / version
     manifest = yaml.safe_load((bento_path / "bento.yaml").read_text())
