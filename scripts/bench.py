@@ -887,19 +887,42 @@ def dtype_fidelity(model_dir: Path, dtype_choice: str) -> dict:
     hard-image set's default pixels, one image at a time: each side's probabilities over its own
     dtype's prompt embeddings, as a server in that dtype answers. The same pixels; only the
     forward passes differ."""
+    from clip_runner.model.encoding import pick_device
+
+    return arithmetic_fidelity(
+        model_dir, pick_device(dtype_choice=dtype_choice), pick_device(dtype_choice="auto")
+    )
+
+
+def fold_fidelity(model_dir: Path) -> dict:
+    """The CPU's default arithmetic (float32, the pixels' normalisation folded into the first
+    layer) against float64 with the pixels normalised as CLIPImageProcessor does, standing in
+    for exact arithmetic: how far float rounding alone, the fold's included, moves the answers
+    of a direct CLIPProcessor + CLIPModel computation."""
+
+    cpu = torch.device("cpu")
+    return arithmetic_fidelity(model_dir, (cpu, torch.float32), (cpu, torch.float64))
+
+
+def arithmetic_fidelity(
+    model_dir: Path,
+    ours: tuple[torch.device, torch.dtype],
+    theirs: tuple[torch.device, torch.dtype],
+) -> dict:
+    """The model on `ours` (device, dtype) against `theirs`, on the hard-image set's default
+    pixels, one image at a time, each side's probabilities over its own prompt embeddings."""
     from transformers import CLIPModel
 
     from clip_runner.images.loading import ImageGeometry, prepare_image
-    from clip_runner.model.encoding import ClipEncoder, pick_device
+    from clip_runner.model.encoding import ClipEncoder
     from clip_runner.model.store import load_processor
     from tests.hard_images import encoded_set
 
     processor = load_processor(model_dir)
     blobs = encoded_set()
     pixels: list[np.ndarray] = []
-    answers = {}
-    for choice in ("auto", dtype_choice):
-        device, dtype = pick_device(dtype_choice=choice)
+    answers = []
+    for device, dtype in (ours, theirs):
         encoder = ClipEncoder(CLIPModel.from_pretrained(model_dir), processor, device, dtype)
         if not pixels:  # the same pixels for both: the processor's geometry, not the dtype's
             geometry = ImageGeometry(encoder.shortest_edge, encoder.crop_height, encoder.crop_width)
@@ -907,10 +930,11 @@ def dtype_fidelity(model_dir: Path, dtype_choice: str) -> dict:
         started = time.monotonic()
         images = np.concatenate([encoder.encode_images(row[None]) for row in pixels])
         ms_per_image = (time.monotonic() - started) * 1000 / len(pixels)
-        answers[choice] = (images, seed_prompt_embeddings(encoder), ms_per_image, str(dtype))
-    ours, our_text, our_ms, our_dtype = answers[dtype_choice]
-    theirs, their_text, their_ms, their_dtype = answers["auto"]
-    changes, cosines = embedding_distances(ours, theirs, their_text, our_text)
+        answers.append((images, seed_prompt_embeddings(encoder), ms_per_image, str(dtype)))
+    (our_images, our_text, our_ms, our_dtype), (their_images, their_text, their_ms, their_dtype) = (
+        answers
+    )
+    changes, cosines = embedding_distances(our_images, their_images, their_text, our_text)
     names = [name for name, _ in blobs]
     return {
         "dtype": our_dtype.removeprefix("torch."),
@@ -918,9 +942,9 @@ def dtype_fidelity(model_dir: Path, dtype_choice: str) -> dict:
         "images": len(names),
         "ms_per_image_batch_1": round(our_ms, 1),
         "against_ms_per_image_batch_1": round(their_ms, 1),
-        "max_probability_change_scale_100": round(float(changes.max()), 5),
+        "max_probability_change_scale_100": float(f"{changes.max():.3g}"),
         "worst_image": names[int(changes.argmax())],
-        "min_cosine": round(float(cosines.min()), 6),
+        "min_cosine": round(float(cosines.min()), 9),
         "worst_cosine_image": names[int(cosines.argmin())],
     }
 
@@ -2911,7 +2935,8 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     if not gpu:
         fidelity["dtype"] = dtype_fidelity(model_dir, "bfloat16")
-        print(json.dumps(fidelity["dtype"]), flush=True)
+        fidelity["fold"] = fold_fidelity(model_dir)
+        print(json.dumps({name: fidelity[name] for name in ("dtype", "fold")}), flush=True)
     bare = BareModel(model_dir)
     payload = {
         "date": time.strftime("%Y-%m-%d"),

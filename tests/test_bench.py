@@ -791,6 +791,16 @@ def test_a_smoke_runs_report_is_printed_and_leaves_benchmarks_md_alone(tmp_path,
     assert "is a smoke run: BENCHMARKS.md is left as it is" in printed.err
 
 
+def test_the_fold_stage_measures_float_rounding_against_float64(tiny_stored_model):
+    """The default CPU arithmetic (normalisation folded into the first layer) against float64
+    with explicit normalisation: answers a float rounding apart, no more."""
+    fidelity = bench.fold_fidelity(Path(tiny_stored_model.path))
+    assert (fidelity["dtype"], fidelity["against"]) == ("float32", "float64")
+    assert fidelity["images"] == len(encoded_set())
+    assert 0 < fidelity["max_probability_change_scale_100"] < 1e-4
+    assert 0.99999 < fidelity["min_cosine"] <= 1
+
+
 def test_the_dtype_stage_compares_bfloat16_answers_with_float32_ones(tiny_stored_model):
     """CLIP_DTYPE=bfloat16's row: the same default pixels through both dtypes, each scored
     against its own prompts; bfloat16 moves the answers a little, and the summary says by how
