@@ -120,6 +120,18 @@ def test_template_and_top_k_overrides(served, tiny_clip):
     np.testing.assert_allclose(probabilities, reference[0][indices], atol=1e-5)
 
 
+def test_empty_and_blank_class_names_are_answered_as_the_original_answered_them(served, tiny_clip):
+    """Their prompts are the template's text alone: the original scored `["", 1]` as
+    "a photo of a "; it had been a 422 here."""
+    picture = photo_like(160, 120, seed=8)
+    names = ["", "dog", "  "]
+    body = {"images": [as_base64(picture)], "classes": [[name, 1] for name in names]}
+    response = post(served, body)
+    assert response.status_code == 200, response.text
+    reference = reference_probabilities(tiny_clip, [picture], [f"a photo of a {n}" for n in names])
+    assert_matches_reference(response.json(), reference, names)
+
+
 @pytest.mark.parametrize(
     ("content", "status", "words"),
     [

@@ -54,7 +54,9 @@ Flag = Annotated[
     PlainValidator(_parse_flag),
     WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": [0, 1]}]}),
 ]
-ClassName = Annotated[str, Field(min_length=1, max_length=_settings.max_class_name_chars)]
+# Empty, as whitespace-only, is a name: the original answered `["", 1]` with the prompt
+# "a photo of a " (`/classify`'s labels refuse both, `_check_label`).
+ClassName = Annotated[str, Field(max_length=_settings.max_class_name_chars)]
 ClassEntry = tuple[ClassName, Flag]
 
 ImageList = Annotated[

@@ -47,7 +47,10 @@ def test_empty_fields_are_named():
 def test_class_entries_must_be_name_flag_pairs():
     assert ("classes", 0, 1) in error_locations({"images": ["x"], "classes": [["a"]]})
     assert ("classes", 0) in error_locations({"images": ["x"], "classes": [["a", 1, 2]]})
-    assert ("classes", 0, 0) in error_locations({"images": ["x"], "classes": [["", 1]]})
+    assert ("classes", 0, 0) in error_locations({"images": ["x"], "classes": [[3, 1]]})
+    # An empty name is one, as the original took it (its prompt is the template's text alone).
+    request = validate({"images": ["x"], "classes": [["", 1], [" ", 0]]})
+    assert request.classes == [("", True), (" ", False)]
     assert ("images", 0) in error_locations({"images": [3], "classes": [["a", 1]]})
 
 
