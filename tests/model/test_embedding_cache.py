@@ -67,9 +67,23 @@ def test_stored_rows_cannot_be_changed_by_the_callers_answering_with_them():
     encoded = np.stack([vector(1), vector(2)])
     cache = EmbeddingCache(capacity=10)
     cache.store(["a", "b"], encoded)
+    encoded[1] *= 2  # the caller's array is its own
+    cached = cache.lookup(["b"])[0]
+    assert cached[0] == 2
     with pytest.raises(ValueError, match="read-only"):
-        encoded[1] *= 2
-    assert cache.lookup(["b"])[0][0] == 2
+        cached[0] = 3  # and the cache's rows, shared by every lookup, stay as stored
+
+
+def test_a_cached_row_does_not_keep_the_batch_it_came_in_alive():
+    """A row kept as a view of its batch (a 1,000-label request's array, a merged runner
+    call's answer) kept the whole batch in memory: 4,096 entries had held 307 MB."""
+    batch = np.ones((1000, 512), dtype=np.float32)
+    cache = EmbeddingCache(capacity=4)
+    cache.store([f"label {i}" for i in range(1000)], batch)
+    assert len(cache) == 4 and cache.lookup(["label 0"]) == [None]
+    row = cache.lookup(["label 999"])[0]
+    assert row.base is None and row.nbytes == 512 * 4
+    assert not np.shares_memory(row, batch)
 
 
 def test_each_missing_key_is_named_once_with_its_first_place():
