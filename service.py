@@ -129,8 +129,9 @@ READY_PROBE_INTERVAL_S = 1.0
 # A /ping that finds its worker not ready asks the runner once more, within this (SageMaker
 # allows 2 s a ping).
 PING_PROBE_TIMEOUT_S = 1.0
-# Prompts whose token ids each API worker remembers (token_ids.py).
-TOKEN_CACHE_SIZE = 16384
+# Prompts whose token ids each API worker remembers (token_ids.py), per text cache entry: the
+# ids are cheap (about 400 bytes a prompt), and they outlive the embeddings the cache evicts.
+TOKEN_CACHE_ENTRIES_PER_TEXT_ENTRY = 4
 
 
 async def ping(_: Request) -> Response:
@@ -308,7 +309,9 @@ class ClipService:
         # Each prompt's token ids, untruncated: the length check counts them and the
         # runner encodes them.
         tokenize = PromptTokenizer(
-            await resilient(self.runner.to_async.tokenizer, attempt_s)(), TOKEN_CACHE_SIZE
+            await resilient(self.runner.to_async.tokenizer, attempt_s)(),
+            TOKEN_CACHE_ENTRIES_PER_TEXT_ENTRY * settings.text_cache_size,
+            facts.max_text_tokens,
         )
         if settings.direct_runner_calls:
             self._direct_runner = DirectRunnerClient(

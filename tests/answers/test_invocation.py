@@ -68,7 +68,7 @@ def run_invoke(tiny_clip, counting, images, classes, template="a photo of a {nam
                 facts=counting.encoder.facts(tiny_clip.tag, True),
                 encode_images=counting.encode_images,
                 encode_tokens=counting.encode_tokens,
-                tokenize=PromptTokenizer(counting.encoder.tokenizer_json(), 64),
+                tokenize=PromptTokenizer(counting.encoder.tokenizer_json(), 64, 77),
                 http_client=client,
                 text_cache=cache,
                 label_cache=EmbeddingCache(100),
@@ -133,7 +133,7 @@ def recording_context(
 ) -> InvocationContext:
     """A context whose tokenizer records how many prompts each call of it took, and whether
     it ran on the event loop's thread."""
-    tokenizer = PromptTokenizer(counting.encoder.tokenizer_json(), 64)
+    tokenizer = PromptTokenizer(counting.encoder.tokenizer_json(), 64, 77)
 
     def tokenize(prompts: list[str]) -> list:
         tokenized_counts.append(len(prompts))
