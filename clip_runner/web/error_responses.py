@@ -269,7 +269,38 @@ def answer_past_the_app(protocol: Any, status: HTTPStatus, body: dict[str, Any])
     """Answer `body` with `status` on a uvicorn protocol's connection, then close it: for the
     answers uvicorn's protocol gives before the app sees a request. The status line, uvicorn's
     default headers (date, server), the JSON error, written straight to the transport, past the
-    protocol's own HTTP state (a request it could not parse has left that in error anyway)."""
+    protocol's own HTTP state (a request it could not parse has left that in error anyway).
+
+    A request refused while the connection still answers one whose whole message came before it
+    (pipelined: both in one write) is answered after that one: answers go in request order (RFC
+    9112, 9.3.2), and the earlier request's answer had been lost to the close. What arrives
+    meanwhile is read and dropped: left unread, it would turn the close into a reset, which can
+    cost the client the answers. A request whose own body is refused (a broken chunk) is
+    answered at once."""
+    cycle = getattr(protocol, "cycle", None)
+    if cycle is not None and not cycle.response_complete and not cycle.more_body:
+        if not getattr(protocol, "refusal_waiting", False):
+            protocol.refusal_waiting = True
+            protocol.data_received = _drop
+            protocol.flow.resume_reading()
+            complete = cycle.on_response
+
+            def refuse_then_complete() -> None:
+                _write_and_close(protocol, status, body)
+                complete()  # uvicorn's bookkeeping; it sees the connection closing
+
+            cycle.on_response = refuse_then_complete
+        return
+    _write_and_close(protocol, status, body)
+
+
+def _drop(_data: bytes) -> None:
+    """A refused connection's reads while it waits to answer (answer_past_the_app)."""
+
+
+def _write_and_close(protocol: Any, status: HTTPStatus, body: dict[str, Any]) -> None:
+    if protocol.transport.is_closing():  # the answer before asked to close (Connection: close)
+        return
     content = json.dumps(body).encode()
     head = [b"HTTP/1.1 %d %s\r\n" % (status, status.phrase.encode())]
     for name, value in protocol.server_state.default_headers:

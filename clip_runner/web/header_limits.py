@@ -95,11 +95,10 @@ class HeaderWatch:
         self.unfinished_reads += len(data)
         if self.unfinished_reads > self.limits.max_bytes:
             self.cancel()
-            if self._answering():  # an answer to the request before is still being sent
-                self.protocol.transport.close()
-            else:
-                body = error_body(TOO_LARGE, self.too_large_message())
-                answer_past_the_app(self.protocol, TOO_LARGE_STATUS, body)
+            # After any answer still being sent to the request before (answer_past_the_app): it
+            # had been closed without it.
+            body = error_body(TOO_LARGE, self.too_large_message())
+            answer_past_the_app(self.protocol, TOO_LARGE_STATUS, body)
 
     def too_large_message(self) -> str:
         return (
@@ -189,6 +188,9 @@ def bound_request_headers(limits: HeaderLimits) -> None:
             return
         message = self.header_watch.too_large_message()
         app, self.app = self.app, refusal_app(TOO_LARGE_STATUS, TOO_LARGE, message)
+        # The refusal never reads the target, and httptools' URL parser refuses one past 65,535
+        # bytes (a 400 "invalid HTTP request" where the same bytes in a header are a 431).
+        self.url = b"/"
         try:
             on_headers_complete(self)
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -14,6 +15,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
@@ -185,6 +187,29 @@ def test_a_request_uvicorn_cannot_parse_is_a_json_400_and_the_connection_closes(
     error = json.loads(body)["error"]
     assert error["type"] == "bad_request" and error["message"].startswith("invalid HTTP request")
     assert good.startswith(b"HTTP/1.1 200 OK") and good.endswith(b"{}")  # still serving
+
+
+@pytest.mark.parametrize("name", sorted(set(UNPARSABLE) - {"a broken chunk"}))
+def test_a_request_pipelined_behind_an_unparsable_one_is_answered_first(name):
+    """Both in one write: the answer to the good request was still being made when the parser
+    refused the next, and the close lost it; answers go in request order (RFC 9112, 9.3.2).
+    (httptools parses ahead; h11 reads a pipelined request only once the one before is
+    answered.)"""
+
+    async def slow(_: Request) -> JSONResponse:
+        await asyncio.sleep(0.3)
+        return JSONResponse({"answered": True})
+
+    answer_unparsable_requests_in_json()
+    app = Starlette(routes=[Route("/", slow, methods=["POST"])])
+    good = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    with uvicorn_on_loopback(app, "httptools") as port:
+        answers = raw_exchange(port, good + UNPARSABLE[name])
+    first, _, rest = answers.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 OK"), answers[:200]
+    assert rest.startswith(b'{"answered":true}')
+    refused = rest[rest.index(b"HTTP/1.1") :]
+    assert refused.startswith(b"HTTP/1.1 400 Bad Request") and b'"bad_request"' in refused
 
 
 def test_an_unparsable_request_is_logged_once(served):

@@ -122,6 +122,14 @@ def test_headers_over_the_limit_get_a_json_431_and_the_connection_closes(port, h
     good(port)
 
 
+def test_a_request_line_past_the_url_parsers_limit_gets_the_431_too(port):
+    """httptools' URL parser takes at most 65,535 bytes: a longer request line over the limit
+    had been a 400 "invalid HTTP request", where the same bytes in a header are a 431."""
+    answer = raw_exchange(port, request(path="/" + "a" * 70_000))
+    assert [status for status, _ in answers(answer)] == [431]
+    good(port)
+
+
 def test_headers_that_never_end_are_refused_once_past_the_limit(port):
     """A header sent in 1,000-byte reads that never ends: refused from the reads alone,
     before its end (which never comes), so it is not held in memory."""
@@ -186,6 +194,16 @@ def test_a_request_behind_a_slow_answer_is_timed_out_only_after_that_answer(port
     assert answers(answer)[0] == (200, {"received": 0})
     assert [status for status, _ in answers(answer)] == [200, 408]
     assert 1.2 <= took_s < 1.2 + TIMEOUT_S + 2
+
+
+def test_endless_headers_behind_a_slow_answer_are_refused_after_that_answer(port):
+    """A request still being answered when the next one's never-ending headers pass the limit:
+    the close had lost the first answer; it is sent whole, then the 431."""
+    endless = [b"a" * 1_000] * (2 * MAX_BYTES // 1_000)
+    pieces = [request(path="/?wait=0.5") + b"POST / HTTP/1.1\r\nX-Endless: ", *endless]
+    answer, _ = closing_exchange(port, pieces, pause_s=0.02)
+    assert answers(answer)[0] == (200, {"received": 0})
+    assert [status for status, _ in answers(answer)] == [200, 431]
 
 
 def served_port(url: str) -> int:
