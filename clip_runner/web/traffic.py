@@ -3,7 +3,8 @@
 `RequestGuardMiddleware` answers in the project's JSON error shape:
 - 415 when a JSON route gets a body that is not JSON (raw images are allowed where
   `raw_image_paths` says, for `raw_images.RawImageBodyMiddleware` to convert), or a compressed
-  one (any `Content-Encoding` but identity);
+  one (any `Content-Encoding` but identity); and any route a body with a `Transfer-Encoding`
+  besides `chunked` (a gzip under it);
 - 406 when the request's `Accept` allows none of the types the route answers (`accept.py`);
 - 413 when the body is over `max_body_bytes`: by Content-Length before reading, or while reading;
 - 408 when the body has not arrived within `body_timeout_s`, or when the request was the oldest
@@ -120,6 +121,16 @@ def has_body(scope: Scope) -> bool:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
             return True
     return False
+
+
+def transfer_codings_not_taken(scope: Scope) -> str:
+    """The request's `Transfer-Encoding` as sent where it names a coding besides `chunked` (the
+    one uvicorn undoes) and `identity`; empty otherwise."""
+    sent = ", ".join(
+        value.decode("latin-1").strip() for value in header_values(scope, b"transfer-encoding")
+    )
+    codings = {coding.strip().lower() for coding in sent.split(",")} - {"", "chunked", "identity"}
+    return sent if codings else ""
 
 
 async def send_error(
@@ -240,6 +251,19 @@ class RequestGuardMiddleware:
         """400 for two Content-Types, 415 for a wrong one or a compressed body, 413 for a
         declared size over the limit: before reading."""
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        if codings := transfer_codings_not_taken(scope):
+            # uvicorn undoes only `chunked`: a gzip under it reached the JSON parser as it came,
+            # "expected value at line 1 column 1". RFC 9112 suggests a 501; a caller's mistake
+            # is a 4xx here (a 5xx reads as the server's fault), the one a Content-Encoding gets.
+            await send_error(
+                send,
+                415,
+                "unsupported_media_type",
+                f"Transfer-Encoding {quoted(codings)!r} is not supported; send the body "
+                "uncompressed (chunked alone is fine)",
+                [CLOSE],
+            )
+            return True
         content_types = header_values(scope, b"content-type")
         if len(content_types) > 1 and (scope["method"] == "POST" or has_body(scope)):
             # Each layer (this one, the direct and raw-image paths, BentoML's endpoint) would

@@ -109,6 +109,32 @@ def test_a_compressed_body_is_415_naming_its_coding_and_the_one_taken(encoding):
     assert "send the body uncompressed" in error["message"] and len(error["message"]) < 400
 
 
+@pytest.mark.parametrize(
+    ("codings", "refused"),
+    [("gzip, chunked", True), ("deflate,chunked", True), ("chunked", False), ("Chunked", False)],
+)
+def test_a_transfer_coding_besides_chunked_is_415_on_any_route(codings, refused):
+    """uvicorn undoes only `chunked`: a gzip under it had reached the JSON parser as it came
+    ("expected value at line 1 column 1"), where the same body as a Content-Encoding is a 415."""
+
+    async def go():
+        async with client(guarded_app({})) as c:
+            headers = {"transfer-encoding": codings}
+            return [
+                await c.post(path, content=b"{}", headers=headers)
+                for path in ("/invocations", "/slow")
+            ]
+
+    for response in asyncio.run(go()):
+        if refused:
+            assert response.status_code == 415 and response.headers["connection"] == "close"
+            error = response.json()["error"]
+            assert error["type"] == "unsupported_media_type"
+            assert f"Transfer-Encoding '{codings}' is not supported" in error["message"]
+        else:
+            assert response.status_code != 415
+
+
 @pytest.mark.parametrize("encoding", ["identity", "Identity", ""])
 def test_an_uncompressed_body_may_say_so(encoding):
     async def go():
