@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -181,17 +182,21 @@ if COMPILED:  # compiled once, cached on disk; nogil: the API workers' image thr
     try:
         try:
             _vertical_pass, _horizontal_passes = _compiled_passes(_SIGNATURE, cache=True)
-        except RuntimeError as exc:
+        except (RuntimeError, OSError, pickle.UnpicklingError, EOFError) as exc:
             # Nowhere writable for numba's cache (a read-only root filesystem, a uid without a
-            # home): compile in memory, at each API worker's start. Pillow had resized instead,
-            # the same pixels for about 4.5 x the CPU.
+            # home: a RuntimeError), a full disk under it (OSError), a cache file cut short (an
+            # unpickling error): compile in memory, at each API worker's start. Pillow had
+            # resized instead, the same pixels for about 4.5 x the CPU; a full disk had stopped
+            # every API worker's start, over and over. A cause that is not the cache fails again
+            # below.
             logging.getLogger(__name__).warning(
-                "numba cannot cache the compiled resize (%s): compiling it at each start "
-                "(set NUMBA_CACHE_DIR to a writable folder to keep it)",
+                "numba could not compile the resize with its on-disk cache (%s): compiling it "
+                "without one, at each start (where the cache is the cause, point "
+                "NUMBA_CACHE_DIR at a writable folder with room)",
                 exc,
             )
             _vertical_pass, _horizontal_passes = _compiled_passes(_SIGNATURE, cache=False)
-    except (numba.core.errors.NumbaError, RuntimeError) as exc:
+    except (numba.core.errors.NumbaError, RuntimeError, OSError) as exc:
         # Compiled at import, as every API worker starts: a numba other than the pinned one (a GPU
         # image's own) that cannot type these loops must cost speed, not the service. Pillow
         # then resizes, same pixels.
