@@ -92,12 +92,17 @@ def refuse_random_weights_in_a_bento(args: argparse.Namespace) -> None:
         labels = bentoml.models.get(tag).info.labels
     except bentoml.exceptions.NotFound:
         return  # `bentoml build` refuses it, naming the tag
+    except bentoml.exceptions.BentoMLException as exc:  # an entry without its model.yaml
+        raise ImportRefused(f"cannot read {tag} from the model store: {exc}") from exc
     if str(labels.get("random_weights", "false")) == "true":
+        # `make build IMPORT_ARGS=...` imports nothing while the store has clip:latest
+        # (--if-missing): the import is a command of its own.
         raise ImportRefused(
             f"{tag} has random weights (source {labels.get('source', 'unknown')}): a bento of it "
-            "answers noise. Import real weights first (`make import-model`, or IMPORT_ARGS="
-            "'--from-dir DIR' / '--hub-id ID'), name another model with CLIP_MODEL_TAG, or set "
-            "ALLOW_RANDOM_WEIGHTS=1 to pack it anyway (tests, offline trials)"
+            "answers noise. Import real weights first (`make import-model`, or `make "
+            "import-model IMPORT_ARGS='--from-dir DIR'` / `'--hub-id ID'`), name another model "
+            "with CLIP_MODEL_TAG, or set ALLOW_RANDOM_WEIGHTS=1 to pack it anyway (tests, "
+            "offline trials)"
         )
 
 

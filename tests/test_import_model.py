@@ -44,6 +44,8 @@ def test_make_builds_check_refuses_to_pack_random_weights_unless_asked(tmp_path)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "clip:latest has random weights (source random:tiny)" in refused.stderr
     assert "ALLOW_RANDOM_WEIGHTS=1" in refused.stderr and "Traceback" not in refused.stderr
+    # advice that works as given: make build's own import skips while clip:latest is there
+    assert "make import-model IMPORT_ARGS='--from-dir DIR'" in refused.stderr
     # Asked for: by this command's own random source, or by the setting.
     assert run_import(tmp_path, "--if-missing", "--for-bento", "--tiny").returncode == 0
     allowed = run_import(tmp_path, "--if-missing", "--for-bento", ALLOW_RANDOM_WEIGHTS="1")
@@ -53,6 +55,11 @@ def test_make_builds_check_refuses_to_pack_random_weights_unless_asked(tmp_path)
     assert real.returncode == 0, real.stderr
     named = run_import(tmp_path, "--if-missing", "--for-bento", CLIP_MODEL_TAG=f" {tiny} ")
     assert named.returncode == 2 and f"{tiny} has random weights" in named.stderr
+    # a store entry BentoML cannot read: one line, not a traceback
+    (tmp_path / "models" / "clip" / tiny.split(":")[1] / "model.yaml").unlink()
+    unreadable = run_import(tmp_path, "--if-missing", "--for-bento", CLIP_MODEL_TAG=tiny)
+    assert unreadable.returncode == 2 and "Traceback" not in unreadable.stderr
+    assert unreadable.stderr.startswith(f"error: cannot read {tiny} from the model store")
 
 
 def test_offline_hub_import_fails_with_a_short_message(tmp_path):
