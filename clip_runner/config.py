@@ -12,7 +12,9 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
 from bentoml.exceptions import BentoMLConfigException, BentoMLException
 
 from clip_runner.cpu_quota import usable_cores
@@ -20,6 +22,10 @@ from clip_runner.cuda_check import usable_gpus
 from clip_runner.errors import quoted
 from clip_runner.model.model_source import SAGEMAKER_MODEL_DIR
 
+# A bento's manifest, where `bentoml build` writes it: beside src/, which holds this file
+# (src/clip_runner/config.py); a checkout has none there.
+BENTO_MANIFEST = Path(__file__).resolve().parents[2] / "bento.yaml"
+RUNNER = "clip_runner"  # the runner service's name in a bento's manifest
 DEFAULT_HUB_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_TEMPLATE = "a photo of a {name}"
 DEFAULT_TOP_K = 3
@@ -133,12 +139,34 @@ def _fetch_allow() -> tuple[str, ...]:
     return entries
 
 
+def built_model_tag(manifest: Path = BENTO_MANIFEST) -> str | None:
+    """The model the bento this code runs from was built with (its runner's, in the bento's
+    bento.yaml), or None outside one of this service's bentos.
+
+    A local bento only refers to the store's models: `bentoml serve clip-bentoml:latest` had
+    served the store's newest `clip` (CLIP_MODEL_TAG's default), not the model it was built
+    with, whenever another had been imported since. An image holds only that model anyway."""
+    if not manifest.is_file():
+        return None
+    try:
+        built = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+        if built.get("service") != "service:ClipService":
+            return None
+        runner = next(service for service in built["services"] if service["name"] == RUNNER)
+        return str(runner["models"][0]["tag"])
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, IndexError, TypeError):
+        return None  # not a manifest this service wrote: the default stands
+    except StopIteration:  # no runner in it
+        return None
+
+
 def _model_tag() -> str:
-    """CLIP_MODEL_TAG (blank: `clip:latest`), refused with its name when BentoML could not read
-    it: an unset-looking `""` or a trailing space had failed as `Invalid Tag clip:latest `."""
+    """CLIP_MODEL_TAG (blank: the model a bento was built with, else `clip:latest`), refused
+    with its name when BentoML could not read it: an unset-looking `""` or a trailing space had
+    failed as `Invalid Tag clip:latest `."""
     from bentoml import Tag
 
-    tag = os.environ.get("CLIP_MODEL_TAG", "").strip() or "clip:latest"
+    tag = os.environ.get("CLIP_MODEL_TAG", "").strip() or built_model_tag() or "clip:latest"
     try:
         Tag.from_taglike(tag)
     except (ValueError, BentoMLException) as exc:

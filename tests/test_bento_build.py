@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO_ROOT, stop_process_group
+from tests.helpers import REPO_ROOT, free_port, stop_process_group, wait_until_ready
 
 BENTOML_CLI = Path(sys.executable).with_name("bentoml")
 
@@ -217,5 +217,28 @@ def test_the_bentos_entrypoint_serves_the_sagemaker_contract_on_8080(built_bento
         started = time.monotonic()
         assert server.wait(timeout=30) == 0
         assert time.monotonic() - started < 30
+    finally:
+        stop_process_group(server)
+
+
+def test_a_local_bento_serves_the_model_it_was_built_with(built_bento, tmp_path):
+    """`bentoml serve <bento>` where it was built: a local bento only refers to the store's
+    models, and CLIP_MODEL_TAG unset had meant the store's newest, another model here."""
+    port = free_port()
+    env = {**built_bento.env, "CLIP_PORT": str(port)}
+    chosen = env.pop("CLIP_MODEL_TAG")
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(BENTOML_CLI), "serve", built_bento.tag, "--host", "127.0.0.1"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", server, timeout_s=120)
+        checks = [sys.executable, "scripts/container_checks.py", f"http://127.0.0.1:{port}"]
+        run_ok([*checks, "--expect-model", chosen], {**os.environ})
     finally:
         stop_process_group(server)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from bentoml.exceptions import BentoMLConfigException
 
 from clip_runner import config
@@ -44,6 +45,34 @@ def test_defaults_match_sagemaker(monkeypatch):
     assert settings.stalled_pass_s == 0  # on CPU a large model's pass may be slow: no watch
     assert settings.dtype == "auto"  # the original's: float32 on CPU, float16 on a GPU
     assert settings.max_latency_ms < settings.request_timeout_s * 1000
+
+
+def test_a_bentos_manifest_names_the_model_served_by_default(tmp_path, monkeypatch):
+    """Run from a bento (its manifest beside src/), CLIP_MODEL_TAG defaults to the model it was
+    built with: a local bento had served the store's newest model instead."""
+    manifest = tmp_path / "bento.yaml"
+    built = {
+        "service": "service:ClipService",
+        "services": [
+            {"name": "clip_service", "models": []},
+            {"name": "clip_runner", "models": [{"tag": "clip:built0000000001"}]},
+        ],
+    }
+    manifest.write_text(yaml.safe_dump(built))
+    assert config.built_model_tag(manifest) == "clip:built0000000001"
+    assert config.built_model_tag(tmp_path / "none.yaml") is None  # a checkout
+    for other in ({**built, "service": "other:Service"}, {"service": "service:ClipService"}):
+        manifest.write_text(yaml.safe_dump(other))
+        assert config.built_model_tag(manifest) is None
+    manifest.write_text("services: [unclosed")
+    assert config.built_model_tag(manifest) is None
+    assert config.BENTO_MANIFEST == REPO_ROOT.parent / "bento.yaml"  # not in a checkout
+    monkeypatch.setattr(config, "built_model_tag", lambda: "clip:built0000000001")
+    monkeypatch.delenv("CLIP_MODEL_TAG", raising=False)
+    assert get_settings().model_tag == "clip:built0000000001"
+    monkeypatch.setenv("CLIP_MODEL_TAG", "clip:chosen")  # the variable still wins
+    get_settings.cache_clear()
+    assert get_settings().model_tag == "clip:chosen"
 
 
 def test_environment_overrides(monkeypatch):
