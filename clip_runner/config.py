@@ -154,9 +154,15 @@ def built_model_tag(manifest: Path = BENTO_MANIFEST) -> str | None:
             return None
         runner = next(service for service in built["services"] if service["name"] == RUNNER)
         return str(runner["models"][0]["tag"])
-    except (OSError, yaml.YAMLError, AttributeError, KeyError, IndexError, TypeError):
-        return None  # not a manifest this service wrote: the default stands
-    except StopIteration:  # no runner in it
+    except (
+        OSError,
+        yaml.YAMLError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        TypeError,
+        StopIteration,
+    ):  # not a manifest this service wrote (or no runner in it)
         return None
 
 

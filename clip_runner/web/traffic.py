@@ -123,14 +123,13 @@ def has_body(scope: Scope) -> bool:
     return False
 
 
-def transfer_codings_not_taken(scope: Scope) -> str:
-    """The request's `Transfer-Encoding` as sent where it names a coding besides `chunked` (the
-    one uvicorn undoes) and `identity`; empty otherwise."""
-    sent = ", ".join(
-        value.decode("latin-1").strip() for value in header_values(scope, b"transfer-encoding")
-    )
-    codings = {coding.strip().lower() for coding in sent.split(",")} - {"", "chunked", "identity"}
-    return sent if codings else ""
+def codings_not_taken(scope: Scope, header: bytes, taken: frozenset[str]) -> str:
+    """The request's `header` (Content- or Transfer-Encoding) as sent, where it names a coding
+    besides `taken` (and `identity`); empty otherwise. Several headers of the name are one list
+    (RFC 9110), applied in order."""
+    sent = ", ".join(value.decode("latin-1").strip() for value in header_values(scope, header))
+    codings = {coding.strip().lower() for coding in sent.split(",")}
+    return sent if codings - taken - {"", "identity"} else ""
 
 
 async def send_error(
@@ -248,10 +247,10 @@ class RequestGuardMiddleware:
         )
 
     async def _refused_by_headers(self, scope: Scope, send: Send) -> bool:
-        """400 for two Content-Types, 415 for a wrong one or a compressed body, 413 for a
-        declared size over the limit: before reading."""
+        """400 for two Content-Types, 415 for a wrong one, a compressed body or a transfer
+        coding besides chunked, 413 for a declared size over the limit: before reading."""
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
-        if codings := transfer_codings_not_taken(scope):
+        if codings := codings_not_taken(scope, b"transfer-encoding", frozenset({"chunked"})):
             # uvicorn undoes only `chunked`: a gzip under it reached the JSON parser as it came,
             # "expected value at line 1 column 1". RFC 9112 suggests a 501; a caller's mistake
             # is a 4xx here (a 5xx reads as the server's fault), the one a Content-Encoding gets.
@@ -309,14 +308,7 @@ class RequestGuardMiddleware:
                     [CLOSE],
                 )
                 return True
-            # Several Content-Encoding headers are one list (RFC 9110), applied in order.
-            encoding = ", ".join(
-                value.decode("latin-1").strip()
-                for value in header_values(scope, b"content-encoding")
-            )
-            if any(
-                coding.strip().lower() not in ("", "identity") for coding in encoding.split(",")
-            ):
+            if encoding := codings_not_taken(scope, b"content-encoding", frozenset()):
                 # RFC 9110: 415, with Accept-Encoding naming the codings taken. Read as it came,
                 # a compressed body would fail as "not valid JSON", and an uncompressed one
                 # labelled gzip would be answered as if the label were not there.
