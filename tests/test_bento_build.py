@@ -40,6 +40,20 @@ def run_ok(command: list[str], env: dict[str, str]) -> str:
     return done.stdout
 
 
+def start_logged(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`command` run in its log's folder, in a session of its own (stopped by its process
+    group), its output written to `log_path`."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            command,
+            cwd=log_path.parent,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 @pytest.fixture(scope="module")
 def built_bento(
     tiny_stored_model, bentoml_home, tmp_path_factory: pytest.TempPathFactory
@@ -187,15 +201,7 @@ def test_the_bentos_entrypoint_serves_the_sagemaker_contract_on_8080(built_bento
     }
     env.pop("CLIP_MODEL_TAG")  # as in the image: the default tag, resolved in the bento
     entrypoint = bento_path / "env" / "docker" / "entrypoint.sh"
-    with open(tmp_path / "serve.log", "wb") as log:
-        server = subprocess.Popen(
-            ["bash", str(entrypoint), "serve"],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = start_logged(["bash", str(entrypoint), "serve"], env, tmp_path / "serve.log")
     try:
         checks = subprocess.run(
             [
@@ -227,15 +233,8 @@ def test_a_local_bento_serves_the_model_it_was_built_with(built_bento, tmp_path)
     port = free_port()
     env = {**built_bento.env, "CLIP_PORT": str(port)}
     chosen = env.pop("CLIP_MODEL_TAG")
-    with open(tmp_path / "serve.log", "wb") as log:
-        server = subprocess.Popen(
-            [str(BENTOML_CLI), "serve", built_bento.tag, "--host", "127.0.0.1"],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    command = [str(BENTOML_CLI), "serve", built_bento.tag, "--host", "127.0.0.1"]
+    server = start_logged(command, env, tmp_path / "serve.log")
     try:
         wait_until_ready(f"http://127.0.0.1:{port}", server, timeout_s=120)
         checks = [sys.executable, "scripts/container_checks.py", f"http://127.0.0.1:{port}"]

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -37,6 +38,7 @@ SCRIPTS = str(REPO_ROOT / "scripts")
 if SCRIPTS not in sys.path:
     sys.path.append(SCRIPTS)
 import deploy_sagemaker as deploy  # noqa: E402
+from sagemaker_deploy import aws as aws_module  # noqa: E402
 from sagemaker_deploy import commands  # noqa: E402
 from sagemaker_deploy.async_inference import (  # noqa: E402
     async_inference_config,
@@ -1217,13 +1219,19 @@ def test_a_rolled_back_update_says_why():
     assert reason.rstrip(".") in message
 
 
+def waits_with(monkeypatch: pytest.MonkeyPatch, sleep: Any) -> None:
+    """The deploy code's waits made by `sleep`: in its own module only, since `time.sleep`
+    patched for everyone failed (or set spinning) the threads of other tests' encoders."""
+    monkeypatch.setattr(aws_module, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+
+
 @pytest.mark.parametrize("status", ["UpdateRollbackFailed", "OutOfService", "Failed"])
 def test_wait_stops_at_any_state_an_endpoint_does_not_leave_by_itself(status, monkeypatch):
     """botocore's waiter failed only on Failed: an UpdateRollbackFailed endpoint was polled for
     the whole timeout (an hour for an update) before the reason was said."""
     from botocore.stub import Stubber
 
-    monkeypatch.setattr(time, "sleep", lambda _: pytest.fail("waited on a settled endpoint"))
+    waits_with(monkeypatch, lambda _: pytest.fail("waited on a settled endpoint"))
     client = Aws(REGION, None, False)
     reason = "Rollback failed: the old fleet could not be restored."
     with Stubber(client.client("sagemaker")) as stub:
@@ -1238,7 +1246,7 @@ def test_wait_goes_on_through_a_rollback_to_say_why_it_rolled_back(monkeypatch):
     once the old fleet is back."""
     from botocore.stub import Stubber
 
-    monkeypatch.setattr(time, "sleep", lambda _: None)
+    waits_with(monkeypatch, lambda _: None)
     client = Aws(REGION, None, False)
     reason = "The primary container for production variant AllTraffic did not pass the ping check."
     with Stubber(client.client("sagemaker")) as stub:
