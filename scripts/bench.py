@@ -899,7 +899,6 @@ def fold_fidelity(model_dir: Path) -> dict:
     layer) against float64 with the pixels normalised as CLIPImageProcessor does, standing in
     for exact arithmetic: how far float rounding alone, the fold's included, moves the answers
     of a direct CLIPProcessor + CLIPModel computation."""
-
     cpu = torch.device("cpu")
     return arithmetic_fidelity(model_dir, (cpu, torch.float32), (cpu, torch.float64))
 
