@@ -2795,6 +2795,21 @@ def dtype_text(fidelity: dict | None, limit: dict | None, ratios: dict[str, floa
     )
 
 
+def fold_text(fidelity: dict | None) -> str:
+    """The CPU's default arithmetic against float64: how far float rounding alone (the folded
+    normalisation's included) moves the answers, so that readers see the default is exact."""
+    if not fidelity:
+        return ""
+    return (
+        f"The default arithmetic ({fidelity['dtype']}, the pixels' normalisation folded into the "
+        f"first layer) against {fidelity['against']} with the pixels normalised as "
+        f"CLIPImageProcessor does, over the hard-image set ({fidelity['images']} images): max "
+        f"probability change (logit scale 100) {fidelity['max_probability_change_scale_100']} "
+        f"({fidelity['worst_image']}), min embedding cosine {fidelity['min_cosine']} "
+        f"({fidelity['worst_cosine_image']})."
+    )
+
+
 def summary_block(payload: dict) -> str:
     """The BENCHMARKS.md text of one run: table, limit, ratios, fidelity, plot."""
     limit, fidelity, ratios = payload["limit"], payload["fidelity"], payload["ratios"]
@@ -2819,6 +2834,8 @@ def summary_block(payload: dict) -> str:
             fidelity_text(fidelity),
             "",
             dtype_text(fidelity.get("dtype"), payload.get("limit_bfloat16"), ratios),
+            "",
+            fold_text(fidelity.get("fold")),
             "",
             overhead_text(payload["overhead"]) if "overhead" in payload else "",
             "",

@@ -799,6 +799,10 @@ def test_the_fold_stage_measures_float_rounding_against_float64(tiny_stored_mode
     assert fidelity["images"] == len(encoded_set())
     assert 0 < fidelity["max_probability_change_scale_100"] < 1e-4
     assert 0.99999 < fidelity["min_cosine"] <= 1
+    text = bench.fold_text(fidelity)  # the BENCHMARKS.md summary prints the row
+    assert text.startswith("The default arithmetic (float32, the pixels' normalisation folded")
+    assert f"{fidelity['max_probability_change_scale_100']} ({fidelity['worst_image']})" in text
+    assert bench.fold_text(None) == ""  # a run without the fidelity stages
 
 
 def test_the_dtype_stage_compares_bfloat16_answers_with_float32_ones(tiny_stored_model):
