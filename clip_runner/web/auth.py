@@ -6,7 +6,8 @@ open (orchestrators and Prometheus probe them), and so does `/ui`, the demo page
 cannot attach a header to a page it navigates to, and the page is a static file with nothing
 secret in it; its API calls carry the key the user types into it. Everything else answers 401
 in the JSON error shape until the key matches. The check runs before the body is read, so
-callers without the key cost neither a body buffer nor an admission slot.
+callers without the key cost neither a body buffer nor an admission slot (what they send of a
+body is read and dropped, within bounds, so that the answer reaches them: traffic.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from clip_runner.web.traffic import CLOSE, send_error
+from clip_runner.web.traffic import refuse_unread
 
 # "/ui/" too, so that a browser there is sent on to "/ui" (trailing_slash.py).
 OPEN_PATHS = frozenset({"/ping", "/livez", "/readyz", "/metrics", "/ui", "/ui/"})
@@ -53,11 +54,13 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         reason = "is missing" if not authorization else "does not carry the API key"
-        await send_error(
+        await refuse_unread(
+            scope,
+            receive,
             send,
             401,
             "unauthorized",
             f"the Authorization header {reason}: send 'Authorization: Bearer <key>' "
             "(the server's CLIP_API_KEY)",
-            [(b"www-authenticate", b'Bearer realm="clip"'), CLOSE],
+            [(b"www-authenticate", b'Bearer realm="clip"')],
         )

@@ -13,9 +13,11 @@
   A request takes one of these slots only once its whole body has arrived, so slow uploads
   cannot hold the slots (nginx in front of the original container did this by buffering);
 - 504 when no response has started after `timeout_s` (counted from admission);
-and cancels the handler when the client disconnects, so abandoned requests stop fetching images
-and waiting on the runner. Health and metrics routes bypass it so `/ping` stays fast under load
-(unless they carry a body, which is then read under the same deadline).
+a refusal before the body was read first reads and drops what the client sends of it, within
+bounds (`drop_unread_body`); and it cancels the handler when the client disconnects, so
+abandoned requests stop fetching images and waiting on the runner. Health and metrics routes
+bypass it so `/ping` stays fast under load (unless they carry a body, which is then read under
+the same deadline).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -51,6 +54,10 @@ JSONLINES_MEDIA_TYPES = (
 ANSWER_TYPES = ("application/json",)
 # Sent when the request's body was not (fully) read: the connection cannot carry another request.
 CLOSE = (b"connection", b"close")
+# What is read and dropped of a refused request's body before its answer (drop_unread_body):
+# a 6.7-MB upload refused 413 at SageMaker's 6-MB bound is read whole, a 1-GB one is not.
+UNREAD_BODY_BYTES = 32 * 1024 * 1024
+UNREAD_BODY_SECONDS = 5.0
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -121,6 +128,56 @@ def has_body(scope: Scope) -> bool:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
             return True
     return False
+
+
+async def drop_unread_body(scope: Scope, receive: Receive) -> None:
+    """Read and drop the rest of a refused request's body, within UNREAD_BODY_BYTES and
+    UNREAD_BODY_SECONDS, before its answer closes the connection. Closed with sent bytes unread,
+    a socket resets instead of ending; a client still uploading when the reset comes (httpx's
+    async client, so the BentoML AsyncHTTPClient; Node's) loses the answer with it, an empty
+    ReadError instead of the 401 or 413 that says what to change (4 of 5 tries, a 3-MB body on
+    loopback). nginx reads on after its answer likewise. A body past the bounds is left, as is
+    one announced by `Expect: 100-continue`: the client waits for leave to send it, and the
+    first read here would give that leave (uvicorn's 100 Continue)."""
+    if not has_body(scope) or any(
+        value.strip().lower() == b"100-continue" for value in header_values(scope, b"expect")
+    ):
+        return
+    declared = header_values(scope, b"content-length")
+    if declared and declared[0].strip().isdigit() and int(declared[0]) > UNREAD_BODY_BYTES:
+        return
+    dropped = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(UNREAD_BODY_SECONDS):
+            while dropped <= UNREAD_BODY_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                dropped += len(message.get("body", b""))
+
+
+class Refusal(NamedTuple):
+    """A request's refusal: its status, error type and message, and headers besides CLOSE."""
+
+    status: int
+    error_type: str
+    message: str
+    extra_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
+
+
+async def refuse_unread(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    error_type: str,
+    message: str,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """A refusal of a request whose body was not (all) read: the body dropped within bounds
+    (drop_unread_body), then the JSON error, and the connection closed."""
+    await drop_unread_body(scope, receive)
+    await send_error(send, status, error_type, message, [*extra_headers, CLOSE])
 
 
 def codings_not_taken(scope: Scope, header: bytes, taken: frozenset[str]) -> str:
@@ -207,14 +264,15 @@ class RequestGuardMiddleware:
         if scope["type"] != "http" or (scope["path"] in EXEMPT_PATHS and not has_body(scope)):
             await self.app(scope, receive, send)
             return
-        if await self._refused_by_headers(scope, send):
+        if refusal := self._refusal_by_headers(scope):
+            await refuse_unread(scope, receive, send, *refusal)
             return
         try:
             body = await self._read_body(receive)
             if self._is_json_post(scope):
                 body = without_bom(body)  # for every JSON media type, each path that reads it
         except _TooLarge:
-            await self._too_large(send, None)
+            await refuse_unread(scope, receive, send, *self._too_large(None))
             return
         except _BodyTimeout as timeout:
             await self._body_timeout(send, timeout.evicted_because)
@@ -246,36 +304,31 @@ class RequestGuardMiddleware:
             and is_json_media_type(content_types[0].decode("latin-1"))
         )
 
-    async def _refused_by_headers(self, scope: Scope, send: Send) -> bool:
+    def _refusal_by_headers(self, scope: Scope) -> Refusal | None:
         """400 for two Content-Types, 415 for a wrong one, a compressed body or a transfer
-        coding besides chunked, 413 for a declared size over the limit: before reading."""
+        coding besides chunked, 406 for an Accept that takes no answer, 413 for a declared size
+        over the limit: what the headers alone refuse, before the body is read."""
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
         if codings := codings_not_taken(scope, b"transfer-encoding", frozenset({"chunked"})):
             # uvicorn undoes only `chunked`: a gzip under it reached the JSON parser as it came,
             # "expected value at line 1 column 1". RFC 9112 suggests a 501; a caller's mistake
             # is a 4xx here (a 5xx reads as the server's fault), the one a Content-Encoding gets.
-            await send_error(
-                send,
+            return Refusal(
                 415,
                 "unsupported_media_type",
                 f"Transfer-Encoding {quoted(codings)!r} is not supported; send the body "
                 "uncompressed (chunked alone is fine)",
-                [CLOSE],
             )
-            return True
         content_types = header_values(scope, b"content-type")
         if len(content_types) > 1 and (scope["method"] == "POST" or has_body(scope)):
             # Each layer (this one, the direct and raw-image paths, BentoML's endpoint) would
             # read one of them, and not all the same one: a JSON body passed as multipart here
             # reached BentoML's form parser, a 500.
-            await send_error(
-                send,
+            return Refusal(
                 400,
                 "bad_request",
                 f"the request has {len(content_types)} Content-Type headers; send one",
-                [CLOSE],
             )
-            return True
         if scope["method"] == "POST" and scope["path"] in self.json_paths:
             content_type = (content_types or [b""])[0].decode("latin-1")
             raw_image_allowed = scope["path"] in self.raw_image_paths
@@ -285,54 +338,45 @@ class RequestGuardMiddleware:
             ):
                 raw = ", ".join(RAW_IMAGE_MEDIA_TYPES)
                 also = f" (or {raw}, application/jsonlines)" if raw_image_allowed else ""
-                await send_error(
-                    send,
+                return Refusal(
                     415,
                     "unsupported_media_type",
                     f"Content-Type {quoted(content_type)!r} is not supported; "
                     "send application/json" + also,
-                    [CLOSE],
                 )
-                return True
             declared = charset(content_type)
             if declared not in (None, "utf-8", "utf8") and not is_raw_image_media_type(
                 content_type
             ):
                 # JSON is UTF-8 (RFC 8259); read as UTF-8, a UTF-16 body failed as "expected
                 # value at line 1 column 1", which did not say why.
-                await send_error(
-                    send,
+                return Refusal(
                     415,
                     "unsupported_media_type",
                     f"charset {quoted(declared)!r} is not supported; send the body in UTF-8",
-                    [CLOSE],
                 )
-                return True
             if encoding := codings_not_taken(scope, b"content-encoding", frozenset()):
                 # RFC 9110: 415, with Accept-Encoding naming the codings taken. Read as it came,
                 # a compressed body would fail as "not valid JSON", and an uncompressed one
                 # labelled gzip would be answered as if the label were not there.
-                await send_error(
-                    send,
+                return Refusal(
                     415,
                     "unsupported_media_type",
                     f"Content-Encoding {quoted(encoding)!r} is not supported; "
                     "send the body uncompressed",
-                    [CLOSE, (b"accept-encoding", b"identity")],
+                    [(b"accept-encoding", b"identity")],
                 )
-                return True
             # JSON Lines answers only a JSON Lines body (sent as such, or as JSON to a batch
             # endpoint): an image body offered it had been answered JSON where Accept refused it.
             lines_answered = raw_image_allowed and not is_raw_image_media_type(content_type)
-            if await self._not_acceptable(scope, send, lines_answered):
-                return True
+            if refusal := self._not_acceptable(scope, lines_answered):
+                return refusal
         declared = headers.get(b"content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(send, int(declared))
-            return True
-        return False
+            return self._too_large(int(declared))
+        return None
 
-    async def _not_acceptable(self, scope: Scope, send: Send, lines_allowed: bool) -> bool:
+    def _not_acceptable(self, scope: Scope, lines_allowed: bool) -> Refusal | None:
         """406 when the request's Accept allows none of the types the route answers: JSON, and
         on the route that takes JSON Lines, JSON Lines (whose aliases are all offered, and
         `application/json` with them: a Batch Transform job may name it beside SplitType=Line).
@@ -340,27 +384,22 @@ class RequestGuardMiddleware:
         accept = request_accept(scope)
         offered = ANSWER_TYPES + (JSONLINES_MEDIA_TYPES if lines_allowed else ())
         if preferred(accepted_ranges(accept), offered) is not None:
-            return False
+            return None
         lines = f" (or {JSONLINES_MEDIA_TYPES[0]} for a JSON Lines body)" if lines_allowed else ""
-        await send_error(
-            send,
+        return Refusal(
             406,
             "not_acceptable",
             f"Accept {quoted(accept)!r} allows none of the types this route answers; it answers "
             f"{ANSWER_TYPES[0]}{lines}: send that Accept, or */*",
-            [CLOSE],
         )
-        return True
 
-    async def _too_large(self, send: Send, size: int | None) -> None:
+    def _too_large(self, size: int | None) -> Refusal:
         size_text = f"{size} bytes" if size is not None else "the body"
-        await send_error(
-            send,
+        return Refusal(
             413,
             "payload_too_large",
             f"{size_text} exceeds the {self.max_body_bytes}-byte request limit "
             "(send image URLs, or smaller images)",
-            [CLOSE],
         )
 
     async def _body_timeout(self, send: Send, evicted_because: str | None) -> None:

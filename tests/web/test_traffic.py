@@ -21,8 +21,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from clip_runner.web.traffic import UTF8_BOM, RequestGuardMiddleware, is_json_media_type
-from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, photo_like
+from clip_runner.web.traffic import (
+    UNREAD_BODY_BYTES,
+    UTF8_BOM,
+    RequestGuardMiddleware,
+    drop_unread_body,
+    is_json_media_type,
+)
+from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, photo_like, uvicorn_on_loopback
 
 
 def guarded_app(state: dict, **options) -> RequestGuardMiddleware:
@@ -308,6 +314,105 @@ def test_streamed_body_over_the_limit_is_413_without_content_length():
 
     response = asyncio.run(go())
     assert response.status_code == 413
+
+
+UPLOAD = b"x" * 3_000_000  # over the guard's limit below; past what a socket buffers at once
+
+
+async def three_uploads(port: int, headers: dict[str, str], content) -> list[int | str]:
+    """What httpx's async client (the BentoML AsyncHTTPClient's) gets for three uploads that
+    the server refuses before reading them: a status, or the exception that replaced it."""
+    outcomes: list[int | str] = []
+    async with httpx.AsyncClient(timeout=10) as c:
+        for _ in range(3):
+            try:
+                response = await c.post(
+                    f"http://127.0.0.1:{port}/invocations", content=content(), headers=headers
+                )
+                outcomes.append(response.status_code)
+            except httpx.TransportError as error:
+                outcomes.append(type(error).__name__)
+    return outcomes
+
+
+def whole_upload() -> bytes:
+    return UPLOAD
+
+
+async def chunked_upload():
+    for start in range(0, len(UPLOAD), 65536):
+        yield UPLOAD[start : start + 65536]
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+@pytest.mark.parametrize(
+    ("headers", "content", "status"),
+    [
+        ({"content-type": "application/json"}, whole_upload, 413),  # by Content-Length
+        ({"content-type": "application/json"}, chunked_upload, 413),  # while reading
+        ({"content-type": "text/plain"}, whole_upload, 415),
+        ({"content-type": "application/json", "accept": "text/csv"}, whole_upload, 406),
+    ],
+)
+def test_a_refusal_before_the_body_reaches_a_client_still_uploading(
+    protocol, headers, content, status
+):
+    """Answered and closed with the upload unread, the socket reset instead of ending, and the
+    async client lost the answer: an empty ReadError instead of the error (4 tries in 5). The
+    rest of the body is read and dropped first."""
+    app = guarded_app({}, max_body_bytes=1024 * 1024)
+    with uvicorn_on_loopback(app, protocol) as port:
+        outcomes = asyncio.run(three_uploads(port, headers, content))
+    assert outcomes == [status] * 3
+
+
+def scripted_receive(messages: list[dict]):
+    """An ASGI receive that gives `messages` in turn, then waits for ever; and its tally."""
+    given: list[dict] = []
+
+    async def receive() -> dict:
+        if len(given) < len(messages):
+            given.append(messages[len(given)])
+            return given[-1]
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return receive, given
+
+
+def upload_scope(headers: list[tuple[bytes, bytes]]) -> dict:
+    return {"type": "http", "method": "POST", "path": "/invocations", "headers": headers}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"content-length", b"%d" % (UNREAD_BODY_BYTES + 1))],  # more than is worth reading
+        [(b"content-length", b"10"), (b"expect", b"100-continue")],  # sent only once invited
+        [(b"content-length", b"0")],
+        [],
+    ],
+)
+def test_a_refused_body_is_left_unread_where_reading_it_cannot_help(headers):
+    receive, given = scripted_receive([{"type": "http.request", "body": b"x", "more_body": True}])
+    asyncio.run(drop_unread_body(upload_scope(headers), receive))
+    assert given == []
+
+
+def test_a_refused_body_is_read_only_within_its_bounds(monkeypatch):
+    """An endless chunked body is read to UNREAD_BODY_BYTES, a stalled one for
+    UNREAD_BODY_SECONDS; then the answer goes."""
+    chunk = {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+    monkeypatch.setattr("clip_runner.web.traffic.UNREAD_BODY_BYTES", 10_000)
+    chunked = upload_scope([(b"transfer-encoding", b"chunked")])
+    receive, given = scripted_receive([chunk] * 100)
+    asyncio.run(drop_unread_body(chunked, receive))
+    assert len(given) == 11
+    monkeypatch.setattr("clip_runner.web.traffic.UNREAD_BODY_SECONDS", 0.2)
+    receive, given = scripted_receive([chunk])
+    started = time.monotonic()
+    asyncio.run(drop_unread_body(chunked, receive))
+    assert len(given) == 1 and time.monotonic() - started < 5
 
 
 def test_deadline_answers_504_and_cancels_the_handler():
