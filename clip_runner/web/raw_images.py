@@ -15,12 +15,11 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clip_runner.answers.hf_toolkit import CUSTOM_ATTRIBUTES_HEADER, labels_from_custom_attributes
-from clip_runner.errors import RequestError
+from clip_runner.errors import RequestError, quoted
 from clip_runner.web.traffic import (
     is_raw_image_media_type,
     media_type,
     posted_content_type,
-    send_error,
 )
 
 
@@ -42,6 +41,12 @@ def header_text(value: bytes) -> str:
         return value.decode("latin-1")
 
 
+def body_name(content_type: str) -> str:
+    """How an error message names a raw body: by its media type, without parameters, quoted
+    (a Content-Type may be 64 KiB long, and the answer had repeated it whole)."""
+    return f"the {quoted(media_type(content_type))} body"
+
+
 def callers_terms(message: str, content_type: str) -> str:
     """An error message about the toolkit request a raw body became, in terms of what the
     caller sent: its body and its header, not `inputs[0]` and `parameters` it never wrote."""
@@ -49,8 +54,8 @@ def callers_terms(message: str, content_type: str) -> str:
     # A long prompt's message names its template after its label, mid-message.
     message = message.replace(" with parameters.hypothesis_template", f" with {header} template")
     for field, sent in (
-        ("inputs[0]", f"the {media_type(content_type)} body"),
-        ("inputs", f"the {media_type(content_type)} body"),
+        ("inputs[0]", body_name(content_type)),
+        ("inputs", body_name(content_type)),
         ("parameters.hypothesis_template", f"{header} template"),
         ("parameters.candidate_labels", f"{header} labels"),
     ):
@@ -111,21 +116,22 @@ class RawImageBodyMiddleware:
         image = await self._read_body(receive)
         try:
             if not image:
-                raise RequestError(400, "invalid_image", f"the {content_type} body is empty")
+                raise RequestError(400, "invalid_image", f"{body_name(content_type)} is empty", 0)
             # Before it is rewritten (base64 and JSON on the event loop): on an async endpoint
             # (1 GiB bodies) a 256-MiB image had held the loop, and /ping, for 9-12 s.
             if len(image) > self.max_image_bytes:
                 raise RequestError(
                     422,
                     "invalid_image",
-                    f"the {content_type} body: image is larger than the "
+                    f"{body_name(content_type)}: image is larger than the "
                     f"{self.max_image_bytes}-byte limit",
+                    0,  # the image's index, as the same image sent in JSON has it
                 )
             if len(sent) > 1:  # the last one had been read, the others dropped unsaid
                 raise RequestError(400, "bad_request", f"{CUSTOM_ATTRIBUTES_HEADER} is sent twice")
             labels, template = labels_from_custom_attributes(header_text(sent[0] if sent else b""))
         except RequestError as error:
-            await send_error(send, error.status, error.error_type, error.message)
+            await error.to_response()(scope, receive, send)
             return
         body = toolkit_body(image, labels, template)
         rewritten = [

@@ -92,7 +92,27 @@ def test_missing_labels_or_an_empty_image_are_json_400s_naming_the_fault():
         "/invocations", content=b"", headers={"Content-Type": "image/webp", ATTRIBUTES: "labels=a"}
     )
     assert empty.status_code == 400
-    assert "image/webp body is empty" in empty.json()["error"]["message"]
+    assert empty.json()["error"] == {
+        "type": "invalid_image",
+        "message": "the image/webp body is empty",
+        "index": 0,  # as every other error about the image has it
+    }
+
+
+def test_an_error_names_the_body_by_its_media_type_alone_and_quoted():
+    """The empty and oversized bodies' messages had repeated the Content-Type whole, its
+    parameters and all: 20 kB of answer for a 20-kB header (the 415's quotes it in 200)."""
+    raw = TestClient(RawImageBodyMiddleware(Starlette(), max_image_bytes=10))
+    long_type = "image/" + "j" * 20_000
+    for content_type, content, name in [
+        ("image/jpeg; x=" + "a" * 20_000, b"", "the image/jpeg body"),
+        ("image/png; x=" + "a" * 20_000, b"x" * 11, "the image/png body"),
+        (long_type, b"", f"the {long_type[:200]}... (20006 characters) body"),
+    ]:
+        headers = {"Content-Type": content_type, ATTRIBUTES: "labels=a"}
+        refused = raw.post("/invocations", content=content, headers=headers)
+        assert refused.json()["error"]["message"].startswith(name), content_type[:20]
+        assert len(refused.content) < 1000
 
 
 def test_an_image_over_the_limit_is_refused_before_it_is_rewritten(monkeypatch):
@@ -111,6 +131,7 @@ def test_an_image_over_the_limit_is_refused_before_it_is_rewritten(monkeypatch):
     assert refused.json()["error"] == {
         "type": "invalid_image",
         "message": "the image/jpeg body: image is larger than the 1000-byte limit",
+        "index": 0,  # as the same image sent in JSON has it
     }
     assert raw.post("/invocations", content=b"x" * 1000, headers=headers).status_code == 200
 
