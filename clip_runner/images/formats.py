@@ -14,3 +14,25 @@ from __future__ import annotations
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
 # The same, as an error message names them.
 ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, AVIF, GIF, BMP or TIFF"
+
+
+def image_signature(head: bytes) -> str | None:
+    """The accepted format whose signature `head` (a body's first bytes) starts with, as
+    ACCEPTED_FORMATS names it; None for any other bytes. No JSON text starts with one (JSON
+    starts with whitespace, `{`, `[`, `"`, a digit, `-`, `t`, `f` or `n`), so a body that
+    does is an image sent as JSON."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:12] in (b"ftypavif", b"ftypavis"):
+        return "AVIF"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if head.startswith(b"BM"):
+        return "BMP"
+    return None

@@ -30,7 +30,9 @@ from typing import NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clip_runner.answers.hf_toolkit import CUSTOM_ATTRIBUTES_HEADER
 from clip_runner.errors import error_body, quoted
+from clip_runner.images.formats import image_signature
 from clip_runner.web.accept import accepted_ranges, preferred, request_accept
 from clip_runner.web.waiting_bodies import Waiter, WaitingBodies
 
@@ -271,6 +273,10 @@ class RequestGuardMiddleware:
             body = await self._read_body(receive)
             if self._is_json_post(scope):
                 body = without_bom(body)  # for every JSON media type, each path that reads it
+                if image_format := image_signature(body[:12]):
+                    message = self._image_sent_as_json(scope, image_format)
+                    await send_error(send, 400, "malformed_json", message)
+                    return
         except _TooLarge:
             await refuse_unread(scope, receive, send, *self._too_large(None))
             return
@@ -303,6 +309,20 @@ class RequestGuardMiddleware:
             and scope["path"] in self.json_paths
             and is_json_media_type(content_types[0].decode("latin-1"))
         )
+
+    def _image_sent_as_json(self, scope: Scope, image_format: str) -> str:
+        """What a JSON route says of an image body sent as JSON (or with no Content-Type, which
+        is JSON here): JSON's "expected value at line 1 column 1" had not said what to change.
+        `httpx.post(url, content=jpeg)` sends no Content-Type."""
+        sent = header_values(scope, b"content-type")
+        label = f"Content-Type {quoted(sent[0].decode('latin-1'))!r}" if sent else "no Content-Type"
+        message = f"the body is a {image_format} image sent with {label}, not JSON: "
+        if scope["path"] in self.raw_image_paths:
+            return message + (
+                f"send it as image/{image_format.lower()} with the labels in "
+                f"{CUSTOM_ATTRIBUTES_HEADER} (labels=cat,dog), or as base64 in a JSON request"
+            )
+        return message + "this route takes JSON, the image as base64 or a URL in `images`"
 
     def _refusal_by_headers(self, scope: Scope) -> Refusal | None:
         """400 for two Content-Types, 415 for a wrong one, a compressed body or a transfer

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from clip_runner.errors import RequestError
-from clip_runner.images.formats import ACCEPTED_FORMATS, ACCEPTED_FORMATS_TEXT
+from clip_runner.images.formats import ACCEPTED_FORMATS, ACCEPTED_FORMATS_TEXT, image_signature
 from clip_runner.images.loading import decode_image
 from clip_runner.images.pixel_budget import image_header
 from tests.helpers import encode, photo_like, pillows_own, with_preview
@@ -68,3 +68,33 @@ def test_other_formats_pillow_opens_are_refused_naming_the_accepted_ones(name):
         f"images[2]: data is not in a recognised image format (send {ACCEPTED_FORMATS_TEXT})"
     )
     assert image_header(blob).pixels == 0  # the budget's header read does not open it either
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_each_accepted_format_is_known_by_its_first_bytes(name):
+    """As Pillow opens it (an MPO through its JPEG)."""
+    blob = ACCEPTED[name]
+    with Image.open(io.BytesIO(blob)) as opened:
+        assert image_signature(blob[:12]) == {"MPO": "JPEG"}.get(opened.format, opened.format)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b'{"images": []}',
+        b" \n[1, 2]",
+        b'"a string"',
+        b"-12.5",
+        b"null",
+        b"",
+        b"MM\x00\x2b",  # BigTIFF, which Pillow does not open
+        *(blob[:12] for blob in REFUSED.values()),
+    ],
+)
+def test_json_and_other_formats_have_no_accepted_signature(head):
+    assert image_signature(head) is None
+
+
+def test_a_big_endian_tiff_is_known_too():
+    """Pillow writes TIFFs little-endian; cameras and scanners write both orders."""
+    assert image_signature(b"MM\x00*\x00\x00\x00\x08") == "TIFF"

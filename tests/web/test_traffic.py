@@ -28,7 +28,14 @@ from clip_runner.web.traffic import (
     drop_unread_body,
     is_json_media_type,
 )
-from tests.helpers import GUARD_AUTH, GUARD_SETTINGS, as_base64, photo_like, uvicorn_on_loopback
+from tests.helpers import (
+    GUARD_AUTH,
+    GUARD_SETTINGS,
+    as_base64,
+    encode,
+    photo_like,
+    uvicorn_on_loopback,
+)
 
 
 def guarded_app(state: dict, **options) -> RequestGuardMiddleware:
@@ -301,6 +308,40 @@ def test_a_json_body_may_start_with_one_byte_order_mark(content_type):
     marked, twice = asyncio.run(go())
     assert marked.json() == {"size": 2}
     assert twice.json() == {"size": 2 + len(UTF8_BOM)}
+
+
+@pytest.mark.parametrize(
+    ("headers", "sent_with"),
+    [
+        ({}, "no Content-Type"),
+        ({"content-type": "application/json"}, "Content-Type 'application/json'"),
+    ],
+)
+def test_an_image_sent_as_json_is_a_400_saying_how_to_send_it(headers, sent_with):
+    """JSON's "expected value at line 1 column 1" had not said what to change; `httpx.post(url,
+    content=jpeg)` sends no Content-Type, which is JSON here."""
+    paths = {"json_paths": ("/invocations", "/slow"), "raw_image_paths": ("/invocations",)}
+    app = guarded_app({}, max_body_bytes=100_000, **paths)
+    jpeg = encode(photo_like(32, 32, seed=1), "JPEG")
+
+    async def go():
+        async with client(app) as c:
+            refused = await c.post("/invocations", content=jpeg, headers=headers)
+            elsewhere = await c.post("/slow", content=jpeg, headers=headers)
+            json_body = await c.post("/invocations", content=b'{"a": 1}', headers=headers)
+            return refused, elsewhere, json_body
+
+    refused, elsewhere, json_body = asyncio.run(go())
+    assert refused.status_code == 400 and refused.json()["error"]["type"] == "malformed_json"
+    message = refused.json()["error"]["message"]
+    assert message.startswith(f"the body is a JPEG image sent with {sent_with}, not JSON")
+    assert "send it as image/jpeg with the labels in X-Amzn-SageMaker-Custom-Attributes" in message
+    assert elsewhere.status_code == 400  # a JSON route without raw image bodies
+    assert (
+        "this route takes JSON, the image as base64 or a URL"
+        in elsewhere.json()["error"]["message"]
+    )
+    assert json_body.json() == {"size": 8}
 
 
 def test_streamed_body_over_the_limit_is_413_without_content_length():
