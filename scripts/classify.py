@@ -7,9 +7,10 @@
 
 It talks to the server's `POST /classify` over HTTP and needs only httpx (and tqdm for the
 progress bar); it does not import the service, so it runs wherever those two are installed.
-Local files go as base64, URLs as they are (the server downloads them). Images are sent several
-per request, each request kept under the server's body limit; 429/502/503 answers are retried
-(honouring Retry-After); one bad image is reported on its own and its neighbours are re-sent.
+Local files go as base64, URLs (http(s)://, s3://) and data: URIs as they are (the server
+fetches the URLs). Images are sent several per request, each request kept under the server's
+body limit; 429/502/503 answers are retried (honouring Retry-After); one bad image is reported
+on its own and its neighbours are re-sent.
 
 Output: a table on stdout (or one JSON document with --json); the progress bar and the summary
 go to stderr, so stdout stays clean for pipes.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import base64
 import email.utils
+import errno
 import json
 import os
 import re
@@ -52,6 +54,7 @@ MAX_RETRY_WAIT_S = 30.0
 TABLE_NAME_WIDTH = 60  # longer names push their own row out instead of widening every row
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 INTERRUPTED = "interrupted (Ctrl-C)"
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class UsageError(Exception):
@@ -78,8 +81,15 @@ def shown_name(path: str | Path) -> str:
     """A path as the table and the JSON name it: a name that is not UTF-8 (a file copied from an
     old Latin-1 system, `caf\xe9.png`) with its odd bytes escaped (`caf\\xe9.png`); as Python
     holds it (a lone surrogate) it could be neither printed to a UTF-8 terminal nor read back by
-    a strict JSON reader, and the run's results were lost with it."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    a strict JSON reader, and the run's results were lost with it. Control characters are
+    escaped likewise (`printable`): a newline in a name had broken the table, and an escape
+    sequence (`\x1b[2J`) reached the terminal."""
+    return printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters escaped (`\\x1b`), as the output prints it."""
+    return CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class Source:
     name: str
     path: Path | None = None  # a local file, sent as base64
     url: str | None = None  # sent as it is; the server fetches it
+    unread: str | None = None  # why a folder's images could not be listed: reported, not sent
 
     def payload_size(self) -> int:
         """Bytes this image adds to the JSON body (its string and quotes), without reading it."""
@@ -114,7 +125,9 @@ def base64_length(n_bytes: int) -> int:
 
 
 def is_url(argument: str) -> bool:
-    return re.match(r"(?i)https?://", argument) is not None
+    """An image the server reads itself, sent as it is: an http(s) or s3:// URL (the server
+    fetches it, where it may), or a data: URI (the image inline)."""
+    return re.match(r"(?i)(https?://|s3://|data:)", argument) is not None
 
 
 def parse_labels(values: Sequence[str]) -> list[str]:
@@ -131,16 +144,23 @@ def parse_labels(values: Sequence[str]) -> list[str]:
     return labels
 
 
-def folder_images(folder: Path, recursive: bool) -> list[Path]:
-    """Image files of a folder by name (sorted, so runs are repeatable), hidden files skipped.
+def folder_images(folder: Path, recursive: bool) -> list[Source]:
+    """Image files of a folder by name (sorted, so runs are repeatable), hidden files skipped;
+    and each subfolder that could not be listed, as a source that fails (os.walk had skipped
+    it silently, and the run said every image was classified).
 
     Hidden files are mostly editor or OS debris (macOS writes `._photo.jpg` resource forks that
     are not images); symlinked folders are not followed, so a link loop cannot recurse forever.
     Only regular files (or links to them) count: reading a named pipe or a device called
     `x.jpg` had blocked the run for good. A broken link is kept: it is reported unreadable.
     """
-    found: list[Path] = []
-    for root, dirs, files in os.walk(folder):
+    found: list[Source] = []
+
+    def unlisted(error: OSError) -> None:
+        name = shown_name(error.filename)
+        found.append(Source(name=name, path=Path(error.filename), unread=error.strerror))
+
+    for root, dirs, files in os.walk(folder, onerror=unlisted):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in files:
             path = Path(root) / name
@@ -149,8 +169,24 @@ def folder_images(folder: Path, recursive: bool) -> list[Path]:
                 and path.suffix.lower() in IMAGE_SUFFIXES
                 and (path.is_file() or not path.exists())
             ):
-                found.append(path)
-    return sorted(found, key=lambda path: path.relative_to(folder).parts)
+                found.append(Source(name=shown_name(path), path=path))
+    return sorted(found, key=lambda source: Path(source.path or "").relative_to(folder).parts)
+
+
+def path_kind(path: Path) -> str:
+    """`folder`, `file`, `other` (a pipe, a device), `missing`, or `unreadable` where the path
+    cannot even be looked at (its folder unreadable): Path.is_dir and is_file raise for that,
+    and for a name too long, which had ended the run in a traceback."""
+    try:
+        if path.is_dir():
+            return "folder"
+        if path.is_file():
+            return "file"
+        return "other" if path.exists() else "missing"
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            return "missing"
+        return "unreadable"
 
 
 def collect_sources(arguments: Sequence[str], recursive: bool = False) -> tuple[list[Source], bool]:
@@ -163,24 +199,26 @@ def collect_sources(arguments: Sequence[str], recursive: bool = False) -> tuple[
     folder_given = False
     for argument in arguments:
         if is_url(argument):
-            sources.append(Source(name=argument, url=argument))
+            sources.append(Source(name=shown_name(argument), url=argument))
             continue
         path = Path(argument)
-        if path.is_dir():
+        kind = path_kind(path)
+        if kind == "folder":
             folder_given = True
             images = folder_images(path, recursive)
             if not images:
                 kinds = ", ".join(sorted(suffix[1:] for suffix in IMAGE_SUFFIXES))
                 hint = "" if recursive else " (add --recursive to look in subfolders)"
                 raise UsageError(f"{argument}: no image files ({kinds}) in this folder{hint}")
-            sources.extend(Source(name=shown_name(image), path=image) for image in images)
-        elif path.is_file():
+            sources.extend(images)
+        elif kind in ("file", "unreadable"):  # an unreadable one fails alone, when it is read
             sources.append(Source(name=shown_name(argument), path=path))
-        elif path.exists():
-            raise UsageError(f"{argument}: not a regular file or folder")
+        elif kind == "other":
+            raise UsageError(f"{shown_name(argument)}: not a regular file or folder")
         else:
             raise UsageError(
-                f"{argument}: no such file or folder (URLs must start with http(s)://)"
+                f"{shown_name(argument)}: no such file or folder (URLs must start with "
+                "http(s):// or s3://, inline images with data:)"
             )
     return sources, folder_given
 
@@ -264,9 +302,20 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     return {"type": "http_error", "message": text[:300]}
 
 
-def failure(error_type: str, message: str, status: int | None = None) -> dict[str, Any]:
-    """One image's outcome when it failed: `{"error": {"type", "message", "status"?}}`."""
-    error: dict[str, Any] = {"type": error_type, "message": strip_image_index(message)}
+def is_label_score(item: object) -> bool:
+    """`{"label": str, "score": number}`: one ranked label as /classify answers it."""
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("label"), str)
+        and isinstance(item.get("score"), int | float)
+    )
+
+
+def failure(error_type: object, message: object, status: int | None = None) -> dict[str, Any]:
+    """One image's outcome when it failed: `{"error": {"type", "message", "status"?}}`; what
+    another server sent as the type or message is taken as text, whatever it is."""
+    message = strip_image_index(str(message))
+    error: dict[str, Any] = {"type": printable(str(error_type)), "message": printable(message)}
     if status is not None:
         error["status"] = status
     return {"error": error}
@@ -438,6 +487,7 @@ class Classifier:
                 isinstance(results, list)
                 and len(results) == len(batch)
                 and all(isinstance(ranked, list) for ranked in results)
+                and all(is_label_score(item) for ranked in results for item in ranked)
             )
         except (ValueError, KeyError, TypeError):
             valid = False
@@ -465,6 +515,9 @@ def run(
     sendable: list[int] = []
     sizes: list[int] = []
     for index, source in enumerate(sources):
+        if source.unread is not None:
+            outcomes[index] = failure("unreadable_file", f"folder not listed: {source.unread}")
+            continue
         try:
             size = source.payload_size()
         except OSError as exc:
@@ -541,7 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
         "2 usage error, 130 interrupted.",
     )
     parser.add_argument(
-        "inputs", nargs="+", metavar="PATH_OR_URL", help="image files, folders or http(s) URLs"
+        "inputs",
+        nargs="+",
+        metavar="PATH_OR_URL",
+        help="image files, folders, http(s):// or s3:// URLs (the server fetches them), data: URIs",
     )
     parser.add_argument(
         "--labels",

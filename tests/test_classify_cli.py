@@ -105,9 +105,41 @@ def test_folder_images_are_sorted_filtered_and_recursive_only_when_asked(tmp_pat
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     flat = cli.folder_images(tmp_path, recursive=False)
-    assert [p.relative_to(tmp_path).as_posix() for p in flat] == ["a.JPG", "b.png"]
+    assert [s.path.relative_to(tmp_path).as_posix() for s in flat] == ["a.JPG", "b.png"]
     deep = cli.folder_images(tmp_path, recursive=True)
-    assert [p.relative_to(tmp_path).as_posix() for p in deep] == ["a.JPG", "b.png", "sub/c.webp"]
+    assert [s.path.relative_to(tmp_path).as_posix() for s in deep] == [
+        "a.JPG",
+        "b.png",
+        "sub/c.webp",
+    ]
+    assert deep[0] == cli.Source(name=str(tmp_path / "a.JPG"), path=tmp_path / "a.JPG")
+
+
+def test_a_subfolder_that_cannot_be_listed_fails_the_run_by_name(tmp_path, monkeypatch):
+    """os.walk skipped it silently and the run said every image was classified (exit 0). The
+    permission error is made here: as root (CI) a mode-000 folder is listed all the same."""
+    for name in ["a.png", "locked/b.png", "open/c.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    listing = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = cli.folder_images(tmp_path, recursive=True)
+    assert [s.name for s in found] == [str(tmp_path / n) for n in ["a.png", "locked", "open/c.png"]]
+    assert found[1].unread == "Permission denied"
+    server = ScriptedServer()
+    outcomes, stopped, _ = scripted_run(server, found)
+    assert stopped is None and "results" in outcomes[0] and "results" in outcomes[2]
+    assert outcomes[1]["error"] == {
+        "type": "unreadable_file",
+        "message": "folder not listed: Permission denied",
+    }
+    assert sum(map(len, server.requests)) == 2  # nothing of it is sent
 
 
 def test_a_named_pipe_in_a_folder_is_not_an_image(tmp_path):
@@ -116,7 +148,7 @@ def test_a_named_pipe_in_a_folder_is_not_an_image(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
     (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")  # reported as unreadable
-    found = [p.name for p in cli.folder_images(tmp_path, recursive=False)]
+    found = [s.path.name for s in cli.folder_images(tmp_path, recursive=False)]
     assert found == ["a.png", "gone.png", "link.png"]
 
 
@@ -146,6 +178,61 @@ def test_collect_sources_refuses_missing_paths_and_imageless_folders(tmp_path):
     with pytest.raises(cli.UsageError, match="no image files.*--recursive"):
         cli.collect_sources([str(tmp_path / "empty")])
     assert len(cli.collect_sources([str(tmp_path / "empty")], recursive=True)[0]) == 1
+
+
+def test_a_data_uri_or_an_s3_url_is_sent_as_it_is(tmp_path):
+    """The server takes both; a data: URI had been looked up as a file (a traceback for one
+    past 255 characters: File name too long), an s3:// URL refused as missing."""
+    data = "data:image/png;base64," + "A" * 400
+    sources, _ = cli.collect_sources([data, "s3://bucket/cat.jpg", "S3://b/k"])
+    assert [(s.url, s.path) for s in sources] == [
+        (data, None),
+        ("s3://bucket/cat.jpg", None),
+        ("S3://b/k", None),
+    ]
+
+
+def test_a_path_that_cannot_be_looked_at_is_a_usage_error_or_fails_alone(tmp_path, monkeypatch):
+    """Path.is_dir and is_file raise for a name too long and for a folder that cannot be
+    searched, which had ended the run in a traceback. The first is no such file (exit 2), the
+    second an unreadable file, reported with the rest."""
+    with pytest.raises(cli.UsageError, match="x{300}.jpg: no such file or folder"):
+        cli.collect_sources([str(tmp_path / ("x" * 300 + ".jpg"))])
+    looked_at = Path.stat
+
+    def stat(path, **kwargs):
+        if path.parent.name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return looked_at(path, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    locked = tmp_path / "locked" / "a.jpg"
+    sources, _ = cli.collect_sources([str(locked)])
+    assert sources == [cli.Source(name=str(locked), path=locked)]
+    outcomes, _, _ = scripted_run(ScriptedServer(), sources)
+    assert outcomes[0]["error"] == {"type": "unreadable_file", "message": "Permission denied"}
+
+
+def test_control_characters_in_names_and_messages_are_escaped(tmp_path):
+    """A newline in a file name had broken the table, and an escape sequence reached the
+    terminal (`\\x1b[2J` clears it)."""
+    odd = tmp_path / "a\nb\x1b[2J.png"
+    odd.write_bytes(b"x")
+    name = cli.shown_name(odd)
+    assert name.endswith("a\\x0ab\\x1b[2J.png") and name.isprintable()
+    failed = cli.failure("bad\x07type", "images[0]: line\nbreak")
+    assert failed == {"error": {"type": "bad\\x07type", "message": "line\\x0abreak"}}
+    assert cli.printable("café ✓") == "café ✓"
+
+
+def test_an_answer_whose_ranked_labels_are_not_label_scores_is_a_bad_answer():
+    """A 200 from some other server whose results held strings had crashed the table."""
+    odd = (200, {"model": "m", "results": [["cat"]]}, {})
+    outcomes, _, _ = scripted_run(ScriptedServer(odd), urls("a"))
+    assert outcomes[0]["error"]["type"] == "bad_answer"
+    refusal = {"error": {"type": "invalid_image", "message": {"nested": 1}, "index": 0}}
+    outcomes, _, _ = scripted_run(ScriptedServer((422, refusal, {})), urls("a", "b"))
+    assert outcomes[0]["error"]["message"] == "{'nested': 1}"  # had been a TypeError
 
 
 def test_strip_image_index_only_removes_the_leading_request_index():
