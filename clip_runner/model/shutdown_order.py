@@ -87,6 +87,24 @@ def hold_sigterm_while(alive: Callable[[], bool], limit_s: float = HOLD_LIMIT_S)
     signal.signal(signal.SIGTERM, hold)
 
 
+def keep_runner_sockets_until_the_workers_stop() -> None:
+    """Have this process's BentoML supervisor remove the runners' unix socket folder when it
+    exits, not when it begins to stop. BentoML's supervisor removed it first, then stopped the
+    workers: the runner, holding its SIGTERM (`hold_sigterm_while`), could no longer be reached
+    by a new connection, only by one opened before. An API worker opens one for a call after an
+    idle while (an image fetched for 7 s) and every 8th call with several runners (a GPU's
+    default), so a request in flight at `docker stop` got a 503 `runner_unavailable` (1 or 2 of
+    6, 2 runners). The supervisor still removes the folder (and ends BentoML's usage tracking,
+    the other thing it held for the stop) at its exit; a supervisor killed did neither before."""
+    from bentoml._internal.utils import circus as bentoml_circus
+
+    def stop(arbiter: bentoml_circus.Arbiter) -> object:
+        atexit.register(arbiter.exit_stack.close)
+        return bentoml_circus._Arbiter.stop(arbiter)  # circus's own: the workers, then the loop
+
+    bentoml_circus.Arbiter.stop = stop  # type: ignore[method-assign]
+
+
 # The exit status of a server a worker stopped (EX_CONFIG of sysexits.h: its model or settings
 # cannot serve). Stopped by SIGTERM, as by `docker stop`, it had exited 0: `make serve && ...`,
 # a container's restart policy or a CI job saw a success.

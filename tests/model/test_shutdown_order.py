@@ -7,8 +7,10 @@ import json
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -76,12 +78,16 @@ def test_a_request_in_flight_when_the_server_is_stopped_is_answered(
     runner had exited with the API workers, and the request got a 503 `runner_unavailable`
     from a server that then exited with status 0. A client that had left before the stop (a
     closed browser tab, a caller's timeout) held the stop for BentoML's 70-s traffic timeout,
-    past `docker stop`'s 10 s: its request was never answered, so BentoML kept waiting."""
+    past `docker stop`'s 10 s: its request was never answered, so BentoML kept waiting. And the
+    supervisor removed the runner's socket at once: a call that needed a new connection (the
+    fetch past 7 s, the idle ones closed meanwhile) found no runner, a 503 again."""
     encode_path = image_dir / "shutdown-order.png"
     encode_path.write_bytes(encode(photo_like(64, 48, seed=5)))
-    slow_url = f"{image_server}/slow?s=3&to=/shutdown-order.png"
+    slow_url = f"{image_server}/slow?s=8&to=/shutdown-order.png"
     body = {"images": [slow_url, as_base64(photo_like(40, 30, seed=6))], "classes": [["cat", 1]]}
+    before = set(Path(tempfile.gettempdir()).glob("bentoml-uds-*"))
     with serve_tiny(tiny_stored_model, bentoml_home, tmp_path_factory, "stopped") as server:
+        runner_sockets = set(Path(tempfile.gettempdir()).glob("bentoml-uds-*")) - before
         answer: list[httpx.Response] = []
         caller = threading.Thread(
             target=lambda: answer.append(
@@ -104,3 +110,4 @@ def test_a_request_in_flight_when_the_server_is_stopped_is_answered(
         assert len(answer[0].json()) == 2
         assert server.process.wait(timeout=60) == 0
         assert time.monotonic() - stopped_at < 10  # docker stop's default grace
+        assert runner_sockets and not any(path.exists() for path in runner_sockets)  # at exit
