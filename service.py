@@ -19,7 +19,7 @@ import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 
 from clip_runner.answers.direct_runner import DirectRunnerClient, calls_per_connection
 from clip_runner.answers.embedding_format import EncodingFormat
@@ -79,6 +79,7 @@ from clip_runner.web.header_limits import HeaderLimits, bound_request_headers
 from clip_runner.web.http_spans import one_span_per_request
 from clip_runner.web.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
 from clip_runner.web.raw_images import RawImageBodyMiddleware
+from clip_runner.web.readyz import ReadyzMiddleware
 from clip_runner.web.route_metrics import count_routed_requests_only
 from clip_runner.web.schemas import (
     ClassifyResponse,
@@ -578,6 +579,7 @@ one_span_per_request()  # before BentoML builds the app: no per-message spans
 count_routed_requests_only()  # ... and no metric series per made-up path
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
 ClipService.add_asgi_middleware(TrailingSlashMiddleware)
+ClipService.add_asgi_middleware(ReadyzMiddleware, answer=request_response(ping))
 ClipService.add_asgi_middleware(
     ConnectionRecyclingMiddleware, every=settings.answers_per_connection
 )

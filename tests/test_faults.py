@@ -74,11 +74,18 @@ def test_overload_is_refused_fast_and_stuck_requests_fail_cleanly(fragile):
 
         stuck, extra, ping = asyncio.run(scenario())
         wait_for_ping(fragile.url, 503, within_s=5)  # the frozen runner is reported
+        # ... by /readyz too: BentoML's had hung for its traffic timeout (here 20 s), then
+        # answered a text/plain 500
+        asked = time.monotonic()
+        ready = httpx.get(f"{fragile.url}/readyz", timeout=30)
+        readyz_s = time.monotonic() - asked
     finally:
         os.kill(runner.pid, signal.SIGCONT)
     assert extra.status_code == 429 and extra.json()["error"]["type"] == "too_many_requests"
     assert extra.headers["retry-after"] == "1"  # refused while the 3 slots are taken
     assert ping.status_code in (200, 503)  # /ping is exempt from the concurrency cap
+    assert ready.status_code == 503 and ready.json()["error"]["type"] == "not_ready"
+    assert readyz_s < 3
     for response in stuck:  # two 2 s attempts at the frozen runner, then a clear 503
         assert response.status_code == 503, response.text
         error = response.json()["error"]
