@@ -78,6 +78,7 @@ from clip_runner.web.error_responses import (
 from clip_runner.web.header_limits import HeaderLimits, bound_request_headers
 from clip_runner.web.http_spans import one_span_per_request
 from clip_runner.web.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
+from clip_runner.web.openapi_document import SCHEMAS, OpenApiDocumentMiddleware, served_document
 from clip_runner.web.raw_images import RawImageBodyMiddleware
 from clip_runner.web.readyz import ReadyzMiddleware
 from clip_runner.web.route_metrics import count_routed_requests_only
@@ -569,6 +570,19 @@ def refuse_unknown_fields(*apis: str) -> None:
 
 
 refuse_unknown_fields("classify", "embed_images", "embed_texts")
+
+
+def openapi_document() -> dict[str, Any]:
+    """/docs.json: BentoML's document of the service, corrected (openapi_document.py)."""
+    input_schemas = {
+        f"/{name}": api.input_spec.model_json_schema(ref_template=SCHEMAS + "{model}")
+        for name, api in ClipService.apis.items()
+    }
+    return served_document(
+        ClipService.openapi_spec.asdict(), input_schemas, api_key=settings.api_key is not None
+    )
+
+
 DIRECT_ROUTES = {
     "/invocations": direct_route("invocations", "invocation_answer"),
     "/classify": direct_route("classify", "classify_answer"),
@@ -580,6 +594,7 @@ count_routed_requests_only()  # ... and no metric series per made-up path
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
 ClipService.add_asgi_middleware(TrailingSlashMiddleware)
 ClipService.add_asgi_middleware(ReadyzMiddleware, answer=request_response(ping))
+ClipService.add_asgi_middleware(OpenApiDocumentMiddleware, document=openapi_document)
 ClipService.add_asgi_middleware(
     ConnectionRecyclingMiddleware, every=settings.answers_per_connection
 )

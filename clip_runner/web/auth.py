@@ -2,9 +2,12 @@
 
 Off unless `CLIP_API_KEY` is set: SageMaker endpoints are protected by IAM, and SageMaker's own
 `/ping` carries no credentials. When it is on, `/ping`, `/livez`, `/readyz` and `/metrics` stay
-open (orchestrators and Prometheus probe them), and so does `/ui`, the demo page: a browser
-cannot attach a header to a page it navigates to, and the page is a static file with nothing
-secret in it; its API calls carry the key the user types into it. Everything else answers 401
+open (orchestrators and Prometheus probe them), and so do `/ui`, the demo page, and the API's
+documentation (`/`, Swagger UI, its files under `/static_content/`, and `/docs.json`): a browser
+cannot attach a header to a page it navigates to, and they are static, with nothing secret in
+them; the demo page's API calls carry the key the user types into it, and Swagger UI's those
+its Authorize button was given (the document declares the Bearer scheme). Everything else
+answers 401
 in the JSON error shape until the key matches. The check runs before the body is read, so
 callers without the key cost neither a body buffer nor an admission slot (what they send of a
 body is read and dropped, within bounds, so that the answer reaches them: traffic.py).
@@ -19,7 +22,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from clip_runner.web.traffic import refuse_unread
 
 # "/ui/" too, so that a browser there is sent on to "/ui" (trailing_slash.py).
-OPEN_PATHS = frozenset({"/ping", "/livez", "/readyz", "/metrics", "/ui", "/ui/"})
+OPEN_PATHS = frozenset({"/ping", "/livez", "/readyz", "/metrics", "/ui", "/ui/", "/", "/docs.json"})
+# Swagger UI's scripts and styles, which BentoML serves.
+OPEN_PREFIX = "/static_content/"
 
 
 def bearer_token(authorization: bytes) -> bytes | None:
@@ -44,7 +49,12 @@ class ApiKeyMiddleware:
         self.key = key.encode() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.key is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if (
+            self.key is None
+            or scope["type"] != "http"
+            or scope["path"] in OPEN_PATHS
+            or scope["path"].startswith(OPEN_PREFIX)
+        ):
             await self.app(scope, receive, send)
             return
         authorization = next(

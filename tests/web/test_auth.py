@@ -29,11 +29,19 @@ PROTECTED = [
     ("POST", "/classify", {"images": [IMAGE], "labels": ["cat", "dog"]}),
     ("POST", "/embed_images", {"images": [IMAGE]}),
     ("POST", "/embed_texts", {"texts": ["a cat"]}),
-    ("GET", "/docs.json", None),
     ("GET", "/schema.json", None),  # what the BentoML client reads first
-    ("GET", "/", None),
 ]
-OPEN = ["/ping", "/livez", "/readyz", "/metrics", "/ui"]
+# The health checks, the demo page, and the API's documentation (Swagger UI and its files).
+OPEN = [
+    "/ping",
+    "/livez",
+    "/readyz",
+    "/metrics",
+    "/ui",
+    "/",
+    "/docs.json",
+    "/static_content/swagger-ui-bundle.js",
+]
 
 
 @pytest.mark.parametrize(
@@ -93,7 +101,7 @@ def test_every_api_route_needs_the_key(guarded, method, path, body):
 
 
 @pytest.mark.parametrize("path", OPEN)
-def test_health_metrics_and_the_demo_page_need_no_key(guarded, path):
+def test_health_metrics_the_demo_page_and_the_docs_need_no_key(guarded, path):
     assert httpx.get(f"{guarded.url}{path}", timeout=10).status_code == 200
 
 
