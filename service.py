@@ -78,7 +78,7 @@ from clip_runner.web.error_responses import (
 from clip_runner.web.header_limits import HeaderLimits, bound_request_headers
 from clip_runner.web.http_spans import one_span_per_request
 from clip_runner.web.jsonlines import InvocationLine, JsonLinesMiddleware, execution_parameters
-from clip_runner.web.openapi_document import SCHEMAS, OpenApiDocumentMiddleware, served_document
+from clip_runner.web.openapi_document import SCHEMAS, ApiDocumentationMiddleware, served_document
 from clip_runner.web.raw_images import RawImageBodyMiddleware
 from clip_runner.web.readyz import ReadyzMiddleware
 from clip_runner.web.route_metrics import count_routed_requests_only
@@ -594,7 +594,7 @@ count_routed_requests_only()  # ... and no metric series per made-up path
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
 ClipService.add_asgi_middleware(TrailingSlashMiddleware)
 ClipService.add_asgi_middleware(ReadyzMiddleware, answer=request_response(ping))
-ClipService.add_asgi_middleware(OpenApiDocumentMiddleware, document=openapi_document)
+ClipService.add_asgi_middleware(ApiDocumentationMiddleware, document=openapi_document)
 ClipService.add_asgi_middleware(
     ConnectionRecyclingMiddleware, every=settings.answers_per_connection
 )

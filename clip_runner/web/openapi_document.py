@@ -15,8 +15,8 @@ and was misled:
   title and text were BentoML's own (with badges loaded from other sites).
 
 `served_document` is a pure function of BentoML's document and the APIs' input schemas
-(pydantic's own, with every branch); `OpenApiDocumentMiddleware` answers `GET /docs.json` with
-it, built once per worker on the first request.
+(pydantic's own, with every branch); `ApiDocumentationMiddleware` answers `GET /docs.json` with
+it, built once per worker on the first request, and `GET /` with Swagger UI's page.
 """
 
 from __future__ import annotations
@@ -25,12 +25,17 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from starlette.responses import HTMLResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clip_runner.answers.hf_toolkit import CUSTOM_ATTRIBUTES_HEADER
+from clip_runner.web.ui import page_headers, page_html
 
 OPENAPI_VERSION = "3.0.3"
 DOCUMENT_PATH = "/docs.json"
+PAGE = "docs.html"
+# Swagger UI's script and style files (which BentoML serves) and the styles it sets inline.
+PAGE_SOURCES = ("'self'", "'self' 'unsafe-inline'")
 SCHEMAS = "#/components/schemas/"
 ERROR_REF = {"$ref": SCHEMAS + "Error"}
 # The JSON error every 4xx/5xx answers with (clip_runner/errors.py).
@@ -270,8 +275,10 @@ def served_document(
     return document
 
 
-class OpenApiDocumentMiddleware:
-    """Answers `GET /docs.json` with `document()` (built on the first request, then kept)."""
+class ApiDocumentationMiddleware:
+    """Answers `GET /docs.json` with `document()` (built on the first request, then kept),
+    and `GET /` with Swagger UI's page for it (`docs.html`, this project's: BentoML's loaded
+    Google Tag Manager, and Swagger UI's default sent the document's address to swagger.io)."""
 
     def __init__(self, app: ASGIApp, document: Callable[[], dict[str, Any]]) -> None:
         self.app = app
@@ -279,19 +286,15 @@ class OpenApiDocumentMiddleware:
         self.body: bytes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] != DOCUMENT_PATH
-            or scope["method"] not in ("GET", "HEAD")
-        ):
+        path = scope.get("path")
+        asked = scope["type"] == "http" and scope["method"] in ("GET", "HEAD")
+        if not asked or path not in (DOCUMENT_PATH, "/"):
             await self.app(scope, receive, send)
+            return
+        if path == "/":
+            page = HTMLResponse(page_html(PAGE), headers=page_headers(PAGE, *PAGE_SOURCES))
+            await page(scope, receive, send)
             return
         if self.body is None:
             self.body = json.dumps(self.document()).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", b"%d" % len(self.body)),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        body = b"" if scope["method"] == "HEAD" else self.body
-        await send({"type": "http.response.body", "body": body})
+        await Response(self.body, media_type="application/json")(scope, receive, send)

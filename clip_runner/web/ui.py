@@ -1,9 +1,9 @@
 """The demo page at `/ui`: one static HTML file (no build step) that calls `/classify`.
 
-It is sent with a Content-Security-Policy that allows its own inline script and style (by their
-hashes, so an edit of the page needs no edit here), calls to this server only, previews from
-files (`blob:`, `data:`) and image URLs, and no framing by another site: the page has a field
-for the API key.
+It (and the API documentation's page, `docs.html`) is sent with a Content-Security-Policy
+that allows its own inline script and style (by their hashes, so an edit of the page needs no
+edit here), calls to this server only, previews from files (`blob:`, `data:`) and image URLs,
+and no framing by another site: the page has a field for the API key.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ PAGE = Path(__file__).with_name("ui.html")
 
 
 @functools.cache
-def page_html() -> str:
-    return PAGE.read_text(encoding="utf-8")
+def page_html(name: str = "ui.html") -> str:
+    """One of this folder's static pages (the demo page, the API documentation's)."""
+    return PAGE.with_name(name).read_text(encoding="utf-8")
 
 
 def inline_hashes(html: str, tag: str) -> list[str]:
@@ -35,13 +36,15 @@ def inline_hashes(html: str, tag: str) -> list[str]:
 
 
 @functools.cache
-def page_headers() -> dict[str, str]:
-    html = page_html()
+def page_headers(name: str = "ui.html", scripts: str = "", styles: str = "") -> dict[str, str]:
+    """The headers a static page is sent with: a policy allowing its own inline scripts and
+    styles (and the sources `scripts` and `styles` name besides), calls to this server only."""
+    html = page_html(name)
     policy = "; ".join(
         [
             "default-src 'none'",
-            "script-src " + " ".join(inline_hashes(html, "script")),
-            "style-src " + " ".join(inline_hashes(html, "style")),
+            " ".join(filter(None, ["script-src", scripts, *inline_hashes(html, "script")])),
+            " ".join(filter(None, ["style-src", styles, *inline_hashes(html, "style")])),
             "connect-src 'self'",
             "img-src 'self' blob: data: http: https:",
             "base-uri 'none'",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -185,3 +186,40 @@ def test_with_an_api_key_the_document_is_open_and_declares_the_bearer_scheme(gua
     body = {"images": [IMAGE], "labels": ["cat"]}
     keyed = httpx.post(f"{guarded.url}/classify", json=body, headers=GUARD_AUTH, timeout=30)
     assert_declared(document, "POST", "/classify", keyed)
+
+
+def test_swagger_ui_renders_the_document_and_reaches_nothing_else(browser, served):
+    """BentoML's page loaded Google Tag Manager, and Swagger UI's default sends the document's
+    address to swagger.io for a validator badge. The page, under its Content-Security-Policy,
+    shows every route and the seed's example, and asks nothing of any other host."""
+    context = browser.new_context()
+    outside: list[str] = []
+    blocked: list[str] = []
+
+    def only_loopback(route) -> None:
+        if urlsplit(route.request.url).hostname == "127.0.0.1" or route.request.url.startswith(
+            "data:"
+        ):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_loopback)
+    page = context.new_page()
+    page.on("console", lambda m: blocked.append(m.text) if "Security Policy" in m.text else None)
+    response = page.goto(f"{served.url}/")
+    assert response is not None and response.status == 200
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    routes = {
+        "POST": ["/invocations", "/classify", "/embed_images", "/embed_texts"],
+        "GET": ["/ping"],
+    }
+    for method, paths in routes.items():
+        for path in paths:
+            operation = page.get_by_role("button", name=f"{method} {path}", exact=True)
+            operation.wait_for(timeout=30_000)
+    page.get_by_role("button", name="POST /invocations", exact=True).click()
+    page.get_by_text('"person with a bag"').first.wait_for(timeout=30_000)  # the seed example
+    context.close()
+    assert outside == [] and blocked == []

@@ -36,7 +36,6 @@ from tests.helpers import (
     photo_like,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 LOCAL_HOSTS = {"127.0.0.1", PUBLIC_HOST}
 TYPED_LABELS = ["a red car", "a forest", "a bowl of soup", "a person"]
 
@@ -52,35 +51,6 @@ PREVIEW_LOADED_JS = """() => {
     const img = document.getElementById('preview');
     return !img.hidden && img.complete && img.naturalWidth > 0;
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as error:
-        pytest.fail(
-            f"playwright is not importable ({error}); `make test` installs it from "
-            "requirements-dev.txt",
-            pytrace=False,
-        )
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install -y chromium`; "
-            "`make test` does this when run as root)",
-            pytrace=False,
-        )
-    with sync_playwright() as playwright:
-        # --no-sandbox: Chromium refuses to start its sandbox as root (CI machines, containers).
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=["--no-sandbox", "--disable-dev-shm-usage"],
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @contextmanager
