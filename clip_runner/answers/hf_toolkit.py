@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from clip_runner.answers.prompts import check_template
+from clip_runner.answers.prompts import automatic_slots, check_template
 from clip_runner.config import get_settings
 from clip_runner.errors import RequestError, quoted
 
@@ -69,13 +69,20 @@ def pipeline_template(template: Any) -> str:
     `/classify`'s rules (prompts.check_template): a slot with a format spec, a conversion or a
     lookup is refused rather than evaluated on caller text (`{0.x}` raised where no 4xx was made:
     a 500, and a JSON Lines mini-batch left unanswered); so is an empty template (it had become
-    the default unasked) and one without a slot."""
+    the default unasked), one without a slot, and one of two `{}` slots, which the pipeline
+    cannot fill either."""
     if not isinstance(template, str):
         raise _invalid("parameters.hypothesis_template: must be a string")
     try:
-        return check_template(template)
+        check_template(template)
     except ValueError as exc:
         raise _invalid(f"parameters.hypothesis_template: {exc}") from None
+    if (slots := automatic_slots(template)) > 1:  # /classify fills each; the pipeline fails
+        raise _invalid(
+            f"parameters.hypothesis_template: {slots} {{}} slots, which the pipeline cannot fill "
+            "(str.format with one label raises at the second); write {0} for each"
+        )
+    return template
 
 
 def parse_zero_shot_request(inputs: Any, parameters: Any) -> ZeroShotRequest:

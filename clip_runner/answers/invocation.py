@@ -26,6 +26,7 @@ from clip_runner.answers.prompts import (
     ranked_labels,
 )
 from clip_runner.answers.zero_shot import build_prompts, predict, zero_shot_probabilities
+from clip_runner.config import DEFAULT_TEMPLATE
 from clip_runner.errors import ImageError, RequestError
 from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
 from clip_runner.model.embedding_cache import EmbeddingCache, first_misses, with_cached
@@ -83,6 +84,12 @@ TOKENIZE_ON_THE_LOOP = 256
 def class_name_field(index: int) -> str:
     """Where `/invocations`' prompt `index` came from: its class's name."""
     return f"classes[{index}][0]"
+
+
+def class_and_template_field(index: int) -> str:
+    """... where the caller sent its own template: the class's name with it (the name alone
+    had been blamed for a long template, as /classify's labels had been)."""
+    return f"{class_name_field(index)} with template"
 
 
 def checked_token_ids(
@@ -310,9 +317,10 @@ async def invoke(
     """The original container's answer for one request: one prediction per image, in order."""
     names = [name for name, _ in classes]
     flags = [flag for _, flag in classes]
-    check_prompt_sizes(context, names, [template], class_name_field)
+    locate = class_name_field if template == DEFAULT_TEMPLATE else class_and_template_field
+    check_prompt_sizes(context, names, [template], locate)
     prompts = build_prompts(names, template)
-    plan = await plan_prompts(context, prompts, class_name_field)
+    plan = await plan_prompts(context, prompts, locate)
     image, text = await images_and_texts(context, images, text_embeddings(context, plan))
     probabilities = zero_shot_probabilities(image, text, context.facts.logit_scale)
     return [predict(row, names, flags, top_k) for row in probabilities]

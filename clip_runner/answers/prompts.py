@@ -66,6 +66,12 @@ def check_template(template: str) -> str:
     return template
 
 
+def automatic_slots(template: str) -> int:
+    """How many automatically numbered slots (`{}`, `{!s}`) `template` holds: `str.format`
+    with one argument fills the first and raises IndexError at the second."""
+    return sum(field == "" for _, field, _, _ in _parsed(template) or [])
+
+
 @functools.lru_cache(maxsize=4096)
 def _literals(template: str) -> tuple[str, ...]:
     """The text around a template's label slots: the prompt is the label joined between them.

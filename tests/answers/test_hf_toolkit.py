@@ -61,10 +61,16 @@ def test_the_originals_name_slot_is_taken_in_the_toolkit_shape_too():
         # evaluated on the label by str.format (an attribute lookup on caller text raised
         # AttributeError: a 500), or a prompt this server would not build alike
         *("{0.x}", "{0[x]}", "{0[0]}", "{:>10}", "{0!r}", "{!a}"),
+        # two automatic slots: str.format(label) raises IndexError at the second (the toolkit's
+        # container failed); they had been answered, the label in each
+        *("a {} or a {}", "{} {} {}", "a {} {!s}"),
     ],
 )
 def test_templates_the_pipeline_could_not_fill_or_fills_without_the_label_are_refused(template):
     """An empty one among them: it had been replaced by the default unasked."""
+    if isinstance(template, str) and template.count("{}") + template.count("{!s}") > 1:
+        with pytest.raises(IndexError):
+            template.format("a")  # what the pipeline does with it
     with pytest.raises(RequestError) as raised:
         parse_zero_shot_request("x", {"candidate_labels": ["a"], "hypothesis_template": template})
     assert raised.value.status == 422

@@ -96,6 +96,10 @@ def test_repeated_class_lists_are_encoded_once(tiny_clip, counting):
     first, second = run_invoke(tiny_clip, counting, [as_base64(photo_like(50, 50, 1))], classes)
     assert first == second
     assert counting.token_calls == [tokenized(tiny_clip, ["a photo of a cat", "a photo of a dog"])]
+    # the class named twice gets the one probability, its first place first (request order)
+    indices, _, probabilities = first[0]["prompts"]
+    where = {index: place for place, index in enumerate(indices)}
+    assert probabilities[where[0]] == probabilities[where[2]] and where[0] < where[2]
 
 
 def test_template_and_top_k_overrides(tiny_clip, counting):
@@ -176,6 +180,24 @@ def test_the_length_check_stops_at_the_first_prompt_over_the_token_limit(tiny_cl
     with pytest.raises(RequestError, match=r"^labels\[0\]: the prompt is \d+ tokens long"):
         asyncio.run(classify(context, [], labels, ["a {}"], None))
     assert tokenized_counts == [LENGTH_CHECK_SLICE]
+
+
+@pytest.mark.parametrize(
+    ("name", "template", "blamed"),
+    [
+        ("very " * 80 + "long", "a photo of a {name}", "classes[0][0]"),  # the default's
+        ("cat", "z " * 80 + "{name}", "classes[0][0] with template"),  # the caller's own
+    ],
+)
+def test_an_over_long_prompt_names_the_template_where_the_caller_sent_one(
+    tiny_clip, counting, name, template, blamed
+):
+    """A long template had been blamed on the first class alone."""
+    context = recording_context(tiny_clip, counting, [])
+    with pytest.raises(RequestError) as raised:
+        asyncio.run(invoke(context, [], [(name, True)], template, 3))
+    assert raised.value.status == 422
+    assert raised.value.message.startswith(f"{blamed}: the prompt is ")
 
 
 @pytest.mark.parametrize(("labels", "on_a_thread"), [(10, False), (300, True)])
