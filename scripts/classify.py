@@ -311,6 +311,18 @@ def is_label_score(item: object) -> bool:
     )
 
 
+def too_many_images(status: int, error: dict[str, Any]) -> bool:
+    """A 422 about the request's image list itself (no image's `index`): its length, over the
+    server's CLIP_MAX_IMAGES_PER_REQUEST."""
+    message = error.get("message")
+    return (
+        status == 422
+        and error.get("index") is None
+        and isinstance(message, str)
+        and message.startswith("images: ")
+    )
+
+
 def failure(error_type: object, message: object, status: int | None = None) -> dict[str, Any]:
     """One image's outcome when it failed: `{"error": {"type", "message", "status"?}}`; what
     another server sent as the type or message is taken as text, whatever it is."""
@@ -438,6 +450,8 @@ class Classifier:
         A 422 naming one image fails only that image: the others are sent again without it (the
         server names the first bad image only, so this repeats until the rest succeed). A 413
         halves the batch (the server's limit may be lower than ours); a lone image gets the 413.
+        So does a 422 about the request's `images` as a whole: a server whose
+        CLIP_MAX_IMAGES_PER_REQUEST is under the batch size (it had stopped the run).
         """
         pending: list[list[tuple[int, str]]] = []
         readable: list[tuple[int, str]] = []
@@ -465,7 +479,7 @@ class Classifier:
                 rest = batch[:bad] + batch[bad + 1 :]
                 if rest:
                     pending.insert(0, rest)
-            elif status == 413 and len(batch) > 1:
+            elif len(batch) > 1 and (status == 413 or too_many_images(status, error)):
                 half = len(batch) // 2
                 pending[:0] = [batch[:half], batch[half:]]
             elif status in BATCH_FAILURES or status >= 500:

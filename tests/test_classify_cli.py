@@ -334,6 +334,22 @@ def test_busy_answers_are_retried_after_retry_after():
     assert len(server.requests) == 3
 
 
+def test_a_server_taking_fewer_images_per_request_gets_halves():
+    """A server whose CLIP_MAX_IMAGES_PER_REQUEST is under the batch size had stopped the run
+    (exit 2); its 422 about the image list now halves the batch, as a 413 does."""
+    fewer = {
+        "error": {
+            "type": "invalid_request",
+            "message": "images: List should have at most 2 items after validation, not 4",
+        }
+    }
+    server = ScriptedServer((422, fewer, {}))
+    outcomes, stopped, _ = scripted_run(server, urls("a", "b", "c", "d"), batch_size=4)
+    assert stopped is None
+    assert [classified_as(o) for o in outcomes] == [f"http://127.0.0.2/{n}" for n in "abcd"]
+    assert [len(images) for images in server.requests] == [4, 2, 2]
+
+
 def test_busy_until_retries_run_out_fails_that_batch_only():
     busy = (503, {"error": {"type": "overloaded", "message": "queue full"}}, {})
     server = ScriptedServer(busy, busy, busy)
