@@ -19,7 +19,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from clip_runner.web.traffic import refuse_unread
+from clip_runner.web.traffic import Refusal, refuse_unread
 
 # "/ui/" too, so that a browser there is sent on to "/ui" (trailing_slash.py).
 OPEN_PATHS = frozenset({"/ping", "/livez", "/readyz", "/metrics", "/ui", "/ui/", "/", "/docs.json"})
@@ -64,13 +64,11 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         reason = "is missing" if not authorization else "does not carry the API key"
-        await refuse_unread(
-            scope,
-            receive,
-            send,
+        refusal = Refusal(
             401,
             "unauthorized",
             f"the Authorization header {reason}: send 'Authorization: Bearer <key>' "
             "(the server's CLIP_API_KEY)",
             [(b"www-authenticate", b'Bearer realm="clip"')],
         )
+        await refuse_unread(scope, receive, send, refusal)

@@ -167,18 +167,11 @@ class Refusal(NamedTuple):
     extra_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
 
 
-async def refuse_unread(
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    status: int,
-    error_type: str,
-    message: str,
-    extra_headers: Iterable[tuple[bytes, bytes]] = (),
-) -> None:
-    """A refusal of a request whose body was not (all) read: the body dropped within bounds
+async def refuse_unread(scope: Scope, receive: Receive, send: Send, refusal: Refusal) -> None:
+    """`refusal` of a request whose body was not (all) read: the body dropped within bounds
     (drop_unread_body), then the JSON error, and the connection closed."""
     await drop_unread_body(scope, receive)
+    status, error_type, message, extra_headers = refusal
     await send_error(send, status, error_type, message, [*extra_headers, CLOSE])
 
 
@@ -267,7 +260,7 @@ class RequestGuardMiddleware:
             await self.app(scope, receive, send)
             return
         if refusal := self._refusal_by_headers(scope):
-            await refuse_unread(scope, receive, send, *refusal)
+            await refuse_unread(scope, receive, send, refusal)
             return
         try:
             body = await self._read_body(receive)
@@ -278,7 +271,7 @@ class RequestGuardMiddleware:
                     await send_error(send, 400, "malformed_json", message)
                     return
         except _TooLarge:
-            await refuse_unread(scope, receive, send, *self._too_large(None))
+            await refuse_unread(scope, receive, send, self._too_large(None))
             return
         except _BodyTimeout as timeout:
             await self._body_timeout(send, timeout.evicted_because)
