@@ -593,12 +593,13 @@ one_span_per_request()  # before BentoML builds the app: no per-message spans
 count_routed_requests_only()  # ... and no metric series per made-up path
 ClipService.add_asgi_middleware(JSONErrorMiddleware)
 ClipService.add_asgi_middleware(TrailingSlashMiddleware)
-ClipService.add_asgi_middleware(ReadyzMiddleware, answer=request_response(ping))
-ClipService.add_asgi_middleware(ApiDocumentationMiddleware, document=openapi_document)
 ClipService.add_asgi_middleware(
     ConnectionRecyclingMiddleware, every=settings.answers_per_connection
 )
-ClipService.add_asgi_middleware(ApiKeyMiddleware, key=settings.api_key)  # before any body is read
+# Before any body is read; a refused one is dropped within the body deadline (traffic.py).
+ClipService.add_asgi_middleware(
+    ApiKeyMiddleware, key=settings.api_key, body_timeout_s=settings.body_timeout_s
+)
 ClipService.add_asgi_middleware(
     RequestGuardMiddleware,
     max_concurrency=settings.max_concurrency,
@@ -610,6 +611,9 @@ ClipService.add_asgi_middleware(
     max_waiting_bodies=settings.max_waiting_bodies,
     max_waiting_body_bytes=settings.max_waiting_body_bytes,
 )
+# Inside the guard: a body sent to them is read under its deadline, as to any route.
+ClipService.add_asgi_middleware(ReadyzMiddleware, answer=request_response(ping))
+ClipService.add_asgi_middleware(ApiDocumentationMiddleware, document=openapi_document)
 ClipService.add_asgi_middleware(
     RawImageBodyMiddleware, path="/invocations", max_image_bytes=settings.max_image_bytes
 )

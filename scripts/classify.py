@@ -54,7 +54,10 @@ MAX_RETRY_WAIT_S = 30.0
 TABLE_NAME_WIDTH = 60  # longer names push their own row out instead of widening every row
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 INTERRUPTED = "interrupted (Ctrl-C)"
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 controls, and the bidirectional ones, which can make a name print as another.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# A data: URI's row is named by its start and length, not the whole image.
+DATA_URI_NAME_CHARS = 40
 
 
 class UsageError(Exception):
@@ -88,8 +91,14 @@ def shown_name(path: str | Path) -> str:
 
 
 def printable(text: str) -> str:
-    """`text` with its control characters escaped (`\\x1b`), as the output prints it."""
-    return CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+    """`text` with its control characters escaped (`\\x1b`, `\\u202e`), as the output prints
+    it."""
+    return CONTROL_CHARACTERS.sub(escaped, text)
+
+
+def escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 @dataclass(frozen=True)
@@ -126,8 +135,9 @@ def base64_length(n_bytes: int) -> int:
 
 def is_url(argument: str) -> bool:
     """An image the server reads itself, sent as it is: an http(s) or s3:// URL (the server
-    fetches it, where it may), or a data: URI (the image inline)."""
-    return re.match(r"(?i)(https?://|s3://|data:)", argument) is not None
+    fetches it, where it may), or a data: URI (the image inline, after a comma: a file named
+    `data:cat.png` is a file)."""
+    return re.match(r"(?i)(https?://|s3://|data:[^,]*,)", argument) is not None
 
 
 def parse_labels(values: Sequence[str]) -> list[str]:
@@ -199,7 +209,10 @@ def collect_sources(arguments: Sequence[str], recursive: bool = False) -> tuple[
     folder_given = False
     for argument in arguments:
         if is_url(argument):
-            sources.append(Source(name=shown_name(argument), url=argument))
+            name = argument
+            if argument[:5].lower() == "data:" and len(argument) > DATA_URI_NAME_CHARS:
+                name = f"{argument[:DATA_URI_NAME_CHARS]}... ({len(argument)} characters)"
+            sources.append(Source(name=shown_name(name), url=argument))
             continue
         path = Path(argument)
         kind = path_kind(path)

@@ -190,6 +190,15 @@ def test_a_data_uri_or_an_s3_url_is_sent_as_it_is(tmp_path):
         ("s3://bucket/cat.jpg", None),
         ("S3://b/k", None),
     ]
+    assert sources[0].name == "data:image/png;base64,AAAAAAAAAAAAAAAAAA... (422 characters)"
+
+
+def test_a_file_named_like_a_data_uri_is_a_file(tmp_path, monkeypatch):
+    """A data: URI has a comma; `data:cat.png` had been sent as a malformed one."""
+    monkeypatch.chdir(tmp_path)
+    Path("data:cat.png").write_bytes(b"x")
+    sources, _ = cli.collect_sources(["data:cat.png"])
+    assert sources == [cli.Source(name="data:cat.png", path=Path("data:cat.png"))]
 
 
 def test_a_path_that_cannot_be_looked_at_is_a_usage_error_or_fails_alone(tmp_path, monkeypatch):
@@ -223,6 +232,8 @@ def test_control_characters_in_names_and_messages_are_escaped(tmp_path):
     failed = cli.failure("bad\x07type", "images[0]: line\nbreak")
     assert failed == {"error": {"type": "bad\\x07type", "message": "line\\x0abreak"}}
     assert cli.printable("café ✓") == "café ✓"
+    # a right-to-left override prints "cat\u202egnp.exe" as "catexe.png"
+    assert cli.printable("cat\u202egnp.exe") == "cat\\u202egnp.exe"
 
 
 def test_an_answer_whose_ranked_labels_are_not_label_scores_is_a_bad_answer():

@@ -20,7 +20,8 @@ def image_signature(head: bytes) -> str | None:
     """The accepted format whose signature `head` (a body's first bytes) starts with, as
     ACCEPTED_FORMATS names it; None for any other bytes. No JSON text starts with one (JSON
     starts with whitespace, `{`, `[`, `"`, a digit, `-`, `t`, `f` or `n`), so a body that
-    does is an image sent as JSON."""
+    does is an image sent as JSON. AVIF's brand sits after its box's size, whose first bytes
+    are zero (the box is small): `{"aaftypavif": 1}` is JSON, not an AVIF."""
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -29,7 +30,7 @@ def image_signature(head: bytes) -> str | None:
         return "GIF"
     if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
         return "WEBP"
-    if head[4:12] in (b"ftypavif", b"ftypavis"):
+    if head.startswith(b"\x00\x00") and head[4:12] in (b"ftypavif", b"ftypavis"):
         return "AVIF"
     if head.startswith((b"II*\x00", b"MM\x00*")):
         return "TIFF"

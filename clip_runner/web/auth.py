@@ -44,9 +44,10 @@ def key_matches(authorization: bytes, key: bytes) -> bool:
 class ApiKeyMiddleware:
     """See the module docstring; with `key=None` every request passes."""
 
-    def __init__(self, app: ASGIApp, key: str | None) -> None:
+    def __init__(self, app: ASGIApp, key: str | None, body_timeout_s: float = 10.0) -> None:
         self.app = app
         self.key = key.encode() if key else None
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -71,4 +72,4 @@ class ApiKeyMiddleware:
             "(the server's CLIP_API_KEY)",
             [(b"www-authenticate", b'Bearer realm="clip"')],
         )
-        await refuse_unread(scope, receive, send, refusal)
+        await refuse_unread(scope, receive, send, refusal, self.body_timeout_s)

@@ -34,8 +34,9 @@ from clip_runner.web.ui import page_headers, page_html
 OPENAPI_VERSION = "3.0.3"
 DOCUMENT_PATH = "/docs.json"
 PAGE = "docs.html"
-# Swagger UI's script and style files (which BentoML serves) and the styles it sets inline.
-PAGE_SOURCES = ("'self'", "'self' 'unsafe-inline'")
+# Swagger UI's script and style files (which BentoML serves), the styles it sets inline, and
+# its images (its own, and SVGs as data: URIs): nothing from another host.
+PAGE_SOURCES = ("'self'", "'self' 'unsafe-inline'", "'self' data:")
 SCHEMAS = "#/components/schemas/"
 ERROR_REF = {"$ref": SCHEMAS + "Error"}
 # The JSON error every 4xx/5xx answers with (clip_runner/errors.py).
@@ -66,6 +67,7 @@ API_ERRORS = {
     "forbidden_url); `index` names the image",
     429: "CLIP_MAX_CONCURRENCY requests in flight in this worker (too_many_requests); "
     "Retry-After says when to retry",
+    431: "the request line and headers over CLIP_MAX_HEADER_BYTES (headers_too_large)",
     500: "a bug of the server's (internal_error)",
     503: "the model is loading or the runner unavailable or overloaded (not_ready, "
     "runner_unavailable, overloaded, s3_unavailable): retry",

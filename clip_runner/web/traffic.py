@@ -132,25 +132,29 @@ def has_body(scope: Scope) -> bool:
     return False
 
 
-async def drop_unread_body(scope: Scope, receive: Receive) -> None:
+async def drop_unread_body(
+    scope: Scope, receive: Receive, timeout_s: float, invited: bool = False
+) -> None:
     """Read and drop the rest of a refused request's body, within UNREAD_BODY_BYTES and
-    UNREAD_BODY_SECONDS, before its answer closes the connection. Closed with sent bytes unread,
-    a socket resets instead of ending; a client still uploading when the reset comes (httpx's
-    async client, so the BentoML AsyncHTTPClient; Node's) loses the answer with it, an empty
-    ReadError instead of the 401 or 413 that says what to change (4 of 5 tries, a 3-MB body on
-    loopback). nginx reads on after its answer likewise. A body past the bounds is left, as is
-    one announced by `Expect: 100-continue`: the client waits for leave to send it, and the
-    first read here would give that leave (uvicorn's 100 Continue)."""
-    if not has_body(scope) or any(
+    `timeout_s` (UNREAD_BODY_SECONDS at most), before its answer closes the connection. Closed
+    with sent bytes unread, a socket resets instead of ending; a client still uploading when the
+    reset comes (httpx's async client, so the BentoML AsyncHTTPClient; Node's) loses the answer
+    with it, an empty ReadError instead of the 401 or 413 that says what to change (4 of 5
+    tries, a 3-MB body on loopback). nginx reads on after its answer likewise. A body past the
+    bounds is left, as is one announced by `Expect: 100-continue` and not `invited` yet (by a
+    first read, which makes uvicorn send 100 Continue): the client waits for that leave to send
+    it."""
+    expecting = any(
         value.strip().lower() == b"100-continue" for value in header_values(scope, b"expect")
-    ):
+    )
+    if not has_body(scope) or (expecting and not invited):
         return
     declared = header_values(scope, b"content-length")
     if declared and declared[0].strip().isdigit() and int(declared[0]) > UNREAD_BODY_BYTES:
         return
     dropped = 0
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(UNREAD_BODY_SECONDS):
+        async with asyncio.timeout(min(timeout_s, UNREAD_BODY_SECONDS)):
             while dropped <= UNREAD_BODY_BYTES:
                 message = await receive()
                 if message["type"] != "http.request" or not message.get("more_body", False):
@@ -167,10 +171,18 @@ class Refusal(NamedTuple):
     extra_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
 
 
-async def refuse_unread(scope: Scope, receive: Receive, send: Send, refusal: Refusal) -> None:
+async def refuse_unread(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    refusal: Refusal,
+    timeout_s: float,
+    invited: bool = False,
+) -> None:
     """`refusal` of a request whose body was not (all) read: the body dropped within bounds
-    (drop_unread_body), then the JSON error, and the connection closed."""
-    await drop_unread_body(scope, receive)
+    (drop_unread_body, `timeout_s` the body deadline), then the JSON error, and the connection
+    closed. `invited`: part of the body was read already."""
+    await drop_unread_body(scope, receive, timeout_s, invited)
     status, error_type, message, extra_headers = refusal
     await send_error(send, status, error_type, message, [*extra_headers, CLOSE])
 
@@ -260,7 +272,7 @@ class RequestGuardMiddleware:
             await self.app(scope, receive, send)
             return
         if refusal := self._refusal_by_headers(scope):
-            await refuse_unread(scope, receive, send, refusal)
+            await refuse_unread(scope, receive, send, refusal, self.body_timeout_s)
             return
         try:
             body = await self._read_body(receive)
@@ -271,7 +283,8 @@ class RequestGuardMiddleware:
                     await send_error(send, 400, "malformed_json", message)
                     return
         except _TooLarge:
-            await refuse_unread(scope, receive, send, self._too_large(None))
+            refusal = self._too_large(None)
+            await refuse_unread(scope, receive, send, refusal, self.body_timeout_s, invited=True)
             return
         except _BodyTimeout as timeout:
             await self._body_timeout(send, timeout.evicted_because)
@@ -309,7 +322,8 @@ class RequestGuardMiddleware:
         `httpx.post(url, content=jpeg)` sends no Content-Type."""
         sent = header_values(scope, b"content-type")
         label = f"Content-Type {quoted(sent[0].decode('latin-1'))!r}" if sent else "no Content-Type"
-        message = f"the body is a {image_format} image sent with {label}, not JSON: "
+        article = "an" if image_format[0] in "AEIOU" else "a"
+        message = f"the body is {article} {image_format} image sent with {label}, not JSON: "
         if scope["path"] in self.raw_image_paths:
             return message + (
                 f"send it as image/{image_format.lower()} with the labels in "

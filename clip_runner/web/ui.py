@@ -36,9 +36,15 @@ def inline_hashes(html: str, tag: str) -> list[str]:
 
 
 @functools.cache
-def page_headers(name: str = "ui.html", scripts: str = "", styles: str = "") -> dict[str, str]:
+def page_headers(
+    name: str = "ui.html",
+    scripts: str = "",
+    styles: str = "",
+    images: str = "'self' blob: data: http: https:",
+) -> dict[str, str]:
     """The headers a static page is sent with: a policy allowing its own inline scripts and
-    styles (and the sources `scripts` and `styles` name besides), calls to this server only."""
+    styles (and the sources `scripts` and `styles` name besides), calls to this server only,
+    and images from `images` (the demo page previews image URLs from anywhere)."""
     html = page_html(name)
     policy = "; ".join(
         [
@@ -46,7 +52,7 @@ def page_headers(name: str = "ui.html", scripts: str = "", styles: str = "") -> 
             " ".join(filter(None, ["script-src", scripts, *inline_hashes(html, "script")])),
             " ".join(filter(None, ["style-src", styles, *inline_hashes(html, "style")])),
             "connect-src 'self'",
-            "img-src 'self' blob: data: http: https:",
+            f"img-src {images}",
             "base-uri 'none'",
             "form-action 'none'",
             "frame-ancestors 'none'",

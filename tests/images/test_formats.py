@@ -88,6 +88,8 @@ def test_each_accepted_format_is_known_by_its_first_bytes(name):
         b"null",
         b"",
         b"MM\x00\x2b",  # BigTIFF, which Pillow does not open
+        b'{"aaftypavif": 1}'[:12],  # AVIF's brand where JSON may have it (after 4 bytes)
+        b'{ "aftypavis": 0}'[:12],
         *(blob[:12] for blob in REFUSED.values()),
     ],
 )

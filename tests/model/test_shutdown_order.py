@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -85,9 +84,13 @@ def test_a_request_in_flight_when_the_server_is_stopped_is_answered(
     encode_path.write_bytes(encode(photo_like(64, 48, seed=5)))
     slow_url = f"{image_server}/slow?s=8&to=/shutdown-order.png"
     body = {"images": [slow_url, as_base64(photo_like(40, 30, seed=6))], "classes": [["cat", 1]]}
-    before = set(Path(tempfile.gettempdir()).glob("bentoml-uds-*"))
     with serve_tiny(tiny_stored_model, bentoml_home, tmp_path_factory, "stopped") as server:
-        runner_sockets = set(Path(tempfile.gettempdir()).glob("bentoml-uds-*")) - before
+        runner = server.runner_processes()[0]
+        runner_sockets = {  # the folder of the socket the runner listens on
+            Path(connection.laddr).parent
+            for connection in runner.net_connections(kind="unix")
+            if "bentoml-uds-" in (connection.laddr or "")
+        }
         answer: list[httpx.Response] = []
         caller = threading.Thread(
             target=lambda: answer.append(

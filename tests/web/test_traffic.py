@@ -329,9 +329,14 @@ def test_an_image_sent_as_json_is_a_400_saying_how_to_send_it(headers, sent_with
             refused = await c.post("/invocations", content=jpeg, headers=headers)
             elsewhere = await c.post("/slow", content=jpeg, headers=headers)
             json_body = await c.post("/invocations", content=b'{"a": 1}', headers=headers)
-            return refused, elsewhere, json_body
+            avif = await c.post("/invocations", content=encode(photo_like(8, 8, 1), "AVIF"))
+            # JSON with AVIF's brand where an AVIF has it (bytes 4 to 11) is JSON
+            branded = await c.post("/invocations", content=b'{"aaftypavif": 1}', headers=headers)
+            return refused, elsewhere, json_body, avif, branded
 
-    refused, elsewhere, json_body = asyncio.run(go())
+    refused, elsewhere, json_body, avif, branded = asyncio.run(go())
+    assert avif.json()["error"]["message"].startswith("the body is an AVIF image")
+    assert branded.json() == {"size": 17}
     assert refused.status_code == 400 and refused.json()["error"]["type"] == "malformed_json"
     message = refused.json()["error"]["message"]
     assert message.startswith(f"the body is a JPEG image sent with {sent_with}, not JSON")
@@ -393,6 +398,8 @@ async def chunked_upload():
         ({"content-type": "application/json"}, chunked_upload, 413),  # while reading
         ({"content-type": "text/plain"}, whole_upload, 415),
         ({"content-type": "application/json", "accept": "text/csv"}, whole_upload, 406),
+        # invited by the first read (100 Continue), then refused while it streams
+        ({"content-type": "application/json", "expect": "100-continue"}, chunked_upload, 413),
     ],
 )
 def test_a_refusal_before_the_body_reaches_a_client_still_uploading(
@@ -436,7 +443,7 @@ def upload_scope(headers: list[tuple[bytes, bytes]]) -> dict:
 )
 def test_a_refused_body_is_left_unread_where_reading_it_cannot_help(headers):
     receive, given = scripted_receive([{"type": "http.request", "body": b"x", "more_body": True}])
-    asyncio.run(drop_unread_body(upload_scope(headers), receive))
+    asyncio.run(drop_unread_body(upload_scope(headers), receive, timeout_s=5))
     assert given == []
 
 
@@ -447,13 +454,31 @@ def test_a_refused_body_is_read_only_within_its_bounds(monkeypatch):
     monkeypatch.setattr("clip_runner.web.traffic.UNREAD_BODY_BYTES", 10_000)
     chunked = upload_scope([(b"transfer-encoding", b"chunked")])
     receive, given = scripted_receive([chunk] * 100)
-    asyncio.run(drop_unread_body(chunked, receive))
+    asyncio.run(drop_unread_body(chunked, receive, timeout_s=5))
     assert len(given) == 11
     monkeypatch.setattr("clip_runner.web.traffic.UNREAD_BODY_SECONDS", 0.2)
     receive, given = scripted_receive([chunk])
     started = time.monotonic()
-    asyncio.run(drop_unread_body(chunked, receive))
-    assert len(given) == 1 and time.monotonic() - started < 5
+    asyncio.run(drop_unread_body(chunked, receive, timeout_s=5))
+    assert len(given) == 1 and time.monotonic() - started < 3
+    # ... or for the body deadline, where that is shorter (CLIP_BODY_TIMEOUT_S=2: a refusal
+    # had waited 5 s, a good request 2)
+    monkeypatch.setattr("clip_runner.web.traffic.UNREAD_BODY_SECONDS", 30)
+    receive, given = scripted_receive([chunk])
+    started = time.monotonic()
+    asyncio.run(drop_unread_body(chunked, receive, timeout_s=0.2))
+    assert time.monotonic() - started < 3
+
+
+def test_a_body_announced_with_expect_is_read_once_invited():
+    """Its first read sent 100 Continue (a streamed body refused past the limit): the client is
+    uploading, and the reset had cost it the 413."""
+    chunk = {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+    last = {"type": "http.request", "body": b"", "more_body": False}
+    expecting = upload_scope([(b"transfer-encoding", b"chunked"), (b"expect", b"100-continue")])
+    receive, given = scripted_receive([chunk, chunk, last])
+    asyncio.run(drop_unread_body(expecting, receive, timeout_s=5, invited=True))
+    assert len(given) == 3
 
 
 def test_deadline_answers_504_and_cancels_the_handler():
@@ -674,11 +699,14 @@ def test_slow_uploads_beyond_the_slot_limit_leave_good_requests_answered(guarded
         }
 
 
-def test_a_health_check_with_a_stalled_body_is_not_held_open(guarded):
-    """/ping bypasses the guard only without a body; with one, the body deadline applies."""
-    status, body, closed = read_answer(open_slow_upload(guarded.url, {}, request="GET /ping"))
+@pytest.mark.parametrize("path", ["/ping", "/readyz", "/docs.json", "/"])
+def test_a_health_check_with_a_stalled_body_is_not_held_open(guarded, path):
+    """/ping bypasses the guard only without a body; with one, the body deadline applies. So
+    it does for the routes answered in a layer of this project's (/readyz, the docs), which had
+    answered 200 and left the connection open for as long as the body trickled."""
+    status, body, closed = read_answer(open_slow_upload(guarded.url, {}, request=f"GET {path}"))
     assert status == 408 and closed and body["error"]["type"] == "body_timeout"
-    assert httpx.get(f"{guarded.url}/ping", timeout=10).status_code == 200
+    assert httpx.get(f"{guarded.url}{path}", timeout=10).status_code == 200
 
 
 def test_a_flood_past_the_waiting_bound_cannot_lock_good_requests_out(guarded):
