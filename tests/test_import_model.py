@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -100,6 +101,17 @@ def model_files_only(path: Path) -> Path:
     return path
 
 
+def with_settings(path: Path, file: str, **settings: object) -> Path:
+    """A CLIP checkpoint whose `file` (processor_config.json's image processor, or
+    tokenizer_config.json) has `settings` changed."""
+    clip_checkpoint(path)
+    config = json.loads((path / file).read_text())
+    inner = config["image_processor"] if file == "processor_config.json" else config
+    inner.update(settings)
+    (path / file).write_text(json.dumps(config))
+    return path
+
+
 @pytest.mark.parametrize(
     ("make", "says"),
     [
@@ -107,10 +119,31 @@ def model_files_only(path: Path) -> Path:
             lambda tmp: drop_weights(clip_checkpoint(tmp / "whole"), tmp / "ckpt", "logit_scale"),
             "lacks 1 of a CLIPModel's weights (logit_scale)",
         ),
+        (  # imported, then the runner failed at every start
+            lambda tmp: with_settings(
+                tmp / "ckpt", "processor_config.json", size={"height": 64, "width": 64}
+            ),
+            "not by their shortest edge",
+        ),
+        (  # imported and served, with answers transformers would not give
+            lambda tmp: with_settings(tmp / "ckpt", "processor_config.json", resample=2),
+            "resamples with Pillow's filter 2",
+        ),
+        (
+            lambda tmp: with_settings(tmp / "ckpt", "tokenizer_config.json", pad_token=None),
+            "its tokenizer has no pad token",
+        ),
         (lambda tmp: bert_checkpoint(tmp / "ckpt"), "model_type 'bert', not 'clip'"),
         (lambda tmp: model_files_only(tmp / "ckpt"), "there is no tokenizer"),
     ],
-    ids=["without-logit_scale", "bert", "model-files-only"],
+    ids=[
+        "without-logit_scale",
+        "height-width-size",
+        "bilinear",
+        "no-pad-token",
+        "bert",
+        "model-files-only",
+    ],
 )
 def test_a_directory_that_is_not_a_whole_clip_checkpoint_is_refused(tmp_path, make, says):
     """Refused in one line, status 2, nothing stored (not a CLIP of random weights)."""

@@ -237,8 +237,10 @@ class ClipEncoder:
             torch.backends.cuda.matmul.allow_tf32 = False
         self.tokenizer = processor.tokenizer
         image_processor = processor.image_processor
-        mean = torch.tensor(image_processor.image_mean, device=device, dtype=torch.float32)
-        std = torch.tensor(image_processor.image_std, device=device, dtype=torch.float32)
+        mean, std = (  # one number is every channel's (transformers broadcasts it too)
+            torch.tensor(values, device=device, dtype=torch.float32).reshape(-1).expand(3).clone()
+            for values in (image_processor.image_mean, image_processor.image_std)
+        )
         rescale = float(getattr(image_processor, "rescale_factor", 1 / 255))
         # Normalising is x * scale + offset, per channel.
         self.scale, self.offset = (rescale / std).view(1, 3, 1, 1), (-mean / std).view(1, 3, 1, 1)
@@ -251,8 +253,13 @@ class ClipEncoder:
         self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
         self.vocab_size = int(model.config.text_config.vocab_size)
         self.shortest_edge = int(size_value(image_processor.size, "shortest_edge"))
-        self.crop_height = int(size_value(image_processor.crop_size, "height"))
-        self.crop_width = int(size_value(image_processor.crop_size, "width"))
+        if getattr(image_processor, "do_center_crop", True) is False:
+            # The resized image itself, which the model takes square: a crop to the shortest
+            # edge (model_source.image_processor_problem refuses one the model does not take).
+            self.crop_height = self.crop_width = self.shortest_edge
+        else:
+            self.crop_height = int(size_value(image_processor.crop_size, "height"))
+            self.crop_width = int(size_value(image_processor.crop_size, "width"))
         self.replayed: ReplayedForward | None = None
 
     def facts(self, tag: str, random_weights: bool) -> ModelFacts:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -211,14 +212,47 @@ def _image_processor_config(path: Path) -> dict | None:
 
 
 def _image_processor_problem(path: Path, config: dict) -> str | None:
-    """No image processor, or one whose crop is not the model's input size: every image request
-    would fail in the runner ("Input image size (224*224) doesn't match model (64*64)")."""
+    """No image processor, or one this server would not follow (image_processor_problem)."""
     processor = _image_processor_config(path)
     if processor is None:
         return f"there is no image processor config ({' or '.join(PROCESSOR_FILES)})"
-    crop = _crop_size(processor)
     vision = config.get("vision_config") or {}
     image_size = vision.get("image_size", 224) if isinstance(vision, dict) else 224
+    return image_processor_problem(processor, image_size)
+
+
+# Pillow's number for bicubic resampling: what CLIP's image processors resize with.
+BICUBIC = 3
+
+
+def image_processor_problem(processor: Mapping[str, Any], image_size: object) -> str | None:
+    """What in an image processor's settings (its config, or `to_dict()`) this server would not
+    do as transformers does, or cannot serve at all; None when it serves it exactly.
+
+    The server resizes every image's shortest edge bicubically (the API workers, the runner, on
+    a GPU too), then crops, rescales and normalises: a processor that resized otherwise, or
+    skipped a step, had been served with answers transformers would not give, unsaid; one whose
+    size was a fixed height and width, or whose crop was not the model's input size, had the
+    runner fail at every start."""
+    if processor.get("do_resize", True) is False:
+        return "its image processor does not resize images (do_resize false); this server does"
+    size = processor.get("size")
+    shortest = size.get("shortest_edge") if isinstance(size, Mapping) else size
+    if not isinstance(shortest, int):
+        return (
+            f"its image processor resizes images to {size!r}, not by their shortest edge "
+            "(size.shortest_edge), which is how this server resizes"
+        )
+    resample = processor.get("resample", BICUBIC)
+    if resample != BICUBIC:
+        return (
+            f"its image processor resamples with Pillow's filter {resample}; this server "
+            f"resizes bicubically ({BICUBIC}) only, as CLIP's processors do"
+        )
+    for step in ("do_rescale", "do_normalize"):
+        if processor.get(step, True) is False:
+            return f"its image processor skips a step ({step} false); this server does not"
+    crop = (shortest, shortest) if processor.get("do_center_crop") is False else _crop(processor)
     if crop is None or not isinstance(image_size, int) or crop == (image_size, image_size):
         return None
     return (
@@ -228,14 +262,12 @@ def _image_processor_problem(path: Path, config: dict) -> str | None:
     )
 
 
-def _crop_size(processor: dict) -> tuple[int, int] | None:
+def _crop(processor: Mapping[str, Any]) -> tuple[int, int] | None:
     """(height, width) of the center crop; an int in older configs. None: no crop to compare."""
     crop = processor.get("crop_size")
-    if processor.get("do_center_crop") is False or crop is None:
-        return None
     if isinstance(crop, int):
         return crop, crop
-    if isinstance(crop, dict) and isinstance(crop.get("height"), int):
+    if isinstance(crop, Mapping) and isinstance(crop.get("height"), int):
         return crop["height"], crop.get("width", crop["height"])
     return None
 

@@ -263,14 +263,26 @@ def load_clip_model(source: str | Path, **options: object) -> CLIPModel:
 
 
 def load_pieces(source: str | Path, **options: object) -> tuple[CLIPModel, CLIPProcessor]:
-    """A checkpoint's model (`load_clip_model` with `options`) and processor, refusing a
-    tokenizer that names tokens the text model has no embedding for (tokens added to it, the
+    """A checkpoint's model (`load_clip_model` with `options`) and processor, refusing an
+    image processor this server would not follow (model_source.image_processor_problem), a
+    tokenizer without a pad token, and a tokenizer that names tokens the text model has no
+    embedding for (tokens added to it, the
     embedding table left as it was). Such a token's id had reached the forward pass: on CPU an
     IndexError that failed every prompt in its batch, as a 503 to retry; on a GPU a device-side
     assert, which breaks the CUDA context and so the runner process, at every such prompt.
     """
+    from clip_runner.model.model_source import image_processor_problem
+
     model = load_clip_model(source, **options)
     processor = load_processor(source)
+    image_size = model.config.vision_config.image_size
+    if problem := image_processor_problem(processor.image_processor.to_dict(), image_size):
+        raise CheckpointError(f"{source}: {problem}")
+    if processor.tokenizer.pad_token_id is None:  # transformers cannot batch its prompts either
+        raise CheckpointError(
+            f"{source}: its tokenizer has no pad token, so prompts of different lengths cannot "
+            "be encoded together (set tokenizer_config.json's pad_token, as CLIP's have it)"
+        )
     tokens, embeddings = len(processor.tokenizer), model.config.text_config.vocab_size
     if tokens > embeddings:
         raise CheckpointError(

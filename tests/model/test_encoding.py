@@ -195,6 +195,35 @@ def test_the_raw_pixel_patch_embedding_is_the_normalised_one(tiny_clip):
     assert conv.bias is None and folded.bias is not None  # the original is left as it was
 
 
+def test_one_mean_and_std_for_every_channel_and_no_crop_answer_as_transformers(tiny_clip):
+    """transformers takes a single number for every channel, and without a center crop gives
+    the resized image itself: the runner had failed at every start on both (a view of 1
+    number as 3; a 224 crop for a model of another size)."""
+    from transformers import CLIPImageProcessorPil, CLIPProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        image_mean=0.5,
+        image_std=0.25,
+        do_center_crop=False,
+        size={"shortest_edge": 224},
+        crop_size={"height": 100, "width": 100},  # not used, as transformers does not
+    )
+    processor = CLIPProcessor(
+        image_processor=image_processor, tokenizer=tiny_clip.processor.tokenizer
+    )
+    ours = ClipEncoder(
+        copy.deepcopy(tiny_clip.model), processor, torch.device("cpu"), torch.float32
+    )
+    assert (ours.crop_height, ours.crop_width) == (224, 224)
+    images = [photo_like(300, 300, seed=9)]  # square: transformers takes no other uncropped
+    pixels = np.stack([resize_and_crop(image, ImageGeometry(224, 224, 224)) for image in images])
+    inputs = processor(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        reference = tiny_clip.model.get_image_features(**inputs).pooler_output
+    reference = (reference / reference.norm(dim=-1, keepdim=True)).numpy()
+    np.testing.assert_allclose(ours.encode_images(pixels), reference, atol=1e-5)
+
+
 def test_a_padded_patch_embedding_cannot_take_raw_pixels():
     padded = torch.nn.Conv2d(3, 8, 4, stride=4, padding=1, bias=False)
     with pytest.raises(ValueError, match="unpadded"):

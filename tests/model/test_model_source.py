@@ -31,6 +31,7 @@ from clip_runner.model.model_source import (
     check_served_model,
     checkpoint_problem,
     find_checkpoint,
+    image_processor_problem,
     load_served_clip,
     served_checkpoint,
 )
@@ -398,3 +399,47 @@ def test_weights_the_runner_cannot_load_stop_the_server_not_restart_it_forever(
     assert "(logit_scale)" in output
     # once: this start's, not one per restart
     assert output.count("stopping the server: every restart would fail the same way") == 1
+
+
+CLIPS_PROCESSOR = {  # OpenAI's and LAION's settings
+    "do_resize": True,
+    "size": {"shortest_edge": 224},
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        # the runner had failed at every start (TypeError on int(None))
+        ({"size": {"height": 224, "width": 224}}, "not by their shortest edge"),
+        # served, with answers transformers would not give (1.9e-4 to 6.7e-2 apart at scale 10)
+        ({"resample": 2}, "resamples with Pillow's filter 2"),
+        ({"do_resize": False}, "does not resize images"),
+        ({"do_rescale": False}, "do_rescale false"),
+        ({"do_normalize": False}, "do_normalize false"),
+        # no crop: the resized image is the model's input, which must be its size
+        ({"do_center_crop": False, "size": {"shortest_edge": 256}}, "crops images to 256x256"),
+        ({"crop_size": {"height": 336, "width": 336}}, "crops images to 336x336"),
+    ],
+)
+def test_an_image_processor_the_server_would_not_follow_is_named(change, says):
+    assert says in image_processor_problem({**CLIPS_PROCESSOR, **change}, 224)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"size": 224, "crop_size": 224},  # transformers 4's layout (the published checkpoints)
+        {"do_center_crop": False},  # the resized image, cropped square as the model takes it
+        {"image_mean": 0.5, "image_std": 0.5},  # one number for every channel
+    ],
+)
+def test_clips_own_image_processors_are_served(change):
+    assert image_processor_problem({**CLIPS_PROCESSOR, **change}, 224) is None
