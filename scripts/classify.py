@@ -27,6 +27,7 @@ import argparse
 import base64
 import email.utils
 import errno
+import hashlib
 import json
 import os
 import re
@@ -55,8 +56,10 @@ TABLE_NAME_WIDTH = 60  # longer names push their own row out instead of widening
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 INTERRUPTED = "interrupted (Ctrl-C)"
 # C0 and C1 controls, and the bidirectional ones, which can make a name print as another.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-# A data: URI's row is named by its start and length, not the whole image.
+CONTROL_CHARACTERS = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+# A data: URI's row is named by its start, length and digest, not the whole image.
 DATA_URI_NAME_CHARS = 40
 
 
@@ -211,7 +214,9 @@ def collect_sources(arguments: Sequence[str], recursive: bool = False) -> tuple[
         if is_url(argument):
             name = argument
             if argument[:5].lower() == "data:" and len(argument) > DATA_URI_NAME_CHARS:
-                name = f"{argument[:DATA_URI_NAME_CHARS]}... ({len(argument)} characters)"
+                # its start is its type's (every PNG's is alike): the digest tells them apart
+                digest = hashlib.sha256(argument.encode()).hexdigest()[:8]
+                name = f"{argument[:DATA_URI_NAME_CHARS]}... ({len(argument)} characters, {digest})"
             sources.append(Source(name=shown_name(name), url=argument))
             continue
         path = Path(argument)

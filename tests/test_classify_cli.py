@@ -9,6 +9,7 @@ batching, ordering or encoding mistake in the client shows up as a wrong score o
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
 import os
@@ -190,7 +191,12 @@ def test_a_data_uri_or_an_s3_url_is_sent_as_it_is(tmp_path):
         ("s3://bucket/cat.jpg", None),
         ("S3://b/k", None),
     ]
-    assert sources[0].name == "data:image/png;base64,AAAAAAAAAAAAAAAAAA... (422 characters)"
+    digest = hashlib.sha256(data.encode()).hexdigest()[:8]
+    assert sources[0].name == (
+        f"data:image/png;base64,AAAAAAAAAAAAAAAAAA... (422 characters, {digest})"
+    )
+    other = data[:-1] + "B"  # another image of the same length: told apart
+    assert cli.collect_sources([other])[0][0].name != sources[0].name
 
 
 def test_a_file_named_like_a_data_uri_is_a_file(tmp_path, monkeypatch):
@@ -234,6 +240,7 @@ def test_control_characters_in_names_and_messages_are_escaped(tmp_path):
     assert cli.printable("café ✓") == "café ✓"
     # a right-to-left override prints "cat\u202egnp.exe" as "catexe.png"
     assert cli.printable("cat\u202egnp.exe") == "cat\\u202egnp.exe"
+    assert cli.printable("cat\u061cgnp.exe") == "cat\\u061cgnp.exe"  # Arabic letter mark
 
 
 def test_an_answer_whose_ranked_labels_are_not_label_scores_is_a_bad_answer():

@@ -20,6 +20,7 @@ from transformers import CLIPModel, CLIPProcessor
 from clip_runner.model.cuda_graphs import ReplayedForward, batch_buckets
 from clip_runner.model.device_wait import to_device, to_host
 from clip_runner.model.model_facts import ModelFacts
+from clip_runner.model.model_source import served_crop
 
 logger = logging.getLogger(__name__)
 
@@ -253,13 +254,12 @@ class ClipEncoder:
         self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
         self.vocab_size = int(model.config.text_config.vocab_size)
         self.shortest_edge = int(size_value(image_processor.size, "shortest_edge"))
-        if getattr(image_processor, "do_center_crop", True) is False:
-            # The resized image itself, which the model takes square: a crop to the shortest
-            # edge (model_source.image_processor_problem refuses one the model does not take).
-            self.crop_height = self.crop_width = self.shortest_edge
-        else:
-            self.crop_height = int(size_value(image_processor.crop_size, "height"))
-            self.crop_width = int(size_value(image_processor.crop_size, "width"))
+        # The center crop, or without one the resized image cropped square (the loader refused
+        # a processor whose crop cannot be read: model_source.image_processor_problem).
+        crop = served_crop(image_processor.to_dict())
+        if crop is None:
+            raise ValueError(f"the image processor's crop cannot be read: {image_processor}")
+        self.crop_height, self.crop_width = crop
         self.replayed: ReplayedForward | None = None
 
     def facts(self, tag: str, random_weights: bool) -> ModelFacts:

@@ -212,48 +212,62 @@ def _image_processor_config(path: Path) -> dict | None:
 
 
 def _image_processor_problem(path: Path, config: dict) -> str | None:
-    """No image processor, or one this server would not follow (image_processor_problem)."""
+    """No image processor, or one this server would not follow (image_processor_problem), its
+    settings read as transformers reads them: a setting left out (or null) is CLIP's default."""
     processor = _image_processor_config(path)
     if processor is None:
         return f"there is no image processor config ({' or '.join(PROCESSOR_FILES)})"
     vision = config.get("vision_config") or {}
     image_size = vision.get("image_size", 224) if isinstance(vision, dict) else 224
-    return image_processor_problem(processor, image_size)
+    given = {name: value for name, value in processor.items() if value is not None}
+    return image_processor_problem({**CLIP_PROCESSOR_DEFAULTS, **given}, image_size)
 
 
 # Pillow's number for bicubic resampling: what CLIP's image processors resize with.
 BICUBIC = 3
+# What transformers' CLIPImageProcessor takes for a setting its config leaves out.
+CLIP_PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "do_resize": True,
+    "size": {"shortest_edge": 224},
+    "resample": BICUBIC,
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "do_normalize": True,
+}
 
 
 def image_processor_problem(processor: Mapping[str, Any], image_size: object) -> str | None:
-    """What in an image processor's settings (its config, or `to_dict()`) this server would not
-    do as transformers does, or cannot serve at all; None when it serves it exactly.
+    """What in an image processor's settings (`to_dict()`'s, or its config's with CLIP's
+    defaults) this server would not do as transformers does, or cannot serve at all; None when
+    it serves it exactly.
 
     The server resizes every image's shortest edge bicubically (the API workers, the runner, on
     a GPU too), then crops, rescales and normalises: a processor that resized otherwise, or
     skipped a step, had been served with answers transformers would not give, unsaid; one whose
     size was a fixed height and width, or whose crop was not the model's input size, had the
     runner fail at every start."""
-    if processor.get("do_resize", True) is False:
+    if processor.get("do_resize") is False:
         return "its image processor does not resize images (do_resize false); this server does"
     size = processor.get("size")
-    shortest = size.get("shortest_edge") if isinstance(size, Mapping) else size
-    if not isinstance(shortest, int):
+    if _shortest_edge(processor) is None:
         return (
             f"its image processor resizes images to {size!r}, not by their shortest edge "
-            "(size.shortest_edge), which is how this server resizes"
+            "alone (size.shortest_edge), which is how this server resizes"
         )
-    resample = processor.get("resample", BICUBIC)
+    resample = processor.get("resample")
     if resample != BICUBIC:
         return (
             f"its image processor resamples with Pillow's filter {resample}; this server "
             f"resizes bicubically ({BICUBIC}) only, as CLIP's processors do"
         )
     for step in ("do_rescale", "do_normalize"):
-        if processor.get(step, True) is False:
+        if processor.get(step) is False:
             return f"its image processor skips a step ({step} false); this server does not"
-    crop = (shortest, shortest) if processor.get("do_center_crop") is False else _crop(processor)
-    if crop is None or not isinstance(image_size, int) or crop == (image_size, image_size):
+    crop = served_crop(processor)
+    if crop is None:
+        return f"its image processor center-crops to {processor.get('crop_size')!r}: no size"
+    if not isinstance(image_size, int) or crop == (image_size, image_size):
         return None
     return (
         f"the image processor crops images to {crop[0]}x{crop[1]} pixels, but the model takes "
@@ -262,8 +276,26 @@ def image_processor_problem(processor: Mapping[str, Any], image_size: object) ->
     )
 
 
-def _crop(processor: Mapping[str, Any]) -> tuple[int, int] | None:
-    """(height, width) of the center crop; an int in older configs. None: no crop to compare."""
+def _shortest_edge(processor: Mapping[str, Any]) -> int | None:
+    """The size an image's shortest edge is resized to; None where the processor resizes
+    otherwise (a height and width, or a longest edge's cap as well)."""
+    size = processor.get("size")
+    if isinstance(size, int):  # transformers 4's configs
+        return size
+    if not isinstance(size, Mapping):
+        return None
+    others = {name for name, value in size.items() if value is not None} - {"shortest_edge"}
+    shortest = size.get("shortest_edge")
+    return shortest if isinstance(shortest, int) and not others else None
+
+
+def served_crop(processor: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(height, width) of the pixels the model is given: the center crop (an int in older
+    configs), or without one the resized image itself, cropped square as the model takes it
+    (transformers would refuse a non-square one). None where neither can be read."""
+    if processor.get("do_center_crop") is False:
+        shortest = _shortest_edge(processor)
+        return None if shortest is None else (shortest, shortest)
     crop = processor.get("crop_size")
     if isinstance(crop, int):
         return crop, crop

@@ -16,8 +16,8 @@
 a refusal before the body was read first reads and drops what the client sends of it, within
 bounds (`drop_unread_body`); and it cancels the handler when the client disconnects, so
 abandoned requests stop fetching images and waiting on the runner. Health and metrics routes
-bypass it so `/ping` stays fast under load (unless they carry a body, which is then read under
-the same deadline).
+and the API's documentation bypass it so `/ping` stays fast under load (unless they carry a
+body, which is then read under the same deadline).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from clip_runner.images.formats import image_signature
 from clip_runner.web.accept import accepted_ranges, preferred, request_accept
 from clip_runner.web.waiting_bodies import Waiter, WaitingBodies
 
-EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz"})
+# Answered without an admission slot when they carry no body: health checks and metrics, which
+# must answer under load, and the API's documentation (`/`, `/docs.json`: static).
+EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz", "/", "/docs.json"})
 JSON_MEDIA_TYPES = ("application/json", "text/json")
 # Raw image bodies: any image/* type (the decoder judges the bytes, as for a JSON request's:
 # `image/jpg` is a common mislabel, and GIF, BMP, TIFF, AVIF decode) and SageMaker's generic
@@ -228,7 +230,11 @@ async def answer_a_departed_client(send: Send) -> None:
 
 
 class _TooLarge(Exception):
-    pass
+    """The body passed the limit; `whole`: with its last bytes, so nothing is left to drop."""
+
+    def __init__(self, whole: bool) -> None:
+        super().__init__()
+        self.whole = whole
 
 
 class _Disconnected(Exception):
@@ -282,9 +288,11 @@ class RequestGuardMiddleware:
                     message = self._image_sent_as_json(scope, image_format)
                     await send_error(send, 400, "malformed_json", message)
                     return
-        except _TooLarge:
+        except _TooLarge as too_large:
             refusal = self._too_large(None)
-            await refuse_unread(scope, receive, send, refusal, self.body_timeout_s, invited=True)
+            # Its last bytes read, a read would wait the deadline out for nothing (5 s).
+            left_s = 0 if too_large.whole else self.body_timeout_s
+            await refuse_unread(scope, receive, send, refusal, left_s, invited=True)
             return
         except _BodyTimeout as timeout:
             await self._body_timeout(send, timeout.evicted_because)
@@ -455,7 +463,7 @@ class RequestGuardMiddleware:
                         chunk = message.get("body", b"")
                         size += len(chunk)
                         if size > self.max_body_bytes:
-                            raise _TooLarge
+                            raise _TooLarge(whole=not message.get("more_body", False))
                         self.waiting.received(waiter, len(chunk))
                         chunks.append(chunk)
                         if not message.get("more_body", False):

@@ -36,7 +36,7 @@ from clip_runner.model.model_source import (
     served_checkpoint,
 )
 from clip_runner.model.shutdown_order import STOPPED_STATUS
-from clip_runner.model.store import LoadedClip, build_random_clip
+from clip_runner.model.store import LoadedClip, build_random_clip, load_checkpoint
 from tests.helpers import (
     REPO_ROOT,
     SEED_CLASSES,
@@ -426,6 +426,10 @@ CLIPS_PROCESSOR = {  # OpenAI's and LAION's settings
         # no crop: the resized image is the model's input, which must be its size
         ({"do_center_crop": False, "size": {"shortest_edge": 256}}, "crops images to 256x256"),
         ({"crop_size": {"height": 336, "width": 336}}, "crops images to 336x336"),
+        # a center crop of no size: the runner had failed at every start (size_value(None))
+        ({"crop_size": None}, "center-crops to None: no size"),
+        # transformers caps the longest edge too: a 600x300 image became 256x128
+        ({"size": {"shortest_edge": 224, "longest_edge": 256}}, "not by their shortest edge"),
     ],
 )
 def test_an_image_processor_the_server_would_not_follow_is_named(change, says):
@@ -443,3 +447,16 @@ def test_an_image_processor_the_server_would_not_follow_is_named(change, says):
 )
 def test_clips_own_image_processors_are_served(change):
     assert image_processor_problem({**CLIPS_PROCESSOR, **change}, 224) is None
+
+
+def test_settings_a_config_leaves_out_are_clips_defaults(checkpoint_dir, tmp_path):
+    """A minimal processor config (transformers fills in CLIP's defaults) had been refused by the
+    file check ("resizes images to None") where the model loads and serves."""
+    minimal = tmp_path / "model"
+    shutil.copytree(checkpoint_dir, minimal)
+    (minimal / "processor_config.json").unlink()
+    config = {"image_processor_type": "CLIPImageProcessor"}
+    (minimal / "preprocessor_config.json").write_text(json.dumps(config))
+    assert checkpoint_problem(minimal) is None
+    model, processor = load_checkpoint(minimal)  # and transformers' own reading agrees
+    assert image_processor_problem(processor.image_processor.to_dict(), 224) is None

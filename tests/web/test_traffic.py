@@ -60,6 +60,8 @@ def guarded_app(state: dict, **options) -> RequestGuardMiddleware:
             Route("/invocations", echo, methods=["POST"]),
             Route("/slow", slow, methods=["POST"]),
             Route("/ping", ping),
+            Route("/", ping),  # the docs' page and document (static)
+            Route("/docs.json", ping),
         ]
     )
     settings = {"max_concurrency": 2, "max_body_bytes": 1000, "timeout_s": 0.5, **options}
@@ -470,6 +472,28 @@ def test_a_refused_body_is_read_only_within_its_bounds(monkeypatch):
     assert time.monotonic() - started < 3
 
 
+def test_a_body_past_the_limit_in_its_last_bytes_is_answered_at_once():
+    """Nothing is left to drop: the drain had waited for the body deadline (5 s) for more."""
+    state: dict = {}
+
+    async def go():
+        app = guarded_app(state, max_body_bytes=1000, body_timeout_s=5)
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        messages = [{"type": "http.request", "body": b"x" * 1001, "more_body": False}]
+        receive, _ = scripted_receive(messages)
+        headers = [(b"transfer-encoding", b"chunked"), (b"content-type", b"application/json")]
+        started = time.monotonic()
+        await app(upload_scope(headers), receive, send)
+        return sent, time.monotonic() - started
+
+    sent, took_s = asyncio.run(go())
+    assert sent[0]["status"] == 413 and took_s < 1
+
+
 def test_a_body_announced_with_expect_is_read_once_invited():
     """Its first read sent 100 Continue (a streamed body refused past the limit): the client is
     uploading, and the reset had cost it the 413."""
@@ -549,7 +573,7 @@ def test_a_client_that_leaves_is_answered_at_once_for_the_layers_outside(first_m
     assert state.get("cancelled", 0) == state.get("started", 0)  # the work was dropped
 
 
-def test_concurrency_cap_answers_429_and_ping_is_exempt():
+def test_concurrency_cap_answers_429_and_ping_and_the_docs_are_exempt():
     state: dict = {}
 
     async def go():
@@ -557,14 +581,15 @@ def test_concurrency_cap_answers_429_and_ping_is_exempt():
             stuck = [asyncio.ensure_future(c.post("/slow", content=b"{}")) for _ in range(2)]
             await asyncio.sleep(0.2)
             refused = await c.post("/slow", content=b"{}")
-            ping = await c.get("/ping")
+            exempt = [await c.get(path) for path in ("/ping", "/", "/docs.json")]
             await asyncio.gather(*stuck)
             after = await c.post("/invocations", content=b"{}")
-            return refused, ping, after
+            return refused, exempt, after
 
-    refused, ping, after = asyncio.run(go())
+    refused, exempt, after = asyncio.run(go())
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-    assert ping.status_code == 200
+    # health checks, and the docs (moved inside the guard, they had been refused 429 too)
+    assert [response.status_code for response in exempt] == [200, 200, 200]
     assert after.status_code == 200  # the slots were given back
     assert state["started"] == 2
 
