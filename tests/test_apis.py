@@ -244,7 +244,7 @@ def test_long_prompts_are_refused_naming_label_and_the_template_sent(
 
 
 def test_a_long_toolkit_prompt_names_the_template_sent(served, pictures):
-    parameters = {"candidate_labels": ["dog", "cat"], "hypothesis_template": "{} " * 80}
+    parameters = {"candidate_labels": ["dog", "cat"], "hypothesis_template": "a " * 100 + "{}"}
     body = {"inputs": as_base64(pictures[0]), "parameters": parameters}
     response = post(served, "/invocations", body)
     assert response.status_code == 422
