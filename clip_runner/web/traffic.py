@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -170,7 +170,7 @@ class Refusal(NamedTuple):
     status: int
     error_type: str
     message: str
-    extra_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = ()
+    extra_headers: Sequence[tuple[bytes, bytes]] = ()
 
 
 async def refuse_unread(
