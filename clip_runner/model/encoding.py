@@ -20,7 +20,7 @@ from transformers import CLIPModel, CLIPProcessor
 from clip_runner.model.cuda_graphs import ReplayedForward, batch_buckets
 from clip_runner.model.device_wait import to_device, to_host
 from clip_runner.model.model_facts import ModelFacts
-from clip_runner.model.model_source import served_crop
+from clip_runner.model.model_source import served_crop, served_shortest_edge
 
 logger = logging.getLogger(__name__)
 
@@ -253,12 +253,14 @@ class ClipEncoder:
             )
         self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
         self.vocab_size = int(model.config.text_config.vocab_size)
-        self.shortest_edge = int(size_value(image_processor.size, "shortest_edge"))
-        # The center crop, or without one the resized image cropped square (the loader refused
-        # a processor whose crop cannot be read: model_source.image_processor_problem).
-        crop = served_crop(image_processor.to_dict())
-        if crop is None:
-            raise ValueError(f"the image processor's crop cannot be read: {image_processor}")
+        # The resize and the center crop (without one, the resized image cropped square), read
+        # as the loader's check reads them (model_source.image_processor_problem refused the
+        # processors where they cannot be).
+        settings = image_processor.to_dict()
+        shortest, crop = served_shortest_edge(settings), served_crop(settings)
+        if shortest is None or crop is None:
+            raise ValueError(f"the image processor's resize cannot be read: {image_processor}")
+        self.shortest_edge = shortest
         self.crop_height, self.crop_width = crop
         self.replayed: ReplayedForward | None = None
 

@@ -250,7 +250,7 @@ def image_processor_problem(processor: Mapping[str, Any], image_size: object) ->
     if processor.get("do_resize") is False:
         return "its image processor does not resize images (do_resize false); this server does"
     size = processor.get("size")
-    if _shortest_edge(processor) is None:
+    if served_shortest_edge(processor) is None:
         return (
             f"its image processor resizes images to {size!r}, not by their shortest edge "
             "alone (size.shortest_edge), which is how this server resizes"
@@ -276,7 +276,7 @@ def image_processor_problem(processor: Mapping[str, Any], image_size: object) ->
     )
 
 
-def _shortest_edge(processor: Mapping[str, Any]) -> int | None:
+def served_shortest_edge(processor: Mapping[str, Any]) -> int | None:
     """The size an image's shortest edge is resized to; None where the processor resizes
     otherwise (a height and width, or a longest edge's cap as well)."""
     size = processor.get("size")
@@ -294,7 +294,7 @@ def served_crop(processor: Mapping[str, Any]) -> tuple[int, int] | None:
     configs), or without one the resized image itself, cropped square as the model takes it
     (transformers would refuse a non-square one). None where neither can be read."""
     if processor.get("do_center_crop") is False:
-        shortest = _shortest_edge(processor)
+        shortest = served_shortest_edge(processor)
         return None if shortest is None else (shortest, shortest)
     crop = processor.get("crop_size")
     if isinstance(crop, int):
