@@ -118,32 +118,40 @@ def test_bad_images_are_refused_naming_the_index(served, name):
     assert len(error["message"]) < 600  # a long source is quoted by its start
 
 
+def seed_body(**fields) -> bytes:
+    """The seed's request with valid images and classes, but for `fields`."""
+    return json.dumps({"images": [GOOD_IMAGE], "classes": CLASSES, **fields}).encode()
+
+
+# Each bad in one way only, the rest valid: a refusal for another reason (an image "x" that does
+# not decode) had let a case pass with its own check gone (the list limits were removed once and
+# every case still passed). Each: (body, status, a fragment of the message naming what is wrong).
 BAD_BODIES = {
-    "deeply nested": b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-    "non-utf8": b'{"images": ["\xff\xfe\xfa"], "classes": [["cat", 1]]}',
-    "null": b"null",
-    "string": b'"images"',
-    "number": b"12",
-    "empty": b"",
-    "trailing garbage": b'{"images": ["x"], "classes": [["a", 1]]} extra',
-    "images is a string": b'{"images": "aGk=", "classes": [["a", 1]]}',
-    "classes is an object": b'{"images": ["aGk="], "classes": {"a": 1}}',
-    "flag is null": b'{"images": ["aGk="], "classes": [["a", null]]}',
-    "name is a number": b'{"images": ["aGk="], "classes": [[3, 1]]}',
-    "top_k is fractional": b'{"images": ["aGk="], "classes": [["a", 1]], "top_k": 1.5}',
-    "template is a list": b'{"images": ["aGk="], "classes": [["a", 1]], "template": ["{name}"]}',
-    "huge image list": json.dumps({"images": ["x"] * 200_000, "classes": CLASSES}).encode(),
-    "huge class list": json.dumps({"images": ["x"], "classes": [["c", 1]] * 5000}).encode(),
-    "long class name": json.dumps({"images": ["x"], "classes": [["n" * 5000, 1]]}).encode(),
-    "prompt over 77 tokens": json.dumps(
-        {"images": [GOOD_IMAGE], "classes": [["word " * 50, 1]]}
-    ).encode(),
+    "deeply nested": (b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "recursion"),
+    "non-utf8": (b'{"images": ["\xff\xfe\xfa"], "classes": [["cat", 1]]}', 400, "invalid unicode"),
+    "null": (b"null", 400, "object"),
+    "string": (b'"images"', 400, "object"),
+    "number": (b"12", 400, "object"),
+    "empty": (b"", 422, "images"),
+    "trailing garbage": (seed_body() + b" extra", 400, "column"),
+    "images is a string": (seed_body(images=GOOD_IMAGE), 422, "images"),
+    "classes is an object": (seed_body(classes={"a": 1}), 422, "classes"),
+    "flag is null": (seed_body(classes=[["a", None]]), 422, "classes[0]"),
+    "name is a number": (seed_body(classes=[[3, 1]]), 422, "classes[0]"),
+    "top_k is fractional": (seed_body(top_k=1.5), 422, "top_k"),
+    "template is a list": (seed_body(template=["{name}"]), 422, "template"),
+    "33 images": (seed_body(images=[GOOD_IMAGE] * 33), 422, "at most 32"),
+    "1001 classes": (seed_body(classes=[[f"c{i}", 0] for i in range(1001)]), 422, "at most 1000"),
+    "class name of 301 characters": (seed_body(classes=[["n" * 301, 1]]), 422, "at most 300"),
+    "prompt over 77 tokens": (seed_body(classes=[["word " * 50, 1]]), 422, "77"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BAD_BODIES))
-def test_bad_bodies_get_a_json_4xx(served, name):
-    assert_json_error(post_raw(served, BAD_BODIES[name]))
+def test_bad_bodies_get_a_json_4xx_naming_the_fault(served, name):
+    body, status, fragment = BAD_BODIES[name]
+    error = assert_json_error(post_raw(served, body), status)
+    assert fragment in error["message"], error["message"]
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,7 @@ def test_key_matches_only_the_exact_key():
     assert not key_matches(b"Bearer s3cre", b"s3cret")
     assert not key_matches(b"Bearer s3cretX", b"s3cret")
     assert not key_matches(b"Basic s3cret", b"s3cret")
+    assert not key_matches(b"Bearer s3creT", b"s3cret")  # as long, its last byte wrong
 
 
 def test_without_a_key_every_request_passes():
@@ -88,6 +89,7 @@ def test_every_api_route_needs_the_key(guarded, method, path, body):
     for headers, reason in (
         ({}, "is missing"),
         ({"Authorization": "Bearer wrong-key"}, "does not carry the API key"),
+        ({"Authorization": f"Bearer {GUARD_KEY[:-1]}?"}, "does not carry the API key"),
         ({"Authorization": f"Basic {GUARD_KEY}"}, "does not carry the API key"),
     ):
         refused = httpx.request(method, url, json=body, headers=headers, timeout=30)

@@ -268,3 +268,7 @@ def test_every_api_is_answered_directly():
     assert routes.keys() == apis.keys()
     for route, api in apis.items():
         assert routes[route].model is api.input_spec, route
+    # And the service runs them through it: unwired, both sides of the comparisons above were
+    # BentoML's, and they still passed.
+    wired = [kw for cls, kw in service.ClipService.middlewares if cls is DirectJsonMiddleware]
+    assert len(wired) == 1 and wired[0]["routes"] is routes
