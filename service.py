@@ -33,6 +33,7 @@ from clip_runner.answers.invocation import classify as classify_images
 from clip_runner.answers.invocation import embed_texts as embed_texts_flow
 from clip_runner.answers.runner_calls import (
     RUNNER_ERRORS,
+    fast_preprocessing_note,
     forwards_jpegs,
     resilient,
     runner_calls,
@@ -333,6 +334,8 @@ class ClipService:
             settings.runner_calls,
         )
         forward = forwards_jpegs(settings.decode_jpegs_on, facts)
+        if note := fast_preprocessing_note(settings.fast_preprocessing, forward):
+            logger.warning(note)
         context = InvocationContext(
             facts=facts,
             encode_images=calls.encode_images,

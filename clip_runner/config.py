@@ -72,10 +72,13 @@ def _env_number(
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
+    kind = "an integer" if cast is int else "a number"
+    # Python's int() and float() also read `1_0` as 10 and other scripts' digits (`١` as 1).
+    if not raw.isascii() or "_" in raw:
+        raise SettingError(f"{name} must be {kind} in ASCII digits, got {quoted(raw)!r}")
     try:
         value = cast(raw)
     except ValueError as exc:
-        kind = "an integer" if cast is int else "a number"
         raise SettingError(f"{name} must be {kind}, got {quoted(raw)!r}") from exc
     # nan passes every comparison below, and inf is no time limit; an int is always finite
     # (math.isfinite refused one past a float's range with an OverflowError naming nothing).
@@ -337,6 +340,11 @@ class Settings:
             raise SettingError(
                 "CLIP_MAX_LATENCY_MS must be below half of CLIP_REQUEST_TIMEOUT_S "
                 f"({self.max_latency_ms} ms vs {self.request_timeout_s} s)"
+            )
+        if self.decode_jpegs_on == "api" and self.runner_jpeg_decoder == "nvjpeg":
+            raise SettingError(
+                "CLIP_RUNNER_JPEG_DECODER=nvjpeg decodes the JPEGs forwarded to the runner, and "
+                "CLIP_DECODE=api forwards none: it would have no effect; unset one of them"
             )
         if self.torch_compile and self.cuda_graphs:
             raise SettingError(

@@ -116,6 +116,18 @@ def test_cuda_graphs_can_be_asked_for_on_cpu_but_not_with_torch_compile(monkeypa
         get_settings()
 
 
+def test_nvjpeg_is_refused_where_the_api_workers_decode_every_jpeg(monkeypatch):
+    monkeypatch.setenv("CLIP_RUNNER_JPEG_DECODER", "nvjpeg")
+    for decode in ("auto", "runner"):  # auto: nvJPEG where the runner has a GPU
+        monkeypatch.setenv("CLIP_DECODE", decode)
+        get_settings.cache_clear()
+        assert get_settings().runner_jpeg_decoder == "nvjpeg"
+    monkeypatch.setenv("CLIP_DECODE", "api")
+    get_settings.cache_clear()
+    with pytest.raises(config.SettingError, match="CLIP_DECODE=api forwards none"):
+        get_settings()
+
+
 def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise(monkeypatch):
     monkeypatch.setattr(config, "usable_gpus", lambda: 1)
     settings = get_settings()
@@ -195,6 +207,10 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_MAX_WAITING_BODIES", "0", "must be >= 1"),
         ("CLIP_MAX_WAITING_BODY_BYTES", "1000", r"at least CLIP_MAX_BODY_BYTES \(1000 vs 6291456"),
         ("CLIP_MAX_REQUEST_PIXELS", "lots", "must be an integer"),
+        # Python's int() and float() read these as 10, 1 and 10.5.
+        ("CLIP_MAX_BATCH_SIZE", "1_0", "must be an integer in ASCII digits, got '1_0'"),
+        ("CLIP_RUNNER_PASSES", "\u0661", "must be an integer in ASCII digits"),
+        ("CLIP_FETCH_TIMEOUT_S", "1_0.5", "must be a number in ASCII digits"),
         ("CLIP_MAX_LINES", "0", "must be >= 1"),
         ("CLIP_API_KEY", "s3cret-clé", "must be printable ASCII without spaces"),
         ("CLIP_API_KEY", "two words", "must be printable ASCII without spaces"),

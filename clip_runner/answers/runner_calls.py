@@ -204,3 +204,15 @@ def forwards_jpegs(decode_jpegs_on: str, facts: ModelFacts) -> bool:
     if decode_jpegs_on == "auto":
         return facts.device == "cuda"
     return decode_jpegs_on == "runner"
+
+
+def fast_preprocessing_note(fast_preprocessing: bool, forward_jpegs: bool) -> str | None:
+    """What to tell a user of CLIP_PREPROCESS=fast whose JPEGs go to the runner: its reduced
+    decode is the API workers' (Pillow's draft mode), so the JPEGs the runner decodes keep the
+    reference's pixels, at full size; the option still reduces the other big images."""
+    if not (fast_preprocessing and forward_jpegs):
+        return None
+    return (
+        "CLIP_PREPROCESS=fast applies to the images the API workers decode: the JPEGs forwarded "
+        "to the runner (CLIP_DECODE) are decoded there at full size, with the reference's pixels"
+    )

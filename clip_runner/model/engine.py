@@ -83,6 +83,15 @@ class ServedModel:
             settings.max_text_batch_size,
             compiled=settings.torch_compile,
         )
+        if settings.runner_passes > self.layout.passes:
+            logger.warning(
+                "CLIP_RUNNER_PASSES=%d, but on CPU each pass needs a torch thread of its own and "
+                "the runner has %d (CLIP_RUNNER_THREADS, or its share of the cores): %d pass(es) "
+                "at once",
+                settings.runner_passes,
+                self.torch_threads,
+                self.layout.passes,
+            )
         with phases.phase("JPEG decoder"):
             self.jpeg_decoder = DeviceJpegDecoder(
                 device,

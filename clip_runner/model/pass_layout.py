@@ -47,9 +47,14 @@ def pass_layout(
 
     A `torch.compile`d model gets one pass at a time unless told otherwise: called from two
     threads at once it ran at 0.32 x the throughput, with requests timing out (BENCHMARKS.md).
+    On CPU each pass runs on a torch thread of its own, so there are at most as many passes as
+    threads: more had run more threads than CLIP_RUNNER_THREADS allows (4 passes of 1 thread
+    each where 1 was set).
     """
     if not passes:
         passes = 1 if on_gpu or compiled or torch_threads < 2 else 2
+    if not on_gpu:
+        passes = min(passes, max(torch_threads, 1))
     if not max_batch:
         max_batch = GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH
     if not max_text_batch:

@@ -14,6 +14,7 @@ from clip_runner.answers.runner_calls import (
     TEXT_CALL_EXTRA_WAIT_S,
     TEXT_CALL_MAX_PASSES,
     calls_in_flight,
+    fast_preprocessing_note,
     forwards_jpegs,
     merged,
     resilient,
@@ -239,3 +240,12 @@ def test_jpegs_are_forwarded_where_the_runner_has_a_gpu(device, decoder, auto_fo
     assert forwards_jpegs("auto", facts) is auto_forwards
     assert forwards_jpegs("runner", facts) is True
     assert forwards_jpegs("api", facts) is False
+
+
+def test_fast_preprocessing_is_said_to_leave_forwarded_jpegs_exact():
+    """CLIP_PREPROCESS=fast reduces what the API workers decode; the runner's JPEGs keep the
+    reference's pixels (a review found the option silently doing nothing for them)."""
+    note = fast_preprocessing_note(fast_preprocessing=True, forward_jpegs=True)
+    assert note is not None and "CLIP_DECODE" in note and "full size" in note
+    assert fast_preprocessing_note(fast_preprocessing=True, forward_jpegs=False) is None
+    assert fast_preprocessing_note(fast_preprocessing=False, forward_jpegs=True) is None

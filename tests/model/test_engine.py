@@ -97,6 +97,24 @@ def test_a_cpu_quota_below_the_cores_caps_the_runners_threads(tiny_stored_model,
         torch.set_num_threads(threads)
 
 
+def test_passes_past_the_runners_threads_are_cut_to_them_with_a_warning(
+    tiny_stored_model, monkeypatch, caplog
+):
+    from clip_runner.config import get_settings
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("CLIP_RUNNER_THREADS", "1")
+    monkeypatch.setenv("CLIP_RUNNER_PASSES", "4")
+    get_settings.cache_clear()
+    try:
+        model = ServedModel(tiny_stored_model)
+    finally:
+        get_settings.cache_clear()
+        torch.set_num_threads(threads)
+    assert (model.torch_threads, model.layout.passes) == (1, 1)
+    assert "CLIP_RUNNER_PASSES=4, but on CPU each pass needs a torch thread" in caplog.text
+
+
 def test_clip_dtype_bfloat16_runs_every_encoder_in_it_and_answers_float32(
     tiny_stored_model, served_model, monkeypatch
 ):
