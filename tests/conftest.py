@@ -102,6 +102,26 @@ def served(
 
 
 @pytest.fixture(scope="session")
+def gpu_like(
+    tiny_stored_model, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServedBento]:
+    """A GPU's default paths on CPU, for the suites of the device decode and CUDA graphs: JPEGs
+    forwarded to the runner (`CLIP_DECODE=runner`), image passes staged as the graphs replay them
+    (`CLIP_CUDA_GRAPHS=on`: eagerly without a GPU), and the switch interval a GPU run compares
+    with Python's. One server for both (each had its own: a start and stop less)."""
+    with serve_tiny(
+        tiny_stored_model,
+        bentoml_home,
+        tmp_path_factory,
+        "gpu-like",
+        CLIP_DECODE="runner",
+        CLIP_CUDA_GRAPHS="on",
+        CLIP_SWITCH_INTERVAL_MS="0.2",
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def guarded(
     tiny_stored_model, bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServedBento]:

@@ -11,7 +11,6 @@ import base64
 import copy
 import re
 import threading
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -22,11 +21,9 @@ from clip_runner.model.cuda_graphs import ReplayedForward, batch_buckets, bucket
 from clip_runner.model.encoding import ClipEncoder
 from tests.helpers import (
     SEED_CLASSES,
-    ServedBento,
     assert_same_answer,
     encode,
     photo_like,
-    serve_tiny,
 )
 
 
@@ -121,23 +118,20 @@ def test_concurrent_callers_each_get_their_own_rows(encoders):
             np.testing.assert_allclose(answer, expected[index], atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def replaying_server(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
-    with serve_tiny(
-        tiny_stored_model, bentoml_home, tmp_path_factory, "replaying", CLIP_CUDA_GRAPHS="on"
-    ) as server:
-        yield server
-
-
-def test_a_server_replaying_image_passes_answers_as_the_default_one(replaying_server, served):
+def test_a_server_replaying_image_passes_answers_as_the_default_one(gpu_like, served):
+    """Both of the runner's image paths go through the staged passes: JPEGs it decodes, and the
+    pixels of the PNGs the API workers decode."""
     pictures = [photo_like(200 + 10 * i, 150, seed=60 + i) for i in range(11)]
-    images = [base64.b64encode(encode(p, "JPEG", quality=90)).decode() for p in pictures]
+    images = [
+        base64.b64encode(encode(p, "PNG" if i % 3 == 0 else "JPEG", quality=90)).decode()
+        for i, p in enumerate(pictures)
+    ]
     body = {"images": images, "classes": SEED_CLASSES}
-    replayed = httpx.post(f"{replaying_server.url}/invocations", json=body, timeout=60)
+    replayed = httpx.post(f"{gpu_like.url}/invocations", json=body, timeout=60)
     default = httpx.post(f"{served.url}/invocations", json=body, timeout=60)
     assert replayed.status_code == default.status_code == 200
     assert_same_answer(replayed.json(), default.json(), tolerance=1e-6)
-    log = replaying_server.log()
+    log = gpu_like.log()
     assert "image passes per batch bucket [1, 2, 4, 8] from eager passes (no GPU)" in log
     # Recording them is a step of the runner's start of its own (startup_phases.py).
     assert re.search(r"runner start-up: .*, warm-up [\d.]+, CUDA graphs [\d.]+, garbage", log)

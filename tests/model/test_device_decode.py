@@ -14,7 +14,6 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -42,7 +41,6 @@ from tests.helpers import (
     encode,
     oriented_exif,
     photo_like,
-    serve_tiny,
     with_preview,
     ycck_jpeg,
 )
@@ -600,25 +598,20 @@ def test_a_failed_batch_raises_once_every_decode_in_it_has_ended(monkeypatch):
     assert sorted(ended) == [1, 2, 3, 4, 5]
 
 
-@pytest.fixture(scope="module")
-def forwarding(tiny_stored_model, bentoml_home, tmp_path_factory) -> Iterator[ServedBento]:
-    """The GPU's path on CPU, with the switch interval a GPU run compares with Python's."""
-    with serve_tiny(
-        tiny_stored_model,
-        bentoml_home,
-        tmp_path_factory,
-        "forwarding",
-        CLIP_DECODE="runner",
-        CLIP_SWITCH_INTERVAL_MS="0.2",
-    ) as server:
-        yield server
-
-
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def test_forwarding_server_answers_as_the_api_path(forwarding, served):
+def jpegs_sent(server: ServedBento) -> float:
+    """JPEG files the server's API workers have sent the runner so far (0 before any)."""
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    found = re.search(
+        r'^clip_service_runner_call_images_sum\{sent_as="jpeg"\} (\S+)$', metrics, re.M
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def test_forwarding_server_answers_as_the_api_path(gpu_like, served):
     pictures = [photo_like(200 + 10 * i, 150, seed=40 + i) for i in range(4)]
     images = [b64(encode(p, "JPEG", quality=90)) for p in pictures]
     images.append(b64(encode(pictures[1], "PNG")))  # decoded by the API worker
@@ -632,31 +625,31 @@ def test_forwarding_server_answers_as_the_api_path(forwarding, served):
     images.append(b64(with_preview(pictures[3], photo_like(40, 30, seed=1), quality=90)))
     images.append(b64(encode(pictures[2].convert("CMYK"), "JPEG", quality=90)))
     body = {"images": images, "classes": SEED_CLASSES}
-    decodes_before, decode_s_before = histogram(forwarding, "clip_runner_jpeg_decode_seconds")
-    forwarded = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
+    decodes_before, decode_s_before = histogram(gpu_like, "clip_runner_jpeg_decode_seconds")
+    sent_before = jpegs_sent(gpu_like)  # the server is shared (the CUDA graphs' suite)
+    forwarded = httpx.post(f"{gpu_like.url}/invocations", json=body, timeout=60)
     decoded_here = httpx.post(f"{served.url}/invocations", json=body, timeout=60)
     assert forwarded.status_code == decoded_here.status_code == 200
     assert_same_answer(forwarded.json(), decoded_here.json(), tolerance=1e-6)
-    metrics = httpx.get(f"{forwarding.url}/metrics", timeout=10).text
-    assert 'clip_service_runner_call_images_sum{sent_as="jpeg"} 9.0' in metrics
+    assert jpegs_sent(gpu_like) - sent_before == 9
     # The runner timed its decode of the forwarded nine, a part of its image passes' time.
-    decodes, decode_s = histogram(forwarding, "clip_runner_jpeg_decode_seconds")
-    _, pass_s = histogram(forwarding, "clip_runner_inference_seconds")
+    decodes, decode_s = histogram(gpu_like, "clip_runner_jpeg_decode_seconds")
+    _, pass_s = histogram(gpu_like, "clip_runner_inference_seconds")
     assert decodes > decodes_before and decode_s > decode_s_before
     assert decode_s <= pass_s
 
 
-def test_every_process_hands_the_gil_over_as_set(forwarding, served):
+def test_every_process_hands_the_gil_over_as_set(gpu_like, served):
     """CLIP_SWITCH_INTERVAL_MS reaches the runner and each API worker (gil_handover.py);
     without it they keep Python's 5 ms."""
-    for server, interval in ((forwarding, "0.2"), (served, "5")):
+    for server, interval in ((gpu_like, "0.2"), (served, "5")):
         for process in ("runner", "API worker"):
             line = f"{process}: a thread running Python yields the GIL to a waiting one after"
             log = server.wait_for_log(f"{line} {interval} ms")
             assert re.findall(rf"{line} (\S+) ms", log) == [interval] * log.count(line), process
 
 
-def test_a_forwarded_jpeg_that_does_not_decode_is_a_422_naming_it(forwarding):
+def test_a_forwarded_jpeg_that_does_not_decode_is_a_422_naming_it(gpu_like):
     """A complete JPEG (so it is forwarded) whose coded data is garbage: the runner's decode
     fails, that image alone."""
     good = encode(photo_like(120, 90, seed=3), "JPEG")
@@ -665,13 +658,13 @@ def test_a_forwarded_jpeg_that_does_not_decode_is_a_422_naming_it(forwarding):
     for position in range(scan + 20, len(good) - 2, 7):  # stray 0xFF bytes: markers it cannot be
         garbled[position] = 0xFF if garbled[position - 1] != 0xFF else 0x00
     body = {"images": [b64(good), b64(bytes(garbled))], "classes": SEED_CLASSES}
-    response = httpx.post(f"{forwarding.url}/invocations", json=body, timeout=60)
+    response = httpx.post(f"{gpu_like.url}/invocations", json=body, timeout=60)
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["index"] == 1 and "images[1]" in error["message"]
     assert "the JPEG decoder refused it" in error["message"]  # the runner's, not the API's
     ok = httpx.post(
-        f"{forwarding.url}/invocations",
+        f"{gpu_like.url}/invocations",
         json={"images": [b64(good)], "classes": SEED_CLASSES},
         timeout=60,
     )
