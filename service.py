@@ -64,7 +64,7 @@ from clip_runner.model.model_source import check_served_model
 from clip_runner.model.runner import RUNNER_SERVICE_NAME, CLIPRunner
 from clip_runner.model.shutdown_order import (
     exit_failed_if_stopped,
-    keep_runner_sockets_until_the_workers_stop,
+    order_the_supervisors_stop,
 )
 from clip_runner.model.simplejpeg_pixels import cpu_decoder_name
 from clip_runner.web.answer_json import embedding_json, json_body
@@ -117,8 +117,9 @@ settings = get_settings()
 check_served_model(settings.model_tag, settings.model_dir)
 # A runner whose model does not load stops the server; the supervisor then exits 78, not 0.
 exit_failed_if_stopped()
-# Stopped, the supervisor keeps the runners reachable until its workers have stopped.
-keep_runner_sockets_until_the_workers_stop()
+# Stopped, the supervisor refuses new connections at once and keeps the runners reachable
+# until its workers have stopped.
+order_the_supervisors_stop()
 # Set by the Dockerfile of BentoML's image, where its supervisor then starts no worker again that
 # ended: a runner that exits on a broken or stalled GPU (status 70: model/device_health.py) or
 # crashes stayed gone, one of two silently halving a GPU's capacity, the last one stopping the

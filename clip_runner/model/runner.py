@@ -34,6 +34,7 @@ from clip_runner.model.encodings_in_flight import EncodingsInFlight
 from clip_runner.model.gpu_placement import BENTOML_GPU_ALLOCATION_OFF, place_worker
 from clip_runner.model.model_source import ModelSourceError
 from clip_runner.model.shutdown_order import (
+    close_inherited_listeners,
     hold_sigterm_while,
     other_services_alive,
     stop_the_server,
@@ -95,6 +96,7 @@ class CLIPRunner:
 
     def __init__(self) -> None:
         phases = StartupPhases()  # each step's time, logged once ready (startup_phases.py)
+        close_inherited_listeners()  # the API's port, which a stop must close (shutdown_order.py)
         # Before torch starts CUDA in this process: it reads CUDA_VISIBLE_DEVICES only then.
         worker = bentoml.server_context.worker_index
         gpu = place_worker(os.environ, usable_gpus(), worker)

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -87,22 +88,46 @@ def hold_sigterm_while(alive: Callable[[], bool], limit_s: float = HOLD_LIMIT_S)
     signal.signal(signal.SIGTERM, hold)
 
 
-def keep_runner_sockets_until_the_workers_stop() -> None:
-    """Have this process's BentoML supervisor remove the runners' unix socket folder when it
-    exits, not when it begins to stop. BentoML's supervisor removed it first, then stopped the
-    workers: the runner, holding its SIGTERM (`hold_sigterm_while`), could no longer be reached
-    by a new connection, only by one opened before. An API worker opens one for a call after an
-    idle while (an image fetched for 7 s) and every 8th call with several runners (a GPU's
-    default), so a request in flight at `docker stop` got a 503 `runner_unavailable` (1 or 2 of
-    6, 2 runners). The supervisor still removes the folder (and ends BentoML's usage tracking,
-    the other thing it held for the stop) at its exit; a supervisor killed did neither before."""
+def order_the_supervisors_stop() -> None:
+    """Have this process's BentoML supervisor, when it stops, close its copy of the API's port
+    first and remove the runners' unix socket folder last, at its exit.
+
+    The folder: BentoML's supervisor removed it first, then stopped the workers, so the runner,
+    holding its SIGTERM (`hold_sigterm_while`), could no longer be reached by a new connection,
+    only by one opened before. An API worker opens one for a call after an idle while (an image
+    fetched for 7 s) and every 8th call with several runners (a GPU's default), so a request in
+    flight at `docker stop` got a 503 `runner_unavailable` (1 or 2 of 6, 2 runners). The
+    supervisor still removes the folder (and ends BentoML's usage tracking, the other thing it
+    held for the stop) at its exit; a supervisor killed did neither before.
+
+    The port: the API workers stop listening at once, but the kernel let new connections in for
+    as long as any process held the listening socket, the supervisor among them (the runner
+    closes its inherited copy at start: `close_inherited_listeners`), and reset them unanswered
+    at its exit, up to `HOLD_LIMIT_S` later. Closed, they are refused at once, and a client or
+    load balancer can go elsewhere."""
     from bentoml._internal.utils import circus as bentoml_circus
 
     def stop(arbiter: bentoml_circus.Arbiter) -> object:
+        for listener in arbiter.sockets.values():
+            if listener.family in (socket.AF_INET, socket.AF_INET6):
+                listener.close()
         atexit.register(arbiter.exit_stack.close)
         return bentoml_circus._Arbiter.stop(arbiter)  # circus's own: the workers, then the loop
 
     bentoml_circus.Arbiter.stop = stop  # type: ignore[method-assign]
+
+
+def close_inherited_listeners() -> int:
+    """Close the TCP listening sockets this process inherited, and return how many: a BentoML
+    worker inherits every socket of its supervisor, and the runner, which listens on its unix
+    socket alone, held the API's port open through a stop (`order_the_supervisors_stop`)."""
+    closed = 0
+    for connection in psutil.Process().net_connections(kind="inet"):
+        if connection.status == psutil.CONN_LISTEN and connection.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(connection.fd)
+                closed += 1
+    return closed
 
 
 # The exit status of a server a worker stopped (EX_CONFIG of sysexits.h: its model or settings

@@ -99,15 +99,28 @@ def test_a_request_in_flight_when_the_server_is_stopped_is_answered(
         )
         caller.start()
         left = json.dumps({**body, "images": body["images"][:1]}).encode()
-        with socket.create_connection(("127.0.0.1", urlsplit(server.url).port)) as departed:
+        port = urlsplit(server.url).port
+        with socket.create_connection(("127.0.0.1", port)) as departed:
             departed.sendall(
                 b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(left), left)
             )
             time.sleep(0.5)
         time.sleep(0.5)
+        assert not [c for c in runner.net_connections(kind="inet") if c.status == "LISTEN"]
         server.process.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
+        # New connections are refused once the API workers have stopped listening, while the
+        # request above is still answered: the runner and the supervisor had held the port,
+        # and the kernel let them in, to reset them unanswered at the end (up to 25 s later).
+        refused = False
+        while not refused and time.monotonic() - stopped_at < 5:
+            time.sleep(0.2)
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            except ConnectionRefusedError:
+                refused = True
+        assert refused and not answer  # refused while the request was still in flight
         caller.join(timeout=60)
         assert answer and answer[0].status_code == 200, answer and answer[0].text
         assert len(answer[0].json()) == 2
