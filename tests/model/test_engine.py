@@ -72,6 +72,22 @@ def test_how_the_gpu_is_waited_for_reaches_every_waiting_part(tiny_stored_model,
         get_settings.cache_clear()
 
 
+def served_with(stored, monkeypatch, **env: str) -> ServedModel:
+    """The runner's model loaded under these settings (then read again by the next test), with
+    torch's thread count put back as it was."""
+    from clip_runner.config import get_settings
+
+    threads = torch.get_num_threads()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        return ServedModel(stored)
+    finally:
+        get_settings.cache_clear()
+        torch.set_num_threads(threads)
+
+
 def served_model_waits(stored) -> set[bool]:
     """How each part that waits for the device was told to wait."""
     model = ServedModel(stored)
@@ -100,17 +116,9 @@ def test_a_cpu_quota_below_the_cores_caps_the_runners_threads(tiny_stored_model,
 def test_passes_past_the_runners_threads_are_cut_to_them_with_a_warning(
     tiny_stored_model, monkeypatch, caplog
 ):
-    from clip_runner.config import get_settings
-
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("CLIP_RUNNER_THREADS", "1")
-    monkeypatch.setenv("CLIP_RUNNER_PASSES", "4")
-    get_settings.cache_clear()
-    try:
-        model = ServedModel(tiny_stored_model)
-    finally:
-        get_settings.cache_clear()
-        torch.set_num_threads(threads)
+    model = served_with(
+        tiny_stored_model, monkeypatch, CLIP_RUNNER_THREADS="1", CLIP_RUNNER_PASSES="4"
+    )
     assert (model.torch_threads, model.layout.passes) == (1, 1)
     assert "CLIP_RUNNER_PASSES=4, but on CPU each pass needs a torch thread" in caplog.text
 
@@ -121,14 +129,7 @@ def test_clip_dtype_bfloat16_runs_every_encoder_in_it_and_answers_float32(
     """CLIP_DTYPE=bfloat16 on CPU (an opt-in: its numbers move, BENCHMARKS.md): the facts say
     so, the model's weights are bfloat16, and all three encoders answer float32 unit rows near
     the float32 model's."""
-    from clip_runner.config import get_settings
-
-    monkeypatch.setenv("CLIP_DTYPE", "bfloat16")
-    get_settings.cache_clear()
-    try:
-        half = ServedModel(tiny_stored_model)
-    finally:
-        get_settings.cache_clear()
+    half = served_with(tiny_stored_model, monkeypatch, CLIP_DTYPE="bfloat16")
     assert half.facts.dtype == "bfloat16" and served_model.facts.dtype == "float32"
     assert {p.dtype for p in half.encoder.model.parameters()} == {torch.bfloat16}
     image = photo_like(224, 224, seed=5)
