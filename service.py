@@ -99,6 +99,7 @@ from clip_runner.web.schemas import (
     TopK,
     ZeroShotParameters,
 )
+from clip_runner.web.send_deadline import bound_unread_answers
 from clip_runner.web.traffic import RequestGuardMiddleware
 from clip_runner.web.trailing_slash import TrailingSlashMiddleware
 from clip_runner.web.ui import demo_page
@@ -243,6 +244,7 @@ class ClipService:
         # token count (over 64 KiB from about 25,000 prompts, were CLIP_MAX_TEXT_BATCH_SIZE
         # that large).
         bound_request_headers(HeaderLimits(settings.header_timeout_s, settings.max_header_bytes))
+        bound_unread_answers(settings.send_timeout_s)
 
     async def probe_runner(self) -> bool:
         """Whether the runner answers its readiness probe and its model facts are known.

@@ -309,6 +309,7 @@ class Settings:
     # Abuse bounds (issue 15): slow uploads, costly images, an optional API key.
     body_timeout_s: float
     header_timeout_s: float
+    send_timeout_s: float  # an answer's client may read nothing of it this long (send_deadline.py)
     max_header_bytes: int
     max_waiting_bodies: int
     max_waiting_body_bytes: int
@@ -437,7 +438,9 @@ def get_settings() -> Settings:
     max_body_bytes = _env_int("CLIP_MAX_BODY_BYTES", kind_body_bytes)
     # An async endpoint's payload (up to 1 GB, from S3 through SageMaker's own network) gets two
     # minutes to arrive; a real-time or batch body (6 MB) ten seconds.
-    body_timeout_s = 120.0 if endpoint_kind == "async" else 10.0
+    body_timeout_s = _env_seconds(
+        "CLIP_BODY_TIMEOUT_S", 120.0 if endpoint_kind == "async" else 10.0
+    )
     request_timeout_s = _env_seconds(
         "CLIP_REQUEST_TIMEOUT_S", kind_timeout_s, minimum=MIN_REQUEST_TIMEOUT_S
     )
@@ -519,8 +522,10 @@ def get_settings() -> Settings:
             0.0,
         ),
         endpoint_kind=endpoint_kind,
-        body_timeout_s=_env_seconds("CLIP_BODY_TIMEOUT_S", body_timeout_s),
+        body_timeout_s=body_timeout_s,
         header_timeout_s=_env_seconds("CLIP_HEADER_TIMEOUT_S", 10.0),
+        # As long as a body may take to arrive: an async endpoint's answers are as large.
+        send_timeout_s=_env_seconds("CLIP_SEND_TIMEOUT_S", body_timeout_s),
         max_header_bytes=_env_int("CLIP_MAX_HEADER_BYTES", 64 * 1024),
         max_waiting_bodies=_env_int("CLIP_MAX_WAITING_BODIES", 512),
         max_waiting_body_bytes=_env_int(

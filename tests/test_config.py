@@ -196,6 +196,7 @@ def test_on_a_gpu_graphs_replay_and_the_access_log_is_off_unless_asked_otherwise
         ("CLIP_ACCESS_LOG", "false", "must be one of auto, on, off"),
         ("CLIP_DIRECT_RUNNER_CALLS", "bentoml", "must be one of on, off"),
         ("CLIP_BODY_TIMEOUT_S", "0", "must be >= 0.001"),
+        ("CLIP_SEND_TIMEOUT_S", "0", "must be >= 0.001"),
         ("CLIP_SWITCH_INTERVAL_MS", "0", "must be >= 0.01"),
         ("CLIP_SWITCH_INTERVAL_MS", "fast", "must be a number"),
         ("CLIP_CUDA_WAIT", "sleep", "must be one of block, spin"),
@@ -348,6 +349,23 @@ def test_request_timeout_body_limit_and_queue_bound_follow_the_endpoint_kind(
     get_settings.cache_clear()
     monkeypatch.setenv("CLIP_MAX_LATENCY_MS", "5000")
     assert get_settings().max_latency_ms == 5000
+
+
+def test_the_send_deadline_follows_the_body_deadline_unless_set(monkeypatch):
+    """An answer may wait for its reader as long as a body may take to arrive: 10 s, and two
+    minutes on an async endpoint, whose answers are as large as its payloads."""
+    for name in ("CLIP_BODY_TIMEOUT_S", "CLIP_SEND_TIMEOUT_S"):
+        monkeypatch.delenv(name, raising=False)
+    assert get_settings().send_timeout_s == 10
+    get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_ENDPOINT_KIND", "async")
+    assert get_settings().send_timeout_s == get_settings().body_timeout_s == 120
+    get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_BODY_TIMEOUT_S", "30")
+    assert get_settings().send_timeout_s == 30
+    get_settings.cache_clear()
+    monkeypatch.setenv("CLIP_SEND_TIMEOUT_S", "45")
+    assert (get_settings().send_timeout_s, get_settings().body_timeout_s) == (45, 30)
 
 
 def test_unknown_endpoint_kind_is_refused(monkeypatch):
