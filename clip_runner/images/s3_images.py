@@ -119,11 +119,11 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
-        EndpointConnectionError,
         FlexibleChecksumError,
         NoCredentialsError,
         ParamValidationError,
     )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     bucket, key = parse_s3_url(url, index)
     shown = quoted(url)
@@ -172,7 +172,11 @@ def read_object(client: Any, url: str, index: int, limits: FetchLimits) -> bytes
         raise ImageError(index, f"could not read {shown}: {quoted(str(error))}") from None
     except FlexibleChecksumError:  # the bytes S3 sent are not the object's: worth another try
         raise unavailable(index, shown, "its checksum did not match") from None
-    except EndpointConnectionError as error:  # S3 unreachable (after botocore's two tries)
+    except BotoConnectionError as error:  # S3 unreachable (after botocore's two tries)
+        # Refused, or not answered at all (a firewall or a VPC without an S3 endpoint drops
+        # the connection: ConnectTimeoutError), or no proxy or TLS: the server's side, never
+        # the caller's. Not answered, it had been a 422 on every line of a mini-batch, which
+        # SageMaker then wrote as the job's results instead of retrying it.
         logger.warning("reading %s failed: %s", url, error)  # the address: logged only
         raise unavailable(index, shown, type(error).__name__) from None
     except BotoCoreError as error:  # a read that timed out, a connection cut mid-read

@@ -387,6 +387,31 @@ def test_an_unreachable_s3_is_a_503(s3_env):
     assert "127.0.0.1" not in refused.value.message
 
 
+def test_an_s3_that_never_answers_a_connection_is_a_503_too(s3_env):
+    """A firewall, or a VPC with no S3 endpoint, drops the connection: botocore's
+    ConnectTimeoutError, which is no EndpointConnectionError, had been a 422 on each line."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        waiting = [socket.socket() for _ in range(3)]  # fill its backlog: later SYNs are dropped
+        for queued in waiting:
+            queued.setblocking(False)
+            queued.connect_ex(("127.0.0.1", port))
+        try:
+            s3_images.CLIENTS.clear()
+            os.environ["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{port}"
+            limits = FetchLimits(1000, timeout_s=5, connect_timeout_s=0.5)
+            with pytest.raises(ImageError) as refused:
+                fetch("s3://clip-images/any.jpg", limits)
+        finally:
+            for queued in waiting:
+                queued.close()
+    assert refused.value.status == 503, refused.value.message
+    assert "ConnectTimeoutError" in refused.value.message
+    assert "127.0.0.1" not in refused.value.message
+
+
 def test_waiting_for_a_reader_thread_does_not_count_against_the_deadline(s3_env):
     """More reads than threads, each answered by S3 well within the deadline: the reads past the
     64th had timed out waiting for a thread (half of a 64-line mini-batch of 8 images each)."""
