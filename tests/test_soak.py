@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -58,14 +59,20 @@ def bad_requests() -> list[SoakRequest]:
     def refused(response: httpx.Response) -> bool:
         return 400 <= response.status_code < 500 and "error" in response.json()
 
+    def refused_with(status: int) -> Callable[[httpx.Response], bool]:
+        return lambda response: response.status_code == status and refused(response)
+
     good_image = as_base64(photo_like(30, 30, seed=1))
-    bodies = [body for name, body in BAD_BODIES.items() if name != "huge image list"]
-    bodies += [
+    requests = [
+        SoakRequest(body, "application/json", refused_with(status), False)
+        for body, status, _ in BAD_BODIES.values()
+    ]
+    bodies = [
         json.dumps({"images": [good_image, image], "classes": [["a", 1]]}).encode()
         for name, image in REFUSED_IMAGES.items()
         if name != "pixel bomb"
     ]
-    requests = [SoakRequest(body, "application/json", refused, False) for body in bodies]
+    requests += [SoakRequest(body, "application/json", refused, False) for body in bodies]
     requests.append(SoakRequest(b'{"images": ["x"]}', "text/plain", refused, False))
     return requests
 
