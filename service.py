@@ -48,6 +48,7 @@ from clip_runner.config import (
     DEFAULT_TOP_K,
     get_settings,
     refuse_bentoml_worker_counts,
+    refuse_ports_it_cannot_listen_on,
 )
 from clip_runner.errors import RequestError, error_body
 from clip_runner.gc_tuning import settle_after_loading
@@ -116,6 +117,8 @@ settings = get_settings()
 # start here, before any worker spawns, with one line saying what is wrong (a bad store entry
 # had the runner fail at each restart, forever; clip_runner/model/model_source.py).
 check_served_model(settings.model_tag, settings.model_dir)
+# A port in use (a server still running) stops the start in one line, not a traceback.
+refuse_ports_it_cannot_listen_on()
 # A runner whose model does not load stops the server; the supervisor then exits 78, not 0.
 exit_failed_if_stopped()
 # Stopped, the supervisor refuses new connections at once and keeps the runners reachable

@@ -6,6 +6,7 @@ the module is first asked for them; the README's configuration table lists each 
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import math
@@ -197,6 +198,35 @@ def _port() -> int:
             "listens on BENTOML_PORT (a container's `PORT` sets it), so set that one alone"
         )
     return port
+
+
+def refuse_ports_it_cannot_listen_on() -> None:
+    """Have BentoML's supervisor stop in one line, as for a setting refused, where it cannot
+    listen on its port: one taken by another server (a second `make serve`, the first run's
+    left running) or one it may not take (below 1024 without root) had ended the start in
+    circus's `OSError` and a 58-line traceback."""
+    from circus.sockets import CircusSocket
+
+    bind_and_listen = CircusSocket.bind_and_listen
+    if getattr(bind_and_listen, "refuses_in_one_line", False):
+        return
+
+    def bind_or_refuse(listener: CircusSocket) -> None:
+        try:
+            bind_and_listen(listener)
+        except OSError as error:
+            if listener.is_unix:
+                raise
+            where = f"{listener.host}:{listener.port}"
+            if error.errno == errno.EADDRINUSE:
+                raise SettingError(
+                    f"cannot listen on {where}: another process has the port (a server still "
+                    "running?); stop it, or serve on another port (CLIP_PORT)"
+                ) from None
+            raise SettingError(f"cannot listen on {where}: {error.strerror}") from None
+
+    bind_or_refuse.refuses_in_one_line = True  # type: ignore[attr-defined]
+    CircusSocket.bind_and_listen = bind_or_refuse  # type: ignore[method-assign]
 
 
 def _env_switch(name: str, auto: Callable[[], bool]) -> bool:

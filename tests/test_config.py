@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -505,3 +506,34 @@ def test_bentoml_serve_stops_on_a_bad_setting_with_one_line_naming_it(tmp_path):
     assert (result.stdout + result.stderr).strip().splitlines() == [
         "Error: [serve] `serve` failed: CLIP_MAX_CONCURRENCY must be an integer, got 'abc'"
     ]
+
+
+def test_bentoml_serve_stops_in_one_line_where_its_port_is_taken(tiny_stored_model, bentoml_home):
+    """A second `make serve`, or the first one still running: circus's OSError had ended the
+    start in a 58-line traceback."""
+    bentoml_cli = Path(sys.executable).with_name("bentoml")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "BENTOML_HOME": str(bentoml_home),
+            "CLIP_MODEL_TAG": str(tiny_stored_model.tag),
+            "CLIP_PORT": str(port),
+        }
+        result = subprocess.run(
+            [str(bentoml_cli), "serve", "service:ClipService", "--host", "127.0.0.1"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    assert "Traceback" not in said, said
+    assert (
+        f"Error: [serve] `serve` failed: cannot listen on 127.0.0.1:{port}: another process "
+        "has the port"
+    ) in said
