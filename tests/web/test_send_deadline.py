@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -16,19 +17,22 @@ from tests.helpers import GUARD_AUTH, GUARD_KEY
 TEXTS = [f"an answer that is never read, number {i}" for i in range(1000)]
 
 
-def non_reading_client(port: int, pipelined: int) -> socket.socket:
-    """A connection with a tiny receive window that sends `pipelined` requests for large answers
-    (1,000 text embeddings each) at once and reads nothing."""
-    body = json.dumps({"texts": TEXTS}).encode()
-    request = (
+def non_reading_request(texts: list[str]) -> bytes:
+    body = json.dumps({"texts": texts}).encode()
+    return (
         b"POST /embed_texts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
         % (GUARD_KEY.encode(), len(body), body)
     )
+
+
+def non_reading_client(port: int, pipelined: int) -> socket.socket:
+    """A connection with a tiny receive window that sends `pipelined` requests for large answers
+    (1,000 text embeddings each) at once and reads nothing."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
-    sock.sendall(request * pipelined)
+    sock.sendall(non_reading_request(TEXTS) * pipelined)
     return sock
 
 
@@ -96,3 +100,39 @@ def test_a_client_reading_slowly_gets_every_answer(guarded):
         client.close()
     assert time.monotonic() - started > 3  # slower than the deadline, in all
     assert received.count(b"HTTP/1.1 200 OK") == 16
+
+
+def test_a_request_behind_unread_answers_waits_for_them_without_a_slot(guarded):
+    """Requests sent one after another (not pipelined) on connections whose earlier answers are
+    unread: each had started, taken an admission slot and held it, answered, until the deadline
+    dropped its connection; four such connections (the guarded server's slot limit) turned
+    good requests away with 429s meanwhile."""
+    port = urlsplit(guarded.url).port
+    httpx.post(f"{guarded.url}/embed_texts", json={"texts": TEXTS}, headers=GUARD_AUTH)
+    clients = [non_reading_client(port, pipelined=0) for _ in range(4)]
+    filler = non_reading_request(TEXTS)
+    last = non_reading_request(["one more"])
+
+    def fill(client: socket.socket) -> None:
+        for _ in range(12):  # each answered before the next is sent, until the buffers fill
+            client.sendall(filler)
+            time.sleep(0.03)
+        client.sendall(last)
+
+    try:
+        senders = [threading.Thread(target=fill, args=(client,)) for client in clients]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        statuses = []
+        until = time.monotonic() + 1.0  # within the 2-s deadline, while the answers wait
+        while time.monotonic() < until:
+            good = httpx.post(
+                f"{guarded.url}/embed_texts", json={"texts": ["a cat"]}, headers=GUARD_AUTH
+            )
+            statuses.append(good.status_code)
+        assert set(statuses) == {200}, statuses
+    finally:
+        for client in clients:
+            client.close()
