@@ -68,6 +68,7 @@ from clip_runner.model.shutdown_order import (
     order_the_supervisors_stop,
 )
 from clip_runner.model.simplejpeg_pixels import cpu_decoder_name
+from clip_runner.open_files import raise_open_file_limit
 from clip_runner.web.answer_json import embedding_json, json_body
 from clip_runner.web.auth import ApiKeyMiddleware
 from clip_runner.web.connection_recycling import ConnectionRecyclingMiddleware
@@ -119,6 +120,8 @@ settings = get_settings()
 check_served_model(settings.model_tag, settings.model_dir)
 # A port in use (a server still running) stops the start in one line, not a traceback.
 refuse_ports_it_cannot_listen_on()
+# Every worker inherits it: a connection holds a file descriptor (open_files.py).
+raise_open_file_limit()
 # A runner whose model does not load stops the server; the supervisor then exits 78, not 0.
 exit_failed_if_stopped()
 # Stopped, the supervisor refuses new connections at once and keeps the runners reachable

@@ -32,6 +32,7 @@ SHARED = {
     "gil_handover",
     "host_lookup",
     "malloc_tuning",
+    "open_files",
 }
 
 

@@ -1,0 +1,35 @@
+"""The open-file limit: raised to the hard limit, in the process and the ones it starts."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+
+from tests.helpers import REPO_ROOT
+
+PROBE = """
+import resource
+from clip_runner.open_files import raise_open_file_limit
+print(raise_open_file_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+
+
+def test_a_low_soft_limit_is_raised_to_the_hard_one():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = 256
+
+    def start_low() -> None:  # as a container's 1024, lower still
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+
+    said = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=REPO_ROOT,
+        preexec_fn=start_low,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    expected = hard if hard != resource.RLIM_INFINITY else 1_048_576
+    assert [int(value) for value in said] == [expected, expected, hard]
+    assert expected > low and soft <= expected
