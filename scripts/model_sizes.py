@@ -11,6 +11,7 @@ of images and six prompts in fp32 on the CPU. fp16 weights on a GPU take half th
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -65,7 +66,19 @@ def main() -> int:
         return 0
     from clip_runner.model.store import ARCHITECTURES
 
-    names = sys.argv[1:] or [name for name in ARCHITECTURES if name != "tiny"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="ARCHITECTURE",
+        help=f"any of {', '.join(ARCHITECTURES)} (default: all but tiny)",
+    )
+    names = parser.parse_args().names
+    if unknown := [name for name in names if name not in ARCHITECTURES]:
+        parser.error(
+            f"unknown architecture {', '.join(unknown)}: any of {', '.join(ARCHITECTURES)}"
+        )
+    names = names or [name for name in ARCHITECTURES if name != "tiny"]
     rows = []
     for name in names:
         output = subprocess.run(
