@@ -490,20 +490,25 @@ def test_every_setting_has_its_row_in_the_readmes_configuration_table():
     assert sorted(documented) == sorted(read)
 
 
-def test_bentoml_serve_stops_on_a_bad_setting_with_one_line_naming_it(tmp_path):
-    """It had been a 70-line traceback, the one line saying what was wrong at its end."""
+def bentoml_serve_output(**env: str) -> tuple[int, str]:
+    """`bentoml serve` of the service with these variables, to its end: (status, what it said)."""
     bentoml_cli = Path(sys.executable).with_name("bentoml")
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "CLIP_MAX_CONCURRENCY": "abc"}
     result = subprocess.run(
         [str(bentoml_cli), "serve", "service:ClipService", "--host", "127.0.0.1"],
         cwd=REPO_ROOT,
-        env=env,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 1
-    assert (result.stdout + result.stderr).strip().splitlines() == [
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_bentoml_serve_stops_on_a_bad_setting_with_one_line_naming_it(tmp_path):
+    """It had been a 70-line traceback, the one line saying what was wrong at its end."""
+    status, said = bentoml_serve_output(BENTOML_HOME=str(tmp_path), CLIP_MAX_CONCURRENCY="abc")
+    assert status == 1
+    assert said.strip().splitlines() == [
         "Error: [serve] `serve` failed: CLIP_MAX_CONCURRENCY must be an integer, got 'abc'"
     ]
 
@@ -511,27 +516,16 @@ def test_bentoml_serve_stops_on_a_bad_setting_with_one_line_naming_it(tmp_path):
 def test_bentoml_serve_stops_in_one_line_where_its_port_is_taken(tiny_stored_model, bentoml_home):
     """A second `make serve`, or the first one still running: circus's OSError had ended the
     start in a 58-line traceback."""
-    bentoml_cli = Path(sys.executable).with_name("bentoml")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {
-            **os.environ,
-            "BENTOML_HOME": str(bentoml_home),
-            "CLIP_MODEL_TAG": str(tiny_stored_model.tag),
-            "CLIP_PORT": str(port),
-        }
-        result = subprocess.run(
-            [str(bentoml_cli), "serve", "service:ClipService", "--host", "127.0.0.1"],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
+        status, said = bentoml_serve_output(
+            BENTOML_HOME=str(bentoml_home),
+            CLIP_MODEL_TAG=str(tiny_stored_model.tag),
+            CLIP_PORT=str(port),
         )
-    said = result.stdout + result.stderr
-    assert result.returncode == 1, said
+    assert status == 1, said
     assert "Traceback" not in said, said
     assert (
         f"Error: [serve] `serve` failed: cannot listen on 127.0.0.1:{port}: another process "
