@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, TypeVar
@@ -96,7 +97,8 @@ class CLIPRunner:
 
     def __init__(self) -> None:
         phases = StartupPhases()  # each step's time, logged once ready (startup_phases.py)
-        close_inherited_listeners()  # the API's port, which a stop must close (shutdown_order.py)
+        # The API's port, which a stop must close (shutdown_order.py); not its own.
+        close_inherited_listeners(sys.argv)
         # Before torch starts CUDA in this process: it reads CUDA_VISIBLE_DEVICES only then.
         worker = bentoml.server_context.worker_index
         gpu = place_worker(os.environ, usable_gpus(), worker)

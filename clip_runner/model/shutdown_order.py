@@ -117,13 +117,24 @@ def order_the_supervisors_stop() -> None:
     bentoml_circus.Arbiter.stop = stop  # type: ignore[method-assign]
 
 
-def close_inherited_listeners() -> int:
-    """Close the TCP listening sockets this process inherited, and return how many: a BentoML
-    worker inherits every socket of its supervisor, and the runner, which listens on its unix
-    socket alone, held the API's port open through a stop (`order_the_supervisors_stop`)."""
+def own_listener_fd(arguments: list[str]) -> int | None:
+    """The socket a BentoML worker was started to serve (its `--fd`), None outside one."""
+    for flag, value in zip(arguments, arguments[1:], strict=False):
+        if flag == "--fd" and value.isdigit():
+            return int(value)
+    return None
+
+
+def close_inherited_listeners(arguments: list[str]) -> int:
+    """Close the TCP listening sockets this process inherited but was not started to serve
+    (its `--fd`, in `arguments`), and return how many: a BentoML worker inherits every socket
+    of its supervisor, and the runner held the API's port open through a stop
+    (`order_the_supervisors_stop`). Its own may be TCP too (BentoML's where unix sockets are
+    not used: `BENTOML_NO_UDS`, Windows' WSL, Docker Desktop)."""
+    own = own_listener_fd(arguments)
     closed = 0
     for connection in psutil.Process().net_connections(kind="inet"):
-        if connection.status == psutil.CONN_LISTEN and connection.fd >= 0:
+        if connection.status == psutil.CONN_LISTEN and connection.fd not in (-1, own):
             with contextlib.suppress(OSError):
                 os.close(connection.fd)
                 closed += 1

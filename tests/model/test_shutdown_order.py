@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ import psutil
 import pytest
 
 from clip_runner.model.shutdown_order import hold_sigterm_while, other_services_alive, service_of
-from tests.helpers import as_base64, encode, photo_like, serve_tiny
+from tests.helpers import REPO_ROOT, as_base64, encode, photo_like, serve_tiny
 
 
 @pytest.fixture
@@ -127,3 +129,45 @@ def test_a_request_in_flight_when_the_server_is_stopped_is_answered(
         assert server.process.wait(timeout=60) == 0
         assert time.monotonic() - stopped_at < 10  # docker stop's default grace
         assert runner_sockets and not any(path.exists() for path in runner_sockets)  # at exit
+
+
+CLOSE_INHERITED = """
+import os, socket, sys
+from clip_runner.model.shutdown_order import close_inherited_listeners
+own, inherited = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+closed = close_inherited_listeners(["worker", "--fd", str(own.fileno()), "--worker-id", "1"])
+def is_open(listener):
+    try:
+        os.fstat(listener.fileno())
+        return True
+    except OSError:
+        return False
+print(closed, is_open(own), is_open(inherited))
+"""
+
+
+def test_the_runner_closes_inherited_listeners_but_its_own():
+    """Its own is TCP where BentoML does without unix sockets (BENTOML_NO_UDS, WSL, Docker
+    Desktop): closed too, the runner never started (a review found)."""
+    said = subprocess.run(
+        [sys.executable, "-c", CLOSE_INHERITED],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert said == ["1", "True", "False"]
+
+
+def test_a_server_whose_runner_listens_on_tcp_serves(
+    tiny_stored_model, bentoml_home, tmp_path_factory
+):
+    with serve_tiny(
+        tiny_stored_model, bentoml_home, tmp_path_factory, "no-uds", BENTOML_NO_UDS="1"
+    ) as server:
+        answer = httpx.post(f"{server.url}/embed_texts", json={"texts": ["a cat"]}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        (runner,) = server.runner_processes()
+        listening = [c for c in runner.net_connections(kind="inet") if c.status == "LISTEN"]
+        assert len(listening) == 1  # its own, not the API's port
+        assert listening[0].laddr.port != urlsplit(server.url).port
