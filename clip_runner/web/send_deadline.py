@@ -11,19 +11,41 @@ sent). A request sent on the connection meanwhile (pipelined, or after the answe
 took an admission slot (traffic.py) and held it, answered, waiting for its client too.
 
 `bound_unread_answers` gives uvicorn's httptools protocol the bound nginx's `send_timeout` is:
-while the transport's buffer is past its high-water mark, the client must take some of it
-within `timeout_s`, else the connection is dropped (reset: there is no way left to tell it
-anything), which frees the buffer, and any request waiting to answer on it ends as one whose
-client left. A client reading slowly keeps its connection: only a whole period without
-progress drops it. And a request on a connection whose answers wait for the client starts only
-once the client has read them: no admission slot is held by a request that cannot be answered.
+while answer bytes wait in the transport's buffer (past its high-water mark, or left there when
+an answer ended), the client must take some within `timeout_s`, else the connection is dropped
+(reset: there is no way left to tell it anything), which frees the buffer, and any request
+waiting to answer on it ends as one whose client left. A client reading slowly keeps its
+connection: only a whole period without progress drops it. And a request on a connection
+whose answers wait for the client starts only once the client has read them: no admission slot
+is held by a request that cannot be answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any
+
+
+def waiting_bytes(transport: Any) -> tuple[int, int | None]:
+    """Answer bytes waiting for the client: in the transport's buffer, and in the kernel's send
+    queue (None where it cannot be read: not Linux).
+
+    The kernel's queue only shrinks as the client takes bytes, and only grows by the transport's
+    writes once the client has taken a third of it, so a change there is the client's doing; the
+    transport's buffer shrinks only then, and grows with each answer. Watched alone, it stood
+    still for a client taking 128 KB a second, which was dropped."""
+    queued = None
+    connection = transport.get_extra_info("socket")
+    if connection is not None:
+        with contextlib.suppress(OSError, ValueError):  # not Linux, or closed meanwhile
+            sent = fcntl.ioctl(connection.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+            queued = struct.unpack("i", sent)[0]
+    return transport.get_write_buffer_size(), queued
 
 
 class SendWatch:
@@ -32,15 +54,16 @@ class SendWatch:
     def __init__(self, protocol: Any, timeout_s: float) -> None:
         self.protocol = protocol
         self.timeout_s = timeout_s
-        self.waiting_bytes = 0  # in the transport's buffer when last checked
+        self.waiting: tuple[int, int | None] = (0, None)  # `waiting_bytes` when last checked
         self.deadline: asyncio.TimerHandle | None = None
         self.next_request: Callable[[], None] | None = None  # held until the client reads
 
-    def paused(self) -> None:
-        """The transport's buffer passed its high-water mark: the client must read on."""
-        self.cancel()
-        self.waiting_bytes = self.protocol.transport.get_write_buffer_size()
-        self.deadline = self.protocol.loop.call_later(self.timeout_s, self._expired)
+    def watch(self) -> None:
+        """Answer bytes wait in the transport: the client must take some within the deadline.
+        Where it does, a new period begins, for as long as any wait there."""
+        if self.deadline is None:
+            self.waiting = waiting_bytes(self.protocol.transport)
+            self.deadline = self.protocol.loop.call_later(self.timeout_s, self._expired)
 
     def cancel(self) -> None:
         if self.deadline is not None:
@@ -50,12 +73,14 @@ class SendWatch:
     def _expired(self) -> None:
         self.deadline = None
         transport = self.protocol.transport
-        if transport.is_closing():
+        buffered, queued = waiting_bytes(transport)
+        if not buffered:  # the rest is the kernel's to send
             return
-        if transport.get_write_buffer_size() < self.waiting_bytes:  # read some: a new period
-            self.paused()
+        before_buffered, before_queued = self.waiting
+        if buffered < before_buffered or queued != before_queued:  # taken some: a new period
+            self.watch()
             return
-        transport.abort()
+        transport.abort()  # closing or not: a close waits for the buffer to be sent
 
 
 _timeout_s: float | None = None
@@ -77,6 +102,7 @@ def bound_unread_answers(timeout_s: float) -> None:
     connection_lost = HttpToolsProtocol.connection_lost
     pause_writing = HttpToolsProtocol.pause_writing
     resume_writing = HttpToolsProtocol.resume_writing
+    on_response_complete = HttpToolsProtocol.on_response_complete
     start_asgi_task = HttpToolsProtocol._start_asgi_task
     send = RequestResponseCycle.send
 
@@ -90,14 +116,20 @@ def bound_unread_answers(timeout_s: float) -> None:
 
     def watched_pause_writing(self: Any) -> None:
         pause_writing(self)
-        self.send_watch.paused()
+        self.send_watch.watch()
 
     def watched_resume_writing(self: Any) -> None:
-        self.send_watch.cancel()
-        resume_writing(self)
+        resume_writing(self)  # the watch goes on while any answer bytes wait in the buffer
         if (next_request := self.send_watch.next_request) is not None:
             self.send_watch.next_request = None
             next_request()
+
+    def watched_response_complete(self: Any) -> None:
+        # Bytes left in the buffer under its high-water mark never paused the writes, and a
+        # close waits for them: a client reading nothing had held such a connection for good.
+        on_response_complete(self)
+        if self.transport.get_write_buffer_size():
+            self.send_watch.watch()
 
     def start_once_read(self: Any, cycle: Any, app: Any) -> None:
         # A request (pipelined, or sent later on the connection) starts once its client reads
@@ -128,5 +160,6 @@ def bound_unread_answers(timeout_s: float) -> None:
     HttpToolsProtocol.connection_lost = watched_connection_lost
     HttpToolsProtocol.pause_writing = watched_pause_writing
     HttpToolsProtocol.resume_writing = watched_resume_writing
+    HttpToolsProtocol.on_response_complete = watched_response_complete
     HttpToolsProtocol._start_asgi_task = start_once_read
     RequestResponseCycle.send = send_unless_dropped
