@@ -27,6 +27,7 @@
 # TORCH_WHEEL (a CPU torch wheel to bundle; default: the newest /opt/wheels/torch-*+cpu*.whl;
 # `pypi`: none, the release requirements as they are: CUDA torch and torchvision from PyPI, GBs),
 # KEEP_IMAGE=1, PYTHON (default .venv/bin/python; `make` creates it).
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -Eeuo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

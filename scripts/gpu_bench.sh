@@ -43,6 +43,7 @@
 # scenario's measuring window.
 # Back on the development machine, with the results in benchmarks/gpu/gpu-targets.json:
 #   .venv/bin/python scripts/bench.py --gpu-report benchmarks/gpu/gpu-targets.json  # BENCHMARKS.md
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${OUT:-benchmarks/gpu}

@@ -10,6 +10,7 @@
 # and runs the test suite (bar the Docker image's test) and the GPU harness on the CPU in it, so a
 # code or wheel that breaks on that stack shows here, not in the device's minutes. What it cannot
 # show: anything CUDA does (PyPI's torch is a CUDA build; here it runs on the CPU).
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${REHEARSAL_DIR:-/tmp/gpu-rehearsal}

@@ -5,6 +5,7 @@
 # Everything in requirements.txt except torch and torchvision (the GPU image brings its CUDA
 # builds) and numba, plus py-spy, for CPython 3.12 on manylinux x86-64; packages that image
 # already has are dropped to stay small.
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
