@@ -49,6 +49,19 @@ class FakeClock:
         return self.now
 
 
+def python_output(code: str, **options: Any) -> str:
+    """What `python -c code` prints, run from the repository in a process of its own (a fresh
+    interpreter: its imports, limits and sockets are its own); fails where the code fails."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        **options,
+    ).stdout
+
+
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
     """A deterministic image with smooth gradients and noise, so embeddings differ per seed."""
     rng = np.random.default_rng(seed)

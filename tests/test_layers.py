@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import ast
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, python_output
 
 PACKAGE = REPO_ROOT / "clip_runner"
 LAYERS = ("model", "images", "answers", "web")
@@ -133,13 +131,5 @@ def test_importing_the_service_loads_neither_torch_transformers_nor_numba(bentom
         "print(sorted({'torch', 'transformers', 'numba'} & set(sys.modules)))\n"
     )
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    said = python_output(code, env=env, timeout=120)
+    assert said.strip().splitlines()[-1] == "[]"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import resource
-import subprocess
-import sys
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import python_output
 
 PROBE = """
 import resource
@@ -22,14 +20,7 @@ def test_a_low_soft_limit_is_raised_to_the_hard_one():
     def start_low() -> None:  # as a container's 1024, lower still
         resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
 
-    said = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        cwd=REPO_ROOT,
-        preexec_fn=start_low,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    said = python_output(PROBE, preexec_fn=start_low).split()
     expected = hard if hard != resource.RLIM_INFINITY else 1_048_576
     assert [int(value) for value in said] == [expected, expected, hard]
     assert expected > low and soft <= expected

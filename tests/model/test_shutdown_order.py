@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ import psutil
 import pytest
 
 from clip_runner.model.shutdown_order import hold_sigterm_while, other_services_alive, service_of
-from tests.helpers import REPO_ROOT, as_base64, encode, photo_like, serve_tiny
+from tests.helpers import as_base64, encode, photo_like, python_output, serve_tiny
 
 
 @pytest.fixture
@@ -149,13 +147,7 @@ print(closed, is_open(own), is_open(inherited))
 def test_the_runner_closes_inherited_listeners_but_its_own():
     """Its own is TCP where BentoML does without unix sockets (BENTOML_NO_UDS, WSL, Docker
     Desktop): closed too, the runner never started (a review found)."""
-    said = subprocess.run(
-        [sys.executable, "-c", CLOSE_INHERITED],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    said = python_output(CLOSE_INHERITED).split()
     assert said == ["1", "True", "False"]
 
 
