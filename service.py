@@ -54,6 +54,7 @@ from clip_runner.errors import RequestError, error_body
 from clip_runner.gc_tuning import settle_after_loading
 from clip_runner.gil_handover import hand_over_gil_after
 from clip_runner.host_lookup import check_host_lookup_in_background
+from clip_runner.images.decode_budget import DecodeBudget
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageLimits, compiled_resizer
 from clip_runner.malloc_tuning import reuse_freed_memory
@@ -233,6 +234,12 @@ class ClipService:
             fetch_concurrency=settings.fetch_concurrency,
             fast_preprocessing=settings.fast_preprocessing,
             max_request_pixels=settings.max_request_pixels,
+            decode_budget=DecodeBudget(settings.max_decoding_pixels),
+        )
+        logger.info(
+            "API worker: at most %s pixels decoded at once, over all requests "
+            "(CLIP_MAX_DECODING_PIXELS)",
+            f"{self.image_limits.decode_budget.capacity:,}",
         )
         policy = AddressPolicy.from_allowlist(settings.fetch_allow)
         self.http_client = new_fetch_client(policy, self.image_limits.fetch)

@@ -344,6 +344,7 @@ class Settings:
     max_waiting_bodies: int
     max_waiting_body_bytes: int
     max_request_pixels: int
+    max_decoding_pixels: int  # per API worker, summed over the images its threads decode
     api_key: str | None
     model_dir: str  # blank: always the baked-in model
 
@@ -485,6 +486,7 @@ def get_settings() -> Settings:
         max_latency_ms = min(600_000, quarter_ms)
     # An image fetch has 10 s, or half a shorter deadline; its connection 3 s of that.
     fetch_timeout_s = _env_seconds("CLIP_FETCH_TIMEOUT_S", min(10.0, request_timeout_s / 2))
+    max_image_pixels = _env_int("CLIP_MAX_IMAGE_PIXELS", 40_000_000)
     torch_compile = _env_choice("CLIP_TORCH_COMPILE", ("off", "on")) == "on"
     return Settings(
         model_tag=_model_tag(),
@@ -510,7 +512,7 @@ def get_settings() -> Settings:
         max_classes_per_request=_env_int("CLIP_MAX_CLASSES_PER_REQUEST", 1000),
         max_class_name_chars=_env_int("CLIP_MAX_CLASS_NAME_CHARS", 300),
         max_image_bytes=_env_int("CLIP_MAX_IMAGE_BYTES", 10 * 1024 * 1024),
-        max_image_pixels=_env_int("CLIP_MAX_IMAGE_PIXELS", 40_000_000),
+        max_image_pixels=max_image_pixels,
         fetch_timeout_s=fetch_timeout_s,
         fetch_connect_timeout_s=_env_seconds(
             "CLIP_FETCH_CONNECT_TIMEOUT_S", min(3.0, fetch_timeout_s)
@@ -562,6 +564,9 @@ def get_settings() -> Settings:
             "CLIP_MAX_WAITING_BODY_BYTES", max(256 * 1024 * 1024, max_body_bytes)
         ),
         max_request_pixels=_env_int("CLIP_MAX_REQUEST_PIXELS", 200_000_000),
+        # One image at the pixel limit decodes alone, or several smaller ones at once: a 12-Mpx
+        # photo takes less than a third (images/decode_budget.py has the bytes a pixel costs).
+        max_decoding_pixels=_env_int("CLIP_MAX_DECODING_PIXELS", 0, minimum=0) or max_image_pixels,
         api_key=_api_key(),
         model_dir=os.environ.get("CLIP_MODEL_DIR", SAGEMAKER_MODEL_DIR).strip(),
     )

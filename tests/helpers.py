@@ -218,6 +218,7 @@ GUARD_SETTINGS = {
     "CLIP_HEADER_TIMEOUT_S": "2",
     "CLIP_MAX_WAITING_BODIES": "12",
     "CLIP_MAX_REQUEST_PIXELS": "1000000",
+    "CLIP_MAX_DECODING_PIXELS": "2000000",
     "CLIP_ACCESS_LOG": "off",
     # The API workers call the runner through BentoML's client here, in the wire format on
     # `served`: both paths stay under the served tests.

@@ -32,6 +32,7 @@ except ImportError:  # an accelerator, not a requirement: the same bytes, slower
     from base64 import b64decode as strict_b64decode
 
 from clip_runner.errors import ImageError, RequestError, quoted
+from clip_runner.images.decode_budget import DecodeBudget
 from clip_runner.images.fetch import FetchLimits, fetch_url
 from clip_runner.images.formats import ACCEPTED_FORMATS, ACCEPTED_FORMATS_TEXT
 from clip_runner.images.jpeg_markers import ends_after_its_scan
@@ -84,7 +85,9 @@ class ImageLimits:
     `fast_preprocessing`: CLIP_PREPROCESS=fast (opt-in; BENCHMARKS.md has its worst case).
     `forward_jpegs`: JPEGs the runner can decode on its device are sent as bytes, not pixels;
     `pillow_runner`: the runner decodes them with Pillow, so progressive and RGB-stored JPEGs
-    and MPOs go too (`device_decodable`).
+    and MPOs go too (`device_decodable`). `decode_budget`: the worker's one budget of pixels
+    decoded at once, shared by all its requests (CLIP_MAX_DECODING_PIXELS; copies made with
+    `dataclasses.replace` share it).
     """
 
     fetch: FetchLimits
@@ -94,6 +97,9 @@ class ImageLimits:
     forward_jpegs: bool = False
     pillow_runner: bool = False
     max_request_pixels: int = 200_000_000
+    decode_budget: DecodeBudget = dataclasses.field(
+        default_factory=lambda: DecodeBudget(40_000_000), compare=False
+    )
 
 
 # Base64 sources up to this long are decoded on the event loop: about 0.1 ms for the seed's
@@ -531,7 +537,7 @@ async def load_image(
     args = (data, index, geometry, limits.max_pixels, limits.fast_preprocessing)
     if header.baseline_jpeg and header.pixels <= ON_LOOP_MAX_PIXELS:
         return prepare_image(*args)
-    return await asyncio.to_thread(prepare_image, *args)
+    return await limits.decode_budget.run(header.pixels, functools.partial(prepare_image, *args))
 
 
 async def load_images(

@@ -15,6 +15,7 @@ from transformers.image_transforms import convert_to_rgb
 
 import clip_runner.images.loading
 from clip_runner.errors import RequestError
+from clip_runner.images.decode_budget import DecodeBudget
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import (
     EXACT_RESIZE_MAX_ASPECT,
@@ -485,15 +486,14 @@ def test_small_baseline_jpegs_are_decoded_on_the_event_loop_the_rest_in_a_thread
     """The same pixels either way; a thread for JPEGs above ON_LOOP_MAX_PIXELS and for every
     progressive JPEG or other format, whatever its size."""
     threaded: list[object] = []
-    real_to_thread = asyncio.to_thread
+    real_run = DecodeBudget.run
 
-    async def counting_to_thread(function, *args):
-        # (big base64 is decoded in a thread too)
-        if function is clip_runner.images.loading.prepare_image:
-            threaded.append(args[1])  # the image's index
-        return await real_to_thread(function, *args)
+    async def counting_run(budget, pixels, work):
+        assert work.func is clip_runner.images.loading.prepare_image
+        threaded.append(work.args[1])  # the image's index
+        return await real_run(budget, pixels, work)
 
-    monkeypatch.setattr(clip_runner.images.loading.asyncio, "to_thread", counting_to_thread)
+    monkeypatch.setattr(DecodeBudget, "run", counting_run)
     small, large = photo_like(640, 480, seed=6), photo_like(1000, 600, seed=7)
     assert 640 * 480 <= clip_runner.images.loading.ON_LOOP_MAX_PIXELS < 1000 * 600
     progressive = base64.b64encode(encode(small, "JPEG", progressive=True)).decode()

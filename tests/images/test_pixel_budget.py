@@ -7,7 +7,6 @@ import base64
 import dataclasses
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -15,6 +14,7 @@ from PIL import Image
 
 import clip_runner.images.loading as images
 from clip_runner.errors import RequestError
+from clip_runner.images.decode_budget import DecodeBudget
 from clip_runner.images.fetch import AddressPolicy, FetchLimits, new_fetch_client
 from clip_runner.images.loading import ImageGeometry, ImageLimits, load_images
 from clip_runner.images.pixel_budget import PixelBudget, image_header, overlong_header
@@ -208,14 +208,12 @@ def run_load(
     cancel_once: list | None = None,
     then_release: threading.Event | None = None,
 ):
-    """`load_images` on two decoding threads; cancelled as soon as `cancel_once` has an item,
-    then, once the cancelled load has ended, `then_release` set and one more job run through the
-    threads: it comes after every decode still queued (the threads take jobs in order), so any
-    that outlived the cancel has begun by then."""
+    """`load_images`; cancelled as soon as `cancel_once` has an item, then, once the cancelled
+    load has ended, `then_release` set and the decodes under way waited for until the limits'
+    decode budget is whole again: any decode still waiting for its pixels would have begun by
+    then."""
 
     async def go():
-        # Two decoding threads, as on the 2-core CI machine, whatever this machine has.
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
         async with new_fetch_client(AddressPolicy(), limits.fetch) as client:
             task = asyncio.ensure_future(load_images(sources, client, GEOMETRY, limits))
             if cancel_once is not None:
@@ -227,7 +225,12 @@ def run_load(
             except asyncio.CancelledError:
                 if then_release is not None:
                     then_release.set()
-                    await asyncio.to_thread(lambda: None)
+                    budget = limits.decode_budget
+                    for _ in range(1000):
+                        if budget.free == budget.capacity:
+                            break
+                        await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.05)
                 raise
 
     return asyncio.run(go())
@@ -243,15 +246,21 @@ def test_an_over_budget_request_decodes_no_more_than_the_budget(monkeypatch):
 
 
 def test_a_cancelled_request_starts_no_new_decodes(monkeypatch):
-    # The decodes begun are held until the cancelled load has ended, so the threads cannot
-    # take further images meanwhile, however slowly a busy machine runs the cancel.
+    # The decodes begun are held until the cancelled load has ended, so no further image can
+    # have its pixels meanwhile, however slowly a busy machine runs the cancel.
     hold = threading.Event()
     started = count_decodes(monkeypatch, hold)
-    limits = ImageLimits(FetchLimits(1_000_000, 5), 40_000_000, max_request_pixels=10**10)
-    flat = as_base64(Image.new("RGB", (3000, 3000), (10, 200, 10)))
+    side = 3000
+    limits = ImageLimits(
+        FetchLimits(1_000_000, 5),
+        40_000_000,
+        max_request_pixels=10**10,
+        decode_budget=DecodeBudget(2 * side * side),  # two of these decode at once
+    )
+    flat = as_base64(Image.new("RGB", (side, side), (10, 200, 10)))
     with pytest.raises(asyncio.CancelledError):
         run_load([flat] * 32, limits, cancel_once=started, then_release=hold)
-    assert 1 <= len(started) <= 2  # the two threads' images, not the other 30
+    assert 1 <= len(started) <= 2  # the two with pixels, not the other 30
 
 
 def post(url: str, path: str, images_: list[str]) -> httpx.Response:
