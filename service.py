@@ -61,6 +61,7 @@ from clip_runner.malloc_tuning import reuse_freed_memory
 from clip_runner.metrics import LABEL_CACHE_LOOKUPS, TEXT_CACHE_LOOKUPS, forget_dead_workers
 from clip_runner.model.batching import QueueWaitExceeded
 from clip_runner.model.embedding_cache import EmbeddingCache
+from clip_runner.model.encodings_in_flight import EncodingsInFlight
 from clip_runner.model.model_facts import PILLOW, ModelFacts
 from clip_runner.model.model_source import check_served_model
 from clip_runner.model.runner import RUNNER_SERVICE_NAME, CLIPRunner
@@ -243,7 +244,9 @@ class ClipService:
         )
         policy = AddressPolicy.from_allowlist(settings.fetch_allow)
         self.http_client = new_fetch_client(policy, self.image_limits.fetch)
-        self.text_cache = EmbeddingCache(settings.text_cache_size, TEXT_CACHE_LOOKUPS)
+        self.text_cache = EmbeddingCache(
+            settings.text_cache_size, TEXT_CACHE_LOOKUPS, misses_counted_elsewhere=True
+        )
         self.label_cache = EmbeddingCache(settings.text_cache_size, LABEL_CACHE_LOOKUPS)
         self._context = SharedBuild(self._build_context)
         self.runner_ready = False
@@ -360,6 +363,7 @@ class ClipService:
             http_client=self.http_client,
             text_cache=self.text_cache,
             label_cache=self.label_cache,
+            texts_in_flight=EncodingsInFlight(TEXT_CACHE_LOOKUPS),
             image_limits=dataclasses.replace(
                 self.image_limits,
                 forward_jpegs=forward,

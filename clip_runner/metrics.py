@@ -70,13 +70,14 @@ PREPROCESS_SECONDS = Histogram(
 )
 TEXT_CACHE_LOOKUPS = Counter(
     name="clip_service_text_cache_lookups",
-    documentation="Prompt embedding cache lookups, by result (hit or miss)",
+    documentation="Prompts looked up in an API worker's embedding cache, by result: hit (cached), "
+    "miss (encoded for this request), shared (another request was encoding it; awaited)",
     labelnames=["result"],
 )
 RUNNER_TEXT_CACHE_LOOKUPS = Counter(
     name="clip_runner_text_cache_lookups",
-    documentation="Prompts the runner was sent, by whether it had them encoded already (hit: "
-    "for another API worker, most often) or not (miss)",
+    documentation="Prompts the runner was sent, by result: hit (encoded already, most often for "
+    "another API worker), miss (encoded for this call), shared (another call was encoding it)",
     labelnames=["result"],
 )
 LABEL_CACHE_LOOKUPS = Counter(

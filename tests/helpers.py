@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -454,6 +455,16 @@ def histogram(served: ServedBento, name: str) -> tuple[float, float]:
         value(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$"),
         value(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$"),
     )
+
+
+def counts_by_result(served: ServedBento, name: str) -> Counter[str]:
+    """A Prometheus counter labelled by `result` on /metrics, summed over its other labels."""
+    text = httpx.get(f"{served.url}/metrics", timeout=10).text
+    pattern = rf'^{name}_total{{[^}}]*result="([^"]+)"[^}}]*}} (\S+)$'
+    counts: Counter[str] = Counter()
+    for result, value in re.findall(pattern, text, flags=re.MULTILINE):
+        counts[result] += float(value)
+    return counts
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:

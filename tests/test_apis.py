@@ -19,10 +19,20 @@ from clip_runner.answers.embedding_format import decode_base64_embedding
 from clip_runner.answers.hf_toolkit import DEFAULT_HYPOTHESIS_TEMPLATE
 from clip_runner.answers.runner_calls import TEXT_CALL_MAX_PASSES
 from clip_runner.model.pass_layout import CPU_MAX_BATCH, TEXT_BATCH_FACTOR
-from tests.helpers import as_base64, assert_same_answer, encode, histogram, photo_like
+from tests.helpers import (
+    as_base64,
+    assert_same_answer,
+    counts_by_result,
+    encode,
+    histogram,
+    photo_like,
+)
 from tests.reference import reference_probabilities
 
 LABELS = ["cat", "dog", "person with a bag", "car"]
+
+
+TEXT_LOOKUPS = "clip_service_text_cache_lookups"
 
 
 def post(served, route: str, body=None, **kwargs) -> httpx.Response:
@@ -135,6 +145,7 @@ def test_concurrent_lines_with_the_same_new_classes_encode_their_prompts_once(se
     classes = [[f"shared thing {index}", 0] for index in range(200)]
     line = json.dumps({"images": [as_base64(pictures[0])], "classes": classes})
     sent_before = histogram(served, "clip_service_runner_call_texts")[1]
+    looked_up_before = counts_by_result(served, TEXT_LOOKUPS)
     response = httpx.post(
         f"{served.url}/invocations",
         content="\n".join([line] * 4),
@@ -148,6 +159,12 @@ def test_concurrent_lines_with_the_same_new_classes_encode_their_prompts_once(se
         assert answer["prompts"][:2] == answers[0]["prompts"][:2]
         np.testing.assert_allclose(answer["prompts"][2], answers[0]["prompts"][2], atol=1e-6)
     assert histogram(served, "clip_service_runner_call_texts")[1] - sent_before == 200
+    # 800 lookups: 200 misses (encoded), the rest awaited from the line encoding them (shared)
+    # or found cached if that line was done first; the awaited ones had counted as misses.
+    looked_up = counts_by_result(served, TEXT_LOOKUPS)
+    looked_up.subtract(looked_up_before)
+    assert looked_up["miss"] == 200 and looked_up["shared"] > 0, looked_up
+    assert looked_up["hit"] + looked_up["shared"] == 600, looked_up
 
 
 def test_new_prompts_that_several_api_workers_send_are_encoded_once(served, tiny_clip):

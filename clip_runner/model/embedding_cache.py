@@ -22,11 +22,19 @@ Key = TypeVar("Key", bound=Hashable)
 
 class EmbeddingCache(Generic[Key]):
     """Maps key -> embedding, evicting the least recently used past `capacity`; counts its
-    hits and misses on `lookups` (a Counter labelled by result) where given."""
+    hits and misses on `lookups` (a Counter labelled by result) where given.
 
-    def __init__(self, capacity: int, lookups: Counter | None = None) -> None:
+    With `misses_counted_elsewhere` it counts hits only: a prompt cache's misses are counted
+    where they are encoded or shared (`EncodingsInFlight`), since a miss another caller is
+    encoding at that moment is awaited, not encoded again.
+    """
+
+    def __init__(
+        self, capacity: int, lookups: Counter | None = None, misses_counted_elsewhere: bool = False
+    ) -> None:
         self.capacity = capacity
         self.lookups = lookups
+        self.misses_counted_elsewhere = misses_counted_elsewhere
         self._entries: OrderedDict[Key, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
@@ -40,12 +48,8 @@ class EmbeddingCache(Generic[Key]):
                 self._entries.move_to_end(key)
         if self.lookups is not None:
             hits = sum(embedding is not None for embedding in found)
-            # Only counts that moved: each increment is a write to a shared memory map
-            # (BentoML's multiprocess metrics), 6% of the API worker's event loop when both
-            # were written.
-            for result, count in (("hit", hits), ("miss", len(found) - hits)):
-                if count:
-                    self.lookups.labels(result=result).inc(count)
+            misses = 0 if self.misses_counted_elsewhere else len(found) - hits
+            count_by_result(self.lookups, hit=hits, miss=misses)
         return found
 
     def store(self, keys: Sequence[Key], embeddings: np.ndarray) -> None:
@@ -66,6 +70,15 @@ class EmbeddingCache(Generic[Key]):
             self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
+
+
+def count_by_result(lookups: Counter, **counts: int) -> None:
+    """Add each count to `lookups` under its result label, skipping zeros: each increment is
+    a write to a shared memory map (BentoML's multiprocess metrics), 6% of the API worker's
+    event loop when both a hit and a miss were written per lookup."""
+    for result, count in counts.items():
+        if count:
+            lookups.labels(result=result).inc(count)
 
 
 def first_misses(keys: Sequence[Key], cached: Sequence[np.ndarray | None]) -> dict[Key, int]:

@@ -130,9 +130,11 @@ class CLIPRunner:
         self.jpeg_batcher = batcher(self.model.encode_jpegs, layout.max_batch)
         # Prompts encoded lately and being encoded, by token ids, for every API worker's calls.
         self.text_cache: EmbeddingCache[tuple[int, ...]] = EmbeddingCache(
-            settings.text_cache_size, RUNNER_TEXT_CACHE_LOOKUPS
+            settings.text_cache_size, RUNNER_TEXT_CACHE_LOOKUPS, misses_counted_elsewhere=True
         )
-        self.texts_in_flight: EncodingsInFlight[tuple[int, ...]] = EncodingsInFlight()
+        self.texts_in_flight: EncodingsInFlight[tuple[int, ...]] = EncodingsInFlight(
+            RUNNER_TEXT_CACHE_LOOKUPS
+        )
         bind_apis_once(self)  # BentoML looks each API up per call (bound_apis.py)
         # The model, torch and transformers stay for the process's lifetime: kept out of garbage
         # collections, whose full passes otherwise stalled every call (gc_tuning.py).

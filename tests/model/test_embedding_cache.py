@@ -89,3 +89,11 @@ def test_a_cached_row_does_not_keep_the_batch_it_came_in_alive():
 def test_each_missing_key_is_named_once_with_its_first_place():
     cached = [None, vector(1), None, None, None]
     assert first_misses(["b", "a", "c", "b", "d"], cached) == {"b": 0, "c": 2, "d": 4}
+
+
+def test_a_prompt_cache_leaves_its_misses_to_be_counted_where_they_are_encoded():
+    before = lookups("hit"), lookups("miss")
+    cache = EmbeddingCache(10, TEXT_CACHE_LOOKUPS, misses_counted_elsewhere=True)
+    cache.store([(1,)], np.stack([vector(1)]))
+    cache.lookup([(1,), (2,), (3,)])
+    assert (lookups("hit") - before[0], lookups("miss") - before[1]) == (1, 0)

@@ -9,6 +9,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
+import prometheus_client
 import pytest
 
 from clip_runner.model.encodings_in_flight import EncodingsInFlight, in_order
@@ -147,16 +148,52 @@ def test_a_failed_chunk_fails_its_waiters_with_the_same_error():
     async def go():
         shared, encoder = EncodingsInFlight(), HeldEncoder(holding=True)
         owner = await started(shared, encoder, "abcdef")
-        waiter = await started(shared, encoder, "bcf")
+        waiter = await started(shared, encoder, "bcf")  # f: not under way, so its own
+        assert encoder.calls == [list("abcd"), ["f"]]
         encoder.fail_next = True
         encoder.release()
-        for request in (owner, waiter):
-            with pytest.raises(RuntimeError, match="the runner call failed"):
-                await request
-        assert encoder.calls == [list("abcd")]  # nobody met the failing runner again
+        with pytest.raises(RuntimeError, match="the runner call failed"):
+            await owner
+        encoder.release()  # the waiter's own f
+        with pytest.raises(RuntimeError, match="the runner call failed"):
+            await waiter
+        assert encoder.calls == [list("abcd"), ["f"]]  # nobody met the failing runner again
         assert len(shared) == 0
         encoder.holding = False
         assert_embeddings(await shared.embeddings(list("bc"), encoder, 4), list("bc"))
+
+    run(go())
+
+
+def test_a_caller_waits_only_for_chunks_under_way():
+    """A one-prompt request whose prompt comes late in a large request's prompts is encoded
+    at once, not after the large request's earlier chunks; the large one takes it when it gets
+    there, and nothing is encoded twice."""
+
+    async def go():
+        shared, encoder = EncodingsInFlight(), HeldEncoder(holding=True)
+        large = await started(shared, encoder, "abcdefghijkl")
+        small = await started(shared, encoder, "k")
+        assert encoder.calls == [list("abcd"), ["k"]]
+        encoder.release(2)
+        assert_embeddings(await small, ["k"])
+        encoder.release(2)
+        assert_embeddings(await large, list("abcdefghijkl"))
+        assert encoder.calls == [list("abcd"), ["k"], list("efgh"), list("ijl")]
+        assert len(shared) == 0
+
+    run(go())
+
+
+def test_a_chunk_back_before_another_caller_reaches_it_is_not_encoded_again():
+    async def go():
+        shared, encoder = EncodingsInFlight(), HeldEncoder(holding=True)
+        first = await started(shared, encoder, "abcdefgh")
+        second = await started(shared, encoder, "efghabcd")  # efgh: its own, first's next
+        encoder.release(2)
+        await asyncio.gather(first, second)
+        assert encoder.calls == [list("abcd"), list("efgh")]
+        assert len(shared) == 0
 
     run(go())
 
@@ -172,3 +209,23 @@ def test_rows_come_in_the_order_asked_however_the_chunks_held_them():
     assert_embeddings(in_order(list("abcd"), [piece("ab"), piece("cd")]), list("abcd"))
     # another caller's chunk holds keys this one did not ask for
     assert_embeddings(in_order(list("eab"), [piece("ab"), piece("def")]), list("eab"))
+
+
+def test_each_callers_keys_are_counted_as_encoded_or_shared():
+    """A key another caller is encoding as this one comes is awaited, not encoded again: it
+    counts as shared, not as a miss (the cache's lookup counts only the hits)."""
+    lookups = prometheus_client.Counter(
+        "lookups", "test", ["result"], registry=prometheus_client.CollectorRegistry()
+    )
+
+    async def go():
+        shared, encoder = EncodingsInFlight(lookups), HeldEncoder(holding=True)
+        first = await started(shared, encoder, "abcdefgh")
+        second = await started(shared, encoder, "efghijkl")
+        encoder.release(4)
+        await asyncio.gather(first, second)
+
+    run(go())
+    samples = lookups.collect()[0].samples
+    counted = {s.labels["result"]: s.value for s in samples if s.name.endswith("_total")}
+    assert counted == {"miss": 12.0, "shared": 4.0}
