@@ -19,12 +19,10 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from clip_runner.web.traffic import Refusal, refuse_unread
+from clip_runner.web.traffic import STATIC_PREFIX, Refusal, refuse_unread
 
 # "/ui/" too, so that a browser there is sent on to "/ui" (trailing_slash.py).
 OPEN_PATHS = frozenset({"/ping", "/livez", "/readyz", "/metrics", "/ui", "/ui/", "/", "/docs.json"})
-# Swagger UI's scripts and styles, which BentoML serves.
-OPEN_PREFIX = "/static_content/"
 
 
 def bearer_token(authorization: bytes) -> bytes | None:
@@ -54,7 +52,7 @@ class ApiKeyMiddleware:
             self.key is None
             or scope["type"] != "http"
             or scope["path"] in OPEN_PATHS
-            or scope["path"].startswith(OPEN_PREFIX)
+            or scope["path"].startswith(STATIC_PREFIX)  # Swagger UI's scripts and styles
         ):
             await self.app(scope, receive, send)
             return

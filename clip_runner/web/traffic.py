@@ -37,8 +37,14 @@ from clip_runner.web.accept import accepted_ranges, preferred, request_accept
 from clip_runner.web.waiting_bodies import Waiter, WaitingBodies
 
 # Answered without an admission slot when they carry no body: health checks and metrics, which
-# must answer under load, and the API's documentation (`/`, `/docs.json`: static).
-EXEMPT_PATHS = frozenset({"/ping", "/metrics", "/livez", "/healthz", "/readyz", "/", "/docs.json"})
+# must answer under load, and the static pages: the API's documentation (`/`, `/docs.json`, and
+# Swagger UI's files, which BentoML serves under STATIC_PREFIX) and the demo page (`/ui`; `/ui/`
+# redirects to it). Their files had been refused 429 on a busy server, leaving the pages blank,
+# and at CLIP_MAX_CONCURRENCY=1 a browser's parallel fetches of them refused each other.
+EXEMPT_PATHS = frozenset(
+    {"/ping", "/metrics", "/livez", "/healthz", "/readyz", "/", "/docs.json", "/ui", "/ui/"}
+)
+STATIC_PREFIX = "/static_content/"
 JSON_MEDIA_TYPES = ("application/json", "text/json")
 # Raw image bodies: any image/* type (the decoder judges the bytes, as for a JSON request's:
 # `image/jpg` is a common mislabel, and GIF, BMP, TIFF, AVIF decode) and SageMaker's generic
@@ -63,6 +69,11 @@ CLOSE = (b"connection", b"close")
 UNREAD_BODY_BYTES = 32 * 1024 * 1024
 UNREAD_BODY_SECONDS = 5.0
 UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def is_exempt(path: str) -> bool:
+    """Whether a request for `path` needs no admission slot (without a body: `EXEMPT_PATHS`)."""
+    return path in EXEMPT_PATHS or path.startswith(STATIC_PREFIX)
 
 
 def without_bom(text: bytes) -> bytes:
@@ -274,7 +285,7 @@ class RequestGuardMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Health checks bypass the guard, but only without a body: a body the route never reads
         # would otherwise be drained by uvicorn for as long as a slow client keeps sending it.
-        if scope["type"] != "http" or (scope["path"] in EXEMPT_PATHS and not has_body(scope)):
+        if scope["type"] != "http" or (is_exempt(scope["path"]) and not has_body(scope)):
             await self.app(scope, receive, send)
             return
         if refusal := self._refusal_by_headers(scope):
