@@ -5,7 +5,8 @@ Starlette answers a request to a route's path plus `/` with a bodiless 307 to th
 said nothing (httpx and curl do not follow it unasked), or, following it, re-sent its body to
 whatever host its `Host` header named, over plain HTTP behind a TLS-terminating proxy. Here a
 `GET` or `HEAD` (a browser at `/ui/`) is still redirected, to the path alone (a relative
-`Location`: same host, same scheme); any other method gets a 404 in the JSON error shape
+`Location`: same host, same scheme, and the same path prefix where a proxy serves the service
+under one); any other method gets a 404 in the JSON error shape
 naming the route meant, as the original container's Flask answered.
 """
 
@@ -26,8 +27,15 @@ def slash_redirect(scope: Scope, start: Message) -> bool:
 
 
 def relative_location(scope: Scope) -> bytes:
-    """The route's path and the request's query, with no scheme or host."""
-    location = scope["path"].rstrip("/") or "/"
+    """The route's path and the request's query, relative to the request's own path
+    (`/ui/` -> `../ui`): no scheme or host, and no path from the root, which had sent a browser
+    at a proxy's `/clip/ui/` to `/ui`, outside the proxy's prefix."""
+    path = scope["path"]
+    route = path.rstrip("/")
+    if not route:
+        location = "/"
+    else:
+        location = "../" * (len(path) - len(route)) + route.rsplit("/", 1)[-1]
     query = scope.get("query_string", b"")
     return location.encode("latin-1") + (b"?" + query if query else b"")
 

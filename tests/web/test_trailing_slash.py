@@ -4,6 +4,7 @@ against the real servers (with and without the API key)."""
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urljoin
 
 import httpx
 import pytest
@@ -55,15 +56,20 @@ def test_a_post_to_a_route_plus_slash_is_a_json_404_naming_the_route():
 @pytest.mark.parametrize(
     ("method", "path", "location"),
     [
-        ("GET", "/ui/", "/ui"),
-        ("HEAD", "/ui/", "/ui"),
-        ("GET", "/ui/?lang=fr", "/ui?lang=fr"),
+        ("GET", "/ui/", "../ui"),
+        ("HEAD", "/ui/", "../ui"),
+        ("GET", "/ui/?lang=fr", "../ui?lang=fr"),
     ],
 )
 def test_a_browser_is_sent_on_to_the_route_on_the_same_host(method, path, location):
     response = exchange(method, path, {"host": "evil.example"})
     assert response.status_code == 307
     assert response.headers["location"] == location  # relative: no host taken from the request
+    # and relative to the path, so that behind a proxy's prefix the browser stays under it
+    for prefix in ("", "/clip", "/a/b"):
+        base = f"https://proxy.example{prefix}{path}"
+        query = path.partition("?")[1] + path.partition("?")[2]
+        assert urljoin(base, location) == f"https://proxy.example{prefix}/ui{query}"
 
 
 def test_routes_and_unknown_paths_are_untouched():
@@ -81,5 +87,5 @@ def test_served_routes_plus_slash(request, server):
         page = client.get("/ui/", follow_redirects=True, headers={"authorization": ""})
     assert posted.status_code == 404 and posted.json()["error"]["type"] == "not_found"
     assert "did you mean /invocations" in posted.json()["error"]["message"]
-    assert (browsed.status_code, browsed.headers["location"]) == (307, "/ui")
+    assert (browsed.status_code, browsed.headers["location"]) == (307, "../ui")
     assert page.status_code == 200 and page.url.path == "/ui"
