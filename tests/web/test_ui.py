@@ -274,7 +274,22 @@ def test_the_api_key_typed_into_the_page_is_sent(browser, guarded, tmp_path: Pat
         refused = classify_in_page(page)
         assert refused.status == 401
         page.wait_for_selector("#error", state="visible")
-        assert "Authorization header is missing" in page.text_content("#error")
+        said = page.text_content("#error")
+        assert "Authorization header is missing" in said and "the API key field" in said
+
+        # A key no server can have (a browser refuses to send it: it had read as the server
+        # being unreachable) is told as such, and nothing is sent.
+        page.fill("#api-key", "ключ")
+        sent: list[str] = []
+        page.on("request", lambda request: sent.append(request.url))
+        page.click("#classify")
+        page.wait_for_function(
+            "() => document.getElementById('error').textContent.includes('printable ASCII')"
+        )
+        assert not [url for url in sent if url.endswith("/classify")]
+        # The key field looks like the others (it had the browser's default box).
+        style = "e => [getComputedStyle(e).borderRadius, getComputedStyle(e).paddingLeft]"
+        assert page.eval_on_selector("#api-key", style) == page.eval_on_selector("#url", style)
 
         page.fill("#api-key", GUARD_KEY)
         response = classify_in_page(page)
@@ -332,6 +347,20 @@ def classify_a_copy(
     assert expected.status_code == 200, expected.text
     assert_shows(page, expected.json())
     return len(response.request.post_data_buffer), copy
+
+
+@pytest.mark.parametrize("typed", ["s3://bucket/key.jpg", "not a url", "ftp://host/x.png"])
+def test_a_url_the_browser_cannot_show_is_not_previewed(page, typed: str) -> None:
+    """An s3:// URL (the server fetches it) or a mistyped one: no preview, so no request the
+    page's policy blocks (a console report had followed each) and none to the server for
+    `/not%20a%20url`."""
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.fill("#url", typed)
+    page.dispatch_event("#url", "change")
+    page.wait_for_timeout(300)
+    assert page.is_hidden("#preview")
+    assert not [url for url in requested if "not%20a%20url" in url or "key.jpg" in url]
 
 
 def test_a_photo_over_the_body_limit_is_sent_as_a_smaller_copy(
