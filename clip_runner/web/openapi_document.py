@@ -80,6 +80,9 @@ INVOCATIONS_ERRORS = {
 }
 RAW_IMAGE = {"schema": {"type": "string", "format": "binary"}}
 LINES = {"schema": {"type": "string", "description": "one JSON request per line"}}
+ANSWER_LINES = {
+    "schema": {"type": "string", "description": "one JSON answer (or error) per request line"}
+}
 DESCRIPTION = (
     "CLIP zero-shot image classification. `POST /invocations` answers the original SageMaker "
     "container's request (`images` + `classes`) in its shape, the Hugging Face toolkit's "
@@ -180,7 +183,7 @@ def invocations_operation(operation: dict[str, Any]) -> None:
                 ]
             }
         },
-        "application/jsonlines": LINES,
+        "application/jsonlines": ANSWER_LINES,
     }
 
 

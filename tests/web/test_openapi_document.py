@@ -169,6 +169,8 @@ def test_the_invocations_route_declares_its_other_bodies_and_answers(document):
     assert operation["parameters"][0]["name"] == "X-Amzn-SageMaker-Custom-Attributes"
     inputs = operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert {"type": "array", "items": {"type": "string"}} in inputs["inputs"]["anyOf"]
+    lines = operation["responses"]["200"]["content"]["application/jsonlines"]["schema"]
+    assert "answer" in lines["description"]  # not the request's "one JSON request per line"
     assert "bearer" not in json.dumps(document.get("components", {}))  # no key on this server
 
 
