@@ -39,8 +39,10 @@ def _invalid(message: str) -> RequestError:
 
 
 def parse_candidate_labels(value: Any) -> list[str]:
-    """A list of label strings, or one comma-separated string (as the pipeline also accepts),
-    within the bounds `classes` and `/classify`'s labels have."""
+    """A list of label strings, or one comma-separated string, within the bounds `classes`
+    and `/classify`'s labels have. The string is this server's own reading, as transformers'
+    text zero-shot pipeline splits one: the image pipeline would iterate it character by
+    character (`"cat,dog"` -> seven one-character labels)."""
     if isinstance(value, str):
         value = [label.strip() for label in value.split(",")]
     if not isinstance(value, list) or not value:
