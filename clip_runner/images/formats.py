@@ -16,6 +16,18 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
 ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, AVIF, GIF, BMP or TIFF"
 
 
+# HEIF brands (ISO/IEC 23008-12) in an `ftyp` box: iPhones store photos as HEIC by default, so
+# such an upload is common; it had been refused as merely "not in a recognised image format".
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1")
+
+
+def refused_format_hint(data: bytes) -> str | None:
+    """What to tell a caller whose bytes are a known image format not decoded here, or None."""
+    if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS:
+        return "a HEIC/HEIF image (iPhones' default), which is not decoded here: send it as JPEG"
+    return None
+
+
 def image_signature(head: bytes) -> str | None:
     """The accepted format whose signature `head` (a body's first bytes) starts with, as
     ACCEPTED_FORMATS names it; None for any other bytes. No JSON text starts with one (JSON

@@ -70,6 +70,16 @@ def test_other_formats_pillow_opens_are_refused_naming_the_accepted_ones(name):
     assert image_header(blob).pixels == 0  # the budget's header read does not open it either
 
 
+def test_a_heic_photo_is_refused_by_name_with_what_to_send():
+    """An iPhone's default photo format: told as such, not as unknown bytes."""
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    with pytest.raises(RequestError) as raised:
+        decode_image(heic, index=0, max_pixels=MAX_PIXELS)
+    assert raised.value.status == 422
+    assert "a HEIC/HEIF image (iPhones' default)" in raised.value.message
+    assert "send it as JPEG" in raised.value.message
+
+
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
 def test_each_accepted_format_is_known_by_its_first_bytes(name):
     """As Pillow opens it (an MPO through its JPEG)."""

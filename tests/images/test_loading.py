@@ -44,6 +44,7 @@ from tests.helpers import (
     encode,
     oriented_exif,
     photo_like,
+    pillow_resize_and_crop,
     pillows_own,
     with_preview,
     ycck_jpeg,
@@ -669,7 +670,7 @@ def test_the_default_path_is_clip_image_processors_on_the_hard_set(resize_path):
     """Fine stripes, checkerboards, fabric, noise, text, photos and extreme aspect ratios, as
     PNG and as JPEG at every chroma subsampling: the default preprocessing gives
     CLIPImageProcessor's pixels (without numba, aspect ratios past 4:1 resample only the crop
-    with Pillow: at most one grey level apart)."""
+    with Pillow: one grey level apart on these; noise strips have their own test)."""
     processor = build_image_processor()
     for name, data in encoded_set(scale=0.25):
         ours = prepare_image(data, 0, GEOMETRY, MAX_PIXELS).astype(int)
@@ -680,6 +681,23 @@ def test_the_default_path_is_clip_image_processors_on_the_hard_set(resize_path):
         extreme = max(decoded.size) / min(decoded.size) > EXACT_RESIZE_MAX_ASPECT
         tolerance = 1 if extreme and resize_path == "pillow" else 0
         assert np.abs(ours - theirs.round().astype(int)).max() <= tolerance, name
+
+
+@pytest.mark.parametrize(
+    ("size", "bound"),
+    [((3, 2000), 24), ((20, 3000), 24), ((2000, 3), 2), ((3000, 20), 2)],
+)
+def test_without_numba_extreme_strips_keep_to_the_stated_bound(monkeypatch, size, bound):
+    """The README's worst case for Pillow's crop-only resize (numba unusable): noise strips,
+    the hardest input; tall ones narrower than the model's input are resampled in another
+    order than the whole image is."""
+    monkeypatch.setattr(clip_runner.images.loading, "compiled_resizer", lambda: None)
+    width, height = size
+    noise = np.random.default_rng(width + height).integers(0, 256, (height, width, 3), np.uint8)
+    image = Image.fromarray(noise)
+    ours = clip_runner.images.loading.resize_and_crop(image, GEOMETRY).astype(int)
+    theirs = pillow_resize_and_crop(image, 224, 224, 224).astype(int)
+    assert np.abs(ours - theirs).max() <= bound
 
 
 def test_the_first_failing_index_is_reported():
