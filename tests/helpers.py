@@ -230,7 +230,8 @@ GUARD_AUTH = {"Authorization": f"Bearer {GUARD_KEY}"}
 
 class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
     """Static files plus `/status/N`, `/redirect?to=URL`, `/slow?s=N&to=URL` (that redirect
-    after N seconds), `/loop`, `/hang`, `/endless`, `/tiny-chunks` (one byte per chunk), `/gzip`
+    after N seconds), `/loop`, `/hang`, `/endless`, `/informational-flood` (`100 Continue`
+    without end), `/tiny-chunks` (one byte per chunk), `/gzip`
     (an image compressed twice, sent as `Content-Encoding: gzip, gzip`) and
     `/redirect-gzip?to=URL` (a redirect whose body claims gzip but is none: a client that reads
     it fails to decode it)."""
@@ -290,6 +291,13 @@ class _ImageHostHandler(http.server.SimpleHTTPRequestHandler):
             try:
                 for _ in range(100_000):  # bounded: ~6.5 GB at most, never reached in tests
                     self.wfile.write(b"\x89PNG" + b"\0" * 65_532)
+            except OSError:
+                pass
+        elif path == "/informational-flood":  # `100 Continue`s and never a final answer
+            self.log_message("%s", "informational-flood")
+            try:
+                for _ in range(2000):  # bounded: 50 MB at most, never reached in tests
+                    self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n" * 1000)
             except OSError:
                 pass
         elif path == "/tiny-chunks":  # a PNG's bytes, one per HTTP chunk, 200 kB at most

@@ -12,6 +12,7 @@ at a time, however large it grows) is refused, since the fetch asks for none.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import logging
 import socket
@@ -39,6 +40,12 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # 32 bits, reached through the network's NAT64 gateway. (RFC 8215's local-use 64:ff9b:1::/48 may
 # place the IPv4 address elsewhere: it stays refused unless allowed, as reserved.)
 NAT64_NETWORK = ipaddress.IPv6Network("64:ff9b::/96")
+# Not globally reachable by IANA's registries, but `is_global` in some Python patch releases
+# (3.11.7 passes 192.0.0.8 and 3fff::1): refused by name, whatever the interpreter.
+NOT_PUBLIC_NETWORKS = tuple(
+    ipaddress.ip_network(network)
+    for network in ("192.0.0.0/24", "3fff::/20", "5f00::/16")  # IETF protocol; documentation; SRv6
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,12 @@ class AddressPolicy:
                 return f"{address} embeds the non-public address {embedded}"
         if address.is_multicast:
             return f"{address} is a multicast address"
-        if not address.is_global or address.is_reserved or _site_local(address):
+        if (
+            not address.is_global
+            or address.is_reserved
+            or _site_local(address)
+            or any(address in network for network in NOT_PUBLIC_NETWORKS)
+        ):
             return f"{address} is not a public address (loopback, private, link-local or reserved)"
         return None
 
@@ -121,6 +133,53 @@ class ForbiddenAddressError(httpcore.ConnectError):
     """Raised instead of connecting to an address the policy refuses."""
 
 
+# What a response may send before its final status line and headers have been read, the first
+# read of its body included. httpcore reads past informational responses (1xx) without limit:
+# a host sending `100 Continue` without end, each a complete response that no size cap or
+# trickle check saw, held an API worker's event loop for the whole fetch timeout (/ping's
+# median 719 ms meanwhile). Real heads are a few kB; h11 bounds one head at 100 kB.
+MAX_HEAD_BYTES = 256 * 1024
+# The bytes read for the request whose head is awaited (`_after_redirects` sets it around the
+# send): the reads happen in the sending task, so they count here and nowhere else.
+_HEAD_BYTES: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "head_bytes", default=None
+)
+
+
+class HeadTooLongError(httpcore.ReadError):
+    """Raised where a response sends more than MAX_HEAD_BYTES before its final head."""
+
+
+class HeadBoundedStream(httpcore.AsyncNetworkStream):
+    """A connection whose reads count against `_HEAD_BYTES` while a response head is awaited."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self.inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = await self.inner.read(max_bytes, timeout)
+        if (counted := _HEAD_BYTES.get()) is not None:
+            counted[0] += len(data)
+            if counted[0] > MAX_HEAD_BYTES:
+                raise HeadTooLongError(
+                    f"the host sent over {MAX_HEAD_BYTES // 1024} KiB before its response's "
+                    "status and headers (endless informational responses?)"
+                )
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self.inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def start_tls(self, *args: object, **kwargs: object) -> httpcore.AsyncNetworkStream:
+        return HeadBoundedStream(await self.inner.start_tls(*args, **kwargs))
+
+    def get_extra_info(self, info: str) -> object:
+        return self.inner.get_extra_info(info)
+
+
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     """A network backend that resolves, checks, then connects to the checked address."""
 
@@ -159,9 +218,10 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         last_error: Exception | None = None
         for address in permitted:
             try:
-                return await self.inner.connect_tcp(
+                stream = await self.inner.connect_tcp(
                     str(address), port, timeout, local_address, socket_options
                 )
+                return HeadBoundedStream(stream)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last_error = exc
         raise last_error or httpcore.ConnectError(f"cannot connect to {host}")
@@ -253,11 +313,21 @@ async def _after_redirects(
     been read whole, before the redirect was followed."""
     request = client.build_request("GET", url)
     for _ in range(limits.max_redirects + 1):
-        response = await client.send(request, stream=True)
+        counting = _HEAD_BYTES.set([0])
+        try:
+            response = await client.send(request, stream=True)
+        finally:
+            _HEAD_BYTES.reset(counting)
         if response.next_request is None:  # not a redirect (the client follows none itself)
             return response
         await response.aclose()
         request = response.next_request
+        if request.url.scheme not in ("http", "https"):  # httpcore would follow ws:// as http
+            raise ImageError(
+                index,
+                f"{quoted(url)} redirected to {quoted(str(request.url))}: only http(s) URLs "
+                "are fetched",
+            )
     raise ImageError(index, f"{quoted(url)} redirected more than {limits.max_redirects} times")
 
 

@@ -73,6 +73,9 @@ def fetch(url: str, policy=PUBLIC_ONLY, limits=LIMITS, backend=None) -> bytes:
         "::7f00:1",  # IPv4-compatible ::127.0.0.1
         "::ffff:0:7f00:1",  # IPv4-translated
         "fec0::1",  # site-local
+        "192.0.0.8",  # IETF protocol assignments (is_global in Python 3.11.7)
+        "3fff::1",  # documentation (RFC 9637)
+        "5f00::1",  # SRv6 SIDs (RFC 9602)
     ],
 )
 def test_policy_refuses_non_public_addresses(address):
@@ -239,7 +242,7 @@ def test_public_url_redirecting_to_loopback_is_refused(loopback_v4, image_host_s
 
 @pytest.mark.parametrize("target", ["file:///etc/passwd", "gopher://127.0.0.1:70/_x"])
 def test_redirects_to_other_schemes_are_refused(image_host_server, target):
-    with pytest.raises(RequestError, match="could not fetch"):
+    with pytest.raises(RequestError, match="only http\\(s\\) URLs are fetched"):
         fetch(f"{image_host_server.url}/redirect?to={target}")
 
 
@@ -274,6 +277,23 @@ def test_a_body_trickled_in_tiny_chunks_is_refused_early(image_host_server):
     had cost the API worker a core for the whole fetch timeout, and /ping its 2 s."""
     with pytest.raises(RequestError, match=r"/tiny-chunks sent its body in 4,096 pieces"):
         fetch(f"{image_host_server.url}/tiny-chunks")  # not the 2-s deadline's message
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_a_redirect_to_another_scheme_is_not_followed(image_host_server, scheme):
+    """httpcore takes ws:// and wss:// for http(s) and would fetch them; only http(s) is."""
+    target = image_host_server.url.replace("http", scheme, 1) + "/photo.png"
+    with pytest.raises(RequestError, match="only http\\(s\\) URLs are fetched"):
+        fetch(f"{image_host_server.url}/redirect?to={target}")
+    assert not [path for path in image_host_server.access_log if path == "/photo.png"]
+
+
+def test_endless_informational_responses_are_refused_early(image_host_server):
+    """httpcore reads past `100 Continue`s without limit, each a whole response that neither
+    the size cap nor the trickle check saw: a host sending them without end had held the API
+    worker's event loop for the whole fetch timeout."""
+    with pytest.raises(RequestError, match="before its response's status and headers"):
+        fetch(f"{image_host_server.url}/informational-flood")  # not the 2-s deadline's message
 
 
 def test_a_body_with_a_content_coding_is_refused_not_decoded(image_host_server):
