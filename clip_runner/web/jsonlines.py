@@ -202,8 +202,9 @@ class LineAnswerer:
         try:
             return await self.handle(parse_line(line))
         except RequestError as error:
-            if error.status >= 500:
-                raise
+            if error.status >= 500:  # the mini-batch's answer, naming the line as a 4xx's does
+                message = f"line {number}: {error.message}"
+                raise RequestError(error.status, error.error_type, message, error.index) from None
             failed.append(error.error_type)
             return line_error(number, error)
         except Exception as error:

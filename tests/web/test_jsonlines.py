@@ -146,6 +146,7 @@ def test_a_server_failure_fails_the_whole_mini_batch_for_sagemaker_to_retry():
     with pytest.raises(RequestError) as error:
         answer_lines(body, handle, max_in_flight=4)
     assert (error.value.status, error.value.error_type) == (503, "runner_unavailable")
+    assert error.value.message == "line 2: the model runner is not answering"  # which line met it
     assert cancelled == [["slow"]]  # the other lines stop at once
 
 
