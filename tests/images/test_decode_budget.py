@@ -43,6 +43,18 @@ class Recorder:
         return run
 
 
+def held() -> Recorder:
+    """A recorder whose work items wait until `release` is set."""
+    recorder = Recorder()
+    recorder.release.clear()
+    return recorder
+
+
+def started(budget: DecodeBudget, recorder: Recorder, name: str, pixels: int) -> asyncio.Future:
+    """A decode of `pixels` under `budget`, recorded as `name`, run as a task of its own."""
+    return asyncio.ensure_future(budget.run(pixels, recorder.work(name, pixels)))
+
+
 async def settle(budget: DecodeBudget, free: int) -> None:
     """Until the budget's pixels are back to `free` (a thread's end reaches the loop by a call)."""
     for _ in range(500):
@@ -94,9 +106,9 @@ def test_decodes_wait_in_order_of_arrival():
     async def main():
         first = asyncio.ensure_future(budget.run(60, recorder.work("first", 60, 0.2)))
         await asyncio.sleep(0.05)  # running: 40 free
-        large = asyncio.ensure_future(budget.run(80, recorder.work("large", 80)))
+        large = started(budget, recorder, "large", 80)
         await asyncio.sleep(0.01)
-        small = asyncio.ensure_future(budget.run(10, recorder.work("small", 10)))
+        small = started(budget, recorder, "small", 10)
         await asyncio.gather(first, large, small)
 
     asyncio.run(main())
@@ -104,15 +116,13 @@ def test_decodes_wait_in_order_of_arrival():
 
 
 def test_a_decode_cancelled_while_waiting_leaves_the_line():
-    recorder = Recorder()
-    recorder.release.clear()
-    budget = DecodeBudget(100)
+    recorder, budget = held(), DecodeBudget(100)
 
     async def main():
-        holder = asyncio.ensure_future(budget.run(100, recorder.work("holder", 100)))
+        holder = started(budget, recorder, "holder", 100)
         await asyncio.sleep(0.05)
-        waiter = asyncio.ensure_future(budget.run(50, recorder.work("cancelled", 50)))
-        behind = asyncio.ensure_future(budget.run(30, recorder.work("behind", 30)))
+        waiter = started(budget, recorder, "cancelled", 50)
+        behind = started(budget, recorder, "behind", 30)
         await asyncio.sleep(0.05)
         assert budget.waiting == 2
         waiter.cancel()
@@ -129,17 +139,15 @@ def test_a_decode_cancelled_while_waiting_leaves_the_line():
 def test_a_decode_cancelled_while_running_holds_its_pixels_until_its_thread_ends():
     """Its caller stops waiting (a client gone), but its thread still decodes: the memory is
     still in use, so its pixels are too."""
-    recorder = Recorder()
-    recorder.release.clear()
-    budget = DecodeBudget(100)
+    recorder, budget = held(), DecodeBudget(100)
 
     async def main():
-        running = asyncio.ensure_future(budget.run(70, recorder.work("running", 70)))
+        running = started(budget, recorder, "running", 70)
         await asyncio.sleep(0.05)
         running.cancel()
         await asyncio.sleep(0.05)
         assert running.cancelled() and budget.free == 30
-        next_one = asyncio.ensure_future(budget.run(50, recorder.work("next", 50)))
+        next_one = started(budget, recorder, "next", 50)
         await asyncio.sleep(0.05)
         assert not next_one.done() and recorder.order == ["running"]
         recorder.release.set()
