@@ -14,6 +14,7 @@ decoding memory stays within the budget times the bytes a pixel costs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -69,7 +70,8 @@ class DecodeBudget:
             await turn
         except asyncio.CancelledError:
             if turn.cancelled():  # still in line: leave it, and let those behind move up
-                self._waiting.remove(entry)
+                with contextlib.suppress(ValueError):  # `_hand_out` may have passed it over
+                    self._waiting.remove(entry)
                 self._hand_out()
             else:  # granted just as it was cancelled
                 self._give_back(weight)
@@ -80,8 +82,14 @@ class DecodeBudget:
         self._hand_out()
 
     def _hand_out(self) -> None:
+        """Grant the waiting decodes in order while their pixels are free. A turn cancelled
+        but whose task has not run yet (a request's decodes are cancelled in one go) is passed
+        over: granting it had lost its pixels for good, and starved every image that needs
+        the whole budget, and all behind it."""
         while self._waiting and self._waiting[0][0] <= self.free:
             weight, turn = self._waiting.popleft()
+            if turn.done():
+                continue
             self.free -= weight
             turn.set_result(None)
 

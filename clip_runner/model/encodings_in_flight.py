@@ -58,9 +58,9 @@ class EncodingsInFlight(Generic[Key]):
     """
 
     def __init__(self, lookups: Counter | None = None) -> None:
-        # The chunk of each key being encoded, or encoded (or failed) while a caller that wants
-        # the key is still running: a caller that reaches a key after its chunk is back takes
-        # its rows rather than encode it again.
+        # The chunk of each key being encoded, or encoded while a caller that wants the key is
+        # still running: a caller that reaches a key after its chunk is back takes its rows
+        # rather than encode it again.
         self._chunks: dict[Key, Chunk[Key]] = {}
         self._callers_wanting: dict[Key, int] = {}
         self.lookups = lookups
@@ -135,13 +135,17 @@ class EncodingsInFlight(Generic[Key]):
         self._chunks.update(dict.fromkeys(keys, chunk))
         try:
             embeddings = await encode(keys)
-        except Exception as error:
-            chunk.done.set_exception(error)
-            chunk.done.exception()  # retrieved: asyncio would log it where nobody waits
-            raise
-        except BaseException:
-            chunk.done.cancel()
-            for key in keys:  # anyone's again
+        except BaseException as error:
+            # Failed: its waiters get the error (they hold the chunk); cancelled: they encode
+            # the keys themselves. Either way the keys are anyone's again: a failed chunk kept
+            # for later callers had given requests started after the runner recovered its
+            # error, for as long as requests wanting those keys kept overlapping.
+            if isinstance(error, Exception):
+                chunk.done.set_exception(error)
+                chunk.done.exception()  # retrieved: asyncio would log it where nobody waits
+            else:
+                chunk.done.cancel()
+            for key in keys:
                 del self._chunks[key]
             raise
         chunk.done.set_result(embeddings)

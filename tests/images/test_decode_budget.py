@@ -136,6 +136,29 @@ def test_a_decode_cancelled_while_waiting_leaves_the_line():
     assert "cancelled" not in recorder.order
 
 
+def test_decodes_cancelled_together_while_waiting_give_back_every_pixel():
+    """A request's decodes are cancelled in one go (an image refused, the client gone): each
+    waiting turn is cancelled before any of their tasks runs. Granting such a turn had lost its
+    pixels for good, and an image needing the whole budget then waited forever."""
+    recorder, budget = held(), DecodeBudget(40)
+
+    async def main():
+        holder = started(budget, recorder, "holder", 30)
+        await asyncio.sleep(0.05)
+        waiting = [started(budget, recorder, "x", 20), started(budget, recorder, "y", 5)]
+        await asyncio.sleep(0.05)
+        for task in waiting:
+            task.cancel()
+        recorder.release.set()  # the holder's thread ends as the cancels are being run
+        await holder
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert all(isinstance(result, asyncio.CancelledError) for result in results), results
+        await settle(budget, 40)
+        assert await asyncio.wait_for(budget.run(40, recorder.work("whole", 40)), 5) == "whole"
+
+    asyncio.run(main())
+
+
 def test_a_decode_cancelled_while_running_holds_its_pixels_until_its_thread_ends():
     """Its caller stops waiting (a client gone), but its thread still decodes: the memory is
     still in use, so its pixels are too."""

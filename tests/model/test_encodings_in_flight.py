@@ -165,6 +165,31 @@ def test_a_failed_chunk_fails_its_waiters_with_the_same_error():
     run(go())
 
 
+def test_a_caller_that_comes_after_a_failure_encodes_afresh():
+    """A failed chunk's error is for its waiters; a caller that comes after it (the runner
+    back) encodes the keys again, though an earlier caller that wants them is still running
+    (the chunk had stayed, and every caller after it got its error while such callers
+    overlapped)."""
+
+    async def go():
+        shared, encoder = EncodingsInFlight(), HeldEncoder(holding=True)
+        failing = await started(shared, encoder, "abcd")
+        holder = await started(shared, encoder, "wxyzab")  # wxyz first; a, b not reached yet
+        assert encoder.calls == [list("abcd"), list("wxyz")]
+        encoder.fail_next = True
+        encoder.release()  # abcd fails
+        with pytest.raises(RuntimeError, match="the runner call failed"):
+            await failing
+        later = await started(shared, encoder, "ab")
+        assert encoder.calls[-1] == ["a", "b"]  # encoded again, not the old error
+        encoder.release(3)
+        assert_embeddings(await later, ["a", "b"])
+        assert_embeddings(await holder, list("wxyzab"))
+        assert len(shared) == 0
+
+    run(go())
+
+
 def test_a_caller_waits_only_for_chunks_under_way():
     """A one-prompt request whose prompt comes late in a large request's prompts is encoded
     at once, not after the large request's earlier chunks; the large one takes it when it gets
