@@ -16,9 +16,10 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
 ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, AVIF, GIF, BMP or TIFF"
 
 
-# HEIF brands (ISO/IEC 23008-12) in an `ftyp` box: iPhones store photos as HEIC by default, so
+# HEIC brands (ISO/IEC 23008-12) in an `ftyp` box: iPhones store photos as HEIC by default, so
 # such an upload is common; it had been refused as merely "not in a recognised image format".
-HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1")
+# Not the generic `mif1`, which some AVIF files carry as their major brand.
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs")
 
 
 def refused_format_hint(data: bytes) -> str | None:
