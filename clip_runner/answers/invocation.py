@@ -254,8 +254,17 @@ async def text_embeddings(context: InvocationContext, plan: PromptPlan) -> np.nd
     chunk_size = CHUNK_PASSES * context.facts.max_text_batch
     missing = list(plan.missing_ids)
     keys = [(tag, prompt) for prompt in missing]
-    fresh = await context.texts_in_flight.embeddings(keys, encode, chunk_size)
-    return with_cached(plan.prompts, plan.cached, missing, fresh)
+    # Looked up again, with no await before the prompts join those in flight: another request
+    # may have encoded them while this one was tokenizing (its chunks gone by then), and they
+    # had been encoded again.
+    late = context.text_cache.lookup(keys)
+    still_missing = [key for key, row in zip(keys, late, strict=True) if row is None]
+    if still_missing:
+        fresh = await context.texts_in_flight.embeddings(still_missing, encode, chunk_size)
+        rows = with_cached(keys, late, still_missing, fresh)
+    else:
+        rows = np.stack(late)
+    return with_cached(plan.prompts, plan.cached, missing, rows)
 
 
 async def image_embeddings(

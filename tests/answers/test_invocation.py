@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import dataclasses
 import threading
@@ -15,6 +16,7 @@ import torch
 from clip_runner.answers.invocation import (
     CHUNK_PASSES,
     LENGTH_CHECK_SLICE,
+    TOKENIZE_ON_THE_LOOP,
     InvocationContext,
     classify,
     embed_texts,
@@ -346,6 +348,41 @@ def test_concurrent_requests_with_the_same_new_prompts_encode_them_once(tiny_cli
     assert len(answers[0][0]) == 100
     encoded = [tuple(ids) for call in counting.token_calls for ids in call]
     assert len(encoded) == len(set(encoded)) == 200
+
+
+def test_prompts_cached_while_a_request_tokenized_are_not_encoded_again(tiny_clip, counting):
+    """A request that looked the cache up before another finished the same prompts, and joined
+    the prompts in flight only after tokenizing them (the other's chunks gone by then), encoded
+    them all again."""
+    tokenizer = PromptTokenizer(counting.encoder.tokenizer_json(), 64, 77)
+    first_is_back = threading.Event()
+    in_the_second = contextvars.ContextVar("in_the_second", default=False)
+
+    def tokenize(prompts: list[str]) -> list:
+        if in_the_second.get():  # on the second request's thread: until the first is answered
+            first_is_back.wait(10)
+        return tokenizer(prompts)
+
+    context = recording_context(tiny_clip, counting, [])
+    context.tokenize = tokenize
+    context.text_cache = EmbeddingCache(1000)
+    texts = [f"a thing both requests ask about, number {index}" for index in range(300)]
+    assert len(texts) > TOKENIZE_ON_THE_LOOP  # tokenized on a thread: the window
+
+    async def the_second():
+        in_the_second.set(True)  # a thread it hands work to sees it too
+        return await embed_texts(context, texts)
+
+    async def one_behind_the_other():
+        first = asyncio.ensure_future(embed_texts(context, texts))
+        second = asyncio.ensure_future(the_second())
+        answer = await first
+        first_is_back.set()
+        return answer, await second
+
+    first, second = asyncio.run(one_behind_the_other())
+    np.testing.assert_array_equal(first, second)
+    assert sum(len(call) for call in counting.token_calls) == len(texts)
 
 
 def test_a_request_that_runs_out_of_time_keeps_the_chunks_it_encoded(tiny_clip, counting):
