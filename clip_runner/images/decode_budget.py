@@ -84,14 +84,16 @@ class DecodeBudget:
     def _hand_out(self) -> None:
         """Grant the waiting decodes in order while their pixels are free. A turn cancelled
         but whose task has not run yet (a request's decodes are cancelled in one go) is passed
-        over: granting it had lost its pixels for good, and starved every image that needs
-        the whole budget, and all behind it."""
-        while self._waiting and self._waiting[0][0] <= self.free:
-            weight, turn = self._waiting.popleft()
-            if turn.done():
-                continue
-            self.free -= weight
-            turn.set_result(None)
+        over, whatever its size: granting it had lost its pixels for good, and starved every
+        image that needs the whole budget, and all behind it."""
+        while self._waiting:
+            weight, turn = self._waiting[0]
+            if not turn.done() and weight > self.free:
+                return
+            self._waiting.popleft()
+            if not turn.done():
+                self.free -= weight
+                turn.set_result(None)
 
 
 def _call_on(loop: asyncio.AbstractEventLoop, callback: Callable[[int], None], arg: int) -> None:
